@@ -1,0 +1,1 @@
+//! criterion benchmarks of the hot paths; see benches/*.rs.

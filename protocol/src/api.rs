@@ -1,0 +1,225 @@
+//! Bodies of the node API: HTTP/1.1 + JSON on a Unix socket, shaped after the Docker Engine
+//! API so that `curl --unix-socket` users and `docker` muscle memory both work.
+//!
+//! | method and path                 | body in                 | body out               |
+//! |---------------------------------|-------------------------|------------------------|
+//! | `GET /info`                     |                         | [`Info`]               |
+//! | `GET /networks`                 |                         | `[NetworkInspect]`     |
+//! | `POST /networks/create`         | [`NetworkCreate`]       | [`NetworkInspect`]     |
+//! | `GET /networks/{name}`          |                         | [`NetworkInspect`]     |
+//! | `DELETE /networks/{name}`       |                         |                        |
+//! | `GET /services`                 |                         | `[ServiceInspect]`     |
+//! | `POST /services/create`         | [`ServiceCreate`]       | [`ServiceInspect`]     |
+//! | `GET /services/{name}`          |                         | [`ServiceInspect`]     |
+//! | `POST /services/{name}/scale`   | [`ServiceScale`]        | [`ServiceInspect`]     |
+//! | `DELETE /services/{name}`       |                         |                        |
+//! | `GET /tasks?service=NAME`       |                         | `[TaskView]`           |
+//! | `GET /tasks/{name}`             |                         | [`TaskView`]           |
+//! | `GET /datapath/stats`           |                         | [`DatapathStats`]      |
+//!
+//! Errors come back as a non-2xx status with an [`ErrorBody`].
+
+use crate::state::Attachment;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The API's version, reported by `/info`; clients compare it with their own.
+pub const API_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NetworkCreate {
+    pub name: String,
+    #[serde(default)]
+    pub driver: Option<String>,
+    #[serde(default)]
+    pub subnet: Option<String>,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct IpamConfig {
+    pub subnet: String,
+    pub gateway: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Ipam {
+    pub driver: String,
+    pub config: Vec<IpamConfig>,
+}
+
+/// One task endpoint on a network, as `docker network inspect` lists containers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EndpointView {
+    pub name: String,
+    pub mac_address: String,
+    #[serde(rename = "IPv4Address")]
+    pub ipv4_address: String,
+    pub node: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NetworkInspect {
+    pub name: String,
+    pub id: String,
+    pub created: u64,
+    pub scope: String,
+    pub driver: String,
+    #[serde(rename = "IPAM")]
+    pub ipam: Ipam,
+    #[serde(rename = "VNI")]
+    pub vni: u32,
+    /// Keyed by task id, as Docker keys them by container id.
+    pub containers: BTreeMap<String, EndpointView>,
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServiceCreate {
+    pub name: String,
+    pub networks: Vec<String>,
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceScale {
+    pub replicas: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerSpec {
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NetworkTarget {
+    pub target: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceSpec {
+    pub name: String,
+    pub container_spec: ContainerSpec,
+    pub networks: Vec<NetworkTarget>,
+    pub replicas: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceInspect {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub spec: ServiceSpec,
+    /// Tasks reported running right now.
+    pub running: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// Placed on a node that has not reported on it yet.
+    Pending,
+    /// Namespace and interfaces being made, or the process being (re)started.
+    Starting,
+    Running,
+    /// The last start failed or the process exited; it is retried with back-off.
+    Failed,
+    /// Being removed.
+    Shutdown,
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            TaskState::Pending => "pending",
+            TaskState::Starting => "starting",
+            TaskState::Running => "running",
+            TaskState::Failed => "failed",
+            TaskState::Shutdown => "shutdown",
+        };
+        f.write_str(s)
+    }
+}
+
+/// What the node running a task reports about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub state: TaskState,
+    /// Why the task is not running (the last start or exit), if it is not.
+    pub error: Option<String>,
+    pub pid: Option<u32>,
+    /// How many times the process has been restarted.
+    pub restarts: u32,
+    /// Unix seconds of the last state change.
+    pub since: u64,
+}
+
+impl TaskStatus {
+    pub fn pending(now: u64) -> TaskStatus {
+        TaskStatus {
+            state: TaskState::Pending,
+            error: None,
+            pid: None,
+            restarts: 0,
+            since: now,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub id: String,
+    pub name: String,
+    pub service: String,
+    pub slot: u32,
+    pub node: String,
+    pub desired_state: String,
+    pub status: TaskStatus,
+    pub attachments: Vec<Attachment>,
+    /// Path of the task's network namespace (`/run/netns/...`), for `overlayctl exec`.
+    pub netns: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathStats {
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+    pub replies: u64,
+    pub flooded: u64,
+    /// Dropped frames by reason (a reason that never happened is absent).
+    pub drops: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Info {
+    pub api_version: u32,
+    pub version: String,
+    pub node: String,
+    pub state_dir: String,
+    pub networks: usize,
+    pub services: usize,
+    pub tasks: usize,
+    pub tasks_running: usize,
+}

@@ -1,0 +1,16 @@
+//! Pure wire formats and state types shared by `overlayd` and `overlayctl`.
+//!
+//! Nothing in this crate touches a socket, a file, a clock or a thread: bytes in, values out.
+//! That keeps every decoder of untrusted input testable with byte vectors and fuzzable.
+//!
+//! - [`types`]: small typed identifiers (`MacAddr`, `Vni`, names) with checked constructors.
+//! - [`vxlan`]: the RFC 7348 VXLAN header as a zero-copy `Packet` view plus a `Repr`.
+//! - [`state`]: the cluster's desired state (networks, services, tasks) and its invariants.
+//! - [`ipam`]: subnet pools and address allocation.
+//! - [`api`]: request and response bodies of the node API (HTTP + JSON on a Unix socket).
+
+pub mod api;
+pub mod ipam;
+pub mod state;
+pub mod types;
+pub mod vxlan;

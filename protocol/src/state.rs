@@ -1,0 +1,701 @@
+//! The cluster's desired state and the pure operations that change it.
+//!
+//! The manager holds one [`ClusterState`], applies operator requests to it with the methods
+//! here (which check every invariant before touching anything: a refused request changes
+//! nothing), persists it, and publishes it to the agents that realise it. Identifiers and
+//! timestamps come in from the caller, so these functions stay deterministic.
+
+use crate::ipam;
+use crate::types::{MacAddr, NetworkName, NodeName, ServiceName, Vni};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+/// Version of the on-disk / on-wire layout of [`ClusterState`].
+pub const FORMAT: u32 = 1;
+/// Docker's option that chooses a network's VXLAN id.
+pub const OPT_VXLANID: &str = "com.docker.network.driver.overlay.vxlanid_list";
+/// Most replicas one service may ask for (bounds memory and namespaces per request).
+pub const MAX_REPLICAS: u32 = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub id: String,
+    pub name: NetworkName,
+    pub driver: String,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub vni: Vni,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    pub created_at: u64,
+}
+
+impl Network {
+    /// The MAC the router answers with for the gateway address.
+    pub fn gateway_mac(&self) -> MacAddr {
+        MacAddr::from_ipv4(self.gateway)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub id: String,
+    pub name: ServiceName,
+    pub networks: Vec<NetworkName>,
+    pub replicas: u32,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// One endpoint of a task on one network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub network: NetworkName,
+    pub address: Ipv4Addr,
+    pub mac: MacAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    /// `<service>.<slot>`, unique in the cluster.
+    pub name: String,
+    pub service: ServiceName,
+    pub slot: u32,
+    pub node: NodeName,
+    pub attachments: Vec<Attachment>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    Active,
+    Drain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Manager,
+    Worker,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: NodeName,
+    pub role: Role,
+    pub availability: Availability,
+    /// The underlay address other nodes send VXLAN to (`--advertise-addr`).
+    pub advertise_addr: Option<Ipv4Addr>,
+    pub joined_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub format: u32,
+    /// Bumped on every change; agents apply only newer revisions.
+    pub revision: u64,
+    pub networks: BTreeMap<NetworkName, Network>,
+    pub services: BTreeMap<ServiceName, Service>,
+    pub tasks: BTreeMap<String, Task>,
+    pub nodes: BTreeMap<NodeName, Node>,
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        ClusterState {
+            format: FORMAT,
+            revision: 0,
+            networks: BTreeMap::new(),
+            services: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("network {0} already exists")]
+    NetworkExists(NetworkName),
+    #[error("network {0} not found")]
+    NoSuchNetwork(String),
+    #[error("network {network} is in use by service(s) {services}")]
+    NetworkInUse { network: NetworkName, services: String },
+    #[error("unsupported network driver {0:?}: only \"overlay\" is supported")]
+    BadDriver(String),
+    #[error("subnet {subnet} overlaps network {other} ({other_subnet})")]
+    SubnetOverlap {
+        subnet: Ipv4Net,
+        other: NetworkName,
+        other_subnet: Ipv4Net,
+    },
+    #[error("subnet {subnet} overlaps the ingress network's {reserved}")]
+    SubnetReserved { subnet: Ipv4Net, reserved: Ipv4Net },
+    #[error("no free subnet left in the address pool {pool} (/{prefix} networks)")]
+    PoolExhausted { pool: Ipv4Net, prefix: u8 },
+    #[error("gateway {gateway} is not a host address of subnet {subnet}")]
+    BadGateway { gateway: Ipv4Addr, subnet: Ipv4Net },
+    #[error("subnet {subnet} is too small: it needs room for a gateway and at least one task")]
+    SubnetTooSmall { subnet: Ipv4Net },
+    #[error("no free address left in network {network} ({subnet})")]
+    NetworkFull { network: NetworkName, subnet: Ipv4Net },
+    #[error("invalid option {key}={value}: {why}")]
+    BadOption {
+        key: String,
+        value: String,
+        why: String,
+    },
+    #[error("VNI {vni} is already used by network {other}")]
+    VniInUse { vni: Vni, other: NetworkName },
+    #[error("no free VNI left")]
+    VniExhausted,
+    #[error("service {0} already exists")]
+    ServiceExists(ServiceName),
+    #[error("service {0} not found")]
+    NoSuchService(String),
+    #[error("a service needs a command to run")]
+    EmptyCommand,
+    #[error("a service needs at least one network")]
+    NoNetwork,
+    #[error("network {0} is listed twice")]
+    DuplicateNetwork(NetworkName),
+    #[error("{0} replicas is more than the limit of {MAX_REPLICAS}")]
+    TooManyReplicas(u32),
+    #[error("no active node to place tasks on")]
+    NoActiveNode,
+}
+
+/// What a network create request asks for, already parsed.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkRequest {
+    pub name: Option<NetworkName>,
+    pub driver: Option<String>,
+    pub subnet: Option<Ipv4Net>,
+    pub gateway: Option<Ipv4Addr>,
+    pub options: BTreeMap<String, String>,
+}
+
+/// The address pool networks without `--subnet` are carved from.
+#[derive(Debug, Clone, Copy)]
+pub struct Pool {
+    pub pool: Ipv4Net,
+    pub prefix: u8,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            pool: ipam::DEFAULT_POOL.parse().expect("constant pool parses"),
+            prefix: ipam::DEFAULT_POOL_PREFIX,
+        }
+    }
+}
+
+fn ingress_subnet() -> Ipv4Net {
+    ipam::INGRESS_SUBNET.parse().expect("constant subnet parses")
+}
+
+impl ClusterState {
+    /// Creates a network. Checks name, driver, subnet overlap, gateway and VNI first.
+    pub fn create_network(
+        &mut self,
+        name: NetworkName,
+        req: NetworkRequest,
+        pool: Pool,
+        id: String,
+        now: u64,
+    ) -> Result<&Network, StateError> {
+        if self.networks.contains_key(&name) {
+            return Err(StateError::NetworkExists(name));
+        }
+        let driver = req.driver.unwrap_or_else(|| "overlay".to_string());
+        if driver != "overlay" {
+            return Err(StateError::BadDriver(driver));
+        }
+        let used: Vec<Ipv4Net> = self.networks.values().map(|n| n.subnet).collect();
+        let subnet = match req.subnet {
+            Some(s) => {
+                let s = s.trunc();
+                if let Some(other) = self.networks.values().find(|n| ipam::overlaps(&s, &n.subnet)) {
+                    return Err(StateError::SubnetOverlap {
+                        subnet: s,
+                        other: other.name.clone(),
+                        other_subnet: other.subnet,
+                    });
+                }
+                if ipam::overlaps(&s, &ingress_subnet()) {
+                    return Err(StateError::SubnetReserved {
+                        subnet: s,
+                        reserved: ingress_subnet(),
+                    });
+                }
+                s
+            }
+            None => {
+                let mut taken = used.clone();
+                taken.push(ingress_subnet());
+                ipam::next_subnet(pool.pool, pool.prefix, &taken).ok_or(
+                    StateError::PoolExhausted {
+                        pool: pool.pool,
+                        prefix: pool.prefix,
+                    },
+                )?
+            }
+        };
+        if subnet.prefix_len() > 30 {
+            return Err(StateError::SubnetTooSmall { subnet });
+        }
+        let gateway = match req.gateway {
+            Some(g) => g,
+            None => ipam::default_gateway(&subnet).ok_or(StateError::SubnetTooSmall { subnet })?,
+        };
+        if !ipam::is_host_address(&subnet, gateway) {
+            return Err(StateError::BadGateway { gateway, subnet });
+        }
+        let mut options = req.options;
+        let vni = match options.get(OPT_VXLANID) {
+            Some(v) => {
+                let bad = |why: &str| StateError::BadOption {
+                    key: OPT_VXLANID.to_string(),
+                    value: v.clone(),
+                    why: why.to_string(),
+                };
+                let n: u32 = v.trim().parse().map_err(|_| bad("not a number"))?;
+                let vni = Vni::new(n).map_err(|e| bad(&e.to_string()))?;
+                if let Some(other) = self.networks.values().find(|n| n.vni == vni) {
+                    return Err(StateError::VniInUse {
+                        vni,
+                        other: other.name.clone(),
+                    });
+                }
+                vni
+            }
+            None => {
+                let taken: BTreeSet<u32> = self.networks.values().map(|n| n.vni.get()).collect();
+                let v = (Vni::FIRST_USER..=Vni::MAX)
+                    .find(|v| !taken.contains(v))
+                    .ok_or(StateError::VniExhausted)?;
+                Vni::new(v).map_err(|_| StateError::VniExhausted)?
+            }
+        };
+        options.insert(OPT_VXLANID.to_string(), vni.to_string());
+        let net = Network {
+            id,
+            name: name.clone(),
+            driver,
+            subnet,
+            gateway,
+            vni,
+            options,
+            created_at: now,
+        };
+        self.revision += 1;
+        Ok(self.networks.entry(name).or_insert(net))
+    }
+
+    /// Removes a network; refused while a service uses it.
+    pub fn remove_network(&mut self, name: &str) -> Result<Network, StateError> {
+        let net = self
+            .networks
+            .get(name)
+            .ok_or_else(|| StateError::NoSuchNetwork(name.to_string()))?;
+        let users: Vec<&str> = self
+            .services
+            .values()
+            .filter(|s| s.networks.iter().any(|n| n == &net.name))
+            .map(|s| s.name.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(StateError::NetworkInUse {
+                network: net.name.clone(),
+                services: users.join(", "),
+            });
+        }
+        self.revision += 1;
+        self.networks
+            .remove(name)
+            .ok_or_else(|| StateError::NoSuchNetwork(name.to_string()))
+    }
+
+    /// Creates a service and places its tasks. `new_id` yields fresh random ids.
+    pub fn create_service(
+        &mut self,
+        mut svc: Service,
+        new_id: &mut dyn FnMut() -> String,
+    ) -> Result<&Service, StateError> {
+        if self.services.contains_key(&svc.name) {
+            return Err(StateError::ServiceExists(svc.name));
+        }
+        if svc.command.is_empty() || svc.command[0].is_empty() {
+            return Err(StateError::EmptyCommand);
+        }
+        if svc.networks.is_empty() {
+            return Err(StateError::NoNetwork);
+        }
+        if svc.replicas > MAX_REPLICAS {
+            return Err(StateError::TooManyReplicas(svc.replicas));
+        }
+        let mut seen = BTreeSet::new();
+        for n in &svc.networks {
+            if !self.networks.contains_key(n) {
+                return Err(StateError::NoSuchNetwork(n.to_string()));
+            }
+            if !seen.insert(n) {
+                return Err(StateError::DuplicateNetwork(n.clone()));
+            }
+        }
+        let replicas = svc.replicas;
+        svc.replicas = 0;
+        let name = svc.name.clone();
+        // Place on a scratch copy so that a failure (full subnet, no node) changes nothing.
+        let mut next = self.clone();
+        next.services.insert(name.clone(), svc);
+        next.scale_service(name.as_str(), replicas, new_id)?;
+        *self = next;
+        self.services
+            .get(&name)
+            .ok_or_else(|| StateError::NoSuchService(name.to_string()))
+    }
+
+    /// Sets a service's replica count, adding or removing tasks (highest slots go first).
+    pub fn scale_service(
+        &mut self,
+        name: &str,
+        replicas: u32,
+        new_id: &mut dyn FnMut() -> String,
+    ) -> Result<(), StateError> {
+        if replicas > MAX_REPLICAS {
+            return Err(StateError::TooManyReplicas(replicas));
+        }
+        let svc = self
+            .services
+            .get(name)
+            .ok_or_else(|| StateError::NoSuchService(name.to_string()))?
+            .clone();
+        let mut next = self.clone();
+        next.tasks
+            .retain(|_, t| t.service != svc.name || t.slot <= replicas);
+        for slot in 1..=replicas {
+            let task_name = format!("{}.{}", svc.name, slot);
+            if next.tasks.contains_key(&task_name) {
+                continue;
+            }
+            let node = next.place(&svc.name)?;
+            let mut attachments = Vec::new();
+            for net_name in &svc.networks {
+                let net = next
+                    .networks
+                    .get(net_name)
+                    .ok_or_else(|| StateError::NoSuchNetwork(net_name.to_string()))?;
+                let used = next.used_addresses(net_name);
+                let address = ipam::next_address(&net.subnet, &used).ok_or_else(|| {
+                    StateError::NetworkFull {
+                        network: net_name.clone(),
+                        subnet: net.subnet,
+                    }
+                })?;
+                attachments.push(Attachment {
+                    network: net_name.clone(),
+                    address,
+                    mac: MacAddr::from_ipv4(address),
+                });
+                // Reserve it at once so the next network of this task cannot reuse it.
+                next.tasks.insert(
+                    task_name.clone(),
+                    Task {
+                        id: String::new(),
+                        name: task_name.clone(),
+                        service: svc.name.clone(),
+                        slot,
+                        node: node.clone(),
+                        attachments: attachments.clone(),
+                    },
+                );
+            }
+            if let Some(t) = next.tasks.get_mut(&task_name) {
+                t.id = new_id();
+            }
+        }
+        if let Some(s) = next.services.get_mut(name) {
+            s.replicas = replicas;
+        }
+        next.revision += 1;
+        *self = next;
+        Ok(())
+    }
+
+    /// Removes a service and all its tasks; their addresses return to the pools.
+    pub fn remove_service(&mut self, name: &str) -> Result<Service, StateError> {
+        let svc = self
+            .services
+            .remove(name)
+            .ok_or_else(|| StateError::NoSuchService(name.to_string()))?;
+        self.tasks.retain(|_, t| t.service != svc.name);
+        self.revision += 1;
+        Ok(svc)
+    }
+
+    /// Every address of `network` that is taken: the gateway and each task's endpoint.
+    pub fn used_addresses(&self, network: &NetworkName) -> BTreeSet<Ipv4Addr> {
+        let mut used = BTreeSet::new();
+        if let Some(n) = self.networks.get(network) {
+            used.insert(n.gateway);
+        }
+        for t in self.tasks.values() {
+            for a in &t.attachments {
+                if &a.network == network {
+                    used.insert(a.address);
+                }
+            }
+        }
+        used
+    }
+
+    /// Spread placement: the active node with the fewest tasks of this service, then the
+    /// fewest tasks overall, then by name (deterministic).
+    fn place(&self, service: &ServiceName) -> Result<NodeName, StateError> {
+        self.nodes
+            .values()
+            .filter(|n| n.availability == Availability::Active)
+            .min_by_key(|n| {
+                let mine = self
+                    .tasks
+                    .values()
+                    .filter(|t| t.node == n.name && &t.service == service)
+                    .count();
+                let all = self.tasks.values().filter(|t| t.node == n.name).count();
+                (mine, all, n.name.clone())
+            })
+            .map(|n| n.name.clone())
+            .ok_or(StateError::NoActiveNode)
+    }
+
+    /// Tasks placed on `node`.
+    pub fn tasks_on<'a>(&'a self, node: &'a NodeName) -> impl Iterator<Item = &'a Task> + 'a {
+        self.tasks.values().filter(move |t| &t.node == node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        let n1 = NodeName::new("n1").unwrap();
+        s.nodes.insert(
+            n1.clone(),
+            Node {
+                name: n1,
+                role: Role::Manager,
+                availability: Availability::Active,
+                advertise_addr: None,
+                joined_at: 0,
+            },
+        );
+        s
+    }
+
+    fn ids() -> impl FnMut() -> String {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("id{n}")
+        }
+    }
+
+    fn net(s: &mut ClusterState, name: &str, subnet: Option<&str>) -> Result<Network, StateError> {
+        let req = NetworkRequest {
+            subnet: subnet.map(|x| x.parse().unwrap()),
+            ..Default::default()
+        };
+        s.create_network(NetworkName::new(name).unwrap(), req, Pool::default(), name.into(), 0)
+            .cloned()
+    }
+
+    fn svc(name: &str, nets: &[&str], replicas: u32) -> Service {
+        Service {
+            id: name.into(),
+            name: ServiceName::new(name).unwrap(),
+            networks: nets.iter().map(|n| NetworkName::new(*n).unwrap()).collect(),
+            replicas,
+            command: vec!["sleep".into(), "1000".into()],
+            env: vec![],
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn networks_get_pools_gateways_and_vnis_in_order() {
+        let mut s = state();
+        let a = net(&mut s, "a", None).unwrap();
+        let b = net(&mut s, "b", None).unwrap();
+        assert_eq!(a.subnet.to_string(), "10.0.0.0/24");
+        assert_eq!(a.gateway.to_string(), "10.0.0.1");
+        assert_eq!(a.vni.get(), 4097);
+        assert_eq!(b.subnet.to_string(), "10.0.1.0/24");
+        assert_eq!(b.vni.get(), 4098);
+        assert_eq!(b.options[OPT_VXLANID], "4098");
+    }
+
+    #[test]
+    fn refusals_change_nothing() {
+        let mut s = state();
+        net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
+        let before = s.clone();
+        assert!(matches!(net(&mut s, "a", None), Err(StateError::NetworkExists(_))));
+        assert!(matches!(
+            net(&mut s, "b", Some("10.0.2.128/25")),
+            Err(StateError::SubnetOverlap { .. })
+        ));
+        assert!(matches!(
+            net(&mut s, "b", Some("10.255.3.0/24")),
+            Err(StateError::SubnetReserved { .. })
+        ));
+        assert!(matches!(
+            net(&mut s, "b", Some("10.9.0.0/31")),
+            Err(StateError::SubnetTooSmall { .. })
+        ));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn explicit_vni_and_gateway() {
+        let mut s = state();
+        let mut req = NetworkRequest {
+            subnet: Some("10.7.0.0/24".parse().unwrap()),
+            gateway: Some("10.7.0.254".parse().unwrap()),
+            ..Default::default()
+        };
+        req.options.insert(OPT_VXLANID.into(), "5000".into());
+        let n = s
+            .create_network(NetworkName::new("x").unwrap(), req.clone(), Pool::default(), "x".into(), 0)
+            .unwrap();
+        assert_eq!(n.vni.get(), 5000);
+        assert_eq!(n.gateway.to_string(), "10.7.0.254");
+        req.subnet = Some("10.8.0.0/24".parse().unwrap());
+        req.gateway = None;
+        let e = s
+            .create_network(NetworkName::new("y").unwrap(), req.clone(), Pool::default(), "y".into(), 0)
+            .unwrap_err();
+        assert!(matches!(e, StateError::VniInUse { .. }));
+        req.options.insert(OPT_VXLANID.into(), "0".into());
+        assert!(s
+            .create_network(NetworkName::new("y").unwrap(), req.clone(), Pool::default(), "y".into(), 0)
+            .is_err());
+        req.options.clear();
+        req.gateway = Some("10.9.0.1".parse().unwrap());
+        assert!(matches!(
+            s.create_network(NetworkName::new("y").unwrap(), req, Pool::default(), "y".into(), 0),
+            Err(StateError::BadGateway { .. })
+        ));
+    }
+
+    #[test]
+    fn service_tasks_addresses_scale_and_rm() {
+        let mut s = state();
+        net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
+        let mut id = ids();
+        s.create_service(svc("web", &["a"], 3), &mut id).unwrap();
+        let addrs: Vec<String> = s.tasks.values().map(|t| t.attachments[0].address.to_string()).collect();
+        assert_eq!(addrs, ["10.0.2.2", "10.0.2.3", "10.0.2.4"]);
+        assert_eq!(s.tasks["web.1"].attachments[0].mac.to_string(), "02:42:0a:00:02:02");
+        s.scale_service("web", 1, &mut id).unwrap();
+        assert_eq!(s.tasks.keys().collect::<Vec<_>>(), ["web.1"]);
+        s.scale_service("web", 2, &mut id).unwrap();
+        assert_eq!(s.tasks["web.2"].attachments[0].address.to_string(), "10.0.2.3");
+        assert!(matches!(s.remove_network("a"), Err(StateError::NetworkInUse { .. })));
+        s.remove_service("web").unwrap();
+        assert!(s.tasks.is_empty());
+        s.remove_network("a").unwrap();
+    }
+
+    #[test]
+    fn full_network_refuses_whole_request() {
+        let mut s = state();
+        net(&mut s, "small", Some("10.3.0.0/29")).unwrap();
+        let mut id = ids();
+        let before = s.clone();
+        assert!(matches!(
+            s.create_service(svc("web", &["small"], 6), &mut id),
+            Err(StateError::NetworkFull { .. })
+        ));
+        assert_eq!(s, before);
+        s.create_service(svc("web", &["small"], 5), &mut id).unwrap();
+        let before = s.clone();
+        assert!(s.scale_service("web", 6, &mut id).is_err());
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn service_validation() {
+        let mut s = state();
+        net(&mut s, "a", None).unwrap();
+        let mut id = ids();
+        assert!(matches!(
+            s.create_service(svc("x", &["nope"], 1), &mut id),
+            Err(StateError::NoSuchNetwork(_))
+        ));
+        assert!(matches!(
+            s.create_service(svc("x", &["a", "a"], 1), &mut id),
+            Err(StateError::DuplicateNetwork(_))
+        ));
+        let mut empty = svc("x", &["a"], 1);
+        empty.command.clear();
+        assert!(matches!(s.create_service(empty, &mut id), Err(StateError::EmptyCommand)));
+        assert!(matches!(
+            s.create_service(svc("x", &["a"], MAX_REPLICAS + 1), &mut id),
+            Err(StateError::TooManyReplicas(_))
+        ));
+        s.create_service(svc("x", &["a"], 0), &mut id).unwrap();
+        assert!(matches!(
+            s.create_service(svc("x", &["a"], 1), &mut id),
+            Err(StateError::ServiceExists(_))
+        ));
+    }
+
+    #[test]
+    fn two_networks_per_task() {
+        let mut s = state();
+        net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
+        net(&mut s, "b", Some("10.0.3.0/24")).unwrap();
+        let mut id = ids();
+        s.create_service(svc("web", &["a", "b"], 2), &mut id).unwrap();
+        let t = &s.tasks["web.2"];
+        assert_eq!(t.attachments.len(), 2);
+        assert_eq!(t.attachments[1].address.to_string(), "10.0.3.3");
+        assert_ne!(s.tasks["web.1"].id, s.tasks["web.2"].id);
+    }
+
+    #[test]
+    fn spread_placement() {
+        let mut s = state();
+        for n in ["n2", "n3"] {
+            let name = NodeName::new(n).unwrap();
+            s.nodes.insert(
+                name.clone(),
+                Node {
+                    name,
+                    role: Role::Worker,
+                    availability: Availability::Active,
+                    advertise_addr: None,
+                    joined_at: 0,
+                },
+            );
+        }
+        net(&mut s, "a", None).unwrap();
+        let mut id = ids();
+        s.create_service(svc("web", &["a"], 6), &mut id).unwrap();
+        for n in ["n1", "n2", "n3"] {
+            let node = NodeName::new(n).unwrap();
+            assert_eq!(s.tasks_on(&node).count(), 2, "{n}");
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Frames the router answers itself instead of switching: ARP requests for every address it
+//! knows (proxy ARP, so broadcast never has to cross the underlay) and ICMP echo to a
+//! network's gateway. Pure functions: a request frame in, a reply frame written into a
+//! caller-owned buffer, its length out.
+
+use super::stats::DropReason;
+use super::table::NetTable;
+use etherparse::{
+    ArpHardwareId, ArpOperation, ArpPacket, ArpPacketSlice, EtherType, Icmpv4Type, NetSlice,
+    PacketBuilder, SlicedPacket, TransportSlice,
+};
+use protocol::types::MacAddr;
+use std::net::Ipv4Addr;
+
+const ETH_HEADER: usize = 14;
+
+/// Answers an ARP request (the frame's EtherType is ARP) from the table of its network.
+pub fn arp(net: &NetTable, frame: &[u8], reply: &mut [u8]) -> Result<usize, DropReason> {
+    let body = frame.get(ETH_HEADER..).ok_or(DropReason::Runt)?;
+    let arp = ArpPacketSlice::from_slice(body).map_err(|_| DropReason::ArpMalformed)?;
+    if arp.hw_addr_type() != ArpHardwareId::ETHERNET
+        || arp.proto_addr_type() != EtherType::IPV4
+        || arp.hw_addr_size() != 6
+        || arp.proto_addr_size() != 4
+    {
+        return Err(DropReason::ArpMalformed);
+    }
+    if arp.operation() != ArpOperation::REQUEST {
+        return Err(DropReason::ArpNotRequest);
+    }
+    let sender_mac: [u8; 6] = arp
+        .sender_hw_addr()
+        .try_into()
+        .map_err(|_| DropReason::ArpMalformed)?;
+    let sender_ip: [u8; 4] = arp
+        .sender_protocol_addr()
+        .try_into()
+        .map_err(|_| DropReason::ArpMalformed)?;
+    let target_ip: [u8; 4] = arp
+        .target_protocol_addr()
+        .try_into()
+        .map_err(|_| DropReason::ArpMalformed)?;
+    let owner = *net
+        .arp
+        .get(&Ipv4Addr::from(target_ip))
+        .ok_or(DropReason::ArpUnknownTarget)?;
+    // A host asking for its own address (a duplicate-address probe) gets no answer.
+    if owner.0 == sender_mac {
+        return Err(DropReason::ArpUnknownTarget);
+    }
+    let answer = ArpPacket::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation::REPLY,
+        owner.as_bytes(),
+        &target_ip,
+        &sender_mac,
+        &sender_ip,
+    )
+    .map_err(|_| DropReason::ArpMalformed)?;
+    PacketBuilder::ethernet2(owner.0, sender_mac)
+        .arp(answer)
+        .write_to_slice(reply)
+        .map_err(|_| DropReason::ArpMalformed)
+}
+
+/// Answers an IPv4 frame addressed to the gateway's MAC: echo requests to the gateway address
+/// get an echo reply; anything else has nowhere to go yet.
+pub fn gateway(net: &NetTable, frame: &[u8], reply: &mut [u8]) -> Result<usize, DropReason> {
+    let gw = net.gateway_ip.ok_or(DropReason::NoRoute)?;
+    let packet = SlicedPacket::from_ethernet(frame).map_err(|_| DropReason::MalformedIp)?;
+    let Some(NetSlice::Ipv4(ip)) = &packet.net else {
+        return Err(DropReason::NoRoute);
+    };
+    let header = ip.header();
+    if header.destination_addr() != gw {
+        return Err(DropReason::NoRoute);
+    }
+    let Some(TransportSlice::Icmpv4(icmp)) = &packet.transport else {
+        return Err(DropReason::NoRoute);
+    };
+    let Icmpv4Type::EchoRequest(echo) = icmp.icmp_type() else {
+        return Err(DropReason::NoRoute);
+    };
+    let src_mac = MacAddr(frame[6..12].try_into().map_err(|_| DropReason::Runt)?);
+    PacketBuilder::ethernet2(net.gateway_mac.0, src_mac.0)
+        .ipv4(gw.octets(), header.source_addr().octets(), 64)
+        .icmpv4_echo_reply(echo.id, echo.seq)
+        .write_to_slice(reply, icmp.payload())
+        .map_err(|_| DropReason::Oversize)
+}

@@ -1,0 +1,12 @@
+//! The data path: tables, the sans-IO per-frame decision, and the I/O loop that feeds it.
+//!
+//! ```text
+//!  TAP fds ──read batch──► switch::from_port ──► Forward / Flood / Reply / Encap / Drop
+//!                               ▲ tables (ArcSwap snapshot, published by the agent)
+//! ```
+
+pub mod answer;
+pub mod io;
+pub mod stats;
+pub mod switch;
+pub mod table;

@@ -1,0 +1,83 @@
+//! The per-frame decision, sans-IO: given the tables, where a frame came from and its bytes,
+//! say what to do with it. No device, no socket, no allocation; the I/O loop in
+//! [`super::io`] feeds it batches and carries out the verdicts.
+
+use super::answer;
+use super::stats::DropReason;
+use super::table::{Location, PortId, Tables};
+use protocol::types::{MacAddr, Vni};
+use std::net::SocketAddrV4;
+
+/// Largest frame handled: a 1500-byte payload, Ethernet header and one VLAN tag.
+pub const MAX_FRAME: usize = 1518;
+const ETHERTYPE_ARP: u16 = 0x0806;
+
+/// What to do with one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Write it unchanged to this local port.
+    Forward(PortId),
+    /// Wrap it in VXLAN with this VNI and send it to this VTEP.
+    Encap { vni: Vni, vtep: SocketAddrV4 },
+    /// Copy it to every local port of this network but the one it came from.
+    Flood(Vni),
+    /// The router answered; the answer (this many bytes of the reply buffer) goes back out of
+    /// the port the frame came from.
+    Reply(usize),
+    Drop(DropReason),
+}
+
+fn mac_at(frame: &[u8], at: usize) -> MacAddr {
+    let mut m = [0u8; 6];
+    m.copy_from_slice(&frame[at..at + 6]);
+    MacAddr(m)
+}
+
+/// Decides the fate of a frame read from local port `in_port`. `reply` must hold at least
+/// [`MAX_FRAME`] bytes; it is written only when the verdict is [`Verdict::Reply`].
+pub fn from_port(t: &Tables, in_port: PortId, frame: &[u8], reply: &mut [u8]) -> Verdict {
+    if frame.len() < 14 {
+        return Verdict::Drop(DropReason::Runt);
+    }
+    if frame.len() > MAX_FRAME {
+        return Verdict::Drop(DropReason::Oversize);
+    }
+    let Some(binding) = t.ports.get(&in_port) else {
+        return Verdict::Drop(DropReason::UnknownPort);
+    };
+    if mac_at(frame, 6) != binding.mac {
+        return Verdict::Drop(DropReason::SpoofedSource);
+    }
+    let Some(net) = t.networks.get(&binding.vni) else {
+        return Verdict::Drop(DropReason::UnknownPort);
+    };
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    if ethertype == ETHERTYPE_ARP {
+        return match answer::arp(net, frame, reply) {
+            Ok(n) => Verdict::Reply(n),
+            Err(r) => Verdict::Drop(r),
+        };
+    }
+    let dst = mac_at(frame, 0);
+    if dst.is_multicast() {
+        return Verdict::Flood(binding.vni);
+    }
+    if dst == net.gateway_mac && net.gateway_ip.is_some() {
+        return match answer::gateway(net, frame, reply) {
+            Ok(n) => Verdict::Reply(n),
+            Err(r) => Verdict::Drop(r),
+        };
+    }
+    match net.macs.get(&dst) {
+        Some(Location::Local(p)) if *p == in_port => Verdict::Drop(DropReason::Hairpin),
+        Some(Location::Local(p)) => Verdict::Forward(*p),
+        Some(Location::Remote(vtep)) => Verdict::Encap {
+            vni: binding.vni,
+            vtep: *vtep,
+        },
+        None => Verdict::Drop(DropReason::UnknownDestination),
+    }
+}
+
+#[cfg(test)]
+mod tests;

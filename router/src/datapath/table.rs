@@ -1,0 +1,107 @@
+//! The forwarding tables the datapath reads: which port belongs to which network, where every
+//! MAC of a network lives (a local port or a remote node), and which MAC owns which IPv4
+//! address. The control side builds a new [`Tables`] value whenever the cluster state changes
+//! and publishes it whole; the I/O thread reads a snapshot per batch and never takes a lock.
+
+use protocol::state::ClusterState;
+use protocol::types::{MacAddr, NodeName, Vni};
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// A local port: one TAP device of one task on one network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortId(pub u32);
+
+/// What the datapath knows about a local port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortBinding {
+    pub vni: Vni,
+    pub mac: MacAddr,
+    pub ip: Ipv4Addr,
+}
+
+/// Where a MAC lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    Local(PortId),
+    /// Behind another VTEP (an overlayd node or an external VXLAN device) at this underlay
+    /// address.
+    Remote(SocketAddrV4),
+}
+
+/// One network's switching table.
+#[derive(Debug, Clone, Default)]
+pub struct NetTable {
+    pub gateway_ip: Option<Ipv4Addr>,
+    pub gateway_mac: MacAddr,
+    pub macs: HashMap<MacAddr, Location>,
+    pub arp: HashMap<Ipv4Addr, MacAddr>,
+    /// Local ports of this network, for flooding.
+    pub local_ports: Vec<PortId>,
+}
+
+/// All tables of one node.
+#[derive(Debug, Clone, Default)]
+pub struct Tables {
+    pub ports: HashMap<PortId, PortBinding>,
+    pub networks: HashMap<Vni, NetTable>,
+}
+
+impl Tables {
+    /// Adds a local port and its addresses.
+    pub fn add_port(&mut self, port: PortId, binding: PortBinding) {
+        self.ports.insert(port, binding);
+        let net = self.networks.entry(binding.vni).or_default();
+        net.macs.insert(binding.mac, Location::Local(port));
+        net.arp.insert(binding.ip, binding.mac);
+        net.local_ports.push(port);
+        net.local_ports.sort();
+    }
+
+    /// Declares an endpoint behind another VTEP.
+    pub fn add_remote(&mut self, vni: Vni, mac: MacAddr, ip: Option<Ipv4Addr>, vtep: SocketAddrV4) {
+        let net = self.networks.entry(vni).or_default();
+        net.macs.insert(mac, Location::Remote(vtep));
+        if let Some(ip) = ip {
+            net.arp.insert(ip, mac);
+        }
+    }
+
+    /// Sets a network's gateway, which the router itself answers for.
+    pub fn set_gateway(&mut self, vni: Vni, ip: Ipv4Addr) {
+        let net = self.networks.entry(vni).or_default();
+        net.gateway_ip = Some(ip);
+        net.gateway_mac = MacAddr::from_ipv4(ip);
+        net.arp.insert(ip, net.gateway_mac);
+    }
+
+    /// Builds the tables of `node` from the cluster state and the node's local ports.
+    /// `vtep_of` gives the underlay address of another node, if known.
+    pub fn from_state(
+        state: &ClusterState,
+        node: &NodeName,
+        ports: &[(PortId, PortBinding)],
+        vtep_of: &dyn Fn(&NodeName) -> Option<SocketAddrV4>,
+    ) -> Tables {
+        let mut t = Tables::default();
+        for (port, binding) in ports {
+            t.add_port(*port, *binding);
+        }
+        for net in state.networks.values() {
+            // Only networks with a local endpoint exist on this node (lazy, as in Swarm).
+            if t.networks.contains_key(&net.vni) {
+                t.set_gateway(net.vni, net.gateway);
+            }
+        }
+        for task in state.tasks.values().filter(|t| &t.node != node) {
+            let Some(vtep) = vtep_of(&task.node) else { continue };
+            for a in &task.attachments {
+                let Some(net) = state.networks.get(&a.network) else { continue };
+                if t.networks.contains_key(&net.vni) {
+                    t.add_remote(net.vni, a.mac, Some(a.address), vtep);
+                }
+            }
+        }
+        t
+    }
+}

@@ -1,0 +1,11 @@
+//! `overlayd`'s library: everything a node runs.
+//!
+//! - [`datapath`]: forwarding tables, the sans-IO switch and the I/O loop over TAP devices.
+//! - [`sys`]: the few fenced unsafe pieces: TAP ioctls and network-namespace syscalls, plus
+//!   interface configuration over netlink.
+//! - [`manager`]: the desired cluster state, its persistence and the API's operations.
+//! - [`agent`]: realises this node's share of the state: namespaces, TAPs, task processes.
+//! - [`api`]: the HTTP+JSON API on a Unix socket.
+//! - [`daemon`]: wiring and graceful shutdown.
+
+pub mod datapath;

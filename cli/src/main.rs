@@ -1,1 +1,400 @@
-fn main() {}
+//! `overlayctl`: the operator's CLI. It only talks to the local `overlayd` API (and, for
+//! `exec`, enters a task's namespace). Verbs, flags, tables and `inspect` JSON follow
+//! `docker network|service` so muscle memory works.
+
+mod client;
+mod exec;
+mod table;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Parser, Subcommand};
+use client::{seg, Client};
+use protocol::api::{DatapathStats, Info, NetworkInspect, ServiceInspect, TaskView};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "overlayctl",
+    version,
+    about = "Control a userspace overlay network node (overlayd)."
+)]
+struct Cli {
+    /// overlayd's API socket [default: the only socket in /run/overlay].
+    #[arg(long, global = true, env = "OVERLAY_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Manage overlay networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Manage services and their tasks.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Run a command inside a task's network namespace.
+    Exec {
+        /// Task name (`web.1`) or id.
+        task: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Show this node's summary.
+    Info,
+    /// Show the datapath's frame counters and drop reasons.
+    Stats,
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    /// Create a network.
+    Create {
+        /// Driver (only "overlay").
+        #[arg(short = 'd', long, default_value = "overlay")]
+        driver: String,
+        /// Subnet in CIDR form [default: next free /24 of the pool].
+        #[arg(long)]
+        subnet: Option<String>,
+        /// Gateway address [default: first host of the subnet].
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Driver options, KEY=VALUE (e.g. com.docker.network.driver.overlay.vxlanid_list=4200).
+        #[arg(short = 'o', long = "opt")]
+        opts: Vec<String>,
+        name: String,
+    },
+    /// List networks.
+    #[command(alias = "list")]
+    Ls {
+        /// Only print names.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show networks as JSON.
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove networks (refused while a service uses them).
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Create a service: CMD runs in each task's own network namespace.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Network to attach to (repeat for several; the first carries the default route).
+        #[arg(long = "network", required = true)]
+        networks: Vec<String>,
+        /// Number of tasks.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// Environment variables, KEY=VALUE.
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List services.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// List the tasks of a service.
+    Ps { name: String },
+    /// Show services as JSON.
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Scale services: NAME=REPLICAS ...
+    Scale {
+        #[arg(required = true)]
+        specs: Vec<String>,
+    },
+    /// Remove services, their tasks and their addresses.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+fn kv(pairs: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("invalid {what} {p:?}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn network(c: &Client, cmd: NetworkCmd) -> anyhow::Result<()> {
+    match cmd {
+        NetworkCmd::Create {
+            driver,
+            subnet,
+            gateway,
+            opts,
+            name,
+        } => {
+            let options = kv(&opts, "option")?;
+            let body = json!({"name": name, "driver": driver, "subnet": subnet, "gateway": gateway, "options": options});
+            let n: NetworkInspect = c.post("/networks/create", body).await?;
+            println!("{}", n.id);
+        }
+        NetworkCmd::Ls { quiet } => {
+            let nets: Vec<NetworkInspect> = c.get("/networks").await?;
+            if quiet {
+                nets.iter().for_each(|n| println!("{}", n.name));
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = nets
+                .iter()
+                .map(|n| {
+                    let subnet = n
+                        .ipam
+                        .config
+                        .first()
+                        .map(|c| c.subnet.clone())
+                        .unwrap_or_default();
+                    vec![
+                        table::short_id(&n.id),
+                        n.name.clone(),
+                        n.driver.clone(),
+                        n.scope.clone(),
+                        subnet,
+                        n.vni.to_string(),
+                    ]
+                })
+                .collect();
+            table::print(
+                &["NETWORK ID", "NAME", "DRIVER", "SCOPE", "SUBNET", "VNI"],
+                &rows,
+            );
+        }
+        NetworkCmd::Inspect { names } => {
+            let mut out = Vec::new();
+            for n in names {
+                out.push(
+                    c.get::<NetworkInspect>(&format!("/networks/{}", seg(&n)))
+                        .await?,
+                );
+            }
+            print_json(&out)?;
+        }
+        NetworkCmd::Rm { names } => {
+            for n in names {
+                c.delete(&format!("/networks/{}", seg(&n))).await?;
+                println!("{n}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
+    match cmd {
+        ServiceCmd::Create {
+            name,
+            networks,
+            replicas,
+            env,
+            command,
+        } => {
+            for e in &env {
+                if !e.contains('=') {
+                    bail!("invalid env {e:?}: expected KEY=VALUE");
+                }
+            }
+            let body = json!({"name": name, "networks": networks, "replicas": replicas, "command": command, "env": env});
+            let s: ServiceInspect = c.post("/services/create", body).await?;
+            println!("{}", s.id);
+        }
+        ServiceCmd::Ls { quiet } => {
+            let svcs: Vec<ServiceInspect> = c.get("/services").await?;
+            if quiet {
+                svcs.iter().for_each(|s| println!("{}", s.spec.name));
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = svcs
+                .iter()
+                .map(|s| {
+                    vec![
+                        table::short_id(&s.id),
+                        s.spec.name.clone(),
+                        "replicated".into(),
+                        format!("{}/{}", s.running, s.spec.replicas),
+                        s.spec.container_spec.command.join(" "),
+                    ]
+                })
+                .collect();
+            table::print(&["ID", "NAME", "MODE", "REPLICAS", "COMMAND"], &rows);
+        }
+        ServiceCmd::Ps { name } => {
+            let tasks: Vec<TaskView> = c.get(&format!("/tasks?service={}", seg(&name))).await?;
+            let t_now = now();
+            let rows: Vec<Vec<String>> = tasks
+                .iter()
+                .map(|t| {
+                    let state = format!(
+                        "{} {}",
+                        capital(&t.status.state.to_string()),
+                        table::ago(t.status.since, t_now)
+                    );
+                    let addrs: Vec<String> = t
+                        .attachments
+                        .iter()
+                        .map(|a| format!("{}={}", a.network, a.address))
+                        .collect();
+                    vec![
+                        table::short_id(&t.id),
+                        t.name.clone(),
+                        t.node.clone(),
+                        capital(&t.desired_state),
+                        state,
+                        t.status.error.clone().unwrap_or_default(),
+                        addrs.join(","),
+                    ]
+                })
+                .collect();
+            table::print(
+                &[
+                    "ID",
+                    "NAME",
+                    "NODE",
+                    "DESIRED STATE",
+                    "CURRENT STATE",
+                    "ERROR",
+                    "ADDRESSES",
+                ],
+                &rows,
+            );
+        }
+        ServiceCmd::Inspect { names } => {
+            let mut out = Vec::new();
+            for n in names {
+                out.push(
+                    c.get::<ServiceInspect>(&format!("/services/{}", seg(&n)))
+                        .await?,
+                );
+            }
+            print_json(&out)?;
+        }
+        ServiceCmd::Scale { specs } => {
+            let mut parsed = Vec::new();
+            for s in &specs {
+                let (name, n) = s
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("invalid scale {s:?}: expected NAME=REPLICAS"))?;
+                let n: u32 = n
+                    .parse()
+                    .map_err(|_| anyhow!("invalid replica count in {s:?}"))?;
+                parsed.push((name.to_string(), n));
+            }
+            for (name, n) in parsed {
+                let _: ServiceInspect = c
+                    .post(
+                        &format!("/services/{}/scale", seg(&name)),
+                        json!({"replicas": n}),
+                    )
+                    .await?;
+                println!("{name} scaled to {n}");
+            }
+        }
+        ServiceCmd::Rm { names } => {
+            for n in names {
+                c.delete(&format!("/services/{}", seg(&n))).await?;
+                println!("{n}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn capital(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+/// What is left to do once the API has answered.
+enum Outcome {
+    Done,
+    /// `exec`: run the command in this namespace, outside the async runtime.
+    Exec(PathBuf),
+}
+
+async fn dispatch(c: &Client, cmd: Cmd) -> anyhow::Result<Outcome> {
+    match cmd {
+        Cmd::Network(n) => network(c, n).await?,
+        Cmd::Service(s) => service(c, s).await?,
+        Cmd::Info => print_json(&c.get::<Info>("/info").await?)?,
+        Cmd::Stats => print_json(&c.get::<DatapathStats>("/datapath/stats").await?)?,
+        Cmd::Exec { task, .. } => {
+            let t: TaskView = c.get(&format!("/tasks/{}", seg(&task))).await?;
+            return Ok(Outcome::Exec(PathBuf::from(t.netns)));
+        }
+    }
+    Ok(Outcome::Done)
+}
+
+fn run() -> anyhow::Result<i32> {
+    let cli = Cli::parse();
+    let socket = match cli.socket {
+        Some(s) => s,
+        None => client::default_socket(std::path::Path::new("/run/overlay"))?,
+    };
+    let exec_cmd = match &cli.command {
+        Cmd::Exec { command, .. } => command.clone(),
+        _ => Vec::new(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let outcome = rt.block_on(dispatch(&Client::new(socket), cli.command))?;
+    drop(rt);
+    match outcome {
+        Outcome::Done => Ok(0),
+        Outcome::Exec(netns) => exec::run(&netns, &exec_cmd),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("overlayctl: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -126,7 +126,10 @@ pub enum StateError {
     #[error("network {0} not found")]
     NoSuchNetwork(String),
     #[error("network {network} is in use by service(s) {services}")]
-    NetworkInUse { network: NetworkName, services: String },
+    NetworkInUse {
+        network: NetworkName,
+        services: String,
+    },
     #[error("unsupported network driver {0:?}: only \"overlay\" is supported")]
     BadDriver(String),
     #[error("subnet {subnet} overlaps network {other} ({other_subnet})")]
@@ -144,7 +147,10 @@ pub enum StateError {
     #[error("subnet {subnet} is too small: it needs room for a gateway and at least one task")]
     SubnetTooSmall { subnet: Ipv4Net },
     #[error("no free address left in network {network} ({subnet})")]
-    NetworkFull { network: NetworkName, subnet: Ipv4Net },
+    NetworkFull {
+        network: NetworkName,
+        subnet: Ipv4Net,
+    },
     #[error("invalid option {key}={value}: {why}")]
     BadOption {
         key: String,
@@ -198,7 +204,9 @@ impl Default for Pool {
 }
 
 fn ingress_subnet() -> Ipv4Net {
-    ipam::INGRESS_SUBNET.parse().expect("constant subnet parses")
+    ipam::INGRESS_SUBNET
+        .parse()
+        .expect("constant subnet parses")
 }
 
 impl ClusterState {
@@ -222,7 +230,11 @@ impl ClusterState {
         let subnet = match req.subnet {
             Some(s) => {
                 let s = s.trunc();
-                if let Some(other) = self.networks.values().find(|n| ipam::overlaps(&s, &n.subnet)) {
+                if let Some(other) = self
+                    .networks
+                    .values()
+                    .find(|n| ipam::overlaps(&s, &n.subnet))
+                {
                     return Err(StateError::SubnetOverlap {
                         subnet: s,
                         other: other.name.clone(),
@@ -515,8 +527,14 @@ mod tests {
             subnet: subnet.map(|x| x.parse().unwrap()),
             ..Default::default()
         };
-        s.create_network(NetworkName::new(name).unwrap(), req, Pool::default(), name.into(), 0)
-            .cloned()
+        s.create_network(
+            NetworkName::new(name).unwrap(),
+            req,
+            Pool::default(),
+            name.into(),
+            0,
+        )
+        .cloned()
     }
 
     fn svc(name: &str, nets: &[&str], replicas: u32) -> Service {
@@ -550,7 +568,10 @@ mod tests {
         let mut s = state();
         net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
         let before = s.clone();
-        assert!(matches!(net(&mut s, "a", None), Err(StateError::NetworkExists(_))));
+        assert!(matches!(
+            net(&mut s, "a", None),
+            Err(StateError::NetworkExists(_))
+        ));
         assert!(matches!(
             net(&mut s, "b", Some("10.0.2.128/25")),
             Err(StateError::SubnetOverlap { .. })
@@ -576,24 +597,48 @@ mod tests {
         };
         req.options.insert(OPT_VXLANID.into(), "5000".into());
         let n = s
-            .create_network(NetworkName::new("x").unwrap(), req.clone(), Pool::default(), "x".into(), 0)
+            .create_network(
+                NetworkName::new("x").unwrap(),
+                req.clone(),
+                Pool::default(),
+                "x".into(),
+                0,
+            )
             .unwrap();
         assert_eq!(n.vni.get(), 5000);
         assert_eq!(n.gateway.to_string(), "10.7.0.254");
         req.subnet = Some("10.8.0.0/24".parse().unwrap());
         req.gateway = None;
         let e = s
-            .create_network(NetworkName::new("y").unwrap(), req.clone(), Pool::default(), "y".into(), 0)
+            .create_network(
+                NetworkName::new("y").unwrap(),
+                req.clone(),
+                Pool::default(),
+                "y".into(),
+                0,
+            )
             .unwrap_err();
         assert!(matches!(e, StateError::VniInUse { .. }));
         req.options.insert(OPT_VXLANID.into(), "0".into());
         assert!(s
-            .create_network(NetworkName::new("y").unwrap(), req.clone(), Pool::default(), "y".into(), 0)
+            .create_network(
+                NetworkName::new("y").unwrap(),
+                req.clone(),
+                Pool::default(),
+                "y".into(),
+                0
+            )
             .is_err());
         req.options.clear();
         req.gateway = Some("10.9.0.1".parse().unwrap());
         assert!(matches!(
-            s.create_network(NetworkName::new("y").unwrap(), req, Pool::default(), "y".into(), 0),
+            s.create_network(
+                NetworkName::new("y").unwrap(),
+                req,
+                Pool::default(),
+                "y".into(),
+                0
+            ),
             Err(StateError::BadGateway { .. })
         ));
     }
@@ -604,14 +649,27 @@ mod tests {
         net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
         let mut id = ids();
         s.create_service(svc("web", &["a"], 3), &mut id).unwrap();
-        let addrs: Vec<String> = s.tasks.values().map(|t| t.attachments[0].address.to_string()).collect();
+        let addrs: Vec<String> = s
+            .tasks
+            .values()
+            .map(|t| t.attachments[0].address.to_string())
+            .collect();
         assert_eq!(addrs, ["10.0.2.2", "10.0.2.3", "10.0.2.4"]);
-        assert_eq!(s.tasks["web.1"].attachments[0].mac.to_string(), "02:42:0a:00:02:02");
+        assert_eq!(
+            s.tasks["web.1"].attachments[0].mac.to_string(),
+            "02:42:0a:00:02:02"
+        );
         s.scale_service("web", 1, &mut id).unwrap();
         assert_eq!(s.tasks.keys().collect::<Vec<_>>(), ["web.1"]);
         s.scale_service("web", 2, &mut id).unwrap();
-        assert_eq!(s.tasks["web.2"].attachments[0].address.to_string(), "10.0.2.3");
-        assert!(matches!(s.remove_network("a"), Err(StateError::NetworkInUse { .. })));
+        assert_eq!(
+            s.tasks["web.2"].attachments[0].address.to_string(),
+            "10.0.2.3"
+        );
+        assert!(matches!(
+            s.remove_network("a"),
+            Err(StateError::NetworkInUse { .. })
+        ));
         s.remove_service("web").unwrap();
         assert!(s.tasks.is_empty());
         s.remove_network("a").unwrap();
@@ -628,7 +686,8 @@ mod tests {
             Err(StateError::NetworkFull { .. })
         ));
         assert_eq!(s, before);
-        s.create_service(svc("web", &["small"], 5), &mut id).unwrap();
+        s.create_service(svc("web", &["small"], 5), &mut id)
+            .unwrap();
         let before = s.clone();
         assert!(s.scale_service("web", 6, &mut id).is_err());
         assert_eq!(s, before);
@@ -649,7 +708,10 @@ mod tests {
         ));
         let mut empty = svc("x", &["a"], 1);
         empty.command.clear();
-        assert!(matches!(s.create_service(empty, &mut id), Err(StateError::EmptyCommand)));
+        assert!(matches!(
+            s.create_service(empty, &mut id),
+            Err(StateError::EmptyCommand)
+        ));
         assert!(matches!(
             s.create_service(svc("x", &["a"], MAX_REPLICAS + 1), &mut id),
             Err(StateError::TooManyReplicas(_))
@@ -667,7 +729,8 @@ mod tests {
         net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
         net(&mut s, "b", Some("10.0.3.0/24")).unwrap();
         let mut id = ids();
-        s.create_service(svc("web", &["a", "b"], 2), &mut id).unwrap();
+        s.create_service(svc("web", &["a", "b"], 2), &mut id)
+            .unwrap();
         let t = &s.tasks["web.2"];
         assert_eq!(t.attachments.len(), 2);
         assert_eq!(t.attachments[1].address.to_string(), "10.0.3.3");

@@ -165,7 +165,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_headers() {
-        assert_eq!(Packet::new_checked(&[0u8; 7][..]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            Packet::new_checked(&[0u8; 7][..]).unwrap_err(),
+            Error::Truncated
+        );
         let mut no_flag = KERNEL_VNI_4097;
         no_flag[0] = 0;
         let p = Packet::new_checked(&no_flag[..]).unwrap();

@@ -8,4 +8,12 @@
 //! - [`api`]: the HTTP+JSON API on a Unix socket.
 //! - [`daemon`]: wiring and graceful shutdown.
 
+pub mod agent;
+pub mod api;
+pub mod config;
+pub mod daemon;
 pub mod datapath;
+pub mod manager;
+pub mod store;
+pub mod sys;
+pub mod task;

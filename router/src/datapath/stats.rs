@@ -56,7 +56,7 @@ pub struct Counters {
 }
 
 impl Counters {
-    pub fn drop(&self, reason: DropReason) {
+    pub fn count_drop(&self, reason: DropReason) {
         self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -93,7 +93,7 @@ mod tests {
         let c = Counters::default();
         assert!(DropReason::ALL.len() <= c.drops.len());
         for r in DropReason::ALL {
-            c.drop(*r);
+            c.count_drop(*r);
         }
         assert_eq!(c.snapshot().drops.len(), DropReason::ALL.len());
     }

@@ -18,7 +18,10 @@ pub enum Verdict {
     /// Write it unchanged to this local port.
     Forward(PortId),
     /// Wrap it in VXLAN with this VNI and send it to this VTEP.
-    Encap { vni: Vni, vtep: SocketAddrV4 },
+    Encap {
+        vni: Vni,
+        vtep: SocketAddrV4,
+    },
     /// Copy it to every local port of this network but the one it came from.
     Flood(Vni),
     /// The router answered; the answer (this many bytes of the reply buffer) goes back out of

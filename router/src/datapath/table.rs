@@ -94,9 +94,13 @@ impl Tables {
             }
         }
         for task in state.tasks.values().filter(|t| &t.node != node) {
-            let Some(vtep) = vtep_of(&task.node) else { continue };
+            let Some(vtep) = vtep_of(&task.node) else {
+                continue;
+            };
             for a in &task.attachments {
-                let Some(net) = state.networks.get(&a.network) else { continue };
+                let Some(net) = state.networks.get(&a.network) else {
+                    continue;
+                };
                 if t.networks.contains_key(&net.vni) {
                     t.add_remote(net.vni, a.mac, Some(a.address), vtep);
                 }

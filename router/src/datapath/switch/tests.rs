@@ -22,7 +22,11 @@ fn ip(s: &str) -> Ipv4Addr {
 /// Net 4098 (10.0.3.0/24): port 3 (.2).
 fn tables() -> Tables {
     let mut t = Tables::default();
-    for (port, v, addr) in [(1, 4097, "10.0.2.2"), (2, 4097, "10.0.2.3"), (3, 4098, "10.0.3.2")] {
+    for (port, v, addr) in [
+        (1, 4097, "10.0.2.2"),
+        (2, 4097, "10.0.2.3"),
+        (3, 4098, "10.0.3.2"),
+    ] {
         t.add_port(
             PortId(port),
             PortBinding {
@@ -107,7 +111,10 @@ fn unicast_to_a_remote_mac_is_encapsulated() {
 fn networks_are_isolated() {
     // Port 3 (net 4098) addressing the MAC of a task on net 4097.
     let f = udp("10.0.3.2", mac("10.0.2.2"), "10.0.2.2");
-    assert_eq!(decide(3, &f).0, Verdict::Drop(DropReason::UnknownDestination));
+    assert_eq!(
+        decide(3, &f).0,
+        Verdict::Drop(DropReason::UnknownDestination)
+    );
     // Nor does the router answer ARP for another network's addresses.
     let a = arp("10.0.3.2", ArpOperation::REQUEST, "10.0.2.2");
     assert_eq!(decide(3, &a).0, Verdict::Drop(DropReason::ArpUnknownTarget));
@@ -118,14 +125,20 @@ fn bad_frames_are_dropped_with_reasons() {
     let f = udp("10.0.2.2", mac("10.0.2.3"), "10.0.2.3");
     assert_eq!(decide(1, &f[..13]).0, Verdict::Drop(DropReason::Runt));
     assert_eq!(decide(1, &[]).0, Verdict::Drop(DropReason::Runt));
-    assert_eq!(decide(1, &vec![0u8; 1519]).0, Verdict::Drop(DropReason::Oversize));
+    assert_eq!(
+        decide(1, &vec![0u8; 1519]).0,
+        Verdict::Drop(DropReason::Oversize)
+    );
     assert_eq!(decide(9, &f).0, Verdict::Drop(DropReason::UnknownPort));
     // Port 2 sending with port 1's MAC.
     assert_eq!(decide(2, &f).0, Verdict::Drop(DropReason::SpoofedSource));
     let to_self = udp("10.0.2.2", mac("10.0.2.2"), "10.0.2.2");
     assert_eq!(decide(1, &to_self).0, Verdict::Drop(DropReason::Hairpin));
     let to_nobody = udp("10.0.2.2", mac("10.0.2.99"), "10.0.2.99");
-    assert_eq!(decide(1, &to_nobody).0, Verdict::Drop(DropReason::UnknownDestination));
+    assert_eq!(
+        decide(1, &to_nobody).0,
+        Verdict::Drop(DropReason::UnknownDestination)
+    );
 }
 
 #[test]
@@ -187,7 +200,10 @@ fn arp_that_is_not_a_plain_request_is_dropped() {
     assert_eq!(v, Verdict::Drop(DropReason::ArpMalformed));
     let mut wrong_sizes = CAPTURED_ARP_REQUEST;
     wrong_sizes[18] = 8;
-    assert_eq!(decide(1, &wrong_sizes).0, Verdict::Drop(DropReason::ArpMalformed));
+    assert_eq!(
+        decide(1, &wrong_sizes).0,
+        Verdict::Drop(DropReason::ArpMalformed)
+    );
 }
 
 fn echo_request(to: &str) -> Vec<u8> {
@@ -205,13 +221,19 @@ fn gateway_answers_ping_with_valid_checksums() {
     let (v, reply) = decide(1, &echo_request("10.0.2.1"));
     assert!(matches!(v, Verdict::Reply(_)), "{v:?}");
     let p = SlicedPacket::from_ethernet(&reply).unwrap();
-    let Some(NetSlice::Ipv4(ipv4)) = &p.net else { panic!() };
+    let Some(NetSlice::Ipv4(ipv4)) = &p.net else {
+        panic!()
+    };
     let h = ipv4.header();
     assert_eq!(h.source_addr(), ip("10.0.2.1"));
     assert_eq!(h.destination_addr(), ip("10.0.2.2"));
     assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum());
-    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else { panic!() };
-    let Icmpv4Type::EchoReply(e) = icmp.icmp_type() else { panic!() };
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+        panic!()
+    };
+    let Icmpv4Type::EchoReply(e) = icmp.icmp_type() else {
+        panic!()
+    };
     assert_eq!((e.id, e.seq), (0x1234, 7));
     assert_eq!(icmp.payload(), b"abcdefgh0123456789");
     let expect = icmp.header().icmp_type.calc_checksum(icmp.payload());
@@ -228,7 +250,10 @@ fn gateway_routes_nothing_else_yet() {
     let mut garbage = echo_request("10.0.2.1");
     garbage[14] = 0x4f; // IHL larger than the frame
     garbage.truncate(40);
-    assert_eq!(decide(1, &garbage).0, Verdict::Drop(DropReason::MalformedIp));
+    assert_eq!(
+        decide(1, &garbage).0,
+        Verdict::Drop(DropReason::MalformedIp)
+    );
 }
 
 proptest! {

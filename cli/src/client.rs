@@ -1,0 +1,131 @@
+//! A minimal HTTP/1.1 client over the node's Unix socket (hyper), returning parsed JSON or
+//! the API's one-line error message.
+
+use anyhow::{anyhow, bail, Context};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use protocol::api::ErrorBody;
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+use tokio::net::UnixStream;
+
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: PathBuf) -> Client {
+        Client { socket }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let stream = UnixStream::connect(&self.socket).await.with_context(|| {
+            format!(
+                "cannot reach overlayd at {} (is it running?)",
+                self.socket.display()
+            )
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP handshake with overlayd")?;
+        tokio::spawn(conn);
+        let body = match body {
+            Some(v) => Full::new(Bytes::from(serde_json::to_vec(&v)?)),
+            None => Full::new(Bytes::new()),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://overlayd{path}"))
+            .header("host", "overlayd")
+            .header("content-type", "application/json")
+            .body(body)?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .context("sending request to overlayd")?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .context("reading overlayd's answer")?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// Calls the API; a non-2xx answer becomes an error carrying the API's message.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<Bytes> {
+        let (status, bytes) = self.call(method, path, body).await?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.message)
+                .unwrap_or_else(|_| format!("overlayd answered {status}"));
+            bail!(message);
+        }
+        Ok(bytes)
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let bytes = self.request(Method::GET, path, None).await?;
+        serde_json::from_slice(&bytes).map_err(|e| anyhow!("unexpected answer from overlayd: {e}"))
+    }
+
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<T> {
+        let bytes = self.request(Method::POST, path, Some(body)).await?;
+        serde_json::from_slice(&bytes).map_err(|e| anyhow!("unexpected answer from overlayd: {e}"))
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.request(Method::DELETE, path, None).await.map(|_| ())
+    }
+}
+
+/// The socket to use: the flag or OVERLAY_SOCKET, else the only one under /run/overlay.
+pub fn default_socket(dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut socks: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    match socks.len() {
+        1 => Ok(socks.remove(0)),
+        0 => bail!(
+            "no overlayd socket found in {} (is overlayd running? pass --socket)",
+            dir.display()
+        ),
+        _ => bail!(
+            "several overlayd sockets in {}: choose one with --socket or OVERLAY_SOCKET",
+            dir.display()
+        ),
+    }
+}
+
+/// Percent-encodes one path segment (names are restricted, but task ids and user typos
+/// must not break the URL).
+pub fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

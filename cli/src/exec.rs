@@ -1,0 +1,54 @@
+//! `overlayctl exec TASK -- CMD`: runs CMD inside the task's network namespace with the
+//! caller's stdin, stdout and stderr, and returns CMD's exit status, as `docker exec` does.
+//! The namespace is entered in the child between fork and exec, so no daemon round trip
+//! carries the caller's terminal.
+
+use anyhow::Context;
+use nix::sched::{setns, CloneFlags};
+use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+
+/// Runs `cmd` in the namespace at `netns`; returns the exit code to exit with.
+pub fn run(netns: &Path, cmd: &[String]) -> anyhow::Result<i32> {
+    let ns = File::open(netns)
+        .with_context(|| format!("opening the task's namespace {}", netns.display()))?;
+    let raw = ns.as_raw_fd();
+    let mut command = std::process::Command::new(&cmd[0]);
+    command.args(&cmd[1..]);
+    // SAFETY: the closure runs in the forked child before exec and calls only setns(2), which
+    // is async-signal-safe; `ns` stays open until spawn() has returned.
+    unsafe {
+        command.pre_exec(move || {
+            setns(BorrowedFd::borrow_raw(raw), CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("overlayctl: exec {:?}: executable file not found", cmd[0]);
+            return Ok(127);
+        }
+        Err(e)
+            if e.kind() == std::io::ErrorKind::PermissionDenied
+                && e.raw_os_error() == Some(libc_eperm()) =>
+        {
+            anyhow::bail!("entering the task's namespace needs root: {e}");
+        }
+        Err(e) => {
+            eprintln!("overlayctl: exec {:?}: {e}", cmd[0]);
+            return Ok(126);
+        }
+    };
+    drop(ns);
+    let status = child.wait().context("waiting for the command")?;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+fn libc_eperm() -> i32 {
+    nix::errno::Errno::EPERM as i32
+}

@@ -1,0 +1,264 @@
+//! The agent: realises this node's share of the cluster state. For every task placed here it
+//! makes a network namespace, one TAP per network attachment (held by the datapath), and a
+//! supervised process; for every task that goes away it undoes all of that. After each
+//! change it rebuilds the forwarding tables and publishes them to the datapath.
+
+use crate::datapath::io::Datapath;
+use crate::datapath::table::{PortBinding, PortId, Tables};
+use crate::manager::{now, StatusBoard};
+use crate::sys::iface::{self, IfaceSpec};
+use crate::sys::netns;
+use crate::task::{self, TaskProcess};
+use protocol::api::{TaskState, TaskStatus};
+use protocol::state::{ClusterState, Task};
+use protocol::types::NodeName;
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// How often the agent retries tasks whose namespace or interfaces could not be made.
+const RESYNC: Duration = Duration::from_secs(5);
+
+/// Name of a task's namespace under /run/netns: recognisable and unique per node.
+pub fn netns_name(node: &NodeName, task: &str) -> String {
+    format!("ov-{node}-{task}")
+}
+
+struct LocalTask {
+    id: String,
+    netns: PathBuf,
+    ports: Vec<(PortId, PortBinding)>,
+    cancel: CancellationToken,
+    supervisor: JoinHandle<()>,
+}
+
+pub struct Agent {
+    node: NodeName,
+    datapath: Datapath,
+    statuses: StatusBoard,
+    log_dir: PathBuf,
+    tasks: BTreeMap<String, LocalTask>,
+    next_port: u32,
+    /// Underlay address of each other node, once multi-node state provides it.
+    vteps: Box<dyn Fn(&NodeName) -> Option<SocketAddrV4> + Send>,
+}
+
+impl Agent {
+    pub fn new(
+        node: NodeName,
+        datapath: Datapath,
+        statuses: StatusBoard,
+        log_dir: PathBuf,
+    ) -> Agent {
+        Agent {
+            node,
+            datapath,
+            statuses,
+            log_dir,
+            tasks: BTreeMap::new(),
+            next_port: 1,
+            vteps: Box::new(|_| None),
+        }
+    }
+
+    /// Removes namespaces a previous run of this node left behind (after a crash).
+    pub fn clean_leftovers(&self) {
+        for name in netns::list_with_prefix(&format!("ov-{}-", self.node)) {
+            let path = netns::path_of(&name);
+            match netns::remove(&path) {
+                Ok(()) => info!(netns = %name, "removed leftover namespace"),
+                Err(e) => warn!(netns = %name, error = %e, "cannot remove leftover namespace"),
+            }
+        }
+    }
+
+    /// Follows the published state until `shutdown`, then stops every local task.
+    pub async fn run(
+        mut self,
+        mut rx: watch::Receiver<Arc<ClusterState>>,
+        shutdown: CancellationToken,
+    ) {
+        self.clean_leftovers();
+        let mut tick = tokio::time::interval(RESYNC);
+        loop {
+            let state = rx.borrow_and_update().clone();
+            self.reconcile(&state).await;
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { break },
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        self.stop_all().await;
+        self.datapath.stop();
+    }
+
+    fn report(&self, task: &Task, state: TaskState, error: Option<String>) {
+        if let Ok(mut b) = self.statuses.write() {
+            let status = TaskStatus {
+                state,
+                error,
+                pid: None,
+                restarts: 0,
+                since: now(),
+            };
+            b.insert(task.name.clone(), (task.id.clone(), status));
+        }
+    }
+
+    async fn reconcile(&mut self, state: &ClusterState) {
+        let node = self.node.clone();
+        let wanted: BTreeMap<&str, &Task> = state
+            .tasks_on(&node)
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        let gone: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(name, lt)| wanted.get(name.as_str()).is_none_or(|t| t.id != lt.id))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut changed = !gone.is_empty();
+        for name in gone {
+            if let Some(lt) = self.tasks.remove(&name) {
+                self.stop_task(&name, lt).await;
+            }
+        }
+        for (name, task) in wanted {
+            if self.tasks.contains_key(name) {
+                continue;
+            }
+            match self.start_task(state, task).await {
+                Ok(lt) => {
+                    self.tasks.insert(name.to_string(), lt);
+                    changed = true;
+                }
+                Err(error) => {
+                    warn!(task = %name, %error, "cannot set up task");
+                    self.report(task, TaskState::Failed, Some(error));
+                }
+            }
+        }
+        if changed || state.revision > 0 {
+            self.publish(state);
+        }
+    }
+
+    fn publish(&self, state: &ClusterState) {
+        let ports: Vec<(PortId, PortBinding)> = self
+            .tasks
+            .values()
+            .flat_map(|t| t.ports.iter().copied())
+            .collect();
+        let tables = Tables::from_state(state, &self.node, &ports, &*self.vteps);
+        self.datapath.publish(tables);
+    }
+
+    async fn start_task(&mut self, state: &ClusterState, task: &Task) -> Result<LocalTask, String> {
+        let svc = state
+            .services
+            .get(&task.service)
+            .ok_or_else(|| format!("service {} not in state", task.service))?;
+        self.report(task, TaskState::Starting, None);
+        let mut specs = Vec::new();
+        let mut bindings = Vec::new();
+        for (i, a) in task.attachments.iter().enumerate() {
+            let net = state
+                .networks
+                .get(&a.network)
+                .ok_or_else(|| format!("network {} not in state", a.network))?;
+            specs.push(IfaceSpec {
+                name: format!("eth{i}"),
+                mac: a.mac,
+                address: a.address,
+                prefix_len: net.subnet.prefix_len(),
+                gateway: (i == 0).then_some(net.gateway),
+            });
+            bindings.push(PortBinding {
+                vni: net.vni,
+                mac: a.mac,
+                ip: a.address,
+            });
+        }
+        let ns_name = netns_name(&self.node, &task.name);
+        let ns_path = netns::path_of(&ns_name);
+        let made = {
+            let path = ns_path.clone();
+            tokio::task::spawn_blocking(move || {
+                netns::create(&ns_name)?;
+                iface::create_task_ifaces(&path, specs)
+            })
+            .await
+            .map_err(|e| format!("setup thread failed: {e}"))?
+        };
+        let fds = match made {
+            Ok(fds) => fds,
+            Err(e) => {
+                let _ = netns::remove(&ns_path);
+                return Err(format!("creating namespace and interfaces: {e}"));
+            }
+        };
+        let mut ports = Vec::new();
+        for (fd, binding) in fds.into_iter().zip(bindings) {
+            let port = PortId(self.next_port);
+            self.next_port += 1;
+            self.datapath.add_port(port, fd);
+            ports.push((port, binding));
+        }
+        let cancel = CancellationToken::new();
+        let proc = TaskProcess {
+            name: task.name.clone(),
+            id: task.id.clone(),
+            service: task.service.to_string(),
+            slot: task.slot,
+            node: self.node.to_string(),
+            command: svc.command.clone(),
+            env: svc.env.clone(),
+            netns: ns_path.clone(),
+            log: self.log_dir.join(format!("{}.log", task.name)),
+        };
+        let supervisor = tokio::spawn(task::supervise(proc, self.statuses.clone(), cancel.clone()));
+        info!(task = %task.name, netns = %ns_path.display(), "task set up");
+        Ok(LocalTask {
+            id: task.id.clone(),
+            netns: ns_path,
+            ports,
+            cancel,
+            supervisor,
+        })
+    }
+
+    async fn stop_task(&mut self, name: &str, lt: LocalTask) {
+        lt.cancel.cancel();
+        let _ = lt.supervisor.await;
+        for (port, _) in &lt.ports {
+            self.datapath.remove_port(*port);
+        }
+        let path = lt.netns.clone();
+        match tokio::task::spawn_blocking(move || netns::remove(&path)).await {
+            Ok(Ok(())) => info!(task = %name, "task removed"),
+            Ok(Err(e)) => warn!(task = %name, error = %e, "cannot remove namespace"),
+            Err(e) => warn!(task = %name, error = %e, "namespace removal thread failed"),
+        }
+        if let Ok(mut b) = self.statuses.write() {
+            b.remove(name);
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        let all = std::mem::take(&mut self.tasks);
+        // Stop every process at once, then tear down.
+        for lt in all.values() {
+            lt.cancel.cancel();
+        }
+        for (name, lt) in all {
+            self.stop_task(&name, lt).await;
+        }
+    }
+}

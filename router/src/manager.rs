@@ -1,0 +1,246 @@
+//! The manager: owner of the desired cluster state. API requests become state operations
+//! (from `protocol::state`), each one applied to a copy, persisted, and only then committed
+//! and published to subscribers (the local agent; remote agents over the control plane).
+//! A refused or unpersistable request changes nothing.
+
+use crate::store::{Store, StoreError};
+use protocol::api::{self, TaskStatus};
+use protocol::state::{
+    Availability, ClusterState, Network, NetworkRequest, Node, Pool, Role, Service, StateError,
+};
+use protocol::types::{NetworkName, NodeName, ServiceName};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::watch;
+
+/// An error for an API caller: an HTTP status and one clear line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 400,
+            message: message.into(),
+        }
+    }
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 404,
+            message: message.into(),
+        }
+    }
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 500,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> ApiError {
+        use StateError::*;
+        let status = match &e {
+            NoSuchNetwork(_) | NoSuchService(_) => 404,
+            NetworkExists(_)
+            | ServiceExists(_)
+            | NetworkInUse { .. }
+            | SubnetOverlap { .. }
+            | SubnetReserved { .. }
+            | VniInUse { .. } => 409,
+            PoolExhausted { .. } | NetworkFull { .. } | VniExhausted | NoActiveNode => 503,
+            _ => 400,
+        };
+        ApiError {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        ApiError::internal(e.to_string())
+    }
+}
+
+/// What nodes report about their tasks, keyed by task name: (task id, status).
+pub type StatusBoard = Arc<RwLock<BTreeMap<String, (String, TaskStatus)>>>;
+
+pub struct Manager {
+    state: Mutex<ClusterState>,
+    store: Store,
+    pool: Pool,
+    published: watch::Sender<Arc<ClusterState>>,
+    statuses: StatusBoard,
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A random 25-character lowercase id, as Swarm gives services and tasks.
+pub fn new_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    (0..25)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+impl Manager {
+    /// Loads the saved state and registers `node` as this cluster's manager.
+    pub fn open(store: Store, pool: Pool, node: &NodeName) -> Result<Manager, StoreError> {
+        let mut state = store.load()?;
+        if !state.nodes.contains_key(node) {
+            state.nodes.insert(
+                node.clone(),
+                Node {
+                    name: node.clone(),
+                    role: Role::Manager,
+                    availability: Availability::Active,
+                    advertise_addr: None,
+                    joined_at: now(),
+                },
+            );
+            state.revision += 1;
+            store.save(&state)?;
+        }
+        let (published, _) = watch::channel(Arc::new(state.clone()));
+        Ok(Manager {
+            state: Mutex::new(state),
+            store,
+            pool,
+            published,
+            statuses: StatusBoard::default(),
+        })
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.published.subscribe()
+    }
+
+    pub fn snapshot(&self) -> Arc<ClusterState> {
+        self.published.borrow().clone()
+    }
+
+    pub fn statuses(&self) -> &StatusBoard {
+        &self.statuses
+    }
+
+    pub fn state_dir(&self) -> &std::path::Path {
+        self.store.dir()
+    }
+
+    /// Applies `op` to a copy of the state; persists and publishes it if `op` succeeds.
+    fn change<T>(
+        &self,
+        op: impl FnOnce(&mut ClusterState) -> Result<T, StateError>,
+    ) -> Result<T, ApiError> {
+        let mut guard = self
+            .state
+            .lock()
+            .map_err(|_| ApiError::internal("state lock poisoned"))?;
+        let mut next = guard.clone();
+        let out = op(&mut next)?;
+        self.store.save(&next)?;
+        *guard = next;
+        self.published.send_replace(Arc::new(guard.clone()));
+        Ok(out)
+    }
+
+    pub fn create_network(&self, req: api::NetworkCreate) -> Result<Network, ApiError> {
+        let name =
+            NetworkName::new(req.name.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let subnet = match req.subnet.as_deref() {
+            Some(s) => Some(s.parse().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "invalid subnet {s:?}: expected CIDR such as 10.0.9.0/24"
+                ))
+            })?),
+            None => None,
+        };
+        let gateway = match req.gateway.as_deref() {
+            Some(g) => Some(g.parse().map_err(|_| {
+                ApiError::bad_request(format!("invalid gateway {g:?}: expected an IPv4 address"))
+            })?),
+            None => None,
+        };
+        if gateway.is_some() && subnet.is_none() {
+            return Err(ApiError::bad_request("--gateway needs --subnet"));
+        }
+        let request = NetworkRequest {
+            name: Some(name.clone()),
+            driver: req.driver,
+            subnet,
+            gateway,
+            options: req.options,
+        };
+        let pool = self.pool;
+        self.change(|s| {
+            s.create_network(name, request, pool, new_id(), now())
+                .cloned()
+        })
+    }
+
+    pub fn remove_network(&self, name: &str) -> Result<(), ApiError> {
+        self.change(|s| s.remove_network(name).map(|_| ()))
+    }
+
+    pub fn create_service(&self, req: api::ServiceCreate) -> Result<Service, ApiError> {
+        let bad = |e: protocol::types::BadName| ApiError::bad_request(e.to_string());
+        let name = ServiceName::new(req.name).map_err(bad)?;
+        let networks = req
+            .networks
+            .into_iter()
+            .map(NetworkName::new)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        let t = now();
+        let svc = Service {
+            id: new_id(),
+            name,
+            networks,
+            replicas: req.replicas.unwrap_or(1),
+            command: req.command,
+            env: req.env,
+            created_at: t,
+            updated_at: t,
+        };
+        self.change(|s| s.create_service(svc, &mut new_id).cloned())
+    }
+
+    pub fn scale_service(&self, name: &str, replicas: u32) -> Result<Service, ApiError> {
+        self.change(|s| {
+            s.scale_service(name, replicas, &mut new_id)?;
+            let svc = s
+                .services
+                .get_mut(name)
+                .ok_or_else(|| StateError::NoSuchService(name.to_string()))?;
+            svc.updated_at = now();
+            Ok(svc.clone())
+        })
+    }
+
+    pub fn remove_service(&self, name: &str) -> Result<(), ApiError> {
+        self.change(|s| s.remove_service(name).map(|_| ()))
+    }
+
+    /// The status of a task as last reported, or pending if its node has not reported it.
+    pub fn task_status(&self, name: &str, id: &str) -> TaskStatus {
+        let board = self.statuses.read();
+        match board.ok().and_then(|b| b.get(name).cloned()) {
+            Some((reported_id, st)) if reported_id == id => st,
+            _ => TaskStatus::pending(now()),
+        }
+    }
+}

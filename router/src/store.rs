@@ -1,0 +1,133 @@
+//! The manager's on-disk state: one JSON document (`state.json`) in the state directory,
+//! replaced atomically (write to a temporary file, fsync, rename) so a crash at any point
+//! leaves either the old or the new state, never a torn one. A lock file keeps two daemons
+//! off one state directory.
+
+use nix::fcntl::{Flock, FlockArg};
+use protocol::state::{ClusterState, FORMAT};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("creating state directory {0}: {1}")]
+    Dir(PathBuf, io::Error),
+    #[error("state directory {0} is in use by another overlayd")]
+    Locked(PathBuf),
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, io::Error),
+    #[error("{0} is not a valid state file (refusing to start rather than lose state): {1}")]
+    Corrupt(PathBuf, serde_json::Error),
+    #[error("{path} has state format {found}; this overlayd understands format {FORMAT}")]
+    Format { path: PathBuf, found: u32 },
+    #[error("writing {0}: {1}")]
+    Write(PathBuf, io::Error),
+}
+
+pub struct Store {
+    dir: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl Store {
+    /// Opens (creating if needed) and locks a state directory.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        fs::create_dir_all(dir).map_err(|e| StoreError::Dir(dir.to_path_buf(), e))?;
+        let lock_path = dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::Dir(lock_path.clone(), e))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| StoreError::Locked(dir.to_path_buf()))?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    /// The saved state, or an empty one on first start.
+    pub fn load(&self) -> Result<ClusterState, StoreError> {
+        let path = self.state_path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ClusterState::default()),
+            Err(e) => return Err(StoreError::Read(path, e)),
+        };
+        let state: ClusterState =
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt(path.clone(), e))?;
+        if state.format != FORMAT {
+            return Err(StoreError::Format {
+                path,
+                found: state.format,
+            });
+        }
+        Ok(state)
+    }
+
+    pub fn save(&self, state: &ClusterState) -> Result<(), StoreError> {
+        let path = self.state_path();
+        let tmp = self.dir.join("state.json.tmp");
+        let body = serde_json::to_vec_pretty(state)
+            .map_err(|e| StoreError::Write(tmp.clone(), e.into()))?;
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(&self.dir)?.sync_all()
+        };
+        write().map_err(|e| StoreError::Write(path.clone(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("overlay-store-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn roundtrip_lock_and_corruption() {
+        let dir = tempdir("rt");
+        {
+            let s = Store::open(&dir).unwrap();
+            assert_eq!(s.load().unwrap(), ClusterState::default());
+            let mut st = ClusterState::default();
+            st.revision = 7;
+            s.save(&st).unwrap();
+            assert_eq!(s.load().unwrap().revision, 7);
+            assert!(matches!(Store::open(&dir), Err(StoreError::Locked(_))));
+        }
+        let s = Store::open(&dir).unwrap();
+        assert_eq!(s.load().unwrap().revision, 7);
+        fs::write(dir.join("state.json"), b"{not json").unwrap();
+        let e = s.load().unwrap_err();
+        assert!(e.to_string().contains("not a valid state file"), "{e}");
+        fs::write(
+            dir.join("state.json"),
+            br#"{"format":99,"revision":0,"networks":{},"services":{},"tasks":{},"nodes":{}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            s.load(),
+            Err(StoreError::Format { found: 99, .. })
+        ));
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,109 @@
+//! A task's interfaces: TAP devices created inside the task's namespace and configured over
+//! netlink (rtnetlink), so no `ip` binary is needed at run time.
+
+use super::{netns, tap};
+use futures::TryStreamExt;
+use protocol::types::MacAddr;
+use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+/// MTU of every overlay interface: 1500 minus the 50 bytes VXLAN adds.
+pub const OVERLAY_MTU: u32 = 1450;
+
+/// One interface to make in a task's namespace.
+#[derive(Debug, Clone)]
+pub struct IfaceSpec {
+    pub name: String,
+    pub mac: MacAddr,
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+    /// Default route via this gateway (set on the first interface only).
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// Creates the TAPs of `specs` inside the namespace at `ns`, configures them (MTU, MAC,
+/// address, up, default route) and brings `lo` up. Returns the TAP fds in `specs` order.
+pub fn create_task_ifaces(ns: &Path, specs: Vec<IfaceSpec>) -> io::Result<Vec<OwnedFd>> {
+    netns::run_in(ns, move || {
+        let fds = specs
+            .iter()
+            .map(|s| tap::create(&s.name))
+            .collect::<io::Result<Vec<_>>>()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(configure(&specs))?;
+        Ok(fds)
+    })
+}
+
+fn nl(what: &str) -> impl FnOnce(rtnetlink::Error) -> io::Error + '_ {
+    move |e| io::Error::other(format!("{what}: {e}"))
+}
+
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> io::Result<u32> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(link)) => Ok(link.header.index),
+        Ok(None) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no interface {name}"),
+        )),
+        Err(e) => Err(nl("looking up interface")(e)),
+    }
+}
+
+async fn configure(specs: &[IfaceSpec]) -> io::Result<()> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    let driver = tokio::spawn(conn);
+    let result = async {
+        let lo = link_index(&handle, "lo").await?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(lo).up().build())
+            .execute()
+            .await
+            .map_err(nl("bringing lo up"))?;
+        for s in specs {
+            let idx = link_index(&handle, &s.name).await?;
+            handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(idx)
+                        .mtu(OVERLAY_MTU)
+                        .address(s.mac.0.to_vec())
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl("setting MTU, MAC and up"))?;
+            handle
+                .address()
+                .add(idx, s.address.into(), s.prefix_len)
+                .execute()
+                .await
+                .map_err(nl("adding address"))?;
+            if let Some(gw) = s.gateway {
+                let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                    .gateway(gw)
+                    .output_interface(idx)
+                    .build();
+                handle
+                    .route()
+                    .add(route)
+                    .execute()
+                    .await
+                    .map_err(nl("adding default route"))?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    driver.abort();
+    result
+}

@@ -1,0 +1,7 @@
+//! The operating-system edge: the only place with `unsafe` (TAP ioctls, namespace syscalls)
+//! and the only place that configures interfaces. Each unsafe block carries a `// SAFETY:`
+//! line and sits behind a safe function.
+
+pub mod iface;
+pub mod netns;
+pub mod tap;

@@ -1,0 +1,55 @@
+//! TAP devices through `/dev/net/tun`.
+//!
+//! Written against the kernel ABI instead of using a crate because the TAP must be created
+//! from a thread that has entered the task's network namespace, and its raw fd is handed to
+//! our own poll loop; the crates we looked at (tun-tap, tun-rs) configure addresses and
+//! state themselves, which we do over netlink per namespace. The whole ABI used here is one
+//! ioctl (`TUNSETIFF`).
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFNAMSIZ: usize = 16;
+
+/// `struct ifreq` as TUNSETIFF reads it: a name and the flags, padded to the union's size.
+#[repr(C)]
+struct IfReq {
+    name: [u8; IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+// TUNSETIFF = _IOW('T', 202, int); the kernel reads a whole `struct ifreq` from the pointer.
+nix::ioctl_write_ptr_bad!(tunsetiff, 0x4004_54ca, IfReq);
+
+/// Creates (or attaches to) TAP device `name` in the calling thread's network namespace and
+/// returns its fd, non-blocking. The device lives as long as the fd.
+pub fn create(name: &str) -> io::Result<OwnedFd> {
+    if name.is_empty() || name.len() >= IFNAMSIZ || name.contains('/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid interface name {name:?}"),
+        ));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(|e| io::Error::new(e.kind(), format!("opening /dev/net/tun: {e}")))?;
+    let mut req = IfReq {
+        name: [0; IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `req` is a properly sized, initialised `struct ifreq` that outlives the call,
+    // and the fd is an open /dev/net/tun descriptor.
+    unsafe { tunsetiff(file.as_raw_fd(), &req) }
+        .map_err(|e| io::Error::other(format!("TUNSETIFF {name}: {e}")))?;
+    Ok(OwnedFd::from(file))
+}

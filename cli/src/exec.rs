@@ -37,6 +37,13 @@ pub fn run(netns: &Path, cmd: &[String]) -> anyhow::Result<i32> {
         {
             anyhow::bail!("entering the task's namespace needs root: {e}");
         }
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINVAL as i32) => {
+            anyhow::bail!(
+                "{} is not a network namespace here: is overlayd running in another mount \
+                 namespace (started with `ip netns exec`)? Start it with `nsenter --net=...`",
+                netns.display()
+            );
+        }
         Err(e) => {
             eprintln!("overlayctl: exec {:?}: {e}", cmd[0]);
             return Ok(126);

@@ -44,6 +44,12 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Show tasks as JSON (state, addresses, namespace).
+    Inspect {
+        /// Task names (`web.1`) or ids.
+        #[arg(required = true)]
+        tasks: Vec<String>,
+    },
     /// Show this node's summary.
     Info,
     /// Show the datapath's frame counters and drop reasons.
@@ -357,6 +363,13 @@ async fn dispatch(c: &Client, cmd: Cmd) -> anyhow::Result<Outcome> {
     match cmd {
         Cmd::Network(n) => network(c, n).await?,
         Cmd::Service(s) => service(c, s).await?,
+        Cmd::Inspect { tasks } => {
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(c.get::<TaskView>(&format!("/tasks/{}", seg(&t))).await?);
+            }
+            print_json(&out)?;
+        }
         Cmd::Info => print_json(&c.get::<Info>("/info").await?)?,
         Cmd::Stats => print_json(&c.get::<DatapathStats>("/datapath/stats").await?)?,
         Cmd::Exec { task, .. } => {

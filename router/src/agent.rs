@@ -45,8 +45,8 @@ pub struct Agent {
     log_dir: PathBuf,
     tasks: BTreeMap<String, LocalTask>,
     next_port: u32,
-    /// Underlay address of each other node, once multi-node state provides it.
-    vteps: Box<dyn Fn(&NodeName) -> Option<SocketAddrV4> + Send>,
+    /// UDP port other nodes receive VXLAN on.
+    data_port: u16,
 }
 
 impl Agent {
@@ -63,7 +63,7 @@ impl Agent {
             log_dir,
             tasks: BTreeMap::new(),
             next_port: 1,
-            vteps: Box::new(|_| None),
+            data_port: protocol::vxlan::UDP_PORT,
         }
     }
 
@@ -156,7 +156,12 @@ impl Agent {
             .values()
             .flat_map(|t| t.ports.iter().copied())
             .collect();
-        let tables = Tables::from_state(state, &self.node, &ports, &*self.vteps);
+        let port = self.data_port;
+        let vtep_of = |n: &NodeName| {
+            let addr = state.nodes.get(n)?.advertise_addr?;
+            Some(SocketAddrV4::new(addr, port))
+        };
+        let tables = Tables::from_state(state, &self.node, &ports, &vtep_of);
         self.datapath.publish(tables);
     }
 

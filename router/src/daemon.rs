@@ -37,7 +37,25 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     UnixListener::bind(path).with_context(|| format!("binding API socket {}", path.display()))
 }
 
+/// Task namespaces are pinned by bind mounts under /run/netns; made from a private mount
+/// namespace (as `ip netns exec` gives), nobody else can see them.
+fn warn_if_private_mount_ns() {
+    let ours = std::fs::read_link("/proc/self/ns/mnt");
+    let init = std::fs::read_link("/proc/1/ns/mnt");
+    if let (Ok(a), Ok(b)) = (ours, init) {
+        if a != b {
+            tracing::warn!(
+                "overlayd runs in a private mount namespace: task namespaces under /run/netns \
+                 will not be visible to overlayctl exec or ip netns exec. To run overlayd in a \
+                 network namespace use `nsenter --net=/run/netns/NAME overlayd ...`, not \
+                 `ip netns exec`"
+            );
+        }
+    }
+}
+
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    warn_if_private_mount_ns();
     let state_dir = cfg.state_dir();
     let socket = cfg.socket();
     let store = Store::open(&state_dir)?;

@@ -108,8 +108,10 @@ mod tests {
         {
             let s = Store::open(&dir).unwrap();
             assert_eq!(s.load().unwrap(), ClusterState::default());
-            let mut st = ClusterState::default();
-            st.revision = 7;
+            let st = ClusterState {
+                revision: 7,
+                ..Default::default()
+            };
             s.save(&st).unwrap();
             assert_eq!(s.load().unwrap().revision, 7);
             assert!(matches!(Store::open(&dir), Err(StoreError::Locked(_))));

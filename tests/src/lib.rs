@@ -1,1 +1,362 @@
-//! Harness for end-to-end tests.
+//! Harness for the end-to-end tests: real `overlayd` processes, real namespaces, real
+//! clients. Every resource a test makes is owned by a guard whose `Drop` releases it, so a
+//! failing (panicking) test still leaves no daemon, namespace or TAP behind.
+//!
+//! These tests need root (namespaces, TAP devices). Unprivileged, each test prints a visible
+//! `SKIP` line and passes; CI runs as root.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// True when the test can run; otherwise prints why it is skipped.
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() && Path::new("/dev/net/tun").exists() {
+        return true;
+    }
+    eprintln!("SKIP {test}: needs root and /dev/net/tun (network namespaces, TAP devices)");
+    false
+}
+
+/// Path of a workspace binary (`overlayd`, `overlayctl`), built by `cargo test --workspace`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A short name unique to this test process and tag, usable in node and namespace names.
+pub fn unique(tag: &str) -> String {
+    format!("{tag}{}", std::process::id() % 100_000)
+}
+
+/// Runs a command and returns its output; panics only if it cannot be started at all.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Polls `f` every 100 ms until it returns true or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A network namespace made by the test (`ip netns add`), deleted with all its processes.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Netns {
+        let _ = run(Command::new("ip").args(["netns", "del", name]));
+        let out = run(Command::new("ip").args(["netns", "add", name]));
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NAME ARGS`, asserting success.
+    pub fn ip(&self, args: &[&str]) {
+        let out = run(Command::new("ip").arg("-n").arg(&self.name).args(args));
+        assert!(
+            out.status.success(),
+            "ip -n {} {args:?}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A command that will run inside this namespace.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+/// Kills every process in the named namespace and deletes it.
+pub fn remove_netns(name: &str) {
+    let pids = run(Command::new("ip").args(["netns", "pids", name]));
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        if let Ok(p) = pid.parse::<i32>() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::SIGKILL);
+        }
+    }
+    let _ = run(Command::new("ip").args(["netns", "del", name]));
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        remove_netns(&self.name);
+    }
+}
+
+/// One `overlayd` under test, with its own state directory and socket.
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    /// Namespace the daemon runs in (None: the test's own).
+    pub netns: Option<PathBuf>,
+    pub extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// Starts `overlayd --node NAME` with a fresh state directory.
+    pub fn start(name: &str, extra_args: &[&str]) -> Node {
+        Node::start_in(name, None, extra_args)
+    }
+
+    pub fn start_in(name: &str, netns: Option<PathBuf>, extra_args: &[&str]) -> Node {
+        let dir = std::env::temp_dir().join(format!("overlay-e2e-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut node = Node {
+            name: name.to_string(),
+            socket: dir.join("api.sock"),
+            dir,
+            netns,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        node.launch();
+        node
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("overlayd.log"))
+            .expect("log file");
+        let mut cmd = Command::new(bin("overlayd"));
+        cmd.arg("--node")
+            .arg(&self.name)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--log-level")
+            .arg("debug")
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        if let Some(ns) = &self.netns {
+            let f = std::fs::File::open(ns).expect("open netns");
+            // SAFETY: runs in the forked child before exec; setns(2) is async-signal-safe and
+            // `f` is kept open until spawn() returns.
+            unsafe {
+                use std::os::fd::{AsRawFd, BorrowedFd};
+                let raw = f.as_raw_fd();
+                cmd.pre_exec(move || {
+                    nix::sched::setns(
+                        BorrowedFd::borrow_raw(raw),
+                        nix::sched::CloneFlags::CLONE_NEWNET,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+            self.child = Some(cmd.spawn().expect("spawn overlayd"));
+            drop(f);
+        } else {
+            self.child = Some(cmd.spawn().expect("spawn overlayd"));
+        }
+        let sock = self.socket.clone();
+        let ok = wait_for(Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        assert!(
+            ok,
+            "overlayd {} did not come up; log:\n{}",
+            self.name,
+            self.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("overlayd.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited within the timeout.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::SIGTERM,
+        );
+        let exited = wait_for(Duration::from_secs(15), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        exited
+    }
+
+    /// Kills the daemon without letting it clean up (a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again on the same state directory and socket.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// Runs `overlayctl --socket S ARGS`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        run(Command::new(bin("overlayctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args))
+    }
+
+    /// Runs overlayctl and returns stdout, panicking with stderr if it failed.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "overlayctl {args:?} failed: {}\n--- overlayd log ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs overlayctl expecting failure; returns stderr.
+    pub fn ctl_err(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            !out.status.success(),
+            "overlayctl {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ctl_ok(args)).expect("JSON output")
+    }
+
+    /// `overlayctl exec TASK -- CMD...`
+    pub fn exec(&self, task: &str, cmd: &[&str]) -> Output {
+        let mut args = vec!["exec", task, "--"];
+        args.extend_from_slice(cmd);
+        self.ctl(&args)
+    }
+
+    /// Waits until every task of `service` reports running, and there are `n` of them.
+    pub fn wait_running(&self, service: &str, n: usize) {
+        let ok = wait_for(Duration::from_secs(20), || {
+            let out = self.ctl(&["service", "inspect", service]);
+            out.status.success()
+                && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                    .ok()
+                    .and_then(|v| v[0]["Running"].as_u64())
+                    == Some(n as u64)
+        });
+        assert!(
+            ok,
+            "{service} did not reach {n} running tasks:\n{}\n{}",
+            self.ctl_ok(&["service", "ps", service]),
+            self.log()
+        );
+    }
+
+    /// The address of `task` on its first network.
+    pub fn task_ip(&self, task: &str) -> String {
+        let v = self.task_view(task);
+        v["attachments"][0]["address"]
+            .as_str()
+            .expect("address")
+            .to_string()
+    }
+
+    /// `overlayctl inspect TASK` (the API's task view as JSON).
+    pub fn task_view(&self, task: &str) -> serde_json::Value {
+        self.json(&["inspect", task])[0].clone()
+    }
+
+    /// Names of this node's task namespaces that exist right now.
+    pub fn task_namespaces(&self) -> Vec<String> {
+        let prefix = format!("ov-{}-", self.name);
+        let mut v: Vec<String> = std::fs::read_dir("/run/netns")
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+        // Whatever the daemon did not clean up (it crashed, or the test killed it).
+        for ns in self.task_namespaces() {
+            remove_netns(&ns);
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("overlayd {} log kept in {}", self.name, self.dir.display());
+        }
+    }
+}
+
+/// Whether `ping` from `task` to `ip` gets an answer (one probe, up to three tries).
+pub fn pings(node: &Node, task: &str, ip: &str) -> bool {
+    (0..3).any(|_| {
+        node.exec(task, &["ping", "-c", "1", "-W", "1", ip])
+            .status
+            .success()
+    })
+}

@@ -76,7 +76,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let manager = Arc::new(Manager::open(store, pool, &cfg.node)?);
     let counters = Arc::new(Counters::default());
-    let datapath = Datapath::start(counters.clone()).context("starting the datapath thread")?;
+    let datapath =
+        Datapath::start(counters.clone(), None).context("starting the datapath thread")?;
 
     let shutdown = CancellationToken::new();
     let agent = Agent::new(

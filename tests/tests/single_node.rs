@@ -123,6 +123,26 @@ fn single_node_overlay() {
         .values()
         .any(|e| e["Name"] == "web.1" && e["MacAddress"] == "02:42:0a:00:00:02"));
 
+    // exec behaves like docker exec: the caller's stdin in, the command's status out.
+    let mut child = std::process::Command::new(overlay_e2e::bin("overlayctl"))
+        .arg("--socket")
+        .arg(&node.socket)
+        .args(["exec", "web.1", "--", "sh", "-c", "cat; exit 3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("overlayctl exec");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"through the pipe")
+        .expect("write");
+    let out = child.wait_with_output().expect("exec output");
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through the pipe");
+
     // Same network: ping and a real TCP transfer. Gateway answers.
     let web2 = node.task_ip("web.2");
     let srv = node.task_ip("srv.1");

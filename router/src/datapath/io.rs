@@ -1,7 +1,11 @@
-//! The datapath's I/O thread: it owns every TAP fd, waits on them with `mio`, reads frames in
-//! batches, asks [`switch::from_port`] what to do with each and does it. It allocates nothing
-//! per frame: frame buffers and the reply buffer are made once. Tables are read from an
-//! `ArcSwap` snapshot once per batch; ports come and go through a command channel and a waker.
+//! The datapath's I/O thread: it owns every TAP fd and the underlay UDP socket, waits on them
+//! with `mio`, reads frames in batches, asks [`switch`] what to do with each and does it.
+//!
+//! It allocates nothing per frame: frame buffers and the reply buffer are made once. Every
+//! buffer keeps [`HEADROOM`] bytes in front of the inner frame, so a frame read from a TAP is
+//! wrapped in VXLAN by writing the 8-byte header in place, and a datagram read from the
+//! underlay has its inner frame at the same offset. Tables are read from an `ArcSwap`
+//! snapshot once per batch; ports come and go through a command channel and a waker.
 
 use super::stats::{Counters, DropReason};
 use super::switch::{self, Verdict, MAX_FRAME};
@@ -9,8 +13,11 @@ use super::table::{PortId, Tables};
 use arc_swap::ArcSwap;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use protocol::types::Vni;
+use protocol::vxlan;
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -20,6 +27,10 @@ use tracing::{debug, warn};
 /// Frames read from one port before the loop moves to the next one.
 pub const BATCH: usize = 64;
 const WAKE: Token = Token(usize::MAX);
+const UNDERLAY: Token = Token(usize::MAX - 1);
+/// Room in front of every inner frame for the VXLAN header.
+pub const HEADROOM: usize = vxlan::HEADER_LEN;
+const BUF: usize = HEADROOM + MAX_FRAME;
 
 enum Command {
     AddPort(PortId, OwnedFd),
@@ -37,9 +48,17 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    pub fn start(counters: Arc<Counters>) -> io::Result<Datapath> {
+    /// Starts the datapath thread. `underlay` is the bound VXLAN socket of a multi-node node
+    /// (None on a standalone node: nothing is remote).
+    pub fn start(counters: Arc<Counters>, underlay: Option<UdpSocket>) -> io::Result<Datapath> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        if let Some(sock) = &underlay {
+            sock.set_nonblocking(true)?;
+            let raw = sock.as_raw_fd();
+            poll.registry()
+                .register(&mut SourceFd(&raw), UNDERLAY, Interest::READABLE)?;
+        }
         let tables = Arc::new(ArcSwap::from_pointee(Tables::default()));
         let (tx, rx) = mpsc::channel();
         let mut worker = Worker {
@@ -48,10 +67,13 @@ impl Datapath {
             tables: tables.clone(),
             counters: counters.clone(),
             ports: HashMap::new(),
+            underlay,
             ready: VecDeque::new(),
-            frames: vec![[0u8; MAX_FRAME + 64]; BATCH],
+            frames: vec![[0u8; BUF]; BATCH],
             lens: [0; BATCH],
-            reply: vec![0u8; MAX_FRAME],
+            from: [std::net::Ipv4Addr::UNSPECIFIED; BATCH],
+            vnis: [None; BATCH],
+            reply: vec![0u8; BUF],
         };
         let thread = std::thread::Builder::new()
             .name("datapath".into())
@@ -110,11 +132,17 @@ struct Worker {
     tables: Arc<ArcSwap<Tables>>,
     counters: Arc<Counters>,
     ports: HashMap<PortId, OwnedFd>,
-    /// Ports that may have more to read (edge-triggered polling: a port stays here until a
-    /// read says WouldBlock).
-    ready: VecDeque<PortId>,
-    frames: Vec<[u8; MAX_FRAME + 64]>,
+    underlay: Option<UdpSocket>,
+    /// Sources that may have more to read (edge-triggered polling: a source stays here until
+    /// a read says WouldBlock).
+    ready: VecDeque<Token>,
+    /// Inner frames live at `[HEADROOM..HEADROOM + lens[i]]`.
+    frames: Vec<[u8; BUF]>,
     lens: [usize; BATCH],
+    /// Underlay sender of each datagram in a batch read from the UDP socket.
+    from: [std::net::Ipv4Addr; BATCH],
+    /// VNI of each datagram in a batch read from the UDP socket.
+    vnis: [Option<Vni>; BATCH],
     reply: Vec<u8>,
 }
 
@@ -135,24 +163,25 @@ impl Worker {
                 return;
             }
             for ev in events.iter() {
-                if ev.token() == WAKE {
-                    continue;
-                }
-                let port = PortId(ev.token().0 as u32);
-                if !self.ready.contains(&port) {
-                    self.ready.push_back(port);
+                if ev.token() != WAKE && !self.ready.contains(&ev.token()) {
+                    self.ready.push_back(ev.token());
                 }
             }
             if !self.drain_commands() {
                 return;
             }
-            // One batch per ready port per round, so a busy port cannot starve the others.
+            // One batch per ready source per round, so a busy one cannot starve the others.
             for _ in 0..self.ready.len() {
-                let Some(port) = self.ready.pop_front() else {
+                let Some(token) = self.ready.pop_front() else {
                     break;
                 };
-                if self.service(port) {
-                    self.ready.push_back(port);
+                let more = if token == UNDERLAY {
+                    self.service_underlay()
+                } else {
+                    self.service_port(PortId(token.0 as u32))
+                };
+                if more {
+                    self.ready.push_back(token);
                 }
             }
         }
@@ -164,15 +193,16 @@ impl Worker {
             match c {
                 Command::AddPort(port, fd) => {
                     let raw = fd.as_raw_fd();
+                    let token = Token(port.0 as usize);
                     let reg = self.poll.registry().register(
                         &mut SourceFd(&raw),
-                        Token(port.0 as usize),
+                        token,
                         Interest::READABLE,
                     );
                     match reg {
                         Ok(()) => {
                             self.ports.insert(port, fd);
-                            self.ready.push_back(port);
+                            self.ready.push_back(token);
                         }
                         Err(e) => warn!(port = port.0, error = %e, "cannot poll port"),
                     }
@@ -182,7 +212,7 @@ impl Worker {
                         let raw = fd.as_raw_fd();
                         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
                     }
-                    self.ready.retain(|p| *p != port);
+                    self.ready.retain(|t| *t != Token(port.0 as usize));
                 }
                 Command::Stop => return false,
             }
@@ -190,61 +220,60 @@ impl Worker {
         true
     }
 
-    /// Reads and handles one batch from `port`; true if the port may have more.
-    fn service(&mut self, port: PortId) -> bool {
+    /// Reads one batch from a TAP; returns its size and whether the port may have more.
+    fn read_port(&mut self, port: PortId) -> (usize, bool) {
         let Some(fd) = self.ports.get(&port) else {
-            return false;
+            return (0, false);
         };
         let mut n = 0;
-        let mut more = true;
         while n < BATCH {
-            match nix::unistd::read(fd, &mut self.frames[n]) {
-                Ok(0) => {
-                    more = false;
-                    break;
-                }
+            match nix::unistd::read(fd, &mut self.frames[n][HEADROOM..]) {
+                Ok(0) => return (n, false),
                 Ok(len) => {
                     self.lens[n] = len;
                     n += 1;
                 }
-                Err(nix::errno::Errno::EAGAIN) => {
-                    more = false;
-                    break;
-                }
                 Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => return (n, false),
                 Err(e) => {
                     debug!(port = port.0, error = %e, "read from port failed");
-                    more = false;
-                    break;
+                    return (n, false);
                 }
             }
         }
+        (n, true)
+    }
+
+    fn service_port(&mut self, port: PortId) -> bool {
+        let (n, more) = self.read_port(port);
         if n == 0 {
-            return false;
+            return more;
         }
         Counters::add(&self.counters.rx_frames, n as u64);
         let tables = self.tables.load();
         let mut tx = 0u64;
         for i in 0..n {
-            let frame = &self.frames[i][..self.lens[i]];
-            match switch::from_port(&tables, port, frame, &mut self.reply) {
-                Verdict::Forward(to) => tx += self.write(to, frame),
-                Verdict::Reply(len) => {
-                    tx += write_fd(&self.ports, &self.counters, port, &self.reply[..len]);
+            let len = self.lens[i];
+            let frame = &self.frames[i][HEADROOM..HEADROOM + len];
+            match switch::from_port(&tables, port, frame, &mut self.reply[HEADROOM..]) {
+                Verdict::Forward(to) => tx += write_port(&self.ports, &self.counters, to, frame),
+                Verdict::Reply(rlen) => {
+                    let answer = &self.reply[HEADROOM..HEADROOM + rlen];
+                    tx += write_port(&self.ports, &self.counters, port, answer);
                     Counters::add(&self.counters.replies, 1);
                 }
-                Verdict::Flood(vni) => {
-                    Counters::add(&self.counters.flooded, 1);
-                    if let Some(net) = tables.networks.get(&vni) {
-                        for to in net.local_ports.iter().filter(|p| **p != port) {
-                            tx += self.write(*to, frame);
-                        }
-                    }
+                Verdict::Flood(vni) => tx += self.flood(&tables, vni, Some(port), i),
+                Verdict::Encap { vni, vtep } => {
+                    tx += send_vxlan(
+                        &self.underlay,
+                        &self.counters,
+                        &mut self.frames[i],
+                        len,
+                        vni,
+                        vtep,
+                    )
                 }
-                Verdict::Encap { .. } => {
-                    // No underlay socket on a single node: nothing is remote.
-                    self.counters.count_drop(DropReason::UnknownDestination);
-                }
+                Verdict::ReplyRemote { .. } => {}
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
             }
         }
@@ -252,12 +281,94 @@ impl Worker {
         more
     }
 
-    fn write(&self, to: PortId, frame: &[u8]) -> u64 {
-        write_fd(&self.ports, &self.counters, to, frame)
+    /// Copies frame `i` of the batch to every local port of `vni` except `except`.
+    fn flood(&self, tables: &Tables, vni: Vni, except: Option<PortId>, i: usize) -> u64 {
+        Counters::add(&self.counters.flooded, 1);
+        let frame = &self.frames[i][HEADROOM..HEADROOM + self.lens[i]];
+        let Some(net) = tables.networks.get(&vni) else {
+            return 0;
+        };
+        net.local_ports
+            .iter()
+            .filter(|p| Some(**p) != except)
+            .map(|to| write_port(&self.ports, &self.counters, *to, frame))
+            .sum()
+    }
+
+    /// Reads one batch of VXLAN datagrams; returns whether the socket may have more.
+    fn read_underlay(&mut self) -> (usize, bool) {
+        let Some(sock) = &self.underlay else {
+            return (0, false);
+        };
+        let mut n = 0;
+        while n < BATCH {
+            match sock.recv_from(&mut self.frames[n]) {
+                Ok((len, SocketAddr::V4(from))) => {
+                    let inner = vxlan::Packet::new_checked(&self.frames[n][..len])
+                        .and_then(|p| vxlan::Repr::parse(&p).map(|r| (r, len - HEADROOM)));
+                    match inner {
+                        Ok((repr, inner_len)) => {
+                            self.lens[n] = inner_len;
+                            self.from[n] = *from.ip();
+                            self.vnis[n] = Some(repr.vni);
+                            n += 1;
+                        }
+                        Err(_) => self.counters.count_drop(DropReason::VxlanMalformed),
+                    }
+                }
+                Ok((_, SocketAddr::V6(_))) => self.counters.count_drop(DropReason::VxlanMalformed),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (n, false),
+                Err(e) => {
+                    debug!(error = %e, "underlay receive failed");
+                    return (n, false);
+                }
+            }
+        }
+        (n, true)
+    }
+
+    fn service_underlay(&mut self) -> bool {
+        let (n, more) = self.read_underlay();
+        if n == 0 {
+            return more;
+        }
+        Counters::add(&self.counters.rx_frames, n as u64);
+        let tables = self.tables.load();
+        let mut tx = 0u64;
+        for i in 0..n {
+            let Some(vni) = self.vnis[i] else { continue };
+            let frame = &self.frames[i][HEADROOM..HEADROOM + self.lens[i]];
+            match switch::from_underlay(
+                &tables,
+                vni,
+                self.from[i],
+                frame,
+                &mut self.reply[HEADROOM..],
+            ) {
+                Verdict::Forward(to) => tx += write_port(&self.ports, &self.counters, to, frame),
+                Verdict::Flood(vni) => tx += self.flood(&tables, vni, None, i),
+                Verdict::ReplyRemote { vni, vtep, len } => {
+                    tx += send_vxlan(
+                        &self.underlay,
+                        &self.counters,
+                        &mut self.reply,
+                        len,
+                        vni,
+                        vtep,
+                    );
+                    Counters::add(&self.counters.replies, 1);
+                }
+                Verdict::Drop(reason) => self.counters.count_drop(reason),
+                Verdict::Reply(_) | Verdict::Encap { .. } => {}
+            }
+        }
+        Counters::add(&self.counters.tx_frames, tx);
+        more
     }
 }
 
-fn write_fd(
+fn write_port(
     ports: &HashMap<PortId, OwnedFd>,
     counters: &Counters,
     to: PortId,
@@ -268,6 +379,30 @@ fn write_fd(
         return 0;
     };
     match nix::unistd::write(fd, frame) {
+        Ok(_) => 1,
+        Err(_) => {
+            counters.count_drop(DropReason::WriteFailed);
+            0
+        }
+    }
+}
+
+/// Writes the VXLAN header into `buf[..HEADROOM]` in front of the inner frame that sits at
+/// `buf[HEADROOM..HEADROOM + len]` and sends the datagram to `vtep`.
+fn send_vxlan(
+    sock: &Option<UdpSocket>,
+    counters: &Counters,
+    buf: &mut [u8],
+    len: usize,
+    vni: Vni,
+    vtep: SocketAddrV4,
+) -> u64 {
+    let Some(sock) = sock else {
+        counters.count_drop(DropReason::UnknownDestination);
+        return 0;
+    };
+    vxlan::Repr { vni }.emit(&mut vxlan::Packet::new_unchecked(&mut buf[..HEADROOM]));
+    match sock.send_to(&buf[..HEADROOM + len], vtep) {
         Ok(_) => 1,
         Err(_) => {
             counters.count_drop(DropReason::WriteFailed);

@@ -6,7 +6,7 @@ use super::answer;
 use super::stats::DropReason;
 use super::table::{Location, PortId, Tables};
 use protocol::types::{MacAddr, Vni};
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// Largest frame handled: a 1500-byte payload, Ethernet header and one VLAN tag.
 pub const MAX_FRAME: usize = 1518;
@@ -27,6 +27,13 @@ pub enum Verdict {
     /// The router answered; the answer (this many bytes of the reply buffer) goes back out of
     /// the port the frame came from.
     Reply(usize),
+    /// The router answered a frame that came over the underlay; the answer (this many bytes
+    /// of the reply buffer) goes back to that VTEP in VXLAN with this VNI.
+    ReplyRemote {
+        vni: Vni,
+        vtep: SocketAddrV4,
+        len: usize,
+    },
     Drop(DropReason),
 }
 
@@ -78,6 +85,49 @@ pub fn from_port(t: &Tables, in_port: PortId, frame: &[u8], reply: &mut [u8]) ->
             vni: binding.vni,
             vtep: *vtep,
         },
+        None => Verdict::Drop(DropReason::UnknownDestination),
+    }
+}
+
+/// Decides the fate of an inner frame that arrived in VXLAN with `vni` from the underlay
+/// address `from`. Frames from the underlay are only ever delivered to local ports: nothing
+/// is sent back out to the underlay except the router's own answers.
+pub fn from_underlay(
+    t: &Tables,
+    vni: Vni,
+    from: Ipv4Addr,
+    frame: &[u8],
+    reply: &mut [u8],
+) -> Verdict {
+    if frame.len() < 14 {
+        return Verdict::Drop(DropReason::Runt);
+    }
+    if frame.len() > MAX_FRAME {
+        return Verdict::Drop(DropReason::Oversize);
+    }
+    let Some(net) = t.networks.get(&vni) else {
+        return Verdict::Drop(DropReason::VxlanUnknownVni);
+    };
+    // The control plane says where every MAC lives; a frame whose source is not behind the
+    // sender is spoofed or stale.
+    let vtep = match net.macs.get(&mac_at(frame, 6)) {
+        Some(Location::Remote(v)) if *v.ip() == from => *v,
+        _ => return Verdict::Drop(DropReason::VxlanSourceMismatch),
+    };
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    if ethertype == ETHERTYPE_ARP {
+        return match answer::arp(net, frame, reply) {
+            Ok(len) => Verdict::ReplyRemote { vni, vtep, len },
+            Err(r) => Verdict::Drop(r),
+        };
+    }
+    let dst = mac_at(frame, 0);
+    if dst.is_multicast() {
+        return Verdict::Flood(vni);
+    }
+    match net.macs.get(&dst) {
+        Some(Location::Local(p)) => Verdict::Forward(*p),
+        Some(Location::Remote(_)) => Verdict::Drop(DropReason::Hairpin),
         None => Verdict::Drop(DropReason::UnknownDestination),
     }
 }

@@ -256,7 +256,91 @@ fn gateway_routes_nothing_else_yet() {
     );
 }
 
+fn remote(frame: &[u8], from: &str, v: u32) -> (Verdict, Vec<u8>) {
+    let mut reply = vec![0u8; MAX_FRAME];
+    let verdict = from_underlay(&tables(), vni(v), ip(from), frame, &mut reply);
+    if let Verdict::ReplyRemote { len, .. } = verdict {
+        reply.truncate(len);
+    }
+    (verdict, reply)
+}
+
+#[test]
+fn underlay_frames_are_delivered_to_local_ports() {
+    let f = udp("10.0.2.4", mac("10.0.2.2"), "10.0.2.2");
+    assert_eq!(
+        remote(&f, "198.18.0.3", 4097).0,
+        Verdict::Forward(PortId(1))
+    );
+    let b = udp("10.0.2.4", [0xff; 6], "10.0.2.255");
+    assert_eq!(remote(&b, "198.18.0.3", 4097).0, Verdict::Flood(vni(4097)));
+}
+
+#[test]
+fn underlay_frames_from_the_wrong_place_are_dropped() {
+    let f = udp("10.0.2.4", mac("10.0.2.2"), "10.0.2.2");
+    // Right MAC, wrong sender address.
+    assert_eq!(
+        remote(&f, "198.18.0.66", 4097).0,
+        Verdict::Drop(DropReason::VxlanSourceMismatch)
+    );
+    // A source MAC that lives on this node.
+    let local_src = udp("10.0.2.3", mac("10.0.2.2"), "10.0.2.2");
+    assert_eq!(
+        remote(&local_src, "198.18.0.3", 4097).0,
+        Verdict::Drop(DropReason::VxlanSourceMismatch)
+    );
+    // A VNI this node has no network for.
+    assert_eq!(
+        remote(&f, "198.18.0.3", 5555).0,
+        Verdict::Drop(DropReason::VxlanUnknownVni)
+    );
+    // The right network but another network's task: unknown there.
+    let cross = udp("10.0.2.4", mac("10.0.3.2"), "10.0.3.2");
+    assert_eq!(
+        remote(&cross, "198.18.0.3", 4097).0,
+        Verdict::Drop(DropReason::UnknownDestination)
+    );
+    // Never bounced back to the underlay.
+    let bounce = udp("10.0.2.4", mac("10.0.2.4"), "10.0.2.4");
+    assert_eq!(
+        remote(&bounce, "198.18.0.3", 4097).0,
+        Verdict::Drop(DropReason::Hairpin)
+    );
+    assert_eq!(
+        remote(&f[..10], "198.18.0.3", 4097).0,
+        Verdict::Drop(DropReason::Runt)
+    );
+}
+
+#[test]
+fn arp_from_a_remote_vtep_is_answered_back_to_it() {
+    let (v, reply) = remote(
+        &arp("10.0.2.4", ArpOperation::REQUEST, "10.0.2.2"),
+        "198.18.0.3",
+        4097,
+    );
+    assert_eq!(
+        v,
+        Verdict::ReplyRemote {
+            vni: vni(4097),
+            vtep: "198.18.0.3:4789".parse().unwrap(),
+            len: 42
+        }
+    );
+    assert_eq!(parse_arp_reply(&reply).sender_hw_addr(), &mac("10.0.2.2"));
+}
+
 proptest! {
+    #[test]
+    fn any_bytes_from_the_underlay_never_panic(
+        v in 4096u32..4100,
+        frame in proptest::collection::vec(any::<u8>(), 0..1600),
+    ) {
+        let mut reply = vec![0u8; MAX_FRAME];
+        let _ = from_underlay(&tables(), vni(v), ip("198.18.0.3"), &frame, &mut reply);
+    }
+
     #[test]
     fn any_bytes_from_any_port_never_panic(
         port in 0u32..5,

@@ -9,7 +9,10 @@ mod table;
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use client::{seg, Client};
-use protocol::api::{DatapathStats, Info, NetworkInspect, ServiceInspect, TaskView};
+use protocol::api::{
+    DatapathStats, Info, JoinToken, NetworkInspect, NodeView, ServiceInspect, TaskView,
+};
+use protocol::state::Vtep;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -36,6 +39,12 @@ enum Cmd {
     /// Manage services and their tasks.
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Show the cluster's nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Cluster membership (on the manager).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Run a command inside a task's network namespace.
     Exec {
         /// Task name (`web.1`) or id.
@@ -86,11 +95,63 @@ enum NetworkCmd {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Manage a network's external VTEP endpoints.
+    #[command(subcommand)]
+    Vtep(VtepCmd),
     /// Remove networks (refused while a service uses them).
     #[command(alias = "remove")]
     Rm {
         #[arg(required = true)]
         names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// List nodes: name, address, state (ready/down), availability, role.
+    #[command(alias = "list")]
+    Ls,
+    /// Show nodes as JSON.
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Print the command that joins a new node to this cluster.
+    JoinToken {
+        /// Only print the token.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VtepCmd {
+    /// Declare an endpoint behind a standard VXLAN device (not an overlayd node).
+    Add {
+        network: String,
+        /// Underlay address of the VTEP.
+        #[arg(long)]
+        address: String,
+        /// MAC of the endpoint behind it.
+        #[arg(long)]
+        mac: String,
+        /// IPv4 address of the endpoint (the routers answer ARP for it).
+        #[arg(long)]
+        ip: Option<String>,
+    },
+    /// List a network's external VTEP endpoints.
+    #[command(alias = "list")]
+    Ls { network: String },
+    /// Remove an external VTEP endpoint.
+    #[command(alias = "remove")]
+    Rm {
+        network: String,
+        #[arg(long)]
+        mac: String,
     },
 }
 
@@ -216,11 +277,98 @@ async fn network(c: &Client, cmd: NetworkCmd) -> anyhow::Result<()> {
             }
             print_json(&out)?;
         }
+        NetworkCmd::Vtep(cmd) => vtep(c, cmd).await?,
         NetworkCmd::Rm { names } => {
             for n in names {
                 c.delete(&format!("/networks/{}", seg(&n))).await?;
                 println!("{n}");
             }
+        }
+    }
+    Ok(())
+}
+
+async fn vtep(c: &Client, cmd: VtepCmd) -> anyhow::Result<()> {
+    let print = |v: Vec<Vtep>| {
+        let rows: Vec<Vec<String>> = v
+            .iter()
+            .map(|v| {
+                vec![
+                    v.mac.to_string(),
+                    v.ip.map(|i| i.to_string()).unwrap_or_default(),
+                    v.address.to_string(),
+                ]
+            })
+            .collect();
+        table::print(&["MAC", "IP", "VTEP ADDRESS"], &rows);
+    };
+    match cmd {
+        VtepCmd::Add {
+            network,
+            address,
+            mac,
+            ip,
+        } => {
+            let body = json!({"address": address, "mac": mac, "ip": ip});
+            print(
+                c.post(&format!("/networks/{}/vteps", seg(&network)), body)
+                    .await?,
+            );
+        }
+        VtepCmd::Ls { network } => {
+            print(c.get(&format!("/networks/{}/vteps", seg(&network))).await?)
+        }
+        VtepCmd::Rm { network, mac } => {
+            c.delete(&format!("/networks/{}/vteps/{}", seg(&network), seg(&mac)))
+                .await?;
+            println!("{mac}");
+        }
+    }
+    Ok(())
+}
+
+async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<()> {
+    match cmd {
+        NodeCmd::Ls => {
+            let nodes: Vec<NodeView> = c.get("/nodes").await?;
+            let rows: Vec<Vec<String>> = nodes
+                .iter()
+                .map(|n| {
+                    let name = if n.this_node {
+                        format!("{} *", n.name)
+                    } else {
+                        n.name.clone()
+                    };
+                    vec![
+                        name,
+                        n.address.clone().unwrap_or_else(|| "-".into()),
+                        capital(&n.state),
+                        capital(&n.availability),
+                        if n.role == "manager" {
+                            "Leader".into()
+                        } else {
+                            String::new()
+                        },
+                    ]
+                })
+                .collect();
+            table::print(
+                &[
+                    "HOSTNAME",
+                    "ADDRESS",
+                    "STATUS",
+                    "AVAILABILITY",
+                    "MANAGER STATUS",
+                ],
+                &rows,
+            );
+        }
+        NodeCmd::Inspect { names } => {
+            let mut out = Vec::new();
+            for n in names {
+                out.push(c.get::<NodeView>(&format!("/nodes/{}", seg(&n))).await?);
+            }
+            print_json(&out)?;
         }
     }
     Ok(())
@@ -363,6 +511,18 @@ async fn dispatch(c: &Client, cmd: Cmd) -> anyhow::Result<Outcome> {
     match cmd {
         Cmd::Network(n) => network(c, n).await?,
         Cmd::Service(s) => service(c, s).await?,
+        Cmd::Node(n) => node(c, n).await?,
+        Cmd::Cluster(ClusterCmd::JoinToken { quiet }) => {
+            let t: JoinToken = c.get("/cluster/join-token").await?;
+            if quiet {
+                println!("{}", t.token);
+            } else {
+                println!(
+                    "To add a node to this cluster, run on it:\n\n    {}\n",
+                    t.command
+                );
+            }
+        }
         Cmd::Inspect { tasks } => {
             let mut out = Vec::new();
             for t in tasks {

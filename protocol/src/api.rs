@@ -16,6 +16,11 @@
 //! | `GET /tasks?service=NAME`       |                         | `[TaskView]`           |
 //! | `GET /tasks/{name}`             |                         | [`TaskView`]           |
 //! | `GET /datapath/stats`           |                         | [`DatapathStats`]      |
+//! | `GET /nodes`, `GET /nodes/{name}`|                        | `[NodeView]`, [`NodeView`] |
+//! | `GET /cluster/join-token`       |                         | [`JoinToken`]          |
+//! | `GET /networks/{name}/vteps`    |                         | `[Vtep]`               |
+//! | `POST /networks/{name}/vteps`   | [`VtepAdd`]             | `[Vtep]`               |
+//! | `DELETE /networks/{name}/vteps/{mac}` |                   |                        |
 //!
 //! Errors come back as a non-2xx status with an [`ErrorBody`].
 
@@ -31,7 +36,7 @@ pub struct ErrorBody {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkCreate {
     pub name: String,
     #[serde(default)]
@@ -86,7 +91,7 @@ pub struct NetworkInspect {
     pub options: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceCreate {
     pub name: String,
     pub networks: Vec<String>,
@@ -217,9 +222,44 @@ pub struct Info {
     pub api_version: u32,
     pub version: String,
     pub node: String,
+    /// "standalone", "manager" or "worker".
+    pub role: String,
+    pub manager_reachable: bool,
     pub state_dir: String,
     pub networks: usize,
     pub services: usize,
     pub tasks: usize,
     pub tasks_running: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    /// "manager" or "worker".
+    pub role: String,
+    /// "active" or "drain".
+    pub availability: String,
+    /// "ready" or "down" (no heartbeat for a few seconds).
+    pub state: String,
+    pub address: Option<String>,
+    pub data_port: u16,
+    pub joined_at: u64,
+    /// Whether this is the node that answered.
+    pub this_node: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    pub token: String,
+    pub manager_addr: String,
+    /// The command to run on a new node (its name and address to fill in).
+    pub command: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VtepAdd {
+    pub address: String,
+    pub mac: String,
+    #[serde(default)]
+    pub ip: Option<String>,
 }

@@ -8,8 +8,10 @@
 //! - [`state`]: the cluster's desired state (networks, services, tasks) and its invariants.
 //! - [`ipam`]: subnet pools and address allocation.
 //! - [`api`]: request and response bodies of the node API (HTTP + JSON on a Unix socket).
+//! - [`control`]: control-plane messages between nodes and the manager, and their framing.
 
 pub mod api;
+pub mod control;
 pub mod ipam;
 pub mod state;
 pub mod types;

@@ -30,6 +30,18 @@ pub struct Network {
     #[serde(default)]
     pub options: BTreeMap<String, String>,
     pub created_at: u64,
+    /// Endpoints behind standard VXLAN devices that are not overlayd nodes.
+    #[serde(default)]
+    pub vteps: Vec<Vtep>,
+}
+
+/// An external VTEP endpoint: a MAC (and optionally its IPv4 address) reachable at an
+/// underlay address through plain VXLAN (a Linux vxlan device, a hardware switch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vtep {
+    pub address: Ipv4Addr,
+    pub mac: MacAddr,
+    pub ip: Option<Ipv4Addr>,
 }
 
 impl Network {
@@ -92,7 +104,14 @@ pub struct Node {
     pub availability: Availability,
     /// The underlay address other nodes send VXLAN to (`--advertise-addr`).
     pub advertise_addr: Option<Ipv4Addr>,
+    /// The UDP port this node receives VXLAN on (`--data-path-port`).
+    #[serde(default = "default_data_port")]
+    pub data_port: u16,
     pub joined_at: u64,
+}
+
+fn default_data_port() -> u16 {
+    crate::vxlan::UDP_PORT
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +194,18 @@ pub enum StateError {
     TooManyReplicas(u32),
     #[error("no active node to place tasks on")]
     NoActiveNode,
+    #[error("MAC {mac} is already used in network {network}")]
+    MacInUse { mac: MacAddr, network: NetworkName },
+    #[error("address {ip} is not free in network {network} ({subnet})")]
+    AddressTaken {
+        ip: Ipv4Addr,
+        network: NetworkName,
+        subnet: Ipv4Net,
+    },
+    #[error("no VTEP with MAC {mac} in network {network}")]
+    NoSuchVtep { mac: MacAddr, network: NetworkName },
+    #[error("node {0} is already a member of the cluster")]
+    NodeExists(NodeName),
 }
 
 /// What a network create request asks for, already parsed.
@@ -306,6 +337,7 @@ impl ClusterState {
             vni,
             options,
             created_at: now,
+            vteps: Vec::new(),
         };
         self.revision += 1;
         Ok(self.networks.entry(name).or_insert(net))
@@ -453,11 +485,85 @@ impl ClusterState {
         Ok(svc)
     }
 
-    /// Every address of `network` that is taken: the gateway and each task's endpoint.
+    /// Declares an external VTEP endpoint on a network.
+    pub fn add_vtep(&mut self, network: &str, vtep: Vtep) -> Result<(), StateError> {
+        let used_ips = self.used_addresses(
+            &NetworkName::new(network)
+                .map_err(|_| StateError::NoSuchNetwork(network.to_string()))?,
+        );
+        let task_macs: BTreeSet<MacAddr> = self
+            .tasks
+            .values()
+            .flat_map(|t| {
+                t.attachments
+                    .iter()
+                    .filter(|a| a.network.as_str() == network)
+                    .map(|a| a.mac)
+            })
+            .collect();
+        let net = self
+            .networks
+            .get_mut(network)
+            .ok_or_else(|| StateError::NoSuchNetwork(network.to_string()))?;
+        if vtep.mac.is_multicast()
+            || task_macs.contains(&vtep.mac)
+            || net.vteps.iter().any(|v| v.mac == vtep.mac)
+        {
+            return Err(StateError::MacInUse {
+                mac: vtep.mac,
+                network: net.name.clone(),
+            });
+        }
+        if let Some(ip) = vtep.ip {
+            if !ipam::is_host_address(&net.subnet, ip) || used_ips.contains(&ip) {
+                return Err(StateError::AddressTaken {
+                    ip,
+                    network: net.name.clone(),
+                    subnet: net.subnet,
+                });
+            }
+        }
+        net.vteps.push(vtep);
+        self.revision += 1;
+        Ok(())
+    }
+
+    pub fn remove_vtep(&mut self, network: &str, mac: MacAddr) -> Result<(), StateError> {
+        let net = self
+            .networks
+            .get_mut(network)
+            .ok_or_else(|| StateError::NoSuchNetwork(network.to_string()))?;
+        let before = net.vteps.len();
+        net.vteps.retain(|v| v.mac != mac);
+        if net.vteps.len() == before {
+            return Err(StateError::NoSuchVtep {
+                mac,
+                network: net.name.clone(),
+            });
+        }
+        self.revision += 1;
+        Ok(())
+    }
+
+    /// Adds a node, or refreshes the address of a node that rejoins under its own name.
+    pub fn upsert_node(&mut self, node: Node) {
+        match self.nodes.get_mut(&node.name) {
+            Some(n) if n.advertise_addr == node.advertise_addr => return,
+            Some(n) => n.advertise_addr = node.advertise_addr,
+            None => {
+                self.nodes.insert(node.name.clone(), node);
+            }
+        }
+        self.revision += 1;
+    }
+
+    /// Every address of `network` that is taken: the gateway, each task's endpoint and each
+    /// external VTEP's address.
     pub fn used_addresses(&self, network: &NetworkName) -> BTreeSet<Ipv4Addr> {
         let mut used = BTreeSet::new();
         if let Some(n) = self.networks.get(network) {
             used.insert(n.gateway);
+            used.extend(n.vteps.iter().filter_map(|v| v.ip));
         }
         for t in self.tasks.values() {
             for a in &t.attachments {
@@ -508,6 +614,7 @@ mod tests {
                 role: Role::Manager,
                 availability: Availability::Active,
                 advertise_addr: None,
+                data_port: 4789,
                 joined_at: 0,
             },
         );
@@ -738,6 +845,46 @@ mod tests {
     }
 
     #[test]
+    fn vteps_reserve_addresses_and_macs() {
+        let mut s = state();
+        net(&mut s, "a", Some("10.0.5.0/24")).unwrap();
+        let mac: MacAddr = "02:42:0a:00:05:09".parse().unwrap();
+        let v = Vtep {
+            address: "198.18.0.9".parse().unwrap(),
+            mac,
+            ip: Some("10.0.5.2".parse().unwrap()),
+        };
+        s.add_vtep("a", v.clone()).unwrap();
+        assert!(matches!(
+            s.add_vtep("a", v.clone()),
+            Err(StateError::MacInUse { .. })
+        ));
+        let mut other = v.clone();
+        other.mac = "02:42:0a:00:05:0a".parse().unwrap();
+        assert!(matches!(
+            s.add_vtep("a", other.clone()),
+            Err(StateError::AddressTaken { .. })
+        ));
+        other.ip = Some("10.0.6.1".parse().unwrap());
+        assert!(matches!(
+            s.add_vtep("a", other),
+            Err(StateError::AddressTaken { .. })
+        ));
+        // Tasks skip the VTEP's address.
+        let mut id = ids();
+        s.create_service(svc("web", &["a"], 1), &mut id).unwrap();
+        assert_eq!(
+            s.tasks["web.1"].attachments[0].address.to_string(),
+            "10.0.5.3"
+        );
+        s.remove_vtep("a", mac).unwrap();
+        assert!(matches!(
+            s.remove_vtep("a", mac),
+            Err(StateError::NoSuchVtep { .. })
+        ));
+    }
+
+    #[test]
     fn spread_placement() {
         let mut s = state();
         for n in ["n2", "n3"] {
@@ -749,6 +896,7 @@ mod tests {
                     role: Role::Worker,
                     availability: Availability::Active,
                     advertise_addr: None,
+                    data_port: 4789,
                     joined_at: 0,
                 },
             );

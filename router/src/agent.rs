@@ -45,7 +45,7 @@ pub struct Agent {
     log_dir: PathBuf,
     tasks: BTreeMap<String, LocalTask>,
     next_port: u32,
-    /// UDP port other nodes receive VXLAN on.
+    /// This node's VXLAN port; external VTEPs are sent to on it too.
     data_port: u16,
 }
 
@@ -55,6 +55,7 @@ impl Agent {
         datapath: Datapath,
         statuses: StatusBoard,
         log_dir: PathBuf,
+        data_port: u16,
     ) -> Agent {
         Agent {
             node,
@@ -63,7 +64,7 @@ impl Agent {
             log_dir,
             tasks: BTreeMap::new(),
             next_port: 1,
-            data_port: protocol::vxlan::UDP_PORT,
+            data_port,
         }
     }
 
@@ -156,12 +157,11 @@ impl Agent {
             .values()
             .flat_map(|t| t.ports.iter().copied())
             .collect();
-        let port = self.data_port;
         let vtep_of = |n: &NodeName| {
-            let addr = state.nodes.get(n)?.advertise_addr?;
-            Some(SocketAddrV4::new(addr, port))
+            let node = state.nodes.get(n)?;
+            Some(SocketAddrV4::new(node.advertise_addr?, node.data_port))
         };
-        let tables = Tables::from_state(state, &self.node, &ports, &vtep_of);
+        let tables = Tables::from_state(state, &self.node, &ports, &vtep_of, self.data_port);
         self.datapath.publish(tables);
     }
 

@@ -1,30 +1,35 @@
 //! The node API: HTTP/1.1 + JSON on a Unix socket (see `protocol::api` for the routes and
-//! bodies). Handlers are thin: parse, call the manager, shape the answer like Docker's.
-//! Every error is a JSON `{"message": ...}` with a meaningful status.
+//! bodies). Handlers are thin: parse, hand the change to the [`Cluster`] (applied here on a
+//! manager, forwarded on a worker), and shape the answer like Docker's from the resulting
+//! snapshot. Every error is a JSON `{"message": ...}` with a meaningful status.
 
+use crate::cluster::Cluster;
 use crate::datapath::stats::Counters;
-use crate::manager::{ApiError, Manager};
+use crate::manager::ApiError;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use protocol::api::{
     self, ContainerSpec, EndpointView, ErrorBody, Ipam, IpamConfig, NetworkInspect, NetworkTarget,
-    ServiceInspect, ServiceSpec, TaskState, TaskView,
+    NodeView, ServiceInspect, ServiceSpec, TaskState, TaskStatus, TaskView,
 };
-use protocol::state::{ClusterState, Network, Service, Task};
-use protocol::types::NodeName;
+use protocol::control::{NodeHealth, Op, Snapshot};
+use protocol::state::{Network, Role, Service, Task, Vtep};
+use protocol::types::{MacAddr, NodeName};
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Clone)]
 pub struct ApiState {
-    pub manager: Arc<Manager>,
+    pub cluster: Cluster,
     pub counters: Arc<Counters>,
     pub node: NodeName,
+    pub state_dir: PathBuf,
 }
 
 impl IntoResponse for ApiError {
@@ -53,21 +58,33 @@ pub fn router(state: ApiState) -> Router {
         .route("/networks", get(network_list))
         .route("/networks/create", post(network_create))
         .route("/networks/{name}", get(network_inspect).delete(network_rm))
+        .route("/networks/{name}/vteps", get(vtep_list).post(vtep_add))
+        .route("/networks/{name}/vteps/{mac}", delete(vtep_rm))
         .route("/services", get(service_list))
         .route("/services/create", post(service_create))
         .route("/services/{name}", get(service_inspect).delete(service_rm))
         .route("/services/{name}/scale", post(service_scale))
         .route("/tasks", get(task_list))
         .route("/tasks/{name}", get(task_inspect))
+        .route("/nodes", get(node_list))
+        .route("/nodes/{name}", get(node_inspect))
+        .route("/cluster/join-token", get(join_token))
         .route("/datapath/stats", get(stats))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
         .with_state(state)
 }
 
-fn network_view(s: &ClusterState, net: &Network) -> NetworkInspect {
+fn status_of(snap: &Snapshot, t: &Task) -> TaskStatus {
+    match snap.statuses.get(&t.name) {
+        Some((id, st)) if *id == t.id => st.clone(),
+        _ => TaskStatus::pending(crate::manager::now()),
+    }
+}
+
+fn network_view(snap: &Snapshot, net: &Network) -> NetworkInspect {
     let prefix = net.subnet.prefix_len();
     let mut containers = BTreeMap::new();
-    for t in s.tasks.values() {
+    for t in snap.state.tasks.values() {
         for a in t.attachments.iter().filter(|a| a.network == net.name) {
             containers.insert(
                 t.id.clone(),
@@ -99,12 +116,12 @@ fn network_view(s: &ClusterState, net: &Network) -> NetworkInspect {
     }
 }
 
-fn service_view(st: &ApiState, s: &ClusterState, svc: &Service) -> ServiceInspect {
-    let running = s
+fn service_view(snap: &Snapshot, svc: &Service) -> ServiceInspect {
+    let running = snap
+        .state
         .tasks
         .values()
-        .filter(|t| t.service == svc.name)
-        .filter(|t| st.manager.task_status(&t.name, &t.id).state == TaskState::Running)
+        .filter(|t| t.service == svc.name && status_of(snap, t).state == TaskState::Running)
         .count() as u32;
     ServiceInspect {
         id: svc.id.clone(),
@@ -129,7 +146,7 @@ fn service_view(st: &ApiState, s: &ClusterState, svc: &Service) -> ServiceInspec
     }
 }
 
-fn task_view(st: &ApiState, t: &Task) -> TaskView {
+fn task_view(snap: &Snapshot, t: &Task) -> TaskView {
     TaskView {
         id: t.id.clone(),
         name: t.name.clone(),
@@ -137,7 +154,7 @@ fn task_view(st: &ApiState, t: &Task) -> TaskView {
         slot: t.slot,
         node: t.node.to_string(),
         desired_state: "running".into(),
-        status: st.manager.task_status(&t.name, &t.id),
+        status: status_of(snap, t),
         attachments: t.attachments.clone(),
         netns: crate::sys::netns::path_of(&crate::agent::netns_name(&t.node, &t.name))
             .display()
@@ -145,29 +162,76 @@ fn task_view(st: &ApiState, t: &Task) -> TaskView {
     }
 }
 
+fn node_view(st: &ApiState, snap: &Snapshot, n: &protocol::state::Node) -> NodeView {
+    let ready = match snap.health.get(&n.name) {
+        Some(h) => *h == NodeHealth::Ready,
+        // A standalone node has no health map: it is itself.
+        None => n.name == st.node,
+    };
+    NodeView {
+        name: n.name.to_string(),
+        role: match n.role {
+            Role::Manager => "manager".into(),
+            Role::Worker => "worker".into(),
+        },
+        availability: format!("{:?}", n.availability).to_lowercase(),
+        state: if ready { "ready" } else { "down" }.into(),
+        address: n.advertise_addr.map(|a| a.to_string()),
+        data_port: n.data_port,
+        joined_at: n.joined_at,
+        this_node: n.name == st.node,
+    }
+}
+
+fn network_of<'a>(snap: &'a Snapshot, name: &str) -> Result<&'a Network, ApiError> {
+    snap.state
+        .networks
+        .get(name)
+        .ok_or_else(|| ApiError::not_found(format!("network {name} not found")))
+}
+
+fn service_of<'a>(snap: &'a Snapshot, name: &str) -> Result<&'a Service, ApiError> {
+    snap.state
+        .services
+        .get(name)
+        .ok_or_else(|| ApiError::not_found(format!("service {name} not found")))
+}
+
 async fn info(State(st): State<ApiState>) -> ApiResult<api::Info> {
-    let s = st.manager.snapshot();
-    let running = s
+    let snap = st.cluster.snapshot();
+    let running = snap
+        .state
         .tasks
         .values()
-        .filter(|t| st.manager.task_status(&t.name, &t.id).state == TaskState::Running)
+        .filter(|t| status_of(&snap, t).state == TaskState::Running)
         .count();
+    let role = match &st.cluster {
+        Cluster::Manager { join: None, .. } => "standalone",
+        Cluster::Manager { .. } => "manager",
+        Cluster::Worker(_) => "worker",
+    };
     Ok(Json(api::Info {
         api_version: api::API_VERSION,
         version: env!("CARGO_PKG_VERSION").into(),
         node: st.node.to_string(),
-        state_dir: st.manager.state_dir().display().to_string(),
-        networks: s.networks.len(),
-        services: s.services.len(),
-        tasks: s.tasks.len(),
+        role: role.into(),
+        manager_reachable: st.cluster.manager_reachable(),
+        state_dir: st.state_dir.display().to_string(),
+        networks: snap.state.networks.len(),
+        services: snap.state.services.len(),
+        tasks: snap.state.tasks.len(),
         tasks_running: running,
     }))
 }
 
 async fn network_list(State(st): State<ApiState>) -> ApiResult<Vec<NetworkInspect>> {
-    let s = st.manager.snapshot();
+    let snap = st.cluster.snapshot();
     Ok(Json(
-        s.networks.values().map(|n| network_view(&s, n)).collect(),
+        snap.state
+            .networks
+            .values()
+            .map(|n| network_view(&snap, n))
+            .collect(),
     ))
 }
 
@@ -175,37 +239,85 @@ async fn network_create(
     State(st): State<ApiState>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<NetworkInspect>), ApiError> {
-    let net = st.manager.create_network(parse(&body)?)?;
-    let s = st.manager.snapshot();
-    Ok((StatusCode::CREATED, Json(network_view(&s, &net))))
+    let req: api::NetworkCreate = parse(&body)?;
+    let name = req.name.clone();
+    st.cluster.apply(Op::CreateNetwork(req)).await?;
+    let snap = st.cluster.snapshot();
+    Ok((
+        StatusCode::CREATED,
+        Json(network_view(&snap, network_of(&snap, &name)?)),
+    ))
 }
 
 async fn network_inspect(
     State(st): State<ApiState>,
     Path(name): Path<String>,
 ) -> ApiResult<NetworkInspect> {
-    let s = st.manager.snapshot();
-    let net = s
-        .networks
-        .get(name.as_str())
-        .ok_or_else(|| ApiError::not_found(format!("network {name} not found")))?;
-    Ok(Json(network_view(&s, net)))
+    let snap = st.cluster.snapshot();
+    Ok(Json(network_view(&snap, network_of(&snap, &name)?)))
 }
 
 async fn network_rm(
     State(st): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    st.manager.remove_network(&name)?;
+    st.cluster.apply(Op::RemoveNetwork(name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn vtep_list(State(st): State<ApiState>, Path(name): Path<String>) -> ApiResult<Vec<Vtep>> {
+    let snap = st.cluster.snapshot();
+    Ok(Json(network_of(&snap, &name)?.vteps.clone()))
+}
+
+fn parse_mac(s: &str) -> Result<MacAddr, ApiError> {
+    s.parse()
+        .map_err(|e: protocol::types::BadMac| ApiError::bad_request(e.to_string()))
+}
+
+async fn vtep_add(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Vec<Vtep>> {
+    let req: api::VtepAdd = parse(&body)?;
+    let bad_ip = |s: &str| ApiError::bad_request(format!("invalid IPv4 address {s:?}"));
+    let vtep = Vtep {
+        address: req.address.parse().map_err(|_| bad_ip(&req.address))?,
+        mac: parse_mac(&req.mac)?,
+        ip: match &req.ip {
+            Some(ip) => Some(ip.parse().map_err(|_| bad_ip(ip))?),
+            None => None,
+        },
+    };
+    st.cluster
+        .apply(Op::AddVtep {
+            network: name.clone(),
+            vtep,
+        })
+        .await?;
+    let snap = st.cluster.snapshot();
+    Ok(Json(network_of(&snap, &name)?.vteps.clone()))
+}
+
+async fn vtep_rm(
+    State(st): State<ApiState>,
+    Path((name, mac)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let mac = parse_mac(&mac)?;
+    st.cluster
+        .apply(Op::RemoveVtep { network: name, mac })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn service_list(State(st): State<ApiState>) -> ApiResult<Vec<ServiceInspect>> {
-    let s = st.manager.snapshot();
+    let snap = st.cluster.snapshot();
     Ok(Json(
-        s.services
+        snap.state
+            .services
             .values()
-            .map(|v| service_view(&st, &s, v))
+            .map(|v| service_view(&snap, v))
             .collect(),
     ))
 }
@@ -214,21 +326,22 @@ async fn service_create(
     State(st): State<ApiState>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<ServiceInspect>), ApiError> {
-    let svc = st.manager.create_service(parse(&body)?)?;
-    let s = st.manager.snapshot();
-    Ok((StatusCode::CREATED, Json(service_view(&st, &s, &svc))))
+    let req: api::ServiceCreate = parse(&body)?;
+    let name = req.name.clone();
+    st.cluster.apply(Op::CreateService(req)).await?;
+    let snap = st.cluster.snapshot();
+    Ok((
+        StatusCode::CREATED,
+        Json(service_view(&snap, service_of(&snap, &name)?)),
+    ))
 }
 
 async fn service_inspect(
     State(st): State<ApiState>,
     Path(name): Path<String>,
 ) -> ApiResult<ServiceInspect> {
-    let s = st.manager.snapshot();
-    let svc = s
-        .services
-        .get(name.as_str())
-        .ok_or_else(|| ApiError::not_found(format!("service {name} not found")))?;
-    Ok(Json(service_view(&st, &s, svc)))
+    let snap = st.cluster.snapshot();
+    Ok(Json(service_view(&snap, service_of(&snap, &name)?)))
 }
 
 async fn service_scale(
@@ -237,16 +350,21 @@ async fn service_scale(
     body: Bytes,
 ) -> ApiResult<ServiceInspect> {
     let req: api::ServiceScale = parse(&body)?;
-    let svc = st.manager.scale_service(&name, req.replicas)?;
-    let s = st.manager.snapshot();
-    Ok(Json(service_view(&st, &s, &svc)))
+    st.cluster
+        .apply(Op::ScaleService {
+            name: name.clone(),
+            replicas: req.replicas,
+        })
+        .await?;
+    let snap = st.cluster.snapshot();
+    Ok(Json(service_view(&snap, service_of(&snap, &name)?)))
 }
 
 async fn service_rm(
     State(st): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    st.manager.remove_service(&name)?;
+    st.cluster.apply(Op::RemoveService(name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -254,29 +372,62 @@ async fn task_list(
     State(st): State<ApiState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Vec<TaskView>> {
-    let s = st.manager.snapshot();
+    let snap = st.cluster.snapshot();
     if let Some(svc) = q.get("service") {
-        if !s.services.contains_key(svc.as_str()) {
-            return Err(ApiError::not_found(format!("service {svc} not found")));
-        }
+        service_of(&snap, svc)?;
     }
-    let tasks = s
+    let tasks = snap
+        .state
         .tasks
         .values()
         .filter(|t| q.get("service").is_none_or(|svc| t.service.as_str() == svc))
-        .map(|t| task_view(&st, t))
+        .map(|t| task_view(&snap, t))
         .collect();
     Ok(Json(tasks))
 }
 
 async fn task_inspect(State(st): State<ApiState>, Path(name): Path<String>) -> ApiResult<TaskView> {
-    let s = st.manager.snapshot();
-    let t = s
+    let snap = st.cluster.snapshot();
+    let t = snap
+        .state
         .tasks
         .get(&name)
-        .or_else(|| s.tasks.values().find(|t| t.id == name))
+        .or_else(|| snap.state.tasks.values().find(|t| t.id == name))
         .ok_or_else(|| ApiError::not_found(format!("task {name} not found")))?;
-    Ok(Json(task_view(&st, t)))
+    Ok(Json(task_view(&snap, t)))
+}
+
+async fn node_list(State(st): State<ApiState>) -> ApiResult<Vec<NodeView>> {
+    let snap = st.cluster.snapshot();
+    Ok(Json(
+        snap.state
+            .nodes
+            .values()
+            .map(|n| node_view(&st, &snap, n))
+            .collect(),
+    ))
+}
+
+async fn node_inspect(State(st): State<ApiState>, Path(name): Path<String>) -> ApiResult<NodeView> {
+    let snap = st.cluster.snapshot();
+    let n = snap
+        .state
+        .nodes
+        .get(name.as_str())
+        .ok_or_else(|| ApiError::not_found(format!("node {name} not found")))?;
+    Ok(Json(node_view(&st, &snap, n)))
+}
+
+async fn join_token(State(st): State<ApiState>) -> ApiResult<api::JoinToken> {
+    let j = st.cluster.join_info()?;
+    Ok(Json(api::JoinToken {
+        token: j.token.clone(),
+        manager_addr: j.addr.to_string(),
+        command: format!(
+            "overlayd --node NODE --advertise-addr NODE_IP --join {} --token {}",
+            j.addr, j.token
+        ),
+    }))
 }
 
 async fn stats(State(st): State<ApiState>) -> ApiResult<api::DatapathStats> {

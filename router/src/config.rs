@@ -4,7 +4,11 @@
 use clap::Parser;
 use ipnet::Ipv4Net;
 use protocol::types::NodeName;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+
+/// Swarm's manager port.
+pub const CONTROL_PORT: u16 = 2377;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -37,9 +41,45 @@ pub struct Config {
     #[arg(long, default_value_t = protocol::ipam::DEFAULT_POOL_PREFIX, value_parser = clap::value_parser!(u8).range(8..=30))]
     pub default_addr_pool_mask_length: u8,
 
+    /// Underlay address of this node: where other nodes send VXLAN and reach the control plane.
+    /// Needed with --init and --join.
+    #[arg(long)]
+    pub advertise_addr: Option<Ipv4Addr>,
+
+    /// Start a new cluster with this node as its manager (creates the cluster CA and a join
+    /// token; on later starts the existing ones are kept).
+    #[arg(long, conflicts_with_all = ["join", "token"])]
+    pub init: bool,
+
+    /// Join the cluster whose manager listens at ADDR[:PORT] (port 2377 by default). Only
+    /// needed the first time: a member remembers its manager.
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_manager_addr)]
+    pub join: Option<SocketAddr>,
+
+    /// Join token, as printed by `overlayctl cluster join-token` on the manager.
+    #[arg(long, requires = "join")]
+    pub token: Option<String>,
+
+    /// Address the manager's control endpoint (QUIC) listens on [default: ADVERTISE_ADDR:2377].
+    #[arg(long)]
+    pub listen_addr: Option<SocketAddr>,
+
+    /// UDP port VXLAN is received on (and sent to on other nodes that use the default).
+    #[arg(long, default_value_t = protocol::vxlan::UDP_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    pub data_path_port: u16,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+}
+
+fn parse_manager_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<Ipv4Addr>()
+        .map(|ip| SocketAddr::new(ip.into(), CONTROL_PORT))
+        .map_err(|_| format!("invalid manager address {s:?}: expected IP or IP:PORT"))
 }
 
 fn parse_node(s: &str) -> Result<NodeName, String> {

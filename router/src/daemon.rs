@@ -5,12 +5,18 @@
 
 use crate::agent::Agent;
 use crate::api::{self, ApiState};
-use crate::config::Config;
+use crate::cluster::health::Health;
+use crate::cluster::pki::{self, Ca, Identity, Token};
+use crate::cluster::server::{self, ServerCtx};
+use crate::cluster::worker::{self, Link};
+use crate::cluster::{wire, Cluster, JoinInfo};
+use crate::config::{Config, CONTROL_PORT};
 use crate::datapath::io::Datapath;
 use crate::datapath::stats::Counters;
 use crate::manager::Manager;
 use crate::store::Store;
 use anyhow::{bail, Context};
+use protocol::control::ToManager;
 use protocol::state::Pool;
 use std::path::Path;
 use std::sync::Arc;
@@ -54,8 +60,149 @@ fn warn_if_private_mount_ns() {
     }
 }
 
+/// Binds the underlay VXLAN socket.
+fn bind_underlay(addr: std::net::Ipv4Addr, port: u16) -> anyhow::Result<std::net::UdpSocket> {
+    let sock = std::net::UdpSocket::bind((addr, port))
+        .with_context(|| format!("binding the VXLAN socket {addr}:{port}"))?;
+    // Room for bursts: a 64-frame batch from each of several ports.
+    let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBuf, &(4 << 20));
+    let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SndBuf, &(4 << 20));
+    Ok(sock)
+}
+
+fn read_or_create(
+    path: &Path,
+    make: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<String> {
+    if path.exists() {
+        return Ok(pki::read(path)?);
+    }
+    let v = make()?;
+    pki::write_private(path, &v)?;
+    Ok(v)
+}
+
+/// Starts this node as the manager of a cluster: CA, join token, QUIC endpoint.
+async fn start_manager(
+    cfg: &Config,
+    store: Store,
+    pool: Pool,
+    advertise: std::net::Ipv4Addr,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Cluster> {
+    let dir = store.dir().to_path_buf();
+    let ca_cert = dir.join("ca.pem");
+    let ca_key = dir.join("ca.key");
+    let ca = if ca_cert.exists() && ca_key.exists() {
+        Ca {
+            cert_pem: pki::read(&ca_cert)?,
+            key_pem: pki::read(&ca_key)?,
+        }
+    } else {
+        let ca = Ca::generate()?;
+        pki::write_private(&ca_key, &ca.key_pem)?;
+        pki::write_private(&ca_cert, &ca.cert_pem)?;
+        info!("created the cluster CA");
+        ca
+    };
+    let secret = read_or_create(&dir.join("join-secret"), || Ok(pki::new_secret()))?;
+    let token = Token {
+        ca_digest: pki::ca_digest(ca.cert_der()?.as_ref()),
+        secret: secret.trim().to_string(),
+    };
+    let identity = ca.manager_identity()?;
+    let tls = pki::server_config(&ca, &identity)?;
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC TLS config")?;
+    let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server_cfg.transport_config(wire::transport());
+    let listen = cfg
+        .listen_addr
+        .unwrap_or_else(|| std::net::SocketAddr::new(advertise.into(), CONTROL_PORT));
+    let endpoint = quinn::Endpoint::server(server_cfg, listen)
+        .with_context(|| format!("binding the control port {listen} (UDP)"))?;
+    let manager = Arc::new(Manager::open(
+        store,
+        pool,
+        &cfg.node,
+        Some((advertise, cfg.data_path_port)),
+    )?);
+    let health = Arc::new(Health::new(cfg.node.clone()));
+    let ctx = Arc::new(ServerCtx {
+        manager: manager.clone(),
+        health: health.clone(),
+        ca,
+        join_secret: token.secret.clone(),
+    });
+    tokio::spawn(server::serve(endpoint, ctx, shutdown.clone()));
+    info!(%listen, "cluster manager listening (QUIC, mutual TLS)");
+    Ok(Cluster::Manager {
+        manager,
+        health,
+        join: Some(JoinInfo {
+            token: token.render(),
+            addr: listen,
+        }),
+    })
+}
+
+/// Starts this node as a member: joins first if it has no certificate yet.
+async fn start_worker(
+    cfg: &Config,
+    store: Store,
+    advertise: std::net::Ipv4Addr,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Cluster> {
+    let dir = store.dir().to_path_buf();
+    let (cert, key, ca, mgr) = (
+        dir.join("node.pem"),
+        dir.join("node.key"),
+        dir.join("ca.pem"),
+        dir.join("manager"),
+    );
+    if !cert.exists() {
+        let (Some(addr), Some(token)) = (cfg.join, cfg.token.as_deref()) else {
+            bail!("this node has not joined a cluster: pass --join ADDR --token TOKEN");
+        };
+        let token = Token::parse(token)?;
+        let (id, ca_pem) = worker::join(addr, &token, &cfg.node, advertise, cfg.data_path_port)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        pki::write_private(&key, &id.key_pem)?;
+        pki::write_private(&cert, &id.cert_pem)?;
+        pki::write_private(&ca, &ca_pem)?;
+        pki::write_private(&mgr, &addr.to_string())?;
+        info!(manager = %addr, "joined the cluster");
+    }
+    let manager_addr = match cfg.join {
+        Some(a) => a,
+        None => pki::read(&mgr)?
+            .trim()
+            .parse()
+            .with_context(|| format!("reading the manager address in {}", mgr.display()))?,
+    };
+    let identity = Identity {
+        cert_pem: pki::read(&cert)?,
+        key_pem: pki::read(&key)?,
+    };
+    let tls = pki::member_client_config(&pki::read(&ca)?, &identity)?;
+    let link = Arc::new(Link::new(manager_addr, store.load()?));
+    let hello = ToManager::Hello {
+        version: protocol::control::VERSION,
+        node: cfg.node.clone(),
+        advertise_addr: advertise,
+        data_port: cfg.data_path_port,
+    };
+    tokio::spawn(
+        link.clone()
+            .run(tls, advertise, hello, store, shutdown.clone()),
+    );
+    Ok(Cluster::Worker(link))
+}
+
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     warn_if_private_mount_ns();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let state_dir = cfg.state_dir();
     let socket = cfg.socket();
     let store = Store::open(&state_dir)?;
@@ -74,24 +221,55 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             pool.pool
         );
     }
-    let manager = Arc::new(Manager::open(store, pool, &cfg.node)?);
+    let is_worker = cfg.join.is_some() || state_dir.join("node.pem").exists();
+    let is_manager = cfg.init || state_dir.join("ca.key").exists();
+    if is_worker && is_manager {
+        bail!(
+            "{} holds a manager's CA: this node cannot also join another cluster",
+            state_dir.display()
+        );
+    }
+    let underlay = match cfg.advertise_addr {
+        Some(a) => Some(bind_underlay(a, cfg.data_path_port)?),
+        None if is_worker || is_manager => bail!("--advertise-addr is needed to run in a cluster"),
+        None => None,
+    };
+    let shutdown = CancellationToken::new();
+    let cluster = match cfg.advertise_addr {
+        Some(a) if is_worker => start_worker(&cfg, store, a, &shutdown).await?,
+        Some(a) if is_manager => start_manager(&cfg, store, pool, a, &shutdown).await?,
+        advertise => {
+            let manager = Manager::open(
+                store,
+                pool,
+                &cfg.node,
+                advertise.map(|a| (a, cfg.data_path_port)),
+            )?;
+            Cluster::Manager {
+                manager: Arc::new(manager),
+                health: Arc::new(Health::new(cfg.node.clone())),
+                join: None,
+            }
+        }
+    };
+
     let counters = Arc::new(Counters::default());
     let datapath =
-        Datapath::start(counters.clone(), None).context("starting the datapath thread")?;
-
-    let shutdown = CancellationToken::new();
+        Datapath::start(counters.clone(), underlay).context("starting the datapath thread")?;
     let agent = Agent::new(
         cfg.node.clone(),
         datapath,
-        manager.statuses().clone(),
+        cluster.local_board(),
         log_dir,
+        cfg.data_path_port,
     );
-    let agent_task = tokio::spawn(agent.run(manager.subscribe(), shutdown.clone()));
+    let agent_task = tokio::spawn(agent.run(cluster.subscribe_state(), shutdown.clone()));
 
     let app = api::router(ApiState {
-        manager: manager.clone(),
+        cluster,
         counters,
         node: cfg.node.clone(),
+        state_dir: state_dir.clone(),
     });
     let api_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod datapath;

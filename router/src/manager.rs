@@ -5,11 +5,13 @@
 
 use crate::store::{Store, StoreError};
 use protocol::api::{self, TaskStatus};
+use protocol::control::{Op, OpError};
 use protocol::state::{
     Availability, ClusterState, Network, NetworkRequest, Node, Pool, Role, Service, StateError,
 };
 use protocol::types::{NetworkName, NodeName, ServiceName};
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
 
@@ -63,6 +65,24 @@ impl From<StateError> for ApiError {
     }
 }
 
+impl From<ApiError> for OpError {
+    fn from(e: ApiError) -> OpError {
+        OpError {
+            status: e.status,
+            message: e.message,
+        }
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> ApiError {
+        ApiError {
+            status: e.status,
+            message: e.message,
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         ApiError::internal(e.to_string())
@@ -98,21 +118,25 @@ pub fn new_id() -> String {
 }
 
 impl Manager {
-    /// Loads the saved state and registers `node` as this cluster's manager.
-    pub fn open(store: Store, pool: Pool, node: &NodeName) -> Result<Manager, StoreError> {
+    /// Loads the saved state and registers `node` (at `advertise`, if multi-node) as this
+    /// cluster's manager.
+    pub fn open(
+        store: Store,
+        pool: Pool,
+        node: &NodeName,
+        advertise: Option<(Ipv4Addr, u16)>,
+    ) -> Result<Manager, StoreError> {
         let mut state = store.load()?;
-        if !state.nodes.contains_key(node) {
-            state.nodes.insert(
-                node.clone(),
-                Node {
-                    name: node.clone(),
-                    role: Role::Manager,
-                    availability: Availability::Active,
-                    advertise_addr: None,
-                    joined_at: now(),
-                },
-            );
-            state.revision += 1;
+        let before = state.revision;
+        state.upsert_node(Node {
+            name: node.clone(),
+            role: Role::Manager,
+            availability: Availability::Active,
+            advertise_addr: advertise.map(|a| a.0),
+            data_port: advertise.map_or(protocol::vxlan::UDP_PORT, |a| a.1),
+            joined_at: now(),
+        });
+        if state.revision != before {
             store.save(&state)?;
         }
         let (published, _) = watch::channel(Arc::new(state.clone()));
@@ -156,6 +180,42 @@ impl Manager {
         *guard = next;
         self.published.send_replace(Arc::new(guard.clone()));
         Ok(out)
+    }
+
+    /// Applies an operation (from this node's API or forwarded by another node) and returns
+    /// the state revision that holds it.
+    pub fn apply(&self, op: Op) -> Result<u64, ApiError> {
+        match op {
+            Op::CreateNetwork(req) => self.create_network(req).map(|_| ()),
+            Op::RemoveNetwork(name) => self.remove_network(&name),
+            Op::CreateService(req) => self.create_service(req).map(|_| ()),
+            Op::ScaleService { name, replicas } => self.scale_service(&name, replicas).map(|_| ()),
+            Op::RemoveService(name) => self.remove_service(&name),
+            Op::AddVtep { network, vtep } => self.change(|s| s.add_vtep(&network, vtep)),
+            Op::RemoveVtep { network, mac } => self.change(|s| s.remove_vtep(&network, mac)),
+        }?;
+        Ok(self.snapshot().revision)
+    }
+
+    /// Admits a node (a join) or refreshes a member's underlay address (a reconnect).
+    pub fn upsert_node(
+        &self,
+        name: &NodeName,
+        addr: Ipv4Addr,
+        data_port: u16,
+    ) -> Result<(), ApiError> {
+        let node = Node {
+            name: name.clone(),
+            role: Role::Worker,
+            availability: Availability::Active,
+            advertise_addr: Some(addr),
+            data_port,
+            joined_at: now(),
+        };
+        self.change(|s| {
+            s.upsert_node(node);
+            Ok(())
+        })
     }
 
     pub fn create_network(&self, req: api::NetworkCreate) -> Result<Network, ApiError> {

@@ -76,12 +76,14 @@ impl Tables {
     }
 
     /// Builds the tables of `node` from the cluster state and the node's local ports.
-    /// `vtep_of` gives the underlay address of another node, if known.
+    /// `vtep_of` gives the underlay address of another node, if known; external VTEPs are
+    /// reached on `external_port`.
     pub fn from_state(
         state: &ClusterState,
         node: &NodeName,
         ports: &[(PortId, PortBinding)],
         vtep_of: &dyn Fn(&NodeName) -> Option<SocketAddrV4>,
+        external_port: u16,
     ) -> Tables {
         let mut t = Tables::default();
         for (port, binding) in ports {
@@ -91,6 +93,14 @@ impl Tables {
             // Only networks with a local endpoint exist on this node (lazy, as in Swarm).
             if t.networks.contains_key(&net.vni) {
                 t.set_gateway(net.vni, net.gateway);
+                for v in &net.vteps {
+                    t.add_remote(
+                        net.vni,
+                        v.mac,
+                        v.ip,
+                        SocketAddrV4::new(v.address, external_port),
+                    );
+                }
             }
         }
         for task in state.tasks.values().filter(|t| &t.node != node) {

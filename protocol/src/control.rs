@@ -1,0 +1,229 @@
+//! Control-plane messages between a node and the manager, and their framing.
+//!
+//! Every message travels on one bidirectional QUIC stream per session, as a frame:
+//! a 4-byte big-endian length, then the message in postcard (serde) encoding. The first
+//! message of every session carries [`VERSION`], so nodes of different versions are detected
+//! and refused with a clear reason instead of misreading each other.
+//!
+//! Session shapes:
+//! - join (no client certificate yet): `ToManager::Join` → `ToNode::Joined` or `Refused`;
+//! - member (mutual TLS): `ToManager::Hello` → `ToNode::Welcome` (or `Refused`), then the
+//!   manager pushes `Snapshot`s and answers `Request`s, the node sends `Report`s.
+
+use crate::api::{NetworkCreate, ServiceCreate, TaskStatus};
+use crate::state::ClusterState;
+use crate::types::{MacAddr, NodeName};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+/// Version of the control protocol; both ends must agree.
+pub const VERSION: u32 = 1;
+/// Largest frame either end accepts (a snapshot of a large cluster fits many times over).
+pub const MAX_FRAME: usize = 16 << 20;
+/// The name every manager certificate carries, and that nodes verify.
+pub const MANAGER_SERVER_NAME: &str = "overlay-manager";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToManager {
+    /// Asks to join with a token's secret; the node keeps its private key and sends a CSR.
+    Join {
+        version: u32,
+        node: NodeName,
+        advertise_addr: Ipv4Addr,
+        data_port: u16,
+        secret: String,
+        csr_pem: String,
+    },
+    /// Opens a member session; the node's name must match its certificate.
+    Hello {
+        version: u32,
+        node: NodeName,
+        advertise_addr: Ipv4Addr,
+        data_port: u16,
+    },
+    /// Heartbeat: what the node's tasks are doing (also sent when nothing changed).
+    Report { statuses: Vec<TaskReport> },
+    /// A state change an operator issued on this node, forwarded to the manager.
+    Request { id: u64, op: Op },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskReport {
+    pub name: String,
+    pub id: String,
+    pub status: TaskStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToNode {
+    Joined {
+        cert_pem: String,
+        ca_pem: String,
+    },
+    Welcome {
+        version: u32,
+    },
+    Snapshot(Box<Snapshot>),
+    /// The answer to a `Request`: the state revision that holds the change, or an error with
+    /// an HTTP-like status.
+    Response {
+        id: u64,
+        result: Result<u64, OpError>,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+/// The manager's view pushed to every node: the desired state plus what it observes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub state: ClusterState,
+    /// Task name → (task id, status) as last reported by the task's node.
+    pub statuses: BTreeMap<String, (String, TaskStatus)>,
+    /// Node name → whether it is heartbeating.
+    pub health: BTreeMap<NodeName, NodeHealth>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeHealth {
+    Ready,
+    Down,
+}
+
+/// A state-changing operation, as the API takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    CreateNetwork(NetworkCreate),
+    RemoveNetwork(String),
+    CreateService(ServiceCreate),
+    ScaleService {
+        name: String,
+        replicas: u32,
+    },
+    RemoveService(String),
+    AddVtep {
+        network: String,
+        vtep: crate::state::Vtep,
+    },
+    RemoveVtep {
+        network: String,
+        mac: MacAddr,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct OpError {
+    pub status: u16,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("control frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed control message: {0}")]
+    Malformed(#[from] postcard::Error),
+}
+
+/// Encodes a message as one frame (length prefix included).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = postcard::to_stdvec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Checks a frame's length prefix before the body is read.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes a frame's body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    Ok(postcard::from_bytes(body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{TaskState, TaskStatus};
+    use proptest::prelude::*;
+
+    fn roundtrip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(m: &T) {
+        let f = encode(m).unwrap();
+        let len = frame_len(f[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, f.len() - 4);
+        assert_eq!(&decode::<T>(&f[4..]).unwrap(), m);
+    }
+
+    #[test]
+    fn messages_roundtrip() {
+        roundtrip(&ToManager::Hello {
+            version: VERSION,
+            node: NodeName::new("n2").unwrap(),
+            advertise_addr: Ipv4Addr::new(198, 18, 0, 2),
+            data_port: 4789,
+        });
+        roundtrip(&ToManager::Report {
+            statuses: vec![TaskReport {
+                name: "web.1".into(),
+                id: "abc".into(),
+                status: TaskStatus {
+                    state: TaskState::Running,
+                    error: None,
+                    pid: Some(42),
+                    restarts: 1,
+                    since: 7,
+                },
+            }],
+        });
+        roundtrip(&ToManager::Request {
+            id: 9,
+            op: Op::ScaleService {
+                name: "web".into(),
+                replicas: 3,
+            },
+        });
+        roundtrip(&ToNode::Response {
+            id: 9,
+            result: Err(OpError {
+                status: 404,
+                message: "service web not found".into(),
+            }),
+        });
+        roundtrip(&ToNode::Snapshot(Box::new(Snapshot {
+            state: ClusterState::default(),
+            statuses: BTreeMap::new(),
+            health: BTreeMap::new(),
+        })));
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_reading() {
+        assert!(matches!(
+            frame_len([0xff, 0xff, 0xff, 0xff]),
+            Err(FrameError::TooLarge(_))
+        ));
+        assert_eq!(frame_len([0, 0, 0, 5]).unwrap(), 5);
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<ToManager>(&body);
+            let _ = decode::<ToNode>(&body);
+        }
+    }
+}

@@ -360,3 +360,108 @@ pub fn pings(node: &Node, task: &str, ip: &str) -> bool {
             .success()
     })
 }
+
+/// A test underlay: one switch namespace with a bridge, and one namespace per host, each
+/// with a veth `u0` on the bridge and address 198.18.<net>.<i>/24 (198.18.0.0/15 is
+/// reserved for benchmarking and never routed).
+pub struct Underlay {
+    pub switch: Netns,
+    pub hosts: Vec<Netns>,
+    pub net: u8,
+}
+
+impl Underlay {
+    pub fn new(tag: &str, hosts: usize, net: u8) -> Underlay {
+        let switch = Netns::new(&format!("{tag}-sw"));
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        let mut u = Underlay {
+            switch,
+            hosts: Vec::new(),
+            net,
+        };
+        for i in 1..=hosts {
+            u.add_host(&format!("{tag}-h{i}"));
+        }
+        u
+    }
+
+    /// Adds a host namespace on the bridge; returns its index (address .index+1).
+    pub fn add_host(&mut self, name: &str) -> usize {
+        let i = self.hosts.len() + 1;
+        let ns = Netns::new(name);
+        let port = format!("p{i}");
+        self.switch.ip(&[
+            "link", "add", &port, "type", "veth", "peer", "name", "u0", "netns", name,
+        ]);
+        self.switch
+            .ip(&["link", "set", &port, "master", "br0", "up"]);
+        ns.ip(&["addr", "add", &format!("{}/24", self.addr(i)), "dev", "u0"]);
+        ns.ip(&["link", "set", "u0", "up"]);
+        self.hosts.push(ns);
+        i
+    }
+
+    /// Underlay address of host `i` (1-based).
+    pub fn addr(&self, i: usize) -> String {
+        format!("198.18.{}.{}", self.net, i)
+    }
+
+    pub fn host(&self, i: usize) -> &Netns {
+        &self.hosts[i - 1]
+    }
+}
+
+impl Node {
+    /// Starts `overlayd --init` as a cluster manager in host `i` of `u`.
+    pub fn manager(name: &str, u: &Underlay, i: usize) -> Node {
+        Node::start_in(
+            name,
+            Some(u.host(i).path()),
+            &["--advertise-addr", &u.addr(i), "--init"],
+        )
+    }
+
+    /// Starts a node in host `i` of `u` that joins `manager`.
+    pub fn worker(name: &str, u: &Underlay, i: usize, manager: &Node) -> Node {
+        let token = manager.ctl_ok(&["cluster", "join-token", "-q"]);
+        let mgr = manager.advertise().expect("manager address");
+        Node::start_in(
+            name,
+            Some(u.host(i).path()),
+            &[
+                "--advertise-addr",
+                &u.addr(i),
+                "--join",
+                &mgr,
+                "--token",
+                token.trim(),
+            ],
+        )
+    }
+
+    /// Drops `flag` (and its value) from the arguments of the next start.
+    pub fn remove_flag(&mut self, flag: &str, with_value: bool) {
+        if let Some(i) = self.extra_args.iter().position(|a| a == flag) {
+            let end = if with_value { i + 2 } else { i + 1 };
+            self.extra_args.drain(i..end.min(self.extra_args.len()));
+        }
+    }
+
+    /// The --advertise-addr this node was started with.
+    pub fn advertise(&self) -> Option<String> {
+        let i = self
+            .extra_args
+            .iter()
+            .position(|a| a == "--advertise-addr")?;
+        self.extra_args.get(i + 1).cloned()
+    }
+
+    /// Node state ("ready"/"down") of `node` as this node's API reports it.
+    pub fn node_state(&self, node: &str) -> String {
+        self.json(&["node", "inspect", node])[0]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}

@@ -1,0 +1,165 @@
+//! Three nodes on this machine, each `overlayd` in its own network namespace on a bridged
+//! underlay (198.18.1.0/24): one overlay network spanning all three, carried as VXLAN over
+//! UDP 4789 between the daemons, with the control plane over QUIC + mutual TLS. Needs root.
+//!
+//! - tasks on different nodes reach each other (ping, iperf3 TCP);
+//! - state changes may be issued on a worker (forwarded to the manager);
+//! - a node that joins late gets the state and takes tasks;
+//! - a killed worker is marked down; it rejoins on restart with its certificate;
+//! - with the manager killed, tasks on the workers keep talking; changes are refused clearly;
+//!   when the manager is back, the workers resynchronise.
+
+use overlay_e2e::{pings, require_root, unique, wait_for, Node, Underlay};
+use std::time::Duration;
+
+fn iperf_bytes(node: &Node, client: &str, server_ip: &str) -> u64 {
+    let out = node.exec(client, &["iperf3", "-c", server_ip, "-t", "2", "-J"]);
+    assert!(
+        out.status.success(),
+        "iperf3 failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bytes"]
+        .as_u64()
+        .expect("bytes received")
+}
+
+fn running_on(node: &Node, service: &str) -> Vec<(String, String)> {
+    let tasks = node.json(&[
+        "inspect",
+        &format!("{service}.1"),
+        &format!("{service}.2"),
+        &format!("{service}.3"),
+    ]);
+    tasks
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap_or("").to_string(),
+                t["node"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn three_node_overlay() {
+    if !require_root("three_node_overlay") {
+        return;
+    }
+    let tag = unique("mn");
+    let mut u = Underlay::new(&tag, 2, 1);
+    let mut n1 = Node::manager(&format!("{tag}a"), &u, 1);
+    let mut n2 = Node::worker(&format!("{tag}b"), &u, 2, &n1);
+    assert!(wait_for(Duration::from_secs(10), || n1
+        .node_state(&n2.name)
+        == "ready"));
+
+    // Changes issued on a worker are forwarded to the manager.
+    n2.ctl_ok(&["network", "create", "--subnet", "10.0.7.0/24", "span"]);
+    n2.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "span",
+        "--replicas",
+        "2",
+        "--",
+        "iperf3",
+        "-s",
+    ]);
+    n1.wait_running("web", 2);
+    assert_eq!(n1.json(&["network", "inspect", "span"])[0]["VNI"], 4097);
+
+    // A third node joins late: it gets the state and takes the next task.
+    let h3 = u.add_host(&format!("{tag}-h3"));
+    let n3 = Node::worker(&format!("{tag}c"), &u, h3, &n1);
+    assert!(wait_for(Duration::from_secs(10), || n3
+        .ctl_ok(&["network", "ls", "-q"])
+        .contains("span")));
+    n1.ctl_ok(&["service", "scale", "web=3"]);
+    n1.wait_running("web", 3);
+    let placed = running_on(&n1, "web");
+    let nodes: std::collections::BTreeSet<&str> = placed.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(nodes.len(), 3, "spread over three nodes: {placed:?}");
+    let ls = n3.ctl_ok(&["node", "ls"]);
+    assert_eq!(ls.matches("Ready").count(), 3, "{ls}");
+
+    // Task to task across nodes, from every node's view of the same names.
+    let on = |node: &str| {
+        placed
+            .iter()
+            .find(|(_, n)| n == node)
+            .map(|(t, _)| t.clone())
+            .expect("task")
+    };
+    let (t1, t2, t3) = (on(&n1.name), on(&n2.name), on(&n3.name));
+    let ip2 = n1.task_ip(&t2);
+    let ip3 = n1.task_ip(&t3);
+    assert!(pings(&n1, &t1, &ip2), "{t1} -> {t2}");
+    assert!(pings(&n1, &t1, &ip3), "{t1} -> {t3}");
+    assert!(pings(&n2, &t2, &ip3), "{t2} -> {t3}");
+    assert!(pings(&n3, &t3, "10.0.7.1"), "gateway on n3");
+    let bytes = iperf_bytes(&n1, &t1, &ip3);
+    assert!(
+        bytes > 1_000_000,
+        "cross-node iperf3 moved only {bytes} bytes"
+    );
+    let stats = n1.json(&["stats"]);
+    assert!(stats["tx_frames"].as_u64().unwrap_or(0) > 1000, "{stats}");
+
+    // A killed worker is marked down within seconds; restarted, it comes back with its
+    // certificate (no token needed) and its task runs again.
+    let mut n3 = n3;
+    n3.kill();
+    assert!(
+        wait_for(Duration::from_secs(8), || n1.node_state(&n3.name) == "down"),
+        "{}",
+        n1.ctl_ok(&["node", "ls"])
+    );
+    n3.remove_flag("--token", true);
+    n3.remove_flag("--join", true);
+    n3.restart();
+    assert!(wait_for(Duration::from_secs(10), || n1
+        .node_state(&n3.name)
+        == "ready"));
+    n1.wait_running("web", 3);
+    assert!(pings(&n2, &t2, &ip3), "after worker restart");
+
+    // The manager dies: the workers keep forwarding on the last known state.
+    n1.kill();
+    assert!(
+        pings(&n2, &t2, &ip3),
+        "worker to worker without the manager"
+    );
+    assert!(iperf_bytes(&n2, &t2, &ip3) > 1_000_000);
+    let err = n2.ctl_err(&["network", "create", "later"]);
+    assert!(err.contains("the manager at"), "{err}");
+    // Once the worker has noticed, it refuses at once and says nothing changed.
+    assert!(wait_for(Duration::from_secs(10), || n2
+        .ctl_err(&["network", "create", "later"])
+        .contains("cannot reach the manager")));
+    // Reads still answer, from the last known state.
+    assert!(n2.ctl_ok(&["service", "ls"]).contains("web"));
+
+    // The manager comes back: workers resynchronise and changes go through again.
+    n1.remove_flag("--init", false);
+    n1.restart();
+    assert!(wait_for(Duration::from_secs(15), || n2
+        .ctl(&["network", "create", "later"])
+        .status
+        .success()));
+    assert!(wait_for(Duration::from_secs(5), || n3
+        .ctl_ok(&["network", "ls", "-q"])
+        .contains("later")));
+    assert!(pings(&n3, &t3, &ip2), "after manager restart");
+    drop(n3);
+    drop(n2);
+    drop(n1);
+    let _ = &mut u;
+}

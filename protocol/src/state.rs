@@ -367,11 +367,13 @@ impl ClusterState {
             .ok_or_else(|| StateError::NoSuchNetwork(name.to_string()))
     }
 
-    /// Creates a service and places its tasks. `new_id` yields fresh random ids.
+    /// Creates a service and places its tasks on active nodes that `eligible` accepts (the
+    /// manager passes "is heartbeating"). `new_id` yields fresh random ids.
     pub fn create_service(
         &mut self,
         mut svc: Service,
         new_id: &mut dyn FnMut() -> String,
+        eligible: &dyn Fn(&NodeName) -> bool,
     ) -> Result<&Service, StateError> {
         if self.services.contains_key(&svc.name) {
             return Err(StateError::ServiceExists(svc.name));
@@ -400,7 +402,7 @@ impl ClusterState {
         // Place on a scratch copy so that a failure (full subnet, no node) changes nothing.
         let mut next = self.clone();
         next.services.insert(name.clone(), svc);
-        next.scale_service(name.as_str(), replicas, new_id)?;
+        next.scale_service(name.as_str(), replicas, new_id, eligible)?;
         *self = next;
         self.services
             .get(&name)
@@ -408,11 +410,13 @@ impl ClusterState {
     }
 
     /// Sets a service's replica count, adding or removing tasks (highest slots go first).
+    /// New tasks go to active nodes that `eligible` accepts.
     pub fn scale_service(
         &mut self,
         name: &str,
         replicas: u32,
         new_id: &mut dyn FnMut() -> String,
+        eligible: &dyn Fn(&NodeName) -> bool,
     ) -> Result<(), StateError> {
         if replicas > MAX_REPLICAS {
             return Err(StateError::TooManyReplicas(replicas));
@@ -430,7 +434,7 @@ impl ClusterState {
             if next.tasks.contains_key(&task_name) {
                 continue;
             }
-            let node = next.place(&svc.name)?;
+            let node = next.place(&svc.name, eligible)?;
             let mut attachments = Vec::new();
             for net_name in &svc.networks {
                 let net = next
@@ -575,12 +579,16 @@ impl ClusterState {
         used
     }
 
-    /// Spread placement: the active node with the fewest tasks of this service, then the
-    /// fewest tasks overall, then by name (deterministic).
-    fn place(&self, service: &ServiceName) -> Result<NodeName, StateError> {
+    /// Spread placement: the eligible active node with the fewest tasks of this service, then
+    /// the fewest tasks overall, then by name (deterministic).
+    fn place(
+        &self,
+        service: &ServiceName,
+        eligible: &dyn Fn(&NodeName) -> bool,
+    ) -> Result<NodeName, StateError> {
         self.nodes
             .values()
-            .filter(|n| n.availability == Availability::Active)
+            .filter(|n| n.availability == Availability::Active && eligible(&n.name))
             .min_by_key(|n| {
                 let mine = self
                     .tasks
@@ -755,7 +763,8 @@ mod tests {
         let mut s = state();
         net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
         let mut id = ids();
-        s.create_service(svc("web", &["a"], 3), &mut id).unwrap();
+        s.create_service(svc("web", &["a"], 3), &mut id, &|_| true)
+            .unwrap();
         let addrs: Vec<String> = s
             .tasks
             .values()
@@ -766,9 +775,9 @@ mod tests {
             s.tasks["web.1"].attachments[0].mac.to_string(),
             "02:42:0a:00:02:02"
         );
-        s.scale_service("web", 1, &mut id).unwrap();
+        s.scale_service("web", 1, &mut id, &|_| true).unwrap();
         assert_eq!(s.tasks.keys().collect::<Vec<_>>(), ["web.1"]);
-        s.scale_service("web", 2, &mut id).unwrap();
+        s.scale_service("web", 2, &mut id, &|_| true).unwrap();
         assert_eq!(
             s.tasks["web.2"].attachments[0].address.to_string(),
             "10.0.2.3"
@@ -789,14 +798,14 @@ mod tests {
         let mut id = ids();
         let before = s.clone();
         assert!(matches!(
-            s.create_service(svc("web", &["small"], 6), &mut id),
+            s.create_service(svc("web", &["small"], 6), &mut id, &|_| true),
             Err(StateError::NetworkFull { .. })
         ));
         assert_eq!(s, before);
-        s.create_service(svc("web", &["small"], 5), &mut id)
+        s.create_service(svc("web", &["small"], 5), &mut id, &|_| true)
             .unwrap();
         let before = s.clone();
-        assert!(s.scale_service("web", 6, &mut id).is_err());
+        assert!(s.scale_service("web", 6, &mut id, &|_| true).is_err());
         assert_eq!(s, before);
     }
 
@@ -806,26 +815,27 @@ mod tests {
         net(&mut s, "a", None).unwrap();
         let mut id = ids();
         assert!(matches!(
-            s.create_service(svc("x", &["nope"], 1), &mut id),
+            s.create_service(svc("x", &["nope"], 1), &mut id, &|_| true),
             Err(StateError::NoSuchNetwork(_))
         ));
         assert!(matches!(
-            s.create_service(svc("x", &["a", "a"], 1), &mut id),
+            s.create_service(svc("x", &["a", "a"], 1), &mut id, &|_| true),
             Err(StateError::DuplicateNetwork(_))
         ));
         let mut empty = svc("x", &["a"], 1);
         empty.command.clear();
         assert!(matches!(
-            s.create_service(empty, &mut id),
+            s.create_service(empty, &mut id, &|_| true),
             Err(StateError::EmptyCommand)
         ));
         assert!(matches!(
-            s.create_service(svc("x", &["a"], MAX_REPLICAS + 1), &mut id),
+            s.create_service(svc("x", &["a"], MAX_REPLICAS + 1), &mut id, &|_| true),
             Err(StateError::TooManyReplicas(_))
         ));
-        s.create_service(svc("x", &["a"], 0), &mut id).unwrap();
+        s.create_service(svc("x", &["a"], 0), &mut id, &|_| true)
+            .unwrap();
         assert!(matches!(
-            s.create_service(svc("x", &["a"], 1), &mut id),
+            s.create_service(svc("x", &["a"], 1), &mut id, &|_| true),
             Err(StateError::ServiceExists(_))
         ));
     }
@@ -836,7 +846,7 @@ mod tests {
         net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
         net(&mut s, "b", Some("10.0.3.0/24")).unwrap();
         let mut id = ids();
-        s.create_service(svc("web", &["a", "b"], 2), &mut id)
+        s.create_service(svc("web", &["a", "b"], 2), &mut id, &|_| true)
             .unwrap();
         let t = &s.tasks["web.2"];
         assert_eq!(t.attachments.len(), 2);
@@ -872,7 +882,8 @@ mod tests {
         ));
         // Tasks skip the VTEP's address.
         let mut id = ids();
-        s.create_service(svc("web", &["a"], 1), &mut id).unwrap();
+        s.create_service(svc("web", &["a"], 1), &mut id, &|_| true)
+            .unwrap();
         assert_eq!(
             s.tasks["web.1"].attachments[0].address.to_string(),
             "10.0.5.3"
@@ -903,10 +914,19 @@ mod tests {
         }
         net(&mut s, "a", None).unwrap();
         let mut id = ids();
-        s.create_service(svc("web", &["a"], 6), &mut id).unwrap();
+        s.create_service(svc("web", &["a"], 6), &mut id, &|_| true)
+            .unwrap();
         for n in ["n1", "n2", "n3"] {
             let node = NodeName::new(n).unwrap();
             assert_eq!(s.tasks_on(&node).count(), 2, "{n}");
         }
+        // A node that is not eligible (down) gets no new task.
+        s.scale_service("web", 9, &mut id, &|n| n.as_str() != "n2")
+            .unwrap();
+        assert_eq!(s.tasks_on(&NodeName::new("n2").unwrap()).count(), 2);
+        assert!(matches!(
+            s.scale_service("web", 10, &mut id, &|_| false),
+            Err(StateError::NoActiveNode)
+        ));
     }
 }

@@ -5,7 +5,6 @@
 
 use crate::agent::Agent;
 use crate::api::{self, ApiState};
-use crate::cluster::health::Health;
 use crate::cluster::pki::{self, Ca, Identity, Token};
 use crate::cluster::server::{self, ServerCtx};
 use crate::cluster::worker::{self, Link};
@@ -127,10 +126,8 @@ async fn start_manager(
         &cfg.node,
         Some((advertise, cfg.data_path_port)),
     )?);
-    let health = Arc::new(Health::new(cfg.node.clone()));
     let ctx = Arc::new(ServerCtx {
         manager: manager.clone(),
-        health: health.clone(),
         ca,
         join_secret: token.secret.clone(),
     });
@@ -138,7 +135,6 @@ async fn start_manager(
     info!(%listen, "cluster manager listening (QUIC, mutual TLS)");
     Ok(Cluster::Manager {
         manager,
-        health,
         join: Some(JoinInfo {
             token: token.render(),
             addr: listen,
@@ -247,7 +243,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             )?;
             Cluster::Manager {
                 manager: Arc::new(manager),
-                health: Arc::new(Health::new(cfg.node.clone())),
                 join: None,
             }
         }

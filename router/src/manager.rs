@@ -3,6 +3,7 @@
 //! and published to subscribers (the local agent; remote agents over the control plane).
 //! A refused or unpersistable request changes nothing.
 
+use crate::cluster::health::Health;
 use crate::store::{Store, StoreError};
 use protocol::api::{self, TaskStatus};
 use protocol::control::{Op, OpError};
@@ -93,6 +94,7 @@ impl From<StoreError> for ApiError {
 pub type StatusBoard = Arc<RwLock<BTreeMap<String, (String, TaskStatus)>>>;
 
 pub struct Manager {
+    health: Arc<Health>,
     state: Mutex<ClusterState>,
     store: Store,
     pool: Pool,
@@ -141,6 +143,7 @@ impl Manager {
         }
         let (published, _) = watch::channel(Arc::new(state.clone()));
         Ok(Manager {
+            health: Arc::new(Health::new(node.clone())),
             state: Mutex::new(state),
             store,
             pool,
@@ -155,6 +158,11 @@ impl Manager {
 
     pub fn snapshot(&self) -> Arc<ClusterState> {
         self.published.borrow().clone()
+    }
+
+    /// Which nodes are heartbeating; placement only uses those.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     pub fn statuses(&self) -> &StatusBoard {
@@ -276,12 +284,17 @@ impl Manager {
             created_at: t,
             updated_at: t,
         };
-        self.change(|s| s.create_service(svc, &mut new_id).cloned())
+        let health = self.health.clone();
+        self.change(|s| {
+            s.create_service(svc, &mut new_id, &|n| health.is_ready(n))
+                .cloned()
+        })
     }
 
     pub fn scale_service(&self, name: &str, replicas: u32) -> Result<Service, ApiError> {
+        let health = self.health.clone();
         self.change(|s| {
-            s.scale_service(name, replicas, &mut new_id)?;
+            s.scale_service(name, replicas, &mut new_id, &|n| health.is_ready(n))?;
             let svc = s
                 .services
                 .get_mut(name)

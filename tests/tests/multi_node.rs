@@ -150,10 +150,16 @@ fn three_node_overlay() {
     // The manager comes back: workers resynchronise and changes go through again.
     n1.remove_flag("--init", false);
     n1.restart();
-    assert!(wait_for(Duration::from_secs(15), || n2
-        .ctl(&["network", "create", "later"])
-        .status
-        .success()));
+    let mut last = String::new();
+    let created = wait_for(Duration::from_secs(15), || {
+        let out = n2.ctl(&["network", "create", "later"]);
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        out.status.success()
+    });
+    assert!(
+        created,
+        "worker could not create after the manager came back: {last}"
+    );
     assert!(wait_for(Duration::from_secs(5), || n3
         .ctl_ok(&["network", "ls", "-q"])
         .contains("later")));

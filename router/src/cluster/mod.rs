@@ -10,7 +10,6 @@ pub mod wire;
 pub mod worker;
 
 use crate::manager::{ApiError, Manager, StatusBoard};
-use health::Health;
 use protocol::control::{Op, Snapshot};
 use protocol::state::ClusterState;
 use std::net::SocketAddr;
@@ -31,7 +30,6 @@ pub struct JoinInfo {
 pub enum Cluster {
     Manager {
         manager: Arc<Manager>,
-        health: Arc<Health>,
         join: Option<JoinInfo>,
     },
     Worker(Arc<Link>),
@@ -54,9 +52,7 @@ impl Cluster {
     /// Desired state, task statuses and node health; a worker's own tasks as it sees them.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         match self {
-            Cluster::Manager {
-                manager, health, ..
-            } => Arc::new(server::snapshot(manager, health)),
+            Cluster::Manager { manager, .. } => Arc::new(server::snapshot(manager)),
             Cluster::Worker(link) => {
                 let mut s = (*link.snapshot()).clone();
                 if let Ok(local) = link.local.read() {

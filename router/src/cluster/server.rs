@@ -8,7 +8,6 @@
 //! `Report`s (heartbeats) and answers forwarded `Request`s. Anything else is refused with a
 //! log line, and changes nothing.
 
-use super::health::Health;
 use super::pki::{self, Ca};
 use super::wire;
 use crate::manager::Manager;
@@ -26,20 +25,19 @@ const PUSH_EVERY: Duration = Duration::from_secs(1);
 
 pub struct ServerCtx {
     pub manager: Arc<Manager>,
-    pub health: Arc<Health>,
     pub ca: Ca,
     pub join_secret: String,
 }
 
 /// Builds the snapshot the manager pushes: desired state, reported statuses, node health.
-pub fn snapshot(manager: &Manager, health: &Health) -> Snapshot {
+pub fn snapshot(manager: &Manager) -> Snapshot {
     let state = (*manager.snapshot()).clone();
     let statuses = manager
         .statuses()
         .read()
         .map(|b| b.clone())
         .unwrap_or_default();
-    let health = health.report(&state);
+    let health = manager.health().report(&state);
     Snapshot {
         state,
         statuses,
@@ -122,7 +120,9 @@ async fn handle(
             if !pki::secret_matches(&secret, &ctx.join_secret) {
                 return refuse(&mut send, remote, "invalid join token".into()).await;
             }
-            if ctx.health.is_ready(&node) && ctx.manager.snapshot().nodes.contains_key(&node) {
+            if ctx.manager.health().is_ready(&node)
+                && ctx.manager.snapshot().nodes.contains_key(&node)
+            {
                 return refuse(
                     &mut send,
                     remote,
@@ -200,7 +200,7 @@ async fn handle(
                 return;
             }
             info!(%remote, %node, "node session up");
-            ctx.health.beat(&node);
+            ctx.manager.health().beat(&node);
             session(node.clone(), send, recv, ctx, shutdown).await;
             info!(%remote, %node, "node session ended");
         }
@@ -229,7 +229,7 @@ async fn session(
             };
             match msg {
                 ToManager::Report { statuses } => {
-                    reader_ctx.health.beat(&reader_node);
+                    reader_ctx.manager.health().beat(&reader_node);
                     let state = reader_ctx.manager.snapshot();
                     if let Ok(mut board) = reader_ctx.manager.statuses().write() {
                         for r in statuses {
@@ -269,9 +269,9 @@ async fn session(
             r = responses.recv() => match r { Some(m) => m, None => break },
             c = changes.changed() => {
                 if c.is_err() { break }
-                ToNode::Snapshot(Box::new(snapshot(&ctx.manager, &ctx.health)))
+                ToNode::Snapshot(Box::new(snapshot(&ctx.manager)))
             }
-            _ = tick.tick() => ToNode::Snapshot(Box::new(snapshot(&ctx.manager, &ctx.health))),
+            _ = tick.tick() => ToNode::Snapshot(Box::new(snapshot(&ctx.manager))),
         };
         if let Err(e) = wire::send(&mut send, &msg).await {
             warn!(%node, error = %e, "control session write failed");

@@ -85,6 +85,15 @@ pub async fn join(
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<u64, ApiError>>>>>;
 
+/// Aborts a spawned task when dropped (when its session ends, however it ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The node's live view of the cluster, fed by the manager.
 pub struct Link {
     pub manager: SocketAddr,
@@ -152,8 +161,10 @@ impl Link {
             Ok(Ok(r)) => r?,
             _ => return Err(unreachable()),
         };
-        let mut rx = self.state.subscribe();
-        let _ = tokio::time::timeout(REQUEST_TIMEOUT, rx.wait_for(|s| s.revision >= rev)).await;
+        // Wait on the same view the API answers from, so `create` then `inspect` finds it.
+        let mut rx = self.snapshot.subscribe();
+        let _ =
+            tokio::time::timeout(REQUEST_TIMEOUT, rx.wait_for(|s| s.state.revision >= rev)).await;
         Ok(rev)
     }
 
@@ -174,13 +185,15 @@ impl Link {
 
     fn accept_snapshot(&self, snap: Snapshot, store: &Store) {
         let newer = snap.state.revision != self.state.borrow().revision;
-        if newer {
-            if let Err(e) = store.save(&snap.state) {
+        let state = newer.then(|| snap.state.clone());
+        // The API's view first: whoever waits for a revision then reads this one.
+        self.snapshot.send_replace(Arc::new(snap));
+        if let Some(state) = state {
+            if let Err(e) = store.save(&state) {
                 warn!(error = %e, "cannot persist the cluster state");
             }
-            self.state.send_replace(Arc::new(snap.state.clone()));
+            self.state.send_replace(Arc::new(state));
         }
-        self.snapshot.send_replace(Arc::new(snap));
     }
 
     /// Keeps a session to the manager until `shutdown`.
@@ -270,10 +283,24 @@ impl Link {
         }
         info!(manager = %self.manager, "control session up");
         self.connected.store(true, Ordering::Relaxed);
+        // Frames are read by their own task: a read cancelled half-way by the select below
+        // would lose bytes and desynchronise the stream.
+        let (frames_tx, mut frames) = mpsc::channel::<Result<ToNode, String>>(16);
+        let _reader = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let msg = wire::recv::<ToNode>(&mut recv)
+                    .await
+                    .map_err(|e| e.to_string());
+                let failed = msg.is_err();
+                if frames_tx.send(msg).await.is_err() || failed {
+                    return;
+                }
+            }
+        }));
         let mut tick = tokio::time::interval(REPORT_EVERY);
         loop {
             tokio::select! {
-                msg = wire::recv::<ToNode>(&mut recv) => match msg.map_err(|e| e.to_string())? {
+                msg = frames.recv() => match msg.ok_or("control stream reader ended")?? {
                     ToNode::Snapshot(snap) => self.accept_snapshot(*snap, store),
                     ToNode::Response { id, result } => {
                         if let Some(tx) = pending.lock().ok().and_then(|mut p| p.remove(&id)) {

@@ -53,7 +53,7 @@ fn three_node_overlay() {
     let tag = unique("mn");
     let mut u = Underlay::new(&tag, 2, 1);
     let mut n1 = Node::manager(&format!("{tag}a"), &u, 1);
-    let mut n2 = Node::worker(&format!("{tag}b"), &u, 2, &n1);
+    let n2 = Node::worker(&format!("{tag}b"), &u, 2, &n1);
     assert!(wait_for(Duration::from_secs(10), || n1
         .node_state(&n2.name)
         == "ready"));
@@ -110,8 +110,15 @@ fn three_node_overlay() {
         bytes > 1_000_000,
         "cross-node iperf3 moved only {bytes} bytes"
     );
-    let stats = n1.json(&["stats"]);
-    assert!(stats["tx_frames"].as_u64().unwrap_or(0) > 1000, "{stats}");
+    for n in [&n1, &n3] {
+        let stats = n.json(&["stats"]);
+        assert!(stats["tx_frames"].as_u64().unwrap_or(0) > 1000, "{stats}");
+        assert!(
+            stats["drops"]["write_failed"].is_null(),
+            "underlay sends failed: {stats}"
+        );
+        assert!(stats["drops"]["vxlan_malformed"].is_null(), "{stats}");
+    }
 
     // A killed worker is marked down within seconds; restarted, it comes back with its
     // certificate (no token needed) and its task runs again.

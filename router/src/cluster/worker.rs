@@ -83,7 +83,9 @@ pub async fn join(
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<u64, ApiError>>>>>;
+/// Where a forwarded change's answer goes.
+type Reply = oneshot::Sender<Result<u64, ApiError>>;
+type Pending = Arc<Mutex<HashMap<u64, Reply>>>;
 
 /// Aborts a spawned task when dropped (when its session ends, however it ends).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -99,8 +101,8 @@ pub struct Link {
     pub manager: SocketAddr,
     snapshot: watch::Sender<Arc<Snapshot>>,
     state: watch::Sender<Arc<ClusterState>>,
-    requests: mpsc::Sender<(Op, oneshot::Sender<Result<u64, ApiError>>)>,
-    requests_rx: Mutex<Option<mpsc::Receiver<(Op, oneshot::Sender<Result<u64, ApiError>>)>>>,
+    requests: mpsc::Sender<(Op, Reply)>,
+    requests_rx: Mutex<Option<mpsc::Receiver<(Op, Reply)>>>,
     connected: AtomicBool,
     next_id: AtomicU64,
     /// This node's own task statuses (written by the agent).
@@ -261,7 +263,7 @@ impl Link {
         cfg: &quinn::ClientConfig,
         hello: &ToManager,
         store: &Store,
-        requests: &mut mpsc::Receiver<(Op, oneshot::Sender<Result<u64, ApiError>>)>,
+        requests: &mut mpsc::Receiver<(Op, Reply)>,
         pending: &Pending,
     ) -> Result<(), String> {
         let conn = endpoint

@@ -1,15 +1,16 @@
 //! The datapath's I/O thread: it owns every TAP fd and the underlay UDP socket, waits on them
 //! with `mio`, reads frames in batches, asks [`switch`] what to do with each and does it.
 //!
-//! It allocates nothing per frame: frame buffers and the reply buffer are made once. Every
-//! buffer keeps [`HEADROOM`] bytes in front of the inner frame, so a frame read from a TAP is
-//! wrapped in VXLAN by writing the 8-byte header in place, and a datagram read from the
-//! underlay has its inner frame at the same offset. Tables are read from an `ArcSwap`
-//! snapshot once per batch; ports come and go through a command channel and a waker.
+//! It allocates nothing per frame: frame buffers, the reply buffer and the underlay's batch
+//! buffers ([`super::underlay`]) are made once. Frames for other nodes are queued into runs
+//! that go out with one GSO send per run; datagrams come in with recvmmsg and GRO. Tables
+//! are read from an `ArcSwap` snapshot once per batch; ports come and go through a command
+//! channel and a waker.
 
 use super::stats::{Counters, DropReason};
 use super::switch::{self, Verdict, MAX_FRAME};
 use super::table::{PortId, Tables};
+use super::underlay::{self, RxBatch, TxBatch, Underlay};
 use arc_swap::ArcSwap;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -17,7 +18,7 @@ use protocol::types::Vni;
 use protocol::vxlan;
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -28,9 +29,6 @@ use tracing::{debug, warn};
 pub const BATCH: usize = 64;
 const WAKE: Token = Token(usize::MAX);
 const UNDERLAY: Token = Token(usize::MAX - 1);
-/// Room in front of every inner frame for the VXLAN header.
-pub const HEADROOM: usize = vxlan::HEADER_LEN;
-const BUF: usize = HEADROOM + MAX_FRAME;
 
 enum Command {
     AddPort(PortId, OwnedFd),
@@ -53,12 +51,13 @@ impl Datapath {
     pub fn start(counters: Arc<Counters>, underlay: Option<UdpSocket>) -> io::Result<Datapath> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
-        if let Some(sock) = &underlay {
-            sock.set_nonblocking(true)?;
-            let raw = sock.as_raw_fd();
+        let underlay = underlay.map(Underlay::new).transpose()?;
+        if let Some(u) = &underlay {
+            let raw = u.socket().as_raw_fd();
             poll.registry()
                 .register(&mut SourceFd(&raw), UNDERLAY, Interest::READABLE)?;
         }
+        let rxb = underlay.as_ref().map(RxBatch::new);
         let tables = Arc::new(ArcSwap::from_pointee(Tables::default()));
         let (tx, rx) = mpsc::channel();
         let mut worker = Worker {
@@ -68,12 +67,12 @@ impl Datapath {
             counters: counters.clone(),
             ports: HashMap::new(),
             underlay,
+            txb: TxBatch::default(),
+            rxb,
             ready: VecDeque::new(),
-            frames: vec![[0u8; BUF]; BATCH],
+            frames: vec![[0u8; MAX_FRAME]; BATCH],
             lens: [0; BATCH],
-            from: [std::net::Ipv4Addr::UNSPECIFIED; BATCH],
-            vnis: [None; BATCH],
-            reply: vec![0u8; BUF],
+            reply: vec![0u8; MAX_FRAME],
         };
         let thread = std::thread::Builder::new()
             .name("datapath".into())
@@ -132,17 +131,15 @@ struct Worker {
     tables: Arc<ArcSwap<Tables>>,
     counters: Arc<Counters>,
     ports: HashMap<PortId, OwnedFd>,
-    underlay: Option<UdpSocket>,
+    underlay: Option<Underlay>,
+    /// Frames queued for other nodes, sent at the end of each batch (or sooner).
+    txb: TxBatch,
+    rxb: Option<RxBatch>,
     /// Sources that may have more to read (edge-triggered polling: a source stays here until
     /// a read says WouldBlock).
     ready: VecDeque<Token>,
-    /// Inner frames live at `[HEADROOM..HEADROOM + lens[i]]`.
-    frames: Vec<[u8; BUF]>,
+    frames: Vec<[u8; MAX_FRAME]>,
     lens: [usize; BATCH],
-    /// Underlay sender of each datagram in a batch read from the UDP socket.
-    from: [std::net::Ipv4Addr; BATCH],
-    /// VNI of each datagram in a batch read from the UDP socket.
-    vnis: [Option<Vni>; BATCH],
     reply: Vec<u8>,
 }
 
@@ -227,7 +224,7 @@ impl Worker {
         };
         let mut n = 0;
         while n < BATCH {
-            match nix::unistd::read(fd, &mut self.frames[n][HEADROOM..]) {
+            match nix::unistd::read(fd, &mut self.frames[n]) {
                 Ok(0) => return (n, false),
                 Ok(len) => {
                     self.lens[n] = len;
@@ -253,119 +250,94 @@ impl Worker {
         let tables = self.tables.load();
         let mut tx = 0u64;
         for i in 0..n {
-            let len = self.lens[i];
-            let frame = &self.frames[i][HEADROOM..HEADROOM + len];
-            match switch::from_port(&tables, port, frame, &mut self.reply[HEADROOM..]) {
+            let frame = &self.frames[i][..self.lens[i]];
+            match switch::from_port(&tables, port, frame, &mut self.reply) {
                 Verdict::Forward(to) => tx += write_port(&self.ports, &self.counters, to, frame),
-                Verdict::Reply(rlen) => {
-                    let answer = &self.reply[HEADROOM..HEADROOM + rlen];
-                    tx += write_port(&self.ports, &self.counters, port, answer);
+                Verdict::Reply(len) => {
+                    tx += write_port(&self.ports, &self.counters, port, &self.reply[..len]);
                     Counters::add(&self.counters.replies, 1);
                 }
-                Verdict::Flood(vni) => tx += self.flood(&tables, vni, Some(port), i),
-                Verdict::Encap { vni, vtep } => {
-                    tx += send_vxlan(
-                        &self.underlay,
-                        &self.counters,
-                        &mut self.frames[i],
-                        len,
-                        vni,
-                        vtep,
-                    )
+                Verdict::Flood(vni) => {
+                    tx += flood(&self.ports, &self.counters, &tables, vni, Some(port), frame)
                 }
+                Verdict::Encap { vni, vtep } => match &self.underlay {
+                    Some(u) => tx += self.txb.queue(u, &self.counters, vni, vtep, frame),
+                    None => self.counters.count_drop(DropReason::UnknownDestination),
+                },
                 Verdict::ReplyRemote { .. } => {}
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
             }
+        }
+        if let Some(u) = &self.underlay {
+            tx += self.txb.flush(u, &self.counters);
         }
         Counters::add(&self.counters.tx_frames, tx);
         more
     }
 
-    /// Copies frame `i` of the batch to every local port of `vni` except `except`.
-    fn flood(&self, tables: &Tables, vni: Vni, except: Option<PortId>, i: usize) -> u64 {
-        Counters::add(&self.counters.flooded, 1);
-        let frame = &self.frames[i][HEADROOM..HEADROOM + self.lens[i]];
-        let Some(net) = tables.networks.get(&vni) else {
-            return 0;
-        };
-        net.local_ports
-            .iter()
-            .filter(|p| Some(**p) != except)
-            .map(|to| write_port(&self.ports, &self.counters, *to, frame))
-            .sum()
-    }
-
-    /// Reads one batch of VXLAN datagrams; returns whether the socket may have more.
-    fn read_underlay(&mut self) -> (usize, bool) {
-        let Some(sock) = &self.underlay else {
-            return (0, false);
-        };
-        let mut n = 0;
-        while n < BATCH {
-            match sock.recv_from(&mut self.frames[n]) {
-                Ok((len, SocketAddr::V4(from))) => {
-                    let inner = vxlan::Packet::new_checked(&self.frames[n][..len])
-                        .and_then(|p| vxlan::Repr::parse(&p).map(|r| (r, len - HEADROOM)));
-                    match inner {
-                        Ok((repr, inner_len)) => {
-                            self.lens[n] = inner_len;
-                            self.from[n] = *from.ip();
-                            self.vnis[n] = Some(repr.vni);
-                            n += 1;
-                        }
-                        Err(_) => self.counters.count_drop(DropReason::VxlanMalformed),
-                    }
-                }
-                Ok((_, SocketAddr::V6(_))) => self.counters.count_drop(DropReason::VxlanMalformed),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (n, false),
-                Err(e) => {
-                    debug!(error = %e, "underlay receive failed");
-                    return (n, false);
-                }
-            }
-        }
-        (n, true)
-    }
-
+    /// Handles one recvmmsg worth of VXLAN datagrams; returns whether more may be waiting.
     fn service_underlay(&mut self) -> bool {
-        let (n, more) = self.read_underlay();
-        if n == 0 {
-            return more;
-        }
-        Counters::add(&self.counters.rx_frames, n as u64);
+        let (Some(u), Some(rxb)) = (&self.underlay, &mut self.rxb) else {
+            return false;
+        };
+        let more = match rxb.recv(u) {
+            Ok(more) => more,
+            Err(e) => {
+                debug!(error = %e, "underlay receive failed");
+                return false;
+            }
+        };
         let tables = self.tables.load();
-        let mut tx = 0u64;
-        for i in 0..n {
-            let Some(vni) = self.vnis[i] else { continue };
-            let frame = &self.frames[i][HEADROOM..HEADROOM + self.lens[i]];
-            match switch::from_underlay(
-                &tables,
-                vni,
-                self.from[i],
-                frame,
-                &mut self.reply[HEADROOM..],
-            ) {
+        let (mut rx, mut tx) = (0u64, 0u64);
+        for (from, dgram) in rxb.datagrams() {
+            rx += 1;
+            let inner = vxlan::Packet::new_checked(dgram)
+                .and_then(|p| vxlan::Repr::parse(&p).map(|r| (r, p)));
+            let (Ok((repr, packet)), Some(from)) = (inner, underlay::ipv4_of(from)) else {
+                self.counters.count_drop(DropReason::VxlanMalformed);
+                continue;
+            };
+            let frame = packet.payload();
+            match switch::from_underlay(&tables, repr.vni, from, frame, &mut self.reply) {
                 Verdict::Forward(to) => tx += write_port(&self.ports, &self.counters, to, frame),
-                Verdict::Flood(vni) => tx += self.flood(&tables, vni, None, i),
+                Verdict::Flood(vni) => {
+                    tx += flood(&self.ports, &self.counters, &tables, vni, None, frame)
+                }
                 Verdict::ReplyRemote { vni, vtep, len } => {
-                    tx += send_vxlan(
-                        &self.underlay,
-                        &self.counters,
-                        &mut self.reply,
-                        len,
-                        vni,
-                        vtep,
-                    );
+                    tx += self
+                        .txb
+                        .queue(u, &self.counters, vni, vtep, &self.reply[..len]);
+                    tx += self.txb.flush(u, &self.counters);
                     Counters::add(&self.counters.replies, 1);
                 }
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
                 Verdict::Reply(_) | Verdict::Encap { .. } => {}
             }
         }
+        Counters::add(&self.counters.rx_frames, rx);
         Counters::add(&self.counters.tx_frames, tx);
         more
     }
+}
+
+/// Copies `frame` to every local port of `vni` except `except`.
+fn flood(
+    ports: &HashMap<PortId, OwnedFd>,
+    counters: &Counters,
+    tables: &Tables,
+    vni: Vni,
+    except: Option<PortId>,
+    frame: &[u8],
+) -> u64 {
+    Counters::add(&counters.flooded, 1);
+    let Some(net) = tables.networks.get(&vni) else {
+        return 0;
+    };
+    net.local_ports
+        .iter()
+        .filter(|p| Some(**p) != except)
+        .map(|to| write_port(ports, counters, *to, frame))
+        .sum()
 }
 
 fn write_port(
@@ -379,30 +351,6 @@ fn write_port(
         return 0;
     };
     match nix::unistd::write(fd, frame) {
-        Ok(_) => 1,
-        Err(_) => {
-            counters.count_drop(DropReason::WriteFailed);
-            0
-        }
-    }
-}
-
-/// Writes the VXLAN header into `buf[..HEADROOM]` in front of the inner frame that sits at
-/// `buf[HEADROOM..HEADROOM + len]` and sends the datagram to `vtep`.
-fn send_vxlan(
-    sock: &Option<UdpSocket>,
-    counters: &Counters,
-    buf: &mut [u8],
-    len: usize,
-    vni: Vni,
-    vtep: SocketAddrV4,
-) -> u64 {
-    let Some(sock) = sock else {
-        counters.count_drop(DropReason::UnknownDestination);
-        return 0;
-    };
-    vxlan::Repr { vni }.emit(&mut vxlan::Packet::new_unchecked(&mut buf[..HEADROOM]));
-    match sock.send_to(&buf[..HEADROOM + len], vtep) {
         Ok(_) => 1,
         Err(_) => {
             counters.count_drop(DropReason::WriteFailed);

@@ -10,3 +10,4 @@ pub mod io;
 pub mod stats;
 pub mod switch;
 pub mod table;
+pub mod underlay;

@@ -465,3 +465,33 @@ impl Node {
             .to_string()
     }
 }
+
+/// Bytes the receiver got, from `iperf3 -J` output; panics with the output if it failed.
+pub fn iperf_received(out: &Output) -> u64 {
+    assert!(
+        out.status.success(),
+        "iperf3 failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bytes"]
+        .as_u64()
+        .expect("bytes received")
+}
+
+/// Runs a 2-second iperf3 TCP test from task `client` to `server_ip`; returns bytes received.
+pub fn iperf_bytes(node: &Node, client: &str, server_ip: &str) -> u64 {
+    iperf_received(&node.exec(
+        client,
+        &[
+            "iperf3",
+            "-c",
+            server_ip,
+            "-t",
+            "2",
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ],
+    ))
+}

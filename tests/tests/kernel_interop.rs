@@ -7,7 +7,9 @@
 //! the task's MAC with ARP answered by overlayd over VXLAN, and a capture of the underlay
 //! (tshark) shows UDP 4789 carrying VNI 4200. Needs root.
 
-use overlay_e2e::{pings, require_root, run, unique, wait_for, Netns, Node, Underlay};
+use overlay_e2e::{
+    iperf_bytes, iperf_received, pings, require_root, run, unique, wait_for, Netns, Node, Underlay,
+};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -74,28 +76,19 @@ fn kernel_vtep(u: &Underlay, h: usize, k: &Netns, overlayd_addr: &str, task_mac:
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    bridge(&[
-        "fdb",
-        "add",
-        task_mac,
-        "dev",
-        "vx0",
-        "dst",
-        overlayd_addr,
-        "self",
-        "permanent",
-    ]);
-    bridge(&[
-        "fdb",
-        "append",
-        "00:00:00:00:00:00",
-        "dev",
-        "vx0",
-        "dst",
-        overlayd_addr,
-        "self",
-        "permanent",
-    ]);
+    for (verb, mac) in [("add", task_mac), ("append", "00:00:00:00:00:00")] {
+        bridge(&[
+            "fdb",
+            verb,
+            mac,
+            "dev",
+            "vx0",
+            "dst",
+            overlayd_addr,
+            "self",
+            "permanent",
+        ]);
+    }
 }
 
 #[test]
@@ -208,39 +201,18 @@ fn kernel_vxlan_peer_interoperates() {
         run(k
             .cmd("iperf3")
             .args(["-c", &task_ip, "-t", "2", "-J", "--connect-timeout", "3000"]));
-    assert!(out.status.success(), "iperf3 kernel -> task failed");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    assert!(
-        v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0) > 1_000_000,
-        "{v}"
-    );
-    let server = k
+    let bytes = iperf_received(&out);
+    assert!(bytes > 1_000_000, "kernel -> task moved only {bytes} bytes");
+    let mut server = k
         .cmd("iperf3")
         .args(["-s", "-1"])
         .stdout(Stdio::null())
         .spawn()
         .expect("iperf3 -s");
     std::thread::sleep(Duration::from_millis(500));
-    let out = node.exec(
-        "srv.1",
-        &[
-            "iperf3",
-            "-c",
-            KERNEL_IP,
-            "-t",
-            "2",
-            "-J",
-            "--connect-timeout",
-            "3000",
-        ],
-    );
-    let mut server = server;
+    let bytes = iperf_bytes(&node, "srv.1", KERNEL_IP);
     let _ = server.wait();
-    assert!(
-        out.status.success(),
-        "iperf3 task -> kernel failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(bytes > 1_000_000, "task -> kernel moved only {bytes} bytes");
 
     // What crossed the underlay is standard VXLAN: UDP 4789, VNI 4200.
     let captured = capture.wait_with_output().expect("tshark output");

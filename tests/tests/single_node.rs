@@ -7,21 +7,8 @@
 //! - a restart of overlayd restores networks, services and tasks (same addresses);
 //! - after removal, no namespace is left.
 
-use overlay_e2e::{pings, require_root, unique, wait_for, Node};
+use overlay_e2e::{iperf_bytes, pings, require_root, unique, wait_for, Node};
 use std::time::Duration;
-
-fn iperf_bytes(node: &Node, client: &str, server_ip: &str) -> u64 {
-    let out = node.exec(client, &["iperf3", "-c", server_ip, "-t", "2", "-J"]);
-    assert!(
-        out.status.success(),
-        "iperf3 failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    v["end"]["sum_received"]["bytes"]
-        .as_u64()
-        .expect("bytes received")
-}
 
 /// Sends raw frames out of `task`'s eth0 with a packet socket: one with a forged source MAC,
 /// one truncated ARP, one to a MAC nobody has.

@@ -74,6 +74,16 @@ async fn refuse(send: &mut quinn::SendStream, remote: SocketAddr, reason: String
     tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
+fn check_version(version: u32) -> Result<(), String> {
+    if version == VERSION {
+        Ok(())
+    } else {
+        Err(format!(
+            "control protocol version {version} is not this manager's {VERSION}"
+        ))
+    }
+}
+
 fn peer_name(conn: &quinn::Connection) -> Option<String> {
     let certs = conn
         .peer_identity()?
@@ -109,13 +119,8 @@ async fn handle(
             secret,
             csr_pem,
         } => {
-            if version != VERSION {
-                return refuse(
-                    &mut send,
-                    remote,
-                    format!("control protocol version {version} is not this manager's {VERSION}"),
-                )
-                .await;
+            if let Err(reason) = check_version(version) {
+                return refuse(&mut send, remote, reason).await;
             }
             if !pki::secret_matches(&secret, &ctx.join_secret) {
                 return refuse(&mut send, remote, "invalid join token".into()).await;
@@ -155,13 +160,8 @@ async fn handle(
             advertise_addr,
             data_port,
         } => {
-            if version != VERSION {
-                return refuse(
-                    &mut send,
-                    remote,
-                    format!("control protocol version {version} is not this manager's {VERSION}"),
-                )
-                .await;
+            if let Err(reason) = check_version(version) {
+                return refuse(&mut send, remote, reason).await;
             }
             match peer_name(&conn) {
                 Some(cn) if cn == node.as_str() => {}

@@ -8,9 +8,10 @@
 //! channel and a waker.
 
 use super::stats::{Counters, DropReason};
-use super::switch::{self, Verdict, MAX_FRAME};
+use super::switch::{self, Verdict, MAX_FRAME, MAX_SUPER_FRAME};
 use super::table::{PortId, Tables};
 use super::underlay::{self, RxBatch, TxBatch, Underlay};
+use super::vnet::{self, VnetHdr};
 use arc_swap::ArcSwap;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -27,6 +28,11 @@ use tracing::{debug, warn};
 
 /// Frames read from one port before the loop moves to the next one.
 pub const BATCH: usize = 64;
+/// A TAP read: virtio-net header + (super-)frame.
+const PORT_BUF: usize = vnet::HDR_LEN + MAX_SUPER_FRAME;
+/// The header written in front of frames the router makes or receives from the underlay:
+/// no offload, checksums complete.
+const PLAIN: [u8; vnet::HDR_LEN] = [0; vnet::HDR_LEN];
 const WAKE: Token = Token(usize::MAX);
 const UNDERLAY: Token = Token(usize::MAX - 1);
 
@@ -70,9 +76,10 @@ impl Datapath {
             txb: TxBatch::default(),
             rxb,
             ready: VecDeque::new(),
-            frames: vec![[0u8; MAX_FRAME]; BATCH],
+            frames: vec![vec![0u8; PORT_BUF]; BATCH],
             lens: [0; BATCH],
             reply: vec![0u8; MAX_FRAME],
+            segment: vec![0u8; MAX_FRAME],
         };
         let thread = std::thread::Builder::new()
             .name("datapath".into())
@@ -138,9 +145,12 @@ struct Worker {
     /// Sources that may have more to read (edge-triggered polling: a source stays here until
     /// a read says WouldBlock).
     ready: VecDeque<Token>,
-    frames: Vec<[u8; MAX_FRAME]>,
+    /// TAP reads: header then frame, `lens[i]` bytes in all.
+    frames: Vec<Vec<u8>>,
     lens: [usize; BATCH],
     reply: Vec<u8>,
+    /// One segment of a super-frame being cut for the underlay.
+    segment: Vec<u8>,
 }
 
 impl Worker {
@@ -250,20 +260,64 @@ impl Worker {
         let tables = self.tables.load();
         let mut tx = 0u64;
         for i in 0..n {
-            let frame = &self.frames[i][..self.lens[i]];
+            let len = self.lens[i];
+            if len < vnet::HDR_LEN {
+                self.counters.count_drop(DropReason::Runt);
+                continue;
+            }
+            let (hdr, frame) = self.frames[i][..len].split_at_mut(vnet::HDR_LEN);
             match switch::from_port(&tables, port, frame, &mut self.reply) {
-                Verdict::Forward(to) => tx += write_port(&self.ports, &self.counters, to, frame),
-                Verdict::Reply(len) => {
-                    tx += write_port(&self.ports, &self.counters, port, &self.reply[..len]);
-                    Counters::add(&self.counters.replies, 1);
+                // Between TAPs the header travels with the frame: super-frames and partial
+                // checksums are the receiving kernel's to handle.
+                Verdict::Forward(to) => {
+                    tx += write_port(&self.ports, &self.counters, to, hdr, frame)
                 }
                 Verdict::Flood(vni) => {
-                    tx += flood(&self.ports, &self.counters, &tables, vni, Some(port), frame)
+                    tx += flood(
+                        &self.ports,
+                        &self.counters,
+                        &tables,
+                        vni,
+                        Some(port),
+                        hdr,
+                        frame,
+                    )
                 }
-                Verdict::Encap { vni, vtep } => match &self.underlay {
-                    Some(u) => tx += self.txb.queue(u, &self.counters, vni, vtep, frame),
-                    None => self.counters.count_drop(DropReason::UnknownDestination),
-                },
+                Verdict::Reply(rlen) => {
+                    tx += write_port(
+                        &self.ports,
+                        &self.counters,
+                        port,
+                        &PLAIN,
+                        &self.reply[..rlen],
+                    );
+                    Counters::add(&self.counters.replies, 1);
+                }
+                Verdict::Encap { vni, vtep } => {
+                    let Some(u) = &self.underlay else {
+                        self.counters.count_drop(DropReason::UnknownDestination);
+                        continue;
+                    };
+                    // On the wire a frame must be whole: segment, or complete its checksum.
+                    let h = VnetHdr::from_slice(hdr).unwrap_or_default();
+                    let result = if h.is_gso() {
+                        let (txb, counters) = (&mut self.txb, &self.counters);
+                        vnet::segment_tcp4(frame, &h, &mut self.segment, |seg| {
+                            tx += txb.queue(u, counters, vni, vtep, seg);
+                        })
+                        .map(|_| ())
+                    } else if h.flags & vnet::F_NEEDS_CSUM != 0 {
+                        vnet::complete_checksum(frame, &h).map(|()| {
+                            tx += self.txb.queue(u, &self.counters, vni, vtep, frame);
+                        })
+                    } else {
+                        tx += self.txb.queue(u, &self.counters, vni, vtep, frame);
+                        Ok(())
+                    };
+                    if result.is_err() {
+                        self.counters.count_drop(DropReason::OffloadMalformed);
+                    }
+                }
                 Verdict::ReplyRemote { .. } => {}
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
             }
@@ -299,9 +353,19 @@ impl Worker {
             };
             let frame = packet.payload();
             match switch::from_underlay(&tables, repr.vni, from, frame, &mut self.reply) {
-                Verdict::Forward(to) => tx += write_port(&self.ports, &self.counters, to, frame),
+                Verdict::Forward(to) => {
+                    tx += write_port(&self.ports, &self.counters, to, &PLAIN, frame)
+                }
                 Verdict::Flood(vni) => {
-                    tx += flood(&self.ports, &self.counters, &tables, vni, None, frame)
+                    tx += flood(
+                        &self.ports,
+                        &self.counters,
+                        &tables,
+                        vni,
+                        None,
+                        &PLAIN,
+                        frame,
+                    )
                 }
                 Verdict::ReplyRemote { vni, vtep, len } => {
                     tx += self
@@ -320,13 +384,14 @@ impl Worker {
     }
 }
 
-/// Copies `frame` to every local port of `vni` except `except`.
+/// Copies `frame` (with its virtio-net header) to every local port of `vni` but `except`.
 fn flood(
     ports: &HashMap<PortId, OwnedFd>,
     counters: &Counters,
     tables: &Tables,
     vni: Vni,
     except: Option<PortId>,
+    hdr: &[u8],
     frame: &[u8],
 ) -> u64 {
     Counters::add(&counters.flooded, 1);
@@ -336,21 +401,24 @@ fn flood(
     net.local_ports
         .iter()
         .filter(|p| Some(**p) != except)
-        .map(|to| write_port(ports, counters, *to, frame))
+        .map(|to| write_port(ports, counters, *to, hdr, frame))
         .sum()
 }
 
+/// Writes a virtio-net header and a frame to a TAP in one system call.
 fn write_port(
     ports: &HashMap<PortId, OwnedFd>,
     counters: &Counters,
     to: PortId,
+    hdr: &[u8],
     frame: &[u8],
 ) -> u64 {
     let Some(fd) = ports.get(&to) else {
         counters.count_drop(DropReason::UnknownPort);
         return 0;
     };
-    match nix::unistd::write(fd, frame) {
+    let iov = [std::io::IoSlice::new(hdr), std::io::IoSlice::new(frame)];
+    match nix::sys::uio::writev(fd, &iov) {
         Ok(_) => 1,
         Err(_) => {
             counters.count_drop(DropReason::WriteFailed);

@@ -11,3 +11,4 @@ pub mod stats;
 pub mod switch;
 pub mod table;
 pub mod underlay;
+pub mod vnet;

@@ -43,6 +43,7 @@ drop_reasons! {
     VxlanUnknownVni => "vxlan_unknown_vni": "VXLAN frame for a VNI this node has no network for.",
     VxlanSourceMismatch => "vxlan_source_mismatch": "Inner source MAC does not live behind the sending underlay address.",
     WriteFailed => "write_failed": "The output device or socket refused the frame.",
+    OffloadMalformed => "offload_malformed": "A super-frame or partial checksum from a TAP that cannot be segmented or completed.",
 }
 
 /// Shared counters of one node's datapath.

@@ -8,8 +8,10 @@ use super::table::{Location, PortId, Tables};
 use protocol::types::{MacAddr, Vni};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-/// Largest frame handled: a 1500-byte payload, Ethernet header and one VLAN tag.
+/// Largest frame handled on the wire: a 1500-byte payload, Ethernet header and one VLAN tag.
 pub const MAX_FRAME: usize = 1518;
+/// Largest frame a TAP with TCP segmentation offload hands over: a 64 KiB IP packet.
+pub const MAX_SUPER_FRAME: usize = 14 + 4 + 65_535;
 const ETHERTYPE_ARP: u16 = 0x0806;
 
 /// What to do with one frame.
@@ -43,13 +45,14 @@ fn mac_at(frame: &[u8], at: usize) -> MacAddr {
     MacAddr(m)
 }
 
-/// Decides the fate of a frame read from local port `in_port`. `reply` must hold at least
-/// [`MAX_FRAME`] bytes; it is written only when the verdict is [`Verdict::Reply`].
+/// Decides the fate of a frame read from local port `in_port` (possibly a TCP super-frame
+/// of up to [`MAX_SUPER_FRAME`] bytes). `reply` must hold at least [`MAX_FRAME`] bytes; it is
+/// written only when the verdict is [`Verdict::Reply`].
 pub fn from_port(t: &Tables, in_port: PortId, frame: &[u8], reply: &mut [u8]) -> Verdict {
     if frame.len() < 14 {
         return Verdict::Drop(DropReason::Runt);
     }
-    if frame.len() > MAX_FRAME {
+    if frame.len() > MAX_SUPER_FRAME {
         return Verdict::Drop(DropReason::Oversize);
     }
     let Some(binding) = t.ports.get(&in_port) else {

@@ -125,8 +125,13 @@ fn bad_frames_are_dropped_with_reasons() {
     let f = udp("10.0.2.2", mac("10.0.2.3"), "10.0.2.3");
     assert_eq!(decide(1, &f[..13]).0, Verdict::Drop(DropReason::Runt));
     assert_eq!(decide(1, &[]).0, Verdict::Drop(DropReason::Runt));
+    // From a TAP a TCP super-frame may be up to 64 KiB; from the underlay, one wire frame.
     assert_eq!(
-        decide(1, &vec![0u8; 1519]).0,
+        decide(1, &vec![0u8; 70_000]).0,
+        Verdict::Drop(DropReason::Oversize)
+    );
+    assert_eq!(
+        remote(&vec![0u8; 1519], "198.18.0.3", 4097).0,
         Verdict::Drop(DropReason::Oversize)
     );
     assert_eq!(decide(9, &f).0, Verdict::Drop(DropReason::UnknownPort));

@@ -1,0 +1,292 @@
+//! The virtio-net header a TAP with IFF_VNET_HDR puts in front of every frame (and expects in
+//! front of every frame written to it), and the two things the datapath must do for a frame
+//! that leaves through the underlay instead of another TAP: complete a checksum the sender
+//! left to "hardware", and cut a TCP/IPv4 super-frame (TSO) into MSS-sized segments.
+//! Pure functions over byte slices.
+
+use etherparse::checksum::Sum16BitWords;
+
+/// Size of `struct virtio_net_hdr` (the TAP default, no `num_buffers`).
+pub const HDR_LEN: usize = 10;
+/// The frame's checksum is partial: complete it from `csum_start` to the end.
+pub const F_NEEDS_CSUM: u8 = 1;
+pub const GSO_NONE: u8 = 0;
+pub const GSO_TCPV4: u8 = 1;
+pub const GSO_ECN: u8 = 0x80;
+
+const ETH: usize = 14;
+
+/// The meaning of a virtio-net header (little-endian fields, as on the TAP of an x86 host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VnetHdr {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+}
+
+impl VnetHdr {
+    pub fn parse(b: &[u8; HDR_LEN]) -> VnetHdr {
+        let u = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+        }
+    }
+
+    /// Parses the first [`HDR_LEN`] bytes of `b`, if there are that many.
+    pub fn from_slice(b: &[u8]) -> Option<VnetHdr> {
+        b.get(..HDR_LEN)?.try_into().ok().map(VnetHdr::parse)
+    }
+
+    pub fn emit(&self, b: &mut [u8; HDR_LEN]) {
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+    }
+
+    pub fn is_gso(&self) -> bool {
+        self.gso_type & !GSO_ECN != GSO_NONE
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OffloadError {
+    #[error("checksum offsets outside the frame")]
+    BadChecksumOffsets,
+    #[error("GSO type {0} is not supported")]
+    UnsupportedGso(u8),
+    #[error("GSO frame is not a well-formed TCP/IPv4 frame")]
+    MalformedGso,
+}
+
+/// The final (inverted, folded) checksum as a number to write big-endian. etherparse sums
+/// in native byte order, hence the `to_be`.
+fn fold(sum: Sum16BitWords) -> u16 {
+    sum.ones_complement().to_be()
+}
+
+/// Completes a partial checksum in place: the field at `csum_start + csum_offset` holds the
+/// pseudo-header sum; the checksum covers `csum_start..` to the end of the frame.
+pub fn complete_checksum(frame: &mut [u8], h: &VnetHdr) -> Result<(), OffloadError> {
+    let start = h.csum_start as usize;
+    let at = start + h.csum_offset as usize;
+    if start >= frame.len() || at + 2 > frame.len() {
+        return Err(OffloadError::BadChecksumOffsets);
+    }
+    let sum = fold(Sum16BitWords::new().add_slice(&frame[start..]));
+    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    Ok(())
+}
+
+/// Cuts a TCP/IPv4 super-frame into segments of at most `h.gso_size` payload bytes, each a
+/// complete frame with correct IPv4 and TCP headers and checksums, written into `scratch` and
+/// handed to `emit` one at a time.
+pub fn segment_tcp4(
+    frame: &[u8],
+    h: &VnetHdr,
+    scratch: &mut [u8],
+    mut emit: impl FnMut(&[u8]),
+) -> Result<usize, OffloadError> {
+    if h.gso_type & !GSO_ECN != GSO_TCPV4 {
+        return Err(OffloadError::UnsupportedGso(h.gso_type));
+    }
+    let bad = OffloadError::MalformedGso;
+    if frame.len() < ETH + 20 || frame[12..14] != [0x08, 0x00] || frame[ETH] >> 4 != 4 {
+        return Err(bad);
+    }
+    let ihl = ((frame[ETH] & 0x0f) as usize) * 4;
+    let tcp = ETH + ihl;
+    if ihl < 20 || frame.len() < tcp + 20 || frame[ETH + 9] != 6 {
+        return Err(bad);
+    }
+    let thl = ((frame[tcp + 12] >> 4) as usize) * 4;
+    let headers = tcp + thl;
+    let mss = h.gso_size as usize;
+    if thl < 20 || frame.len() < headers || mss == 0 || headers + mss > scratch.len() {
+        return Err(bad);
+    }
+    let payload = &frame[headers..];
+    let id = u16::from_be_bytes([frame[ETH + 4], frame[ETH + 5]]);
+    let seq = u32::from_be_bytes([
+        frame[tcp + 4],
+        frame[tcp + 5],
+        frame[tcp + 6],
+        frame[tcp + 7],
+    ]);
+    let (src, dst) = (&frame[ETH + 12..ETH + 16], &frame[ETH + 16..ETH + 20]);
+    let chunks = payload.len().div_ceil(mss).max(1);
+    for i in 0..chunks {
+        let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
+        let len = headers + chunk.len();
+        let out = &mut scratch[..len];
+        out[..headers].copy_from_slice(&frame[..headers]);
+        out[headers..].copy_from_slice(chunk);
+        // IPv4: total length, id, header checksum.
+        out[ETH + 2..ETH + 4].copy_from_slice(&((ihl + thl + chunk.len()) as u16).to_be_bytes());
+        out[ETH + 4..ETH + 6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+        out[ETH + 10..ETH + 12].fill(0);
+        let ip_sum = fold(Sum16BitWords::new().add_slice(&out[ETH..tcp]));
+        out[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
+        // TCP: sequence number; FIN and PSH only on the last segment, CWR only on the first.
+        out[tcp + 4..tcp + 8].copy_from_slice(&seq.wrapping_add((i * mss) as u32).to_be_bytes());
+        if i + 1 < chunks {
+            out[tcp + 13] &= !(0x01 | 0x08);
+        }
+        if i > 0 {
+            out[tcp + 13] &= !0x80;
+        }
+        out[tcp + 16..tcp + 18].fill(0);
+        let tcp_len = (thl + chunk.len()) as u16;
+        let sum = Sum16BitWords::new()
+            .add_slice(src)
+            .add_slice(dst)
+            .add_2bytes([0, 6])
+            .add_2bytes(tcp_len.to_be_bytes())
+            .add_slice(&out[tcp..]);
+        out[tcp + 16..tcp + 18].copy_from_slice(&fold(sum).to_be_bytes());
+        emit(out);
+    }
+    Ok(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+
+    fn tcp_frame(payload: &[u8], fin_psh: bool) -> Vec<u8> {
+        let mut v = Vec::new();
+        let b = PacketBuilder::ethernet2([2, 0x42, 10, 0, 0, 2], [2, 0x42, 10, 0, 0, 3])
+            .ipv4([10, 0, 0, 2], [10, 0, 0, 3], 64)
+            .tcp(40000, 5201, 1_000_000, 65000)
+            .ack(77);
+        let b = if fin_psh { b.psh().fin().cwr() } else { b };
+        b.write(&mut v, payload).unwrap();
+        v
+    }
+
+    #[test]
+    fn header_roundtrip() {
+        let h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 66,
+            gso_size: 1398,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let mut b = [0u8; HDR_LEN];
+        h.emit(&mut b);
+        assert_eq!(VnetHdr::parse(&b), h);
+        assert!(h.is_gso());
+        assert!(!VnetHdr::default().is_gso());
+    }
+
+    #[test]
+    fn super_frame_is_cut_into_valid_segments() {
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let frame = tcp_frame(&payload, true);
+        let h = VnetHdr {
+            gso_type: GSO_TCPV4,
+            gso_size: 1398,
+            ..Default::default()
+        };
+        let mut scratch = vec![0u8; 1600];
+        let mut segs: Vec<Vec<u8>> = Vec::new();
+        let n = segment_tcp4(&frame, &h, &mut scratch, |s| segs.push(s.to_vec())).unwrap();
+        assert_eq!(n, 4);
+        let mut joined = Vec::new();
+        for (i, s) in segs.iter().enumerate() {
+            assert!(s.len() <= 14 + 20 + 20 + 1398);
+            let p = SlicedPacket::from_ethernet(s).unwrap();
+            let Some(NetSlice::Ipv4(ip)) = &p.net else {
+                panic!()
+            };
+            let ih = ip.header().to_header();
+            assert_eq!(ih.header_checksum, ih.calc_header_checksum(), "ip csum {i}");
+            assert_eq!(ih.identification, i as u16 + ih.identification - i as u16);
+            let Some(TransportSlice::Tcp(t)) = &p.transport else {
+                panic!()
+            };
+            let th = t.to_header();
+            assert_eq!(
+                th.checksum,
+                th.calc_checksum_ipv4(&ih, t.payload()).unwrap(),
+                "tcp csum {i}"
+            );
+            assert_eq!(th.sequence_number, 1_000_000 + (i as u32) * 1398);
+            let last = i == 3;
+            assert_eq!(th.fin, last);
+            assert_eq!(th.psh, last);
+            assert_eq!(th.cwr, i == 0);
+            assert!(th.ack);
+            joined.extend_from_slice(t.payload());
+        }
+        assert_eq!(joined, payload);
+        // Consecutive IPv4 ids.
+        let id = |s: &Vec<u8>| u16::from_be_bytes([s[18], s[19]]);
+        assert_eq!(id(&segs[1]), id(&segs[0]).wrapping_add(1));
+    }
+
+    #[test]
+    fn partial_checksum_is_completed() {
+        let frame = tcp_frame(b"hello, partial checksum", false);
+        let mut partial = frame.clone();
+        // What the kernel leaves: the pseudo-header sum, not inverted, in the field.
+        let tcp_len = (frame.len() - 34) as u16;
+        let pseudo = Sum16BitWords::new()
+            .add_slice(&frame[26..34])
+            .add_2bytes([0, 6])
+            .add_2bytes(tcp_len.to_be_bytes());
+        let folded = !fold(pseudo);
+        partial[50..52].copy_from_slice(&folded.to_be_bytes());
+        let h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 16,
+            ..Default::default()
+        };
+        complete_checksum(&mut partial, &h).unwrap();
+        assert_eq!(partial, frame);
+        let bad = VnetHdr {
+            csum_start: 5000,
+            ..h
+        };
+        assert_eq!(
+            complete_checksum(&mut partial, &bad),
+            Err(OffloadError::BadChecksumOffsets)
+        );
+    }
+
+    #[test]
+    fn malformed_gso_frames_are_refused() {
+        let h = VnetHdr {
+            gso_type: GSO_TCPV4,
+            gso_size: 1000,
+            ..Default::default()
+        };
+        let mut scratch = vec![0u8; 1600];
+        let frame = tcp_frame(&[0u8; 3000], false);
+        assert!(segment_tcp4(&frame[..40], &h, &mut scratch, |_| {}).is_err());
+        let mut udp = frame.clone();
+        udp[23] = 17;
+        assert!(segment_tcp4(&udp, &h, &mut scratch, |_| {}).is_err());
+        let zero = VnetHdr { gso_size: 0, ..h };
+        assert!(segment_tcp4(&frame, &zero, &mut scratch, |_| {}).is_err());
+        let v6 = VnetHdr { gso_type: 4, ..h };
+        assert_eq!(
+            segment_tcp4(&frame, &v6, &mut scratch, |_| {}),
+            Err(OffloadError::UnsupportedGso(4))
+        );
+    }
+}

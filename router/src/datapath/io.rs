@@ -7,6 +7,7 @@
 //! are read from an `ArcSwap` snapshot once per batch; ports come and go through a command
 //! channel and a waker.
 
+use super::gro::{Coalescer, Push};
 use super::stats::{Counters, DropReason};
 use super::switch::{self, Verdict, MAX_FRAME, MAX_SUPER_FRAME};
 use super::table::{PortId, Tables};
@@ -80,6 +81,7 @@ impl Datapath {
             lens: [0; BATCH],
             reply: vec![0u8; MAX_FRAME],
             segment: vec![0u8; MAX_FRAME],
+            gro: Coalescer::default(),
         };
         let thread = std::thread::Builder::new()
             .name("datapath".into())
@@ -151,6 +153,8 @@ struct Worker {
     reply: Vec<u8>,
     /// One segment of a super-frame being cut for the underlay.
     segment: Vec<u8>,
+    /// Segments from the underlay being merged for a TAP.
+    gro: Coalescer,
 }
 
 impl Worker {
@@ -354,7 +358,14 @@ impl Worker {
             let frame = packet.payload();
             match switch::from_underlay(&tables, repr.vni, from, frame, &mut self.reply) {
                 Verdict::Forward(to) => {
-                    tx += write_port(&self.ports, &self.counters, to, &PLAIN, frame)
+                    // Merge bulk TCP for the TAP; anything else flushes the run first, so
+                    // a flow's frames keep their order.
+                    if self.gro.push(to, frame) == Push::Refused {
+                        tx += flush_gro(&mut self.gro, &self.ports, &self.counters);
+                        if self.gro.push(to, frame) == Push::Refused {
+                            tx += write_port(&self.ports, &self.counters, to, &PLAIN, frame);
+                        }
+                    }
                 }
                 Verdict::Flood(vni) => {
                     tx += flood(
@@ -378,9 +389,20 @@ impl Worker {
                 Verdict::Reply(_) | Verdict::Encap { .. } => {}
             }
         }
+        tx += flush_gro(&mut self.gro, &self.ports, &self.counters);
         Counters::add(&self.counters.rx_frames, rx);
         Counters::add(&self.counters.tx_frames, tx);
         more
+    }
+}
+
+/// Writes the merged run, if any; returns how many of the original frames it delivered.
+fn flush_gro(gro: &mut Coalescer, ports: &HashMap<PortId, OwnedFd>, counters: &Counters) -> u64 {
+    match gro.take() {
+        Some((to, hdr, frame, segments)) => {
+            write_port(ports, counters, to, &hdr, frame) * segments as u64
+        }
+        None => 0,
     }
 }
 

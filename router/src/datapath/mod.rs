@@ -6,6 +6,7 @@
 //! ```
 
 pub mod answer;
+pub mod gro;
 pub mod io;
 pub mod stats;
 pub mod switch;

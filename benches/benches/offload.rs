@@ -1,0 +1,77 @@
+//! The work a frame crossing nodes costs beyond the switch decision: cutting a TCP
+//! super-frame into MSS-sized segments (userspace TSO) and completing partial checksums on
+//! the way out, verifying and merging segments back into a super-frame (userspace GRO) on
+//! the way in.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use router::datapath::gro::{Coalescer, Push};
+use router::datapath::table::PortId;
+use router::datapath::vnet::{complete_checksum, segment_tcp4, VnetHdr, F_NEEDS_CSUM, GSO_TCPV4};
+use std::hint::black_box;
+
+/// A TCP/IPv4 frame (no options) with `payload` bytes, as a task's kernel hands it over.
+fn frame(payload: usize) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 20 + 20 + payload];
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f[14] = 0x45;
+    f[14 + 2..14 + 4].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
+    f[14 + 8] = 64;
+    f[14 + 9] = 6;
+    f[26..30].copy_from_slice(&[10, 0, 0, 2]);
+    f[30..34].copy_from_slice(&[10, 0, 0, 3]);
+    f[34 + 12] = 0x50;
+    f[34 + 13] = 0x10;
+    for (i, b) in f[54..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    f
+}
+
+fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("offload");
+    let big = frame(64_000 - 54);
+    let h = VnetHdr {
+        gso_type: GSO_TCPV4,
+        gso_size: 1398,
+        ..Default::default()
+    };
+    let mut scratch = vec![0u8; 1600];
+    g.throughput(Throughput::Bytes(big.len() as u64));
+    g.bench_function("segment_tcp4_64KiB_into_1398B", |b| {
+        b.iter(|| {
+            let mut n = 0usize;
+            segment_tcp4(black_box(&big), &h, &mut scratch, |s| n += s.len()).unwrap();
+            n
+        })
+    });
+    // The receiving side: the same 46 segments, verified and merged back for the TAP.
+    let mut segs = Vec::new();
+    let mut whole = big.clone();
+    whole[50..52].fill(0);
+    segment_tcp4(&whole, &h, &mut scratch, |s| segs.push(s.to_vec())).unwrap();
+    let mut gro = Coalescer::default();
+    g.throughput(Throughput::Bytes(big.len() as u64));
+    g.bench_function("gro_merge_46_segments", |b| {
+        b.iter(|| {
+            for s in &segs {
+                assert_eq!(gro.push(PortId(1), black_box(s)), Push::Taken);
+            }
+            gro.take().map(|t| t.3)
+        })
+    });
+    let mut one = frame(1398);
+    let ch = VnetHdr {
+        flags: F_NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: 16,
+        ..Default::default()
+    };
+    g.throughput(Throughput::Bytes(one.len() as u64));
+    g.bench_function("complete_checksum_1452B", |b| {
+        b.iter(|| complete_checksum(black_box(&mut one), &ch).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -153,6 +153,8 @@ pub enum TaskState {
     Failed,
     /// Being removed.
     Shutdown,
+    /// Its node is down: the last report is stale.
+    Unknown,
 }
 
 impl std::fmt::Display for TaskState {
@@ -163,6 +165,7 @@ impl std::fmt::Display for TaskState {
             TaskState::Running => "running",
             TaskState::Failed => "failed",
             TaskState::Shutdown => "shutdown",
+            TaskState::Unknown => "unknown",
         };
         f.write_str(s)
     }

@@ -11,7 +11,8 @@
 use super::pki::{self, Ca};
 use super::wire;
 use crate::manager::Manager;
-use protocol::control::{Snapshot, ToManager, ToNode, VERSION};
+use protocol::api::TaskState;
+use protocol::control::{NodeHealth, Snapshot, ToManager, ToNode, VERSION};
 use protocol::types::NodeName;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +39,17 @@ pub fn snapshot(manager: &Manager) -> Snapshot {
         .map(|b| b.clone())
         .unwrap_or_default();
     let health = manager.health().report(&state);
+    // What a down node last said about its tasks is no longer known to be true.
+    let mut statuses = statuses;
+    for t in state.tasks.values() {
+        if health.get(&t.node) == Some(&NodeHealth::Down) {
+            if let Some((_, st)) = statuses.get_mut(&t.name) {
+                st.state = TaskState::Unknown;
+                st.error = Some(format!("node {} is down", t.node));
+                st.pid = None;
+            }
+        }
+    }
     Snapshot {
         state,
         statuses,

@@ -47,6 +47,8 @@ pub struct Agent {
     next_port: u32,
     /// This node's VXLAN port; external VTEPs are sent to on it too.
     data_port: u16,
+    /// The state revision the datapath's tables were last built from.
+    published: Option<u64>,
 }
 
 impl Agent {
@@ -65,6 +67,7 @@ impl Agent {
             tasks: BTreeMap::new(),
             next_port: 1,
             data_port,
+            published: None,
         }
     }
 
@@ -146,8 +149,9 @@ impl Agent {
                 }
             }
         }
-        if changed || state.revision > 0 {
+        if changed || self.published != Some(state.revision) {
             self.publish(state);
+            self.published = Some(state.revision);
         }
     }
 

@@ -16,6 +16,13 @@ use std::net::Ipv4Addr;
 pub const FORMAT: u32 = 1;
 /// Docker's option that chooses a network's VXLAN id.
 pub const OPT_VXLANID: &str = "com.docker.network.driver.overlay.vxlanid_list";
+/// Docker's option that sets the MTU of a network's interfaces (for underlays whose MTU is
+/// below 1500: the overlay MTU must leave 50 bytes for VXLAN).
+pub const OPT_MTU: &str = "com.docker.network.driver.mtu";
+/// MTU of overlay interfaces on a 1500-byte underlay.
+pub const DEFAULT_MTU: u16 = 1450;
+/// Smallest MTU an IPv4 interface may have.
+const MIN_MTU: u16 = 68;
 /// Most replicas one service may ask for (bounds memory and namespaces per request).
 pub const MAX_REPLICAS: u32 = 1000;
 
@@ -45,6 +52,14 @@ pub struct Vtep {
 }
 
 impl Network {
+    /// The MTU of this network's interfaces.
+    pub fn mtu(&self) -> u16 {
+        self.options
+            .get(OPT_MTU)
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MTU)
+    }
+
     /// The MAC the router answers with for the gateway address.
     pub fn gateway_mac(&self) -> MacAddr {
         MacAddr::from_ipv4(self.gateway)
@@ -327,6 +342,20 @@ impl ClusterState {
                 Vni::new(v).map_err(|_| StateError::VniExhausted)?
             }
         };
+        if let Some(v) = options.get(OPT_MTU) {
+            let ok = v
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|m| (MIN_MTU..=DEFAULT_MTU).contains(m));
+            if ok.is_none() {
+                return Err(StateError::BadOption {
+                    key: OPT_MTU.to_string(),
+                    value: v.clone(),
+                    why: format!("expected {MIN_MTU}..={DEFAULT_MTU} (VXLAN needs 50 bytes of a 1500-byte underlay)"),
+                });
+            }
+        }
         options.insert(OPT_VXLANID.to_string(), vni.to_string());
         let net = Network {
             id,
@@ -700,6 +729,44 @@ mod tests {
             Err(StateError::SubnetTooSmall { .. })
         ));
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn mtu_option() {
+        let mut s = state();
+        let mut req = NetworkRequest::default();
+        let n = s
+            .create_network(
+                NetworkName::new("a").unwrap(),
+                req.clone(),
+                Pool::default(),
+                "a".into(),
+                0,
+            )
+            .unwrap();
+        assert_eq!(n.mtu(), 1450);
+        req.options.insert(OPT_MTU.into(), "1400".into());
+        let n = s
+            .create_network(
+                NetworkName::new("b").unwrap(),
+                req.clone(),
+                Pool::default(),
+                "b".into(),
+                0,
+            )
+            .unwrap();
+        assert_eq!(n.mtu(), 1400);
+        for bad in ["1500", "9000", "10", "big"] {
+            req.options.insert(OPT_MTU.into(), bad.into());
+            let e = s.create_network(
+                NetworkName::new("c").unwrap(),
+                req.clone(),
+                Pool::default(),
+                "c".into(),
+                0,
+            );
+            assert!(matches!(e, Err(StateError::BadOption { .. })), "{bad}");
+        }
     }
 
     #[test]

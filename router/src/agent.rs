@@ -187,6 +187,7 @@ impl Agent {
                 mac: a.mac,
                 address: a.address,
                 prefix_len: net.subnet.prefix_len(),
+                mtu: net.mtu(),
                 gateway: (i == 0).then_some(net.gateway),
             });
             bindings.push(PortBinding {

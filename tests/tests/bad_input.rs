@@ -107,6 +107,16 @@ fn refusals_are_clear_and_change_nothing() {
             ],
             "out of range",
         ),
+        (
+            &[
+                "network",
+                "create",
+                "-o",
+                "com.docker.network.driver.mtu=1500",
+                "x",
+            ],
+            "VXLAN needs 50 bytes",
+        ),
         (&["network", "inspect", "nope"], "network nope not found"),
         (&["network", "rm", "nope"], "network nope not found"),
         (

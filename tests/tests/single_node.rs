@@ -45,7 +45,16 @@ fn single_node_overlay() {
 
     // Two networks: one from the default pool, one with an explicit subnet.
     node.ctl_ok(&["network", "create", "front"]);
-    node.ctl_ok(&["network", "create", "--subnet", "10.0.9.0/24", "back"]);
+    // Docker's MTU option, for underlays below 1500 bytes.
+    node.ctl_ok(&[
+        "network",
+        "create",
+        "--subnet",
+        "10.0.9.0/24",
+        "-o",
+        "com.docker.network.driver.mtu=1400",
+        "back",
+    ]);
     let front = &node.json(&["network", "inspect", "front"])[0];
     assert_eq!(front["IPAM"]["Config"][0]["Subnet"], "10.0.0.0/24");
     assert_eq!(front["IPAM"]["Config"][0]["Gateway"], "10.0.0.1");
@@ -93,6 +102,8 @@ fn single_node_overlay() {
     let link = node.exec("web.1", &["ip", "-o", "link", "show", "eth0"]);
     let link = String::from_utf8_lossy(&link.stdout);
     assert!(link.contains("mtu 1450"), "{link}");
+    let back_link = node.exec("db.1", &["ip", "-o", "link", "show", "eth0"]);
+    assert!(String::from_utf8_lossy(&back_link.stdout).contains("mtu 1400"));
     assert!(link.contains("link/ether 02:42:0a:00:00:02"), "{link}");
     let pid = node.task_view("web.2")["status"]["pid"]
         .as_u64()

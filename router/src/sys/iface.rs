@@ -10,9 +10,6 @@ use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
-/// MTU of every overlay interface: 1500 minus the 50 bytes VXLAN adds.
-pub const OVERLAY_MTU: u32 = 1450;
-
 /// One interface to make in a task's namespace.
 #[derive(Debug, Clone)]
 pub struct IfaceSpec {
@@ -20,6 +17,8 @@ pub struct IfaceSpec {
     pub mac: MacAddr,
     pub address: Ipv4Addr,
     pub prefix_len: u8,
+    /// The network's MTU (1450 unless `com.docker.network.driver.mtu` says otherwise).
+    pub mtu: u16,
     /// Default route via this gateway (set on the first interface only).
     pub gateway: Option<Ipv4Addr>,
 }
@@ -73,7 +72,7 @@ async fn configure(specs: &[IfaceSpec]) -> io::Result<()> {
                 .link()
                 .set(
                     LinkUnspec::new_with_index(idx)
-                        .mtu(OVERLAY_MTU)
+                        .mtu(u32::from(s.mtu))
                         .address(s.mac.0.to_vec())
                         .up()
                         .build(),

@@ -116,6 +116,12 @@ enum NodeCmd {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Change a node: `--availability drain` moves its tasks to other nodes.
+    Update {
+        #[arg(long, value_parser = ["active", "drain"])]
+        availability: String,
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -369,6 +375,13 @@ async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<()> {
                 out.push(c.get::<NodeView>(&format!("/nodes/{}", seg(&n))).await?);
             }
             print_json(&out)?;
+        }
+        NodeCmd::Update { availability, name } => {
+            let body = json!({ "availability": availability });
+            let _: NodeView = c
+                .post(&format!("/nodes/{}/update", seg(&name)), body)
+                .await?;
+            println!("{name}");
         }
     }
     Ok(())

@@ -17,6 +17,7 @@
 //! | `GET /tasks/{name}`             |                         | [`TaskView`]           |
 //! | `GET /datapath/stats`           |                         | [`DatapathStats`]      |
 //! | `GET /nodes`, `GET /nodes/{name}`|                        | `[NodeView]`, [`NodeView`] |
+//! | `POST /nodes/{name}/update`     | [`NodeUpdate`]          | [`NodeView`]           |
 //! | `GET /cluster/join-token`       |                         | [`JoinToken`]          |
 //! | `GET /networks/{name}/vteps`    |                         | `[Vtep]`               |
 //! | `POST /networks/{name}/vteps`   | [`VtepAdd`]             | `[Vtep]`               |
@@ -265,4 +266,10 @@ pub struct VtepAdd {
     pub mac: String,
     #[serde(default)]
     pub ip: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeUpdate {
+    /// "active" or "drain".
+    pub availability: String,
 }

@@ -112,6 +112,10 @@ pub enum Op {
         network: String,
         mac: MacAddr,
     },
+    UpdateNode {
+        node: String,
+        availability: crate::state::Availability,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

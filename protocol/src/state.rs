@@ -221,6 +221,8 @@ pub enum StateError {
     NoSuchVtep { mac: MacAddr, network: NetworkName },
     #[error("node {0} is already a member of the cluster")]
     NodeExists(NodeName),
+    #[error("node {0} not found")]
+    NoSuchNode(String),
 }
 
 /// What a network create request asks for, already parsed.
@@ -588,6 +590,45 @@ impl ClusterState {
             }
         }
         self.revision += 1;
+    }
+
+    /// Sets a node's availability. Draining moves every task on it to other eligible active
+    /// nodes (new task ids and addresses, same slots), as `docker node update --availability
+    /// drain` does; it is refused, changing nothing, if a task has nowhere to go.
+    pub fn set_availability(
+        &mut self,
+        node: &str,
+        availability: Availability,
+        new_id: &mut dyn FnMut() -> String,
+        eligible: &dyn Fn(&NodeName) -> bool,
+    ) -> Result<(), StateError> {
+        let mut next = self.clone();
+        let n = next
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| StateError::NoSuchNode(node.to_string()))?;
+        n.availability = availability;
+        let name = n.name.clone();
+        if availability == Availability::Drain {
+            let moving: Vec<Task> = next
+                .tasks
+                .values()
+                .filter(|t| t.node == name)
+                .cloned()
+                .collect();
+            for t in &moving {
+                next.tasks.remove(&t.name);
+            }
+            let services: BTreeSet<ServiceName> =
+                moving.iter().map(|t| t.service.clone()).collect();
+            for svc in services {
+                let replicas = next.services.get(&svc).map_or(0, |s| s.replicas);
+                next.scale_service(svc.as_str(), replicas, new_id, eligible)?;
+            }
+        }
+        next.revision += 1;
+        *self = next;
+        Ok(())
     }
 
     /// Every address of `network` that is taken: the gateway, each task's endpoint and each
@@ -959,6 +1000,53 @@ mod tests {
         assert!(matches!(
             s.remove_vtep("a", mac),
             Err(StateError::NoSuchVtep { .. })
+        ));
+    }
+
+    #[test]
+    fn drain_moves_tasks_and_refuses_when_nowhere_to_go() {
+        let mut s = state();
+        let n2 = NodeName::new("n2").unwrap();
+        s.nodes.insert(
+            n2.clone(),
+            Node {
+                name: n2.clone(),
+                role: Role::Worker,
+                availability: Availability::Active,
+                advertise_addr: None,
+                data_port: 4789,
+                joined_at: 0,
+            },
+        );
+        net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
+        let mut id = ids();
+        s.create_service(svc("web", &["a"], 4), &mut id, &|_| true)
+            .unwrap();
+        assert_eq!(s.tasks_on(&n2).count(), 2);
+        s.set_availability("n2", Availability::Drain, &mut id, &|_| true)
+            .unwrap();
+        assert_eq!(s.tasks_on(&n2).count(), 0);
+        assert_eq!(s.tasks.len(), 4);
+        assert_eq!(s.nodes[&n2].availability, Availability::Drain);
+        // New tasks go elsewhere while drained; back to active, it is eligible again.
+        s.scale_service("web", 5, &mut id, &|_| true).unwrap();
+        assert_eq!(s.tasks_on(&n2).count(), 0);
+        s.set_availability("n2", Availability::Active, &mut id, &|_| true)
+            .unwrap();
+        s.scale_service("web", 6, &mut id, &|_| true).unwrap();
+        assert_eq!(s.tasks_on(&n2).count(), 1);
+        // Draining the only other node would strand its tasks: refused, nothing changes.
+        s.set_availability("n2", Availability::Drain, &mut id, &|_| true)
+            .unwrap();
+        let before = s.clone();
+        assert!(matches!(
+            s.set_availability("n1", Availability::Drain, &mut id, &|_| true),
+            Err(StateError::NoActiveNode)
+        ));
+        assert_eq!(s, before);
+        assert!(matches!(
+            s.set_availability("nope", Availability::Drain, &mut id, &|_| true),
+            Err(StateError::NoSuchNode(_))
         ));
     }
 

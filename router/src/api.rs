@@ -17,7 +17,7 @@ use protocol::api::{
     NodeView, ServiceInspect, ServiceSpec, TaskState, TaskStatus, TaskView,
 };
 use protocol::control::{NodeHealth, Op, Snapshot};
-use protocol::state::{Network, Role, Service, Task, Vtep};
+use protocol::state::{Availability, Network, Role, Service, Task, Vtep};
 use protocol::types::{MacAddr, NodeName};
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashMap};
@@ -68,6 +68,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/tasks/{name}", get(task_inspect))
         .route("/nodes", get(node_list))
         .route("/nodes/{name}", get(node_inspect))
+        .route("/nodes/{name}/update", post(node_update))
         .route("/cluster/join-token", get(join_token))
         .route("/datapath/stats", get(stats))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
@@ -416,6 +417,30 @@ async fn node_inspect(State(st): State<ApiState>, Path(name): Path<String>) -> A
         .get(name.as_str())
         .ok_or_else(|| ApiError::not_found(format!("node {name} not found")))?;
     Ok(Json(node_view(&st, &snap, n)))
+}
+
+async fn node_update(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<NodeView> {
+    let req: api::NodeUpdate = parse(&body)?;
+    let availability = match req.availability.as_str() {
+        "active" => Availability::Active,
+        "drain" => Availability::Drain,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "invalid availability {other:?}: expected \"active\" or \"drain\""
+            )))
+        }
+    };
+    st.cluster
+        .apply(Op::UpdateNode {
+            node: name.clone(),
+            availability,
+        })
+        .await?;
+    node_inspect(State(st), Path(name)).await
 }
 
 async fn join_token(State(st): State<ApiState>) -> ApiResult<api::JoinToken> {

@@ -49,7 +49,7 @@ impl From<StateError> for ApiError {
     fn from(e: StateError) -> ApiError {
         use StateError::*;
         let status = match &e {
-            NoSuchNetwork(_) | NoSuchService(_) => 404,
+            NoSuchNetwork(_) | NoSuchService(_) | NoSuchNode(_) | NoSuchVtep { .. } => 404,
             NetworkExists(_)
             | ServiceExists(_)
             | NetworkInUse { .. }
@@ -201,6 +201,12 @@ impl Manager {
             Op::RemoveService(name) => self.remove_service(&name),
             Op::AddVtep { network, vtep } => self.change(|s| s.add_vtep(&network, vtep)),
             Op::RemoveVtep { network, mac } => self.change(|s| s.remove_vtep(&network, mac)),
+            Op::UpdateNode { node, availability } => {
+                let health = self.health.clone();
+                self.change(|s| {
+                    s.set_availability(&node, availability, &mut new_id, &|n| health.is_ready(n))
+                })
+            }
         }?;
         Ok(self.snapshot().revision)
     }

@@ -109,6 +109,32 @@ fn three_node_overlay() {
         assert!(stats["drops"]["offload_malformed"].is_null(), "{stats}");
     }
 
+    // Draining a node moves its task elsewhere; the service stays whole and reachable.
+    n2.ctl_ok(&["node", "update", "--availability", "drain", &n3.name]);
+    n1.wait_running("web", 3);
+    let after = running_on(&n1, "web");
+    assert!(after.iter().all(|(_, n)| *n != n3.name), "{after:?}");
+    assert!(n1.ctl_ok(&["node", "ls"]).contains("Drain"));
+    let moved = after
+        .iter()
+        .find(|(t, _)| *t == t3)
+        .map(|(t, _)| t.clone())
+        .expect("moved task");
+    assert!(pings(&n1, &t1, &n1.task_ip(&moved)), "moved task reachable");
+    n1.ctl_ok(&["node", "update", "--availability", "active", &n3.name]);
+    // Back to where it was: scale down and up so the slot lands on n3 again.
+    n1.ctl_ok(&["service", "scale", "web=2"]);
+    n1.ctl_ok(&["service", "scale", "web=3"]);
+    n1.wait_running("web", 3);
+    assert_eq!(
+        running_on(&n1, "web")
+            .iter()
+            .filter(|(_, n)| *n == n3.name)
+            .count(),
+        1
+    );
+    let ip3 = n1.task_ip(&t3);
+
     // A killed worker is marked down within seconds; restarted, it comes back with its
     // certificate (no token needed) and its task runs again.
     let mut n3 = n3;

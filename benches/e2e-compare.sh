@@ -5,7 +5,8 @@
 #                (2) overlayd, two tasks on one node (TAP <-> userspace switch <-> TAP)
 #   two nodes:   (3) kernel VXLAN overlay as Docker builds it (bridge + vxlan + static FDB)
 #                (4) overlayd on two nodes (TAP -> userspace VXLAN over UDP 4789 -> TAP)
-# and the ratios (2)/(1) and (4)/(3).
+# and the ratios (2)/(1) and (4)/(3); plus the small-packet rate across nodes (UDP, 64-byte
+# payloads, unlimited rate: packets received per second).
 # Usage (root): benches/e2e-compare.sh [seconds]    Builds release binaries first.
 set -euo pipefail
 T=${1:-5}
@@ -76,6 +77,11 @@ $C --socket "$S" service create --name cli --network bench -- sleep infinity >/d
 wait_running "$S" srv 1; wait_running "$S" cli 1; sleep 0.5
 single_gbps=$($C --socket "$S" exec cli.1 -- iperf3 -c "$(addr_of "$S" srv.1)" -t "$T" -J | gbps)
 
+kpps() { python3 -c 'import json,sys;e=json.load(sys.stdin)["end"]["sum"];print("%.0f" % (e["packets"]*(1-e["lost_percent"]/100)/e["seconds"]/1e3))'; }
+# small packets over the kernel VXLAN overlay: UDP, 64-byte payloads, unlimited rate
+ip netns exec "$P-kc2" iperf3 -s -1 -D -p 5202; sleep 0.3
+kvx_kpps=$(ip netns exec "$P-kc1" iperf3 -c 10.0.2.3 -p 5202 -u -l 64 -b 0 -t "$T" -J | kpps)
+
 # (4) overlayd, two nodes over a veth underlay
 ip link add u1 netns "$P-o1" type veth peer name u2 netns "$P-o2"
 for i in 1 2; do ip -n "$P-o$i" addr add 198.18.1.$i/24 dev u$i; ip -n "$P-o$i" link set u$i up; done
@@ -88,11 +94,16 @@ wait_running "$M" x 2; sleep 0.5
 # x.1 and x.2 are spread over the two nodes; run the client in x.1 against x.2.
 multi_gbps=$($C --socket "$M" exec x.1 -- iperf3 -c "$(addr_of "$M" x.2)" -t "$T" -J | gbps)
 nodes=$($C --socket "$M" service ps x | awk 'NR>1{print $3}' | sort -u | wc -l)
+$C --socket "$M" exec x.2 -- iperf3 -s -1 -D -p 5202; sleep 0.3
+multi_kpps=$($C --socket "$M" exec x.1 -- iperf3 -c "$(addr_of "$M" x.2)" -p 5202 -u -l 64 -b 0 -t "$T" -J | kpps)
 
 ratio() { python3 -c "print('%.3f' % ($1/$2))"; }
 printf '%-52s %8s Gbit/s\n' "(1) kernel bridge + veth, same host" "$bridge_gbps"
 printf '%-52s %8s Gbit/s\n' "(2) overlayd, two tasks on one node" "$single_gbps"
 printf '%-52s %8s Gbit/s\n' "(3) kernel VXLAN overlay, two hosts" "$kvx_gbps"
 printf '%-52s %8s Gbit/s\n' "(4) overlayd, two nodes ($nodes distinct), VXLAN/UDP 4789" "$multi_gbps"
+printf '%-52s %8s kpps\n' "(3) kernel VXLAN, 64 B UDP received" "$kvx_kpps"
+printf '%-52s %8s kpps\n' "(4) overlayd two nodes, 64 B UDP received" "$multi_kpps"
 printf '%-52s %8s\n' "ratio (2)/(1) same node" "$(ratio "$single_gbps" "$bridge_gbps")"
 printf '%-52s %8s\n' "ratio (4)/(3) across nodes" "$(ratio "$multi_gbps" "$kvx_gbps")"
+printf '%-52s %8s\n' "ratio (4)/(3) across nodes, 64 B UDP packets" "$(ratio "$multi_kpps" "$kvx_kpps")"

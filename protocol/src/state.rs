@@ -219,8 +219,6 @@ pub enum StateError {
     },
     #[error("no VTEP with MAC {mac} in network {network}")]
     NoSuchVtep { mac: MacAddr, network: NetworkName },
-    #[error("node {0} is already a member of the cluster")]
-    NodeExists(NodeName),
     #[error("node {0} not found")]
     NoSuchNode(String),
 }
@@ -228,7 +226,6 @@ pub enum StateError {
 /// What a network create request asks for, already parsed.
 #[derive(Debug, Clone, Default)]
 pub struct NetworkRequest {
-    pub name: Option<NetworkName>,
     pub driver: Option<String>,
     pub subnet: Option<Ipv4Net>,
     pub gateway: Option<Ipv4Addr>,

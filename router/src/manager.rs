@@ -253,7 +253,6 @@ impl Manager {
             return Err(ApiError::bad_request("--gateway needs --subnet"));
         }
         let request = NetworkRequest {
-            name: Some(name.clone()),
             driver: req.driver,
             subnet,
             gateway,

@@ -48,7 +48,6 @@ pub struct Datapath {
     commands: mpsc::Sender<Command>,
     waker: Arc<Waker>,
     tables: Arc<ArcSwap<Tables>>,
-    counters: Arc<Counters>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -71,7 +70,7 @@ impl Datapath {
             poll,
             commands: rx,
             tables: tables.clone(),
-            counters: counters.clone(),
+            counters,
             ports: HashMap::new(),
             underlay,
             txb: TxBatch::default(),
@@ -90,7 +89,6 @@ impl Datapath {
             commands: tx,
             waker,
             tables,
-            counters,
             thread: Some(thread),
         })
     }
@@ -114,10 +112,6 @@ impl Datapath {
     /// Publishes new tables; the next batch uses them.
     pub fn publish(&self, tables: Tables) {
         self.tables.store(Arc::new(tables));
-    }
-
-    pub fn counters(&self) -> &Arc<Counters> {
-        &self.counters
     }
 
     pub fn stop(&mut self) {

@@ -15,7 +15,13 @@ pub fn require_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() && Path::new("/dev/net/tun").exists() {
         return true;
     }
-    eprintln!("SKIP {test}: needs root and /dev/net/tun (network namespaces, TAP devices)");
+    // Straight to the stderr handle: libtest captures eprintln! of a passing test, and a
+    // skip must be seen.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIP {test}: needs root and /dev/net/tun (network namespaces, TAP devices)"
+    );
     false
 }
 

@@ -59,6 +59,11 @@ echo; echo "# the same cluster seen from a worker (commands there are forwarded 
 step $C --socket "$D/n2.sock" service scale whoami=4
 for _ in $(seq 100); do $C service ls | grep -q ' 4/4 ' && break; sleep 0.1; done
 step $C --socket "$D/n3.sock" service ps whoami
+echo; echo "# drain n2: its tasks move to the other nodes"
+step $C node update --availability drain n2
+for _ in $(seq 100); do $C service ls | grep -q ' 4/4 ' && ! $C service ps whoami | awk '{print $3}' | grep -qx n2 && break; sleep 0.1; done
+step $C service ps whoami
+step $C node update --availability active n2
 echo; echo "# stop node n3: the manager marks it down within seconds"
 kill -TERM "$(cat "$D/n3.pid")"; rm "$D/n3.pid"; sleep 5
 step $C node ls

@@ -590,8 +590,9 @@ impl ClusterState {
     }
 
     /// Sets a node's availability. Draining moves every task on it to other eligible active
-    /// nodes (new task ids and addresses, same slots), as `docker node update --availability
-    /// drain` does; it is refused, changing nothing, if a task has nowhere to go.
+    /// nodes (new task ids, same slots; addresses come from the pool again, so a task usually
+    /// gets back the one it just freed), as `docker node update --availability drain` does.
+    /// It is refused, changing nothing, if a task has nowhere to go.
     pub fn set_availability(
         &mut self,
         node: &str,

@@ -481,22 +481,19 @@ impl ClusterState {
                     address,
                     mac: MacAddr::from_ipv4(address),
                 });
-                // Reserve it at once so the next network of this task cannot reuse it.
-                next.tasks.insert(
-                    task_name.clone(),
-                    Task {
-                        id: String::new(),
-                        name: task_name.clone(),
-                        service: svc.name.clone(),
-                        slot,
-                        node: node.clone(),
-                        attachments: attachments.clone(),
-                    },
-                );
             }
-            if let Some(t) = next.tasks.get_mut(&task_name) {
-                t.id = new_id();
-            }
+            // Inserted before the next slot is placed, so its addresses count as used.
+            next.tasks.insert(
+                task_name.clone(),
+                Task {
+                    id: new_id(),
+                    name: task_name,
+                    service: svc.name.clone(),
+                    slot,
+                    node,
+                    attachments,
+                },
+            );
         }
         if let Some(s) = next.services.get_mut(name) {
             s.replicas = replicas;

@@ -24,6 +24,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+/// Where the per-node-name locks live (shared by every daemon on the machine).
+const NODE_LOCK_DIR: &str = "/run/overlay/nodes";
+
 /// Binds the API socket, refusing one that a live daemon is serving and replacing a stale one.
 fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
@@ -202,6 +205,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let state_dir = cfg.state_dir();
     let socket = cfg.socket();
     let store = Store::open(&state_dir)?;
+    // Task namespaces are named after the node (ov-NODE-TASK), and a starting node removes
+    // its leftovers: two live daemons with one node name would destroy each other's tasks.
+    let node_lock_path = Path::new(NODE_LOCK_DIR).join(format!("{}.lock", cfg.node));
+    let _node_lock = crate::store::lock_exclusive(&node_lock_path)
+        .with_context(|| format!("locking {}", node_lock_path.display()))?
+        .with_context(|| {
+            format!(
+                "node name {} is in use by another overlayd on this machine",
+                cfg.node
+            )
+        })?;
     let listener = bind_socket(&socket)?;
     let log_dir = state_dir.join("logs");
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;

@@ -25,6 +25,20 @@ pub enum StoreError {
     Write(PathBuf, io::Error),
 }
 
+/// Takes an exclusive flock on `path` (created if missing) for as long as the returned value
+/// lives; `None` if another process holds it.
+pub fn lock_exclusive(path: &Path) -> std::io::Result<Option<Flock<File>>> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock).ok())
+}
+
 pub struct Store {
     dir: PathBuf,
     _lock: Flock<File>,
@@ -35,14 +49,9 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         fs::create_dir_all(dir).map_err(|e| StoreError::Dir(dir.to_path_buf(), e))?;
         let lock_path = dir.join("lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| StoreError::Dir(lock_path.clone(), e))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-            .map_err(|_| StoreError::Locked(dir.to_path_buf()))?;
+        let lock = lock_exclusive(&lock_path)
+            .map_err(|e| StoreError::Dir(lock_path.clone(), e))?
+            .ok_or_else(|| StoreError::Locked(dir.to_path_buf()))?;
         Ok(Store {
             dir: dir.to_path_buf(),
             _lock: lock,

@@ -258,5 +258,28 @@ fn refusals_are_clear_and_change_nothing() {
         .arg(node.dir.join("state")));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another overlayd"));
+    // Same node name, its own state directory and socket: refused, since the two would
+    // remove each other's task namespaces.
+    let out = run(Command::new(bin("overlayd")).args([
+        "--node",
+        &node.name,
+        "--state-dir",
+        "/tmp/overlay-e2e-other-state",
+        "--socket",
+        "/tmp/overlay-e2e-other.sock",
+    ]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "node name {} is in use by another overlayd",
+            node.name
+        )),
+        "{err}"
+    );
+    assert!(
+        node.ctl_ok(&["service", "ls", "-q"]).contains("ghost"),
+        "the running node was disturbed"
+    );
     let _ = std::fs::remove_dir_all("/tmp/overlay-e2e-other-state");
 }

@@ -41,7 +41,6 @@ fn single_node_overlay() {
         return;
     }
     let mut node = Node::start(&unique("sn"), &[]);
-    let name = node.name.clone();
 
     // Two networks: one from the default pool, one with an explicit subnet.
     node.ctl_ok(&["network", "create", "front"]);
@@ -211,7 +210,6 @@ fn single_node_overlay() {
     );
     assert!(node.stop(), "overlayd did not exit on SIGTERM");
     assert!(node.task_namespaces().is_empty());
-    let _ = name;
 }
 
 #[test]

@@ -10,7 +10,8 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use client::{seg, Client};
 use protocol::api::{
-    DatapathStats, Info, JoinToken, NetworkInspect, NodeView, ServiceInspect, TaskView,
+    DatapathStats, Info, JoinToken, NetworkInspect, NetworkTarget, NodeView, ServiceInspect,
+    TaskView,
 };
 use protocol::state::Vtep;
 use serde_json::json;
@@ -167,9 +168,17 @@ enum ServiceCmd {
     Create {
         #[arg(long)]
         name: String,
-        /// Network to attach to (repeat for several; the first carries the default route).
+        /// Network to attach to: NAME, or name=NAME[,alias=ALIAS...] (repeat for several;
+        /// the task gets eth0, eth1, ... in this order, and eth0 carries the default route).
         #[arg(long = "network", required = true)]
         networks: Vec<String>,
+        /// vip (a virtual IP per network, load-balanced) or dnsrr (DNS gives task addresses).
+        #[arg(long, value_parser = ["vip", "dnsrr"])]
+        endpoint_mode: Option<String>,
+        /// Idle time after which a load-balanced flow is forgotten, e.g. 30s, 15m, 2h
+        /// [default: the node's, 24h].
+        #[arg(long, value_parser = parse_duration_secs)]
+        lb_idle_timeout: Option<u64>,
         /// Number of tasks.
         #[arg(long, default_value_t = 1)]
         replicas: u32,
@@ -215,6 +224,46 @@ fn kv(pairs: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> 
                 .ok_or_else(|| anyhow!("invalid {what} {p:?}: expected KEY=VALUE"))
         })
         .collect()
+}
+
+/// `--network NAME` or the long form `--network name=NAME,alias=A,alias=B`.
+fn parse_network_flag(s: &str) -> anyhow::Result<NetworkTarget> {
+    if !s.contains('=') {
+        return Ok(NetworkTarget::from(s));
+    }
+    let mut target = None;
+    let mut aliases = Vec::new();
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("name" | "target", v)) if !v.is_empty() => target = Some(v.to_string()),
+            Some(("alias", v)) if !v.is_empty() => aliases.push(v.to_string()),
+            _ => bail!("invalid --network {s:?}: expected NAME or name=NAME[,alias=ALIAS...]"),
+        }
+    }
+    let target = target.ok_or_else(|| anyhow!("invalid --network {s:?}: name=NAME is missing"))?;
+    Ok(NetworkTarget { target, aliases })
+}
+
+/// A duration in whole seconds: `90`, `90s`, `15m`, `2h`, `1d`.
+fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let bad = || format!("invalid duration {s:?}: expected e.g. 30s, 15m, 2h");
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(bad()),
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err(format!("invalid duration {s:?}: must be at least 1s")),
+        Some(v) => Ok(v),
+        None => Err(bad()),
+    }
 }
 
 fn now() -> u64 {
@@ -392,6 +441,8 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
         ServiceCmd::Create {
             name,
             networks,
+            endpoint_mode,
+            lb_idle_timeout,
             replicas,
             env,
             command,
@@ -401,7 +452,13 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                     bail!("invalid env {e:?}: expected KEY=VALUE");
                 }
             }
-            let body = json!({"name": name, "networks": networks, "replicas": replicas, "command": command, "env": env});
+            let networks = networks
+                .iter()
+                .map(|n| parse_network_flag(n))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let body = json!({"name": name, "networks": networks, "replicas": replicas,
+                "command": command, "env": env, "endpoint_mode": endpoint_mode,
+                "lb_idle_timeout": lb_idle_timeout});
             let s: ServiceInspect = c.post("/services/create", body).await?;
             println!("{}", s.id);
         }

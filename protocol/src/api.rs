@@ -25,7 +25,7 @@
 //!
 //! Errors come back as a non-2xx status with an [`ErrorBody`].
 
-use crate::state::Attachment;
+use crate::state::{Attachment, EndpointMode};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -95,12 +95,19 @@ pub struct NetworkInspect {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceCreate {
     pub name: String,
-    pub networks: Vec<String>,
+    /// In order: the task's eth0, eth1, ... (in JSON a plain name is accepted too).
+    pub networks: Vec<NetworkTarget>,
     #[serde(default)]
     pub replicas: Option<u32>,
     pub command: Vec<String>,
     #[serde(default)]
     pub env: Vec<String>,
+    /// `vip` (the default) or `dnsrr`.
+    #[serde(default)]
+    pub endpoint_mode: Option<EndpointMode>,
+    /// Idle timeout of load-balanced flows, seconds.
+    #[serde(default)]
+    pub lb_idle_timeout: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,10 +122,63 @@ pub struct ContainerSpec {
     pub env: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A network a service attaches to, with the service's extra DNS names on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct NetworkTarget {
     pub target: String,
+    pub aliases: Vec<String>,
+}
+
+impl From<&str> for NetworkTarget {
+    fn from(name: &str) -> NetworkTarget {
+        NetworkTarget {
+            target: name.to_string(),
+            aliases: Vec::new(),
+        }
+    }
+}
+
+/// JSON takes Docker's `{"Target": ..., "Aliases": [...]}` or a bare network name; binary
+/// encodings (the control plane's postcard, which cannot guess a shape) take the struct only.
+impl<'de> Deserialize<'de> for NetworkTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Full {
+            target: String,
+            #[serde(default)]
+            aliases: Vec<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Loose {
+            Name(String),
+            Full(Full),
+        }
+        let full = if d.is_human_readable() {
+            match Loose::deserialize(d)? {
+                Loose::Name(target) => Full {
+                    target,
+                    aliases: Vec::new(),
+                },
+                Loose::Full(f) => f,
+            }
+        } else {
+            Full::deserialize(d)?
+        };
+        Ok(NetworkTarget {
+            target: full.target,
+            aliases: full.aliases,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EndpointSpec {
+    /// "vip" or "dnsrr".
+    pub mode: EndpointMode,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +188,28 @@ pub struct ServiceSpec {
     pub container_spec: ContainerSpec,
     pub networks: Vec<NetworkTarget>,
     pub replicas: u32,
+    pub endpoint_spec: EndpointSpec,
+    /// Idle timeout of load-balanced flows, seconds (the node's default when absent).
+    #[serde(default)]
+    pub lb_idle_timeout: Option<u64>,
+}
+
+/// One of a service's virtual IPs, as `docker service inspect` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct VirtualIp {
+    #[serde(rename = "NetworkID")]
+    pub network_id: String,
+    /// Address with the network's prefix length, e.g. `10.0.0.2/24`.
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Endpoint {
+    pub spec: EndpointSpec,
+    #[serde(rename = "VirtualIPs")]
+    pub virtual_ips: Vec<VirtualIp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +220,7 @@ pub struct ServiceInspect {
     pub created_at: u64,
     pub updated_at: u64,
     pub spec: ServiceSpec,
+    pub endpoint: Endpoint,
     /// Tasks reported running right now.
     pub running: u32,
 }
@@ -211,6 +294,22 @@ pub struct TaskView {
     pub netns: String,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_targets_in_json_and_postcard() {
+        let body = r#"{"name":"web","networks":["a",{"Target":"b","Aliases":["x"]}],"command":["true"]}"#;
+        let req: ServiceCreate = serde_json::from_str(body).unwrap();
+        assert_eq!(req.networks[0], NetworkTarget::from("a"));
+        assert_eq!(req.networks[1].aliases, ["x"]);
+        let bytes = postcard::to_stdvec(&req).unwrap();
+        let back: ServiceCreate = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, req);
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatapathStats {
     pub rx_frames: u64,
@@ -219,6 +318,22 @@ pub struct DatapathStats {
     pub flooded: u64,
     /// Dropped frames by reason (a reason that never happened is absent).
     pub drops: BTreeMap<String, u64>,
+    /// Load balancing done by this node, per service (flows of this node's clients).
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceLbStats>,
+}
+
+/// One service's load-balanced flows on one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceLbStats {
+    /// Flows in the connection table now.
+    pub active_flows: u64,
+    /// Flows created since the node started.
+    pub new_flows: u64,
+    /// New flows refused because the connection table was full.
+    pub refused_flows: u64,
+    /// Active flows per backend address.
+    pub backends: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

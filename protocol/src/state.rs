@@ -66,6 +66,26 @@ impl Network {
     }
 }
 
+/// How a service is reached by name, as Docker's `--endpoint-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    /// One virtual IP per network, load-balanced by the client's node.
+    #[default]
+    Vip,
+    /// No VIP: DNS answers the service's name with its tasks' addresses.
+    Dnsrr,
+}
+
+impl std::fmt::Display for EndpointMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EndpointMode::Vip => "vip",
+            EndpointMode::Dnsrr => "dnsrr",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub id: String,
@@ -77,6 +97,19 @@ pub struct Service {
     pub env: Vec<String>,
     pub created_at: u64,
     pub updated_at: u64,
+    #[serde(default)]
+    pub endpoint_mode: EndpointMode,
+    /// The service's virtual IP on each of its networks (VIP mode): allocated from the
+    /// network's IPAM when the service is created, kept until it is removed.
+    #[serde(default)]
+    pub vips: BTreeMap<NetworkName, Ipv4Addr>,
+    /// Extra DNS names of the service, per network (`--network name=N,alias=A`).
+    #[serde(default)]
+    pub aliases: BTreeMap<NetworkName, Vec<String>>,
+    /// Idle timeout of the service's load-balanced flows, in seconds (None: the node's
+    /// default, far above IPVS's 900 s).
+    #[serde(default)]
+    pub lb_idle_timeout: Option<u64>,
 }
 
 /// One endpoint of a task on one network.
@@ -221,6 +254,10 @@ pub enum StateError {
     NoSuchVtep { mac: MacAddr, network: NetworkName },
     #[error("node {0} not found")]
     NoSuchNode(String),
+    #[error("invalid alias {alias:?}: {why}")]
+    BadAlias { alias: String, why: String },
+    #[error("aliases given for network {0}, which the service is not attached to")]
+    AliasWithoutNetwork(NetworkName),
 }
 
 /// What a network create request asks for, already parsed.
@@ -246,6 +283,29 @@ impl Default for Pool {
             prefix: ipam::DEFAULT_POOL_PREFIX,
         }
     }
+}
+
+/// A DNS alias is one or more dot-separated labels of letters, digits, '-' and '_'.
+fn check_alias(alias: &str) -> Result<(), StateError> {
+    let bad = |why: &str| StateError::BadAlias {
+        alias: alias.to_string(),
+        why: why.to_string(),
+    };
+    if alias.is_empty() || alias.len() > 253 {
+        return Err(bad("expected 1 to 253 characters"));
+    }
+    for label in alias.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(bad("each dot-separated label must have 1 to 63 characters"));
+        }
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(bad("only letters, digits, '-', '_' and '.' are allowed"));
+        }
+    }
+    Ok(())
 }
 
 fn ingress_subnet() -> Ipv4Net {
@@ -424,12 +484,23 @@ impl ClusterState {
                 return Err(StateError::DuplicateNetwork(n.clone()));
             }
         }
+        for (net, aliases) in &svc.aliases {
+            if !svc.networks.contains(net) {
+                return Err(StateError::AliasWithoutNetwork(net.clone()));
+            }
+            for a in aliases {
+                check_alias(a)?;
+            }
+        }
         let replicas = svc.replicas;
         svc.replicas = 0;
+        svc.vips.clear();
         let name = svc.name.clone();
         // Place on a scratch copy so that a failure (full subnet, no node) changes nothing.
         let mut next = self.clone();
         next.services.insert(name.clone(), svc);
+        // The VIPs first: they are the service's for its whole life.
+        next.ensure_vips()?;
         next.scale_service(name.as_str(), replicas, new_id, eligible)?;
         *self = next;
         self.services
@@ -626,13 +697,60 @@ impl ClusterState {
         Ok(())
     }
 
-    /// Every address of `network` that is taken: the gateway, each task's endpoint and each
-    /// external VTEP's address.
+    /// Gives every VIP-mode service a virtual IP on each of its networks that lacks one
+    /// (at creation, and for services saved before VIPs existed). Refused, changing nothing,
+    /// if a network is full.
+    pub fn ensure_vips(&mut self) -> Result<(), StateError> {
+        let mut next = self.clone();
+        let mut changed = false;
+        let names: Vec<ServiceName> = next.services.keys().cloned().collect();
+        for name in names {
+            let Some(svc) = next.services.get(&name) else {
+                continue;
+            };
+            if svc.endpoint_mode != EndpointMode::Vip {
+                continue;
+            }
+            let missing: Vec<NetworkName> = svc
+                .networks
+                .iter()
+                .filter(|n| !svc.vips.contains_key(*n))
+                .cloned()
+                .collect();
+            for net_name in missing {
+                let net = next
+                    .networks
+                    .get(&net_name)
+                    .ok_or_else(|| StateError::NoSuchNetwork(net_name.to_string()))?;
+                let used = next.used_addresses(&net_name);
+                let vip =
+                    ipam::next_address(&net.subnet, &used).ok_or_else(|| StateError::NetworkFull {
+                        network: net_name.clone(),
+                        subnet: net.subnet,
+                    })?;
+                if let Some(s) = next.services.get_mut(&name) {
+                    s.vips.insert(net_name, vip);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            next.revision += 1;
+            *self = next;
+        }
+        Ok(())
+    }
+
+    /// Every address of `network` that is taken: the gateway, each service's VIP, each
+    /// task's endpoint and each external VTEP's address.
     pub fn used_addresses(&self, network: &NetworkName) -> BTreeSet<Ipv4Addr> {
         let mut used = BTreeSet::new();
         if let Some(n) = self.networks.get(network) {
             used.insert(n.gateway);
             used.extend(n.vteps.iter().filter_map(|v| v.ip));
+        }
+        for s in self.services.values() {
+            used.extend(s.vips.get(network));
         }
         for t in self.tasks.values() {
             for a in &t.attachments {
@@ -727,6 +845,10 @@ mod tests {
             env: vec![],
             created_at: 0,
             updated_at: 0,
+            endpoint_mode: EndpointMode::Vip,
+            vips: BTreeMap::new(),
+            aliases: BTreeMap::new(),
+            lb_idle_timeout: None,
         }
     }
 
@@ -873,17 +995,18 @@ mod tests {
             .values()
             .map(|t| t.attachments[0].address.to_string())
             .collect();
-        assert_eq!(addrs, ["10.0.2.2", "10.0.2.3", "10.0.2.4"]);
+        assert_eq!(addrs, ["10.0.2.3", "10.0.2.4", "10.0.2.5"]);
+        assert_eq!(s.services["web"].vips[&NetworkName::new("a").unwrap()].to_string(), "10.0.2.2");
         assert_eq!(
             s.tasks["web.1"].attachments[0].mac.to_string(),
-            "02:42:0a:00:02:02"
+            "02:42:0a:00:02:03"
         );
         s.scale_service("web", 1, &mut id, &|_| true).unwrap();
         assert_eq!(s.tasks.keys().collect::<Vec<_>>(), ["web.1"]);
         s.scale_service("web", 2, &mut id, &|_| true).unwrap();
         assert_eq!(
             s.tasks["web.2"].attachments[0].address.to_string(),
-            "10.0.2.3"
+            "10.0.2.4"
         );
         assert!(matches!(
             s.remove_network("a"),
@@ -901,14 +1024,15 @@ mod tests {
         let mut id = ids();
         let before = s.clone();
         assert!(matches!(
-            s.create_service(svc("web", &["small"], 6), &mut id, &|_| true),
+            s.create_service(svc("web", &["small"], 5), &mut id, &|_| true),
             Err(StateError::NetworkFull { .. })
         ));
         assert_eq!(s, before);
-        s.create_service(svc("web", &["small"], 5), &mut id, &|_| true)
+        // A /29 holds the gateway, the VIP and four tasks.
+        s.create_service(svc("web", &["small"], 4), &mut id, &|_| true)
             .unwrap();
         let before = s.clone();
-        assert!(s.scale_service("web", 6, &mut id, &|_| true).is_err());
+        assert!(s.scale_service("web", 5, &mut id, &|_| true).is_err());
         assert_eq!(s, before);
     }
 
@@ -953,7 +1077,7 @@ mod tests {
             .unwrap();
         let t = &s.tasks["web.2"];
         assert_eq!(t.attachments.len(), 2);
-        assert_eq!(t.attachments[1].address.to_string(), "10.0.3.3");
+        assert_eq!(t.attachments[1].address.to_string(), "10.0.3.4");
         assert_ne!(s.tasks["web.1"].id, s.tasks["web.2"].id);
     }
 
@@ -989,7 +1113,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             s.tasks["web.1"].attachments[0].address.to_string(),
-            "10.0.5.3"
+            "10.0.5.4"
         );
         s.remove_vtep("a", mac).unwrap();
         assert!(matches!(
@@ -1042,6 +1166,85 @@ mod tests {
         assert!(matches!(
             s.set_availability("nope", Availability::Drain, &mut id, &|_| true),
             Err(StateError::NoSuchNode(_))
+        ));
+    }
+
+    #[test]
+    fn vips_are_stable_and_freed() {
+        let mut s = state();
+        net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
+        net(&mut s, "b", Some("10.0.3.0/24")).unwrap();
+        let a = NetworkName::new("a").unwrap();
+        let b = NetworkName::new("b").unwrap();
+        let mut id = ids();
+        s.create_service(svc("web", &["a", "b"], 2), &mut id, &|_| true)
+            .unwrap();
+        let vips = s.services["web"].vips.clone();
+        assert_eq!(vips[&a].to_string(), "10.0.2.2");
+        assert_eq!(vips[&b].to_string(), "10.0.3.2");
+        s.scale_service("web", 0, &mut id, &|_| true).unwrap();
+        s.scale_service("web", 5, &mut id, &|_| true).unwrap();
+        assert_eq!(s.services["web"].vips, vips, "scaling keeps the VIPs");
+        assert!(s.tasks.values().all(|t| t.attachments[0].address != vips[&a]));
+        // dnsrr: no VIP, the first task takes the next free address.
+        let mut rr = svc("rr", &["a"], 1);
+        rr.endpoint_mode = EndpointMode::Dnsrr;
+        s.create_service(rr, &mut id, &|_| true).unwrap();
+        assert!(s.services["rr"].vips.is_empty());
+        // rm frees the VIP for the next user of the network.
+        s.remove_service("web").unwrap();
+        s.create_service(svc("api", &["a"], 0), &mut id, &|_| true)
+            .unwrap();
+        assert_eq!(s.services["api"].vips[&a].to_string(), "10.0.2.2");
+    }
+
+    #[test]
+    fn services_saved_without_vips_get_them() {
+        let mut s = state();
+        net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
+        let mut id = ids();
+        s.create_service(svc("web", &["a"], 2), &mut id, &|_| true)
+            .unwrap();
+        s.services.get_mut("web").unwrap().vips.clear();
+        let rev = s.revision;
+        s.ensure_vips().unwrap();
+        assert_eq!(s.revision, rev + 1);
+        // The tasks keep theirs; the VIP takes the lowest free one.
+        assert_eq!(
+            s.services["web"].vips[&NetworkName::new("a").unwrap()].to_string(),
+            "10.0.2.2"
+        );
+        s.ensure_vips().unwrap();
+        assert_eq!(s.revision, rev + 1, "nothing missing, nothing changes");
+    }
+
+    #[test]
+    fn aliases_are_checked() {
+        let mut s = state();
+        net(&mut s, "a", None).unwrap();
+        let mut id = ids();
+        let mut x = svc("x", &["a"], 0);
+        x.aliases
+            .insert(NetworkName::new("a").unwrap(), vec!["db.internal".into()]);
+        s.create_service(x.clone(), &mut id, &|_| true).unwrap();
+        for bad in ["", "a..b", "sp ace", "x/y"] {
+            let mut y = svc("y", &["a"], 0);
+            y.aliases
+                .insert(NetworkName::new("a").unwrap(), vec![bad.into()]);
+            assert!(
+                matches!(
+                    s.create_service(y, &mut id, &|_| true),
+                    Err(StateError::BadAlias { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        let mut z = svc("z", &["a"], 0);
+        z.aliases
+            .insert(NetworkName::new("other").unwrap(), vec!["ok".into()]);
+        assert!(matches!(
+            s.create_service(z, &mut id, &|_| true),
+            Err(StateError::AliasWithoutNetwork(_))
         ));
     }
 

@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use protocol::api::{
-    self, ContainerSpec, EndpointView, ErrorBody, Ipam, IpamConfig, NetworkInspect, NetworkTarget,
-    NodeView, ServiceInspect, ServiceSpec, TaskState, TaskStatus, TaskView,
+    self, ContainerSpec, Endpoint, EndpointSpec, EndpointView, ErrorBody, Ipam, IpamConfig, NetworkInspect, NetworkTarget,
+    NodeView, ServiceInspect, ServiceSpec, TaskState, TaskStatus, TaskView, VirtualIp,
 };
 use protocol::control::{NodeHealth, Op, Snapshot};
 use protocol::state::{Availability, Network, Role, Service, Task, Vtep};
@@ -139,9 +139,30 @@ fn service_view(snap: &Snapshot, svc: &Service) -> ServiceInspect {
                 .iter()
                 .map(|n| NetworkTarget {
                     target: n.to_string(),
+                    aliases: svc.aliases.get(n).cloned().unwrap_or_default(),
                 })
                 .collect(),
             replicas: svc.replicas,
+            endpoint_spec: EndpointSpec {
+                mode: svc.endpoint_mode,
+            },
+            lb_idle_timeout: svc.lb_idle_timeout,
+        },
+        endpoint: Endpoint {
+            spec: EndpointSpec {
+                mode: svc.endpoint_mode,
+            },
+            virtual_ips: svc
+                .vips
+                .iter()
+                .filter_map(|(net, vip)| {
+                    let n = snap.state.networks.get(net)?;
+                    Some(VirtualIp {
+                        network_id: n.id.clone(),
+                        addr: format!("{vip}/{}", n.subnet.prefix_len()),
+                    })
+                })
+                .collect(),
         },
         running,
     }

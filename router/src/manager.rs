@@ -57,6 +57,7 @@ impl From<StateError> for ApiError {
             | SubnetReserved { .. }
             | VniInUse { .. } => 409,
             PoolExhausted { .. } | NetworkFull { .. } | VniExhausted | NoActiveNode => 503,
+            BadAlias { .. } | AliasWithoutNetwork(_) => 400,
             _ => 400,
         };
         ApiError {
@@ -130,6 +131,10 @@ impl Manager {
     ) -> Result<Manager, StoreError> {
         let mut state = store.load()?;
         let before = state.revision;
+        // Services saved before VIPs existed get theirs now; a full network keeps it without.
+        if let Err(e) = state.ensure_vips() {
+            tracing::warn!(error = %e, "cannot give every service a VIP");
+        }
         state.upsert_node(Node {
             name: node.clone(),
             role: Role::Manager,
@@ -272,12 +277,20 @@ impl Manager {
     pub fn create_service(&self, req: api::ServiceCreate) -> Result<Service, ApiError> {
         let bad = |e: protocol::types::BadName| ApiError::bad_request(e.to_string());
         let name = ServiceName::new(req.name).map_err(bad)?;
-        let networks = req
-            .networks
-            .into_iter()
-            .map(NetworkName::new)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(bad)?;
+        let mut networks = Vec::new();
+        let mut aliases = BTreeMap::new();
+        for target in req.networks {
+            let net = NetworkName::new(target.target).map_err(bad)?;
+            if !target.aliases.is_empty() {
+                aliases.insert(net.clone(), target.aliases);
+            }
+            networks.push(net);
+        }
+        if req.lb_idle_timeout == Some(0) {
+            return Err(ApiError::bad_request(
+                "--lb-idle-timeout must be at least one second",
+            ));
+        }
         let t = now();
         let svc = Service {
             id: new_id(),
@@ -288,6 +301,10 @@ impl Manager {
             env: req.env,
             created_at: t,
             updated_at: t,
+            endpoint_mode: req.endpoint_mode.unwrap_or_default(),
+            vips: BTreeMap::new(),
+            aliases,
+            lb_idle_timeout: req.lb_idle_timeout,
         };
         let health = self.health.clone();
         self.change(|s| {

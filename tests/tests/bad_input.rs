@@ -136,7 +136,7 @@ fn refusals_are_clear_and_change_nothing() {
         (&["service", "ps", "nope"], "service nope not found"),
         (&["service", "scale", "nope=2"], "service nope not found"),
         (&["inspect", "nope.1"], "task nope.1 not found"),
-        // 10.20.0.0/29 has five addresses for tasks (.2-.6).
+        // 10.20.0.0/29 has five addresses (.2-.6): the VIP and four tasks.
         (
             &[
                 "service",

@@ -118,7 +118,11 @@ fn single_node_overlay() {
     assert_eq!(endpoints.len(), 3);
     assert!(endpoints
         .values()
-        .any(|e| e["Name"] == "web.1" && e["MacAddress"] == "02:42:0a:00:00:02"));
+        .any(|e| e["Name"] == "web.1" && e["MacAddress"] == "02:42:0a:00:00:03"));
+    // The service's VIP came first from the network's IPAM.
+    let web = &node.json(&["service", "inspect", "web"])[0];
+    assert_eq!(web["Endpoint"]["VirtualIPs"][0]["Addr"], "10.0.0.2/24");
+    assert_eq!(web["Endpoint"]["VirtualIPs"][0]["NetworkID"], inspect["Id"]);
 
     // exec behaves like docker exec: the caller's stdin in, the command's status out.
     let mut child = std::process::Command::new(overlay_e2e::bin("overlayctl"))

@@ -81,6 +81,7 @@ impl Counters {
             replies: self.replies.load(Ordering::Relaxed),
             flooded: self.flooded.load(Ordering::Relaxed),
             drops,
+            services: BTreeMap::new(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use protocol::types::{MacAddr, Vni};
+use router::datapath::nat::L4Csum;
 use router::datapath::switch::{from_port, Verdict, MAX_FRAME};
 use router::datapath::table::{PortBinding, PortId, Tables};
 use std::hint::black_box;
@@ -53,22 +54,38 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("switch");
     g.throughput(Throughput::Elements(1));
 
-    let f = frame(local, src, 0x0800, 1464);
+    let mut f = frame(local, src, 0x0800, 1464);
     assert_eq!(
-        from_port(&t, PortId(1), &f, &mut reply),
+        from_port(&t, PortId(1), &mut f.clone(), L4Csum::Complete, &mut reply),
         Verdict::Forward(PortId(2))
     );
     g.bench_function("unicast_local_1464B", |b| {
-        b.iter(|| from_port(black_box(&t), PortId(1), black_box(&f), &mut reply))
+        b.iter(|| {
+            from_port(
+                black_box(&t),
+                PortId(1),
+                black_box(&mut f),
+                L4Csum::Complete,
+                &mut reply,
+            )
+        })
     });
 
-    let f = frame(remote, src, 0x0800, 1464);
+    let mut f = frame(remote, src, 0x0800, 1464);
     assert!(matches!(
-        from_port(&t, PortId(1), &f, &mut reply),
+        from_port(&t, PortId(1), &mut f.clone(), L4Csum::Complete, &mut reply),
         Verdict::Encap { .. }
     ));
     g.bench_function("unicast_remote_1464B", |b| {
-        b.iter(|| from_port(black_box(&t), PortId(1), black_box(&f), &mut reply))
+        b.iter(|| {
+            from_port(
+                black_box(&t),
+                PortId(1),
+                black_box(&mut f),
+                L4Csum::Complete,
+                &mut reply,
+            )
+        })
     });
 
     let mut arp = frame(MacAddr::BROADCAST, src, 0x0806, 42);
@@ -77,21 +94,43 @@ fn bench(c: &mut Criterion) {
     arp[28..32].copy_from_slice(&[10, 0, 0, 2]);
     arp[38..42].copy_from_slice(&[10, 0, 16, 7]);
     assert!(matches!(
-        from_port(&t, PortId(1), &arp, &mut reply),
+        from_port(
+            &t,
+            PortId(1),
+            &mut arp.clone(),
+            L4Csum::Complete,
+            &mut reply
+        ),
         Verdict::Reply(42)
     ));
     g.bench_function("arp_proxy_reply", |b| {
-        b.iter(|| from_port(black_box(&t), PortId(1), black_box(&arp), &mut reply))
+        b.iter(|| {
+            from_port(
+                black_box(&t),
+                PortId(1),
+                black_box(&mut arp),
+                L4Csum::Complete,
+                &mut reply,
+            )
+        })
     });
 
-    let f = frame(
+    let mut f = frame(
         MacAddr::from_ipv4(Ipv4Addr::new(10, 0, 0, 99)),
         src,
         0x0800,
         64,
     );
     g.bench_function("drop_unknown_destination", |b| {
-        b.iter(|| from_port(black_box(&t), PortId(1), black_box(&f), &mut reply))
+        b.iter(|| {
+            from_port(
+                black_box(&t),
+                PortId(1),
+                black_box(&mut f),
+                L4Csum::Complete,
+                &mut reply,
+            )
+        })
     });
     g.finish();
 }

@@ -3,6 +3,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use protocol::types::{MacAddr, Vni};
+use router::datapath::nat::L4Csum;
 use router::datapath::switch::{from_port, from_underlay, MAX_FRAME};
 use router::datapath::table::{PortBinding, PortId, Tables};
 use std::net::Ipv4Addr;
@@ -38,12 +39,13 @@ fuzz_target!(|data: &[u8]| {
     };
     let t = tables();
     let mut reply = vec![0u8; MAX_FRAME];
-    let _ = from_port(&t, PortId(u32::from(sel % 5)), frame, &mut reply);
+    let csum = if sel & 0x40 == 0 { L4Csum::Complete } else { L4Csum::Partial };
+    let _ = from_port(&t, PortId(u32::from(sel % 5)), &mut frame.to_vec(), csum, &mut reply);
     let vni = Vni::new(4096 + u32::from(sel % 3)).expect("vni");
     let from = if sel & 0x80 == 0 {
         Ipv4Addr::new(198, 18, 0, 3)
     } else {
         Ipv4Addr::new(198, 18, 0, 66)
     };
-    let _ = from_underlay(&t, vni, from, frame, &mut reply);
+    let _ = from_underlay(&t, vni, from, &mut frame.to_vec(), &mut reply);
 });

@@ -300,7 +300,8 @@ mod tests {
 
     #[test]
     fn network_targets_in_json_and_postcard() {
-        let body = r#"{"name":"web","networks":["a",{"Target":"b","Aliases":["x"]}],"command":["true"]}"#;
+        let body =
+            r#"{"name":"web","networks":["a",{"Target":"b","Aliases":["x"]}],"command":["true"]}"#;
         let req: ServiceCreate = serde_json::from_str(body).unwrap();
         assert_eq!(req.networks[0], NetworkTarget::from("a"));
         assert_eq!(req.networks[1].aliases, ["x"]);

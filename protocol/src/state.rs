@@ -723,11 +723,12 @@ impl ClusterState {
                     .get(&net_name)
                     .ok_or_else(|| StateError::NoSuchNetwork(net_name.to_string()))?;
                 let used = next.used_addresses(&net_name);
-                let vip =
-                    ipam::next_address(&net.subnet, &used).ok_or_else(|| StateError::NetworkFull {
+                let vip = ipam::next_address(&net.subnet, &used).ok_or_else(|| {
+                    StateError::NetworkFull {
                         network: net_name.clone(),
                         subnet: net.subnet,
-                    })?;
+                    }
+                })?;
                 if let Some(s) = next.services.get_mut(&name) {
                     s.vips.insert(net_name, vip);
                     changed = true;
@@ -996,7 +997,10 @@ mod tests {
             .map(|t| t.attachments[0].address.to_string())
             .collect();
         assert_eq!(addrs, ["10.0.2.3", "10.0.2.4", "10.0.2.5"]);
-        assert_eq!(s.services["web"].vips[&NetworkName::new("a").unwrap()].to_string(), "10.0.2.2");
+        assert_eq!(
+            s.services["web"].vips[&NetworkName::new("a").unwrap()].to_string(),
+            "10.0.2.2"
+        );
         assert_eq!(
             s.tasks["web.1"].attachments[0].mac.to_string(),
             "02:42:0a:00:02:03"
@@ -1185,7 +1189,10 @@ mod tests {
         s.scale_service("web", 0, &mut id, &|_| true).unwrap();
         s.scale_service("web", 5, &mut id, &|_| true).unwrap();
         assert_eq!(s.services["web"].vips, vips, "scaling keeps the VIPs");
-        assert!(s.tasks.values().all(|t| t.attachments[0].address != vips[&a]));
+        assert!(s
+            .tasks
+            .values()
+            .all(|t| t.attachments[0].address != vips[&a]));
         // dnsrr: no VIP, the first task takes the next free address.
         let mut rr = svc("rr", &["a"], 1);
         rr.endpoint_mode = EndpointMode::Dnsrr;

@@ -1,11 +1,19 @@
 //! The agent: realises this node's share of the cluster state. For every task placed here it
 //! makes a network namespace, one TAP per network attachment (held by the datapath), and a
 //! supervised process; for every task that goes away it undoes all of that. After each
-//! change it rebuilds the forwarding tables and publishes them to the datapath.
+//! change it rebuilds the forwarding tables and publishes them to the datapath. Service VIPs
+//! follow task statuses and node health as well as the desired state: the agent looks at
+//! the cluster snapshot four times a second and republishes when a VIP's set of running
+//! backends changed, so a task that stops or a node that goes down leaves the rotation within
+//! a second of the manager knowing it.
 
+use crate::cluster::Cluster;
+use crate::datapath::conntrack::{TCP_IDLE_MS, UDP_IDLE_MS};
 use crate::datapath::io::Datapath;
-use crate::datapath::table::{PortBinding, PortId, Tables};
+use crate::datapath::stats::Counters;
+use crate::datapath::table::{BackendSpec, PortBinding, PortId, Tables};
 use crate::manager::{now, StatusBoard};
+use crate::services::{self, VipView};
 use crate::sys::iface::{self, IfaceSpec};
 use crate::sys::netns;
 use crate::task::{self, TaskProcess};
@@ -24,6 +32,8 @@ use tracing::{info, warn};
 
 /// How often the agent retries tasks whose namespace or interfaces could not be made.
 const RESYNC: Duration = Duration::from_secs(5);
+/// How often the agent checks whether a VIP's running backends changed.
+const BACKENDS_EVERY: Duration = Duration::from_millis(250);
 
 /// Name of a task's namespace under /run/netns: recognisable and unique per node.
 pub fn netns_name(node: &NodeName, task: &str) -> String {
@@ -41,28 +51,33 @@ struct LocalTask {
 pub struct Agent {
     node: NodeName,
     datapath: Datapath,
+    cluster: Cluster,
+    counters: Arc<Counters>,
     statuses: StatusBoard,
     log_dir: PathBuf,
     tasks: BTreeMap<String, LocalTask>,
     next_port: u32,
     /// This node's VXLAN port; external VTEPs are sent to on it too.
     data_port: u16,
-    /// The state revision the datapath's tables were last built from.
-    published: Option<u64>,
+    /// The state revision and VIP backends the datapath's tables were last built from.
+    published: Option<(u64, Vec<VipView>)>,
 }
 
 impl Agent {
     pub fn new(
         node: NodeName,
         datapath: Datapath,
-        statuses: StatusBoard,
+        cluster: Cluster,
+        counters: Arc<Counters>,
         log_dir: PathBuf,
         data_port: u16,
     ) -> Agent {
         Agent {
             node,
             datapath,
-            statuses,
+            statuses: cluster.local_board(),
+            cluster,
+            counters,
             log_dir,
             tasks: BTreeMap::new(),
             next_port: 1,
@@ -83,22 +98,27 @@ impl Agent {
     }
 
     /// Follows the published state until `shutdown`, then stops every local task.
-    pub async fn run(
-        mut self,
-        mut rx: watch::Receiver<Arc<ClusterState>>,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         self.clean_leftovers();
+        let mut rx: watch::Receiver<Arc<ClusterState>> = self.cluster.subscribe_state();
         let mut tick = tokio::time::interval(RESYNC);
+        let mut backends = tokio::time::interval(BACKENDS_EVERY);
+        backends.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let state = rx.borrow_and_update().clone();
             self.reconcile(&state).await;
-            tokio::select! {
-                changed = rx.changed() => if changed.is_err() { break },
-                _ = tick.tick() => {}
-                _ = shutdown.cancelled() => break,
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return self.shut_down().await } else { break },
+                    _ = tick.tick() => break,
+                    _ = backends.tick() => self.publish_if_changed(&state, false),
+                    _ = shutdown.cancelled() => return self.shut_down().await,
+                }
             }
         }
+    }
+
+    async fn shut_down(mut self) {
         self.stop_all().await;
         self.datapath.stop();
     }
@@ -149,13 +169,26 @@ impl Agent {
                 }
             }
         }
-        if changed || self.published != Some(state.revision) {
-            self.publish(state);
-            self.published = Some(state.revision);
+        self.publish_if_changed(state, changed);
+    }
+
+    /// Rebuilds and publishes the tables if the tasks here (`force`), the state revision or a
+    /// VIP's running backends changed.
+    fn publish_if_changed(&mut self, state: &ClusterState, force: bool) {
+        let snap = self.cluster.snapshot();
+        // The snapshot may be a little ahead of `state`; VIPs follow the state being realised.
+        let vips = services::vips(state, &snap.statuses, &snap.health);
+        let same = self
+            .published
+            .as_ref()
+            .is_some_and(|(rev, v)| *rev == state.revision && *v == vips);
+        if force || !same {
+            self.publish(state, &vips);
+            self.published = Some((state.revision, vips));
         }
     }
 
-    fn publish(&self, state: &ClusterState) {
+    fn publish(&self, state: &ClusterState, vips: &[VipView]) {
         let ports: Vec<(PortId, PortBinding)> = self
             .tasks
             .values()
@@ -165,7 +198,30 @@ impl Agent {
             let node = state.nodes.get(n)?;
             Some(SocketAddrV4::new(node.advertise_addr?, node.data_port))
         };
-        let tables = Tables::from_state(state, &self.node, &ports, &vtep_of, self.data_port);
+        let mut tables = Tables::from_state(state, &self.node, &ports, &vtep_of, self.data_port);
+        let lb = &self.counters.lb;
+        let mut live: BTreeMap<String, Vec<std::net::Ipv4Addr>> = BTreeMap::new();
+        for v in vips {
+            let name = v.service.as_str();
+            let backends: Vec<BackendSpec> = v
+                .backends
+                .iter()
+                .map(|(ip, mac)| BackendSpec {
+                    ip: *ip,
+                    mac: *mac,
+                    flows: lb.backend(name, *ip),
+                })
+                .collect();
+            let idle = match v.idle_secs {
+                Some(s) => (s.saturating_mul(1000), s.saturating_mul(1000)),
+                None => (TCP_IDLE_MS, UDP_IDLE_MS),
+            };
+            tables.add_vip(v.vni, v.ip, lb.service(name), &backends, idle);
+            live.entry(name.to_string())
+                .or_default()
+                .extend(v.backends.iter().map(|b| b.0));
+        }
+        lb.retain(&live);
         self.datapath.publish(tables);
     }
 

@@ -13,8 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use protocol::api::{
-    self, ContainerSpec, Endpoint, EndpointSpec, EndpointView, ErrorBody, Ipam, IpamConfig, NetworkInspect, NetworkTarget,
-    NodeView, ServiceInspect, ServiceSpec, TaskState, TaskStatus, TaskView, VirtualIp,
+    self, ContainerSpec, Endpoint, EndpointSpec, EndpointView, ErrorBody, Ipam, IpamConfig,
+    NetworkInspect, NetworkTarget, NodeView, ServiceInspect, ServiceSpec, TaskState, TaskStatus,
+    TaskView, VirtualIp,
 };
 use protocol::control::{NodeHealth, Op, Snapshot};
 use protocol::state::{Availability, Network, Role, Service, Task, Vtep};

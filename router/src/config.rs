@@ -68,6 +68,16 @@ pub struct Config {
     #[arg(long, default_value_t = protocol::vxlan::UDP_PORT, value_parser = clap::value_parser!(u16).range(1..))]
     pub data_path_port: u16,
 
+    /// Most load-balanced flows this node tracks at once; new flows beyond it are refused
+    /// (and counted), existing ones go on.
+    #[arg(long, default_value_t = crate::datapath::conntrack::DEFAULT_MAX_FLOWS, value_parser = parse_max_flows)]
+    pub lb_max_flows: usize,
+
+    /// Resolver that names outside the cluster are forwarded to (repeatable) [default: the
+    /// nameservers of this node's /etc/resolv.conf].
+    #[arg(long = "dns-upstream", value_name = "ADDR[:PORT]", value_parser = parse_upstream)]
+    pub dns_upstreams: Vec<SocketAddr>,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -80,6 +90,26 @@ fn parse_manager_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse::<Ipv4Addr>()
         .map(|ip| SocketAddr::new(ip.into(), CONTROL_PORT))
         .map_err(|_| format!("invalid manager address {s:?}: expected IP or IP:PORT"))
+}
+
+fn parse_max_flows(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1 << 26).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "invalid flow bound {s:?}: expected 1 to {}",
+            1 << 26
+        )),
+    }
+}
+
+/// A DNS server: IP (port 53) or IP:PORT.
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| format!("invalid DNS server {s:?}: expected IP or IP:PORT"))
 }
 
 fn parse_node(s: &str) -> Result<NodeName, String> {

@@ -10,6 +10,7 @@ use crate::cluster::server::{self, ServerCtx};
 use crate::cluster::worker::{self, Link};
 use crate::cluster::{wire, Cluster, JoinInfo};
 use crate::config::{Config, CONTROL_PORT};
+use crate::datapath::conntrack::ConnTable;
 use crate::datapath::io::Datapath;
 use crate::datapath::stats::Counters;
 use crate::manager::Manager;
@@ -263,16 +264,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
 
     let counters = Arc::new(Counters::default());
-    let datapath =
-        Datapath::start(counters.clone(), underlay).context("starting the datapath thread")?;
+    let flows = Arc::new(ConnTable::new(cfg.lb_max_flows));
+    let datapath = Datapath::start(counters.clone(), underlay, flows)
+        .context("starting the datapath thread")?;
     let agent = Agent::new(
         cfg.node.clone(),
         datapath,
-        cluster.local_board(),
+        cluster.clone(),
+        counters.clone(),
         log_dir,
         cfg.data_path_port,
     );
-    let agent_task = tokio::spawn(agent.run(cluster.subscribe_state(), shutdown.clone()));
+    let agent_task = tokio::spawn(agent.run(shutdown.clone()));
 
     let app = api::router(ApiState {
         cluster,

@@ -15,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod manager;
+pub mod services;
 pub mod store;
 pub mod sys;
 pub mod task;

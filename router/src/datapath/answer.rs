@@ -68,12 +68,23 @@ pub fn arp(net: &NetTable, frame: &[u8], reply: &mut [u8]) -> Result<usize, Drop
 /// get an echo reply; anything else has nowhere to go yet.
 pub fn gateway(net: &NetTable, frame: &[u8], reply: &mut [u8]) -> Result<usize, DropReason> {
     let gw = net.gateway_ip.ok_or(DropReason::NoRoute)?;
+    echo(gw, net.gateway_mac, frame, reply)
+}
+
+/// Answers an ICMP echo request to an address the router owns (a gateway, a service VIP)
+/// from that address and MAC. Anything else to it is `NoRoute`.
+pub fn echo(
+    own_ip: Ipv4Addr,
+    own_mac: MacAddr,
+    frame: &[u8],
+    reply: &mut [u8],
+) -> Result<usize, DropReason> {
     let packet = SlicedPacket::from_ethernet(frame).map_err(|_| DropReason::MalformedIp)?;
     let Some(NetSlice::Ipv4(ip)) = &packet.net else {
         return Err(DropReason::NoRoute);
     };
     let header = ip.header();
-    if header.destination_addr() != gw {
+    if header.destination_addr() != own_ip {
         return Err(DropReason::NoRoute);
     }
     let Some(TransportSlice::Icmpv4(icmp)) = &packet.transport else {
@@ -83,8 +94,8 @@ pub fn gateway(net: &NetTable, frame: &[u8], reply: &mut [u8]) -> Result<usize, 
         return Err(DropReason::NoRoute);
     };
     let src_mac = MacAddr(frame[6..12].try_into().map_err(|_| DropReason::Runt)?);
-    PacketBuilder::ethernet2(net.gateway_mac.0, src_mac.0)
-        .ipv4(gw.octets(), header.source_addr().octets(), 64)
+    PacketBuilder::ethernet2(own_mac.0, src_mac.0)
+        .ipv4(own_ip.octets(), header.source_addr().octets(), 64)
         .icmpv4_echo_reply(echo.id, echo.seq)
         .write_to_slice(reply, icmp.payload())
         .map_err(|_| DropReason::Oversize)

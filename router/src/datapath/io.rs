@@ -7,7 +7,10 @@
 //! are read from an `ArcSwap` snapshot once per batch; ports come and go through a command
 //! channel and a waker.
 
+use super::conntrack::ConnTable;
 use super::gro::{Coalescer, Push};
+use super::lb;
+use super::nat::L4Csum;
 use super::stats::{Counters, DropReason};
 use super::switch::{self, Verdict, MAX_FRAME, MAX_SUPER_FRAME};
 use super::table::{PortId, Tables};
@@ -22,9 +25,11 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 /// Frames read from one port before the loop moves to the next one.
@@ -37,24 +42,42 @@ const PLAIN: [u8; vnet::HDR_LEN] = [0; vnet::HDR_LEN];
 const WAKE: Token = Token(usize::MAX);
 const UNDERLAY: Token = Token(usize::MAX - 1);
 
+/// How often the sweeper expires flows and retires those of backends that left.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
 enum Command {
     AddPort(PortId, OwnedFd),
     RemovePort(PortId),
+    /// A frame the router made (a reset for a client whose backend left), for a port.
+    Inject(PortId, Vec<u8>),
     Stop,
 }
 
-/// Handle to the running datapath thread.
+/// Handle to the running datapath thread and its connection-table sweeper.
 pub struct Datapath {
     commands: mpsc::Sender<Command>,
     waker: Arc<Waker>,
     tables: Arc<ArcSwap<Tables>>,
+    flows: Arc<ConnTable>,
     thread: Option<JoinHandle<()>>,
+    sweeper: Option<JoinHandle<()>>,
+    stopping: Arc<AtomicBool>,
+}
+
+/// Milliseconds since `epoch`: the connection table's clock.
+fn ms_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
 }
 
 impl Datapath {
-    /// Starts the datapath thread. `underlay` is the bound VXLAN socket of a multi-node node
-    /// (None on a standalone node: nothing is remote).
-    pub fn start(counters: Arc<Counters>, underlay: Option<UdpSocket>) -> io::Result<Datapath> {
+    /// Starts the datapath thread and the sweeper. `underlay` is the bound VXLAN socket of a
+    /// multi-node node (None on a standalone node: nothing is remote); `flows` is the node's
+    /// connection table.
+    pub fn start(
+        counters: Arc<Counters>,
+        underlay: Option<UdpSocket>,
+        flows: Arc<ConnTable>,
+    ) -> io::Result<Datapath> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let underlay = underlay.map(Underlay::new).transpose()?;
@@ -64,9 +87,14 @@ impl Datapath {
                 .register(&mut SourceFd(&raw), UNDERLAY, Interest::READABLE)?;
         }
         let rxb = underlay.as_ref().map(RxBatch::new);
-        let tables = Arc::new(ArcSwap::from_pointee(Tables::default()));
+        let tables = Arc::new(ArcSwap::from_pointee(Tables {
+            flows: flows.clone(),
+            ..Tables::default()
+        }));
         let (tx, rx) = mpsc::channel();
+        let epoch = Instant::now();
         let mut worker = Worker {
+            epoch,
             poll,
             commands: rx,
             tables: tables.clone(),
@@ -85,11 +113,22 @@ impl Datapath {
         let thread = std::thread::Builder::new()
             .name("datapath".into())
             .spawn(move || worker.run())?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let sweeper = {
+            let (tables, tx, waker, stopping) =
+                (tables.clone(), tx.clone(), waker.clone(), stopping.clone());
+            std::thread::Builder::new()
+                .name("conntrack-sweep".into())
+                .spawn(move || sweep_loop(epoch, &tables, &tx, &waker, &stopping))?
+        };
         Ok(Datapath {
             commands: tx,
             waker,
             tables,
+            flows,
             thread: Some(thread),
+            sweeper: Some(sweeper),
+            stopping,
         })
     }
 
@@ -109,14 +148,24 @@ impl Datapath {
         self.send(Command::RemovePort(port));
     }
 
-    /// Publishes new tables; the next batch uses them.
-    pub fn publish(&self, tables: Tables) {
+    /// Publishes new tables (with this datapath's connection table); the next batch uses
+    /// them.
+    pub fn publish(&self, mut tables: Tables) {
+        tables.flows = self.flows.clone();
         self.tables.store(Arc::new(tables));
     }
 
+    pub fn flows(&self) -> &Arc<ConnTable> {
+        &self.flows
+    }
+
     pub fn stop(&mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
         self.send(Command::Stop);
         if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.sweeper.take() {
             let _ = t.join();
         }
     }
@@ -128,7 +177,47 @@ impl Drop for Datapath {
     }
 }
 
+/// The sweeper: advances the table's clock (the datapath may be idle), expires flows, and
+/// retires flows whose backend is no longer among its VIP's backends, sending established
+/// TCP clients a reset through the datapath so none is left hanging.
+fn sweep_loop(
+    epoch: Instant,
+    tables: &ArcSwap<Tables>,
+    commands: &mpsc::Sender<Command>,
+    waker: &Waker,
+    stopping: &AtomicBool,
+) {
+    let mut rst = vec![0u8; MAX_FRAME];
+    while !stopping.load(Ordering::Relaxed) {
+        std::thread::sleep(SWEEP_EVERY);
+        let t = tables.load();
+        t.flows.set_now(ms_since(epoch));
+        let mut resets = 0;
+        let alive = |f: &super::conntrack::Flow| {
+            let vni = Vni::new(f.key.vni).ok();
+            vni.and_then(|v| t.networks.get(&v))
+                .and_then(|net| net.vips.get(&f.key.dst))
+                .is_some_and(|vip| vip.backends.iter().any(|b| b.ip == f.backend_ip))
+        };
+        t.flows.sweep(alive, |f| {
+            if let Some(n) = lb::reset_for(f, &mut rst) {
+                if commands
+                    .send(Command::Inject(f.client_port, rst[..n].to_vec()))
+                    .is_ok()
+                {
+                    resets += 1;
+                }
+            }
+        });
+        if resets > 0 {
+            debug!(resets, "reset clients of backends that left");
+            let _ = waker.wake();
+        }
+    }
+}
+
 struct Worker {
+    epoch: Instant,
     poll: Poll,
     commands: mpsc::Receiver<Command>,
     tables: Arc<ArcSwap<Tables>>,
@@ -175,6 +264,7 @@ impl Worker {
             if !self.drain_commands() {
                 return;
             }
+            self.tables.load().flows.set_now(ms_since(self.epoch));
             // One batch per ready source per round, so a busy one cannot starve the others.
             for _ in 0..self.ready.len() {
                 let Some(token) = self.ready.pop_front() else {
@@ -218,6 +308,10 @@ impl Worker {
                         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
                     }
                     self.ready.retain(|t| *t != Token(port.0 as usize));
+                }
+                Command::Inject(port, frame) => {
+                    let n = write_port(&self.ports, &self.counters, port, &PLAIN, &frame);
+                    Counters::add(&self.counters.replies, n);
                 }
                 Command::Stop => return false,
             }
@@ -264,7 +358,12 @@ impl Worker {
                 continue;
             }
             let (hdr, frame) = self.frames[i][..len].split_at_mut(vnet::HDR_LEN);
-            match switch::from_port(&tables, port, frame, &mut self.reply) {
+            let csum = if hdr[0] & vnet::F_NEEDS_CSUM != 0 {
+                L4Csum::Partial
+            } else {
+                L4Csum::Complete
+            };
+            match switch::from_port(&tables, port, frame, csum, &mut self.reply) {
                 // Between TAPs the header travels with the frame: super-frames and partial
                 // checksums are the receiving kernel's to handle.
                 Verdict::Forward(to) => {
@@ -341,15 +440,15 @@ impl Worker {
         };
         let tables = self.tables.load();
         let (mut rx, mut tx) = (0u64, 0u64);
-        for (from, dgram) in rxb.datagrams() {
+        for (from, dgram) in rxb.datagrams_mut() {
             rx += 1;
             let inner = vxlan::Packet::new_checked(dgram)
                 .and_then(|p| vxlan::Repr::parse(&p).map(|r| (r, p)));
-            let (Ok((repr, packet)), Some(from)) = (inner, underlay::ipv4_of(from)) else {
+            let (Ok((repr, mut packet)), Some(from)) = (inner, underlay::ipv4_of(from)) else {
                 self.counters.count_drop(DropReason::VxlanMalformed);
                 continue;
             };
-            let frame = packet.payload();
+            let frame = packet.payload_mut();
             match switch::from_underlay(&tables, repr.vni, from, frame, &mut self.reply) {
                 Verdict::Forward(to) => {
                     // Merge bulk TCP for the TAP; anything else flushes the run first, so

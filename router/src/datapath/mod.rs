@@ -6,8 +6,11 @@
 //! ```
 
 pub mod answer;
+pub mod conntrack;
 pub mod gro;
 pub mod io;
+pub mod lb;
+pub mod nat;
 pub mod stats;
 pub mod switch;
 pub mod table;

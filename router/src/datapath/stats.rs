@@ -2,9 +2,12 @@
 //! [`DropReason`] and counted; nothing is dropped silently and nothing is logged per frame.
 //! The I/O thread is the only writer, the API reads: relaxed atomics are enough.
 
-use protocol::api::DatapathStats;
+use super::conntrack::ServiceCounters;
+use protocol::api::{DatapathStats, ServiceLbStats};
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 macro_rules! drop_reasons {
     ($($variant:ident => $name:literal: $doc:literal,)*) => {
@@ -44,6 +47,10 @@ drop_reasons! {
     VxlanSourceMismatch => "vxlan_source_mismatch": "Inner source MAC does not live behind the sending underlay address.",
     WriteFailed => "write_failed": "The output device or socket refused the frame.",
     OffloadMalformed => "offload_malformed": "A super-frame or partial checksum from a TAP that cannot be segmented or completed.",
+    LbNoFlow => "lb_no_flow": "TCP to a service VIP that is neither a new connection (SYN) nor part of a known flow.",
+    LbNoBackend => "lb_no_backend": "UDP to a service VIP while the service has no running task (TCP gets a reset).",
+    LbTableFull => "lb_table_full": "New flow to a VIP refused: the connection table is at its bound (--lb-max-flows).",
+    LbUnsupported => "lb_unsupported": "To a VIP but not TCP, UDP or ICMP echo (or an IP fragment, which carries no ports).",
 }
 
 /// Shared counters of one node's datapath.
@@ -53,7 +60,67 @@ pub struct Counters {
     pub tx_frames: AtomicU64,
     pub replies: AtomicU64,
     pub flooded: AtomicU64,
-    drops: [AtomicU64; 16],
+    drops: [AtomicU64; 24],
+    pub lb: LbRegistry,
+}
+
+/// One service's load-balancer counters and its per-backend flow counts.
+type ServiceEntry = (Arc<ServiceCounters>, BTreeMap<Ipv4Addr, Arc<AtomicU64>>);
+
+/// The load balancer's counters per service, kept across table rebuilds: the agent hands
+/// the same counters to every `Tables` it builds, the datapath counts into them without a
+/// lock, and the API reads them. The lock here is taken only by those two, never per frame.
+#[derive(Debug, Default)]
+pub struct LbRegistry {
+    services: Mutex<BTreeMap<String, ServiceEntry>>,
+}
+
+impl LbRegistry {
+    /// The counters of `service`, made on first use.
+    pub fn service(&self, service: &str) -> Arc<ServiceCounters> {
+        let mut m = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(service.to_string()).or_default().0.clone()
+    }
+
+    /// The active-flow count of one backend of `service`.
+    pub fn backend(&self, service: &str, ip: Ipv4Addr) -> Arc<AtomicU64> {
+        let mut m = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(service.to_string())
+            .or_default()
+            .1
+            .entry(ip)
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets services that no longer exist, and backends that carry no flow and are not
+    /// in `live` any more.
+    pub fn retain(&self, live: &BTreeMap<String, Vec<Ipv4Addr>>) {
+        let mut m = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|name, _| live.contains_key(name));
+        for (name, (_, backends)) in m.iter_mut() {
+            let now = live.get(name).map(Vec::as_slice).unwrap_or_default();
+            backends.retain(|ip, n| now.contains(ip) || n.load(Ordering::Relaxed) > 0);
+        }
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, ServiceLbStats> {
+        let m = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter()
+            .map(|(name, (c, backends))| {
+                let stats = ServiceLbStats {
+                    active_flows: c.active.load(Ordering::Relaxed),
+                    new_flows: c.new_flows.load(Ordering::Relaxed),
+                    refused_flows: c.refused.load(Ordering::Relaxed),
+                    backends: backends
+                        .iter()
+                        .map(|(ip, n)| (ip.to_string(), n.load(Ordering::Relaxed)))
+                        .collect(),
+                };
+                (name.clone(), stats)
+            })
+            .collect()
+    }
 }
 
 impl Counters {
@@ -81,7 +148,7 @@ impl Counters {
             replies: self.replies.load(Ordering::Relaxed),
             flooded: self.flooded.load(Ordering::Relaxed),
             drops,
-            services: BTreeMap::new(),
+            services: self.lb.snapshot(),
         }
     }
 }

@@ -3,6 +3,8 @@
 //! [`super::io`] feeds it batches and carries out the verdicts.
 
 use super::answer;
+use super::lb;
+use super::nat::L4Csum;
 use super::stats::DropReason;
 use super::table::{Location, PortId, Tables};
 use protocol::types::{MacAddr, Vni};
@@ -46,9 +48,17 @@ fn mac_at(frame: &[u8], at: usize) -> MacAddr {
 }
 
 /// Decides the fate of a frame read from local port `in_port` (possibly a TCP super-frame
-/// of up to [`MAX_SUPER_FRAME`] bytes). `reply` must hold at least [`MAX_FRAME`] bytes; it is
-/// written only when the verdict is [`Verdict::Reply`].
-pub fn from_port(t: &Tables, in_port: PortId, frame: &[u8], reply: &mut [u8]) -> Verdict {
+/// of up to [`MAX_SUPER_FRAME`] bytes, whose TCP/UDP checksum may be partial: `csum`).
+/// Frames to a service VIP, and replies to a VIP's clients, are translated in place.
+/// `reply` must hold at least [`MAX_FRAME`] bytes; it is written only when the verdict is
+/// [`Verdict::Reply`].
+pub fn from_port(
+    t: &Tables,
+    in_port: PortId,
+    frame: &mut [u8],
+    csum: L4Csum,
+    reply: &mut [u8],
+) -> Verdict {
     if frame.len() < 14 {
         return Verdict::Drop(DropReason::Runt);
     }
@@ -83,12 +93,27 @@ pub fn from_port(t: &Tables, in_port: PortId, frame: &[u8], reply: &mut [u8]) ->
     }
     match net.macs.get(&dst) {
         Some(Location::Local(p)) if *p == in_port => Verdict::Drop(DropReason::Hairpin),
-        Some(Location::Local(p)) => Verdict::Forward(*p),
+        Some(Location::Local(p)) => {
+            lb::to_client(t, net, binding.vni, frame, csum);
+            Verdict::Forward(*p)
+        }
         Some(Location::Remote(vtep)) => Verdict::Encap {
             vni: binding.vni,
             vtep: *vtep,
         },
-        None => Verdict::Drop(DropReason::UnknownDestination),
+        None => match lb::vip_for(net, dst) {
+            Some(vip) => lb::to_vip(
+                t,
+                binding.vni,
+                in_port,
+                binding.mac,
+                vip,
+                frame,
+                csum,
+                reply,
+            ),
+            None => Verdict::Drop(DropReason::UnknownDestination),
+        },
     }
 }
 
@@ -99,7 +124,7 @@ pub fn from_underlay(
     t: &Tables,
     vni: Vni,
     from: Ipv4Addr,
-    frame: &[u8],
+    frame: &mut [u8],
     reply: &mut [u8],
 ) -> Verdict {
     if frame.len() < 14 {
@@ -129,7 +154,11 @@ pub fn from_underlay(
         return Verdict::Flood(vni);
     }
     match net.macs.get(&dst) {
-        Some(Location::Local(p)) => Verdict::Forward(*p),
+        Some(Location::Local(p)) => {
+            // A remote backend's reply to a client here.
+            lb::to_client(t, net, vni, frame, L4Csum::Complete);
+            Verdict::Forward(*p)
+        }
         Some(Location::Remote(_)) => Verdict::Drop(DropReason::Hairpin),
         None => Verdict::Drop(DropReason::UnknownDestination),
     }

@@ -3,10 +3,13 @@
 //! address. The control side builds a new [`Tables`] value whenever the cluster state changes
 //! and publishes it whole; the I/O thread reads a snapshot per batch and never takes a lock.
 
+use super::conntrack::{ConnTable, ServiceCounters};
 use protocol::state::ClusterState;
 use protocol::types::{MacAddr, NodeName, Vni};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 /// A local port: one TAP device of one task on one network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -29,6 +32,28 @@ pub enum Location {
     Remote(SocketAddrV4),
 }
 
+/// A task a VIP balances over, and where it is.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub ip: Ipv4Addr,
+    pub mac: MacAddr,
+    pub at: Location,
+    /// Active flows to it from this node (kept across table rebuilds).
+    pub flows: Arc<AtomicU64>,
+}
+
+/// A service's virtual IP on one network: the router answers for it and balances its flows
+/// round-robin over `backends` (the service's running tasks, on every node).
+#[derive(Debug, Clone)]
+pub struct Vip {
+    pub ip: Ipv4Addr,
+    pub mac: MacAddr,
+    pub service: Arc<ServiceCounters>,
+    pub backends: Vec<Backend>,
+    pub tcp_idle_ms: u64,
+    pub udp_idle_ms: u64,
+}
+
 /// One network's switching table.
 #[derive(Debug, Clone, Default)]
 pub struct NetTable {
@@ -38,6 +63,11 @@ pub struct NetTable {
     pub arp: HashMap<Ipv4Addr, MacAddr>,
     /// Local ports of this network, for flooding.
     pub local_ports: Vec<PortId>,
+    /// Service VIPs on this network, by address.
+    pub vips: HashMap<Ipv4Addr, Vip>,
+    /// Every backend address of those VIPs: only frames from these can be replies to
+    /// translate back.
+    pub backend_ips: HashSet<Ipv4Addr>,
 }
 
 /// All tables of one node.
@@ -45,6 +75,16 @@ pub struct NetTable {
 pub struct Tables {
     pub ports: HashMap<PortId, PortBinding>,
     pub networks: HashMap<Vni, NetTable>,
+    /// The node's connection table, shared by every published `Tables`.
+    pub flows: Arc<ConnTable>,
+}
+
+/// What the control side knows of a backend before the table says where it lives.
+#[derive(Debug, Clone)]
+pub struct BackendSpec {
+    pub ip: Ipv4Addr,
+    pub mac: MacAddr,
+    pub flows: Arc<AtomicU64>,
 }
 
 impl Tables {
@@ -73,6 +113,46 @@ impl Tables {
         net.gateway_ip = Some(ip);
         net.gateway_mac = MacAddr::from_ipv4(ip);
         net.arp.insert(ip, net.gateway_mac);
+    }
+
+    /// Adds a VIP on network `vni` (if the network exists on this node). Backends whose MAC
+    /// the table cannot place (a node without a known address) are left out.
+    pub fn add_vip(
+        &mut self,
+        vni: Vni,
+        ip: Ipv4Addr,
+        service: Arc<ServiceCounters>,
+        backends: &[BackendSpec],
+        idle_ms: (u64, u64),
+    ) {
+        let Some(net) = self.networks.get_mut(&vni) else {
+            return;
+        };
+        let mac = MacAddr::from_ipv4(ip);
+        let backends: Vec<Backend> = backends
+            .iter()
+            .filter_map(|b| {
+                Some(Backend {
+                    ip: b.ip,
+                    mac: b.mac,
+                    at: *net.macs.get(&b.mac)?,
+                    flows: b.flows.clone(),
+                })
+            })
+            .collect();
+        net.backend_ips.extend(backends.iter().map(|b| b.ip));
+        net.arp.insert(ip, mac);
+        net.vips.insert(
+            ip,
+            Vip {
+                ip,
+                mac,
+                service,
+                backends,
+                tcp_idle_ms: idle_ms.0,
+                udp_idle_ms: idle_ms.1,
+            },
+        );
     }
 
     /// Builds the tables of `node` from the cluster state and the node's local ports.

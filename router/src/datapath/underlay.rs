@@ -165,16 +165,16 @@ impl RxBatch {
         }
     }
 
-    /// Every received datagram (GRO-coalesced ones split by their stride), with its sender.
-    pub fn datagrams(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> + '_ {
+    /// Every received datagram (GRO-coalesced ones split by their stride), with its sender,
+    /// writable in place.
+    pub fn datagrams_mut(&mut self) -> impl Iterator<Item = (SocketAddr, &mut [u8])> + '_ {
         self.meta[..self.filled]
             .iter()
-            .zip(&self.bufs)
+            .zip(self.bufs.iter_mut())
             .flat_map(|(m, buf)| {
                 let stride = m.stride.max(1);
-                buf[..m.len.min(buf.len())]
-                    .chunks(stride)
-                    .map(move |d| (m.addr, d))
+                let len = m.len.min(buf.len());
+                buf[..len].chunks_mut(stride).map(move |d| (m.addr, d))
             })
     }
 }
@@ -207,7 +207,7 @@ mod tests {
         let end = Instant::now() + Duration::from_secs(5);
         while got.len() < want && Instant::now() < end {
             rx.recv(u).unwrap();
-            got.extend(rx.datagrams().map(|(_, d)| d.to_vec()));
+            got.extend(rx.datagrams_mut().map(|(_, d)| d.to_vec()));
             std::thread::sleep(Duration::from_millis(1));
         }
         got

@@ -82,7 +82,14 @@ fn arp(src: &str, op: ArpOperation, target: &str) -> Vec<u8> {
 
 fn decide(port: u32, frame: &[u8]) -> (Verdict, Vec<u8>) {
     let mut reply = vec![0u8; MAX_FRAME];
-    let v = from_port(&tables(), PortId(port), frame, &mut reply);
+    let mut frame = frame.to_vec();
+    let v = from_port(
+        &tables(),
+        PortId(port),
+        &mut frame,
+        L4Csum::Complete,
+        &mut reply,
+    );
     if let Verdict::Reply(n) = v {
         reply.truncate(n);
     }
@@ -263,7 +270,8 @@ fn gateway_routes_nothing_else_yet() {
 
 fn remote(frame: &[u8], from: &str, v: u32) -> (Verdict, Vec<u8>) {
     let mut reply = vec![0u8; MAX_FRAME];
-    let verdict = from_underlay(&tables(), vni(v), ip(from), frame, &mut reply);
+    let mut frame = frame.to_vec();
+    let verdict = from_underlay(&tables(), vni(v), ip(from), &mut frame, &mut reply);
     if let Verdict::ReplyRemote { len, .. } = verdict {
         reply.truncate(len);
     }
@@ -340,19 +348,19 @@ proptest! {
     #[test]
     fn any_bytes_from_the_underlay_never_panic(
         v in 4096u32..4100,
-        frame in proptest::collection::vec(any::<u8>(), 0..1600),
+        mut frame in proptest::collection::vec(any::<u8>(), 0..1600),
     ) {
         let mut reply = vec![0u8; MAX_FRAME];
-        let _ = from_underlay(&tables(), vni(v), ip("198.18.0.3"), &frame, &mut reply);
+        let _ = from_underlay(&tables(), vni(v), ip("198.18.0.3"), &mut frame, &mut reply);
     }
 
     #[test]
     fn any_bytes_from_any_port_never_panic(
         port in 0u32..5,
-        frame in proptest::collection::vec(any::<u8>(), 0..1600),
+        mut frame in proptest::collection::vec(any::<u8>(), 0..1600),
     ) {
         let mut reply = vec![0u8; MAX_FRAME];
-        let _ = from_port(&tables(), PortId(port), &frame, &mut reply);
+        let _ = from_port(&tables(), PortId(port), &mut frame, L4Csum::Complete, &mut reply);
     }
 
     #[test]
@@ -362,6 +370,6 @@ proptest! {
         let mut frame = CAPTURED_ARP_REQUEST[..14].to_vec();
         frame.extend_from_slice(&body);
         let mut reply = vec![0u8; MAX_FRAME];
-        let _ = from_port(&tables(), PortId(1), &frame, &mut reply);
+        let _ = from_port(&tables(), PortId(1), &mut frame, L4Csum::Complete, &mut reply);
     }
 }

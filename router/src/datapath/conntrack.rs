@@ -1,0 +1,497 @@
+//! The node's connection table for the service load balancer: which backend each
+//! client-to-VIP flow was given, so that every packet of the flow goes to the same task and
+//! every reply can be translated back to the VIP.
+//!
+//! One table per node, shared by every datapath worker and the sweeper. It is a lock-free
+//! hash map (papaya): a lookup never blocks and takes no lock, an insert or removal by one
+//! thread never stalls a reader in another (`docs/BENCHMARKS.md` has the figures that chose it
+//! over dashmap's sharded locks and scc). Each flow sits under two keys, the 5-tuple as the
+//! client sends it and as the backend answers, both pointing at one [`Flow`] whose few mutable
+//! fields are atomics.
+//!
+//! Time is handed in (`set_now`, by the I/O loop once per round), so the table reads no clock.
+//! Expiry is the sweeper's job ([`ConnTable::sweep`], on its own thread): idle flows, closed TCP
+//! connections after a short linger, and flows whose backend left the rotation, for which it
+//! hands back what the client needs to be sent a reset.
+
+use super::table::{Location, PortId};
+use protocol::types::MacAddr;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Default idle timeout of a TCP flow: a day, as kube-proxy sets conntrack's (IPVS cuts idle
+/// connections after 900 s, Swarm's most reported networking complaint).
+pub const TCP_IDLE_MS: u64 = 24 * 3600 * 1000;
+/// Default idle timeout of a UDP flow.
+pub const UDP_IDLE_MS: u64 = 60 * 1000;
+/// A TCP flow whose handshake never completed.
+pub const SYN_IDLE_MS: u64 = 30 * 1000;
+/// How long a closed TCP flow (RST, or FIN both ways) lingers for its last packets.
+pub const LINGER_MS: u64 = 2000;
+/// Default bound on flows in the table.
+pub const DEFAULT_MAX_FLOWS: usize = 1 << 20;
+
+/// A flow as one direction sees it on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub vni: u32,
+    pub proto: u8,
+    pub src: Ipv4Addr,
+    pub sport: u16,
+    pub dst: Ipv4Addr,
+    pub dport: u16,
+}
+
+impl FlowKey {
+    pub fn reversed(&self) -> FlowKey {
+        FlowKey {
+            vni: self.vni,
+            proto: self.proto,
+            src: self.dst,
+            sport: self.dport,
+            dst: self.src,
+            dport: self.sport,
+        }
+    }
+}
+
+/// Which way a key looks at its flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Client to VIP: translate the destination to the backend.
+    ToBackend,
+    /// Backend to client: translate the source back to the VIP.
+    ToClient,
+}
+
+/// Per service counters of one node's load balancer; they live as long as the service.
+#[derive(Debug, Default)]
+pub struct ServiceCounters {
+    pub rr: AtomicU64,
+    pub new_flows: AtomicU64,
+    pub refused: AtomicU64,
+    pub active: AtomicU64,
+}
+
+/// TCP progress, as far as the load balancer cares.
+const SYN_SENT: u8 = 0;
+const ESTABLISHED: u8 = 1;
+const CLOSED: u8 = 2;
+const FIN_CLIENT: u8 = 1 << 2;
+const FIN_BACKEND: u8 = 1 << 3;
+
+/// One load-balanced flow.
+#[derive(Debug)]
+pub struct Flow {
+    /// As the client sends it: client -> VIP.
+    pub key: FlowKey,
+    pub vip_mac: MacAddr,
+    pub client_mac: MacAddr,
+    pub client_port: PortId,
+    pub backend_ip: Ipv4Addr,
+    pub backend_mac: MacAddr,
+    pub backend_at: Location,
+    pub idle_ms: u64,
+    pub service: Arc<ServiceCounters>,
+    /// Active flows of this backend (shown per backend in the stats).
+    pub backend_flows: Arc<AtomicU64>,
+    last_seen: AtomicU64,
+    /// SYN_SENT / ESTABLISHED / CLOSED in the low bits, FIN flags above.
+    state: AtomicU8,
+    /// The sequence number the client expects next from the backend (for a reset).
+    client_next: AtomicU32,
+}
+
+impl Flow {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        key: FlowKey,
+        vip_mac: MacAddr,
+        client_mac: MacAddr,
+        client_port: PortId,
+        backend: (Ipv4Addr, MacAddr, Location),
+        idle_ms: u64,
+        service: Arc<ServiceCounters>,
+        backend_flows: Arc<AtomicU64>,
+        now_ms: u64,
+    ) -> Flow {
+        Flow {
+            key,
+            vip_mac,
+            client_mac,
+            client_port,
+            backend_ip: backend.0,
+            backend_mac: backend.1,
+            backend_at: backend.2,
+            idle_ms,
+            service,
+            backend_flows,
+            last_seen: AtomicU64::new(now_ms),
+            state: AtomicU8::new(SYN_SENT),
+            client_next: AtomicU32::new(0),
+        }
+    }
+
+    /// Notes a packet; the timestamp is written at most once a second, so a busy flow does
+    /// not keep a shared cache line bouncing between workers.
+    pub fn touch(&self, now_ms: u64) {
+        if now_ms.saturating_sub(self.last_seen.load(Ordering::Relaxed)) >= 1000 {
+            self.last_seen.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Follows TCP flags seen in direction `dir`; `next_seq` is what the segment's receiver
+    /// expects next (its sequence number plus what it occupies).
+    pub fn track_tcp(&self, dir: Dir, flags: u8, next_seq: u32) {
+        use super::nat::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+        let old = self.state.load(Ordering::Relaxed);
+        let mut new = old;
+        if flags & TCP_RST != 0 {
+            new = (new & !3) | CLOSED;
+        }
+        match dir {
+            Dir::ToBackend => {
+                if flags & TCP_FIN != 0 {
+                    new |= FIN_CLIENT;
+                }
+            }
+            Dir::ToClient => {
+                if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK && old & 3 == SYN_SENT {
+                    new = (new & !3) | ESTABLISHED;
+                }
+                if flags & TCP_FIN != 0 {
+                    new |= FIN_BACKEND;
+                }
+                // Keep the highest (in sequence space) next number seen.
+                let prev = self.client_next.load(Ordering::Relaxed);
+                if old & 3 == SYN_SENT || (next_seq.wrapping_sub(prev) as i32) > 0 {
+                    self.client_next.store(next_seq, Ordering::Relaxed);
+                }
+            }
+        }
+        if new & (FIN_CLIENT | FIN_BACKEND) == FIN_CLIENT | FIN_BACKEND {
+            new = (new & !3) | CLOSED;
+        }
+        if new != old {
+            self.state.store(new, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & 3 == CLOSED
+    }
+
+    /// Established TCP: a client that would be left hanging if its backend vanished.
+    pub fn is_established(&self) -> bool {
+        self.key.proto == super::nat::PROTO_TCP
+            && self.state.load(Ordering::Relaxed) & 3 == ESTABLISHED
+    }
+
+    pub fn client_next(&self) -> u32 {
+        self.client_next.load(Ordering::Relaxed)
+    }
+
+    fn expired(&self, now_ms: u64) -> bool {
+        let idle = now_ms.saturating_sub(self.last_seen.load(Ordering::Relaxed));
+        let state = self.state.load(Ordering::Relaxed) & 3;
+        let limit = match (self.key.proto, state) {
+            (_, CLOSED) => LINGER_MS,
+            (super::nat::PROTO_TCP, SYN_SENT) => SYN_IDLE_MS.min(self.idle_ms),
+            _ => self.idle_ms,
+        };
+        idle >= limit
+    }
+}
+
+/// What a table entry holds: the flow and which way this key looks at it.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    pub dir: Dir,
+    pub flow: Arc<Flow>,
+}
+
+/// The table was full: the new flow is refused, existing ones go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+type Map = papaya::HashMap<FlowKey, Slot, foldhash::fast::RandomState>;
+
+pub struct ConnTable {
+    map: Map,
+    flows: AtomicUsize,
+    max: usize,
+    now_ms: AtomicU64,
+}
+
+impl Default for ConnTable {
+    fn default() -> Self {
+        ConnTable::new(DEFAULT_MAX_FLOWS)
+    }
+}
+
+impl std::fmt::Debug for ConnTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnTable")
+            .field("flows", &self.len())
+            .field("max", &self.max)
+            .finish()
+    }
+}
+
+impl ConnTable {
+    /// A table that holds at most `max` flows.
+    pub fn new(max: usize) -> ConnTable {
+        ConnTable {
+            map: papaya::HashMap::builder()
+                .hasher(foldhash::fast::RandomState::default())
+                .resize_mode(papaya::ResizeMode::Incremental(1024))
+                .build(),
+            flows: AtomicUsize::new(0),
+            max,
+            now_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Sets the table's clock (milliseconds on a monotonic scale); the I/O loop calls it once
+    /// per round.
+    pub fn set_now(&self, ms: u64) {
+        self.now_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn now(&self) -> u64 {
+        self.now_ms.load(Ordering::Relaxed)
+    }
+
+    /// Flows in the table.
+    pub fn len(&self) -> usize {
+        self.flows.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs `f` on the entry of `key`, if any, without taking a lock.
+    pub fn with<R>(&self, key: &FlowKey, f: impl FnOnce(&Slot) -> R) -> Option<R> {
+        self.map.pin().get(key).map(f)
+    }
+
+    /// Adds a flow under both its keys. A flow already under the client's key (a new
+    /// connection reusing the 5-tuple of a closed one) is replaced.
+    pub fn insert(&self, flow: Flow) -> Result<Arc<Flow>, Full> {
+        let svc = flow.service.clone();
+        // Replacing a flow needs no room: the old one goes.
+        let replacing = self.map.pin().contains_key(&flow.key);
+        if self.flows.fetch_add(1, Ordering::Relaxed) >= self.max && !replacing {
+            self.flows.fetch_sub(1, Ordering::Relaxed);
+            svc.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Full);
+        }
+        let flow = Arc::new(flow);
+        let key = flow.key;
+        let back = FlowKey {
+            vni: key.vni,
+            proto: key.proto,
+            src: flow.backend_ip,
+            sport: key.dport,
+            dst: key.src,
+            dport: key.sport,
+        };
+        let map = self.map.pin();
+        let old = map.insert(
+            key,
+            Slot {
+                dir: Dir::ToBackend,
+                flow: flow.clone(),
+            },
+        );
+        if let Some(old) = old {
+            self.forget(&old.flow, false);
+        }
+        map.insert(
+            back,
+            Slot {
+                dir: Dir::ToClient,
+                flow: flow.clone(),
+            },
+        );
+        svc.new_flows.fetch_add(1, Ordering::Relaxed);
+        svc.active.fetch_add(1, Ordering::Relaxed);
+        flow.backend_flows.fetch_add(1, Ordering::Relaxed);
+        Ok(flow)
+    }
+
+    /// Removes a flow's reply key (and its client key too if `both`) and its counts.
+    fn forget(&self, flow: &Arc<Flow>, both: bool) {
+        let map = self.map.pin();
+        let back = FlowKey {
+            src: flow.backend_ip,
+            ..flow.key.reversed()
+        };
+        // Only remove a key that still points at this very flow.
+        let _ = map.remove_if(&back, |_, s| Arc::ptr_eq(&s.flow, flow));
+        if both {
+            let _ = map.remove_if(&flow.key, |_, s| Arc::ptr_eq(&s.flow, flow));
+        }
+        self.flows.fetch_sub(1, Ordering::Relaxed);
+        flow.service.active.fetch_sub(1, Ordering::Relaxed);
+        flow.backend_flows.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Removes expired flows and those whose backend `alive` rejects; each established TCP
+    /// flow of a rejected backend is handed to `reset` first, so its client can be told.
+    /// Returns how many flows went. Readers are never blocked while it runs.
+    pub fn sweep(&self, alive: impl Fn(&Flow) -> bool, mut reset: impl FnMut(&Flow)) -> usize {
+        let now = self.now();
+        let map = self.map.pin();
+        let mut gone = Vec::new();
+        for (_, slot) in map.iter() {
+            if slot.dir != Dir::ToBackend {
+                continue;
+            }
+            let f = &slot.flow;
+            if !alive(f) {
+                if f.is_established() {
+                    reset(f);
+                }
+                gone.push(f.clone());
+            } else if f.expired(now) {
+                gone.push(f.clone());
+            }
+        }
+        drop(map);
+        for f in &gone {
+            self.forget(f, true);
+        }
+        gone.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::nat::{PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn key(proto: u8, sport: u16) -> FlowKey {
+        FlowKey {
+            vni: 4097,
+            proto,
+            src: ip("10.0.0.9"),
+            sport,
+            dst: ip("10.0.0.2"),
+            dport: 80,
+        }
+    }
+
+    fn flow(k: FlowKey, svc: &Arc<ServiceCounters>, idle_ms: u64) -> Flow {
+        Flow::new(
+            k,
+            MacAddr::from_ipv4(ip("10.0.0.2")),
+            MacAddr::from_ipv4(ip("10.0.0.9")),
+            PortId(1),
+            (
+                ip("10.0.0.5"),
+                MacAddr::from_ipv4(ip("10.0.0.5")),
+                Location::Local(PortId(2)),
+            ),
+            idle_ms,
+            svc.clone(),
+            Arc::new(AtomicU64::new(0)),
+            0,
+        )
+    }
+
+    #[test]
+    fn both_directions_find_the_flow() {
+        let t = ConnTable::new(10);
+        let svc = Arc::new(ServiceCounters::default());
+        let k = key(PROTO_TCP, 1000);
+        t.insert(flow(k, &svc, TCP_IDLE_MS)).unwrap();
+        assert_eq!(t.with(&k, |s| s.dir), Some(Dir::ToBackend));
+        let back = FlowKey {
+            src: ip("10.0.0.5"),
+            ..k.reversed()
+        };
+        assert_eq!(t.with(&back, |s| s.dir), Some(Dir::ToClient));
+        assert_eq!(t.len(), 1);
+        assert_eq!(svc.active.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn bound_refuses_new_flows_only() {
+        let t = ConnTable::new(2);
+        let svc = Arc::new(ServiceCounters::default());
+        t.insert(flow(key(PROTO_UDP, 1), &svc, UDP_IDLE_MS))
+            .unwrap();
+        t.insert(flow(key(PROTO_UDP, 2), &svc, UDP_IDLE_MS))
+            .unwrap();
+        assert_eq!(
+            t.insert(flow(key(PROTO_UDP, 3), &svc, UDP_IDLE_MS)).err(),
+            Some(Full)
+        );
+        assert_eq!(svc.refused.load(Ordering::Relaxed), 1);
+        assert!(t.with(&key(PROTO_UDP, 1), |_| ()).is_some());
+        // Replacing a flow under the same key does not count twice.
+        t.insert(flow(key(PROTO_UDP, 2), &svc, UDP_IDLE_MS))
+            .unwrap();
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn idle_and_closed_flows_expire() {
+        let t = ConnTable::new(10);
+        let svc = Arc::new(ServiceCounters::default());
+        let idle = t.insert(flow(key(PROTO_TCP, 1), &svc, 10_000)).unwrap();
+        idle.track_tcp(Dir::ToClient, TCP_SYN | TCP_ACK, 1);
+        let closed = t.insert(flow(key(PROTO_TCP, 2), &svc, 10_000)).unwrap();
+        closed.track_tcp(Dir::ToClient, TCP_SYN | TCP_ACK, 1);
+        closed.track_tcp(Dir::ToBackend, TCP_FIN | TCP_ACK, 0);
+        closed.track_tcp(Dir::ToClient, TCP_FIN | TCP_ACK, 2);
+        assert!(closed.is_closed());
+        t.set_now(LINGER_MS);
+        assert_eq!(
+            t.sweep(|_| true, |_| {}),
+            1,
+            "closed flow goes after the linger"
+        );
+        t.set_now(9_000);
+        assert_eq!(t.sweep(|_| true, |_| {}), 0, "idle 9 s of 10");
+        idle.touch(9_000);
+        t.set_now(18_000);
+        assert_eq!(t.sweep(|_| true, |_| {}), 0, "touched at 9 s");
+        t.set_now(19_000);
+        assert_eq!(t.sweep(|_| true, |_| {}), 1);
+        assert!(t.is_empty());
+        assert_eq!(svc.active.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn dead_backend_flows_are_reset_and_removed() {
+        let t = ConnTable::new(10);
+        let svc = Arc::new(ServiceCounters::default());
+        let f = t
+            .insert(flow(key(PROTO_TCP, 1), &svc, TCP_IDLE_MS))
+            .unwrap();
+        f.track_tcp(Dir::ToClient, TCP_SYN | TCP_ACK, 500);
+        f.track_tcp(Dir::ToClient, TCP_ACK, 620);
+        f.track_tcp(Dir::ToClient, TCP_ACK, 560); // a retransmission: not a step back
+        t.insert(flow(key(PROTO_UDP, 1), &svc, UDP_IDLE_MS))
+            .unwrap();
+        let mut resets = Vec::new();
+        let gone = t.sweep(|_| false, |f| resets.push((f.key.sport, f.client_next())));
+        assert_eq!(gone, 2);
+        assert_eq!(resets, [(1, 620)], "only the established TCP flow is reset");
+        assert!(t.is_empty());
+        // An RST from either side closes a flow.
+        let g = t
+            .insert(flow(key(PROTO_TCP, 2), &svc, TCP_IDLE_MS))
+            .unwrap();
+        g.track_tcp(Dir::ToBackend, TCP_RST, 0);
+        assert!(g.is_closed());
+    }
+}

@@ -1,6 +1,7 @@
-//! `overlayctl exec TASK -- CMD`: runs CMD inside the task's network namespace with the
+//! `overlayctl exec TASK -- CMD`: runs CMD inside the task's network and mount namespaces
+//! (its interfaces, its resolv.conf naming 127.0.0.11, its /etc/hosts and /sys) with the
 //! caller's stdin, stdout and stderr, and returns CMD's exit status, as `docker exec` does.
-//! The namespace is entered in the child between fork and exec, so no daemon round trip
+//! The namespaces are entered in the child between fork and exec, so no daemon round trip
 //! carries the caller's terminal.
 
 use anyhow::Context;
@@ -10,19 +11,33 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 
-/// Runs `cmd` in the namespace at `netns`; returns the exit code to exit with.
-pub fn run(netns: &Path, cmd: &[String]) -> anyhow::Result<i32> {
+/// Runs `cmd` in the namespace at `netns` (and the mount namespace at `mountns`, if the
+/// task has one); returns the exit code to exit with.
+pub fn run(netns: &Path, mountns: Option<&Path>, cmd: &[String]) -> anyhow::Result<i32> {
     let ns = File::open(netns)
         .with_context(|| format!("opening the task's namespace {}", netns.display()))?;
+    let mnt = match mountns.filter(|m| m.exists()) {
+        Some(m) => Some(
+            File::open(m)
+                .with_context(|| format!("opening the task's mount namespace {}", m.display()))?,
+        ),
+        None => None,
+    };
     let raw = ns.as_raw_fd();
+    let raw_mnt = mnt.as_ref().map(|m| m.as_raw_fd());
     let mut command = std::process::Command::new(&cmd[0]);
     command.args(&cmd[1..]);
     // SAFETY: the closure runs in the forked child before exec and calls only setns(2), which
-    // is async-signal-safe; `ns` stays open until spawn() has returned.
+    // is async-signal-safe; `ns` and `mnt` stay open until spawn() has returned.
     unsafe {
         command.pre_exec(move || {
             setns(BorrowedFd::borrow_raw(raw), CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)
+                .map_err(std::io::Error::from)?;
+            if let Some(m) = raw_mnt {
+                setns(BorrowedFd::borrow_raw(m), CloneFlags::CLONE_NEWNS)
+                    .map_err(std::io::Error::from)?;
+            }
+            Ok(())
         });
     }
     let mut child = match command.spawn() {
@@ -50,6 +65,7 @@ pub fn run(netns: &Path, cmd: &[String]) -> anyhow::Result<i32> {
         }
     };
     drop(ns);
+    drop(mnt);
     let status = child.wait().context("waiting for the command")?;
     Ok(status
         .code()

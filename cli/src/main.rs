@@ -573,8 +573,8 @@ fn capital(s: &str) -> String {
 /// What is left to do once the API has answered.
 enum Outcome {
     Done,
-    /// `exec`: run the command in this namespace, outside the async runtime.
-    Exec(PathBuf),
+    /// `exec`: run the command in these namespaces (network, mount), outside the async runtime.
+    Exec(PathBuf, Option<PathBuf>),
 }
 
 async fn dispatch(c: &Client, cmd: Cmd) -> anyhow::Result<Outcome> {
@@ -604,7 +604,10 @@ async fn dispatch(c: &Client, cmd: Cmd) -> anyhow::Result<Outcome> {
         Cmd::Stats => print_json(&c.get::<DatapathStats>("/datapath/stats").await?)?,
         Cmd::Exec { task, .. } => {
             let t: TaskView = c.get(&format!("/tasks/{}", seg(&task))).await?;
-            return Ok(Outcome::Exec(PathBuf::from(t.netns)));
+            return Ok(Outcome::Exec(
+                PathBuf::from(t.netns),
+                t.mountns.map(PathBuf::from),
+            ));
         }
     }
     Ok(Outcome::Done)
@@ -628,7 +631,7 @@ fn run() -> anyhow::Result<i32> {
     drop(rt);
     match outcome {
         Outcome::Done => Ok(0),
-        Outcome::Exec(netns) => exec::run(&netns, &exec_cmd),
+        Outcome::Exec(netns, mountns) => exec::run(&netns, mountns.as_deref(), &exec_cmd),
     }
 }
 

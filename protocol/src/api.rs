@@ -292,6 +292,10 @@ pub struct TaskView {
     pub attachments: Vec<Attachment>,
     /// Path of the task's network namespace (`/run/netns/...`), for `overlayctl exec`.
     pub netns: String,
+    /// Path of the task's mount namespace (its resolv.conf, hosts and /sys), entered by
+    /// `overlayctl exec` too.
+    #[serde(default)]
+    pub mountns: Option<String>,
 }
 
 #[cfg(test)]

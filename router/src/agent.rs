@@ -12,10 +12,12 @@ use crate::datapath::conntrack::{TCP_IDLE_MS, UDP_IDLE_MS};
 use crate::datapath::io::Datapath;
 use crate::datapath::stats::Counters;
 use crate::datapath::table::{BackendSpec, PortBinding, PortId, Tables};
+use crate::dns::names::DnsView;
+use crate::dns::server::{self as dns, Shared as DnsShared};
 use crate::manager::{now, StatusBoard};
 use crate::services::{self, VipView};
 use crate::sys::iface::{self, IfaceSpec};
-use crate::sys::netns;
+use crate::sys::{mntns, netns};
 use crate::task::{self, TaskProcess};
 use protocol::api::{TaskState, TaskStatus};
 use protocol::state::{ClusterState, Task};
@@ -43,6 +45,9 @@ pub fn netns_name(node: &NodeName, task: &str) -> String {
 struct LocalTask {
     id: String,
     netns: PathBuf,
+    mntns: PathBuf,
+    /// The task's resolv.conf and hosts.
+    files: PathBuf,
     ports: Vec<(PortId, PortBinding)>,
     cancel: CancellationToken,
     supervisor: JoinHandle<()>,
@@ -55,6 +60,9 @@ pub struct Agent {
     counters: Arc<Counters>,
     statuses: StatusBoard,
     log_dir: PathBuf,
+    /// Per task files (resolv.conf, hosts), under the state directory.
+    files_dir: PathBuf,
+    dns: Arc<DnsShared>,
     tasks: BTreeMap<String, LocalTask>,
     next_port: u32,
     /// This node's VXLAN port; external VTEPs are sent to on it too.
@@ -69,7 +77,8 @@ impl Agent {
         datapath: Datapath,
         cluster: Cluster,
         counters: Arc<Counters>,
-        log_dir: PathBuf,
+        state_dir: &std::path::Path,
+        dns: Arc<DnsShared>,
         data_port: u16,
     ) -> Agent {
         Agent {
@@ -78,7 +87,9 @@ impl Agent {
             statuses: cluster.local_board(),
             cluster,
             counters,
-            log_dir,
+            log_dir: state_dir.join("logs"),
+            files_dir: state_dir.join("tasks"),
+            dns,
             tasks: BTreeMap::new(),
             next_port: 1,
             data_port,
@@ -88,6 +99,14 @@ impl Agent {
 
     /// Removes namespaces a previous run of this node left behind (after a crash).
     pub fn clean_leftovers(&self) {
+        let prefix = format!("ov-{}-", self.node);
+        if let Ok(dir) = std::fs::read_dir(mntns::MNTNS_DIR) {
+            for e in dir.filter_map(|e| e.ok()) {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = mntns::remove(&e.path());
+                }
+            }
+        }
         for name in netns::list_with_prefix(&format!("ov-{}-", self.node)) {
             let path = netns::path_of(&name);
             match netns::remove(&path) {
@@ -178,6 +197,11 @@ impl Agent {
         let snap = self.cluster.snapshot();
         // The snapshot may be a little ahead of `state`; VIPs follow the state being realised.
         let vips = services::vips(state, &snap.statuses, &snap.health);
+        // Names follow the same view; resolvers read it without a lock.
+        let names = DnsView::build(state, &snap.statuses, &snap.health);
+        if **self.dns.view.load() != names {
+            self.dns.view.store(Arc::new(names));
+        }
         let same = self
             .published
             .as_ref()
@@ -270,6 +294,51 @@ impl Agent {
                 return Err(format!("creating namespace and interfaces: {e}"));
             }
         };
+        let files = self.files_dir.join(&task.name);
+        let mnt_path = mntns::path_of(&netns_name(&self.node, &task.name));
+        let resolver = {
+            let (files, mnt, ns, task) = (
+                files.clone(),
+                mnt_path.clone(),
+                ns_path.clone(),
+                task.clone(),
+            );
+            tokio::task::spawn_blocking(move || task_environment(&files, &mnt, &ns, &task))
+                .await
+                .map_err(|e| format!("setup thread failed: {e}"))?
+        };
+        let (udp, tcp) = match resolver {
+            Ok(socks) => socks,
+            Err(e) => {
+                drop(fds);
+                let _ = mntns::remove(&mnt_path);
+                let _ = netns::remove(&ns_path);
+                return Err(format!("setting up the task's resolver and mounts: {e}"));
+            }
+        };
+        let cancel = CancellationToken::new();
+        let networks = task
+            .attachments
+            .iter()
+            .map(|a| a.network.to_string())
+            .collect();
+        match (
+            tokio::net::UdpSocket::from_std(udp),
+            tokio::net::TcpListener::from_std(tcp),
+        ) {
+            (Ok(udp), Ok(tcp)) => {
+                tokio::spawn(dns::serve(
+                    udp,
+                    tcp,
+                    networks,
+                    self.dns.clone(),
+                    cancel.clone(),
+                ));
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(task = %task.name, error = %e, "resolver not served")
+            }
+        }
         let mut ports = Vec::new();
         for (fd, binding) in fds.into_iter().zip(bindings) {
             let port = PortId(self.next_port);
@@ -277,7 +346,6 @@ impl Agent {
             self.datapath.add_port(port, fd);
             ports.push((port, binding));
         }
-        let cancel = CancellationToken::new();
         let proc = TaskProcess {
             name: task.name.clone(),
             id: task.id.clone(),
@@ -287,6 +355,7 @@ impl Agent {
             command: svc.command.clone(),
             env: svc.env.clone(),
             netns: ns_path.clone(),
+            mntns: Some(mnt_path.clone()),
             log: self.log_dir.join(format!("{}.log", task.name)),
         };
         let supervisor = tokio::spawn(task::supervise(proc, self.statuses.clone(), cancel.clone()));
@@ -294,6 +363,8 @@ impl Agent {
         Ok(LocalTask {
             id: task.id.clone(),
             netns: ns_path,
+            mntns: mnt_path,
+            files,
             ports,
             cancel,
             supervisor,
@@ -306,6 +377,8 @@ impl Agent {
         for (port, _) in &lt.ports {
             self.datapath.remove_port(*port);
         }
+        let _ = mntns::remove(&lt.mntns);
+        let _ = std::fs::remove_dir_all(&lt.files);
         let path = lt.netns.clone();
         match tokio::task::spawn_blocking(move || netns::remove(&path)).await {
             Ok(Ok(())) => info!(task = %name, "task removed"),
@@ -327,4 +400,36 @@ impl Agent {
             self.stop_task(&name, lt).await;
         }
     }
+}
+
+/// What a task sees of the node besides its interfaces: its resolv.conf (the embedded
+/// resolver, with Docker's `ndots:0`) and hosts file, its mount namespace with them in place,
+/// and the resolver's sockets on 127.0.0.11:53 made inside its network namespace.
+fn task_environment(
+    files: &std::path::Path,
+    mnt: &std::path::Path,
+    netns_path: &std::path::Path,
+    task: &Task,
+) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    std::fs::create_dir_all(files)?;
+    let resolv = files.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.11\noptions ndots:0\n")?;
+    let mut hosts =
+        String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    for a in &task.attachments {
+        hosts.push_str(&format!(
+            "{}\t{} {}.{}\n",
+            a.address, task.name, task.name, task.id
+        ));
+    }
+    let hosts_path = files.join("hosts");
+    std::fs::write(&hosts_path, hosts)?;
+    mntns::create(mnt, netns_path, &resolv, &hosts_path)?;
+    netns::run_in(netns_path, || {
+        let udp = std::net::UdpSocket::bind(dns::RESOLVER_ADDR)?;
+        let tcp = std::net::TcpListener::bind(dns::RESOLVER_ADDR)?;
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        Ok((udp, tcp))
+    })
 }

@@ -182,6 +182,11 @@ fn task_view(snap: &Snapshot, t: &Task) -> TaskView {
         netns: crate::sys::netns::path_of(&crate::agent::netns_name(&t.node, &t.name))
             .display()
             .to_string(),
+        mountns: Some(
+            crate::sys::mntns::path_of(&crate::agent::netns_name(&t.node, &t.name))
+                .display()
+                .to_string(),
+        ),
     }
 }
 

@@ -220,6 +220,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let listener = bind_socket(&socket)?;
     let log_dir = state_dir.join("logs");
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let upstreams = if cfg.dns_upstreams.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        crate::dns::server::upstreams_from_resolv_conf(&text)
+    } else {
+        cfg.dns_upstreams.clone()
+    };
+    info!(?upstreams, "DNS upstream resolvers");
+    let dns = Arc::new(crate::dns::server::Shared {
+        view: Default::default(),
+        upstreams,
+    });
 
     let pool = Pool {
         pool: cfg.default_addr_pool.trunc(),
@@ -272,7 +283,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         datapath,
         cluster.clone(),
         counters.clone(),
-        log_dir,
+        &state_dir,
+        dns,
         cfg.data_path_port,
     );
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod manager;
 pub mod services;
 pub mod store;

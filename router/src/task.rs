@@ -32,6 +32,8 @@ pub struct TaskProcess {
     pub command: Vec<String>,
     pub env: Vec<String>,
     pub netns: PathBuf,
+    /// The task's mount namespace (resolv.conf naming 127.0.0.11, its own /etc/hosts).
+    pub mntns: Option<PathBuf>,
     pub log: PathBuf,
 }
 
@@ -66,6 +68,10 @@ fn open_log(path: &PathBuf) -> std::io::Result<(File, File)> {
 fn spawn(p: &TaskProcess) -> Result<tokio::process::Child, String> {
     let program = p.command.first().ok_or("empty command")?;
     let ns = File::open(&p.netns).map_err(|e| format!("opening {}: {e}", p.netns.display()))?;
+    let mnt = match &p.mntns {
+        Some(m) => Some(File::open(m).map_err(|e| format!("opening {}: {e}", m.display()))?),
+        None => None,
+    };
     let (out, err) =
         open_log(&p.log).map_err(|e| format!("opening log {}: {e}", p.log.display()))?;
     let mut cmd = tokio::process::Command::new(program);
@@ -86,7 +92,11 @@ fn spawn(p: &TaskProcess) -> Result<tokio::process::Child, String> {
             cmd.env(k, v);
         }
     }
-    netns::spawn_inside(cmd.as_std_mut(), ns.as_fd());
+    netns::spawn_inside(
+        cmd.as_std_mut(),
+        ns.as_fd(),
+        mnt.as_ref().map(|m| m.as_fd()),
+    );
     cmd.spawn()
         .map_err(|e| format!("starting {program:?}: {e}"))
 }

@@ -3,5 +3,6 @@
 //! line and sits behind a safe function.
 
 pub mod iface;
+pub mod mntns;
 pub mod netns;
 pub mod tap;

@@ -72,16 +72,27 @@ pub fn run_in<T: Send + 'static>(
     .map_err(|_| io::Error::other("namespace thread panicked"))?
 }
 
-/// Makes `cmd`'s child enter the namespace `ns` before it execs.
-pub fn spawn_inside(cmd: &mut std::process::Command, ns: BorrowedFd<'_>) {
-    let raw = ns.as_raw_fd();
+/// Makes `cmd`'s child enter the network namespace `net`, and the mount namespace `mnt` if
+/// given, before it execs.
+pub fn spawn_inside(
+    cmd: &mut std::process::Command,
+    net: BorrowedFd<'_>,
+    mnt: Option<BorrowedFd<'_>>,
+) {
+    let net = net.as_raw_fd();
+    let mnt = mnt.map(|m| m.as_raw_fd());
     // SAFETY: the closure runs in the forked child before exec and only calls setns(2), which
-    // is async-signal-safe; `raw` stays open in the parent until spawn() returns, and the
-    // child's copy of the descriptor table holds it too.
+    // is async-signal-safe; the fds stay open in the parent until spawn() returns, and the
+    // child's copy of the descriptor table holds them too.
     unsafe {
         cmd.pre_exec(move || {
-            let fd = BorrowedFd::borrow_raw(raw);
-            setns(fd, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+            setns(BorrowedFd::borrow_raw(net), CloneFlags::CLONE_NEWNET)
+                .map_err(io::Error::from)?;
+            if let Some(m) = mnt {
+                setns(BorrowedFd::borrow_raw(m), CloneFlags::CLONE_NEWNS)
+                    .map_err(io::Error::from)?;
+            }
+            Ok(())
         });
     }
 }

@@ -3,7 +3,7 @@
 # (one that has only Rust, gcc, Python and git). Idempotent; needs root.
 set -euo pipefail
 need=()
-for pkg in iproute2 iputils-ping iperf3 curl python3 tcpdump tshark ethtool bridge-utils procps util-linux; do
+for pkg in iproute2 iputils-ping iperf3 curl python3 tcpdump tshark ethtool bridge-utils procps util-linux dnsutils; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -256,10 +256,18 @@ impl Node {
 
     /// Runs `overlayctl --socket S ARGS`.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        run(Command::new(bin("overlayctl"))
-            .arg("--socket")
+        run(&mut self.ctl_cmd(args))
+    }
+
+    /// An overlayctl command for this node, not started yet (for clients run in the
+    /// background).
+    pub fn ctl_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("overlayctl"));
+        c.arg("--socket")
             .arg(&self.socket)
-            .args(args))
+            .args(args)
+            .stdin(Stdio::null());
+        c
     }
 
     /// Runs overlayctl and returns stdout, panicking with stderr if it failed.
@@ -421,29 +429,37 @@ impl Underlay {
 impl Node {
     /// Starts `overlayd --init` as a cluster manager in host `i` of `u`.
     pub fn manager(name: &str, u: &Underlay, i: usize) -> Node {
-        Node::start_in(
-            name,
-            Some(u.host(i).path()),
-            &["--advertise-addr", &u.addr(i), "--init"],
-        )
+        Node::manager_with(name, u, i, &[])
+    }
+
+    /// The same, with more daemon flags.
+    pub fn manager_with(name: &str, u: &Underlay, i: usize, extra: &[&str]) -> Node {
+        let addr = u.addr(i);
+        let mut args = vec!["--advertise-addr", &addr, "--init"];
+        args.extend_from_slice(extra);
+        Node::start_in(name, Some(u.host(i).path()), &args)
     }
 
     /// Starts a node in host `i` of `u` that joins `manager`.
     pub fn worker(name: &str, u: &Underlay, i: usize, manager: &Node) -> Node {
+        Node::worker_with(name, u, i, manager, &[])
+    }
+
+    /// The same, with more daemon flags.
+    pub fn worker_with(name: &str, u: &Underlay, i: usize, manager: &Node, extra: &[&str]) -> Node {
         let token = manager.ctl_ok(&["cluster", "join-token", "-q"]);
         let mgr = manager.advertise().expect("manager address");
-        Node::start_in(
-            name,
-            Some(u.host(i).path()),
-            &[
-                "--advertise-addr",
-                &u.addr(i),
-                "--join",
-                &mgr,
-                "--token",
-                token.trim(),
-            ],
-        )
+        let addr = u.addr(i);
+        let mut args = vec![
+            "--advertise-addr",
+            &addr,
+            "--join",
+            &mgr,
+            "--token",
+            token.trim(),
+        ];
+        args.extend_from_slice(extra);
+        Node::start_in(name, Some(u.host(i).path()), &args)
     }
 
     /// Drops `flag` (and its value) from the arguments of the next start.

@@ -1,0 +1,435 @@
+//! Swarm's service scenario on three nodes, with real clients inside a client task: curl,
+//! dig, nslookup, getent and ping, against service VIPs load-balanced in overlayd's datapath
+//! and the embedded resolver at 127.0.0.11. One cluster serves every check, in order. Needs
+//! root.
+//!
+//! - `whoami` (3 replicas, one per node): 6 requests to whoami:8000 are answered by each
+//!   replica twice, in turn; nslookup names server 127.0.0.11 and gives the VIP; tasks.whoami
+//!   gives the task addresses; PTR names the task; ping answers from the VIP;
+//! - a dnsrr service resolves to its tasks; a UDP echo service answers through its VIP;
+//!   iperf3 through a VIP runs at the order of the direct path;
+//! - garbage to 127.0.0.11 leaves it answering; an outside name is forwarded to the
+//!   upstream (a resolver in the test's underlay); one the upstream ignores gets SERVFAIL
+//!   within 5 s;
+//! - `--lb-idle-timeout 10s`: a connection idle 5 s still works, one idle 13 s is gone;
+//! - scaling 3 -> 2 and back to 3: DNS and rotation follow, no request fails;
+//! - a node killed with SIGKILL leaves the rotation once it is marked down; no later
+//!   request fails.
+
+use overlay_e2e::{iperf_bytes, require_root, unique, wait_for, Node, Underlay};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+/// HTTP server answering every GET with its task's name.
+const WHOAMI: &str = r#"
+import http.server, os
+name = os.environ["OVERLAY_TASK_NAME"]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = (name + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
+"#;
+
+/// UDP echo server.
+const ECHO: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9000))
+while True:
+    d, a = s.recvfrom(2048)
+    s.sendto(d, a)
+"#;
+
+/// A resolver for the test's underlay: answers `ext.test` A 192.0.2.7 and ignores the rest.
+const UPSTREAM: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5353))
+while True:
+    q, a = s.recvfrom(2048)
+    if len(q) < 17 or b"\x03ext\x04test\x00" not in q:
+        continue
+    end = q.index(b"\x00", 12) + 5
+    r = q[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + q[12:end]
+    r += b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + bytes([192, 0, 2, 7])
+    s.sendto(r, a)
+"#;
+
+/// Keeps one HTTP connection to whoami:8000 and reports what happens to it:
+/// `idle A B`: a request, A seconds idle, a request, B seconds idle, a last request.
+const CLIENT: &str = r#"
+import socket, sys, time
+def ask(s):
+    s.sendall(b"GET / HTTP/1.1\r\nHost: whoami\r\n\r\n")
+    d = b""
+    while b"\r\n\r\n" not in d:
+        c = s.recv(4096)
+        if not c:
+            return ""
+        d += c
+    head, body = d.split(b"\r\n\r\n", 1)
+    n = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+    while len(body) < n:
+        c = s.recv(4096)
+        if not c:
+            return ""
+        body += c
+    return body.decode().strip()
+if sys.argv[1] == "idle":
+    s = socket.create_connection(("whoami", 8000), timeout=3)
+    print("first", ask(s), flush=True)
+    time.sleep(float(sys.argv[2]))
+    print("after-short", ask(s), flush=True)
+    time.sleep(float(sys.argv[3]))
+    try:
+        print("after-long", ask(s) or "closed", flush=True)
+    except Exception as e:
+        print("after-long", type(e).__name__, flush=True)
+"#;
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn ok(o: Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: {}{}",
+        out(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out(&o)
+}
+
+fn curl(n: &Node, client: &str, url: &str) -> String {
+    ok(
+        n.exec(client, &["curl", "-sS", "--max-time", "5", url]),
+        &format!("curl {url}"),
+    )
+}
+
+/// `count` requests to whoami:8000; all must succeed.
+fn rotation(n: &Node, client: &str, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|_| curl(n, client, "http://whoami:8000/"))
+        .collect()
+}
+
+fn dig(n: &Node, client: &str, args: &[&str]) -> String {
+    let mut cmd = vec!["dig", "+short", "+tries=1", "+time=4"];
+    cmd.extend_from_slice(args);
+    ok(n.exec(client, &cmd), &format!("dig {args:?}"))
+}
+
+fn lines(s: &str) -> BTreeSet<String> {
+    s.lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+fn node_of(n: &Node, task: &str) -> String {
+    n.task_view(task)["node"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn write_script(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, body).expect("script");
+    p.display().to_string()
+}
+
+#[test]
+fn services_vips_and_dns_on_three_nodes() {
+    if !require_root("services_vips_and_dns_on_three_nodes") {
+        return;
+    }
+    let tag = unique("sv");
+    let dir = std::env::temp_dir().join(format!("overlay-e2e-{tag}-scripts"));
+    std::fs::create_dir_all(&dir).expect("script dir");
+    let whoami = write_script(&dir, "whoami.py", WHOAMI);
+    let echo = write_script(&dir, "echo.py", ECHO);
+    let upstream = write_script(&dir, "upstream.py", UPSTREAM);
+    let client_py = write_script(&dir, "client.py", CLIENT);
+
+    let u = Underlay::new(&tag, 3, 3);
+    // The upstream resolver lives on host 3's underlay address.
+    let mut resolver = u
+        .host(3)
+        .cmd("python3")
+        .args([&upstream, &u.addr(3)])
+        .spawn()
+        .expect("upstream resolver");
+    let up = format!("{}:5353", u.addr(3));
+    let dns = ["--dns-upstream", up.as_str()];
+    let n1 = Node::manager_with(&format!("{tag}a"), &u, 1, &dns);
+    let mut n2 = Node::worker_with(&format!("{tag}b"), &u, 2, &n1, &dns);
+    let mut n3 = Node::worker_with(&format!("{tag}c"), &u, 3, &n1, &dns);
+    assert!(wait_for(Duration::from_secs(10), || n1
+        .node_state(&n2.name)
+        == "ready"
+        && n1.node_state(&n3.name) == "ready"));
+
+    n1.ctl_ok(&["network", "create", "--subnet", "10.0.20.0/24", "demo"]);
+    n1.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "whoami",
+        "--network",
+        "name=demo,alias=who",
+        "--replicas",
+        "3",
+        "--lb-idle-timeout",
+        "10s",
+        "--",
+        "python3",
+        &whoami,
+    ]);
+    n1.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "client",
+        "--network",
+        "demo",
+        "--",
+        "sleep",
+        "infinity",
+    ]);
+    n1.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "echo",
+        "--network",
+        "demo",
+        "--",
+        "python3",
+        &echo,
+    ]);
+    n1.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "rr",
+        "--endpoint-mode",
+        "dnsrr",
+        "--network",
+        "demo",
+        "--replicas",
+        "2",
+        "--",
+        "sleep",
+        "infinity",
+    ]);
+    n1.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "perf",
+        "--network",
+        "demo",
+        "--",
+        "iperf3",
+        "-s",
+    ]);
+    for (svc, n) in [
+        ("whoami", 3),
+        ("client", 1),
+        ("echo", 1),
+        ("rr", 2),
+        ("perf", 1),
+    ] {
+        n1.wait_running(svc, n);
+    }
+    let c = "client.1";
+    let cn_name = node_of(&n1, c);
+    // The client's node, and a worker without the client to kill at the end.
+    let (cn, victim) = if n1.name == cn_name {
+        (&n1, &mut n3)
+    } else if n2.name == cn_name {
+        (&n2, &mut n3)
+    } else {
+        (&n3, &mut n2)
+    };
+    let inspect = &n1.json(&["service", "inspect", "whoami"])[0];
+    let vip = inspect["Endpoint"]["VirtualIPs"][0]["Addr"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .expect("VIP")
+        .to_string();
+    let placed: BTreeSet<String> = (1..=3)
+        .map(|i| node_of(&n1, &format!("whoami.{i}")))
+        .collect();
+    assert_eq!(placed.len(), 3, "one replica per node");
+
+    // The resolver every task sees, and what it says.
+    let ns = ok(cn.exec(c, &["nslookup", "whoami"]), "nslookup");
+    assert!(ns.contains("127.0.0.11"), "{ns}");
+    assert!(ns.contains(&vip), "{ns}");
+    let names: BTreeSet<String> = (1..=3)
+        .map(|i| cn.task_ip(&format!("whoami.{i}")))
+        .collect();
+    assert!(wait_for(Duration::from_secs(5), || lines(&dig(
+        cn,
+        c,
+        &["tasks.whoami"]
+    )) == names));
+    assert_eq!(dig(cn, c, &["who"]), vip, "alias");
+    let ptr = dig(cn, c, &["-x", &cn.task_ip("whoami.2")]);
+    let id2 = cn.task_view("whoami.2")["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(ptr, format!("whoami.2.{id2}.demo."));
+    assert!(ok(cn.exec(c, &["getent", "hosts", "whoami"]), "getent").starts_with(&vip));
+    ok(
+        cn.exec(c, &["ping", "-c", "1", "-W", "2", "whoami"]),
+        "ping whoami",
+    );
+
+    // Tasks count as running once their process starts; wait until the servers listen.
+    let answers = |n: &Node, t: &str| {
+        let url = format!("http://{}:8000/", n.task_ip(t));
+        n.exec(c, &["curl", "-sS", "--max-time", "2", &url])
+            .status
+            .success()
+    };
+    for i in 1..=3 {
+        assert!(wait_for(Duration::from_secs(10), || answers(
+            cn,
+            &format!("whoami.{i}")
+        )));
+    }
+
+    // Round robin over the three replicas, in turn.
+    let got = rotation(cn, c, 6);
+    let distinct: BTreeSet<&String> = got.iter().collect();
+    assert_eq!(distinct.len(), 3, "{got:?}");
+    assert_eq!(got[..3], got[3..], "each replica twice, in turn: {got:?}");
+
+    // dnsrr: the name gives the tasks; no VIP.
+    let rr_ips: BTreeSet<String> = (1..=2).map(|i| cn.task_ip(&format!("rr.{i}"))).collect();
+    assert_eq!(lines(&dig(cn, c, &["rr"])), rr_ips);
+    let rr = &n1.json(&["service", "inspect", "rr"])[0];
+    assert_eq!(
+        rr["Endpoint"]["VirtualIPs"].as_array().map(Vec::len),
+        Some(0)
+    );
+
+    // UDP through a VIP.
+    let udp = ok(
+        cn.exec(
+            c,
+            &["python3", "-c", "import socket;s=socket.socket(2,2);s.settimeout(3);s.sendto(b'marco',('echo',9000));print(s.recv(100).decode())"],
+        ),
+        "udp echo",
+    );
+    assert_eq!(udp, "marco");
+
+    // TCP super-frames through the VIP: the same order of throughput as straight to the task.
+    let direct = iperf_bytes(cn, c, &cn.task_ip("perf.1"));
+    let perf_vip = n1.json(&["service", "inspect", "perf"])[0]["Endpoint"]["VirtualIPs"][0]["Addr"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_default()
+        .to_string();
+    let via_vip = iperf_bytes(cn, c, &perf_vip);
+    assert!(
+        via_vip * 3 >= direct,
+        "iperf3 via VIP {via_vip} B vs direct {direct} B"
+    );
+
+    // Hostile bytes leave the resolver answering; outside names go upstream, bounded.
+    ok(
+        cn.exec(
+            c,
+            &["python3", "-c", "import socket,os;s=socket.socket(2,2)\nfor n in range(200): s.sendto(os.urandom(n % 60), ('127.0.0.11',53))"],
+        ),
+        "garbage",
+    );
+    assert_eq!(dig(cn, c, &["whoami"]), vip);
+    assert_eq!(dig(cn, c, &["ext.test"]), "192.0.2.7", "forwarded upstream");
+    let t = Instant::now();
+    let o = cn.exec(c, &["dig", "+tries=1", "+time=5", "nothere.test"]);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(out(&o).contains("SERVFAIL"), "{}", out(&o));
+
+    // --lb-idle-timeout 10s: idle 5 s is fine, idle 13 s is gone.
+    let idle = ok(
+        cn.exec(c, &["python3", &client_py, "idle", "5", "13"]),
+        "idle client",
+    );
+    let idle: BTreeMap<&str, &str> = idle.lines().filter_map(|l| l.split_once(' ')).collect();
+    assert!(idle["after-short"].starts_with("whoami."), "{idle:?}");
+    assert!(!idle["after-long"].starts_with("whoami."), "{idle:?}");
+    let stats = cn.json(&["stats"]);
+    assert!(
+        stats["drops"]["lb_no_flow"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+
+    // Scale down and up: DNS and the rotation follow, no request fails.
+    n1.ctl_ok(&["service", "scale", "whoami=2"]);
+    assert!(wait_for(Duration::from_secs(5), || lines(&dig(
+        cn,
+        c,
+        &["tasks.whoami"]
+    ))
+    .len()
+        == 2));
+    let two: BTreeSet<String> = rotation(cn, c, 4).into_iter().collect();
+    assert_eq!(two.len(), 2, "{two:?}");
+    n1.ctl_ok(&["service", "scale", "whoami=3"]);
+    n1.wait_running("whoami", 3);
+    assert!(wait_for(Duration::from_secs(10), || answers(
+        cn, "whoami.3"
+    )));
+    assert!(wait_for(Duration::from_secs(5), || lines(&dig(
+        cn,
+        c,
+        &["tasks.whoami"]
+    ))
+    .len()
+        == 3));
+    assert!(wait_for(Duration::from_secs(5), || rotation(cn, c, 3)
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+        .len()
+        == 3));
+
+    // A node killed outright: once it is marked down its replica leaves the rotation.
+    let gone = (1..=3)
+        .map(|i| format!("whoami.{i}"))
+        .find(|t| node_of(&n1, t) == victim.name)
+        .expect("a replica on the victim");
+    victim.kill();
+    assert!(wait_for(Duration::from_secs(10), || n1
+        .node_state(&victim.name)
+        == "down"));
+    // Names and the VIP's backends are published together.
+    assert!(wait_for(Duration::from_secs(5), || lines(&dig(
+        cn,
+        c,
+        &["tasks.whoami"]
+    ))
+    .len()
+        == 2));
+    let after = rotation(cn, c, 6);
+    assert!(!after.contains(&gone), "{gone} still served: {after:?}");
+    let _ = resolver.kill();
+    let _ = resolver.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

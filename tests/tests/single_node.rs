@@ -103,7 +103,8 @@ fn single_node_overlay() {
     assert!(link.contains("mtu 1450"), "{link}");
     let back_link = node.exec("db.1", &["ip", "-o", "link", "show", "eth0"]);
     assert!(String::from_utf8_lossy(&back_link.stdout).contains("mtu 1400"));
-    assert!(link.contains("link/ether 02:42:0a:00:00:02"), "{link}");
+    // The VIP took .2; web.1 is .3.
+    assert!(link.contains("link/ether 02:42:0a:00:00:03"), "{link}");
     let pid = node.task_view("web.2")["status"]["pid"]
         .as_u64()
         .expect("pid");

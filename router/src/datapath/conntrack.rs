@@ -17,7 +17,7 @@
 use super::table::{Location, PortId};
 use protocol::types::MacAddr;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Default idle timeout of a TCP flow: a day, as kube-proxy sets conntrack's (IPVS cuts idle
@@ -101,6 +101,9 @@ pub struct Flow {
     state: AtomicU8,
     /// The sequence number the client expects next from the backend (for a reset).
     client_next: AtomicU32,
+    /// Set by the first removal: a flow replaced by a new connection may be swept too, and
+    /// must leave the counts only once.
+    removed: AtomicBool,
 }
 
 impl Flow {
@@ -130,6 +133,7 @@ impl Flow {
             last_seen: AtomicU64::new(now_ms),
             state: AtomicU8::new(SYN_SENT),
             client_next: AtomicU32::new(0),
+            removed: AtomicBool::new(false),
         }
     }
 
@@ -281,9 +285,10 @@ impl ConnTable {
     /// connection reusing the 5-tuple of a closed one) is replaced.
     pub fn insert(&self, flow: Flow) -> Result<Arc<Flow>, Full> {
         let svc = flow.service.clone();
-        // Replacing a flow needs no room: the old one goes.
-        let replacing = self.map.pin().contains_key(&flow.key);
-        if self.flows.fetch_add(1, Ordering::Relaxed) >= self.max && !replacing {
+        // At the bound, only a flow that replaces another (whose room it takes) may go in.
+        if self.flows.fetch_add(1, Ordering::Relaxed) >= self.max
+            && !self.map.pin().contains_key(&flow.key)
+        {
             self.flows.fetch_sub(1, Ordering::Relaxed);
             svc.refused.fetch_add(1, Ordering::Relaxed);
             return Err(Full);
@@ -324,6 +329,9 @@ impl ConnTable {
 
     /// Removes a flow's reply key (and its client key too if `both`) and its counts.
     fn forget(&self, flow: &Arc<Flow>, both: bool) {
+        if flow.removed.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let map = self.map.pin();
         let back = FlowKey {
             src: flow.backend_ip,
@@ -440,6 +448,24 @@ mod tests {
         t.insert(flow(key(PROTO_UDP, 2), &svc, UDP_IDLE_MS))
             .unwrap();
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn a_flow_replaced_and_swept_leaves_the_counts_once() {
+        let t = ConnTable::new(2);
+        let svc = Arc::new(ServiceCounters::default());
+        let old = t
+            .insert(flow(key(PROTO_TCP, 1), &svc, TCP_IDLE_MS))
+            .unwrap();
+        // The sweeper decided to remove `old`; a new SYN on its 5-tuple replaces it first.
+        t.insert(flow(key(PROTO_TCP, 1), &svc, TCP_IDLE_MS))
+            .unwrap();
+        t.forget(&old, true);
+        assert_eq!(t.len(), 1);
+        assert_eq!(svc.active.load(Ordering::Relaxed), 1);
+        t.insert(flow(key(PROTO_TCP, 2), &svc, TCP_IDLE_MS))
+            .unwrap();
+        assert_eq!(t.len(), 2, "the bound still counts right");
     }
 
     #[test]

@@ -75,6 +75,14 @@ async fn forward(upstreams: &[SocketAddr], query: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// SERVFAIL for `packet`, if it deserves an answer.
+fn servfail(packet: &[u8]) -> Option<Vec<u8>> {
+    match answer::error_reply(packet, ResponseCode::ServFail) {
+        Outcome::Reply(b) => Some(b),
+        _ => None,
+    }
+}
+
 /// The answer for `packet`: from the cluster's names, or upstream, or SERVFAIL.
 async fn resolve(
     shared: &Shared,
@@ -82,19 +90,18 @@ async fn resolve(
     packet: &[u8],
     udp: bool,
 ) -> Option<Vec<u8>> {
-    let outcome = answer::handle(&shared.view.load(), networks, packet, udp);
-    match outcome {
+    match answer::handle(&shared.view.load(), networks, packet, udp) {
         Outcome::Reply(b) => Some(b),
         Outcome::Drop => None,
-        Outcome::Forward => match forward(&shared.upstreams, packet).await {
-            Some(b) => Some(b),
-            None => match answer::error_reply(packet, ResponseCode::ServFail) {
-                Outcome::Reply(b) => Some(b),
-                _ => None,
-            },
-        },
+        Outcome::Forward => forward(&shared.upstreams, packet)
+            .await
+            .or_else(|| servfail(packet)),
     }
 }
+
+/// UDP receive loops per task: queries are answered where they are read, and two loops
+/// let a busy resolver use two runtime threads.
+const UDP_LOOPS: usize = 2;
 
 /// Serves one task's resolver sockets until `cancel`.
 pub async fn serve(
@@ -107,40 +114,95 @@ pub async fn serve(
     let udp = Arc::new(udp);
     let networks: Arc<[String]> = networks.into();
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    for _ in 1..UDP_LOOPS {
+        let (udp, networks, shared, slots, cancel) = (
+            udp.clone(),
+            networks.clone(),
+            shared.clone(),
+            slots.clone(),
+            cancel.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = serve_udp(&udp, &networks, &shared, &slots) => {}
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
     let conns = Arc::new(Semaphore::new(TCP_CONNS));
+    let accept = async {
+        loop {
+            let Ok((stream, _)) = tcp.accept().await else {
+                // Out of descriptors or similar: wait rather than spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let Ok(permit) = conns.clone().try_acquire_owned() else {
+                continue;
+            };
+            let (shared, networks, cancel) = (shared.clone(), networks.clone(), cancel.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = serve_tcp(stream, &shared, &networks) => {}
+                    _ = cancel.cancelled() => {}
+                }
+                drop(permit);
+            });
+        }
+    };
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = serve_udp(&udp, &networks, &shared, &slots) => {}
+        _ = accept => {}
+    }
+}
+
+/// Sends a reply without yielding when the socket has room (nearly always).
+async fn reply_to(udp: &UdpSocket, b: &[u8], to: SocketAddr) {
+    match udp.try_send_to(b, to) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            let _ = udp.send_to(b, to).await;
+        }
+        _ => {}
+    }
+}
+
+/// One UDP receive loop: cluster names are answered here and now; only upstream waits get
+/// a task of their own (at most [`IN_FLIGHT`] per task; past that, SERVFAIL at once).
+async fn serve_udp(
+    udp: &Arc<UdpSocket>,
+    networks: &[String],
+    shared: &Arc<Shared>,
+    slots: &Arc<Semaphore>,
+) {
     let mut buf = vec![0u8; 65535];
     loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = udp.recv_from(&mut buf) => {
-                let Ok((n, from)) = r else { continue };
-                let packet = buf[..n].to_vec();
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    if let Outcome::Reply(b) = answer::error_reply(&packet, ResponseCode::ServFail) {
-                        let _ = udp.send_to(&b, from).await;
-                    }
-                    continue;
-                };
-                let (udp, shared, networks) = (udp.clone(), shared.clone(), networks.clone());
-                tokio::spawn(async move {
-                    if let Some(b) = resolve(&shared, &networks, &packet, true).await {
-                        let _ = udp.send_to(&b, from).await;
-                    }
-                    drop(permit);
-                });
-            }
-            r = tcp.accept() => {
-                let Ok((stream, _)) = r else { continue };
-                let Ok(permit) = conns.clone().try_acquire_owned() else { continue };
-                let (shared, networks, cancel) = (shared.clone(), networks.clone(), cancel.clone());
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = serve_tcp(stream, &shared, &networks) => {}
-                        _ = cancel.cancelled() => {}
-                    }
-                    drop(permit);
-                });
-            }
+        let Ok((n, from)) = udp.recv_from(&mut buf).await else {
+            continue;
+        };
+        let packet = &buf[..n];
+        let reply = match answer::handle(&shared.view.load(), networks, packet, true) {
+            Outcome::Reply(b) => Some(b),
+            Outcome::Drop => None,
+            Outcome::Forward => match slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let (udp, shared, packet) = (udp.clone(), shared.clone(), packet.to_vec());
+                    tokio::spawn(async move {
+                        let b = forward(&shared.upstreams, &packet)
+                            .await
+                            .or_else(|| servfail(&packet));
+                        if let Some(b) = b {
+                            reply_to(&udp, &b, from).await;
+                        }
+                        drop(permit);
+                    });
+                    None
+                }
+                Err(_) => servfail(packet),
+            },
+        };
+        if let Some(b) = reply {
+            reply_to(udp, &b, from).await;
         }
     }
 }

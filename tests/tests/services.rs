@@ -137,6 +137,15 @@ fn lines(s: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// A service's (first) VIP, from `service inspect` as Docker shapes it.
+fn vip_of(n: &Node, service: &str) -> String {
+    n.json(&["service", "inspect", service])[0]["Endpoint"]["VirtualIPs"][0]["Addr"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .expect("VIP")
+        .to_string()
+}
+
 fn node_of(n: &Node, task: &str) -> String {
     n.task_view(task)["node"]
         .as_str()
@@ -264,12 +273,7 @@ fn services_vips_and_dns_on_three_nodes() {
     } else {
         (&n3, &mut n2)
     };
-    let inspect = &n1.json(&["service", "inspect", "whoami"])[0];
-    let vip = inspect["Endpoint"]["VirtualIPs"][0]["Addr"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .expect("VIP")
-        .to_string();
+    let vip = vip_of(&n1, "whoami");
     let placed: BTreeSet<String> = (1..=3)
         .map(|i| node_of(&n1, &format!("whoami.{i}")))
         .collect();
@@ -341,12 +345,7 @@ fn services_vips_and_dns_on_three_nodes() {
 
     // TCP super-frames through the VIP: the same order of throughput as straight to the task.
     let direct = iperf_bytes(cn, c, &cn.task_ip("perf.1"));
-    let perf_vip = n1.json(&["service", "inspect", "perf"])[0]["Endpoint"]["VirtualIPs"][0]["Addr"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .unwrap_or_default()
-        .to_string();
-    let via_vip = iperf_bytes(cn, c, &perf_vip);
+    let via_vip = iperf_bytes(cn, c, &vip_of(&n1, "perf"));
     assert!(
         via_vip * 3 >= direct,
         "iperf3 via VIP {via_vip} B vs direct {direct} B"

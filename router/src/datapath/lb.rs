@@ -24,6 +24,18 @@ pub fn vip_for(net: &NetTable, dst: MacAddr) -> Option<&Vip> {
     net.vips.get(&ip).filter(|v| v.mac == dst)
 }
 
+/// The connection-table key of a frame as it travels.
+fn key_of(vni: Vni, l4: &nat::L4) -> FlowKey {
+    FlowKey {
+        vni: vni.get(),
+        proto: l4.proto,
+        src: l4.src,
+        sport: l4.sport,
+        dst: l4.dst,
+        dport: l4.dport,
+    }
+}
+
 /// A frame from local port `in_port` (a client, whose MAC is `client_mac`) to `vip`.
 #[allow(clippy::too_many_arguments)]
 pub fn to_vip(
@@ -51,14 +63,7 @@ pub fn to_vip(
         };
     }
     let tcp = l4.proto == PROTO_TCP;
-    let key = FlowKey {
-        vni: vni.get(),
-        proto: l4.proto,
-        src: l4.src,
-        sport: l4.sport,
-        dst: l4.dst,
-        dport: l4.dport,
-    };
+    let key = key_of(vni, &l4);
     let now = t.flows.now();
     let known = t.flows.with(&key, |slot| {
         let f = &slot.flow;
@@ -152,14 +157,7 @@ pub fn to_client(t: &Tables, net: &NetTable, vni: Vni, frame: &mut [u8], csum: L
     if l4.proto == PROTO_ICMP {
         return;
     }
-    let key = FlowKey {
-        vni: vni.get(),
-        proto: l4.proto,
-        src: l4.src,
-        sport: l4.sport,
-        dst: l4.dst,
-        dport: l4.dport,
-    };
+    let key = key_of(vni, &l4);
     let now = t.flows.now();
     let vip = t.flows.with(&key, |slot| {
         if slot.dir != Dir::ToClient {

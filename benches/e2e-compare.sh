@@ -7,16 +7,28 @@
 #                (4) overlayd on two nodes (TAP -> userspace VXLAN over UDP 4789 -> TAP)
 # and the ratios (2)/(1) and (4)/(3); plus the small-packet rate across nodes (UDP, 64-byte
 # payloads, unlimited rate: packets received per second).
+# Services (issue 7), same run: iperf3 through a service VIP next to straight to the task,
+# on one node and across nodes; new TCP connections per second through a VIP next to
+# straight to its one backend (wrk, nginx, one request per connection); the round trip of a
+# VIP hop at p50/p99 (sockperf TCP ping-pong); DNS queries per second at 127.0.0.11 inside a
+# task (dnsperf) next to dnsmasq answering the same names (../shared/bench/anchor-dns.sh).
 # Usage (root): benches/e2e-compare.sh [seconds]    Builds release binaries first.
 set -euo pipefail
 T=${1:-5}
 cd "$(dirname "$0")/.."
+need=()
+for pkg in iperf3 wrk nginx-light sockperf dnsperf dnsmasq-base; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
 cargo build --release --bins -q
 BIN=$PWD/target/release; C="$BIN/overlayctl"
 P=bc$$; D=$(mktemp -d)
 NS="br c1 c2 k1 k2 kc1 kc2 o1 o2"
 cleanup() {
-  for f in "$D"/*.pid; do [ -f "$f" ] && kill -TERM "$(cat "$f")" 2>/dev/null; done; sleep 1
+  for f in "$D"/*.pid; do kill -TERM "$(cat "$f" 2>/dev/null)" 2>/dev/null || true; done; sleep 1
   for n in $NS; do ip netns pids "$P-$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true; ip netns del "$P-$n" 2>/dev/null || true; done
   rm -rf "$D"
 }
@@ -76,6 +88,43 @@ $C --socket "$S" service create --name srv --network bench -- iperf3 -s >/dev/nu
 $C --socket "$S" service create --name cli --network bench -- sleep infinity >/dev/null
 wait_running "$S" srv 1; wait_running "$S" cli 1; sleep 0.5
 single_gbps=$($C --socket "$S" exec cli.1 -- iperf3 -c "$(addr_of "$S" srv.1)" -t "$T" -J | gbps)
+vip_of() { $C --socket "$1" service inspect "$2" | python3 -c 'import json,sys;print(json.load(sys.stdin)[0]["Endpoint"]["VirtualIPs"][0]["Addr"].split("/")[0])'; }
+single_vip_gbps=$($C --socket "$S" exec cli.1 -- iperf3 -c "$(vip_of "$S" srv)" -t "$T" -J | gbps)
+
+# Services on one node: nginx behind a VIP (one backend), sockperf, and the resolver.
+mkdir -p "$D/www"; echo ok > "$D/www/index.html"; chmod -R 755 "$D"
+cat > "$D/nginx.conf" <<EOC
+worker_processes 1; pid $D/nginx.pid; error_log /dev/null; daemon off;
+events { worker_connections 4096; }
+http { access_log off; server { listen 80 backlog=4096; root $D/www; keepalive_requests 100000; } }
+EOC
+# Two identical backends, one per mode: the client's TCP timestamps and initial sequence
+# numbers depend on the destination address, so a server that saw direct connections
+# rejects VIP ones from the same ports while in TIME_WAIT (and the other way round).
+sed "s|nginx.pid|nginx-vip.pid|" "$D/nginx.conf" > "$D/nginx-vip.conf"
+$C --socket "$S" service create --name web --network bench -- nginx -c "$D/nginx.conf" >/dev/null
+$C --socket "$S" service create --name webv --network bench -- nginx -c "$D/nginx-vip.conf" >/dev/null
+$C --socket "$S" service create --name pp --network bench -- sockperf sr --tcp -p 11111 >/dev/null
+wait_running "$S" web 1; wait_running "$S" webv 1; wait_running "$S" pp 1; sleep 1
+wrk_rps() { $C --socket "$S" exec cli.1 -- wrk -t1 -c32 -d"${T}s" -H 'Connection: close' "http://$1/" | awk '/Requests\/sec/{print $2}'; }
+# As ../shared/bench/anchor-lb.sh: a wide port range and TIME_WAIT reuse on the client, so
+# fewer new connections collide with the server's TIME_WAIT. Interleaved twice and averaged:
+# this rate swings from run to run here.
+$C --socket "$S" exec cli.1 -- sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
+web_ip=$(addr_of "$S" web.1); web_vip=$(vip_of "$S" webv)
+d1=$(wrk_rps "$web_ip"); v1=$(wrk_rps "$web_vip"); d2=$(wrk_rps "$web_ip"); v2=$(wrk_rps "$web_vip")
+conn_direct=$(python3 -c "print('%.0f' % (($d1+$d2)/2))"); conn_vip=$(python3 -c "print('%.0f' % (($v1+$v2)/2))")
+echo "new connections/s, each run: direct $d1 $d2, VIP $v1 $v2"
+pct() { # $1 address; prints "p50 p99" in microseconds (sockperf reports a one-way half-RTT)
+  $C --socket "$S" exec cli.1 -- sockperf pp --tcp -i "$1" -p 11111 -t "$T" 2>&1 |
+    awk '/percentile 50.000/{p50=$NF} /percentile 99.000/{p99=$NF} END{print p50, p99}'; }
+read -r lat_direct50 lat_direct99 <<< "$(pct "$(addr_of "$S" pp.1)")"
+read -r lat_vip50 lat_vip99 <<< "$(pct "$(vip_of "$S" pp)")"
+printf 'whoami A\ntasks.whoami A\n' > "$D/queries"
+$C --socket "$S" service create --name whoami --network bench --replicas 2 -- sleep infinity >/dev/null
+wait_running "$S" whoami 2; sleep 1
+dns_qps=$($C --socket "$S" exec cli.1 -- dnsperf -s 127.0.0.11 -d "$D/queries" -l "$T" -c 4 -Q 1000000 2>/dev/null | awk '/Queries per second/{print $4}')
+dnsmasq_qps=$(bash ../shared/bench/anchor-dns.sh "$T" | awk '/Queries per second/{print $4}')
 
 kpps() { python3 -c 'import json,sys;e=json.load(sys.stdin)["end"]["sum"];print("%.0f" % (e["packets"]*(1-e["lost_percent"]/100)/e["seconds"]/1e3))'; }
 # small packets over the kernel VXLAN overlay: UDP, 64-byte payloads, unlimited rate
@@ -96,6 +145,13 @@ multi_gbps=$($C --socket "$M" exec x.1 -- iperf3 -c "$(addr_of "$M" x.2)" -t "$T
 nodes=$($C --socket "$M" service ps x | awk 'NR>1{print $3}' | sort -u | wc -l)
 $C --socket "$M" exec x.2 -- iperf3 -s -1 -D -p 5202; sleep 0.3
 multi_kpps=$($C --socket "$M" exec x.1 -- iperf3 -c "$(addr_of "$M" x.2)" -p 5202 -u -l 64 -b 0 -t "$T" -J | kpps)
+# Through a VIP across nodes: service v's one task, from the x task on the other node.
+$C --socket "$M" service create --name v --network span -- iperf3 -s >/dev/null
+wait_running "$M" v 1; sleep 1
+vnode=$($C --socket "$M" inspect v.1 | python3 -c 'import json,sys;print(json.load(sys.stdin)[0]["node"])')
+xc=$($C --socket "$M" service ps x | awk -v n="$vnode" 'NR>1 && $3!=n{print $2; exit}')
+multi_direct_gbps=$($C --socket "$M" exec "$xc" -- iperf3 -c "$(addr_of "$M" v.1)" -t "$T" -J | gbps)
+multi_vip_gbps=$($C --socket "$M" exec "$xc" -- iperf3 -c "$(vip_of "$M" v)" -t "$T" -J | gbps)
 
 ratio() { python3 -c "print('%.3f' % ($1/$2))"; }
 printf '%-52s %8s Gbit/s\n' "(1) kernel bridge + veth, same host" "$bridge_gbps"
@@ -107,3 +163,18 @@ printf '%-52s %8s kpps\n' "(4) overlayd two nodes, 64 B UDP received" "$multi_kp
 printf '%-52s %8s\n' "ratio (2)/(1) same node" "$(ratio "$single_gbps" "$bridge_gbps")"
 printf '%-52s %8s\n' "ratio (4)/(3) across nodes" "$(ratio "$multi_gbps" "$kvx_gbps")"
 printf '%-52s %8s\n' "ratio (4)/(3) across nodes, 64 B UDP packets" "$(ratio "$multi_kpps" "$kvx_kpps")"
+echo "-- services --"
+printf '%-52s %8s Gbit/s\n' "(2) one node, straight to the task" "$single_gbps"
+printf '%-52s %8s Gbit/s\n' "(2v) one node, through the service VIP" "$single_vip_gbps"
+printf '%-52s %8s Gbit/s\n' "(4d) two nodes, straight to the task" "$multi_direct_gbps"
+printf '%-52s %8s Gbit/s\n' "(4v) two nodes, through the service VIP" "$multi_vip_gbps"
+printf '%-52s %8s conn/s\n' "new connections/s straight to the backend" "$conn_direct"
+printf '%-52s %8s conn/s\n' "new connections/s through the VIP" "$conn_vip"
+printf '%-52s %8s us\n' "sockperf half-RTT p50/p99, straight" "$lat_direct50/$lat_direct99"
+printf '%-52s %8s us\n' "sockperf half-RTT p50/p99, through the VIP" "$lat_vip50/$lat_vip99"
+printf '%-52s %8s q/s\n' "DNS at 127.0.0.11 in a task (overlayd)" "$dns_qps"
+printf '%-52s %8s q/s\n' "DNS, dnsmasq in a namespace (anchor)" "$dnsmasq_qps"
+printf '%-52s %8s\n' "ratio (2v)/(2) VIP throughput, one node" "$(ratio "$single_vip_gbps" "$single_gbps")"
+printf '%-52s %8s\n' "ratio (4v)/(4d) VIP throughput, two nodes" "$(ratio "$multi_vip_gbps" "$multi_direct_gbps")"
+printf '%-52s %8s\n' "ratio new connections/s, VIP / direct" "$(ratio "$conn_vip" "$conn_direct")"
+printf '%-52s %8s\n' "ratio DNS q/s, overlayd / dnsmasq" "$(ratio "$dns_qps" "$dnsmasq_qps")"

@@ -5,7 +5,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use protocol::types::{MacAddr, Vni};
 use router::datapath::nat::L4Csum;
 use router::datapath::switch::{from_port, Verdict, MAX_FRAME};
-use router::datapath::table::{PortBinding, PortId, Tables};
+use router::datapath::table::{BackendSpec, PortBinding, PortId, Tables};
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 
@@ -45,6 +45,28 @@ fn frame(dst: MacAddr, src: MacAddr, ethertype: u16, len: usize) -> Vec<u8> {
     f
 }
 
+/// The decision for one frame from port 1 (complete checksums).
+fn decide(t: &Tables, f: &mut [u8], reply: &mut [u8]) -> Verdict {
+    from_port(
+        black_box(t),
+        PortId(1),
+        black_box(f),
+        L4Csum::Complete,
+        reply,
+    )
+}
+
+/// A TCP/IPv4 frame from `src` to `dst` (1464 bytes in all).
+fn tcp(src: Ipv4Addr, dst: Ipv4Addr, dst_mac: MacAddr, sport: u16, syn: bool) -> Vec<u8> {
+    let mut v = Vec::new();
+    let b = etherparse::PacketBuilder::ethernet2(MacAddr::from_ipv4(src).0, dst_mac.0)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, 80, 1, 65000);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    b.write(&mut v, &[7u8; 1464 - 54]).expect("frame");
+    v
+}
+
 fn bench(c: &mut Criterion) {
     let t = tables();
     let src = MacAddr::from_ipv4(Ipv4Addr::new(10, 0, 0, 2));
@@ -54,79 +76,77 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("switch");
     g.throughput(Throughput::Elements(1));
 
-    let mut f = frame(local, src, 0x0800, 1464);
-    assert_eq!(
-        from_port(&t, PortId(1), &mut f.clone(), L4Csum::Complete, &mut reply),
-        Verdict::Forward(PortId(2))
-    );
-    g.bench_function("unicast_local_1464B", |b| {
-        b.iter(|| {
-            from_port(
-                black_box(&t),
-                PortId(1),
-                black_box(&mut f),
-                L4Csum::Complete,
-                &mut reply,
-            )
-        })
-    });
-
-    let mut f = frame(remote, src, 0x0800, 1464);
-    assert!(matches!(
-        from_port(&t, PortId(1), &mut f.clone(), L4Csum::Complete, &mut reply),
-        Verdict::Encap { .. }
-    ));
-    g.bench_function("unicast_remote_1464B", |b| {
-        b.iter(|| {
-            from_port(
-                black_box(&t),
-                PortId(1),
-                black_box(&mut f),
-                L4Csum::Complete,
-                &mut reply,
-            )
-        })
-    });
-
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("unicast_local_1464B", frame(local, src, 0x0800, 1464)),
+        ("unicast_remote_1464B", frame(remote, src, 0x0800, 1464)),
+    ];
     let mut arp = frame(MacAddr::BROADCAST, src, 0x0806, 42);
     arp[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
     arp[22..28].copy_from_slice(&src.0);
     arp[28..32].copy_from_slice(&[10, 0, 0, 2]);
     arp[38..42].copy_from_slice(&[10, 0, 16, 7]);
-    assert!(matches!(
-        from_port(
-            &t,
-            PortId(1),
-            &mut arp.clone(),
-            L4Csum::Complete,
-            &mut reply
-        ),
-        Verdict::Reply(42)
-    ));
-    g.bench_function("arp_proxy_reply", |b| {
-        b.iter(|| {
-            from_port(
-                black_box(&t),
-                PortId(1),
-                black_box(&mut arp),
-                L4Csum::Complete,
-                &mut reply,
-            )
-        })
-    });
+    cases.push(("arp_proxy_reply", arp));
+    let unknown = MacAddr::from_ipv4(Ipv4Addr::new(10, 0, 0, 99));
+    cases.push(("drop_unknown_destination", frame(unknown, src, 0x0800, 64)));
+    let expect = |v: Verdict, name: &str| match name {
+        "unicast_local_1464B" => v == Verdict::Forward(PortId(2)),
+        "unicast_remote_1464B" => matches!(v, Verdict::Encap { .. }),
+        "arp_proxy_reply" => v == Verdict::Reply(42),
+        _ => true,
+    };
+    for (name, mut f) in cases {
+        assert!(
+            expect(decide(&t, &mut f.clone(), &mut reply), name),
+            "{name}"
+        );
+        g.bench_function(name, |b| b.iter(|| decide(&t, &mut f, &mut reply)));
+    }
 
-    let mut f = frame(
-        MacAddr::from_ipv4(Ipv4Addr::new(10, 0, 0, 99)),
-        src,
-        0x0800,
-        64,
+    // The same node with a service VIP (10.0.0.200) balanced over ports 2 and 3.
+    let mut t = tables();
+    let vni = Vni::new(4097).unwrap();
+    let vip = Ipv4Addr::new(10, 0, 0, 200);
+    let backends: Vec<BackendSpec> = [3u32, 4]
+        .iter()
+        .map(|i| BackendSpec {
+            ip: Ipv4Addr::from(0x0a00_0000 + i),
+            mac: MacAddr::from_ipv4(Ipv4Addr::from(0x0a00_0000 + i)),
+            flows: Default::default(),
+        })
+        .collect();
+    t.add_vip(
+        vni,
+        vip,
+        Default::default(),
+        &backends,
+        (86_400_000, 60_000),
     );
-    g.bench_function("drop_unknown_destination", |b| {
+    let client = Ipv4Addr::new(10, 0, 0, 2);
+    let mut syn = tcp(client, vip, MacAddr::from_ipv4(vip), 40000, true);
+    assert_eq!(
+        decide(&t, &mut syn, &mut reply),
+        Verdict::Forward(PortId(2))
+    );
+    // Every packet of a flow: lookup, destination NAT (the frame is rewritten back to the
+    // VIP between iterations, outside the measurement).
+    let to_vip = tcp(client, vip, MacAddr::from_ipv4(vip), 40000, false);
+    g.bench_function("vip_flow_1464B", |b| {
+        b.iter_batched_ref(
+            || to_vip.clone(),
+            |f| decide(&t, f, &mut reply),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    // What every frame between tasks now pays where VIPs exist: port 2 (a backend) sending
+    // to port 1 outside any flow (a reply lookup that misses).
+    let b2 = Ipv4Addr::new(10, 0, 0, 3);
+    let mut direct = tcp(b2, client, src, 80, false);
+    g.bench_function("unicast_local_from_backend_1464B", |b| {
         b.iter(|| {
             from_port(
                 black_box(&t),
-                PortId(1),
-                black_box(&mut f),
+                PortId(2),
+                black_box(&mut direct),
                 L4Csum::Complete,
                 &mut reply,
             )

@@ -13,8 +13,9 @@
 //!   within 5 s;
 //! - `--lb-idle-timeout 10s`: a connection idle 5 s still works, one idle 13 s is gone;
 //! - scaling 3 -> 2 and back to 3: DNS and rotation follow, no request fails;
-//! - a node killed with SIGKILL leaves the rotation once it is marked down; no later
-//!   request fails.
+//! - a node killed with SIGKILL leaves the rotation once it is marked down, a client
+//!   connected to its replica through the VIP is reset (not left hanging); no later request
+//!   fails.
 
 use overlay_e2e::{iperf_bytes, require_root, unique, wait_for, Node, Underlay};
 use std::collections::{BTreeMap, BTreeSet};
@@ -66,6 +67,7 @@ while True:
 
 /// Keeps one HTTP connection to whoami:8000 and reports what happens to it:
 /// `idle A B`: a request, A seconds idle, a request, B seconds idle, a last request.
+/// `pin NAME`: opens connections until one is served by NAME, keeps it, and says how it ends.
 const CLIENT: &str = r#"
 import socket, sys, time
 def ask(s):
@@ -94,6 +96,22 @@ if sys.argv[1] == "idle":
         print("after-long", ask(s) or "closed", flush=True)
     except Exception as e:
         print("after-long", type(e).__name__, flush=True)
+else:
+    for _ in range(12):
+        s = socket.create_connection(("whoami", 8000), timeout=3)
+        if ask(s) == sys.argv[2]:
+            break
+        s.close()
+    else:
+        print("unpinned", flush=True)
+        sys.exit(1)
+    print("pinned", flush=True)
+    s.settimeout(30)
+    try:
+        d = s.recv(100)
+        print("closed" if not d else "data", flush=True)
+    except Exception as e:
+        print(type(e).__name__, flush=True)
 "#;
 
 fn out(o: &Output) -> String {
@@ -409,15 +427,40 @@ fn services_vips_and_dns_on_three_nodes() {
         .len()
         == 3));
 
-    // A node killed outright: once it is marked down its replica leaves the rotation.
+    // A node killed outright: its tasks vanish without a word (their TAPs die with it).
+    // Once it is marked down its replica leaves the rotation, and a client connected to it
+    // through the VIP gets a reset instead of hanging.
     let gone = (1..=3)
         .map(|i| format!("whoami.{i}"))
         .find(|t| node_of(&n1, t) == victim.name)
         .expect("a replica on the victim");
+    let mut pinned = cn
+        .ctl_cmd(&["exec", c, "--", "python3", &client_py, "pin", &gone])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("pinned client");
+    let mut reader = std::io::BufReader::new(pinned.stdout.take().expect("stdout"));
+    let mut said = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut said).expect("pinned client output");
+    assert_eq!(said.trim(), "pinned");
     victim.kill();
     assert!(wait_for(Duration::from_secs(10), || n1
         .node_state(&victim.name)
         == "down"));
+    let down = Instant::now();
+    said.clear();
+    std::io::Read::read_to_string(&mut reader, &mut said).expect("pinned client output");
+    let _ = pinned.wait();
+    assert_eq!(
+        said.trim(),
+        "ConnectionResetError",
+        "the client was not reset"
+    );
+    assert!(
+        down.elapsed() < Duration::from_secs(5),
+        "reset {:?} after down",
+        down.elapsed()
+    );
     // Names and the VIP's backends are published together.
     assert!(wait_for(Duration::from_secs(5), || lines(&dig(
         cn,

@@ -636,6 +636,15 @@ fn run() -> anyhow::Result<i32> {
 }
 
 fn main() -> std::process::ExitCode {
+    // `overlayctl service ls | head -1`: a reader that goes away ends us quietly, as it does
+    // any Unix tool, instead of a "Broken pipe" panic (Rust ignores SIGPIPE by default).
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid action.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     match run() {
         Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {

@@ -168,6 +168,17 @@ fn refusals_are_clear_and_change_nothing() {
         one_line(&err).contains("no free subnet left in the address pool 10.10.0.0/23"),
         "{err}"
     );
+    // A reader that stops early (`| head -1`, `| grep -q`) ends overlayctl quietly.
+    let mut ls = node
+        .ctl_cmd(&["network", "ls"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("overlayctl");
+    drop(ls.stdout.take());
+    let out = ls.wait_with_output().expect("overlayctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
     node.ctl_ok(&["network", "rm", "b"]);
     assert_eq!(node.ctl_ok(&["network", "ls"]), before_nets);
     assert_eq!(node.ctl_ok(&["service", "ls", "-q"]), "");

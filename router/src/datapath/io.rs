@@ -42,8 +42,12 @@ const PLAIN: [u8; vnet::HDR_LEN] = [0; vnet::HDR_LEN];
 const WAKE: Token = Token(usize::MAX);
 const UNDERLAY: Token = Token(usize::MAX - 1);
 
-/// How often the sweeper expires flows and retires those of backends that left.
-const SWEEP_EVERY: Duration = Duration::from_millis(250);
+/// How often the sweeper looks for new tables (a backend may have left: its flows are
+/// retired at once).
+const SWEEP_CHECK: Duration = Duration::from_millis(250);
+/// How often the sweeper walks the whole table to expire idle and closed flows even when
+/// the tables did not change.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 enum Command {
     AddPort(PortId, OwnedFd),
@@ -188,10 +192,16 @@ fn sweep_loop(
     stopping: &AtomicBool,
 ) {
     let mut rst = vec![0u8; MAX_FRAME];
+    let mut swept = (Instant::now(), tables.load_full());
     while !stopping.load(Ordering::Relaxed) {
-        std::thread::sleep(SWEEP_EVERY);
-        let t = tables.load();
+        std::thread::sleep(SWEEP_CHECK);
+        let t = tables.load_full();
         t.flows.set_now(ms_since(epoch));
+        // A walk costs time on every core the node has; take it only when it can find work.
+        if Arc::ptr_eq(&t, &swept.1) && swept.0.elapsed() < SWEEP_EVERY {
+            continue;
+        }
+        swept = (Instant::now(), t.clone());
         let mut resets = 0;
         let alive = |f: &super::conntrack::Flow| {
             let vni = Vni::new(f.key.vni).ok();

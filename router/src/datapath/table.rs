@@ -11,6 +11,10 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+/// The hasher of the maps the load balancer reads per frame: foldhash, seeded per process
+/// (the keys are addresses tasks choose, so not a fixed-seed hash).
+pub type FastHash = foldhash::fast::RandomState;
+
 /// A local port: one TAP device of one task on one network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortId(pub u32);
@@ -64,10 +68,10 @@ pub struct NetTable {
     /// Local ports of this network, for flooding.
     pub local_ports: Vec<PortId>,
     /// Service VIPs on this network, by address.
-    pub vips: HashMap<Ipv4Addr, Vip>,
+    pub vips: HashMap<Ipv4Addr, Vip, FastHash>,
     /// Every backend address of those VIPs: only frames from these can be replies to
-    /// translate back.
-    pub backend_ips: HashSet<Ipv4Addr>,
+    /// translate back (looked up for every frame delivered to a local port).
+    pub backend_ips: HashSet<Ipv4Addr, FastHash>,
 }
 
 /// All tables of one node.

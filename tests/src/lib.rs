@@ -358,6 +358,16 @@ impl Drop for Node {
         for ns in self.task_namespaces() {
             remove_netns(&ns);
         }
+        // And the tasks' mount namespaces, pinned under /run/overlay/mntns.
+        let prefix = format!("ov-{}-", self.name);
+        if let Ok(dir) = std::fs::read_dir("/run/overlay/mntns") {
+            for e in dir.filter_map(|e| e.ok()) {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {

@@ -209,24 +209,13 @@ fn services_vips_and_dns_on_three_nodes() {
         && n1.node_state(&n3.name) == "ready"));
 
     n1.ctl_ok(&["network", "create", "--subnet", "10.0.20.0/24", "demo"]);
-    n1.ctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        "whoami",
-        "--network",
-        "name=demo,alias=who",
-        "--replicas",
-        "3",
-        "--lb-idle-timeout",
-        "10s",
-        "--",
-        "python3",
-        &whoami,
+    let create = |args: &[&str]| n1.ctl_ok(&[&["service", "create"][..], args].concat());
+    #[rustfmt::skip]
+    create(&[
+        "--name", "whoami", "--network", "name=demo,alias=who", "--replicas", "3",
+        "--lb-idle-timeout", "10s", "--", "python3", &whoami,
     ]);
-    n1.ctl_ok(&[
-        "service",
-        "create",
+    create(&[
         "--name",
         "client",
         "--network",
@@ -235,9 +224,7 @@ fn services_vips_and_dns_on_three_nodes() {
         "sleep",
         "infinity",
     ]);
-    n1.ctl_ok(&[
-        "service",
-        "create",
+    create(&[
         "--name",
         "echo",
         "--network",
@@ -246,32 +233,12 @@ fn services_vips_and_dns_on_three_nodes() {
         "python3",
         &echo,
     ]);
-    n1.ctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        "rr",
-        "--endpoint-mode",
-        "dnsrr",
-        "--network",
-        "demo",
-        "--replicas",
-        "2",
-        "--",
-        "sleep",
-        "infinity",
+    #[rustfmt::skip]
+    create(&[
+        "--name", "rr", "--endpoint-mode", "dnsrr", "--network", "demo", "--replicas", "2",
+        "--", "sleep", "infinity",
     ]);
-    n1.ctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        "perf",
-        "--network",
-        "demo",
-        "--",
-        "iperf3",
-        "-s",
-    ]);
+    create(&["--name", "perf", "--network", "demo", "--", "iperf3", "-s"]);
     for (svc, n) in [
         ("whoami", 3),
         ("client", 1),

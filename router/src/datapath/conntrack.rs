@@ -469,6 +469,21 @@ mod tests {
     }
 
     #[test]
+    fn default_idle_timeout_is_far_above_ipvs() {
+        // IPVS (Swarm) forgets an idle TCP connection after 900 s.
+        let t = ConnTable::new(10);
+        let svc = Arc::new(ServiceCounters::default());
+        let f = t
+            .insert(flow(key(PROTO_TCP, 1), &svc, TCP_IDLE_MS))
+            .unwrap();
+        f.track_tcp(Dir::ToClient, TCP_SYN | TCP_ACK, 1);
+        t.set_now(3600 * 1000);
+        assert_eq!(t.sweep(|_| true, |_| {}), 0, "an hour idle: still there");
+        t.set_now(TCP_IDLE_MS);
+        assert_eq!(t.sweep(|_| true, |_| {}), 1, "gone after the default");
+    }
+
+    #[test]
     fn idle_and_closed_flows_expire() {
         let t = ConnTable::new(10);
         let svc = Arc::new(ServiceCounters::default());

@@ -312,6 +312,7 @@ impl Agent {
             Err(e) => {
                 drop(fds);
                 let _ = mntns::remove(&mnt_path);
+                let _ = std::fs::remove_dir_all(&files);
                 let _ = netns::remove(&ns_path);
                 return Err(format!("setting up the task's resolver and mounts: {e}"));
             }

@@ -97,7 +97,13 @@ pub fn to_vip(
         }
         _ => {
             let n = vip.service.rr.fetch_add(1, Ordering::Relaxed) as usize;
-            let b = &vip.backends[n % vip.backends.len()];
+            let mut b = &vip.backends[n % vip.backends.len()];
+            // A replica calling its own service gets another replica, if there is one: its
+            // own packets could not come back to it from itself.
+            if b.at == Location::Local(in_port) && vip.backends.len() > 1 {
+                let n = vip.service.rr.fetch_add(1, Ordering::Relaxed) as usize;
+                b = &vip.backends[n % vip.backends.len()];
+            }
             let idle = if tcp {
                 vip.tcp_idle_ms
             } else {
@@ -348,6 +354,23 @@ mod tests {
         let mut direct = tcp("10.0.0.3", mac("10.0.0.9"), "10.0.0.9", 8000, false);
         send(&t, 2, &mut direct);
         assert_eq!(parse(&direct).unwrap().src, ip("10.0.0.3"));
+    }
+
+    #[test]
+    fn a_replica_calling_its_own_vip_gets_another() {
+        // Port 2 (.3) is a backend itself.
+        let t = tables(100, &["10.0.0.3", "10.0.0.4"]);
+        for sport in 1..5 {
+            let mut f = tcp("10.0.0.3", mac(VIP), VIP, sport, true);
+            assert!(
+                matches!(send(&t, 2, &mut f), Verdict::Encap { .. }),
+                "{sport}"
+            );
+        }
+        // Alone in the rotation, it has nowhere else to go.
+        let t = tables(100, &["10.0.0.3"]);
+        let mut f = tcp("10.0.0.3", mac(VIP), VIP, 1, true);
+        assert_eq!(send(&t, 2, &mut f), Verdict::Drop(DropReason::Hairpin));
     }
 
     #[test]

@@ -10,10 +10,10 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use client::{seg, Client};
 use protocol::api::{
-    DatapathStats, Info, JoinToken, NetworkInspect, NetworkTarget, NodeView, ServiceInspect,
-    TaskView,
+    DatapathStats, Info, JoinToken, NetworkInspect, NetworkTarget, NodeView, PortSpec,
+    ServiceInspect, TaskView,
 };
-use protocol::state::Vtep;
+use protocol::state::{PortConfig, Vtep};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -82,6 +82,10 @@ enum NetworkCmd {
         /// Driver options, KEY=VALUE (e.g. com.docker.network.driver.overlay.vxlanid_list=4200).
         #[arg(short = 'o', long = "opt")]
         opts: Vec<String>,
+        /// Make it the routing mesh's network, replacing the current one (no service may be
+        /// publishing a port).
+        #[arg(long)]
+        ingress: bool,
         name: String,
     },
     /// List networks.
@@ -179,6 +183,11 @@ enum ServiceCmd {
         /// [default: the node's, 24h].
         #[arg(long, value_parser = parse_duration_secs)]
         lb_idle_timeout: Option<u64>,
+        /// Publish a port on every node: [PUBLISHED:]TARGET[/udp], or
+        /// published=P,target=T[,protocol=udp][,mode=host][,proxy=v2] (repeat for several;
+        /// without a published port one is chosen from 30000-32767).
+        #[arg(short = 'p', long = "publish", value_parser = parse_publish_flag)]
+        publish: Vec<PortSpec>,
         /// Number of tasks.
         #[arg(long, default_value_t = 1)]
         replicas: u32,
@@ -201,6 +210,16 @@ enum ServiceCmd {
     Inspect {
         #[arg(required = true)]
         names: Vec<String>,
+    },
+    /// Change a service's published ports.
+    Update {
+        /// Publish another port (same forms as `create --publish`).
+        #[arg(long = "publish-add", value_parser = parse_publish_flag)]
+        publish_add: Vec<PortSpec>,
+        /// Stop publishing a port: PUBLISHED[/PROTOCOL].
+        #[arg(long = "publish-rm")]
+        publish_rm: Vec<String>,
+        name: String,
     },
     /// Scale services: NAME=REPLICAS ...
     Scale {
@@ -244,6 +263,10 @@ fn parse_network_flag(s: &str) -> anyhow::Result<NetworkTarget> {
     Ok(NetworkTarget { target, aliases })
 }
 
+fn parse_publish_flag(s: &str) -> Result<PortSpec, String> {
+    protocol::api::parse_publish(s)
+}
+
 /// A duration in whole seconds: `90`, `90s`, `15m`, `2h`, `1d`.
 fn parse_duration_secs(s: &str) -> Result<u64, String> {
     let bad = || format!("invalid duration {s:?}: expected e.g. 30s, 15m, 2h");
@@ -285,10 +308,11 @@ async fn network(c: &Client, cmd: NetworkCmd) -> anyhow::Result<()> {
             subnet,
             gateway,
             opts,
+            ingress,
             name,
         } => {
             let options = kv(&opts, "option")?;
-            let body = json!({"name": name, "driver": driver, "subnet": subnet, "gateway": gateway, "options": options});
+            let body = json!({"name": name, "driver": driver, "subnet": subnet, "gateway": gateway, "options": options, "ingress": ingress});
             let n: NetworkInspect = c.post("/networks/create", body).await?;
             println!("{}", n.id);
         }
@@ -443,6 +467,7 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             networks,
             endpoint_mode,
             lb_idle_timeout,
+            publish,
             replicas,
             env,
             command,
@@ -458,7 +483,7 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let body = json!({"name": name, "networks": networks, "replicas": replicas,
                 "command": command, "env": env, "endpoint_mode": endpoint_mode,
-                "lb_idle_timeout": lb_idle_timeout});
+                "lb_idle_timeout": lb_idle_timeout, "ports": publish});
             let s: ServiceInspect = c.post("/services/create", body).await?;
             println!("{}", s.id);
         }
@@ -471,16 +496,26 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             let rows: Vec<Vec<String>> = svcs
                 .iter()
                 .map(|s| {
+                    let ports: Vec<String> = s
+                        .endpoint
+                        .ports
+                        .iter()
+                        .map(|p| PortConfig::from(*p).to_string())
+                        .collect();
                     vec![
                         table::short_id(&s.id),
                         s.spec.name.clone(),
                         "replicated".into(),
                         format!("{}/{}", s.running, s.spec.replicas),
+                        ports.join(", "),
                         s.spec.container_spec.command.join(" "),
                     ]
                 })
                 .collect();
-            table::print(&["ID", "NAME", "MODE", "REPLICAS", "COMMAND"], &rows);
+            table::print(
+                &["ID", "NAME", "MODE", "REPLICAS", "PORTS", "COMMAND"],
+                &rows,
+            );
         }
         ServiceCmd::Ps { name } => {
             let tasks: Vec<TaskView> = c.get(&format!("/tasks?service={}", seg(&name))).await?;
@@ -531,6 +566,23 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 );
             }
             print_json(&out)?;
+        }
+        ServiceCmd::Update {
+            publish_add,
+            publish_rm,
+            name,
+        } => {
+            if publish_add.is_empty() && publish_rm.is_empty() {
+                bail!("nothing to update: give --publish-add or --publish-rm");
+            }
+            for r in &publish_rm {
+                protocol::api::parse_publish_rm(r).map_err(|e| anyhow!(e))?;
+            }
+            let body = json!({"publish_add": publish_add, "publish_rm": publish_rm});
+            let _: ServiceInspect = c
+                .post(&format!("/services/{}/update", seg(&name)), body)
+                .await?;
+            println!("{name}");
         }
         ServiceCmd::Scale { specs } => {
             let mut parsed = Vec::new();

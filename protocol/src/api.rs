@@ -12,6 +12,7 @@
 //! | `POST /services/create`         | [`ServiceCreate`]       | [`ServiceInspect`]     |
 //! | `GET /services/{name}`          |                         | [`ServiceInspect`]     |
 //! | `POST /services/{name}/scale`   | [`ServiceScale`]        | [`ServiceInspect`]     |
+//! | `POST /services/{name}/update`  | [`ServiceUpdate`]       | [`ServiceInspect`]     |
 //! | `DELETE /services/{name}`       |                         |                        |
 //! | `GET /tasks?service=NAME`       |                         | `[TaskView]`           |
 //! | `GET /tasks/{name}`             |                         | [`TaskView`]           |
@@ -25,7 +26,9 @@
 //!
 //! Errors come back as a non-2xx status with an [`ErrorBody`].
 
-use crate::state::{Attachment, EndpointMode};
+use crate::state::{
+    Attachment, EndpointMode, PortConfig, PortProtocol, ProxyProtocol, PublishMode,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -48,6 +51,9 @@ pub struct NetworkCreate {
     pub gateway: Option<String>,
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+    /// Make it the routing mesh's network, replacing the current one.
+    #[serde(default)]
+    pub ingress: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,9 +93,12 @@ pub struct NetworkInspect {
     pub ipam: Ipam,
     #[serde(rename = "VNI")]
     pub vni: u32,
-    /// Keyed by task id, as Docker keys them by container id.
+    /// Keyed by task id, as Docker keys them by container id; on the ingress network also
+    /// each node's router endpoint (`ingress-endpoint-NODE`).
     pub containers: BTreeMap<String, EndpointView>,
     pub options: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ingress: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,11 +117,156 @@ pub struct ServiceCreate {
     /// Idle timeout of load-balanced flows, seconds.
     #[serde(default)]
     pub lb_idle_timeout: Option<u64>,
+    /// Published ports (`--publish`).
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceScale {
     pub replicas: u32,
+}
+
+/// `service update`: published ports to remove (`PORT` or `PORT/PROTOCOL`, by published
+/// port) and to add.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceUpdate {
+    #[serde(default)]
+    pub publish_add: Vec<PortSpec>,
+    #[serde(default)]
+    pub publish_rm: Vec<String>,
+}
+
+/// A published port as Docker's API shows it (`Endpoint.Ports[]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PortSpec {
+    #[serde(default)]
+    pub protocol: PortProtocol,
+    pub target_port: u16,
+    /// Absent or 0: a free port from 30000-32767.
+    #[serde(default)]
+    pub published_port: u16,
+    #[serde(default)]
+    pub publish_mode: PublishMode,
+    /// `v2`: send a PROXY protocol v2 header with the client's address first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyProtocol>,
+}
+
+impl From<PortSpec> for PortConfig {
+    fn from(p: PortSpec) -> PortConfig {
+        PortConfig {
+            protocol: p.protocol,
+            target: p.target_port,
+            published: p.published_port,
+            mode: p.publish_mode,
+            proxy: p.proxy,
+        }
+    }
+}
+
+impl From<&PortConfig> for PortSpec {
+    fn from(p: &PortConfig) -> PortSpec {
+        PortSpec {
+            protocol: p.protocol,
+            target_port: p.target,
+            published_port: p.published,
+            publish_mode: p.mode,
+            proxy: p.proxy,
+        }
+    }
+}
+
+fn parse_port(s: &str, what: &str) -> Result<u16, String> {
+    s.parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("invalid {what} {s:?}: expected 1-65535"))
+}
+
+/// Parses `--publish` as Docker does: the short form `[PUBLISHED:]TARGET[/PROTOCOL]`, or the
+/// long form `published=P,target=T[,protocol=tcp|udp][,mode=ingress|host][,proxy=v2]`.
+pub fn parse_publish(s: &str) -> Result<PortSpec, String> {
+    let bad_value = |k: &str, v: &str| format!("invalid --publish {s:?}: bad {k} {v:?}");
+    let mut spec = PortSpec {
+        protocol: PortProtocol::Tcp,
+        target_port: 0,
+        published_port: 0,
+        publish_mode: PublishMode::Ingress,
+        proxy: None,
+    };
+    if s.contains('=') {
+        for part in s.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("invalid --publish {s:?}: {part:?} is not KEY=VALUE"))?;
+            match k {
+                "published" => spec.published_port = parse_port(v, "published port")?,
+                "target" => spec.target_port = parse_port(v, "target port")?,
+                "protocol" => {
+                    spec.protocol = match v {
+                        "tcp" => PortProtocol::Tcp,
+                        "udp" => PortProtocol::Udp,
+                        _ => return Err(bad_value(k, v)),
+                    }
+                }
+                "mode" => {
+                    spec.publish_mode = match v {
+                        "ingress" => PublishMode::Ingress,
+                        "host" => PublishMode::Host,
+                        _ => return Err(bad_value(k, v)),
+                    }
+                }
+                "proxy" => {
+                    spec.proxy = match v {
+                        "v2" => Some(ProxyProtocol::V2),
+                        "none" => None,
+                        _ => return Err(bad_value(k, v)),
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "invalid --publish {s:?}: unknown key {k:?} (published, target, protocol, mode, proxy)"
+                    ))
+                }
+            }
+        }
+        if spec.target_port == 0 {
+            return Err(format!("invalid --publish {s:?}: target=PORT is missing"));
+        }
+        return Ok(spec);
+    }
+    let (ports, proto) = match s.split_once('/') {
+        Some((p, "tcp")) => (p, PortProtocol::Tcp),
+        Some((p, "udp")) => (p, PortProtocol::Udp),
+        Some((_, x)) => return Err(bad_value("protocol", x)),
+        None => (s, PortProtocol::Tcp),
+    };
+    spec.protocol = proto;
+    match ports.split_once(':') {
+        Some((p, t)) => {
+            spec.published_port = parse_port(p, "published port")?;
+            spec.target_port = parse_port(t, "target port")?;
+        }
+        None => spec.target_port = parse_port(ports, "target port")?,
+    }
+    Ok(spec)
+}
+
+/// Parses a `--publish-rm` argument: `PORT` or `PORT/PROTOCOL`.
+pub fn parse_publish_rm(s: &str) -> Result<(u16, Option<PortProtocol>), String> {
+    let (p, proto) = match s.split_once('/') {
+        Some((p, "tcp")) => (p, Some(PortProtocol::Tcp)),
+        Some((p, "udp")) => (p, Some(PortProtocol::Udp)),
+        Some(_) => {
+            return Err(format!(
+                "invalid --publish-rm {s:?}: expected PORT[/tcp|udp]"
+            ))
+        }
+        None => (s, None),
+    };
+    Ok((parse_port(p, "port")?, proto))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +333,8 @@ impl<'de> Deserialize<'de> for NetworkTarget {
 pub struct EndpointSpec {
     /// "vip" or "dnsrr".
     pub mode: EndpointMode,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +364,9 @@ pub struct VirtualIp {
 #[serde(rename_all = "PascalCase")]
 pub struct Endpoint {
     pub spec: EndpointSpec,
+    /// The published ports, with the ports chosen for those that asked for any.
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
     #[serde(rename = "VirtualIPs")]
     pub virtual_ips: Vec<VirtualIp>,
 }
@@ -303,6 +462,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn publish_flags_short_and_long() {
+        let p = parse_publish("8080:80").unwrap();
+        assert_eq!(
+            (p.published_port, p.target_port, p.protocol),
+            (8080, 80, PortProtocol::Tcp)
+        );
+        let p = parse_publish("53:5353/udp").unwrap();
+        assert_eq!(
+            (p.published_port, p.target_port, p.protocol),
+            (53, 5353, PortProtocol::Udp)
+        );
+        assert_eq!(parse_publish("80").unwrap().published_port, 0);
+        let p = parse_publish("published=9000,target=80,mode=host,proxy=v2").unwrap();
+        assert_eq!(p.publish_mode, PublishMode::Host);
+        assert_eq!(p.proxy, Some(ProxyProtocol::V2));
+        for bad in [
+            "",
+            "0:80",
+            "8080:",
+            "x:80",
+            "80/sctp",
+            "published=1",
+            "target=80,color=red",
+            "target=80,mode=global",
+            "70000:80",
+        ] {
+            assert!(parse_publish(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_publish_rm("8080/udp").unwrap(),
+            (8080, Some(PortProtocol::Udp))
+        );
+        assert_eq!(parse_publish_rm("8080").unwrap(), (8080, None));
+        assert!(parse_publish_rm("http").is_err());
+        // Docker's JSON shape.
+        let j: PortSpec =
+            serde_json::from_str(r#"{"TargetPort":80,"PublishedPort":8080}"#).unwrap();
+        assert_eq!(j, parse_publish("8080:80").unwrap());
+    }
+
+    #[test]
     fn network_targets_in_json_and_postcard() {
         let body =
             r#"{"name":"web","networks":["a",{"Target":"b","Aliases":["x"]}],"command":["true"]}"#;
@@ -326,6 +526,30 @@ pub struct DatapathStats {
     /// Load balancing done by this node, per service (flows of this node's clients).
     #[serde(default)]
     pub services: BTreeMap<String, ServiceLbStats>,
+    /// The routing mesh on this node, per published port (`8080/tcp`).
+    #[serde(default)]
+    pub ingress: BTreeMap<String, IngressPortStats>,
+}
+
+/// One published port on one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressPortStats {
+    pub service: String,
+    /// "ingress" or "host".
+    pub mode: String,
+    /// Whether the node listens on it (false: see `error`).
+    pub listening: bool,
+    pub error: Option<String>,
+    /// TCP connections accepted, or UDP client mappings made, since the node started.
+    pub accepted: u64,
+    /// Connections (or UDP mappings) open now.
+    pub active: u64,
+    /// Refused: no task to send to, or too many open connections.
+    pub refused: u64,
+    /// Connections ended by a reset (from either side, or because their task left).
+    pub reset: u64,
+    /// UDP datagrams that could not be queued (buffer full).
+    pub dropped: u64,
 }
 
 /// One service's load-balanced flows on one node.

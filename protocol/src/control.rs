@@ -116,6 +116,10 @@ pub enum Op {
         node: String,
         availability: crate::state::Availability,
     },
+    UpdateService {
+        name: String,
+        update: crate::api::ServiceUpdate,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -25,6 +25,12 @@ pub const DEFAULT_MTU: u16 = 1450;
 const MIN_MTU: u16 = 68;
 /// Most replicas one service may ask for (bounds memory and namespaces per request).
 pub const MAX_REPLICAS: u32 = 1000;
+/// Name of the routing mesh's network, made when the cluster starts.
+pub const INGRESS_NETWORK: &str = "ingress";
+/// Swarm's VNI for `ingress` (user networks start at the next one).
+pub const INGRESS_VNI: u32 = 4096;
+/// Published ports given to services that do not choose one (Swarm's range).
+pub const DYNAMIC_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
@@ -40,6 +46,13 @@ pub struct Network {
     /// Endpoints behind standard VXLAN devices that are not overlayd nodes.
     #[serde(default)]
     pub vteps: Vec<Vtep>,
+    /// The routing mesh's network (`network create --ingress`): services that publish ports
+    /// are attached to it, and every node's router has an endpoint on it.
+    #[serde(default)]
+    pub ingress: bool,
+    /// The address of each node's router endpoint on this (ingress) network.
+    #[serde(default)]
+    pub lb_endpoints: BTreeMap<NodeName, Ipv4Addr>,
 }
 
 /// An external VTEP endpoint: a MAC (and optionally its IPv4 address) reachable at an
@@ -77,6 +90,75 @@ pub enum EndpointMode {
     Dnsrr,
 }
 
+/// Transport of a published port.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl std::fmt::Display for PortProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PortProtocol::Tcp => "tcp",
+            PortProtocol::Udp => "udp",
+        })
+    }
+}
+
+/// Where a published port opens, as Docker's `mode=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// On every node, balanced over all of the service's tasks (the routing mesh).
+    #[default]
+    Ingress,
+    /// Only on nodes running a task, straight to that task.
+    Host,
+}
+
+impl std::fmt::Display for PublishMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PublishMode::Ingress => "ingress",
+            PublishMode::Host => "host",
+        })
+    }
+}
+
+/// A header sent to the backend ahead of a connection's data, carrying the client's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// HAProxy's PROXY protocol, version 2 (binary).
+    V2,
+}
+
+/// A published port of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PortConfig {
+    pub protocol: PortProtocol,
+    /// The port the service's tasks listen on.
+    pub target: u16,
+    /// The port opened on the nodes. In a request, 0 asks for a free one from
+    /// [`DYNAMIC_PORTS`].
+    pub published: u16,
+    pub mode: PublishMode,
+    #[serde(default)]
+    pub proxy: Option<ProxyProtocol>,
+}
+
+impl std::fmt::Display for PortConfig {
+    /// Docker's `service ls` form: `*:8080->80/tcp`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "*:{}->{}/{}", self.published, self.target, self.protocol)
+    }
+}
+
 impl std::fmt::Display for EndpointMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -110,6 +192,23 @@ pub struct Service {
     /// default, far above IPVS's 900 s).
     #[serde(default)]
     pub lb_idle_timeout: Option<u64>,
+    /// Published ports. A service with any is attached to the ingress network as well (its
+    /// last entry in `networks`), through which every node's router reaches its tasks.
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+}
+
+impl Service {
+    /// The networks the operator attached the service to (without the ingress network the
+    /// routing mesh adds).
+    pub fn user_networks<'a>(
+        &'a self,
+        state: &'a ClusterState,
+    ) -> impl Iterator<Item = &'a NetworkName> + 'a {
+        self.networks
+            .iter()
+            .filter(move |n| !state.networks.get(*n).is_some_and(|net| net.ingress))
+    }
 }
 
 /// One endpoint of a task on one network.
@@ -258,6 +357,24 @@ pub enum StateError {
     BadAlias { alias: String, why: String },
     #[error("aliases given for network {0}, which the service is not attached to")]
     AliasWithoutNetwork(NetworkName),
+    #[error("port {published}/{protocol} is already published by service {service}")]
+    PortInUse {
+        published: u16,
+        protocol: PortProtocol,
+        service: ServiceName,
+    },
+    #[error("invalid published port {port}: {why}")]
+    BadPort { port: String, why: String },
+    #[error("no free port left in {first}-{last} for {protocol}", first = DYNAMIC_PORTS.start(), last = DYNAMIC_PORTS.end())]
+    NoFreePort { protocol: PortProtocol },
+    #[error("there is no ingress network: create one with `network create --ingress`")]
+    NoIngressNetwork,
+    #[error(
+        "network {0} is the routing mesh's: publish a port (--publish) instead of attaching to it"
+    )]
+    IngressAttach(NetworkName),
+    #[error("service {service} publishes no port {port}")]
+    NoSuchPort { service: ServiceName, port: String },
 }
 
 /// What a network create request asks for, already parsed.
@@ -267,6 +384,9 @@ pub struct NetworkRequest {
     pub subnet: Option<Ipv4Net>,
     pub gateway: Option<Ipv4Addr>,
     pub options: BTreeMap<String, String>,
+    /// Make this the routing mesh's network, replacing the current one (which no service
+    /// may be publishing through).
+    pub ingress: bool,
 }
 
 /// The address pool networks without `--subnet` are carved from.
@@ -324,9 +444,96 @@ impl ClusterState {
         id: String,
         now: u64,
     ) -> Result<&Network, StateError> {
+        // Work on a copy: replacing the ingress network removes the old one first.
+        let mut next = self.clone();
+        if req.ingress {
+            if let Some(old) = next.ingress_network().map(|n| n.name.clone()) {
+                next.remove_network(old.as_str())?;
+            }
+        }
+        next.add_network(name.clone(), req, pool, id, now)?;
+        if next.networks.get(&name).is_some_and(|n| n.ingress) {
+            next.ensure_lb_endpoints()?;
+        }
+        next.revision += 1;
+        *self = next;
+        self.networks
+            .get(&name)
+            .ok_or_else(|| StateError::NoSuchNetwork(name.to_string()))
+    }
+
+    /// The routing mesh's network, if there is one.
+    pub fn ingress_network(&self) -> Option<&Network> {
+        self.networks.values().find(|n| n.ingress)
+    }
+
+    /// Makes the default ingress network (`ingress`, 10.255.0.0/16, VNI 4096) if the cluster
+    /// has none and the name is free: at cluster start, and for state saved before it existed.
+    pub fn ensure_ingress(&mut self, id: String, now: u64) -> Result<(), StateError> {
+        if self.ingress_network().is_none() && !self.networks.contains_key(INGRESS_NETWORK) {
+            let name =
+                NetworkName::new(INGRESS_NETWORK).map_err(|_| StateError::NoIngressNetwork)?;
+            let req = NetworkRequest {
+                ingress: true,
+                ..NetworkRequest::default()
+            };
+            self.create_network(name, req, Pool::default(), id, now)?;
+        }
+        self.ensure_lb_endpoints()
+    }
+
+    /// Gives every node an address for its router's endpoint on the ingress network.
+    fn ensure_lb_endpoints(&mut self) -> Result<(), StateError> {
+        let Some(net) = self.ingress_network() else {
+            return Ok(());
+        };
+        let name = net.name.clone();
+        let missing: Vec<NodeName> = self
+            .nodes
+            .keys()
+            .filter(|n| !net.lb_endpoints.contains_key(*n))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut next = self.clone();
+        for node in missing {
+            let used = next.used_addresses(&name);
+            let net = next
+                .networks
+                .get_mut(&name)
+                .ok_or_else(|| StateError::NoSuchNetwork(name.to_string()))?;
+            let ip = ipam::next_address(&net.subnet, &used).ok_or(StateError::NetworkFull {
+                network: name.clone(),
+                subnet: net.subnet,
+            })?;
+            net.lb_endpoints.insert(node, ip);
+        }
+        next.revision += 1;
+        *self = next;
+        Ok(())
+    }
+
+    /// Adds a network after checking name, driver, subnet overlap, gateway and VNI.
+    fn add_network(
+        &mut self,
+        name: NetworkName,
+        req: NetworkRequest,
+        pool: Pool,
+        id: String,
+        now: u64,
+    ) -> Result<(), StateError> {
         if self.networks.contains_key(&name) {
             return Err(StateError::NetworkExists(name));
         }
+        // The default ingress subnet stays free for the routing mesh while there is no
+        // ingress network elsewhere.
+        let reserved = match self.ingress_network() {
+            Some(_) => None,
+            None if req.ingress => None,
+            None => Some(ingress_subnet()),
+        };
         let driver = req.driver.unwrap_or_else(|| "overlay".to_string());
         if driver != "overlay" {
             return Err(StateError::BadDriver(driver));
@@ -346,17 +553,20 @@ impl ClusterState {
                         other_subnet: other.subnet,
                     });
                 }
-                if ipam::overlaps(&s, &ingress_subnet()) {
+                if let Some(reserved) = reserved.filter(|r| ipam::overlaps(&s, r)) {
                     return Err(StateError::SubnetReserved {
                         subnet: s,
-                        reserved: ingress_subnet(),
+                        reserved,
                     });
                 }
                 s
             }
+            None if req.ingress && !used.iter().any(|u| ipam::overlaps(u, &ingress_subnet())) => {
+                ingress_subnet()
+            }
             None => {
                 let mut taken = used.clone();
-                taken.push(ingress_subnet());
+                taken.extend(reserved);
                 ipam::next_subnet(pool.pool, pool.prefix, &taken).ok_or(
                     StateError::PoolExhausted {
                         pool: pool.pool,
@@ -395,7 +605,12 @@ impl ClusterState {
             }
             None => {
                 let taken: BTreeSet<u32> = self.networks.values().map(|n| n.vni.get()).collect();
-                let v = (Vni::FIRST_USER..=Vni::MAX)
+                let first = if req.ingress && !taken.contains(&INGRESS_VNI) {
+                    INGRESS_VNI
+                } else {
+                    Vni::FIRST_USER
+                };
+                let v = (first..=Vni::MAX)
                     .find(|v| !taken.contains(v))
                     .ok_or(StateError::VniExhausted)?;
                 Vni::new(v).map_err(|_| StateError::VniExhausted)?
@@ -426,9 +641,11 @@ impl ClusterState {
             options,
             created_at: now,
             vteps: Vec::new(),
+            ingress: req.ingress,
+            lb_endpoints: BTreeMap::new(),
         };
-        self.revision += 1;
-        Ok(self.networks.entry(name).or_insert(net))
+        self.networks.insert(name, net);
+        Ok(())
     }
 
     /// Removes a network; refused while a service uses it.
@@ -492,6 +709,10 @@ impl ClusterState {
                 check_alias(a)?;
             }
         }
+        if let Some(n) = svc.networks.iter().find(|n| self.is_ingress(n)) {
+            return Err(StateError::IngressAttach(n.clone()));
+        }
+        self.settle_ports(&mut svc)?;
         let replicas = svc.replicas;
         svc.replicas = 0;
         svc.vips.clear();
@@ -568,6 +789,124 @@ impl ClusterState {
         }
         if let Some(s) = next.services.get_mut(name) {
             s.replicas = replicas;
+        }
+        next.revision += 1;
+        *self = next;
+        Ok(())
+    }
+
+    fn is_ingress(&self, network: &NetworkName) -> bool {
+        self.networks.get(network).is_some_and(|n| n.ingress)
+    }
+
+    /// Checks a service's published ports against each other and against every other
+    /// service's, gives those without a published port a free one from [`DYNAMIC_PORTS`],
+    /// and attaches the service to the ingress network if it publishes any port (detaching
+    /// it if none). An ingress-mode port is open on every node, so it clashes with the same
+    /// port of any other service; two host-mode ports only clash on a node running both
+    /// (reported by that node's agent).
+    fn settle_ports(&self, svc: &mut Service) -> Result<(), StateError> {
+        let bad = |p: &PortConfig, why: &str| StateError::BadPort {
+            port: format!("{}:{}/{}", p.published, p.target, p.protocol),
+            why: why.to_string(),
+        };
+        let others: Vec<(&ServiceName, &PortConfig)> = self
+            .services
+            .values()
+            .filter(|o| o.name != svc.name)
+            .flat_map(|o| o.ports.iter().map(move |p| (&o.name, p)))
+            .collect();
+        let mut mine = BTreeSet::new();
+        for p in &svc.ports {
+            if p.target == 0 {
+                return Err(bad(p, "the target port must be 1-65535"));
+            }
+            if p.proxy.is_some() && p.protocol != PortProtocol::Tcp {
+                return Err(bad(p, "the PROXY protocol header is for TCP ports only"));
+            }
+            if p.published == 0 {
+                continue;
+            }
+            if !mine.insert((p.protocol, p.published)) {
+                return Err(bad(p, "published twice by this service"));
+            }
+            let clash = others.iter().find(|(_, o)| {
+                o.protocol == p.protocol
+                    && o.published == p.published
+                    && (o.mode == PublishMode::Ingress || p.mode == PublishMode::Ingress)
+            });
+            if let Some((service, _)) = clash {
+                return Err(StateError::PortInUse {
+                    published: p.published,
+                    protocol: p.protocol,
+                    service: (*service).clone(),
+                });
+            }
+        }
+        for p in svc.ports.iter_mut().filter(|p| p.published == 0) {
+            let free = DYNAMIC_PORTS.clone().find(|port| {
+                !mine.contains(&(p.protocol, *port))
+                    && !others
+                        .iter()
+                        .any(|(_, o)| o.protocol == p.protocol && o.published == *port)
+            });
+            p.published = free.ok_or(StateError::NoFreePort {
+                protocol: p.protocol,
+            })?;
+            mine.insert((p.protocol, p.published));
+        }
+        svc.networks.retain(|n| !self.is_ingress(n));
+        if !svc.ports.is_empty() {
+            let ingress = self.ingress_network().ok_or(StateError::NoIngressNetwork)?;
+            svc.networks.push(ingress.name.clone());
+        }
+        Ok(())
+    }
+
+    /// `service update --publish-rm ... --publish-add ...`: removes published ports (by
+    /// published port, and protocol if given), adds new ones. A service that starts or stops
+    /// publishing gains or loses its ingress attachment, which replaces its tasks (new
+    /// interfaces), as a rolling update would.
+    pub fn update_ports(
+        &mut self,
+        name: &str,
+        add: Vec<PortConfig>,
+        remove: &[(u16, Option<PortProtocol>)],
+        new_id: &mut dyn FnMut() -> String,
+        eligible: &dyn Fn(&NodeName) -> bool,
+    ) -> Result<(), StateError> {
+        let mut next = self.clone();
+        let mut svc = next
+            .services
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StateError::NoSuchService(name.to_string()))?;
+        for (port, protocol) in remove {
+            let before = svc.ports.len();
+            svc.ports
+                .retain(|p| !(p.published == *port && protocol.is_none_or(|x| x == p.protocol)));
+            if svc.ports.len() == before {
+                return Err(StateError::NoSuchPort {
+                    service: svc.name.clone(),
+                    port: match protocol {
+                        Some(x) => format!("{port}/{x}"),
+                        None => port.to_string(),
+                    },
+                });
+            }
+        }
+        svc.ports.extend(add);
+        let attached = svc.networks.clone();
+        next.settle_ports(&mut svc)?;
+        let reattach = svc.networks != attached;
+        let networks = svc.networks.clone();
+        svc.vips.retain(|n, _| networks.contains(n));
+        let replicas = svc.replicas;
+        next.services.insert(svc.name.clone(), svc);
+        if reattach {
+            next.tasks.retain(|_, t| t.service.as_str() != name);
+            next.ensure_vips()?;
+            next.scale_service(name, replicas, new_id, eligible)?;
         }
         next.revision += 1;
         *self = next;
@@ -655,6 +994,8 @@ impl ClusterState {
             }
         }
         self.revision += 1;
+        // A node without a router address on ingress publishes nothing; a /16 is not full.
+        let _ = self.ensure_lb_endpoints();
     }
 
     /// Sets a node's availability. Draining moves every task on it to other eligible active
@@ -711,10 +1052,11 @@ impl ClusterState {
             if svc.endpoint_mode != EndpointMode::Vip {
                 continue;
             }
+            // The ingress network carries published ports to tasks directly: no VIP there.
             let missing: Vec<NetworkName> = svc
                 .networks
                 .iter()
-                .filter(|n| !svc.vips.contains_key(*n))
+                .filter(|n| !svc.vips.contains_key(*n) && !next.is_ingress(n))
                 .cloned()
                 .collect();
             for net_name in missing {
@@ -749,6 +1091,7 @@ impl ClusterState {
         if let Some(n) = self.networks.get(network) {
             used.insert(n.gateway);
             used.extend(n.vteps.iter().filter_map(|v| v.ip));
+            used.extend(n.lb_endpoints.values());
         }
         for s in self.services.values() {
             used.extend(s.vips.get(network));
@@ -850,7 +1193,174 @@ mod tests {
             vips: BTreeMap::new(),
             aliases: BTreeMap::new(),
             lb_idle_timeout: None,
+            ports: vec![],
         }
+    }
+
+    fn port(published: u16, target: u16, protocol: PortProtocol, mode: PublishMode) -> PortConfig {
+        PortConfig {
+            protocol,
+            target,
+            published,
+            mode,
+            proxy: None,
+        }
+    }
+
+    fn meshed() -> ClusterState {
+        let mut s = state();
+        s.ensure_ingress("ing".into(), 0).unwrap();
+        net(&mut s, "a", None).unwrap();
+        s
+    }
+
+    #[test]
+    fn ingress_network_exists_from_the_start_with_an_endpoint_per_node() {
+        let mut s = meshed();
+        let ing = s.ingress_network().unwrap().clone();
+        assert_eq!(ing.name.as_str(), INGRESS_NETWORK);
+        assert_eq!(ing.subnet.to_string(), "10.255.0.0/16");
+        assert_eq!(ing.vni.get(), INGRESS_VNI);
+        assert_eq!(ing.lb_endpoints.len(), 1);
+        assert_eq!(s.networks["a"].vni.get(), Vni::FIRST_USER);
+        // Twice is a no-op; a node that joins gets its endpoint address.
+        let rev = s.revision;
+        s.ensure_ingress("x".into(), 0).unwrap();
+        assert_eq!(s.revision, rev);
+        let n2 = NodeName::new("n2").unwrap();
+        s.upsert_node(Node {
+            name: n2.clone(),
+            role: Role::Worker,
+            availability: Availability::Active,
+            advertise_addr: None,
+            data_port: 4789,
+            joined_at: 0,
+        });
+        let eps = &s.ingress_network().unwrap().lb_endpoints;
+        assert_eq!(eps.len(), 2);
+        assert_ne!(eps[&n2], eps[&NodeName::new("n1").unwrap()]);
+        assert!(s.used_addresses(&ing.name).contains(&eps[&n2]));
+    }
+
+    #[test]
+    fn publishing_attaches_to_ingress_and_picks_free_ports() {
+        let mut s = meshed();
+        let mut web = svc("web", &["a"], 2);
+        web.ports = vec![
+            port(8080, 80, PortProtocol::Tcp, PublishMode::Ingress),
+            port(0, 53, PortProtocol::Udp, PublishMode::Ingress),
+        ];
+        s.create_service(web, &mut ids(), &|_| true).unwrap();
+        let web = s.services["web"].clone();
+        assert_eq!(
+            web.networks.iter().map(|n| n.as_str()).collect::<Vec<_>>(),
+            ["a", "ingress"]
+        );
+        assert_eq!(web.user_networks(&s).count(), 1);
+        assert_eq!(web.ports[1].published, *DYNAMIC_PORTS.start());
+        assert!(web.vips.contains_key("a") && !web.vips.contains_key("ingress"));
+        assert!(s.tasks.values().all(|t| t.attachments.len() == 2));
+        // The same port and protocol is refused, naming its holder; another protocol is not.
+        let mut other = svc("other", &["a"], 1);
+        other.ports = vec![port(8080, 81, PortProtocol::Tcp, PublishMode::Host)];
+        let err = s
+            .create_service(other.clone(), &mut ids(), &|_| true)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "port 8080/tcp is already published by service web"
+        );
+        other.ports = vec![port(8080, 81, PortProtocol::Udp, PublishMode::Ingress)];
+        s.create_service(other, &mut ids(), &|_| true).unwrap();
+        // Host-mode ports of two services may share a number (placement keeps them apart).
+        for name in ["h1", "h2"] {
+            let mut h = svc(name, &["a"], 1);
+            h.ports = vec![port(9000, 80, PortProtocol::Tcp, PublishMode::Host)];
+            s.create_service(h, &mut ids(), &|_| true).unwrap();
+        }
+        // Attaching to ingress by hand, a PROXY header on UDP, target 0: refused.
+        let mut bad = svc("bad", &["ingress"], 1);
+        assert!(matches!(
+            s.create_service(bad.clone(), &mut ids(), &|_| true),
+            Err(StateError::IngressAttach(_))
+        ));
+        bad.networks = vec![NetworkName::new("a").unwrap()];
+        bad.ports = vec![PortConfig {
+            proxy: Some(ProxyProtocol::V2),
+            ..port(7000, 80, PortProtocol::Udp, PublishMode::Ingress)
+        }];
+        assert!(matches!(
+            s.create_service(bad.clone(), &mut ids(), &|_| true),
+            Err(StateError::BadPort { .. })
+        ));
+        bad.ports = vec![port(7000, 0, PortProtocol::Tcp, PublishMode::Ingress)];
+        assert!(s.create_service(bad, &mut ids(), &|_| true).is_err());
+        // The ingress network cannot be removed or replaced while services publish.
+        assert!(matches!(
+            s.remove_network("ingress"),
+            Err(StateError::NetworkInUse { .. })
+        ));
+    }
+
+    #[test]
+    fn publish_add_and_rm_follow_the_ingress_attachment() {
+        let mut s = meshed();
+        let mut gen = ids();
+        s.create_service(svc("web", &["a"], 2), &mut gen, &|_| true)
+            .unwrap();
+        let before: Vec<String> = s.tasks.values().map(|t| t.id.clone()).collect();
+        let p = port(8080, 80, PortProtocol::Tcp, PublishMode::Ingress);
+        s.update_ports("web", vec![p], &[], &mut gen, &|_| true)
+            .unwrap();
+        assert_eq!(s.services["web"].networks.len(), 2);
+        let after: Vec<&Task> = s.tasks.values().collect();
+        assert_eq!(after.len(), 2);
+        assert!(after
+            .iter()
+            .all(|t| t.attachments.len() == 2 && !before.contains(&t.id)));
+        // Adding a second port keeps the tasks.
+        let q = port(8443, 443, PortProtocol::Tcp, PublishMode::Ingress);
+        let ids_now: Vec<String> = s.tasks.values().map(|t| t.id.clone()).collect();
+        s.update_ports("web", vec![q], &[], &mut gen, &|_| true)
+            .unwrap();
+        assert_eq!(
+            ids_now,
+            s.tasks.values().map(|t| t.id.clone()).collect::<Vec<_>>()
+        );
+        assert!(matches!(
+            s.update_ports("web", vec![], &[(9999, None)], &mut gen, &|_| true),
+            Err(StateError::NoSuchPort { .. })
+        ));
+        s.update_ports(
+            "web",
+            vec![],
+            &[(8080, Some(PortProtocol::Tcp)), (8443, None)],
+            &mut gen,
+            &|_| true,
+        )
+        .unwrap();
+        assert!(s.services["web"].ports.is_empty());
+        assert_eq!(s.services["web"].networks.len(), 1);
+        assert!(s.tasks.values().all(|t| t.attachments.len() == 1));
+        // Now nothing publishes: the ingress network can be replaced.
+        let req = NetworkRequest {
+            ingress: true,
+            subnet: Some("10.254.0.0/16".parse().unwrap()),
+            ..Default::default()
+        };
+        let n = s
+            .create_network(
+                NetworkName::new("mesh").unwrap(),
+                req,
+                Pool::default(),
+                "m".into(),
+                0,
+            )
+            .unwrap();
+        assert!(n.ingress && n.vni.get() == INGRESS_VNI && n.lb_endpoints.len() == 1);
+        assert!(!s.networks.contains_key("ingress"));
+        // With the mesh elsewhere, 10.255.0.0/16 is an ordinary subnet.
+        net(&mut s, "b", Some("10.255.1.0/24")).unwrap();
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::datapath::stats::Counters;
 use crate::datapath::table::{BackendSpec, PortBinding, PortId, Tables};
 use crate::dns::names::DnsView;
 use crate::dns::server::{self as dns, Shared as DnsShared};
+use crate::ingress::{self, Ingress, IngressView};
 use crate::manager::{now, StatusBoard};
 use crate::services::{self, VipView};
 use crate::sys::iface::{self, IfaceSpec};
@@ -37,6 +38,31 @@ const RESYNC: Duration = Duration::from_secs(5);
 /// How often the agent checks whether a VIP's running backends changed.
 const BACKENDS_EVERY: Duration = Duration::from_millis(250);
 
+/// The datapath port of this node's router endpoint on the ingress network (task ports
+/// start at 1).
+pub const INGRESS_PORT: PortId = PortId(0);
+
+/// The node's two forwarding planes: the datapath (frames) and the routing mesh's proxy
+/// (connections), joined by the ingress endpoint's link on [`INGRESS_PORT`].
+pub struct Planes {
+    pub datapath: Datapath,
+    pub ingress: Ingress,
+}
+
+impl Planes {
+    /// Wires a new ingress proxy to `datapath` through a fresh link.
+    pub fn new(
+        datapath: Datapath,
+        counters: Arc<Counters>,
+        max_connections: usize,
+    ) -> std::io::Result<Planes> {
+        let (datapath_end, endpoint_end) = ingress::link::pair()?;
+        datapath.add_port(INGRESS_PORT, datapath_end);
+        let ingress = Ingress::start(endpoint_end, counters, max_connections)?;
+        Ok(Planes { datapath, ingress })
+    }
+}
+
 /// Name of a task's namespace under /run/netns: recognisable and unique per node.
 pub fn netns_name(node: &NodeName, task: &str) -> String {
     format!("ov-{node}-{task}")
@@ -56,6 +82,7 @@ struct LocalTask {
 pub struct Agent {
     node: NodeName,
     datapath: Datapath,
+    ingress: Ingress,
     cluster: Cluster,
     counters: Arc<Counters>,
     statuses: StatusBoard,
@@ -69,12 +96,14 @@ pub struct Agent {
     data_port: u16,
     /// The state revision and VIP backends the datapath's tables were last built from.
     published: Option<(u64, Vec<VipView>)>,
+    /// What the ingress proxy was last given.
+    published_ingress: Option<IngressView>,
 }
 
 impl Agent {
     pub fn new(
         node: NodeName,
-        datapath: Datapath,
+        planes: Planes,
         cluster: Cluster,
         counters: Arc<Counters>,
         state_dir: &std::path::Path,
@@ -83,7 +112,8 @@ impl Agent {
     ) -> Agent {
         Agent {
             node,
-            datapath,
+            datapath: planes.datapath,
+            ingress: planes.ingress,
             statuses: cluster.local_board(),
             cluster,
             counters,
@@ -94,6 +124,7 @@ impl Agent {
             next_port: 1,
             data_port,
             published: None,
+            published_ingress: None,
         }
     }
 
@@ -138,6 +169,7 @@ impl Agent {
     }
 
     async fn shut_down(mut self) {
+        self.ingress.stop();
         self.stop_all().await;
         self.datapath.stop();
     }
@@ -177,6 +209,14 @@ impl Agent {
             if self.tasks.contains_key(name) {
                 continue;
             }
+            if let Some((holder, port, proto)) = ingress::host_port_holder(state, &node, task) {
+                let error = format!(
+                    "host-mode port {port}/{proto} is already taken on this node by {}",
+                    holder.name
+                );
+                self.report(task, TaskState::Failed, Some(error));
+                continue;
+            }
             match self.start_task(state, task).await {
                 Ok(lt) => {
                     self.tasks.insert(name.to_string(), lt);
@@ -202,6 +242,11 @@ impl Agent {
         if **self.dns.view.load() != names {
             self.dns.view.store(Arc::new(names));
         }
+        let mesh = IngressView::build(state, &snap.statuses, &snap.health, &self.node);
+        if self.published_ingress.as_ref() != Some(&mesh) {
+            self.ingress.update(mesh.clone());
+            self.published_ingress = Some(mesh);
+        }
         let same = self
             .published
             .as_ref()
@@ -213,11 +258,24 @@ impl Agent {
     }
 
     fn publish(&self, state: &ClusterState, vips: &[VipView]) {
-        let ports: Vec<(PortId, PortBinding)> = self
+        let mut ports: Vec<(PortId, PortBinding)> = self
             .tasks
             .values()
             .flat_map(|t| t.ports.iter().copied())
             .collect();
+        if let Some(ip) = state
+            .ingress_network()
+            .and_then(|n| Some((n.vni, *n.lb_endpoints.get(&self.node)?)))
+        {
+            ports.push((
+                INGRESS_PORT,
+                PortBinding {
+                    vni: ip.0,
+                    mac: protocol::types::MacAddr::from_ipv4(ip.1),
+                    ip: ip.1,
+                },
+            ));
+        }
         let vtep_of = |n: &NodeName| {
             let node = state.nodes.get(n)?;
             Some(SocketAddrV4::new(node.advertise_addr?, node.data_port))

@@ -14,8 +14,8 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use protocol::api::{
     self, ContainerSpec, Endpoint, EndpointSpec, EndpointView, ErrorBody, Ipam, IpamConfig,
-    NetworkInspect, NetworkTarget, NodeView, ServiceInspect, ServiceSpec, TaskState, TaskStatus,
-    TaskView, VirtualIp,
+    NetworkInspect, NetworkTarget, NodeView, PortSpec, ServiceInspect, ServiceSpec, TaskState,
+    TaskStatus, TaskView, VirtualIp,
 };
 use protocol::control::{NodeHealth, Op, Snapshot};
 use protocol::state::{Availability, Network, Role, Service, Task, Vtep};
@@ -65,6 +65,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/services/create", post(service_create))
         .route("/services/{name}", get(service_inspect).delete(service_rm))
         .route("/services/{name}/scale", post(service_scale))
+        .route("/services/{name}/update", post(service_update))
         .route("/tasks", get(task_list))
         .route("/tasks/{name}", get(task_inspect))
         .route("/nodes", get(node_list))
@@ -99,6 +100,17 @@ fn network_view(snap: &Snapshot, net: &Network) -> NetworkInspect {
             );
         }
     }
+    for (node, ip) in &net.lb_endpoints {
+        containers.insert(
+            format!("ingress-endpoint-{node}"),
+            EndpointView {
+                name: "ingress-endpoint".into(),
+                mac_address: protocol::types::MacAddr::from_ipv4(*ip).to_string(),
+                ipv4_address: format!("{ip}/{prefix}"),
+                node: node.to_string(),
+            },
+        );
+    }
     NetworkInspect {
         name: net.name.to_string(),
         id: net.id.clone(),
@@ -115,6 +127,7 @@ fn network_view(snap: &Snapshot, net: &Network) -> NetworkInspect {
         vni: net.vni.get(),
         containers,
         options: net.options.clone(),
+        ingress: net.ingress,
     }
 }
 
@@ -125,6 +138,10 @@ fn service_view(snap: &Snapshot, svc: &Service) -> ServiceInspect {
         .values()
         .filter(|t| t.service == svc.name && status_of(snap, t).state == TaskState::Running)
         .count() as u32;
+    let endpoint_spec = EndpointSpec {
+        mode: svc.endpoint_mode,
+        ports: svc.ports.iter().map(PortSpec::from).collect(),
+    };
     ServiceInspect {
         id: svc.id.clone(),
         created_at: svc.created_at,
@@ -136,23 +153,19 @@ fn service_view(snap: &Snapshot, svc: &Service) -> ServiceInspect {
                 env: svc.env.clone(),
             },
             networks: svc
-                .networks
-                .iter()
+                .user_networks(&snap.state)
                 .map(|n| NetworkTarget {
                     target: n.to_string(),
                     aliases: svc.aliases.get(n).cloned().unwrap_or_default(),
                 })
                 .collect(),
             replicas: svc.replicas,
-            endpoint_spec: EndpointSpec {
-                mode: svc.endpoint_mode,
-            },
+            endpoint_spec: endpoint_spec.clone(),
             lb_idle_timeout: svc.lb_idle_timeout,
         },
         endpoint: Endpoint {
-            spec: EndpointSpec {
-                mode: svc.endpoint_mode,
-            },
+            spec: endpoint_spec,
+            ports: svc.ports.iter().map(PortSpec::from).collect(),
             virtual_ips: svc
                 .vips
                 .iter()
@@ -382,6 +395,22 @@ async fn service_scale(
         .apply(Op::ScaleService {
             name: name.clone(),
             replicas: req.replicas,
+        })
+        .await?;
+    let snap = st.cluster.snapshot();
+    Ok(Json(service_view(&snap, service_of(&snap, &name)?)))
+}
+
+async fn service_update(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<ServiceInspect> {
+    let update: api::ServiceUpdate = parse(&body)?;
+    st.cluster
+        .apply(Op::UpdateService {
+            name: name.clone(),
+            update,
         })
         .await?;
     let snap = st.cluster.snapshot();

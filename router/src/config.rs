@@ -73,6 +73,11 @@ pub struct Config {
     #[arg(long, default_value_t = crate::datapath::conntrack::DEFAULT_MAX_FLOWS, value_parser = parse_max_flows)]
     pub lb_max_flows: usize,
 
+    /// Most connections (and UDP clients) the routing mesh carries at once on this node; more
+    /// are refused with a reset and counted.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub ingress_max_connections: u64,
+
     /// Resolver that names outside the cluster are forwarded to (repeatable) [default: the
     /// nameservers of this node's /etc/resolv.conf].
     #[arg(long = "dns-upstream", value_name = "ADDR[:PORT]", value_parser = parse_upstream)]

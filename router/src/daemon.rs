@@ -3,7 +3,7 @@
 //! (processes, namespaces, TAPs), the datapath thread ends and the socket file is removed.
 //! The desired state stays on disk, so the next start re-creates everything.
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Planes};
 use crate::api::{self, ApiState};
 use crate::cluster::pki::{self, Ca, Identity, Token};
 use crate::cluster::server::{self, ServerCtx};
@@ -278,9 +278,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let flows = Arc::new(ConnTable::new(cfg.lb_max_flows));
     let datapath = Datapath::start(counters.clone(), underlay, flows)
         .context("starting the datapath thread")?;
+    let planes = Planes::new(
+        datapath,
+        counters.clone(),
+        cfg.ingress_max_connections as usize,
+    )
+    .context("starting the ingress proxy")?;
     let agent = Agent::new(
         cfg.node.clone(),
-        datapath,
+        planes,
         cluster.clone(),
         counters.clone(),
         &state_dir,

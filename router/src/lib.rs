@@ -5,6 +5,8 @@
 //!   interface configuration over netlink.
 //! - [`manager`]: the desired cluster state, its persistence and the API's operations.
 //! - [`agent`]: realises this node's share of the state: namespaces, TAPs, task processes.
+//! - [`ingress`]: the routing mesh: published ports, proxied to tasks by the router's own
+//!   TCP/IP endpoint (smoltcp) on the ingress network.
 //! - [`api`]: the HTTP+JSON API on a Unix socket.
 //! - [`daemon`]: wiring and graceful shutdown.
 
@@ -15,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;
+pub mod ingress;
 pub mod manager;
 pub mod services;
 pub mod store;

@@ -55,8 +55,15 @@ impl From<StateError> for ApiError {
             | NetworkInUse { .. }
             | SubnetOverlap { .. }
             | SubnetReserved { .. }
-            | VniInUse { .. } => 409,
-            PoolExhausted { .. } | NetworkFull { .. } | VniExhausted | NoActiveNode => 503,
+            | VniInUse { .. }
+            | PortInUse { .. }
+            | NoIngressNetwork => 409,
+            NoSuchPort { .. } => 404,
+            PoolExhausted { .. }
+            | NetworkFull { .. }
+            | VniExhausted
+            | NoActiveNode
+            | NoFreePort { .. } => 503,
             BadAlias { .. } | AliasWithoutNetwork(_) => 400,
             _ => 400,
         };
@@ -143,6 +150,11 @@ impl Manager {
             data_port: advertise.map_or(protocol::vxlan::UDP_PORT, |a| a.1),
             joined_at: now(),
         });
+        // The routing mesh's network exists from cluster start (and appears in state saved
+        // before it existed), with an address for every node's router.
+        if let Err(e) = state.ensure_ingress(new_id(), now()) {
+            tracing::warn!(error = %e, "cannot make the ingress network");
+        }
         if state.revision != before {
             store.save(&state)?;
         }
@@ -204,6 +216,7 @@ impl Manager {
             Op::CreateService(req) => self.create_service(req).map(|_| ()),
             Op::ScaleService { name, replicas } => self.scale_service(&name, replicas).map(|_| ()),
             Op::RemoveService(name) => self.remove_service(&name),
+            Op::UpdateService { name, update } => self.update_service(&name, update).map(|_| ()),
             Op::AddVtep { network, vtep } => self.change(|s| s.add_vtep(&network, vtep)),
             Op::RemoveVtep { network, mac } => self.change(|s| s.remove_vtep(&network, mac)),
             Op::UpdateNode { node, availability } => {
@@ -262,6 +275,7 @@ impl Manager {
             subnet,
             gateway,
             options: req.options,
+            ingress: req.ingress,
         };
         let pool = self.pool;
         self.change(|s| {
@@ -305,6 +319,7 @@ impl Manager {
             vips: BTreeMap::new(),
             aliases,
             lb_idle_timeout: req.lb_idle_timeout,
+            ports: req.ports.into_iter().map(Into::into).collect(),
         };
         let health = self.health.clone();
         self.change(|s| {
@@ -317,6 +332,30 @@ impl Manager {
         let health = self.health.clone();
         self.change(|s| {
             s.scale_service(name, replicas, &mut new_id, &|n| health.is_ready(n))?;
+            let svc = s
+                .services
+                .get_mut(name)
+                .ok_or_else(|| StateError::NoSuchService(name.to_string()))?;
+            svc.updated_at = now();
+            Ok(svc.clone())
+        })
+    }
+
+    /// `service update --publish-add/--publish-rm`.
+    pub fn update_service(
+        &self,
+        name: &str,
+        update: api::ServiceUpdate,
+    ) -> Result<Service, ApiError> {
+        let remove = update
+            .publish_rm
+            .iter()
+            .map(|s| api::parse_publish_rm(s).map_err(ApiError::bad_request))
+            .collect::<Result<Vec<_>, _>>()?;
+        let add = update.publish_add.into_iter().map(Into::into).collect();
+        let health = self.health.clone();
+        self.change(|s| {
+            s.update_ports(name, add, &remove, &mut new_id, &|n| health.is_ready(n))?;
             let svc = s
                 .services
                 .get_mut(name)

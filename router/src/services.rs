@@ -118,6 +118,8 @@ mod tests {
                 options: Default::default(),
                 created_at: 0,
                 vteps: vec![],
+                ingress: false,
+                lb_endpoints: Default::default(),
             },
         );
         let svc = ServiceName::new("web").unwrap();
@@ -136,6 +138,7 @@ mod tests {
                 vips: [(net.clone(), "10.0.0.2".parse().unwrap())].into(),
                 aliases: Default::default(),
                 lb_idle_timeout: Some(10),
+                ports: vec![],
             },
         );
         let mut statuses = BTreeMap::new();

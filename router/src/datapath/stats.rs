@@ -62,6 +62,8 @@ pub struct Counters {
     pub flooded: AtomicU64,
     drops: [AtomicU64; 24],
     pub lb: LbRegistry,
+    /// The routing mesh's per-port counters (kept by the ingress proxy).
+    pub ingress: crate::ingress::stats::Registry,
 }
 
 /// One service's load-balancer counters and its per-backend flow counts.
@@ -149,6 +151,7 @@ impl Counters {
             flooded: self.flooded.load(Ordering::Relaxed),
             drops,
             services: self.lb.snapshot(),
+            ingress: self.ingress.snapshot(),
         }
     }
 }

@@ -177,6 +177,12 @@ impl Tables {
             // Only networks with a local endpoint exist on this node (lazy, as in Swarm).
             if t.networks.contains_key(&net.vni) {
                 t.set_gateway(net.vni, net.gateway);
+                // Other nodes' router endpoints (the ingress network).
+                for (n, ip) in net.lb_endpoints.iter().filter(|(n, _)| *n != node) {
+                    if let Some(vtep) = vtep_of(n) {
+                        t.add_remote(net.vni, MacAddr::from_ipv4(*ip), Some(*ip), vtep);
+                    }
+                }
                 for v in &net.vteps {
                     t.add_remote(
                         net.vni,

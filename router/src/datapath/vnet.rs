@@ -159,10 +159,92 @@ pub fn segment_tcp4(
     Ok(chunks)
 }
 
+/// Readies a frame made by a TCP/IP stack that left its TCP/UDP checksum to "hardware" (the
+/// router's ingress endpoint) the way a TAP's kernel hands one over: the checksum field gets
+/// the pseudo-header sum and the returned header asks for completion; a TCP super-segment is
+/// marked for segmentation at `gso_size`. Anything but TCP or UDP over unfragmented IPv4 gets
+/// a plain header (ARP and ICMP come out complete).
+pub fn offload_partial(frame: &mut [u8], gso_size: Option<u16>) -> VnetHdr {
+    let plain = VnetHdr::default();
+    if frame.len() < ETH + 20 || frame[12..14] != [0x08, 0x00] {
+        return plain;
+    }
+    let ip = &frame[ETH..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let fragmented = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+    let (proto, csum_offset, min_len) = match ip[9] {
+        6 => (6u8, 16u16, 20usize),
+        17 => (17, 6, 8),
+        _ => return plain,
+    };
+    if ihl < 20 || fragmented || total < ihl + min_len || ETH + total > frame.len() {
+        return plain;
+    }
+    let l4_len = (total - ihl) as u16;
+    let pseudo = Sum16BitWords::new()
+        .add_slice(&ip[12..20])
+        .add_2bytes([0, proto])
+        .add_2bytes(l4_len.to_be_bytes());
+    let partial = !fold(pseudo);
+    let start = ETH + ihl;
+    let at = start + usize::from(csum_offset);
+    frame[at..at + 2].copy_from_slice(&partial.to_be_bytes());
+    let mut h = VnetHdr {
+        flags: F_NEEDS_CSUM,
+        csum_start: start as u16,
+        csum_offset,
+        ..VnetHdr::default()
+    };
+    if let (6, Some(mss)) = (proto, gso_size) {
+        let tcp_hdr = usize::from(frame[start + 12] >> 4) * 4;
+        h.gso_type = GSO_TCPV4;
+        h.gso_size = mss;
+        h.hdr_len = (start + tcp_hdr) as u16;
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+
+    #[test]
+    fn offloaded_frames_complete_or_segment_to_valid_ones() {
+        let small = tcp_frame(b"from the ingress endpoint", false);
+        let mut f = small.clone();
+        f[50..52].copy_from_slice(&[0, 0]);
+        let h = offload_partial(&mut f, None);
+        assert!(!h.is_gso() && h.flags == F_NEEDS_CSUM);
+        complete_checksum(&mut f, &h).unwrap();
+        assert_eq!(f, small);
+        // UDP too.
+        let mut u = Vec::new();
+        PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4([10, 0, 0, 2], [10, 0, 0, 3], 64)
+            .udp(5000, 53)
+            .write(&mut u, b"datagram")
+            .unwrap();
+        let mut g = u.clone();
+        g[40..42].copy_from_slice(&[0, 0]);
+        let h = offload_partial(&mut g, None);
+        complete_checksum(&mut g, &h).unwrap();
+        assert_eq!(g, u);
+        // A super-segment: cut into whole segments.
+        let payload = vec![7u8; 4000];
+        let mut big = tcp_frame(&payload, false);
+        big[50..52].copy_from_slice(&[0, 0]);
+        let h = offload_partial(&mut big, Some(1398));
+        assert!(h.is_gso() && h.hdr_len == 54);
+        let mut scratch = vec![0u8; 1600];
+        let n = segment_tcp4(&big, &h, &mut scratch, |_| {}).unwrap();
+        assert_eq!(n, 3);
+        // ARP and garbage: plain.
+        assert_eq!(offload_partial(&mut [0u8; 60], None), VnetHdr::default());
+        let mut trunc = small[..40].to_vec();
+        assert_eq!(offload_partial(&mut trunc, None), VnetHdr::default());
+    }
 
     fn tcp_frame(payload: &[u8], fin_psh: bool) -> Vec<u8> {
         let mut v = Vec::new();

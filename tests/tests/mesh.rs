@@ -1,0 +1,458 @@
+//! The routing mesh on three nodes, driven from a client namespace on the underlay, as an
+//! outside user would: real curl, a real 50 MB upload, real UDP. One cluster serves every
+//! check, in order. Needs root.
+//!
+//! - `whoami` (2 replicas on 2 of the 3 nodes) published 8080:8000: curl to every node,
+//!   including the one with no task, is answered by both replicas in turn;
+//! - a 50 MB upload through the mesh arrives intact (the task answers its SHA-256 after the
+//!   client half-closes), and the answer comes back over the half-closed connection;
+//! - 100 connections at once are all served;
+//! - a UDP echo service published 9000/udp answers through every node, from the port;
+//! - `mode=host` answers only on the node of its task; a second task of it on that node is
+//!   refused with a placement error in `service ps`;
+//! - PROXY protocol v2: a backend reads the client's own underlay address;
+//! - a task that leaves (scale down) resets the client connections it was serving;
+//! - publishing a port already published is refused, naming the holder; `--publish-rm`
+//!   closes the port on every node.
+
+use overlay_e2e::{require_root, unique, wait_for, Node, Underlay};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+/// HTTP server answering every GET with its task's name, and every POST with the SHA-256 of
+/// the body it read.
+const WHOAMI: &str = r#"
+import http.server, os, hashlib
+name = os.environ["OVERLAY_TASK_NAME"]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def reply(self, body):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self.reply((name + "\n").encode())
+    def log_message(self, *a):
+        pass
+# A real server's backlog: 100 clients arrive at once.
+http.server.ThreadingHTTPServer.request_queue_size = 1024
+http.server.ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
+"#;
+
+/// Reads a whole stream until the client half-closes, then answers its SHA-256 and length.
+const SINK: &str = r#"
+import socket, hashlib, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7000))
+s.listen(64)
+def serve(c):
+    h, n = hashlib.sha256(), 0
+    while True:
+        d = c.recv(1 << 16)
+        if not d:
+            break
+        h.update(d)
+        n += len(d)
+    c.sendall(f"{h.hexdigest()} {n}\n".encode())
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// UDP echo server.
+const ECHO: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9000))
+while True:
+    d, a = s.recvfrom(2048)
+    s.sendto(d, a)
+"#;
+
+/// Reads a PROXY protocol v2 header and answers the client address it carries.
+const PROXY_READER: &str = r#"
+import socket, struct
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8000))
+s.listen(16)
+SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+while True:
+    c, _ = s.accept()
+    h = b""
+    while len(h) < 16:
+        h += c.recv(16 - len(h))
+    n = struct.unpack("!H", h[14:16])[0]
+    body = b""
+    while len(body) < n:
+        body += c.recv(n - len(body))
+    if h[:12] != SIG or h[12] != 0x21 or h[13] != 0x11:
+        c.sendall(b"bad header\n")
+    else:
+        src = socket.inet_ntoa(body[0:4])
+        port = struct.unpack("!H", body[8:10])[0]
+        c.sendall(f"{src} {port}\n".encode())
+    # Half-close, and let the client finish, so that its request is read, not reset.
+    c.shutdown(socket.SHUT_WR)
+    c.settimeout(5)
+    try:
+        while c.recv(4096):
+            pass
+    except OSError:
+        pass
+    c.close()
+"#;
+
+/// The outside client's tools: `upload HOST PORT MB`, `udp HOST PORT`, `many HOST PORT N`,
+/// `pin HOST PORT NAME` (keeps a connection served by NAME and says how it ends).
+const CLIENT: &str = r#"
+import socket, sys, hashlib, os, threading
+cmd, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def get(s):
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    d = b""
+    while b"\r\n\r\n" not in d:
+        c = s.recv(4096)
+        if not c:
+            return ""
+        d += c
+    head, body = d.split(b"\r\n\r\n", 1)
+    n = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+    while len(body) < n:
+        c = s.recv(4096)
+        if not c:
+            return ""
+        body += c
+    return body.decode().strip()
+if cmd == "upload":
+    data = os.urandom(int(sys.argv[4]) << 20)
+    s = socket.create_connection((host, port), timeout=30)
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    r = b""
+    while True:
+        d = s.recv(4096)
+        if not d:
+            break
+        r += d
+    want = f"{hashlib.sha256(data).hexdigest()} {len(data)}"
+    print("intact" if r.decode().strip() == want else f"corrupt: {r!r} want {want}")
+elif cmd == "udp":
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((host, port))
+    s.settimeout(2)
+    for i in range(3):
+        msg = f"ping {i}".encode()
+        s.send(msg)
+        try:
+            if s.recv(2048) == msg:
+                print("echoed")
+                break
+        except socket.timeout:
+            pass
+    else:
+        print("no echo")
+elif cmd == "many":
+    n = int(sys.argv[4])
+    socks = [socket.create_connection((host, port), timeout=10) for _ in range(n)]
+    answers = []
+    def one(s):
+        try:
+            answers.append(get(s))
+        except Exception as e:
+            answers.append(type(e).__name__)
+    ts = [threading.Thread(target=one, args=(s,)) for s in socks]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    good = sum(1 for a in answers if a.startswith("whoami."))
+    print(good if good == n else f"{good} {sorted(set(answers))}")
+elif cmd == "pin":
+    for _ in range(8):
+        s = socket.create_connection((host, port), timeout=5)
+        if get(s) == sys.argv[4]:
+            break
+        s.close()
+    else:
+        print("unpinned", flush=True)
+        sys.exit(1)
+    print("pinned", flush=True)
+    s.settimeout(20)
+    try:
+        d = s.recv(100)
+        print("closed" if not d else "data", flush=True)
+    except Exception as e:
+        print(type(e).__name__, flush=True)
+"#;
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn ok(o: Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: {}{}",
+        out(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out(&o)
+}
+
+fn write_script(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, body).expect("script");
+    p.display().to_string()
+}
+
+#[test]
+fn routing_mesh_on_three_nodes() {
+    if !require_root("routing_mesh_on_three_nodes") {
+        return;
+    }
+    let tag = unique("rm");
+    let dir = std::env::temp_dir().join(format!("overlay-e2e-{tag}-scripts"));
+    std::fs::create_dir_all(&dir).expect("script dir");
+    let whoami = write_script(&dir, "whoami.py", WHOAMI);
+    let sink = write_script(&dir, "sink.py", SINK);
+    let echo = write_script(&dir, "echo.py", ECHO);
+    let proxy_reader = write_script(&dir, "proxy.py", PROXY_READER);
+    let client_py = write_script(&dir, "client.py", CLIENT);
+
+    let mut u = Underlay::new(&tag, 3, 8);
+    let outside = u.add_host(&format!("{tag}-cl"));
+    let client_addr = u.addr(outside);
+    let n1 = Node::manager(&format!("{tag}a"), &u, 1);
+    let n2 = Node::worker(&format!("{tag}b"), &u, 2, &n1);
+    let n3 = Node::worker(&format!("{tag}c"), &u, 3, &n1);
+    assert!(wait_for(Duration::from_secs(10), || n1
+        .node_state(&n2.name)
+        == "ready"
+        && n1.node_state(&n3.name) == "ready"));
+    let nodes = [&n1, &n2, &n3];
+    let addr_of: BTreeMap<String, String> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.clone(), u.addr(i + 1)))
+        .collect();
+
+    // The ingress network is there from the start, with an endpoint per node.
+    let ing = n1.json(&["network", "inspect", "ingress"]);
+    assert_eq!(ing[0]["Ingress"], true);
+    assert_eq!(ing[0]["IPAM"]["Config"][0]["Subnet"], "10.255.0.0/16");
+    assert_eq!(ing[0]["Containers"].as_object().map(|c| c.len()), Some(3));
+
+    n1.ctl_ok(&["network", "create", "--subnet", "10.0.30.0/24", "front"]);
+    let create = |args: &[&str]| n1.ctl_ok(&[&["service", "create"][..], args].concat());
+    #[rustfmt::skip]
+    create(&["--name", "whoami", "--network", "front", "--replicas", "2", "-p", "8080:8000",
+        "--", "python3", &whoami]);
+    #[rustfmt::skip]
+    create(&["--name", "sink", "--network", "front", "--publish", "published=7000,target=7000",
+        "--", "python3", &sink]);
+    #[rustfmt::skip]
+    create(&["--name", "echo", "--network", "front", "-p", "9000:9000/udp",
+        "--", "python3", &echo]);
+    #[rustfmt::skip]
+    create(&["--name", "direct", "--network", "front",
+        "--publish", "published=8081,target=8000,mode=host", "--", "python3", &whoami]);
+    #[rustfmt::skip]
+    create(&["--name", "who", "--network", "front",
+        "--publish", "published=8082,target=8000,proxy=v2", "--", "python3", &proxy_reader]);
+    for (svc, n) in [
+        ("whoami", 2),
+        ("sink", 1),
+        ("echo", 1),
+        ("direct", 1),
+        ("who", 1),
+    ] {
+        n1.wait_running(svc, n);
+    }
+    let ls = n1.ctl_ok(&["service", "ls"]);
+    assert!(ls.contains("*:8080->8000/tcp"), "{ls}");
+    let inspect = n1.json(&["service", "inspect", "whoami"]);
+    assert_eq!(inspect[0]["Endpoint"]["Ports"][0]["PublishedPort"], 8080);
+    assert_eq!(inspect[0]["Endpoint"]["Ports"][0]["PublishMode"], "ingress");
+
+    let client = u.host(outside);
+    let curl = |addr: &str, port: u16| {
+        client
+            .cmd("curl")
+            .args(["-sS", "--max-time", "5", &format!("http://{addr}:{port}/")])
+            .output()
+            .expect("curl")
+    };
+    let task_nodes: Vec<String> = ["whoami.1", "whoami.2"]
+        .iter()
+        .map(|t| n1.task_view(t)["node"].as_str().unwrap_or("").to_string())
+        .collect();
+    let empty = nodes
+        .iter()
+        .find(|n| !task_nodes.contains(&n.name))
+        .expect("a node without a whoami task");
+
+    // Every node, the empty one first, answers with both replicas in turn. The mesh is up
+    // once each node's view has both backends; wait for the first answer.
+    let mut order: Vec<&Node> = vec![empty];
+    order.extend(nodes.iter().copied().filter(|n| n.name != empty.name));
+    for n in &order {
+        let addr = &addr_of[&n.name];
+        assert!(
+            wait_for(Duration::from_secs(10), || curl(addr, 8080)
+                .status
+                .success()),
+            "no answer from {} at {addr}:8080\n{}",
+            n.name,
+            n.log()
+        );
+        let answers: Vec<String> = (0..4).map(|_| ok(curl(addr, 8080), "curl")).collect();
+        assert_ne!(answers[0], answers[1], "{}: {answers:?}", n.name);
+        assert_eq!(answers[0], answers[2], "{}: {answers:?}", n.name);
+        assert_eq!(answers[1], answers[3], "{}: {answers:?}", n.name);
+        let mut seen = answers.clone();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, ["whoami.1", "whoami.2"], "{}", n.name);
+    }
+
+    // 50 MB up through the node without the task, intact, answered after the half-close.
+    let py = |args: &[&str]| {
+        let o = client
+            .cmd("python3")
+            .arg(&client_py)
+            .args(args)
+            .output()
+            .expect("client");
+        ok(o, &format!("client {args:?}"))
+    };
+    let sink_node = n1.task_view("sink.1")["node"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let via = nodes
+        .iter()
+        .find(|n| n.name != sink_node)
+        .expect("another node");
+    assert_eq!(py(&["upload", &addr_of[&via.name], "7000", "50"]), "intact");
+
+    // Many at once.
+    let many = py(&["many", &addr_of[&empty.name], "8080", "100"]);
+    assert_eq!(many, "100", "{}", empty.json(&["stats"]));
+
+    // UDP through every node, answered from the published port.
+    for n in nodes {
+        assert_eq!(
+            py(&["udp", &addr_of[&n.name], "9000"]),
+            "echoed",
+            "{}",
+            n.name
+        );
+    }
+
+    // mode=host: only the task's node listens.
+    let direct_node = n1.task_view("direct.1")["node"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    for n in nodes {
+        let addr = &addr_of[&n.name];
+        if n.name == direct_node {
+            assert!(wait_for(Duration::from_secs(5), || curl(addr, 8081)
+                .status
+                .success()));
+            assert_eq!(ok(curl(addr, 8081), "host mode"), "direct.1");
+        } else {
+            assert!(!curl(addr, 8081).status.success(), "{} opened 8081", n.name);
+        }
+    }
+    // A second task of it on the same node: refused, and said so.
+    n1.ctl_ok(&["service", "scale", "direct=4"]);
+    assert!(
+        wait_for(Duration::from_secs(10), || n1
+            .ctl_ok(&["service", "ps", "direct"])
+            .contains("already taken on this node by direct.")),
+        "{}",
+        n1.ctl_ok(&["service", "ps", "direct"])
+    );
+
+    // PROXY v2: the backend sees the outside client's own address.
+    let raw = client
+        .cmd("curl")
+        .args(["-sS", "--http0.9", "--max-time", "5"])
+        .arg(format!("http://{}:8082/", addr_of[&empty.name]))
+        .output()
+        .expect("curl");
+    let who = ok(raw, "proxy v2");
+    assert!(
+        who.starts_with(&format!("{client_addr} ")),
+        "backend saw {who:?}, client is {client_addr}"
+    );
+
+    // A task that leaves resets the connections it served, promptly.
+    let mut pin = client
+        .cmd("python3")
+        .args([&client_py, "pin", &addr_of[&empty.name], "8080", "whoami.2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("pin");
+    let mut first = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = pin.stdout.as_mut().expect("stdout");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .expect("read");
+    }
+    assert_eq!(first.trim(), "pinned");
+    let t0 = std::time::Instant::now();
+    n1.ctl_ok(&["service", "scale", "whoami=1"]);
+    let ended = ok(pin.wait_with_output().expect("pin"), "pin");
+    assert!(
+        ended == "ConnectionResetError" || ended == "closed",
+        "pinned connection ended with {ended:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+
+    // A clash is refused, naming the holder.
+    let err = n1.ctl_err(&[
+        "service",
+        "create",
+        "--name",
+        "dup",
+        "--network",
+        "front",
+        "-p",
+        "8080:80",
+        "--",
+        "sleep",
+        "1",
+    ]);
+    assert!(
+        err.contains("port 8080/tcp is already published by service whoami"),
+        "{err}"
+    );
+
+    // --publish-rm closes the port everywhere; the others stay.
+    n1.ctl_ok(&["service", "update", "--publish-rm", "8080", "whoami"]);
+    for n in nodes {
+        let addr = &addr_of[&n.name];
+        assert!(
+            wait_for(Duration::from_secs(10), || !curl(addr, 8080)
+                .status
+                .success()),
+            "{} still answers on 8080",
+            n.name
+        );
+    }
+    assert_eq!(py(&["udp", &addr_of[&empty.name], "9000"]), "echoed");
+    let stats = n1.json(&["stats"]);
+    assert!(
+        stats["ingress"]["9000/udp"]["accepted"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

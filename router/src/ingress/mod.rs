@@ -186,3 +186,132 @@ impl IngressView {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::api::TaskState;
+    use protocol::state::{Availability, Node, Pool, PortConfig, Role};
+    use protocol::state::{NetworkRequest, Service};
+    use protocol::types::NetworkName;
+
+    fn ids() -> impl FnMut() -> String {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("id{n}")
+        }
+    }
+
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        for n in ["n1", "n2"] {
+            s.upsert_node(Node {
+                name: NodeName::new(n).unwrap(),
+                role: Role::Worker,
+                availability: Availability::Active,
+                advertise_addr: None,
+                data_port: 4789,
+                joined_at: 0,
+            });
+        }
+        s.ensure_ingress("ing".into(), 0).unwrap();
+        let req = NetworkRequest::default();
+        s.create_network(
+            NetworkName::new("a").unwrap(),
+            req,
+            Pool::default(),
+            "a".into(),
+            0,
+        )
+        .unwrap();
+        s
+    }
+
+    fn service(name: &str, replicas: u32, ports: Vec<PortConfig>) -> Service {
+        Service {
+            id: name.into(),
+            name: ServiceName::new(name).unwrap(),
+            networks: vec![NetworkName::new("a").unwrap()],
+            replicas,
+            command: vec!["x".into()],
+            env: vec![],
+            created_at: 0,
+            updated_at: 0,
+            endpoint_mode: Default::default(),
+            vips: Default::default(),
+            aliases: Default::default(),
+            lb_idle_timeout: None,
+            ports,
+        }
+    }
+
+    fn all_running(s: &ClusterState) -> Statuses {
+        s.tasks
+            .values()
+            .map(|t| {
+                let st = TaskStatus {
+                    state: TaskState::Running,
+                    error: None,
+                    pid: None,
+                    restarts: 0,
+                    since: 0,
+                };
+                (t.name.clone(), (t.id.clone(), st))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_node_publishes_ingress_ports_and_host_ports_stay_local() {
+        let mut s = cluster();
+        let mut gen = ids();
+        let port = |published, mode| PortConfig {
+            protocol: PortProtocol::Tcp,
+            target: 80,
+            published,
+            mode,
+            proxy: None,
+        };
+        s.create_service(
+            service("web", 2, vec![port(8080, PublishMode::Ingress)]),
+            &mut gen,
+            &|_| true,
+        )
+        .unwrap();
+        s.create_service(
+            service("hm", 3, vec![port(9000, PublishMode::Host)]),
+            &mut gen,
+            &|_| true,
+        )
+        .unwrap();
+        let statuses = all_running(&s);
+        let health = BTreeMap::new();
+        let n1 = NodeName::new("n1").unwrap();
+        let v = IngressView::build(&s, &statuses, &health, &n1);
+        let ep = v.endpoint.unwrap();
+        assert_eq!(ep.vni.get(), protocol::state::INGRESS_VNI);
+        assert_eq!(ep.mac, MacAddr::from_ipv4(ep.ip));
+        let web = v.listeners.iter().find(|l| l.port == 8080).unwrap();
+        assert_eq!(web.backends.len(), 2, "both replicas, wherever they run");
+        // hm has 3 tasks on 2 nodes: n1 holds two of them; the second waits, said so.
+        let hm = v.listeners.iter().find(|l| l.port == 9000).unwrap();
+        assert_eq!(hm.backends.len(), 1);
+        let on_n1: Vec<&Task> = s
+            .tasks_on(&n1)
+            .filter(|t| t.service.as_str() == "hm")
+            .collect();
+        assert_eq!(on_n1.len(), 2);
+        assert!(host_port_holder(&s, &n1, on_n1[0]).is_none());
+        let (holder, p, _) = host_port_holder(&s, &n1, on_n1[1]).unwrap();
+        assert_eq!((holder.name.as_str(), p), (on_n1[0].name.as_str(), 9000));
+        assert_eq!(hm.backends[0], ingress_address(&s, on_n1[0]).unwrap());
+        // Nothing runs: the ingress port stays open (and refuses), the host port closes.
+        let v = IngressView::build(&s, &BTreeMap::new(), &health, &n1);
+        assert!(v
+            .listeners
+            .iter()
+            .any(|l| l.port == 8080 && l.backends.is_empty()));
+        assert!(!v.listeners.iter().any(|l| l.port == 9000));
+    }
+}

@@ -99,7 +99,7 @@ kvtep h 198.18.6.3 10.255.200.1
 kvtep c 198.18.6.4 10.255.200.2
 cat > "$D/haproxy.cfg" <<EOC
 global
-  maxconn 50000
+  maxconn 9000
   pidfile $D/haproxy.pid
 defaults
   mode tcp

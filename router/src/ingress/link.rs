@@ -53,8 +53,11 @@ pub struct Link {
     fd: OwnedFd,
     /// IP MTU of the network (the stack's segments for the wire stay within it).
     mtu: usize,
-    rx: VecDeque<Vec<u8>>,
-    tx: VecDeque<Vec<u8>>,
+    /// Buffers and the length of the message in each.
+    rx: VecDeque<(Vec<u8>, usize)>,
+    tx: VecDeque<(Vec<u8>, usize)>,
+    /// Recycled buffers. They keep their length (only ever grown), so that reusing one
+    /// costs no zeroing.
     pool: RefCell<Vec<Vec<u8>>>,
     /// The socket may have frames to read (edge-triggered: true until a read would block).
     pub readable: bool,
@@ -86,16 +89,18 @@ impl Link {
         self.mtu = usize::from(mtu);
     }
 
-    fn buffer(pool: &RefCell<Vec<Vec<u8>>>) -> Vec<u8> {
-        pool.borrow_mut()
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(BUF))
+    /// A buffer of at least `len` bytes.
+    fn buffer(pool: &RefCell<Vec<Vec<u8>>>, len: usize) -> Vec<u8> {
+        let mut b = pool.borrow_mut().pop().unwrap_or_default();
+        if b.len() < len {
+            b.resize(len, 0);
+        }
+        b
     }
 
-    fn recycle(pool: &RefCell<Vec<Vec<u8>>>, mut b: Vec<u8>) {
+    fn recycle(pool: &RefCell<Vec<Vec<u8>>>, b: Vec<u8>) {
         let mut pool = pool.borrow_mut();
         if pool.len() < RX_QUEUE + TX_QUEUE {
-            b.clear();
             pool.push(b);
         }
     }
@@ -103,13 +108,9 @@ impl Link {
     /// Reads frames for the stack until the socket is empty or the queue is full.
     pub fn read_frames(&mut self) {
         while self.readable && self.rx.len() < RX_QUEUE {
-            let mut b = Link::buffer(&self.pool);
-            b.resize(BUF, 0);
-            match nix::unistd::read(&self.fd, &mut b) {
-                Ok(n) if n >= vnet::HDR_LEN + 14 => {
-                    b.truncate(n);
-                    self.rx.push_back(b);
-                }
+            let mut b = Link::buffer(&self.pool, BUF);
+            match nix::unistd::read(&self.fd, &mut b[..BUF]) {
+                Ok(n) if n >= vnet::HDR_LEN + 14 => self.rx.push_back((b, n)),
                 Ok(0) => {
                     self.readable = false;
                     Link::recycle(&self.pool, b);
@@ -136,10 +137,10 @@ impl Link {
     /// Writes queued frames until the socket is full.
     pub fn flush(&mut self) {
         while self.writable {
-            let Some(b) = self.tx.front() else {
+            let Some((b, len)) = self.tx.front() else {
                 return;
             };
-            match socket::send(self.fd.as_raw_fd(), b, MsgFlags::MSG_DONTWAIT) {
+            match socket::send(self.fd.as_raw_fd(), &b[..*len], MsgFlags::MSG_DONTWAIT) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EAGAIN) => {
                     self.writable = false;
@@ -148,7 +149,7 @@ impl Link {
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => self.errors += 1,
             }
-            if let Some(b) = self.tx.pop_front() {
+            if let Some((b, _)) = self.tx.pop_front() {
                 Link::recycle(&self.pool, b);
             }
         }
@@ -162,34 +163,35 @@ impl Link {
 }
 
 pub struct RxToken<'a> {
-    frame: Vec<u8>,
+    frame: (Vec<u8>, usize),
     pool: &'a RefCell<Vec<Vec<u8>>>,
 }
 
 pub struct TxToken<'a> {
-    tx: &'a mut VecDeque<Vec<u8>>,
+    tx: &'a mut VecDeque<(Vec<u8>, usize)>,
     pool: &'a RefCell<Vec<Vec<u8>>>,
     gso: Option<u16>,
 }
 
 impl phy::RxToken for RxToken<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        let r = f(&self.frame[vnet::HDR_LEN..]);
-        Link::recycle(self.pool, self.frame);
+        let (b, len) = self.frame;
+        let r = f(&b[vnet::HDR_LEN..len]);
+        Link::recycle(self.pool, b);
         r
     }
 }
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut b = Link::buffer(self.pool);
-        b.resize(vnet::HDR_LEN + len, 0);
-        let r = f(&mut b[vnet::HDR_LEN..]);
-        let (hdr, frame) = b.split_at_mut(vnet::HDR_LEN);
+        let total = vnet::HDR_LEN + len;
+        let mut b = Link::buffer(self.pool, total);
+        let (hdr, frame) = b[..total].split_at_mut(vnet::HDR_LEN);
+        let r = f(frame);
         let h: VnetHdr = vnet::offload_partial(frame, self.gso);
         let hdr: &mut [u8; vnet::HDR_LEN] = hdr.try_into().expect("header slice");
         h.emit(hdr);
-        self.tx.push_back(b);
+        self.tx.push_back((b, total));
         r
     }
 

@@ -143,6 +143,10 @@ echo "requests/s, each run: mesh ${rps[mesh1]} ${rps[mesh2]}, haproxy ${rps[hapr
 mesh_gbps=$(cx iperf3 -c "$via" -p 5201 -t "$T" -J | gbps)
 hap_gbps=$(cx iperf3 -c 198.18.6.3 -p 5201 -t "$T" -J | gbps)
 direct_gbps=$(cx iperf3 -c "$b1" -p 5201 -t "$T" -J | gbps)
+# The other direction (a download: the task sends).
+mesh_rgbps=$(cx iperf3 -R -c "$via" -p 5201 -t "$T" -J | gbps)
+hap_rgbps=$(cx iperf3 -R -c 198.18.6.3 -p 5201 -t "$T" -J | gbps)
+direct_rgbps=$(cx iperf3 -R -c "$b1" -p 5201 -t "$T" -J | gbps)
 
 ratio() { python3 -c "print('%.3f' % ($1/$2))"; }
 printf '%-52s %10s req/s\n' "mesh (overlayd proxy via node $via)" "$mesh_rps"
@@ -151,7 +155,12 @@ printf '%-52s %10s req/s\n' "direct to one task (kernel VXLAN)" "$direct_rps"
 printf '%-52s %10s Gbit/s\n' "one stream through the mesh" "$mesh_gbps"
 printf '%-52s %10s Gbit/s\n' "one stream through HAProxy" "$hap_gbps"
 printf '%-52s %10s Gbit/s\n' "one stream direct to the task" "$direct_gbps"
+printf '%-52s %10s Gbit/s\n' "one stream from the task, through the mesh" "$mesh_rgbps"
+printf '%-52s %10s Gbit/s\n' "one stream from the task, through HAProxy" "$hap_rgbps"
+printf '%-52s %10s Gbit/s\n' "one stream from the task, direct" "$direct_rgbps"
 printf '%-52s %10s\n' "ratio requests/s, mesh / HAProxy" "$(ratio "$mesh_rps" "$hap_rps")"
 printf '%-52s %10s\n' "ratio requests/s, mesh / direct" "$(ratio "$mesh_rps" "$direct_rps")"
 printf '%-52s %10s\n' "ratio throughput, mesh / direct" "$(ratio "$mesh_gbps" "$direct_gbps")"
 printf '%-52s %10s\n' "ratio throughput, mesh / HAProxy" "$(ratio "$mesh_gbps" "$hap_gbps")"
+printf '%-52s %10s\n' "ratio throughput from the task, mesh / direct" "$(ratio "$mesh_rgbps" "$direct_rgbps")"
+printf '%-52s %10s\n' "ratio throughput from the task, mesh / HAProxy" "$(ratio "$mesh_rgbps" "$hap_rgbps")"

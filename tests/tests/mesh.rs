@@ -12,8 +12,12 @@
 //!   refused with a placement error in `service ps`;
 //! - PROXY protocol v2: a backend reads the client's own underlay address;
 //! - a task that leaves (scale down) resets the client connections it was serving;
+//! - a client that does not read meets backpressure: the node's memory stays flat while a
+//!   task pushes data at it, and every byte arrives once it reads;
+//! - a port another process holds on one node is reported in that node's stats, served by
+//!   the other nodes, and opened once it is free;
 //! - publishing a port already published is refused, naming the holder; `--publish-rm`
-//!   closes the port on every node.
+//!   and `service rm` close the port on every node.
 
 use overlay_e2e::{require_root, unique, wait_for, Node, Underlay};
 use std::collections::BTreeMap;
@@ -72,6 +76,26 @@ s.bind(("0.0.0.0", 9000))
 while True:
     d, a = s.recvfrom(2048)
     s.sendto(d, a)
+"#;
+
+/// Sends 64 KiB blocks for as long as the client reads.
+const FIREHOSE: &str = r#"
+import socket, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 6000))
+s.listen(16)
+block = b"x" * 65536
+def serve(c):
+    try:
+        while True:
+            c.sendall(block)
+    except OSError:
+        pass
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
 /// Reads a PROXY protocol v2 header and answers the client address it carries.
@@ -171,6 +195,18 @@ elif cmd == "many":
     [t.join() for t in ts]
     good = sum(1 for a in answers if a.startswith("whoami."))
     print(good if good == n else f"{good} {sorted(set(answers))}")
+elif cmd == "slow":
+    # Connect, read nothing for a while (the proxy must hold back), then read N MB.
+    s = socket.create_connection((host, port), timeout=10)
+    print("connected", flush=True)
+    sys.stdin.readline()
+    want, got = int(sys.argv[4]) << 20, 0
+    while got < want:
+        d = s.recv(1 << 16)
+        if not d:
+            break
+        got += len(d)
+    print("read", got >> 20)
 elif cmd == "pin":
     for _ in range(8):
         s = socket.create_connection((host, port), timeout=5)
@@ -221,6 +257,7 @@ fn routing_mesh_on_three_nodes() {
     let sink = write_script(&dir, "sink.py", SINK);
     let echo = write_script(&dir, "echo.py", ECHO);
     let proxy_reader = write_script(&dir, "proxy.py", PROXY_READER);
+    let firehose = write_script(&dir, "firehose.py", FIREHOSE);
     let client_py = write_script(&dir, "client.py", CLIENT);
 
     let mut u = Underlay::new(&tag, 3, 8);
@@ -263,12 +300,29 @@ fn routing_mesh_on_three_nodes() {
     #[rustfmt::skip]
     create(&["--name", "who", "--network", "front",
         "--publish", "published=8082,target=8000,proxy=v2", "--", "python3", &proxy_reader]);
+    #[rustfmt::skip]
+    create(&["--name", "hose", "--network", "front", "-p", "6000:6000",
+        "--", "python3", &firehose]);
+    // Another process holds 8090 on node 1 before the service publishes it.
+    let hold = "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',8090)); s.listen(); time.sleep(600)";
+    let mut squatter = u
+        .host(1)
+        .cmd("python3")
+        .args(["-c", hold])
+        .spawn()
+        .expect("squatter");
+    std::thread::sleep(Duration::from_millis(300));
+    #[rustfmt::skip]
+    create(&["--name", "late", "--network", "front", "-p", "8090:8000",
+        "--", "python3", &whoami]);
     for (svc, n) in [
         ("whoami", 2),
         ("sink", 1),
         ("echo", 1),
         ("direct", 1),
         ("who", 1),
+        ("hose", 1),
+        ("late", 1),
     ] {
         n1.wait_running(svc, n);
     }
@@ -392,6 +446,68 @@ fn routing_mesh_on_three_nodes() {
         "backend saw {who:?}, client is {client_addr}"
     );
 
+    // Backpressure: a client that does not read leaves the node's memory flat.
+    let rss = |n: &Node| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", n.pid().unwrap_or(0)))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut slow = client
+        .cmd("python3")
+        .args([&client_py, "slow", &addr_of[&empty.name], "6000", "100"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("slow client");
+    let mut slow_out = std::io::BufReader::new(slow.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut slow_out, &mut line).expect("read");
+    assert_eq!(line.trim(), "connected");
+    std::thread::sleep(Duration::from_secs(1));
+    let before = rss(empty);
+    std::thread::sleep(Duration::from_secs(3));
+    let held = rss(empty);
+    assert!(
+        held < before + 16 * 1024,
+        "RSS grew from {before} to {held} KiB while the client did not read"
+    );
+    {
+        use std::io::Write;
+        let stdin = slow.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"go\n").expect("go");
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut slow_out, &mut rest).expect("read");
+    assert_eq!(rest.trim(), "read 100");
+    let _ = slow.wait();
+
+    // The port another process holds on node 1: reported there, served elsewhere, opened
+    // once free.
+    let late = |n: &Node| n.json(&["stats"])["ingress"]["8090/tcp"].clone();
+    assert!(
+        wait_for(Duration::from_secs(5), || late(&n1)["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("in use"))),
+        "{}",
+        late(&n1)
+    );
+    assert_eq!(late(&n1)["listening"], false);
+    assert_eq!(ok(curl(&addr_of[&n2.name], 8090), "late on n2"), "late.1");
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    assert!(
+        wait_for(Duration::from_secs(10), || curl(&addr_of[&n1.name], 8090)
+            .status
+            .success()),
+        "node 1 did not open 8090 once free: {}",
+        late(&n1)
+    );
+
     // A task that leaves resets the connections it served, promptly.
     let mut pin = client
         .cmd("python3")
@@ -449,6 +565,18 @@ fn routing_mesh_on_three_nodes() {
         );
     }
     assert_eq!(py(&["udp", &addr_of[&empty.name], "9000"]), "echoed");
+    // service rm closes its ports too.
+    n1.ctl_ok(&["service", "rm", "late"]);
+    for n in nodes {
+        let addr = &addr_of[&n.name];
+        assert!(
+            wait_for(Duration::from_secs(10), || !curl(addr, 8090)
+                .status
+                .success()),
+            "{} still answers on 8090 after service rm",
+            n.name
+        );
+    }
     let stats = n1.json(&["stats"]);
     assert!(
         stats["ingress"]["9000/udp"]["accepted"].as_u64() >= Some(1),

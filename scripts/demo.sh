@@ -64,6 +64,22 @@ step $C node update --availability drain n2
 for _ in $(seq 100); do $C service ls | grep -q ' 4/4 ' && ! $C service ps whoami | awk '{print $3}' | grep -qx n2 && break; sleep 0.1; done
 step $C service ps whoami
 step $C node update --availability active n2
+echo; echo "# the routing mesh: publish a port, and every node answers on it, from each replica in turn"
+cat > "$D/hello.py" <<'EOP'
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("hello from " + os.environ["OVERLAY_TASK_NAME"] + "\n").encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("0.0.0.0", 8000), H).serve_forever()
+EOP
+step $C service create --name hello --network my-demo --replicas 2 -p 8080:8000 -- python3 "$D/hello.py"
+for _ in $(seq 100); do $C service ls | grep -q ' 2/2 ' && break; sleep 0.1; done
+step $C service ls
+sleep 0.5
+for i in 1 2 3 1 2 3; do step nsenter --net=/run/netns/"$P-n1" curl -s --max-time 5 "198.18.0.$i:8080"; done
 echo; echo "# stop node n3: the manager marks it down within seconds"
 kill -TERM "$(cat "$D/n3.pid")"; rm "$D/n3.pid"; sleep 5
 step $C node ls

@@ -127,6 +127,16 @@ pub fn new_id() -> String {
         .collect()
 }
 
+/// Marks a service updated now; returns it.
+fn touch(s: &mut ClusterState, name: &str) -> Result<Service, StateError> {
+    let svc = s
+        .services
+        .get_mut(name)
+        .ok_or_else(|| StateError::NoSuchService(name.to_string()))?;
+    svc.updated_at = now();
+    Ok(svc.clone())
+}
+
 impl Manager {
     /// Loads the saved state and registers `node` (at `advertise`, if multi-node) as this
     /// cluster's manager.
@@ -332,12 +342,7 @@ impl Manager {
         let health = self.health.clone();
         self.change(|s| {
             s.scale_service(name, replicas, &mut new_id, &|n| health.is_ready(n))?;
-            let svc = s
-                .services
-                .get_mut(name)
-                .ok_or_else(|| StateError::NoSuchService(name.to_string()))?;
-            svc.updated_at = now();
-            Ok(svc.clone())
+            touch(s, name)
         })
     }
 
@@ -356,12 +361,7 @@ impl Manager {
         let health = self.health.clone();
         self.change(|s| {
             s.update_ports(name, add, &remove, &mut new_id, &|n| health.is_ready(n))?;
-            let svc = s
-                .services
-                .get_mut(name)
-                .ok_or_else(|| StateError::NoSuchService(name.to_string()))?;
-            svc.updated_at = now();
-            Ok(svc.clone())
+            touch(s, name)
         })
     }
 

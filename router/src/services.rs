@@ -34,6 +34,23 @@ pub fn is_serving(
     running && health.get(&task.node) != Some(&NodeHealth::Down)
 }
 
+/// The tasks of `service` that can take traffic, in slot order (the order round robin
+/// follows on every node).
+pub fn serving_tasks<'a>(
+    state: &'a ClusterState,
+    service: &ServiceName,
+    statuses: &BTreeMap<String, (String, TaskStatus)>,
+    health: &BTreeMap<NodeName, NodeHealth>,
+) -> Vec<&'a Task> {
+    let mut tasks: Vec<&Task> = state
+        .tasks
+        .values()
+        .filter(|t| &t.service == service && is_serving(t, statuses, health))
+        .collect();
+    tasks.sort_by_key(|t| t.slot);
+    tasks
+}
+
 /// Every VIP of the state, with its serving backends.
 pub fn vips(
     state: &ClusterState,
@@ -45,12 +62,7 @@ pub fn vips(
         if svc.endpoint_mode != EndpointMode::Vip {
             continue;
         }
-        let mut tasks: Vec<&Task> = state
-            .tasks
-            .values()
-            .filter(|t| t.service == svc.name && is_serving(t, statuses, health))
-            .collect();
-        tasks.sort_by_key(|t| t.slot);
+        let tasks = serving_tasks(state, &svc.name, statuses, health);
         for (net_name, vip) in &svc.vips {
             let Some(net) = state.networks.get(net_name) else {
                 continue;

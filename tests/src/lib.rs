@@ -527,3 +527,55 @@ pub fn iperf_bytes(node: &Node, client: &str, server_ip: &str) -> u64 {
         ],
     ))
 }
+
+/// A command's standard output, trimmed.
+pub fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// The output of a command that must have succeeded (`what` names it in the failure).
+pub fn ok(o: Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: {}{}",
+        out(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out(&o)
+}
+
+/// Writes a test's helper script into `dir`; returns its path.
+pub fn write_script(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, body).expect("script");
+    p.display().to_string()
+}
+
+/// A task's HTTP server on port 8000 answering every GET with the task's name, with a real
+/// server's backlog (clients may arrive by the hundred at once).
+pub const WHOAMI_PY: &str = r#"
+import http.server, os
+name = os.environ["OVERLAY_TASK_NAME"]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = (name + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer.request_queue_size = 1024
+http.server.ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
+"#;
+
+/// A task's UDP echo server on port 9000.
+pub const ECHO_PY: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9000))
+while True:
+    d, a = s.recvfrom(2048)
+    s.sendto(d, a)
+"#;

@@ -19,32 +19,11 @@
 //! - publishing a port already published is refused, naming the holder; `--publish-rm`
 //!   and `service rm` close the port on every node.
 
-use overlay_e2e::{require_root, unique, wait_for, Node, Underlay};
+use overlay_e2e::{
+    ok, require_root, unique, wait_for, write_script, Node, Underlay, ECHO_PY, WHOAMI_PY,
+};
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
-
-/// HTTP server answering every GET with its task's name, and every POST with the SHA-256 of
-/// the body it read.
-const WHOAMI: &str = r#"
-import http.server, os, hashlib
-name = os.environ["OVERLAY_TASK_NAME"]
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def reply(self, body):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def do_GET(self):
-        self.reply((name + "\n").encode())
-    def log_message(self, *a):
-        pass
-# A real server's backlog: 100 clients arrive at once.
-http.server.ThreadingHTTPServer.request_queue_size = 1024
-http.server.ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
-"#;
 
 /// Reads a whole stream until the client half-closes, then answers its SHA-256 and length.
 const SINK: &str = r#"
@@ -66,16 +45,6 @@ def serve(c):
 while True:
     c, _ = s.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
-
-/// UDP echo server.
-const ECHO: &str = r#"
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 9000))
-while True:
-    d, a = s.recvfrom(2048)
-    s.sendto(d, a)
 "#;
 
 /// Sends 64 KiB blocks for as long as the client reads.
@@ -225,26 +194,6 @@ elif cmd == "pin":
         print(type(e).__name__, flush=True)
 "#;
 
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-fn ok(o: Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what}: {}{}",
-        out(&o),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out(&o)
-}
-
-fn write_script(dir: &Path, name: &str, body: &str) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, body).expect("script");
-    p.display().to_string()
-}
-
 #[test]
 fn routing_mesh_on_three_nodes() {
     if !require_root("routing_mesh_on_three_nodes") {
@@ -253,9 +202,9 @@ fn routing_mesh_on_three_nodes() {
     let tag = unique("rm");
     let dir = std::env::temp_dir().join(format!("overlay-e2e-{tag}-scripts"));
     std::fs::create_dir_all(&dir).expect("script dir");
-    let whoami = write_script(&dir, "whoami.py", WHOAMI);
+    let whoami = write_script(&dir, "whoami.py", WHOAMI_PY);
     let sink = write_script(&dir, "sink.py", SINK);
-    let echo = write_script(&dir, "echo.py", ECHO);
+    let echo = write_script(&dir, "echo.py", ECHO_PY);
     let proxy_reader = write_script(&dir, "proxy.py", PROXY_READER);
     let firehose = write_script(&dir, "firehose.py", FIREHOSE);
     let client_py = write_script(&dir, "client.py", CLIENT);

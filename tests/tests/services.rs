@@ -17,38 +17,12 @@
 //!   connected to its replica through the VIP is reset (not left hanging); no later request
 //!   fails.
 
-use overlay_e2e::{iperf_bytes, require_root, unique, wait_for, Node, Underlay};
+use overlay_e2e::{
+    iperf_bytes, ok, out, require_root, unique, wait_for, write_script, Node, Underlay, ECHO_PY,
+    WHOAMI_PY,
+};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
-
-/// HTTP server answering every GET with its task's name.
-const WHOAMI: &str = r#"
-import http.server, os
-name = os.environ["OVERLAY_TASK_NAME"]
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = (name + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-http.server.ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
-"#;
-
-/// UDP echo server.
-const ECHO: &str = r#"
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 9000))
-while True:
-    d, a = s.recvfrom(2048)
-    s.sendto(d, a)
-"#;
 
 /// A resolver for the test's underlay: answers `ext.test` A 192.0.2.7 and ignores the rest.
 const UPSTREAM: &str = r#"
@@ -114,20 +88,6 @@ else:
         print(type(e).__name__, flush=True)
 "#;
 
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-fn ok(o: Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what}: {}{}",
-        out(&o),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out(&o)
-}
-
 fn curl(n: &Node, client: &str, url: &str) -> String {
     ok(
         n.exec(client, &["curl", "-sS", "--max-time", "5", url]),
@@ -171,12 +131,6 @@ fn node_of(n: &Node, task: &str) -> String {
         .to_string()
 }
 
-fn write_script(dir: &Path, name: &str, body: &str) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, body).expect("script");
-    p.display().to_string()
-}
-
 #[test]
 fn services_vips_and_dns_on_three_nodes() {
     if !require_root("services_vips_and_dns_on_three_nodes") {
@@ -185,8 +139,8 @@ fn services_vips_and_dns_on_three_nodes() {
     let tag = unique("sv");
     let dir = std::env::temp_dir().join(format!("overlay-e2e-{tag}-scripts"));
     std::fs::create_dir_all(&dir).expect("script dir");
-    let whoami = write_script(&dir, "whoami.py", WHOAMI);
-    let echo = write_script(&dir, "echo.py", ECHO);
+    let whoami = write_script(&dir, "whoami.py", WHOAMI_PY);
+    let echo = write_script(&dir, "echo.py", ECHO_PY);
     let upstream = write_script(&dir, "upstream.py", UPSTREAM);
     let client_py = write_script(&dir, "client.py", CLIENT);
 

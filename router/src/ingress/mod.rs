@@ -21,7 +21,7 @@ pub mod link;
 mod proxy;
 pub mod stats;
 
-use crate::services::is_serving;
+use crate::services::serving_tasks;
 use protocol::api::TaskStatus;
 use protocol::control::NodeHealth;
 use protocol::state::{ClusterState, PortProtocol, ProxyProtocol, PublishMode, Task};
@@ -145,12 +145,7 @@ impl IngressView {
         };
         let mut listeners = Vec::new();
         for svc in state.services.values() {
-            let mut tasks: Vec<&Task> = state
-                .tasks
-                .values()
-                .filter(|t| t.service == svc.name && is_serving(t, statuses, health))
-                .collect();
-            tasks.sort_by_key(|t| t.slot);
+            let tasks = serving_tasks(state, &svc.name, statuses, health);
             let udp_idle = svc.lb_idle_timeout.map_or(UDP_IDLE, Duration::from_secs);
             for p in &svc.ports {
                 let backends: Vec<Ipv4Addr> = match p.mode {

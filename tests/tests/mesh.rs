@@ -253,14 +253,21 @@ fn routing_mesh_on_three_nodes() {
     create(&["--name", "hose", "--network", "front", "-p", "6000:6000",
         "--", "python3", &firehose]);
     // Another process holds 8090 on node 1 before the service publishes it.
-    let hold = "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',8090)); s.listen(); time.sleep(600)";
+    let hold = "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',8090)); s.listen(); print('bound', flush=True); time.sleep(600)";
     let mut squatter = u
         .host(1)
         .cmd("python3")
         .args(["-c", hold])
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("squatter");
-    std::thread::sleep(Duration::from_millis(300));
+    let mut bound = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(squatter.stdout.as_mut().expect("stdout")),
+        &mut bound,
+    )
+    .expect("squatter output");
+    assert_eq!(bound.trim(), "bound");
     #[rustfmt::skip]
     create(&["--name", "late", "--network", "front", "-p", "8090:8000",
         "--", "python3", &whoami]);

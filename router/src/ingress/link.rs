@@ -27,7 +27,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 const BUF: usize = vnet::HDR_LEN + MAX_SUPER_FRAME;
 /// Frames read ahead for the stack, and frames waiting for the socket.
 const RX_QUEUE: usize = 256;
-const TX_QUEUE: usize = 512;
+const TX_QUEUE: usize = 256;
+/// Recycled buffers kept (up to 64 KiB each): 8 MiB at most, however busy the link was.
+const POOL: usize = 128;
 /// Largest frame the stack may hand over as one TCP super-segment (IPv4 length ≤ 64 KiB).
 const TSO_FRAME: usize = 14 + 65_000;
 /// Socket buffer of each end: room for a few dozen super-frames in flight.
@@ -100,7 +102,7 @@ impl Link {
 
     fn recycle(pool: &RefCell<Vec<Vec<u8>>>, b: Vec<u8>) {
         let mut pool = pool.borrow_mut();
-        if pool.len() < RX_QUEUE + TX_QUEUE {
+        if pool.len() < POOL {
             pool.push(b);
         }
     }

@@ -79,7 +79,8 @@ enum NetworkCmd {
         /// Gateway address [default: first host of the subnet].
         #[arg(long)]
         gateway: Option<String>,
-        /// Driver options, KEY=VALUE (e.g. com.docker.network.driver.overlay.vxlanid_list=4200).
+        /// Driver options, KEY=VALUE (e.g. com.docker.network.driver.overlay.vxlanid_list=4200),
+        /// or `encrypted`: frames between nodes sealed in ESP (AES-256-GCM).
         #[arg(short = 'o', long = "opt")]
         opts: Vec<String>,
         /// Make it the routing mesh's network, replacing the current one (no service may be
@@ -100,6 +101,9 @@ enum NetworkCmd {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Give an encrypted network a new key now (every node receives with it before any
+    /// sends with it; the old key is accepted for a while after).
+    RotateKey { name: String },
     /// Manage a network's external VTEP endpoints.
     #[command(subcommand)]
     Vtep(VtepCmd),
@@ -245,6 +249,19 @@ fn kv(pairs: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> 
         .collect()
 }
 
+/// Network options: KEY=VALUE, or a bare flag as Docker takes `--opt encrypted`.
+fn network_opts(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for p in pairs {
+        let (k, v) = p.split_once('=').unwrap_or((p.as_str(), ""));
+        if k.is_empty() {
+            bail!("invalid option {p:?}: expected KEY[=VALUE]");
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
 /// `--network NAME` or the long form `--network name=NAME,alias=A,alias=B`.
 fn parse_network_flag(s: &str) -> anyhow::Result<NetworkTarget> {
     if !s.contains('=') {
@@ -311,7 +328,7 @@ async fn network(c: &Client, cmd: NetworkCmd) -> anyhow::Result<()> {
             ingress,
             name,
         } => {
-            let options = kv(&opts, "option")?;
+            let options = network_opts(&opts)?;
             let body = json!({"name": name, "driver": driver, "subnet": subnet, "gateway": gateway, "options": options, "ingress": ingress});
             let n: NetworkInspect = c.post("/networks/create", body).await?;
             println!("{}", n.id);
@@ -355,6 +372,15 @@ async fn network(c: &Client, cmd: NetworkCmd) -> anyhow::Result<()> {
                 );
             }
             print_json(&out)?;
+        }
+        NetworkCmd::RotateKey { name } => {
+            c.request(
+                hyper::Method::POST,
+                &format!("/networks/{}/rotate-key", seg(&name)),
+                None,
+            )
+            .await?;
+            println!("{name}");
         }
         NetworkCmd::Vtep(cmd) => vtep(c, cmd).await?,
         NetworkCmd::Rm { names } => {

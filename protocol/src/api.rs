@@ -8,6 +8,7 @@
 //! | `POST /networks/create`         | [`NetworkCreate`]       | [`NetworkInspect`]     |
 //! | `GET /networks/{name}`          |                         | [`NetworkInspect`]     |
 //! | `DELETE /networks/{name}`       |                         |                        |
+//! | `POST /networks/{name}/rotate-key` |                      |                        |
 //! | `GET /services`                 |                         | `[ServiceInspect]`     |
 //! | `POST /services/create`         | [`ServiceCreate`]       | [`ServiceInspect`]     |
 //! | `GET /services/{name}`          |                         | [`ServiceInspect`]     |

@@ -85,6 +85,43 @@ pub struct Snapshot {
     pub statuses: BTreeMap<String, (String, TaskStatus)>,
     /// Node name → whether it is heartbeating.
     pub health: BTreeMap<NodeName, NodeHealth>,
+    /// The keys of encrypted networks. Only ever sent over the control plane's mutual TLS
+    /// and held in memory: not part of [`ClusterState`], so never in a state file.
+    #[serde(default)]
+    pub keys: Keyring,
+}
+
+/// Each encrypted network's live keys, oldest first.
+pub type Keyring = BTreeMap<crate::types::NetworkName, Vec<NetworkKey>>;
+
+/// One key of an encrypted network (see [`crate::esp`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkKey {
+    /// 7 bits, in the SPI.
+    pub id: u8,
+    pub secret: [u8; crate::esp::SECRET_LEN],
+    /// Unix milliseconds from which nodes send with it (received from the moment they
+    /// have it: a new key is handed out before any node sends with it).
+    pub active_from_ms: u64,
+    /// Unix milliseconds after which the manager drops it (set when a newer key arrives).
+    pub retire_at_ms: Option<u64>,
+}
+
+impl std::fmt::Debug for NetworkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetworkKey")
+            .field("id", &self.id)
+            .field("active_from_ms", &self.active_from_ms)
+            .field("retire_at_ms", &self.retire_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The key a node sends with at `now_ms`: the newest one already active.
+pub fn send_key(keys: &[NetworkKey], now_ms: u64) -> Option<&NetworkKey> {
+    keys.iter()
+        .filter(|k| k.active_from_ms <= now_ms)
+        .max_by_key(|k| k.active_from_ms)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +157,8 @@ pub enum Op {
         name: String,
         update: crate::api::ServiceUpdate,
     },
+    /// `network rotate-key NAME`.
+    RotateKey(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod control;
+pub mod esp;
 pub mod ipam;
 pub mod state;
 pub mod types;

@@ -21,6 +21,13 @@ pub const OPT_VXLANID: &str = "com.docker.network.driver.overlay.vxlanid_list";
 pub const OPT_MTU: &str = "com.docker.network.driver.mtu";
 /// MTU of overlay interfaces on a 1500-byte underlay.
 pub const DEFAULT_MTU: u16 = 1450;
+/// Docker's option that encrypts a network's traffic between nodes (`--opt encrypted`).
+pub const OPT_ENCRYPTED: &str = "encrypted";
+/// Largest MTU of an encrypted network's interfaces on a 1500-byte underlay: ESP adds up to
+/// `esp::MAX_OVERHEAD` bytes to the VXLAN datagram.
+pub const MAX_ENCRYPTED_MTU: u16 = 1405;
+/// The default MTU of an encrypted network.
+pub const ENCRYPTED_MTU: u16 = 1400;
 /// Smallest MTU an IPv4 interface may have.
 const MIN_MTU: u16 = 68;
 /// Most replicas one service may ask for (bounds memory and namespaces per request).
@@ -67,16 +74,32 @@ pub struct Vtep {
 impl Network {
     /// The MTU of this network's interfaces.
     pub fn mtu(&self) -> u16 {
+        let default = if self.encrypted() {
+            ENCRYPTED_MTU
+        } else {
+            DEFAULT_MTU
+        };
         self.options
             .get(OPT_MTU)
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(DEFAULT_MTU)
+            .unwrap_or(default)
+    }
+
+    /// Whether frames of this network cross the underlay sealed (`--opt encrypted`).
+    pub fn encrypted(&self) -> bool {
+        is_encrypted(&self.options)
     }
 
     /// The MAC the router answers with for the gateway address.
     pub fn gateway_mac(&self) -> MacAddr {
         MacAddr::from_ipv4(self.gateway)
     }
+}
+
+fn is_encrypted(options: &BTreeMap<String, String>) -> bool {
+    options
+        .get(OPT_ENCRYPTED)
+        .is_some_and(|v| !matches!(v.trim(), "false" | "0" | "no"))
 }
 
 /// How a service is reached by name, as Docker's `--endpoint-mode`.
@@ -617,16 +640,21 @@ impl ClusterState {
             }
         };
         if let Some(v) = options.get(OPT_MTU) {
+            let max = if is_encrypted(&options) {
+                MAX_ENCRYPTED_MTU
+            } else {
+                DEFAULT_MTU
+            };
             let ok = v
                 .trim()
                 .parse::<u16>()
                 .ok()
-                .filter(|m| (MIN_MTU..=DEFAULT_MTU).contains(m));
+                .filter(|m| (MIN_MTU..=max).contains(m));
             if ok.is_none() {
                 return Err(StateError::BadOption {
                     key: OPT_MTU.to_string(),
                     value: v.clone(),
-                    why: format!("expected {MIN_MTU}..={DEFAULT_MTU} (VXLAN needs 50 bytes of a 1500-byte underlay)"),
+                    why: format!("expected {MIN_MTU}..={max} (VXLAN needs 50 bytes of a 1500-byte underlay, and ESP 45 more on an encrypted network)"),
                 });
             }
         }
@@ -944,6 +972,14 @@ impl ClusterState {
             .networks
             .get_mut(network)
             .ok_or_else(|| StateError::NoSuchNetwork(network.to_string()))?;
+        if net.encrypted() {
+            return Err(StateError::BadOption {
+                key: OPT_ENCRYPTED.to_string(),
+                value: net.name.to_string(),
+                why: "an external VTEP speaks plain VXLAN; an encrypted network carries only ESP"
+                    .to_string(),
+            });
+        }
         if vtep.mac.is_multicast()
             || task_macs.contains(&vtep.mac)
             || net.vteps.iter().any(|v| v.mac == vtep.mac)

@@ -9,6 +9,7 @@
 
 use crate::cluster::Cluster;
 use crate::datapath::conntrack::{TCP_IDLE_MS, UDP_IDLE_MS};
+use crate::datapath::crypto::{NetCrypto, Secret, TxSa};
 use crate::datapath::io::Datapath;
 use crate::datapath::stats::Counters;
 use crate::datapath::table::{BackendSpec, PortBinding, PortId, Tables};
@@ -21,8 +22,10 @@ use crate::sys::iface::{self, IfaceSpec};
 use crate::sys::{mntns, netns};
 use crate::task::{self, TaskProcess};
 use protocol::api::{TaskState, TaskStatus};
+use protocol::control::{send_key, Keyring, Op};
+use protocol::esp::SenderKey;
 use protocol::state::{ClusterState, Task};
-use protocol::types::NodeName;
+use protocol::types::{NetworkName, NodeName, Vni};
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
@@ -63,6 +66,30 @@ impl Planes {
     }
 }
 
+/// Per encrypted network: its live keys (id, secret) and the id to send with now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct KeyView(BTreeMap<NetworkName, (Vec<(u8, [u8; protocol::esp::SECRET_LEN])>, Option<u8>)>);
+
+impl KeyView {
+    fn of(ring: &Keyring, now_ms: u64) -> KeyView {
+        KeyView(
+            ring.iter()
+                .map(|(n, keys)| {
+                    let live = keys.iter().map(|k| (k.id, k.secret)).collect();
+                    (n.clone(), (live, send_key(keys, now_ms).map(|k| k.id)))
+                })
+                .collect(),
+        )
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Name of a task's namespace under /run/netns: recognisable and unique per node.
 pub fn netns_name(node: &NodeName, task: &str) -> String {
     format!("ov-{node}-{task}")
@@ -94,8 +121,11 @@ pub struct Agent {
     next_port: u32,
     /// This node's VXLAN port; external VTEPs are sent to on it too.
     data_port: u16,
-    /// The state revision and VIP backends the datapath's tables were last built from.
-    published: Option<(u64, Vec<VipView>)>,
+    /// The state revision, VIP backends and keys the datapath's tables were last built from.
+    published: Option<(u64, Vec<VipView>, KeyView)>,
+    /// Encrypted networks' secrets, kept as the same `Arc` while unchanged (the datapath
+    /// keeps its senders' windows while the `Arc` is the same).
+    secrets: BTreeMap<(NetworkName, u8), Secret>,
     /// What the ingress proxy was last given.
     published_ingress: Option<IngressView>,
 }
@@ -125,6 +155,7 @@ impl Agent {
             data_port,
             published: None,
             published_ingress: None,
+            secrets: BTreeMap::new(),
         }
     }
 
@@ -247,17 +278,66 @@ impl Agent {
             self.ingress.update(mesh.clone());
             self.published_ingress = Some(mesh);
         }
+        let keys = KeyView::of(&snap.keys, now_ms());
+        self.request_rekeys(state);
         let same = self
             .published
             .as_ref()
-            .is_some_and(|(rev, v)| *rev == state.revision && *v == vips);
+            .is_some_and(|(rev, v, k)| *rev == state.revision && *v == vips && *k == keys);
         if force || !same {
-            self.publish(state, &vips);
-            self.published = Some((state.revision, vips));
+            self.publish(state, &vips, &keys);
+            self.published = Some((state.revision, vips, keys));
         }
     }
 
-    fn publish(&self, state: &ClusterState, vips: &[VipView]) {
+    /// Asks the manager for a new key of each encrypted network whose sequence numbers
+    /// under the current key passed the rekey mark.
+    fn request_rekeys(&self, state: &ClusterState) {
+        for spi in self.datapath.take_worn_keys() {
+            let (vni, _) = protocol::esp::parse_spi(spi);
+            let Some(net) = state.networks.values().find(|n| n.vni.get() == vni) else {
+                continue;
+            };
+            let (cluster, name) = (self.cluster.clone(), net.name.to_string());
+            tokio::spawn(async move {
+                match cluster.apply(Op::RotateKey(name.clone())).await {
+                    Ok(_) => {
+                        info!(network = %name, "asked for a new key: sequence numbers wearing out")
+                    }
+                    Err(e) => warn!(network = %name, error = %e, "cannot ask for a new key"),
+                }
+            });
+        }
+    }
+
+    /// The keys of an encrypted network as the datapath holds them: every live secret for
+    /// receiving, and this node's own key (its name and epoch) under the one in use.
+    fn crypto_for(&mut self, name: &NetworkName, vni: Vni, keys: &KeyView) -> NetCrypto {
+        let mut c = NetCrypto::default();
+        let Some((live, sending)) = keys.0.get(name) else {
+            return c;
+        };
+        self.secrets.retain(|(n, id), s| {
+            n != name || live.iter().any(|(i, secret)| i == id && **s == *secret)
+        });
+        for (id, secret) in live {
+            let s = self
+                .secrets
+                .entry((name.clone(), *id))
+                .or_insert_with(|| Arc::new(*secret))
+                .clone();
+            if Some(*id) == *sending {
+                c.tx = Some(TxSa {
+                    spi: protocol::esp::spi(vni.get(), *id),
+                    key: SenderKey::derive(&s, self.node.as_str(), self.datapath.esp_epoch),
+                });
+            }
+            c.rx.insert(*id, s);
+        }
+        c
+    }
+
+    fn publish(&mut self, state: &ClusterState, vips: &[VipView], keys: &KeyView) {
         let mut ports: Vec<(PortId, PortBinding)> = self
             .tasks
             .values()
@@ -304,6 +384,14 @@ impl Agent {
                 .extend(v.backends.iter().map(|b| b.0));
         }
         lb.retain(&live);
+        for net in state.networks.values().filter(|n| n.encrypted()) {
+            if tables.networks.contains_key(&net.vni) {
+                let c = self.crypto_for(&net.name, net.vni, keys);
+                if let Some(t) = tables.networks.get_mut(&net.vni) {
+                    t.crypto = Some(Arc::new(c));
+                }
+            }
+        }
         self.datapath.publish(tables);
     }
 

@@ -60,6 +60,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/networks/create", post(network_create))
         .route("/networks/{name}", get(network_inspect).delete(network_rm))
         .route("/networks/{name}/vteps", get(vtep_list).post(vtep_add))
+        .route("/networks/{name}/rotate-key", post(network_rotate_key))
         .route("/networks/{name}/vteps/{mac}", delete(vtep_rm))
         .route("/services", get(service_list))
         .route("/services/create", post(service_create))
@@ -296,6 +297,14 @@ async fn network_inspect(
 ) -> ApiResult<NetworkInspect> {
     let snap = st.cluster.snapshot();
     Ok(Json(network_view(&snap, network_of(&snap, &name)?)))
+}
+
+async fn network_rotate_key(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    st.cluster.apply(Op::RotateKey(name)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn network_rm(

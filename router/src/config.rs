@@ -78,6 +78,11 @@ pub struct Config {
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub ingress_max_connections: u64,
 
+    /// How often encrypted networks get a new key (manager), e.g. 12h, 30m [default: 12h, as
+    /// Swarm]. `network rotate-key NAME` rotates at once.
+    #[arg(long, default_value = "12h", value_parser = parse_interval)]
+    pub key_rotation_interval: std::time::Duration,
+
     /// Resolver that names outside the cluster are forwarded to (repeatable) [default: the
     /// nameservers of this node's /etc/resolv.conf].
     #[arg(long = "dns-upstream", value_name = "ADDR[:PORT]", value_parser = parse_upstream)]
@@ -133,4 +138,22 @@ impl Config {
             .clone()
             .unwrap_or_else(|| PathBuf::from("/run/overlay").join(format!("{}.sock", self.node)))
     }
+}
+
+/// An interval of whole seconds, minutes, hours or days: `90s`, `30m`, `12h`, `1d`.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("invalid interval {s:?}: expected e.g. 90s, 30m, 12h");
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(bad()),
+    };
+    if secs < 10 {
+        return Err(format!("invalid interval {s:?}: at least 10s"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }

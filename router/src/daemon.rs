@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Where the per-node-name locks live (shared by every daemon on the machine).
 const NODE_LOCK_DIR: &str = "/run/overlay/nodes";
@@ -130,6 +130,7 @@ async fn start_manager(
         &cfg.node,
         Some((advertise, cfg.data_path_port)),
     )?);
+    manager.set_key_rotation(cfg.key_rotation_interval);
     let ctx = Arc::new(ServerCtx {
         manager: manager.clone(),
         ca,
@@ -267,6 +268,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 &cfg.node,
                 advertise.map(|a| (a, cfg.data_path_port)),
             )?;
+            manager.set_key_rotation(cfg.key_rotation_interval);
             Cluster::Manager {
                 manager: Arc::new(manager),
                 join: None,
@@ -276,8 +278,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let counters = Arc::new(Counters::default());
     let flows = Arc::new(ConnTable::new(cfg.lb_max_flows));
-    let datapath = Datapath::start(counters.clone(), underlay, flows)
+    let mut datapath = Datapath::start(counters.clone(), underlay, flows)
         .context("starting the datapath thread")?;
+    datapath.esp_epoch = next_epoch(&state_dir);
     let planes = Planes::new(
         datapath,
         counters.clone(),
@@ -321,4 +324,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     info!("overlayd stopped");
     Ok(())
+}
+
+/// This run's epoch for encrypted networks: one more than the last run's, kept in the state
+/// directory (not secret). Sending keys are derived with it, so a restarted node never
+/// reuses a (key, nonce) pair. If the file cannot be kept, a random epoch is as good.
+fn next_epoch(state_dir: &std::path::Path) -> u32 {
+    let path = state_dir.join("esp-epoch");
+    let last: Option<u32> = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let epoch = match last {
+        Some(e) => e.wrapping_add(1),
+        None => rand::random(),
+    };
+    let tmp = path.with_extension("tmp");
+    let saved = std::fs::write(&tmp, epoch.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
+    match saved {
+        Ok(()) => epoch,
+        Err(e) => {
+            warn!(error = %e, "cannot keep the ESP epoch; using a random one");
+            rand::random()
+        }
+    }
 }

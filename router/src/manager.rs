@@ -6,7 +6,7 @@
 use crate::cluster::health::Health;
 use crate::store::{Store, StoreError};
 use protocol::api::{self, TaskStatus};
-use protocol::control::{Op, OpError};
+use protocol::control::{Keyring, NetworkKey, Op, OpError};
 use protocol::state::{
     Availability, ClusterState, Network, NetworkRequest, Node, Pool, Role, Service, StateError,
 };
@@ -14,6 +14,7 @@ use protocol::types::{NetworkName, NodeName, ServiceName};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// An error for an API caller: an HTTP status and one clear line.
@@ -101,13 +102,45 @@ impl From<StoreError> for ApiError {
 /// What nodes report about their tasks, keyed by task name: (task id, status).
 pub type StatusBoard = Arc<RwLock<BTreeMap<String, (String, TaskStatus)>>>;
 
+/// How long before a new key is used for sending: every node has it for receiving by then
+/// (snapshots go out every second, agents look four times a second).
+pub const KEY_LEAD: Duration = Duration::from_secs(3);
+/// How long a replaced key is still accepted.
+pub const KEY_GRACE: Duration = Duration::from_secs(30);
+/// Swarm's rotation period for encrypted networks' keys.
+pub const DEFAULT_KEY_ROTATION: Duration = Duration::from_secs(12 * 3600);
+
+/// The keys of encrypted networks, in memory only: made here, handed out in snapshots over
+/// the control plane's mutual TLS, never persisted (a restarted manager makes new ones).
+struct Keys {
+    ring: Keyring,
+    rotation: Duration,
+}
+
 pub struct Manager {
     health: Arc<Health>,
+    keys: Mutex<Keys>,
     state: Mutex<ClusterState>,
     store: Store,
     pool: Pool,
     published: watch::Sender<Arc<ClusterState>>,
     statuses: StatusBoard,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn new_secret() -> [u8; protocol::esp::SECRET_LEN] {
+    use ring::rand::SecureRandom;
+    let mut s = [0u8; protocol::esp::SECRET_LEN];
+    ring::rand::SystemRandom::new()
+        .fill(&mut s)
+        .expect("the system's random source works");
+    s
 }
 
 pub fn now() -> u64 {
@@ -125,6 +158,25 @@ pub fn new_id() -> String {
     (0..25)
         .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
         .collect()
+}
+
+/// Adds the next key of a network: in use after [`KEY_LEAD`], the current ones retired
+/// [`KEY_GRACE`] after that.
+fn rotate(keys: &mut Vec<NetworkKey>, now: u64) {
+    let active = now + KEY_LEAD.as_millis() as u64;
+    let retire = active + KEY_GRACE.as_millis() as u64;
+    for k in keys.iter_mut() {
+        k.retire_at_ms.get_or_insert(retire);
+    }
+    let id = keys
+        .last()
+        .map_or(0, |k| (k.id + 1) & protocol::esp::MAX_KEY_ID);
+    keys.push(NetworkKey {
+        id,
+        secret: new_secret(),
+        active_from_ms: active,
+        retire_at_ms: None,
+    });
 }
 
 /// Marks a service updated now; returns it.
@@ -176,6 +228,10 @@ impl Manager {
             pool,
             published,
             statuses: StatusBoard::default(),
+            keys: Mutex::new(Keys {
+                ring: Keyring::new(),
+                rotation: DEFAULT_KEY_ROTATION,
+            }),
         })
     }
 
@@ -227,6 +283,7 @@ impl Manager {
             Op::ScaleService { name, replicas } => self.scale_service(&name, replicas).map(|_| ()),
             Op::RemoveService(name) => self.remove_service(&name),
             Op::UpdateService { name, update } => self.update_service(&name, update).map(|_| ()),
+            Op::RotateKey(name) => self.rotate_key(&name),
             Op::AddVtep { network, vtep } => self.change(|s| s.add_vtep(&network, vtep)),
             Op::RemoveVtep { network, mac } => self.change(|s| s.remove_vtep(&network, mac)),
             Op::UpdateNode { node, availability } => {
@@ -367,6 +424,75 @@ impl Manager {
 
     pub fn remove_service(&self, name: &str) -> Result<(), ApiError> {
         self.change(|s| s.remove_service(name).map(|_| ()))
+    }
+
+    /// Sets how often encrypted networks get a new key (`--key-rotation-interval`).
+    pub fn set_key_rotation(&self, every: Duration) {
+        if let Ok(mut k) = self.keys.lock() {
+            k.rotation = every;
+        }
+    }
+
+    /// The keys every node should hold now. Keeps the ring current as a side effect: a key
+    /// for each encrypted network (the first one active at once), none for networks that
+    /// are gone, retired keys dropped, and a new key when the newest is older than the
+    /// rotation period.
+    pub fn keys(&self) -> Keyring {
+        let state = self.snapshot();
+        let Ok(mut k) = self.keys.lock() else {
+            return Keyring::new();
+        };
+        let now = now_ms();
+        let rotation = k.rotation.as_millis() as u64;
+        k.ring
+            .retain(|net, _| state.networks.get(net).is_some_and(|n| n.encrypted()));
+        for (name, net) in &state.networks {
+            if !net.encrypted() {
+                continue;
+            }
+            let keys = k.ring.entry(name.clone()).or_default();
+            keys.retain(|key| key.retire_at_ms.is_none_or(|t| t > now));
+            match keys.last() {
+                None => keys.push(NetworkKey {
+                    id: 0,
+                    secret: new_secret(),
+                    active_from_ms: now,
+                    retire_at_ms: None,
+                }),
+                Some(last) if now.saturating_sub(last.active_from_ms) > rotation => {
+                    rotate(keys, now)
+                }
+                Some(_) => {}
+            }
+        }
+        k.ring.clone()
+    }
+
+    /// `network rotate-key NAME`: a new key, received by every node before any sends with
+    /// it; the old one is accepted for a grace period after. A rotation already under way
+    /// (its key not yet in use) is left to finish.
+    pub fn rotate_key(&self, name: &str) -> Result<(), ApiError> {
+        let state = self.snapshot();
+        let net = state
+            .networks
+            .get(name)
+            .ok_or_else(|| ApiError::from(StateError::NoSuchNetwork(name.to_string())))?;
+        if !net.encrypted() {
+            return Err(ApiError::bad_request(format!(
+                "network {name} is not encrypted (create it with --opt encrypted)"
+            )));
+        }
+        let _ = self.keys();
+        let mut k = self
+            .keys
+            .lock()
+            .map_err(|_| ApiError::internal("key lock poisoned"))?;
+        let keys = k.ring.entry(net.name.clone()).or_default();
+        let now = now_ms();
+        if keys.last().is_none_or(|last| last.active_from_ms <= now) {
+            rotate(keys, now);
+        }
+        Ok(())
     }
 
     /// The status of a task as last reported, or pending if its node has not reported it.

@@ -579,3 +579,45 @@ while True:
     d, a = s.recvfrom(2048)
     s.sendto(d, a)
 "#;
+
+/// A task's server on port 7000: reads a whole stream until the client half-closes, then
+/// answers its SHA-256 and length.
+pub const SINK_PY: &str = r#"
+import socket, hashlib, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7000))
+s.listen(64)
+def serve(c):
+    h, n = hashlib.sha256(), 0
+    while True:
+        d = c.recv(1 << 16)
+        if not d:
+            break
+        h.update(d)
+        n += len(d)
+    c.sendall(f"{h.hexdigest()} {n}\n".encode())
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Sends `MB` random megabytes to HOST:PORT (a [`SINK_PY`]), half-closes, and prints
+/// `intact` if the answer is their SHA-256 and length.
+pub const UPLOAD_PY: &str = r#"
+import socket, sys, hashlib, os
+host, port, mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+data = os.urandom(mb << 20)
+s = socket.create_connection((host, port), timeout=30)
+s.sendall(data)
+s.shutdown(socket.SHUT_WR)
+r = b""
+while True:
+    d = s.recv(4096)
+    if not d:
+        break
+    r += d
+want = f"{hashlib.sha256(data).hexdigest()} {len(data)}"
+print("intact" if r.decode().strip() == want else f"corrupt: {r!r} want {want}")
+"#;

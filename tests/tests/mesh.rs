@@ -20,32 +20,10 @@
 //!   and `service rm` close the port on every node.
 
 use overlay_e2e::{
-    ok, require_root, unique, wait_for, write_script, Node, Underlay, ECHO_PY, WHOAMI_PY,
+    ok, require_root, unique, wait_for, write_script, Node, Underlay, ECHO_PY, SINK_PY, WHOAMI_PY,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-/// Reads a whole stream until the client half-closes, then answers its SHA-256 and length.
-const SINK: &str = r#"
-import socket, hashlib, threading
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 7000))
-s.listen(64)
-def serve(c):
-    h, n = hashlib.sha256(), 0
-    while True:
-        d = c.recv(1 << 16)
-        if not d:
-            break
-        h.update(d)
-        n += len(d)
-    c.sendall(f"{h.hexdigest()} {n}\n".encode())
-    c.close()
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
 
 /// Sends 64 KiB blocks for as long as the client reads.
 const FIREHOSE: &str = r#"
@@ -203,7 +181,7 @@ fn routing_mesh_on_three_nodes() {
     let dir = std::env::temp_dir().join(format!("overlay-e2e-{tag}-scripts"));
     std::fs::create_dir_all(&dir).expect("script dir");
     let whoami = write_script(&dir, "whoami.py", WHOAMI_PY);
-    let sink = write_script(&dir, "sink.py", SINK);
+    let sink = write_script(&dir, "sink.py", SINK_PY);
     let echo = write_script(&dir, "echo.py", ECHO_PY);
     let proxy_reader = write_script(&dir, "proxy.py", PROXY_READER);
     let firehose = write_script(&dir, "firehose.py", FIREHOSE);

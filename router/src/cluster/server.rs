@@ -54,6 +54,7 @@ pub fn snapshot(manager: &Manager) -> Snapshot {
         state,
         statuses,
         health,
+        keys: manager.keys(),
     }
 }
 

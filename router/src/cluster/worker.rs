@@ -117,6 +117,7 @@ impl Link {
             state: last.clone(),
             statuses: Default::default(),
             health: Default::default(),
+            keys: Default::default(),
         };
         Link {
             manager,

@@ -8,17 +8,19 @@
 //! channel and a waker.
 
 use super::conntrack::ConnTable;
+use super::crypto::EspState;
 use super::gro::{Coalescer, Push};
 use super::lb;
 use super::nat::L4Csum;
 use super::stats::{Counters, DropReason};
 use super::switch::{self, Verdict, MAX_FRAME, MAX_SUPER_FRAME};
 use super::table::{PortId, Tables};
-use super::underlay::{self, RxBatch, TxBatch, Underlay};
+use super::underlay::{self, RxBatch, Seal, TxBatch, Underlay};
 use super::vnet::{self, VnetHdr};
 use arc_swap::ArcSwap;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use protocol::esp;
 use protocol::types::Vni;
 use protocol::vxlan;
 use std::collections::{HashMap, VecDeque};
@@ -59,6 +61,12 @@ enum Command {
 
 /// Handle to the running datapath thread and its connection-table sweeper.
 pub struct Datapath {
+    /// This run's epoch for encrypted networks: the node's sending keys are derived with
+    /// it, so that sequence numbers that start again at 1 after a restart use a new key.
+    pub esp_epoch: u32,
+    /// The highest ESP sequence number this node has used under any key.
+    esp_seq_high: Arc<std::sync::atomic::AtomicU64>,
+    esp_worn: Arc<std::sync::Mutex<Vec<u32>>>,
     commands: mpsc::Sender<Command>,
     waker: Arc<Waker>,
     tables: Arc<ArcSwap<Tables>>,
@@ -97,6 +105,9 @@ impl Datapath {
         }));
         let (tx, rx) = mpsc::channel();
         let epoch = Instant::now();
+        let esp = EspState::default();
+        let esp_seq_high = esp.seq_high.clone();
+        let esp_worn = esp.worn.clone();
         let mut worker = Worker {
             epoch,
             poll,
@@ -113,6 +124,8 @@ impl Datapath {
             reply: vec![0u8; MAX_FRAME],
             segment: vec![0u8; MAX_FRAME],
             gro: Coalescer::default(),
+            esp,
+            seen_tables: 0,
         };
         let thread = std::thread::Builder::new()
             .name("datapath".into())
@@ -126,6 +139,9 @@ impl Datapath {
                 .spawn(move || sweep_loop(epoch, &tables, &tx, &waker, &stopping))?
         };
         Ok(Datapath {
+            esp_epoch: 0,
+            esp_seq_high,
+            esp_worn,
             commands: tx,
             waker,
             tables,
@@ -157,6 +173,20 @@ impl Datapath {
     pub fn publish(&self, mut tables: Tables) {
         tables.flows = self.flows.clone();
         self.tables.store(Arc::new(tables));
+    }
+
+    /// The highest ESP sequence number used so far (the agent asks for a new key past
+    /// `esp::SEQ_REKEY`).
+    pub fn esp_seq_high(&self) -> u64 {
+        self.esp_seq_high.load(Ordering::Relaxed)
+    }
+
+    /// SPIs that passed the rekey mark since the last call.
+    pub fn take_worn_keys(&self) -> Vec<u32> {
+        self.esp_worn
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default()
     }
 
     pub fn flows(&self) -> &Arc<ConnTable> {
@@ -248,6 +278,10 @@ struct Worker {
     segment: Vec<u8>,
     /// Segments from the underlay being merged for a TAP.
     gro: Coalescer,
+    /// Sequence numbers and replay windows of encrypted networks.
+    esp: EspState,
+    /// The tables last seen (to forget senders' state under keys that went away).
+    seen_tables: usize,
 }
 
 impl Worker {
@@ -274,7 +308,15 @@ impl Worker {
             if !self.drain_commands() {
                 return;
             }
-            self.tables.load().flows.set_now(ms_since(self.epoch));
+            {
+                let t = self.tables.load();
+                t.flows.set_now(ms_since(self.epoch));
+                let at = Arc::as_ptr(&*t) as usize;
+                if at != self.seen_tables {
+                    self.seen_tables = at;
+                    self.esp.retain_live(&t);
+                }
+            }
             // One batch per ready source per round, so a busy one cannot starve the others.
             for _ in 0..self.ready.len() {
                 let Some(token) = self.ready.pop_front() else {
@@ -407,18 +449,25 @@ impl Worker {
                     };
                     // On the wire a frame must be whole: segment, or complete its checksum.
                     let h = VnetHdr::from_slice(hdr).unwrap_or_default();
+                    let (txb, counters, esp) = (&mut self.txb, &self.counters, &mut self.esp);
+                    let mut out = Encap {
+                        txb,
+                        esp,
+                        u,
+                        counters,
+                        tables: &tables,
+                    };
                     let result = if h.is_gso() {
-                        let (txb, counters) = (&mut self.txb, &self.counters);
                         vnet::segment_tcp4(frame, &h, &mut self.segment, |seg| {
-                            tx += txb.queue(u, counters, vni, vtep, seg);
+                            tx += out.queue(vni, vtep, seg);
                         })
                         .map(|_| ())
                     } else if h.flags & vnet::F_NEEDS_CSUM != 0 {
                         vnet::complete_checksum(frame, &h).map(|()| {
-                            tx += self.txb.queue(u, &self.counters, vni, vtep, frame);
+                            tx += out.queue(vni, vtep, frame);
                         })
                     } else {
-                        tx += self.txb.queue(u, &self.counters, vni, vtep, frame);
+                        tx += out.queue(vni, vtep, frame);
                         Ok(())
                     };
                     if result.is_err() {
@@ -452,12 +501,43 @@ impl Worker {
         let (mut rx, mut tx) = (0u64, 0u64);
         for (from, dgram) in rxb.datagrams_mut() {
             rx += 1;
-            let inner = vxlan::Packet::new_checked(dgram)
-                .and_then(|p| vxlan::Repr::parse(&p).map(|r| (r, p)));
-            let (Ok((repr, mut packet)), Some(from)) = (inner, underlay::ipv4_of(from)) else {
+            let Some(from) = underlay::ipv4_of(from) else {
                 self.counters.count_drop(DropReason::VxlanMalformed);
                 continue;
             };
+            // An encrypted network's frames arrive only in ESP, opened in place here.
+            let (dgram, sealed_vni) = if esp::is_esp(dgram) {
+                match self.esp.open(&tables, from, dgram) {
+                    Ok((range, vni)) => (&mut dgram[range], Some(vni)),
+                    Err(reason) => {
+                        self.counters.count_drop(reason);
+                        continue;
+                    }
+                }
+            } else {
+                (dgram, None)
+            };
+            let inner = vxlan::Packet::new_checked(dgram)
+                .and_then(|p| vxlan::Repr::parse(&p).map(|r| (r, p)));
+            let Ok((repr, mut packet)) = inner else {
+                self.counters.count_drop(DropReason::VxlanMalformed);
+                continue;
+            };
+            let encrypted = tables
+                .networks
+                .get(&repr.vni)
+                .is_some_and(|n| n.crypto.is_some());
+            match sealed_vni {
+                Some(v) if v != repr.vni.get() => {
+                    self.counters.count_drop(DropReason::EspMalformed);
+                    continue;
+                }
+                None if encrypted => {
+                    self.counters.count_drop(DropReason::EspCleartext);
+                    continue;
+                }
+                _ => {}
+            }
             let frame = packet.payload_mut();
             match switch::from_underlay(&tables, repr.vni, from, frame, &mut self.reply) {
                 Verdict::Forward(to) => {
@@ -482,9 +562,14 @@ impl Worker {
                     )
                 }
                 Verdict::ReplyRemote { vni, vtep, len } => {
-                    tx += self
-                        .txb
-                        .queue(u, &self.counters, vni, vtep, &self.reply[..len]);
+                    let mut out = Encap {
+                        txb: &mut self.txb,
+                        esp: &mut self.esp,
+                        u,
+                        counters: &self.counters,
+                        tables: &tables,
+                    };
+                    tx += out.queue(vni, vtep, &self.reply[..len]);
                     tx += self.txb.flush(u, &self.counters);
                     Counters::add(&self.counters.replies, 1);
                 }
@@ -496,6 +581,42 @@ impl Worker {
         Counters::add(&self.counters.rx_frames, rx);
         Counters::add(&self.counters.tx_frames, tx);
         more
+    }
+}
+
+/// Frames on their way to the underlay: plain VXLAN, or sealed in ESP for an encrypted
+/// network (dropped, never sent in the clear, while this node has no key for it).
+struct Encap<'a> {
+    txb: &'a mut TxBatch,
+    esp: &'a mut EspState,
+    u: &'a Underlay,
+    counters: &'a Counters,
+    tables: &'a Tables,
+}
+
+impl Encap<'_> {
+    fn queue(&mut self, vni: Vni, vtep: std::net::SocketAddrV4, frame: &[u8]) -> u64 {
+        let crypto = self
+            .tables
+            .networks
+            .get(&vni)
+            .and_then(|n| n.crypto.as_ref());
+        let seal = match crypto {
+            None => None,
+            Some(c) => {
+                let Some(sa) = &c.tx else {
+                    self.counters.count_drop(DropReason::EspNoKey);
+                    return 0;
+                };
+                let Some(seq) = self.esp.next_seq(sa.spi) else {
+                    self.counters.count_drop(DropReason::EspSeqExhausted);
+                    return 0;
+                };
+                Some(Seal { sa, seq })
+            }
+        };
+        self.txb
+            .queue(self.u, self.counters, vni, vtep, frame, seal)
     }
 }
 

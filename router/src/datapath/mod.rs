@@ -7,6 +7,7 @@
 
 pub mod answer;
 pub mod conntrack;
+pub mod crypto;
 pub mod gro;
 pub mod io;
 pub mod lb;

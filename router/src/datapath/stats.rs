@@ -51,6 +51,13 @@ drop_reasons! {
     LbNoBackend => "lb_no_backend": "UDP to a service VIP while the service has no running task (TCP gets a reset).",
     LbTableFull => "lb_table_full": "New flow to a VIP refused: the connection table is at its bound (--lb-max-flows).",
     LbUnsupported => "lb_unsupported": "To a VIP but not TCP, UDP or ICMP echo (or an IP fragment, which carries no ports).",
+    EspAuthFailed => "esp_auth_failed": "ESP datagram whose integrity check failed (tampered, or sealed with another key).",
+    EspReplay => "esp_replay": "ESP datagram whose sequence number was seen before or is too old for the replay window.",
+    EspUnknownKey => "esp_unknown_key": "ESP datagram under a key (SPI) or from a sender this node does not have.",
+    EspMalformed => "esp_malformed": "ESP datagram too short, with a bad trailer, or whose VXLAN VNI is not its SPI's.",
+    EspCleartext => "esp_cleartext": "Plain VXLAN frame for an encrypted network: only ESP is accepted there.",
+    EspNoKey => "esp_no_key": "Frame for an encrypted network while this node has no key yet: dropped, never sent in the clear.",
+    EspSeqExhausted => "esp_seq_exhausted": "The sender's sequence numbers under this key are used up (it waits for the next key).",
 }
 
 /// Shared counters of one node's datapath.
@@ -60,7 +67,7 @@ pub struct Counters {
     pub tx_frames: AtomicU64,
     pub replies: AtomicU64,
     pub flooded: AtomicU64,
-    drops: [AtomicU64; 24],
+    drops: [AtomicU64; 32],
     pub lb: LbRegistry,
     /// The routing mesh's per-port counters (kept by the ingress proxy).
     pub ingress: crate::ingress::stats::Registry,

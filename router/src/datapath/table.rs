@@ -4,6 +4,7 @@
 //! and publishes it whole; the I/O thread reads a snapshot per batch and never takes a lock.
 
 use super::conntrack::{ConnTable, ServiceCounters};
+use super::crypto::NetCrypto;
 use protocol::state::ClusterState;
 use protocol::types::{MacAddr, NodeName, Vni};
 use std::collections::{HashMap, HashSet};
@@ -72,6 +73,8 @@ pub struct NetTable {
     /// Every backend address of those VIPs: only frames from these can be replies to
     /// translate back (looked up for every frame delivered to a local port).
     pub backend_ips: HashSet<Ipv4Addr, FastHash>,
+    /// Keys of an encrypted network (None: a plain network).
+    pub crypto: Option<Arc<NetCrypto>>,
 }
 
 /// All tables of one node.
@@ -81,6 +84,8 @@ pub struct Tables {
     pub networks: HashMap<Vni, NetTable>,
     /// The node's connection table, shared by every published `Tables`.
     pub flows: Arc<ConnTable>,
+    /// Other nodes by underlay address: whose key opens an ESP datagram from there.
+    pub senders: HashMap<Ipv4Addr, String>,
 }
 
 /// What the control side knows of a backend before the table says where it lives.
@@ -191,6 +196,11 @@ impl Tables {
                         SocketAddrV4::new(v.address, external_port),
                     );
                 }
+            }
+        }
+        for n in state.nodes.values().filter(|n| &n.name != node) {
+            if let Some(addr) = n.advertise_addr {
+                t.senders.insert(addr, n.name.to_string());
             }
         }
         for task in state.tasks.values().filter(|t| &t.node != node) {

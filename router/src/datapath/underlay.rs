@@ -3,8 +3,10 @@
 //! encapsulated frames go out as runs of equal-sized datagrams to one VTEP in a single
 //! sendmsg with UDP GSO. Both through quinn-udp, which owns the platform details.
 
+use super::crypto::TxSa;
 use super::stats::{Counters, DropReason};
 use super::switch::MAX_FRAME;
+use protocol::esp;
 use protocol::types::Vni;
 use protocol::vxlan;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
@@ -13,8 +15,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 
 /// Receive buffers per recvmmsg call.
 const RX_BUFS: usize = 16;
-/// Largest datagram we send: VXLAN header + the largest frame.
-const MAX_DGRAM: usize = vxlan::HEADER_LEN + MAX_FRAME;
+/// Largest datagram we send: VXLAN header + the largest frame, in ESP.
+const MAX_DGRAM: usize = vxlan::HEADER_LEN + MAX_FRAME + esp::MAX_OVERHEAD;
 /// A GSO send is one UDP message to the kernel before segmentation: it must fit the 64 KiB
 /// UDP length limit (65535 minus IP and UDP headers), whatever the segment count.
 const MAX_GSO_BYTES: usize = 65_507;
@@ -22,17 +24,24 @@ const MAX_GSO_BYTES: usize = 65_507;
 pub struct Underlay {
     sock: UdpSocket,
     state: UdpSocketState,
+    port: u16,
 }
 
 impl Underlay {
     pub fn new(sock: UdpSocket) -> io::Result<Underlay> {
         sock.set_nonblocking(true)?;
         let state = UdpSocketState::new((&sock).into())?;
-        Ok(Underlay { sock, state })
+        let port = sock.local_addr()?.port();
+        Ok(Underlay { sock, state, port })
     }
 
     pub fn socket(&self) -> &UdpSocket {
         &self.sock
+    }
+
+    /// The local (VXLAN) port, which sealed datagrams name in their inner UDP header.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     fn send(&self, dest: SocketAddrV4, contents: &[u8], segment: Option<usize>) -> io::Result<()> {
@@ -70,9 +79,17 @@ impl Default for TxBatch {
     }
 }
 
+/// Sealing for an encrypted network: the key and the datagram's sequence number.
+pub struct Seal<'a> {
+    pub sa: &'a TxSa,
+    pub seq: u32,
+}
+
 impl TxBatch {
-    /// Queues `frame` for `vtep` in VXLAN with `vni`; returns how many datagrams went out now
-    /// (a run is sent when the next frame cannot join it).
+    /// Queues `frame` for `vtep` in VXLAN with `vni` — sealed in ESP when `seal` is given;
+    /// returns how many datagrams went out now (a run is sent when the next frame cannot
+    /// join it). Sealed datagrams of equal frames are of equal length, so they form GSO
+    /// runs like plain ones.
     pub fn queue(
         &mut self,
         u: &Underlay,
@@ -80,8 +97,13 @@ impl TxBatch {
         vni: Vni,
         vtep: SocketAddrV4,
         frame: &[u8],
+        seal: Option<Seal<'_>>,
     ) -> u64 {
-        let len = vxlan::HEADER_LEN + frame.len();
+        let vxlan_len = vxlan::HEADER_LEN + frame.len();
+        let len = match &seal {
+            Some(_) => esp::sealed_len(vxlan_len),
+            None => vxlan_len,
+        };
         let fits = self.dest == Some(vtep)
             && !self.closed
             && len <= self.seg
@@ -97,9 +119,31 @@ impl TxBatch {
             self.seg = len;
         }
         let start = self.arena.len();
-        self.arena.resize(start + vxlan::HEADER_LEN, 0);
-        vxlan::Repr { vni }.emit(&mut vxlan::Packet::new_unchecked(&mut self.arena[start..]));
-        self.arena.extend_from_slice(frame);
+        let inner = match &seal {
+            Some(_) => start + esp::HEADER_LEN + esp::INNER_UDP_LEN,
+            None => start,
+        };
+        self.arena.resize(start + len, 0);
+        vxlan::Repr { vni }.emit(&mut vxlan::Packet::new_unchecked(&mut self.arena[inner..]));
+        self.arena[inner + vxlan::HEADER_LEN..inner + vxlan_len].copy_from_slice(frame);
+        if let Some(Seal { sa, seq }) = seal {
+            let port = u.port();
+            if esp::seal_in_place(
+                &mut self.arena[start..],
+                vxlan_len,
+                sa.spi,
+                seq,
+                &sa.key,
+                port,
+            )
+            .is_err()
+            {
+                // Cannot happen (the room was made above); never send the clear text.
+                self.arena.truncate(start);
+                counters.count_drop(DropReason::EspNoKey);
+                return sent;
+            }
+        }
         self.count += 1;
         self.closed = len < self.seg;
         sent
@@ -227,7 +271,7 @@ mod tests {
             .map(|i| vec![i; if i == 99 { 100 } else { 1464 }])
             .collect();
         for f in &frames {
-            sent += tx.queue(&a, &counters, vni, to, f);
+            sent += tx.queue(&a, &counters, vni, to, f, None);
         }
         sent += tx.flush(&a, &counters);
         assert_eq!(sent, 100);
@@ -260,7 +304,7 @@ mod tests {
             (1000, to_c),
             (64, to_b),
         ] {
-            sent += tx.queue(&a, &counters, vni, to, &vec![0xab; len]);
+            sent += tx.queue(&a, &counters, vni, to, &vec![0xab; len], None);
         }
         sent += tx.flush(&a, &counters);
         assert_eq!(sent, 5);

@@ -1,0 +1,140 @@
+//! Encrypted networks in the datapath: which key seals this node's frames for a network,
+//! and the receiving side's per-sender keys and replay windows. The sealing and opening
+//! themselves are [`protocol::esp`]'s, done in place on the underlay's run buffers.
+//!
+//! Keys in [`Tables`] are immutable and rebuilt by the agent when the keyring changes; what
+//! moves per packet (sequence numbers, windows, derived keys of senders) lives in
+//! [`EspState`], owned by the datapath thread.
+
+use super::stats::DropReason;
+use super::table::Tables;
+use protocol::esp::{self, Replay, ReplayWindow, SenderKey};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A network's secret under one key id, shared by every node.
+pub type Secret = Arc<[u8; esp::SECRET_LEN]>;
+
+/// An encrypted network's keys on this node.
+#[derive(Debug, Default)]
+pub struct NetCrypto {
+    /// What this node seals with now (None: no key yet, so nothing is sent).
+    pub tx: Option<TxSa>,
+    /// Every live secret, by key id: frames under any of them are accepted.
+    pub rx: HashMap<u8, Secret>,
+}
+
+/// This node's sending side under one key.
+#[derive(Debug)]
+pub struct TxSa {
+    pub spi: u32,
+    pub key: SenderKey,
+}
+
+/// A sender's key and window, as this node last saw them.
+struct RxSa {
+    secret: Secret,
+    key: SenderKey,
+    window: ReplayWindow,
+}
+
+/// The datapath thread's side: sequence numbers it sent, windows of what it received.
+#[derive(Default)]
+pub struct EspState {
+    seq: HashMap<u32, u64>,
+    rx: HashMap<(u32, Ipv4Addr), RxSa>,
+    /// The highest sequence number used under any key.
+    pub seq_high: Arc<AtomicU64>,
+    /// SPIs whose sequence numbers passed [`esp::SEQ_REKEY`]: the agent asks the manager
+    /// for a new key of their network, long before the numbers run out.
+    pub worn: Arc<Mutex<Vec<u32>>>,
+}
+
+impl EspState {
+    /// The next sequence number under `spi`; None once the key is used up.
+    pub fn next_seq(&mut self, spi: u32) -> Option<u32> {
+        let s = self.seq.entry(spi).or_insert(0);
+        if *s >= esp::SEQ_LIMIT {
+            return None;
+        }
+        *s += 1;
+        if *s == esp::SEQ_REKEY {
+            if let Ok(mut w) = self.worn.lock() {
+                w.push(spi);
+            }
+        }
+        self.seq_high.fetch_max(*s, Ordering::Relaxed);
+        u32::try_from(*s).ok()
+    }
+
+    /// Checks and opens an ESP datagram from `from` in place; returns the VXLAN datagram's
+    /// range and the VNI the SPI names.
+    pub fn open(
+        &mut self,
+        t: &Tables,
+        from: Ipv4Addr,
+        d: &mut [u8],
+    ) -> Result<(Range<usize>, u32), DropReason> {
+        let h = esp::parse_header(d).map_err(|e| match e {
+            esp::EspError::Auth => DropReason::EspAuthFailed,
+            _ => DropReason::EspMalformed,
+        })?;
+        let (vni, key_id) = esp::parse_spi(h.spi);
+        let secret = protocol::types::Vni::new(vni)
+            .ok()
+            .and_then(|v| t.networks.get(&v))
+            .and_then(|n| n.crypto.as_ref())
+            .and_then(|c| c.rx.get(&key_id))
+            .ok_or(DropReason::EspUnknownKey)?;
+        let sender = t.senders.get(&from).ok_or(DropReason::EspUnknownKey)?;
+        let sa = self.rx.entry((h.spi, from)).or_insert_with(|| RxSa {
+            secret: secret.clone(),
+            key: SenderKey::derive(secret, sender, h.epoch),
+            window: ReplayWindow::default(),
+        });
+        if !Arc::ptr_eq(&sa.secret, secret) {
+            // The key id names a new secret (a restarted manager): start over.
+            *sa = RxSa {
+                secret: secret.clone(),
+                key: SenderKey::derive(secret, sender, h.epoch),
+                window: ReplayWindow::default(),
+            };
+        }
+        if sa.window.check(h.epoch, h.seq) == Replay::Replayed {
+            return Err(DropReason::EspReplay);
+        }
+        let fresh_epoch;
+        let key = if sa.key.epoch == h.epoch {
+            fresh_epoch = None;
+            &sa.key
+        } else {
+            // The sender restarted: its new key, kept only once a datagram opens with it.
+            fresh_epoch = Some(SenderKey::derive(secret, sender, h.epoch));
+            fresh_epoch.as_ref().unwrap_or(&sa.key)
+        };
+        let range = esp::open_in_place(d, &h, key).map_err(|e| match e {
+            esp::EspError::Auth => DropReason::EspAuthFailed,
+            _ => DropReason::EspMalformed,
+        })?;
+        if let Some(k) = fresh_epoch {
+            sa.key = k;
+        }
+        sa.window.accept(h.epoch, h.seq);
+        Ok((range, vni))
+    }
+
+    /// Forgets senders' state under keys that are gone.
+    pub fn retain_live(&mut self, t: &Tables) {
+        self.rx.retain(|(spi, _), _| {
+            let (vni, key_id) = esp::parse_spi(*spi);
+            protocol::types::Vni::new(vni)
+                .ok()
+                .and_then(|v| t.networks.get(&v))
+                .and_then(|n| n.crypto.as_ref())
+                .is_some_and(|c| c.rx.contains_key(&key_id))
+        });
+    }
+}

@@ -250,11 +250,25 @@ mod tests {
                 message: "service web not found".into(),
             }),
         });
+        let key = NetworkKey {
+            id: 3,
+            secret: [9; crate::esp::SECRET_LEN],
+            active_from_ms: 1,
+            retire_at_ms: Some(2),
+        };
+        let net = crate::types::NetworkName::new("sec").unwrap();
         roundtrip(&ToNode::Snapshot(Box::new(Snapshot {
             state: ClusterState::default(),
             statuses: BTreeMap::new(),
             health: BTreeMap::new(),
+            keys: [(net, vec![key.clone()])].into(),
         })));
+        // The secret never shows in logs.
+        assert!(!format!("{key:?}").contains('9'));
+        roundtrip(&ToManager::Request {
+            id: 1,
+            op: Op::RotateKey("sec".into()),
+        });
     }
 
     #[test]

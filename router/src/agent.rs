@@ -66,9 +66,12 @@ impl Planes {
     }
 }
 
-/// Per encrypted network: its live keys (id, secret) and the id to send with now.
+/// An encrypted network's live keys (id, secret) and the id to send with now.
+type NetKeys = (Vec<(u8, [u8; protocol::esp::SECRET_LEN])>, Option<u8>);
+
+/// Per encrypted network, its [`NetKeys`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct KeyView(BTreeMap<NetworkName, (Vec<(u8, [u8; protocol::esp::SECRET_LEN])>, Option<u8>)>);
+struct KeyView(BTreeMap<NetworkName, NetKeys>);
 
 impl KeyView {
     fn of(ring: &Keyring, now_ms: u64) -> KeyView {

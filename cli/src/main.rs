@@ -238,17 +238,6 @@ enum ServiceCmd {
     },
 }
 
-fn kv(pairs: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> {
-    pairs
-        .iter()
-        .map(|p| {
-            p.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .ok_or_else(|| anyhow!("invalid {what} {p:?}: expected KEY=VALUE"))
-        })
-        .collect()
-}
-
 /// Network options: KEY=VALUE, or a bare flag as Docker takes `--opt encrypted`.
 fn network_opts(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();

@@ -17,7 +17,7 @@ set -euo pipefail
 T=${1:-5}
 cd "$(dirname "$0")/.."
 need=()
-for pkg in iperf3 wrk nginx-light sockperf dnsperf dnsmasq-base; do
+for pkg in iperf3 wrk nginx-light sockperf dnsperf dnsmasq-base tinc; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -75,7 +75,7 @@ start() { # $1 name, $2 netns, extra args...
   echo "overlayd $name did not start:"; cat "$D/$name.log"; exit 1
 }
 wait_running() { # $1 socket, $2 service, $3 count
-  for _ in $(seq 100); do $C --socket "$1" service ls | grep -q " $3/$3 " && return; sleep 0.1; done
+  for _ in $(seq 100); do $C --socket "$1" service ls | awk -v s="$2" -v r="$3/$3" '$2==s && $4==r' | grep -q . && return; sleep 0.1; done
   echo "service $2 not running"; exit 1
 }
 addr_of() { $C --socket "$1" inspect "$2" | python3 -c 'import json,sys;print(json.load(sys.stdin)[0]["attachments"][0]["address"])'; }
@@ -153,6 +153,14 @@ xc=$($C --socket "$M" service ps x | awk -v n="$vnode" 'NR>1 && $3!=n{print $2; 
 multi_direct_gbps=$($C --socket "$M" exec "$xc" -- iperf3 -c "$(addr_of "$M" v.1)" -t "$T" -J | gbps)
 multi_vip_gbps=$($C --socket "$M" exec "$xc" -- iperf3 -c "$(vip_of "$M" v)" -t "$T" -J | gbps)
 
+# Encrypted network across the same two nodes (issue 9), and tinc with AES next to it.
+$C --socket "$M" network create -o encrypted sec >/dev/null
+$C --socket "$M" service create --name y --network sec --replicas 2 -- iperf3 -s >/dev/null
+wait_running "$M" y 2; sleep 1
+ynodes=$($C --socket "$M" service ps y | awk 'NR>1{print $3}' | sort -u | wc -l)
+enc_gbps=$($C --socket "$M" exec y.1 -- iperf3 -c "$(addr_of "$M" y.2)" -t "$T" -J | gbps)
+tinc_gbps=$(bash ../shared/bench/anchor-tinc.sh "$T" aes-256-cbc | awk '{print $(NF-1)}')
+
 ratio() { python3 -c "print('%.3f' % ($1/$2))"; }
 printf '%-52s %8s Gbit/s\n' "(1) kernel bridge + veth, same host" "$bridge_gbps"
 printf '%-52s %8s Gbit/s\n' "(2) overlayd, two tasks on one node" "$single_gbps"
@@ -178,3 +186,8 @@ printf '%-52s %8s\n' "ratio (2v)/(2) VIP throughput, one node" "$(ratio "$single
 printf '%-52s %8s\n' "ratio (4v)/(4d) VIP throughput, two nodes" "$(ratio "$multi_vip_gbps" "$multi_direct_gbps")"
 printf '%-52s %8s\n' "ratio new connections/s, VIP / direct" "$(ratio "$conn_vip" "$conn_direct")"
 printf '%-52s %8s\n' "ratio DNS q/s, overlayd / dnsmasq" "$(ratio "$dns_qps" "$dnsmasq_qps")"
+printf '%-52s %8s Gbit/s\n' "(4e) encrypted network, two nodes ($ynodes distinct), ESP" "$enc_gbps"
+printf '%-52s %8s Gbit/s\n' "tinc switch mode, aes-256-cbc (anchor)" "$tinc_gbps"
+printf '%-52s %8s\n' "ratio (4e)/(3) encrypted vs kernel VXLAN" "$(ratio "$enc_gbps" "$kvx_gbps")"
+printf '%-52s %8s\n' "ratio (4e)/(4) encrypted vs our plain overlay" "$(ratio "$enc_gbps" "$multi_gbps")"
+printf '%-52s %8s\n' "ratio (4e)/tinc" "$(ratio "$enc_gbps" "$tinc_gbps")"

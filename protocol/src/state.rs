@@ -1251,6 +1251,54 @@ mod tests {
     }
 
     #[test]
+    fn encrypted_networks_have_room_for_esp_and_no_plain_vteps() {
+        let mut s = state();
+        let req = |opts: &[(&str, &str)]| NetworkRequest {
+            options: opts
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        let name = |n: &str| NetworkName::new(n).unwrap();
+        let n = s
+            .create_network(
+                name("sec"),
+                req(&[(OPT_ENCRYPTED, "")]),
+                Pool::default(),
+                "1".into(),
+                0,
+            )
+            .unwrap();
+        assert!(n.encrypted());
+        assert_eq!(n.mtu(), ENCRYPTED_MTU);
+        let too_big = req(&[(OPT_ENCRYPTED, ""), (OPT_MTU, "1450")]);
+        assert!(matches!(
+            s.create_network(name("big"), too_big, Pool::default(), "2".into(), 0),
+            Err(StateError::BadOption { .. })
+        ));
+        let off = s
+            .create_network(
+                name("off"),
+                req(&[(OPT_ENCRYPTED, "false")]),
+                Pool::default(),
+                "3".into(),
+                0,
+            )
+            .unwrap();
+        assert!(!off.encrypted());
+        let vtep = Vtep {
+            address: "198.18.0.9".parse().unwrap(),
+            mac: MacAddr([2, 0x42, 10, 0, 0, 9]),
+            ip: None,
+        };
+        assert!(matches!(
+            s.add_vtep("sec", vtep),
+            Err(StateError::BadOption { .. })
+        ));
+    }
+
+    #[test]
     fn ingress_network_exists_from_the_start_with_an_endpoint_per_node() {
         let mut s = meshed();
         let ing = s.ingress_network().unwrap().clone();

@@ -138,3 +138,85 @@ impl EspState {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::table::NetTable;
+    use protocol::types::Vni;
+
+    const VNI: u32 = 4097;
+
+    fn tables(secret: &Secret) -> Tables {
+        let mut t = Tables::default();
+        let mut rx = HashMap::new();
+        rx.insert(2u8, secret.clone());
+        t.networks.insert(
+            Vni::new(VNI).unwrap(),
+            NetTable {
+                crypto: Some(Arc::new(NetCrypto { tx: None, rx })),
+                ..NetTable::default()
+            },
+        );
+        t.senders.insert(Ipv4Addr::new(198, 18, 0, 1), "n1".into());
+        t
+    }
+
+    fn sealed(secret: &Secret, epoch: u32, seq: u32) -> Vec<u8> {
+        let key = SenderKey::derive(secret, "n1", epoch);
+        let vxlan = [0x08u8, 0, 0, 0, 0, 0x10, 0x01, 0, 1, 2, 3, 4];
+        let mut d = vec![0u8; esp::sealed_len(vxlan.len())];
+        d[esp::HEADER_LEN + esp::INNER_UDP_LEN..][..vxlan.len()].copy_from_slice(&vxlan);
+        esp::seal_in_place(&mut d, vxlan.len(), esp::spi(VNI, 2), seq, &key, 4789).unwrap();
+        d
+    }
+
+    #[test]
+    fn opens_once_per_sequence_number_and_follows_restarts() {
+        let secret: Secret = Arc::new([5u8; esp::SECRET_LEN]);
+        let t = tables(&secret);
+        let n1 = Ipv4Addr::new(198, 18, 0, 1);
+        let mut st = EspState::default();
+        let d = sealed(&secret, 7, 1);
+        let (r, vni) = st.open(&t, n1, &mut d.clone()).unwrap();
+        assert_eq!((r.len(), vni), (12, VNI));
+        assert_eq!(st.open(&t, n1, &mut d.clone()), Err(DropReason::EspReplay));
+        // From an address outside the cluster: unknown.
+        let other = Ipv4Addr::new(198, 18, 0, 9);
+        assert_eq!(
+            st.open(&t, other, &mut d.clone()),
+            Err(DropReason::EspUnknownKey)
+        );
+        // The sender restarted (epoch 8): its sequence numbers start over, accepted; the
+        // old epoch is refused from then on.
+        assert!(st.open(&t, n1, &mut sealed(&secret, 8, 1)).is_ok());
+        assert_eq!(
+            st.open(&t, n1, &mut sealed(&secret, 7, 2)),
+            Err(DropReason::EspReplay)
+        );
+        // A forged epoch does not move the window: authentication fails first.
+        let mut forged = sealed(&secret, 8, 2);
+        forged[8..12].copy_from_slice(&9u32.to_be_bytes());
+        assert_eq!(st.open(&t, n1, &mut forged), Err(DropReason::EspAuthFailed));
+        assert!(st.open(&t, n1, &mut sealed(&secret, 8, 2)).is_ok());
+        // A new secret under the same key id (a restarted manager) is followed.
+        let fresh: Secret = Arc::new([6u8; esp::SECRET_LEN]);
+        let t2 = tables(&fresh);
+        assert!(st.open(&t2, n1, &mut sealed(&fresh, 8, 3)).is_ok());
+        assert_eq!(
+            st.open(&t2, n1, &mut sealed(&secret, 8, 4)),
+            Err(DropReason::EspAuthFailed)
+        );
+    }
+
+    #[test]
+    fn sequence_numbers_stop_before_wrapping() {
+        let mut st = EspState::default();
+        st.seq.insert(1, esp::SEQ_LIMIT - 1);
+        assert_eq!(st.next_seq(1), Some(u32::MAX));
+        assert_eq!(st.next_seq(1), None);
+        st.seq.insert(2, esp::SEQ_REKEY - 1);
+        st.next_seq(2);
+        assert_eq!(*st.worn.lock().unwrap(), vec![2]);
+    }
+}

@@ -20,7 +20,8 @@
 //!   and `service rm` close the port on every node.
 
 use overlay_e2e::{
-    ok, require_root, unique, wait_for, write_script, Node, Underlay, ECHO_PY, SINK_PY, WHOAMI_PY,
+    ok, require_root, unique, wait_for, write_script, Node, Underlay, ECHO_PY, SINK_PY, UPLOAD_PY,
+    WHOAMI_PY,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -79,7 +80,7 @@ while True:
     c.close()
 "#;
 
-/// The outside client's tools: `upload HOST PORT MB`, `udp HOST PORT`, `many HOST PORT N`,
+/// The outside client's tools: `udp HOST PORT`, `many HOST PORT N`,
 /// `pin HOST PORT NAME` (keeps a connection served by NAME and says how it ends).
 const CLIENT: &str = r#"
 import socket, sys, hashlib, os, threading
@@ -100,20 +101,7 @@ def get(s):
             return ""
         body += c
     return body.decode().strip()
-if cmd == "upload":
-    data = os.urandom(int(sys.argv[4]) << 20)
-    s = socket.create_connection((host, port), timeout=30)
-    s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
-    r = b""
-    while True:
-        d = s.recv(4096)
-        if not d:
-            break
-        r += d
-    want = f"{hashlib.sha256(data).hexdigest()} {len(data)}"
-    print("intact" if r.decode().strip() == want else f"corrupt: {r!r} want {want}")
-elif cmd == "udp":
+if cmd == "udp":
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.connect((host, port))
     s.settimeout(2)
@@ -185,6 +173,7 @@ fn routing_mesh_on_three_nodes() {
     let echo = write_script(&dir, "echo.py", ECHO_PY);
     let proxy_reader = write_script(&dir, "proxy.py", PROXY_READER);
     let firehose = write_script(&dir, "firehose.py", FIREHOSE);
+    let upload = write_script(&dir, "upload.py", UPLOAD_PY);
     let client_py = write_script(&dir, "client.py", CLIENT);
 
     let mut u = Underlay::new(&tag, 3, 8);
@@ -325,7 +314,12 @@ fn routing_mesh_on_three_nodes() {
         .iter()
         .find(|n| n.name != sink_node)
         .expect("another node");
-    assert_eq!(py(&["upload", &addr_of[&via.name], "7000", "50"]), "intact");
+    let up = client
+        .cmd("python3")
+        .args([&upload, &addr_of[&via.name], "7000", "50"])
+        .output()
+        .expect("upload");
+    assert_eq!(ok(up, "upload"), "intact");
 
     // Many at once.
     let many = py(&["many", &addr_of[&empty.name], "8080", "100"]);

@@ -83,7 +83,7 @@ while True:
 /// The outside client's tools: `udp HOST PORT`, `many HOST PORT N`,
 /// `pin HOST PORT NAME` (keeps a connection served by NAME and says how it ends).
 const CLIENT: &str = r#"
-import socket, sys, hashlib, os, threading
+import socket, sys, threading
 cmd, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def get(s):
     s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -278,11 +278,15 @@ fn routing_mesh_on_three_nodes() {
     order.extend(nodes.iter().copied().filter(|n| n.name != empty.name));
     for n in &order {
         let addr = &addr_of[&n.name];
+        // Each node learns that a task runs from the manager's next snapshot: wait until
+        // this one balances over both.
         assert!(
-            wait_for(Duration::from_secs(10), || curl(addr, 8080)
-                .status
-                .success()),
-            "no answer from {} at {addr}:8080\n{}",
+            wait_for(Duration::from_secs(10), || {
+                let a = curl(addr, 8080);
+                let b = curl(addr, 8080);
+                a.status.success() && b.status.success() && a.stdout != b.stdout
+            }),
+            "no answers from both replicas at {} ({addr}:8080)\n{}",
             n.name,
             n.log()
         );
@@ -425,6 +429,12 @@ fn routing_mesh_on_three_nodes() {
         late(&n1)
     );
     assert_eq!(late(&n1)["listening"], false);
+    assert!(
+        wait_for(Duration::from_secs(5), || curl(&addr_of[&n2.name], 8090)
+            .status
+            .success()),
+        "node 2 does not serve 8090"
+    );
     assert_eq!(ok(curl(&addr_of[&n2.name], 8090), "late on n2"), "late.1");
     let _ = squatter.kill();
     let _ = squatter.wait();

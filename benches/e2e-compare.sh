@@ -12,6 +12,9 @@
 # straight to its one backend (wrk, nginx, one request per connection); the round trip of a
 # VIP hop at p50/p99 (sockperf TCP ping-pong); DNS queries per second at 127.0.0.11 inside a
 # task (dnsperf) next to dnsmasq answering the same names (../shared/bench/anchor-dns.sh).
+# The data path on every core (issue 10), same run: 4 parallel TCP streams across nodes, the
+# machine's CPU-seconds per GB moved (from /proc/stat over each run), and the round trip
+# (sockperf UDP ping-pong, p50/p99), kernel VXLAN next to overlayd.
 # Usage (root): benches/e2e-compare.sh [seconds]    Builds release binaries first.
 set -euo pipefail
 T=${1:-5}
@@ -62,7 +65,24 @@ for i in 1 2; do
   ip -n "$CN" neigh add 10.0.2.$((peer+1)) lladdr 02:42:0a:00:02:0$peer dev eth0 nud permanent
 done
 ip netns exec "$P-kc2" iperf3 -s -1 -D; sleep 0.3
-kvx_gbps=$(ip netns exec "$P-kc1" iperf3 -c 10.0.2.3 -t "$T" -J | gbps)
+# CPU time of the whole machine (user, nice, system, irq, softirq, steal) over a run, per GB
+# received: the kernel path's work shows as softirq and system time, ours as user time too.
+busy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }
+HZ=$(getconf CLK_TCK)
+iperf_cpu() { # an iperf3 -J command; prints "Gbit/s CPU-seconds-per-GB"
+  local b0 b1 out; b0=$(busy); out=$("$@"); b1=$(busy)
+  echo "$out" | python3 -c 'import json,sys
+e=json.load(sys.stdin)["end"]["sum_received"]; cpu=('"$b1"'-'"$b0"')/'"$HZ"'
+print("%.2f %.2f" % (e["bits_per_second"]/1e9, cpu/(e["bytes"]/1e9)))'; }
+read -r kvx_gbps kvx_cpu <<< "$(iperf_cpu ip netns exec "$P-kc1" iperf3 -c 10.0.2.3 -t "$T" -J)"
+ip netns exec "$P-kc2" iperf3 -s -1 -D -p 5203; sleep 0.3
+read -r kvx4_gbps kvx4_cpu <<< "$(iperf_cpu ip netns exec "$P-kc1" iperf3 -c 10.0.2.3 -p 5203 -P 4 -t "$T" -J)"
+# Round trip: sockperf UDP ping-pong (it reports half the round trip, in microseconds).
+lat() { sockperf pp -i "$1" -p 11112 -t "$T" 2>&1 | awk '/percentile 50.000/{p50=$NF} /percentile 99.000/{p99=$NF} END{print p50, p99}'; }
+ip netns exec "$P-kc2" sockperf sr -p 11112 > /dev/null 2>&1 &
+sp=$!; sleep 0.5
+read -r kvx_lat50 kvx_lat99 <<< "$(ip netns exec "$P-kc1" bash -c "$(declare -f lat); T=$T; lat 10.0.2.3")"
+kill "$sp"; wait "$sp" 2>/dev/null || true
 
 # overlayd runs inside a host namespace entered with nsenter (not `ip netns exec`, whose
 # private mount namespace would hide the task namespaces).
@@ -141,7 +161,13 @@ $C --socket "$M" network create span >/dev/null
 $C --socket "$M" service create --name x --network span --replicas 2 -- iperf3 -s >/dev/null
 wait_running "$M" x 2; sleep 0.5
 # x.1 and x.2 are spread over the two nodes; run the client in x.1 against x.2.
-multi_gbps=$($C --socket "$M" exec x.1 -- iperf3 -c "$(addr_of "$M" x.2)" -t "$T" -J | gbps)
+x2=$(addr_of "$M" x.2)
+read -r multi_gbps multi_cpu <<< "$(iperf_cpu $C --socket "$M" exec x.1 -- iperf3 -c "$x2" -t "$T" -J)"
+read -r multi4_gbps multi4_cpu <<< "$(iperf_cpu $C --socket "$M" exec x.1 -- iperf3 -c "$x2" -P 4 -t "$T" -J)"
+$C --socket "$M" exec x.2 -- sockperf sr -p 11112 > /dev/null 2>&1 &
+sp=$!; sleep 0.5
+read -r multi_lat50 multi_lat99 <<< "$($C --socket "$M" exec x.1 -- bash -c "$(declare -f lat); T=$T; lat $x2")"
+kill "$sp"; wait "$sp" 2>/dev/null || true
 nodes=$($C --socket "$M" service ps x | awk 'NR>1{print $3}' | sort -u | wc -l)
 $C --socket "$M" exec x.2 -- iperf3 -s -1 -D -p 5202; sleep 0.3
 multi_kpps=$($C --socket "$M" exec x.1 -- iperf3 -c "$(addr_of "$M" x.2)" -p 5202 -u -l 64 -b 0 -t "$T" -J | kpps)
@@ -191,3 +217,15 @@ printf '%-52s %8s Gbit/s\n' "tinc switch mode, aes-256-cbc (anchor)" "$tinc_gbps
 printf '%-52s %8s\n' "ratio (4e)/(3) encrypted vs kernel VXLAN" "$(ratio "$enc_gbps" "$kvx_gbps")"
 printf '%-52s %8s\n' "ratio (4e)/(4) encrypted vs our plain overlay" "$(ratio "$enc_gbps" "$multi_gbps")"
 printf '%-52s %8s\n' "ratio (4e)/tinc" "$(ratio "$enc_gbps" "$tinc_gbps")"
+echo "-- the data path on every core (issue 10) --"
+printf '%-52s %8s Gbit/s\n' "(3) kernel VXLAN, 4 parallel streams" "$kvx4_gbps"
+printf '%-52s %8s Gbit/s\n' "(4) overlayd, 4 parallel streams" "$multi4_gbps"
+printf '%-52s %8s\n' "CPU-s per GB, kernel VXLAN, 1 / 4 streams" "$kvx_cpu / $kvx4_cpu"
+printf '%-52s %8s\n' "CPU-s per GB, overlayd, 1 / 4 streams" "$multi_cpu / $multi4_cpu"
+printf '%-52s %8s us\n' "half round trip p50/p99, kernel VXLAN" "$kvx_lat50/$kvx_lat99"
+printf '%-52s %8s us\n' "half round trip p50/p99, overlayd" "$multi_lat50/$multi_lat99"
+printf '%-52s %8s\n' "ratio 1 stream, overlayd / kernel" "$(ratio "$multi_gbps" "$kvx_gbps")"
+printf '%-52s %8s\n' "ratio 4 streams, overlayd / kernel" "$(ratio "$multi4_gbps" "$kvx4_gbps")"
+printf '%-52s %8s\n' "ratio CPU per GB, 1 stream, overlayd / kernel" "$(ratio "$multi_cpu" "$kvx_cpu")"
+printf '%-52s %8s\n' "ratio CPU per GB, 4 streams, overlayd / kernel" "$(ratio "$multi4_cpu" "$kvx4_cpu")"
+printf '%-52s %8s us\n' "added round trip p50 / p99 (2 x half-RTT difference)" "$(python3 -c "print('%.1f / %.1f' % (2*($multi_lat50-$kvx_lat50), 2*($multi_lat99-$kvx_lat99)))")"

@@ -5,7 +5,9 @@
 //! follow task statuses and node health as well as the desired state: the agent looks at
 //! the cluster snapshot four times a second and republishes when a VIP's set of running
 //! backends changed, so a task that stops or a node that goes down leaves the rotation within
-//! a second of the manager knowing it.
+//! a second of the manager knowing it. The same look hands the routing mesh's proxy its view
+//! (published ports and their tasks) and puts encrypted networks' keys into the tables when
+//! they change (a new key, or the moment a new key starts being used for sending).
 
 use crate::cluster::Cluster;
 use crate::datapath::conntrack::{TCP_IDLE_MS, UDP_IDLE_MS};
@@ -16,7 +18,7 @@ use crate::datapath::table::{BackendSpec, PortBinding, PortId, Tables};
 use crate::dns::names::DnsView;
 use crate::dns::server::{self as dns, Shared as DnsShared};
 use crate::ingress::{self, Ingress, IngressView};
-use crate::manager::{now, StatusBoard};
+use crate::manager::{now, now_ms, StatusBoard};
 use crate::services::{self, VipView};
 use crate::sys::iface::{self, IfaceSpec};
 use crate::sys::{mntns, netns};
@@ -84,13 +86,6 @@ impl KeyView {
                 .collect(),
         )
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Name of a task's namespace under /run/netns: recognisable and unique per node.

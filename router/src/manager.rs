@@ -127,7 +127,8 @@ pub struct Manager {
     statuses: StatusBoard,
 }
 
-fn now_ms() -> u64 {
+/// Unix milliseconds (keys' activation times).
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -12,7 +12,6 @@ use protocol::esp::{self, Replay, ReplayWindow, SenderKey};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A network's secret under one key id, shared by every node.
@@ -46,8 +45,6 @@ struct RxSa {
 pub struct EspState {
     seq: HashMap<u32, u64>,
     rx: HashMap<(u32, Ipv4Addr), RxSa>,
-    /// The highest sequence number used under any key.
-    pub seq_high: Arc<AtomicU64>,
     /// SPIs whose sequence numbers passed [`esp::SEQ_REKEY`]: the agent asks the manager
     /// for a new key of their network, long before the numbers run out.
     pub worn: Arc<Mutex<Vec<u32>>>,
@@ -66,7 +63,6 @@ impl EspState {
                 w.push(spi);
             }
         }
-        self.seq_high.fetch_max(*s, Ordering::Relaxed);
         u32::try_from(*s).ok()
     }
 

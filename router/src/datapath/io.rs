@@ -64,8 +64,6 @@ pub struct Datapath {
     /// This run's epoch for encrypted networks: the node's sending keys are derived with
     /// it, so that sequence numbers that start again at 1 after a restart use a new key.
     pub esp_epoch: u32,
-    /// The highest ESP sequence number this node has used under any key.
-    esp_seq_high: Arc<std::sync::atomic::AtomicU64>,
     esp_worn: Arc<std::sync::Mutex<Vec<u32>>>,
     commands: mpsc::Sender<Command>,
     waker: Arc<Waker>,
@@ -106,7 +104,6 @@ impl Datapath {
         let (tx, rx) = mpsc::channel();
         let epoch = Instant::now();
         let esp = EspState::default();
-        let esp_seq_high = esp.seq_high.clone();
         let esp_worn = esp.worn.clone();
         let mut worker = Worker {
             epoch,
@@ -140,7 +137,6 @@ impl Datapath {
         };
         Ok(Datapath {
             esp_epoch: 0,
-            esp_seq_high,
             esp_worn,
             commands: tx,
             waker,
@@ -173,12 +169,6 @@ impl Datapath {
     pub fn publish(&self, mut tables: Tables) {
         tables.flows = self.flows.clone();
         self.tables.store(Arc::new(tables));
-    }
-
-    /// The highest ESP sequence number used so far (the agent asks for a new key past
-    /// `esp::SEQ_REKEY`).
-    pub fn esp_seq_high(&self) -> u64 {
-        self.esp_seq_high.load(Ordering::Relaxed)
     }
 
     /// SPIs that passed the rekey mark since the last call.

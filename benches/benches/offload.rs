@@ -54,7 +54,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("gro_merge_46_segments", |b| {
         b.iter(|| {
             for s in &segs {
-                assert_eq!(gro.push(PortId(1), black_box(s)), Push::Taken);
+                assert_eq!(gro.push(PortId(1), black_box(s), false), Push::Taken);
             }
             gro.take().map(|t| t.3)
         })

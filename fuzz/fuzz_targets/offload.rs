@@ -17,9 +17,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = segment_tcp4(&frame, &h, &mut scratch, |s| assert!(s.len() <= 1600));
     let mut g = Coalescer::default();
     for chunk in data.chunks(97) {
-        if g.push(PortId(1), chunk) == router::datapath::gro::Push::Refused {
+        if g.push(PortId(1), chunk, false) == router::datapath::gro::Push::Refused {
             let _ = g.take();
-            let _ = g.push(PortId(1), chunk);
+            let _ = g.push(PortId(1), chunk, false);
         }
     }
     let _ = g.take();

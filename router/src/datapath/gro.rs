@@ -8,6 +8,9 @@
 //! options as the run, the next sequence number, and a payload of the run's segment size
 //! (a shorter one ends the run). Each segment's IPv4 and TCP checksums are verified before
 //! it joins: the merged frame gets fresh checksums, which must never cover corrupted data.
+//! The TCP sum is skipped for frames already covered end to end: from another overlayd
+//! node (whose UDP checksum the kernel verified: our sockets always set it, unlike a kernel
+//! VTEP's default of none) or opened from ESP (its tag covers every byte).
 //! Anything else is written as it came.
 
 use super::table::PortId;
@@ -61,7 +64,7 @@ fn sum_final(s: Sum16BitWords) -> u16 {
 }
 
 /// The parts of a plain TCP/IPv4 segment GRO looks at, if `frame` is one with valid
-/// checksums.
+/// checksums (its TCP checksum only checked when `verify_tcp`).
 struct Segment {
     thl: usize,
     seq: u32,
@@ -69,7 +72,7 @@ struct Segment {
     payload: usize,
 }
 
-fn parse(frame: &[u8]) -> Option<Segment> {
+fn parse(frame: &[u8], verify_tcp: bool) -> Option<Segment> {
     if frame.len() < ETH + IP + 20
         || frame[12..14] != [0x08, 0x00]
         || frame[ETH] != 0x45
@@ -90,14 +93,16 @@ fn parse(frame: &[u8]) -> Option<Segment> {
     if sum_final(Sum16BitWords::new().add_slice(&frame[ETH..tcp])) != 0 {
         return None;
     }
-    let tcp_len = (frame.len() - tcp) as u16;
-    let check = Sum16BitWords::new()
-        .add_slice(&frame[ETH + 12..ETH + 20])
-        .add_2bytes([0, 6])
-        .add_2bytes(tcp_len.to_be_bytes())
-        .add_slice(&frame[tcp..]);
-    if sum_final(check) != 0 {
-        return None;
+    if verify_tcp {
+        let tcp_len = (frame.len() - tcp) as u16;
+        let check = Sum16BitWords::new()
+            .add_slice(&frame[ETH + 12..ETH + 20])
+            .add_2bytes([0, 6])
+            .add_2bytes(tcp_len.to_be_bytes())
+            .add_slice(&frame[tcp..]);
+        if sum_final(check) != 0 {
+            return None;
+        }
     }
     Some(Segment {
         thl,
@@ -117,9 +122,11 @@ impl Coalescer {
         self.segments == 0
     }
 
-    /// Offers a frame bound for local port `port`.
-    pub fn push(&mut self, port: PortId, frame: &[u8]) -> Push {
-        let Some(s) = parse(frame) else {
+    /// Offers a frame bound for local port `port`. `covered`: the frame's bytes were already
+    /// checked end to end (a UDP checksum an overlayd node always sets and the kernel
+    /// verified, or an ESP tag), so its TCP checksum need not be summed again.
+    pub fn push(&mut self, port: PortId, frame: &[u8], covered: bool) -> Push {
+        let Some(s) = parse(frame, !covered) else {
             return Push::Refused;
         };
         let plain = s.flags & !TCP_FLAG_PSH == TCP_FLAG_ACK;
@@ -236,7 +243,7 @@ mod tests {
             .collect();
         let mut g = Coalescer::default();
         for s in &segs {
-            assert_eq!(g.push(PortId(7), s), Push::Taken);
+            assert_eq!(g.push(PortId(7), s, false), Push::Taken);
         }
         let (port, hdr, merged, n) = g.take().unwrap();
         assert_eq!(n, 5);
@@ -270,26 +277,30 @@ mod tests {
     fn only_in_order_plain_segments_of_one_flow_join() {
         let d = data(1400);
         let mut g = Coalescer::default();
-        assert_eq!(g.push(PortId(1), &seg(0, &d, false)), Push::Taken);
+        assert_eq!(g.push(PortId(1), &seg(0, &d, false), false), Push::Taken);
         assert_eq!(
-            g.push(PortId(2), &seg(1400, &d, false)),
+            g.push(PortId(2), &seg(1400, &d, false), false),
             Push::Refused,
             "other port"
         );
         assert_eq!(
-            g.push(PortId(1), &seg(9999, &d, false)),
+            g.push(PortId(1), &seg(9999, &d, false), false),
             Push::Refused,
             "gap"
         );
         assert_eq!(
-            g.push(PortId(1), &seg(1400, &data(1500), false)),
+            g.push(PortId(1), &seg(1400, &data(1500), false), false),
             Push::Refused,
             "bigger"
         );
         let mut corrupt = seg(1400, &d, false);
         let last = corrupt.len() - 1;
         corrupt[last] ^= 0xff;
-        assert_eq!(g.push(PortId(1), &corrupt), Push::Refused, "bad checksum");
+        assert_eq!(
+            g.push(PortId(1), &corrupt, false),
+            Push::Refused,
+            "bad checksum"
+        );
         let mut other_flow = Vec::new();
         PacketBuilder::ethernet2([2, 0x42, 10, 0, 0, 2], [2, 0x42, 10, 0, 0, 3])
             .ipv4([10, 0, 0, 2], [10, 0, 0, 3], 64)
@@ -297,7 +308,11 @@ mod tests {
             .ack(99)
             .write(&mut other_flow, &d)
             .unwrap();
-        assert_eq!(g.push(PortId(1), &other_flow), Push::Refused, "other flow");
+        assert_eq!(
+            g.push(PortId(1), &other_flow, false),
+            Push::Refused,
+            "other flow"
+        );
         let mut syn = Vec::new();
         PacketBuilder::ethernet2([2, 0x42, 10, 0, 0, 2], [2, 0x42, 10, 0, 0, 3])
             .ipv4([10, 0, 0, 2], [10, 0, 0, 3], 64)
@@ -305,21 +320,21 @@ mod tests {
             .syn()
             .write(&mut syn, &d)
             .unwrap();
-        assert_eq!(g.push(PortId(1), &syn), Push::Refused, "not plain");
+        assert_eq!(g.push(PortId(1), &syn, false), Push::Refused, "not plain");
         assert_eq!(
-            g.push(PortId(1), &seg(1400, &data(100), false)),
+            g.push(PortId(1), &seg(1400, &data(100), false), false),
             Push::Taken,
             "short last"
         );
         assert_eq!(
-            g.push(PortId(1), &seg(1500, &data(100), false)),
+            g.push(PortId(1), &seg(1500, &data(100), false), false),
             Push::Refused,
             "closed"
         );
         // A lone segment comes back untouched with a plain header.
         let mut lone = Coalescer::default();
         let one = seg(5, &d, false);
-        lone.push(PortId(3), &one);
+        lone.push(PortId(3), &one, false);
         let (_, hdr, frame, _) = lone.take().unwrap();
         assert_eq!(hdr, [0u8; HDR_LEN]);
         assert_eq!(frame, &one[..]);
@@ -335,8 +350,8 @@ mod tests {
             .write(&mut udp, b"x")
             .unwrap();
         let mut g = Coalescer::default();
-        assert_eq!(g.push(PortId(1), &udp), Push::Refused);
-        assert_eq!(g.push(PortId(1), &[0u8; 10]), Push::Refused);
+        assert_eq!(g.push(PortId(1), &udp, false), Push::Refused);
+        assert_eq!(g.push(PortId(1), &[0u8; 10], false), Push::Refused);
         assert!(g.is_empty());
     }
 }

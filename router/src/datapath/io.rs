@@ -533,9 +533,10 @@ impl Worker {
                 Verdict::Forward(to) => {
                     // Merge bulk TCP for the TAP; anything else flushes the run first, so
                     // a flow's frames keep their order.
-                    if self.gro.push(to, frame) == Push::Refused {
+                    let covered = sealed_vni.is_some() || tables.senders.contains_key(&from);
+                    if self.gro.push(to, frame, covered) == Push::Refused {
                         tx += flush_gro(&mut self.gro, &self.ports, &self.counters);
-                        if self.gro.push(to, frame) == Push::Refused {
+                        if self.gro.push(to, frame, covered) == Push::Refused {
                             tx += write_port(&self.ports, &self.counters, to, &PLAIN, frame);
                         }
                     }

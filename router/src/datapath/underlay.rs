@@ -118,15 +118,19 @@ impl TxBatch {
             self.dest = Some(vtep);
             self.seg = len;
         }
+        // Appended, not zero-filled first: one pass over the frame.
         let start = self.arena.len();
-        let inner = match &seal {
-            Some(_) => start + esp::HEADER_LEN + esp::INNER_UDP_LEN,
-            None => start,
-        };
-        self.arena.resize(start + len, 0);
+        if seal.is_some() {
+            self.arena
+                .extend_from_slice(&[0u8; esp::HEADER_LEN + esp::INNER_UDP_LEN]);
+        }
+        let inner = self.arena.len();
+        self.arena.extend_from_slice(&[0u8; vxlan::HEADER_LEN]);
         vxlan::Repr { vni }.emit(&mut vxlan::Packet::new_unchecked(&mut self.arena[inner..]));
-        self.arena[inner + vxlan::HEADER_LEN..inner + vxlan_len].copy_from_slice(frame);
+        self.arena.extend_from_slice(frame);
         if let Some(Seal { sa, seq }) = seal {
+            // Room for padding, trailer and tag (at most 21 bytes).
+            self.arena.resize(start + len, 0);
             let port = u.port();
             if esp::seal_in_place(
                 &mut self.arena[start..],

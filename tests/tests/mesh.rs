@@ -6,7 +6,8 @@
 //!   including the one with no task, is answered by both replicas in turn;
 //! - a 50 MB upload through the mesh arrives intact (the task answers its SHA-256 after the
 //!   client half-closes), and the answer comes back over the half-closed connection;
-//! - 100 connections at once are all served;
+//! - 100 connections at once are all served; past `--ingress-max-connections` a node resets
+//!   the extra ones, counts them, and serves again once they are gone;
 //! - a UDP echo service published 9000/udp answers through every node, from the port;
 //! - `mode=host` answers only on the node of its task; a second task of it on that node is
 //!   refused with a placement error in `service ps`;
@@ -116,6 +117,20 @@ if cmd == "udp":
             pass
     else:
         print("no echo")
+elif cmd == "flood":
+    # Opens N connections at once and holds them; prints how many the node reset.
+    n = int(sys.argv[4])
+    socks = [socket.create_connection((host, port), timeout=10) for _ in range(n)]
+    reset = 0
+    for s in socks:
+        s.settimeout(1)
+        try:
+            s.recv(1)
+        except ConnectionResetError:
+            reset += 1
+        except socket.timeout:
+            pass
+    print(reset)
 elif cmd == "many":
     n = int(sys.argv[4])
     socks = [socket.create_connection((host, port), timeout=10) for _ in range(n)]
@@ -181,7 +196,14 @@ fn routing_mesh_on_three_nodes() {
     let client_addr = u.addr(outside);
     let n1 = Node::manager(&format!("{tag}a"), &u, 1);
     let n2 = Node::worker(&format!("{tag}b"), &u, 2, &n1);
-    let n3 = Node::worker(&format!("{tag}c"), &u, 3, &n1);
+    // Node 3 carries at most 40 connections at once.
+    let n3 = Node::worker_with(
+        &format!("{tag}c"),
+        &u,
+        3,
+        &n1,
+        &["--ingress-max-connections", "40"],
+    );
     assert!(wait_for(Duration::from_secs(10), || n1
         .node_state(&n2.name)
         == "ready"
@@ -326,8 +348,26 @@ fn routing_mesh_on_three_nodes() {
     assert_eq!(ok(up, "upload"), "intact");
 
     // Many at once.
-    let many = py(&["many", &addr_of[&empty.name], "8080", "100"]);
-    assert_eq!(many, "100", "{}", empty.json(&["stats"]));
+    // Many at once (on a node with the default limit).
+    let roomy = if empty.name == n3.name { &n1 } else { empty };
+    let many = py(&["many", &addr_of[&roomy.name], "8080", "100"]);
+    assert_eq!(many, "100", "{}", roomy.json(&["stats"]));
+    // Past its limit, node 3 resets the extra connections, counts them, and serves again
+    // once they are gone.
+    let reset: u64 = py(&["flood", &addr_of[&n3.name], "8080", "60"])
+        .parse()
+        .expect("count");
+    assert!(reset >= 20, "{reset} of 60 reset at a limit of 40");
+    let refused = n3.json(&["stats"])["ingress"]["8080/tcp"]["refused"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(refused >= 20, "refused {refused}");
+    assert!(wait_for(Duration::from_secs(10), || curl(
+        &addr_of[&n3.name],
+        8080
+    )
+    .status
+    .success()));
 
     // UDP through every node, answered from the published port.
     for n in nodes {

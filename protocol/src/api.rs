@@ -100,6 +100,32 @@ pub struct NetworkInspect {
     pub options: BTreeMap<String, String>,
     #[serde(default)]
     pub ingress: bool,
+    /// An encrypted network's keys as this node holds them (never the secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionView>,
+}
+
+/// The keys of an encrypted network, without their secrets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EncryptionView {
+    /// "esp-aes256-gcm".
+    pub cipher: String,
+    /// The key id nodes send with now (None: this node has no key yet).
+    pub sending: Option<u8>,
+    pub keys: Vec<KeyInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct KeyInfo {
+    pub id: u8,
+    /// The SPI on the wire, hex.
+    #[serde(rename = "SPI")]
+    pub spi: String,
+    /// Unix milliseconds.
+    pub active_from: u64,
+    pub retire_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -129,6 +129,22 @@ fn network_view(snap: &Snapshot, net: &Network) -> NetworkInspect {
         containers,
         options: net.options.clone(),
         ingress: net.ingress,
+        encryption: net.encrypted().then(|| {
+            let keys = snap.keys.get(&net.name).map(Vec::as_slice).unwrap_or(&[]);
+            api::EncryptionView {
+                cipher: "esp-aes256-gcm".into(),
+                sending: protocol::control::send_key(keys, crate::manager::now_ms()).map(|k| k.id),
+                keys: keys
+                    .iter()
+                    .map(|k| api::KeyInfo {
+                        id: k.id,
+                        spi: format!("{:#010x}", protocol::esp::spi(net.vni.get(), k.id)),
+                        active_from: k.active_from_ms,
+                        retire_at: k.retire_at_ms,
+                    })
+                    .collect(),
+            }
+        }),
     }
 }
 

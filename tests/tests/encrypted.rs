@@ -293,6 +293,11 @@ fn encrypted_networks_on_three_nodes() {
         n1.exec(&t1, &["ping", "-c", "2", &t2_sec]),
         "ping after rotation",
     );
+    // inspect shows both keys (the old one retiring), the new one in use, and no secret.
+    let enc = n1.json(&["network", "inspect", "sec"])[0]["Encryption"].clone();
+    assert_eq!(enc["Keys"].as_array().map(|k| k.len()), Some(2), "{enc}");
+    assert_eq!(enc["Sending"], enc["Keys"][1]["Id"], "{enc}");
+    assert!(enc["Keys"][0]["RetireAt"].is_u64(), "{enc}");
     let spi1 = cap
         .stop()
         .iter()

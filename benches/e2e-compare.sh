@@ -19,25 +19,10 @@
 set -euo pipefail
 T=${1:-5}
 cd "$(dirname "$0")/.."
-need=()
-for pkg in iperf3 wrk nginx-light sockperf dnsperf dnsmasq-base tinc; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-cargo build --release --bins -q
-BIN=$PWD/target/release; C="$BIN/overlayctl"
-P=bc$$; D=$(mktemp -d)
+. benches/common.sh
+P=bc$$
 NS="br c1 c2 k1 k2 kc1 kc2 o1 o2"
-cleanup() {
-  for f in "$D"/*.pid; do kill -TERM "$(cat "$f" 2>/dev/null)" 2>/dev/null || true; done; sleep 1
-  for n in $NS; do ip netns pids "$P-$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true; ip netns del "$P-$n" 2>/dev/null || true; done
-  rm -rf "$D"
-}
-trap cleanup EXIT
-gbps() { python3 -c 'import json,sys;print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'; }
-for n in $NS; do ip netns add "$P-$n"; ip -n "$P-$n" link set lo up; done
+bench_setup iperf3 wrk nginx-light sockperf dnsperf dnsmasq-base tinc
 
 # (1) kernel bridge
 ip -n "$P-br" link add br0 type bridge; ip -n "$P-br" link set br0 up
@@ -84,20 +69,6 @@ sp=$!; sleep 0.5
 read -r kvx_lat50 kvx_lat99 <<< "$(ip netns exec "$P-kc1" bash -c "$(declare -f lat); T=$T; lat 10.0.2.3")"
 kill "$sp"; wait "$sp" 2>/dev/null || true
 
-# overlayd runs inside a host namespace entered with nsenter (not `ip netns exec`, whose
-# private mount namespace would hide the task namespaces).
-start() { # $1 name, $2 netns, extra args...
-  local name=$1 ns=$2; shift 2
-  nsenter --net=/run/netns/"$ns" "$BIN/overlayd" --node "$name" --state-dir "$D/$name" \
-    --socket "$D/$name.sock" --log-level warn "$@" > "$D/$name.log" 2>&1 &
-  echo $! > "$D/$name.pid"
-  for _ in $(seq 50); do [ -S "$D/$name.sock" ] && return; sleep 0.1; done
-  echo "overlayd $name did not start:"; cat "$D/$name.log"; exit 1
-}
-wait_running() { # $1 socket, $2 service, $3 count
-  for _ in $(seq 100); do $C --socket "$1" service ls | awk -v s="$2" -v r="$3/$3" '$2==s && $4==r' | grep -q . && return; sleep 0.1; done
-  echo "service $2 not running"; exit 1
-}
 addr_of() { $C --socket "$1" inspect "$2" | python3 -c 'import json,sys;print(json.load(sys.stdin)[0]["attachments"][0]["address"])'; }
 
 # (2) overlayd, one node
@@ -187,7 +158,6 @@ ynodes=$($C --socket "$M" service ps y | awk 'NR>1{print $3}' | sort -u | wc -l)
 enc_gbps=$($C --socket "$M" exec y.1 -- iperf3 -c "$(addr_of "$M" y.2)" -t "$T" -J | gbps)
 tinc_gbps=$(bash ../shared/bench/anchor-tinc.sh "$T" aes-256-cbc | awk '{print $(NF-1)}')
 
-ratio() { python3 -c "print('%.3f' % ($1/$2))"; }
 printf '%-52s %8s Gbit/s\n' "(1) kernel bridge + veth, same host" "$bridge_gbps"
 printf '%-52s %8s Gbit/s\n' "(2) overlayd, two tasks on one node" "$single_gbps"
 printf '%-52s %8s Gbit/s\n' "(3) kernel VXLAN overlay, two hosts" "$kvx_gbps"

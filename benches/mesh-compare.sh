@@ -13,24 +13,10 @@
 set -euo pipefail
 T=${1:-5}
 cd "$(dirname "$0")/.."
-need=()
-for pkg in iperf3 wrk nginx-light haproxy ethtool; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-cargo build --release --bins -q
-BIN=$PWD/target/release; C="$BIN/overlayctl"
-P=mc$$; D=$(mktemp -d); chmod 755 "$D"
+. benches/common.sh
+P=mc$$
 NS="sw m1 m2 h c"
-cleanup() {
-  for f in "$D"/*.pid; do kill -TERM "$(cat "$f" 2>/dev/null)" 2>/dev/null || true; done; sleep 1
-  for n in $NS; do ip netns pids "$P-$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true; ip netns del "$P-$n" 2>/dev/null || true; done
-  rm -rf "$D"
-}
-trap cleanup EXIT
-for n in $NS; do ip netns add "$P-$n"; ip -n "$P-$n" link set lo up; done
+bench_setup iperf3 wrk nginx-light haproxy ethtool
 ip -n "$P-sw" link add br0 type bridge; ip -n "$P-sw" link set br0 up
 i=1; for n in m1 m2 h c; do
   ip -n "$P-sw" link add p$i type veth peer name u0 netns "$P-$n"
@@ -39,14 +25,6 @@ i=1; for n in m1 m2 h c; do
   ip netns exec "$P-$n" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
   i=$((i+1))
 done
-start() { # $1 name, $2 netns, extra args...
-  local name=$1 ns=$2; shift 2
-  nsenter --net=/run/netns/"$ns" "$BIN/overlayd" --node "$name" --state-dir "$D/$name" \
-    --socket "$D/$name.sock" --log-level warn "$@" > "$D/$name.log" 2>&1 &
-  echo $! > "$D/$name.pid"
-  for _ in $(seq 50); do [ -S "$D/$name.sock" ] && return; sleep 0.1; done
-  echo "overlayd $name did not start:"; cat "$D/$name.log"; exit 1
-}
 start m1 "$P-m1" --advertise-addr 198.18.6.1 --init
 S="$D/m1.sock"
 start m2 "$P-m2" --advertise-addr 198.18.6.2 --join 198.18.6.1 --token "$($C --socket "$S" cluster join-token -q)"
@@ -66,10 +44,7 @@ chmod 755 "$D/nginx.sh"
 $C --socket "$S" network create front >/dev/null
 $C --socket "$S" service create --name web --network front --replicas 2 -p 8080:80 -- "$D/nginx.sh" >/dev/null
 $C --socket "$S" service create --name bulk --network front -p 5201:5201 -- iperf3 -s >/dev/null
-for svc in "web 2" "bulk 1"; do
-  set -- $svc
-  for _ in $(seq 100); do $C --socket "$S" service ls | grep -q " $2/$2 " && break; sleep 0.1; done
-done
+wait_running "$S" web 2; wait_running "$S" bulk 1
 ingress_of() { $C --socket "$S" inspect "$1" | python3 -c 'import json,sys;print([a["address"] for a in json.load(sys.stdin)[0]["attachments"] if a["network"]=="ingress"][0])'; }
 node_of() { $C --socket "$S" inspect "$1" | python3 -c 'import json,sys;print(json.load(sys.stdin)[0]["node"])'; }
 declare -A NODE_ADDR=([m1]=198.18.6.1 [m2]=198.18.6.2)
@@ -127,7 +102,6 @@ for url in "http://$via:8080/" "http://198.18.6.3:8080/" "http://$w1/"; do
   cx curl -sf --max-time 5 "$url" >/dev/null || { echo "no answer from $url"; cat "$D"/m*.log; exit 1; }
 done
 wrk_rps() { cx wrk -t1 -c32 -d"${T}s" -H 'Connection: close' "$1" | awk '/Requests\/sec/{print $2}'; }
-gbps() { python3 -c 'import json,sys;print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'; }
 # Interleaved twice and averaged: these rates swing from run to run here.
 declare -A rps
 for round in 1 2; do
@@ -148,7 +122,6 @@ mesh_rgbps=$(cx iperf3 -R -c "$via" -p 5201 -t "$T" -J | gbps)
 hap_rgbps=$(cx iperf3 -R -c 198.18.6.3 -p 5201 -t "$T" -J | gbps)
 direct_rgbps=$(cx iperf3 -R -c "$b1" -p 5201 -t "$T" -J | gbps)
 
-ratio() { python3 -c "print('%.3f' % ($1/$2))"; }
 printf '%-52s %10s req/s\n' "mesh (overlayd proxy via node $via)" "$mesh_rps"
 printf '%-52s %10s req/s\n' "HAProxy TCP mode + kernel VXLAN" "$hap_rps"
 printf '%-52s %10s req/s\n' "direct to one task (kernel VXLAN)" "$direct_rps"

@@ -621,3 +621,25 @@ while True:
 want = f"{hashlib.sha256(data).hexdigest()} {len(data)}"
 print("intact" if r.decode().strip() == want else f"corrupt: {r!r} want {want}")
 "#;
+
+/// Python for the test clients: `ask(s)` sends one HTTP/1.1 GET on connected socket `s` and
+/// returns the body (by Content-Length), or "" if the connection closed first. Put in front
+/// of a client script.
+pub const HTTP_ASK_PY: &str = r#"
+def ask(s):
+    s.sendall(b"GET / HTTP/1.1\r\nHost: whoami\r\n\r\n")
+    d = b""
+    while b"\r\n\r\n" not in d:
+        c = s.recv(4096)
+        if not c:
+            return ""
+        d += c
+    head, body = d.split(b"\r\n\r\n", 1)
+    n = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+    while len(body) < n:
+        c = s.recv(4096)
+        if not c:
+            return ""
+        body += c
+    return body.decode().strip()
+"#;

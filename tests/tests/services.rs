@@ -19,7 +19,7 @@
 
 use overlay_e2e::{
     iperf_bytes, ok, out, require_root, unique, wait_for, write_script, Node, Underlay, ECHO_PY,
-    WHOAMI_PY,
+    HTTP_ASK_PY, WHOAMI_PY,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -44,22 +44,6 @@ while True:
 /// `pin NAME`: opens connections until one is served by NAME, keeps it, and says how it ends.
 const CLIENT: &str = r#"
 import socket, sys, time
-def ask(s):
-    s.sendall(b"GET / HTTP/1.1\r\nHost: whoami\r\n\r\n")
-    d = b""
-    while b"\r\n\r\n" not in d:
-        c = s.recv(4096)
-        if not c:
-            return ""
-        d += c
-    head, body = d.split(b"\r\n\r\n", 1)
-    n = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
-    while len(body) < n:
-        c = s.recv(4096)
-        if not c:
-            return ""
-        body += c
-    return body.decode().strip()
 if sys.argv[1] == "idle":
     s = socket.create_connection(("whoami", 8000), timeout=3)
     print("first", ask(s), flush=True)
@@ -142,7 +126,7 @@ fn services_vips_and_dns_on_three_nodes() {
     let whoami = write_script(&dir, "whoami.py", WHOAMI_PY);
     let echo = write_script(&dir, "echo.py", ECHO_PY);
     let upstream = write_script(&dir, "upstream.py", UPSTREAM);
-    let client_py = write_script(&dir, "client.py", CLIENT);
+    let client_py = write_script(&dir, "client.py", &[HTTP_ASK_PY, CLIENT].concat());
 
     let u = Underlay::new(&tag, 3, 3);
     // The upstream resolver lives on host 3's underlay address.

@@ -358,11 +358,11 @@ impl Proxy {
                 self.link.clear();
                 continue;
             }
-            self.turn();
             if last_sweep.elapsed() >= TICK {
                 last_sweep = Instant::now();
                 self.sweep();
             }
+            self.turn();
         }
     }
 
@@ -370,14 +370,11 @@ impl Proxy {
     fn turn(&mut self) {
         self.link.read_frames();
         self.poll_iface();
-        let tokens: Vec<Token> = self.conns.keys().copied().collect();
-        for t in tokens {
-            self.pump(t);
+        for c in self.conns.values_mut() {
+            pump(c, &mut self.sockets);
         }
         self.pump_udp();
-        self.poll_iface();
-        self.reap();
-        self.link.flush();
+        self.settle();
     }
 
     fn poll_iface(&mut self) {
@@ -523,7 +520,7 @@ impl Proxy {
         }
         // Its connections and mappings go with it.
         for c in self.conns.values_mut().filter(|c| c.listener == key) {
-            c.done = Some(End::Reset);
+            reset(c, &mut self.sockets);
         }
         let maps: Vec<_> = self.udp.keys().filter(|k| k.0 == key).copied().collect();
         for k in maps {
@@ -540,7 +537,7 @@ impl Proxy {
                 .is_some_and(|l| l.view.backends.contains(&c.backend));
             if !alive && c.done.is_none() {
                 debug!(backend = %c.backend, "task left: resetting its connection");
-                c.done = Some(End::Reset);
+                reset(c, &mut self.sockets);
             }
         }
         let gone: Vec<_> = self
@@ -558,15 +555,11 @@ impl Proxy {
             self.drop_mapping(k);
         }
         // Let the resets go out now.
-        self.poll_iface_after_marking();
+        self.settle();
     }
 
-    fn poll_iface_after_marking(&mut self) {
-        for c in self.conns.values() {
-            if c.done == Some(End::Reset) {
-                self.sockets.get_mut::<tcp::Socket>(c.handle).abort();
-            }
-        }
+    /// Sends what the stack has to send (resets included), then removes ended connections.
+    fn settle(&mut self) {
         self.poll_iface();
         self.reap();
         self.link.flush();
@@ -577,7 +570,7 @@ impl Proxy {
         for k in keys {
             self.close_listener(k);
         }
-        self.poll_iface_after_marking();
+        self.settle();
     }
 
     fn shut_down(&mut self) {
@@ -697,121 +690,40 @@ impl Proxy {
         }
     }
 
-    /// Moves what can move for one connection, and notes when it has ended.
-    fn pump(&mut self, token: Token) {
-        let Some(c) = self.conns.get_mut(&token) else {
-            return;
-        };
-        if c.done.is_some() {
-            return;
-        }
-        let sock = self.sockets.get_mut::<tcp::Socket>(c.handle);
-        // The PROXY header goes first, once the connection is up.
-        if let Some(h) = &c.header {
-            if sock.may_send() {
-                if sock.send_slice(h) == Ok(h.len()) {
-                    c.header = None;
-                } else {
-                    c.done = Some(End::Reset);
-                    return;
-                }
-            }
-        }
-        // Client → task, while the socket has room.
-        while c.readable && !c.client_eof && c.header.is_none() && sock.may_send() {
-            if sock.send_queue() >= sock.send_capacity() {
-                break;
-            }
-            let stream = &mut c.stream;
-            match sock.send(|buf| match stream.read(buf) {
-                Ok(n) => (n, Ok(n)),
-                Err(e) => (0, Err(e)),
-            }) {
-                Ok(Ok(0)) => c.client_eof = true,
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => c.readable = false,
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(_)) => {
-                    c.done = Some(End::Reset);
-                    return;
-                }
-                Err(_) => break,
-            }
-        }
-        if c.client_eof && !c.fin_sent && c.header.is_none() {
-            sock.close();
-            c.fin_sent = true;
-        }
-        // Task → client, while the client's socket takes it.
-        while c.writable && sock.can_recv() {
-            let stream = &mut c.stream;
-            match sock.recv(|buf| match stream.write(buf) {
-                Ok(n) => (n, Ok(n)),
-                Err(e) => (0, Err(e)),
-            }) {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => c.writable = false,
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(_)) => {
-                    c.done = Some(End::Reset);
-                    return;
-                }
-                Err(_) => break,
-            }
-        }
-        use tcp::State;
-        let state = sock.state();
-        let remote_fin = matches!(
-            state,
-            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
-        );
-        if remote_fin && !c.client_shut && sock.recv_queue() == 0 {
-            let _ = c.stream.shutdown(std::net::Shutdown::Write);
-            c.client_shut = true;
-        }
-        c.done = match state {
-            State::Closed if c.fin_sent && c.client_shut => Some(End::Clean),
-            // Reset by the task, or given up on (timeout).
-            State::Closed => Some(End::Reset),
-            State::TimeWait if c.client_shut => Some(End::Clean),
-            State::SynSent if c.opened.elapsed() > CONNECT_TIMEOUT => Some(End::Reset),
-            _ => None,
-        };
-        if c.done == Some(End::Reset) {
-            sock.abort();
-        }
-    }
-
     /// Removes ended connections: their smoltcp socket (after its reset went out), their
     /// port, and the client's socket (closed with RST when the end was a reset).
     fn reap(&mut self) {
-        let ended: Vec<Token> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.done.is_some())
-            .map(|(t, _)| *t)
-            .collect();
-        for t in ended {
-            let Some(mut c) = self.conns.remove(&t) else {
-                continue;
+        let Proxy {
+            conns,
+            tokens,
+            poll,
+            sockets,
+            idle_tcp,
+            local_ports,
+            ..
+        } = self;
+        conns.retain(|t, c| {
+            let Some(end) = c.done else {
+                return true;
             };
-            self.tokens.remove(&t);
-            let _ = self.poll.registry().deregister(&mut c.stream);
+            tokens.remove(t);
+            let _ = poll.registry().deregister(&mut c.stream);
             // Closed or in TIME-WAIT (a reset already went out): reusable as it is.
-            let sock = self.sockets.get_mut::<tcp::Socket>(c.handle);
-            if !sock.is_open() && self.idle_tcp.len() < IDLE_SOCKETS {
-                self.idle_tcp.push(c.handle);
+            let sock = sockets.get_mut::<tcp::Socket>(c.handle);
+            if !sock.is_open() && idle_tcp.len() < IDLE_SOCKETS {
+                idle_tcp.push(c.handle);
             } else {
                 sock.abort();
-                self.sockets.remove(c.handle);
+                sockets.remove(c.handle);
             }
-            self.local_ports.release(c.local_port);
+            local_ports.release(c.local_port);
             PortCounters::dec(&c.counters.active);
-            if c.done == Some(End::Reset) {
+            if end == End::Reset {
                 PortCounters::inc(&c.counters.reset);
                 linger_zero(&c.stream);
             }
-        }
+            false
+        });
     }
 
     fn receive_udp(&mut self, key: ListenerKey) {
@@ -911,8 +823,8 @@ impl Proxy {
         }
     }
 
-    /// Expires idle UDP mappings, gives up connects that went unanswered, and retries
-    /// published ports that could not be opened (a port in use by another process).
+    /// Expires idle UDP mappings and retries published ports that could not be opened (a
+    /// port in use by another process). Runs at least every [`TICK`], before a turn.
     fn sweep(&mut self) {
         let closed: Vec<ListenerKey> = self
             .listeners
@@ -938,12 +850,93 @@ impl Proxy {
         for k in idle {
             self.drop_mapping(k);
         }
-        let tokens: Vec<Token> = self.conns.keys().copied().collect();
-        for t in tokens {
-            self.pump(t);
+        // Unanswered connects are given up by the turn that follows (`pump`).
+    }
+}
+
+/// Ends a connection with a reset both ways (its task left, or its port closed).
+fn reset(c: &mut Conn, sockets: &mut SocketSet<'static>) {
+    if c.done.is_none() {
+        c.done = Some(End::Reset);
+        sockets.get_mut::<tcp::Socket>(c.handle).abort();
+    }
+}
+
+/// Moves what can move for one connection and notes when it has ended. A reset, whichever
+/// side caused it, aborts the smoltcp socket so that the task gets an RST too.
+fn pump(c: &mut Conn, sockets: &mut SocketSet<'static>) {
+    if c.done.is_some() {
+        return;
+    }
+    let sock = sockets.get_mut::<tcp::Socket>(c.handle);
+    c.done = move_bytes(c, sock);
+    if c.done == Some(End::Reset) {
+        sock.abort();
+    }
+}
+
+fn move_bytes(c: &mut Conn, sock: &mut tcp::Socket) -> Option<End> {
+    // The PROXY header goes first, once the connection is up.
+    if let Some(h) = &c.header {
+        if sock.may_send() {
+            if sock.send_slice(h) != Ok(h.len()) {
+                return Some(End::Reset);
+            }
+            c.header = None;
         }
-        self.poll_iface();
-        self.reap();
-        self.link.flush();
+    }
+    // Client → task, while the socket has room.
+    while c.readable && !c.client_eof && c.header.is_none() && sock.may_send() {
+        if sock.send_queue() >= sock.send_capacity() {
+            break;
+        }
+        let stream = &mut c.stream;
+        match sock.send(|buf| match stream.read(buf) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        }) {
+            Ok(Ok(0)) => c.client_eof = true,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => c.readable = false,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(_)) => return Some(End::Reset),
+            Err(_) => break,
+        }
+    }
+    if c.client_eof && !c.fin_sent && c.header.is_none() {
+        sock.close();
+        c.fin_sent = true;
+    }
+    // Task → client, while the client's socket takes it.
+    while c.writable && sock.can_recv() {
+        let stream = &mut c.stream;
+        match sock.recv(|buf| match stream.write(buf) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        }) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => c.writable = false,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(_)) => return Some(End::Reset),
+            Err(_) => break,
+        }
+    }
+    use tcp::State;
+    let state = sock.state();
+    let remote_fin = matches!(
+        state,
+        State::CloseWait | State::LastAck | State::Closing | State::TimeWait
+    );
+    if remote_fin && !c.client_shut && sock.recv_queue() == 0 {
+        let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        c.client_shut = true;
+    }
+    match state {
+        State::Closed if c.fin_sent && c.client_shut => Some(End::Clean),
+        // Reset by the task, or given up on (timeout).
+        State::Closed => Some(End::Reset),
+        State::TimeWait if c.client_shut => Some(End::Clean),
+        State::SynSent if c.opened.elapsed() > CONNECT_TIMEOUT => Some(End::Reset),
+        _ => None,
     }
 }

@@ -522,16 +522,10 @@ impl ClusterState {
         }
         let mut next = self.clone();
         for node in missing {
-            let used = next.used_addresses(&name);
-            let net = next
-                .networks
-                .get_mut(&name)
-                .ok_or_else(|| StateError::NoSuchNetwork(name.to_string()))?;
-            let ip = ipam::next_address(&net.subnet, &used).ok_or(StateError::NetworkFull {
-                network: name.clone(),
-                subnet: net.subnet,
-            })?;
-            net.lb_endpoints.insert(node, ip);
+            let ip = next.free_address(&name)?;
+            if let Some(net) = next.networks.get_mut(&name) {
+                net.lb_endpoints.insert(node, ip);
+            }
         }
         next.revision += 1;
         *self = next;
@@ -785,17 +779,7 @@ impl ClusterState {
             let node = next.place(&svc.name, eligible)?;
             let mut attachments = Vec::new();
             for net_name in &svc.networks {
-                let net = next
-                    .networks
-                    .get(net_name)
-                    .ok_or_else(|| StateError::NoSuchNetwork(net_name.to_string()))?;
-                let used = next.used_addresses(net_name);
-                let address = ipam::next_address(&net.subnet, &used).ok_or_else(|| {
-                    StateError::NetworkFull {
-                        network: net_name.clone(),
-                        subnet: net.subnet,
-                    }
-                })?;
+                let address = next.free_address(net_name)?;
                 attachments.push(Attachment {
                     network: net_name.clone(),
                     address,
@@ -1096,17 +1080,7 @@ impl ClusterState {
                 .cloned()
                 .collect();
             for net_name in missing {
-                let net = next
-                    .networks
-                    .get(&net_name)
-                    .ok_or_else(|| StateError::NoSuchNetwork(net_name.to_string()))?;
-                let used = next.used_addresses(&net_name);
-                let vip = ipam::next_address(&net.subnet, &used).ok_or_else(|| {
-                    StateError::NetworkFull {
-                        network: net_name.clone(),
-                        subnet: net.subnet,
-                    }
-                })?;
+                let vip = next.free_address(&net_name)?;
                 if let Some(s) = next.services.get_mut(&name) {
                     s.vips.insert(net_name, vip);
                     changed = true;
@@ -1118,6 +1092,20 @@ impl ClusterState {
             *self = next;
         }
         Ok(())
+    }
+
+    /// The lowest address of `network` nobody holds.
+    fn free_address(&self, network: &NetworkName) -> Result<Ipv4Addr, StateError> {
+        let net = self
+            .networks
+            .get(network)
+            .ok_or_else(|| StateError::NoSuchNetwork(network.to_string()))?;
+        ipam::next_address(&net.subnet, &self.used_addresses(network)).ok_or_else(|| {
+            StateError::NetworkFull {
+                network: network.clone(),
+                subnet: net.subnet,
+            }
+        })
     }
 
     /// Every address of `network` that is taken: the gateway, each service's VIP, each

@@ -7,7 +7,7 @@
 //! [`EspState`], owned by the datapath thread.
 
 use super::stats::DropReason;
-use super::table::Tables;
+use super::table::{FastHash, Tables};
 use protocol::esp::{self, Replay, ReplayWindow, SenderKey};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -43,8 +43,8 @@ struct RxSa {
 /// The datapath thread's side: sequence numbers it sent, windows of what it received.
 #[derive(Default)]
 pub struct EspState {
-    seq: HashMap<u32, u64>,
-    rx: HashMap<(u32, Ipv4Addr), RxSa>,
+    seq: HashMap<u32, u64, FastHash>,
+    rx: HashMap<(u32, Ipv4Addr), RxSa, FastHash>,
     /// SPIs whose sequence numbers passed [`esp::SEQ_REKEY`]: the agent asks the manager
     /// for a new key of their network, long before the numbers run out.
     pub worn: Arc<Mutex<Vec<u32>>>,
@@ -86,18 +86,15 @@ impl EspState {
             .and_then(|c| c.rx.get(&key_id))
             .ok_or(DropReason::EspUnknownKey)?;
         let sender = t.senders.get(&from).ok_or(DropReason::EspUnknownKey)?;
-        let sa = self.rx.entry((h.spi, from)).or_insert_with(|| RxSa {
+        let start = || RxSa {
             secret: secret.clone(),
             key: SenderKey::derive(secret, sender, h.epoch),
             window: ReplayWindow::default(),
-        });
+        };
+        let sa = self.rx.entry((h.spi, from)).or_insert_with(start);
         if !Arc::ptr_eq(&sa.secret, secret) {
             // The key id names a new secret (a restarted manager): start over.
-            *sa = RxSa {
-                secret: secret.clone(),
-                key: SenderKey::derive(secret, sender, h.epoch),
-                window: ReplayWindow::default(),
-            };
+            *sa = start();
         }
         if sa.window.check(h.epoch, h.seq) == Replay::Replayed {
             return Err(DropReason::EspReplay);

@@ -85,7 +85,7 @@ pub struct Tables {
     /// The node's connection table, shared by every published `Tables`.
     pub flows: Arc<ConnTable>,
     /// Other nodes by underlay address: whose key opens an ESP datagram from there.
-    pub senders: HashMap<Ipv4Addr, String>,
+    pub senders: HashMap<Ipv4Addr, String, FastHash>,
 }
 
 /// What the control side knows of a backend before the table says where it lives.

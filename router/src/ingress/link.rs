@@ -12,6 +12,7 @@
 //! from a local TAP (the kernel's own, possibly still partial) or from the underlay, whose
 //! UDP checksum covered them.
 
+use crate::datapath::stats::{Counters, DropReason};
 use crate::datapath::switch::MAX_SUPER_FRAME;
 use crate::datapath::vnet::{self, VnetHdr};
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType};
@@ -22,6 +23,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 
 /// One message: header and the largest (super-)frame.
 const BUF: usize = vnet::HDR_LEN + MAX_SUPER_FRAME;
@@ -65,12 +67,13 @@ pub struct Link {
     pub readable: bool,
     /// The socket may take frames (true until a write would block).
     pub writable: bool,
-    /// Frames that could not be written (the datapath is gone) or were too short.
-    pub errors: u64,
+    /// Where frames that could not be written (the datapath is gone) or were too short are
+    /// counted, as the datapath counts its own.
+    counters: Arc<Counters>,
 }
 
 impl Link {
-    pub fn new(fd: OwnedFd, mtu: u16) -> Link {
+    pub fn new(fd: OwnedFd, mtu: u16, counters: Arc<Counters>) -> Link {
         Link {
             fd,
             mtu: usize::from(mtu),
@@ -79,7 +82,7 @@ impl Link {
             pool: RefCell::new(Vec::new()),
             readable: true,
             writable: true,
-            errors: 0,
+            counters,
         }
     }
 
@@ -118,7 +121,7 @@ impl Link {
                     Link::recycle(&self.pool, b);
                 }
                 Ok(_) => {
-                    self.errors += 1;
+                    self.counters.count_drop(DropReason::Runt);
                     Link::recycle(&self.pool, b);
                 }
                 Err(nix::errno::Errno::EINTR) => Link::recycle(&self.pool, b),
@@ -149,7 +152,7 @@ impl Link {
                     return;
                 }
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => self.errors += 1,
+                Err(_) => self.counters.count_drop(DropReason::WriteFailed),
             }
             if let Some((b, _)) = self.tx.pop_front() {
                 Link::recycle(&self.pool, b);

@@ -73,7 +73,7 @@ impl Ingress {
     ) -> io::Result<Ingress> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
-        let link = Link::new(link, protocol::state::DEFAULT_MTU);
+        let link = Link::new(link, protocol::state::DEFAULT_MTU, counters.clone());
         poll.registry().register(
             &mut SourceFd(&link.raw_fd()),
             LINK,

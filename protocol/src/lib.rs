@@ -4,6 +4,7 @@
 //! That keeps every decoder of untrusted input testable with byte vectors and fuzzable.
 //!
 //! - [`types`]: small typed identifiers (`MacAddr`, `Vni`, names) with checked constructors.
+//! - [`flow`]: the hash of the flow an inner frame belongs to (the underlay's entropy).
 //! - [`vxlan`]: the RFC 7348 VXLAN header as a zero-copy `Packet` view plus a `Repr`.
 //! - [`state`]: the cluster's desired state (networks, services, tasks) and its invariants.
 //! - [`ipam`]: subnet pools and address allocation.
@@ -13,6 +14,7 @@
 pub mod api;
 pub mod control;
 pub mod esp;
+pub mod flow;
 pub mod ipam;
 pub mod state;
 pub mod types;

@@ -1,12 +1,16 @@
 //! The work a frame crossing nodes costs beyond the switch decision: cutting a TCP
 //! super-frame into MSS-sized segments (userspace TSO) and completing partial checksums on
 //! the way out, verifying and merging segments back into a super-frame (userspace GRO) on
-//! the way in.
+//! the way in. Also the per-frame helpers of several workers: the flow hash that picks a
+//! frame's source port (and so the receiving worker), and cutting segments straight into the
+//! underlay's run next to cutting them into a scratch buffer and copying them there.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use router::datapath::gro::{Coalescer, Push};
 use router::datapath::table::PortId;
-use router::datapath::vnet::{complete_checksum, segment_tcp4, VnetHdr, F_NEEDS_CSUM, GSO_TCPV4};
+use router::datapath::vnet::{
+    complete_checksum, segment_tcp4, Tcp4Segments, VnetHdr, F_NEEDS_CSUM, GSO_TCPV4,
+};
 use std::hint::black_box;
 
 /// A TCP/IPv4 frame (no options) with `payload` bytes, as a task's kernel hands it over.
@@ -43,6 +47,36 @@ fn bench(c: &mut Criterion) {
             segment_tcp4(black_box(&big), &h, &mut scratch, |s| n += s.len()).unwrap();
             n
         })
+    });
+    // Into the underlay's run: each segment behind its 8-byte VXLAN header, laid end to end
+    // (as `TxBatch` lays them), through a scratch buffer and a copy, or cut in place.
+    let mut run = vec![0u8; 48 * 1500];
+    g.bench_function("segment_then_copy_into_run_64KiB", |b| {
+        b.iter(|| {
+            let mut at = 0;
+            segment_tcp4(black_box(&big), &h, &mut scratch, |s| {
+                run[at + 8..at + 8 + s.len()].copy_from_slice(s);
+                at += 8 + s.len();
+            })
+            .unwrap();
+            at
+        })
+    });
+    g.bench_function("segment_in_place_into_run_64KiB", |b| {
+        b.iter(|| {
+            let segs = Tcp4Segments::new(black_box(&big), &h, 1600).unwrap();
+            let mut at = 0;
+            for i in 0..segs.count() {
+                let len = segs.len(i);
+                segs.write(i, &mut run[at + 8..at + 8 + len]);
+                at += 8 + len;
+            }
+            at
+        })
+    });
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("flow_hash_tcp4", |b| {
+        b.iter(|| protocol::flow::hash(black_box(&big)))
     });
     // The receiving side: the same 46 segments, verified and merged back for the TAP.
     let mut segs = Vec::new();

@@ -546,6 +546,9 @@ mod tests {
 pub struct DatapathStats {
     pub rx_frames: u64,
     pub tx_frames: u64,
+    /// The same per datapath worker (up to the last one that moved a frame).
+    #[serde(default)]
+    pub workers: Vec<WorkerStats>,
     pub replies: u64,
     pub flooded: u64,
     /// Dropped frames by reason (a reason that never happened is absent).
@@ -556,6 +559,13 @@ pub struct DatapathStats {
     /// The routing mesh on this node, per published port (`8080/tcp`).
     #[serde(default)]
     pub ingress: BTreeMap<String, IngressPortStats>,
+}
+
+/// One datapath worker's frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    pub rx_frames: u64,
+    pub tx_frames: u64,
 }
 
 /// One published port on one node.

@@ -11,7 +11,7 @@
 
 use crate::cluster::Cluster;
 use crate::datapath::conntrack::{TCP_IDLE_MS, UDP_IDLE_MS};
-use crate::datapath::crypto::{NetCrypto, Secret, TxSa};
+use crate::datapath::crypto::{lane_epoch, NetCrypto, Secret, TxSa};
 use crate::datapath::io::Datapath;
 use crate::datapath::stats::Counters;
 use crate::datapath::table::{BackendSpec, PortBinding, PortId, Tables};
@@ -62,7 +62,7 @@ impl Planes {
         max_connections: usize,
     ) -> std::io::Result<Planes> {
         let (datapath_end, endpoint_end) = ingress::link::pair()?;
-        datapath.add_port(INGRESS_PORT, datapath_end);
+        datapath.add_port(INGRESS_PORT, vec![datapath_end]);
         let ingress = Ingress::start(endpoint_end, counters, max_connections)?;
         Ok(Planes { datapath, ingress })
     }
@@ -325,9 +325,15 @@ impl Agent {
                 .or_insert_with(|| Arc::new(*secret))
                 .clone();
             if Some(*id) == *sending {
+                let keys = (0..self.datapath.workers())
+                    .map(|lane| {
+                        let epoch = lane_epoch(self.datapath.esp_epoch, lane as u8);
+                        SenderKey::derive(&s, self.node.as_str(), epoch)
+                    })
+                    .collect();
                 c.tx = Some(TxSa {
                     spi: protocol::esp::spi(vni.get(), *id),
-                    key: SenderKey::derive(&s, self.node.as_str(), self.datapath.esp_epoch),
+                    keys,
                 });
             }
             c.rx.insert(*id, s);
@@ -424,9 +430,10 @@ impl Agent {
         let ns_path = netns::path_of(&ns_name);
         let made = {
             let path = ns_path.clone();
+            let queues = self.datapath.workers();
             tokio::task::spawn_blocking(move || {
                 netns::create(&ns_name)?;
-                iface::create_task_ifaces(&path, specs)
+                iface::create_task_ifaces(&path, specs, queues)
             })
             .await
             .map_err(|e| format!("setup thread failed: {e}"))?

@@ -73,6 +73,11 @@ pub struct Config {
     #[arg(long, default_value_t = crate::datapath::conntrack::DEFAULT_MAX_FLOWS, value_parser = parse_max_flows)]
     pub lb_max_flows: usize,
 
+    /// Datapath worker threads (default: one per core). Each TAP gets a queue per worker
+    /// and each worker its own underlay socket; the kernel spreads flows over them.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub datapath_workers: Option<u64>,
+
     /// Most connections (and UDP clients) the routing mesh carries at once on this node; more
     /// are refused with a reset and counted.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -156,4 +161,14 @@ fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("invalid interval {s:?}: at least 10s"));
     }
     Ok(std::time::Duration::from_secs(secs))
+}
+
+impl Config {
+    /// How many datapath workers to run: as asked, or one per core the process may use.
+    pub fn workers(&self) -> usize {
+        match self.datapath_workers {
+            Some(n) => n as usize,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
+        }
+    }
 }

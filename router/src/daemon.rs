@@ -12,6 +12,7 @@ use crate::cluster::{wire, Cluster, JoinInfo};
 use crate::config::{Config, CONTROL_PORT};
 use crate::datapath::conntrack::ConnTable;
 use crate::datapath::io::Datapath;
+use crate::datapath::underlay::Sockets;
 use crate::datapath::stats::Counters;
 use crate::manager::Manager;
 use crate::store::Store;
@@ -61,16 +62,6 @@ fn warn_if_private_mount_ns() {
             );
         }
     }
-}
-
-/// Binds the underlay VXLAN socket.
-fn bind_underlay(addr: std::net::Ipv4Addr, port: u16) -> anyhow::Result<std::net::UdpSocket> {
-    let sock = std::net::UdpSocket::bind((addr, port))
-        .with_context(|| format!("binding the VXLAN socket {addr}:{port}"))?;
-    // Room for bursts: a 64-frame batch from each of several ports.
-    let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBuf, &(4 << 20));
-    let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SndBuf, &(4 << 20));
-    Ok(sock)
 }
 
 fn read_or_create(
@@ -253,7 +244,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         );
     }
     let underlay = match cfg.advertise_addr {
-        Some(a) => Some(bind_underlay(a, cfg.data_path_port)?),
+        Some(a) => Some(
+            Sockets::bind(a, cfg.data_path_port, cfg.workers())
+                .with_context(|| format!("binding the VXLAN port {a}:{}", cfg.data_path_port))?,
+        ),
         None if is_worker || is_manager => bail!("--advertise-addr is needed to run in a cluster"),
         None => None,
     };
@@ -278,7 +272,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let counters = Arc::new(Counters::default());
     let flows = Arc::new(ConnTable::new(cfg.lb_max_flows));
-    let mut datapath = Datapath::start(counters.clone(), underlay, flows)
+    let mut datapath = Datapath::start(counters.clone(), underlay, flows, cfg.workers())
         .context("starting the datapath thread")?;
     datapath.esp_epoch = next_epoch(&state_dir);
     let planes = Planes::new(
@@ -328,15 +322,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
 /// This run's epoch for encrypted networks: one more than the last run's, kept in the state
 /// directory (not secret). Sending keys are derived with it, so a restarted node never
-/// reuses a (key, nonce) pair. If the file cannot be kept, a random epoch is as good.
+/// reuses a (key, nonce) pair. If the file cannot be kept, a random epoch is as good. It has
+/// 24 bits: each worker's epoch is this one above the worker's lane (`crypto::lane_epoch`).
 fn next_epoch(state_dir: &std::path::Path) -> u32 {
     let path = state_dir.join("esp-epoch");
     let last: Option<u32> = std::fs::read_to_string(&path)
         .ok()
         .and_then(|s| s.trim().parse().ok());
+    const MASK: u32 = 0x00ff_ffff;
     let epoch = match last {
-        Some(e) => e.wrapping_add(1),
-        None => rand::random(),
+        Some(e) => e.wrapping_add(1) & MASK,
+        // Far from the wrap: 2^23 restarts before it.
+        None => rand::random::<u32>() & (MASK >> 1),
     };
     let tmp = path.with_extension("tmp");
     let saved = std::fs::write(&tmp, epoch.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
@@ -344,7 +341,7 @@ fn next_epoch(state_dir: &std::path::Path) -> u32 {
         Ok(()) => epoch,
         Err(e) => {
             warn!(error = %e, "cannot keep the ESP epoch; using a random one");
-            rand::random()
+            rand::random::<u32>() & MASK
         }
     }
 }

@@ -38,6 +38,9 @@ fn cli_argument_errors_need_no_daemon() {
         one_line(&err).contains("cannot reach overlayd at /nonexistent/x.sock"),
         "{err}"
     );
+    let out = run(Command::new(bin("overlayd")).args(["--node", "a", "--datapath-workers", "0"]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--datapath-workers"));
     let out = run(Command::new(bin("overlayd")).args(["--node", "bad/name"]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid node name"));

@@ -1,10 +1,11 @@
 //! A flow's packets arrive in order across nodes while the data path is busy with others:
 //! four UDP streams with sequence numbers (iperf3 counts any datagram that arrives after a
-//! later one) run next to four bulk TCP streams, between tasks on two nodes. Guards the
-//! data path's per-flow ordering (batching, GSO runs, GRO, and several workers once there
-//! are). Needs root.
+//! later one) run next to eight bulk TCP streams, between tasks on two nodes with two
+//! datapath workers each, and both workers of the receiving node carry frames. Guards the
+//! data path's per-flow ordering (batching, GSO runs, GRO, multi-queue TAPs and the
+//! underlay's steering between workers). Needs root.
 
-use overlay_e2e::{require_root, unique, wait_for, Node, Underlay};
+use overlay_e2e::{bin, require_root, unique, wait_for, Node, Underlay};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -25,11 +26,32 @@ fn flows_stay_in_order_across_nodes_under_load() {
     }
     let tag = unique("or");
     let u = Underlay::new(&tag, 2, 10);
-    let n1 = Node::manager(&format!("{tag}a"), &u, 1);
-    let n2 = Node::worker(&format!("{tag}b"), &u, 2, &n1);
+    let workers = ["--datapath-workers", "2"];
+    let n1 = Node::manager_with(&format!("{tag}a"), &u, 1, &workers);
+    let n2 = Node::worker_with(&format!("{tag}b"), &u, 2, &n1, &workers);
     assert!(wait_for(Duration::from_secs(10), || n1
         .node_state(&n2.name)
         == "ready"));
+    // The workers' sockets share the VXLAN port (SO_REUSEPORT); another daemon on the same
+    // address must still be refused, not silently take a share of the datagrams.
+    let dir = std::env::temp_dir().join(format!("{tag}-dup"));
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", u.host(1).path().display()))
+        .arg(bin("overlayd"))
+        .args(["--node", "dup", "--advertise-addr", &u.addr(1), "--init"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--socket")
+        .arg(dir.join("dup.sock"))
+        .output()
+        .expect("run a second overlayd");
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("binding the VXLAN port"),
+        "a second daemon on {}: {err}",
+        u.addr(1)
+    );
     n1.ctl_ok(&["network", "create", "--subnet", "10.0.50.0/24", "ord"]);
     #[rustfmt::skip]
     n1.ctl_ok(&["service", "create", "--name", "p", "--network", "ord", "--replicas", "2",
@@ -44,7 +66,7 @@ fn flows_stay_in_order_across_nodes_under_load() {
 
     let bulk = n1
         .ctl_cmd(&[
-            "exec", "p.1", "--", "iperf3", "-c", &server, "-p", "5201", "-P", "4", "-t", "5", "-J",
+            "exec", "p.1", "--", "iperf3", "-c", &server, "-p", "5201", "-P", "8", "-t", "5", "-J",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -72,5 +94,17 @@ fn flows_stay_in_order_across_nodes_under_load() {
     assert!(
         moved > 10 << 20,
         "the bulk streams moved only {moved} bytes"
+    );
+    // Twelve flows hash over two workers: both of the receiving node's carry frames (all
+    // twelve on one worker has odds of 1 in 2048).
+    let receiver = if node_of("p.2") == n1.name { &n1 } else { &n2 };
+    let stats = receiver.json(&["stats"]);
+    let per_worker: Vec<u64> = stats["workers"]
+        .as_array()
+        .map(|w| w.iter().map(|w| w["rx_frames"].as_u64().unwrap_or(0)).collect())
+        .unwrap_or_default();
+    assert!(
+        per_worker.len() == 2 && per_worker.iter().all(|n| *n > 1000),
+        "frames per worker on the receiving node: {per_worker:?}"
     );
 }

@@ -4,7 +4,13 @@
 //!
 //! Keys in [`Tables`] are immutable and rebuilt by the agent when the keyring changes; what
 //! moves per packet (sequence numbers, windows, derived keys of senders) lives in
-//! [`EspState`], owned by the datapath thread.
+//! [`EspState`], one per datapath worker, so no lock is taken per datagram.
+//!
+//! Every worker is a sender of its own: its key is derived with an epoch whose low byte is
+//! its lane (the worker's index), so workers never share a (key, nonce) pair and each keeps
+//! its own sequence numbers. A receiver keeps one window per (SPI, sender, lane), and the
+//! underlay's steering ([`crate::sys::steer`]) brings every datagram of one lane to the same
+//! worker, so each window sees all the datagrams it must judge.
 
 use super::stats::DropReason;
 use super::table::{FastHash, Tables};
@@ -26,11 +32,17 @@ pub struct NetCrypto {
     pub rx: HashMap<u8, Secret>,
 }
 
-/// This node's sending side under one key.
+/// This node's sending side under one key: one derived key per worker lane.
 #[derive(Debug)]
 pub struct TxSa {
     pub spi: u32,
-    pub key: SenderKey,
+    pub keys: Vec<SenderKey>,
+}
+
+/// The epoch a worker's keys are derived with: the node's epoch (raised at every start) above
+/// the worker's lane.
+pub fn lane_epoch(node_epoch: u32, lane: u8) -> u32 {
+    (node_epoch << 8) | u32::from(lane)
 }
 
 /// A sender's key and window, as this node last saw them.
@@ -40,17 +52,35 @@ struct RxSa {
     window: ReplayWindow,
 }
 
-/// The datapath thread's side: sequence numbers it sent, windows of what it received.
+/// A datapath worker's side: sequence numbers it sent, windows of what it received.
 #[derive(Default)]
 pub struct EspState {
+    /// The worker's lane: which of a [`TxSa`]'s keys it seals with.
+    pub lane: u8,
     seq: HashMap<u32, u64, FastHash>,
-    rx: HashMap<(u32, Ipv4Addr), RxSa, FastHash>,
+    /// By SPI, sender and the sender's lane.
+    rx: HashMap<(u32, Ipv4Addr, u8), RxSa, FastHash>,
     /// SPIs whose sequence numbers passed [`esp::SEQ_REKEY`]: the agent asks the manager
     /// for a new key of their network, long before the numbers run out.
     pub worn: Arc<Mutex<Vec<u32>>>,
 }
 
 impl EspState {
+    /// The state of the worker at `lane`; `worn` collects worn SPIs for the agent.
+    pub fn new(lane: u8, worn: Arc<Mutex<Vec<u32>>>) -> EspState {
+        EspState {
+            lane,
+            worn,
+            ..EspState::default()
+        }
+    }
+
+    /// The key this worker seals with under `sa` (None if the agent made fewer keys than
+    /// there are workers, which it does not).
+    pub fn key<'a>(&self, sa: &'a TxSa) -> Option<&'a SenderKey> {
+        sa.keys.get(usize::from(self.lane))
+    }
+
     /// The next sequence number under `spi`; None once the key is used up.
     pub fn next_seq(&mut self, spi: u32) -> Option<u32> {
         let s = self.seq.entry(spi).or_insert(0);
@@ -91,7 +121,10 @@ impl EspState {
             key: SenderKey::derive(secret, sender, h.epoch),
             window: ReplayWindow::default(),
         };
-        let sa = self.rx.entry((h.spi, from)).or_insert_with(start);
+        let sa = self
+            .rx
+            .entry((h.spi, from, h.epoch as u8))
+            .or_insert_with(start);
         if !Arc::ptr_eq(&sa.secret, secret) {
             // The key id names a new secret (a restarted manager): start over.
             *sa = start();
@@ -121,7 +154,7 @@ impl EspState {
 
     /// Forgets senders' state under keys that are gone.
     pub fn retain_live(&mut self, t: &Tables) {
-        self.rx.retain(|(spi, _), _| {
+        self.rx.retain(|(spi, _, _), _| {
             let (vni, key_id) = esp::parse_spi(*spi);
             protocol::types::Vni::new(vni)
                 .ok()
@@ -170,7 +203,8 @@ mod tests {
         let t = tables(&secret);
         let n1 = Ipv4Addr::new(198, 18, 0, 1);
         let mut st = EspState::default();
-        let d = sealed(&secret, 7, 1);
+        let (e7, e8) = (lane_epoch(7, 0), lane_epoch(8, 0));
+        let d = sealed(&secret, e7, 1);
         let (r, vni) = st.open(&t, n1, &mut d.clone()).unwrap();
         assert_eq!((r.len(), vni), (12, VNI));
         assert_eq!(st.open(&t, n1, &mut d.clone()), Err(DropReason::EspReplay));
@@ -180,24 +214,29 @@ mod tests {
             st.open(&t, other, &mut d.clone()),
             Err(DropReason::EspUnknownKey)
         );
+        // Another worker of the same sender (lane 1) has its own key and numbers: its
+        // sequence number 1 is new, and replayed once it was seen.
+        let lane1 = sealed(&secret, lane_epoch(7, 1), 1);
+        assert!(st.open(&t, n1, &mut lane1.clone()).is_ok());
+        assert_eq!(st.open(&t, n1, &mut lane1.clone()), Err(DropReason::EspReplay));
         // The sender restarted (epoch 8): its sequence numbers start over, accepted; the
         // old epoch is refused from then on.
-        assert!(st.open(&t, n1, &mut sealed(&secret, 8, 1)).is_ok());
+        assert!(st.open(&t, n1, &mut sealed(&secret, e8, 1)).is_ok());
         assert_eq!(
-            st.open(&t, n1, &mut sealed(&secret, 7, 2)),
+            st.open(&t, n1, &mut sealed(&secret, e7, 2)),
             Err(DropReason::EspReplay)
         );
         // A forged epoch does not move the window: authentication fails first.
-        let mut forged = sealed(&secret, 8, 2);
-        forged[8..12].copy_from_slice(&9u32.to_be_bytes());
+        let mut forged = sealed(&secret, e8, 2);
+        forged[8..12].copy_from_slice(&lane_epoch(9, 0).to_be_bytes());
         assert_eq!(st.open(&t, n1, &mut forged), Err(DropReason::EspAuthFailed));
-        assert!(st.open(&t, n1, &mut sealed(&secret, 8, 2)).is_ok());
+        assert!(st.open(&t, n1, &mut sealed(&secret, e8, 2)).is_ok());
         // A new secret under the same key id (a restarted manager) is followed.
         let fresh: Secret = Arc::new([6u8; esp::SECRET_LEN]);
         let t2 = tables(&fresh);
-        assert!(st.open(&t2, n1, &mut sealed(&fresh, 8, 3)).is_ok());
+        assert!(st.open(&t2, n1, &mut sealed(&fresh, e8, 3)).is_ok());
         assert_eq!(
-            st.open(&t2, n1, &mut sealed(&secret, 8, 4)),
+            st.open(&t2, n1, &mut sealed(&secret, e8, 4)),
             Err(DropReason::EspAuthFailed)
         );
     }

@@ -1,22 +1,32 @@
-//! The datapath's I/O thread: it owns every TAP fd and the underlay UDP socket, waits on them
-//! with `mio`, reads frames in batches, asks [`switch`] what to do with each and does it.
+//! The datapath's workers: threads that each own one queue of every TAP and one underlay
+//! socket, wait on them with `mio`, read frames in batches, ask [`switch`] what to do with
+//! each and do it. There is one worker per core by default (`--datapath-workers`).
 //!
-//! It allocates nothing per frame: frame buffers, the reply buffer and the underlay's batch
-//! buffers ([`super::underlay`]) are made once. Frames for other nodes are queued into runs
-//! that go out with one GSO send per run; datagrams come in with recvmmsg and GRO. Tables
+//! Workers share nothing they write per frame but the connection table (lock-free) and the
+//! counters (atomics): each has its own buffers, GRO run, underlay batch and ESP state. The
+//! kernel spreads the work: a multi-queue TAP hands each flow a task sends to one queue, and
+//! the underlay's `SO_REUSEPORT` steering hands each flow arriving from another node to one
+//! worker ([`crate::sys::steer`]), so a flow stays on one worker and in order. A worker
+//! writes to a port through its own queue of it; a port with one fd (the ingress link) is
+//! read by worker 0 and written by all.
+//!
+//! A worker allocates nothing per frame: frame buffers, the reply buffer and the underlay's
+//! batch buffers ([`super::underlay`]) are made once. Frames for other nodes are queued into
+//! runs that go out with one GSO send per run; datagrams come in with recvmmsg and GRO. Tables
 //! are read from an `ArcSwap` snapshot once per batch; ports come and go through a command
-//! channel and a waker.
+//! channel and a waker per worker.
 
 use super::conntrack::ConnTable;
 use super::crypto::EspState;
+use super::table::FastHash;
 use super::gro::{Coalescer, Push};
 use super::lb;
 use super::nat::L4Csum;
 use super::stats::{Counters, DropReason};
 use super::switch::{self, Verdict, MAX_FRAME, MAX_SUPER_FRAME};
 use super::table::{PortId, Tables};
-use super::underlay::{self, RxBatch, Seal, TxBatch, Underlay};
-use super::vnet::{self, VnetHdr};
+use super::underlay::{self, Dest, RxBatch, Seal, Sockets, TxBatch, Underlay};
+use super::vnet::{self, Tcp4Segments, VnetHdr};
 use arc_swap::ArcSwap;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -25,7 +35,6 @@ use protocol::types::Vni;
 use protocol::vxlan;
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -52,24 +61,39 @@ const SWEEP_CHECK: Duration = Duration::from_millis(250);
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 enum Command {
-    AddPort(PortId, OwnedFd),
+    /// A port and its fds: a TAP's queues (one per worker), or a single fd.
+    AddPort(PortId, Arc<[OwnedFd]>),
     RemovePort(PortId),
     /// A frame the router made (a reset for a client whose backend left), for a port.
     Inject(PortId, Vec<u8>),
     Stop,
 }
 
-/// Handle to the running datapath thread and its connection-table sweeper.
-pub struct Datapath {
-    /// This run's epoch for encrypted networks: the node's sending keys are derived with
-    /// it, so that sequence numbers that start again at 1 after a restart use a new key.
-    pub esp_epoch: u32,
-    esp_worn: Arc<std::sync::Mutex<Vec<u32>>>,
+/// One running worker, as the control side holds it.
+struct Handle {
     commands: mpsc::Sender<Command>,
     waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Handle {
+    fn send(&self, c: Command) {
+        if self.commands.send(c).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// Handle to the running datapath workers and the connection-table sweeper.
+pub struct Datapath {
+    /// This run's epoch for encrypted networks: the node's sending keys are derived with
+    /// it (and each worker's lane), so that sequence numbers that start again at 1 after a
+    /// restart use a new key.
+    pub esp_epoch: u32,
+    esp_worn: Arc<std::sync::Mutex<Vec<u32>>>,
+    workers: Vec<Handle>,
     tables: Arc<ArcSwap<Tables>>,
     flows: Arc<ConnTable>,
-    thread: Option<JoinHandle<()>>,
     sweeper: Option<JoinHandle<()>>,
     stopping: Arc<AtomicBool>,
 }
@@ -80,57 +104,88 @@ fn ms_since(epoch: Instant) -> u64 {
 }
 
 impl Datapath {
-    /// Starts the datapath thread and the sweeper. `underlay` is the bound VXLAN socket of a
-    /// multi-node node (None on a standalone node: nothing is remote); `flows` is the node's
-    /// connection table.
+    /// Starts `workers` datapath workers and the sweeper. `underlay` holds the bound VXLAN
+    /// sockets of a multi-node node, one receiving socket per worker (None on a standalone
+    /// node: nothing is remote); `flows` is the node's connection table.
     pub fn start(
         counters: Arc<Counters>,
-        underlay: Option<UdpSocket>,
+        underlay: Option<Sockets>,
         flows: Arc<ConnTable>,
+        workers: usize,
     ) -> io::Result<Datapath> {
-        let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
-        let underlay = underlay.map(Underlay::new).transpose()?;
+        let workers = workers.clamp(1, super::stats::MAX_WORKERS);
         if let Some(u) = &underlay {
-            let raw = u.socket().as_raw_fd();
-            poll.registry()
-                .register(&mut SourceFd(&raw), UNDERLAY, Interest::READABLE)?;
+            if u.rx.len() != workers {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "one underlay socket per worker is needed",
+                ));
+            }
         }
-        let rxb = underlay.as_ref().map(RxBatch::new);
         let tables = Arc::new(ArcSwap::from_pointee(Tables {
             flows: flows.clone(),
             ..Tables::default()
         }));
-        let (tx, rx) = mpsc::channel();
         let epoch = Instant::now();
-        let esp = EspState::default();
-        let esp_worn = esp.worn.clone();
-        let mut worker = Worker {
-            epoch,
-            poll,
-            commands: rx,
-            tables: tables.clone(),
-            counters,
-            ports: HashMap::new(),
-            underlay,
-            txb: TxBatch::default(),
-            rxb,
-            ready: VecDeque::new(),
-            frames: vec![vec![0u8; PORT_BUF]; BATCH],
-            lens: [0; BATCH],
-            reply: vec![0u8; MAX_FRAME],
-            segment: vec![0u8; MAX_FRAME],
-            gro: Coalescer::default(),
-            esp,
-            seen_tables: 0,
+        let esp_worn = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut rx_socks, pool) = match underlay {
+            Some(u) => (u.rx.into_iter().map(Some).collect(), Some(u.tx)),
+            None => (Vec::new(), None),
         };
-        let thread = std::thread::Builder::new()
-            .name("datapath".into())
-            .spawn(move || worker.run())?;
+        rx_socks.resize_with(workers, || None);
+        let mut handles = Vec::with_capacity(workers);
+        for (lane, sock) in rx_socks.into_iter().enumerate() {
+            let poll = Poll::new()?;
+            let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+            let underlay = match (sock, &pool) {
+                (Some(s), Some(p)) => Some(Underlay::new(s, p.clone())?),
+                _ => None,
+            };
+            if let Some(u) = &underlay {
+                let raw = u.socket().as_raw_fd();
+                poll.registry()
+                    .register(&mut SourceFd(&raw), UNDERLAY, Interest::READABLE)?;
+            }
+            let (tx, rx) = mpsc::channel();
+            let mut worker = Worker {
+                epoch,
+                poll,
+                commands: rx,
+                tables: tables.clone(),
+                counters: counters.clone(),
+                ports: Ports {
+                    lane,
+                    fds: HashMap::default(),
+                },
+                rxb: underlay.as_ref().map(RxBatch::new),
+                underlay,
+                txb: TxBatch::default(),
+                ready: VecDeque::new(),
+                frames: vec![vec![0u8; PORT_BUF]; BATCH],
+                lens: [0; BATCH],
+                reply: vec![0u8; MAX_FRAME],
+                gro: Coalescer::default(),
+                esp: EspState::new(lane as u8, esp_worn.clone()),
+                seen_tables: 0,
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("datapath-{lane}"))
+                .spawn(move || worker.run())?;
+            handles.push(Handle {
+                commands: tx,
+                waker,
+                thread: Some(thread),
+            });
+        }
         let stopping = Arc::new(AtomicBool::new(false));
         let sweeper = {
-            let (tables, tx, waker, stopping) =
-                (tables.clone(), tx.clone(), waker.clone(), stopping.clone());
+            // Resets go out through worker 0, which can write to every port.
+            let (tables, tx, waker, stopping) = (
+                tables.clone(),
+                handles[0].commands.clone(),
+                handles[0].waker.clone(),
+                stopping.clone(),
+            );
             std::thread::Builder::new()
                 .name("conntrack-sweep".into())
                 .spawn(move || sweep_loop(epoch, &tables, &tx, &waker, &stopping))?
@@ -138,30 +193,37 @@ impl Datapath {
         Ok(Datapath {
             esp_epoch: 0,
             esp_worn,
-            commands: tx,
-            waker,
+            workers: handles,
             tables,
             flows,
-            thread: Some(thread),
             sweeper: Some(sweeper),
             stopping,
         })
     }
 
-    fn send(&self, c: Command) {
-        if self.commands.send(c).is_ok() {
-            let _ = self.waker.wake();
+    /// How many workers run: how many queues a TAP should have.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Hands a port's fds to the datapath: a TAP's queues, one per worker, or a single fd
+    /// that worker 0 reads and every worker writes. Frames from it are switched once the
+    /// tables bind it.
+    pub fn add_port(&self, port: PortId, fds: Vec<OwnedFd>) {
+        if fds.is_empty() {
+            return;
+        }
+        let fds: Arc<[OwnedFd]> = fds.into();
+        for w in &self.workers {
+            w.send(Command::AddPort(port, fds.clone()));
         }
     }
 
-    /// Hands a TAP fd to the datapath; frames from it are switched once the tables bind it.
-    pub fn add_port(&self, port: PortId, fd: OwnedFd) {
-        self.send(Command::AddPort(port, fd));
-    }
-
-    /// Closes a port's fd (which deletes a non-persistent TAP).
+    /// Closes a port's fds (which deletes a non-persistent TAP once every worker let go).
     pub fn remove_port(&self, port: PortId) {
-        self.send(Command::RemovePort(port));
+        for w in &self.workers {
+            w.send(Command::RemovePort(port));
+        }
     }
 
     /// Publishes new tables (with this datapath's connection table); the next batch uses
@@ -185,9 +247,11 @@ impl Datapath {
 
     pub fn stop(&mut self) {
         self.stopping.store(true, Ordering::Relaxed);
-        self.send(Command::Stop);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        for w in &mut self.workers {
+            w.send(Command::Stop);
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
         }
         if let Some(t) = self.sweeper.take() {
             let _ = t.join();
@@ -246,13 +310,31 @@ fn sweep_loop(
     }
 }
 
+/// A worker's view of the local ports: each port's fds. The worker reads the queue at its
+/// lane (if the port has one) and writes through queue `lane % len`.
+struct Ports {
+    lane: usize,
+    fds: HashMap<PortId, Arc<[OwnedFd]>, FastHash>,
+}
+
+impl Ports {
+    fn reader(&self, port: PortId) -> Option<&OwnedFd> {
+        self.fds.get(&port)?.get(self.lane)
+    }
+
+    fn writer(&self, port: PortId) -> Option<&OwnedFd> {
+        let q = self.fds.get(&port)?;
+        q.get(self.lane % q.len().max(1))
+    }
+}
+
 struct Worker {
     epoch: Instant,
     poll: Poll,
     commands: mpsc::Receiver<Command>,
     tables: Arc<ArcSwap<Tables>>,
     counters: Arc<Counters>,
-    ports: HashMap<PortId, OwnedFd>,
+    ports: Ports,
     underlay: Option<Underlay>,
     /// Frames queued for other nodes, sent at the end of each batch (or sooner).
     txb: TxBatch,
@@ -264,8 +346,6 @@ struct Worker {
     frames: Vec<Vec<u8>>,
     lens: [usize; BATCH],
     reply: Vec<u8>,
-    /// One segment of a super-frame being cut for the underlay.
-    segment: Vec<u8>,
     /// Segments from the underlay being merged for a TAP.
     gro: Coalescer,
     /// Sequence numbers and replay windows of encrypted networks.
@@ -328,27 +408,28 @@ impl Worker {
     fn drain_commands(&mut self) -> bool {
         while let Ok(c) = self.commands.try_recv() {
             match c {
-                Command::AddPort(port, fd) => {
-                    let raw = fd.as_raw_fd();
+                Command::AddPort(port, fds) => {
                     let token = Token(port.0 as usize);
-                    let reg = self.poll.registry().register(
-                        &mut SourceFd(&raw),
-                        token,
-                        Interest::READABLE,
-                    );
-                    match reg {
-                        Ok(()) => {
-                            self.ports.insert(port, fd);
-                            self.ready.push_back(token);
+                    if let Some(fd) = fds.get(self.ports.lane) {
+                        let raw = fd.as_raw_fd();
+                        let reg = self.poll.registry().register(
+                            &mut SourceFd(&raw),
+                            token,
+                            Interest::READABLE,
+                        );
+                        match reg {
+                            Ok(()) => self.ready.push_back(token),
+                            Err(e) => warn!(port = port.0, error = %e, "cannot poll port"),
                         }
-                        Err(e) => warn!(port = port.0, error = %e, "cannot poll port"),
                     }
+                    self.ports.fds.insert(port, fds);
                 }
                 Command::RemovePort(port) => {
-                    if let Some(fd) = self.ports.remove(&port) {
+                    if let Some(fd) = self.ports.reader(port) {
                         let raw = fd.as_raw_fd();
                         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
                     }
+                    self.ports.fds.remove(&port);
                     self.ready.retain(|t| *t != Token(port.0 as usize));
                 }
                 Command::Inject(port, frame) => {
@@ -363,7 +444,7 @@ impl Worker {
 
     /// Reads one batch from a TAP; returns its size and whether the port may have more.
     fn read_port(&mut self, port: PortId) -> (usize, bool) {
-        let Some(fd) = self.ports.get(&port) else {
+        let Some(fd) = self.ports.reader(port) else {
             return (0, false);
         };
         let mut n = 0;
@@ -390,7 +471,7 @@ impl Worker {
         if n == 0 {
             return more;
         }
-        Counters::add(&self.counters.rx_frames, n as u64);
+        Counters::add(&self.counters.worker(self.ports.lane).rx_frames, n as u64);
         let tables = self.tables.load();
         let mut tx = 0u64;
         for i in 0..n {
@@ -439,6 +520,11 @@ impl Worker {
                     };
                     // On the wire a frame must be whole: segment, or complete its checksum.
                     let h = VnetHdr::from_slice(hdr).unwrap_or_default();
+                    let to = Dest {
+                        vni,
+                        vtep,
+                        flow: protocol::flow::hash(frame),
+                    };
                     let (txb, counters, esp) = (&mut self.txb, &self.counters, &mut self.esp);
                     let mut out = Encap {
                         txb,
@@ -448,16 +534,18 @@ impl Worker {
                         tables: &tables,
                     };
                     let result = if h.is_gso() {
-                        vnet::segment_tcp4(frame, &h, &mut self.segment, |seg| {
-                            tx += out.queue(vni, vtep, seg);
+                        // Each segment is cut straight into its place in the run.
+                        Tcp4Segments::new(frame, &h, MAX_FRAME).map(|segs| {
+                            for i in 0..segs.count() {
+                                tx += out.queue_with(to, segs.len(i), |b| segs.write(i, b));
+                            }
                         })
-                        .map(|_| ())
                     } else if h.flags & vnet::F_NEEDS_CSUM != 0 {
                         vnet::complete_checksum(frame, &h).map(|()| {
-                            tx += out.queue(vni, vtep, frame);
+                            tx += out.queue(to, frame);
                         })
                     } else {
-                        tx += out.queue(vni, vtep, frame);
+                        tx += out.queue(to, frame);
                         Ok(())
                     };
                     if result.is_err() {
@@ -471,7 +559,7 @@ impl Worker {
         if let Some(u) = &self.underlay {
             tx += self.txb.flush(u, &self.counters);
         }
-        Counters::add(&self.counters.tx_frames, tx);
+        Counters::add(&self.counters.worker(self.ports.lane).tx_frames, tx);
         more
     }
 
@@ -560,7 +648,9 @@ impl Worker {
                         counters: &self.counters,
                         tables: &tables,
                     };
-                    tx += out.queue(vni, vtep, &self.reply[..len]);
+                    let reply = &self.reply[..len];
+                    let flow = protocol::flow::hash(reply);
+                    tx += out.queue(Dest { vni, vtep, flow }, reply);
                     tx += self.txb.flush(u, &self.counters);
                     Counters::add(&self.counters.replies, 1);
                 }
@@ -569,8 +659,9 @@ impl Worker {
             }
         }
         tx += flush_gro(&mut self.gro, &self.ports, &self.counters);
-        Counters::add(&self.counters.rx_frames, rx);
-        Counters::add(&self.counters.tx_frames, tx);
+        let mine = self.counters.worker(self.ports.lane);
+        Counters::add(&mine.rx_frames, rx);
+        Counters::add(&mine.tx_frames, tx);
         more
     }
 }
@@ -586,11 +677,16 @@ struct Encap<'a> {
 }
 
 impl Encap<'_> {
-    fn queue(&mut self, vni: Vni, vtep: std::net::SocketAddrV4, frame: &[u8]) -> u64 {
+    fn queue(&mut self, to: Dest, frame: &[u8]) -> u64 {
+        self.queue_with(to, frame.len(), |b| b.copy_from_slice(frame))
+    }
+
+    /// Queues a frame of `len` bytes that `fill` writes in place.
+    fn queue_with(&mut self, to: Dest, len: usize, fill: impl FnOnce(&mut [u8])) -> u64 {
         let crypto = self
             .tables
             .networks
-            .get(&vni)
+            .get(&to.vni)
             .and_then(|n| n.crypto.as_ref());
         let seal = match crypto {
             None => None,
@@ -599,20 +695,24 @@ impl Encap<'_> {
                     self.counters.count_drop(DropReason::EspNoKey);
                     return 0;
                 };
+                let Some(key) = self.esp.key(sa) else {
+                    self.counters.count_drop(DropReason::EspNoKey);
+                    return 0;
+                };
                 let Some(seq) = self.esp.next_seq(sa.spi) else {
                     self.counters.count_drop(DropReason::EspSeqExhausted);
                     return 0;
                 };
-                Some(Seal { sa, seq })
+                Some(Seal { sa, key, seq })
             }
         };
         self.txb
-            .queue(self.u, self.counters, vni, vtep, frame, seal)
+            .queue_with(self.u, self.counters, to, len, seal, fill)
     }
 }
 
 /// Writes the merged run, if any; returns how many of the original frames it delivered.
-fn flush_gro(gro: &mut Coalescer, ports: &HashMap<PortId, OwnedFd>, counters: &Counters) -> u64 {
+fn flush_gro(gro: &mut Coalescer, ports: &Ports, counters: &Counters) -> u64 {
     match gro.take() {
         Some((to, hdr, frame, segments)) => {
             write_port(ports, counters, to, &hdr, frame) * segments as u64
@@ -623,7 +723,7 @@ fn flush_gro(gro: &mut Coalescer, ports: &HashMap<PortId, OwnedFd>, counters: &C
 
 /// Copies `frame` (with its virtio-net header) to every local port of `vni` but `except`.
 fn flood(
-    ports: &HashMap<PortId, OwnedFd>,
+    ports: &Ports,
     counters: &Counters,
     tables: &Tables,
     vni: Vni,
@@ -644,13 +744,13 @@ fn flood(
 
 /// Writes a virtio-net header and a frame to a TAP in one system call.
 fn write_port(
-    ports: &HashMap<PortId, OwnedFd>,
+    ports: &Ports,
     counters: &Counters,
     to: PortId,
     hdr: &[u8],
     frame: &[u8],
 ) -> u64 {
-    let Some(fd) = ports.get(&to) else {
+    let Some(fd) = ports.writer(to) else {
         counters.count_drop(DropReason::UnknownPort);
         return 0;
     };

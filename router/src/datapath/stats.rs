@@ -1,9 +1,11 @@
 //! Datapath counters. Every frame the datapath does not deliver is dropped for a reason from
 //! [`DropReason`] and counted; nothing is dropped silently and nothing is logged per frame.
-//! The I/O thread is the only writer, the API reads: relaxed atomics are enough.
+//! Workers write, the API reads: relaxed atomics are enough. The frame counts, added per
+//! batch, are kept per worker on cache lines of their own, so that workers on different cores
+//! do not bounce one line between them; the API sums them.
 
 use super::conntrack::ServiceCounters;
-use protocol::api::{DatapathStats, ServiceLbStats};
+use protocol::api::{DatapathStats, ServiceLbStats, WorkerStats};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,11 +62,22 @@ drop_reasons! {
     EspSeqExhausted => "esp_seq_exhausted": "The sender's sequence numbers under this key are used up (it waits for the next key).",
 }
 
-/// Shared counters of one node's datapath.
+/// Most datapath workers a node runs (`--datapath-workers`).
+pub const MAX_WORKERS: usize = 64;
+
+/// One worker's frame counts, alone on its cache line (and the next, which the prefetcher
+/// pairs with it).
 #[derive(Debug, Default)]
-pub struct Counters {
+#[repr(align(128))]
+pub struct WorkerCounters {
     pub rx_frames: AtomicU64,
     pub tx_frames: AtomicU64,
+}
+
+/// Shared counters of one node's datapath.
+#[derive(Debug)]
+pub struct Counters {
+    workers: [WorkerCounters; MAX_WORKERS],
     pub replies: AtomicU64,
     pub flooded: AtomicU64,
     drops: [AtomicU64; 32],
@@ -132,7 +145,25 @@ impl LbRegistry {
     }
 }
 
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            workers: std::array::from_fn(|_| WorkerCounters::default()),
+            replies: AtomicU64::default(),
+            flooded: AtomicU64::default(),
+            drops: Default::default(),
+            lb: LbRegistry::default(),
+            ingress: Default::default(),
+        }
+    }
+}
+
 impl Counters {
+    /// The frame counts of the worker at `lane`.
+    pub fn worker(&self, lane: usize) -> &WorkerCounters {
+        &self.workers[lane % MAX_WORKERS]
+    }
+
     pub fn count_drop(&self, reason: DropReason) {
         self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -151,9 +182,22 @@ impl Counters {
             .map(|r| (r.name().to_string(), self.dropped(*r)))
             .filter(|(_, n)| *n > 0)
             .collect();
+        let per_worker: Vec<WorkerStats> = self
+            .workers
+            .iter()
+            .map(|w| WorkerStats {
+                rx_frames: w.rx_frames.load(Ordering::Relaxed),
+                tx_frames: w.tx_frames.load(Ordering::Relaxed),
+            })
+            .collect();
+        let last = per_worker
+            .iter()
+            .rposition(|w| w.rx_frames + w.tx_frames > 0)
+            .map_or(0, |i| i + 1);
         DatapathStats {
-            rx_frames: self.rx_frames.load(Ordering::Relaxed),
-            tx_frames: self.tx_frames.load(Ordering::Relaxed),
+            rx_frames: per_worker.iter().map(|w| w.rx_frames).sum(),
+            tx_frames: per_worker.iter().map(|w| w.tx_frames).sum(),
+            workers: per_worker[..last].to_vec(),
             replies: self.replies.load(Ordering::Relaxed),
             flooded: self.flooded.load(Ordering::Relaxed),
             drops,

@@ -64,8 +64,8 @@ pub struct Vip {
 pub struct NetTable {
     pub gateway_ip: Option<Ipv4Addr>,
     pub gateway_mac: MacAddr,
-    pub macs: HashMap<MacAddr, Location>,
-    pub arp: HashMap<Ipv4Addr, MacAddr>,
+    pub macs: HashMap<MacAddr, Location, FastHash>,
+    pub arp: HashMap<Ipv4Addr, MacAddr, FastHash>,
     /// Local ports of this network, for flooding.
     pub local_ports: Vec<PortId>,
     /// Service VIPs on this network, by address.
@@ -80,8 +80,8 @@ pub struct NetTable {
 /// All tables of one node.
 #[derive(Debug, Clone, Default)]
 pub struct Tables {
-    pub ports: HashMap<PortId, PortBinding>,
-    pub networks: HashMap<Vni, NetTable>,
+    pub ports: HashMap<PortId, PortBinding, FastHash>,
+    pub networks: HashMap<Vni, NetTable, FastHash>,
     /// The node's connection table, shared by every published `Tables`.
     pub flows: Arc<ConnTable>,
     /// Other nodes by underlay address: whose key opens an ESP datagram from there.

@@ -1,7 +1,14 @@
-//! The underlay UDP socket, batched: received datagrams come in with recvmmsg and UDP GRO
+//! The underlay UDP sockets, batched: received datagrams come in with recvmmsg and UDP GRO
 //! (several same-sized datagrams of one flow coalesced into one buffer, split by stride), and
 //! encapsulated frames go out as runs of equal-sized datagrams to one VTEP in a single
 //! sendmsg with UDP GSO. Both through quinn-udp, which owns the platform details.
+//!
+//! A node has one receiving socket per datapath worker, all bound to the VXLAN port in one
+//! `SO_REUSEPORT` group whose steering program ([`crate::sys::steer`]) gives each datagram to
+//! one worker by its flow; and a pool of sending sockets on consecutive ports, shared by the
+//! workers. A frame leaves from the pool socket its inner flow hashes to, so the source port
+//! carries the flow's entropy (RFC 7348 section 5) and the receiver's steering keeps a flow on
+//! one worker.
 
 use super::crypto::TxSa;
 use super::stats::{Counters, DropReason};
@@ -10,8 +17,10 @@ use protocol::esp;
 use protocol::types::Vni;
 use protocol::vxlan;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::sync::Arc;
 
 /// Receive buffers per recvmmsg call.
 const RX_BUFS: usize = 16;
@@ -20,31 +29,59 @@ const MAX_DGRAM: usize = vxlan::HEADER_LEN + MAX_FRAME + esp::MAX_OVERHEAD;
 /// A GSO send is one UDP message to the kernel before segmentation: it must fit the 64 KiB
 /// UDP length limit (65535 minus IP and UDP headers), whatever the segment count.
 const MAX_GSO_BYTES: usize = 65_507;
+/// Sending sockets per node: the source ports flows are spread over. A power of two, so
+/// that any power-of-two number of workers at the receiver divides them evenly.
+pub const SEND_PORTS: u16 = 16;
+/// Socket buffers: room for bursts, a 64-frame batch from each of several ports.
+const SOCKET_BUFFER: usize = 4 << 20;
 
-pub struct Underlay {
-    sock: UdpSocket,
-    state: UdpSocketState,
-    port: u16,
+/// Sockets that send, shared by every worker of a node.
+pub struct SendPool {
+    socks: Vec<(UdpSocket, UdpSocketState)>,
 }
 
-impl Underlay {
-    pub fn new(sock: UdpSocket) -> io::Result<Underlay> {
-        sock.set_nonblocking(true)?;
-        let state = UdpSocketState::new((&sock).into())?;
-        let port = sock.local_addr()?.port();
-        Ok(Underlay { sock, state, port })
+impl SendPool {
+    fn new(socks: Vec<UdpSocket>) -> io::Result<SendPool> {
+        let socks = socks
+            .into_iter()
+            .map(|s| {
+                s.set_nonblocking(true)?;
+                let st = UdpSocketState::new((&s).into())?;
+                Ok((s, st))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(SendPool { socks })
     }
 
-    pub fn socket(&self) -> &UdpSocket {
-        &self.sock
+    /// The socket a frame of flow `flow` leaves from.
+    pub fn pick(&self, flow: u32) -> usize {
+        flow as usize % self.socks.len().max(1)
     }
 
-    /// The local (VXLAN) port, which sealed datagrams name in their inner UDP header.
-    pub fn port(&self) -> u16 {
-        self.port
+    /// Source ports, in pick order.
+    pub fn ports(&self) -> Vec<u16> {
+        self.socks
+            .iter()
+            .filter_map(|(s, _)| s.local_addr().ok().map(|a| a.port()))
+            .collect()
     }
 
-    fn send(&self, dest: SocketAddrV4, contents: &[u8], segment: Option<usize>) -> io::Result<()> {
+    fn max_gso_segments(&self, from: usize) -> usize {
+        self.socks
+            .get(from)
+            .map_or(1, |(_, st)| st.max_gso_segments())
+    }
+
+    fn send(
+        &self,
+        from: usize,
+        dest: SocketAddrV4,
+        contents: &[u8],
+        segment: Option<usize>,
+    ) -> io::Result<()> {
+        let Some((sock, state)) = self.socks.get(from) else {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        };
         let t = Transmit {
             destination: SocketAddr::V4(dest),
             ecn: None,
@@ -52,15 +89,137 @@ impl Underlay {
             segment_size: segment,
             src_ip: None,
         };
-        self.state.try_send((&self.sock).into(), &t)
+        state.try_send(sock.into(), &t)
     }
 }
 
-/// A run of VXLAN datagrams to one VTEP, all `seg` bytes but possibly the last, laid end to
-/// end so that one GSO send carries them.
+/// A node's underlay: the receiving socket of each worker and the shared sending pool.
+pub struct Sockets {
+    pub rx: Vec<UdpSocket>,
+    pub tx: Arc<SendPool>,
+}
+
+fn udp_socket(addr: SocketAddrV4, reuse_port: bool) -> io::Result<Socket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_cloexec(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.bind(&SockAddr::from(addr))?;
+    Ok(s)
+}
+
+fn buffers(s: &Socket) {
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+}
+
+impl Sockets {
+    /// Binds the VXLAN port of `addr` for `workers` workers, with its steering program, and
+    /// the sending pool beside it. Fails if another process holds the port: the group is
+    /// joined only after a plain bind of the port succeeded, so a second overlayd on the same
+    /// address cannot silently share it.
+    pub fn bind(addr: Ipv4Addr, port: u16, workers: usize) -> io::Result<Sockets> {
+        let at = SocketAddrV4::new(addr, port);
+        let workers = workers.max(1);
+        drop(udp_socket(at, false)?);
+        let mut rx = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let s = udp_socket(at, true)?;
+            buffers(&s);
+            rx.push(UdpSocket::from(s));
+        }
+        if let Some(first) = rx.first() {
+            crate::sys::steer::attach(first, workers as u32)?;
+        }
+        let tx = SendPool::new(send_ports(addr)?)?;
+        Ok(Sockets {
+            rx,
+            tx: Arc::new(tx),
+        })
+    }
+}
+
+/// [`SEND_PORTS`] sockets on consecutive ports of `addr`, a block aligned to its size in the
+/// dynamic range (so that a receiver's `port % workers` spreads them evenly); ephemeral ports
+/// if no free block is found after a few tries.
+fn send_ports(addr: Ipv4Addr) -> io::Result<Vec<UdpSocket>> {
+    let block = |base: u16| -> io::Result<Vec<UdpSocket>> {
+        (0..SEND_PORTS)
+            .map(|i| {
+                let s = udp_socket(SocketAddrV4::new(addr, base + i), false)?;
+                buffers(&s);
+                // Nothing is sent to these ports; whatever is, is not kept.
+                let _ = s.set_recv_buffer_size(0);
+                Ok(UdpSocket::from(s))
+            })
+            .collect()
+    };
+    let blocks = (65_536 - 49_152) / u32::from(SEND_PORTS);
+    for _ in 0..8 {
+        let base = 49_152 + (rand::random::<u32>() % blocks) * u32::from(SEND_PORTS);
+        if let Ok(b) = block(base as u16) {
+            return Ok(b);
+        }
+    }
+    block(0).or_else(|_| {
+        (0..SEND_PORTS)
+            .map(|_| Ok(UdpSocket::from(udp_socket(SocketAddrV4::new(addr, 0), false)?)))
+            .collect()
+    })
+}
+
+/// One worker's view of the underlay: its receiving socket and the node's sending pool.
+pub struct Underlay {
+    sock: UdpSocket,
+    state: UdpSocketState,
+    port: u16,
+    pool: Arc<SendPool>,
+}
+
+impl Underlay {
+    pub fn new(sock: UdpSocket, pool: Arc<SendPool>) -> io::Result<Underlay> {
+        sock.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&sock).into())?;
+        let port = sock.local_addr()?.port();
+        Ok(Underlay {
+            sock,
+            state,
+            port,
+            pool,
+        })
+    }
+
+    /// An underlay of one socket that also sends (tests, tools).
+    pub fn single(sock: UdpSocket) -> io::Result<Underlay> {
+        let pool = Arc::new(SendPool::new(vec![sock.try_clone()?])?);
+        Underlay::new(sock, pool)
+    }
+
+    pub fn socket(&self) -> &UdpSocket {
+        &self.sock
+    }
+
+    pub fn pool(&self) -> &SendPool {
+        &self.pool
+    }
+
+    /// The local (VXLAN) port, which sealed datagrams name in their inner UDP header.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// A run of VXLAN datagrams to one VTEP from one pool socket, all `seg` bytes but possibly
+/// the last, laid end to end so that one GSO send carries them. Frames are written straight
+/// into their place behind their headers ([`TxBatch::queue_with`]): a segment cut from a
+/// super-frame is copied once, from the TAP's read buffer to the run.
 pub struct TxBatch {
-    arena: Vec<u8>,
-    dest: Option<SocketAddrV4>,
+    /// Made once at full size and never zeroed again; `used` bytes are the run.
+    arena: Box<[u8]>,
+    used: usize,
+    /// The VTEP and the pool socket of the run.
+    dest: Option<(SocketAddrV4, usize)>,
     seg: usize,
     count: usize,
     /// The last datagram was shorter than `seg`: nothing may follow it in this run.
@@ -70,7 +229,8 @@ pub struct TxBatch {
 impl Default for TxBatch {
     fn default() -> Self {
         TxBatch {
-            arena: Vec::with_capacity(MAX_GSO_BYTES),
+            arena: vec![0u8; MAX_GSO_BYTES].into_boxed_slice(),
+            used: 0,
             dest: None,
             seg: 0,
             count: 0,
@@ -79,75 +239,105 @@ impl Default for TxBatch {
     }
 }
 
-/// Sealing for an encrypted network: the key and the datagram's sequence number.
+/// Where a frame goes: its network, the VTEP, and its flow (which picks the pool socket).
+#[derive(Debug, Clone, Copy)]
+pub struct Dest {
+    pub vni: Vni,
+    pub vtep: SocketAddrV4,
+    pub flow: u32,
+}
+
+/// Sealing for an encrypted network: the SPI, the sending worker's key under it and the
+/// datagram's sequence number.
 pub struct Seal<'a> {
     pub sa: &'a TxSa,
+    pub key: &'a esp::SenderKey,
     pub seq: u32,
 }
 
 impl TxBatch {
-    /// Queues `frame` for `vtep` in VXLAN with `vni` — sealed in ESP when `seal` is given;
-    /// returns how many datagrams went out now (a run is sent when the next frame cannot
-    /// join it). Sealed datagrams of equal frames are of equal length, so they form GSO
-    /// runs like plain ones.
+    /// Queues `frame` (of flow `flow`, [`protocol::flow::hash`]) for `vtep` in VXLAN with
+    /// `vni` — sealed in ESP when `seal` is given; returns how many datagrams went out now (a
+    /// run is sent when the next frame cannot join it). Sealed datagrams of equal frames are
+    /// of equal length, so they form GSO runs like plain ones.
+    #[allow(clippy::too_many_arguments)]
     pub fn queue(
         &mut self,
         u: &Underlay,
         counters: &Counters,
         vni: Vni,
         vtep: SocketAddrV4,
+        flow: u32,
         frame: &[u8],
         seal: Option<Seal<'_>>,
     ) -> u64 {
-        let vxlan_len = vxlan::HEADER_LEN + frame.len();
+        let to = Dest { vni, vtep, flow };
+        self.queue_with(u, counters, to, frame.len(), seal, |b| {
+            b.copy_from_slice(frame)
+        })
+    }
+
+    /// As [`TxBatch::queue`], for a frame of `frame_len` bytes that `fill` writes into its
+    /// place in the run (every byte of the slice it is given).
+    pub fn queue_with(
+        &mut self,
+        u: &Underlay,
+        counters: &Counters,
+        to: Dest,
+        frame_len: usize,
+        seal: Option<Seal<'_>>,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> u64 {
+        let Dest { vni, vtep, flow } = to;
+        let from = u.pool.pick(flow);
+        let vxlan_len = vxlan::HEADER_LEN + frame_len;
         let len = match &seal {
             Some(_) => esp::sealed_len(vxlan_len),
             None => vxlan_len,
         };
-        let fits = self.dest == Some(vtep)
+        if len > MAX_DGRAM {
+            counters.count_drop(DropReason::OffloadMalformed);
+            return 0;
+        }
+        let fits = self.dest == Some((vtep, from))
             && !self.closed
             && len <= self.seg
-            && self.count < u.state.max_gso_segments()
-            && self.arena.len() + len <= MAX_GSO_BYTES;
+            && self.count < u.pool.max_gso_segments(from)
+            && self.used + len <= MAX_GSO_BYTES;
         let sent = if fits || self.count == 0 {
             0
         } else {
             self.flush(u, counters)
         };
         if self.count == 0 {
-            self.dest = Some(vtep);
+            self.dest = Some((vtep, from));
             self.seg = len;
         }
-        // Appended, not zero-filled first: one pass over the frame.
-        let start = self.arena.len();
-        if seal.is_some() {
-            self.arena
-                .extend_from_slice(&[0u8; esp::HEADER_LEN + esp::INNER_UDP_LEN]);
-        }
-        let inner = self.arena.len();
-        self.arena.extend_from_slice(&[0u8; vxlan::HEADER_LEN]);
-        vxlan::Repr { vni }.emit(&mut vxlan::Packet::new_unchecked(&mut self.arena[inner..]));
-        self.arena.extend_from_slice(frame);
-        if let Some(Seal { sa, seq }) = seal {
-            // Room for padding, trailer and tag (at most 21 bytes).
-            self.arena.resize(start + len, 0);
+        let start = self.used;
+        let inner = start
+            + if seal.is_some() {
+                esp::HEADER_LEN + esp::INNER_UDP_LEN
+            } else {
+                0
+            };
+        let body = inner + vxlan::HEADER_LEN;
+        vxlan::Repr { vni }.emit(&mut vxlan::Packet::new_unchecked(
+            &mut self.arena[inner..body],
+        ));
+        fill(&mut self.arena[body..body + frame_len]);
+        if let Some(Seal { sa, key, seq }) = seal {
             let port = u.port();
-            if esp::seal_in_place(
-                &mut self.arena[start..],
-                vxlan_len,
-                sa.spi,
-                seq,
-                &sa.key,
-                port,
-            )
-            .is_err()
-            {
-                // Cannot happen (the room was made above); never send the clear text.
-                self.arena.truncate(start);
+            let dgram = &mut self.arena[start..start + len];
+            if esp::seal_in_place(dgram, vxlan_len, sa.spi, seq, key, port).is_err() {
+                // Cannot happen (the room was checked above); never send the clear text.
                 counters.count_drop(DropReason::EspNoKey);
+                if self.count == 0 {
+                    self.dest = None;
+                }
                 return sent;
             }
         }
+        self.used = start + len;
         self.count += 1;
         self.closed = len < self.seg;
         sent
@@ -155,14 +345,14 @@ impl TxBatch {
 
     /// Sends the queued run; returns how many datagrams it held (0 on failure, counted).
     pub fn flush(&mut self, u: &Underlay, counters: &Counters) -> u64 {
-        let (Some(dest), n) = (self.dest, self.count) else {
+        let (Some((dest, from)), n) = (self.dest, self.count) else {
             return 0;
         };
         if n == 0 {
             return 0;
         }
         let segment = (n > 1).then_some(self.seg);
-        let sent = match u.send(dest, &self.arena, segment) {
+        let sent = match u.pool.send(from, dest, &self.arena[..self.used], segment) {
             Ok(()) => n as u64,
             Err(_) => {
                 for _ in 0..n {
@@ -171,7 +361,7 @@ impl TxBatch {
                 0
             }
         };
-        self.arena.clear();
+        self.used = 0;
         self.count = 0;
         self.dest = None;
         self.closed = false;
@@ -246,7 +436,7 @@ mod tests {
         let SocketAddr::V4(to) = b.local_addr().unwrap() else {
             panic!("v4")
         };
-        (Underlay::new(a).unwrap(), Underlay::new(b).unwrap(), to)
+        (Underlay::single(a).unwrap(), Underlay::single(b).unwrap(), to)
     }
 
     fn receive(u: &Underlay, want: usize) -> Vec<Vec<u8>> {
@@ -275,7 +465,7 @@ mod tests {
             .map(|i| vec![i; if i == 99 { 100 } else { 1464 }])
             .collect();
         for f in &frames {
-            sent += tx.queue(&a, &counters, vni, to, f, None);
+            sent += tx.queue(&a, &counters, vni, to, 0, f, None);
         }
         sent += tx.flush(&a, &counters);
         assert_eq!(sent, 100);
@@ -293,7 +483,7 @@ mod tests {
     #[test]
     fn mixed_sizes_and_destinations() {
         let (a, b, to_b) = pair();
-        let c = Underlay::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let c = Underlay::single(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
         let SocketAddr::V4(to_c) = c.socket().local_addr().unwrap() else {
             panic!("v4")
         };
@@ -308,7 +498,7 @@ mod tests {
             (1000, to_c),
             (64, to_b),
         ] {
-            sent += tx.queue(&a, &counters, vni, to, &vec![0xab; len], None);
+            sent += tx.queue(&a, &counters, vni, to, 0, &vec![0xab; len], None);
         }
         sent += tx.flush(&a, &counters);
         assert_eq!(sent, 5);

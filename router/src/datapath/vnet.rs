@@ -97,49 +97,95 @@ pub fn segment_tcp4(
     scratch: &mut [u8],
     mut emit: impl FnMut(&[u8]),
 ) -> Result<usize, OffloadError> {
-    if h.gso_type & !GSO_ECN != GSO_TCPV4 {
-        return Err(OffloadError::UnsupportedGso(h.gso_type));
+    let segs = Tcp4Segments::new(frame, h, scratch.len())?;
+    for i in 0..segs.count() {
+        let out = &mut scratch[..segs.len(i)];
+        segs.write(i, out);
+        emit(out);
     }
-    let bad = OffloadError::MalformedGso;
-    if frame.len() < ETH + 20 || frame[12..14] != [0x08, 0x00] || frame[ETH] >> 4 != 4 {
-        return Err(bad);
+    Ok(segs.count())
+}
+
+/// A TCP/IPv4 super-frame, checked once, whose segments are written on demand into buffers
+/// the caller gives: the underlay's run, so that a segment is copied once on its way out.
+pub struct Tcp4Segments<'a> {
+    frame: &'a [u8],
+    ihl: usize,
+    thl: usize,
+    mss: usize,
+    id: u16,
+    seq: u32,
+    chunks: usize,
+}
+
+impl<'a> Tcp4Segments<'a> {
+    /// Checks `frame` and its header; no segment may exceed `max_len` bytes.
+    pub fn new(frame: &'a [u8], h: &VnetHdr, max_len: usize) -> Result<Self, OffloadError> {
+        if h.gso_type & !GSO_ECN != GSO_TCPV4 {
+            return Err(OffloadError::UnsupportedGso(h.gso_type));
+        }
+        let bad = OffloadError::MalformedGso;
+        if frame.len() < ETH + 20 || frame[12..14] != [0x08, 0x00] || frame[ETH] >> 4 != 4 {
+            return Err(bad);
+        }
+        let ihl = ((frame[ETH] & 0x0f) as usize) * 4;
+        let tcp = ETH + ihl;
+        if ihl < 20 || frame.len() < tcp + 20 || frame[ETH + 9] != 6 {
+            return Err(bad);
+        }
+        let thl = ((frame[tcp + 12] >> 4) as usize) * 4;
+        let headers = tcp + thl;
+        let mss = h.gso_size as usize;
+        if thl < 20 || frame.len() < headers || mss == 0 || headers + mss > max_len {
+            return Err(bad);
+        }
+        let word = |at: usize| [frame[at], frame[at + 1], frame[at + 2], frame[at + 3]];
+        Ok(Tcp4Segments {
+            frame,
+            ihl,
+            thl,
+            mss,
+            id: u16::from_be_bytes([frame[ETH + 4], frame[ETH + 5]]),
+            seq: u32::from_be_bytes(word(tcp + 4)),
+            chunks: (frame.len() - headers).div_ceil(mss).max(1),
+        })
     }
-    let ihl = ((frame[ETH] & 0x0f) as usize) * 4;
-    let tcp = ETH + ihl;
-    if ihl < 20 || frame.len() < tcp + 20 || frame[ETH + 9] != 6 {
-        return Err(bad);
+
+    pub fn count(&self) -> usize {
+        self.chunks
     }
-    let thl = ((frame[tcp + 12] >> 4) as usize) * 4;
-    let headers = tcp + thl;
-    let mss = h.gso_size as usize;
-    if thl < 20 || frame.len() < headers || mss == 0 || headers + mss > scratch.len() {
-        return Err(bad);
+
+    fn headers(&self) -> usize {
+        ETH + self.ihl + self.thl
     }
-    let payload = &frame[headers..];
-    let id = u16::from_be_bytes([frame[ETH + 4], frame[ETH + 5]]);
-    let seq = u32::from_be_bytes([
-        frame[tcp + 4],
-        frame[tcp + 5],
-        frame[tcp + 6],
-        frame[tcp + 7],
-    ]);
-    let (src, dst) = (&frame[ETH + 12..ETH + 16], &frame[ETH + 16..ETH + 20]);
-    let chunks = payload.len().div_ceil(mss).max(1);
-    for i in 0..chunks {
-        let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
-        let len = headers + chunk.len();
-        let out = &mut scratch[..len];
+
+    fn chunk(&self, i: usize) -> &'a [u8] {
+        let payload = &self.frame[self.headers()..];
+        &payload[(i * self.mss).min(payload.len())..((i + 1) * self.mss).min(payload.len())]
+    }
+
+    /// The length of segment `i`.
+    pub fn len(&self, i: usize) -> usize {
+        self.headers() + self.chunk(i).len()
+    }
+
+    /// Writes segment `i` into `out`, which must be [`Self::len`]`(i)` bytes long.
+    pub fn write(&self, i: usize, out: &mut [u8]) {
+        let (frame, ihl, thl) = (self.frame, self.ihl, self.thl);
+        let (tcp, headers) = (ETH + ihl, self.headers());
+        let chunk = self.chunk(i);
         out[..headers].copy_from_slice(&frame[..headers]);
         out[headers..].copy_from_slice(chunk);
         // IPv4: total length, id, header checksum.
         out[ETH + 2..ETH + 4].copy_from_slice(&((ihl + thl + chunk.len()) as u16).to_be_bytes());
-        out[ETH + 4..ETH + 6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+        out[ETH + 4..ETH + 6].copy_from_slice(&self.id.wrapping_add(i as u16).to_be_bytes());
         out[ETH + 10..ETH + 12].fill(0);
         let ip_sum = fold(Sum16BitWords::new().add_slice(&out[ETH..tcp]));
         out[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
         // TCP: sequence number; FIN and PSH only on the last segment, CWR only on the first.
-        out[tcp + 4..tcp + 8].copy_from_slice(&seq.wrapping_add((i * mss) as u32).to_be_bytes());
-        if i + 1 < chunks {
+        let seq = self.seq.wrapping_add((i * self.mss) as u32);
+        out[tcp + 4..tcp + 8].copy_from_slice(&seq.to_be_bytes());
+        if i + 1 < self.chunks {
             out[tcp + 13] &= !(0x01 | 0x08);
         }
         if i > 0 {
@@ -148,15 +194,13 @@ pub fn segment_tcp4(
         out[tcp + 16..tcp + 18].fill(0);
         let tcp_len = (thl + chunk.len()) as u16;
         let sum = Sum16BitWords::new()
-            .add_slice(src)
-            .add_slice(dst)
+            .add_slice(&frame[ETH + 12..ETH + 16])
+            .add_slice(&frame[ETH + 16..ETH + 20])
             .add_2bytes([0, 6])
             .add_2bytes(tcp_len.to_be_bytes())
             .add_slice(&out[tcp..]);
         out[tcp + 16..tcp + 18].copy_from_slice(&fold(sum).to_be_bytes());
-        emit(out);
     }
-    Ok(chunks)
 }
 
 /// Readies a frame made by a TCP/IP stack that left its TCP/UDP checksum to "hardware" (the

@@ -23,13 +23,18 @@ pub struct IfaceSpec {
     pub gateway: Option<Ipv4Addr>,
 }
 
-/// Creates the TAPs of `specs` inside the namespace at `ns`, configures them (MTU, MAC,
-/// address, up, default route) and brings `lo` up. Returns the TAP fds in `specs` order.
-pub fn create_task_ifaces(ns: &Path, specs: Vec<IfaceSpec>) -> io::Result<Vec<OwnedFd>> {
+/// Creates the TAPs of `specs` inside the namespace at `ns`, with `queues` queues each,
+/// configures them (MTU, MAC, address, up, default route) and brings `lo` up. Returns each
+/// TAP's queue fds in `specs` order.
+pub fn create_task_ifaces(
+    ns: &Path,
+    specs: Vec<IfaceSpec>,
+    queues: usize,
+) -> io::Result<Vec<Vec<OwnedFd>>> {
     netns::run_in(ns, move || {
         let fds = specs
             .iter()
-            .map(|s| tap::create(&s.name))
+            .map(|s| tap::create(&s.name, queues))
             .collect::<io::Result<Vec<_>>>()?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

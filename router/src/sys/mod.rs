@@ -5,4 +5,5 @@
 pub mod iface;
 pub mod mntns;
 pub mod netns;
+pub mod steer;
 pub mod tap;

@@ -3,8 +3,13 @@
 //! Written against the kernel ABI instead of using a crate because the TAP must be created
 //! from a thread that has entered the task's network namespace, and its raw fd is handed to
 //! our own poll loop; the crates we looked at (tun-tap, tun-rs) configure addresses and
-//! state themselves, which we do over netlink per namespace. The whole ABI used here is one
-//! ioctl (`TUNSETIFF`).
+//! state themselves, which we do over netlink per namespace. The whole ABI used here is two
+//! ioctls (`TUNSETIFF`, `TUNSETOFFLOAD`).
+//!
+//! A TAP has one queue per datapath worker (`IFF_MULTI_QUEUE`): each queue is its own fd,
+//! opened by attaching to the device by name again. The task's kernel picks a queue per flow
+//! (by its hash, then by where the flow's replies were last written), which spreads a task's
+//! flows over the workers and keeps each on one.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -13,6 +18,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 /// Offloads we accept from the task's kernel: partial checksums and TCP/IPv4 segmentation
 /// (with ECN). The datapath completes or segments whatever leaves through the underlay.
@@ -34,11 +40,17 @@ nix::ioctl_write_ptr_bad!(tunsetiff, 0x4004_54ca, IfReq);
 // TUNSETOFFLOAD = _IOW('T', 208, unsigned int); the flags are passed by value.
 nix::ioctl_write_int_bad!(tunsetoffload, 0x4004_54d0);
 
-/// Creates (or attaches to) TAP device `name` in the calling thread's network namespace and
-/// returns its fd, non-blocking. The device lives as long as the fd. Every frame read from or
-/// written to it carries a virtio-net header (`datapath::vnet`), and the task's kernel may
-/// hand over TCP super-frames and partial checksums.
-pub fn create(name: &str) -> io::Result<OwnedFd> {
+/// Creates TAP device `name` with `queues` queues in the calling thread's network namespace
+/// and returns their fds, non-blocking. The device lives as long as one of them. Every frame
+/// read from or written to it carries a virtio-net header (`datapath::vnet`), and the task's
+/// kernel may hand over TCP super-frames and partial checksums.
+pub fn create(name: &str, queues: usize) -> io::Result<Vec<OwnedFd>> {
+    (0..queues.max(1))
+        .map(|_| open_queue(name, queues > 1))
+        .collect()
+}
+
+fn open_queue(name: &str, multi: bool) -> io::Result<OwnedFd> {
     if name.is_empty() || name.len() >= IFNAMSIZ || name.contains('/') {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -53,7 +65,7 @@ pub fn create(name: &str) -> io::Result<OwnedFd> {
         .map_err(|e| io::Error::new(e.kind(), format!("opening /dev/net/tun: {e}")))?;
     let mut req = IfReq {
         name: [0; IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | if multi { IFF_MULTI_QUEUE } else { 0 },
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());

@@ -20,7 +20,8 @@ impl Client {
         Client { socket }
     }
 
-    async fn call(
+    /// Calls the API; returns the status and body as they came.
+    pub async fn call_status(
         &self,
         method: Method,
         path: &str,
@@ -67,7 +68,7 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<Bytes> {
-        let (status, bytes) = self.call(method, path, body).await?;
+        let (status, bytes) = self.call_status(method, path, body).await?;
         if !status.is_success() {
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|e| e.message)

@@ -561,6 +561,39 @@ pub struct DatapathStats {
     pub ingress: BTreeMap<String, IngressPortStats>,
 }
 
+/// `POST /endpoints`: a container's interface on a network, on this node (what a CNI plugin
+/// or Docker's network plugin asks for).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointCreate {
+    pub container: String,
+    pub ifname: String,
+    /// The container's network namespace, a path on this node.
+    pub netns: String,
+    pub network: String,
+    /// "cni" (the default) or "docker".
+    #[serde(default)]
+    pub runtime: Option<String>,
+}
+
+/// A container's interface as made: everything a runtime reports back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    pub container: String,
+    pub ifname: String,
+    pub netns: String,
+    pub node: String,
+    pub network: String,
+    pub runtime: String,
+    /// Address with prefix length (`10.0.9.5/24`).
+    pub address: String,
+    pub gateway: String,
+    pub mac: String,
+    pub mtu: u16,
+    /// The embedded resolver's address inside the container.
+    pub dns: String,
+}
+
 /// One datapath worker's frames.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerStats {

@@ -159,6 +159,12 @@ pub enum Op {
     },
     /// `network rotate-key NAME`.
     RotateKey(String),
+    /// A container's interface, for a runtime on the asking node.
+    AddEndpoint(crate::state::EndpointRequest),
+    RemoveEndpoint {
+        container: String,
+        ifname: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -157,8 +157,14 @@ mod tests {
     #[test]
     fn flows_differ_by_ports_addresses_and_family() {
         let base = hash(&udp4([10, 0, 0, 2], [10, 0, 0, 3], 5000, 53, b""));
-        assert_ne!(base, hash(&udp4([10, 0, 0, 2], [10, 0, 0, 3], 5001, 53, b"")));
-        assert_ne!(base, hash(&udp4([10, 0, 0, 2], [10, 0, 0, 4], 5000, 53, b"")));
+        assert_ne!(
+            base,
+            hash(&udp4([10, 0, 0, 2], [10, 0, 0, 3], 5001, 53, b""))
+        );
+        assert_ne!(
+            base,
+            hash(&udp4([10, 0, 0, 2], [10, 0, 0, 4], 5000, 53, b""))
+        );
         assert_ne!(hash(&tcp6(1000)), hash(&tcp6(1001)));
     }
 

@@ -293,6 +293,46 @@ pub struct ClusterState {
     pub services: BTreeMap<ServiceName, Service>,
     pub tasks: BTreeMap<String, Task>,
     pub nodes: BTreeMap<NodeName, Node>,
+    /// Containers' interfaces made for a runtime (CNI, Docker), by [`Endpoint::key`].
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, Endpoint>,
+}
+
+/// A container's interface on a network, made by the node the container runs on for its
+/// runtime (a CNI plugin call, or Docker's network plugin): a TAP in the container's network
+/// namespace, an address from the network's pool, switched like a task's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// The runtime's container id.
+    pub container: String,
+    /// The interface's name inside the container.
+    pub ifname: String,
+    /// The container's network namespace (a path on `node`).
+    pub netns: String,
+    pub node: NodeName,
+    pub network: NetworkName,
+    pub address: Ipv4Addr,
+    pub mac: MacAddr,
+    /// Who asked for it: "cni" or "docker".
+    pub runtime: String,
+}
+
+impl Endpoint {
+    /// The key of a container's interface: a container has one endpoint per interface name.
+    pub fn key(container: &str, ifname: &str) -> String {
+        format!("{container}/{ifname}")
+    }
+}
+
+/// A request for an endpoint (see [`ClusterState::add_endpoint`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRequest {
+    pub container: String,
+    pub ifname: String,
+    pub netns: String,
+    pub node: NodeName,
+    pub network: String,
+    pub runtime: String,
 }
 
 impl Default for ClusterState {
@@ -304,6 +344,7 @@ impl Default for ClusterState {
             services: BTreeMap::new(),
             tasks: BTreeMap::new(),
             nodes: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
         }
     }
 }
@@ -398,6 +439,20 @@ pub enum StateError {
     IngressAttach(NetworkName),
     #[error("service {service} publishes no port {port}")]
     NoSuchPort { service: ServiceName, port: String },
+    #[error("network {network} is in use by container(s) {containers}")]
+    NetworkHasEndpoints {
+        network: NetworkName,
+        containers: String,
+    },
+    #[error("container {container} already has interface {ifname} (on network {network}, namespace {netns})")]
+    EndpointExists {
+        container: String,
+        ifname: String,
+        network: NetworkName,
+        netns: String,
+    },
+    #[error("invalid endpoint: {0}")]
+    BadEndpoint(String),
 }
 
 /// What a network create request asks for, already parsed.
@@ -688,6 +743,18 @@ impl ClusterState {
                 services: users.join(", "),
             });
         }
+        let containers: Vec<&str> = self
+            .endpoints
+            .values()
+            .filter(|e| e.network == net.name)
+            .map(|e| e.container.as_str())
+            .collect();
+        if !containers.is_empty() {
+            return Err(StateError::NetworkHasEndpoints {
+                network: net.name.clone(),
+                containers: containers.join(", "),
+            });
+        }
         self.revision += 1;
         self.networks
             .remove(name)
@@ -951,6 +1018,12 @@ impl ClusterState {
                     .filter(|a| a.network.as_str() == network)
                     .map(|a| a.mac)
             })
+            .chain(
+                self.endpoints
+                    .values()
+                    .filter(|e| e.network.as_str() == network)
+                    .map(|e| e.mac),
+            )
             .collect();
         let net = self
             .networks
@@ -1127,7 +1200,81 @@ impl ClusterState {
                 }
             }
         }
+        used.extend(
+            self.endpoints
+                .values()
+                .filter(|e| &e.network == network)
+                .map(|e| e.address),
+        );
         used
+    }
+
+    /// Gives a container an interface on a network: an address from the network's pool and
+    /// the MAC derived from it, on the node that asked. Asking again for the same container
+    /// and interface with the same network and namespace returns the endpoint it has (a
+    /// runtime retrying an ADD); anything else for a taken (container, interface) is refused.
+    pub fn add_endpoint(&mut self, req: EndpointRequest) -> Result<Endpoint, StateError> {
+        let bad = |why: &str| Err(StateError::BadEndpoint(why.to_string()));
+        let printable =
+            |v: &str| !v.is_empty() && v.len() <= 256 && !v.chars().any(char::is_control);
+        if !printable(&req.container) || req.container.contains('/') {
+            return bad("the container id must be 1-256 printable characters without '/'");
+        }
+        if req.ifname.is_empty()
+            || req.ifname.len() > 15
+            || req.ifname.contains('/')
+            || !req.ifname.chars().all(|c| c.is_ascii_graphic())
+        {
+            return bad("the interface name must be 1-15 characters, no '/' or spaces");
+        }
+        if !printable(&req.netns) || !req.netns.starts_with('/') {
+            return bad("the network namespace must be an absolute path");
+        }
+        if !self.nodes.contains_key(&req.node) {
+            return Err(StateError::NoSuchNode(req.node.to_string()));
+        }
+        let net = self
+            .networks
+            .get(req.network.as_str())
+            .ok_or_else(|| StateError::NoSuchNetwork(req.network.clone()))?;
+        if net.ingress {
+            return Err(StateError::IngressAttach(net.name.clone()));
+        }
+        let key = Endpoint::key(&req.container, &req.ifname);
+        if let Some(e) = self.endpoints.get(&key) {
+            if e.network == net.name && e.netns == req.netns && e.node == req.node {
+                return Ok(e.clone());
+            }
+            return Err(StateError::EndpointExists {
+                container: req.container,
+                ifname: req.ifname,
+                network: e.network.clone(),
+                netns: e.netns.clone(),
+            });
+        }
+        let network = net.name.clone();
+        let address = self.free_address(&network)?;
+        let e = Endpoint {
+            container: req.container,
+            ifname: req.ifname,
+            netns: req.netns,
+            node: req.node,
+            network,
+            address,
+            mac: MacAddr::from_ipv4(address),
+            runtime: req.runtime,
+        };
+        self.endpoints.insert(key, e.clone());
+        self.revision += 1;
+        Ok(e)
+    }
+
+    /// Removes a container's interface; removing one that is not there changes nothing
+    /// (runtimes repeat their DELs).
+    pub fn remove_endpoint(&mut self, container: &str, ifname: &str) -> Option<Endpoint> {
+        let e = self.endpoints.remove(&Endpoint::key(container, ifname))?;
+        self.revision += 1;
+        Some(e)
     }
 
     /// Spread placement: the eligible active node with the fewest tasks of this service, then

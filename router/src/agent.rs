@@ -104,6 +104,15 @@ struct LocalTask {
     supervisor: JoinHandle<()>,
 }
 
+/// A container's interface this node made for a runtime (see [`protocol::state::Endpoint`]).
+struct LocalEndpoint {
+    /// What it was made from: remade if the state's endpoint under the key differs.
+    spec: protocol::state::Endpoint,
+    port: (PortId, PortBinding),
+    /// Stops the resolver served inside the container's namespace.
+    cancel: CancellationToken,
+}
+
 pub struct Agent {
     node: NodeName,
     datapath: Datapath,
@@ -116,6 +125,7 @@ pub struct Agent {
     files_dir: PathBuf,
     dns: Arc<DnsShared>,
     tasks: BTreeMap<String, LocalTask>,
+    endpoints: BTreeMap<String, LocalEndpoint>,
     next_port: u32,
     /// This node's VXLAN port; external VTEPs are sent to on it too.
     data_port: u16,
@@ -149,6 +159,7 @@ impl Agent {
             files_dir: state_dir.join("tasks"),
             dns,
             tasks: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
             next_port: 1,
             data_port,
             published: None,
@@ -257,7 +268,141 @@ impl Agent {
                 }
             }
         }
+        changed |= self.reconcile_endpoints(state).await;
         self.publish_if_changed(state, changed);
+    }
+
+    /// Makes, remakes or removes this node's container endpoints to match the state; returns
+    /// whether the local ports changed. An endpoint whose namespace is gone (the container
+    /// vanished without its runtime telling us) is removed from the cluster state.
+    async fn reconcile_endpoints(&mut self, state: &ClusterState) -> bool {
+        let wanted: BTreeMap<&String, &protocol::state::Endpoint> = state
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.node == self.node)
+            .collect();
+        let mut changed = false;
+        let stale: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|(k, le)| {
+                wanted.get(k).is_none_or(|e| **e != le.spec)
+                    || !std::path::Path::new(&le.spec.netns).exists()
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            if let Some(le) = self.endpoints.remove(&key) {
+                le.cancel.cancel();
+                self.datapath.remove_port(le.port.0);
+                info!(endpoint = %key, "container interface removed");
+                changed = true;
+            }
+        }
+        for (key, e) in wanted {
+            if self.endpoints.contains_key(key) {
+                continue;
+            }
+            if !std::path::Path::new(&e.netns).exists() {
+                warn!(endpoint = %key, netns = %e.netns, "container namespace is gone; removing its endpoint");
+                let (cluster, container, ifname) =
+                    (self.cluster.clone(), e.container.clone(), e.ifname.clone());
+                tokio::spawn(async move {
+                    let _ = cluster
+                        .apply(Op::RemoveEndpoint { container, ifname })
+                        .await;
+                });
+                continue;
+            }
+            match self.start_endpoint(state, e).await {
+                Ok(le) => {
+                    self.endpoints.insert(key.clone(), le);
+                    changed = true;
+                }
+                Err(error) => warn!(endpoint = %key, %error, "cannot make container interface"),
+            }
+        }
+        changed
+    }
+
+    /// Makes a container's TAP in its namespace (as for a task's interface), hands it to the
+    /// datapath and serves the embedded resolver at 127.0.0.11 inside the namespace when that
+    /// address is free there.
+    async fn start_endpoint(
+        &mut self,
+        state: &ClusterState,
+        e: &protocol::state::Endpoint,
+    ) -> Result<LocalEndpoint, String> {
+        let net = state
+            .networks
+            .get(&e.network)
+            .ok_or_else(|| format!("network {} not in state", e.network))?;
+        let spec = IfaceSpec {
+            name: e.ifname.clone(),
+            mac: e.mac,
+            address: e.address,
+            prefix_len: net.subnet.prefix_len(),
+            mtu: net.mtu(),
+            gateway: Some(net.gateway),
+        };
+        let path = PathBuf::from(&e.netns);
+        let queues = self.datapath.workers();
+        let made = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                let fds = iface::create_task_ifaces(&path, vec![spec], queues)?;
+                let resolver = netns::run_in(&path, || {
+                    let udp = std::net::UdpSocket::bind(dns::RESOLVER_ADDR)?;
+                    let tcp = std::net::TcpListener::bind(dns::RESOLVER_ADDR)?;
+                    udp.set_nonblocking(true)?;
+                    tcp.set_nonblocking(true)?;
+                    Ok((udp, tcp))
+                });
+                Ok::<_, std::io::Error>((fds, resolver))
+            })
+            .await
+            .map_err(|e| format!("setup thread failed: {e}"))?
+        };
+        let (fds, resolver) = made.map_err(|e| format!("making the interface: {e}"))?;
+        let cancel = CancellationToken::new();
+        match resolver.and_then(|(u, t)| {
+            Ok((
+                tokio::net::UdpSocket::from_std(u)?,
+                tokio::net::TcpListener::from_std(t)?,
+            ))
+        }) {
+            Ok((udp, tcp)) => {
+                let networks = vec![e.network.to_string()];
+                tokio::spawn(dns::serve(
+                    udp,
+                    tcp,
+                    networks,
+                    self.dns.clone(),
+                    cancel.clone(),
+                ));
+            }
+            Err(err) => {
+                info!(container = %e.container, error = %err, "no resolver at 127.0.0.11 in the container")
+            }
+        }
+        let port = PortId(self.next_port);
+        self.next_port += 1;
+        for fd in fds {
+            self.datapath.add_port(port, fd);
+        }
+        info!(container = %e.container, ifname = %e.ifname, address = %e.address, "container interface made");
+        Ok(LocalEndpoint {
+            spec: e.clone(),
+            port: (
+                port,
+                PortBinding {
+                    vni: net.vni,
+                    mac: e.mac,
+                    ip: e.address,
+                },
+            ),
+            cancel,
+        })
     }
 
     /// Rebuilds and publishes the tables if the tasks here (`force`), the state revision or a
@@ -346,6 +491,7 @@ impl Agent {
             .tasks
             .values()
             .flat_map(|t| t.ports.iter().copied())
+            .chain(self.endpoints.values().map(|e| e.port))
             .collect();
         if let Some(ip) = state
             .ingress_network()
@@ -543,6 +689,11 @@ impl Agent {
     }
 
     async fn stop_all(&mut self) {
+        // Containers keep running; their interfaces go with the datapath and are made again
+        // by the next run.
+        for le in std::mem::take(&mut self.endpoints).into_values() {
+            le.cancel.cancel();
+        }
         let all = std::mem::take(&mut self.tasks);
         // Stop every process at once, then tear down.
         for lt in all.values() {

@@ -74,6 +74,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/nodes/{name}/update", post(node_update))
         .route("/cluster/join-token", get(join_token))
         .route("/datapath/stats", get(stats))
+        .route("/endpoints", get(endpoint_list).post(endpoint_create))
+        .route(
+            "/endpoints/{container}/{ifname}",
+            get(endpoint_inspect).delete(endpoint_rm),
+        )
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
         .with_state(state)
 }
@@ -100,6 +105,22 @@ fn network_view(snap: &Snapshot, net: &Network) -> NetworkInspect {
                 },
             );
         }
+    }
+    for e in snap
+        .state
+        .endpoints
+        .values()
+        .filter(|e| e.network == net.name)
+    {
+        containers.insert(
+            protocol::state::Endpoint::key(&e.container, &e.ifname),
+            EndpointView {
+                name: format!("{}-{}", e.runtime, e.container),
+                mac_address: e.mac.to_string(),
+                ipv4_address: format!("{}/{prefix}", e.address),
+                node: e.node.to_string(),
+            },
+        );
     }
     for (node, ip) in &net.lb_endpoints {
         containers.insert(
@@ -328,6 +349,97 @@ async fn network_rm(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     st.cluster.apply(Op::RemoveNetwork(name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn endpoint_info(snap: &Snapshot, e: &protocol::state::Endpoint) -> Option<api::EndpointInfo> {
+    let net = snap.state.networks.get(&e.network)?;
+    Some(api::EndpointInfo {
+        container: e.container.clone(),
+        ifname: e.ifname.clone(),
+        netns: e.netns.clone(),
+        node: e.node.to_string(),
+        network: e.network.to_string(),
+        runtime: e.runtime.clone(),
+        address: format!("{}/{}", e.address, net.subnet.prefix_len()),
+        gateway: net.gateway.to_string(),
+        mac: e.mac.to_string(),
+        mtu: net.mtu(),
+        dns: crate::dns::server::RESOLVER_ADDR
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    })
+}
+
+async fn endpoint_list(State(st): State<ApiState>) -> ApiResult<Vec<api::EndpointInfo>> {
+    let snap = st.cluster.snapshot();
+    let all = snap.state.endpoints.values();
+    Ok(Json(all.filter_map(|e| endpoint_info(&snap, e)).collect()))
+}
+
+fn endpoint_of(
+    snap: &Snapshot,
+    container: &str,
+    ifname: &str,
+) -> Result<api::EndpointInfo, ApiError> {
+    snap.state
+        .endpoints
+        .get(&protocol::state::Endpoint::key(container, ifname))
+        .and_then(|e| endpoint_info(snap, e))
+        .ok_or_else(|| {
+            ApiError::not_found(format!("container {container} has no interface {ifname}"))
+        })
+}
+
+async fn endpoint_inspect(
+    State(st): State<ApiState>,
+    Path((container, ifname)): Path<(String, String)>,
+) -> ApiResult<api::EndpointInfo> {
+    Ok(Json(endpoint_of(
+        &st.cluster.snapshot(),
+        &container,
+        &ifname,
+    )?))
+}
+
+/// Makes a container's interface on this node and answers once the cluster state has it
+/// (the interface itself follows within the agent's next pass; a runtime can wait on
+/// `GET /endpoints/C/IF` or on the interface in the namespace).
+async fn endpoint_create(
+    State(st): State<ApiState>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<api::EndpointInfo>), ApiError> {
+    let req: api::EndpointCreate = parse(&body)?;
+    let runtime = req.runtime.unwrap_or_else(|| "cni".into());
+    if !matches!(runtime.as_str(), "cni" | "docker") {
+        return Err(ApiError::bad_request(format!(
+            "unknown runtime {runtime:?}: \"cni\" or \"docker\""
+        )));
+    }
+    let (container, ifname) = (req.container.clone(), req.ifname.clone());
+    st.cluster
+        .apply(Op::AddEndpoint(protocol::state::EndpointRequest {
+            container: req.container,
+            ifname: req.ifname,
+            netns: req.netns,
+            node: st.node.clone(),
+            network: req.network,
+            runtime,
+        }))
+        .await?;
+    let info = endpoint_of(&st.cluster.snapshot(), &container, &ifname)?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn endpoint_rm(
+    State(st): State<ApiState>,
+    Path((container, ifname)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    st.cluster
+        .apply(Op::RemoveEndpoint { container, ifname })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -54,6 +54,8 @@ impl From<StateError> for ApiError {
             NetworkExists(_)
             | ServiceExists(_)
             | NetworkInUse { .. }
+            | NetworkHasEndpoints { .. }
+            | EndpointExists { .. }
             | SubnetOverlap { .. }
             | SubnetReserved { .. }
             | VniInUse { .. }
@@ -287,6 +289,11 @@ impl Manager {
             Op::RotateKey(name) => self.rotate_key(&name),
             Op::AddVtep { network, vtep } => self.change(|s| s.add_vtep(&network, vtep)),
             Op::RemoveVtep { network, mac } => self.change(|s| s.remove_vtep(&network, mac)),
+            Op::AddEndpoint(req) => self.change(|s| s.add_endpoint(req).map(|_| ())),
+            Op::RemoveEndpoint { container, ifname } => self.change(|s| {
+                s.remove_endpoint(&container, &ifname);
+                Ok(())
+            }),
             Op::UpdateNode { node, availability } => {
                 let health = self.health.clone();
                 self.change(|s| {

@@ -101,7 +101,11 @@ fn flows_stay_in_order_across_nodes_under_load() {
     let stats = receiver.json(&["stats"]);
     let per_worker: Vec<u64> = stats["workers"]
         .as_array()
-        .map(|w| w.iter().map(|w| w["rx_frames"].as_u64().unwrap_or(0)).collect())
+        .map(|w| {
+            w.iter()
+                .map(|w| w["rx_frames"].as_u64().unwrap_or(0))
+                .collect()
+        })
         .unwrap_or_default();
     assert!(
         per_worker.len() == 2 && per_worker.iter().all(|n| *n > 1000),

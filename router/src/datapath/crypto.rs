@@ -218,7 +218,10 @@ mod tests {
         // sequence number 1 is new, and replayed once it was seen.
         let lane1 = sealed(&secret, lane_epoch(7, 1), 1);
         assert!(st.open(&t, n1, &mut lane1.clone()).is_ok());
-        assert_eq!(st.open(&t, n1, &mut lane1.clone()), Err(DropReason::EspReplay));
+        assert_eq!(
+            st.open(&t, n1, &mut lane1.clone()),
+            Err(DropReason::EspReplay)
+        );
         // The sender restarted (epoch 8): its sequence numbers start over, accepted; the
         // old epoch is refused from then on.
         assert!(st.open(&t, n1, &mut sealed(&secret, e8, 1)).is_ok());

@@ -18,12 +18,12 @@
 
 use super::conntrack::ConnTable;
 use super::crypto::EspState;
-use super::table::FastHash;
 use super::gro::{Coalescer, Push};
 use super::lb;
 use super::nat::L4Csum;
 use super::stats::{Counters, DropReason};
 use super::switch::{self, Verdict, MAX_FRAME, MAX_SUPER_FRAME};
+use super::table::FastHash;
 use super::table::{PortId, Tables};
 use super::underlay::{self, Dest, RxBatch, Seal, Sockets, TxBatch, Underlay};
 use super::vnet::{self, Tcp4Segments, VnetHdr};
@@ -743,13 +743,7 @@ fn flood(
 }
 
 /// Writes a virtio-net header and a frame to a TAP in one system call.
-fn write_port(
-    ports: &Ports,
-    counters: &Counters,
-    to: PortId,
-    hdr: &[u8],
-    frame: &[u8],
-) -> u64 {
+fn write_port(ports: &Ports, counters: &Counters, to: PortId, hdr: &[u8], frame: &[u8]) -> u64 {
     let Some(fd) = ports.writer(to) else {
         counters.count_drop(DropReason::UnknownPort);
         return 0;

@@ -203,6 +203,14 @@ impl Tables {
                 t.senders.insert(addr, n.name.to_string());
             }
         }
+        for e in state.endpoints.values().filter(|e| &e.node != node) {
+            let (Some(vtep), Some(net)) = (vtep_of(&e.node), state.networks.get(&e.network)) else {
+                continue;
+            };
+            if t.networks.contains_key(&net.vni) {
+                t.add_remote(net.vni, e.mac, Some(e.address), vtep);
+            }
+        }
         for task in state.tasks.values().filter(|t| &t.node != node) {
             let Some(vtep) = vtep_of(&task.node) else {
                 continue;

@@ -164,7 +164,12 @@ fn send_ports(addr: Ipv4Addr) -> io::Result<Vec<UdpSocket>> {
     }
     block(0).or_else(|_| {
         (0..SEND_PORTS)
-            .map(|_| Ok(UdpSocket::from(udp_socket(SocketAddrV4::new(addr, 0), false)?)))
+            .map(|_| {
+                Ok(UdpSocket::from(udp_socket(
+                    SocketAddrV4::new(addr, 0),
+                    false,
+                )?))
+            })
             .collect()
     })
 }
@@ -436,7 +441,11 @@ mod tests {
         let SocketAddr::V4(to) = b.local_addr().unwrap() else {
             panic!("v4")
         };
-        (Underlay::single(a).unwrap(), Underlay::single(b).unwrap(), to)
+        (
+            Underlay::single(a).unwrap(),
+            Underlay::single(b).unwrap(),
+            to,
+        )
     }
 
     fn receive(u: &Underlay, want: usize) -> Vec<Vec<u8>> {

@@ -38,7 +38,9 @@ fn op(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
 
 /// The program for a group of `workers` sockets.
 pub fn program(workers: u32) -> Vec<libc::sock_filter> {
-    use libc::{BPF_A, BPF_ABS, BPF_ALU, BPF_B, BPF_H, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_MOD, BPF_RET};
+    use libc::{
+        BPF_A, BPF_ABS, BPF_ALU, BPF_B, BPF_H, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_MOD, BPF_RET,
+    };
     let n = workers.max(1);
     vec![
         // A = first payload byte; ESP if its top bit is set.

@@ -1,0 +1,305 @@
+//! `overlay-cni`: a CNI plugin (spec 1.0, and the 0.3/0.4 result shape) that puts a
+//! container on an overlayd network. The runtime runs it with the CNI environment variables
+//! and the network configuration on stdin; it asks the node's overlayd over its API for an
+//! endpoint (`POST /endpoints`), waits until overlayd has made the interface in the
+//! container's namespace, and prints the result. DEL and CHECK go through the same API.
+//!
+//! Configuration (a conflist entry; see docs/CNI.md):
+//!
+//! ```json
+//! { "cniVersion": "1.0.0", "name": "appnet", "type": "overlay-cni",
+//!   "network": "appnet", "socket": "/run/overlay/n1.sock" }
+//! ```
+//!
+//! `network` defaults to `name`; `socket` to the only socket in /run/overlay. Errors are the
+//! spec's: a JSON object with `code`, `msg` and `details` on stdout, and exit status 1.
+
+#[path = "../client.rs"]
+#[allow(dead_code)]
+mod client;
+
+use client::Client;
+use hyper::{Method, StatusCode};
+use protocol::api::EndpointInfo;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+/// How long ADD waits for overlayd to make the interface.
+const READY_WITHIN: Duration = Duration::from_secs(15);
+
+/// The spec's well-known error codes (CNI 1.0, "Error").
+mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    pub const INVALID_ENV: u32 = 4;
+    pub const IO_FAILURE: u32 = 5;
+    pub const DECODE_FAILURE: u32 = 6;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN_LATER: u32 = 11;
+}
+
+struct CniError {
+    code: u32,
+    msg: String,
+    details: String,
+}
+
+fn fail(code: u32, msg: impl Into<String>, details: impl Into<String>) -> CniError {
+    CniError {
+        code,
+        msg: msg.into(),
+        details: details.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NetConf {
+    cni_version: String,
+    name: String,
+    #[serde(rename = "type")]
+    _type: Option<String>,
+    network: Option<String>,
+    socket: Option<PathBuf>,
+}
+
+fn env(name: &str) -> Result<String, CniError> {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => Ok(v),
+        _ => Err(fail(
+            code::INVALID_ENV,
+            format!("{name} is not set"),
+            "the runtime must set CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS and CNI_IFNAME",
+        )),
+    }
+}
+
+fn main() {
+    let version = std::cell::RefCell::new(String::from("1.0.0"));
+    let outcome = run(&version);
+    match outcome {
+        Ok(Some(v)) => println!("{v}"),
+        Ok(None) => {}
+        Err(e) => {
+            let body = json!({
+                "cniVersion": *version.borrow(),
+                "code": e.code,
+                "msg": e.msg,
+                "details": e.details,
+            });
+            println!("{body}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(version: &std::cell::RefCell<String>) -> Result<Option<Value>, CniError> {
+    let command = env("CNI_COMMAND")?;
+    if command == "VERSION" {
+        return Ok(Some(json!({
+            "cniVersion": "1.0.0",
+            "supportedVersions": SUPPORTED,
+        })));
+    }
+    let mut input = String::new();
+    std::io::stdin().read_to_string(&mut input).map_err(|e| {
+        fail(
+            code::IO_FAILURE,
+            "cannot read the network configuration",
+            e.to_string(),
+        )
+    })?;
+    let conf: NetConf = serde_json::from_str(&input).map_err(|e| {
+        fail(
+            code::DECODE_FAILURE,
+            "cannot decode the network configuration",
+            e.to_string(),
+        )
+    })?;
+    if !SUPPORTED.contains(&conf.cni_version.as_str()) {
+        return Err(fail(
+            code::INCOMPATIBLE_VERSION,
+            format!("CNI version {} is not supported", conf.cni_version),
+            format!("supported: {}", SUPPORTED.join(", ")),
+        ));
+    }
+    *version.borrow_mut() = conf.cni_version.clone();
+    if conf.name.is_empty() {
+        return Err(fail(
+            code::INVALID_CONFIG,
+            "the configuration has no name",
+            "",
+        ));
+    }
+    let socket = match &conf.socket {
+        Some(s) => s.clone(),
+        None => client::default_socket(std::path::Path::new("/run/overlay"))
+            .map_err(|e| fail(code::INVALID_CONFIG, "no overlayd socket", e.to_string()))?,
+    };
+    let network = conf.network.clone().unwrap_or_else(|| conf.name.clone());
+    let container = env("CNI_CONTAINERID")?;
+    let ifname = env("CNI_IFNAME")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(code::IO_FAILURE, "cannot start", e.to_string()))?;
+    let api = Client::new(socket);
+    let path = format!("/endpoints/{container}/{ifname}");
+    match command.as_str() {
+        "ADD" => {
+            let netns = env("CNI_NETNS")?;
+            let body = json!({
+                "container": container, "ifname": ifname, "netns": netns,
+                "network": network, "runtime": "cni",
+            });
+            let info: EndpointInfo = rt
+                .block_on(call(&api, Method::POST, "/endpoints", Some(body)))
+                .map_err(|mut e| {
+                    // Not found, for an ADD: the configuration names a network there is not.
+                    if e.code == code::UNKNOWN_CONTAINER {
+                        e.code = code::INVALID_CONFIG;
+                    }
+                    e
+                })?;
+            wait_for_interface(&netns, &ifname)?;
+            Ok(Some(result(&conf.cni_version, &info)))
+        }
+        "DEL" => {
+            // Idempotent: an endpoint that is not there (any more) is success.
+            match rt.block_on(api.call_status(Method::DELETE, &path, None)) {
+                Ok((s, _)) if s.is_success() || s == StatusCode::NOT_FOUND => Ok(None),
+                Ok((s, body)) => Err(api_error(s, &body)),
+                Err(e) => Err(fail(
+                    code::TRY_AGAIN_LATER,
+                    "cannot reach overlayd",
+                    format!("{e:#}"),
+                )),
+            }
+        }
+        "CHECK" => {
+            let netns = env("CNI_NETNS")?;
+            let info: EndpointInfo = rt.block_on(call(&api, Method::GET, &path, None))?;
+            if info.network != network || info.netns != netns {
+                return Err(fail(
+                    code::UNKNOWN_CONTAINER,
+                    format!(
+                        "container {container} has {ifname} on {} in {}",
+                        info.network, info.netns
+                    ),
+                    format!("expected network {network} in {netns}"),
+                ));
+            }
+            if !interface_present(&netns, &ifname)? {
+                return Err(fail(
+                    code::UNKNOWN_CONTAINER,
+                    format!("interface {ifname} is missing in {netns}"),
+                    "overlayd makes it again within a few seconds if the namespace exists",
+                ));
+            }
+            Ok(None)
+        }
+        other => Err(fail(
+            code::INVALID_ENV,
+            format!("unknown CNI_COMMAND {other:?}"),
+            "ADD, DEL, CHECK or VERSION",
+        )),
+    }
+}
+
+fn api_error(status: StatusCode, body: &[u8]) -> CniError {
+    let msg = serde_json::from_slice::<protocol::api::ErrorBody>(body)
+        .map(|e| e.message)
+        .unwrap_or_else(|_| format!("overlayd answered {status}"));
+    let code = match status.as_u16() {
+        404 => code::UNKNOWN_CONTAINER,
+        400 | 409 => code::INVALID_CONFIG,
+        503 => code::TRY_AGAIN_LATER,
+        _ => code::IO_FAILURE,
+    };
+    fail(code, msg, format!("overlayd answered {status}"))
+}
+
+async fn call<T: serde::de::DeserializeOwned>(
+    api: &Client,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<T, CniError> {
+    let (status, bytes) = api.call_status(method, path, body).await.map_err(|e| {
+        fail(
+            code::TRY_AGAIN_LATER,
+            "cannot reach overlayd",
+            format!("{e:#}"),
+        )
+    })?;
+    if !status.is_success() {
+        return Err(api_error(status, &bytes));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        fail(
+            code::DECODE_FAILURE,
+            "cannot decode overlayd's answer",
+            e.to_string(),
+        )
+    })
+}
+
+/// The spec's result: the interface in the sandbox, its address, the default route and the
+/// resolver. Versions before 1.0 also name the IP version.
+fn result(version: &str, i: &EndpointInfo) -> Value {
+    let mut ip = json!({ "address": i.address, "gateway": i.gateway, "interface": 0 });
+    if version.starts_with("0.") {
+        ip["version"] = json!("4");
+    }
+    json!({
+        "cniVersion": version,
+        "interfaces": [{ "name": i.ifname, "mac": i.mac, "sandbox": i.netns }],
+        "ips": [ip],
+        "routes": [{ "dst": "0.0.0.0/0", "gw": i.gateway }],
+        "dns": { "nameservers": [i.dns] },
+    })
+}
+
+/// Whether `ifname` exists in the namespace at `netns` (looked up from a thread that entered
+/// it, so nothing else of this process moves).
+fn interface_present(netns: &str, ifname: &str) -> Result<bool, CniError> {
+    let ns = std::fs::File::open(netns).map_err(|e| {
+        fail(
+            code::UNKNOWN_CONTAINER,
+            format!("cannot open namespace {netns}"),
+            e.to_string(),
+        )
+    })?;
+    let name = ifname.to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+            fail(
+                code::IO_FAILURE,
+                "cannot enter the namespace",
+                e.to_string(),
+            )
+        })?;
+        Ok(nix::net::if_::if_nametoindex(name.as_str()).is_ok())
+    })
+    .join()
+    .unwrap_or_else(|_| Err(fail(code::IO_FAILURE, "namespace thread failed", "")))
+}
+
+fn wait_for_interface(netns: &str, ifname: &str) -> Result<(), CniError> {
+    let end = Instant::now() + READY_WITHIN;
+    while Instant::now() < end {
+        if interface_present(netns, ifname)? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(fail(
+        code::TRY_AGAIN_LATER,
+        format!("overlayd did not make {ifname} in {netns} within {READY_WITHIN:?}"),
+        "see overlayd's log",
+    ))
+}

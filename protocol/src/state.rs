@@ -2018,4 +2018,100 @@ mod tests {
             Err(StateError::NoActiveNode)
         ));
     }
+
+    fn ep(container: &str, netns: &str, network: &str) -> EndpointRequest {
+        EndpointRequest {
+            container: container.into(),
+            ifname: "eth0".into(),
+            netns: netns.into(),
+            node: NodeName::new("n1").unwrap(),
+            network: network.into(),
+            runtime: "cni".into(),
+        }
+    }
+
+    /// Containers' endpoints take addresses from the network's pool like tasks, are keyed by
+    /// (container, interface), repeat an ADD idempotently, refuse a clash, keep the network
+    /// alive, and go away once (a repeated removal changes nothing).
+    #[test]
+    fn endpoints_share_the_pool_and_hold_their_network() {
+        let mut s = state();
+        net(&mut s, "app", Some("10.0.9.0/29")).unwrap();
+        let a = s.add_endpoint(ep("c1", "/run/netns/c1", "app")).unwrap();
+        assert_eq!(a.address, Ipv4Addr::new(10, 0, 9, 2));
+        assert_eq!(a.mac, MacAddr::from_ipv4(a.address));
+        let rev = s.revision;
+        assert_eq!(s.add_endpoint(ep("c1", "/run/netns/c1", "app")).unwrap(), a);
+        assert_eq!(s.revision, rev, "a repeated ADD changes nothing");
+        assert!(matches!(
+            s.add_endpoint(ep("c1", "/run/netns/other", "app")),
+            Err(StateError::EndpointExists { .. })
+        ));
+        s.create_service(svc("web", &["app"], 1), &mut ids(), &|_| true)
+            .unwrap();
+        let task = s.tasks.values().next().unwrap().attachments[0].address;
+        assert_ne!(
+            task, a.address,
+            "tasks and containers never share an address"
+        );
+        assert!(matches!(
+            s.remove_network("app"),
+            Err(StateError::NetworkInUse { .. })
+        ));
+        s.remove_service("web").unwrap();
+        let err = s.remove_network("app").unwrap_err();
+        assert_eq!(err.to_string(), "network app is in use by container(s) c1");
+        // A /29 has six host addresses: the gateway, c1, then four more.
+        for c in ["c2", "c3", "c4", "c5"] {
+            s.add_endpoint(ep(c, "/run/netns/x", "app")).unwrap();
+        }
+        assert!(matches!(
+            s.add_endpoint(ep("c6", "/run/netns/x", "app")),
+            Err(StateError::NetworkFull { .. })
+        ));
+        assert!(s.remove_endpoint("c1", "eth0").is_some());
+        assert!(s.remove_endpoint("c1", "eth0").is_none());
+        assert_eq!(
+            s.add_endpoint(ep("c6", "/run/netns/x", "app"))
+                .unwrap()
+                .address,
+            a.address,
+            "a freed address is given again"
+        );
+    }
+
+    #[test]
+    fn bad_endpoint_requests_are_refused() {
+        let mut s = state();
+        net(&mut s, "app", None).unwrap();
+        for (c, netns, network) in [
+            ("", "/run/netns/c", "app"),
+            ("a/b", "/run/netns/c", "app"),
+            ("c", "relative", "app"),
+            ("c", "/run/netns/c", "nonet"),
+        ] {
+            assert!(
+                s.add_endpoint(ep(c, netns, network)).is_err(),
+                "{c} {netns} {network}"
+            );
+        }
+        let mut long = ep("c", "/run/netns/c", "app");
+        long.ifname = "a-very-long-interface".into();
+        assert!(matches!(
+            s.add_endpoint(long),
+            Err(StateError::BadEndpoint(_))
+        ));
+        let mut elsewhere = ep("c", "/run/netns/c", "app");
+        elsewhere.node = NodeName::new("n9").unwrap();
+        assert!(matches!(
+            s.add_endpoint(elsewhere),
+            Err(StateError::NoSuchNode(_))
+        ));
+        s.ensure_ingress("ing".into(), 0).unwrap();
+        assert!(matches!(
+            s.add_endpoint(ep("c", "/run/netns/c", "ingress")),
+            Err(StateError::IngressAttach(_))
+        ));
+        assert!(s.endpoints.is_empty());
+    }
 }

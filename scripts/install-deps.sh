@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the tests, the demo and the benchmarks need on a fresh Debian machine
-# (one that has only Rust, gcc, Python and git). Idempotent; needs root.
+# (one that has only Rust, gcc, Python and git): docker.io and busybox-static are for the
+# Docker plugin's end-to-end test (dockerd runs only inside the test's namespaces).
+# Idempotent; needs root.
 set -euo pipefail
 need=()
-for pkg in iproute2 iputils-ping iperf3 curl python3 tcpdump tshark ethtool bridge-utils procps util-linux dnsutils; do
+for pkg in iproute2 iputils-ping iperf3 curl python3 tcpdump tshark ethtool bridge-utils procps util-linux dnsutils docker.io busybox-static; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -165,6 +165,12 @@ pub enum Op {
         container: String,
         ifname: String,
     },
+    /// Docker's join: the endpoint's container namespace.
+    BindEndpoint {
+        container: String,
+        ifname: String,
+        netns: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -307,7 +307,8 @@ pub struct Endpoint {
     pub container: String,
     /// The interface's name inside the container.
     pub ifname: String,
-    /// The container's network namespace (a path on `node`).
+    /// The container's network namespace (a path on `node`); empty while a Docker endpoint
+    /// waits for its container (Docker creates an endpoint before it joins a sandbox).
     pub netns: String,
     pub node: NodeName,
     pub network: NetworkName,
@@ -333,6 +334,9 @@ pub struct EndpointRequest {
     pub node: NodeName,
     pub network: String,
     pub runtime: String,
+    /// The address to give (Docker's IPAM chose it); otherwise the lowest free one.
+    #[serde(default)]
+    pub address: Option<Ipv4Addr>,
 }
 
 impl Default for ClusterState {
@@ -453,6 +457,8 @@ pub enum StateError {
     },
     #[error("invalid endpoint: {0}")]
     BadEndpoint(String),
+    #[error("no endpoint {0}")]
+    NoSuchEndpoint(String),
 }
 
 /// What a network create request asks for, already parsed.
@@ -1227,7 +1233,8 @@ impl ClusterState {
         {
             return bad("the interface name must be 1-15 characters, no '/' or spaces");
         }
-        if !printable(&req.netns) || !req.netns.starts_with('/') {
+        let pending = req.netns.is_empty() && req.runtime == "docker";
+        if !pending && (!printable(&req.netns) || !req.netns.starts_with('/')) {
             return bad("the network namespace must be an absolute path");
         }
         if !self.nodes.contains_key(&req.node) {
@@ -1253,7 +1260,22 @@ impl ClusterState {
             });
         }
         let network = net.name.clone();
-        let address = self.free_address(&network)?;
+        let address = match req.address {
+            Some(ip) => {
+                if !ipam::is_host_address(&net.subnet, ip)
+                    || ip == net.gateway
+                    || self.used_addresses(&network).contains(&ip)
+                {
+                    return Err(StateError::AddressTaken {
+                        ip,
+                        network,
+                        subnet: net.subnet,
+                    });
+                }
+                ip
+            }
+            None => self.free_address(&network)?,
+        };
         let e = Endpoint {
             container: req.container,
             ifname: req.ifname,
@@ -1267,6 +1289,29 @@ impl ClusterState {
         self.endpoints.insert(key, e.clone());
         self.revision += 1;
         Ok(e)
+    }
+
+    /// Gives a waiting endpoint its container's namespace (Docker's join).
+    pub fn bind_endpoint(
+        &mut self,
+        container: &str,
+        ifname: &str,
+        netns: &str,
+    ) -> Result<(), StateError> {
+        if !netns.starts_with('/') {
+            return Err(StateError::BadEndpoint(
+                "the network namespace must be an absolute path".into(),
+            ));
+        }
+        let e = self
+            .endpoints
+            .get_mut(&Endpoint::key(container, ifname))
+            .ok_or_else(|| StateError::NoSuchEndpoint(Endpoint::key(container, ifname)))?;
+        if e.netns != netns {
+            e.netns = netns.to_string();
+            self.revision += 1;
+        }
+        Ok(())
     }
 
     /// Removes a container's interface; removing one that is not there changes nothing
@@ -2027,6 +2072,7 @@ mod tests {
             node: NodeName::new("n1").unwrap(),
             network: network.into(),
             runtime: "cni".into(),
+            address: None,
         }
     }
 

@@ -14,7 +14,7 @@ use crate::datapath::conntrack::{TCP_IDLE_MS, UDP_IDLE_MS};
 use crate::datapath::crypto::{lane_epoch, NetCrypto, Secret, TxSa};
 use crate::datapath::io::Datapath;
 use crate::datapath::stats::Counters;
-use crate::datapath::table::{BackendSpec, PortBinding, PortId, Tables};
+use crate::datapath::table::{BackendSpec, GatewayDns, PortBinding, PortId, Tables};
 use crate::dns::names::DnsView;
 use crate::dns::server::{self as dns, Shared as DnsShared};
 use crate::ingress::{self, Ingress, IngressView};
@@ -111,6 +111,22 @@ struct LocalEndpoint {
     port: (PortId, PortBinding),
     /// Stops the resolver served inside the container's namespace.
     cancel: CancellationToken,
+    /// The resolver is served (its sockets need the namespace, which a Docker container
+    /// gets only after its join).
+    resolver: bool,
+    /// The namespace was seen: from then on, its going away means the container is gone.
+    seen: bool,
+}
+
+/// The name of a Docker endpoint's TAP in overlayd's own namespace, before Docker moves it
+/// into the container (and renames it eth0).
+pub fn docker_tap_name(endpoint: &str) -> String {
+    let id: String = endpoint
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(12)
+        .collect();
+    format!("ovd{id}")
 }
 
 pub struct Agent {
@@ -279,15 +295,16 @@ impl Agent {
         let wanted: BTreeMap<&String, &protocol::state::Endpoint> = state
             .endpoints
             .iter()
-            .filter(|(_, e)| e.node == self.node)
+            // A Docker endpoint waiting for its container has nothing to make yet.
+            .filter(|(_, e)| e.node == self.node && !e.netns.is_empty())
             .collect();
         let mut changed = false;
+        let exists = |e: &protocol::state::Endpoint| std::path::Path::new(&e.netns).exists();
         let stale: Vec<String> = self
             .endpoints
             .iter()
             .filter(|(k, le)| {
-                wanted.get(k).is_none_or(|e| **e != le.spec)
-                    || !std::path::Path::new(&le.spec.netns).exists()
+                wanted.get(k).is_none_or(|e| **e != le.spec) || (le.seen && !exists(&le.spec))
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -299,11 +316,31 @@ impl Agent {
                 changed = true;
             }
         }
+        for le in self.endpoints.values_mut() {
+            if !le.seen && exists(&le.spec) {
+                le.seen = true;
+            }
+            if le.seen && !le.resolver && le.spec.runtime != "docker" {
+                le.resolver = serve_resolver(&le.spec, &self.dns, &le.cancel).await;
+            }
+        }
         for (key, e) in wanted {
             if self.endpoints.contains_key(key) {
                 continue;
             }
-            if !std::path::Path::new(&e.netns).exists() {
+            // A Docker container's namespace exists only once it starts, after its join:
+            // its interface is made here and moved there by Docker.
+            if !exists(e) && e.runtime == "docker" {
+                match self.start_docker_endpoint(state, e).await {
+                    Ok(le) => {
+                        self.endpoints.insert(key.clone(), le);
+                        changed = true;
+                    }
+                    Err(error) => warn!(endpoint = %key, %error, "cannot make container interface"),
+                }
+                continue;
+            }
+            if !exists(e) {
                 warn!(endpoint = %key, netns = %e.netns, "container namespace is gone; removing its endpoint");
                 let (cluster, container, ifname) =
                     (self.cluster.clone(), e.container.clone(), e.ifname.clone());
@@ -347,62 +384,75 @@ impl Agent {
         };
         let path = PathBuf::from(&e.netns);
         let queues = self.datapath.workers();
-        let made = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || {
-                let fds = iface::create_task_ifaces(&path, vec![spec], queues)?;
-                let resolver = netns::run_in(&path, || {
-                    let udp = std::net::UdpSocket::bind(dns::RESOLVER_ADDR)?;
-                    let tcp = std::net::TcpListener::bind(dns::RESOLVER_ADDR)?;
-                    udp.set_nonblocking(true)?;
-                    tcp.set_nonblocking(true)?;
-                    Ok((udp, tcp))
-                });
-                Ok::<_, std::io::Error>((fds, resolver))
-            })
-            .await
-            .map_err(|e| format!("setup thread failed: {e}"))?
-        };
-        let (fds, resolver) = made.map_err(|e| format!("making the interface: {e}"))?;
+        let fds = tokio::task::spawn_blocking(move || {
+            iface::create_task_ifaces(&path, vec![spec], queues)
+        })
+        .await
+        .map_err(|e| format!("setup thread failed: {e}"))?
+        .map_err(|e| format!("making the interface: {e}"))?;
         let cancel = CancellationToken::new();
-        match resolver.and_then(|(u, t)| {
-            Ok((
-                tokio::net::UdpSocket::from_std(u)?,
-                tokio::net::TcpListener::from_std(t)?,
-            ))
-        }) {
-            Ok((udp, tcp)) => {
-                let networks = vec![e.network.to_string()];
-                tokio::spawn(dns::serve(
-                    udp,
-                    tcp,
-                    networks,
-                    self.dns.clone(),
-                    cancel.clone(),
-                ));
-            }
-            Err(err) => {
-                info!(container = %e.container, error = %err, "no resolver at 127.0.0.11 in the container")
-            }
-        }
+        // Docker's containers have Docker's resolver at 127.0.0.11 (theirs reach ours at the
+        // gateway, `--dns`); others get ours there.
+        let resolver = e.runtime == "docker" || serve_resolver(e, &self.dns, &cancel).await;
+        Ok(self.adopt_endpoint(net.vni, e, fds, cancel, resolver, true))
+    }
+
+    /// Makes a Docker endpoint's TAP in overlayd's own namespace, under the name its join
+    /// hands to Docker ([`docker_tap_name`]), with the network's MTU and the endpoint's MAC.
+    async fn start_docker_endpoint(
+        &mut self,
+        state: &ClusterState,
+        e: &protocol::state::Endpoint,
+    ) -> Result<LocalEndpoint, String> {
+        let net = state
+            .networks
+            .get(&e.network)
+            .ok_or_else(|| format!("network {} not in state", e.network))?;
+        let spec = IfaceSpec {
+            name: docker_tap_name(&e.container),
+            mac: e.mac,
+            address: e.address,
+            prefix_len: net.subnet.prefix_len(),
+            mtu: net.mtu(),
+            gateway: None,
+        };
+        let fds = iface::create_detached(&spec, self.datapath.workers())
+            .await
+            .map_err(|err| format!("making {}: {err}", spec.name))?;
+        let vni = net.vni;
+        Ok(self.adopt_endpoint(vni, e, vec![fds], CancellationToken::new(), false, false))
+    }
+
+    /// Hands a container interface's queues to the datapath.
+    fn adopt_endpoint(
+        &mut self,
+        vni: Vni,
+        e: &protocol::state::Endpoint,
+        fds: Vec<Vec<std::os::fd::OwnedFd>>,
+        cancel: CancellationToken,
+        resolver: bool,
+        seen: bool,
+    ) -> LocalEndpoint {
         let port = PortId(self.next_port);
         self.next_port += 1;
         for fd in fds {
             self.datapath.add_port(port, fd);
         }
         info!(container = %e.container, ifname = %e.ifname, address = %e.address, "container interface made");
-        Ok(LocalEndpoint {
+        LocalEndpoint {
             spec: e.clone(),
             port: (
                 port,
                 PortBinding {
-                    vni: net.vni,
+                    vni,
                     mac: e.mac,
                     ip: e.address,
                 },
             ),
             cancel,
-        })
+            resolver,
+            seen,
+        }
     }
 
     /// Rebuilds and publishes the tables if the tasks here (`force`), the state revision or a
@@ -534,6 +584,14 @@ impl Agent {
                 .extend(v.backends.iter().map(|b| b.0));
         }
         lb.retain(&live);
+        for net in state.networks.values() {
+            if let Some(t) = tables.networks.get_mut(&net.vni) {
+                t.dns = Some(GatewayDns {
+                    network: Arc::from([net.name.to_string()]),
+                    shared: self.dns.clone(),
+                });
+            }
+        }
         for net in state.networks.values().filter(|n| n.encrypted()) {
             if tables.networks.contains_key(&net.vni) {
                 let c = self.crypto_for(&net.name, net.vni, keys);
@@ -701,6 +759,49 @@ impl Agent {
         }
         for (name, lt) in all {
             self.stop_task(&name, lt).await;
+        }
+    }
+}
+
+/// Serves the embedded resolver at 127.0.0.11:53 inside a container's namespace, if that
+/// address is free there (a runtime's own resolver may hold it); returns whether it does.
+async fn serve_resolver(
+    e: &protocol::state::Endpoint,
+    shared: &Arc<DnsShared>,
+    cancel: &CancellationToken,
+) -> bool {
+    let path = PathBuf::from(&e.netns);
+    let made = tokio::task::spawn_blocking(move || {
+        netns::run_in(&path, || {
+            let udp = std::net::UdpSocket::bind(dns::RESOLVER_ADDR)?;
+            let tcp = std::net::TcpListener::bind(dns::RESOLVER_ADDR)?;
+            udp.set_nonblocking(true)?;
+            tcp.set_nonblocking(true)?;
+            Ok((udp, tcp))
+        })
+    })
+    .await;
+    let socks = match made {
+        Ok(Ok((u, t))) => tokio::net::UdpSocket::from_std(u)
+            .and_then(|u| Ok((u, tokio::net::TcpListener::from_std(t)?))),
+        Ok(Err(err)) => Err(err),
+        Err(err) => Err(std::io::Error::other(err.to_string())),
+    };
+    match socks {
+        Ok((udp, tcp)) => {
+            let networks = vec![e.network.to_string()];
+            tokio::spawn(dns::serve(
+                udp,
+                tcp,
+                networks,
+                shared.clone(),
+                cancel.clone(),
+            ));
+            true
+        }
+        Err(err) => {
+            info!(container = %e.container, error = %err, "no resolver at 127.0.0.11 in the container");
+            false
         }
     }
 }

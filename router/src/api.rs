@@ -427,6 +427,7 @@ async fn endpoint_create(
             node: st.node.clone(),
             network: req.network,
             runtime,
+            address: None,
         }))
         .await?;
     let info = endpoint_of(&st.cluster.snapshot(), &container, &ifname)?;

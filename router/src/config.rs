@@ -73,6 +73,16 @@ pub struct Config {
     #[arg(long, default_value_t = crate::datapath::conntrack::DEFAULT_MAX_FLOWS, value_parser = parse_max_flows)]
     pub lb_max_flows: usize,
 
+    /// Serve Docker's network and IPAM plugin protocol on this socket (its file name is the
+    /// driver name: `docker network create -d overlayd --ipam-driver overlayd`). Without a
+    /// value: /run/docker/plugins/overlayd.sock, where dockerd looks.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "/run/docker/plugins/overlayd.sock")]
+    pub docker_plugin: Option<PathBuf>,
+
+    /// dockerd's API socket, which the plugin asks for a new network's name.
+    #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
+    pub docker_host: PathBuf,
+
     /// Datapath worker threads (default: one per core). Each TAP gets a queue per worker
     /// and each worker its own underlay socket; the kernel spreads flows over them.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]

@@ -292,12 +292,35 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
 
+    let cluster_for_plugin = cluster.clone();
     let app = api::router(ApiState {
         cluster,
         counters,
         node: cfg.node.clone(),
         state_dir: state_dir.clone(),
     });
+    let plugin = match &cfg.docker_plugin {
+        Some(path) => {
+            let listener = bind_socket(path)?;
+            let plugin = crate::docker::Plugin::new(
+                cluster_for_plugin.clone(),
+                cfg.node.clone(),
+                cfg.docker_host.clone(),
+                &state_dir,
+            );
+            let app = plugin
+                .router()
+                .into_make_service_with_connect_info::<crate::docker::PeerPid>();
+            let stop = shutdown.clone();
+            info!(socket = %path.display(), "serving Docker's network and IPAM plugin");
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+            }))
+        }
+        None => None,
+    };
     let api_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -316,6 +339,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = agent_task.await;
     let _ = server.await;
     let _ = std::fs::remove_file(&socket);
+    if let (Some(p), Some(path)) = (plugin, &cfg.docker_plugin) {
+        let _ = p.await;
+        let _ = std::fs::remove_file(path);
+    }
     info!("overlayd stopped");
     Ok(())
 }

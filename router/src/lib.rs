@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;
+pub mod docker;
 pub mod ingress;
 pub mod manager;
 pub mod services;

@@ -50,7 +50,11 @@ impl From<StateError> for ApiError {
     fn from(e: StateError) -> ApiError {
         use StateError::*;
         let status = match &e {
-            NoSuchNetwork(_) | NoSuchService(_) | NoSuchNode(_) | NoSuchVtep { .. } => 404,
+            NoSuchNetwork(_)
+            | NoSuchService(_)
+            | NoSuchNode(_)
+            | NoSuchVtep { .. }
+            | NoSuchEndpoint(_) => 404,
             NetworkExists(_)
             | ServiceExists(_)
             | NetworkInUse { .. }
@@ -290,6 +294,11 @@ impl Manager {
             Op::AddVtep { network, vtep } => self.change(|s| s.add_vtep(&network, vtep)),
             Op::RemoveVtep { network, mac } => self.change(|s| s.remove_vtep(&network, mac)),
             Op::AddEndpoint(req) => self.change(|s| s.add_endpoint(req).map(|_| ())),
+            Op::BindEndpoint {
+                container,
+                ifname,
+                netns,
+            } => self.change(|s| s.bind_endpoint(&container, &ifname, &netns)),
             Op::RemoveEndpoint { container, ifname } => self.change(|s| {
                 s.remove_endpoint(&container, &ifname);
                 Ok(())

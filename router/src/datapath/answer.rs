@@ -1,14 +1,19 @@
 //! Frames the router answers itself instead of switching: ARP requests for every address it
-//! knows (proxy ARP, so broadcast never has to cross the underlay) and ICMP echo to a
-//! network's gateway. Pure functions: a request frame in, a reply frame written into a
-//! caller-owned buffer, its length out.
+//! knows (proxy ARP, so broadcast never has to cross the underlay), ICMP echo to a network's
+//! gateway, and DNS over UDP at the gateway (the embedded resolver's names, for runtimes whose
+//! own resolver holds 127.0.0.11, such as Docker's: `docker run --dns GATEWAY`). Pure
+//! functions: a request frame in, a reply frame written into a caller-owned buffer, its length
+//! out. (A DNS answer is built by hickory-proto, which allocates: queries to the gateway are
+//! rare next to the frames it switches.)
 
 use super::stats::DropReason;
-use super::table::NetTable;
+use super::table::{GatewayDns, NetTable};
+use crate::dns::answer::{error_reply, handle, Outcome};
 use etherparse::{
     ArpHardwareId, ArpOperation, ArpPacket, ArpPacketSlice, EtherType, Icmpv4Type, NetSlice,
     PacketBuilder, SlicedPacket, TransportSlice,
 };
+use hickory_proto::op::ResponseCode;
 use protocol::types::MacAddr;
 use std::net::Ipv4Addr;
 
@@ -65,10 +70,54 @@ pub fn arp(net: &NetTable, frame: &[u8], reply: &mut [u8]) -> Result<usize, Drop
 }
 
 /// Answers an IPv4 frame addressed to the gateway's MAC: echo requests to the gateway address
-/// get an echo reply; anything else has nowhere to go yet.
+/// get an echo reply, DNS queries to its port 53 an answer; anything else has nowhere to go
+/// yet.
 pub fn gateway(net: &NetTable, frame: &[u8], reply: &mut [u8]) -> Result<usize, DropReason> {
     let gw = net.gateway_ip.ok_or(DropReason::NoRoute)?;
+    if let Some(dns) = &net.dns {
+        if let Some(n) = dns_query(gw, net.gateway_mac, dns, frame, reply)? {
+            return Ok(n);
+        }
+    }
     echo(gw, net.gateway_mac, frame, reply)
+}
+
+/// Answers a DNS query over UDP to `own_ip`:53 from the network's names; a name the cluster
+/// does not have gets SERVFAIL, so that the client (Docker's resolver) asks its next server.
+/// None if the frame is not such a query.
+fn dns_query(
+    own_ip: Ipv4Addr,
+    own_mac: MacAddr,
+    dns: &GatewayDns,
+    frame: &[u8],
+    reply: &mut [u8],
+) -> Result<Option<usize>, DropReason> {
+    let Ok(packet) = SlicedPacket::from_ethernet(frame) else {
+        return Ok(None);
+    };
+    let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp))) =
+        (&packet.net, &packet.transport)
+    else {
+        return Ok(None);
+    };
+    if ip.header().destination_addr() != own_ip || udp.destination_port() != 53 {
+        return Ok(None);
+    }
+    let query = udp.payload();
+    let outcome = match handle(&dns.shared.view.load(), &dns.network, query, true) {
+        Outcome::Forward => error_reply(query, ResponseCode::ServFail),
+        other => other,
+    };
+    let Outcome::Reply(answer) = outcome else {
+        return Err(DropReason::MalformedIp);
+    };
+    let src_mac: [u8; 6] = frame[6..12].try_into().map_err(|_| DropReason::Runt)?;
+    PacketBuilder::ethernet2(own_mac.0, src_mac)
+        .ipv4(own_ip.octets(), ip.header().source_addr().octets(), 64)
+        .udp(53, udp.source_port())
+        .write_to_slice(reply, &answer)
+        .map(Some)
+        .map_err(|_| DropReason::Oversize)
 }
 
 /// Answers an ICMP echo request to an address the router owns (a gateway, a service VIP)

@@ -75,6 +75,24 @@ pub struct NetTable {
     pub backend_ips: HashSet<Ipv4Addr, FastHash>,
     /// Keys of an encrypted network (None: a plain network).
     pub crypto: Option<Arc<NetCrypto>>,
+    /// The names the router answers for at the gateway's port 53 (None: no DNS there).
+    pub dns: Option<GatewayDns>,
+}
+
+/// What the gateway's DNS answers from: the embedded resolver's view and this network's name
+/// (a query at a network's gateway sees that network's names).
+#[derive(Clone)]
+pub struct GatewayDns {
+    pub network: Arc<[String]>,
+    pub shared: Arc<crate::dns::server::Shared>,
+}
+
+impl std::fmt::Debug for GatewayDns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayDns")
+            .field("network", &self.network)
+            .finish_non_exhaustive()
+    }
 }
 
 /// All tables of one node.

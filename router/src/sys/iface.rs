@@ -44,6 +44,32 @@ pub fn create_task_ifaces(
     })
 }
 
+/// Creates a TAP in the calling process's own namespace, with the MTU and MAC of `spec` but
+/// no address, for a runtime to move into its container (Docker's join: libnetwork moves it,
+/// renames it and configures the address and routes). Returns its queue fds.
+pub async fn create_detached(spec: &IfaceSpec, queues: usize) -> io::Result<Vec<OwnedFd>> {
+    let fds = tap::create(&spec.name, queues)?;
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    let driver = tokio::spawn(conn);
+    let result = async {
+        let idx = link_index(&handle, &spec.name).await?;
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(idx)
+                    .mtu(u32::from(spec.mtu))
+                    .address(spec.mac.0.to_vec())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl("setting MTU and MAC"))
+    }
+    .await;
+    driver.abort();
+    result.map(|()| fds)
+}
+
 fn nl(what: &str) -> impl FnOnce(rtnetlink::Error) -> io::Error + '_ {
     move |e| io::Error::other(format!("{what}: {e}"))
 }

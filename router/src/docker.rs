@@ -1,0 +1,583 @@
+//! Docker's network and IPAM plugin (libnetwork's remote driver protocol: JSON over HTTP on
+//! a Unix socket whose file name is the driver name), so that `docker network create -d
+//! overlayd --ipam-driver overlayd NAME` and `docker run --network NAME` put real containers
+//! on the cluster network NAME.
+//!
+//! How Docker's calls map onto the cluster (Docker 20.10, local scope; each host's Docker
+//! keeps its own network object, the cluster network is one):
+//! - `RequestPool`: the subnet given with `--subnet`, or else one no cluster network uses.
+//! - `CreateNetwork` does not carry the network's name. Once Docker has stored the network,
+//!   the plugin reads its name from Docker's API (`--docker-host`) and creates the cluster
+//!   network with that name, subnet and `-o` options, or attaches to it if it exists (with
+//!   `--subnet`, the subnets must agree; without, the cluster network's wins).
+//! - `RequestAddress`: the lowest address of the cluster network nobody holds; `CreateEndpoint`
+//!   records the endpoint in the cluster state under Docker's endpoint id with that address
+//!   (a race with another host ends in a clear refusal of one `docker run`).
+//! - `Join`: the endpoint learns its container's namespace, reached through dockerd's own
+//!   mount namespace (`/proc/PID/root` + the sandbox key, PID from the socket's peer
+//!   credentials). That namespace exists only once the container starts, so the agent makes
+//!   the TAP in overlayd's own namespace (dockerd's too) with the network's MTU and the
+//!   endpoint's MAC, and the reply names it for Docker to move in (as `eth0`, with its address
+//!   and the gateway). Once the namespace shows up the agent serves the resolver at
+//!   127.0.0.11 in it; after an overlayd restart it makes the TAP right in the namespace, as
+//!   for a CNI container.
+//! - `DeleteEndpoint` removes it; `DeleteNetwork` releases a cluster network the plugin made
+//!   once no endpoint and no service uses it.
+
+use crate::cluster::Cluster;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use ipnet::Ipv4Net;
+use protocol::api::NetworkCreate;
+use protocol::control::Op;
+use protocol::state::{Endpoint, EndpointRequest};
+use protocol::types::NodeName;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::UnixListener;
+use tracing::{info, warn};
+
+/// The option that marks a cluster network as made by this plugin (released with Docker's).
+pub const MADE_BY: &str = "com.overlay.docker-plugin";
+/// Docker's option key for a network's `-o` options.
+const GENERIC: &str = "com.docker.network.generic";
+/// How long `Join` waits for the agent to make the interface.
+const JOIN_WAIT: Duration = Duration::from_secs(15);
+/// How long the plugin waits for Docker to have stored a new network.
+const NAME_WAIT: Duration = Duration::from_secs(10);
+
+/// The pid of the process at the other end of a plugin connection (dockerd).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerPid(Option<i32>);
+
+impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for PeerPid {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        PeerPid(stream.io().peer_cred().ok().and_then(|c| c.pid()))
+    }
+}
+
+#[derive(Clone)]
+pub struct Plugin {
+    pub cluster: Cluster,
+    pub node: NodeName,
+    /// dockerd's API socket.
+    pub docker_host: PathBuf,
+    /// Docker network id -> the cluster network's name, once known; kept in `names_file`
+    /// (Docker names no network in its calls, and may have forgotten it by `DeleteNetwork`).
+    names: Arc<Mutex<BTreeMap<String, String>>>,
+    names_file: PathBuf,
+    /// Subnets this run handed to `RequestPool` without `--subnet`.
+    pools: Arc<Mutex<Vec<Ipv4Net>>>,
+}
+
+/// A plugin error as Docker reads it (the network driver's `Err`, the IPAM driver's
+/// `Error`).
+struct PluginError(String);
+
+impl IntoResponse for PluginError {
+    fn into_response(self) -> Response {
+        let body = json!({ "Err": self.0, "Error": self.0 });
+        (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+    }
+}
+
+impl<E: std::fmt::Display> From<E> for PluginError {
+    fn from(e: E) -> Self {
+        PluginError(e.to_string())
+    }
+}
+
+type Reply = Result<Json<Value>, PluginError>;
+
+fn field<'a>(v: &'a Value, key: &str) -> Result<&'a str, PluginError> {
+    v.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| PluginError(format!("request without {key}")))
+}
+
+fn parse(body: &Bytes) -> Result<Value, PluginError> {
+    if body.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(body).map_err(|e| PluginError(format!("invalid request: {e}")))
+}
+
+impl Plugin {
+    /// The plugin of `node`; what it learns of Docker's networks is kept in `state_dir`.
+    pub fn new(
+        cluster: Cluster,
+        node: NodeName,
+        docker_host: PathBuf,
+        state_dir: &std::path::Path,
+    ) -> Plugin {
+        let names_file = state_dir.join("docker-networks.json");
+        let names = std::fs::read(&names_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Plugin {
+            cluster,
+            node,
+            docker_host,
+            names: Arc::new(Mutex::new(names)),
+            names_file,
+            pools: Arc::default(),
+        }
+    }
+
+    /// Records (or with None forgets) the cluster network of Docker network `id`, on disk
+    /// too (replaced atomically); returns what was recorded before.
+    fn remember(&self, id: &str, name: Option<&str>) -> Option<String> {
+        let Ok(mut m) = self.names.lock() else {
+            return None;
+        };
+        let before = match name {
+            Some(n) => m.insert(id.to_string(), n.to_string()),
+            None => m.remove(id),
+        };
+        let tmp = self.names_file.with_extension("tmp");
+        let saved = serde_json::to_vec(&*m)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &self.names_file));
+        if let Err(e) = saved {
+            warn!(error = %e, file = %self.names_file.display(), "cannot keep Docker's network names");
+        }
+        before
+    }
+
+    pub fn router(self) -> Router {
+        let ok = |v: Value| move || async move { Json(v) };
+        Router::new()
+            .route(
+                "/Plugin.Activate",
+                post(ok(json!({ "Implements": ["NetworkDriver", "IpamDriver"] }))),
+            )
+            .route(
+                "/NetworkDriver.GetCapabilities",
+                post(ok(
+                    json!({ "Scope": "local", "ConnectivityScope": "global" }),
+                )),
+            )
+            .route("/NetworkDriver.CreateNetwork", post(create_network))
+            .route("/NetworkDriver.DeleteNetwork", post(delete_network))
+            .route("/NetworkDriver.CreateEndpoint", post(create_endpoint))
+            .route("/NetworkDriver.DeleteEndpoint", post(delete_endpoint))
+            .route(
+                "/NetworkDriver.EndpointOperInfo",
+                post(ok(json!({ "Value": {} }))),
+            )
+            .route("/NetworkDriver.Join", post(join))
+            .route("/NetworkDriver.Leave", post(ok(json!({}))))
+            .route("/NetworkDriver.DiscoverNew", post(ok(json!({}))))
+            .route("/NetworkDriver.DiscoverDelete", post(ok(json!({}))))
+            .route(
+                "/NetworkDriver.ProgramExternalConnectivity",
+                post(ok(json!({}))),
+            )
+            .route(
+                "/NetworkDriver.RevokeExternalConnectivity",
+                post(ok(json!({}))),
+            )
+            .route(
+                "/IpamDriver.GetCapabilities",
+                post(ok(json!({ "RequiresMACAddress": false }))),
+            )
+            .route(
+                "/IpamDriver.GetDefaultAddressSpaces",
+                post(ok(json!({
+                    "LocalDefaultAddressSpace": "overlayd",
+                    "GlobalDefaultAddressSpace": "overlayd",
+                }))),
+            )
+            .route("/IpamDriver.RequestPool", post(request_pool))
+            .route("/IpamDriver.ReleasePool", post(ok(json!({}))))
+            .route("/IpamDriver.RequestAddress", post(request_address))
+            .route("/IpamDriver.ReleaseAddress", post(ok(json!({}))))
+            .fallback(|| async { PluginError("no such plugin call".into()) })
+            .with_state(self)
+    }
+
+    /// GET `path` on Docker's API.
+    async fn docker_get(&self, path: &str) -> Result<Value, PluginError> {
+        let stream = tokio::net::UnixStream::connect(&self.docker_host)
+            .await
+            .map_err(|e| {
+                PluginError(format!(
+                    "cannot reach Docker at {} (--docker-host): {e}",
+                    self.docker_host.display()
+                ))
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get(format!("http://docker{path}"))
+            .header("host", "docker")
+            .body(Empty::<Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            return Err(PluginError(format!("Docker answered {status} for {path}")));
+        }
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// The cluster network behind Docker network `id`: its name from Docker's API (waiting
+    /// until Docker has stored the network), remembered.
+    async fn name_of(&self, id: &str) -> Result<String, PluginError> {
+        if let Some(n) = self.names.lock().ok().and_then(|m| m.get(id).cloned()) {
+            return Ok(n);
+        }
+        let end = tokio::time::Instant::now() + NAME_WAIT;
+        loop {
+            match self.docker_get(&format!("/networks/{id}")).await {
+                Ok(v) => {
+                    let name = field(&v, "Name")?.to_string();
+                    self.remember(id, Some(&name));
+                    return Ok(name);
+                }
+                Err(e) if tokio::time::Instant::now() >= end => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Makes the cluster network `name` for Docker network `id` (subnet `pool`, options
+    /// `opts`), or checks the existing one agrees.
+    async fn ensure_network(
+        &self,
+        name: &str,
+        pool: Ipv4Net,
+        explicit: bool,
+        mut opts: BTreeMap<String, String>,
+    ) -> Result<(), PluginError> {
+        let snap = self.cluster.snapshot();
+        if let Some(net) = snap.state.networks.get(name) {
+            if explicit && net.subnet != pool {
+                return Err(PluginError(format!(
+                    "cluster network {name} is {} but this Docker network was made with \
+                     --subnet {pool}: docker network rm {name}, then create it with \
+                     --subnet {} (or none)",
+                    net.subnet, net.subnet
+                )));
+            }
+            return Ok(());
+        }
+        opts.insert(MADE_BY.into(), "true".into());
+        let req = NetworkCreate {
+            name: name.to_string(),
+            driver: None,
+            subnet: Some(pool.to_string()),
+            gateway: None,
+            options: opts,
+            ingress: false,
+        };
+        match self.cluster.apply(Op::CreateNetwork(req)).await {
+            Ok(_) => {
+                info!(network = name, subnet = %pool, "cluster network made for Docker");
+                Ok(())
+            }
+            // Another host made it meanwhile.
+            Err(_) if self.cluster.snapshot().state.networks.contains_key(name) => Ok(()),
+            Err(e) => Err(PluginError(e.message)),
+        }
+    }
+}
+
+/// The `-o` options of a `CreateNetwork`, as strings.
+fn generic_options(req: &Value) -> BTreeMap<String, String> {
+    req.pointer(&format!("/Options/{}", GENERIC.replace('/', "~1")))
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                    (k.clone(), v)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn request_pool(State(p): State<Plugin>, body: Bytes) -> Reply {
+    let req = parse(&body)?;
+    if req.get("V6").and_then(Value::as_bool) == Some(true) {
+        return Err(PluginError("overlayd networks are IPv4 only".into()));
+    }
+    let asked = req.get("Pool").and_then(Value::as_str).unwrap_or("");
+    let pool: Ipv4Net = if asked.is_empty() {
+        // A subnet no cluster network uses and this run has not handed out.
+        let snap = p.cluster.snapshot();
+        let mut pools = p.pools.lock().map_err(|_| PluginError("lock".into()))?;
+        let taken = |n: &Ipv4Net| {
+            snap.state
+                .networks
+                .values()
+                .any(|x| x.subnet.contains(&n.network()) || n.contains(&x.subnet.network()))
+                || pools.contains(n)
+        };
+        let base: Ipv4Net = protocol::ipam::DEFAULT_POOL.parse()?;
+        let free = base
+            .subnets(protocol::ipam::DEFAULT_POOL_PREFIX)?
+            .find(|n| !taken(n))
+            .ok_or_else(|| PluginError("no free subnet left in the pool".into()))?;
+        pools.push(free);
+        free
+    } else {
+        asked
+            .parse()
+            .map_err(|_| PluginError(format!("invalid subnet {asked:?}")))?
+    };
+    let id = if asked.is_empty() {
+        format!("auto:{pool}")
+    } else {
+        pool.to_string()
+    };
+    Ok(Json(
+        json!({ "PoolID": id, "Pool": pool.to_string(), "Data": {} }),
+    ))
+}
+
+/// The subnet a pool id names, and whether the user chose it.
+fn pool_of(id: &str) -> Result<(Ipv4Net, bool), PluginError> {
+    let (explicit, s) = match id.strip_prefix("auto:") {
+        Some(s) => (false, s),
+        None => (true, id),
+    };
+    let net = s
+        .parse()
+        .map_err(|_| PluginError(format!("unknown pool {id:?}")))?;
+    Ok((net, explicit))
+}
+
+async fn request_address(State(p): State<Plugin>, body: Bytes) -> Reply {
+    let req = parse(&body)?;
+    let (pool, explicit) = pool_of(field(&req, "PoolID")?)?;
+    let gateway_ask = req
+        .pointer("/Options/RequestAddressType")
+        .and_then(Value::as_str)
+        == Some("com.docker.network.gateway");
+    let snap = p.cluster.snapshot();
+    // The cluster network behind the pool: by subnet, or (a pool picked without --subnet)
+    // through the Docker network that uses it.
+    let net = match snap.state.networks.values().find(|n| n.subnet == pool) {
+        Some(n) => Some(n.clone()),
+        None if !explicit => {
+            let nets = p.docker_get("/networks").await?;
+            let name = nets.as_array().into_iter().flatten().find_map(|n| {
+                let cfg = n.pointer("/IPAM/Config")?.as_array()?;
+                cfg.iter()
+                    .any(|c| c.get("Subnet").and_then(Value::as_str) == Some(&pool.to_string()))
+                    .then(|| n.get("Name")?.as_str().map(str::to_string))?
+            });
+            name.and_then(|n| snap.state.networks.get(n.as_str()).cloned())
+        }
+        None => None,
+    };
+    if gateway_ask {
+        // At Docker's network creation: the cluster network's gateway, or the first host of
+        // the pool (what the cluster network made from it will use).
+        let gw = net.as_ref().map_or_else(
+            || pool.hosts().next().unwrap_or(pool.network()),
+            |n| n.gateway,
+        );
+        let prefix = net
+            .as_ref()
+            .map_or(pool.prefix_len(), |n| n.subnet.prefix_len());
+        return Ok(Json(
+            json!({ "Address": format!("{gw}/{prefix}"), "Data": {} }),
+        ));
+    }
+    let net = net
+        .ok_or_else(|| PluginError(format!("no cluster network for pool {pool} yet; try again")))?;
+    let asked = req.get("Address").and_then(Value::as_str).unwrap_or("");
+    let ip: Ipv4Addr = if asked.is_empty() {
+        let used = snap.state.used_addresses(&net.name);
+        protocol::ipam::next_address(&net.subnet, &used)
+            .ok_or_else(|| PluginError(format!("no free address left in network {}", net.name)))?
+    } else {
+        asked
+            .parse()
+            .map_err(|_| PluginError(format!("invalid address {asked:?}")))?
+    };
+    Ok(Json(json!({
+        "Address": format!("{ip}/{}", net.subnet.prefix_len()),
+        "Data": {},
+    })))
+}
+
+async fn create_network(State(p): State<Plugin>, body: Bytes) -> Reply {
+    let req = parse(&body)?;
+    let id = field(&req, "NetworkID")?.to_string();
+    let pool = req
+        .pointer("/IPv4Data/0/Pool")
+        .and_then(Value::as_str)
+        .ok_or_else(|| PluginError("overlayd networks need an IPv4 pool".into()))?
+        .parse::<Ipv4Net>()
+        .map_err(|e| PluginError(format!("invalid pool: {e}")))?;
+    // Docker picked this pool through our IPAM only if the pool id said so; a pool not made
+    // by `--subnet` is the plugin's own choice (see `request_pool`).
+    let explicit = !p.pools.lock().map(|v| v.contains(&pool)).unwrap_or(false);
+    let opts = generic_options(&req);
+    // Docker stores the network (and so its name) only after this call returns.
+    tokio::spawn(async move {
+        let made = async {
+            let name = p.name_of(&id).await?;
+            p.ensure_network(&name, pool, explicit, opts).await
+        };
+        if let Err(PluginError(e)) = made.await {
+            warn!(docker_network = %id, error = %e, "cannot make the cluster network");
+        }
+    });
+    Ok(Json(json!({})))
+}
+
+async fn delete_network(State(p): State<Plugin>, body: Bytes) -> Reply {
+    let req = parse(&body)?;
+    let id = field(&req, "NetworkID")?.to_string();
+    let Some(name) = p.remember(&id, None) else {
+        return Ok(Json(json!({})));
+    };
+    let snap = p.cluster.snapshot();
+    let ours = snap
+        .state
+        .networks
+        .get(name.as_str())
+        .is_some_and(|n| n.options.contains_key(MADE_BY));
+    let used = snap
+        .state
+        .endpoints
+        .values()
+        .any(|e| e.network.as_str() == name)
+        || snap
+            .state
+            .services
+            .values()
+            .any(|s| s.networks.iter().any(|n| n.as_str() == name));
+    if ours && !used {
+        match p.cluster.apply(Op::RemoveNetwork(name.clone())).await {
+            Ok(_) => info!(network = %name, "cluster network released with Docker's"),
+            Err(e) => info!(network = %name, error = %e.message, "cluster network kept"),
+        }
+    }
+    Ok(Json(json!({})))
+}
+
+async fn create_endpoint(State(p): State<Plugin>, body: Bytes) -> Reply {
+    let req = parse(&body)?;
+    let id = field(&req, "NetworkID")?;
+    let endpoint = field(&req, "EndpointID")?;
+    let addr = req
+        .pointer("/Interface/Address")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let address = match addr.split('/').next() {
+        Some(a) if !a.is_empty() => Some(
+            a.parse()
+                .map_err(|_| PluginError(format!("invalid address {addr:?}")))?,
+        ),
+        _ => None,
+    };
+    let name = p.name_of(id).await?;
+    let e = EndpointRequest {
+        container: endpoint.to_string(),
+        ifname: "eth0".into(),
+        netns: String::new(),
+        node: p.node.clone(),
+        network: name,
+        runtime: "docker".into(),
+        address,
+    };
+    p.cluster
+        .apply(Op::AddEndpoint(e))
+        .await
+        .map_err(|e| PluginError(e.message))?;
+    let snap = p.cluster.snapshot();
+    let made = snap
+        .state
+        .endpoints
+        .get(&Endpoint::key(endpoint, "eth0"))
+        .ok_or_else(|| PluginError("endpoint not recorded".into()))?;
+    let mut iface = json!({});
+    if req
+        .pointer("/Interface/MacAddress")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .is_empty()
+    {
+        iface["MacAddress"] = json!(made.mac.to_string());
+    }
+    Ok(Json(json!({ "Interface": iface })))
+}
+
+async fn delete_endpoint(State(p): State<Plugin>, body: Bytes) -> Reply {
+    let req = parse(&body)?;
+    let endpoint = field(&req, "EndpointID")?.to_string();
+    p.cluster
+        .apply(Op::RemoveEndpoint {
+            container: endpoint,
+            ifname: "eth0".into(),
+        })
+        .await
+        .map_err(|e| PluginError(e.message))?;
+    Ok(Json(json!({})))
+}
+
+async fn join(
+    State(p): State<Plugin>,
+    ConnectInfo(PeerPid(pid)): ConnectInfo<PeerPid>,
+    body: Bytes,
+) -> Reply {
+    let req = parse(&body)?;
+    let endpoint = field(&req, "EndpointID")?.to_string();
+    let sandbox = field(&req, "SandboxKey")?;
+    // The sandbox key is a path in dockerd's mount namespace; reach it through dockerd's
+    // root (which also works when both share one).
+    let pid = pid.ok_or_else(|| PluginError("cannot tell dockerd's pid".into()))?;
+    let netns = format!("/proc/{pid}/root{sandbox}");
+    p.cluster
+        .apply(Op::BindEndpoint {
+            container: endpoint.clone(),
+            ifname: "eth0".into(),
+            netns: netns.clone(),
+        })
+        .await
+        .map_err(|e| PluginError(e.message))?;
+    // The agent makes the TAP in overlayd's (and dockerd's) namespace; Docker moves it
+    // into the container once that starts.
+    let tap = crate::agent::docker_tap_name(&endpoint);
+    let end = tokio::time::Instant::now() + JOIN_WAIT;
+    while nix::net::if_::if_nametoindex(tap.as_str()).is_err() {
+        if tokio::time::Instant::now() >= end {
+            return Err(PluginError(format!(
+                "overlayd did not make the interface of endpoint {endpoint} within {JOIN_WAIT:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let snap = p.cluster.snapshot();
+    let gateway = snap
+        .state
+        .endpoints
+        .get(&Endpoint::key(&endpoint, "eth0"))
+        .and_then(|e| snap.state.networks.get(&e.network))
+        .map(|n| n.gateway.to_string())
+        .unwrap_or_default();
+    info!(endpoint = %endpoint, %gateway, "container joined");
+    Ok(Json(json!({
+        "InterfaceName": { "SrcName": tap, "DstPrefix": "eth" },
+        "Gateway": gateway,
+        "DisableGatewayService": true,
+    })))
+}

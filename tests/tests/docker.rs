@@ -1,0 +1,416 @@
+//! Real Docker containers on the overlay, through overlayd's Docker network and IPAM plugin:
+//! two nodes on one machine, each with its own dockerd (Debian's docker.io, vfs storage, no
+//! iptables rules of its own, no bridge) running in the node's network namespace and in a
+//! private mount namespace whose /run/docker/plugins is that node's plugin directory. The
+//! image is busybox, imported from Debian's busybox-static. One cluster for every check.
+//! Needs root and dockerd.
+//!
+//! Checked: `docker network create -d overlayd --ipam-driver overlayd` on one host makes the
+//! cluster network (with its --subnet), on the other attaches to it; containers on both hosts
+//! get addresses from the cluster, ping and fetch HTTP from each other, reach a task on the
+//! other node and a service VIP balanced over both replicas, and resolve the cluster's names
+//! with `--dns GATEWAY`; `network inspect` lists them; a task reaches a container; overlayd
+//! restarting keeps a running container connected; `docker rm` removes its endpoint
+//! everywhere; `docker network rm` on the last host releases the cluster network once no
+//! endpoint remains; the plugin refuses a malformed call in Docker's error shape.
+
+use overlay_e2e::{require_root, run, unique, wait_for, write_script, Node, Underlay, WHOAMI_PY};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+/// One dockerd in a node's network namespace, with its own mount namespace.
+struct Dockerd {
+    dir: PathBuf,
+    sock: PathBuf,
+    child: Child,
+}
+
+impl Dockerd {
+    fn start(dir: &Path, netns: &Path, plugins: &Path) -> Dockerd {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).expect("dockerd dir");
+        let sock = dir.join("docker.sock");
+        let script = format!(
+            "mkdir -p /run/docker/plugins && mount --bind {plugins} /run/docker/plugins && \
+             exec dockerd --data-root {d}/root --exec-root {d}/exec -H unix://{sock} \
+             --pidfile {d}/docker.pid --storage-driver=vfs --iptables=false --ip6tables=false \
+             --bridge=none --ip-masq=false",
+            plugins = plugins.display(),
+            d = dir.display(),
+            sock = sock.display()
+        );
+        let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args([
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd");
+        let d = Dockerd {
+            dir: dir.to_path_buf(),
+            sock,
+            child,
+        };
+        let up = wait_for(Duration::from_secs(60), || {
+            d.docker(&["version"]).status.success()
+        });
+        assert!(up, "dockerd did not come up: {}", d.log());
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+    }
+
+    fn docker(&self, args: &[&str]) -> Output {
+        run(Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.sock.display()))
+            .args(args))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.docker(args);
+        assert!(
+            o.status.success(),
+            "docker {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    fn ip_of(&self, container: &str) -> String {
+        self.ok(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            container,
+        ])
+    }
+
+    /// Imports busybox (Debian's static build) as image `bb`.
+    fn import_busybox(&self, rootfs: &Path) {
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(rootfs)
+            .args(["-c", "."])
+            .output()
+            .expect("tar");
+        let mut import = Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.sock.display()))
+            .args(["import", "-", "bb:latest"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("docker import");
+        import
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&tar.stdout)
+            .expect("feed the image");
+        assert!(import.wait().expect("docker import").success());
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let ids = self.docker(&["ps", "-aq"]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let _ = self.docker(&["rm", "-f", id]);
+        }
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("docker.pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
+                let gone = wait_for(Duration::from_secs(15), || {
+                    nix::sys::signal::kill(pid, None).is_err()
+                });
+                if !gone {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
+                }
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A busybox root filesystem: the static binary and the applets the test uses.
+fn busybox_rootfs(dir: &Path) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("rootfs");
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed");
+    for applet in [
+        "sh", "sleep", "ping", "httpd", "wget", "nslookup", "ip", "echo", "cat",
+    ] {
+        let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+    }
+}
+
+fn plugin_call(sock: &Path, call: &str, body: &str) -> (u16, serde_json::Value) {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("plugin socket");
+    let req = format!(
+        "POST /{call} HTTP/1.1\r\nHost: plugin\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn listed(n: &Node, network: &str) -> usize {
+    n.json(&["network", "inspect", network])[0]["Containers"]
+        .as_object()
+        .map_or(0, |c| c.keys().filter(|k| k.ends_with("/eth0")).count())
+}
+
+#[test]
+fn docker_containers_join_cluster_networks() {
+    if !require_root("docker_containers_join_cluster_networks") {
+        return;
+    }
+    if Command::new("dockerd").arg("--version").output().is_err() {
+        panic!("dockerd is not installed (scripts/install-deps.sh installs docker.io)");
+    }
+    let tag = unique("dk");
+    let work = std::env::temp_dir().join(format!("overlay-e2e-{tag}-docker"));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).expect("work dir");
+    let whoami = write_script(&work, "whoami.py", WHOAMI_PY);
+    let rootfs = work.join("rootfs");
+    busybox_rootfs(&rootfs);
+
+    let u = Underlay::new(&tag, 2, 12);
+    let plugins: Vec<PathBuf> = (1..=2).map(|i| work.join(format!("plugins{i}"))).collect();
+    let docks: Vec<PathBuf> = (1..=2).map(|i| work.join(format!("dockerd{i}"))).collect();
+    let flags = |i: usize| {
+        vec![
+            "--docker-plugin".to_string(),
+            plugins[i].join("overlayd.sock").display().to_string(),
+            "--docker-host".to_string(),
+            docks[i].join("docker.sock").display().to_string(),
+        ]
+    };
+    let f1 = flags(0);
+    let f2 = flags(1);
+    let f1: Vec<&str> = f1.iter().map(String::as_str).collect();
+    let f2: Vec<&str> = f2.iter().map(String::as_str).collect();
+    let n1 = Node::manager_with(&format!("{tag}a"), &u, 1, &f1);
+    let mut n2 = Node::worker_with(&format!("{tag}b"), &u, 2, &n1, &f2);
+    assert!(wait_for(Duration::from_secs(10), || n1
+        .node_state(&n2.name)
+        == "ready"));
+    let d1 = Dockerd::start(&docks[0], &u.host(1).path(), &plugins[0]);
+    let d2 = Dockerd::start(&docks[1], &u.host(2).path(), &plugins[1]);
+    d1.import_busybox(&rootfs);
+    d2.import_busybox(&rootfs);
+
+    // The plugin answers Docker's calls, and a malformed one in Docker's error shape.
+    let (status, v) = plugin_call(&plugins[0].join("overlayd.sock"), "Plugin.Activate", "");
+    assert_eq!(status, 200);
+    assert_eq!(
+        v["Implements"],
+        serde_json::json!(["NetworkDriver", "IpamDriver"])
+    );
+    let (status, v) = plugin_call(
+        &plugins[0].join("overlayd.sock"),
+        "NetworkDriver.Join",
+        "{}",
+    );
+    assert_eq!(status, 500);
+    assert!(
+        v["Err"].as_str().unwrap_or("").contains("NetworkID")
+            || v["Err"].as_str().unwrap_or("").contains("EndpointID"),
+        "{v}"
+    );
+
+    // Host 1 makes the network (its subnet becomes the cluster network's), host 2 attaches.
+    let create = [
+        "network",
+        "create",
+        "-d",
+        "overlayd",
+        "--ipam-driver",
+        "overlayd",
+    ];
+    d1.ok(&[&create[..], &["--subnet", "10.0.63.0/24", "appnet"]].concat());
+    assert!(
+        wait_for(Duration::from_secs(10), || n2
+            .ctl_ok(&["network", "ls"])
+            .contains("10.0.63.0/24")),
+        "the cluster network appnet is made from host 1's docker network"
+    );
+    d2.ok(&[&create[..], &["appnet"]].concat());
+    #[rustfmt::skip]
+    n1.ctl_ok(&["service", "create", "--name", "web", "--network", "appnet", "--replicas", "2",
+        "--", "python3", &whoami]);
+    n1.wait_running("web", 2);
+
+    let serve = "echo $(hostname) > /index.html && exec httpd -f -p 80 -h /";
+    let run_on = |d: &Dockerd, name: &str| {
+        d.ok(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--hostname",
+            name,
+            "--network",
+            "appnet",
+            "--dns",
+            "10.0.63.1",
+            "bb",
+            "sh",
+            "-c",
+            serve,
+        ])
+    };
+    run_on(&d1, "ca");
+    run_on(&d2, "cb");
+    let (a, b) = (d1.ip_of("ca"), d2.ip_of("cb"));
+    assert!(
+        a.starts_with("10.0.63.") && b.starts_with("10.0.63.") && a != b,
+        "{a} {b}"
+    );
+    assert!(wait_for(Duration::from_secs(10), || listed(&n1, "appnet") == 2));
+    let link = d1.ok(&["exec", "ca", "ip", "link", "show", "eth0"]);
+    assert!(
+        link.contains("mtu 1450") && link.contains("02:42:0a:00:3f:"),
+        "{link}"
+    );
+
+    // Across hosts both ways, HTTP, a task on the other node, the VIP and names.
+    assert!(d1
+        .docker(&["exec", "ca", "ping", "-c", "1", "-W", "2", &b])
+        .status
+        .success());
+    assert_eq!(
+        d1.ok(&[
+            "exec",
+            "ca",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{b}/")
+        ]),
+        "cb"
+    );
+    assert_eq!(
+        d2.ok(&[
+            "exec",
+            "cb",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{a}/")
+        ]),
+        "ca"
+    );
+    let node_of = |t: &str| n1.task_view(t)["node"].as_str().unwrap_or("").to_string();
+    let task_on_2 = if node_of("web.1") == n2.name {
+        "web.1"
+    } else {
+        "web.2"
+    };
+    let task_ip = n1.task_ip(task_on_2);
+    assert!(d1
+        .docker(&["exec", "ca", "ping", "-c", "1", "-W", "2", &task_ip])
+        .status
+        .success());
+    assert!(
+        overlay_e2e::pings(&n1, task_on_2, &a),
+        "a task reaches a container"
+    );
+    let vip = n1.json(&["service", "inspect", "web"])[0]["Endpoint"]["VirtualIPs"][0]["Addr"]
+        .as_str()
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let o = d1.docker(&[
+            "exec",
+            "ca",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{vip}:8000/"),
+        ]);
+        seen.insert(String::from_utf8_lossy(&o.stdout).trim().to_string());
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["web.1", "web.2"],
+        "VIP from a container"
+    );
+    let ns = d1.ok(&["exec", "ca", "nslookup", "web"]);
+    assert!(ns.contains(&vip), "web through --dns GATEWAY: {ns}");
+    let ns = d1.ok(&["exec", "ca", "nslookup", "tasks.web"]);
+    assert_eq!(ns.matches("Address: 10.0.63.").count(), 2, "{ns}");
+
+    // overlayd on host 2 restarts: its container keeps (gets back) its interface.
+    n2.restart();
+    assert!(
+        wait_for(Duration::from_secs(20), || d1
+            .docker(&["exec", "ca", "ping", "-c", "1", "-W", "1", &b])
+            .status
+            .success()),
+        "b reachable after its overlayd restarted"
+    );
+
+    // Removal: the endpoint goes everywhere; the network outlives one host's docker network
+    // while an endpoint remains, and goes with the last.
+    d1.ok(&["rm", "-f", "ca"]);
+    assert!(wait_for(Duration::from_secs(10), || listed(&n2, "appnet") == 1));
+    d1.ok(&["network", "rm", "appnet"]);
+    assert!(
+        n1.ctl_ok(&["network", "ls"]).contains("appnet"),
+        "b still uses it"
+    );
+    n1.ctl_ok(&["service", "rm", "web"]);
+    d2.ok(&["rm", "-f", "cb"]);
+    assert!(wait_for(Duration::from_secs(10), || listed(&n1, "appnet") == 0));
+    d2.ok(&["network", "rm", "appnet"]);
+    assert!(
+        wait_for(Duration::from_secs(10), || !n1
+            .ctl_ok(&["network", "ls"])
+            .contains("appnet")),
+        "the last docker network rm releases the cluster network"
+    );
+    drop((d1, d2));
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -116,7 +116,11 @@ struct LocalEndpoint {
     resolver: bool,
     /// The namespace was seen: from then on, its going away means the container is gone.
     seen: bool,
+    made: std::time::Instant,
 }
+
+/// How long a Docker endpoint may wait for its container's namespace after its join.
+const DOCKER_START_WITHIN: Duration = Duration::from_secs(60);
 
 /// The name of a Docker endpoint's TAP in overlayd's own namespace, before Docker moves it
 /// into the container (and renames it eth0).
@@ -300,20 +304,34 @@ impl Agent {
             .collect();
         let mut changed = false;
         let exists = |e: &protocol::state::Endpoint| std::path::Path::new(&e.netns).exists();
-        let stale: Vec<String> = self
+        // Gone without a word from the runtime: the namespace went away, or a Docker
+        // container never started within a minute of its join (or of this run's start).
+        let vanished = |le: &LocalEndpoint| {
+            if le.seen {
+                !exists(&le.spec)
+            } else {
+                le.made.elapsed() > DOCKER_START_WITHIN && !exists(&le.spec)
+            }
+        };
+        let stale: Vec<(String, bool)> = self
             .endpoints
             .iter()
-            .filter(|(k, le)| {
-                wanted.get(k).is_none_or(|e| **e != le.spec) || (le.seen && !exists(&le.spec))
+            .filter_map(|(k, le)| {
+                let gone = vanished(le);
+                (gone || wanted.get(k).is_none_or(|e| **e != le.spec)).then(|| (k.clone(), gone))
             })
-            .map(|(k, _)| k.clone())
             .collect();
-        for key in stale {
+        let mut dropped = Vec::new();
+        for (key, gone) in stale {
             if let Some(le) = self.endpoints.remove(&key) {
                 le.cancel.cancel();
                 self.datapath.remove_port(le.port.0);
                 info!(endpoint = %key, "container interface removed");
                 changed = true;
+                if gone {
+                    self.forget_endpoint(&le.spec);
+                    dropped.push(key);
+                }
             }
         }
         for le in self.endpoints.values_mut() {
@@ -325,7 +343,7 @@ impl Agent {
             }
         }
         for (key, e) in wanted {
-            if self.endpoints.contains_key(key) {
+            if self.endpoints.contains_key(key) || dropped.contains(key) {
                 continue;
             }
             // A Docker container's namespace exists only once it starts, after its join:
@@ -341,14 +359,7 @@ impl Agent {
                 continue;
             }
             if !exists(e) {
-                warn!(endpoint = %key, netns = %e.netns, "container namespace is gone; removing its endpoint");
-                let (cluster, container, ifname) =
-                    (self.cluster.clone(), e.container.clone(), e.ifname.clone());
-                tokio::spawn(async move {
-                    let _ = cluster
-                        .apply(Op::RemoveEndpoint { container, ifname })
-                        .await;
-                });
+                self.forget_endpoint(e);
                 continue;
             }
             match self.start_endpoint(state, e).await {
@@ -360,6 +371,18 @@ impl Agent {
             }
         }
         changed
+    }
+
+    /// Asks the manager to drop the endpoint of a container that is gone.
+    fn forget_endpoint(&self, e: &protocol::state::Endpoint) {
+        warn!(container = %e.container, netns = %e.netns, "container is gone; removing its endpoint");
+        let (cluster, container, ifname) =
+            (self.cluster.clone(), e.container.clone(), e.ifname.clone());
+        tokio::spawn(async move {
+            let _ = cluster
+                .apply(Op::RemoveEndpoint { container, ifname })
+                .await;
+        });
     }
 
     /// Makes a container's TAP in its namespace (as for a task's interface), hands it to the
@@ -452,6 +475,7 @@ impl Agent {
             cancel,
             resolver,
             seen,
+            made: std::time::Instant::now(),
         }
     }
 

@@ -10,8 +10,8 @@
 //! get addresses from the cluster, ping and fetch HTTP from each other, reach a task on the
 //! other node and a service VIP balanced over both replicas, and resolve the cluster's names
 //! with `--dns GATEWAY`; `network inspect` lists them; a task reaches a container; overlayd
-//! restarting keeps a running container connected; `docker rm` removes its endpoint
-//! everywhere; `docker network rm` on the last host releases the cluster network once no
+//! restarting keeps a running container connected; `docker network disconnect` and
+//! `docker rm` remove its endpoint everywhere; `docker network rm` on the last host releases the cluster network once no
 //! endpoint remains; the plugin refuses a malformed call in Docker's error shape.
 
 use overlay_e2e::{require_root, run, unique, wait_for, write_script, Node, Underlay, WHOAMI_PY};
@@ -394,8 +394,9 @@ fn docker_containers_join_cluster_networks() {
 
     // Removal: the endpoint goes everywhere; the network outlives one host's docker network
     // while an endpoint remains, and goes with the last.
-    d1.ok(&["rm", "-f", "ca"]);
+    d1.ok(&["network", "disconnect", "appnet", "ca"]);
     assert!(wait_for(Duration::from_secs(10), || listed(&n2, "appnet") == 1));
+    d1.ok(&["rm", "-f", "ca"]);
     d1.ok(&["network", "rm", "appnet"]);
     assert!(
         n1.ctl_ok(&["network", "ls"]).contains("appnet"),

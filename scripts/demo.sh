@@ -3,7 +3,8 @@
 # network namespace on a bridged underlay (198.18.0.0/24), joined into one cluster over QUIC
 # with mutual TLS. One overlay network spans them (VXLAN over UDP 4789, in userspace); tasks
 # on different nodes ping each other and move real TCP traffic; a published port answers on
-# every node (the routing mesh); an encrypted network carries ESP. Cleans up on exit.
+# every node (the routing mesh); an encrypted network carries ESP; a container made through
+# the CNI plugin joins the network. Cleans up on exit.
 # Usage (root): scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ C="$BIN/overlayctl"
 cleanup() {
   for f in "$D"/*.pid; do [ -f "$f" ] && kill -TERM "$(cat "$f")" 2>/dev/null; done
   sleep 2
-  for n in sw n1 n2 n3; do ip netns pids "$P-$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true; ip netns del "$P-$n" 2>/dev/null || true; done
+  for n in sw n1 n2 n3 ctr; do ip netns pids "$P-$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true; ip netns del "$P-$n" 2>/dev/null || true; done
   rm -rf "$D"
 }
 trap cleanup EXIT
@@ -88,6 +89,14 @@ for _ in $(seq 100); do [ "$($C service ps safe | grep -c ' Running ')" = 2 ] &&
 step $C exec safe.1 -- ping -c 2 "$(addr_of safe.2)"
 step $C network rotate-key vault
 step $C exec safe.1 -- ping -c 2 "$(addr_of safe.2)"
+echo; echo "# a container from another runtime, through the CNI plugin (a namespace stands in for it)"
+ip netns add "$P-ctr"
+CONF='{"cniVersion":"1.0.0","name":"my-demo","type":"overlay-cni","socket":"'"$D/n2.sock"'"}'
+cni() { echo "$CONF" | CNI_COMMAND=$1 CNI_CONTAINERID=demo-ctr CNI_NETNS=/run/netns/$P-ctr CNI_IFNAME=eth0 "$BIN/overlay-cni"; }
+step cni ADD
+step ip netns exec "$P-ctr" ping -c 2 "$T3"
+step ip netns exec "$P-ctr" dig +short @127.0.0.11 whoami tasks.whoami
+step cni DEL
 echo; echo "# stop node n3: the manager marks it down within seconds"
 kill -TERM "$(cat "$D/n3.pid")"; rm "$D/n3.pid"; sleep 5
 step $C node ls

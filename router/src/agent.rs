@@ -393,18 +393,7 @@ impl Agent {
         state: &ClusterState,
         e: &protocol::state::Endpoint,
     ) -> Result<LocalEndpoint, String> {
-        let net = state
-            .networks
-            .get(&e.network)
-            .ok_or_else(|| format!("network {} not in state", e.network))?;
-        let spec = IfaceSpec {
-            name: e.ifname.clone(),
-            mac: e.mac,
-            address: e.address,
-            prefix_len: net.subnet.prefix_len(),
-            mtu: net.mtu(),
-            gateway: Some(net.gateway),
-        };
+        let (vni, spec) = endpoint_iface(state, e, e.ifname.clone(), true)?;
         let path = PathBuf::from(&e.netns);
         let queues = self.datapath.workers();
         let fds = tokio::task::spawn_blocking(move || {
@@ -417,7 +406,7 @@ impl Agent {
         // Docker's containers have Docker's resolver at 127.0.0.11 (theirs reach ours at the
         // gateway, `--dns`); others get ours there.
         let resolver = e.runtime == "docker" || serve_resolver(e, &self.dns, &cancel).await;
-        Ok(self.adopt_endpoint(net.vni, e, fds, cancel, resolver, true))
+        Ok(self.adopt_endpoint(vni, e, fds, cancel, resolver, true))
     }
 
     /// Makes a Docker endpoint's TAP in overlayd's own namespace, under the name its join
@@ -427,22 +416,10 @@ impl Agent {
         state: &ClusterState,
         e: &protocol::state::Endpoint,
     ) -> Result<LocalEndpoint, String> {
-        let net = state
-            .networks
-            .get(&e.network)
-            .ok_or_else(|| format!("network {} not in state", e.network))?;
-        let spec = IfaceSpec {
-            name: docker_tap_name(&e.container),
-            mac: e.mac,
-            address: e.address,
-            prefix_len: net.subnet.prefix_len(),
-            mtu: net.mtu(),
-            gateway: None,
-        };
+        let (vni, spec) = endpoint_iface(state, e, docker_tap_name(&e.container), false)?;
         let fds = iface::create_detached(&spec, self.datapath.workers())
             .await
             .map_err(|err| format!("making {}: {err}", spec.name))?;
-        let vni = net.vni;
         Ok(self.adopt_endpoint(vni, e, vec![fds], CancellationToken::new(), false, false))
     }
 
@@ -785,6 +762,29 @@ impl Agent {
             self.stop_task(&name, lt).await;
         }
     }
+}
+
+/// A container endpoint's interface, named `name`, with the default route via the gateway
+/// if `route`; and its network's VNI.
+fn endpoint_iface(
+    state: &ClusterState,
+    e: &protocol::state::Endpoint,
+    name: String,
+    route: bool,
+) -> Result<(Vni, IfaceSpec), String> {
+    let net = state
+        .networks
+        .get(&e.network)
+        .ok_or_else(|| format!("network {} not in state", e.network))?;
+    let spec = IfaceSpec {
+        name,
+        mac: e.mac,
+        address: e.address,
+        prefix_len: net.subnet.prefix_len(),
+        mtu: net.mtu(),
+        gateway: route.then_some(net.gateway),
+    };
+    Ok((net.vni, spec))
 }
 
 /// Serves the embedded resolver at 127.0.0.11:53 inside a container's namespace, if that

@@ -331,6 +331,15 @@ impl Node {
             .to_string()
     }
 
+    /// A service's (first) VIP, from `service inspect` as Docker shapes it.
+    pub fn vip_of(&self, service: &str) -> String {
+        self.json(&["service", "inspect", service])[0]["Endpoint"]["VirtualIPs"][0]["Addr"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .expect("VIP")
+            .to_string()
+    }
+
     /// `overlayctl inspect TASK` (the API's task view as JSON).
     pub fn task_view(&self, task: &str) -> serde_json::Value {
         self.json(&["inspect", task])[0].clone()

@@ -172,13 +172,7 @@ fn cni_plugin_puts_containers_on_the_overlay() {
         overlay_e2e::pings(&n1, remote_task, &ip),
         "task on the other node -> container"
     );
-    let vip = n1.json(&["service", "inspect", "web"])[0]["Endpoint"]["VirtualIPs"][0]["Addr"]
-        .as_str()
-        .unwrap_or("")
-        .split('/')
-        .next()
-        .unwrap_or("")
-        .to_string();
+    let vip = n1.vip_of("web");
     let seen = String::from_utf8_lossy(&in_ns(&c1, &["python3", &client, &vip]).stdout)
         .trim()
         .to_string();

@@ -92,6 +92,12 @@ impl Dockerd {
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     }
 
+    /// `wget -q -O - URL` in `container`: the body, or "" if it failed.
+    fn fetch(&self, container: &str, url: &str) -> String {
+        let o = self.docker(&["exec", container, "wget", "-q", "-O", "-", url]);
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
     fn ip_of(&self, container: &str) -> String {
         self.ok(&[
             "inspect",
@@ -313,30 +319,8 @@ fn docker_containers_join_cluster_networks() {
         .docker(&["exec", "ca", "ping", "-c", "1", "-W", "2", &b])
         .status
         .success());
-    assert_eq!(
-        d1.ok(&[
-            "exec",
-            "ca",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            &format!("http://{b}/")
-        ]),
-        "cb"
-    );
-    assert_eq!(
-        d2.ok(&[
-            "exec",
-            "cb",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            &format!("http://{a}/")
-        ]),
-        "ca"
-    );
+    assert_eq!(d1.fetch("ca", &format!("http://{b}/")), "cb");
+    assert_eq!(d2.fetch("cb", &format!("http://{a}/")), "ca");
     let node_of = |t: &str| n1.task_view(t)["node"].as_str().unwrap_or("").to_string();
     let task_on_2 = if node_of("web.1") == n2.name {
         "web.1"
@@ -352,25 +336,10 @@ fn docker_containers_join_cluster_networks() {
         overlay_e2e::pings(&n1, task_on_2, &a),
         "a task reaches a container"
     );
-    let vip = n1.json(&["service", "inspect", "web"])[0]["Endpoint"]["VirtualIPs"][0]["Addr"]
-        .as_str()
-        .unwrap_or("")
-        .split('/')
-        .next()
-        .unwrap_or("")
-        .to_string();
+    let vip = n1.vip_of("web");
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..8 {
-        let o = d1.docker(&[
-            "exec",
-            "ca",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            &format!("http://{vip}:8000/"),
-        ]);
-        seen.insert(String::from_utf8_lossy(&o.stdout).trim().to_string());
+        seen.insert(d1.fetch("ca", &format!("http://{vip}:8000/")));
     }
     assert_eq!(
         seen.into_iter().collect::<Vec<_>>(),

@@ -99,15 +99,6 @@ fn lines(s: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// A service's (first) VIP, from `service inspect` as Docker shapes it.
-fn vip_of(n: &Node, service: &str) -> String {
-    n.json(&["service", "inspect", service])[0]["Endpoint"]["VirtualIPs"][0]["Addr"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .expect("VIP")
-        .to_string()
-}
-
 fn node_of(n: &Node, task: &str) -> String {
     n.task_view(task)["node"]
         .as_str()
@@ -196,7 +187,7 @@ fn services_vips_and_dns_on_three_nodes() {
     } else {
         (&n3, &mut n2)
     };
-    let vip = vip_of(&n1, "whoami");
+    let vip = n1.vip_of("whoami");
     let placed: BTreeSet<String> = (1..=3)
         .map(|i| node_of(&n1, &format!("whoami.{i}")))
         .collect();
@@ -268,7 +259,7 @@ fn services_vips_and_dns_on_three_nodes() {
 
     // TCP super-frames through the VIP: the same order of throughput as straight to the task.
     let direct = iperf_bytes(cn, c, &cn.task_ip("perf.1"));
-    let via_vip = iperf_bytes(cn, c, &vip_of(&n1, "perf"));
+    let via_vip = iperf_bytes(cn, c, &n1.vip_of("perf"));
     assert!(
         via_vip * 3 >= direct,
         "iperf3 via VIP {via_vip} B vs direct {direct} B"

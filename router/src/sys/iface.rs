@@ -51,23 +51,27 @@ pub async fn create_detached(spec: &IfaceSpec, queues: usize) -> io::Result<Vec<
     let fds = tap::create(&spec.name, queues)?;
     let (conn, handle, _) = rtnetlink::new_connection()?;
     let driver = tokio::spawn(conn);
-    let result = async {
-        let idx = link_index(&handle, &spec.name).await?;
-        handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(idx)
-                    .mtu(u32::from(spec.mtu))
-                    .address(spec.mac.0.to_vec())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl("setting MTU and MAC"))
-    }
-    .await;
+    let result = set_link(&handle, spec, false).await;
     driver.abort();
-    result.map(|()| fds)
+    result.map(|_| fds)
+}
+
+/// Sets an interface's MTU and MAC (and brings it up if `up`); returns its index.
+async fn set_link(handle: &rtnetlink::Handle, s: &IfaceSpec, up: bool) -> io::Result<u32> {
+    let idx = link_index(handle, &s.name).await?;
+    let mut link = LinkUnspec::new_with_index(idx)
+        .mtu(u32::from(s.mtu))
+        .address(s.mac.0.to_vec());
+    if up {
+        link = link.up();
+    }
+    handle
+        .link()
+        .set(link.build())
+        .execute()
+        .await
+        .map_err(nl("setting MTU, MAC and up"))?;
+    Ok(idx)
 }
 
 fn nl(what: &str) -> impl FnOnce(rtnetlink::Error) -> io::Error + '_ {
@@ -98,19 +102,7 @@ async fn configure(specs: &[IfaceSpec]) -> io::Result<()> {
             .await
             .map_err(nl("bringing lo up"))?;
         for s in specs {
-            let idx = link_index(&handle, &s.name).await?;
-            handle
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(idx)
-                        .mtu(u32::from(s.mtu))
-                        .address(s.mac.0.to_vec())
-                        .up()
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(nl("setting MTU, MAC and up"))?;
+            let idx = set_link(&handle, s, true).await?;
             handle
                 .address()
                 .add(idx, s.address.into(), s.prefix_len)

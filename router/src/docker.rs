@@ -72,12 +72,20 @@ pub struct Plugin {
     pub node: NodeName,
     /// dockerd's API socket.
     pub docker_host: PathBuf,
-    /// Docker network id -> the cluster network's name, once known; kept in `names_file`
-    /// (Docker names no network in its calls, and may have forgotten it by `DeleteNetwork`).
-    names: Arc<Mutex<BTreeMap<String, String>>>,
+    /// What the plugin knows of this host's Docker networks, by Docker's network id; kept in
+    /// `names_file` (Docker names no network in its calls, and may have forgotten it by
+    /// `DeleteNetwork`).
+    known: Arc<Mutex<BTreeMap<String, DockerNet>>>,
     names_file: PathBuf,
     /// Subnets this run handed to `RequestPool` without `--subnet`.
     pools: Arc<Mutex<Vec<Ipv4Net>>>,
+}
+
+/// One of this host's Docker networks: its pool, and the cluster network's name once read.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct DockerNet {
+    pool: Ipv4Net,
+    name: Option<String>,
 }
 
 /// A plugin error as Docker reads it (the network driver's `Err`, the IPAM driver's
@@ -121,7 +129,7 @@ impl Plugin {
         state_dir: &std::path::Path,
     ) -> Plugin {
         let names_file = state_dir.join("docker-networks.json");
-        let names = std::fs::read(&names_file)
+        let known = std::fs::read(&names_file)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
@@ -129,31 +137,30 @@ impl Plugin {
             cluster,
             node,
             docker_host,
-            names: Arc::new(Mutex::new(names)),
+            known: Arc::new(Mutex::new(known)),
             names_file,
             pools: Arc::default(),
         }
     }
 
-    /// Records (or with None forgets) the cluster network of Docker network `id`, on disk
-    /// too (replaced atomically); returns what was recorded before.
-    fn remember(&self, id: &str, name: Option<&str>) -> Option<String> {
-        let Ok(mut m) = self.names.lock() else {
-            return None;
-        };
-        let before = match name {
-            Some(n) => m.insert(id.to_string(), n.to_string()),
-            None => m.remove(id),
-        };
+    /// Changes what the plugin knows of Docker's networks, and keeps it on disk (replaced
+    /// atomically).
+    fn update<T>(&self, f: impl FnOnce(&mut BTreeMap<String, DockerNet>) -> T) -> T {
+        let mut m = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let out = f(&mut m);
         let tmp = self.names_file.with_extension("tmp");
         let saved = serde_json::to_vec(&*m)
             .map_err(std::io::Error::other)
             .and_then(|b| std::fs::write(&tmp, b))
             .and_then(|()| std::fs::rename(&tmp, &self.names_file));
         if let Err(e) = saved {
-            warn!(error = %e, file = %self.names_file.display(), "cannot keep Docker's network names");
+            warn!(error = %e, file = %self.names_file.display(), "cannot keep what the plugin knows of Docker's networks");
         }
-        before
+        out
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DockerNet>> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn router(self) -> Router {
@@ -236,7 +243,7 @@ impl Plugin {
     /// The cluster network behind Docker network `id`: its name from Docker's API (waiting
     /// until Docker has stored the network), remembered.
     async fn name_of(&self, id: &str) -> Result<String, PluginError> {
-        if let Some(n) = self.names.lock().ok().and_then(|m| m.get(id).cloned()) {
+        if let Some(n) = self.known().get(id).and_then(|d| d.name.clone()) {
             return Ok(n);
         }
         let end = tokio::time::Instant::now() + NAME_WAIT;
@@ -244,7 +251,11 @@ impl Plugin {
             match self.docker_get(&format!("/networks/{id}")).await {
                 Ok(v) => {
                     let name = field(&v, "Name")?.to_string();
-                    self.remember(id, Some(&name));
+                    self.update(|m| {
+                        if let Some(d) = m.get_mut(id) {
+                            d.name = Some(name.clone());
+                        }
+                    });
                     return Ok(name);
                 }
                 Err(e) if tokio::time::Instant::now() >= end => return Err(e),
@@ -317,15 +328,16 @@ async fn request_pool(State(p): State<Plugin>, body: Bytes) -> Reply {
     }
     let asked = req.get("Pool").and_then(Value::as_str).unwrap_or("");
     let pool: Ipv4Net = if asked.is_empty() {
-        // A subnet no cluster network uses and this run has not handed out.
+        // A subnet no cluster network and no Docker network here uses, and that this run has
+        // not handed out.
         let snap = p.cluster.snapshot();
+        let docker: Vec<Ipv4Net> = p.known().values().map(|d| d.pool).collect();
         let mut pools = p.pools.lock().map_err(|_| PluginError("lock".into()))?;
+        let overlaps =
+            |a: &Ipv4Net, b: &Ipv4Net| a.contains(&b.network()) || b.contains(&a.network());
         let taken = |n: &Ipv4Net| {
-            snap.state
-                .networks
-                .values()
-                .any(|x| x.subnet.contains(&n.network()) || n.contains(&x.subnet.network()))
-                || pools.contains(n)
+            snap.state.networks.values().any(|x| overlaps(&x.subnet, n))
+                || docker.iter().chain(pools.iter()).any(|x| overlaps(x, n))
         };
         let base: Ipv4Net = protocol::ipam::DEFAULT_POOL.parse()?;
         let free = base
@@ -374,14 +386,23 @@ async fn request_address(State(p): State<Plugin>, body: Bytes) -> Reply {
     let net = match snap.state.networks.values().find(|n| n.subnet == pool) {
         Some(n) => Some(n.clone()),
         None if !explicit => {
-            let nets = p.docker_get("/networks").await?;
-            let name = nets.as_array().into_iter().flatten().find_map(|n| {
-                let cfg = n.pointer("/IPAM/Config")?.as_array()?;
-                cfg.iter()
-                    .any(|c| c.get("Subnet").and_then(Value::as_str) == Some(&pool.to_string()))
-                    .then(|| n.get("Name")?.as_str().map(str::to_string))?
-            });
-            name.and_then(|n| snap.state.networks.get(n.as_str()).cloned())
+            let id = p
+                .known()
+                .iter()
+                .find(|(_, d)| d.pool == pool)
+                .map(|(id, _)| id.clone());
+            match id {
+                Some(id) => {
+                    let name = p.name_of(&id).await?;
+                    p.cluster
+                        .snapshot()
+                        .state
+                        .networks
+                        .get(name.as_str())
+                        .cloned()
+                }
+                None => None,
+            }
         }
         None => None,
     };
@@ -430,6 +451,7 @@ async fn create_network(State(p): State<Plugin>, body: Bytes) -> Reply {
     // by `--subnet` is the plugin's own choice (see `request_pool`).
     let explicit = !p.pools.lock().map(|v| v.contains(&pool)).unwrap_or(false);
     let opts = generic_options(&req);
+    p.update(|m| m.insert(id.clone(), DockerNet { pool, name: None }));
     // Docker stores the network (and so its name) only after this call returns.
     tokio::spawn(async move {
         let made = async {
@@ -446,7 +468,11 @@ async fn create_network(State(p): State<Plugin>, body: Bytes) -> Reply {
 async fn delete_network(State(p): State<Plugin>, body: Bytes) -> Reply {
     let req = parse(&body)?;
     let id = field(&req, "NetworkID")?.to_string();
-    let Some(name) = p.remember(&id, None) else {
+    let gone = p.update(|m| m.remove(&id));
+    if let (Some(d), Ok(mut pools)) = (&gone, p.pools.lock()) {
+        pools.retain(|x| *x != d.pool);
+    }
+    let Some(name) = gone.and_then(|d| d.name) else {
         return Ok(Json(json!({})));
     };
     let snap = p.cluster.snapshot();

@@ -361,6 +361,49 @@ fn docker_containers_join_cluster_networks() {
         "b reachable after its overlayd restarted"
     );
 
+    // -o options reach the cluster network: an encrypted one, MTU 1400, ESP between hosts.
+    d1.ok(&[
+        &create[..],
+        &["--subnet", "10.0.64.0/24", "-o", "encrypted", "secnet"],
+    ]
+    .concat());
+    assert!(wait_for(Duration::from_secs(10), || n2
+        .ctl_ok(&["network", "ls"])
+        .contains("10.0.64.0/24")));
+    d2.ok(&[&create[..], &["secnet"]].concat());
+    for (d, name) in [(&d1, "sa"), (&d2, "sb")] {
+        d.ok(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "secnet",
+            "bb",
+            "sleep",
+            "600",
+        ]);
+    }
+    let link = d1.ok(&["exec", "sa", "ip", "link", "show", "eth0"]);
+    assert!(link.contains("mtu 1400"), "{link}");
+    let sb = d2.ip_of("sb");
+    assert!(d1
+        .docker(&["exec", "sa", "ping", "-c", "1", "-W", "2", &sb])
+        .status
+        .success());
+    let sealed = n1.json(&["stats"])["drops"]["esp_cleartext"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(sealed, 0, "nothing in the clear on the encrypted network");
+    assert_eq!(
+        n1.json(&["network", "inspect", "secnet"])[0]["Options"]["encrypted"],
+        ""
+    );
+    d1.ok(&["rm", "-f", "sa"]);
+    d2.ok(&["rm", "-f", "sb"]);
+    d1.ok(&["network", "rm", "secnet"]);
+    d2.ok(&["network", "rm", "secnet"]);
+
     // Removal: the endpoint goes everywhere; the network outlives one host's docker network
     // while an endpoint remains, and goes with the last.
     d1.ok(&["network", "disconnect", "appnet", "ca"]);

@@ -165,6 +165,12 @@ pub enum Op {
         container: String,
         ifname: String,
     },
+    /// A node's Docker made (`attached`) or removed its network for `network`.
+    DockerAttach {
+        network: String,
+        node: String,
+        attached: bool,
+    },
     /// Docker's join: the endpoint's container namespace.
     BindEndpoint {
         container: String,

@@ -60,6 +60,10 @@ pub struct Network {
     /// The address of each node's router endpoint on this (ingress) network.
     #[serde(default)]
     pub lb_endpoints: BTreeMap<NodeName, Ipv4Addr>,
+    /// Nodes whose Docker has a network for this one (the Docker plugin's bookkeeping: the
+    /// last of them to remove it releases a network the plugin made).
+    #[serde(default)]
+    pub docker_nodes: BTreeSet<NodeName>,
 }
 
 /// An external VTEP endpoint: a MAC (and optionally its IPv4 address) reachable at an
@@ -726,6 +730,7 @@ impl ClusterState {
             vteps: Vec::new(),
             ingress: req.ingress,
             lb_endpoints: BTreeMap::new(),
+            docker_nodes: BTreeSet::new(),
         };
         self.networks.insert(name, net);
         Ok(())
@@ -1289,6 +1294,29 @@ impl ClusterState {
         self.endpoints.insert(key, e.clone());
         self.revision += 1;
         Ok(e)
+    }
+
+    /// Records that `node`'s Docker has (`attached`) or no longer has a network for `network`;
+    /// returns the nodes whose Docker still has one.
+    pub fn docker_attach(
+        &mut self,
+        network: &str,
+        node: &NodeName,
+        attached: bool,
+    ) -> Result<BTreeSet<NodeName>, StateError> {
+        let net = self
+            .networks
+            .get_mut(network)
+            .ok_or_else(|| StateError::NoSuchNetwork(network.to_string()))?;
+        let changed = if attached {
+            net.docker_nodes.insert(node.clone())
+        } else {
+            net.docker_nodes.remove(node)
+        };
+        if changed {
+            self.revision += 1;
+        }
+        Ok(net.docker_nodes.clone())
     }
 
     /// Gives a waiting endpoint its container's namespace (Docker's join).
@@ -2159,5 +2187,24 @@ mod tests {
             Err(StateError::IngressAttach(_))
         ));
         assert!(s.endpoints.is_empty());
+    }
+
+    #[test]
+    fn docker_attachments_are_counted_per_node() {
+        let mut s = state();
+        net(&mut s, "app", None).unwrap();
+        let n1 = NodeName::new("n1").unwrap();
+        let n2 = NodeName::new("n2").unwrap();
+        assert_eq!(s.docker_attach("app", &n1, true).unwrap().len(), 1);
+        let rev = s.revision;
+        assert_eq!(s.docker_attach("app", &n1, true).unwrap().len(), 1);
+        assert_eq!(s.revision, rev, "attaching twice changes nothing");
+        assert_eq!(s.docker_attach("app", &n2, true).unwrap().len(), 2);
+        assert_eq!(s.docker_attach("app", &n1, false).unwrap(), [n2.clone()].into());
+        assert!(s.docker_attach("app", &n2, false).unwrap().is_empty());
+        assert!(matches!(
+            s.docker_attach("nonet", &n1, true),
+            Err(StateError::NoSuchNetwork(_))
+        ));
     }
 }

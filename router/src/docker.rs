@@ -21,8 +21,9 @@
 //!   and the gateway). Once the namespace shows up the agent serves the resolver at
 //!   127.0.0.11 in it; after an overlayd restart it makes the TAP right in the namespace, as
 //!   for a CNI container.
-//! - `DeleteEndpoint` removes it; `DeleteNetwork` releases a cluster network the plugin made
-//!   once no endpoint and no service uses it.
+//! - `DeleteEndpoint` removes it. Each host's Docker network is recorded on the cluster
+//!   network (`docker_nodes`); the last host's `DeleteNetwork` releases a cluster network the
+//!   plugin made once no endpoint and no service uses it.
 
 use crate::cluster::Cluster;
 use axum::extract::connect_info::{ConnectInfo, Connected};
@@ -264,8 +265,23 @@ impl Plugin {
         }
     }
 
-    /// Makes the cluster network `name` for Docker network `id` (subnet `pool`, options
-    /// `opts`), or checks the existing one agrees.
+    /// Records in the cluster state that this node's Docker has (or no longer has) a network
+    /// for cluster network `name`.
+    async fn attach(&self, name: &str, attached: bool) -> Result<(), PluginError> {
+        let op = Op::DockerAttach {
+            network: name.to_string(),
+            node: self.node.to_string(),
+            attached,
+        };
+        self.cluster
+            .apply(op)
+            .await
+            .map(|_| ())
+            .map_err(|e| PluginError(e.message))
+    }
+
+    /// Makes the cluster network `name` (subnet `pool`, options `opts`), or checks that the
+    /// existing one agrees with a subnet the user chose (`explicit`).
     async fn ensure_network(
         &self,
         name: &str,
@@ -420,8 +436,28 @@ async fn request_address(State(p): State<Plugin>, body: Bytes) -> Reply {
             json!({ "Address": format!("{gw}/{prefix}"), "Data": {} }),
         ));
     }
-    let net = net
-        .ok_or_else(|| PluginError(format!("no cluster network for pool {pool} yet; try again")))?;
+    let Some(net) = net else {
+        // A --subnet that disagrees with the cluster network of the same name: say so.
+        let id = p
+            .known()
+            .iter()
+            .find(|(_, d)| d.pool == pool)
+            .map(|(id, _)| id.clone());
+        if let Some(id) = id {
+            let name = p.name_of(&id).await?;
+            if let Some(n) = p.cluster.snapshot().state.networks.get(name.as_str()) {
+                return Err(PluginError(format!(
+                    "cluster network {name} is {} but this Docker network was made with \
+                     --subnet {pool}: docker network rm {name}, then create it with \
+                     --subnet {} (or none)",
+                    n.subnet, n.subnet
+                )));
+            }
+        }
+        return Err(PluginError(format!(
+            "no cluster network for pool {pool} yet; try again"
+        )));
+    };
     let asked = req.get("Address").and_then(Value::as_str).unwrap_or("");
     let ip: Ipv4Addr = if asked.is_empty() {
         let used = snap.state.used_addresses(&net.name);
@@ -456,7 +492,8 @@ async fn create_network(State(p): State<Plugin>, body: Bytes) -> Reply {
     tokio::spawn(async move {
         let made = async {
             let name = p.name_of(&id).await?;
-            p.ensure_network(&name, pool, explicit, opts).await
+            p.ensure_network(&name, pool, explicit, opts).await?;
+            p.attach(&name, true).await
         };
         if let Err(PluginError(e)) = made.await {
             warn!(docker_network = %id, error = %e, "cannot make the cluster network");
@@ -475,7 +512,14 @@ async fn delete_network(State(p): State<Plugin>, body: Bytes) -> Reply {
     let Some(name) = gone.and_then(|d| d.name) else {
         return Ok(Json(json!({})));
     };
+    // The cluster network may be gone already; nothing to record then.
+    let _ = p.attach(&name, false).await;
     let snap = p.cluster.snapshot();
+    let elsewhere = snap
+        .state
+        .networks
+        .get(name.as_str())
+        .is_some_and(|n| !n.docker_nodes.is_empty());
     let ours = snap
         .state
         .networks
@@ -491,7 +535,7 @@ async fn delete_network(State(p): State<Plugin>, body: Bytes) -> Reply {
             .services
             .values()
             .any(|s| s.networks.iter().any(|n| n.as_str() == name));
-    if ours && !used {
+    if ours && !used && !elsewhere {
         match p.cluster.apply(Op::RemoveNetwork(name.clone())).await {
             Ok(_) => info!(network = %name, "cluster network released with Docker's"),
             Err(e) => info!(network = %name, error = %e.message, "cluster network kept"),

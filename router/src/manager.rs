@@ -294,6 +294,14 @@ impl Manager {
             Op::AddVtep { network, vtep } => self.change(|s| s.add_vtep(&network, vtep)),
             Op::RemoveVtep { network, mac } => self.change(|s| s.remove_vtep(&network, mac)),
             Op::AddEndpoint(req) => self.change(|s| s.add_endpoint(req).map(|_| ())),
+            Op::DockerAttach {
+                network,
+                node,
+                attached,
+            } => {
+                let node = NodeName::new(node).map_err(|e| ApiError::bad_request(e.to_string()))?;
+                self.change(|s| s.docker_attach(&network, &node, attached).map(|_| ()))
+            }
             Op::BindEndpoint {
                 container,
                 ifname,

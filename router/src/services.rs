@@ -132,6 +132,7 @@ mod tests {
                 vteps: vec![],
                 ingress: false,
                 lb_endpoints: Default::default(),
+                docker_nodes: Default::default(),
             },
         );
         let svc = ServiceName::new("web").unwrap();

@@ -370,6 +370,26 @@ fn docker_containers_join_cluster_networks() {
     assert!(wait_for(Duration::from_secs(10), || n2
         .ctl_ok(&["network", "ls"])
         .contains("10.0.64.0/24")));
+    // A --subnet that disagrees with the cluster network is refused at `docker run`, with
+    // what to do.
+    d2.ok(&[&create[..], &["--subnet", "10.0.65.0/24", "secnet"]].concat());
+    let o = d2.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "wrong",
+        "--network",
+        "secnet",
+        "bb",
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        !o.status.success() && err.contains("cluster network secnet is 10.0.64.0/24"),
+        "{err}"
+    );
+    let _ = d2.docker(&["rm", "-f", "wrong"]);
+    d2.ok(&["network", "rm", "secnet"]);
     d2.ok(&[&create[..], &["secnet"]].concat());
     for (d, name) in [(&d1, "sa"), (&d2, "sb")] {
         d.ok(&[

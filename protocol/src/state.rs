@@ -2200,7 +2200,10 @@ mod tests {
         assert_eq!(s.docker_attach("app", &n1, true).unwrap().len(), 1);
         assert_eq!(s.revision, rev, "attaching twice changes nothing");
         assert_eq!(s.docker_attach("app", &n2, true).unwrap().len(), 2);
-        assert_eq!(s.docker_attach("app", &n1, false).unwrap(), [n2.clone()].into());
+        assert_eq!(
+            s.docker_attach("app", &n1, false).unwrap(),
+            [n2.clone()].into()
+        );
         assert!(s.docker_attach("app", &n2, false).unwrap().is_empty());
         assert!(matches!(
             s.docker_attach("nonet", &n1, true),

@@ -38,6 +38,11 @@ start() { # $1 node name, $2 netns, extra args...
   echo "overlayd $name did not start:"; cat "$D/$name.log"; exit 1
 }
 
+wait_ready() { # $1 socket, $2 count: until that many nodes are Ready (placement needs them)
+  for _ in $(seq 100); do [ "$($C --socket "$1" node ls | grep -c Ready)" -ge "$2" ] && return; sleep 0.1; done
+  echo "only $($C --socket "$1" node ls | grep -c Ready) of $2 nodes ready"; exit 1
+}
+
 wait_running() { # $1 socket, $2 service, $3 count
   for _ in $(seq 100); do $C --socket "$1" service ls | awk -v s="$2" -v r="$3/$3" '$2==s && $4==r' | grep -q . && return; sleep 0.1; done
   echo "service $2 not running"; exit 1

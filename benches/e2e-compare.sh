@@ -128,6 +128,8 @@ for i in 1 2; do ip -n "$P-o$i" addr add 198.18.1.$i/24 dev u$i; ip -n "$P-o$i" 
 start "$P-m" "$P-o1" --advertise-addr 198.18.1.1 --init
 M="$D/$P-m.sock"
 start "$P-w" "$P-o2" --advertise-addr 198.18.1.2 --join 198.18.1.1 --token "$($C --socket "$M" cluster join-token -q)"
+# Both nodes Ready before any placement, or the tasks land on one node.
+wait_ready "$M" 2
 $C --socket "$M" network create span >/dev/null
 $C --socket "$M" service create --name x --network span --replicas 2 -- iperf3 -s >/dev/null
 wait_running "$M" x 2; sleep 0.5

@@ -28,7 +28,7 @@ done
 start m1 "$P-m1" --advertise-addr 198.18.6.1 --init
 S="$D/m1.sock"
 start m2 "$P-m2" --advertise-addr 198.18.6.2 --join 198.18.6.1 --token "$($C --socket "$S" cluster join-token -q)"
-for _ in $(seq 50); do [ "$($C --socket "$S" node ls | grep -c Ready)" = 2 ] && break; sleep 0.2; done
+wait_ready "$S" 2
 
 mkdir -p "$D/www"; echo ok > "$D/www/index.html"; chmod -R 755 "$D/www"
 # Two replicas of one command: each writes its own config (its own pid file) at start.

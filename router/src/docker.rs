@@ -91,6 +91,7 @@ struct DockerNet {
 
 /// A plugin error as Docker reads it (the network driver's `Err`, the IPAM driver's
 /// `Error`).
+#[derive(Debug)]
 struct PluginError(String);
 
 impl IntoResponse for PluginError {
@@ -650,4 +651,46 @@ async fn join(
         "Gateway": gateway,
         "DisableGatewayService": true,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_ids_say_who_chose_the_subnet() {
+        assert_eq!(
+            pool_of("10.0.9.0/24").unwrap(),
+            ("10.0.9.0/24".parse().unwrap(), true)
+        );
+        assert_eq!(
+            pool_of("auto:10.0.1.0/24").unwrap(),
+            ("10.0.1.0/24".parse().unwrap(), false)
+        );
+        assert!(pool_of("auto:garbage").is_err());
+        assert!(pool_of("").is_err());
+    }
+
+    #[test]
+    fn network_options_come_as_strings() {
+        let req = json!({
+            "NetworkID": "x",
+            "Options": {
+                "com.docker.network.enable_ipv6": false,
+                "com.docker.network.generic": { "encrypted": "", "com.docker.network.driver.mtu": "1400", "n": 5 }
+            }
+        });
+        let opts = generic_options(&req);
+        assert_eq!(opts.get("encrypted").map(String::as_str), Some(""));
+        assert_eq!(
+            opts.get("com.docker.network.driver.mtu")
+                .map(String::as_str),
+            Some("1400")
+        );
+        assert_eq!(opts.get("n").map(String::as_str), Some("5"));
+        assert!(generic_options(&json!({})).is_empty());
+        assert!(
+            generic_options(&json!({ "Options": { "com.docker.network.generic": 7 } })).is_empty()
+        );
+    }
 }

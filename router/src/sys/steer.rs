@@ -81,3 +81,68 @@ pub fn attach(sock: &impl AsRawFd, workers: u32) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::datapath::underlay::Sockets;
+    use std::net::{Ipv4Addr, UdpSocket};
+    use std::time::Duration;
+
+    /// Which of `rx` gets a datagram (None: none within a second).
+    fn receiver(rx: &[UdpSocket]) -> Option<usize> {
+        let mut buf = [0u8; 64];
+        for _ in 0..100 {
+            for (i, s) in rx.iter().enumerate() {
+                if s.recv_from(&mut buf).is_ok() {
+                    return Some(i);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// The real kernel runs the program: over loopback, a VXLAN datagram goes to the socket
+    /// its source port names (port % workers), the same one every time; an ESP datagram to
+    /// the one its lane byte names, whatever its source port.
+    #[test]
+    fn the_kernel_steers_by_source_port_and_by_esp_lane() {
+        let lo = Ipv4Addr::LOCALHOST;
+        // A free port for the group.
+        let port = UdpSocket::bind((lo, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let group = Sockets::bind(lo, port, 2).unwrap();
+        for s in &group.rx {
+            s.set_nonblocking(true).unwrap();
+        }
+        let vxlan = [0x08u8, 0, 0, 0, 0, 0x10, 0x01, 0];
+        for _ in 0..3 {
+            for sender in 0..4 {
+                let from = UdpSocket::bind((lo, 0)).unwrap();
+                let sport = from.local_addr().unwrap().port();
+                from.send_to(&vxlan, (lo, port)).unwrap();
+                assert_eq!(
+                    receiver(&group.rx),
+                    Some(usize::from(sport) % 2),
+                    "sender {sender}"
+                );
+            }
+        }
+        // ESP: SPI (top bit set), sequence, then the epoch whose low byte is the lane.
+        for lane in [0u8, 1, 2, 3] {
+            let mut esp = [0u8; 24];
+            esp[0] = 0x81;
+            esp[11] = lane;
+            let from = UdpSocket::bind((lo, 0)).unwrap();
+            from.send_to(&esp, (lo, port)).unwrap();
+            assert_eq!(
+                receiver(&group.rx),
+                Some(usize::from(lane) % 2),
+                "lane {lane}"
+            );
+        }
+    }
+}

@@ -795,16 +795,7 @@ async fn serve_resolver(
     cancel: &CancellationToken,
 ) -> bool {
     let path = PathBuf::from(&e.netns);
-    let made = tokio::task::spawn_blocking(move || {
-        netns::run_in(&path, || {
-            let udp = std::net::UdpSocket::bind(dns::RESOLVER_ADDR)?;
-            let tcp = std::net::TcpListener::bind(dns::RESOLVER_ADDR)?;
-            udp.set_nonblocking(true)?;
-            tcp.set_nonblocking(true)?;
-            Ok((udp, tcp))
-        })
-    })
-    .await;
+    let made = tokio::task::spawn_blocking(move || resolver_sockets(&path)).await;
     let socks = match made {
         Ok(Ok((u, t))) => tokio::net::UdpSocket::from_std(u)
             .and_then(|u| Ok((u, tokio::net::TcpListener::from_std(t)?))),
@@ -853,7 +844,14 @@ fn task_environment(
     let hosts_path = files.join("hosts");
     std::fs::write(&hosts_path, hosts)?;
     mntns::create(mnt, netns_path, &resolv, &hosts_path)?;
-    netns::run_in(netns_path, || {
+    resolver_sockets(netns_path)
+}
+
+/// The embedded resolver's sockets on 127.0.0.11:53, made inside the namespace at `netns`.
+fn resolver_sockets(
+    netns: &std::path::Path,
+) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    netns::run_in(netns, || {
         let udp = std::net::UdpSocket::bind(dns::RESOLVER_ADDR)?;
         let tcp = std::net::TcpListener::bind(dns::RESOLVER_ADDR)?;
         udp.set_nonblocking(true)?;

@@ -553,6 +553,13 @@ pub fn ok(o: Output, what: &str) -> String {
     out(&o)
 }
 
+/// A fresh directory for a test's helper scripts, named after its tag.
+pub fn script_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("overlay-e2e-{tag}-scripts"));
+    std::fs::create_dir_all(&dir).expect("script dir");
+    dir
+}
+
 /// Writes a test's helper script into `dir`; returns its path.
 pub fn write_script(dir: &Path, name: &str, body: &str) -> String {
     let p = dir.join(name);

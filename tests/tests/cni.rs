@@ -11,8 +11,8 @@
 //! spec's errors for a bad version, bad input, missing variables and an unknown network.
 
 use overlay_e2e::{
-    bin, require_root, unique, wait_for, write_script, Netns, Node, Underlay, HTTP_ASK_PY,
-    WHOAMI_PY,
+    bin, require_root, script_dir, unique, wait_for, write_script, Netns, Node, Underlay,
+    HTTP_ASK_PY, WHOAMI_PY,
 };
 use serde_json::Value;
 use std::io::Write;
@@ -96,8 +96,7 @@ fn cni_plugin_puts_containers_on_the_overlay() {
         return;
     }
     let tag = unique("cn");
-    let dir = std::env::temp_dir().join(format!("overlay-e2e-{tag}-scripts"));
-    std::fs::create_dir_all(&dir).expect("script dir");
+    let dir = script_dir(&tag);
     let whoami = write_script(&dir, "whoami.py", WHOAMI_PY);
     let client = write_script(&dir, "client.py", &[HTTP_ASK_PY, ASK_TWICE].concat());
 

@@ -15,7 +15,8 @@
 //!   the clear; once the manager is back (with new keys), traffic flows again.
 
 use overlay_e2e::{
-    ok, require_root, unique, wait_for, write_script, Node, Underlay, SINK_PY, UPLOAD_PY,
+    ok, require_root, script_dir, unique, wait_for, write_script, Node, Underlay, SINK_PY,
+    UPLOAD_PY,
 };
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -113,8 +114,7 @@ fn encrypted_networks_on_three_nodes() {
         return;
     }
     let tag = unique("en");
-    let dir = std::env::temp_dir().join(format!("overlay-e2e-{tag}-scripts"));
-    std::fs::create_dir_all(&dir).expect("script dir");
+    let dir = script_dir(&tag);
     let sink = write_script(&dir, "sink.py", SINK_PY);
     let upload = write_script(&dir, "upload.py", UPLOAD_PY);
 

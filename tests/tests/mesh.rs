@@ -21,8 +21,8 @@
 //!   and `service rm` close the port on every node.
 
 use overlay_e2e::{
-    ok, require_root, unique, wait_for, write_script, Node, Underlay, ECHO_PY, HTTP_ASK_PY,
-    SINK_PY, UPLOAD_PY, WHOAMI_PY,
+    ok, require_root, script_dir, unique, wait_for, write_script, Node, Underlay, ECHO_PY,
+    HTTP_ASK_PY, SINK_PY, UPLOAD_PY, WHOAMI_PY,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -165,8 +165,7 @@ fn routing_mesh_on_three_nodes() {
         return;
     }
     let tag = unique("rm");
-    let dir = std::env::temp_dir().join(format!("overlay-e2e-{tag}-scripts"));
-    std::fs::create_dir_all(&dir).expect("script dir");
+    let dir = script_dir(&tag);
     let whoami = write_script(&dir, "whoami.py", WHOAMI_PY);
     let sink = write_script(&dir, "sink.py", SINK_PY);
     let echo = write_script(&dir, "echo.py", ECHO_PY);

@@ -18,8 +18,8 @@
 //!   fails.
 
 use overlay_e2e::{
-    iperf_bytes, ok, out, require_root, unique, wait_for, write_script, Node, Underlay, ECHO_PY,
-    HTTP_ASK_PY, WHOAMI_PY,
+    iperf_bytes, ok, out, require_root, script_dir, unique, wait_for, write_script, Node, Underlay,
+    ECHO_PY, HTTP_ASK_PY, WHOAMI_PY,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -112,8 +112,7 @@ fn services_vips_and_dns_on_three_nodes() {
         return;
     }
     let tag = unique("sv");
-    let dir = std::env::temp_dir().join(format!("overlay-e2e-{tag}-scripts"));
-    std::fs::create_dir_all(&dir).expect("script dir");
+    let dir = script_dir(&tag);
     let whoami = write_script(&dir, "whoami.py", WHOAMI_PY);
     let echo = write_script(&dir, "echo.py", ECHO_PY);
     let upstream = write_script(&dir, "upstream.py", UPSTREAM);

@@ -21,7 +21,7 @@ use crate::ingress::{self, Ingress, IngressView};
 use crate::manager::{now, now_ms, StatusBoard};
 use crate::services::{self, VipView};
 use crate::sys::iface::{self, IfaceSpec};
-use crate::sys::{mntns, netns};
+use crate::sys::{mntns, netns, tap};
 use crate::task::{self, TaskProcess};
 use protocol::api::{TaskState, TaskStatus};
 use protocol::control::{send_key, Keyring, Op};
@@ -62,7 +62,7 @@ impl Planes {
         max_connections: usize,
     ) -> std::io::Result<Planes> {
         let (datapath_end, endpoint_end) = ingress::link::pair()?;
-        datapath.add_port(INGRESS_PORT, vec![datapath_end]);
+        datapath.add_port(INGRESS_PORT, vec![datapath_end], false);
         let ingress = Ingress::start(endpoint_end, counters, max_connections)?;
         Ok(Planes { datapath, ingress })
     }
@@ -436,7 +436,7 @@ impl Agent {
         let port = PortId(self.next_port);
         self.next_port += 1;
         for fd in fds {
-            self.datapath.add_port(port, fd);
+            self.datapath.add_port(port, fd, tap::udp_offload());
         }
         info!(container = %e.container, ifname = %e.ifname, address = %e.address, "container interface made");
         LocalEndpoint {
@@ -700,7 +700,7 @@ impl Agent {
         for (fd, binding) in fds.into_iter().zip(bindings) {
             let port = PortId(self.next_port);
             self.next_port += 1;
-            self.datapath.add_port(port, fd);
+            self.datapath.add_port(port, fd, tap::udp_offload());
             ports.push((port, binding));
         }
         let proc = TaskProcess {

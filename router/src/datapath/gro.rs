@@ -1,24 +1,35 @@
-//! Userspace GRO towards a TAP: consecutive in-order segments of one TCP/IPv4 flow that
-//! arrive from the underlay for the same local port are merged into one super-frame and
-//! written with a GSO virtio-net header, so the task's kernel takes one frame instead of
-//! dozens. This mirrors what Linux's own GRO does for a NIC.
+//! Userspace GRO towards a TAP: consecutive segments of one flow that arrive from the
+//! underlay for the same local port are merged into one super-frame and written with a GSO
+//! virtio-net header, so the task's kernel takes one frame instead of dozens. This mirrors
+//! what Linux's own GRO does for a NIC.
 //!
-//! A segment is merged only if it is plain bulk data: IPv4 without options or fragments,
-//! TCP with only ACK (PSH allowed on the last), the same addresses, ports, ack, window and
-//! options as the run, the next sequence number, and a payload of the run's segment size
-//! (a shorter one ends the run). Each segment's IPv4 and TCP checksums are verified before
-//! it joins: the merged frame gets fresh checksums, which must never cover corrupted data.
-//! The TCP sum is skipped for frames already covered end to end: from another overlayd
-//! node (whose UDP checksum the kernel verified: our sockets always set it, unlike a kernel
-//! VTEP's default of none) or opened from ESP (its tag covers every byte).
+//! TCP/IPv4: a segment is merged only if it is plain bulk data: IPv4 without options or
+//! fragments, TCP with only ACK (PSH allowed on the last), the same addresses, ports, ack,
+//! window and options as the run, the next sequence number, and a payload of the run's
+//! segment size (a shorter one ends the run).
+//!
+//! UDP/IPv4, for a port whose TAP takes UDP segmentation offload: datagrams of one flow
+//! (addresses, ports, TOS) with the run's payload size (a shorter one ends the run), at most
+//! [`UDP_MAX_SEGMENTS`] of them. The task's kernel hands a socket without `UDP_GRO` the
+//! original datagrams again, each with its own checksum; one with `UDP_GRO` gets the merged
+//! datagram and its segment size, as from a NIC's GRO.
+//!
+//! Each segment's IPv4 and TCP/UDP checksums are verified before it joins: the merged frame
+//! gets fresh checksums, which must never cover corrupted data. The TCP/UDP sum is skipped
+//! for frames already covered end to end: from another overlayd node (whose UDP checksum
+//! the kernel verified: our sockets always set it, unlike a kernel VTEP's default of none)
+//! or opened from ESP (its tag covers every byte).
 //! Anything else is written as it came.
 
+use super::csum::Sum;
 use super::table::PortId;
-use super::vnet::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, HDR_LEN};
-use etherparse::checksum::Sum16BitWords;
+use super::vnet::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_UDP_L4, HDR_LEN, UDP_MAX_SEGMENTS};
 
 const ETH: usize = 14;
 const IP: usize = 20;
+const L4: usize = ETH + IP;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
 const TCP_FLAG_ACK: u8 = 0x10;
 const TCP_FLAG_PSH: u8 = 0x08;
 /// Largest merged IPv4 packet.
@@ -37,7 +48,8 @@ pub enum Push {
 pub struct Coalescer {
     buf: Vec<u8>,
     port: Option<PortId>,
-    /// Header bytes of the run's first segment (Ethernet + IPv4 + TCP).
+    proto: u8,
+    /// Header bytes of the run's first segment (Ethernet + IPv4 + TCP or UDP).
     headers: usize,
     mss: usize,
     next_seq: u32,
@@ -50,6 +62,7 @@ impl Default for Coalescer {
         Coalescer {
             buf: Vec::with_capacity(ETH + MAX_IP_LEN),
             port: None,
+            proto: 0,
             headers: 0,
             mss: 0,
             next_seq: 0,
@@ -59,61 +72,66 @@ impl Default for Coalescer {
     }
 }
 
-fn sum_final(s: Sum16BitWords) -> u16 {
+fn sum_final(s: Sum) -> u16 {
     s.ones_complement().to_be()
 }
 
-/// The parts of a plain TCP/IPv4 segment GRO looks at, if `frame` is one with valid
-/// checksums (its TCP checksum only checked when `verify_tcp`).
+/// The parts of a plain TCP or UDP over IPv4 segment GRO looks at, if `frame` is one with
+/// valid checksums (its TCP/UDP checksum only checked when `verify_l4`).
 struct Segment {
-    thl: usize,
+    proto: u8,
+    /// TCP or UDP header length.
+    l4_hdr: usize,
     seq: u32,
     flags: u8,
     payload: usize,
 }
 
-fn parse(frame: &[u8], verify_tcp: bool) -> Option<Segment> {
-    if frame.len() < ETH + IP + 20
-        || frame[12..14] != [0x08, 0x00]
-        || frame[ETH] != 0x45
-        || frame[ETH + 9] != 6
-    {
+fn parse(frame: &[u8], verify_l4: bool) -> Option<Segment> {
+    if frame.len() < L4 + 8 || frame[12..14] != [0x08, 0x00] || frame[ETH] != 0x45 {
         return None;
     }
+    let proto = frame[ETH + 9];
     let total = u16::from_be_bytes([frame[ETH + 2], frame[ETH + 3]]) as usize;
     let frag = u16::from_be_bytes([frame[ETH + 6], frame[ETH + 7]]);
     if total + ETH != frame.len() || frag & 0x3fff != 0 {
         return None;
     }
-    let tcp = ETH + IP;
-    let thl = ((frame[tcp + 12] >> 4) as usize) * 4;
-    if thl < 20 || tcp + thl > frame.len() {
+    let l4_hdr = match proto {
+        TCP if frame.len() >= L4 + 20 => ((frame[L4 + 12] >> 4) as usize) * 4,
+        UDP if u16::from_be_bytes([frame[L4 + 4], frame[L4 + 5]]) as usize == total - IP => 8,
+        _ => return None,
+    };
+    if l4_hdr < 8 || (proto == TCP && l4_hdr < 20) || L4 + l4_hdr > frame.len() {
         return None;
     }
-    if sum_final(Sum16BitWords::new().add_slice(&frame[ETH..tcp])) != 0 {
+    if sum_final(Sum::new().add_slice(&frame[ETH..L4])) != 0 {
         return None;
     }
-    if verify_tcp {
-        let tcp_len = (frame.len() - tcp) as u16;
-        let check = Sum16BitWords::new()
+    // A UDP datagram without a checksum (zero) has nothing to verify.
+    let unsummed = proto == UDP && frame[L4 + 6..L4 + 8] == [0, 0];
+    if verify_l4 && !unsummed {
+        let l4_len = (frame.len() - L4) as u16;
+        let check = Sum::new()
             .add_slice(&frame[ETH + 12..ETH + 20])
-            .add_2bytes([0, 6])
-            .add_2bytes(tcp_len.to_be_bytes())
-            .add_slice(&frame[tcp..]);
+            .add_2bytes([0, proto])
+            .add_2bytes(l4_len.to_be_bytes())
+            .add_slice(&frame[L4..]);
         if sum_final(check) != 0 {
             return None;
         }
     }
+    let word = |at: usize| [frame[at], frame[at + 1], frame[at + 2], frame[at + 3]];
     Some(Segment {
-        thl,
-        seq: u32::from_be_bytes([
-            frame[tcp + 4],
-            frame[tcp + 5],
-            frame[tcp + 6],
-            frame[tcp + 7],
-        ]),
-        flags: frame[tcp + 13],
-        payload: frame.len() - tcp - thl,
+        proto,
+        l4_hdr,
+        seq: if proto == TCP {
+            u32::from_be_bytes(word(L4 + 4))
+        } else {
+            0
+        },
+        flags: if proto == TCP { frame[L4 + 13] } else { 0 },
+        payload: frame.len() - L4 - l4_hdr,
     })
 }
 
@@ -124,21 +142,25 @@ impl Coalescer {
 
     /// Offers a frame bound for local port `port`. `covered`: the frame's bytes were already
     /// checked end to end (a UDP checksum an overlayd node always sets and the kernel
-    /// verified, or an ESP tag), so its TCP checksum need not be summed again.
-    pub fn push(&mut self, port: PortId, frame: &[u8], covered: bool) -> Push {
+    /// verified, or an ESP tag), so its TCP/UDP checksum need not be summed again.
+    /// `udp_gso`: the port takes UDP super-frames; without it only TCP is merged.
+    pub fn push(&mut self, port: PortId, frame: &[u8], covered: bool, udp_gso: bool) -> Push {
         let Some(s) = parse(frame, !covered) else {
             return Push::Refused;
         };
-        let plain = s.flags & !TCP_FLAG_PSH == TCP_FLAG_ACK;
-        if !plain || s.payload == 0 {
+        let mergeable = match s.proto {
+            TCP => s.flags & !TCP_FLAG_PSH == TCP_FLAG_ACK,
+            _ => udp_gso,
+        };
+        if !mergeable || s.payload == 0 {
             return Push::Refused;
         }
-        let tcp = ETH + IP;
         if self.segments == 0 {
             self.buf.clear();
             self.buf.extend_from_slice(frame);
             self.port = Some(port);
-            self.headers = tcp + s.thl;
+            self.proto = s.proto;
+            self.headers = L4 + s.l4_hdr;
             self.mss = s.payload;
             self.next_seq = s.seq.wrapping_add(s.payload as u32);
             self.segments = 1;
@@ -146,20 +168,27 @@ impl Coalescer {
             return Push::Taken;
         }
         let h = self.headers;
-        let same_flow = self.port == Some(port)
+        let same_run = self.port == Some(port)
             && !self.closed
-            && tcp + s.thl == h
-            // addresses; then ports; then ack number, header length/flags byte and window;
-            // then options.
+            && s.proto == self.proto
+            && L4 + s.l4_hdr == h
+            // addresses; then ports; then TOS.
             && frame[ETH + 12..ETH + 20] == self.buf[ETH + 12..ETH + 20]
-            && frame[tcp..tcp + 4] == self.buf[tcp..tcp + 4]
-            && frame[tcp + 8..tcp + 12] == self.buf[tcp + 8..tcp + 12]
-            && frame[tcp + 14..tcp + 16] == self.buf[tcp + 14..tcp + 16]
-            && frame[tcp + 20..h] == self.buf[tcp + 20..h]
+            && frame[L4..L4 + 4] == self.buf[L4..L4 + 4]
             && frame[ETH + 1] == self.buf[ETH + 1]
-            && s.seq == self.next_seq
             && s.payload <= self.mss
             && self.buf.len() - ETH + s.payload <= MAX_IP_LEN;
+        let same_flow = same_run
+            && match s.proto {
+                // ack number, header length/flags byte and window; options; the next byte.
+                TCP => {
+                    frame[L4 + 8..L4 + 12] == self.buf[L4 + 8..L4 + 12]
+                        && frame[L4 + 14..L4 + 16] == self.buf[L4 + 14..L4 + 16]
+                        && frame[L4 + 20..h] == self.buf[L4 + 20..h]
+                        && s.seq == self.next_seq
+                }
+                _ => self.segments < UDP_MAX_SEGMENTS,
+            };
         if !same_flow {
             return Push::Refused;
         }
@@ -167,16 +196,17 @@ impl Coalescer {
         self.next_seq = self.next_seq.wrapping_add(s.payload as u32);
         self.segments += 1;
         // PSH (carried over), or a short segment, ends the run.
-        self.buf[tcp + 13] |= s.flags & TCP_FLAG_PSH;
+        if s.proto == TCP {
+            self.buf[L4 + 13] |= s.flags & TCP_FLAG_PSH;
+        }
         self.closed = s.payload < self.mss || s.flags & TCP_FLAG_PSH != 0;
         Push::Taken
     }
 
     /// Finishes the run: the port, the virtio-net header to write, the frame and how many
-    /// segments it carries. A single
-    /// segment comes back unchanged with a plain header; a merged run comes back with fixed
-    /// IPv4 length and checksum, and its TCP checksum left partial for the kernel, as GSO
-    /// frames are.
+    /// segments it carries. A single segment comes back unchanged with a plain header; a
+    /// merged run comes back with fixed IPv4 length and checksum (and UDP length), and its
+    /// TCP/UDP checksum left partial for the kernel, as GSO frames are.
     pub fn take(&mut self) -> Option<(PortId, [u8; HDR_LEN], &[u8], usize)> {
         let port = self.port.take()?;
         let segments = std::mem::take(&mut self.segments);
@@ -184,26 +214,33 @@ impl Coalescer {
         if segments <= 1 {
             return Some((port, hdr, &self.buf, segments));
         }
-        let tcp = ETH + IP;
         let ip_len = (self.buf.len() - ETH) as u16;
         self.buf[ETH + 2..ETH + 4].copy_from_slice(&ip_len.to_be_bytes());
         self.buf[ETH + 10..ETH + 12].fill(0);
-        let ip_sum = sum_final(Sum16BitWords::new().add_slice(&self.buf[ETH..tcp]));
+        let ip_sum = sum_final(Sum::new().add_slice(&self.buf[ETH..L4]));
         self.buf[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
-        let tcp_len = (self.buf.len() - tcp) as u16;
-        let pseudo = Sum16BitWords::new()
+        let l4_len = (self.buf.len() - L4) as u16;
+        let (gso_type, csum_offset) = match self.proto {
+            TCP => (GSO_TCPV4, 16),
+            _ => {
+                self.buf[L4 + 4..L4 + 6].copy_from_slice(&l4_len.to_be_bytes());
+                (GSO_UDP_L4, 6)
+            }
+        };
+        let pseudo = Sum::new()
             .add_slice(&self.buf[ETH + 12..ETH + 20])
-            .add_2bytes([0, 6])
-            .add_2bytes(tcp_len.to_be_bytes());
+            .add_2bytes([0, self.proto])
+            .add_2bytes(l4_len.to_be_bytes());
         // Partial checksum: the folded pseudo-header sum, not inverted.
-        self.buf[tcp + 16..tcp + 18].copy_from_slice(&(!sum_final(pseudo)).to_be_bytes());
+        let at = L4 + csum_offset;
+        self.buf[at..at + 2].copy_from_slice(&(!sum_final(pseudo)).to_be_bytes());
         VnetHdr {
             flags: F_NEEDS_CSUM,
-            gso_type: GSO_TCPV4,
+            gso_type,
             hdr_len: self.headers as u16,
             gso_size: self.mss as u16,
-            csum_start: tcp as u16,
-            csum_offset: 16,
+            csum_start: L4 as u16,
+            csum_offset: csum_offset as u16,
         }
         .emit(&mut hdr);
         Some((port, hdr, &self.buf, segments))
@@ -212,7 +249,7 @@ impl Coalescer {
 
 #[cfg(test)]
 mod tests {
-    use super::super::vnet::{complete_checksum, segment_tcp4};
+    use super::super::vnet::{complete_checksum, segment_tcp4, Segments};
     use super::*;
     use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
@@ -243,7 +280,7 @@ mod tests {
             .collect();
         let mut g = Coalescer::default();
         for s in &segs {
-            assert_eq!(g.push(PortId(7), s, false), Push::Taken);
+            assert_eq!(g.push(PortId(7), s, false, true), Push::Taken);
         }
         let (port, hdr, merged, n) = g.take().unwrap();
         assert_eq!(n, 5);
@@ -277,19 +314,22 @@ mod tests {
     fn only_in_order_plain_segments_of_one_flow_join() {
         let d = data(1400);
         let mut g = Coalescer::default();
-        assert_eq!(g.push(PortId(1), &seg(0, &d, false), false), Push::Taken);
         assert_eq!(
-            g.push(PortId(2), &seg(1400, &d, false), false),
+            g.push(PortId(1), &seg(0, &d, false), false, false),
+            Push::Taken
+        );
+        assert_eq!(
+            g.push(PortId(2), &seg(1400, &d, false), false, false),
             Push::Refused,
             "other port"
         );
         assert_eq!(
-            g.push(PortId(1), &seg(9999, &d, false), false),
+            g.push(PortId(1), &seg(9999, &d, false), false, false),
             Push::Refused,
             "gap"
         );
         assert_eq!(
-            g.push(PortId(1), &seg(1400, &data(1500), false), false),
+            g.push(PortId(1), &seg(1400, &data(1500), false), false, false),
             Push::Refused,
             "bigger"
         );
@@ -297,7 +337,7 @@ mod tests {
         let last = corrupt.len() - 1;
         corrupt[last] ^= 0xff;
         assert_eq!(
-            g.push(PortId(1), &corrupt, false),
+            g.push(PortId(1), &corrupt, false, false),
             Push::Refused,
             "bad checksum"
         );
@@ -309,7 +349,7 @@ mod tests {
             .write(&mut other_flow, &d)
             .unwrap();
         assert_eq!(
-            g.push(PortId(1), &other_flow, false),
+            g.push(PortId(1), &other_flow, false, false),
             Push::Refused,
             "other flow"
         );
@@ -320,38 +360,145 @@ mod tests {
             .syn()
             .write(&mut syn, &d)
             .unwrap();
-        assert_eq!(g.push(PortId(1), &syn, false), Push::Refused, "not plain");
         assert_eq!(
-            g.push(PortId(1), &seg(1400, &data(100), false), false),
+            g.push(PortId(1), &syn, false, false),
+            Push::Refused,
+            "not plain"
+        );
+        assert_eq!(
+            g.push(PortId(1), &seg(1400, &data(100), false), false, false),
             Push::Taken,
             "short last"
         );
         assert_eq!(
-            g.push(PortId(1), &seg(1500, &data(100), false), false),
+            g.push(PortId(1), &seg(1500, &data(100), false), false, false),
             Push::Refused,
             "closed"
         );
         // A lone segment comes back untouched with a plain header.
         let mut lone = Coalescer::default();
         let one = seg(5, &d, false);
-        lone.push(PortId(3), &one, false);
+        lone.push(PortId(3), &one, false, false);
         let (_, hdr, frame, _) = lone.take().unwrap();
         assert_eq!(hdr, [0u8; HDR_LEN]);
         assert_eq!(frame, &one[..]);
         assert!(lone.take().is_none());
     }
 
-    #[test]
-    fn non_tcp_is_refused() {
-        let mut udp = Vec::new();
+    fn dgram(sport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
         PacketBuilder::ethernet2([2; 6], [3; 6])
             .ipv4([10, 0, 0, 2], [10, 0, 0, 3], 64)
-            .udp(1, 2)
-            .write(&mut udp, b"x")
+            .udp(sport, 4433)
+            .write(&mut v, payload)
             .unwrap();
+        v
+    }
+
+    /// Merges datagrams, then cuts the run as the receiving kernel does for a socket
+    /// without UDP_GRO: the original datagrams come back.
+    #[test]
+    fn udp_datagrams_merge_for_a_port_with_uso_and_cut_to_the_originals() {
+        let d = data(1200 * 5 + 300);
+        let dgrams: Vec<Vec<u8>> = d.chunks(1200).map(|c| dgram(40000, c)).collect();
         let mut g = Coalescer::default();
-        assert_eq!(g.push(PortId(1), &udp, false), Push::Refused);
-        assert_eq!(g.push(PortId(1), &[0u8; 10], false), Push::Refused);
+        for x in &dgrams {
+            assert_eq!(g.push(PortId(4), x, false, true), Push::Taken);
+        }
+        assert_eq!(
+            g.push(PortId(4), &dgrams[0], false, true),
+            Push::Refused,
+            "closed"
+        );
+        let (port, hdr, merged, n) = g.take().unwrap();
+        assert_eq!((port, n), (PortId(4), 6));
+        let h = VnetHdr::from_slice(&hdr).unwrap();
+        assert_eq!(
+            (
+                h.flags,
+                h.gso_type,
+                h.gso_size,
+                h.hdr_len,
+                h.csum_start,
+                h.csum_offset
+            ),
+            (F_NEEDS_CSUM, GSO_UDP_L4, 1200, 42, 34, 6)
+        );
+        assert_eq!(merged.len(), 42 + d.len());
+        assert_eq!(
+            merged[38..40],
+            ((8 + d.len()) as u16).to_be_bytes(),
+            "UDP length"
+        );
+        let segs = Segments::new(merged, &h, 1600).unwrap();
+        assert_eq!(segs.count(), 6);
+        for (i, orig) in dgrams.iter().enumerate() {
+            let mut out = vec![0u8; segs.len(i)];
+            segs.write(i, &mut out);
+            // Identical but for the IPv4 id and header checksum, numbered afresh.
+            assert_eq!(out[34..], orig[34..], "datagram {i}");
+            assert_eq!(out[14..18], orig[14..18]);
+        }
+    }
+
+    #[test]
+    fn udp_runs_keep_to_one_flow_size_and_limit() {
+        let d = data(1000);
+        let mut g = Coalescer::default();
+        assert_eq!(
+            g.push(PortId(1), &dgram(1, &d), false, false),
+            Push::Refused,
+            "no USO"
+        );
+        assert_eq!(g.push(PortId(1), &dgram(1, &d), false, true), Push::Taken);
+        assert_eq!(
+            g.push(PortId(2), &dgram(1, &d), false, true),
+            Push::Refused,
+            "port"
+        );
+        assert_eq!(
+            g.push(PortId(1), &dgram(2, &d), false, true),
+            Push::Refused,
+            "flow"
+        );
+        let bigger = dgram(1, &data(1001));
+        assert_eq!(
+            g.push(PortId(1), &bigger, false, true),
+            Push::Refused,
+            "bigger"
+        );
+        let mut corrupt = dgram(1, &d);
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 0xff;
+        assert_eq!(
+            g.push(PortId(1), &corrupt, false, true),
+            Push::Refused,
+            "checksum"
+        );
+        assert_eq!(
+            g.push(PortId(1), &corrupt, true, true),
+            Push::Taken,
+            "covered"
+        );
+        for _ in 2..UDP_MAX_SEGMENTS {
+            assert_eq!(g.push(PortId(1), &dgram(1, &d), false, true), Push::Taken);
+        }
+        assert_eq!(
+            g.push(PortId(1), &dgram(1, &d), false, true),
+            Push::Refused,
+            "limit"
+        );
+        assert_eq!(g.take().unwrap().3, UDP_MAX_SEGMENTS);
+        // No checksum (zero) is nothing to verify; an empty datagram never merges.
+        let mut unsummed = dgram(1, &d);
+        unsummed[40..42].fill(0);
+        assert_eq!(g.push(PortId(1), &unsummed, false, true), Push::Taken);
+        g.take();
+        assert_eq!(
+            g.push(PortId(1), &dgram(1, b""), false, true),
+            Push::Refused
+        );
+        assert_eq!(g.push(PortId(1), &[0u8; 10], false, true), Push::Refused);
         assert!(g.is_empty());
     }
 }

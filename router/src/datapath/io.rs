@@ -26,7 +26,7 @@ use super::switch::{self, Verdict, MAX_FRAME, MAX_SUPER_FRAME};
 use super::table::FastHash;
 use super::table::{PortId, Tables};
 use super::underlay::{self, Dest, RxBatch, Seal, Sockets, TxBatch, Underlay};
-use super::vnet::{self, Tcp4Segments, VnetHdr};
+use super::vnet::{self, Segments, VnetHdr};
 use arc_swap::ArcSwap;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -62,7 +62,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 enum Command {
     /// A port and its fds: a TAP's queues (one per worker), or a single fd.
-    AddPort(PortId, Arc<[OwnedFd]>),
+    AddPort(PortId, PortFds),
     RemovePort(PortId),
     /// A frame the router made (a reset for a client whose backend left), for a port.
     Inject(PortId, Vec<u8>),
@@ -208,12 +208,16 @@ impl Datapath {
 
     /// Hands a port's fds to the datapath: a TAP's queues, one per worker, or a single fd
     /// that worker 0 reads and every worker writes. Frames from it are switched once the
-    /// tables bind it.
-    pub fn add_port(&self, port: PortId, fds: Vec<OwnedFd>) {
+    /// tables bind it. `udp_gso`: the port takes UDP super-frames (a TAP with USO), so UDP
+    /// datagrams bound for it are merged; any other port gets them one by one.
+    pub fn add_port(&self, port: PortId, fds: Vec<OwnedFd>, udp_gso: bool) {
         if fds.is_empty() {
             return;
         }
-        let fds: Arc<[OwnedFd]> = fds.into();
+        let fds = PortFds {
+            queues: fds.into(),
+            udp_gso,
+        };
         for w in &self.workers {
             w.send(Command::AddPort(port, fds.clone()));
         }
@@ -312,19 +316,32 @@ fn sweep_loop(
 
 /// A worker's view of the local ports: each port's fds. The worker reads the queue at its
 /// lane (if the port has one) and writes through queue `lane % len`.
+/// A port's fds, shared by the workers, and what it takes.
+#[derive(Clone)]
+struct PortFds {
+    queues: Arc<[OwnedFd]>,
+    udp_gso: bool,
+}
+
 struct Ports {
     lane: usize,
-    fds: HashMap<PortId, Arc<[OwnedFd]>, FastHash>,
+    fds: HashMap<PortId, PortFds, FastHash>,
 }
 
 impl Ports {
     fn reader(&self, port: PortId) -> Option<&OwnedFd> {
-        self.fds.get(&port)?.get(self.lane)
+        self.fds.get(&port)?.queues.get(self.lane)
     }
 
-    fn writer(&self, port: PortId) -> Option<&OwnedFd> {
-        let q = self.fds.get(&port)?;
-        q.get(self.lane % q.len().max(1))
+    /// The fd to write to, and whether it takes UDP super-frames.
+    fn writer(&self, port: PortId) -> Option<(&OwnedFd, bool)> {
+        let p = self.fds.get(&port)?;
+        let q = &p.queues;
+        Some((q.get(self.lane % q.len().max(1))?, p.udp_gso))
+    }
+
+    fn udp_gso(&self, port: PortId) -> bool {
+        self.fds.get(&port).is_some_and(|p| p.udp_gso)
     }
 }
 
@@ -410,7 +427,7 @@ impl Worker {
             match c {
                 Command::AddPort(port, fds) => {
                     let token = Token(port.0 as usize);
-                    if let Some(fd) = fds.get(self.ports.lane) {
+                    if let Some(fd) = fds.queues.get(self.ports.lane) {
                         let raw = fd.as_raw_fd();
                         let reg = self.poll.registry().register(
                             &mut SourceFd(&raw),
@@ -535,7 +552,7 @@ impl Worker {
                     };
                     let result = if h.is_gso() {
                         // Each segment is cut straight into its place in the run.
-                        Tcp4Segments::new(frame, &h, MAX_FRAME).map(|segs| {
+                        Segments::new(frame, &h, MAX_FRAME).map(|segs| {
                             for i in 0..segs.count() {
                                 tx += out.queue_with(to, segs.len(i), |b| segs.write(i, b));
                             }
@@ -619,12 +636,13 @@ impl Worker {
             let frame = packet.payload_mut();
             match switch::from_underlay(&tables, repr.vni, from, frame, &mut self.reply) {
                 Verdict::Forward(to) => {
-                    // Merge bulk TCP for the TAP; anything else flushes the run first, so
-                    // a flow's frames keep their order.
+                    // Merge bulk TCP and UDP for the TAP; anything else flushes the run
+                    // first, so a flow's frames keep their order.
                     let covered = sealed_vni.is_some() || tables.senders.contains_key(&from);
-                    if self.gro.push(to, frame, covered) == Push::Refused {
+                    let udp_gso = self.ports.udp_gso(to);
+                    if self.gro.push(to, frame, covered, udp_gso) == Push::Refused {
                         tx += flush_gro(&mut self.gro, &self.ports, &self.counters);
-                        if self.gro.push(to, frame, covered) == Push::Refused {
+                        if self.gro.push(to, frame, covered, udp_gso) == Push::Refused {
                             tx += write_port(&self.ports, &self.counters, to, &PLAIN, frame);
                         }
                     }
@@ -742,12 +760,35 @@ fn flood(
         .sum()
 }
 
-/// Writes a virtio-net header and a frame to a TAP in one system call.
+/// Writes a virtio-net header and a frame to a TAP in one system call. A UDP super-frame
+/// for a port that does not take one (the ingress endpoint's link) is cut into its
+/// datagrams first.
 fn write_port(ports: &Ports, counters: &Counters, to: PortId, hdr: &[u8], frame: &[u8]) -> u64 {
-    let Some(fd) = ports.writer(to) else {
+    let Some((fd, udp_gso)) = ports.writer(to) else {
         counters.count_drop(DropReason::UnknownPort);
         return 0;
     };
+    let h = VnetHdr::from_slice(hdr).unwrap_or_default();
+    if h.gso_type & !vnet::GSO_ECN == vnet::GSO_UDP_L4 && !udp_gso {
+        let Ok(segs) = vnet::Segments::new(frame, &h, MAX_FRAME) else {
+            counters.count_drop(DropReason::OffloadMalformed);
+            return 0;
+        };
+        // Rare (a task's UDP_SEGMENT send to a published port's client): one buffer per
+        // super-frame is fine here.
+        let mut out = vec![0u8; MAX_FRAME];
+        return (0..segs.count())
+            .map(|i| {
+                let b = &mut out[..segs.len(i)];
+                segs.write(i, b);
+                write_fd(fd, counters, &PLAIN, b)
+            })
+            .sum();
+    }
+    write_fd(fd, counters, hdr, frame)
+}
+
+fn write_fd(fd: &OwnedFd, counters: &Counters, hdr: &[u8], frame: &[u8]) -> u64 {
     let iov = [std::io::IoSlice::new(hdr), std::io::IoSlice::new(frame)];
     match nix::sys::uio::writev(fd, &iov) {
         Ok(_) => 1,

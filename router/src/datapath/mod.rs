@@ -8,6 +8,7 @@
 pub mod answer;
 pub mod conntrack;
 pub mod crypto;
+pub mod csum;
 pub mod gro;
 pub mod io;
 pub mod lb;

@@ -1,10 +1,11 @@
 //! The virtio-net header a TAP with IFF_VNET_HDR puts in front of every frame (and expects in
 //! front of every frame written to it), and the two things the datapath must do for a frame
 //! that leaves through the underlay instead of another TAP: complete a checksum the sender
-//! left to "hardware", and cut a TCP/IPv4 super-frame (TSO) into MSS-sized segments.
-//! Pure functions over byte slices.
+//! left to "hardware", and cut a super-frame into the frames it stands for: TCP/IPv4 (TSO)
+//! into MSS-sized segments, UDP over IPv4 or IPv6 (USO, from a task that sends with
+//! `UDP_SEGMENT`) into datagrams. Pure functions over byte slices.
 
-use etherparse::checksum::Sum16BitWords;
+use super::csum::Sum;
 
 /// Size of `struct virtio_net_hdr` (the TAP default, no `num_buffers`).
 pub const HDR_LEN: usize = 10;
@@ -12,9 +13,15 @@ pub const HDR_LEN: usize = 10;
 pub const F_NEEDS_CSUM: u8 = 1;
 pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
+/// UDP segmentation (`VIRTIO_NET_HDR_GSO_UDP_L4`), IPv4 or IPv6; Linux 6.2 and later.
+pub const GSO_UDP_L4: u8 = 5;
 pub const GSO_ECN: u8 = 0x80;
+/// The most datagrams one UDP super-frame may stand for (the kernel's `UDP_MAX_SEGMENTS`
+/// was 64 before Linux 6.9).
+pub const UDP_MAX_SEGMENTS: usize = 64;
 
 const ETH: usize = 14;
+const UDP_HDR: usize = 8;
 
 /// The meaning of a virtio-net header (little-endian fields, as on the TAP of an x86 host).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -65,13 +72,13 @@ pub enum OffloadError {
     BadChecksumOffsets,
     #[error("GSO type {0} is not supported")]
     UnsupportedGso(u8),
-    #[error("GSO frame is not a well-formed TCP/IPv4 frame")]
+    #[error("GSO frame is not a well-formed TCP/IPv4 or UDP frame")]
     MalformedGso,
 }
 
 /// The final (inverted, folded) checksum as a number to write big-endian. etherparse sums
 /// in native byte order, hence the `to_be`.
-fn fold(sum: Sum16BitWords) -> u16 {
+fn fold(sum: Sum) -> u16 {
     sum.ones_complement().to_be()
 }
 
@@ -83,7 +90,7 @@ pub fn complete_checksum(frame: &mut [u8], h: &VnetHdr) -> Result<(), OffloadErr
     if start >= frame.len() || at + 2 > frame.len() {
         return Err(OffloadError::BadChecksumOffsets);
     }
-    let sum = fold(Sum16BitWords::new().add_slice(&frame[start..]));
+    let sum = fold(Sum::new().add_slice(&frame[start..]));
     frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
     Ok(())
 }
@@ -180,7 +187,7 @@ impl<'a> Tcp4Segments<'a> {
         out[ETH + 2..ETH + 4].copy_from_slice(&((ihl + thl + chunk.len()) as u16).to_be_bytes());
         out[ETH + 4..ETH + 6].copy_from_slice(&self.id.wrapping_add(i as u16).to_be_bytes());
         out[ETH + 10..ETH + 12].fill(0);
-        let ip_sum = fold(Sum16BitWords::new().add_slice(&out[ETH..tcp]));
+        let ip_sum = fold(Sum::new().add_slice(&out[ETH..tcp]));
         out[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
         // TCP: sequence number; FIN and PSH only on the last segment, CWR only on the first.
         let seq = self.seq.wrapping_add((i * self.mss) as u32);
@@ -193,13 +200,155 @@ impl<'a> Tcp4Segments<'a> {
         }
         out[tcp + 16..tcp + 18].fill(0);
         let tcp_len = (thl + chunk.len()) as u16;
-        let sum = Sum16BitWords::new()
+        let sum = Sum::new()
             .add_slice(&frame[ETH + 12..ETH + 16])
             .add_slice(&frame[ETH + 16..ETH + 20])
             .add_2bytes([0, 6])
             .add_2bytes(tcp_len.to_be_bytes())
             .add_slice(&out[tcp..]);
         out[tcp + 16..tcp + 18].copy_from_slice(&fold(sum).to_be_bytes());
+    }
+}
+
+/// The frames a super-frame stands for, whichever its kind: written on demand into buffers
+/// the caller gives, each complete (lengths, IPv4 id and checksums), so that a frame is
+/// copied once on its way out.
+pub enum Segments<'a> {
+    Tcp4(Tcp4Segments<'a>),
+    Udp(UdpSegments<'a>),
+}
+
+impl<'a> Segments<'a> {
+    /// Checks `frame` against its GSO header; no frame may exceed `max_len` bytes.
+    pub fn new(frame: &'a [u8], h: &VnetHdr, max_len: usize) -> Result<Self, OffloadError> {
+        match h.gso_type & !GSO_ECN {
+            GSO_UDP_L4 => UdpSegments::new(frame, h, max_len).map(Segments::Udp),
+            _ => Tcp4Segments::new(frame, h, max_len).map(Segments::Tcp4),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        match self {
+            Segments::Tcp4(s) => s.count(),
+            Segments::Udp(s) => s.count(),
+        }
+    }
+
+    /// The length of frame `i`.
+    pub fn len(&self, i: usize) -> usize {
+        match self {
+            Segments::Tcp4(s) => s.len(i),
+            Segments::Udp(s) => s.len(i),
+        }
+    }
+
+    /// Writes frame `i` into `out`, which must be [`Self::len`]`(i)` bytes long.
+    pub fn write(&self, i: usize, out: &mut [u8]) {
+        match self {
+            Segments::Tcp4(s) => s.write(i, out),
+            Segments::Udp(s) => s.write(i, out),
+        }
+    }
+}
+
+/// A UDP super-frame (IPv4 without fragments, or IPv6 without extension headers): one
+/// header, then the payloads of datagrams of `gso_size` bytes each, the last maybe shorter.
+pub struct UdpSegments<'a> {
+    frame: &'a [u8],
+    /// Offset of the UDP header (after the IPv4 header with options, or the IPv6 header).
+    udp: usize,
+    v6: bool,
+    mss: usize,
+    id: u16,
+    chunks: usize,
+}
+
+impl<'a> UdpSegments<'a> {
+    pub fn new(frame: &'a [u8], h: &VnetHdr, max_len: usize) -> Result<Self, OffloadError> {
+        if h.gso_type & !GSO_ECN != GSO_UDP_L4 {
+            return Err(OffloadError::UnsupportedGso(h.gso_type));
+        }
+        let bad = OffloadError::MalformedGso;
+        if frame.len() < ETH + 40 {
+            return Err(bad);
+        }
+        let (udp, v6) = match (frame[12], frame[13], frame[ETH] >> 4) {
+            (0x08, 0x00, 4) => {
+                let ihl = usize::from(frame[ETH] & 0x0f) * 4;
+                let frag = u16::from_be_bytes([frame[ETH + 6], frame[ETH + 7]]);
+                if ihl < 20 || frame[ETH + 9] != 17 || frag & 0x3fff != 0 {
+                    return Err(bad);
+                }
+                (ETH + ihl, false)
+            }
+            (0x86, 0xdd, 6) if frame[ETH + 6] == 17 => (ETH + 40, true),
+            _ => return Err(bad),
+        };
+        let headers = udp + UDP_HDR;
+        let mss = usize::from(h.gso_size);
+        if frame.len() <= headers || mss == 0 || headers + mss > max_len {
+            return Err(bad);
+        }
+        let chunks = (frame.len() - headers).div_ceil(mss);
+        if chunks > UDP_MAX_SEGMENTS {
+            return Err(bad);
+        }
+        Ok(UdpSegments {
+            frame,
+            udp,
+            v6,
+            mss,
+            id: u16::from_be_bytes([frame[ETH + 4], frame[ETH + 5]]),
+            chunks,
+        })
+    }
+
+    pub fn count(&self) -> usize {
+        self.chunks
+    }
+
+    fn chunk(&self, i: usize) -> &'a [u8] {
+        let payload = &self.frame[self.udp + UDP_HDR..];
+        &payload[(i * self.mss).min(payload.len())..((i + 1) * self.mss).min(payload.len())]
+    }
+
+    pub fn len(&self, i: usize) -> usize {
+        self.udp + UDP_HDR + self.chunk(i).len()
+    }
+
+    pub fn write(&self, i: usize, out: &mut [u8]) {
+        let (frame, udp) = (self.frame, self.udp);
+        let headers = udp + UDP_HDR;
+        let chunk = self.chunk(i);
+        out[..headers].copy_from_slice(&frame[..headers]);
+        out[headers..].copy_from_slice(chunk);
+        let udp_len = (UDP_HDR + chunk.len()) as u16;
+        let addrs = if self.v6 {
+            // IPv6: the payload length is the UDP datagram's; no header checksum.
+            out[ETH + 4..ETH + 6].copy_from_slice(&udp_len.to_be_bytes());
+            &frame[ETH + 8..ETH + 40]
+        } else {
+            let ip_len = (udp - ETH) as u16 + udp_len;
+            out[ETH + 2..ETH + 4].copy_from_slice(&ip_len.to_be_bytes());
+            out[ETH + 4..ETH + 6].copy_from_slice(&self.id.wrapping_add(i as u16).to_be_bytes());
+            out[ETH + 10..ETH + 12].fill(0);
+            let ip_sum = fold(Sum::new().add_slice(&out[ETH..udp]));
+            out[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
+            &frame[ETH + 12..ETH + 20]
+        };
+        out[udp + 4..udp + 6].copy_from_slice(&udp_len.to_be_bytes());
+        out[udp + 6..udp + 8].fill(0);
+        let sum = Sum::new()
+            .add_slice(addrs)
+            .add_2bytes([0, 17])
+            .add_2bytes(udp_len.to_be_bytes())
+            .add_slice(&out[udp..]);
+        // A computed zero goes out as all ones: zero means "no checksum" in UDP.
+        let sum = match fold(sum) {
+            0 => 0xffff,
+            s => s,
+        };
+        out[udp + 6..udp + 8].copy_from_slice(&sum.to_be_bytes());
     }
 }
 
@@ -226,7 +375,7 @@ pub fn offload_partial(frame: &mut [u8], gso_size: Option<u16>) -> VnetHdr {
         return plain;
     }
     let l4_len = (total - ihl) as u16;
-    let pseudo = Sum16BitWords::new()
+    let pseudo = Sum::new()
         .add_slice(&ip[12..20])
         .add_2bytes([0, proto])
         .add_2bytes(l4_len.to_be_bytes());
@@ -370,7 +519,7 @@ mod tests {
         let mut partial = frame.clone();
         // What the kernel leaves: the pseudo-header sum, not inverted, in the field.
         let tcp_len = (frame.len() - 34) as u16;
-        let pseudo = Sum16BitWords::new()
+        let pseudo = Sum::new()
             .add_slice(&frame[26..34])
             .add_2bytes([0, 6])
             .add_2bytes(tcp_len.to_be_bytes());
@@ -414,5 +563,93 @@ mod tests {
             segment_tcp4(&frame, &v6, &mut scratch, |_| {}),
             Err(OffloadError::UnsupportedGso(4))
         );
+    }
+
+    /// A UDP super-frame as a TAP with USO hands it over: one header whose lengths cover
+    /// everything, the UDP checksum field holding the pseudo-header sum.
+    fn udp_super(payload: &[u8], v6: bool) -> Vec<u8> {
+        let mut v = Vec::new();
+        let b = PacketBuilder::ethernet2([2, 0x42, 10, 0, 0, 2], [2, 0x42, 10, 0, 0, 3]);
+        let b = if v6 {
+            b.ipv6([0xfd; 16], [0xfe; 16], 64)
+        } else {
+            b.ipv4([10, 0, 0, 2], [10, 0, 0, 3], 64)
+        };
+        b.udp(40000, 4433).write(&mut v, payload).unwrap();
+        v
+    }
+
+    fn datagrams(frame: &[u8], h: &VnetHdr) -> Vec<Vec<u8>> {
+        let segs = Segments::new(frame, h, 1600).unwrap();
+        (0..segs.count())
+            .map(|i| {
+                let mut out = vec![0u8; segs.len(i)];
+                segs.write(i, &mut out);
+                out
+            })
+            .collect()
+    }
+
+    #[test]
+    fn udp_super_frames_are_cut_into_valid_datagrams() {
+        let payload: Vec<u8> = (0..4 * 1200 + 77).map(|i| (i % 253) as u8).collect();
+        let h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_UDP_L4,
+            gso_size: 1200,
+            ..Default::default()
+        };
+        for v6 in [false, true] {
+            let out = datagrams(&udp_super(&payload, v6), &h);
+            assert_eq!(out.len(), 5, "v6 {v6}");
+            let mut joined = Vec::new();
+            for (i, d) in out.iter().enumerate() {
+                let p = SlicedPacket::from_ethernet(d).unwrap();
+                let Some(TransportSlice::Udp(u)) = &p.transport else {
+                    panic!("not UDP")
+                };
+                let want = match &p.net {
+                    Some(NetSlice::Ipv4(ip)) => {
+                        let ih = ip.header().to_header();
+                        assert_eq!(ih.header_checksum, ih.calc_header_checksum(), "ip {i}");
+                        u.to_header().calc_checksum_ipv4(&ih, u.payload()).unwrap()
+                    }
+                    Some(NetSlice::Ipv6(ip)) => {
+                        let ih = ip.header().to_header();
+                        u.to_header().calc_checksum_ipv6(&ih, u.payload()).unwrap()
+                    }
+                    _ => panic!("no IP"),
+                };
+                assert_eq!(u.checksum(), want, "udp checksum {i} v6 {v6}");
+                assert_eq!(usize::from(u.length()), 8 + u.payload().len());
+                assert_eq!(u.payload().len(), if i < 4 { 1200 } else { 77 });
+                joined.extend_from_slice(u.payload());
+            }
+            assert_eq!(joined, payload);
+        }
+    }
+
+    #[test]
+    fn malformed_udp_super_frames_are_refused() {
+        let h = VnetHdr {
+            gso_type: GSO_UDP_L4,
+            gso_size: 100,
+            ..Default::default()
+        };
+        let frame = udp_super(&[7u8; 1000], false);
+        assert!(Segments::new(&frame, &h, 1600).is_ok());
+        // Not UDP; fragmented; no payload; a segment larger than allowed; too many segments.
+        let mut tcp = frame.clone();
+        tcp[23] = 6;
+        assert!(Segments::new(&tcp, &h, 1600).is_err());
+        let mut frag = frame.clone();
+        frag[20] = 0x20;
+        assert!(Segments::new(&frag, &h, 1600).is_err());
+        assert!(Segments::new(&frame[..42], &h, 1600).is_err());
+        assert!(Segments::new(&frame, &h, 100).is_err());
+        let tiny = VnetHdr { gso_size: 10, ..h };
+        assert!(Segments::new(&frame, &tiny, 1600).is_err());
+        let zero = VnetHdr { gso_size: 0, ..h };
+        assert!(Segments::new(&frame, &zero, 1600).is_err());
     }
 }

@@ -15,16 +15,30 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
-/// Offloads we accept from the task's kernel: partial checksums and TCP/IPv4 segmentation
-/// (with ECN). The datapath completes or segments whatever leaves through the underlay.
+/// Offloads we accept from the task's kernel: partial checksums, TCP/IPv4 segmentation
+/// (with ECN) and, where the kernel has it (Linux 6.2+), UDP segmentation (both flags are
+/// needed). The datapath completes or segments whatever leaves through the underlay; and
+/// a TAP with USO also takes UDP super-frames the datapath merges (GRO) on their way in.
 const TUN_F_CSUM: libc::c_int = 0x01;
 const TUN_F_TSO4: libc::c_int = 0x02;
 const TUN_F_TSO_ECN: libc::c_int = 0x08;
+const TUN_F_USO4: libc::c_int = 0x20;
+const TUN_F_USO6: libc::c_int = 0x40;
+const OFFLOADS: libc::c_int = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN;
+
+/// Whether this kernel's TAPs take UDP segmentation offload (learnt from the first TAP).
+static UDP_OFFLOAD: AtomicBool = AtomicBool::new(false);
+
+/// Whether the TAPs made so far take UDP super-frames (`vnet::GSO_UDP_L4`) both ways.
+pub fn udp_offload() -> bool {
+    UDP_OFFLOAD.load(Ordering::Relaxed)
+}
 const IFNAMSIZ: usize = 16;
 
 /// `struct ifreq` as TUNSETIFF reads it: a name and the flags, padded to the union's size.
@@ -74,7 +88,14 @@ fn open_queue(name: &str, multi: bool) -> io::Result<OwnedFd> {
     unsafe { tunsetiff(file.as_raw_fd(), &req) }
         .map_err(|e| io::Error::other(format!("TUNSETIFF {name}: {e}")))?;
     // SAFETY: TUNSETOFFLOAD takes its flags by value; the fd is the TAP just configured.
-    unsafe { tunsetoffload(file.as_raw_fd(), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN) }
-        .map_err(|e| io::Error::other(format!("TUNSETOFFLOAD {name}: {e}")))?;
+    // A kernel without USO refuses the whole set with EINVAL: then without it.
+    let fd = file.as_raw_fd();
+    let uso = unsafe { tunsetoffload(fd, OFFLOADS | TUN_F_USO4 | TUN_F_USO6) }.is_ok();
+    if !uso {
+        // SAFETY: as above.
+        unsafe { tunsetoffload(fd, OFFLOADS) }
+            .map_err(|e| io::Error::other(format!("TUNSETOFFLOAD {name}: {e}")))?;
+    }
+    UDP_OFFLOAD.store(uso, Ordering::Relaxed);
     Ok(OwnedFd::from(file))
 }

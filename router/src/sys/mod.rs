@@ -7,3 +7,4 @@ pub mod mntns;
 pub mod netns;
 pub mod steer;
 pub mod tap;
+pub mod tap_steer;

@@ -8,14 +8,16 @@
 //!
 //! A TAP has one queue per datapath worker (`IFF_MULTI_QUEUE`): each queue is its own fd,
 //! opened by attaching to the device by name again. The task's kernel picks a queue per flow
-//! (by its hash, then by where the flow's replies were last written), which spreads a task's
-//! flows over the workers and keeps each on one.
+//! by the steering program `tap_steer` attaches (the datapath's own flow hash), which
+//! spreads a task's flows over the workers and keeps each on one.
 
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::tap_steer;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -59,9 +61,16 @@ nix::ioctl_write_int_bad!(tunsetoffload, 0x4004_54d0);
 /// read from or written to it carries a virtio-net header (`datapath::vnet`), and the task's
 /// kernel may hand over TCP super-frames and partial checksums.
 pub fn create(name: &str, queues: usize) -> io::Result<Vec<OwnedFd>> {
-    (0..queues.max(1))
+    let fds = (0..queues.max(1))
         .map(|_| open_queue(name, queues > 1))
-        .collect()
+        .collect::<io::Result<Vec<_>>>()?;
+    if fds.len() > 1 {
+        // Without the program the kernel's own steering still works, only less steadily.
+        if let Err(e) = tap_steer::attach(&fds[0]) {
+            tracing::warn!(tap = name, error = %e, "no flow steering program on the TAP");
+        }
+    }
+    Ok(fds)
 }
 
 fn open_queue(name: &str, multi: bool) -> io::Result<OwnedFd> {

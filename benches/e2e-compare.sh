@@ -13,8 +13,9 @@
 # VIP hop at p50/p99 (sockperf TCP ping-pong); DNS queries per second at 127.0.0.11 inside a
 # task (dnsperf) next to dnsmasq answering the same names (../shared/bench/anchor-dns.sh).
 # The data path on every core (issue 10), same run: 4 parallel TCP streams across nodes, the
-# machine's CPU-seconds per GB moved (from /proc/stat over each run), and the round trip
-# (sockperf UDP ping-pong, p50/p99), kernel VXLAN next to overlayd.
+# machine's CPU-seconds per GB moved (from /proc/stat over each run), the round trip
+# (sockperf UDP ping-pong, p50/p99), and UDP bulk as QUIC stacks send it (UDP_SEGMENT
+# super-datagrams received with UDP_GRO, benches/udp-bulk.py), kernel VXLAN next to overlayd.
 # Usage (root): benches/e2e-compare.sh [seconds]    Builds release binaries first.
 set -euo pipefail
 T=${1:-5}
@@ -68,6 +69,11 @@ ip netns exec "$P-kc2" sockperf sr -p 11112 > /dev/null 2>&1 &
 sp=$!; sleep 0.5
 read -r kvx_lat50 kvx_lat99 <<< "$(ip netns exec "$P-kc1" bash -c "$(declare -f lat); T=$T; lat 10.0.2.3")"
 kill "$sp"; wait "$sp" 2>/dev/null || true
+# UDP bulk as QUIC stacks send it: UDP_SEGMENT super-datagrams, received with UDP_GRO.
+UB=$PWD/benches/udp-bulk.py
+ip netns exec "$P-kc2" python3 "$UB" recv 7000 "$T" > "$D/kub" & ub=$!; sleep 0.5
+ip netns exec "$P-kc1" python3 "$UB" send 10.0.2.3 7000 "$T"; wait "$ub"
+kvx_ubulk=$(cat "$D/kub")
 
 addr_of() { $C --socket "$1" inspect "$2" | python3 -c 'import json,sys;print(json.load(sys.stdin)[0]["attachments"][0]["address"])'; }
 
@@ -142,6 +148,9 @@ sp=$!; sleep 0.5
 read -r multi_lat50 multi_lat99 <<< "$($C --socket "$M" exec x.1 -- bash -c "$(declare -f lat); T=$T; lat $x2")"
 kill "$sp"; wait "$sp" 2>/dev/null || true
 nodes=$($C --socket "$M" service ps x | awk 'NR>1{print $3}' | sort -u | wc -l)
+$C --socket "$M" exec x.2 -- python3 "$UB" recv 7000 "$T" > "$D/oub" & ub=$!; sleep 0.5
+$C --socket "$M" exec x.1 -- python3 "$UB" send "$x2" 7000 "$T"; wait "$ub"
+multi_ubulk=$(cat "$D/oub")
 $C --socket "$M" exec x.2 -- iperf3 -s -1 -D -p 5202; sleep 0.3
 multi_kpps=$($C --socket "$M" exec x.1 -- iperf3 -c "$(addr_of "$M" x.2)" -p 5202 -u -l 64 -b 0 -t "$T" -J | kpps)
 # Through a VIP across nodes: service v's one task, from the x task on the other node.
@@ -194,10 +203,13 @@ printf '%-52s %8s Gbit/s\n' "(3) kernel VXLAN, 4 parallel streams" "$kvx4_gbps"
 printf '%-52s %8s Gbit/s\n' "(4) overlayd, 4 parallel streams" "$multi4_gbps"
 printf '%-52s %8s\n' "CPU-s per GB, kernel VXLAN, 1 / 4 streams" "$kvx_cpu / $kvx4_cpu"
 printf '%-52s %8s\n' "CPU-s per GB, overlayd, 1 / 4 streams" "$multi_cpu / $multi4_cpu"
+printf '%-52s %8s Gbit/s\n' "(3) kernel VXLAN, UDP bulk (UDP_SEGMENT/UDP_GRO)" "$kvx_ubulk"
+printf '%-52s %8s Gbit/s\n' "(4) overlayd, UDP bulk (UDP_SEGMENT/UDP_GRO)" "$multi_ubulk"
 printf '%-52s %8s us\n' "half round trip p50/p99, kernel VXLAN" "$kvx_lat50/$kvx_lat99"
 printf '%-52s %8s us\n' "half round trip p50/p99, overlayd" "$multi_lat50/$multi_lat99"
 printf '%-52s %8s\n' "ratio 1 stream, overlayd / kernel" "$(ratio "$multi_gbps" "$kvx_gbps")"
 printf '%-52s %8s\n' "ratio 4 streams, overlayd / kernel" "$(ratio "$multi4_gbps" "$kvx4_gbps")"
+printf '%-52s %8s\n' "ratio UDP bulk, overlayd / kernel" "$(ratio "$multi_ubulk" "$kvx_ubulk")"
 printf '%-52s %8s\n' "ratio CPU per GB, 1 stream, overlayd / kernel" "$(ratio "$multi_cpu" "$kvx_cpu")"
 printf '%-52s %8s\n' "ratio CPU per GB, 4 streams, overlayd / kernel" "$(ratio "$multi4_cpu" "$kvx4_cpu")"
 printf '%-52s %8s us\n' "added round trip p50 / p99 (2 x half-RTT difference)" "$(python3 -c "print('%.1f / %.1f' % (2*($multi_lat50-$kvx_lat50), 2*($multi_lat99-$kvx_lat99)))")"

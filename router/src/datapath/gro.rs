@@ -24,6 +24,7 @@
 use super::csum::Sum;
 use super::table::PortId;
 use super::vnet::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_UDP_L4, HDR_LEN, UDP_MAX_SEGMENTS};
+use std::ops::Range;
 
 const ETH: usize = 14;
 const IP: usize = 20;
@@ -34,6 +35,9 @@ const TCP_FLAG_ACK: u8 = 0x10;
 const TCP_FLAG_PSH: u8 = 0x08;
 /// Largest merged IPv4 packet.
 const MAX_IP_LEN: usize = 65_535;
+/// Most segments in one run (the kernel's GRO stops at 64 too): a run's `writev` then has at
+/// most 66 pieces.
+pub const MAX_SEGMENTS: usize = 64;
 
 /// What `push` did with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,32 +48,45 @@ pub enum Push {
     Refused,
 }
 
-/// The run being built.
+/// The run being built. Payloads are not copied: the run records where each segment's
+/// payload lies in the caller's receive buffers (`at`, given with each frame), and the caller
+/// writes the run with one `writev` of the merged headers and those ranges. Only the first
+/// segment's headers are copied, to be patched.
 pub struct Coalescer {
-    buf: Vec<u8>,
+    head: Vec<u8>,
+    /// Each segment's payload: (buffer, byte range in it), in order.
+    parts: Vec<(usize, Range<usize>)>,
+    /// Bytes in `parts`.
+    payload: usize,
     port: Option<PortId>,
     proto: u8,
-    /// Header bytes of the run's first segment (Ethernet + IPv4 + TCP or UDP).
-    headers: usize,
     mss: usize,
     next_seq: u32,
-    segments: usize,
     closed: bool,
 }
 
 impl Default for Coalescer {
     fn default() -> Self {
         Coalescer {
-            buf: Vec::with_capacity(ETH + MAX_IP_LEN),
+            head: Vec::with_capacity(ETH + 60 + 60),
+            parts: Vec::with_capacity(MAX_SEGMENTS),
+            payload: 0,
             port: None,
             proto: 0,
-            headers: 0,
             mss: 0,
             next_seq: 0,
-            segments: 0,
             closed: false,
         }
     }
+}
+
+/// A finished run, for the caller to write: `hdr`, then `head`, then the `parts` from its
+/// buffers. A single segment comes with a plain header and its headers untouched.
+pub struct Run<'a> {
+    pub port: PortId,
+    pub hdr: [u8; HDR_LEN],
+    pub head: &'a [u8],
+    pub parts: &'a [(usize, Range<usize>)],
 }
 
 fn sum_final(s: Sum) -> u16 {
@@ -137,14 +154,23 @@ fn parse(frame: &[u8], verify_l4: bool) -> Option<Segment> {
 
 impl Coalescer {
     pub fn is_empty(&self) -> bool {
-        self.segments == 0
+        self.port.is_none()
     }
 
-    /// Offers a frame bound for local port `port`. `covered`: the frame's bytes were already
-    /// checked end to end (a UDP checksum an overlayd node always sets and the kernel
-    /// verified, or an ESP tag), so its TCP/UDP checksum need not be summed again.
-    /// `udp_gso`: the port takes UDP super-frames; without it only TCP is merged.
-    pub fn push(&mut self, port: PortId, frame: &[u8], covered: bool, udp_gso: bool) -> Push {
+    /// Offers a frame bound for local port `port`, found in the caller's buffer `at.0` from
+    /// byte `at.1` on (the run keeps only that place: the buffer must stay unchanged until
+    /// the run is taken). `covered`: the frame's bytes were already checked end to end (a
+    /// UDP checksum an overlayd node always sets and the kernel verified, or an ESP tag), so
+    /// its TCP/UDP checksum need not be summed again. `udp_gso`: the port takes UDP
+    /// super-frames; without it only TCP is merged.
+    pub fn push(
+        &mut self,
+        port: PortId,
+        frame: &[u8],
+        at: (usize, usize),
+        covered: bool,
+        udp_gso: bool,
+    ) -> Push {
         let Some(s) = parse(frame, !covered) else {
             return Push::Refused;
         };
@@ -155,95 +181,103 @@ impl Coalescer {
         if !mergeable || s.payload == 0 {
             return Push::Refused;
         }
-        if self.segments == 0 {
-            self.buf.clear();
-            self.buf.extend_from_slice(frame);
+        let h = L4 + s.l4_hdr;
+        let payload = (at.0, at.1 + h..at.1 + frame.len());
+        if self.port.is_none() {
+            self.head.clear();
+            self.head.extend_from_slice(&frame[..h]);
+            self.parts.clear();
+            self.parts.push(payload);
+            self.payload = s.payload;
             self.port = Some(port);
             self.proto = s.proto;
-            self.headers = L4 + s.l4_hdr;
             self.mss = s.payload;
             self.next_seq = s.seq.wrapping_add(s.payload as u32);
-            self.segments = 1;
             self.closed = s.flags & TCP_FLAG_PSH != 0;
             return Push::Taken;
         }
-        let h = self.headers;
+        let head = &self.head;
         let same_run = self.port == Some(port)
             && !self.closed
             && s.proto == self.proto
-            && L4 + s.l4_hdr == h
+            && h == head.len()
+            && self.parts.len() < MAX_SEGMENTS
             // addresses; then ports; then TOS.
-            && frame[ETH + 12..ETH + 20] == self.buf[ETH + 12..ETH + 20]
-            && frame[L4..L4 + 4] == self.buf[L4..L4 + 4]
-            && frame[ETH + 1] == self.buf[ETH + 1]
+            && frame[ETH + 12..ETH + 20] == head[ETH + 12..ETH + 20]
+            && frame[L4..L4 + 4] == head[L4..L4 + 4]
+            && frame[ETH + 1] == head[ETH + 1]
             && s.payload <= self.mss
-            && self.buf.len() - ETH + s.payload <= MAX_IP_LEN;
+            && h - ETH + self.payload + s.payload <= MAX_IP_LEN;
         let same_flow = same_run
             && match s.proto {
                 // ack number, header length/flags byte and window; options; the next byte.
                 TCP => {
-                    frame[L4 + 8..L4 + 12] == self.buf[L4 + 8..L4 + 12]
-                        && frame[L4 + 14..L4 + 16] == self.buf[L4 + 14..L4 + 16]
-                        && frame[L4 + 20..h] == self.buf[L4 + 20..h]
+                    frame[L4 + 8..L4 + 12] == head[L4 + 8..L4 + 12]
+                        && frame[L4 + 14..L4 + 16] == head[L4 + 14..L4 + 16]
+                        && frame[L4 + 20..h] == head[L4 + 20..h]
                         && s.seq == self.next_seq
                 }
-                _ => self.segments < UDP_MAX_SEGMENTS,
+                _ => self.parts.len() < UDP_MAX_SEGMENTS,
             };
         if !same_flow {
             return Push::Refused;
         }
-        self.buf.extend_from_slice(&frame[h..]);
+        self.parts.push(payload);
+        self.payload += s.payload;
         self.next_seq = self.next_seq.wrapping_add(s.payload as u32);
-        self.segments += 1;
         // PSH (carried over), or a short segment, ends the run.
         if s.proto == TCP {
-            self.buf[L4 + 13] |= s.flags & TCP_FLAG_PSH;
+            self.head[L4 + 13] |= s.flags & TCP_FLAG_PSH;
         }
         self.closed = s.payload < self.mss || s.flags & TCP_FLAG_PSH != 0;
         Push::Taken
     }
 
-    /// Finishes the run: the port, the virtio-net header to write, the frame and how many
-    /// segments it carries. A single segment comes back unchanged with a plain header; a
-    /// merged run comes back with fixed IPv4 length and checksum (and UDP length), and its
-    /// TCP/UDP checksum left partial for the kernel, as GSO frames are.
-    pub fn take(&mut self) -> Option<(PortId, [u8; HDR_LEN], &[u8], usize)> {
+    /// Finishes the run. A merged run comes back with fixed IPv4 length and checksum (and UDP
+    /// length), and its TCP/UDP checksum left partial for the kernel, as GSO frames are.
+    pub fn take(&mut self) -> Option<Run<'_>> {
         let port = self.port.take()?;
-        let segments = std::mem::take(&mut self.segments);
+        let segments = self.parts.len();
         let mut hdr = [0u8; HDR_LEN];
-        if segments <= 1 {
-            return Some((port, hdr, &self.buf, segments));
-        }
-        let ip_len = (self.buf.len() - ETH) as u16;
-        self.buf[ETH + 2..ETH + 4].copy_from_slice(&ip_len.to_be_bytes());
-        self.buf[ETH + 10..ETH + 12].fill(0);
-        let ip_sum = sum_final(Sum::new().add_slice(&self.buf[ETH..L4]));
-        self.buf[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
-        let l4_len = (self.buf.len() - L4) as u16;
-        let (gso_type, csum_offset) = match self.proto {
-            TCP => (GSO_TCPV4, 16),
-            _ => {
-                self.buf[L4 + 4..L4 + 6].copy_from_slice(&l4_len.to_be_bytes());
-                (GSO_UDP_L4, 6)
+        if segments > 1 {
+            let head = &mut self.head;
+            let total = head.len() + self.payload;
+            head[ETH + 2..ETH + 4].copy_from_slice(&((total - ETH) as u16).to_be_bytes());
+            head[ETH + 10..ETH + 12].fill(0);
+            let ip_sum = sum_final(Sum::new().add_slice(&head[ETH..L4]));
+            head[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
+            let l4_len = (total - L4) as u16;
+            let (gso_type, csum_offset) = match self.proto {
+                TCP => (GSO_TCPV4, 16),
+                _ => {
+                    head[L4 + 4..L4 + 6].copy_from_slice(&l4_len.to_be_bytes());
+                    (GSO_UDP_L4, 6)
+                }
+            };
+            let pseudo = Sum::new()
+                .add_slice(&head[ETH + 12..ETH + 20])
+                .add_2bytes([0, self.proto])
+                .add_2bytes(l4_len.to_be_bytes());
+            // Partial checksum: the folded pseudo-header sum, not inverted.
+            let at = L4 + csum_offset;
+            head[at..at + 2].copy_from_slice(&(!sum_final(pseudo)).to_be_bytes());
+            VnetHdr {
+                flags: F_NEEDS_CSUM,
+                gso_type,
+                hdr_len: head.len() as u16,
+                gso_size: self.mss as u16,
+                csum_start: L4 as u16,
+                csum_offset: csum_offset as u16,
             }
-        };
-        let pseudo = Sum::new()
-            .add_slice(&self.buf[ETH + 12..ETH + 20])
-            .add_2bytes([0, self.proto])
-            .add_2bytes(l4_len.to_be_bytes());
-        // Partial checksum: the folded pseudo-header sum, not inverted.
-        let at = L4 + csum_offset;
-        self.buf[at..at + 2].copy_from_slice(&(!sum_final(pseudo)).to_be_bytes());
-        VnetHdr {
-            flags: F_NEEDS_CSUM,
-            gso_type,
-            hdr_len: self.headers as u16,
-            gso_size: self.mss as u16,
-            csum_start: L4 as u16,
-            csum_offset: csum_offset as u16,
+            .emit(&mut hdr);
         }
-        .emit(&mut hdr);
-        Some((port, hdr, &self.buf, segments))
+        // The run is over (no port); its head and parts are cleared when the next starts.
+        Some(Run {
+            port,
+            hdr,
+            head: &self.head,
+            parts: &self.parts,
+        })
     }
 }
 
@@ -252,6 +286,34 @@ mod tests {
     use super::super::vnet::{complete_checksum, segment_tcp4, Segments};
     use super::*;
     use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+
+    /// A test's receive buffers: every offered frame is kept in a buffer of its own.
+    #[derive(Default)]
+    struct Bufs(Vec<Vec<u8>>);
+
+    impl Bufs {
+        fn push(
+            &mut self,
+            g: &mut Coalescer,
+            port: PortId,
+            f: &[u8],
+            cov: bool,
+            udp: bool,
+        ) -> Push {
+            self.0.push(f.to_vec());
+            g.push(port, f, (self.0.len() - 1, 0), cov, udp)
+        }
+
+        /// The run as it is written: its header, and the frame laid end to end.
+        fn take(&self, g: &mut Coalescer) -> Option<(PortId, [u8; HDR_LEN], Vec<u8>, usize)> {
+            let run = g.take()?;
+            let mut f = run.head.to_vec();
+            for (b, r) in run.parts {
+                f.extend_from_slice(&self.0[*b][r.clone()]);
+            }
+            Some((run.port, run.hdr, f, run.parts.len()))
+        }
+    }
 
     fn seg(seq: u32, payload: &[u8], psh: bool) -> Vec<u8> {
         let mut v = Vec::new();
@@ -278,17 +340,17 @@ mod tests {
             .enumerate()
             .map(|(i, c)| seg(1000 + (i * 1400) as u32, c, i == 4))
             .collect();
-        let mut g = Coalescer::default();
+        let (mut g, mut b) = (Coalescer::default(), Bufs::default());
         for s in &segs {
-            assert_eq!(g.push(PortId(7), s, false, true), Push::Taken);
+            assert_eq!(b.push(&mut g, PortId(7), s, false, true), Push::Taken);
         }
-        let (port, hdr, merged, n) = g.take().unwrap();
+        let (port, hdr, merged, n) = b.take(&mut g).unwrap();
         assert_eq!(n, 5);
         assert_eq!(port, PortId(7));
         let h = VnetHdr::from_slice(&hdr).unwrap();
         assert_eq!((h.gso_type, h.gso_size, h.hdr_len), (GSO_TCPV4, 1400, 54));
         assert_eq!(merged.len(), 54 + d.len());
-        let p = SlicedPacket::from_ethernet(merged).unwrap();
+        let p = SlicedPacket::from_ethernet(&merged).unwrap();
         let Some(NetSlice::Ipv4(ip)) = &p.net else {
             panic!()
         };
@@ -313,23 +375,29 @@ mod tests {
     #[test]
     fn only_in_order_plain_segments_of_one_flow_join() {
         let d = data(1400);
-        let mut g = Coalescer::default();
+        let (mut g, mut b) = (Coalescer::default(), Bufs::default());
         assert_eq!(
-            g.push(PortId(1), &seg(0, &d, false), false, false),
+            b.push(&mut g, PortId(1), &seg(0, &d, false), false, false),
             Push::Taken
         );
         assert_eq!(
-            g.push(PortId(2), &seg(1400, &d, false), false, false),
+            b.push(&mut g, PortId(2), &seg(1400, &d, false), false, false),
             Push::Refused,
             "other port"
         );
         assert_eq!(
-            g.push(PortId(1), &seg(9999, &d, false), false, false),
+            b.push(&mut g, PortId(1), &seg(9999, &d, false), false, false),
             Push::Refused,
             "gap"
         );
         assert_eq!(
-            g.push(PortId(1), &seg(1400, &data(1500), false), false, false),
+            b.push(
+                &mut g,
+                PortId(1),
+                &seg(1400, &data(1500), false),
+                false,
+                false
+            ),
             Push::Refused,
             "bigger"
         );
@@ -337,7 +405,7 @@ mod tests {
         let last = corrupt.len() - 1;
         corrupt[last] ^= 0xff;
         assert_eq!(
-            g.push(PortId(1), &corrupt, false, false),
+            b.push(&mut g, PortId(1), &corrupt, false, false),
             Push::Refused,
             "bad checksum"
         );
@@ -349,7 +417,7 @@ mod tests {
             .write(&mut other_flow, &d)
             .unwrap();
         assert_eq!(
-            g.push(PortId(1), &other_flow, false, false),
+            b.push(&mut g, PortId(1), &other_flow, false, false),
             Push::Refused,
             "other flow"
         );
@@ -361,28 +429,40 @@ mod tests {
             .write(&mut syn, &d)
             .unwrap();
         assert_eq!(
-            g.push(PortId(1), &syn, false, false),
+            b.push(&mut g, PortId(1), &syn, false, false),
             Push::Refused,
             "not plain"
         );
         assert_eq!(
-            g.push(PortId(1), &seg(1400, &data(100), false), false, false),
+            b.push(
+                &mut g,
+                PortId(1),
+                &seg(1400, &data(100), false),
+                false,
+                false
+            ),
             Push::Taken,
             "short last"
         );
         assert_eq!(
-            g.push(PortId(1), &seg(1500, &data(100), false), false, false),
+            b.push(
+                &mut g,
+                PortId(1),
+                &seg(1500, &data(100), false),
+                false,
+                false
+            ),
             Push::Refused,
             "closed"
         );
         // A lone segment comes back untouched with a plain header.
         let mut lone = Coalescer::default();
         let one = seg(5, &d, false);
-        lone.push(PortId(3), &one, false, false);
-        let (_, hdr, frame, _) = lone.take().unwrap();
+        b.push(&mut lone, PortId(3), &one, false, false);
+        let (_, hdr, frame, _) = b.take(&mut lone).unwrap();
         assert_eq!(hdr, [0u8; HDR_LEN]);
         assert_eq!(frame, &one[..]);
-        assert!(lone.take().is_none());
+        assert!(b.take(&mut lone).is_none());
     }
 
     fn dgram(sport: u16, payload: &[u8]) -> Vec<u8> {
@@ -401,16 +481,16 @@ mod tests {
     fn udp_datagrams_merge_for_a_port_with_uso_and_cut_to_the_originals() {
         let d = data(1200 * 5 + 300);
         let dgrams: Vec<Vec<u8>> = d.chunks(1200).map(|c| dgram(40000, c)).collect();
-        let mut g = Coalescer::default();
+        let (mut g, mut b) = (Coalescer::default(), Bufs::default());
         for x in &dgrams {
-            assert_eq!(g.push(PortId(4), x, false, true), Push::Taken);
+            assert_eq!(b.push(&mut g, PortId(4), x, false, true), Push::Taken);
         }
         assert_eq!(
-            g.push(PortId(4), &dgrams[0], false, true),
+            b.push(&mut g, PortId(4), &dgrams[0], false, true),
             Push::Refused,
             "closed"
         );
-        let (port, hdr, merged, n) = g.take().unwrap();
+        let (port, hdr, merged, n) = b.take(&mut g).unwrap();
         assert_eq!((port, n), (PortId(4), 6));
         let h = VnetHdr::from_slice(&hdr).unwrap();
         assert_eq!(
@@ -430,7 +510,7 @@ mod tests {
             ((8 + d.len()) as u16).to_be_bytes(),
             "UDP length"
         );
-        let segs = Segments::new(merged, &h, 1600).unwrap();
+        let segs = Segments::new(&merged, &h, 1600).unwrap();
         assert_eq!(segs.count(), 6);
         for (i, orig) in dgrams.iter().enumerate() {
             let mut out = vec![0u8; segs.len(i)];
@@ -444,26 +524,29 @@ mod tests {
     #[test]
     fn udp_runs_keep_to_one_flow_size_and_limit() {
         let d = data(1000);
-        let mut g = Coalescer::default();
+        let (mut g, mut b) = (Coalescer::default(), Bufs::default());
         assert_eq!(
-            g.push(PortId(1), &dgram(1, &d), false, false),
+            b.push(&mut g, PortId(1), &dgram(1, &d), false, false),
             Push::Refused,
             "no USO"
         );
-        assert_eq!(g.push(PortId(1), &dgram(1, &d), false, true), Push::Taken);
         assert_eq!(
-            g.push(PortId(2), &dgram(1, &d), false, true),
+            b.push(&mut g, PortId(1), &dgram(1, &d), false, true),
+            Push::Taken
+        );
+        assert_eq!(
+            b.push(&mut g, PortId(2), &dgram(1, &d), false, true),
             Push::Refused,
             "port"
         );
         assert_eq!(
-            g.push(PortId(1), &dgram(2, &d), false, true),
+            b.push(&mut g, PortId(1), &dgram(2, &d), false, true),
             Push::Refused,
             "flow"
         );
         let bigger = dgram(1, &data(1001));
         assert_eq!(
-            g.push(PortId(1), &bigger, false, true),
+            b.push(&mut g, PortId(1), &bigger, false, true),
             Push::Refused,
             "bigger"
         );
@@ -471,34 +554,43 @@ mod tests {
         let last = corrupt.len() - 1;
         corrupt[last] ^= 0xff;
         assert_eq!(
-            g.push(PortId(1), &corrupt, false, true),
+            b.push(&mut g, PortId(1), &corrupt, false, true),
             Push::Refused,
             "checksum"
         );
         assert_eq!(
-            g.push(PortId(1), &corrupt, true, true),
+            b.push(&mut g, PortId(1), &corrupt, true, true),
             Push::Taken,
             "covered"
         );
         for _ in 2..UDP_MAX_SEGMENTS {
-            assert_eq!(g.push(PortId(1), &dgram(1, &d), false, true), Push::Taken);
+            assert_eq!(
+                b.push(&mut g, PortId(1), &dgram(1, &d), false, true),
+                Push::Taken
+            );
         }
         assert_eq!(
-            g.push(PortId(1), &dgram(1, &d), false, true),
+            b.push(&mut g, PortId(1), &dgram(1, &d), false, true),
             Push::Refused,
             "limit"
         );
-        assert_eq!(g.take().unwrap().3, UDP_MAX_SEGMENTS);
+        assert_eq!(b.take(&mut g).unwrap().3, UDP_MAX_SEGMENTS);
         // No checksum (zero) is nothing to verify; an empty datagram never merges.
         let mut unsummed = dgram(1, &d);
         unsummed[40..42].fill(0);
-        assert_eq!(g.push(PortId(1), &unsummed, false, true), Push::Taken);
-        g.take();
         assert_eq!(
-            g.push(PortId(1), &dgram(1, b""), false, true),
+            b.push(&mut g, PortId(1), &unsummed, false, true),
+            Push::Taken
+        );
+        b.take(&mut g);
+        assert_eq!(
+            b.push(&mut g, PortId(1), &dgram(1, b""), false, true),
             Push::Refused
         );
-        assert_eq!(g.push(PortId(1), &[0u8; 10], false, true), Push::Refused);
+        assert_eq!(
+            b.push(&mut g, PortId(1), &[0u8; 10], false, true),
+            Push::Refused
+        );
         assert!(g.is_empty());
     }
 }

@@ -18,14 +18,14 @@
 
 use super::conntrack::ConnTable;
 use super::crypto::EspState;
-use super::gro::{Coalescer, Push};
+use super::gro::{self, Coalescer, Push};
 use super::lb;
 use super::nat::L4Csum;
 use super::stats::{Counters, DropReason};
 use super::switch::{self, Verdict, MAX_FRAME, MAX_SUPER_FRAME};
 use super::table::FastHash;
 use super::table::{PortId, Tables};
-use super::underlay::{self, Dest, RxBatch, Seal, Sockets, TxBatch, Underlay};
+use super::underlay::{self, Datagram, Dest, RxBatch, Seal, Sockets, TxBatch, Underlay};
 use super::vnet::{self, Segments, VnetHdr};
 use arc_swap::ArcSwap;
 use mio::unix::SourceFd;
@@ -34,7 +34,7 @@ use protocol::esp;
 use protocol::types::Vni;
 use protocol::vxlan;
 use std::collections::{HashMap, VecDeque};
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -158,6 +158,7 @@ impl Datapath {
                     fds: HashMap::default(),
                 },
                 rxb: underlay.as_ref().map(RxBatch::new),
+                dgrams: Vec::new(),
                 underlay,
                 txb: TxBatch::default(),
                 ready: VecDeque::new(),
@@ -356,6 +357,8 @@ struct Worker {
     /// Frames queued for other nodes, sent at the end of each batch (or sooner).
     txb: TxBatch,
     rxb: Option<RxBatch>,
+    /// Where the datagrams of the last receive lie.
+    dgrams: Vec<Datagram>,
     /// Sources that may have more to read (edge-triggered polling: a source stays here until
     /// a read says WouldBlock).
     ready: VecDeque<Token>,
@@ -594,24 +597,31 @@ impl Worker {
         };
         let tables = self.tables.load();
         let (mut rx, mut tx) = (0u64, 0u64);
-        for (from, dgram) in rxb.datagrams_mut() {
+        rxb.datagrams(&mut self.dgrams);
+        for d in &self.dgrams {
             rx += 1;
-            let Some(from) = underlay::ipv4_of(from) else {
+            let Some(from) = underlay::ipv4_of(d.from) else {
                 self.counters.count_drop(DropReason::VxlanMalformed);
                 continue;
             };
+            let dgram = rxb.bytes_mut(d);
             // An encrypted network's frames arrive only in ESP, opened in place here.
-            let (dgram, sealed_vni) = if esp::is_esp(dgram) {
+            let (dgram, sealed_vni, opened) = if esp::is_esp(dgram) {
                 match self.esp.open(&tables, from, dgram) {
-                    Ok((range, vni)) => (&mut dgram[range], Some(vni)),
+                    Ok((range, vni)) => {
+                        let at = range.start;
+                        (&mut dgram[range], Some(vni), at)
+                    }
                     Err(reason) => {
                         self.counters.count_drop(reason);
                         continue;
                     }
                 }
             } else {
-                (dgram, None)
+                (dgram, None, 0)
             };
+            // Where the inner frame lies in the receive buffer, for GRO to write it from.
+            let at = (d.buf, d.start + opened + vxlan::HEADER_LEN);
             let inner = vxlan::Packet::new_checked(dgram)
                 .and_then(|p| vxlan::Repr::parse(&p).map(|r| (r, p)));
             let Ok((repr, mut packet)) = inner else {
@@ -640,10 +650,13 @@ impl Worker {
                     // first, so a flow's frames keep their order.
                     let covered = sealed_vni.is_some() || tables.senders.contains_key(&from);
                     let udp_gso = self.ports.udp_gso(to);
-                    if self.gro.push(to, frame, covered, udp_gso) == Push::Refused {
-                        tx += flush_gro(&mut self.gro, &self.ports, &self.counters);
-                        if self.gro.push(to, frame, covered, udp_gso) == Push::Refused {
-                            tx += write_port(&self.ports, &self.counters, to, &PLAIN, frame);
+                    let len = frame.len();
+                    if self.gro.push(to, frame, at, covered, udp_gso) == Push::Refused {
+                        let (gro, ports, counters) = (&mut self.gro, &self.ports, &self.counters);
+                        tx += flush_gro(gro, rxb, ports, counters);
+                        let frame = rxb.part(at.0, at.1..at.1 + len);
+                        if gro.push(to, frame, at, covered, udp_gso) == Push::Refused {
+                            tx += write_port(ports, counters, to, &PLAIN, frame);
                         }
                     }
                 }
@@ -676,7 +689,7 @@ impl Worker {
                 Verdict::Reply(_) | Verdict::Encap { .. } => {}
             }
         }
-        tx += flush_gro(&mut self.gro, &self.ports, &self.counters);
+        tx += flush_gro(&mut self.gro, rxb, &self.ports, &self.counters);
         let mine = self.counters.worker(self.ports.lane);
         Counters::add(&mine.rx_frames, rx);
         Counters::add(&mine.tx_frames, tx);
@@ -729,14 +742,23 @@ impl Encap<'_> {
     }
 }
 
-/// Writes the merged run, if any; returns how many of the original frames it delivered.
-fn flush_gro(gro: &mut Coalescer, ports: &Ports, counters: &Counters) -> u64 {
-    match gro.take() {
-        Some((to, hdr, frame, segments)) => {
-            write_port(ports, counters, to, &hdr, frame) * segments as u64
-        }
-        None => 0,
+/// Writes the merged run, if any, with one `writev` from the receive buffers; returns how
+/// many of the original frames it delivered.
+fn flush_gro(gro: &mut Coalescer, rxb: &RxBatch, ports: &Ports, counters: &Counters) -> u64 {
+    let Some(run) = gro.take() else {
+        return 0;
+    };
+    let Some((fd, _)) = ports.writer(run.port) else {
+        counters.count_drop(DropReason::UnknownPort);
+        return 0;
+    };
+    let mut iov = [IoSlice::new(&[]); 2 + gro::MAX_SEGMENTS];
+    iov[0] = IoSlice::new(&run.hdr);
+    iov[1] = IoSlice::new(run.head);
+    for (slot, (buf, range)) in iov[2..].iter_mut().zip(run.parts) {
+        *slot = IoSlice::new(rxb.part(*buf, range.clone()));
     }
+    write_fd(fd, counters, &iov[..2 + run.parts.len()]) * run.parts.len() as u64
 }
 
 /// Copies `frame` (with its virtio-net header) to every local port of `vni` but `except`.
@@ -781,16 +803,15 @@ fn write_port(ports: &Ports, counters: &Counters, to: PortId, hdr: &[u8], frame:
             .map(|i| {
                 let b = &mut out[..segs.len(i)];
                 segs.write(i, b);
-                write_fd(fd, counters, &PLAIN, b)
+                write_fd(fd, counters, &[IoSlice::new(&PLAIN), IoSlice::new(b)])
             })
             .sum();
     }
-    write_fd(fd, counters, hdr, frame)
+    write_fd(fd, counters, &[IoSlice::new(hdr), IoSlice::new(frame)])
 }
 
-fn write_fd(fd: &OwnedFd, counters: &Counters, hdr: &[u8], frame: &[u8]) -> u64 {
-    let iov = [std::io::IoSlice::new(hdr), std::io::IoSlice::new(frame)];
-    match nix::sys::uio::writev(fd, &iov) {
+fn write_fd(fd: &OwnedFd, counters: &Counters, iov: &[IoSlice<'_>]) -> u64 {
+    match nix::sys::uio::writev(fd, iov) {
         Ok(_) => 1,
         Err(_) => {
             counters.count_drop(DropReason::WriteFailed);

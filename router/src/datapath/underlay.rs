@@ -408,18 +408,41 @@ impl RxBatch {
         }
     }
 
-    /// Every received datagram (GRO-coalesced ones split by their stride), with its sender,
-    /// writable in place.
-    pub fn datagrams_mut(&mut self) -> impl Iterator<Item = (SocketAddr, &mut [u8])> + '_ {
-        self.meta[..self.filled]
-            .iter()
-            .zip(self.bufs.iter_mut())
-            .flat_map(|(m, buf)| {
-                let stride = m.stride.max(1);
-                let len = m.len.min(buf.len());
-                buf[..len].chunks_mut(stride).map(move |d| (m.addr, d))
-            })
+    /// Lists every received datagram (GRO-coalesced ones split by their stride) into `out`,
+    /// by place, so that the caller may hold on to several at once (GRO keeps where the
+    /// payloads lie, not copies).
+    pub fn datagrams(&self, out: &mut Vec<Datagram>) {
+        out.clear();
+        for (buf, (m, b)) in self.meta[..self.filled].iter().zip(&self.bufs).enumerate() {
+            let stride = m.stride.max(1);
+            let len = m.len.min(b.len());
+            out.extend((0..len).step_by(stride).map(|start| Datagram {
+                from: m.addr,
+                buf,
+                start,
+                end: (start + stride).min(len),
+            }));
+        }
     }
+
+    /// A datagram's bytes, writable in place.
+    pub fn bytes_mut(&mut self, d: &Datagram) -> &mut [u8] {
+        &mut self.bufs[d.buf][d.start..d.end]
+    }
+
+    /// Bytes `range` of receive buffer `buf` (as a datagram's place names them).
+    pub fn part(&self, buf: usize, range: std::ops::Range<usize>) -> &[u8] {
+        &self.bufs[buf][range]
+    }
+}
+
+/// Where a received datagram lies: a receive buffer and its bytes there, and its sender.
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram {
+    pub from: SocketAddr,
+    pub buf: usize,
+    pub start: usize,
+    pub end: usize,
 }
 
 /// The IPv4 sender of a datagram, if it has one.
@@ -454,7 +477,9 @@ mod tests {
         let end = Instant::now() + Duration::from_secs(5);
         while got.len() < want && Instant::now() < end {
             rx.recv(u).unwrap();
-            got.extend(rx.datagrams_mut().map(|(_, d)| d.to_vec()));
+            let mut list = Vec::new();
+            rx.datagrams(&mut list);
+            got.extend(list.iter().map(|d| rx.bytes_mut(d).to_vec()));
             std::thread::sleep(Duration::from_millis(1));
         }
         got

@@ -25,7 +25,7 @@ use super::stats::{Counters, DropReason};
 use super::switch::{self, Verdict, MAX_FRAME, MAX_SUPER_FRAME};
 use super::table::FastHash;
 use super::table::{PortId, Tables};
-use super::underlay::{self, Datagram, Dest, RxBatch, Seal, Sockets, TxBatch, Underlay};
+use super::underlay::{self, Datagram, Dest, Gather, RxBatch, Seal, Sockets, TxBatch, Underlay};
 use super::vnet::{self, Segments, VnetHdr};
 use arc_swap::ArcSwap;
 use mio::unix::SourceFd;
@@ -500,13 +500,32 @@ impl Worker {
                 self.counters.count_drop(DropReason::Runt);
                 continue;
             }
-            let (hdr, frame) = self.frames[i][..len].split_at_mut(vnet::HDR_LEN);
-            let csum = if hdr[0] & vnet::F_NEEDS_CSUM != 0 {
-                L4Csum::Partial
-            } else {
-                L4Csum::Complete
+            // First with the frame writable: the decision (which may rewrite it), and for a
+            // whole frame leaving through the underlay, its partial checksum completed.
+            let verdict = {
+                let (hdr, frame) = self.frames[i][..len].split_at_mut(vnet::HDR_LEN);
+                let h = VnetHdr::from_slice(hdr).unwrap_or_default();
+                let csum = if h.flags & vnet::F_NEEDS_CSUM != 0 {
+                    L4Csum::Partial
+                } else {
+                    L4Csum::Complete
+                };
+                let v = switch::from_port(&tables, port, frame, csum, &mut self.reply);
+                let whole_partial = !h.is_gso() && h.flags & vnet::F_NEEDS_CSUM != 0;
+                if matches!(v, Verdict::Encap { .. })
+                    && whole_partial
+                    && vnet::complete_checksum(frame, &h).is_err()
+                {
+                    Verdict::Drop(DropReason::OffloadMalformed)
+                } else {
+                    v
+                }
             };
-            match switch::from_port(&tables, port, frame, csum, &mut self.reply) {
+            // Then read-only, so that segments may leave with their payloads gathered from
+            // the read buffers (the run is sent before they are read into again).
+            let frames = &self.frames;
+            let (hdr, frame) = frames[i][..len].split_at(vnet::HDR_LEN);
+            match verdict {
                 // Between TAPs the header travels with the frame: super-frames and partial
                 // checksums are the receiving kernel's to handle.
                 Verdict::Forward(to) => {
@@ -538,7 +557,7 @@ impl Worker {
                         self.counters.count_drop(DropReason::UnknownDestination);
                         continue;
                     };
-                    // On the wire a frame must be whole: segment, or complete its checksum.
+                    // On the wire a frame must be whole: a super-frame is segmented.
                     let h = VnetHdr::from_slice(hdr).unwrap_or_default();
                     let to = Dest {
                         vni,
@@ -552,24 +571,19 @@ impl Worker {
                         u,
                         counters,
                         tables: &tables,
+                        bufs: frames,
                     };
-                    let result = if h.is_gso() {
-                        // Each segment is cut straight into its place in the run.
-                        Segments::new(frame, &h, MAX_FRAME).map(|segs| {
-                            for i in 0..segs.count() {
-                                tx += out.queue_with(to, segs.len(i), |b| segs.write(i, b));
-                            }
-                        })
-                    } else if h.flags & vnet::F_NEEDS_CSUM != 0 {
-                        vnet::complete_checksum(frame, &h).map(|()| {
-                            tx += out.queue(to, frame);
-                        })
-                    } else {
+                    if !h.is_gso() {
                         tx += out.queue(to, frame);
-                        Ok(())
-                    };
-                    if result.is_err() {
-                        self.counters.count_drop(DropReason::OffloadMalformed);
+                        continue;
+                    }
+                    match Segments::new(frame, &h, MAX_FRAME) {
+                        Ok(segs) => {
+                            for k in 0..segs.count() {
+                                tx += out.queue_segment(to, &segs, k, i);
+                            }
+                        }
+                        Err(_) => self.counters.count_drop(DropReason::OffloadMalformed),
                     }
                 }
                 Verdict::ReplyRemote { .. } => {}
@@ -577,7 +591,7 @@ impl Worker {
             }
         }
         if let Some(u) = &self.underlay {
-            tx += self.txb.flush(u, &self.counters);
+            tx += self.txb.flush(u, &self.counters, &self.frames);
         }
         Counters::add(&self.counters.worker(self.ports.lane).tx_frames, tx);
         more
@@ -678,11 +692,12 @@ impl Worker {
                         u,
                         counters: &self.counters,
                         tables: &tables,
+                        bufs: &[],
                     };
                     let reply = &self.reply[..len];
                     let flow = protocol::flow::hash(reply);
                     tx += out.queue(Dest { vni, vtep, flow }, reply);
-                    tx += self.txb.flush(u, &self.counters);
+                    tx += self.txb.flush(u, &self.counters, &[]);
                     Counters::add(&self.counters.replies, 1);
                 }
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
@@ -705,11 +720,37 @@ struct Encap<'a> {
     u: &'a Underlay,
     counters: &'a Counters,
     tables: &'a Tables,
+    /// The TAP read buffers segments' payloads are gathered from (empty: none).
+    bufs: &'a [Vec<u8>],
 }
 
 impl Encap<'_> {
     fn queue(&mut self, to: Dest, frame: &[u8]) -> u64 {
         self.queue_with(to, frame.len(), |b| b.copy_from_slice(frame))
+    }
+
+    /// Queues segment `k` of a super-frame read into TAP buffer `buf`: on a plain network
+    /// only its headers are written into the run and its payload is gathered from the
+    /// buffer when the run is sent; sealing needs the whole segment in the run.
+    fn queue_segment(&mut self, to: Dest, segs: &Segments<'_>, k: usize, buf: usize) -> u64 {
+        let encrypted = self
+            .tables
+            .networks
+            .get(&to.vni)
+            .is_some_and(|n| n.crypto.is_some());
+        if encrypted {
+            return self.queue_with(to, segs.len(k), |b| segs.write(k, b));
+        }
+        let p = segs.payload(k);
+        let payload = Gather {
+            buf,
+            range: vnet::HDR_LEN + p.start..vnet::HDR_LEN + p.end,
+        };
+        let (u, counters, bufs) = (self.u, self.counters, self.bufs);
+        self.txb
+            .queue_gather(u, counters, to, segs.head_len(), payload, bufs, |b| {
+                segs.write_head(k, b)
+            })
     }
 
     /// Queues a frame of `len` bytes that `fill` writes in place.
@@ -738,7 +779,7 @@ impl Encap<'_> {
             }
         };
         self.txb
-            .queue_with(self.u, self.counters, to, len, seal, fill)
+            .queue_with(self.u, self.counters, to, len, seal, self.bufs, fill)
     }
 }
 

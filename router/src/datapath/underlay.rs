@@ -18,8 +18,10 @@ use protocol::types::Vni;
 use protocol::vxlan;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 /// Receive buffers per recvmmsg call.
@@ -90,6 +92,35 @@ impl SendPool {
             src_ip: None,
         };
         state.try_send(sock.into(), &t)
+    }
+
+    /// As `send`, for a run whose bytes are gathered from several places (headers in the
+    /// run's arena, payloads still in the TAP's read buffers): one `sendmsg` with
+    /// `UDP_SEGMENT`. quinn-udp sends only contiguous buffers, hence nix here.
+    fn send_gather(
+        &self,
+        from: usize,
+        dest: SocketAddrV4,
+        iov: &[IoSlice<'_>],
+        segment: Option<usize>,
+    ) -> io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn};
+        let Some((sock, _)) = self.socks.get(from) else {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        };
+        let to = SockaddrIn::from(dest);
+        let seg = segment.unwrap_or(0) as u16;
+        let gso = [ControlMessage::UdpGsoSegments(&seg)];
+        let cmsgs: &[ControlMessage<'_>] = if segment.is_some() { &gso } else { &[] };
+        sendmsg(
+            sock.as_raw_fd(),
+            iov,
+            cmsgs,
+            MsgFlags::MSG_DONTWAIT,
+            Some(&to),
+        )
+        .map(drop)
+        .map_err(io::Error::from)
     }
 }
 
@@ -220,9 +251,13 @@ impl Underlay {
 /// into their place behind their headers ([`TxBatch::queue_with`]): a segment cut from a
 /// super-frame is copied once, from the TAP's read buffer to the run.
 pub struct TxBatch {
-    /// Made once at full size and never zeroed again; `used` bytes are the run.
+    /// Made once at full size and never zeroed again; `used` bytes are in use.
     arena: Box<[u8]>,
     used: usize,
+    /// The run's bytes in order: ranges of the arena, and payloads gathered from elsewhere
+    /// ([`TxBatch::queue_gather`]); `bytes` in all.
+    pieces: Vec<Piece>,
+    bytes: usize,
     /// The VTEP and the pool socket of the run.
     dest: Option<(SocketAddrV4, usize)>,
     seg: usize,
@@ -236,12 +271,32 @@ impl Default for TxBatch {
         TxBatch {
             arena: vec![0u8; MAX_GSO_BYTES].into_boxed_slice(),
             used: 0,
+            pieces: Vec::with_capacity(2 * MAX_RUN + 1),
+            bytes: 0,
             dest: None,
             seg: 0,
             count: 0,
             closed: false,
         }
     }
+}
+
+/// Most datagrams in one run (the kernel's UDP GSO limit was 64 before Linux 6.9).
+const MAX_RUN: usize = 64;
+
+/// A piece of a run: bytes of the arena, or bytes of the caller's buffer `.0` (a TAP read
+/// buffer, given again at [`TxBatch::flush`]).
+#[derive(Debug, Clone)]
+enum Piece {
+    Arena(Range<usize>),
+    Gathered(usize, Range<usize>),
+}
+
+/// A payload to gather: buffer `buf` of the caller's, bytes `range` of it.
+#[derive(Debug, Clone)]
+pub struct Gather {
+    pub buf: usize,
+    pub range: Range<usize>,
 }
 
 /// Where a frame goes: its network, the VTEP, and its flow (which picks the pool socket).
@@ -277,13 +332,15 @@ impl TxBatch {
         seal: Option<Seal<'_>>,
     ) -> u64 {
         let to = Dest { vni, vtep, flow };
-        self.queue_with(u, counters, to, frame.len(), seal, |b| {
+        self.queue_with(u, counters, to, frame.len(), seal, &[], |b| {
             b.copy_from_slice(frame)
         })
     }
 
     /// As [`TxBatch::queue`], for a frame of `frame_len` bytes that `fill` writes into its
-    /// place in the run (every byte of the slice it is given).
+    /// place in the run (every byte of the slice it is given). `bufs`: the caller's buffers
+    /// that gathered payloads lie in, should the run be sent now.
+    #[allow(clippy::too_many_arguments)]
     pub fn queue_with(
         &mut self,
         u: &Underlay,
@@ -291,33 +348,17 @@ impl TxBatch {
         to: Dest,
         frame_len: usize,
         seal: Option<Seal<'_>>,
+        bufs: &[Vec<u8>],
         fill: impl FnOnce(&mut [u8]),
     ) -> u64 {
-        let Dest { vni, vtep, flow } = to;
-        let from = u.pool.pick(flow);
         let vxlan_len = vxlan::HEADER_LEN + frame_len;
         let len = match &seal {
             Some(_) => esp::sealed_len(vxlan_len),
             None => vxlan_len,
         };
-        if len > MAX_DGRAM {
-            counters.count_drop(DropReason::OffloadMalformed);
+        let Some(sent) = self.make_room(u, counters, to, len, bufs) else {
             return 0;
-        }
-        let fits = self.dest == Some((vtep, from))
-            && !self.closed
-            && len <= self.seg
-            && self.count < u.pool.max_gso_segments(from)
-            && self.used + len <= MAX_GSO_BYTES;
-        let sent = if fits || self.count == 0 {
-            0
-        } else {
-            self.flush(u, counters)
         };
-        if self.count == 0 {
-            self.dest = Some((vtep, from));
-            self.seg = len;
-        }
         let start = self.used;
         let inner = start
             + if seal.is_some() {
@@ -326,7 +367,7 @@ impl TxBatch {
                 0
             };
         let body = inner + vxlan::HEADER_LEN;
-        vxlan::Repr { vni }.emit(&mut vxlan::Packet::new_unchecked(
+        vxlan::Repr { vni: to.vni }.emit(&mut vxlan::Packet::new_unchecked(
             &mut self.arena[inner..body],
         ));
         fill(&mut self.arena[body..body + frame_len]);
@@ -342,14 +383,98 @@ impl TxBatch {
                 return sent;
             }
         }
-        self.used = start + len;
-        self.count += 1;
-        self.closed = len < self.seg;
+        self.push_arena(start..start + len);
+        self.added(len);
         sent
     }
 
+    /// Queues a plain (unsealed) frame whose first `head_len` bytes `fill` writes into the
+    /// run and whose rest is `payload`, gathered from the caller's `bufs` when the run is
+    /// sent: a segment cut from a super-frame leaves without its payload being copied here.
+    #[allow(clippy::too_many_arguments)]
+    pub fn queue_gather(
+        &mut self,
+        u: &Underlay,
+        counters: &Counters,
+        to: Dest,
+        head_len: usize,
+        payload: Gather,
+        bufs: &[Vec<u8>],
+        fill: impl FnOnce(&mut [u8]),
+    ) -> u64 {
+        let head = vxlan::HEADER_LEN + head_len;
+        let len = head + payload.range.len();
+        let Some(sent) = self.make_room(u, counters, to, len, bufs) else {
+            return 0;
+        };
+        let start = self.used;
+        let body = start + vxlan::HEADER_LEN;
+        vxlan::Repr { vni: to.vni }.emit(&mut vxlan::Packet::new_unchecked(
+            &mut self.arena[start..body],
+        ));
+        fill(&mut self.arena[body..start + head]);
+        self.push_arena(start..start + head);
+        if !payload.range.is_empty() {
+            self.pieces
+                .push(Piece::Gathered(payload.buf, payload.range));
+        }
+        self.added(len);
+        sent
+    }
+
+    /// Readies the run for a datagram of `len` bytes to `to`: sends the run first if the
+    /// datagram cannot join it. None: the datagram can never be sent (counted).
+    fn make_room(
+        &mut self,
+        u: &Underlay,
+        counters: &Counters,
+        to: Dest,
+        len: usize,
+        bufs: &[Vec<u8>],
+    ) -> Option<u64> {
+        let from = u.pool.pick(to.flow);
+        if len > MAX_DGRAM {
+            counters.count_drop(DropReason::OffloadMalformed);
+            return None;
+        }
+        let fits = self.dest == Some((to.vtep, from))
+            && !self.closed
+            && len <= self.seg
+            && self.count < u.pool.max_gso_segments(from).min(MAX_RUN)
+            && self.bytes + len <= MAX_GSO_BYTES;
+        let sent = if fits || self.count == 0 {
+            0
+        } else {
+            self.flush(u, counters, bufs)
+        };
+        if self.count == 0 {
+            self.dest = Some((to.vtep, from));
+            self.seg = len;
+        }
+        Some(sent)
+    }
+
+    /// Adds arena bytes to the run, joining the previous piece when they follow it.
+    fn push_arena(&mut self, r: Range<usize>) {
+        self.used = r.end;
+        if let Some(Piece::Arena(last)) = self.pieces.last_mut() {
+            if last.end == r.start {
+                last.end = r.end;
+                return;
+            }
+        }
+        self.pieces.push(Piece::Arena(r));
+    }
+
+    fn added(&mut self, len: usize) {
+        self.bytes += len;
+        self.count += 1;
+        self.closed = len < self.seg;
+    }
+
     /// Sends the queued run; returns how many datagrams it held (0 on failure, counted).
-    pub fn flush(&mut self, u: &Underlay, counters: &Counters) -> u64 {
+    /// `bufs`: the buffers gathered payloads lie in.
+    pub fn flush(&mut self, u: &Underlay, counters: &Counters, bufs: &[Vec<u8>]) -> u64 {
         let (Some((dest, from)), n) = (self.dest, self.count) else {
             return 0;
         };
@@ -357,7 +482,30 @@ impl TxBatch {
             return 0;
         }
         let segment = (n > 1).then_some(self.seg);
-        let sent = match u.pool.send(from, dest, &self.arena[..self.used], segment) {
+        let result = match self.pieces.as_slice() {
+            [Piece::Arena(r)] => u.pool.send(from, dest, &self.arena[r.clone()], segment),
+            pieces => {
+                let mut iov = [IoSlice::new(&[]); 2 * MAX_RUN + 1];
+                let mut whole = pieces.len() <= iov.len();
+                for (slot, p) in iov.iter_mut().zip(pieces) {
+                    let bytes = match p {
+                        Piece::Arena(r) => self.arena.get(r.clone()),
+                        Piece::Gathered(b, r) => bufs.get(*b).and_then(|b| b.get(r.clone())),
+                    };
+                    match bytes {
+                        Some(b) => *slot = IoSlice::new(b),
+                        None => whole = false,
+                    }
+                }
+                if whole {
+                    u.pool
+                        .send_gather(from, dest, &iov[..pieces.len()], segment)
+                } else {
+                    Err(io::Error::from(io::ErrorKind::InvalidInput))
+                }
+            }
+        };
+        let sent = match result {
             Ok(()) => n as u64,
             Err(_) => {
                 for _ in 0..n {
@@ -367,6 +515,8 @@ impl TxBatch {
             }
         };
         self.used = 0;
+        self.bytes = 0;
+        self.pieces.clear();
         self.count = 0;
         self.dest = None;
         self.closed = false;
@@ -501,7 +651,7 @@ mod tests {
         for f in &frames {
             sent += tx.queue(&a, &counters, vni, to, 0, f, None);
         }
-        sent += tx.flush(&a, &counters);
+        sent += tx.flush(&a, &counters, &[]);
         assert_eq!(sent, 100);
         assert_eq!(counters.dropped(DropReason::WriteFailed), 0);
         let got = receive(&b, 100);
@@ -534,10 +684,63 @@ mod tests {
         ] {
             sent += tx.queue(&a, &counters, vni, to, 0, &vec![0xab; len], None);
         }
-        sent += tx.flush(&a, &counters);
+        sent += tx.flush(&a, &counters, &[]);
         assert_eq!(sent, 5);
         let lens: Vec<usize> = receive(&b, 4).iter().map(|d| d.len() - 8).collect();
         assert_eq!(lens, [1000, 200, 1000, 64]);
         assert_eq!(receive(&c, 1).len(), 1);
+    }
+
+    /// Segments whose headers are written into the run and whose payloads are gathered
+    /// from the caller's buffers (some copied frames between them) leave in GSO runs of the
+    /// same shape and arrive as if each had been copied whole; a payload whose buffer is
+    /// missing at send time drops the run, counted, instead of sending garbage.
+    #[test]
+    fn gathered_payloads_arrive_behind_their_headers() {
+        let (a, b, to) = pair();
+        let counters = Counters::default();
+        let vni = Vni::new(4097).unwrap();
+        let dest = Dest {
+            vni,
+            vtep: to,
+            flow: 0,
+        };
+        let bufs: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 4000]).collect();
+        let mut tx = TxBatch::default();
+        let mut sent = 0;
+        let mut want = Vec::new();
+        for k in 0..90usize {
+            let (buf, start) = (k % 3, (k / 3) % 2 * 1400);
+            let head = [0x40 + (k % 7) as u8; 54];
+            let payload = Gather {
+                buf,
+                range: start..start + 1400,
+            };
+            let mut whole = head.to_vec();
+            whole.extend_from_slice(&bufs[buf][payload.range.clone()]);
+            want.push(whole);
+            sent += tx.queue_gather(&a, &counters, dest, 54, payload, &bufs, |h| {
+                h.copy_from_slice(&head)
+            });
+        }
+        let last = vec![0x99u8; 100];
+        sent += tx.queue(&a, &counters, vni, to, 0, &last, None);
+        want.push(last);
+        sent += tx.flush(&a, &counters, &bufs);
+        assert_eq!(sent, 91);
+        let got = receive(&b, 91);
+        assert_eq!(got.len(), 91);
+        for (d, w) in got.iter().zip(&want) {
+            let p = vxlan::Packet::new_checked(&d[..]).unwrap();
+            assert_eq!(vxlan::Repr::parse(&p).unwrap().vni, vni);
+            assert_eq!(p.payload(), &w[..]);
+        }
+        let payload = Gather {
+            buf: 7,
+            range: 0..100,
+        };
+        tx.queue_gather(&a, &counters, dest, 54, payload, &bufs, |h| h.fill(1));
+        assert_eq!(tx.flush(&a, &counters, &bufs), 0);
+        assert_eq!(counters.dropped(DropReason::WriteFailed), 1);
     }
 }

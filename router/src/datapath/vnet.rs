@@ -178,11 +178,18 @@ impl<'a> Tcp4Segments<'a> {
 
     /// Writes segment `i` into `out`, which must be [`Self::len`]`(i)` bytes long.
     pub fn write(&self, i: usize, out: &mut [u8]) {
+        let headers = self.headers();
+        out[headers..].copy_from_slice(self.chunk(i));
+        self.write_head(i, &mut out[..headers]);
+    }
+
+    /// Writes only segment `i`'s headers into `out` (of [`Self::head_len`] bytes), with the
+    /// checksum over them and the payload, which stays where [`Self::payload`] says.
+    pub fn write_head(&self, i: usize, out: &mut [u8]) {
         let (frame, ihl, thl) = (self.frame, self.ihl, self.thl);
         let (tcp, headers) = (ETH + ihl, self.headers());
         let chunk = self.chunk(i);
         out[..headers].copy_from_slice(&frame[..headers]);
-        out[headers..].copy_from_slice(chunk);
         // IPv4: total length, id, header checksum.
         out[ETH + 2..ETH + 4].copy_from_slice(&((ihl + thl + chunk.len()) as u16).to_be_bytes());
         out[ETH + 4..ETH + 6].copy_from_slice(&self.id.wrapping_add(i as u16).to_be_bytes());
@@ -201,12 +208,18 @@ impl<'a> Tcp4Segments<'a> {
         out[tcp + 16..tcp + 18].fill(0);
         let tcp_len = (thl + chunk.len()) as u16;
         let sum = Sum::new()
-            .add_slice(&frame[ETH + 12..ETH + 16])
-            .add_slice(&frame[ETH + 16..ETH + 20])
+            .add_slice(&frame[ETH + 12..ETH + 20])
             .add_2bytes([0, 6])
             .add_2bytes(tcp_len.to_be_bytes())
-            .add_slice(&out[tcp..]);
+            .add_slice(&out[tcp..headers])
+            .add_slice(chunk);
         out[tcp + 16..tcp + 18].copy_from_slice(&fold(sum).to_be_bytes());
+    }
+
+    /// Where segment `i`'s payload lies in the super-frame.
+    pub fn payload(&self, i: usize) -> std::ops::Range<usize> {
+        let (h, len) = (self.headers(), self.frame.len());
+        (h + i * self.mss).min(len)..(h + (i + 1) * self.mss).min(len)
     }
 }
 
@@ -247,6 +260,31 @@ impl<'a> Segments<'a> {
         match self {
             Segments::Tcp4(s) => s.write(i, out),
             Segments::Udp(s) => s.write(i, out),
+        }
+    }
+
+    /// The length of every frame's headers (all frames of a super-frame share them).
+    pub fn head_len(&self) -> usize {
+        match self {
+            Segments::Tcp4(s) => s.headers(),
+            Segments::Udp(s) => s.udp + UDP_HDR,
+        }
+    }
+
+    /// Writes only frame `i`'s headers, checksums included, into `out` ([`Self::head_len`]
+    /// bytes); its payload is [`Self::payload`]`(i)` of the super-frame, unchanged.
+    pub fn write_head(&self, i: usize, out: &mut [u8]) {
+        match self {
+            Segments::Tcp4(s) => s.write_head(i, out),
+            Segments::Udp(s) => s.write_head(i, out),
+        }
+    }
+
+    /// Where frame `i`'s payload lies in the super-frame.
+    pub fn payload(&self, i: usize) -> std::ops::Range<usize> {
+        match self {
+            Segments::Tcp4(s) => s.payload(i),
+            Segments::Udp(s) => s.payload(i),
         }
     }
 }
@@ -317,11 +355,16 @@ impl<'a> UdpSegments<'a> {
     }
 
     pub fn write(&self, i: usize, out: &mut [u8]) {
+        let headers = self.udp + UDP_HDR;
+        out[headers..].copy_from_slice(self.chunk(i));
+        self.write_head(i, &mut out[..headers]);
+    }
+
+    pub fn write_head(&self, i: usize, out: &mut [u8]) {
         let (frame, udp) = (self.frame, self.udp);
         let headers = udp + UDP_HDR;
         let chunk = self.chunk(i);
         out[..headers].copy_from_slice(&frame[..headers]);
-        out[headers..].copy_from_slice(chunk);
         let udp_len = (UDP_HDR + chunk.len()) as u16;
         let addrs = if self.v6 {
             // IPv6: the payload length is the UDP datagram's; no header checksum.
@@ -342,13 +385,19 @@ impl<'a> UdpSegments<'a> {
             .add_slice(addrs)
             .add_2bytes([0, 17])
             .add_2bytes(udp_len.to_be_bytes())
-            .add_slice(&out[udp..]);
+            .add_slice(&out[udp..headers])
+            .add_slice(chunk);
         // A computed zero goes out as all ones: zero means "no checksum" in UDP.
         let sum = match fold(sum) {
             0 => 0xffff,
             s => s,
         };
         out[udp + 6..udp + 8].copy_from_slice(&sum.to_be_bytes());
+    }
+
+    pub fn payload(&self, i: usize) -> std::ops::Range<usize> {
+        let (h, len) = (self.udp + UDP_HDR, self.frame.len());
+        (h + i * self.mss).min(len)..(h + (i + 1) * self.mss).min(len)
     }
 }
 
@@ -651,5 +700,37 @@ mod tests {
         assert!(Segments::new(&frame, &tiny, 1600).is_err());
         let zero = VnetHdr { gso_size: 0, ..h };
         assert!(Segments::new(&frame, &zero, 1600).is_err());
+    }
+
+    /// Headers written alone, followed by the payload where `payload` says it lies, are the
+    /// frame `write` makes whole (what gathering sends), for TCP and UDP super-frames.
+    #[test]
+    fn headers_and_gathered_payload_equal_the_whole_frame() {
+        let body: Vec<u8> = (0..5000u32).map(|i| (i * 13 % 256) as u8).collect();
+        let tcp = VnetHdr {
+            gso_type: GSO_TCPV4,
+            gso_size: 1398,
+            ..Default::default()
+        };
+        let udp = VnetHdr {
+            gso_type: GSO_UDP_L4,
+            gso_size: 1200,
+            ..Default::default()
+        };
+        for (frame, h) in [
+            (tcp_frame(&body, true), tcp),
+            (udp_super(&body, false), udp),
+        ] {
+            let segs = Segments::new(&frame, &h, 1600).unwrap();
+            assert!(segs.count() > 3);
+            for k in 0..segs.count() {
+                let mut whole = vec![0u8; segs.len(k)];
+                segs.write(k, &mut whole);
+                let mut gathered = vec![0u8; segs.head_len()];
+                segs.write_head(k, &mut gathered);
+                gathered.extend_from_slice(&frame[segs.payload(k)]);
+                assert_eq!(gathered, whole, "segment {k}");
+            }
+        }
     }
 }

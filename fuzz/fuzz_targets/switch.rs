@@ -47,5 +47,5 @@ fuzz_target!(|data: &[u8]| {
     } else {
         Ipv4Addr::new(198, 18, 0, 66)
     };
-    let _ = from_underlay(&t, vni, from, &mut frame.to_vec(), &mut reply);
+    let _ = from_underlay(&t, vni, from, &mut frame.to_vec(), L4Csum::Complete, &mut reply);
 });

@@ -60,6 +60,9 @@ pub struct Coalescer {
     payload: usize,
     port: Option<PortId>,
     proto: u8,
+    /// The run's frames came from another overlayd node: covered end to end, their TCP/UDP
+    /// checksum fields hold only the pseudo-header sum.
+    covered: bool,
     mss: usize,
     next_seq: u32,
     closed: bool,
@@ -73,6 +76,7 @@ impl Default for Coalescer {
             payload: 0,
             port: None,
             proto: 0,
+            covered: false,
             mss: 0,
             next_seq: 0,
             closed: false,
@@ -81,7 +85,8 @@ impl Default for Coalescer {
 }
 
 /// A finished run, for the caller to write: `hdr`, then `head`, then the `parts` from its
-/// buffers. A single segment comes with a plain header and its headers untouched.
+/// buffers. A single segment comes with its headers untouched, and a plain header (or,
+/// covered, one that leaves its partial checksum to the kernel).
 pub struct Run<'a> {
     pub port: PortId,
     pub hdr: [u8; HDR_LEN],
@@ -159,9 +164,11 @@ impl Coalescer {
 
     /// Offers a frame bound for local port `port`, found in the caller's buffer `at.0` from
     /// byte `at.1` on (the run keeps only that place: the buffer must stay unchanged until
-    /// the run is taken). `covered`: the frame's bytes were already checked end to end (a
-    /// UDP checksum an overlayd node always sets and the kernel verified, or an ESP tag), so
-    /// its TCP/UDP checksum need not be summed again. `udp_gso`: the port takes UDP
+    /// the run is taken). `covered`: the frame comes from another overlayd node, so its
+    /// bytes were already checked end to end (a UDP checksum an overlayd node always sets
+    /// and the kernel verified, or an ESP tag) and its TCP/UDP checksum field holds only
+    /// the pseudo-header sum (overlayd nodes send partial checksums to each other): it is
+    /// neither summed here nor written as whole. `udp_gso`: the port takes UDP
     /// super-frames; without it only TCP is merged.
     pub fn push(
         &mut self,
@@ -191,6 +198,7 @@ impl Coalescer {
             self.payload = s.payload;
             self.port = Some(port);
             self.proto = s.proto;
+            self.covered = covered;
             self.mss = s.payload;
             self.next_seq = s.seq.wrapping_add(s.payload as u32);
             self.closed = s.flags & TCP_FLAG_PSH != 0;
@@ -200,6 +208,7 @@ impl Coalescer {
         let same_run = self.port == Some(port)
             && !self.closed
             && s.proto == self.proto
+            && covered == self.covered
             && h == head.len()
             && self.parts.len() < MAX_SEGMENTS
             // addresses; then ports; then TOS.
@@ -239,6 +248,16 @@ impl Coalescer {
         let port = self.port.take()?;
         let segments = self.parts.len();
         let mut hdr = [0u8; HDR_LEN];
+        let csum_offset = if self.proto == TCP { 16 } else { 6 };
+        if segments == 1 && self.covered {
+            VnetHdr {
+                flags: F_NEEDS_CSUM,
+                csum_start: L4 as u16,
+                csum_offset,
+                ..VnetHdr::default()
+            }
+            .emit(&mut hdr);
+        }
         if segments > 1 {
             let head = &mut self.head;
             let total = head.len() + self.payload;
@@ -247,11 +266,11 @@ impl Coalescer {
             let ip_sum = sum_final(Sum::new().add_slice(&head[ETH..L4]));
             head[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
             let l4_len = (total - L4) as u16;
-            let (gso_type, csum_offset) = match self.proto {
-                TCP => (GSO_TCPV4, 16),
+            let gso_type = match self.proto {
+                TCP => GSO_TCPV4,
                 _ => {
                     head[L4 + 4..L4 + 6].copy_from_slice(&l4_len.to_be_bytes());
-                    (GSO_UDP_L4, 6)
+                    GSO_UDP_L4
                 }
             };
             let pseudo = Sum::new()
@@ -259,7 +278,7 @@ impl Coalescer {
                 .add_2bytes([0, self.proto])
                 .add_2bytes(l4_len.to_be_bytes());
             // Partial checksum: the folded pseudo-header sum, not inverted.
-            let at = L4 + csum_offset;
+            let at = L4 + usize::from(csum_offset);
             head[at..at + 2].copy_from_slice(&(!sum_final(pseudo)).to_be_bytes());
             VnetHdr {
                 flags: F_NEEDS_CSUM,
@@ -267,7 +286,7 @@ impl Coalescer {
                 hdr_len: head.len() as u16,
                 gso_size: self.mss as u16,
                 csum_start: L4 as u16,
-                csum_offset: csum_offset as u16,
+                csum_offset,
             }
             .emit(&mut hdr);
         }
@@ -558,12 +577,14 @@ mod tests {
             Push::Refused,
             "checksum"
         );
+        // From another overlayd node (covered) nothing is summed; such frames never join a
+        // run of others, and a lone one is written with its checksum left partial.
         assert_eq!(
             b.push(&mut g, PortId(1), &corrupt, true, true),
-            Push::Taken,
-            "covered"
+            Push::Refused,
+            "covered after uncovered"
         );
-        for _ in 2..UDP_MAX_SEGMENTS {
+        for _ in 1..UDP_MAX_SEGMENTS {
             assert_eq!(
                 b.push(&mut g, PortId(1), &dgram(1, &d), false, true),
                 Push::Taken
@@ -575,6 +596,18 @@ mod tests {
             "limit"
         );
         assert_eq!(b.take(&mut g).unwrap().3, UDP_MAX_SEGMENTS);
+        assert_eq!(
+            b.push(&mut g, PortId(1), &corrupt, true, true),
+            Push::Taken,
+            "covered"
+        );
+        let (_, hdr, _, n) = b.take(&mut g).unwrap();
+        let h = VnetHdr::from_slice(&hdr).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(
+            (h.flags, h.gso_type, h.csum_start, h.csum_offset),
+            (F_NEEDS_CSUM, 0, 34, 6)
+        );
         // No checksum (zero) is nothing to verify; an empty datagram never merges.
         let mut unsummed = dgram(1, &d);
         unsummed[40..42].fill(0);

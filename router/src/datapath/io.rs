@@ -511,14 +511,21 @@ impl Worker {
                     L4Csum::Complete
                 };
                 let v = switch::from_port(&tables, port, frame, csum, &mut self.reply);
-                let whole_partial = !h.is_gso() && h.flags & vnet::F_NEEDS_CSUM != 0;
-                if matches!(v, Verdict::Encap { .. })
-                    && whole_partial
-                    && vnet::complete_checksum(frame, &h).is_err()
-                {
-                    Verdict::Drop(DropReason::OffloadMalformed)
-                } else {
-                    v
+                match v {
+                    Verdict::Encap { vtep, .. } if !h.is_gso() => {
+                        // Another overlayd node takes TCP/UDP over IPv4 with the checksum
+                        // partial, whatever the TAP gave; anything else leaves whole.
+                        let to_node = tables.senders.contains_key(vtep.ip());
+                        let partial = to_node && vnet::offload_partial(frame, None).flags != 0;
+                        let whole_partial = h.flags & vnet::F_NEEDS_CSUM != 0;
+                        if !partial && whole_partial && vnet::complete_checksum(frame, &h).is_err()
+                        {
+                            Verdict::Drop(DropReason::OffloadMalformed)
+                        } else {
+                            v
+                        }
+                    }
+                    v => v,
                 }
             };
             // Then read-only, so that segments may leave with their payloads gathered from
@@ -577,7 +584,18 @@ impl Worker {
                         tx += out.queue(to, frame);
                         continue;
                     }
-                    match Segments::new(frame, &h, MAX_FRAME) {
+                    // Segments for another overlayd node leave with partial checksums: their
+                    // payloads are not summed here (the receiving task's kernel trusts them,
+                    // the underlay's UDP checksum or ESP tag covering them on the way).
+                    let to_node = tables.senders.contains_key(vtep.ip());
+                    let segs = Segments::new(frame, &h, MAX_FRAME).map(|s| {
+                        if to_node {
+                            s.partial()
+                        } else {
+                            s
+                        }
+                    });
+                    match segs {
                         Ok(segs) => {
                             for k in 0..segs.count() {
                                 tx += out.queue_segment(to, &segs, k, i);
@@ -658,11 +676,18 @@ impl Worker {
                 _ => {}
             }
             let frame = packet.payload_mut();
-            match switch::from_underlay(&tables, repr.vni, from, frame, &mut self.reply) {
+            // From another overlayd node (ESP comes only from one): covered end to end, its
+            // TCP/UDP checksum partial, as sent (`Encap`).
+            let covered = sealed_vni.is_some() || tables.senders.contains_key(&from);
+            let csum = if covered {
+                L4Csum::Partial
+            } else {
+                L4Csum::Complete
+            };
+            match switch::from_underlay(&tables, repr.vni, from, frame, csum, &mut self.reply) {
                 Verdict::Forward(to) => {
                     // Merge bulk TCP and UDP for the TAP; anything else flushes the run
                     // first, so a flow's frames keep their order.
-                    let covered = sealed_vni.is_some() || tables.senders.contains_key(&from);
                     let udp_gso = self.ports.udp_gso(to);
                     let len = frame.len();
                     if self.gro.push(to, frame, at, covered, udp_gso) == Push::Refused {
@@ -670,20 +695,14 @@ impl Worker {
                         tx += flush_gro(gro, rxb, ports, counters);
                         let frame = rxb.part(at.0, at.1..at.1 + len);
                         if gro.push(to, frame, at, covered, udp_gso) == Push::Refused {
-                            tx += write_port(ports, counters, to, &PLAIN, frame);
+                            let hdr = delivery_header(frame, covered);
+                            tx += write_port(ports, counters, to, &hdr, frame);
                         }
                     }
                 }
                 Verdict::Flood(vni) => {
-                    tx += flood(
-                        &self.ports,
-                        &self.counters,
-                        &tables,
-                        vni,
-                        None,
-                        &PLAIN,
-                        frame,
-                    )
+                    let hdr = delivery_header(frame, covered);
+                    tx += flood(&self.ports, &self.counters, &tables, vni, None, &hdr, frame)
                 }
                 Verdict::ReplyRemote { vni, vtep, len } => {
                     let mut out = Encap {
@@ -781,6 +800,16 @@ impl Encap<'_> {
         self.txb
             .queue_with(self.u, self.counters, to, len, seal, self.bufs, fill)
     }
+}
+
+/// The virtio-net header for a frame from the underlay: plain, or for a frame from another
+/// overlayd node one that leaves its partial TCP/UDP checksum to the task's kernel.
+fn delivery_header(frame: &[u8], covered: bool) -> [u8; vnet::HDR_LEN] {
+    let mut hdr = PLAIN;
+    if covered {
+        vnet::partial_header(frame).emit(&mut hdr);
+    }
+    hdr
 }
 
 /// Writes the merged run, if any, with one `writev` from the receive buffers; returns how

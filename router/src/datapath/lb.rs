@@ -346,6 +346,7 @@ mod tests {
             Vni::new(4097).unwrap(),
             ip("198.18.0.3"),
             &mut back,
+            L4Csum::Complete,
             &mut reply,
         );
         assert_eq!(v, Verdict::Forward(PortId(1)));

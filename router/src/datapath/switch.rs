@@ -119,12 +119,14 @@ pub fn from_port(
 
 /// Decides the fate of an inner frame that arrived in VXLAN with `vni` from the underlay
 /// address `from`. Frames from the underlay are only ever delivered to local ports: nothing
-/// is sent back out to the underlay except the router's own answers.
+/// is sent back out to the underlay except the router's own answers. `csum`: whether the
+/// frame's TCP/UDP checksum is partial (from another overlayd node) or whole.
 pub fn from_underlay(
     t: &Tables,
     vni: Vni,
     from: Ipv4Addr,
     frame: &mut [u8],
+    csum: L4Csum,
     reply: &mut [u8],
 ) -> Verdict {
     if frame.len() < 14 {
@@ -156,7 +158,7 @@ pub fn from_underlay(
     match net.macs.get(&dst) {
         Some(Location::Local(p)) => {
             // A remote backend's reply to a client here.
-            lb::to_client(t, net, vni, frame, L4Csum::Complete);
+            lb::to_client(t, net, vni, frame, csum);
             Verdict::Forward(*p)
         }
         Some(Location::Remote(_)) => Verdict::Drop(DropReason::Hairpin),

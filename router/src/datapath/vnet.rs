@@ -117,6 +117,8 @@ pub fn segment_tcp4(
 /// the caller gives: the underlay's run, so that a segment is copied once on its way out.
 pub struct Tcp4Segments<'a> {
     frame: &'a [u8],
+    /// Leave each segment's checksum partial (the pseudo-header sum) instead of whole.
+    partial: bool,
     ihl: usize,
     thl: usize,
     mss: usize,
@@ -149,6 +151,7 @@ impl<'a> Tcp4Segments<'a> {
         let word = |at: usize| [frame[at], frame[at + 1], frame[at + 2], frame[at + 3]];
         Ok(Tcp4Segments {
             frame,
+            partial: false,
             ihl,
             thl,
             mss,
@@ -207,13 +210,16 @@ impl<'a> Tcp4Segments<'a> {
         }
         out[tcp + 16..tcp + 18].fill(0);
         let tcp_len = (thl + chunk.len()) as u16;
-        let sum = Sum::new()
+        let pseudo = Sum::new()
             .add_slice(&frame[ETH + 12..ETH + 20])
             .add_2bytes([0, 6])
-            .add_2bytes(tcp_len.to_be_bytes())
-            .add_slice(&out[tcp..headers])
-            .add_slice(chunk);
-        out[tcp + 16..tcp + 18].copy_from_slice(&fold(sum).to_be_bytes());
+            .add_2bytes(tcp_len.to_be_bytes());
+        let check = if self.partial {
+            !fold(pseudo)
+        } else {
+            fold(pseudo.add_slice(&out[tcp..headers]).add_slice(chunk))
+        };
+        out[tcp + 16..tcp + 18].copy_from_slice(&check.to_be_bytes());
     }
 
     /// Where segment `i`'s payload lies in the super-frame.
@@ -263,6 +269,18 @@ impl<'a> Segments<'a> {
         }
     }
 
+    /// Makes every frame's TCP/UDP checksum partial (the pseudo-header sum, as a TAP hands
+    /// over with `NEEDS_CSUM`) instead of whole: for a receiver that completes or trusts it
+    /// (another overlayd node), the payload need not be summed here. IPv4 only (what
+    /// [`partial_header`] recognises at the receiver); IPv6 datagrams stay whole.
+    pub fn partial(mut self) -> Self {
+        match &mut self {
+            Segments::Tcp4(s) => s.partial = true,
+            Segments::Udp(s) => s.partial = !s.v6,
+        }
+        self
+    }
+
     /// The length of every frame's headers (all frames of a super-frame share them).
     pub fn head_len(&self) -> usize {
         match self {
@@ -293,6 +311,8 @@ impl<'a> Segments<'a> {
 /// header, then the payloads of datagrams of `gso_size` bytes each, the last maybe shorter.
 pub struct UdpSegments<'a> {
     frame: &'a [u8],
+    /// Leave each datagram's checksum partial (the pseudo-header sum) instead of whole.
+    partial: bool,
     /// Offset of the UDP header (after the IPv4 header with options, or the IPv6 header).
     udp: usize,
     v6: bool,
@@ -333,6 +353,7 @@ impl<'a> UdpSegments<'a> {
         }
         Ok(UdpSegments {
             frame,
+            partial: false,
             udp,
             v6,
             mss,
@@ -381,18 +402,20 @@ impl<'a> UdpSegments<'a> {
         };
         out[udp + 4..udp + 6].copy_from_slice(&udp_len.to_be_bytes());
         out[udp + 6..udp + 8].fill(0);
-        let sum = Sum::new()
+        let pseudo = Sum::new()
             .add_slice(addrs)
             .add_2bytes([0, 17])
-            .add_2bytes(udp_len.to_be_bytes())
-            .add_slice(&out[udp..headers])
-            .add_slice(chunk);
-        // A computed zero goes out as all ones: zero means "no checksum" in UDP.
-        let sum = match fold(sum) {
-            0 => 0xffff,
-            s => s,
+            .add_2bytes(udp_len.to_be_bytes());
+        let check = if self.partial {
+            !fold(pseudo)
+        } else {
+            // A computed zero goes out as all ones: zero means "no checksum" in UDP.
+            match fold(pseudo.add_slice(&out[udp..headers]).add_slice(chunk)) {
+                0 => 0xffff,
+                s => s,
+            }
         };
-        out[udp + 6..udp + 8].copy_from_slice(&sum.to_be_bytes());
+        out[udp + 6..udp + 8].copy_from_slice(&check.to_be_bytes());
     }
 
     pub fn payload(&self, i: usize) -> std::ops::Range<usize> {
@@ -401,15 +424,11 @@ impl<'a> UdpSegments<'a> {
     }
 }
 
-/// Readies a frame made by a TCP/IP stack that left its TCP/UDP checksum to "hardware" (the
-/// router's ingress endpoint) the way a TAP's kernel hands one over: the checksum field gets
-/// the pseudo-header sum and the returned header asks for completion; a TCP super-segment is
-/// marked for segmentation at `gso_size`. Anything but TCP or UDP over unfragmented IPv4 gets
-/// a plain header (ARP and ICMP come out complete).
-pub fn offload_partial(frame: &mut [u8], gso_size: Option<u16>) -> VnetHdr {
-    let plain = VnetHdr::default();
+/// The TCP or UDP header of an unfragmented IPv4 frame: (protocol, where the L4 header
+/// starts, where its checksum field is within it, the L4 length).
+fn l4_of(frame: &[u8]) -> Option<(u8, usize, u16, usize)> {
     if frame.len() < ETH + 20 || frame[12..14] != [0x08, 0x00] {
-        return plain;
+        return None;
     }
     let ip = &frame[ETH..];
     let ihl = usize::from(ip[0] & 0x0f) * 4;
@@ -418,26 +437,37 @@ pub fn offload_partial(frame: &mut [u8], gso_size: Option<u16>) -> VnetHdr {
     let (proto, csum_offset, min_len) = match ip[9] {
         6 => (6u8, 16u16, 20usize),
         17 => (17, 6, 8),
-        _ => return plain,
+        _ => return None,
     };
-    if ihl < 20 || fragmented || total < ihl + min_len || ETH + total > frame.len() {
-        return plain;
+    if ip[0] >> 4 != 4
+        || ihl < 20
+        || fragmented
+        || total < ihl + min_len
+        || ETH + total > frame.len()
+    {
+        return None;
     }
-    let l4_len = (total - ihl) as u16;
+    Some((proto, ETH + ihl, csum_offset, total - ihl))
+}
+
+/// Readies a frame made by a TCP/IP stack that left its TCP/UDP checksum to "hardware" (the
+/// router's ingress endpoint; or any frame bound for another overlayd node, which receives
+/// partial checksums) the way a TAP's kernel hands one over: the checksum field gets the
+/// pseudo-header sum and the returned header asks for completion; a TCP super-segment is
+/// marked for segmentation at `gso_size`. Anything but TCP or UDP over unfragmented IPv4
+/// gets a plain header (ARP and ICMP come out complete).
+pub fn offload_partial(frame: &mut [u8], gso_size: Option<u16>) -> VnetHdr {
+    let Some((proto, start, csum_offset, l4_len)) = l4_of(frame) else {
+        return VnetHdr::default();
+    };
     let pseudo = Sum::new()
-        .add_slice(&ip[12..20])
+        .add_slice(&frame[ETH + 12..ETH + 20])
         .add_2bytes([0, proto])
-        .add_2bytes(l4_len.to_be_bytes());
+        .add_2bytes((l4_len as u16).to_be_bytes());
     let partial = !fold(pseudo);
-    let start = ETH + ihl;
     let at = start + usize::from(csum_offset);
     frame[at..at + 2].copy_from_slice(&partial.to_be_bytes());
-    let mut h = VnetHdr {
-        flags: F_NEEDS_CSUM,
-        csum_start: start as u16,
-        csum_offset,
-        ..VnetHdr::default()
-    };
+    let mut h = partial_header(frame);
     if let (6, Some(mss)) = (proto, gso_size) {
         let tcp_hdr = usize::from(frame[start + 12] >> 4) * 4;
         h.gso_type = GSO_TCPV4;
@@ -445,6 +475,21 @@ pub fn offload_partial(frame: &mut [u8], gso_size: Option<u16>) -> VnetHdr {
         h.hdr_len = (start + tcp_hdr) as u16;
     }
     h
+}
+
+/// The header to write a frame whose TCP/UDP checksum field already holds the pseudo-header
+/// sum with (`NEEDS_CSUM`): what a frame from another overlayd node carries. Plain for
+/// anything but TCP or UDP over unfragmented IPv4.
+pub fn partial_header(frame: &[u8]) -> VnetHdr {
+    match l4_of(frame) {
+        Some((_, start, csum_offset, _)) => VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: start as u16,
+            csum_offset,
+            ..VnetHdr::default()
+        },
+        None => VnetHdr::default(),
+    }
 }
 
 #[cfg(test)]
@@ -732,5 +777,48 @@ mod tests {
                 assert_eq!(gathered, whole, "segment {k}");
             }
         }
+    }
+
+    /// Partial segments (for another overlayd node) carry the pseudo-header sum; completing
+    /// them as a receiving kernel would gives exactly the whole segments. IPv6 UDP stays
+    /// whole, and a frame's own header says where its partial checksum is.
+    #[test]
+    fn partial_segments_complete_to_the_whole_ones() {
+        let body: Vec<u8> = (0..4000u32).map(|i| (i * 31 % 256) as u8).collect();
+        let tcp = VnetHdr {
+            gso_type: GSO_TCPV4,
+            gso_size: 1398,
+            ..Default::default()
+        };
+        let udp = VnetHdr {
+            gso_type: GSO_UDP_L4,
+            gso_size: 1200,
+            ..Default::default()
+        };
+        for (frame, h) in [(tcp_frame(&body, false), tcp), (udp_super(&body, false), udp)] {
+            let whole = Segments::new(&frame, &h, 1600).unwrap();
+            let partial = Segments::new(&frame, &h, 1600).unwrap().partial();
+            for k in 0..whole.count() {
+                let mut w = vec![0u8; whole.len(k)];
+                whole.write(k, &mut w);
+                let mut p = vec![0u8; partial.len(k)];
+                partial.write(k, &mut p);
+                assert_ne!(p, w, "segment {k} left partial");
+                let ph = partial_header(&p);
+                assert_eq!(ph.flags, F_NEEDS_CSUM);
+                complete_checksum(&mut p, &ph).unwrap();
+                assert_eq!(p, w, "segment {k} completes to the whole one");
+            }
+        }
+        let v6 = udp_super(&body, true);
+        let (whole, partial) = (
+            Segments::new(&v6, &udp, 1600).unwrap(),
+            Segments::new(&v6, &udp, 1600).unwrap().partial(),
+        );
+        let (mut w, mut p) = (vec![0u8; whole.len(0)], vec![0u8; whole.len(0)]);
+        whole.write(0, &mut w);
+        partial.write(0, &mut p);
+        assert_eq!(p, w, "IPv6 stays whole");
+        assert_eq!(partial_header(&p), VnetHdr::default());
     }
 }

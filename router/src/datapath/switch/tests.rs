@@ -271,7 +271,14 @@ fn gateway_routes_nothing_else_yet() {
 fn remote(frame: &[u8], from: &str, v: u32) -> (Verdict, Vec<u8>) {
     let mut reply = vec![0u8; MAX_FRAME];
     let mut frame = frame.to_vec();
-    let verdict = from_underlay(&tables(), vni(v), ip(from), &mut frame, &mut reply);
+    let verdict = from_underlay(
+        &tables(),
+        vni(v),
+        ip(from),
+        &mut frame,
+        L4Csum::Complete,
+        &mut reply,
+    );
     if let Verdict::ReplyRemote { len, .. } = verdict {
         reply.truncate(len);
     }
@@ -351,7 +358,7 @@ proptest! {
         mut frame in proptest::collection::vec(any::<u8>(), 0..1600),
     ) {
         let mut reply = vec![0u8; MAX_FRAME];
-        let _ = from_underlay(&tables(), vni(v), ip("198.18.0.3"), &mut frame, &mut reply);
+        let _ = from_underlay(&tables(), vni(v), ip("198.18.0.3"), &mut frame, L4Csum::Complete, &mut reply);
     }
 
     #[test]

@@ -747,11 +747,9 @@ mod tests {
         assert!(Segments::new(&frame, &zero, 1600).is_err());
     }
 
-    /// Headers written alone, followed by the payload where `payload` says it lies, are the
-    /// frame `write` makes whole (what gathering sends), for TCP and UDP super-frames.
-    #[test]
-    fn headers_and_gathered_payload_equal_the_whole_frame() {
-        let body: Vec<u8> = (0..5000u32).map(|i| (i * 13 % 256) as u8).collect();
+    /// A TCP/IPv4 and a UDP/IPv4 super-frame of `len` payload bytes, with their headers.
+    fn super_frames(len: u32) -> [(Vec<u8>, VnetHdr); 2] {
+        let body: Vec<u8> = (0..len).map(|i| (i * 13 % 256) as u8).collect();
         let tcp = VnetHdr {
             gso_type: GSO_TCPV4,
             gso_size: 1398,
@@ -762,10 +760,17 @@ mod tests {
             gso_size: 1200,
             ..Default::default()
         };
-        for (frame, h) in [
+        [
             (tcp_frame(&body, true), tcp),
             (udp_super(&body, false), udp),
-        ] {
+        ]
+    }
+
+    /// Headers written alone, followed by the payload where `payload` says it lies, are the
+    /// frame `write` makes whole (what gathering sends), for TCP and UDP super-frames.
+    #[test]
+    fn headers_and_gathered_payload_equal_the_whole_frame() {
+        for (frame, h) in super_frames(5000) {
             let segs = Segments::new(&frame, &h, 1600).unwrap();
             assert!(segs.count() > 3);
             for k in 0..segs.count() {
@@ -784,18 +789,8 @@ mod tests {
     /// whole, and a frame's own header says where its partial checksum is.
     #[test]
     fn partial_segments_complete_to_the_whole_ones() {
-        let body: Vec<u8> = (0..4000u32).map(|i| (i * 31 % 256) as u8).collect();
-        let tcp = VnetHdr {
-            gso_type: GSO_TCPV4,
-            gso_size: 1398,
-            ..Default::default()
-        };
-        let udp = VnetHdr {
-            gso_type: GSO_UDP_L4,
-            gso_size: 1200,
-            ..Default::default()
-        };
-        for (frame, h) in [(tcp_frame(&body, false), tcp), (udp_super(&body, false), udp)] {
+        let [_, (_, udp)] = super_frames(0);
+        for (frame, h) in super_frames(4000) {
             let whole = Segments::new(&frame, &h, 1600).unwrap();
             let partial = Segments::new(&frame, &h, 1600).unwrap().partial();
             for k in 0..whole.count() {
@@ -810,7 +805,7 @@ mod tests {
                 assert_eq!(p, w, "segment {k} completes to the whole one");
             }
         }
-        let v6 = udp_super(&body, true);
+        let v6 = udp_super(&[7u8; 4000], true);
         let (whole, partial) = (
             Segments::new(&v6, &udp, 1600).unwrap(),
             Segments::new(&v6, &udp, 1600).unwrap().partial(),

@@ -315,8 +315,6 @@ fn sweep_loop(
     }
 }
 
-/// A worker's view of the local ports: each port's fds. The worker reads the queue at its
-/// lane (if the port has one) and writes through queue `lane % len`.
 /// A port's fds, shared by the workers, and what it takes.
 #[derive(Clone)]
 struct PortFds {
@@ -324,6 +322,8 @@ struct PortFds {
     udp_gso: bool,
 }
 
+/// A worker's view of the local ports: each port's fds. The worker reads the queue at its
+/// lane (if the port has one) and writes through queue `lane % len`.
 struct Ports {
     lane: usize,
     fds: HashMap<PortId, PortFds, FastHash>,
@@ -501,7 +501,8 @@ impl Worker {
                 continue;
             }
             // First with the frame writable: the decision (which may rewrite it), and for a
-            // whole frame leaving through the underlay, its partial checksum completed.
+            // whole frame leaving through the underlay, its checksum made partial (for
+            // another overlayd node) or completed (for anyone else).
             let verdict = {
                 let (hdr, frame) = self.frames[i][..len].split_at_mut(vnet::HDR_LEN);
                 let h = VnetHdr::from_slice(hdr).unwrap_or_default();

@@ -1,7 +1,9 @@
 //! The underlay UDP sockets, batched: received datagrams come in with recvmmsg and UDP GRO
 //! (several same-sized datagrams of one flow coalesced into one buffer, split by stride), and
 //! encapsulated frames go out as runs of equal-sized datagrams to one VTEP in a single
-//! sendmsg with UDP GSO. Both through quinn-udp, which owns the platform details.
+//! sendmsg with UDP GSO. Both through quinn-udp, which owns the platform details, except a
+//! run whose payloads are gathered from elsewhere (an iovec): quinn-udp sends contiguous
+//! buffers only, so that one goes through nix's `sendmsg` with `UDP_SEGMENT`.
 //!
 //! A node has one receiving socket per datapath worker, all bound to the VXLAN port in one
 //! `SO_REUSEPORT` group whose steering program ([`crate::sys::steer`]) gives each datagram to
@@ -248,8 +250,9 @@ impl Underlay {
 
 /// A run of VXLAN datagrams to one VTEP from one pool socket, all `seg` bytes but possibly
 /// the last, laid end to end so that one GSO send carries them. Frames are written straight
-/// into their place behind their headers ([`TxBatch::queue_with`]): a segment cut from a
-/// super-frame is copied once, from the TAP's read buffer to the run.
+/// into their place behind their headers ([`TxBatch::queue_with`]), or only their headers
+/// are, and their payloads are gathered from the TAP's read buffer by the send itself
+/// ([`TxBatch::queue_gather`]: a segment cut from a super-frame is not copied here at all).
 pub struct TxBatch {
     /// Made once at full size and never zeroed again; `used` bytes are in use.
     arena: Box<[u8]>,

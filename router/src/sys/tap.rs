@@ -59,7 +59,8 @@ nix::ioctl_write_int_bad!(tunsetoffload, 0x4004_54d0);
 /// Creates TAP device `name` with `queues` queues in the calling thread's network namespace
 /// and returns their fds, non-blocking. The device lives as long as one of them. Every frame
 /// read from or written to it carries a virtio-net header (`datapath::vnet`), and the task's
-/// kernel may hand over TCP super-frames and partial checksums.
+/// kernel may hand over TCP (and, with USO, UDP) super-frames and partial checksums. With
+/// several queues, the flow steering program (`tap_steer`) is attached.
 pub fn create(name: &str, queues: usize) -> io::Result<Vec<OwnedFd>> {
     let fds = (0..queues.max(1))
         .map(|_| open_queue(name, queues > 1))

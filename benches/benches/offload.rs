@@ -9,7 +9,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use router::datapath::gro::{Coalescer, Push};
 use router::datapath::table::PortId;
 use router::datapath::vnet::{
-    complete_checksum, segment_tcp4, Segments, Tcp4Segments, VnetHdr, F_NEEDS_CSUM, GSO_TCPV4,
+    complete_checksum, offload_partial, segment_tcp4, Segments, Tcp4Segments, VnetHdr,
+    F_NEEDS_CSUM, GSO_TCPV4, GSO_UDP_L4,
 };
 use std::hint::black_box;
 
@@ -138,6 +139,46 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(one.len() as u64));
     g.bench_function("complete_checksum_1452B", |b| {
         b.iter(|| complete_checksum(black_box(&mut one), &ch).unwrap())
+    });
+    // For another overlayd node the sum is not completed but made partial: the pseudo-header
+    // only, whatever the frame's size.
+    g.bench_function("offload_partial_1452B", |b| {
+        b.iter(|| offload_partial(black_box(&mut one), None))
+    });
+    // A UDP super-frame (a task's UDP_SEGMENT send) of 46 datagrams, cut into the run whole,
+    // and as headers only with partial checksums (for another node; payloads gathered).
+    let mut udp = big.clone();
+    udp[14 + 9] = 17;
+    let udp_len = (udp.len() - 34) as u16;
+    udp[38..40].copy_from_slice(&udp_len.to_be_bytes());
+    let uh = VnetHdr {
+        gso_type: GSO_UDP_L4,
+        gso_size: 1398,
+        ..Default::default()
+    };
+    g.throughput(Throughput::Bytes(udp.len() as u64));
+    g.bench_function("segment_udp_in_place_into_run_64KiB", |b| {
+        b.iter(|| {
+            let segs = Segments::new(black_box(&udp), &uh, 1600).unwrap();
+            let mut at = 0;
+            for i in 0..segs.count() {
+                let len = segs.len(i);
+                segs.write(i, &mut run[at + 8..at + 8 + len]);
+                at += 8 + len;
+            }
+            at
+        })
+    });
+    g.bench_function("segment_udp_heads_partial_64KiB", |b| {
+        b.iter(|| {
+            let segs = Segments::new(black_box(&udp), &uh, 1600).unwrap().partial();
+            let mut at = 0;
+            for i in 0..segs.count() {
+                segs.write_head(i, &mut run[at + 8..at + 8 + segs.head_len()]);
+                at += 8 + segs.head_len();
+            }
+            at
+        })
     });
     g.finish();
 }

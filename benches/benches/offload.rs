@@ -9,8 +9,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use router::datapath::gro::{Coalescer, Push};
 use router::datapath::table::PortId;
 use router::datapath::vnet::{
-    complete_checksum, offload_partial, segment_tcp4, Segments, Tcp4Segments, VnetHdr,
-    F_NEEDS_CSUM, GSO_TCPV4, GSO_UDP_L4,
+    complete_checksum, offload_partial, segment_tcp4, Segments, VnetHdr, F_NEEDS_CSUM, GSO_TCPV4,
+    GSO_UDP_L4,
 };
 use std::hint::black_box;
 
@@ -30,6 +30,27 @@ fn frame(payload: usize) -> Vec<u8> {
         *b = i as u8;
     }
     f
+}
+
+/// Lays every frame of `segs` into `run` behind an 8-byte VXLAN header, as `TxBatch` lays
+/// them: whole, or only their headers (the payloads stay where they are, to be gathered).
+fn into_run(segs: &Segments<'_>, run: &mut [u8], heads_only: bool) -> usize {
+    let mut at = 0;
+    for i in 0..segs.count() {
+        let len = if heads_only {
+            segs.head_len()
+        } else {
+            segs.len(i)
+        };
+        let out = &mut run[at + 8..at + 8 + len];
+        if heads_only {
+            segs.write_head(i, out);
+        } else {
+            segs.write(i, out);
+        }
+        at += 8 + len;
+    }
+    at
 }
 
 fn bench(c: &mut Criterion) {
@@ -65,27 +86,22 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("segment_in_place_into_run_64KiB", |b| {
         b.iter(|| {
-            let segs = Tcp4Segments::new(black_box(&big), &h, 1600).unwrap();
-            let mut at = 0;
-            for i in 0..segs.count() {
-                let len = segs.len(i);
-                segs.write(i, &mut run[at + 8..at + 8 + len]);
-                at += 8 + len;
-            }
-            at
+            into_run(
+                &Segments::new(black_box(&big), &h, 1600).unwrap(),
+                &mut run,
+                false,
+            )
         })
     });
     // What a plain network's segments cost now: only the headers are written (checksums
     // summed over the payload where it lies), the payloads are gathered by the send.
     g.bench_function("segment_heads_only_64KiB", |b| {
         b.iter(|| {
-            let segs = Segments::new(black_box(&big), &h, 1600).unwrap();
-            let mut at = 0;
-            for i in 0..segs.count() {
-                segs.write_head(i, &mut run[at + 8..at + 8 + segs.head_len()]);
-                at += 8 + segs.head_len();
-            }
-            at
+            into_run(
+                &Segments::new(black_box(&big), &h, 1600).unwrap(),
+                &mut run,
+                true,
+            )
         })
     });
     // The checksum alone over a 64 KiB super-frame's bytes: etherparse's one carry chain,
@@ -159,25 +175,17 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(udp.len() as u64));
     g.bench_function("segment_udp_in_place_into_run_64KiB", |b| {
         b.iter(|| {
-            let segs = Segments::new(black_box(&udp), &uh, 1600).unwrap();
-            let mut at = 0;
-            for i in 0..segs.count() {
-                let len = segs.len(i);
-                segs.write(i, &mut run[at + 8..at + 8 + len]);
-                at += 8 + len;
-            }
-            at
+            into_run(
+                &Segments::new(black_box(&udp), &uh, 1600).unwrap(),
+                &mut run,
+                false,
+            )
         })
     });
     g.bench_function("segment_udp_heads_partial_64KiB", |b| {
         b.iter(|| {
             let segs = Segments::new(black_box(&udp), &uh, 1600).unwrap().partial();
-            let mut at = 0;
-            for i in 0..segs.count() {
-                segs.write_head(i, &mut run[at + 8..at + 8 + segs.head_len()]);
-                at += 8 + segs.head_len();
-            }
-            at
+            into_run(&segs, &mut run, true)
         })
     });
     g.finish();

@@ -104,7 +104,7 @@ pub fn segment_tcp4(
     scratch: &mut [u8],
     mut emit: impl FnMut(&[u8]),
 ) -> Result<usize, OffloadError> {
-    let segs = Tcp4Segments::new(frame, h, scratch.len())?;
+    let segs = Segments::Tcp4(Tcp4Segments::new(frame, h, scratch.len())?);
     for i in 0..segs.count() {
         let out = &mut scratch[..segs.len(i)];
         segs.write(i, out);
@@ -113,18 +113,70 @@ pub fn segment_tcp4(
     Ok(segs.count())
 }
 
-/// A TCP/IPv4 super-frame, checked once, whose segments are written on demand into buffers
-/// the caller gives: the underlay's run, so that a segment is copied once on its way out.
-pub struct Tcp4Segments<'a> {
+/// What every kind of super-frame shares: one run of headers, then payloads of `mss` bytes
+/// each (the last maybe shorter), and the IPv4 id the frames are numbered from.
+struct Cut<'a> {
     frame: &'a [u8],
-    /// Leave each segment's checksum partial (the pseudo-header sum) instead of whole.
-    partial: bool,
-    ihl: usize,
-    thl: usize,
+    headers: usize,
     mss: usize,
-    id: u16,
-    seq: u32,
     chunks: usize,
+    id: u16,
+    /// Leave each frame's checksum partial (the pseudo-header sum) instead of whole.
+    partial: bool,
+}
+
+impl<'a> Cut<'a> {
+    fn new(frame: &'a [u8], headers: usize, mss: usize) -> Cut<'a> {
+        Cut {
+            frame,
+            headers,
+            mss,
+            chunks: (frame.len() - headers).div_ceil(mss).max(1),
+            id: u16::from_be_bytes([frame[ETH + 4], frame[ETH + 5]]),
+            partial: false,
+        }
+    }
+
+    fn payload(&self, i: usize) -> std::ops::Range<usize> {
+        let (h, len) = (self.headers, self.frame.len());
+        (h + i * self.mss).min(len)..(h + (i + 1) * self.mss).min(len)
+    }
+
+    fn chunk(&self, i: usize) -> &'a [u8] {
+        &self.frame[self.payload(i)]
+    }
+
+    /// Copies the headers into `out` and fixes frame `i`'s IPv4 total length, id and header
+    /// checksum (the IPv4 header ends at `l4`, the frame's L4 part is `l4_len` bytes).
+    fn ipv4_head(&self, i: usize, out: &mut [u8], l4: usize, l4_len: usize) {
+        out[..self.headers].copy_from_slice(&self.frame[..self.headers]);
+        out[ETH + 2..ETH + 4].copy_from_slice(&((l4 - ETH + l4_len) as u16).to_be_bytes());
+        out[ETH + 4..ETH + 6].copy_from_slice(&self.id.wrapping_add(i as u16).to_be_bytes());
+        out[ETH + 10..ETH + 12].fill(0);
+        let ip_sum = fold(Sum::new().add_slice(&out[ETH..l4]));
+        out[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
+    }
+
+    /// The TCP/UDP checksum of frame `i` whose headers are in `out` (checksum field zero):
+    /// partial (the folded pseudo-header sum) or whole.
+    fn l4_checksum(&self, i: usize, out: &[u8], l4: usize, pseudo: Sum) -> u16 {
+        if self.partial {
+            !fold(pseudo)
+        } else {
+            fold(
+                pseudo
+                    .add_slice(&out[l4..self.headers])
+                    .add_slice(self.chunk(i)),
+            )
+        }
+    }
+}
+
+/// A TCP/IPv4 super-frame, checked once.
+pub struct Tcp4Segments<'a> {
+    cut: Cut<'a>,
+    tcp: usize,
+    seq: u32,
 }
 
 impl<'a> Tcp4Segments<'a> {
@@ -150,175 +202,42 @@ impl<'a> Tcp4Segments<'a> {
         }
         let word = |at: usize| [frame[at], frame[at + 1], frame[at + 2], frame[at + 3]];
         Ok(Tcp4Segments {
-            frame,
-            partial: false,
-            ihl,
-            thl,
-            mss,
-            id: u16::from_be_bytes([frame[ETH + 4], frame[ETH + 5]]),
+            cut: Cut::new(frame, headers, mss),
+            tcp,
             seq: u32::from_be_bytes(word(tcp + 4)),
-            chunks: (frame.len() - headers).div_ceil(mss).max(1),
         })
     }
 
-    pub fn count(&self) -> usize {
-        self.chunks
-    }
-
-    fn headers(&self) -> usize {
-        ETH + self.ihl + self.thl
-    }
-
-    fn chunk(&self, i: usize) -> &'a [u8] {
-        let payload = &self.frame[self.headers()..];
-        &payload[(i * self.mss).min(payload.len())..((i + 1) * self.mss).min(payload.len())]
-    }
-
-    /// The length of segment `i`.
-    pub fn len(&self, i: usize) -> usize {
-        self.headers() + self.chunk(i).len()
-    }
-
-    /// Writes segment `i` into `out`, which must be [`Self::len`]`(i)` bytes long.
-    pub fn write(&self, i: usize, out: &mut [u8]) {
-        let headers = self.headers();
-        out[headers..].copy_from_slice(self.chunk(i));
-        self.write_head(i, &mut out[..headers]);
-    }
-
-    /// Writes only segment `i`'s headers into `out` (of [`Self::head_len`] bytes), with the
-    /// checksum over them and the payload, which stays where [`Self::payload`] says.
-    pub fn write_head(&self, i: usize, out: &mut [u8]) {
-        let (frame, ihl, thl) = (self.frame, self.ihl, self.thl);
-        let (tcp, headers) = (ETH + ihl, self.headers());
-        let chunk = self.chunk(i);
-        out[..headers].copy_from_slice(&frame[..headers]);
-        // IPv4: total length, id, header checksum.
-        out[ETH + 2..ETH + 4].copy_from_slice(&((ihl + thl + chunk.len()) as u16).to_be_bytes());
-        out[ETH + 4..ETH + 6].copy_from_slice(&self.id.wrapping_add(i as u16).to_be_bytes());
-        out[ETH + 10..ETH + 12].fill(0);
-        let ip_sum = fold(Sum::new().add_slice(&out[ETH..tcp]));
-        out[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
+    fn write_head(&self, i: usize, out: &mut [u8]) {
+        let (c, tcp) = (&self.cut, self.tcp);
+        let tcp_len = c.headers - tcp + c.chunk(i).len();
+        c.ipv4_head(i, out, tcp, tcp_len);
         // TCP: sequence number; FIN and PSH only on the last segment, CWR only on the first.
-        let seq = self.seq.wrapping_add((i * self.mss) as u32);
+        let seq = self.seq.wrapping_add((i * c.mss) as u32);
         out[tcp + 4..tcp + 8].copy_from_slice(&seq.to_be_bytes());
-        if i + 1 < self.chunks {
+        if i + 1 < c.chunks {
             out[tcp + 13] &= !(0x01 | 0x08);
         }
         if i > 0 {
             out[tcp + 13] &= !0x80;
         }
         out[tcp + 16..tcp + 18].fill(0);
-        let tcp_len = (thl + chunk.len()) as u16;
         let pseudo = Sum::new()
-            .add_slice(&frame[ETH + 12..ETH + 20])
+            .add_slice(&c.frame[ETH + 12..ETH + 20])
             .add_2bytes([0, 6])
-            .add_2bytes(tcp_len.to_be_bytes());
-        let check = if self.partial {
-            !fold(pseudo)
-        } else {
-            fold(pseudo.add_slice(&out[tcp..headers]).add_slice(chunk))
-        };
+            .add_2bytes((tcp_len as u16).to_be_bytes());
+        let check = c.l4_checksum(i, out, tcp, pseudo);
         out[tcp + 16..tcp + 18].copy_from_slice(&check.to_be_bytes());
-    }
-
-    /// Where segment `i`'s payload lies in the super-frame.
-    pub fn payload(&self, i: usize) -> std::ops::Range<usize> {
-        let (h, len) = (self.headers(), self.frame.len());
-        (h + i * self.mss).min(len)..(h + (i + 1) * self.mss).min(len)
-    }
-}
-
-/// The frames a super-frame stands for, whichever its kind: written on demand into buffers
-/// the caller gives, each complete (lengths, IPv4 id and checksums), so that a frame is
-/// copied once on its way out.
-pub enum Segments<'a> {
-    Tcp4(Tcp4Segments<'a>),
-    Udp(UdpSegments<'a>),
-}
-
-impl<'a> Segments<'a> {
-    /// Checks `frame` against its GSO header; no frame may exceed `max_len` bytes.
-    pub fn new(frame: &'a [u8], h: &VnetHdr, max_len: usize) -> Result<Self, OffloadError> {
-        match h.gso_type & !GSO_ECN {
-            GSO_UDP_L4 => UdpSegments::new(frame, h, max_len).map(Segments::Udp),
-            _ => Tcp4Segments::new(frame, h, max_len).map(Segments::Tcp4),
-        }
-    }
-
-    pub fn count(&self) -> usize {
-        match self {
-            Segments::Tcp4(s) => s.count(),
-            Segments::Udp(s) => s.count(),
-        }
-    }
-
-    /// The length of frame `i`.
-    pub fn len(&self, i: usize) -> usize {
-        match self {
-            Segments::Tcp4(s) => s.len(i),
-            Segments::Udp(s) => s.len(i),
-        }
-    }
-
-    /// Writes frame `i` into `out`, which must be [`Self::len`]`(i)` bytes long.
-    pub fn write(&self, i: usize, out: &mut [u8]) {
-        match self {
-            Segments::Tcp4(s) => s.write(i, out),
-            Segments::Udp(s) => s.write(i, out),
-        }
-    }
-
-    /// Makes every frame's TCP/UDP checksum partial (the pseudo-header sum, as a TAP hands
-    /// over with `NEEDS_CSUM`) instead of whole: for a receiver that completes or trusts it
-    /// (another overlayd node), the payload need not be summed here. IPv4 only (what
-    /// [`partial_header`] recognises at the receiver); IPv6 datagrams stay whole.
-    pub fn partial(mut self) -> Self {
-        match &mut self {
-            Segments::Tcp4(s) => s.partial = true,
-            Segments::Udp(s) => s.partial = !s.v6,
-        }
-        self
-    }
-
-    /// The length of every frame's headers (all frames of a super-frame share them).
-    pub fn head_len(&self) -> usize {
-        match self {
-            Segments::Tcp4(s) => s.headers(),
-            Segments::Udp(s) => s.udp + UDP_HDR,
-        }
-    }
-
-    /// Writes only frame `i`'s headers, checksums included, into `out` ([`Self::head_len`]
-    /// bytes); its payload is [`Self::payload`]`(i)` of the super-frame, unchanged.
-    pub fn write_head(&self, i: usize, out: &mut [u8]) {
-        match self {
-            Segments::Tcp4(s) => s.write_head(i, out),
-            Segments::Udp(s) => s.write_head(i, out),
-        }
-    }
-
-    /// Where frame `i`'s payload lies in the super-frame.
-    pub fn payload(&self, i: usize) -> std::ops::Range<usize> {
-        match self {
-            Segments::Tcp4(s) => s.payload(i),
-            Segments::Udp(s) => s.payload(i),
-        }
     }
 }
 
 /// A UDP super-frame (IPv4 without fragments, or IPv6 without extension headers): one
 /// header, then the payloads of datagrams of `gso_size` bytes each, the last maybe shorter.
 pub struct UdpSegments<'a> {
-    frame: &'a [u8],
-    /// Leave each datagram's checksum partial (the pseudo-header sum) instead of whole.
-    partial: bool,
+    cut: Cut<'a>,
     /// Offset of the UDP header (after the IPv4 header with options, or the IPv6 header).
     udp: usize,
     v6: bool,
-    mss: usize,
-    id: u16,
-    chunks: usize,
 }
 
 impl<'a> UdpSegments<'a> {
@@ -347,80 +266,110 @@ impl<'a> UdpSegments<'a> {
         if frame.len() <= headers || mss == 0 || headers + mss > max_len {
             return Err(bad);
         }
-        let chunks = (frame.len() - headers).div_ceil(mss);
-        if chunks > UDP_MAX_SEGMENTS {
+        let cut = Cut::new(frame, headers, mss);
+        if cut.chunks > UDP_MAX_SEGMENTS {
             return Err(bad);
         }
-        Ok(UdpSegments {
-            frame,
-            partial: false,
-            udp,
-            v6,
-            mss,
-            id: u16::from_be_bytes([frame[ETH + 4], frame[ETH + 5]]),
-            chunks,
-        })
+        Ok(UdpSegments { cut, udp, v6 })
     }
 
-    pub fn count(&self) -> usize {
-        self.chunks
-    }
-
-    fn chunk(&self, i: usize) -> &'a [u8] {
-        let payload = &self.frame[self.udp + UDP_HDR..];
-        &payload[(i * self.mss).min(payload.len())..((i + 1) * self.mss).min(payload.len())]
-    }
-
-    pub fn len(&self, i: usize) -> usize {
-        self.udp + UDP_HDR + self.chunk(i).len()
-    }
-
-    pub fn write(&self, i: usize, out: &mut [u8]) {
-        let headers = self.udp + UDP_HDR;
-        out[headers..].copy_from_slice(self.chunk(i));
-        self.write_head(i, &mut out[..headers]);
-    }
-
-    pub fn write_head(&self, i: usize, out: &mut [u8]) {
-        let (frame, udp) = (self.frame, self.udp);
-        let headers = udp + UDP_HDR;
-        let chunk = self.chunk(i);
-        out[..headers].copy_from_slice(&frame[..headers]);
-        let udp_len = (UDP_HDR + chunk.len()) as u16;
+    fn write_head(&self, i: usize, out: &mut [u8]) {
+        let (c, udp) = (&self.cut, self.udp);
+        let udp_len = UDP_HDR + c.chunk(i).len();
         let addrs = if self.v6 {
             // IPv6: the payload length is the UDP datagram's; no header checksum.
-            out[ETH + 4..ETH + 6].copy_from_slice(&udp_len.to_be_bytes());
-            &frame[ETH + 8..ETH + 40]
+            out[..c.headers].copy_from_slice(&c.frame[..c.headers]);
+            out[ETH + 4..ETH + 6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+            &c.frame[ETH + 8..ETH + 40]
         } else {
-            let ip_len = (udp - ETH) as u16 + udp_len;
-            out[ETH + 2..ETH + 4].copy_from_slice(&ip_len.to_be_bytes());
-            out[ETH + 4..ETH + 6].copy_from_slice(&self.id.wrapping_add(i as u16).to_be_bytes());
-            out[ETH + 10..ETH + 12].fill(0);
-            let ip_sum = fold(Sum::new().add_slice(&out[ETH..udp]));
-            out[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
-            &frame[ETH + 12..ETH + 20]
+            c.ipv4_head(i, out, udp, udp_len);
+            &c.frame[ETH + 12..ETH + 20]
         };
-        out[udp + 4..udp + 6].copy_from_slice(&udp_len.to_be_bytes());
+        out[udp + 4..udp + 6].copy_from_slice(&(udp_len as u16).to_be_bytes());
         out[udp + 6..udp + 8].fill(0);
         let pseudo = Sum::new()
             .add_slice(addrs)
             .add_2bytes([0, 17])
-            .add_2bytes(udp_len.to_be_bytes());
-        let check = if self.partial {
-            !fold(pseudo)
-        } else {
-            // A computed zero goes out as all ones: zero means "no checksum" in UDP.
-            match fold(pseudo.add_slice(&out[udp..headers]).add_slice(chunk)) {
-                0 => 0xffff,
-                s => s,
-            }
+            .add_2bytes((udp_len as u16).to_be_bytes());
+        // A whole sum of zero goes out as all ones: zero means "no checksum" in UDP.
+        let check = match c.l4_checksum(i, out, udp, pseudo) {
+            0 if !c.partial => 0xffff,
+            s => s,
         };
         out[udp + 6..udp + 8].copy_from_slice(&check.to_be_bytes());
     }
+}
 
+/// The frames a super-frame stands for, whichever its kind: written on demand into buffers
+/// the caller gives, each complete (lengths, IPv4 id and checksums), so that a frame is
+/// copied once on its way out, or not at all when only its headers are written and its
+/// payload is gathered from where it lies.
+pub enum Segments<'a> {
+    Tcp4(Tcp4Segments<'a>),
+    Udp(UdpSegments<'a>),
+}
+
+impl<'a> Segments<'a> {
+    /// Checks `frame` against its GSO header; no frame may exceed `max_len` bytes.
+    pub fn new(frame: &'a [u8], h: &VnetHdr, max_len: usize) -> Result<Self, OffloadError> {
+        match h.gso_type & !GSO_ECN {
+            GSO_UDP_L4 => UdpSegments::new(frame, h, max_len).map(Segments::Udp),
+            _ => Tcp4Segments::new(frame, h, max_len).map(Segments::Tcp4),
+        }
+    }
+
+    fn cut(&self) -> &Cut<'a> {
+        match self {
+            Segments::Tcp4(s) => &s.cut,
+            Segments::Udp(s) => &s.cut,
+        }
+    }
+
+    /// Makes every frame's TCP/UDP checksum partial (the pseudo-header sum, as a TAP hands
+    /// over with `NEEDS_CSUM`) instead of whole: for a receiver that completes or trusts it
+    /// (another overlayd node), the payload need not be summed here. IPv4 only (what
+    /// [`partial_header`] recognises at the receiver); IPv6 datagrams stay whole.
+    pub fn partial(mut self) -> Self {
+        match &mut self {
+            Segments::Tcp4(s) => s.cut.partial = true,
+            Segments::Udp(s) => s.cut.partial = !s.v6,
+        }
+        self
+    }
+
+    pub fn count(&self) -> usize {
+        self.cut().chunks
+    }
+
+    /// The length of frame `i`.
+    pub fn len(&self, i: usize) -> usize {
+        self.head_len() + self.cut().payload(i).len()
+    }
+
+    /// The length of every frame's headers (all frames of a super-frame share them).
+    pub fn head_len(&self) -> usize {
+        self.cut().headers
+    }
+
+    /// Where frame `i`'s payload lies in the super-frame.
     pub fn payload(&self, i: usize) -> std::ops::Range<usize> {
-        let (h, len) = (self.udp + UDP_HDR, self.frame.len());
-        (h + i * self.mss).min(len)..(h + (i + 1) * self.mss).min(len)
+        self.cut().payload(i)
+    }
+
+    /// Writes frame `i` into `out`, which must be [`Self::len`]`(i)` bytes long.
+    pub fn write(&self, i: usize, out: &mut [u8]) {
+        let h = self.head_len();
+        out[h..].copy_from_slice(self.cut().chunk(i));
+        self.write_head(i, &mut out[..h]);
+    }
+
+    /// Writes only frame `i`'s headers, checksums included, into `out` ([`Self::head_len`]
+    /// bytes); its payload is [`Self::payload`]`(i)` of the super-frame, unchanged.
+    pub fn write_head(&self, i: usize, out: &mut [u8]) {
+        match self {
+            Segments::Tcp4(s) => s.write_head(i, out),
+            Segments::Udp(s) => s.write_head(i, out),
+        }
     }
 }
 

@@ -503,7 +503,7 @@ impl Worker {
             // First with the frame writable: the decision (which may rewrite it), and for a
             // whole frame leaving through the underlay, its checksum made partial (for
             // another overlayd node) or completed (for anyone else).
-            let verdict = {
+            let (verdict, h) = {
                 let (hdr, frame) = self.frames[i][..len].split_at_mut(vnet::HDR_LEN);
                 let h = VnetHdr::from_slice(hdr).unwrap_or_default();
                 let csum = if h.flags & vnet::F_NEEDS_CSUM != 0 {
@@ -512,7 +512,7 @@ impl Worker {
                     L4Csum::Complete
                 };
                 let v = switch::from_port(&tables, port, frame, csum, &mut self.reply);
-                match v {
+                let v = match v {
                     Verdict::Encap { vtep, .. } if !h.is_gso() => {
                         // Another overlayd node takes TCP/UDP over IPv4 with the checksum
                         // partial, whatever the TAP gave; anything else leaves whole.
@@ -527,7 +527,8 @@ impl Worker {
                         }
                     }
                     v => v,
-                }
+                };
+                (v, h)
             };
             // Then read-only, so that segments may leave with their payloads gathered from
             // the read buffers (the run is sent before they are read into again).
@@ -566,7 +567,6 @@ impl Worker {
                         continue;
                     };
                     // On the wire a frame must be whole: a super-frame is segmented.
-                    let h = VnetHdr::from_slice(hdr).unwrap_or_default();
                     let to = Dest {
                         vni,
                         vtep,
@@ -596,10 +596,19 @@ impl Worker {
                             s
                         }
                     });
+                    // Sealing needs each segment whole in the run; plain ones are gathered.
+                    let sealed = tables
+                        .networks
+                        .get(&vni)
+                        .is_some_and(|n| n.crypto.is_some());
                     match segs {
                         Ok(segs) => {
                             for k in 0..segs.count() {
-                                tx += out.queue_segment(to, &segs, k, i);
+                                tx += if sealed {
+                                    out.queue_with(to, segs.len(k), |b| segs.write(k, b))
+                                } else {
+                                    out.queue_gathered(to, &segs, k, i)
+                                };
                             }
                         }
                         Err(_) => self.counters.count_drop(DropReason::OffloadMalformed),
@@ -749,18 +758,10 @@ impl Encap<'_> {
         self.queue_with(to, frame.len(), |b| b.copy_from_slice(frame))
     }
 
-    /// Queues segment `k` of a super-frame read into TAP buffer `buf`: on a plain network
-    /// only its headers are written into the run and its payload is gathered from the
-    /// buffer when the run is sent; sealing needs the whole segment in the run.
-    fn queue_segment(&mut self, to: Dest, segs: &Segments<'_>, k: usize, buf: usize) -> u64 {
-        let encrypted = self
-            .tables
-            .networks
-            .get(&to.vni)
-            .is_some_and(|n| n.crypto.is_some());
-        if encrypted {
-            return self.queue_with(to, segs.len(k), |b| segs.write(k, b));
-        }
+    /// Queues segment `k` of a super-frame read into TAP buffer `buf`, for a plain network:
+    /// only its headers are written into the run, and its payload is gathered from the
+    /// buffer when the run is sent.
+    fn queue_gathered(&mut self, to: Dest, segs: &Segments<'_>, k: usize, buf: usize) -> u64 {
         let p = segs.payload(k);
         let payload = Gather {
             buf,

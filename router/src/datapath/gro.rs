@@ -23,7 +23,10 @@
 
 use super::csum::Sum;
 use super::table::PortId;
-use super::vnet::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_UDP_L4, HDR_LEN, UDP_MAX_SEGMENTS};
+use super::vnet::{
+    fold, needs_csum, partial_field, pseudo_header, VnetHdr, GSO_TCPV4, GSO_UDP_L4, HDR_LEN,
+    UDP_MAX_SEGMENTS,
+};
 use std::ops::Range;
 
 const ETH: usize = 14;
@@ -94,10 +97,6 @@ pub struct Run<'a> {
     pub parts: &'a [(usize, Range<usize>)],
 }
 
-fn sum_final(s: Sum) -> u16 {
-    s.ones_complement().to_be()
-}
-
 /// The parts of a plain TCP or UDP over IPv4 segment GRO looks at, if `frame` is one with
 /// valid checksums (its TCP/UDP checksum only checked when `verify_l4`).
 struct Segment {
@@ -127,19 +126,14 @@ fn parse(frame: &[u8], verify_l4: bool) -> Option<Segment> {
     if l4_hdr < 8 || (proto == TCP && l4_hdr < 20) || L4 + l4_hdr > frame.len() {
         return None;
     }
-    if sum_final(Sum::new().add_slice(&frame[ETH..L4])) != 0 {
+    if fold(Sum::new().add_slice(&frame[ETH..L4])) != 0 {
         return None;
     }
     // A UDP datagram without a checksum (zero) has nothing to verify.
     let unsummed = proto == UDP && frame[L4 + 6..L4 + 8] == [0, 0];
     if verify_l4 && !unsummed {
-        let l4_len = (frame.len() - L4) as u16;
-        let check = Sum::new()
-            .add_slice(&frame[ETH + 12..ETH + 20])
-            .add_2bytes([0, proto])
-            .add_2bytes(l4_len.to_be_bytes())
-            .add_slice(&frame[L4..]);
-        if sum_final(check) != 0 {
+        let pseudo = pseudo_header(&frame[ETH + 12..ETH + 20], proto, frame.len() - L4);
+        if fold(pseudo.add_slice(&frame[L4..])) != 0 {
             return None;
         }
     }
@@ -248,22 +242,16 @@ impl Coalescer {
         let port = self.port.take()?;
         let segments = self.parts.len();
         let mut hdr = [0u8; HDR_LEN];
-        let csum_offset = if self.proto == TCP { 16 } else { 6 };
+        let partial = needs_csum(L4, self.proto);
         if segments == 1 && self.covered {
-            VnetHdr {
-                flags: F_NEEDS_CSUM,
-                csum_start: L4 as u16,
-                csum_offset,
-                ..VnetHdr::default()
-            }
-            .emit(&mut hdr);
+            partial.emit(&mut hdr);
         }
         if segments > 1 {
             let head = &mut self.head;
             let total = head.len() + self.payload;
             head[ETH + 2..ETH + 4].copy_from_slice(&((total - ETH) as u16).to_be_bytes());
             head[ETH + 10..ETH + 12].fill(0);
-            let ip_sum = sum_final(Sum::new().add_slice(&head[ETH..L4]));
+            let ip_sum = fold(Sum::new().add_slice(&head[ETH..L4]));
             head[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
             let l4_len = (total - L4) as u16;
             let gso_type = match self.proto {
@@ -273,20 +261,14 @@ impl Coalescer {
                     GSO_UDP_L4
                 }
             };
-            let pseudo = Sum::new()
-                .add_slice(&head[ETH + 12..ETH + 20])
-                .add_2bytes([0, self.proto])
-                .add_2bytes(l4_len.to_be_bytes());
-            // Partial checksum: the folded pseudo-header sum, not inverted.
-            let at = L4 + usize::from(csum_offset);
-            head[at..at + 2].copy_from_slice(&(!sum_final(pseudo)).to_be_bytes());
+            let pseudo = pseudo_header(&head[ETH + 12..ETH + 20], self.proto, l4_len.into());
+            let at = L4 + usize::from(partial.csum_offset);
+            head[at..at + 2].copy_from_slice(&partial_field(pseudo).to_be_bytes());
             VnetHdr {
-                flags: F_NEEDS_CSUM,
                 gso_type,
                 hdr_len: head.len() as u16,
                 gso_size: self.mss as u16,
-                csum_start: L4 as u16,
-                csum_offset,
+                ..partial
             }
             .emit(&mut hdr);
         }
@@ -302,7 +284,7 @@ impl Coalescer {
 
 #[cfg(test)]
 mod tests {
-    use super::super::vnet::{complete_checksum, segment_tcp4, Segments};
+    use super::super::vnet::{complete_checksum, segment_tcp4, Segments, F_NEEDS_CSUM};
     use super::*;
     use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 

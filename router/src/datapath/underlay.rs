@@ -287,12 +287,12 @@ impl Default for TxBatch {
 /// Most datagrams in one run (the kernel's UDP GSO limit was 64 before Linux 6.9).
 const MAX_RUN: usize = 64;
 
-/// A piece of a run: bytes of the arena, or bytes of the caller's buffer `.0` (a TAP read
-/// buffer, given again at [`TxBatch::flush`]).
+/// A piece of a run: bytes of the arena, or bytes of one of the caller's buffers (a TAP
+/// read buffer, given again at [`TxBatch::flush`]).
 #[derive(Debug, Clone)]
 enum Piece {
     Arena(Range<usize>),
-    Gathered(usize, Range<usize>),
+    Gathered(Gather),
 }
 
 /// A payload to gather: buffer `buf` of the caller's, bytes `range` of it.
@@ -418,8 +418,7 @@ impl TxBatch {
         fill(&mut self.arena[body..start + head]);
         self.push_arena(start..start + head);
         if !payload.range.is_empty() {
-            self.pieces
-                .push(Piece::Gathered(payload.buf, payload.range));
+            self.pieces.push(Piece::Gathered(payload));
         }
         self.added(len);
         sent
@@ -493,7 +492,7 @@ impl TxBatch {
                 for (slot, p) in iov.iter_mut().zip(pieces) {
                     let bytes = match p {
                         Piece::Arena(r) => self.arena.get(r.clone()),
-                        Piece::Gathered(b, r) => bufs.get(*b).and_then(|b| b.get(r.clone())),
+                        Piece::Gathered(g) => bufs.get(g.buf).and_then(|b| b.get(g.range.clone())),
                     };
                     match bytes {
                         Some(b) => *slot = IoSlice::new(b),

@@ -76,10 +76,35 @@ pub enum OffloadError {
     MalformedGso,
 }
 
-/// The final (inverted, folded) checksum as a number to write big-endian. etherparse sums
-/// in native byte order, hence the `to_be`.
-fn fold(sum: Sum) -> u16 {
+/// The final (inverted, folded) checksum as a number to write big-endian (`Sum` adds in
+/// native byte order, hence the `to_be`). Zero when summed over data with a valid checksum.
+pub fn fold(sum: Sum) -> u16 {
     sum.ones_complement().to_be()
+}
+
+/// The pseudo-header sum of a TCP/UDP checksum: the addresses (IPv4 or IPv6, source then
+/// destination, as they lie in the header), the protocol and the L4 length.
+pub fn pseudo_header(addrs: &[u8], proto: u8, l4_len: usize) -> Sum {
+    Sum::new()
+        .add_slice(addrs)
+        .add_2bytes([0, proto])
+        .add_2bytes((l4_len as u16).to_be_bytes())
+}
+
+/// What a partial checksum field holds: the folded pseudo-header sum, not inverted.
+pub fn partial_field(pseudo: Sum) -> u16 {
+    !fold(pseudo)
+}
+
+/// The header that asks the receiving kernel to complete (or trust) a TCP (`proto` 6) or UDP
+/// checksum whose header starts at `csum_start`.
+pub fn needs_csum(csum_start: usize, proto: u8) -> VnetHdr {
+    VnetHdr {
+        flags: F_NEEDS_CSUM,
+        csum_start: csum_start as u16,
+        csum_offset: if proto == 6 { 16 } else { 6 },
+        ..VnetHdr::default()
+    }
 }
 
 /// Completes a partial checksum in place: the field at `csum_start + csum_offset` holds the
@@ -161,7 +186,7 @@ impl<'a> Cut<'a> {
     /// partial (the folded pseudo-header sum) or whole.
     fn l4_checksum(&self, i: usize, out: &[u8], l4: usize, pseudo: Sum) -> u16 {
         if self.partial {
-            !fold(pseudo)
+            partial_field(pseudo)
         } else {
             fold(
                 pseudo
@@ -222,10 +247,7 @@ impl<'a> Tcp4Segments<'a> {
             out[tcp + 13] &= !0x80;
         }
         out[tcp + 16..tcp + 18].fill(0);
-        let pseudo = Sum::new()
-            .add_slice(&c.frame[ETH + 12..ETH + 20])
-            .add_2bytes([0, 6])
-            .add_2bytes((tcp_len as u16).to_be_bytes());
+        let pseudo = pseudo_header(&c.frame[ETH + 12..ETH + 20], 6, tcp_len);
         let check = c.l4_checksum(i, out, tcp, pseudo);
         out[tcp + 16..tcp + 18].copy_from_slice(&check.to_be_bytes());
     }
@@ -287,10 +309,7 @@ impl<'a> UdpSegments<'a> {
         };
         out[udp + 4..udp + 6].copy_from_slice(&(udp_len as u16).to_be_bytes());
         out[udp + 6..udp + 8].fill(0);
-        let pseudo = Sum::new()
-            .add_slice(addrs)
-            .add_2bytes([0, 17])
-            .add_2bytes((udp_len as u16).to_be_bytes());
+        let pseudo = pseudo_header(addrs, 17, udp_len);
         // A whole sum of zero goes out as all ones: zero means "no checksum" in UDP.
         let check = match c.l4_checksum(i, out, udp, pseudo) {
             0 if !c.partial => 0xffff,
@@ -409,11 +428,7 @@ pub fn offload_partial(frame: &mut [u8], gso_size: Option<u16>) -> VnetHdr {
     let Some((proto, start, csum_offset, l4_len)) = l4_of(frame) else {
         return VnetHdr::default();
     };
-    let pseudo = Sum::new()
-        .add_slice(&frame[ETH + 12..ETH + 20])
-        .add_2bytes([0, proto])
-        .add_2bytes((l4_len as u16).to_be_bytes());
-    let partial = !fold(pseudo);
+    let partial = partial_field(pseudo_header(&frame[ETH + 12..ETH + 20], proto, l4_len));
     let at = start + usize::from(csum_offset);
     frame[at..at + 2].copy_from_slice(&partial.to_be_bytes());
     let mut h = partial_header(frame);
@@ -431,12 +446,7 @@ pub fn offload_partial(frame: &mut [u8], gso_size: Option<u16>) -> VnetHdr {
 /// anything but TCP or UDP over unfragmented IPv4.
 pub fn partial_header(frame: &[u8]) -> VnetHdr {
     match l4_of(frame) {
-        Some((_, start, csum_offset, _)) => VnetHdr {
-            flags: F_NEEDS_CSUM,
-            csum_start: start as u16,
-            csum_offset,
-            ..VnetHdr::default()
-        },
+        Some((proto, start, _, _)) => needs_csum(start, proto),
         None => VnetHdr::default(),
     }
 }

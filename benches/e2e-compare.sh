@@ -35,31 +35,9 @@ done
 ip netns exec "$P-c2" iperf3 -s -1 -D; sleep 0.3
 bridge_gbps=$(ip netns exec "$P-c1" iperf3 -c 10.0.0.3 -t "$T" -J | gbps)
 
-# (3) kernel VXLAN between two hosts, Docker-style (see ../shared/bench/anchor-kernel.sh)
-ip link add u1 netns "$P-k1" type veth peer name u2 netns "$P-k2"
-for i in 1 2; do ip -n "$P-k$i" addr add 198.18.0.$i/24 dev u$i; ip -n "$P-k$i" link set u$i up; done
-for i in 1 2; do
-  N="$P-k$i"; CN="$P-kc$i"; peer=$((3-i))
-  ip -n "$N" link add br0 type bridge; ip -n "$N" link set br0 up
-  ip -n "$N" link add vxlan0 type vxlan id 4097 dstport 4789 local 198.18.0.$i nolearning
-  ip -n "$N" link set vxlan0 mtu 1450 master br0 up
-  ip -n "$N" link add veth0 type veth peer name eth0 netns "$CN"
-  ip -n "$N" link set veth0 mtu 1450 master br0 up
-  ip -n "$CN" link set eth0 mtu 1450 address 02:42:0a:00:02:0$i up
-  ip -n "$CN" addr add 10.0.2.$((i+1))/24 dev eth0
-  bridge -n "$N" fdb add 02:42:0a:00:02:0$peer dev vxlan0 dst 198.18.0.$peer self permanent
-  ip -n "$CN" neigh add 10.0.2.$((peer+1)) lladdr 02:42:0a:00:02:0$peer dev eth0 nud permanent
-done
+# (3) kernel VXLAN between two hosts, Docker-style
+kernel_vxlan
 ip netns exec "$P-kc2" iperf3 -s -1 -D; sleep 0.3
-# CPU time of the whole machine (user, nice, system, irq, softirq, steal) over a run, per GB
-# received: the kernel path's work shows as softirq and system time, ours as user time too.
-busy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }
-HZ=$(getconf CLK_TCK)
-iperf_cpu() { # an iperf3 -J command; prints "Gbit/s CPU-seconds-per-GB"
-  local b0 b1 out; b0=$(busy); out=$("$@"); b1=$(busy)
-  echo "$out" | python3 -c 'import json,sys
-e=json.load(sys.stdin)["end"]["sum_received"]; cpu=('"$b1"'-'"$b0"')/'"$HZ"'
-print("%.2f %.2f" % (e["bits_per_second"]/1e9, cpu/(e["bytes"]/1e9)))'; }
 read -r kvx_gbps kvx_cpu <<< "$(iperf_cpu ip netns exec "$P-kc1" iperf3 -c 10.0.2.3 -t "$T" -J)"
 ip netns exec "$P-kc2" iperf3 -s -1 -D -p 5203; sleep 0.3
 read -r kvx4_gbps kvx4_cpu <<< "$(iperf_cpu ip netns exec "$P-kc1" iperf3 -c 10.0.2.3 -p 5203 -P 4 -t "$T" -J)"
@@ -74,8 +52,6 @@ UB=$PWD/benches/udp-bulk.py
 ip netns exec "$P-kc2" python3 "$UB" recv 7000 "$T" > "$D/kub" & ub=$!; sleep 0.5
 ip netns exec "$P-kc1" python3 "$UB" send 10.0.2.3 7000 "$T"; wait "$ub"
 kvx_ubulk=$(cat "$D/kub")
-
-addr_of() { $C --socket "$1" inspect "$2" | python3 -c 'import json,sys;print(json.load(sys.stdin)[0]["attachments"][0]["address"])'; }
 
 # (2) overlayd, one node
 start "$P-s" "$P-br"
@@ -129,13 +105,7 @@ ip netns exec "$P-kc2" iperf3 -s -1 -D -p 5202; sleep 0.3
 kvx_kpps=$(ip netns exec "$P-kc1" iperf3 -c 10.0.2.3 -p 5202 -u -l 64 -b 0 -t "$T" -J | kpps)
 
 # (4) overlayd, two nodes over a veth underlay
-ip link add u1 netns "$P-o1" type veth peer name u2 netns "$P-o2"
-for i in 1 2; do ip -n "$P-o$i" addr add 198.18.1.$i/24 dev u$i; ip -n "$P-o$i" link set u$i up; done
-start "$P-m" "$P-o1" --advertise-addr 198.18.1.1 --init
-M="$D/$P-m.sock"
-start "$P-w" "$P-o2" --advertise-addr 198.18.1.2 --join 198.18.1.1 --token "$($C --socket "$M" cluster join-token -q)"
-# Both nodes Ready before any placement, or the tasks land on one node.
-wait_ready "$M" 2
+overlay_pair
 $C --socket "$M" network create span >/dev/null
 $C --socket "$M" service create --name x --network span --replicas 2 -- iperf3 -s >/dev/null
 wait_running "$M" x 2; sleep 0.5

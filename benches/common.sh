@@ -16,6 +16,7 @@ bench_setup() {
   BIN=$PWD/target/release; C="$BIN/overlayctl"
   D=$(mktemp -d); chmod 755 "$D"
   trap bench_cleanup EXIT
+  trap "exit 130" INT TERM  # so that the EXIT trap cleans up on ^C or kill too
   local n
   for n in $NS; do ip netns add "$P-$n"; ip -n "$P-$n" link set lo up; done
 }

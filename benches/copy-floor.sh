@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # How close a userspace router on a TAP and a UDP socket can come to the kernel's VXLAN
-# path on this machine, and how close overlayd is to that floor. Three paths across two
-# hosts, measured alternately in the same run (iperf3, T seconds, 1 and 4 TCP streams, and
-# the machine's CPU-seconds per GB received, from /proc/stat):
+# path on this machine. Three paths across two hosts, measured alternately in the same run
+# (iperf3, T seconds, 1 and 4 TCP streams, the machine's CPU-seconds per GB received from
+# /proc/stat, and the round trip: sockperf UDP ping-pong, p50/p99):
 #   kernel   the kernel's VXLAN overlay as Docker builds it (bridge + vxlan + static FDB)
 #   floor    benches/src/bin/copy-floor.rs: TAP -> one UDP datagram per super-frame -> TAP,
 #            nothing else (no switching, no headers, no segmentation; underlay MTU 65535
-#            so that 64 KiB datagrams cross whole): the four copies and four system calls
-#            per 64 KiB that any TAP-and-socket design makes, and no more
+#            so that 64 KiB datagrams cross whole; a blocking thread per direction): the
+#            four copies and four system calls per 64 KiB of a TAP-and-socket relay, and
+#            no other work
 #   overlayd two nodes, as benches/e2e-compare.sh runs them
-# Also, per path: the round trip (sockperf UDP ping-pong, p50/p99; the added round trip is
-# twice the difference of the half round trips sockperf reports); and the bytes per packet
-# on the receiving host's underlay veth during each iperf3 run, from its counters (the
-# kernel's VXLAN hands whole super-packets across the veth; so does overlayd, with
-# UDP_SEGMENT).
+# Then the bound the copies alone set, from a profile of the kernel path (perf record -a):
+# its two copies of every byte (the sending task's and the receiving task's) give the cost
+# of one copy per GB; a TAP-and-socket router adds four (TAP read, socket send, socket
+# receive, TAP write), which sets the least CPU per GB it can reach and so the most it can
+# move on this machine's cores. Also printed: bytes per packet on the receiving host's
+# underlay veth during each iperf3 run (the kernel's VXLAN hands whole super-packets across
+# the veth; so does overlayd, with UDP_SEGMENT).
 # Usage (root): benches/copy-floor.sh [seconds] [rounds]    Builds release binaries first.
 set -euo pipefail
 T=${1:-5}; R=${2:-2}
@@ -21,7 +24,7 @@ cd "$(dirname "$0")/.."
 . benches/common.sh
 P=cf$$
 NS="k1 k2 kc1 kc2 f1 f2 fc1 fc2 o1 o2"
-bench_setup iperf3 sockperf
+bench_setup iperf3 sockperf linux-perf
 
 kernel_vxlan
 
@@ -63,7 +66,13 @@ run() { # $1 path, $2 streams; prints "Gbit/s CPU-s/GB bytes/packet"
   esac
   sleep 0.3
   read -r b0 p0 <<< "$(rx "$ns" u2)"
+  # With PROFILE set, the whole machine is profiled in the middle of the run.
+  local prof=
+  if [ -n "${PROFILE:-}" ]; then
+    (sleep 1; perf record -a -q -o "$PROFILE" -- sleep $((T - 2)) >/dev/null 2>&1) & prof=$!
+  fi
   res=$(iperf_cpu "${client[@]}" iperf3 -c "$dst" -p "$port" -P "$2" -t "$T" -J)
+  [ -z "$prof" ] || wait "$prof"
   read -r b1 p1 <<< "$(rx "$ns" u2)"
   echo "$res $(( (b1 - b0) / (p1 - p0 > 0 ? p1 - p0 : 1) ))"
 }
@@ -102,6 +111,17 @@ for r in $(seq "$R"); do
     sum[$path.l99]=$(python3 -c "print(${sum[$path.l99]:-0}+$p99)")
   done
 done
+# The cost of one copy of every byte, from a profile of the kernel path (a run of its own,
+# so that the profiler does not slow the runs compared above): its two copies (the
+# sender's tcp_sendmsg, the receiver's tcp_recvmsg) as a share of the busy samples
+# (idle = the halt and idle loops), times its CPU-seconds per GB, halved.
+copy_share() {
+  perf report -i "$1" --sort symbol --stdio 2>/dev/null | awk '
+    /^ +[0-9.]+%/ { p = $1 + 0; sym = $NF
+                    if ($0 ~ /_copy_(to|from)_iter/) c += p
+                    if ($0 ~ /halt|idle/) idle += p }
+    END { printf "%.4f\n", c / (100 - idle) }'
+}
 mean() { python3 -c "print('%.2f' % (${sum[$1]}/$R))"; }
 echo "-- means over $R rounds; overlayd's tasks on $nodes distinct nodes --"
 for s in 1 4; do
@@ -117,4 +137,18 @@ for path in floor overlayd; do
   printf '%-40s %8s us\n' "added round trip p50 / p99, $path" "$(python3 -c "
 k50, k99 = ${sum[kernel.l50]}/$R, ${sum[kernel.l99]}/$R
 print('%.1f / %.1f' % (2*(${sum[$path.l50]}/$R-k50), 2*(${sum[$path.l99]}/$R-k99)))")"
+done
+echo "-- what the copies alone cost (the kernel path profiled in one more run each) --"
+for s in 1 4; do
+  PROFILE=$D/perf-$s.data run kernel "$s" > /dev/null
+  share=$(copy_share "$D/perf-$s.data")
+  python3 - "$s" "$share" "$(mean "kernel$s.c")" "$(mean "kernel$s.g")" "$(nproc)" <<'EOP'
+import sys
+s, share, kcpu, kg, cores = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+copy = share * kcpu / 2            # CPU-s per GB for one copy of every byte
+least = kcpu + 4 * copy            # the kernel path's work and a TAP-and-socket router's four copies
+print("%s stream(s): the kernel path's 2 copies are %.1f%% of its busy CPU: %.3f CPU-s per GB per copy" % (s, 100 * share, copy))
+print("   a TAP-and-socket router needs at least %.2f CPU-s per GB (%.2fx the kernel's), so at most %.1f Gbit/s on %d cores (%.2fx the kernel's %.1f)"
+      % (least, least / kcpu, cores * 8 / least, cores, cores * 8 / least / kg, kg))
+EOP
 done

@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use router::datapath::gro::{Coalescer, Push};
 use router::datapath::table::PortId;
 use router::datapath::vnet::{
-    complete_checksum, offload_partial, segment_tcp4, Segments, VnetHdr, F_NEEDS_CSUM, GSO_TCPV4,
+    complete_checksum, offload_partial, segment_tcp, Segments, VnetHdr, F_NEEDS_CSUM, GSO_TCPV4,
     GSO_UDP_L4,
 };
 use std::hint::black_box;
@@ -66,7 +66,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("segment_tcp4_64KiB_into_1398B", |b| {
         b.iter(|| {
             let mut n = 0usize;
-            segment_tcp4(black_box(&big), &h, &mut scratch, |s| n += s.len()).unwrap();
+            segment_tcp(black_box(&big), &h, &mut scratch, |s| n += s.len()).unwrap();
             n
         })
     });
@@ -76,7 +76,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("segment_then_copy_into_run_64KiB", |b| {
         b.iter(|| {
             let mut at = 0;
-            segment_tcp4(black_box(&big), &h, &mut scratch, |s| {
+            segment_tcp(black_box(&big), &h, &mut scratch, |s| {
                 run[at + 8..at + 8 + s.len()].copy_from_slice(s);
                 at += 8 + s.len();
             })
@@ -131,7 +131,7 @@ fn bench(c: &mut Criterion) {
     let mut segs = Vec::new();
     let mut whole = big.clone();
     whole[50..52].fill(0);
-    segment_tcp4(&whole, &h, &mut scratch, |s| segs.push(s.to_vec())).unwrap();
+    segment_tcp(&whole, &h, &mut scratch, |s| segs.push(s.to_vec())).unwrap();
     let mut gro = Coalescer::default();
     g.throughput(Throughput::Bytes(big.len() as u64));
     // Merging records where each payload lies (segment i in buffer i); nothing is copied but

@@ -284,7 +284,7 @@ impl Coalescer {
 
 #[cfg(test)]
 mod tests {
-    use super::super::vnet::{complete_checksum, segment_tcp4, Segments, F_NEEDS_CSUM};
+    use super::super::vnet::{complete_checksum, segment_tcp, Segments, F_NEEDS_CSUM};
     use super::*;
     use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
@@ -365,7 +365,7 @@ mod tests {
         let mut whole = merged.to_vec();
         complete_checksum(&mut whole, &h).unwrap();
         let mut again = Vec::new();
-        segment_tcp4(&whole, &h, &mut vec![0u8; 1600], |s| again.push(s.to_vec())).unwrap();
+        segment_tcp(&whole, &h, &mut vec![0u8; 1600], |s| again.push(s.to_vec())).unwrap();
         assert_eq!(again.len(), 5);
         for (a, b) in again.iter().zip(&segs) {
             // Identical but for the IPv4 id, which resegmenting numbers afresh.

@@ -1,9 +1,9 @@
 //! The virtio-net header a TAP with IFF_VNET_HDR puts in front of every frame (and expects in
 //! front of every frame written to it), and the two things the datapath must do for a frame
 //! that leaves through the underlay instead of another TAP: complete a checksum the sender
-//! left to "hardware", and cut a super-frame into the frames it stands for: TCP/IPv4 (TSO)
-//! into MSS-sized segments, UDP over IPv4 or IPv6 (USO, from a task that sends with
-//! `UDP_SEGMENT`) into datagrams. Pure functions over byte slices.
+//! left to "hardware", and cut a super-frame into the frames it stands for: TCP over IPv4 or
+//! IPv6 (TSO) into MSS-sized segments, UDP over IPv4 or IPv6 (USO, from a task that sends
+//! with `UDP_SEGMENT`) into datagrams. Pure functions over byte slices.
 
 use super::csum::Sum;
 
@@ -13,6 +13,7 @@ pub const HDR_LEN: usize = 10;
 pub const F_NEEDS_CSUM: u8 = 1;
 pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
+pub const GSO_TCPV6: u8 = 4;
 /// UDP segmentation (`VIRTIO_NET_HDR_GSO_UDP_L4`), IPv4 or IPv6; Linux 6.2 and later.
 pub const GSO_UDP_L4: u8 = 5;
 pub const GSO_ECN: u8 = 0x80;
@@ -72,7 +73,7 @@ pub enum OffloadError {
     BadChecksumOffsets,
     #[error("GSO type {0} is not supported")]
     UnsupportedGso(u8),
-    #[error("GSO frame is not a well-formed TCP/IPv4 or UDP frame")]
+    #[error("GSO frame is not a well-formed TCP or UDP frame of its GSO type")]
     MalformedGso,
 }
 
@@ -120,16 +121,16 @@ pub fn complete_checksum(frame: &mut [u8], h: &VnetHdr) -> Result<(), OffloadErr
     Ok(())
 }
 
-/// Cuts a TCP/IPv4 super-frame into segments of at most `h.gso_size` payload bytes, each a
-/// complete frame with correct IPv4 and TCP headers and checksums, written into `scratch` and
-/// handed to `emit` one at a time.
-pub fn segment_tcp4(
+/// Cuts a TCP super-frame (IPv4 or IPv6) into segments of at most `h.gso_size` payload
+/// bytes, each a complete frame with correct IP and TCP headers and checksums, written into
+/// `scratch` and handed to `emit` one at a time.
+pub fn segment_tcp(
     frame: &[u8],
     h: &VnetHdr,
     scratch: &mut [u8],
     mut emit: impl FnMut(&[u8]),
 ) -> Result<usize, OffloadError> {
-    let segs = Segments::Tcp4(Tcp4Segments::new(frame, h, scratch.len())?);
+    let segs = Segments::Tcp(TcpSegments::new(frame, h, scratch.len())?);
     for i in 0..segs.count() {
         let out = &mut scratch[..segs.len(i)];
         segs.write(i, out);
@@ -182,6 +183,13 @@ impl<'a> Cut<'a> {
         out[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
     }
 
+    /// Copies the headers into `out` and sets the IPv6 payload length (no extension headers:
+    /// the L4 part, `l4_len` bytes); IPv6 has no header checksum and no per-frame id.
+    fn ipv6_head(&self, out: &mut [u8], l4_len: usize) {
+        out[..self.headers].copy_from_slice(&self.frame[..self.headers]);
+        out[ETH + 4..ETH + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    }
+
     /// The TCP/UDP checksum of frame `i` whose headers are in `out` (checksum field zero):
     /// partial (the folded pseudo-header sum) or whole.
     fn l4_checksum(&self, i: usize, out: &[u8], l4: usize, pseudo: Sum) -> u16 {
@@ -197,26 +205,40 @@ impl<'a> Cut<'a> {
     }
 }
 
-/// A TCP/IPv4 super-frame, checked once.
-pub struct Tcp4Segments<'a> {
+/// A TCP super-frame (IPv4, or IPv6 without extension headers), checked once.
+pub struct TcpSegments<'a> {
     cut: Cut<'a>,
     tcp: usize,
     seq: u32,
+    v6: bool,
 }
 
-impl<'a> Tcp4Segments<'a> {
+impl<'a> TcpSegments<'a> {
     /// Checks `frame` and its header; no segment may exceed `max_len` bytes.
     pub fn new(frame: &'a [u8], h: &VnetHdr, max_len: usize) -> Result<Self, OffloadError> {
-        if h.gso_type & !GSO_ECN != GSO_TCPV4 {
-            return Err(OffloadError::UnsupportedGso(h.gso_type));
-        }
         let bad = OffloadError::MalformedGso;
-        if frame.len() < ETH + 20 || frame[12..14] != [0x08, 0x00] || frame[ETH] >> 4 != 4 {
-            return Err(bad);
-        }
-        let ihl = ((frame[ETH] & 0x0f) as usize) * 4;
-        let tcp = ETH + ihl;
-        if ihl < 20 || frame.len() < tcp + 20 || frame[ETH + 9] != 6 {
+        let v6 = match h.gso_type & !GSO_ECN {
+            GSO_TCPV4 => false,
+            GSO_TCPV6 => true,
+            t => return Err(OffloadError::UnsupportedGso(t)),
+        };
+        let tcp = match (v6, frame.get(12..14), frame.get(ETH).map(|b| b >> 4)) {
+            (false, Some([0x08, 0x00]), Some(4)) if frame.len() >= ETH + 20 => {
+                let ihl = ((frame[ETH] & 0x0f) as usize) * 4;
+                if ihl < 20 || frame[ETH + 9] != 6 {
+                    return Err(bad);
+                }
+                ETH + ihl
+            }
+            (true, Some([0x86, 0xdd]), Some(6)) if frame.len() >= ETH + 40 => {
+                if frame[ETH + 6] != 6 {
+                    return Err(bad);
+                }
+                ETH + 40
+            }
+            _ => return Err(bad),
+        };
+        if frame.len() < tcp + 20 {
             return Err(bad);
         }
         let thl = ((frame[tcp + 12] >> 4) as usize) * 4;
@@ -226,17 +248,24 @@ impl<'a> Tcp4Segments<'a> {
             return Err(bad);
         }
         let word = |at: usize| [frame[at], frame[at + 1], frame[at + 2], frame[at + 3]];
-        Ok(Tcp4Segments {
+        Ok(TcpSegments {
             cut: Cut::new(frame, headers, mss),
             tcp,
             seq: u32::from_be_bytes(word(tcp + 4)),
+            v6,
         })
     }
 
     fn write_head(&self, i: usize, out: &mut [u8]) {
         let (c, tcp) = (&self.cut, self.tcp);
         let tcp_len = c.headers - tcp + c.chunk(i).len();
-        c.ipv4_head(i, out, tcp, tcp_len);
+        let addrs = if self.v6 {
+            c.ipv6_head(out, tcp_len);
+            &c.frame[ETH + 8..ETH + 40]
+        } else {
+            c.ipv4_head(i, out, tcp, tcp_len);
+            &c.frame[ETH + 12..ETH + 20]
+        };
         // TCP: sequence number; FIN and PSH only on the last segment, CWR only on the first.
         let seq = self.seq.wrapping_add((i * c.mss) as u32);
         out[tcp + 4..tcp + 8].copy_from_slice(&seq.to_be_bytes());
@@ -247,7 +276,7 @@ impl<'a> Tcp4Segments<'a> {
             out[tcp + 13] &= !0x80;
         }
         out[tcp + 16..tcp + 18].fill(0);
-        let pseudo = pseudo_header(&c.frame[ETH + 12..ETH + 20], 6, tcp_len);
+        let pseudo = pseudo_header(addrs, 6, tcp_len);
         let check = c.l4_checksum(i, out, tcp, pseudo);
         out[tcp + 16..tcp + 18].copy_from_slice(&check.to_be_bytes());
     }
@@ -299,9 +328,7 @@ impl<'a> UdpSegments<'a> {
         let (c, udp) = (&self.cut, self.udp);
         let udp_len = UDP_HDR + c.chunk(i).len();
         let addrs = if self.v6 {
-            // IPv6: the payload length is the UDP datagram's; no header checksum.
-            out[..c.headers].copy_from_slice(&c.frame[..c.headers]);
-            out[ETH + 4..ETH + 6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+            c.ipv6_head(out, udp_len);
             &c.frame[ETH + 8..ETH + 40]
         } else {
             c.ipv4_head(i, out, udp, udp_len);
@@ -324,7 +351,7 @@ impl<'a> UdpSegments<'a> {
 /// copied once on its way out, or not at all when only its headers are written and its
 /// payload is gathered from where it lies.
 pub enum Segments<'a> {
-    Tcp4(Tcp4Segments<'a>),
+    Tcp(TcpSegments<'a>),
     Udp(UdpSegments<'a>),
 }
 
@@ -333,13 +360,13 @@ impl<'a> Segments<'a> {
     pub fn new(frame: &'a [u8], h: &VnetHdr, max_len: usize) -> Result<Self, OffloadError> {
         match h.gso_type & !GSO_ECN {
             GSO_UDP_L4 => UdpSegments::new(frame, h, max_len).map(Segments::Udp),
-            _ => Tcp4Segments::new(frame, h, max_len).map(Segments::Tcp4),
+            _ => TcpSegments::new(frame, h, max_len).map(Segments::Tcp),
         }
     }
 
     fn cut(&self) -> &Cut<'a> {
         match self {
-            Segments::Tcp4(s) => &s.cut,
+            Segments::Tcp(s) => &s.cut,
             Segments::Udp(s) => &s.cut,
         }
     }
@@ -347,10 +374,10 @@ impl<'a> Segments<'a> {
     /// Makes every frame's TCP/UDP checksum partial (the pseudo-header sum, as a TAP hands
     /// over with `NEEDS_CSUM`) instead of whole: for a receiver that completes or trusts it
     /// (another overlayd node), the payload need not be summed here. IPv4 only (what
-    /// [`partial_header`] recognises at the receiver); IPv6 datagrams stay whole.
+    /// [`partial_header`] recognises at the receiver); IPv6 frames stay whole.
     pub fn partial(mut self) -> Self {
         match &mut self {
-            Segments::Tcp4(s) => s.cut.partial = true,
+            Segments::Tcp(s) => s.cut.partial = !s.v6,
             Segments::Udp(s) => s.cut.partial = !s.v6,
         }
         self
@@ -386,7 +413,7 @@ impl<'a> Segments<'a> {
     /// bytes); its payload is [`Self::payload`]`(i)` of the super-frame, unchanged.
     pub fn write_head(&self, i: usize, out: &mut [u8]) {
         match self {
-            Segments::Tcp4(s) => s.write_head(i, out),
+            Segments::Tcp(s) => s.write_head(i, out),
             Segments::Udp(s) => s.write_head(i, out),
         }
     }
@@ -484,7 +511,7 @@ mod tests {
         let h = offload_partial(&mut big, Some(1398));
         assert!(h.is_gso() && h.hdr_len == 54);
         let mut scratch = vec![0u8; 1600];
-        let n = segment_tcp4(&big, &h, &mut scratch, |_| {}).unwrap();
+        let n = segment_tcp(&big, &h, &mut scratch, |_| {}).unwrap();
         assert_eq!(n, 3);
         // ARP and garbage: plain.
         assert_eq!(offload_partial(&mut [0u8; 60], None), VnetHdr::default());
@@ -531,7 +558,7 @@ mod tests {
         };
         let mut scratch = vec![0u8; 1600];
         let mut segs: Vec<Vec<u8>> = Vec::new();
-        let n = segment_tcp4(&frame, &h, &mut scratch, |s| segs.push(s.to_vec())).unwrap();
+        let n = segment_tcp(&frame, &h, &mut scratch, |s| segs.push(s.to_vec())).unwrap();
         assert_eq!(n, 4);
         let mut joined = Vec::new();
         for (i, s) in segs.iter().enumerate() {
@@ -564,6 +591,60 @@ mod tests {
         // Consecutive IPv4 ids.
         let id = |s: &Vec<u8>| u16::from_be_bytes([s[18], s[19]]);
         assert_eq!(id(&segs[1]), id(&segs[0]).wrapping_add(1));
+    }
+
+    #[test]
+    fn tcp6_super_frame_is_cut_into_valid_segments() {
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let mut frame = Vec::new();
+        PacketBuilder::ethernet2([2, 0x42, 10, 0, 0, 2], [2, 0x42, 10, 0, 0, 3])
+            .ipv6([0xfd; 16], [0xfe; 16], 64)
+            .tcp(40000, 5201, 1_000_000, 65000)
+            .ack(77)
+            .psh()
+            .fin()
+            .write(&mut frame, &payload)
+            .unwrap();
+        let h = VnetHdr {
+            gso_type: GSO_TCPV6,
+            gso_size: 1378,
+            ..Default::default()
+        };
+        let segs = Segments::new(&frame, &h, 1600).unwrap();
+        // Between overlayd nodes an IPv6 frame still leaves whole (partial is IPv4 only).
+        let segs = segs.partial();
+        assert_eq!(segs.count(), 4);
+        let mut joined = Vec::new();
+        for i in 0..segs.count() {
+            let mut s = vec![0u8; segs.len(i)];
+            segs.write(i, &mut s);
+            let p = SlicedPacket::from_ethernet(&s).unwrap();
+            let Some(NetSlice::Ipv6(ip)) = &p.net else {
+                panic!("segment {i} is not IPv6")
+            };
+            let ih = ip.header().to_header();
+            assert_eq!(usize::from(ih.payload_length), s.len() - 14 - 40);
+            let Some(TransportSlice::Tcp(t)) = &p.transport else {
+                panic!()
+            };
+            let th = t.to_header();
+            assert_eq!(
+                th.checksum,
+                th.calc_checksum_ipv6(&ih, t.payload()).unwrap(),
+                "tcp csum {i}"
+            );
+            assert_eq!(th.sequence_number, 1_000_000 + (i as u32) * 1378);
+            assert_eq!((th.fin, th.psh), (i == 3, i == 3));
+            joined.extend_from_slice(t.payload());
+        }
+        assert_eq!(joined, payload);
+        // An extension header (hop-by-hop) before TCP is refused, not misread.
+        let mut ext = frame.clone();
+        ext[14 + 6] = 0;
+        assert_eq!(
+            Segments::new(&ext, &h, 1600).err(),
+            Some(OffloadError::MalformedGso)
+        );
     }
 
     #[test]
@@ -605,16 +686,25 @@ mod tests {
         };
         let mut scratch = vec![0u8; 1600];
         let frame = tcp_frame(&[0u8; 3000], false);
-        assert!(segment_tcp4(&frame[..40], &h, &mut scratch, |_| {}).is_err());
+        assert!(segment_tcp(&frame[..40], &h, &mut scratch, |_| {}).is_err());
         let mut udp = frame.clone();
         udp[23] = 17;
-        assert!(segment_tcp4(&udp, &h, &mut scratch, |_| {}).is_err());
+        assert!(segment_tcp(&udp, &h, &mut scratch, |_| {}).is_err());
         let zero = VnetHdr { gso_size: 0, ..h };
-        assert!(segment_tcp4(&frame, &zero, &mut scratch, |_| {}).is_err());
-        let v6 = VnetHdr { gso_type: 4, ..h };
+        assert!(segment_tcp(&frame, &zero, &mut scratch, |_| {}).is_err());
+        // A TCPv6 request for an IPv4 frame, and a GSO type nobody offers (UFO).
+        let v6 = VnetHdr {
+            gso_type: GSO_TCPV6,
+            ..h
+        };
         assert_eq!(
-            segment_tcp4(&frame, &v6, &mut scratch, |_| {}),
-            Err(OffloadError::UnsupportedGso(4))
+            segment_tcp(&frame, &v6, &mut scratch, |_| {}),
+            Err(OffloadError::MalformedGso)
+        );
+        let ufo = VnetHdr { gso_type: 3, ..h };
+        assert_eq!(
+            segment_tcp(&frame, &ufo, &mut scratch, |_| {}),
+            Err(OffloadError::UnsupportedGso(3))
         );
     }
 

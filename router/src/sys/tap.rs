@@ -23,16 +23,18 @@ const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
-/// Offloads we accept from the task's kernel: partial checksums, TCP/IPv4 segmentation
-/// (with ECN) and, where the kernel has it (Linux 6.2+), UDP segmentation (both flags are
-/// needed). The datapath completes or segments whatever leaves through the underlay; and
-/// a TAP with USO also takes UDP super-frames the datapath merges (GRO) on their way in.
+/// Offloads we accept from the task's kernel: partial checksums, TCP segmentation over
+/// IPv4 and IPv6 (with ECN) and, where the kernel has it (Linux 6.2+), UDP segmentation
+/// (both flags are needed). The datapath completes or segments whatever leaves through the
+/// underlay; and a TAP with USO also takes UDP super-frames the datapath merges (GRO) on
+/// their way in.
 const TUN_F_CSUM: libc::c_int = 0x01;
 const TUN_F_TSO4: libc::c_int = 0x02;
+const TUN_F_TSO6: libc::c_int = 0x04;
 const TUN_F_TSO_ECN: libc::c_int = 0x08;
 const TUN_F_USO4: libc::c_int = 0x20;
 const TUN_F_USO6: libc::c_int = 0x40;
-const OFFLOADS: libc::c_int = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN;
+const OFFLOADS: libc::c_int = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
 
 /// Whether this kernel's TAPs take UDP segmentation offload (learnt from the first TAP).
 static UDP_OFFLOAD: AtomicBool = AtomicBool::new(false);

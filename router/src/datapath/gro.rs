@@ -3,14 +3,14 @@
 //! virtio-net header, so the task's kernel takes one frame instead of dozens. This mirrors
 //! what Linux's own GRO does for a NIC.
 //!
-//! TCP/IPv4: a segment is merged only if it is plain bulk data: IPv4 without options or
-//! fragments, TCP with only ACK (PSH allowed on the last), the same addresses, ports, ack,
-//! window and options as the run, the next sequence number, and a payload of the run's
-//! segment size (a shorter one ends the run).
+//! TCP: a segment is merged only if it is plain bulk data: IPv4 without options or
+//! fragments (or IPv6 without extension headers), TCP with only ACK (PSH allowed on the
+//! last), the same addresses, ports, ack, window and options as the run, the next sequence
+//! number, and a payload of the run's segment size (a shorter one ends the run).
 //!
-//! UDP/IPv4, for a port whose TAP takes UDP segmentation offload: datagrams of one flow
-//! (addresses, ports, TOS) with the run's payload size (a shorter one ends the run), at most
-//! [`UDP_MAX_SEGMENTS`] of them. The task's kernel hands a socket without `UDP_GRO` the
+//! UDP, for a port whose TAP takes UDP segmentation offload: datagrams of one flow
+//! (addresses, ports, TOS or traffic class and flow label) with the run's payload size (a
+//! shorter one ends the run), at most [`UDP_MAX_SEGMENTS`] of them. The task's kernel hands a socket without `UDP_GRO` the
 //! original datagrams again, each with its own checksum; one with `UDP_GRO` gets the merged
 //! datagram and its segment size, as from a NIC's GRO.
 //!
@@ -24,14 +24,15 @@
 use super::csum::Sum;
 use super::table::PortId;
 use super::vnet::{
-    fold, needs_csum, partial_field, pseudo_header, VnetHdr, GSO_TCPV4, GSO_UDP_L4, HDR_LEN,
-    UDP_MAX_SEGMENTS,
+    fold, needs_csum, partial_field, pseudo_header, VnetHdr, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4,
+    HDR_LEN, UDP_MAX_SEGMENTS,
 };
 use std::ops::Range;
 
 const ETH: usize = 14;
-const IP: usize = 20;
-const L4: usize = ETH + IP;
+/// Where the L4 header starts behind an IPv4 header without options, or an IPv6 header.
+const L4_V4: usize = ETH + 20;
+const L4_V6: usize = ETH + 40;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const TCP_FLAG_ACK: u8 = 0x10;
@@ -63,6 +64,8 @@ pub struct Coalescer {
     payload: usize,
     port: Option<PortId>,
     proto: u8,
+    /// Where the run's L4 header starts: [`L4_V4`] or [`L4_V6`].
+    l4: usize,
     /// The run's frames came from another overlayd node: covered end to end, their TCP/UDP
     /// checksum fields hold only the pseudo-header sum.
     covered: bool,
@@ -79,6 +82,7 @@ impl Default for Coalescer {
             payload: 0,
             port: None,
             proto: 0,
+            l4: L4_V4,
             covered: false,
             mss: 0,
             next_seq: 0,
@@ -97,10 +101,13 @@ pub struct Run<'a> {
     pub parts: &'a [(usize, Range<usize>)],
 }
 
-/// The parts of a plain TCP or UDP over IPv4 segment GRO looks at, if `frame` is one with
-/// valid checksums (its TCP/UDP checksum only checked when `verify_l4`).
+/// The parts of a plain TCP or UDP segment (over IPv4, or IPv6 without extension headers)
+/// GRO looks at, if `frame` is one with valid checksums (its TCP/UDP checksum only checked
+/// when `verify_l4`).
 struct Segment {
     proto: u8,
+    /// Where the L4 header starts.
+    l4: usize,
     /// TCP or UDP header length.
     l4_hdr: usize,
     seq: u32,
@@ -108,46 +115,66 @@ struct Segment {
     payload: usize,
 }
 
+/// The addresses of an IPv4 or IPv6 frame as the pseudo-header takes them, given where its
+/// L4 header starts.
+fn addrs(frame: &[u8], l4: usize) -> &[u8] {
+    if l4 == L4_V6 {
+        &frame[ETH + 8..ETH + 40]
+    } else {
+        &frame[ETH + 12..ETH + 20]
+    }
+}
+
 fn parse(frame: &[u8], verify_l4: bool) -> Option<Segment> {
-    if frame.len() < L4 + 8 || frame[12..14] != [0x08, 0x00] || frame[ETH] != 0x45 {
-        return None;
-    }
-    let proto = frame[ETH + 9];
-    let total = u16::from_be_bytes([frame[ETH + 2], frame[ETH + 3]]) as usize;
-    let frag = u16::from_be_bytes([frame[ETH + 6], frame[ETH + 7]]);
-    if total + ETH != frame.len() || frag & 0x3fff != 0 {
-        return None;
-    }
-    let l4_hdr = match proto {
-        TCP if frame.len() >= L4 + 20 => ((frame[L4 + 12] >> 4) as usize) * 4,
-        UDP if u16::from_be_bytes([frame[L4 + 4], frame[L4 + 5]]) as usize == total - IP => 8,
+    let be16 = |at: usize| usize::from(u16::from_be_bytes([frame[at], frame[at + 1]]));
+    let (l4, proto) = match frame.get(12..15)? {
+        [0x08, 0x00, 0x45] if frame.len() >= L4_V4 + 8 => {
+            let frag = be16(ETH + 6);
+            if be16(ETH + 2) + ETH != frame.len() || frag & 0x3fff != 0 {
+                return None;
+            }
+            if fold(Sum::new().add_slice(&frame[ETH..L4_V4])) != 0 {
+                return None;
+            }
+            (L4_V4, frame[ETH + 9])
+        }
+        [0x86, 0xdd, v] if v >> 4 == 6 && frame.len() >= L4_V6 + 8 => {
+            if be16(ETH + 4) + L4_V6 != frame.len() {
+                return None;
+            }
+            (L4_V6, frame[ETH + 6])
+        }
         _ => return None,
     };
-    if l4_hdr < 8 || (proto == TCP && l4_hdr < 20) || L4 + l4_hdr > frame.len() {
+    let l4_len = frame.len() - l4;
+    let l4_hdr = match proto {
+        TCP if frame.len() >= l4 + 20 => ((frame[l4 + 12] >> 4) as usize) * 4,
+        UDP if be16(l4 + 4) == l4_len => 8,
+        _ => return None,
+    };
+    if l4_hdr < 8 || (proto == TCP && l4_hdr < 20) || l4 + l4_hdr > frame.len() {
         return None;
     }
-    if fold(Sum::new().add_slice(&frame[ETH..L4])) != 0 {
-        return None;
-    }
-    // A UDP datagram without a checksum (zero) has nothing to verify.
-    let unsummed = proto == UDP && frame[L4 + 6..L4 + 8] == [0, 0];
+    // A UDP/IPv4 datagram without a checksum (zero) has nothing to verify.
+    let unsummed = proto == UDP && l4 == L4_V4 && frame[l4 + 6..l4 + 8] == [0, 0];
     if verify_l4 && !unsummed {
-        let pseudo = pseudo_header(&frame[ETH + 12..ETH + 20], proto, frame.len() - L4);
-        if fold(pseudo.add_slice(&frame[L4..])) != 0 {
+        let pseudo = pseudo_header(addrs(frame, l4), proto, l4_len);
+        if fold(pseudo.add_slice(&frame[l4..])) != 0 {
             return None;
         }
     }
     let word = |at: usize| [frame[at], frame[at + 1], frame[at + 2], frame[at + 3]];
     Some(Segment {
         proto,
+        l4,
         l4_hdr,
         seq: if proto == TCP {
-            u32::from_be_bytes(word(L4 + 4))
+            u32::from_be_bytes(word(l4 + 4))
         } else {
             0
         },
-        flags: if proto == TCP { frame[L4 + 13] } else { 0 },
-        payload: frame.len() - L4 - l4_hdr,
+        flags: if proto == TCP { frame[l4 + 13] } else { 0 },
+        payload: l4_len - l4_hdr,
     })
 }
 
@@ -182,7 +209,7 @@ impl Coalescer {
         if !mergeable || s.payload == 0 {
             return Push::Refused;
         }
-        let h = L4 + s.l4_hdr;
+        let (l4, h) = (s.l4, s.l4 + s.l4_hdr);
         let payload = (at.0, at.1 + h..at.1 + frame.len());
         if self.port.is_none() {
             self.head.clear();
@@ -192,6 +219,7 @@ impl Coalescer {
             self.payload = s.payload;
             self.port = Some(port);
             self.proto = s.proto;
+            self.l4 = l4;
             self.covered = covered;
             self.mss = s.payload;
             self.next_seq = s.seq.wrapping_add(s.payload as u32);
@@ -202,22 +230,28 @@ impl Coalescer {
         let same_run = self.port == Some(port)
             && !self.closed
             && s.proto == self.proto
+            && l4 == self.l4
             && covered == self.covered
             && h == head.len()
             && self.parts.len() < MAX_SEGMENTS
-            // addresses; then ports; then TOS.
-            && frame[ETH + 12..ETH + 20] == head[ETH + 12..ETH + 20]
-            && frame[L4..L4 + 4] == head[L4..L4 + 4]
-            && frame[ETH + 1] == head[ETH + 1]
+            // addresses; then ports; then TOS (IPv4), or traffic class, flow label and hop
+            // limit (IPv6).
+            && addrs(frame, l4) == addrs(head, l4)
+            && frame[l4..l4 + 4] == head[l4..l4 + 4]
+            && if l4 == L4_V6 {
+                frame[ETH..ETH + 4] == head[ETH..ETH + 4] && frame[ETH + 7] == head[ETH + 7]
+            } else {
+                frame[ETH + 1] == head[ETH + 1]
+            }
             && s.payload <= self.mss
             && h - ETH + self.payload + s.payload <= MAX_IP_LEN;
         let same_flow = same_run
             && match s.proto {
                 // ack number, header length/flags byte and window; options; the next byte.
                 TCP => {
-                    frame[L4 + 8..L4 + 12] == head[L4 + 8..L4 + 12]
-                        && frame[L4 + 14..L4 + 16] == head[L4 + 14..L4 + 16]
-                        && frame[L4 + 20..h] == head[L4 + 20..h]
+                    frame[l4 + 8..l4 + 12] == head[l4 + 8..l4 + 12]
+                        && frame[l4 + 14..l4 + 16] == head[l4 + 14..l4 + 16]
+                        && frame[l4 + 20..h] == head[l4 + 20..h]
                         && s.seq == self.next_seq
                 }
                 _ => self.parts.len() < UDP_MAX_SEGMENTS,
@@ -230,39 +264,47 @@ impl Coalescer {
         self.next_seq = self.next_seq.wrapping_add(s.payload as u32);
         // PSH (carried over), or a short segment, ends the run.
         if s.proto == TCP {
-            self.head[L4 + 13] |= s.flags & TCP_FLAG_PSH;
+            self.head[l4 + 13] |= s.flags & TCP_FLAG_PSH;
         }
         self.closed = s.payload < self.mss || s.flags & TCP_FLAG_PSH != 0;
         Push::Taken
     }
 
-    /// Finishes the run. A merged run comes back with fixed IPv4 length and checksum (and UDP
-    /// length), and its TCP/UDP checksum left partial for the kernel, as GSO frames are.
+    /// Finishes the run. A merged run comes back with fixed IP lengths (and IPv4 checksum,
+    /// and UDP length), and its TCP/UDP checksum left partial for the kernel, as GSO frames
+    /// are.
     pub fn take(&mut self) -> Option<Run<'_>> {
         let port = self.port.take()?;
         let segments = self.parts.len();
         let mut hdr = [0u8; HDR_LEN];
-        let partial = needs_csum(L4, self.proto);
-        if segments == 1 && self.covered {
+        let (l4, v6) = (self.l4, self.l4 == L4_V6);
+        let partial = needs_csum(l4, self.proto);
+        // Another node's IPv4 frames come with partial checksums, its IPv6 ones whole.
+        if segments == 1 && self.covered && !v6 {
             partial.emit(&mut hdr);
         }
         if segments > 1 {
             let head = &mut self.head;
             let total = head.len() + self.payload;
-            head[ETH + 2..ETH + 4].copy_from_slice(&((total - ETH) as u16).to_be_bytes());
-            head[ETH + 10..ETH + 12].fill(0);
-            let ip_sum = fold(Sum::new().add_slice(&head[ETH..L4]));
-            head[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
-            let l4_len = (total - L4) as u16;
+            let l4_len = (total - l4) as u16;
+            if v6 {
+                head[ETH + 4..ETH + 6].copy_from_slice(&l4_len.to_be_bytes());
+            } else {
+                head[ETH + 2..ETH + 4].copy_from_slice(&((total - ETH) as u16).to_be_bytes());
+                head[ETH + 10..ETH + 12].fill(0);
+                let ip_sum = fold(Sum::new().add_slice(&head[ETH..l4]));
+                head[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
+            }
             let gso_type = match self.proto {
+                TCP if v6 => GSO_TCPV6,
                 TCP => GSO_TCPV4,
                 _ => {
-                    head[L4 + 4..L4 + 6].copy_from_slice(&l4_len.to_be_bytes());
+                    head[l4 + 4..l4 + 6].copy_from_slice(&l4_len.to_be_bytes());
                     GSO_UDP_L4
                 }
             };
-            let pseudo = pseudo_header(&head[ETH + 12..ETH + 20], self.proto, l4_len.into());
-            let at = L4 + usize::from(partial.csum_offset);
+            let pseudo = pseudo_header(addrs(head, l4), self.proto, l4_len.into());
+            let at = l4 + usize::from(partial.csum_offset);
             head[at..at + 2].copy_from_slice(&partial_field(pseudo).to_be_bytes());
             VnetHdr {
                 gso_type,
@@ -371,6 +413,76 @@ mod tests {
             // Identical but for the IPv4 id, which resegmenting numbers afresh.
             assert_eq!(a[34..], b[34..]);
         }
+    }
+
+    fn seg6(seq: u32, payload: &[u8], psh: bool, flow_label: u32) -> Vec<u8> {
+        let mut v = Vec::new();
+        let b = PacketBuilder::ethernet2([2, 0x42, 10, 0, 0, 2], [2, 0x42, 10, 0, 0, 3])
+            .ip(etherparse::IpHeaders::Ipv6(
+                etherparse::Ipv6Header {
+                    flow_label: flow_label.try_into().unwrap(),
+                    hop_limit: 64,
+                    source: [0xfd; 16],
+                    destination: [0xfe; 16],
+                    ..Default::default()
+                },
+                Default::default(),
+            ))
+            .tcp(40000, 5201, seq, 65000)
+            .ack(99);
+        let b = if psh { b.psh() } else { b };
+        b.write(&mut v, payload).unwrap();
+        v
+    }
+
+    /// IPv6 as IPv4: merged, checksummed and cut again by the receiving kernel, the
+    /// segments come back as they were; a segment of another flow label does not join.
+    #[test]
+    fn an_ipv6_run_merges_and_resegments_to_the_originals() {
+        let d = data(1380 * 3 + 100);
+        let segs: Vec<Vec<u8>> = d
+            .chunks(1380)
+            .enumerate()
+            .map(|(i, c)| seg6(1000 + (i * 1380) as u32, c, i == 3, 7))
+            .collect();
+        let (mut g, mut b) = (Coalescer::default(), Bufs::default());
+        for s in &segs[..2] {
+            assert_eq!(b.push(&mut g, PortId(7), s, false, true), Push::Taken);
+        }
+        let other = seg6(1000 + 2 * 1380, &d[2 * 1380..3 * 1380], false, 8);
+        assert_eq!(b.push(&mut g, PortId(7), &other, false, true), Push::Refused);
+        for s in &segs[2..] {
+            assert_eq!(b.push(&mut g, PortId(7), s, false, true), Push::Taken);
+        }
+        let (_, hdr, merged, n) = b.take(&mut g).unwrap();
+        assert_eq!(n, 4);
+        let h = VnetHdr::from_slice(&hdr).unwrap();
+        let head = 14 + 40 + 20;
+        assert_eq!((h.gso_type, h.gso_size, h.hdr_len), (GSO_TCPV6, 1380, head as u16));
+        assert_eq!((h.flags, h.csum_start, h.csum_offset), (F_NEEDS_CSUM, 54, 16));
+        assert_eq!(merged.len(), head + d.len());
+        let mut whole = merged.to_vec();
+        complete_checksum(&mut whole, &h).unwrap();
+        let p = SlicedPacket::from_ethernet(&whole).unwrap();
+        let Some(NetSlice::Ipv6(ip)) = &p.net else {
+            panic!()
+        };
+        assert_eq!(usize::from(ip.header().payload_length()), 20 + d.len());
+        let Some(TransportSlice::Tcp(t)) = &p.transport else {
+            panic!()
+        };
+        assert_eq!(t.payload(), &d[..]);
+        let mut again = Vec::new();
+        segment_tcp(&whole, &h, &mut vec![0u8; 1600], |s| again.push(s.to_vec())).unwrap();
+        assert_eq!(again, segs);
+        // A corrupted segment is refused (verified, not covered), and so is a lone one
+        // with a wrong payload length.
+        let mut bad = segs[0].clone();
+        bad[100] ^= 1;
+        assert_eq!(b.push(&mut g, PortId(7), &bad, false, true), Push::Refused);
+        let mut short = segs[0].clone();
+        short[19] ^= 1;
+        assert_eq!(b.push(&mut g, PortId(7), &short, true, true), Push::Refused);
     }
 
     #[test]

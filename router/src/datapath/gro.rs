@@ -450,7 +450,10 @@ mod tests {
             assert_eq!(b.push(&mut g, PortId(7), s, false, true), Push::Taken);
         }
         let other = seg6(1000 + 2 * 1380, &d[2 * 1380..3 * 1380], false, 8);
-        assert_eq!(b.push(&mut g, PortId(7), &other, false, true), Push::Refused);
+        assert_eq!(
+            b.push(&mut g, PortId(7), &other, false, true),
+            Push::Refused
+        );
         for s in &segs[2..] {
             assert_eq!(b.push(&mut g, PortId(7), s, false, true), Push::Taken);
         }
@@ -458,8 +461,14 @@ mod tests {
         assert_eq!(n, 4);
         let h = VnetHdr::from_slice(&hdr).unwrap();
         let head = 14 + 40 + 20;
-        assert_eq!((h.gso_type, h.gso_size, h.hdr_len), (GSO_TCPV6, 1380, head as u16));
-        assert_eq!((h.flags, h.csum_start, h.csum_offset), (F_NEEDS_CSUM, 54, 16));
+        assert_eq!(
+            (h.gso_type, h.gso_size, h.hdr_len),
+            (GSO_TCPV6, 1380, head as u16)
+        );
+        assert_eq!(
+            (h.flags, h.csum_start, h.csum_offset),
+            (F_NEEDS_CSUM, 54, 16)
+        );
         assert_eq!(merged.len(), head + d.len());
         let mut whole = merged.to_vec();
         complete_checksum(&mut whole, &h).unwrap();

@@ -165,7 +165,7 @@ fn run(version: &std::cell::RefCell<String>) -> Result<Option<Value>, CniError> 
                     }
                     e
                 })?;
-            wait_for_interface(&netns, &ifname)?;
+            wait_for_interface(&netns, &ifname, &info)?;
             Ok(Some(result(&conf.cni_version, &info)))
         }
         "DEL" => {
@@ -193,7 +193,7 @@ fn run(version: &std::cell::RefCell<String>) -> Result<Option<Value>, CniError> 
                     format!("expected network {network} in {netns}"),
                 ));
             }
-            if !interface_present(&netns, &ifname)? {
+            if !interface_ready(&netns, &ifname, &info, Ready::Exists)? {
                 return Err(fail(
                     code::UNKNOWN_CONTAINER,
                     format!("interface {ifname} is missing in {netns}"),
@@ -264,9 +264,23 @@ fn result(version: &str, i: &EndpointInfo) -> Value {
     })
 }
 
-/// Whether `ifname` exists in the namespace at `netns` (looked up from a thread that entered
-/// it, so nothing else of this process moves).
-fn interface_present(netns: &str, ifname: &str) -> Result<bool, CniError> {
+/// What ADD waits for in the container's namespace: the interface, and once overlayd has
+/// configured it, its address and the default route through it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ready {
+    Exists,
+    Configured,
+}
+
+/// Whether `ifname` is there in the namespace at `netns` (looked up from a thread that
+/// entered it, so nothing else of this process moves): only present, or also configured
+/// with `info`'s address (and default route, when the network has a gateway).
+fn interface_ready(
+    netns: &str,
+    ifname: &str,
+    info: &EndpointInfo,
+    want: Ready,
+) -> Result<bool, CniError> {
     let ns = std::fs::File::open(netns).map_err(|e| {
         fail(
             code::UNKNOWN_CONTAINER,
@@ -275,6 +289,9 @@ fn interface_present(netns: &str, ifname: &str) -> Result<bool, CniError> {
         )
     })?;
     let name = ifname.to_string();
+    let address: Option<std::net::Ipv4Addr> =
+        info.address.split('/').next().and_then(|a| a.parse().ok());
+    let routed = !info.gateway.is_empty();
     std::thread::spawn(move || {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
             fail(
@@ -283,16 +300,44 @@ fn interface_present(netns: &str, ifname: &str) -> Result<bool, CniError> {
                 e.to_string(),
             )
         })?;
-        Ok(nix::net::if_::if_nametoindex(name.as_str()).is_ok())
+        if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
+            return Ok(false);
+        }
+        if want == Ready::Exists {
+            return Ok(true);
+        }
+        // overlayd sets the link up, then the address, then the route: the last one seen
+        // means the interface is ready for the container.
+        let has_address = nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
+            addrs.any(|a| {
+                a.interface_name == name
+                    && a.address
+                        .as_ref()
+                        .and_then(|s| s.as_sockaddr_in())
+                        .map(|s| s.ip())
+                        == address
+            })
+        });
+        // This thread's namespace (`/proc/self/net` would be the process's).
+        let has_route = !routed
+            || std::fs::read_to_string("/proc/thread-self/net/route").is_ok_and(|t| {
+                t.lines().skip(1).any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 2 && f[0] == name && f[1] == "00000000"
+                })
+            });
+        Ok(has_address && has_route)
     })
     .join()
     .unwrap_or_else(|_| Err(fail(code::IO_FAILURE, "namespace thread failed", "")))
 }
 
-fn wait_for_interface(netns: &str, ifname: &str) -> Result<(), CniError> {
+/// Waits until overlayd has made and configured the interface: a runtime starts the
+/// container's process once ADD returns, and it must find its address there.
+fn wait_for_interface(netns: &str, ifname: &str, info: &EndpointInfo) -> Result<(), CniError> {
     let end = Instant::now() + READY_WITHIN;
     while Instant::now() < end {
-        if interface_present(netns, ifname)? {
+        if interface_ready(netns, ifname, info, Ready::Configured)? {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));

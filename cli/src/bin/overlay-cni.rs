@@ -1,8 +1,9 @@
 //! `overlay-cni`: a CNI plugin (spec 1.0, and the 0.3/0.4 result shape) that puts a
 //! container on an overlayd network. The runtime runs it with the CNI environment variables
 //! and the network configuration on stdin; it asks the node's overlayd over its API for an
-//! endpoint (`POST /endpoints`), waits until overlayd has made the interface in the
-//! container's namespace, and prints the result. DEL and CHECK go through the same API.
+//! endpoint (`POST /endpoints`), waits until overlayd has made and configured the interface
+//! in the container's namespace (its address and default route in place), and prints the
+//! result. DEL and CHECK go through the same API.
 //!
 //! Configuration (a conflist entry; see docs/CNI.md):
 //!

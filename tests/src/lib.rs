@@ -505,6 +505,66 @@ impl Node {
             .unwrap_or_default()
             .to_string()
     }
+
+    /// A manager (`TAGa`, host 1) and a worker (`TAGb`, host 2) of `u`, the worker Ready.
+    pub fn pair(tag: &str, u: &Underlay) -> (Node, Node) {
+        let n1 = Node::manager(&format!("{tag}a"), u, 1);
+        let n2 = Node::worker(&format!("{tag}b"), u, 2, &n1);
+        assert!(
+            wait_for(Duration::from_secs(10), || n1.node_state(&n2.name)
+                == "ready"),
+            "{} did not become ready",
+            n2.name
+        );
+        (n1, n2)
+    }
+
+    /// The node `task` runs on.
+    pub fn node_of(&self, task: &str) -> String {
+        self.task_view(task)["node"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Starts `overlayctl exec TASK -- CMD... READY` in the background with its output
+    /// captured, and waits until the command creates the file READY (its sign that it
+    /// listens).
+    pub fn exec_ready(&self, task: &str, cmd: &[&str], ready: &Path) -> Child {
+        let mut args = vec!["exec", task, "--"];
+        args.extend_from_slice(cmd);
+        let child = self
+            .ctl_cmd(&args)
+            .arg(ready)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("overlayctl exec");
+        assert!(
+            wait_for(Duration::from_secs(10), || ready.exists()),
+            "{task}: {cmd:?} did not get ready"
+        );
+        child
+    }
+
+    /// Panics if this node counted any drop for `reason` (`overlayctl stats`).
+    pub fn assert_no_drops(&self, reason: &str) {
+        let drops = &self.json(&["stats"])["drops"];
+        assert!(
+            drops.get(reason).is_none(),
+            "{}: drops for {reason}: {drops}",
+            self.name
+        );
+    }
+
+    /// Of `candidates`, the task that runs on the node of `task`; panics if none does.
+    pub fn task_next_to<'a>(&self, task: &str, candidates: &[&'a str]) -> &'a str {
+        let node = self.node_of(task);
+        candidates
+            .iter()
+            .find(|t| self.node_of(t) == node)
+            .unwrap_or_else(|| panic!("none of {candidates:?} next to {task}"))
+    }
 }
 
 /// Bytes the receiver got, from `iperf3 -J` output; panics with the output if it failed.

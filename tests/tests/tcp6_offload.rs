@@ -5,9 +5,7 @@
 //! super-frames (far fewer frames than segments). IPv6 addresses and neighbours are set by
 //! hand in the tasks (the overlay's IPAM gives IPv4 only). Needs root.
 
-use overlay_e2e::{out, require_root, script_dir, unique, wait_for, write_script, Node, Underlay};
-use std::process::Stdio;
-use std::time::Duration;
+use overlay_e2e::{out, require_root, script_dir, unique, write_script, Node, Underlay};
 
 /// `send HOST PORT MIB`: MIB MiB of a known pattern over TCP, prints its SHA-256.
 /// `recv PORT READY`: accepts one connection, prints the byte count and SHA-256 read.
@@ -55,11 +53,7 @@ fn tcp_over_ipv6_crosses_the_overlay_in_super_frames() {
     }
     let tag = unique("tso6");
     let u = Underlay::new(&tag, 2, 13);
-    let n1 = Node::manager(&format!("{tag}a"), &u, 1);
-    let n2 = Node::worker(&format!("{tag}b"), &u, 2, &n1);
-    assert!(wait_for(Duration::from_secs(10), || n1
-        .node_state(&n2.name)
-        == "ready"));
+    let (n1, n2) = Node::pair(&tag, &u);
     let dir = script_dir(&tag);
     let py = write_script(&dir, "tcp6.py", TCP6_PY);
     n1.ctl_ok(&["network", "create", "--subnet", "10.0.52.0/24", "v6"]);
@@ -70,12 +64,8 @@ fn tcp_over_ipv6_crosses_the_overlay_in_super_frames() {
     }
     n1.wait_running("a", 2);
     n1.wait_running("b", 2);
-    let node_of = |t: &str| n1.task_view(t)["node"].as_str().unwrap_or("").to_string();
-    assert_ne!(node_of("a.1"), node_of("a.2"), "one task per node");
-    let local = ["b.1", "b.2"]
-        .into_iter()
-        .find(|t| node_of(t) == node_of("a.1"))
-        .expect("a b task next to a.1");
+    assert_ne!(n1.node_of("a.1"), n1.node_of("a.2"), "one task per node");
+    let local = n1.task_next_to("a.1", &["b.1", "b.2"]);
     // Addresses and neighbours by hand: no duplicate address detection, no discovery.
     let tasks = ["a.1", "a.2", local];
     let ip6 = |k: usize| format!("fd00:52::{}", k + 1);
@@ -112,24 +102,18 @@ fn tcp_over_ipv6_crosses_the_overlay_in_super_frames() {
         neigh(t, 0, "a.1");
     }
     let mib = 64;
-    let client_node = if node_of("a.1") == n1.name { &n1 } else { &n2 };
+    let client_node = if n1.node_of("a.1") == n1.name {
+        &n1
+    } else {
+        &n2
+    };
     for (i, (what, receiver, k)) in [("the other node", "a.2", 1), ("the same node", local, 2)]
         .into_iter()
         .enumerate()
     {
         let port = (9200 + i).to_string();
         let ready = dir.join(format!("ready{i}"));
-        let rx = n1
-            .ctl_cmd(&["exec", receiver, "--", "python3", &py, "recv", &port])
-            .arg(ready.display().to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("receiver");
-        assert!(
-            wait_for(Duration::from_secs(10), || ready.exists()),
-            "{what}: receiver up"
-        );
+        let rx = n1.exec_ready(receiver, &["python3", &py, "recv", &port], &ready);
         let before = frames_in(client_node);
         let sent = n1.exec(
             "a.1",
@@ -159,12 +143,7 @@ fn tcp_over_ipv6_crosses_the_overlay_in_super_frames() {
         );
     }
     for n in [&n1, &n2] {
-        let drops = &n.json(&["stats"])["drops"];
-        assert!(
-            drops.get("offload_malformed").is_none(),
-            "{}: super-frames refused: {drops}",
-            n.name
-        );
+        n.assert_no_drops("offload_malformed");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

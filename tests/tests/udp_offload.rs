@@ -5,9 +5,7 @@
 //! again towards the TAP), on the same node (TAP to TAP, whole), or behind a service VIP. A
 //! receiver with `UDP_GRO` gets merged datagrams with their segment size. Needs root.
 
-use overlay_e2e::{out, require_root, script_dir, unique, wait_for, write_script, Node, Underlay};
-use std::process::Stdio;
-use std::time::Duration;
+use overlay_e2e::{out, require_root, script_dir, unique, write_script, Node, Underlay};
 
 /// `send HOST PORT SENDS PER_SEND SIZE`: SENDS super-datagrams, each of PER_SEND datagrams
 /// of SIZE bytes and a short one, numbered. `recv PORT COUNT gro|plain`: prints what
@@ -67,11 +65,7 @@ fn udp_super_datagrams_cross_the_overlay_intact() {
     }
     let tag = unique("uso");
     let u = Underlay::new(&tag, 2, 11);
-    let n1 = Node::manager(&format!("{tag}a"), &u, 1);
-    let n2 = Node::worker(&format!("{tag}b"), &u, 2, &n1);
-    assert!(wait_for(Duration::from_secs(10), || n1
-        .node_state(&n2.name)
-        == "ready"));
+    let (n1, n2) = Node::pair(&tag, &u);
     let dir = script_dir(&tag);
     let py = write_script(&dir, "udpgso.py", UDP_GSO_PY);
     n1.ctl_ok(&["network", "create", "--subnet", "10.0.51.0/24", "uso"]);
@@ -83,12 +77,8 @@ fn udp_super_datagrams_cross_the_overlay_intact() {
     for (name, n) in [("a", 2), ("b", 2), ("v", 1)] {
         n1.wait_running(name, n);
     }
-    let node_of = |t: &str| n1.task_view(t)["node"].as_str().unwrap_or("").to_string();
-    assert_ne!(node_of("a.1"), node_of("a.2"), "one task per node");
-    let local = ["b.1", "b.2"]
-        .into_iter()
-        .find(|t| node_of(t) == node_of("a.1"))
-        .expect("a b task next to a.1");
+    assert_ne!(n1.node_of("a.1"), n1.node_of("a.2"), "one task per node");
+    let local = n1.task_next_to("a.1", &["b.1", "b.2"]);
     let (sends, per, size) = (40, 20, 1200);
     let count = sends * (per + 1);
     let cases = [
@@ -101,17 +91,8 @@ fn udp_super_datagrams_cross_the_overlay_intact() {
         let port = (9100 + i).to_string();
         let ready = dir.join(format!("ready{i}"));
         #[rustfmt::skip]
-        let rx = n1
-            .ctl_cmd(&["exec", receiver, "--", "python3", &py, "recv", &port,
-                &count.to_string(), mode, &ready.display().to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("receiver");
-        assert!(
-            wait_for(Duration::from_secs(10), || ready.exists()),
-            "{what}: receiver up"
-        );
+        let rx = n1.exec_ready(receiver, &["python3", &py, "recv", &port, &count.to_string(),
+            mode], &ready);
         #[rustfmt::skip]
         let sent = n1.exec("a.1", &["python3", &py, "send", to, &port, &sends.to_string(),
             &per.to_string(), &size.to_string()]);
@@ -137,12 +118,7 @@ fn udp_super_datagrams_cross_the_overlay_intact() {
         }
     }
     for n in [&n1, &n2] {
-        let drops = &n.json(&["stats"])["drops"];
-        assert!(
-            drops.get("offload_malformed").is_none(),
-            "{}: super-frames refused: {drops}",
-            n.name
-        );
+        n.assert_no_drops("offload_malformed");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

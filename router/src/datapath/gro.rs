@@ -10,9 +10,10 @@
 //!
 //! UDP, for a port whose TAP takes UDP segmentation offload: datagrams of one flow
 //! (addresses, ports, TOS or traffic class and flow label) with the run's payload size (a
-//! shorter one ends the run), at most [`UDP_MAX_SEGMENTS`] of them. The task's kernel hands a socket without `UDP_GRO` the
-//! original datagrams again, each with its own checksum; one with `UDP_GRO` gets the merged
-//! datagram and its segment size, as from a NIC's GRO.
+//! shorter one ends the run), at most [`UDP_MAX_SEGMENTS`] of them. The task's kernel
+//! hands a socket without `UDP_GRO` the original datagrams again, each with its own
+//! checksum; one with `UDP_GRO` gets the merged datagram and its segment size, as from a
+//! NIC's GRO.
 //!
 //! Each segment's IPv4 and TCP/UDP checksums are verified before it joins: the merged frame
 //! gets fresh checksums, which must never cover corrupted data. The TCP/UDP sum is skipped
@@ -66,8 +67,8 @@ pub struct Coalescer {
     proto: u8,
     /// Where the run's L4 header starts: [`L4_V4`] or [`L4_V6`].
     l4: usize,
-    /// The run's frames came from another overlayd node: covered end to end, their TCP/UDP
-    /// checksum fields hold only the pseudo-header sum.
+    /// The run's frames came from another overlayd node: covered end to end; over IPv4
+    /// their TCP/UDP checksum fields hold only the pseudo-header sum (IPv6 ones are whole).
     covered: bool,
     mss: usize,
     next_seq: u32,
@@ -187,9 +188,9 @@ impl Coalescer {
     /// byte `at.1` on (the run keeps only that place: the buffer must stay unchanged until
     /// the run is taken). `covered`: the frame comes from another overlayd node, so its
     /// bytes were already checked end to end (a UDP checksum an overlayd node always sets
-    /// and the kernel verified, or an ESP tag) and its TCP/UDP checksum field holds only
-    /// the pseudo-header sum (overlayd nodes send partial checksums to each other): it is
-    /// neither summed here nor written as whole. `udp_gso`: the port takes UDP
+    /// and the kernel verified, or an ESP tag) and, over IPv4, its TCP/UDP checksum field
+    /// holds only the pseudo-header sum (overlayd nodes send partial checksums to each
+    /// other): it is neither summed here nor written as whole. `udp_gso`: the port takes UDP
     /// super-frames; without it only TCP is merged.
     pub fn push(
         &mut self,

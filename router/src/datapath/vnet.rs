@@ -147,18 +147,21 @@ struct Cut<'a> {
     mss: usize,
     chunks: usize,
     id: u16,
+    /// IPv6 (without extension headers) rather than IPv4.
+    v6: bool,
     /// Leave each frame's checksum partial (the pseudo-header sum) instead of whole.
     partial: bool,
 }
 
 impl<'a> Cut<'a> {
-    fn new(frame: &'a [u8], headers: usize, mss: usize) -> Cut<'a> {
+    fn new(frame: &'a [u8], headers: usize, mss: usize, v6: bool) -> Cut<'a> {
         Cut {
             frame,
             headers,
             mss,
             chunks: (frame.len() - headers).div_ceil(mss).max(1),
             id: u16::from_be_bytes([frame[ETH + 4], frame[ETH + 5]]),
+            v6,
             partial: false,
         }
     }
@@ -183,11 +186,19 @@ impl<'a> Cut<'a> {
         out[ETH + 10..ETH + 12].copy_from_slice(&ip_sum.to_be_bytes());
     }
 
-    /// Copies the headers into `out` and sets the IPv6 payload length (no extension headers:
-    /// the L4 part, `l4_len` bytes); IPv6 has no header checksum and no per-frame id.
-    fn ipv6_head(&self, out: &mut [u8], l4_len: usize) {
-        out[..self.headers].copy_from_slice(&self.frame[..self.headers]);
-        out[ETH + 4..ETH + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    /// Copies the headers into `out` and fixes frame `i`'s IP header for an L4 part of
+    /// `l4_len` bytes starting at `l4`: IPv4 as [`Self::ipv4_head`]; IPv6 only its payload
+    /// length (no extension headers; no header checksum, no per-frame id). Returns the
+    /// addresses as the pseudo-header takes them.
+    fn ip_head(&self, i: usize, out: &mut [u8], l4: usize, l4_len: usize) -> &'a [u8] {
+        if self.v6 {
+            out[..self.headers].copy_from_slice(&self.frame[..self.headers]);
+            out[ETH + 4..ETH + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+            &self.frame[ETH + 8..ETH + 40]
+        } else {
+            self.ipv4_head(i, out, l4, l4_len);
+            &self.frame[ETH + 12..ETH + 20]
+        }
     }
 
     /// The TCP/UDP checksum of frame `i` whose headers are in `out` (checksum field zero):
@@ -210,7 +221,6 @@ pub struct TcpSegments<'a> {
     cut: Cut<'a>,
     tcp: usize,
     seq: u32,
-    v6: bool,
 }
 
 impl<'a> TcpSegments<'a> {
@@ -249,23 +259,16 @@ impl<'a> TcpSegments<'a> {
         }
         let word = |at: usize| [frame[at], frame[at + 1], frame[at + 2], frame[at + 3]];
         Ok(TcpSegments {
-            cut: Cut::new(frame, headers, mss),
+            cut: Cut::new(frame, headers, mss, v6),
             tcp,
             seq: u32::from_be_bytes(word(tcp + 4)),
-            v6,
         })
     }
 
     fn write_head(&self, i: usize, out: &mut [u8]) {
         let (c, tcp) = (&self.cut, self.tcp);
         let tcp_len = c.headers - tcp + c.chunk(i).len();
-        let addrs = if self.v6 {
-            c.ipv6_head(out, tcp_len);
-            &c.frame[ETH + 8..ETH + 40]
-        } else {
-            c.ipv4_head(i, out, tcp, tcp_len);
-            &c.frame[ETH + 12..ETH + 20]
-        };
+        let addrs = c.ip_head(i, out, tcp, tcp_len);
         // TCP: sequence number; FIN and PSH only on the last segment, CWR only on the first.
         let seq = self.seq.wrapping_add((i * c.mss) as u32);
         out[tcp + 4..tcp + 8].copy_from_slice(&seq.to_be_bytes());
@@ -288,7 +291,6 @@ pub struct UdpSegments<'a> {
     cut: Cut<'a>,
     /// Offset of the UDP header (after the IPv4 header with options, or the IPv6 header).
     udp: usize,
-    v6: bool,
 }
 
 impl<'a> UdpSegments<'a> {
@@ -317,23 +319,17 @@ impl<'a> UdpSegments<'a> {
         if frame.len() <= headers || mss == 0 || headers + mss > max_len {
             return Err(bad);
         }
-        let cut = Cut::new(frame, headers, mss);
+        let cut = Cut::new(frame, headers, mss, v6);
         if cut.chunks > UDP_MAX_SEGMENTS {
             return Err(bad);
         }
-        Ok(UdpSegments { cut, udp, v6 })
+        Ok(UdpSegments { cut, udp })
     }
 
     fn write_head(&self, i: usize, out: &mut [u8]) {
         let (c, udp) = (&self.cut, self.udp);
         let udp_len = UDP_HDR + c.chunk(i).len();
-        let addrs = if self.v6 {
-            c.ipv6_head(out, udp_len);
-            &c.frame[ETH + 8..ETH + 40]
-        } else {
-            c.ipv4_head(i, out, udp, udp_len);
-            &c.frame[ETH + 12..ETH + 20]
-        };
+        let addrs = c.ip_head(i, out, udp, udp_len);
         out[udp + 4..udp + 6].copy_from_slice(&(udp_len as u16).to_be_bytes());
         out[udp + 6..udp + 8].fill(0);
         let pseudo = pseudo_header(addrs, 17, udp_len);
@@ -376,10 +372,11 @@ impl<'a> Segments<'a> {
     /// (another overlayd node), the payload need not be summed here. IPv4 only (what
     /// [`partial_header`] recognises at the receiver); IPv6 frames stay whole.
     pub fn partial(mut self) -> Self {
-        match &mut self {
-            Segments::Tcp(s) => s.cut.partial = !s.v6,
-            Segments::Udp(s) => s.cut.partial = !s.v6,
-        }
+        let cut = match &mut self {
+            Segments::Tcp(s) => &mut s.cut,
+            Segments::Udp(s) => &mut s.cut,
+        };
+        cut.partial = !cut.v6;
         self
     }
 

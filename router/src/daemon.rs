@@ -201,7 +201,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Task namespaces are named after the node (ov-NODE-TASK), and a starting node removes
     // its leftovers: two live daemons with one node name would destroy each other's tasks.
     let node_lock_path = Path::new(NODE_LOCK_DIR).join(format!("{}.lock", cfg.node));
-    let _node_lock = crate::store::lock_exclusive(&node_lock_path)
+    let _node_lock = crate::store::NameLock::acquire(&node_lock_path)
         .with_context(|| format!("locking {}", node_lock_path.display()))?
         .with_context(|| {
             format!(

@@ -39,6 +39,46 @@ pub fn lock_exclusive(path: &Path) -> std::io::Result<Option<Flock<File>>> {
     Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock).ok())
 }
 
+/// An exclusive lock that exists only while held: the file is removed when the lock is
+/// dropped (while still held), so a lock directory does not fill with one file per name
+/// ever used. A process that opened the file just before its holder removed it would lock
+/// a file nobody else can find; taking the lock therefore checks that the path still
+/// names the locked file, and tries again if not.
+pub struct NameLock {
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl NameLock {
+    /// Takes the lock at `path`; `None` if another process holds it.
+    pub fn acquire(path: &Path) -> io::Result<Option<NameLock>> {
+        use std::os::unix::fs::MetadataExt;
+        loop {
+            let Some(lock) = lock_exclusive(path)? else {
+                return Ok(None);
+            };
+            let held = lock.metadata()?;
+            match fs::metadata(path) {
+                Ok(m) if (m.dev(), m.ino()) == (held.dev(), held.ino()) => {
+                    return Ok(Some(NameLock {
+                        path: path.to_path_buf(),
+                        _lock: lock,
+                    }))
+                }
+                // Removed (or replaced) by the holder before us: lock the file there now.
+                Ok(_) | Err(_) => continue,
+            }
+        }
+    }
+}
+
+impl Drop for NameLock {
+    fn drop(&mut self) {
+        // Runs before the lock field is dropped: the file goes while the lock is held.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
 pub struct Store {
     dir: PathBuf,
     _lock: Flock<File>,
@@ -103,6 +143,23 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_name_lock_is_exclusive_and_leaves_no_file() {
+        let dir = std::env::temp_dir().join(format!("overlay-namelock-{}", std::process::id()));
+        let path = dir.join("n1.lock");
+        let held = NameLock::acquire(&path).unwrap().expect("free");
+        assert!(
+            NameLock::acquire(&path).unwrap().is_none(),
+            "held elsewhere"
+        );
+        drop(held);
+        assert!(!path.exists(), "removed with the lock");
+        let again = NameLock::acquire(&path).unwrap().expect("free again");
+        assert!(path.exists());
+        drop(again);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     use super::*;
 
     fn tempdir(tag: &str) -> PathBuf {

@@ -149,8 +149,13 @@ fn refuse(out: &mut [u8], from: TcpEnd, to: TcpEnd, syn_seq: u32) -> Option<usiz
 /// A frame about to be delivered to a local port: if it is a backend's reply on a
 /// load-balanced flow, its source becomes the VIP again.
 pub fn to_client(t: &Tables, net: &NetTable, vni: Vni, frame: &mut [u8], csum: L4Csum) {
-    // Cheap checks first: most frames between tasks are not replies through a VIP.
-    if net.backend_ips.is_empty() || frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
+    // Cheap checks first: most frames between tasks are not replies through a VIP, and
+    // with no load-balanced flow at all there is nothing to look up.
+    if net.backend_ips.is_empty()
+        || t.flows.is_empty()
+        || frame.len() < 34
+        || frame[12..14] != [0x08, 0x00]
+    {
         return;
     }
     let src = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);

@@ -506,16 +506,23 @@ impl Node {
             .to_string()
     }
 
+    /// Waits until this node reports every one of `nodes` Ready (10 s at most).
+    pub fn wait_ready(&self, nodes: &[&Node]) {
+        for n in nodes {
+            let ready = || self.node_state(&n.name) == "ready";
+            assert!(
+                wait_for(Duration::from_secs(10), ready),
+                "{} did not become ready",
+                n.name
+            );
+        }
+    }
+
     /// A manager (`TAGa`, host 1) and a worker (`TAGb`, host 2) of `u`, the worker Ready.
     pub fn pair(tag: &str, u: &Underlay) -> (Node, Node) {
         let n1 = Node::manager(&format!("{tag}a"), u, 1);
         let n2 = Node::worker(&format!("{tag}b"), u, 2, &n1);
-        assert!(
-            wait_for(Duration::from_secs(10), || n1.node_state(&n2.name)
-                == "ready"),
-            "{} did not become ready",
-            n2.name
-        );
+        n1.wait_ready(&[&n2]);
         (n1, n2)
     }
 
@@ -656,13 +663,14 @@ while True:
     s.sendto(d, a)
 "#;
 
-/// A task's server on port 7000: reads a whole stream until the client half-closes, then
-/// answers its SHA-256 and length.
+/// A task's server on port 7000 (of `0.0.0.0`, or of the address given, e.g. `::`): reads
+/// a whole stream until the client half-closes, then answers its SHA-256 and length.
 pub const SINK_PY: &str = r#"
-import socket, hashlib, threading
-s = socket.socket()
+import socket, hashlib, threading, sys
+addr = sys.argv[1] if len(sys.argv) > 1 else "0.0.0.0"
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 7000))
+s.bind((addr, 7000))
 s.listen(64)
 def serve(c):
     h, n = hashlib.sha256(), 0

@@ -101,18 +101,13 @@ fn cni_plugin_puts_containers_on_the_overlay() {
     let client = write_script(&dir, "client.py", &[HTTP_ASK_PY, ASK_TWICE].concat());
 
     let u = Underlay::new(&tag, 2, 11);
-    let mut n1 = Node::manager(&format!("{tag}a"), &u, 1);
-    let n2 = Node::worker(&format!("{tag}b"), &u, 2, &n1);
-    assert!(wait_for(Duration::from_secs(10), || n1
-        .node_state(&n2.name)
-        == "ready"));
+    let (mut n1, n2) = Node::pair(&tag, &u);
     n1.ctl_ok(&["network", "create", "--subnet", "10.0.61.0/24", "appnet"]);
     #[rustfmt::skip]
     n1.ctl_ok(&["service", "create", "--name", "web", "--network", "appnet", "--replicas", "2",
         "--", "python3", &whoami]);
     n1.wait_running("web", 2);
-    let node_of = |t: &str| n1.task_view(t)["node"].as_str().unwrap_or("").to_string();
-    let remote_task = if node_of("web.1") == n2.name {
+    let remote_task = if n1.node_of("web.1") == n2.name {
         "web.1"
     } else {
         "web.2"
@@ -197,7 +192,7 @@ fn cni_plugin_puts_containers_on_the_overlay() {
     n1.ctl_ok(&["service", "create", "--name", "web", "--network", "appnet", "--replicas", "2",
         "--", "python3", &whoami]);
     n1.wait_running("web", 2);
-    let remote_task = if node_of("web.1") == n2.name {
+    let remote_task = if n1.node_of("web.1") == n2.name {
         "web.1"
     } else {
         "web.2"

@@ -101,7 +101,7 @@ fn control_plane_refusals() {
 
     // A member of cluster B pointed at cluster A: mutual TLS refuses it on both sides.
     let mut w = Node::worker(&format!("{tag}w"), &u, 3, &b);
-    assert!(wait_for(Duration::from_secs(10), || b.node_state(&w.name) == "ready"));
+    b.wait_ready(&[&w]);
     w.remove_flag("--token", true);
     w.remove_flag("--join", true);
     w.extra_args.extend(["--join".to_string(), addr_a.clone()]);

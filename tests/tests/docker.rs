@@ -232,9 +232,7 @@ fn docker_containers_join_cluster_networks() {
     let f2: Vec<&str> = f2.iter().map(String::as_str).collect();
     let n1 = Node::manager_with(&format!("{tag}a"), &u, 1, &f1);
     let mut n2 = Node::worker_with(&format!("{tag}b"), &u, 2, &n1, &f2);
-    assert!(wait_for(Duration::from_secs(10), || n1
-        .node_state(&n2.name)
-        == "ready"));
+    n1.wait_ready(&[&n2]);
     let d1 = Dockerd::start(&docks[0], &u.host(1).path(), &plugins[0]);
     let d2 = Dockerd::start(&docks[1], &u.host(2).path(), &plugins[1]);
     d1.import_busybox(&rootfs);
@@ -321,8 +319,7 @@ fn docker_containers_join_cluster_networks() {
         .success());
     assert_eq!(d1.fetch("ca", &format!("http://{b}/")), "cb");
     assert_eq!(d2.fetch("cb", &format!("http://{a}/")), "ca");
-    let node_of = |t: &str| n1.task_view(t)["node"].as_str().unwrap_or("").to_string();
-    let task_on_2 = if node_of("web.1") == n2.name {
+    let task_on_2 = if n1.node_of("web.1") == n2.name {
         "web.1"
     } else {
         "web.2"

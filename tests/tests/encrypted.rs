@@ -33,13 +33,6 @@ fn drops(n: &Node, reason: &str) -> u64 {
     n.json(&["stats"])["drops"][reason].as_u64().unwrap_or(0)
 }
 
-fn node_of(n: &Node, task: &str) -> String {
-    n.task_view(task)["node"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn addr_on(n: &Node, task: &str, network: &str) -> String {
     let v = n.task_view(task);
     v["attachments"]
@@ -123,10 +116,7 @@ fn encrypted_networks_on_three_nodes() {
     let mut n1 = Node::manager(&format!("{tag}a"), &u, 1);
     let mut n2 = Node::worker(&format!("{tag}b"), &u, 2, &n1);
     let n3 = Node::worker(&format!("{tag}c"), &u, 3, &n1);
-    assert!(wait_for(Duration::from_secs(10), || n1
-        .node_state(&n2.name)
-        == "ready"
-        && n1.node_state(&n3.name) == "ready"));
+    n1.wait_ready(&[&n2, &n3]);
 
     n1.ctl_ok(&[
         "network",
@@ -149,7 +139,7 @@ fn encrypted_networks_on_three_nodes() {
     let on = |node: &Node| -> String {
         (1..=3)
             .map(|i| format!("t.{i}"))
-            .find(|t| node_of(&n1, t) == node.name)
+            .find(|t| n1.node_of(t) == node.name)
             .expect("a task on every node")
     };
     let (t1, t2, t3) = (on(&n1), on(&n2), on(&n3));

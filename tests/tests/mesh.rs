@@ -187,10 +187,7 @@ fn routing_mesh_on_three_nodes() {
         &n1,
         &["--ingress-max-connections", "40"],
     );
-    assert!(wait_for(Duration::from_secs(10), || n1
-        .node_state(&n2.name)
-        == "ready"
-        && n1.node_state(&n3.name) == "ready"));
+    n1.wait_ready(&[&n2, &n3]);
     let nodes = [&n1, &n2, &n3];
     let addr_of: BTreeMap<String, String> = nodes
         .iter()
@@ -270,7 +267,7 @@ fn routing_mesh_on_three_nodes() {
     };
     let task_nodes: Vec<String> = ["whoami.1", "whoami.2"]
         .iter()
-        .map(|t| n1.task_view(t)["node"].as_str().unwrap_or("").to_string())
+        .map(|t| n1.node_of(t))
         .collect();
     let empty = nodes
         .iter()
@@ -315,10 +312,7 @@ fn routing_mesh_on_three_nodes() {
             .expect("client");
         ok(o, &format!("client {args:?}"))
     };
-    let sink_node = n1.task_view("sink.1")["node"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let sink_node = n1.node_of("sink.1");
     let via = nodes
         .iter()
         .find(|n| n.name != sink_node)
@@ -363,10 +357,7 @@ fn routing_mesh_on_three_nodes() {
     }
 
     // mode=host: only the task's node listens.
-    let direct_node = n1.task_view("direct.1")["node"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let direct_node = n1.node_of("direct.1");
     for n in nodes {
         let addr = &addr_of[&n.name];
         if n.name == direct_node {

@@ -39,11 +39,7 @@ fn three_node_overlay() {
     }
     let tag = unique("mn");
     let mut u = Underlay::new(&tag, 2, 1);
-    let mut n1 = Node::manager(&format!("{tag}a"), &u, 1);
-    let n2 = Node::worker(&format!("{tag}b"), &u, 2, &n1);
-    assert!(wait_for(Duration::from_secs(10), || n1
-        .node_state(&n2.name)
-        == "ready"));
+    let (mut n1, n2) = Node::pair(&tag, &u);
 
     // Changes issued on a worker are forwarded to the manager.
     n2.ctl_ok(&["network", "create", "--subnet", "10.0.7.0/24", "span"]);
@@ -147,9 +143,7 @@ fn three_node_overlay() {
     n3.remove_flag("--token", true);
     n3.remove_flag("--join", true);
     n3.restart();
-    assert!(wait_for(Duration::from_secs(10), || n1
-        .node_state(&n3.name)
-        == "ready"));
+    n1.wait_ready(&[&n3]);
     n1.wait_running("web", 3);
     assert!(pings(&n2, &t2, &ip3), "after worker restart");
 

@@ -5,7 +5,7 @@
 //! data path's per-flow ordering (batching, GSO runs, GRO, multi-queue TAPs and the
 //! underlay's steering between workers). Needs root.
 
-use overlay_e2e::{bin, require_root, unique, wait_for, Node, Underlay};
+use overlay_e2e::{bin, require_root, unique, Node, Underlay};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -29,9 +29,7 @@ fn flows_stay_in_order_across_nodes_under_load() {
     let workers = ["--datapath-workers", "2"];
     let n1 = Node::manager_with(&format!("{tag}a"), &u, 1, &workers);
     let n2 = Node::worker_with(&format!("{tag}b"), &u, 2, &n1, &workers);
-    assert!(wait_for(Duration::from_secs(10), || n1
-        .node_state(&n2.name)
-        == "ready"));
+    n1.wait_ready(&[&n2]);
     // The workers' sockets share the VXLAN port (SO_REUSEPORT); another daemon on the same
     // address must still be refused, not silently take a share of the datagrams.
     let dir = std::env::temp_dir().join(format!("{tag}-dup"));
@@ -57,8 +55,7 @@ fn flows_stay_in_order_across_nodes_under_load() {
     n1.ctl_ok(&["service", "create", "--name", "p", "--network", "ord", "--replicas", "2",
         "--", "iperf3", "-s", "-p", "5201"]);
     n1.wait_running("p", 2);
-    let node_of = |t: &str| n1.task_view(t)["node"].as_str().unwrap_or("").to_string();
-    assert_ne!(node_of("p.1"), node_of("p.2"), "one task per node");
+    assert_ne!(n1.node_of("p.1"), n1.node_of("p.2"), "one task per node");
     let server = n1.task_ip("p.2");
     // A second server on the same task for the UDP streams.
     n1.exec("p.2", &["iperf3", "-s", "-D", "-p", "5202"]);
@@ -97,7 +94,11 @@ fn flows_stay_in_order_across_nodes_under_load() {
     );
     // Twelve flows hash over two workers: both of the receiving node's carry frames (all
     // twelve on one worker has odds of 1 in 2048).
-    let receiver = if node_of("p.2") == n1.name { &n1 } else { &n2 };
+    let receiver = if n1.node_of("p.2") == n1.name {
+        &n1
+    } else {
+        &n2
+    };
     let stats = receiver.json(&["stats"]);
     let per_worker: Vec<u64> = stats["workers"]
         .as_array()

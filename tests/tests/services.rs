@@ -99,13 +99,6 @@ fn lines(s: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn node_of(n: &Node, task: &str) -> String {
-    n.task_view(task)["node"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 #[test]
 fn services_vips_and_dns_on_three_nodes() {
     if !require_root("services_vips_and_dns_on_three_nodes") {
@@ -131,10 +124,7 @@ fn services_vips_and_dns_on_three_nodes() {
     let n1 = Node::manager_with(&format!("{tag}a"), &u, 1, &dns);
     let mut n2 = Node::worker_with(&format!("{tag}b"), &u, 2, &n1, &dns);
     let mut n3 = Node::worker_with(&format!("{tag}c"), &u, 3, &n1, &dns);
-    assert!(wait_for(Duration::from_secs(10), || n1
-        .node_state(&n2.name)
-        == "ready"
-        && n1.node_state(&n3.name) == "ready"));
+    n1.wait_ready(&[&n2, &n3]);
 
     n1.ctl_ok(&["network", "create", "--subnet", "10.0.20.0/24", "demo"]);
     let create = |args: &[&str]| n1.ctl_ok(&[&["service", "create"][..], args].concat());
@@ -177,7 +167,7 @@ fn services_vips_and_dns_on_three_nodes() {
         n1.wait_running(svc, n);
     }
     let c = "client.1";
-    let cn_name = node_of(&n1, c);
+    let cn_name = n1.node_of(c);
     // The client's node, and a worker without the client to kill at the end.
     let (cn, victim) = if n1.name == cn_name {
         (&n1, &mut n3)
@@ -188,7 +178,7 @@ fn services_vips_and_dns_on_three_nodes() {
     };
     let vip = n1.vip_of("whoami");
     let placed: BTreeSet<String> = (1..=3)
-        .map(|i| node_of(&n1, &format!("whoami.{i}")))
+        .map(|i| n1.node_of(&format!("whoami.{i}")))
         .collect();
     assert_eq!(placed.len(), 3, "one replica per node");
 
@@ -327,7 +317,7 @@ fn services_vips_and_dns_on_three_nodes() {
     // through the VIP gets a reset instead of hanging.
     let gone = (1..=3)
         .map(|i| format!("whoami.{i}"))
-        .find(|t| node_of(&n1, t) == victim.name)
+        .find(|t| n1.node_of(t) == victim.name)
         .expect("a replica on the victim");
     let mut pinned = cn
         .ctl_cmd(&["exec", c, "--", "python3", &client_py, "pin", &gone])

@@ -26,8 +26,6 @@ use nix::sys::socket::{setsockopt, sockopt};
 
 /// Room for the largest TAP super-frame (64 KiB and the virtio-net header) or datagram.
 const BUF: usize = 65_600;
-/// The socket buffers overlayd's underlay asks for (`datapath::underlay`).
-const SOCKET_BUFFER: usize = 4 << 20;
 
 struct Args {
     tap: String,
@@ -113,8 +111,9 @@ fn run(args: Args) -> io::Result<()> {
     let sock = UdpSocket::bind(args.local)?;
     sock.connect(args.peer)?;
     // overlayd's underlay buffers, so that neither side queues less than the other.
-    setsockopt(&sock, sockopt::RcvBuf, &SOCKET_BUFFER)?;
-    setsockopt(&sock, sockopt::SndBuf, &SOCKET_BUFFER)?;
+    let size = router::datapath::underlay::SOCKET_BUFFER;
+    setsockopt(&sock, sockopt::RcvBuf, &size)?;
+    setsockopt(&sock, sockopt::SndBuf, &size)?;
     let drops = Arc::new(AtomicU64::new(0));
     let out = {
         let (tap, sock, drops) = (tap.clone(), sock.try_clone()?, drops.clone());

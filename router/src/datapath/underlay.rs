@@ -37,7 +37,7 @@ const MAX_GSO_BYTES: usize = 65_507;
 /// that any power-of-two number of workers at the receiver divides them evenly.
 pub const SEND_PORTS: u16 = 16;
 /// Socket buffers: room for bursts, a 64-frame batch from each of several ports.
-const SOCKET_BUFFER: usize = 4 << 20;
+pub const SOCKET_BUFFER: usize = 4 << 20;
 
 /// Sockets that send, shared by every worker of a node.
 pub struct SendPool {

@@ -25,7 +25,7 @@
 use super::csum::Sum;
 use super::table::PortId;
 use super::vnet::{
-    fold, needs_csum, partial_field, pseudo_header, VnetHdr, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4,
+    fold, ip_pseudo_header, needs_csum, partial_field, VnetHdr, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4,
     HDR_LEN, UDP_MAX_SEGMENTS,
 };
 use std::ops::Range;
@@ -116,41 +116,40 @@ struct Segment {
     payload: usize,
 }
 
-/// The addresses of an IPv4 or IPv6 frame as the pseudo-header takes them, given where its
-/// L4 header starts.
-fn addrs(frame: &[u8], l4: usize) -> &[u8] {
-    if l4 == L4_V6 {
-        &frame[ETH + 8..ETH + 40]
-    } else {
-        &frame[ETH + 12..ETH + 20]
-    }
+fn be16(frame: &[u8], at: usize) -> usize {
+    usize::from(u16::from_be_bytes([frame[at], frame[at + 1]]))
 }
 
 fn parse(frame: &[u8], verify_l4: bool) -> Option<Segment> {
-    let be16 = |at: usize| usize::from(u16::from_be_bytes([frame[at], frame[at + 1]]));
-    let (l4, proto) = match frame.get(12..15)? {
+    match frame.get(12..15)? {
         [0x08, 0x00, 0x45] if frame.len() >= L4_V4 + 8 => {
-            let frag = be16(ETH + 6);
-            if be16(ETH + 2) + ETH != frame.len() || frag & 0x3fff != 0 {
+            let frag = be16(frame, ETH + 6);
+            if be16(frame, ETH + 2) + ETH != frame.len() || frag & 0x3fff != 0 {
                 return None;
             }
             if fold(Sum::new().add_slice(&frame[ETH..L4_V4])) != 0 {
                 return None;
             }
-            (L4_V4, frame[ETH + 9])
+            parse_l4::<L4_V4>(frame, frame[ETH + 9], verify_l4)
         }
         [0x86, 0xdd, v] if v >> 4 == 6 && frame.len() >= L4_V6 + 8 => {
-            if be16(ETH + 4) + L4_V6 != frame.len() {
+            if be16(frame, ETH + 4) + L4_V6 != frame.len() {
                 return None;
             }
-            (L4_V6, frame[ETH + 6])
+            parse_l4::<L4_V6>(frame, frame[ETH + 6], verify_l4)
         }
-        _ => return None,
-    };
+        _ => None,
+    }
+}
+
+/// The TCP or UDP part of a frame whose L4 header starts at `L4` ([`L4_V4`] or [`L4_V6`]: a
+/// constant, so that every offset below is one).
+fn parse_l4<const L4: usize>(frame: &[u8], proto: u8, verify_l4: bool) -> Option<Segment> {
+    let l4 = L4;
     let l4_len = frame.len() - l4;
     let l4_hdr = match proto {
         TCP if frame.len() >= l4 + 20 => ((frame[l4 + 12] >> 4) as usize) * 4,
-        UDP if be16(l4 + 4) == l4_len => 8,
+        UDP if be16(frame, l4 + 4) == l4_len => 8,
         _ => return None,
     };
     if l4_hdr < 8 || (proto == TCP && l4_hdr < 20) || l4 + l4_hdr > frame.len() {
@@ -159,7 +158,7 @@ fn parse(frame: &[u8], verify_l4: bool) -> Option<Segment> {
     // A UDP/IPv4 datagram without a checksum (zero) has nothing to verify.
     let unsummed = proto == UDP && l4 == L4_V4 && frame[l4 + 6..l4 + 8] == [0, 0];
     if verify_l4 && !unsummed {
-        let pseudo = pseudo_header(addrs(frame, l4), proto, l4_len);
+        let pseudo = ip_pseudo_header(frame, l4 == L4_V6, proto, l4_len);
         if fold(pseudo.add_slice(&frame[l4..])) != 0 {
             return None;
         }
@@ -210,7 +209,23 @@ impl Coalescer {
         if !mergeable || s.payload == 0 {
             return Push::Refused;
         }
-        let (l4, h) = (s.l4, s.l4 + s.l4_hdr);
+        if s.l4 == L4_V6 {
+            self.join::<L4_V6>(port, frame, at, covered, &s)
+        } else {
+            self.join::<L4_V4>(port, frame, at, covered, &s)
+        }
+    }
+
+    /// The rest of [`Self::push`], for a segment whose L4 header starts at `L4`.
+    fn join<const L4: usize>(
+        &mut self,
+        port: PortId,
+        frame: &[u8],
+        at: (usize, usize),
+        covered: bool,
+        s: &Segment,
+    ) -> Push {
+        let (l4, h) = (L4, L4 + s.l4_hdr);
         let payload = (at.0, at.1 + h..at.1 + frame.len());
         if self.port.is_none() {
             self.head.clear();
@@ -235,14 +250,16 @@ impl Coalescer {
             && covered == self.covered
             && h == head.len()
             && self.parts.len() < MAX_SEGMENTS
-            // addresses; then ports; then TOS (IPv4), or traffic class, flow label and hop
-            // limit (IPv6).
-            && addrs(frame, l4) == addrs(head, l4)
+            // ports; then addresses and TOS (IPv4), or addresses, traffic class, flow label
+            // and hop limit (IPv6), each range of a known length.
             && frame[l4..l4 + 4] == head[l4..l4 + 4]
-            && if l4 == L4_V6 {
-                frame[ETH..ETH + 4] == head[ETH..ETH + 4] && frame[ETH + 7] == head[ETH + 7]
+            && if L4 == L4_V6 {
+                frame[ETH + 8..ETH + 40] == head[ETH + 8..ETH + 40]
+                    && frame[ETH..ETH + 4] == head[ETH..ETH + 4]
+                    && frame[ETH + 7] == head[ETH + 7]
             } else {
-                frame[ETH + 1] == head[ETH + 1]
+                frame[ETH + 12..ETH + 20] == head[ETH + 12..ETH + 20]
+                    && frame[ETH + 1] == head[ETH + 1]
             }
             && s.payload <= self.mss
             && h - ETH + self.payload + s.payload <= MAX_IP_LEN;
@@ -304,7 +321,7 @@ impl Coalescer {
                     GSO_UDP_L4
                 }
             };
-            let pseudo = pseudo_header(addrs(head, l4), self.proto, l4_len.into());
+            let pseudo = ip_pseudo_header(head, v6, self.proto, l4_len.into());
             let at = l4 + usize::from(partial.csum_offset);
             head[at..at + 2].copy_from_slice(&partial_field(pseudo).to_be_bytes());
             VnetHdr {

@@ -85,11 +85,24 @@ pub fn fold(sum: Sum) -> u16 {
 
 /// The pseudo-header sum of a TCP/UDP checksum: the addresses (IPv4 or IPv6, source then
 /// destination, as they lie in the header), the protocol and the L4 length.
+#[inline]
 pub fn pseudo_header(addrs: &[u8], proto: u8, l4_len: usize) -> Sum {
     Sum::new()
         .add_slice(addrs)
         .add_2bytes([0, proto])
         .add_2bytes((l4_len as u16).to_be_bytes())
+}
+
+/// The pseudo-header sum of an IPv4 or IPv6 frame's TCP/UDP checksum, its addresses read
+/// where they lie. One branch per version, so that each sums a slice of known length
+/// (per segment on the hot paths: a slice of either length costs a generic loop).
+#[inline(always)]
+pub fn ip_pseudo_header(frame: &[u8], v6: bool, proto: u8, l4_len: usize) -> Sum {
+    if v6 {
+        pseudo_header(&frame[ETH + 8..ETH + 40], proto, l4_len)
+    } else {
+        pseudo_header(&frame[ETH + 12..ETH + 20], proto, l4_len)
+    }
 }
 
 /// What a partial checksum field holds: the folded pseudo-header sum, not inverted.
@@ -189,16 +202,15 @@ impl<'a> Cut<'a> {
     /// Copies the headers into `out` and fixes frame `i`'s IP header for an L4 part of
     /// `l4_len` bytes starting at `l4`: IPv4 as [`Self::ipv4_head`]; IPv6 only its payload
     /// length (no extension headers; no header checksum, no per-frame id). Returns the
-    /// addresses as the pseudo-header takes them.
-    fn ip_head(&self, i: usize, out: &mut [u8], l4: usize, l4_len: usize) -> &'a [u8] {
+    /// pseudo-header sum of `proto`'s checksum.
+    fn ip_head(&self, i: usize, out: &mut [u8], l4: usize, l4_len: usize, proto: u8) -> Sum {
         if self.v6 {
             out[..self.headers].copy_from_slice(&self.frame[..self.headers]);
             out[ETH + 4..ETH + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-            &self.frame[ETH + 8..ETH + 40]
         } else {
             self.ipv4_head(i, out, l4, l4_len);
-            &self.frame[ETH + 12..ETH + 20]
         }
+        ip_pseudo_header(self.frame, self.v6, proto, l4_len)
     }
 
     /// The TCP/UDP checksum of frame `i` whose headers are in `out` (checksum field zero):
@@ -268,7 +280,7 @@ impl<'a> TcpSegments<'a> {
     fn write_head(&self, i: usize, out: &mut [u8]) {
         let (c, tcp) = (&self.cut, self.tcp);
         let tcp_len = c.headers - tcp + c.chunk(i).len();
-        let addrs = c.ip_head(i, out, tcp, tcp_len);
+        let pseudo = c.ip_head(i, out, tcp, tcp_len, 6);
         // TCP: sequence number; FIN and PSH only on the last segment, CWR only on the first.
         let seq = self.seq.wrapping_add((i * c.mss) as u32);
         out[tcp + 4..tcp + 8].copy_from_slice(&seq.to_be_bytes());
@@ -279,7 +291,6 @@ impl<'a> TcpSegments<'a> {
             out[tcp + 13] &= !0x80;
         }
         out[tcp + 16..tcp + 18].fill(0);
-        let pseudo = pseudo_header(addrs, 6, tcp_len);
         let check = c.l4_checksum(i, out, tcp, pseudo);
         out[tcp + 16..tcp + 18].copy_from_slice(&check.to_be_bytes());
     }
@@ -329,10 +340,9 @@ impl<'a> UdpSegments<'a> {
     fn write_head(&self, i: usize, out: &mut [u8]) {
         let (c, udp) = (&self.cut, self.udp);
         let udp_len = UDP_HDR + c.chunk(i).len();
-        let addrs = c.ip_head(i, out, udp, udp_len);
+        let pseudo = c.ip_head(i, out, udp, udp_len, 17);
         out[udp + 4..udp + 6].copy_from_slice(&(udp_len as u16).to_be_bytes());
         out[udp + 6..udp + 8].fill(0);
-        let pseudo = pseudo_header(addrs, 17, udp_len);
         // A whole sum of zero goes out as all ones: zero means "no checksum" in UDP.
         let check = match c.l4_checksum(i, out, udp, pseudo) {
             0 if !c.partial => 0xffff,
@@ -452,7 +462,7 @@ pub fn offload_partial(frame: &mut [u8], gso_size: Option<u16>) -> VnetHdr {
     let Some((proto, start, csum_offset, l4_len)) = l4_of(frame) else {
         return VnetHdr::default();
     };
-    let partial = partial_field(pseudo_header(&frame[ETH + 12..ETH + 20], proto, l4_len));
+    let partial = partial_field(ip_pseudo_header(frame, false, proto, l4_len));
     let at = start + usize::from(csum_offset);
     frame[at..at + 2].copy_from_slice(&partial.to_be_bytes());
     let mut h = partial_header(frame);

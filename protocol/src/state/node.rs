@@ -1,0 +1,151 @@
+//! Nodes: the cluster's members, with their role, underlay address and availability.
+//!
+//! A node joins, or rejoins under its name with a new address, through `upsert_node`, which
+//! also gives it its router's address on the ingress network (`ingress.rs`). Draining a node
+//! moves its tasks to others with the same spread placement as scaling (`task.rs`).
+
+use super::{ClusterState, StateError, Task};
+use crate::types::{NodeName, ServiceName};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    Active,
+    Drain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Manager,
+    Worker,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: NodeName,
+    pub role: Role,
+    pub availability: Availability,
+    /// The underlay address other nodes send VXLAN to (`--advertise-addr`).
+    pub advertise_addr: Option<Ipv4Addr>,
+    /// The UDP port this node receives VXLAN on (`--data-path-port`).
+    #[serde(default = "default_data_port")]
+    pub data_port: u16,
+    pub joined_at: u64,
+}
+
+fn default_data_port() -> u16 {
+    crate::vxlan::UDP_PORT
+}
+
+impl ClusterState {
+    /// Adds a node, or refreshes the address of a node that rejoins under its own name.
+    pub fn upsert_node(&mut self, node: Node) {
+        match self.nodes.get_mut(&node.name) {
+            Some(n) if n.advertise_addr == node.advertise_addr => return,
+            Some(n) => n.advertise_addr = node.advertise_addr,
+            None => {
+                self.nodes.insert(node.name.clone(), node);
+            }
+        }
+        self.revision += 1;
+        // A node without a router address on ingress publishes nothing; a /16 is not full.
+        let _ = self.ensure_lb_endpoints();
+    }
+
+    /// Sets a node's availability. Draining moves every task on it to other eligible active
+    /// nodes (new task ids, same slots; addresses come from the pool again, so a task usually
+    /// gets back the one it just freed), as `docker node update --availability drain` does.
+    /// It is refused, changing nothing, if a task has nowhere to go.
+    pub fn set_availability(
+        &mut self,
+        node: &str,
+        availability: Availability,
+        new_id: &mut dyn FnMut() -> String,
+        eligible: &dyn Fn(&NodeName) -> bool,
+    ) -> Result<(), StateError> {
+        let mut next = self.clone();
+        let n = next
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| StateError::NoSuchNode(node.to_string()))?;
+        n.availability = availability;
+        let name = n.name.clone();
+        if availability == Availability::Drain {
+            let moving: Vec<Task> = next
+                .tasks
+                .values()
+                .filter(|t| t.node == name)
+                .cloned()
+                .collect();
+            for t in &moving {
+                next.tasks.remove(&t.name);
+            }
+            let services: BTreeSet<ServiceName> =
+                moving.iter().map(|t| t.service.clone()).collect();
+            for svc in services {
+                let replicas = next.services.get(&svc).map_or(0, |s| s.replicas);
+                next.scale_service(svc.as_str(), replicas, new_id, eligible)?;
+            }
+        }
+        next.revision += 1;
+        *self = next;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::fixtures::{ids, net, state, svc};
+
+    #[test]
+    fn drain_moves_tasks_and_refuses_when_nowhere_to_go() {
+        let mut s = state();
+        let n2 = NodeName::new("n2").unwrap();
+        s.nodes.insert(
+            n2.clone(),
+            Node {
+                name: n2.clone(),
+                role: Role::Worker,
+                availability: Availability::Active,
+                advertise_addr: None,
+                data_port: 4789,
+                joined_at: 0,
+            },
+        );
+        net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
+        let mut id = ids();
+        s.create_service(svc("web", &["a"], 4), &mut id, &|_| true)
+            .unwrap();
+        assert_eq!(s.tasks_on(&n2).count(), 2);
+        s.set_availability("n2", Availability::Drain, &mut id, &|_| true)
+            .unwrap();
+        assert_eq!(s.tasks_on(&n2).count(), 0);
+        assert_eq!(s.tasks.len(), 4);
+        assert_eq!(s.nodes[&n2].availability, Availability::Drain);
+        // New tasks go elsewhere while drained; back to active, it is eligible again.
+        s.scale_service("web", 5, &mut id, &|_| true).unwrap();
+        assert_eq!(s.tasks_on(&n2).count(), 0);
+        s.set_availability("n2", Availability::Active, &mut id, &|_| true)
+            .unwrap();
+        s.scale_service("web", 6, &mut id, &|_| true).unwrap();
+        assert_eq!(s.tasks_on(&n2).count(), 1);
+        // Draining the only other node would strand its tasks: refused, nothing changes.
+        s.set_availability("n2", Availability::Drain, &mut id, &|_| true)
+            .unwrap();
+        let before = s.clone();
+        assert!(matches!(
+            s.set_availability("n1", Availability::Drain, &mut id, &|_| true),
+            Err(StateError::NoActiveNode)
+        ));
+        assert_eq!(s, before);
+        assert!(matches!(
+            s.set_availability("nope", Availability::Drain, &mut id, &|_| true),
+            Err(StateError::NoSuchNode(_))
+        ));
+    }
+}

@@ -1,0 +1,227 @@
+//! Tasks: a service's replicas, one per slot, each with an address on every network of its
+//! service, spread over the eligible active nodes.
+//!
+//! `scale_service` is where tasks are made: creating a service, draining a node (`node.rs`)
+//! and attaching to or detaching from the ingress network (`ports.rs`) all go through it.
+
+use super::{Availability, ClusterState, StateError, MAX_REPLICAS};
+use crate::types::{MacAddr, NetworkName, NodeName, ServiceName};
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+
+/// One endpoint of a task on one network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub network: NetworkName,
+    pub address: Ipv4Addr,
+    pub mac: MacAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    /// `<service>.<slot>`, unique in the cluster.
+    pub name: String,
+    pub service: ServiceName,
+    pub slot: u32,
+    pub node: NodeName,
+    pub attachments: Vec<Attachment>,
+}
+
+impl ClusterState {
+    /// Sets a service's replica count, adding or removing tasks (highest slots go first).
+    /// New tasks go to active nodes that `eligible` accepts.
+    pub fn scale_service(
+        &mut self,
+        name: &str,
+        replicas: u32,
+        new_id: &mut dyn FnMut() -> String,
+        eligible: &dyn Fn(&NodeName) -> bool,
+    ) -> Result<(), StateError> {
+        if replicas > MAX_REPLICAS {
+            return Err(StateError::TooManyReplicas(replicas));
+        }
+        let svc = self
+            .services
+            .get(name)
+            .ok_or_else(|| StateError::NoSuchService(name.to_string()))?
+            .clone();
+        let mut next = self.clone();
+        next.tasks
+            .retain(|_, t| t.service != svc.name || t.slot <= replicas);
+        for slot in 1..=replicas {
+            let task_name = format!("{}.{}", svc.name, slot);
+            if next.tasks.contains_key(&task_name) {
+                continue;
+            }
+            let node = next.place(&svc.name, eligible)?;
+            let mut attachments = Vec::new();
+            for net_name in &svc.networks {
+                let address = next.free_address(net_name)?;
+                attachments.push(Attachment {
+                    network: net_name.clone(),
+                    address,
+                    mac: MacAddr::from_ipv4(address),
+                });
+            }
+            // Inserted before the next slot is placed, so its addresses count as used.
+            next.tasks.insert(
+                task_name.clone(),
+                Task {
+                    id: new_id(),
+                    name: task_name,
+                    service: svc.name.clone(),
+                    slot,
+                    node,
+                    attachments,
+                },
+            );
+        }
+        if let Some(s) = next.services.get_mut(name) {
+            s.replicas = replicas;
+        }
+        next.revision += 1;
+        *self = next;
+        Ok(())
+    }
+
+    /// Spread placement: the eligible active node with the fewest tasks of this service, then
+    /// the fewest tasks overall, then by name (deterministic).
+    fn place(
+        &self,
+        service: &ServiceName,
+        eligible: &dyn Fn(&NodeName) -> bool,
+    ) -> Result<NodeName, StateError> {
+        self.nodes
+            .values()
+            .filter(|n| n.availability == Availability::Active && eligible(&n.name))
+            .min_by_key(|n| {
+                let mine = self
+                    .tasks
+                    .values()
+                    .filter(|t| t.node == n.name && &t.service == service)
+                    .count();
+                let all = self.tasks.values().filter(|t| t.node == n.name).count();
+                (mine, all, n.name.clone())
+            })
+            .map(|n| n.name.clone())
+            .ok_or(StateError::NoActiveNode)
+    }
+
+    /// Tasks placed on `node`.
+    pub fn tasks_on<'a>(&'a self, node: &'a NodeName) -> impl Iterator<Item = &'a Task> + 'a {
+        self.tasks.values().filter(move |t| &t.node == node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::fixtures::{ids, net, state, svc};
+    use crate::state::{Node, Role};
+
+    #[test]
+    fn service_tasks_addresses_scale_and_rm() {
+        let mut s = state();
+        net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
+        let mut id = ids();
+        s.create_service(svc("web", &["a"], 3), &mut id, &|_| true)
+            .unwrap();
+        let addrs: Vec<String> = s
+            .tasks
+            .values()
+            .map(|t| t.attachments[0].address.to_string())
+            .collect();
+        assert_eq!(addrs, ["10.0.2.3", "10.0.2.4", "10.0.2.5"]);
+        assert_eq!(
+            s.services["web"].vips[&NetworkName::new("a").unwrap()].to_string(),
+            "10.0.2.2"
+        );
+        assert_eq!(
+            s.tasks["web.1"].attachments[0].mac.to_string(),
+            "02:42:0a:00:02:03"
+        );
+        s.scale_service("web", 1, &mut id, &|_| true).unwrap();
+        assert_eq!(s.tasks.keys().collect::<Vec<_>>(), ["web.1"]);
+        s.scale_service("web", 2, &mut id, &|_| true).unwrap();
+        assert_eq!(
+            s.tasks["web.2"].attachments[0].address.to_string(),
+            "10.0.2.4"
+        );
+        assert!(matches!(
+            s.remove_network("a"),
+            Err(StateError::NetworkInUse { .. })
+        ));
+        s.remove_service("web").unwrap();
+        assert!(s.tasks.is_empty());
+        s.remove_network("a").unwrap();
+    }
+
+    #[test]
+    fn full_network_refuses_whole_request() {
+        let mut s = state();
+        net(&mut s, "small", Some("10.3.0.0/29")).unwrap();
+        let mut id = ids();
+        let before = s.clone();
+        assert!(matches!(
+            s.create_service(svc("web", &["small"], 5), &mut id, &|_| true),
+            Err(StateError::NetworkFull { .. })
+        ));
+        assert_eq!(s, before);
+        // A /29 holds the gateway, the VIP and four tasks.
+        s.create_service(svc("web", &["small"], 4), &mut id, &|_| true)
+            .unwrap();
+        let before = s.clone();
+        assert!(s.scale_service("web", 5, &mut id, &|_| true).is_err());
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn two_networks_per_task() {
+        let mut s = state();
+        net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
+        net(&mut s, "b", Some("10.0.3.0/24")).unwrap();
+        let mut id = ids();
+        s.create_service(svc("web", &["a", "b"], 2), &mut id, &|_| true)
+            .unwrap();
+        let t = &s.tasks["web.2"];
+        assert_eq!(t.attachments.len(), 2);
+        assert_eq!(t.attachments[1].address.to_string(), "10.0.3.4");
+        assert_ne!(s.tasks["web.1"].id, s.tasks["web.2"].id);
+    }
+
+    #[test]
+    fn spread_placement() {
+        let mut s = state();
+        for n in ["n2", "n3"] {
+            let name = NodeName::new(n).unwrap();
+            s.nodes.insert(
+                name.clone(),
+                Node {
+                    name,
+                    role: Role::Worker,
+                    availability: Availability::Active,
+                    advertise_addr: None,
+                    data_port: 4789,
+                    joined_at: 0,
+                },
+            );
+        }
+        net(&mut s, "a", None).unwrap();
+        let mut id = ids();
+        s.create_service(svc("web", &["a"], 6), &mut id, &|_| true)
+            .unwrap();
+        for n in ["n1", "n2", "n3"] {
+            let node = NodeName::new(n).unwrap();
+            assert_eq!(s.tasks_on(&node).count(), 2, "{n}");
+        }
+        // A node that is not eligible (down) gets no new task.
+        s.scale_service("web", 9, &mut id, &|n| n.as_str() != "n2")
+            .unwrap();
+        assert_eq!(s.tasks_on(&NodeName::new("n2").unwrap()).count(), 2);
+        assert!(matches!(
+            s.scale_service("web", 10, &mut id, &|_| false),
+            Err(StateError::NoActiveNode)
+        ));
+    }
+}

@@ -27,7 +27,8 @@ impl ClusterState {
     }
 
     /// Every address of `network` that is taken: the gateway, each service's VIP, each
-    /// task's endpoint and each external VTEP's address.
+    /// task's endpoint, each node router's ingress endpoint, each external VTEP's address and
+    /// each container's endpoint.
     pub fn used_addresses(&self, network: &NetworkName) -> BTreeSet<Ipv4Addr> {
         let mut used = BTreeSet::new();
         if let Some(n) = self.networks.get(network) {

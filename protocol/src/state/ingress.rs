@@ -14,6 +14,7 @@ pub const INGRESS_NETWORK: &str = "ingress";
 /// Swarm's VNI for `ingress` (user networks start at the next one).
 pub const INGRESS_VNI: u32 = 4096;
 
+/// The default ingress network's subnet (`ipam::INGRESS_SUBNET`).
 pub(super) fn ingress_subnet() -> Ipv4Net {
     ipam::INGRESS_SUBNET
         .parse()

@@ -54,6 +54,8 @@ use std::net::Ipv4Addr;
 /// Version of the on-disk / on-wire layout of [`ClusterState`].
 pub const FORMAT: u32 = 1;
 
+/// The whole desired state of the cluster: what the manager persists and publishes, and
+/// what each node's agent realises.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub format: u32,
@@ -82,6 +84,7 @@ impl Default for ClusterState {
     }
 }
 
+/// Why an operation on the state was refused (a refused operation changes nothing).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
     #[error("network {0} already exists")]

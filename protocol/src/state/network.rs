@@ -32,6 +32,7 @@ pub const ENCRYPTED_MTU: u16 = 1400;
 /// Smallest MTU an IPv4 interface may have.
 const MIN_MTU: u16 = 68;
 
+/// An overlay network: a subnet, its gateway, and the VNI its frames carry between nodes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
     pub id: String,

@@ -34,6 +34,7 @@ impl std::fmt::Display for EndpointMode {
     }
 }
 
+/// A service: `replicas` tasks running one command, attached to some networks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub id: String,

@@ -17,6 +17,7 @@ pub struct Attachment {
     pub mac: MacAddr,
 }
 
+/// One replica of a service, placed on a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     pub id: String,

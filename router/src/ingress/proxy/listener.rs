@@ -1,0 +1,138 @@
+//! The published ports: one kernel listener (TCP) or socket (UDP) per port on every address
+//! of the node, opened when a view names the port, retried while another process holds it,
+//! and closed with its connections and mappings when the view drops it.
+
+use super::tcp::reset;
+use super::{Owner, Proxy};
+use crate::ingress::stats::PortCounters;
+use crate::ingress::ListenerView;
+use mio::net::{TcpListener, UdpSocket};
+use mio::{Interest, Token};
+use protocol::state::PortProtocol;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+pub(super) type ListenerKey = (PortProtocol, u16);
+
+pub(super) enum Socket {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+pub(super) struct Listener {
+    pub(super) view: ListenerView,
+    pub(super) socket: Option<Socket>,
+    pub(super) token: Token,
+    /// Round-robin position.
+    next: usize,
+    pub(super) counters: Arc<PortCounters>,
+}
+
+impl Listener {
+    pub(super) fn pick(&mut self) -> Option<Ipv4Addr> {
+        let n = self.view.backends.len();
+        if n == 0 {
+            return None;
+        }
+        let b = self.view.backends[self.next % n];
+        self.next = (self.next + 1) % n;
+        Some(b)
+    }
+}
+
+impl Proxy {
+    pub(super) fn add_listener(&mut self, key: ListenerKey, view: ListenerView) {
+        let counters =
+            self.counters
+                .ingress
+                .port(&view.key(), view.service.as_str(), &view.mode.to_string());
+        let token = self.token();
+        self.listeners.insert(
+            key,
+            Listener {
+                view,
+                socket: None,
+                token,
+                next: 0,
+                counters,
+            },
+        );
+        self.tokens.insert(token, Owner::Listener(key));
+        self.open(key);
+    }
+
+    /// Opens a listener's socket on every address of the node; a failure (port in use) is
+    /// reported in the port's stats and retried on the next view.
+    pub(super) fn open(&mut self, key: ListenerKey) {
+        if self.iface.is_none() {
+            return;
+        }
+        let Some(l) = self.listeners.get_mut(&key) else {
+            return;
+        };
+        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, key.1));
+        let opened = match key.0 {
+            PortProtocol::Tcp => TcpListener::bind(addr).and_then(|mut s| {
+                self.poll
+                    .registry()
+                    .register(&mut s, l.token, Interest::READABLE)?;
+                Ok(Socket::Tcp(s))
+            }),
+            PortProtocol::Udp => UdpSocket::bind(addr).and_then(|mut s| {
+                self.poll
+                    .registry()
+                    .register(&mut s, l.token, Interest::READABLE)?;
+                Ok(Socket::Udp(s))
+            }),
+        };
+        match opened {
+            Ok(s) => {
+                info!(port = %l.view.key(), service = %l.view.service, "published port open");
+                l.socket = Some(s);
+                l.counters.set_listening(Ok(()));
+            }
+            Err(e) => {
+                if l.counters.listening.load(Ordering::Relaxed)
+                    || l.counters.error.lock().map(|x| x.is_none()).unwrap_or(true)
+                {
+                    warn!(port = %l.view.key(), error = %e, "cannot open published port");
+                }
+                l.counters.set_listening(Err(e.to_string()));
+            }
+        }
+    }
+
+    pub(super) fn close_listener(&mut self, key: ListenerKey) {
+        if let Some(l) = self.listeners.remove(&key) {
+            self.tokens.remove(&l.token);
+            match l.socket {
+                Some(Socket::Tcp(mut s)) => {
+                    let _ = self.poll.registry().deregister(&mut s);
+                }
+                Some(Socket::Udp(mut s)) => {
+                    let _ = self.poll.registry().deregister(&mut s);
+                }
+                None => {}
+            }
+            info!(port = %l.view.key(), "published port closed");
+        }
+        // Its connections and mappings go with it.
+        for c in self.conns.values_mut().filter(|c| c.listener == key) {
+            reset(c, &mut self.sockets);
+        }
+        let maps: Vec<_> = self.udp.keys().filter(|k| k.0 == key).copied().collect();
+        for k in maps {
+            self.drop_mapping(k);
+        }
+    }
+
+    pub(super) fn on_listener(&mut self, key: ListenerKey) {
+        match self.listeners.get(&key).map(|l| &l.socket) {
+            Some(Some(Socket::Tcp(_))) => self.accept(key),
+            Some(Some(Socket::Udp(_))) => self.receive_udp(key),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! The proxy thread: kernel sockets towards clients, smoltcp sockets towards tasks, and the
+//! bytes between them. One mio loop owns everything (listeners, accepted streams, the link
+//! to the datapath and the smoltcp interface); nothing here is shared but the counters.
+//!
+//! This file holds the thread and its loop: the view it is handed (`apply`), the smoltcp
+//! `Interface` of the node's ingress endpoint, and the periodic sweep. What each kind of
+//! socket does lives beside it: `listener` (the published ports: kernel listeners opened,
+//! retried and closed), `tcp` (accepted streams pumped to and from smoltcp TCP sockets),
+//! `udp` (one smoltcp UDP socket per client address) and `ports` (the endpoint's own
+//! ports for both).
+
+mod listener;
+mod ports;
+mod tcp;
+mod udp;
+
+use self::listener::{Listener, ListenerKey};
+use self::ports::PortAlloc;
+use self::tcp::{pump, reset, Conn};
+use self::udp::UdpMap;
+use super::link::Link;
+use super::{EndpointAddr, IngressView, ListenerView};
+use crate::datapath::stats::Counters;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+const LINK: Token = Token(0);
+const WAKE: Token = Token(1);
+/// Longest wait of the loop: UDP mappings and connects are checked at least this often.
+const TICK: Duration = Duration::from_millis(500);
+
+enum Msg {
+    View(IngressView),
+    Stop,
+}
+
+/// Handle to the proxy thread.
+pub struct Ingress {
+    tx: mpsc::Sender<Msg>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Ingress {
+    /// Starts the thread on `link` (the endpoint's end of the link pair).
+    pub fn start(
+        link: OwnedFd,
+        counters: Arc<Counters>,
+        max_connections: usize,
+    ) -> io::Result<Ingress> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let link = Link::new(link, protocol::state::DEFAULT_MTU, counters.clone());
+        poll.registry().register(
+            &mut SourceFd(&link.raw_fd()),
+            LINK,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        let (tx, rx) = mpsc::channel();
+        let mut proxy = Proxy {
+            poll,
+            rx,
+            link,
+            iface: None,
+            sockets: SocketSet::new(Vec::new()),
+            listeners: HashMap::new(),
+            tokens: HashMap::new(),
+            conns: HashMap::new(),
+            udp: HashMap::new(),
+            local_ports: PortAlloc::default(),
+            idle_tcp: Vec::new(),
+            next_token: 2,
+            epoch: Instant::now(),
+            counters,
+            max_connections,
+            buf: vec![0u8; 65_536],
+        };
+        let thread = std::thread::Builder::new()
+            .name("ingress".into())
+            .spawn(move || proxy.run())?;
+        Ok(Ingress {
+            tx,
+            waker,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands the thread a new view (listeners, backends, the endpoint's address).
+    pub fn update(&self, view: IngressView) {
+        if self.tx.send(Msg::View(view)).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.tx.send(Msg::Stop);
+        let _ = self.waker.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Ingress {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+enum Owner {
+    Listener(ListenerKey),
+    Conn,
+}
+
+struct Proxy {
+    poll: Poll,
+    rx: mpsc::Receiver<Msg>,
+    link: Link,
+    iface: Option<(Interface, EndpointAddr)>,
+    sockets: SocketSet<'static>,
+    listeners: HashMap<ListenerKey, Listener>,
+    tokens: HashMap<Token, Owner>,
+    conns: HashMap<Token, Conn>,
+    udp: HashMap<(ListenerKey, SocketAddr), UdpMap>,
+    local_ports: PortAlloc,
+    /// Closed TCP sockets (buffers and settings kept) ready for the next connection.
+    idle_tcp: Vec<SocketHandle>,
+    next_token: usize,
+    epoch: Instant,
+    counters: Arc<Counters>,
+    max_connections: usize,
+    /// One UDP datagram.
+    buf: Vec<u8>,
+}
+
+impl Proxy {
+    fn now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        let mut last_sweep = Instant::now();
+        loop {
+            let timeout = if self.link.readable && self.iface.is_some() {
+                Some(Duration::ZERO)
+            } else {
+                let now = self.now();
+                let delay = self
+                    .iface
+                    .as_mut()
+                    .and_then(|(i, _)| i.poll_delay(now, &self.sockets));
+                Some(delay.map_or(TICK, |d| Duration::from(d).min(TICK)))
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                warn!(error = %e, "ingress poll failed; stopping");
+                return;
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LINK => {
+                        self.link.readable |= ev.is_readable();
+                        self.link.writable |= ev.is_writable();
+                    }
+                    WAKE => {}
+                    t => match self.tokens.get(&t) {
+                        Some(Owner::Listener(key)) => {
+                            let key = *key;
+                            self.on_listener(key);
+                        }
+                        Some(Owner::Conn) => {
+                            if let Some(c) = self.conns.get_mut(&t) {
+                                c.readable |=
+                                    ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                                c.writable |= ev.is_writable();
+                            }
+                        }
+                        None => {}
+                    },
+                }
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(Msg::View(v)) => self.apply(v),
+                    Ok(Msg::Stop) | Err(mpsc::TryRecvError::Disconnected) => {
+                        self.shut_down();
+                        return;
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                }
+            }
+            if self.iface.is_none() {
+                // No endpoint: frames from the datapath have nowhere to go.
+                self.link.read_frames();
+                self.link.clear();
+                continue;
+            }
+            if last_sweep.elapsed() >= TICK {
+                last_sweep = Instant::now();
+                self.sweep();
+            }
+            self.turn();
+        }
+    }
+
+    /// Frames in, the stack, bytes between the sockets, frames out.
+    fn turn(&mut self) {
+        self.link.read_frames();
+        self.poll_iface();
+        for c in self.conns.values_mut() {
+            pump(c, &mut self.sockets);
+        }
+        self.pump_udp();
+        self.settle();
+    }
+
+    fn poll_iface(&mut self) {
+        let now = self.now();
+        if let Some((iface, _)) = self.iface.as_mut() {
+            iface.poll(now, &mut self.link, &mut self.sockets);
+        }
+    }
+
+    fn token(&mut self) -> Token {
+        self.next_token += 1;
+        Token(self.next_token)
+    }
+
+    /// Applies a new view: endpoint address, listeners opened and closed, connections to
+    /// tasks that left reset.
+    fn apply(&mut self, view: IngressView) {
+        let endpoint_changed = self.iface.as_ref().map(|(_, e)| *e) != view.endpoint;
+        if endpoint_changed {
+            self.close_all();
+            let now = self.now();
+            self.iface = view.endpoint.map(|e| {
+                self.link.clear();
+                self.link.set_mtu(e.mtu);
+                let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(e.mac.0)));
+                config.random_seed = rand::random();
+                let mut iface = Interface::new(config, &mut self.link, now);
+                iface.update_ip_addrs(|a| {
+                    let _ = a.push(IpCidr::new(IpAddress::Ipv4(e.ip), e.prefix_len));
+                });
+                info!(address = %e.ip, "ingress endpoint up");
+                (iface, e)
+            });
+        }
+        let wanted: HashMap<ListenerKey, ListenerView> = view
+            .listeners
+            .into_iter()
+            .map(|l| ((l.protocol, l.port), l))
+            .collect();
+        let gone: Vec<ListenerKey> = self
+            .listeners
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.close_listener(key);
+        }
+        for (key, v) in wanted {
+            match self.listeners.get_mut(&key) {
+                Some(l) if l.view.service == v.service && l.view.mode == v.mode => {
+                    l.view = v;
+                    if l.socket.is_none() {
+                        self.open(key);
+                    }
+                }
+                Some(_) => {
+                    self.close_listener(key);
+                    self.add_listener(key, v);
+                }
+                None => self.add_listener(key, v),
+            }
+        }
+        let keys: Vec<String> = self.listeners.values().map(|l| l.view.key()).collect();
+        self.counters.ingress.retain(&keys);
+        self.reset_departed();
+    }
+
+    /// Resets connections and drops mappings whose task is no longer a backend.
+    fn reset_departed(&mut self) {
+        for c in self.conns.values_mut() {
+            let alive = self
+                .listeners
+                .get(&c.listener)
+                .is_some_and(|l| l.view.backends.contains(&c.backend));
+            if !alive && c.done.is_none() {
+                debug!(backend = %c.backend, "task left: resetting its connection");
+                reset(c, &mut self.sockets);
+            }
+        }
+        let gone: Vec<_> = self
+            .udp
+            .iter()
+            .filter(|(_, m)| {
+                !self
+                    .listeners
+                    .get(&m.listener)
+                    .is_some_and(|l| l.view.backends.contains(&m.backend))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            self.drop_mapping(k);
+        }
+        // Let the resets go out now.
+        self.settle();
+    }
+
+    /// Sends what the stack has to send (resets included), then removes ended connections.
+    fn settle(&mut self) {
+        self.poll_iface();
+        self.reap();
+        self.link.flush();
+    }
+
+    fn close_all(&mut self) {
+        let keys: Vec<ListenerKey> = self.listeners.keys().copied().collect();
+        for k in keys {
+            self.close_listener(k);
+        }
+        self.settle();
+    }
+
+    fn shut_down(&mut self) {
+        self.close_all();
+    }
+
+    /// Retries published ports that could not be opened (a port in use by another
+    /// process) and expires idle UDP mappings. Runs at least every [`TICK`], before a turn.
+    fn sweep(&mut self) {
+        let closed: Vec<ListenerKey> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.socket.is_none())
+            .map(|(k, _)| *k)
+            .collect();
+        for k in closed {
+            self.open(k);
+        }
+        self.expire_udp();
+        // Unanswered connects are given up by the turn that follows (`pump`).
+    }
+}

@@ -5,12 +5,11 @@
 //! to the client gets the VIP back as its source, so the client only ever sees the VIP.
 //! Any port of the VIP maps to the same port of the task, as in Swarm.
 
-use super::answer;
-use super::conntrack::{Dir, Flow, FlowKey};
-use super::nat::{self, L4Csum, Side, TcpEnd, PROTO_ICMP, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_SYN};
-use super::stats::DropReason;
-use super::switch::Verdict;
-use super::table::{Location, NetTable, PortId, Tables, Vip};
+use crate::answer;
+use crate::conntrack::{ConnTable, Dir, Flow, FlowKey};
+use crate::nat::{self, L4Csum, Side, TcpEnd, PROTO_ICMP, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_SYN};
+use crate::table::{NetTable, Vip};
+use crate::vocab::{DropReason, Location, PortId, Verdict};
 use protocol::types::{MacAddr, Vni};
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
@@ -36,10 +35,12 @@ fn key_of(vni: Vni, l4: &nat::L4) -> FlowKey {
     }
 }
 
-/// A frame from local port `in_port` (a client, whose MAC is `client_mac`) to `vip`.
+/// A frame from local port `in_port` (a client, whose MAC is `client_mac`) to `vip`, at
+/// `now_ms`; a new flow goes into `flows`.
 #[allow(clippy::too_many_arguments)]
 pub fn to_vip(
-    t: &Tables,
+    flows: &ConnTable,
+    now_ms: u64,
     vni: Vni,
     in_port: PortId,
     client_mac: MacAddr,
@@ -64,10 +65,9 @@ pub fn to_vip(
     }
     let tcp = l4.proto == PROTO_TCP;
     let key = key_of(vni, &l4);
-    let now = t.flows.now();
-    let known = t.flows.with(&key, |slot| {
+    let known = flows.with(&key, |slot| {
         let f = &slot.flow;
-        f.touch(now);
+        f.touch(now_ms);
         if tcp {
             f.track_tcp(Dir::ToBackend, l4.flags, 0);
         }
@@ -118,9 +118,9 @@ pub fn to_vip(
                 idle,
                 vip.service.clone(),
                 b.flows.clone(),
-                now,
+                now_ms,
             );
-            if t.flows.insert(flow).is_err() {
+            if flows.insert(flow).is_err() {
                 return Verdict::Drop(DropReason::LbTableFull);
             }
             (b.ip, b.mac, b.at)
@@ -146,13 +146,20 @@ fn refuse(out: &mut [u8], from: TcpEnd, to: TcpEnd, syn_seq: u32) -> Option<usiz
     Some(len)
 }
 
-/// A frame about to be delivered to a local port: if it is a backend's reply on a
-/// load-balanced flow, its source becomes the VIP again.
-pub fn to_client(t: &Tables, net: &NetTable, vni: Vni, frame: &mut [u8], csum: L4Csum) {
+/// A frame about to be delivered to a local port at `now_ms`: if it is a backend's reply on
+/// a load-balanced flow of `flows`, its source becomes the VIP again.
+pub fn to_client(
+    flows: &ConnTable,
+    now_ms: u64,
+    net: &NetTable,
+    vni: Vni,
+    frame: &mut [u8],
+    csum: L4Csum,
+) {
     // Cheap checks first: most frames between tasks are not replies through a VIP, and
     // with no load-balanced flow at all there is nothing to look up.
     if net.backend_ips.is_empty()
-        || t.flows.is_empty()
+        || flows.is_empty()
         || frame.len() < 34
         || frame[12..14] != [0x08, 0x00]
     {
@@ -169,13 +176,12 @@ pub fn to_client(t: &Tables, net: &NetTable, vni: Vni, frame: &mut [u8], csum: L
         return;
     }
     let key = key_of(vni, &l4);
-    let now = t.flows.now();
-    let vip = t.flows.with(&key, |slot| {
+    let vip = flows.with(&key, |slot| {
         if slot.dir != Dir::ToClient {
             return None;
         }
         let f = &slot.flow;
-        f.touch(now);
+        f.touch(now_ms);
         if l4.proto == PROTO_TCP {
             let occupies = u32::from(l4.flags & TCP_SYN != 0) + u32::from(l4.flags & TCP_FIN != 0);
             let next = l4
@@ -209,10 +215,11 @@ pub fn reset_for(flow: &Flow, out: &mut [u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::conntrack::{ConnTable, ServiceCounters, TCP_IDLE_MS, UDP_IDLE_MS};
-    use crate::datapath::nat::{parse, PROTO_UDP, TCP_RST};
-    use crate::datapath::switch::{from_port, from_underlay, MAX_FRAME};
-    use crate::datapath::table::{BackendSpec, PortBinding};
+    use crate::conntrack::{ServiceCounters, TCP_IDLE_MS, UDP_IDLE_MS};
+    use crate::nat::{parse, PROTO_UDP, TCP_RST};
+    use crate::switch::{from_port, from_underlay, Context, MAX_FRAME};
+    use crate::table::{BackendSpec, Tables};
+    use crate::vocab::PortBinding;
     use etherparse::PacketBuilder;
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
@@ -228,13 +235,26 @@ mod tests {
     const VIP: &str = "10.0.0.2";
     const VTEP: &str = "198.18.0.3:4789";
 
+    /// A node's tables and its connection table, as the decision is handed them.
+    struct Node {
+        tables: Tables,
+        flows: ConnTable,
+    }
+
+    impl Node {
+        fn cx(&self) -> Context<'_> {
+            Context {
+                tables: &self.tables,
+                flows: &self.flows,
+                now_ms: 0,
+            }
+        }
+    }
+
     /// Client on port 1 (.9); backends .3 (port 2, local) and .4 (remote); VIP .2.
-    fn tables(max_flows: usize, backends: &[&str]) -> Tables {
+    fn tables(max_flows: usize, backends: &[&str]) -> Node {
         let vni = Vni::new(4097).unwrap();
-        let mut t = Tables {
-            flows: Arc::new(ConnTable::new(max_flows)),
-            ..Tables::default()
-        };
+        let mut t = Tables::default();
         for (port, addr) in [(1, "10.0.0.9"), (2, "10.0.0.3")] {
             t.add_port(
                 PortId(port),
@@ -266,7 +286,10 @@ mod tests {
             &specs,
             (TCP_IDLE_MS, UDP_IDLE_MS),
         );
-        t
+        Node {
+            tables: t,
+            flows: ConnTable::new(max_flows),
+        }
     }
 
     fn tcp(src: &str, dst_mac: MacAddr, dst: &str, sport: u16, syn: bool) -> Vec<u8> {
@@ -279,9 +302,9 @@ mod tests {
         v
     }
 
-    fn send(t: &Tables, port: u32, frame: &mut [u8]) -> Verdict {
+    fn send(t: &Node, port: u32, frame: &mut [u8]) -> Verdict {
         let mut reply = vec![0u8; MAX_FRAME];
-        from_port(t, PortId(port), frame, L4Csum::Complete, &mut reply)
+        from_port(&t.cx(), PortId(port), frame, L4Csum::Complete, &mut reply)
     }
 
     #[test]
@@ -347,7 +370,7 @@ mod tests {
             .unwrap();
         let mut reply = vec![0u8; MAX_FRAME];
         let v = from_underlay(
-            &t,
+            &t.cx(),
             Vni::new(4097).unwrap(),
             ip("198.18.0.3"),
             &mut back,
@@ -390,7 +413,8 @@ mod tests {
             .icmpv4_echo_request(7, 1)
             .write(&mut echo, b"ping")
             .unwrap();
-        let Verdict::Reply(n) = from_port(&t, PortId(1), &mut echo, L4Csum::Complete, &mut reply)
+        let Verdict::Reply(n) =
+            from_port(&t.cx(), PortId(1), &mut echo, L4Csum::Complete, &mut reply)
         else {
             panic!("no echo reply")
         };
@@ -398,7 +422,7 @@ mod tests {
         assert_eq!(&reply[26..30], &ip(VIP).octets()[..]);
         assert!(n > 34);
         // The VIP is in the ARP table the router answers from.
-        let net = &t.networks[&Vni::new(4097).unwrap()];
+        let net = &t.tables.networks[&Vni::new(4097).unwrap()];
         assert_eq!(net.arp.get(&ip(VIP)), Some(&mac(VIP)));
         // The table holds one flow: the second is refused, the first goes on.
         let mut a = tcp("10.0.0.9", mac(VIP), VIP, 1, true);
@@ -410,7 +434,8 @@ mod tests {
         // No backend: TCP is refused with a reset at once, UDP dropped and counted.
         let t = tables(10, &[]);
         let mut syn = tcp("10.0.0.9", mac(VIP), VIP, 1, true);
-        let Verdict::Reply(n) = from_port(&t, PortId(1), &mut syn, L4Csum::Complete, &mut reply)
+        let Verdict::Reply(n) =
+            from_port(&t.cx(), PortId(1), &mut syn, L4Csum::Complete, &mut reply)
         else {
             panic!("no reset")
         };

@@ -10,9 +10,9 @@
 //! whose task leaves the service's backends is reset at once.
 
 use super::link::Link;
-use super::stats::PortCounters;
+use super::stats::{PortCounters, Registry};
 use super::{EndpointAddr, IngressView, ListenerView};
-use crate::datapath::stats::Counters;
+use datapath::stats::Counters;
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -65,10 +65,12 @@ pub struct Ingress {
 }
 
 impl Ingress {
-    /// Starts the thread on `link` (the endpoint's end of the link pair).
+    /// Starts the thread on `link` (the endpoint's end of the link pair); the link counts
+    /// into the datapath's `counters`, the listeners into `ports`.
     pub fn start(
         link: OwnedFd,
         counters: Arc<Counters>,
+        ports: Arc<Registry>,
         max_connections: usize,
     ) -> io::Result<Ingress> {
         let poll = Poll::new()?;
@@ -94,7 +96,7 @@ impl Ingress {
             idle_tcp: Vec::new(),
             next_token: 2,
             epoch: Instant::now(),
-            counters,
+            ports,
             max_connections,
             buf: vec![0u8; 65_536],
         };
@@ -287,7 +289,8 @@ struct Proxy {
     idle_tcp: Vec<SocketHandle>,
     next_token: usize,
     epoch: Instant,
-    counters: Arc<Counters>,
+    /// The per-port counters the API reports.
+    ports: Arc<Registry>,
     max_connections: usize,
     /// One UDP datagram.
     buf: Vec<u8>,
@@ -439,15 +442,14 @@ impl Proxy {
             }
         }
         let keys: Vec<String> = self.listeners.values().map(|l| l.view.key()).collect();
-        self.counters.ingress.retain(&keys);
+        self.ports.retain(&keys);
         self.reset_departed();
     }
 
     fn add_listener(&mut self, key: ListenerKey, view: ListenerView) {
-        let counters =
-            self.counters
-                .ingress
-                .port(&view.key(), view.service.as_str(), &view.mode.to_string());
+        let counters = self
+            .ports
+            .port(&view.key(), view.service.as_str(), &view.mode.to_string());
         let token = self.token();
         self.listeners.insert(
             key,

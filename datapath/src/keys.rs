@@ -1,7 +1,8 @@
 //! An encrypted network's keys as the forwarding tables carry them: every live secret (to
 //! open what other nodes sealed) and this node's sending keys, one per worker lane. Immutable
 //! data, rebuilt by the agent when the keyring changes; the per-datagram state that goes with
-//! them (sequence numbers, replay windows) is each worker's [`crate::crypto::EspState`].
+//! them (sequence numbers, replay windows) is each worker's `EspState`
+//! (the `crypto` module, above the tables).
 
 use protocol::esp::{self, SenderKey};
 use std::collections::HashMap;

@@ -160,3 +160,5 @@ pub fn from_underlay(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vip_tests;

@@ -51,3 +51,87 @@ pub fn answer(
         .write_to_slice(reply, &answer)
         .map_err(|_| DropReason::Oversize)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::names::{DnsView, NetNames};
+    use arc_swap::ArcSwap;
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    use protocol::types::MacAddr;
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+
+    const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 9);
+
+    fn shared() -> Shared {
+        let mut net = NetNames::default();
+        net.a
+            .insert("whoami".into(), vec![Ipv4Addr::new(10, 0, 0, 2)]);
+        let mut view = DnsView::default();
+        view.networks.insert("demo".into(), net);
+        Shared {
+            view: ArcSwap::from_pointee(view),
+            upstreams: Vec::new(),
+        }
+    }
+
+    fn net() -> NetTable {
+        NetTable {
+            gateway_ip: Some(GW),
+            gateway_mac: MacAddr::from_ipv4(GW),
+            dns: Some(Arc::from(["demo".to_string()])),
+            ..NetTable::default()
+        }
+    }
+
+    fn query(name: &str) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 7;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(MacAddr::from_ipv4(CLIENT).0, MacAddr::from_ipv4(GW).0)
+            .ipv4(CLIENT.octets(), GW.octets(), 64)
+            .udp(40000, 53)
+            .write(&mut f, &m.to_vec().unwrap())
+            .unwrap();
+        f
+    }
+
+    /// The DNS message of a reply frame, after checking it goes from the gateway's port 53
+    /// back to the client's.
+    fn answered(reply: &[u8]) -> Message {
+        let p = SlicedPacket::from_ethernet(reply).unwrap();
+        let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp))) = (&p.net, &p.transport)
+        else {
+            panic!("not UDP/IPv4");
+        };
+        assert_eq!(&reply[6..12], MacAddr::from_ipv4(GW).as_bytes());
+        assert_eq!(ip.header().source_addr(), GW);
+        assert_eq!((udp.source_port(), udp.destination_port()), (53, 40000));
+        Message::from_vec(udp.payload()).unwrap()
+    }
+
+    #[test]
+    fn cluster_names_are_answered_and_others_get_servfail() {
+        let (shared, net) = (shared(), net());
+        let mut reply = vec![0u8; datapath::switch::MAX_FRAME];
+        let n = answer(&shared, &net, &query("whoami."), &mut reply).unwrap();
+        let m = answered(&reply[..n]);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(m.answers.len(), 1);
+        let n = answer(&shared, &net, &query("example.com."), &mut reply).unwrap();
+        assert_eq!(
+            answered(&reply[..n]).metadata.response_code,
+            ResponseCode::ServFail
+        );
+        // An answer that does not fit the buffer is dropped as oversize.
+        let mut small = [0u8; 60];
+        assert_eq!(
+            answer(&shared, &net, &query("whoami."), &mut small),
+            Err(DropReason::Oversize)
+        );
+    }
+}

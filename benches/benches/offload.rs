@@ -6,12 +6,12 @@
 //! underlay's run next to cutting them into a scratch buffer and copying them there.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use router::datapath::gro::{Coalescer, Push};
-use router::datapath::table::PortId;
-use router::datapath::vnet::{
+use datapath::gro::{Coalescer, Push};
+use datapath::vnet::{
     complete_checksum, offload_partial, segment_tcp, Segments, VnetHdr, F_NEEDS_CSUM, GSO_TCPV4,
     GSO_UDP_L4,
 };
+use datapath::vocab::PortId;
 use std::hint::black_box;
 
 /// A TCP/IPv4 frame (no options) with `payload` bytes, as a task's kernel hands it over.
@@ -118,7 +118,7 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("checksum_64KiB_ours", |b| {
         b.iter(|| {
-            router::datapath::csum::Sum::new()
+            datapath::csum::Sum::new()
                 .add_slice(black_box(&big))
                 .ones_complement()
         })

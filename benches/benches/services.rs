@@ -7,12 +7,12 @@
 //! - building DNS answers for a service name and for `tasks.NAME`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use datapath::conntrack::FlowKey;
+use datapath::nat::{self, L4Csum, Side};
 use etherparse::PacketBuilder;
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
 use protocol::types::MacAddr;
-use router::datapath::conntrack::FlowKey;
-use router::datapath::nat::{self, L4Csum, Side};
 use router::dns::answer;
 use router::dns::names::{DnsView, NetNames};
 use std::hint::black_box;

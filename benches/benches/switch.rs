@@ -1,11 +1,13 @@
-//! The per-frame switching decision (`router::datapath::switch::from_port`): the work the
+//! The per-frame switching decision (`datapath::switch::from_port`): the work the
 //! datapath does for every frame between its read and its write.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use datapath::conntrack::ConnTable;
+use datapath::nat::L4Csum;
+use datapath::switch::{from_port, Context, MAX_FRAME};
+use datapath::table::{BackendSpec, Tables};
+use datapath::vocab::{PortBinding, PortId, Verdict};
 use protocol::types::{MacAddr, Vni};
-use router::datapath::nat::L4Csum;
-use router::datapath::switch::{from_port, Verdict, MAX_FRAME};
-use router::datapath::table::{BackendSpec, PortBinding, PortId, Tables};
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 
@@ -46,9 +48,9 @@ fn frame(dst: MacAddr, src: MacAddr, ethertype: u16, len: usize) -> Vec<u8> {
 }
 
 /// The decision for one frame from port 1 (complete checksums).
-fn decide(t: &Tables, f: &mut [u8], reply: &mut [u8]) -> Verdict {
+fn decide(cx: &Context<'_>, f: &mut [u8], reply: &mut [u8]) -> Verdict {
     from_port(
-        black_box(t),
+        black_box(cx),
         PortId(1),
         black_box(f),
         L4Csum::Complete,
@@ -67,8 +69,19 @@ fn tcp(src: Ipv4Addr, dst: Ipv4Addr, dst_mac: MacAddr, sport: u16, syn: bool) ->
     v
 }
 
+/// The decision's context over `tables` and the node's connection table, at time zero.
+fn context<'a>(tables: &'a Tables, flows: &'a ConnTable) -> Context<'a> {
+    Context {
+        tables,
+        flows,
+        now_ms: 0,
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let t = tables();
+    let flows = ConnTable::default();
+    let cx = context(&t, &flows);
     let src = MacAddr::from_ipv4(Ipv4Addr::new(10, 0, 0, 2));
     let local = MacAddr::from_ipv4(Ipv4Addr::new(10, 0, 0, 3));
     let remote = MacAddr::from_ipv4(Ipv4Addr::new(10, 0, 16, 7));
@@ -96,10 +109,10 @@ fn bench(c: &mut Criterion) {
     };
     for (name, mut f) in cases {
         assert!(
-            expect(decide(&t, &mut f.clone(), &mut reply), name),
+            expect(decide(&cx, &mut f.clone(), &mut reply), name),
             "{name}"
         );
-        g.bench_function(name, |b| b.iter(|| decide(&t, &mut f, &mut reply)));
+        g.bench_function(name, |b| b.iter(|| decide(&cx, &mut f, &mut reply)));
     }
 
     // The same node with a service VIP (10.0.0.200) balanced over ports 2 and 3.
@@ -121,10 +134,11 @@ fn bench(c: &mut Criterion) {
         &backends,
         (86_400_000, 60_000),
     );
+    let cx = context(&t, &flows);
     let client = Ipv4Addr::new(10, 0, 0, 2);
     let mut syn = tcp(client, vip, MacAddr::from_ipv4(vip), 40000, true);
     assert_eq!(
-        decide(&t, &mut syn, &mut reply),
+        decide(&cx, &mut syn, &mut reply),
         Verdict::Forward(PortId(2))
     );
     // Every packet of a flow: lookup, destination NAT (the frame is rewritten back to the
@@ -133,7 +147,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("vip_flow_1464B", |b| {
         b.iter_batched_ref(
             || to_vip.clone(),
-            |f| decide(&t, f, &mut reply),
+            |f| decide(&cx, f, &mut reply),
             criterion::BatchSize::SmallInput,
         )
     });
@@ -144,7 +158,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("unicast_local_from_backend_1464B", |b| {
         b.iter(|| {
             from_port(
-                black_box(&t),
+                black_box(&cx),
                 PortId(2),
                 black_box(&mut direct),
                 L4Csum::Complete,

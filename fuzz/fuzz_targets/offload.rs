@@ -4,9 +4,9 @@
 //! merged run only names bytes of the frames it was given.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use router::datapath::gro::{Coalescer, Push};
-use router::datapath::table::PortId;
-use router::datapath::vnet::{complete_checksum, Segments, VnetHdr, HDR_LEN};
+use datapath::gro::{Coalescer, Push};
+use datapath::vocab::PortId;
+use datapath::vnet::{complete_checksum, Segments, VnetHdr, HDR_LEN};
 
 fuzz_target!(|data: &[u8]| {
     let Some(h) = VnetHdr::from_slice(data) else {

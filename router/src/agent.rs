@@ -10,19 +10,20 @@
 //! they change (a new key, or the moment a new key starts being used for sending).
 
 use crate::cluster::Cluster;
-use crate::datapath::conntrack::{TCP_IDLE_MS, UDP_IDLE_MS};
-use crate::datapath::crypto::{lane_epoch, NetCrypto, Secret, TxSa};
-use crate::datapath::io::Datapath;
-use crate::datapath::stats::Counters;
-use crate::datapath::table::{BackendSpec, GatewayDns, PortBinding, PortId, Tables};
 use crate::dns::names::DnsView;
 use crate::dns::server::{self as dns, Shared as DnsShared};
+use crate::forward::io::Datapath;
 use crate::ingress::{self, Ingress, IngressView};
 use crate::manager::{now, now_ms, StatusBoard};
 use crate::services::{self, VipView};
 use crate::sys::iface::{self, IfaceSpec};
 use crate::sys::{mntns, netns, tap};
 use crate::task::{self, TaskProcess};
+use datapath::conntrack::{TCP_IDLE_MS, UDP_IDLE_MS};
+use datapath::keys::{lane_epoch, NetCrypto, Secret, TxSa};
+use datapath::stats::Counters;
+use datapath::table::{BackendSpec, Tables};
+use datapath::vocab::{PortBinding, PortId};
 use protocol::api::{TaskState, TaskStatus};
 use protocol::control::{send_key, Keyring, Op};
 use protocol::esp::SenderKey;
@@ -59,11 +60,12 @@ impl Planes {
     pub fn new(
         datapath: Datapath,
         counters: Arc<Counters>,
+        ports: Arc<ingress::stats::Registry>,
         max_connections: usize,
     ) -> std::io::Result<Planes> {
         let (datapath_end, endpoint_end) = ingress::link::pair()?;
         datapath.add_port(INGRESS_PORT, vec![datapath_end], false);
-        let ingress = Ingress::start(endpoint_end, counters, max_connections)?;
+        let ingress = Ingress::start(endpoint_end, counters, ports, max_connections)?;
         Ok(Planes { datapath, ingress })
     }
 }
@@ -587,10 +589,8 @@ impl Agent {
         lb.retain(&live);
         for net in state.networks.values() {
             if let Some(t) = tables.networks.get_mut(&net.vni) {
-                t.dns = Some(GatewayDns {
-                    network: Arc::from([net.name.to_string()]),
-                    shared: self.dns.clone(),
-                });
+                // The router answers at the gateway from this network's names.
+                t.dns = Some(Arc::from([net.name.to_string()]));
             }
         }
         for net in state.networks.values().filter(|n| n.encrypted()) {

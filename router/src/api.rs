@@ -4,7 +4,7 @@
 //! snapshot. Every error is a JSON `{"message": ...}` with a meaningful status.
 
 use crate::cluster::Cluster;
-use crate::datapath::stats::Counters;
+use crate::ingress::stats::Registry;
 use crate::manager::ApiError;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use datapath::stats::Counters;
 use protocol::api::{
     self, ContainerSpec, Endpoint, EndpointSpec, EndpointView, ErrorBody, Ipam, IpamConfig,
     NetworkInspect, NetworkTarget, NodeView, PortSpec, ServiceInspect, ServiceSpec, TaskState,
@@ -29,6 +30,8 @@ use std::sync::Arc;
 pub struct ApiState {
     pub cluster: Cluster,
     pub counters: Arc<Counters>,
+    /// The routing mesh's per-port counters, reported with the datapath's.
+    pub ingress: Arc<Registry>,
     pub node: NodeName,
     pub state_dir: PathBuf,
 }
@@ -650,5 +653,7 @@ async fn join_token(State(st): State<ApiState>) -> ApiResult<api::JoinToken> {
 }
 
 async fn stats(State(st): State<ApiState>) -> ApiResult<api::DatapathStats> {
-    Ok(Json(st.counters.snapshot()))
+    let mut stats = st.counters.snapshot();
+    stats.ingress = st.ingress.snapshot();
+    Ok(Json(stats))
 }

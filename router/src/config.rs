@@ -70,7 +70,7 @@ pub struct Config {
 
     /// Most load-balanced flows this node tracks at once; new flows beyond it are refused
     /// (and counted), existing ones go on.
-    #[arg(long, default_value_t = crate::datapath::conntrack::DEFAULT_MAX_FLOWS, value_parser = parse_max_flows)]
+    #[arg(long, default_value_t = datapath::conntrack::DEFAULT_MAX_FLOWS, value_parser = parse_max_flows)]
     pub lb_max_flows: usize,
 
     /// Serve Docker's network and IPAM plugin protocol on this socket (its file name is the

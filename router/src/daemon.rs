@@ -10,13 +10,13 @@ use crate::cluster::server::{self, ServerCtx};
 use crate::cluster::worker::{self, Link};
 use crate::cluster::{wire, Cluster, JoinInfo};
 use crate::config::{Config, CONTROL_PORT};
-use crate::datapath::conntrack::ConnTable;
-use crate::datapath::io::Datapath;
-use crate::datapath::stats::Counters;
-use crate::datapath::underlay::Sockets;
+use crate::forward::io::Datapath;
+use crate::forward::underlay::Sockets;
 use crate::manager::Manager;
 use crate::store::Store;
 use anyhow::{bail, Context};
+use datapath::conntrack::ConnTable;
+use datapath::stats::Counters;
 use protocol::control::ToManager;
 use protocol::state::Pool;
 use std::path::Path;
@@ -271,13 +271,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
 
     let counters = Arc::new(Counters::default());
+    let ingress_counters = Arc::new(crate::ingress::stats::Registry::default());
     let flows = Arc::new(ConnTable::new(cfg.lb_max_flows));
-    let mut datapath = Datapath::start(counters.clone(), underlay, flows, cfg.workers())
-        .context("starting the datapath thread")?;
+    let mut datapath = Datapath::start(
+        counters.clone(),
+        underlay,
+        flows,
+        dns.clone(),
+        cfg.workers(),
+    )
+    .context("starting the datapath thread")?;
     datapath.esp_epoch = next_epoch(&state_dir);
     let planes = Planes::new(
         datapath,
         counters.clone(),
+        ingress_counters.clone(),
         cfg.ingress_max_connections as usize,
     )
     .context("starting the ingress proxy")?;
@@ -296,6 +304,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let app = api::router(ApiState {
         cluster,
         counters,
+        ingress: ingress_counters,
         node: cfg.node.clone(),
         state_dir: state_dir.clone(),
     });

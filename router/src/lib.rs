@@ -1,6 +1,8 @@
 //! `overlayd`'s library: everything a node runs.
 //!
-//! - [`datapath`]: forwarding tables, the sans-IO switch and the I/O loop over TAP devices.
+//! - [`forward`]: the datapath's I/O side: worker threads over TAP devices and the underlay's
+//!   sockets, feeding frames to the sans-IO decision of the `datapath` crate (tables, switch,
+//!   load balancing, NAT, connection tracking), which this crate only calls.
 //! - [`sys`]: the few fenced unsafe pieces: TAP ioctls and network-namespace syscalls, plus
 //!   interface configuration over netlink.
 //! - [`manager`]: the desired cluster state, its persistence and the API's operations.
@@ -15,9 +17,9 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
-pub mod datapath;
 pub mod dns;
 pub mod docker;
+pub mod forward;
 pub mod ingress;
 pub mod manager;
 pub mod services;

@@ -111,7 +111,7 @@ fn run(args: Args) -> io::Result<()> {
     let sock = UdpSocket::bind(args.local)?;
     sock.connect(args.peer)?;
     // overlayd's underlay buffers, so that neither side queues less than the other.
-    let size = router::datapath::underlay::SOCKET_BUFFER;
+    let size = router::forward::underlay::SOCKET_BUFFER;
     setsockopt(&sock, sockopt::RcvBuf, &size)?;
     setsockopt(&sock, sockopt::SndBuf, &size)?;
     let drops = Arc::new(AtomicU64::new(0));

@@ -12,9 +12,10 @@
 //! from a local TAP (the kernel's own, possibly still partial) or from the underlay, whose
 //! UDP checksum covered them.
 
-use crate::datapath::stats::{Counters, DropReason};
-use crate::datapath::switch::MAX_SUPER_FRAME;
-use crate::datapath::vnet::{self, VnetHdr};
+use datapath::stats::Counters;
+use datapath::switch::MAX_SUPER_FRAME;
+use datapath::vnet::{self, VnetHdr};
+use datapath::vocab::DropReason;
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType};
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;

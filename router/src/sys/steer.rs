@@ -84,7 +84,7 @@ pub fn attach(sock: &impl AsRawFd, workers: u32) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use crate::datapath::underlay::Sockets;
+    use crate::forward::underlay::Sockets;
     use std::net::{Ipv4Addr, UdpSocket};
     use std::time::Duration;
 

@@ -330,7 +330,7 @@ mod tests {
         let mut buf = vec![0u8; 70_000];
         for (i, q) in queues.iter().enumerate() {
             while let Ok(n) = nix::unistd::read(q, &mut buf) {
-                let frame = &buf[crate::datapath::vnet::HDR_LEN..n];
+                let frame = &buf[datapath::vnet::HDR_LEN..n];
                 // IPv4/UDP only (router solicitations and the like go elsewhere).
                 if frame.len() < 42 || frame[12..14] != [0x08, 0x00] || frame[23] != 17 {
                     continue;

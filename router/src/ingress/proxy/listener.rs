@@ -44,10 +44,9 @@ impl Listener {
 
 impl Proxy {
     pub(super) fn add_listener(&mut self, key: ListenerKey, view: ListenerView) {
-        let counters =
-            self.counters
-                .ingress
-                .port(&view.key(), view.service.as_str(), &view.mode.to_string());
+        let counters = self
+            .ports
+            .port(&view.key(), view.service.as_str(), &view.mode.to_string());
         let token = self.token();
         self.listeners.insert(
             key,

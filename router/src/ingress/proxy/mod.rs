@@ -19,8 +19,9 @@ use self::ports::PortAlloc;
 use self::tcp::{pump, reset, Conn};
 use self::udp::UdpMap;
 use super::link::Link;
+use super::stats::Registry;
 use super::{EndpointAddr, IngressView, ListenerView};
-use crate::datapath::stats::Counters;
+use datapath::stats::Counters;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -52,10 +53,12 @@ pub struct Ingress {
 }
 
 impl Ingress {
-    /// Starts the thread on `link` (the endpoint's end of the link pair).
+    /// Starts the thread on `link` (the endpoint's end of the link pair); the link counts
+    /// into the datapath's `counters`, the listeners into `ports`.
     pub fn start(
         link: OwnedFd,
         counters: Arc<Counters>,
+        ports: Arc<Registry>,
         max_connections: usize,
     ) -> io::Result<Ingress> {
         let poll = Poll::new()?;
@@ -81,7 +84,7 @@ impl Ingress {
             idle_tcp: Vec::new(),
             next_token: 2,
             epoch: Instant::now(),
-            counters,
+            ports,
             max_connections,
             buf: vec![0u8; 65_536],
         };
@@ -137,7 +140,8 @@ struct Proxy {
     idle_tcp: Vec<SocketHandle>,
     next_token: usize,
     epoch: Instant,
-    counters: Arc<Counters>,
+    /// The per-port counters the API reports.
+    ports: Arc<Registry>,
     max_connections: usize,
     /// One UDP datagram.
     buf: Vec<u8>,
@@ -289,7 +293,7 @@ impl Proxy {
             }
         }
         let keys: Vec<String> = self.listeners.values().map(|l| l.view.key()).collect();
-        self.counters.ingress.retain(&keys);
+        self.ports.retain(&keys);
         self.reset_departed();
     }
 

@@ -2,40 +2,18 @@
 //! MAC of a network lives (a local port or a remote node), and which MAC owns which IPv4
 //! address. The control side builds a new [`Tables`] value whenever the cluster state changes
 //! and publishes it whole; the I/O thread reads a snapshot per batch and never takes a lock.
+//! A snapshot is immutable: what changes per frame (the connection table, the clock) is
+//! handed to the decision beside it.
 
-use super::conntrack::{ConnTable, ServiceCounters};
-use super::crypto::NetCrypto;
+use crate::conntrack::ServiceCounters;
+use crate::keys::NetCrypto;
+use crate::vocab::{FastHash, Location, PortBinding, PortId};
 use protocol::state::ClusterState;
 use protocol::types::{MacAddr, NodeName, Vni};
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-
-/// The hasher of the maps the load balancer reads per frame: foldhash, seeded per process
-/// (the keys are addresses tasks choose, so not a fixed-seed hash).
-pub type FastHash = foldhash::fast::RandomState;
-
-/// A local port: one TAP device of one task on one network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PortId(pub u32);
-
-/// What the datapath knows about a local port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortBinding {
-    pub vni: Vni,
-    pub mac: MacAddr,
-    pub ip: Ipv4Addr,
-}
-
-/// Where a MAC lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Location {
-    Local(PortId),
-    /// Behind another VTEP (an overlayd node or an external VXLAN device) at this underlay
-    /// address.
-    Remote(SocketAddrV4),
-}
 
 /// A task a VIP balances over, and where it is.
 #[derive(Debug, Clone)]
@@ -75,24 +53,10 @@ pub struct NetTable {
     pub backend_ips: HashSet<Ipv4Addr, FastHash>,
     /// Keys of an encrypted network (None: a plain network).
     pub crypto: Option<Arc<NetCrypto>>,
-    /// The names the router answers for at the gateway's port 53 (None: no DNS there).
-    pub dns: Option<GatewayDns>,
-}
-
-/// What the gateway's DNS answers from: the embedded resolver's view and this network's name
-/// (a query at a network's gateway sees that network's names).
-#[derive(Clone)]
-pub struct GatewayDns {
-    pub network: Arc<[String]>,
-    pub shared: Arc<crate::dns::server::Shared>,
-}
-
-impl std::fmt::Debug for GatewayDns {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GatewayDns")
-            .field("network", &self.network)
-            .finish_non_exhaustive()
-    }
+    /// Whether the router answers DNS at the gateway's port 53, and from which networks'
+    /// names (this one's; None: no DNS there). The answer itself is the router's
+    /// ([`crate::vocab::Punt::GatewayDns`]).
+    pub dns: Option<Arc<[String]>>,
 }
 
 /// All tables of one node.
@@ -100,8 +64,6 @@ impl std::fmt::Debug for GatewayDns {
 pub struct Tables {
     pub ports: HashMap<PortId, PortBinding, FastHash>,
     pub networks: HashMap<Vni, NetTable, FastHash>,
-    /// The node's connection table, shared by every published `Tables`.
-    pub flows: Arc<ConnTable>,
     /// Other nodes by underlay address: whose key opens an ESP datagram from there.
     pub senders: HashMap<Ipv4Addr, String, FastHash>,
 }

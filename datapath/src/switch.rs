@@ -1,14 +1,15 @@
 //! The per-frame decision, sans-IO: given the tables, where a frame came from and its bytes,
-//! say what to do with it. No device, no socket, no allocation; the I/O loop in
-//! [`super::io`] feeds it batches and carries out the verdicts.
+//! say what to do with it. No device, no socket, no clock, no allocation; the router's I/O
+//! loop feeds it batches and carries out the [`Verdict`]s.
 
-use super::answer;
-use super::lb;
-use super::nat::L4Csum;
-use super::stats::DropReason;
-use super::table::{Location, PortId, Tables};
+use crate::answer;
+use crate::conntrack::ConnTable;
+use crate::lb;
+use crate::nat::L4Csum;
+use crate::table::Tables;
+use crate::vocab::{DropReason, Location, PortId, Punt, Verdict};
 use protocol::types::{MacAddr, Vni};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 
 /// Largest frame handled on the wire: a 1500-byte payload, Ethernet header and one VLAN tag.
 pub const MAX_FRAME: usize = 1518;
@@ -16,29 +17,15 @@ pub const MAX_FRAME: usize = 1518;
 pub const MAX_SUPER_FRAME: usize = 14 + 4 + 65_535;
 const ETHERTYPE_ARP: u16 = 0x0806;
 
-/// What to do with one frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Write it unchanged to this local port.
-    Forward(PortId),
-    /// Wrap it in VXLAN with this VNI and send it to this VTEP.
-    Encap {
-        vni: Vni,
-        vtep: SocketAddrV4,
-    },
-    /// Copy it to every local port of this network but the one it came from.
-    Flood(Vni),
-    /// The router answered; the answer (this many bytes of the reply buffer) goes back out of
-    /// the port the frame came from.
-    Reply(usize),
-    /// The router answered a frame that came over the underlay; the answer (this many bytes
-    /// of the reply buffer) goes back to that VTEP in VXLAN with this VNI.
-    ReplyRemote {
-        vni: Vni,
-        vtep: SocketAddrV4,
-        len: usize,
-    },
-    Drop(DropReason),
+/// What a decision reads besides the frame: the published tables (an immutable snapshot),
+/// the node's connection table (shared and written by every worker, so never part of a
+/// snapshot), and the time, read once per round by the I/O loop (milliseconds on a
+/// monotonic scale; the decision reads no clock).
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub tables: &'a Tables,
+    pub flows: &'a ConnTable,
+    pub now_ms: u64,
 }
 
 fn mac_at(frame: &[u8], at: usize) -> MacAddr {
@@ -51,9 +38,9 @@ fn mac_at(frame: &[u8], at: usize) -> MacAddr {
 /// of up to [`MAX_SUPER_FRAME`] bytes, whose TCP/UDP checksum may be partial: `csum`).
 /// Frames to a service VIP, and replies to a VIP's clients, are translated in place.
 /// `reply` must hold at least [`MAX_FRAME`] bytes; it is written only when the verdict is
-/// [`Verdict::Reply`].
+/// [`Verdict::Reply`]. A DNS query to the gateway is [`Verdict::Punt`]ed, for the router.
 pub fn from_port(
-    t: &Tables,
+    cx: &Context<'_>,
     in_port: PortId,
     frame: &mut [u8],
     csum: L4Csum,
@@ -65,6 +52,7 @@ pub fn from_port(
     if frame.len() > MAX_SUPER_FRAME {
         return Verdict::Drop(DropReason::Oversize);
     }
+    let t = cx.tables;
     let Some(binding) = t.ports.get(&in_port) else {
         return Verdict::Drop(DropReason::UnknownPort);
     };
@@ -85,7 +73,10 @@ pub fn from_port(
     if dst.is_multicast() {
         return Verdict::Flood(binding.vni);
     }
-    if dst == net.gateway_mac && net.gateway_ip.is_some() {
+    if let Some(gw) = net.gateway_ip.filter(|_| dst == net.gateway_mac) {
+        if net.dns.is_some() && answer::is_dns_query(gw, frame) {
+            return Verdict::Punt(Punt::GatewayDns { vni: binding.vni });
+        }
         return match answer::gateway(net, frame, reply) {
             Ok(n) => Verdict::Reply(n),
             Err(r) => Verdict::Drop(r),
@@ -94,7 +85,7 @@ pub fn from_port(
     match net.macs.get(&dst) {
         Some(Location::Local(p)) if *p == in_port => Verdict::Drop(DropReason::Hairpin),
         Some(Location::Local(p)) => {
-            lb::to_client(t, net, binding.vni, frame, csum);
+            lb::to_client(cx.flows, cx.now_ms, net, binding.vni, frame, csum);
             Verdict::Forward(*p)
         }
         Some(Location::Remote(vtep)) => Verdict::Encap {
@@ -103,7 +94,8 @@ pub fn from_port(
         },
         None => match lb::vip_for(net, dst) {
             Some(vip) => lb::to_vip(
-                t,
+                cx.flows,
+                cx.now_ms,
                 binding.vni,
                 in_port,
                 binding.mac,
@@ -122,7 +114,7 @@ pub fn from_port(
 /// is sent back out to the underlay except the router's own answers. `csum`: whether the
 /// frame's TCP/UDP checksum is partial (from another overlayd node) or whole.
 pub fn from_underlay(
-    t: &Tables,
+    cx: &Context<'_>,
     vni: Vni,
     from: Ipv4Addr,
     frame: &mut [u8],
@@ -135,7 +127,7 @@ pub fn from_underlay(
     if frame.len() > MAX_FRAME {
         return Verdict::Drop(DropReason::Oversize);
     }
-    let Some(net) = t.networks.get(&vni) else {
+    let Some(net) = cx.tables.networks.get(&vni) else {
         return Verdict::Drop(DropReason::VxlanUnknownVni);
     };
     // The control plane says where every MAC lives; a frame whose source is not behind the
@@ -158,7 +150,7 @@ pub fn from_underlay(
     match net.macs.get(&dst) {
         Some(Location::Local(p)) => {
             // A remote backend's reply to a client here.
-            lb::to_client(t, net, vni, frame, csum);
+            lb::to_client(cx.flows, cx.now_ms, net, vni, frame, csum);
             Verdict::Forward(*p)
         }
         Some(Location::Remote(_)) => Verdict::Drop(DropReason::Hairpin),
@@ -168,3 +160,5 @@ pub fn from_underlay(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vip_tests;

@@ -2,48 +2,24 @@
 //! and the receiving side's per-sender keys and replay windows. The sealing and opening
 //! themselves are [`protocol::esp`]'s, done in place on the underlay's run buffers.
 //!
-//! Keys in [`Tables`] are immutable and rebuilt by the agent when the keyring changes; what
-//! moves per packet (sequence numbers, windows, derived keys of senders) lives in
-//! [`EspState`], one per datapath worker, so no lock is taken per datagram.
+//! Keys in [`Tables`] ([`crate::keys`]) are immutable and rebuilt by the agent when the keyring
+//! changes; what moves per packet (sequence numbers, windows, derived keys of senders) lives
+//! in [`EspState`], one per datapath worker, so no lock is taken per datagram.
 //!
 //! Every worker is a sender of its own: its key is derived with an epoch whose low byte is
 //! its lane (the worker's index), so workers never share a (key, nonce) pair and each keeps
 //! its own sequence numbers. A receiver keeps one window per (SPI, sender, lane), and the
-//! underlay's steering ([`crate::sys::steer`]) brings every datagram of one lane to the same
-//! worker, so each window sees all the datagrams it must judge.
+//! underlay's steering (the router's `sys::steer`) brings every datagram of one lane to the
+//! same worker, so each window sees all the datagrams it must judge.
 
-use super::stats::DropReason;
-use super::table::{FastHash, Tables};
+use crate::keys::{Secret, TxSa};
+use crate::table::Tables;
+use crate::vocab::{DropReason, FastHash};
 use protocol::esp::{self, Replay, ReplayWindow, SenderKey};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
-
-/// A network's secret under one key id, shared by every node.
-pub type Secret = Arc<[u8; esp::SECRET_LEN]>;
-
-/// An encrypted network's keys on this node.
-#[derive(Debug, Default)]
-pub struct NetCrypto {
-    /// What this node seals with now (None: no key yet, so nothing is sent).
-    pub tx: Option<TxSa>,
-    /// Every live secret, by key id: frames under any of them are accepted.
-    pub rx: HashMap<u8, Secret>,
-}
-
-/// This node's sending side under one key: one derived key per worker lane.
-#[derive(Debug)]
-pub struct TxSa {
-    pub spi: u32,
-    pub keys: Vec<SenderKey>,
-}
-
-/// The epoch a worker's keys are derived with: the node's epoch (raised at every start) above
-/// the worker's lane.
-pub fn lane_epoch(node_epoch: u32, lane: u8) -> u32 {
-    (node_epoch << 8) | u32::from(lane)
-}
 
 /// A sender's key and window, as this node last saw them.
 struct RxSa {
@@ -168,7 +144,8 @@ impl EspState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::table::NetTable;
+    use crate::keys::{lane_epoch, NetCrypto};
+    use crate::table::NetTable;
     use protocol::types::Vni;
 
     const VNI: u32 = 4097;

@@ -12,9 +12,10 @@
 //! carries the flow's entropy (RFC 7348 section 5) and the receiver's steering keeps a flow on
 //! one worker.
 
-use super::crypto::TxSa;
-use super::stats::{Counters, DropReason};
-use super::switch::MAX_FRAME;
+use datapath::keys::TxSa;
+use datapath::stats::Counters;
+use datapath::switch::MAX_FRAME;
+use datapath::vocab::DropReason;
 use protocol::esp;
 use protocol::types::Vni;
 use protocol::vxlan;

@@ -5,7 +5,7 @@
 //! IPv6 (TSO) into MSS-sized segments, UDP over IPv4 or IPv6 (USO, from a task that sends
 //! with `UDP_SEGMENT`) into datagrams. Pure functions over byte slices.
 
-use super::csum::Sum;
+use crate::csum::Sum;
 
 /// Size of `struct virtio_net_hdr` (the TAP default, no `num_buffers`).
 pub const HDR_LEN: usize = 10;

@@ -9,12 +9,15 @@
 //! client sends it and as the backend answers, both pointing at one [`Flow`] whose few mutable
 //! fields are atomics.
 //!
-//! Time is handed in (`set_now`, by the I/O loop once per round), so the table reads no clock.
-//! Expiry is the sweeper's job ([`ConnTable::sweep`], on its own thread): idle flows, closed TCP
+//! The table is handed to the per-frame decision beside the tables snapshot, never inside it.
+//! Time is an argument too (the I/O loop reads the clock once per round and passes it in;
+//! the sweeper passes its own), so the table reads no clock and keeps none. Expiry is the
+//! sweeper's job ([`ConnTable::sweep`], on its own thread): idle flows, closed TCP
 //! connections after a short linger, and flows whose backend left the rotation, for which it
 //! hands back what the client needs to be sent a reset.
 
-use super::table::{Location, PortId};
+use crate::nat::{PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::vocab::{Location, PortId};
 use protocol::types::MacAddr;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -148,7 +151,6 @@ impl Flow {
     /// Follows TCP flags seen in direction `dir`; `next_seq` is what the segment's receiver
     /// expects next (its sequence number plus what it occupies).
     pub fn track_tcp(&self, dir: Dir, flags: u8, next_seq: u32) {
-        use super::nat::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
         let old = self.state.load(Ordering::Relaxed);
         let mut new = old;
         if flags & TCP_RST != 0 {
@@ -188,8 +190,7 @@ impl Flow {
 
     /// Established TCP: a client that would be left hanging if its backend vanished.
     pub fn is_established(&self) -> bool {
-        self.key.proto == super::nat::PROTO_TCP
-            && self.state.load(Ordering::Relaxed) & 3 == ESTABLISHED
+        self.key.proto == PROTO_TCP && self.state.load(Ordering::Relaxed) & 3 == ESTABLISHED
     }
 
     pub fn client_next(&self) -> u32 {
@@ -201,7 +202,7 @@ impl Flow {
         let state = self.state.load(Ordering::Relaxed) & 3;
         let limit = match (self.key.proto, state) {
             (_, CLOSED) => LINGER_MS,
-            (super::nat::PROTO_TCP, SYN_SENT) => SYN_IDLE_MS.min(self.idle_ms),
+            (PROTO_TCP, SYN_SENT) => SYN_IDLE_MS.min(self.idle_ms),
             _ => self.idle_ms,
         };
         idle >= limit
@@ -225,7 +226,6 @@ pub struct ConnTable {
     map: Map,
     flows: AtomicUsize,
     max: usize,
-    now_ms: AtomicU64,
 }
 
 impl Default for ConnTable {
@@ -253,18 +253,7 @@ impl ConnTable {
                 .build(),
             flows: AtomicUsize::new(0),
             max,
-            now_ms: AtomicU64::new(0),
         }
-    }
-
-    /// Sets the table's clock (milliseconds on a monotonic scale); the I/O loop calls it once
-    /// per round.
-    pub fn set_now(&self, ms: u64) {
-        self.now_ms.store(ms, Ordering::Relaxed);
-    }
-
-    pub fn now(&self) -> u64 {
-        self.now_ms.load(Ordering::Relaxed)
     }
 
     /// Flows in the table.
@@ -347,11 +336,16 @@ impl ConnTable {
         flow.backend_flows.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Removes expired flows and those whose backend `alive` rejects; each established TCP
-    /// flow of a rejected backend is handed to `reset` first, so its client can be told.
-    /// Returns how many flows went. Readers are never blocked while it runs.
-    pub fn sweep(&self, alive: impl Fn(&Flow) -> bool, mut reset: impl FnMut(&Flow)) -> usize {
-        let now = self.now();
+    /// Removes flows expired at `now_ms` (milliseconds on the scale the datapath's clock
+    /// gives) and those whose backend `alive` rejects; each established TCP flow of a
+    /// rejected backend is handed to `reset` first, so its client can be told. Returns how
+    /// many flows went. Readers are never blocked while it runs.
+    pub fn sweep(
+        &self,
+        now_ms: u64,
+        alive: impl Fn(&Flow) -> bool,
+        mut reset: impl FnMut(&Flow),
+    ) -> usize {
         let map = self.map.pin();
         let mut gone = Vec::new();
         for (_, slot) in map.iter() {
@@ -364,7 +358,7 @@ impl ConnTable {
                     reset(f);
                 }
                 gone.push(f.clone());
-            } else if f.expired(now) {
+            } else if f.expired(now_ms) {
                 gone.push(f.clone());
             }
         }
@@ -379,7 +373,7 @@ impl ConnTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::nat::{PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+    use crate::nat::PROTO_UDP;
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
@@ -477,10 +471,16 @@ mod tests {
             .insert(flow(key(PROTO_TCP, 1), &svc, TCP_IDLE_MS))
             .unwrap();
         f.track_tcp(Dir::ToClient, TCP_SYN | TCP_ACK, 1);
-        t.set_now(3600 * 1000);
-        assert_eq!(t.sweep(|_| true, |_| {}), 0, "an hour idle: still there");
-        t.set_now(TCP_IDLE_MS);
-        assert_eq!(t.sweep(|_| true, |_| {}), 1, "gone after the default");
+        assert_eq!(
+            t.sweep(3600 * 1000, |_| true, |_| {}),
+            0,
+            "an hour idle: still there"
+        );
+        assert_eq!(
+            t.sweep(TCP_IDLE_MS, |_| true, |_| {}),
+            1,
+            "gone after the default"
+        );
     }
 
     #[test]
@@ -494,19 +494,15 @@ mod tests {
         closed.track_tcp(Dir::ToBackend, TCP_FIN | TCP_ACK, 0);
         closed.track_tcp(Dir::ToClient, TCP_FIN | TCP_ACK, 2);
         assert!(closed.is_closed());
-        t.set_now(LINGER_MS);
         assert_eq!(
-            t.sweep(|_| true, |_| {}),
+            t.sweep(LINGER_MS, |_| true, |_| {}),
             1,
             "closed flow goes after the linger"
         );
-        t.set_now(9_000);
-        assert_eq!(t.sweep(|_| true, |_| {}), 0, "idle 9 s of 10");
+        assert_eq!(t.sweep(9_000, |_| true, |_| {}), 0, "idle 9 s of 10");
         idle.touch(9_000);
-        t.set_now(18_000);
-        assert_eq!(t.sweep(|_| true, |_| {}), 0, "touched at 9 s");
-        t.set_now(19_000);
-        assert_eq!(t.sweep(|_| true, |_| {}), 1);
+        assert_eq!(t.sweep(18_000, |_| true, |_| {}), 0, "touched at 9 s");
+        assert_eq!(t.sweep(19_000, |_| true, |_| {}), 1);
         assert!(t.is_empty());
         assert_eq!(svc.active.load(Ordering::Relaxed), 0);
     }
@@ -524,7 +520,11 @@ mod tests {
         t.insert(flow(key(PROTO_UDP, 1), &svc, UDP_IDLE_MS))
             .unwrap();
         let mut resets = Vec::new();
-        let gone = t.sweep(|_| false, |f| resets.push((f.key.sport, f.client_next())));
+        let gone = t.sweep(
+            0,
+            |_| false,
+            |f| resets.push((f.key.sport, f.client_next())),
+        );
         assert_eq!(gone, 2);
         assert_eq!(resets, [(1, 620)], "only the established TCP flow is reset");
         assert!(t.is_empty());

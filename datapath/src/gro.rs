@@ -22,12 +22,12 @@
 //! or opened from ESP (its tag covers every byte).
 //! Anything else is written as it came.
 
-use super::csum::Sum;
-use super::table::PortId;
-use super::vnet::{
+use crate::csum::Sum;
+use crate::vnet::{
     fold, ip_pseudo_header, needs_csum, partial_field, VnetHdr, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4,
     HDR_LEN, UDP_MAX_SEGMENTS,
 };
+use crate::vocab::PortId;
 use std::ops::Range;
 
 const ETH: usize = 14;
@@ -344,8 +344,8 @@ impl Coalescer {
 
 #[cfg(test)]
 mod tests {
-    use super::super::vnet::{complete_checksum, segment_tcp, Segments, F_NEEDS_CSUM};
     use super::*;
+    use crate::vnet::{complete_checksum, segment_tcp, Segments, F_NEEDS_CSUM};
     use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
     /// A test's receive buffers: every offered frame is kept in a buffer of its own.

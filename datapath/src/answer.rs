@@ -1,19 +1,18 @@
 //! Frames the router answers itself instead of switching: ARP requests for every address it
-//! knows (proxy ARP, so broadcast never has to cross the underlay), ICMP echo to a network's
-//! gateway, and DNS over UDP at the gateway (the embedded resolver's names, for runtimes whose
-//! own resolver holds 127.0.0.11, such as Docker's: `docker run --dns GATEWAY`). Pure
-//! functions: a request frame in, a reply frame written into a caller-owned buffer, its length
-//! out. (A DNS answer is built by hickory-proto, which allocates: queries to the gateway are
-//! rare next to the frames it switches.)
+//! knows (proxy ARP, so broadcast never has to cross the underlay) and ICMP echo to a
+//! network's gateway or a service VIP. Pure functions that allocate nothing: a request frame
+//! in, a reply frame written into a caller-owned buffer, its length out.
+//!
+//! DNS over UDP at the gateway (the embedded resolver's names, for runtimes whose own resolver
+//! holds 127.0.0.11, such as Docker's: `docker run --dns GATEWAY`) is recognised here
+//! ([`is_dns_query`]) but answered by the router, which owns the resolver.
 
-use super::stats::DropReason;
-use super::table::{GatewayDns, NetTable};
-use crate::dns::answer::{error_reply, handle, Outcome};
+use crate::table::NetTable;
+use crate::vocab::DropReason;
 use etherparse::{
     ArpHardwareId, ArpOperation, ArpPacket, ArpPacketSlice, EtherType, Icmpv4Type, NetSlice,
     PacketBuilder, SlicedPacket, TransportSlice,
 };
-use hickory_proto::op::ResponseCode;
 use protocol::types::MacAddr;
 use std::net::Ipv4Addr;
 
@@ -70,54 +69,26 @@ pub fn arp(net: &NetTable, frame: &[u8], reply: &mut [u8]) -> Result<usize, Drop
 }
 
 /// Answers an IPv4 frame addressed to the gateway's MAC: echo requests to the gateway address
-/// get an echo reply, DNS queries to its port 53 an answer; anything else has nowhere to go
-/// yet.
+/// get an echo reply; anything else has nowhere to go yet. (DNS queries to its port 53 are
+/// not answered here: see [`is_dns_query`].)
 pub fn gateway(net: &NetTable, frame: &[u8], reply: &mut [u8]) -> Result<usize, DropReason> {
     let gw = net.gateway_ip.ok_or(DropReason::NoRoute)?;
-    if let Some(dns) = &net.dns {
-        if let Some(n) = dns_query(gw, net.gateway_mac, dns, frame, reply)? {
-            return Ok(n);
-        }
-    }
     echo(gw, net.gateway_mac, frame, reply)
 }
 
-/// Answers a DNS query over UDP to `own_ip`:53 from the network's names; a name the cluster
-/// does not have gets SERVFAIL, so that the client (Docker's resolver) asks its next server.
-/// None if the frame is not such a query.
-fn dns_query(
-    own_ip: Ipv4Addr,
-    own_mac: MacAddr,
-    dns: &GatewayDns,
-    frame: &[u8],
-    reply: &mut [u8],
-) -> Result<Option<usize>, DropReason> {
+/// Whether `frame` is a DNS query over UDP/IPv4 to `own_ip`:53, which the router answers
+/// outside the decision ([`crate::vocab::Punt::GatewayDns`]): the answer is built by a DNS
+/// library that allocates, and queries to a gateway are rare next to the frames it switches.
+pub fn is_dns_query(own_ip: Ipv4Addr, frame: &[u8]) -> bool {
     let Ok(packet) = SlicedPacket::from_ethernet(frame) else {
-        return Ok(None);
+        return false;
     };
     let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp))) =
         (&packet.net, &packet.transport)
     else {
-        return Ok(None);
+        return false;
     };
-    if ip.header().destination_addr() != own_ip || udp.destination_port() != 53 {
-        return Ok(None);
-    }
-    let query = udp.payload();
-    let outcome = match handle(&dns.shared.view.load(), &dns.network, query, true) {
-        Outcome::Forward => error_reply(query, ResponseCode::ServFail),
-        other => other,
-    };
-    let Outcome::Reply(answer) = outcome else {
-        return Err(DropReason::MalformedIp);
-    };
-    let src_mac: [u8; 6] = frame[6..12].try_into().map_err(|_| DropReason::Runt)?;
-    PacketBuilder::ethernet2(own_mac.0, src_mac)
-        .ipv4(own_ip.octets(), ip.header().source_addr().octets(), 64)
-        .udp(53, udp.source_port())
-        .write_to_slice(reply, &answer)
-        .map(Some)
-        .map_err(|_| DropReason::Oversize)
+    ip.header().destination_addr() == own_ip && udp.destination_port() == 53
 }
 
 /// Answers an ICMP echo request to an address the router owns (a gateway, a service VIP)

@@ -336,13 +336,13 @@ mod tests {
             MacAddr::from_ipv4(ip("10.0.0.9")),
             L4Csum::Partial,
         );
-        let h = crate::datapath::vnet::VnetHdr {
-            flags: crate::datapath::vnet::F_NEEDS_CSUM,
+        let h = crate::vnet::VnetHdr {
+            flags: crate::vnet::F_NEEDS_CSUM,
             csum_start: l.l4 as u16,
             csum_offset: 16,
             ..Default::default()
         };
-        crate::datapath::vnet::complete_checksum(&mut f, &h).unwrap();
+        crate::vnet::complete_checksum(&mut f, &h).unwrap();
         assert!(checksums_valid(&f));
     }
 

@@ -2,7 +2,7 @@
 //! and one ARP request as captured from a Linux task's `ping`.
 
 use super::*;
-use crate::datapath::table::PortBinding;
+use crate::vocab::PortBinding;
 use etherparse::{
     ArpHardwareId, ArpOperation, ArpPacket, EtherType, Icmpv4Type, NetSlice, PacketBuilder,
     SlicedPacket, TransportSlice,
@@ -47,6 +47,17 @@ fn tables() -> Tables {
     t
 }
 
+/// Runs `f` with the decision's context over [`tables`], an empty connection table and
+/// the clock at zero.
+fn with_tables<R>(f: impl FnOnce(&Context<'_>) -> R) -> R {
+    let (tables, flows) = (tables(), ConnTable::new(16));
+    f(&Context {
+        tables: &tables,
+        flows: &flows,
+        now_ms: 0,
+    })
+}
+
 fn mac(s: &str) -> [u8; 6] {
     MacAddr::from_ipv4(ip(s)).0
 }
@@ -83,13 +94,7 @@ fn arp(src: &str, op: ArpOperation, target: &str) -> Vec<u8> {
 fn decide(port: u32, frame: &[u8]) -> (Verdict, Vec<u8>) {
     let mut reply = vec![0u8; MAX_FRAME];
     let mut frame = frame.to_vec();
-    let v = from_port(
-        &tables(),
-        PortId(port),
-        &mut frame,
-        L4Csum::Complete,
-        &mut reply,
-    );
+    let v = with_tables(|cx| from_port(cx, PortId(port), &mut frame, L4Csum::Complete, &mut reply));
     if let Verdict::Reply(n) = v {
         reply.truncate(n);
     }
@@ -268,17 +273,51 @@ fn gateway_routes_nothing_else_yet() {
     );
 }
 
+#[test]
+fn dns_at_a_gateway_with_dns_is_punted_to_the_router() {
+    let query = |dport: u16| {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(mac("10.0.2.2"), mac("10.0.2.1"))
+            .ipv4(ip("10.0.2.2").octets(), ip("10.0.2.1").octets(), 64)
+            .udp(40000, dport)
+            .write(&mut v, &[0u8; 12])
+            .unwrap();
+        v
+    };
+    // Without DNS at the gateway a query is one more thing the gateway does not route.
+    assert_eq!(decide(1, &query(53)).0, Verdict::Drop(DropReason::NoRoute));
+    let mut t = tables();
+    t.networks.get_mut(&vni(4097)).unwrap().dns = Some(std::sync::Arc::from(["front".into()]));
+    let flows = ConnTable::new(16);
+    let cx = Context {
+        tables: &t,
+        flows: &flows,
+        now_ms: 0,
+    };
+    let mut reply = vec![0u8; MAX_FRAME];
+    let mut run = |mut f: Vec<u8>| from_port(&cx, PortId(1), &mut f, L4Csum::Complete, &mut reply);
+    assert_eq!(
+        run(query(53)),
+        Verdict::Punt(Punt::GatewayDns { vni: vni(4097) })
+    );
+    // Anything else to the gateway is answered (or not) as before.
+    assert_eq!(run(query(54)), Verdict::Drop(DropReason::NoRoute));
+    assert!(matches!(run(echo_request("10.0.2.1")), Verdict::Reply(_)));
+}
+
 fn remote(frame: &[u8], from: &str, v: u32) -> (Verdict, Vec<u8>) {
     let mut reply = vec![0u8; MAX_FRAME];
     let mut frame = frame.to_vec();
-    let verdict = from_underlay(
-        &tables(),
-        vni(v),
-        ip(from),
-        &mut frame,
-        L4Csum::Complete,
-        &mut reply,
-    );
+    let verdict = with_tables(|cx| {
+        from_underlay(
+            cx,
+            vni(v),
+            ip(from),
+            &mut frame,
+            L4Csum::Complete,
+            &mut reply,
+        )
+    });
     if let Verdict::ReplyRemote { len, .. } = verdict {
         reply.truncate(len);
     }
@@ -358,7 +397,7 @@ proptest! {
         mut frame in proptest::collection::vec(any::<u8>(), 0..1600),
     ) {
         let mut reply = vec![0u8; MAX_FRAME];
-        let _ = from_underlay(&tables(), vni(v), ip("198.18.0.3"), &mut frame, L4Csum::Complete, &mut reply);
+        let _ = with_tables(|cx| from_underlay(cx, vni(v), ip("198.18.0.3"), &mut frame, L4Csum::Complete, &mut reply));
     }
 
     #[test]
@@ -367,7 +406,7 @@ proptest! {
         mut frame in proptest::collection::vec(any::<u8>(), 0..1600),
     ) {
         let mut reply = vec![0u8; MAX_FRAME];
-        let _ = from_port(&tables(), PortId(port), &mut frame, L4Csum::Complete, &mut reply);
+        let _ = with_tables(|cx| from_port(cx, PortId(port), &mut frame, L4Csum::Complete, &mut reply));
     }
 
     #[test]
@@ -377,6 +416,6 @@ proptest! {
         let mut frame = CAPTURED_ARP_REQUEST[..14].to_vec();
         frame.extend_from_slice(&body);
         let mut reply = vec![0u8; MAX_FRAME];
-        let _ = from_port(&tables(), PortId(1), &mut frame, L4Csum::Complete, &mut reply);
+        let _ = with_tables(|cx| from_port(cx, PortId(1), &mut frame, L4Csum::Complete, &mut reply));
     }
 }

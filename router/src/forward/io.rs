@@ -11,23 +11,26 @@
 //! read by worker 0 and written by all.
 //!
 //! A worker allocates nothing per frame: frame buffers, the reply buffer and the underlay's
-//! batch buffers ([`super::underlay`]) are made once. Frames for other nodes are queued into
+//! batch buffers ([`super::underlay`]) are made once (a DNS query to a gateway, punted here
+//! by the decision, is answered with an allocation: it is rare). Frames for other nodes are queued into
 //! runs that go out with one GSO send per run; datagrams come in with recvmmsg and GRO. Tables
-//! are read from an `ArcSwap` snapshot once per batch; ports come and go through a command
+//! are read from an `ArcSwap` snapshot once per batch, the clock once per round; both go to
+//! the decision with the node's one connection table. Ports come and go through a command
 //! channel and a waker per worker.
 
-use super::conntrack::ConnTable;
-use super::crypto::EspState;
-use super::gro::{self, Coalescer, Push};
-use super::lb;
-use super::nat::L4Csum;
-use super::stats::{Counters, DropReason};
-use super::switch::{self, Verdict, MAX_FRAME, MAX_SUPER_FRAME};
-use super::table::FastHash;
-use super::table::{PortId, Tables};
 use super::underlay::{self, Datagram, Dest, Gather, RxBatch, Seal, Sockets, TxBatch, Underlay};
-use super::vnet::{self, Segments, VnetHdr};
+use crate::dns;
 use arc_swap::ArcSwap;
+use datapath::conntrack::{ConnTable, Flow};
+use datapath::crypto::EspState;
+use datapath::gro::{self, Coalescer, Push};
+use datapath::lb;
+use datapath::nat::L4Csum;
+use datapath::stats::{Counters, MAX_WORKERS};
+use datapath::switch::{self, Context, MAX_FRAME, MAX_SUPER_FRAME};
+use datapath::table::Tables;
+use datapath::vnet::{self, Segments, VnetHdr};
+use datapath::vocab::{DropReason, FastHash, PortId, Punt, Verdict};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use protocol::esp;
@@ -106,14 +109,16 @@ fn ms_since(epoch: Instant) -> u64 {
 impl Datapath {
     /// Starts `workers` datapath workers and the sweeper. `underlay` holds the bound VXLAN
     /// sockets of a multi-node node, one receiving socket per worker (None on a standalone
-    /// node: nothing is remote); `flows` is the node's connection table.
+    /// node: nothing is remote); `flows` is the node's connection table, handed to every
+    /// worker and the sweeper; `dns` the embedded resolver, which answers DNS at gateways.
     pub fn start(
         counters: Arc<Counters>,
         underlay: Option<Sockets>,
         flows: Arc<ConnTable>,
+        dns: Arc<dns::server::Shared>,
         workers: usize,
     ) -> io::Result<Datapath> {
-        let workers = workers.clamp(1, super::stats::MAX_WORKERS);
+        let workers = workers.clamp(1, MAX_WORKERS);
         if let Some(u) = &underlay {
             if u.rx.len() != workers {
                 return Err(io::Error::new(
@@ -122,10 +127,7 @@ impl Datapath {
                 ));
             }
         }
-        let tables = Arc::new(ArcSwap::from_pointee(Tables {
-            flows: flows.clone(),
-            ..Tables::default()
-        }));
+        let tables = Arc::new(ArcSwap::from_pointee(Tables::default()));
         let epoch = Instant::now();
         let esp_worn = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (mut rx_socks, pool) = match underlay {
@@ -152,6 +154,9 @@ impl Datapath {
                 poll,
                 commands: rx,
                 tables: tables.clone(),
+                flows: flows.clone(),
+                now_ms: 0,
+                dns: dns.clone(),
                 counters: counters.clone(),
                 ports: Ports {
                     lane,
@@ -181,15 +186,16 @@ impl Datapath {
         let stopping = Arc::new(AtomicBool::new(false));
         let sweeper = {
             // Resets go out through worker 0, which can write to every port.
-            let (tables, tx, waker, stopping) = (
+            let (tables, flows, tx, waker, stopping) = (
                 tables.clone(),
+                flows.clone(),
                 handles[0].commands.clone(),
                 handles[0].waker.clone(),
                 stopping.clone(),
             );
             std::thread::Builder::new()
                 .name("conntrack-sweep".into())
-                .spawn(move || sweep_loop(epoch, &tables, &tx, &waker, &stopping))?
+                .spawn(move || sweep_loop(epoch, &tables, &flows, &tx, &waker, &stopping))?
         };
         Ok(Datapath {
             esp_epoch: 0,
@@ -231,10 +237,8 @@ impl Datapath {
         }
     }
 
-    /// Publishes new tables (with this datapath's connection table); the next batch uses
-    /// them.
-    pub fn publish(&self, mut tables: Tables) {
-        tables.flows = self.flows.clone();
+    /// Publishes new tables; the next batch uses them (with the same connection table).
+    pub fn publish(&self, tables: Tables) {
         self.tables.store(Arc::new(tables));
     }
 
@@ -270,12 +274,13 @@ impl Drop for Datapath {
     }
 }
 
-/// The sweeper: advances the table's clock (the datapath may be idle), expires flows, and
-/// retires flows whose backend is no longer among its VIP's backends, sending established
-/// TCP clients a reset through the datapath so none is left hanging.
+/// The sweeper: expires flows by its own clock (the datapath may be idle), and retires flows
+/// whose backend is no longer among its VIP's backends, sending established TCP clients a
+/// reset through the datapath so none is left hanging.
 fn sweep_loop(
     epoch: Instant,
     tables: &ArcSwap<Tables>,
+    flows: &ConnTable,
     commands: &mpsc::Sender<Command>,
     waker: &Waker,
     stopping: &AtomicBool,
@@ -285,20 +290,19 @@ fn sweep_loop(
     while !stopping.load(Ordering::Relaxed) {
         std::thread::sleep(SWEEP_CHECK);
         let t = tables.load_full();
-        t.flows.set_now(ms_since(epoch));
         // A walk costs time on every core the node has; take it only when it can find work.
         if Arc::ptr_eq(&t, &swept.1) && swept.0.elapsed() < SWEEP_EVERY {
             continue;
         }
         swept = (Instant::now(), t.clone());
         let mut resets = 0;
-        let alive = |f: &super::conntrack::Flow| {
+        let alive = |f: &Flow| {
             let vni = Vni::new(f.key.vni).ok();
             vni.and_then(|v| t.networks.get(&v))
                 .and_then(|net| net.vips.get(&f.key.dst))
                 .is_some_and(|vip| vip.backends.iter().any(|b| b.ip == f.backend_ip))
         };
-        t.flows.sweep(alive, |f| {
+        flows.sweep(ms_since(epoch), alive, |f| {
             if let Some(n) = lb::reset_for(f, &mut rst) {
                 if commands
                     .send(Command::Inject(f.client_port, rst[..n].to_vec()))
@@ -351,6 +355,12 @@ struct Worker {
     poll: Poll,
     commands: mpsc::Receiver<Command>,
     tables: Arc<ArcSwap<Tables>>,
+    /// The node's connection table, which the decision reads and writes beside the tables.
+    flows: Arc<ConnTable>,
+    /// The clock as this round read it (milliseconds since the datapath started).
+    now_ms: u64,
+    /// The embedded resolver, for DNS queries at a gateway.
+    dns: Arc<dns::server::Shared>,
     counters: Arc<Counters>,
     ports: Ports,
     underlay: Option<Underlay>,
@@ -398,9 +408,9 @@ impl Worker {
             if !self.drain_commands() {
                 return;
             }
+            self.now_ms = ms_since(self.epoch);
             {
                 let t = self.tables.load();
-                t.flows.set_now(ms_since(self.epoch));
                 let at = Arc::as_ptr(&*t) as usize;
                 if at != self.seen_tables {
                     self.seen_tables = at;
@@ -511,7 +521,12 @@ impl Worker {
                 } else {
                     L4Csum::Complete
                 };
-                let v = switch::from_port(&tables, port, frame, csum, &mut self.reply);
+                let cx = Context {
+                    tables: &tables,
+                    flows: &self.flows,
+                    now_ms: self.now_ms,
+                };
+                let v = switch::from_port(&cx, port, frame, csum, &mut self.reply);
                 let v = match v {
                     Verdict::Encap { vtep, .. } if !h.is_gso() => {
                         // Another overlayd node takes TCP/UDP over IPv4 with the checksum
@@ -614,6 +629,25 @@ impl Worker {
                         Err(_) => self.counters.count_drop(DropReason::OffloadMalformed),
                     }
                 }
+                Verdict::Punt(Punt::GatewayDns { vni }) => {
+                    let net = tables.networks.get(&vni);
+                    let answer = net.map_or(Err(DropReason::NoRoute), |net| {
+                        dns::gateway::answer(&self.dns, net, frame, &mut self.reply)
+                    });
+                    match answer {
+                        Ok(rlen) => {
+                            tx += write_port(
+                                &self.ports,
+                                &self.counters,
+                                port,
+                                &PLAIN,
+                                &self.reply[..rlen],
+                            );
+                            Counters::add(&self.counters.replies, 1);
+                        }
+                        Err(reason) => self.counters.count_drop(reason),
+                    }
+                }
                 Verdict::ReplyRemote { .. } => {}
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
             }
@@ -694,7 +728,12 @@ impl Worker {
             } else {
                 L4Csum::Complete
             };
-            match switch::from_underlay(&tables, repr.vni, from, frame, csum, &mut self.reply) {
+            let cx = Context {
+                tables: &tables,
+                flows: &self.flows,
+                now_ms: self.now_ms,
+            };
+            match switch::from_underlay(&cx, repr.vni, from, frame, csum, &mut self.reply) {
                 Verdict::Forward(to) => {
                     // Merge bulk TCP and UDP for the TAP; anything else flushes the run
                     // first, so a flow's frames keep their order.
@@ -730,7 +769,7 @@ impl Worker {
                     Counters::add(&self.counters.replies, 1);
                 }
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
-                Verdict::Reply(_) | Verdict::Encap { .. } => {}
+                Verdict::Reply(_) | Verdict::Encap { .. } | Verdict::Punt(_) => {}
             }
         }
         tx += flush_gro(&mut self.gro, rxb, &self.ports, &self.counters);

@@ -1,0 +1,237 @@
+//! The load balancer's decisions through the switch, over real frames: a client's frames to
+//! a VIP, a backend's replies, and the refusals, as [`super::from_port`] and
+//! [`super::from_underlay`] give them.
+
+use super::*;
+use crate::conntrack::{ServiceCounters, TCP_IDLE_MS, UDP_IDLE_MS};
+use crate::nat::{parse, PROTO_UDP, TCP_RST};
+use crate::table::BackendSpec;
+use crate::vocab::PortBinding;
+use etherparse::PacketBuilder;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn mac(s: &str) -> MacAddr {
+    MacAddr::from_ipv4(ip(s))
+}
+
+const VIP: &str = "10.0.0.2";
+const VTEP: &str = "198.18.0.3:4789";
+
+/// A node's tables and its connection table, as the decision is handed them.
+struct Node {
+    tables: Tables,
+    flows: ConnTable,
+}
+
+impl Node {
+    fn cx(&self) -> Context<'_> {
+        Context {
+            tables: &self.tables,
+            flows: &self.flows,
+            now_ms: 0,
+        }
+    }
+}
+
+/// Client on port 1 (.9); backends .3 (port 2, local) and .4 (remote); VIP .2.
+fn tables(max_flows: usize, backends: &[&str]) -> Node {
+    let vni = Vni::new(4097).unwrap();
+    let mut t = Tables::default();
+    for (port, addr) in [(1, "10.0.0.9"), (2, "10.0.0.3")] {
+        t.add_port(
+            PortId(port),
+            PortBinding {
+                vni,
+                mac: mac(addr),
+                ip: ip(addr),
+            },
+        );
+    }
+    t.add_remote(
+        vni,
+        mac("10.0.0.4"),
+        Some(ip("10.0.0.4")),
+        VTEP.parse().unwrap(),
+    );
+    let specs: Vec<BackendSpec> = backends
+        .iter()
+        .map(|b| BackendSpec {
+            ip: ip(b),
+            mac: mac(b),
+            flows: Arc::new(AtomicU64::new(0)),
+        })
+        .collect();
+    t.add_vip(
+        vni,
+        ip(VIP),
+        Arc::new(ServiceCounters::default()),
+        &specs,
+        (TCP_IDLE_MS, UDP_IDLE_MS),
+    );
+    Node {
+        tables: t,
+        flows: ConnTable::new(max_flows),
+    }
+}
+
+fn tcp(src: &str, dst_mac: MacAddr, dst: &str, sport: u16, syn: bool) -> Vec<u8> {
+    let mut v = Vec::new();
+    let b = PacketBuilder::ethernet2(mac(src).0, dst_mac.0)
+        .ipv4(ip(src).octets(), ip(dst).octets(), 64)
+        .tcp(sport, 8000, 100, 65000);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    b.write(&mut v, b"data").unwrap();
+    v
+}
+
+fn send(t: &Node, port: u32, frame: &mut [u8]) -> Verdict {
+    let mut reply = vec![0u8; MAX_FRAME];
+    from_port(&t.cx(), PortId(port), frame, L4Csum::Complete, &mut reply)
+}
+
+#[test]
+fn new_flows_go_round_robin_and_stick() {
+    let t = tables(100, &["10.0.0.3", "10.0.0.4"]);
+    let mut got = Vec::new();
+    for sport in 1000..1004 {
+        let mut f = tcp("10.0.0.9", mac(VIP), VIP, sport, true);
+        let v = send(&t, 1, &mut f);
+        got.push((v, parse(&f).unwrap().dst));
+        assert_eq!(
+            &f[0..6],
+            mac(&parse(&f).unwrap().dst.to_string()).as_bytes()
+        );
+    }
+    let remote = Verdict::Encap {
+        vni: Vni::new(4097).unwrap(),
+        vtep: VTEP.parse().unwrap(),
+    };
+    assert_eq!(
+        got,
+        [
+            (Verdict::Forward(PortId(2)), ip("10.0.0.3")),
+            (remote, ip("10.0.0.4")),
+            (Verdict::Forward(PortId(2)), ip("10.0.0.3")),
+            (remote, ip("10.0.0.4")),
+        ]
+    );
+    // The rest of a flow follows its first packet, whatever the counter says now.
+    let mut f = tcp("10.0.0.9", mac(VIP), VIP, 1001, false);
+    assert_eq!(send(&t, 1, &mut f), remote);
+    // A segment of no known flow is dropped and counted.
+    let mut f = tcp("10.0.0.9", mac(VIP), VIP, 2000, false);
+    assert_eq!(send(&t, 1, &mut f), Verdict::Drop(DropReason::LbNoFlow));
+}
+
+#[test]
+fn replies_come_back_from_the_vip() {
+    let t = tables(100, &["10.0.0.3", "10.0.0.4"]);
+    let mut syn = tcp("10.0.0.9", mac(VIP), VIP, 1000, true);
+    send(&t, 1, &mut syn);
+    let mut syn = tcp("10.0.0.9", mac(VIP), VIP, 1001, true);
+    send(&t, 1, &mut syn);
+    // Local backend .3 answers the client.
+    let mut back = Vec::new();
+    PacketBuilder::ethernet2(mac("10.0.0.3").0, mac("10.0.0.9").0)
+        .ipv4(ip("10.0.0.3").octets(), ip("10.0.0.9").octets(), 64)
+        .tcp(8000, 1000, 5000, 65000)
+        .syn()
+        .ack(101)
+        .write(&mut back, &[])
+        .unwrap();
+    assert_eq!(send(&t, 2, &mut back), Verdict::Forward(PortId(1)));
+    let l = parse(&back).unwrap();
+    assert_eq!((l.src, &back[6..12]), (ip(VIP), &mac(VIP).0[..]));
+    // The remote backend .4's answer arrives over VXLAN.
+    let mut back = Vec::new();
+    PacketBuilder::ethernet2(mac("10.0.0.4").0, mac("10.0.0.9").0)
+        .ipv4(ip("10.0.0.4").octets(), ip("10.0.0.9").octets(), 64)
+        .tcp(8000, 1001, 5000, 65000)
+        .ack(101)
+        .write(&mut back, b"hello")
+        .unwrap();
+    let mut reply = vec![0u8; MAX_FRAME];
+    let v = from_underlay(
+        &t.cx(),
+        Vni::new(4097).unwrap(),
+        ip("198.18.0.3"),
+        &mut back,
+        L4Csum::Complete,
+        &mut reply,
+    );
+    assert_eq!(v, Verdict::Forward(PortId(1)));
+    assert_eq!(parse(&back).unwrap().src, ip(VIP));
+    // Traffic straight between tasks is left alone.
+    let mut direct = tcp("10.0.0.3", mac("10.0.0.9"), "10.0.0.9", 8000, false);
+    send(&t, 2, &mut direct);
+    assert_eq!(parse(&direct).unwrap().src, ip("10.0.0.3"));
+}
+
+#[test]
+fn a_replica_calling_its_own_vip_gets_another() {
+    // Port 2 (.3) is a backend itself.
+    let t = tables(100, &["10.0.0.3", "10.0.0.4"]);
+    for sport in 1..5 {
+        let mut f = tcp("10.0.0.3", mac(VIP), VIP, sport, true);
+        assert!(
+            matches!(send(&t, 2, &mut f), Verdict::Encap { .. }),
+            "{sport}"
+        );
+    }
+    // Alone in the rotation, it has nowhere else to go.
+    let t = tables(100, &["10.0.0.3"]);
+    let mut f = tcp("10.0.0.3", mac(VIP), VIP, 1, true);
+    assert_eq!(send(&t, 2, &mut f), Verdict::Drop(DropReason::Hairpin));
+}
+
+#[test]
+fn ping_arp_and_refusals() {
+    let t = tables(1, &["10.0.0.3"]);
+    let mut reply = vec![0u8; MAX_FRAME];
+    // ping the VIP: the router answers from it.
+    let mut echo = Vec::new();
+    PacketBuilder::ethernet2(mac("10.0.0.9").0, mac(VIP).0)
+        .ipv4(ip("10.0.0.9").octets(), ip(VIP).octets(), 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut echo, b"ping")
+        .unwrap();
+    let Verdict::Reply(n) = from_port(&t.cx(), PortId(1), &mut echo, L4Csum::Complete, &mut reply)
+    else {
+        panic!("no echo reply")
+    };
+    assert_eq!(&reply[6..12], &mac(VIP).0[..]);
+    assert_eq!(&reply[26..30], &ip(VIP).octets()[..]);
+    assert!(n > 34);
+    // The VIP is in the ARP table the router answers from.
+    let net = &t.tables.networks[&Vni::new(4097).unwrap()];
+    assert_eq!(net.arp.get(&ip(VIP)), Some(&mac(VIP)));
+    // The table holds one flow: the second is refused, the first goes on.
+    let mut a = tcp("10.0.0.9", mac(VIP), VIP, 1, true);
+    assert_eq!(send(&t, 1, &mut a), Verdict::Forward(PortId(2)));
+    let mut b = tcp("10.0.0.9", mac(VIP), VIP, 2, true);
+    assert_eq!(send(&t, 1, &mut b), Verdict::Drop(DropReason::LbTableFull));
+    let mut a = tcp("10.0.0.9", mac(VIP), VIP, 1, false);
+    assert_eq!(send(&t, 1, &mut a), Verdict::Forward(PortId(2)));
+    // No backend: TCP is refused with a reset at once, UDP dropped and counted.
+    let t = tables(10, &[]);
+    let mut syn = tcp("10.0.0.9", mac(VIP), VIP, 1, true);
+    let Verdict::Reply(n) = from_port(&t.cx(), PortId(1), &mut syn, L4Csum::Complete, &mut reply)
+    else {
+        panic!("no reset")
+    };
+    let rst = parse(&reply[..n]).unwrap();
+    assert_eq!(rst.flags & TCP_RST, TCP_RST);
+    let mut u = Vec::new();
+    PacketBuilder::ethernet2(mac("10.0.0.9").0, mac(VIP).0)
+        .ipv4(ip("10.0.0.9").octets(), ip(VIP).octets(), 64)
+        .udp(5000, 53)
+        .write(&mut u, b"q")
+        .unwrap();
+    assert_eq!(parse(&u).unwrap().proto, PROTO_UDP);
+    assert_eq!(send(&t, 1, &mut u), Verdict::Drop(DropReason::LbNoBackend));
+}

@@ -9,6 +9,7 @@
 //! (published ports and their tasks) and puts encrypted networks' keys into the tables when
 //! they change (a new key, or the moment a new key starts being used for sending).
 
+use crate::clock::{now, now_ms};
 use crate::cluster::Cluster;
 use crate::datapath::conntrack::{TCP_IDLE_MS, UDP_IDLE_MS};
 use crate::datapath::crypto::{lane_epoch, NetCrypto, Secret, TxSa};
@@ -18,7 +19,7 @@ use crate::datapath::table::{BackendSpec, GatewayDns, PortBinding, PortId, Table
 use crate::dns::names::DnsView;
 use crate::dns::server::{self as dns, Shared as DnsShared};
 use crate::ingress::{self, Ingress, IngressView};
-use crate::manager::{now, now_ms, StatusBoard};
+use crate::manager::StatusBoard;
 use crate::services::{self, VipView};
 use crate::sys::iface::{self, IfaceSpec};
 use crate::sys::{mntns, netns, tap};

@@ -86,7 +86,7 @@ pub fn router(state: ApiState) -> Router {
 fn status_of(snap: &Snapshot, t: &Task) -> TaskStatus {
     match snap.statuses.get(&t.name) {
         Some((id, st)) if *id == t.id => st.clone(),
-        _ => TaskStatus::pending(crate::manager::now()),
+        _ => TaskStatus::pending(crate::clock::now()),
     }
 }
 
@@ -154,7 +154,7 @@ fn network_view(snap: &Snapshot, net: &Network) -> NetworkInspect {
             let keys = snap.keys.get(&net.name).map(Vec::as_slice).unwrap_or(&[]);
             api::EncryptionView {
                 cipher: "esp-aes256-gcm".into(),
-                sending: protocol::control::send_key(keys, crate::manager::now_ms()).map(|k| k.id),
+                sending: protocol::control::send_key(keys, crate::clock::now_ms()).map(|k| k.id),
                 keys: keys
                     .iter()
                     .map(|k| api::KeyInfo {

@@ -9,15 +9,18 @@
 //!   TCP/IP endpoint (smoltcp) on the ingress network.
 //! - [`api`]: the HTTP+JSON API on a Unix socket.
 //! - [`daemon`]: wiring and graceful shutdown.
+//! - [`clock`] and [`ids`]: the wall clock and fresh random ids, each read in one place.
 
 pub mod agent;
 pub mod api;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;
 pub mod docker;
+pub mod ids;
 pub mod ingress;
 pub mod manager;
 pub mod services;

@@ -3,7 +3,9 @@
 //! and published to subscribers (the local agent; remote agents over the control plane).
 //! A refused or unpersistable request changes nothing.
 
+use crate::clock::{now, now_ms};
 use crate::cluster::health::Health;
+use crate::ids::{new_id, new_secret};
 use crate::store::{Store, StoreError};
 use protocol::api::{self, TaskStatus};
 use protocol::control::{Keyring, NetworkKey, Op, OpError};
@@ -131,40 +133,6 @@ pub struct Manager {
     pool: Pool,
     published: watch::Sender<Arc<ClusterState>>,
     statuses: StatusBoard,
-}
-
-/// Unix milliseconds (keys' activation times).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn new_secret() -> [u8; protocol::esp::SECRET_LEN] {
-    use ring::rand::SecureRandom;
-    let mut s = [0u8; protocol::esp::SECRET_LEN];
-    ring::rand::SystemRandom::new()
-        .fill(&mut s)
-        .expect("the system's random source works");
-    s
-}
-
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// A random 25-character lowercase id, as Swarm gives services and tasks.
-pub fn new_id() -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::rng();
-    (0..25)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
 }
 
 /// Adds the next key of a network: in use after [`KEY_LEAD`], the current ones retired

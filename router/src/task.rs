@@ -3,7 +3,8 @@
 //! SIGKILL after a grace period) when the task is removed or the daemon shuts down. Every
 //! change is reported on the status board.
 
-use crate::manager::{now, StatusBoard};
+use crate::clock::now;
+use crate::manager::StatusBoard;
 use crate::sys::netns;
 use protocol::api::{TaskState, TaskStatus};
 use std::fs::{File, OpenOptions};

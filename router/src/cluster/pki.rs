@@ -156,7 +156,7 @@ pub fn ca_digest(ca_der: &[u8]) -> String {
 
 /// A random secret for join tokens.
 pub fn new_secret() -> String {
-    crate::manager::new_id()
+    crate::ids::new_id()
 }
 
 /// A parsed join token.

@@ -20,6 +20,7 @@ use crate::dns::names::DnsView;
 use crate::dns::server::{self as dns, Shared as DnsShared};
 use crate::ingress::{self, Ingress, IngressView};
 use crate::manager::StatusBoard;
+use crate::naming;
 use crate::services::{self, VipView};
 use crate::sys::iface::{self, IfaceSpec};
 use crate::sys::{mntns, netns, tap};
@@ -89,11 +90,6 @@ impl KeyView {
     }
 }
 
-/// Name of a task's namespace under /run/netns: recognisable and unique per node.
-pub fn netns_name(node: &NodeName, task: &str) -> String {
-    format!("ov-{node}-{task}")
-}
-
 struct LocalTask {
     id: String,
     netns: PathBuf,
@@ -123,17 +119,6 @@ struct LocalEndpoint {
 /// How long a Docker endpoint may wait for its container's namespace after its join.
 const DOCKER_START_WITHIN: Duration = Duration::from_secs(60);
 
-/// The name of a Docker endpoint's TAP in overlayd's own namespace, before Docker moves it
-/// into the container (and renames it eth0).
-pub fn docker_tap_name(endpoint: &str) -> String {
-    let id: String = endpoint
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(12)
-        .collect();
-    format!("ovd{id}")
-}
-
 pub struct Agent {
     node: NodeName,
     datapath: Datapath,
@@ -141,9 +126,8 @@ pub struct Agent {
     cluster: Cluster,
     counters: Arc<Counters>,
     statuses: StatusBoard,
-    log_dir: PathBuf,
-    /// Per task files (resolv.conf, hosts), under the state directory.
-    files_dir: PathBuf,
+    /// Where task logs and per-task files (resolv.conf, hosts) go ([`naming`]).
+    state_dir: PathBuf,
     dns: Arc<DnsShared>,
     tasks: BTreeMap<String, LocalTask>,
     endpoints: BTreeMap<String, LocalEndpoint>,
@@ -176,8 +160,7 @@ impl Agent {
             statuses: cluster.local_board(),
             cluster,
             counters,
-            log_dir: state_dir.join("logs"),
-            files_dir: state_dir.join("tasks"),
+            state_dir: state_dir.to_path_buf(),
             dns,
             tasks: BTreeMap::new(),
             endpoints: BTreeMap::new(),
@@ -191,7 +174,7 @@ impl Agent {
 
     /// Removes namespaces a previous run of this node left behind (after a crash).
     pub fn clean_leftovers(&self) {
-        let prefix = format!("ov-{}-", self.node);
+        let prefix = naming::netns_prefix(&self.node);
         if let Ok(dir) = std::fs::read_dir(mntns::MNTNS_DIR) {
             for e in dir.filter_map(|e| e.ok()) {
                 if e.file_name().to_string_lossy().starts_with(&prefix) {
@@ -199,7 +182,7 @@ impl Agent {
                 }
             }
         }
-        for name in netns::list_with_prefix(&format!("ov-{}-", self.node)) {
+        for name in netns::list_with_prefix(&prefix) {
             let path = netns::path_of(&name);
             match netns::remove(&path) {
                 Ok(()) => info!(netns = %name, "removed leftover namespace"),
@@ -411,13 +394,13 @@ impl Agent {
     }
 
     /// Makes a Docker endpoint's TAP in overlayd's own namespace, under the name its join
-    /// hands to Docker ([`docker_tap_name`]), with the network's MTU and the endpoint's MAC.
+    /// hands to Docker ([`naming::docker_tap_name`]), with the network's MTU and the endpoint's MAC.
     async fn start_docker_endpoint(
         &mut self,
         state: &ClusterState,
         e: &protocol::state::Endpoint,
     ) -> Result<LocalEndpoint, String> {
-        let (vni, spec) = endpoint_iface(state, e, docker_tap_name(&e.container), false)?;
+        let (vni, spec) = endpoint_iface(state, e, naming::docker_tap_name(&e.container), false)?;
         let fds = iface::create_detached(&spec, self.datapath.workers())
             .await
             .map_err(|err| format!("making {}: {err}", spec.name))?;
@@ -619,7 +602,7 @@ impl Agent {
                 .get(&a.network)
                 .ok_or_else(|| format!("network {} not in state", a.network))?;
             specs.push(IfaceSpec {
-                name: format!("eth{i}"),
+                name: naming::task_iface(i),
                 mac: a.mac,
                 address: a.address,
                 prefix_len: net.subnet.prefix_len(),
@@ -632,7 +615,7 @@ impl Agent {
                 ip: a.address,
             });
         }
-        let ns_name = netns_name(&self.node, &task.name);
+        let ns_name = naming::netns_name(&self.node, &task.name);
         let ns_path = netns::path_of(&ns_name);
         let made = {
             let path = ns_path.clone();
@@ -651,8 +634,8 @@ impl Agent {
                 return Err(format!("creating namespace and interfaces: {e}"));
             }
         };
-        let files = self.files_dir.join(&task.name);
-        let mnt_path = mntns::path_of(&netns_name(&self.node, &task.name));
+        let files = naming::task_files(&self.state_dir, &task.name);
+        let mnt_path = naming::task_mntns(&self.node, &task.name);
         let resolver = {
             let (files, mnt, ns, task) = (
                 files.clone(),
@@ -714,7 +697,7 @@ impl Agent {
             env: svc.env.clone(),
             netns: ns_path.clone(),
             mntns: Some(mnt_path.clone()),
-            log: self.log_dir.join(format!("{}.log", task.name)),
+            log: naming::task_log(&self.state_dir, &task.name),
         };
         let supervisor = tokio::spawn(task::supervise(proc, self.statuses.clone(), cancel.clone()));
         info!(task = %task.name, netns = %ns_path.display(), "task set up");

@@ -6,6 +6,7 @@
 use crate::cluster::Cluster;
 use crate::datapath::stats::Counters;
 use crate::manager::ApiError;
+use crate::naming;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -230,14 +231,8 @@ fn task_view(snap: &Snapshot, t: &Task) -> TaskView {
         desired_state: "running".into(),
         status: status_of(snap, t),
         attachments: t.attachments.clone(),
-        netns: crate::sys::netns::path_of(&crate::agent::netns_name(&t.node, &t.name))
-            .display()
-            .to_string(),
-        mountns: Some(
-            crate::sys::mntns::path_of(&crate::agent::netns_name(&t.node, &t.name))
-                .display()
-                .to_string(),
-        ),
+        netns: naming::task_netns(&t.node, &t.name).display().to_string(),
+        mountns: Some(naming::task_mntns(&t.node, &t.name).display().to_string()),
     }
 }
 

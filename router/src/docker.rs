@@ -130,7 +130,7 @@ impl Plugin {
         docker_host: PathBuf,
         state_dir: &std::path::Path,
     ) -> Plugin {
-        let names_file = state_dir.join("docker-networks.json");
+        let names_file = crate::naming::docker_networks_file(state_dir);
         let known = std::fs::read(&names_file)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -627,7 +627,7 @@ async fn join(
         .map_err(|e| PluginError(e.message))?;
     // The agent makes the TAP in overlayd's (and dockerd's) namespace; Docker moves it
     // into the container once that starts.
-    let tap = crate::agent::docker_tap_name(&endpoint);
+    let tap = crate::naming::docker_tap_name(&endpoint);
     let end = tokio::time::Instant::now() + JOIN_WAIT;
     while nix::net::if_::if_nametoindex(tap.as_str()).is_err() {
         if tokio::time::Instant::now() >= end {

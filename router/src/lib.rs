@@ -10,6 +10,7 @@
 //! - [`api`]: the HTTP+JSON API on a Unix socket.
 //! - [`daemon`]: wiring and graceful shutdown.
 //! - [`clock`] and [`ids`]: the wall clock and fresh random ids, each read in one place.
+//! - [`naming`]: every name the node derives (namespaces, interfaces, state-directory files).
 
 pub mod agent;
 pub mod api;
@@ -23,6 +24,7 @@ pub mod docker;
 pub mod ids;
 pub mod ingress;
 pub mod manager;
+pub mod naming;
 pub mod services;
 pub mod store;
 pub mod sys;

@@ -88,7 +88,7 @@ impl Store {
     /// Opens (creating if needed) and locks a state directory.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         fs::create_dir_all(dir).map_err(|e| StoreError::Dir(dir.to_path_buf(), e))?;
-        let lock_path = dir.join("lock");
+        let lock_path = crate::naming::state_lock(dir);
         let lock = lock_exclusive(&lock_path)
             .map_err(|e| StoreError::Dir(lock_path.clone(), e))?
             .ok_or_else(|| StoreError::Locked(dir.to_path_buf()))?;
@@ -103,7 +103,7 @@ impl Store {
     }
 
     fn state_path(&self) -> PathBuf {
-        self.dir.join("state.json")
+        crate::naming::state_file(&self.dir)
     }
 
     /// The saved state, or an empty one on first start.

@@ -7,8 +7,8 @@ use crate::clock::{now, now_ms};
 use crate::cluster::health::Health;
 use crate::ids::{new_id, new_secret};
 use crate::store::{Store, StoreError};
-use protocol::api::{self, TaskStatus};
-use protocol::control::{Keyring, NetworkKey, Op, OpError};
+use protocol::api::{self, OpError, TaskStatus};
+use protocol::control::{Keyring, NetworkKey, Op};
 use protocol::state::{
     Availability, ClusterState, Network, NetworkRequest, Node, Pool, Role, Service, StateError,
 };
@@ -19,91 +19,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// An error for an API caller: an HTTP status and one clear line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct ApiError {
-    pub status: u16,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: 400,
-            message: message.into(),
-        }
-    }
-    pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: 404,
-            message: message.into(),
-        }
-    }
-    pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: 500,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<StateError> for ApiError {
-    fn from(e: StateError) -> ApiError {
-        use StateError::*;
-        let status = match &e {
-            NoSuchNetwork(_)
-            | NoSuchService(_)
-            | NoSuchNode(_)
-            | NoSuchVtep { .. }
-            | NoSuchEndpoint(_) => 404,
-            NetworkExists(_)
-            | ServiceExists(_)
-            | NetworkInUse { .. }
-            | NetworkHasEndpoints { .. }
-            | EndpointExists { .. }
-            | SubnetOverlap { .. }
-            | SubnetReserved { .. }
-            | VniInUse { .. }
-            | PortInUse { .. }
-            | NoIngressNetwork => 409,
-            NoSuchPort { .. } => 404,
-            PoolExhausted { .. }
-            | NetworkFull { .. }
-            | VniExhausted
-            | NoActiveNode
-            | NoFreePort { .. } => 503,
-            BadAlias { .. } | AliasWithoutNetwork(_) => 400,
-            _ => 400,
-        };
-        ApiError {
-            status,
-            message: e.to_string(),
-        }
-    }
-}
-
-impl From<ApiError> for OpError {
-    fn from(e: ApiError) -> OpError {
-        OpError {
-            status: e.status,
-            message: e.message,
-        }
-    }
-}
-
-impl From<OpError> for ApiError {
-    fn from(e: OpError) -> ApiError {
-        ApiError {
-            status: e.status,
-            message: e.message,
-        }
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> ApiError {
-        ApiError::internal(e.to_string())
+/// A change that could not be persisted was not made: the caller sees an internal error.
+impl From<StoreError> for OpError {
+    fn from(e: StoreError) -> OpError {
+        OpError::internal(e.to_string())
     }
 }
 
@@ -235,11 +154,11 @@ impl Manager {
     fn change<T>(
         &self,
         op: impl FnOnce(&mut ClusterState) -> Result<T, StateError>,
-    ) -> Result<T, ApiError> {
+    ) -> Result<T, OpError> {
         let mut guard = self
             .state
             .lock()
-            .map_err(|_| ApiError::internal("state lock poisoned"))?;
+            .map_err(|_| OpError::internal("state lock poisoned"))?;
         let mut next = guard.clone();
         let out = op(&mut next)?;
         self.store.save(&next)?;
@@ -250,7 +169,7 @@ impl Manager {
 
     /// Applies an operation (from this node's API or forwarded by another node) and returns
     /// the state revision that holds it.
-    pub fn apply(&self, op: Op) -> Result<u64, ApiError> {
+    pub fn apply(&self, op: Op) -> Result<u64, OpError> {
         match op {
             Op::CreateNetwork(req) => self.create_network(req).map(|_| ()),
             Op::RemoveNetwork(name) => self.remove_network(&name),
@@ -267,7 +186,7 @@ impl Manager {
                 node,
                 attached,
             } => {
-                let node = NodeName::new(node).map_err(|e| ApiError::bad_request(e.to_string()))?;
+                let node = NodeName::new(node).map_err(|e| OpError::bad_request(e.to_string()))?;
                 self.change(|s| s.docker_attach(&network, &node, attached).map(|_| ()))
             }
             Op::BindEndpoint {
@@ -295,7 +214,7 @@ impl Manager {
         name: &NodeName,
         addr: Ipv4Addr,
         data_port: u16,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), OpError> {
         let node = Node {
             name: name.clone(),
             role: Role::Worker,
@@ -310,12 +229,12 @@ impl Manager {
         })
     }
 
-    pub fn create_network(&self, req: api::NetworkCreate) -> Result<Network, ApiError> {
+    pub fn create_network(&self, req: api::NetworkCreate) -> Result<Network, OpError> {
         let name =
-            NetworkName::new(req.name.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            NetworkName::new(req.name.clone()).map_err(|e| OpError::bad_request(e.to_string()))?;
         let subnet = match req.subnet.as_deref() {
             Some(s) => Some(s.parse().map_err(|_| {
-                ApiError::bad_request(format!(
+                OpError::bad_request(format!(
                     "invalid subnet {s:?}: expected CIDR such as 10.0.9.0/24"
                 ))
             })?),
@@ -323,12 +242,12 @@ impl Manager {
         };
         let gateway = match req.gateway.as_deref() {
             Some(g) => Some(g.parse().map_err(|_| {
-                ApiError::bad_request(format!("invalid gateway {g:?}: expected an IPv4 address"))
+                OpError::bad_request(format!("invalid gateway {g:?}: expected an IPv4 address"))
             })?),
             None => None,
         };
         if gateway.is_some() && subnet.is_none() {
-            return Err(ApiError::bad_request("--gateway needs --subnet"));
+            return Err(OpError::bad_request("--gateway needs --subnet"));
         }
         let request = NetworkRequest {
             driver: req.driver,
@@ -344,12 +263,12 @@ impl Manager {
         })
     }
 
-    pub fn remove_network(&self, name: &str) -> Result<(), ApiError> {
+    pub fn remove_network(&self, name: &str) -> Result<(), OpError> {
         self.change(|s| s.remove_network(name).map(|_| ()))
     }
 
-    pub fn create_service(&self, req: api::ServiceCreate) -> Result<Service, ApiError> {
-        let bad = |e: protocol::types::BadName| ApiError::bad_request(e.to_string());
+    pub fn create_service(&self, req: api::ServiceCreate) -> Result<Service, OpError> {
+        let bad = |e: protocol::types::BadName| OpError::bad_request(e.to_string());
         let name = ServiceName::new(req.name).map_err(bad)?;
         let mut networks = Vec::new();
         let mut aliases = BTreeMap::new();
@@ -361,7 +280,7 @@ impl Manager {
             networks.push(net);
         }
         if req.lb_idle_timeout == Some(0) {
-            return Err(ApiError::bad_request(
+            return Err(OpError::bad_request(
                 "--lb-idle-timeout must be at least one second",
             ));
         }
@@ -388,7 +307,7 @@ impl Manager {
         })
     }
 
-    pub fn scale_service(&self, name: &str, replicas: u32) -> Result<Service, ApiError> {
+    pub fn scale_service(&self, name: &str, replicas: u32) -> Result<Service, OpError> {
         let health = self.health.clone();
         self.change(|s| {
             s.scale_service(name, replicas, &mut new_id, &|n| health.is_ready(n))?;
@@ -401,11 +320,11 @@ impl Manager {
         &self,
         name: &str,
         update: api::ServiceUpdate,
-    ) -> Result<Service, ApiError> {
+    ) -> Result<Service, OpError> {
         let remove = update
             .publish_rm
             .iter()
-            .map(|s| api::parse_publish_rm(s).map_err(ApiError::bad_request))
+            .map(|s| api::parse_publish_rm(s).map_err(OpError::bad_request))
             .collect::<Result<Vec<_>, _>>()?;
         let add = update.publish_add.into_iter().map(Into::into).collect();
         let health = self.health.clone();
@@ -415,7 +334,7 @@ impl Manager {
         })
     }
 
-    pub fn remove_service(&self, name: &str) -> Result<(), ApiError> {
+    pub fn remove_service(&self, name: &str) -> Result<(), OpError> {
         self.change(|s| s.remove_service(name).map(|_| ()))
     }
 
@@ -464,14 +383,14 @@ impl Manager {
     /// `network rotate-key NAME`: a new key, received by every node before any sends with
     /// it; the old one is accepted for a grace period after. A rotation already under way
     /// (its key not yet in use) is left to finish.
-    pub fn rotate_key(&self, name: &str) -> Result<(), ApiError> {
+    pub fn rotate_key(&self, name: &str) -> Result<(), OpError> {
         let state = self.snapshot();
         let net = state
             .networks
             .get(name)
-            .ok_or_else(|| ApiError::from(StateError::NoSuchNetwork(name.to_string())))?;
+            .ok_or_else(|| OpError::from(StateError::NoSuchNetwork(name.to_string())))?;
         if !net.encrypted() {
-            return Err(ApiError::bad_request(format!(
+            return Err(OpError::bad_request(format!(
                 "network {name} is not encrypted (create it with --opt encrypted)"
             )));
         }
@@ -479,7 +398,7 @@ impl Manager {
         let mut k = self
             .keys
             .lock()
-            .map_err(|_| ApiError::internal("key lock poisoned"))?;
+            .map_err(|_| OpError::internal("key lock poisoned"))?;
         let keys = k.ring.entry(net.name.clone()).or_default();
         let now = now_ms();
         if keys.last().is_none_or(|last| last.active_from_ms <= now) {

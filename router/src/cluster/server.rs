@@ -261,8 +261,7 @@ async fn session(
                     let manager = reader_ctx.manager.clone();
                     let result = tokio::task::spawn_blocking(move || manager.apply(op))
                         .await
-                        .unwrap_or_else(|e| Err(crate::manager::ApiError::internal(e.to_string())))
-                        .map_err(Into::into);
+                        .unwrap_or_else(|e| Err(protocol::api::OpError::internal(e.to_string())));
                     if tx.send(ToNode::Response { id, result }).await.is_err() {
                         return;
                     }

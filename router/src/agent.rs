@@ -19,7 +19,7 @@ use crate::datapath::table::{BackendSpec, GatewayDns, PortBinding, PortId, Table
 use crate::dns::names::DnsView;
 use crate::dns::server::{self as dns, Shared as DnsShared};
 use crate::ingress::{self, Ingress, IngressView};
-use crate::manager::StatusBoard;
+use crate::manager::{StatusBoard, StatusEntry};
 use crate::naming;
 use crate::services::{self, VipView};
 use crate::sys::iface::{self, IfaceSpec};
@@ -227,7 +227,13 @@ impl Agent {
                 restarts: 0,
                 since: now(),
             };
-            b.insert(task.name.clone(), (task.id.clone(), status));
+            b.insert(
+                task.name.clone(),
+                StatusEntry {
+                    id: task.id.clone(),
+                    status,
+                },
+            );
         }
     }
 

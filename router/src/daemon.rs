@@ -14,7 +14,7 @@ use crate::datapath::conntrack::ConnTable;
 use crate::datapath::io::Datapath;
 use crate::datapath::stats::Counters;
 use crate::datapath::underlay::Sockets;
-use crate::manager::Manager;
+use crate::manager::{Manager, KEY_TICK};
 use crate::naming;
 use crate::store::Store;
 use anyhow::{bail, Context};
@@ -268,6 +268,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
 
+    if let Cluster::Manager { manager, .. } = &cluster {
+        tokio::spawn(rotate_keys(manager.clone(), shutdown.clone()));
+    }
+
     let counters = Arc::new(Counters::default());
     let flows = Arc::new(ConnTable::new(cfg.lb_max_flows));
     let mut datapath = Datapath::start(counters.clone(), underlay, flows, cfg.workers())
@@ -343,6 +347,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     info!("overlayd stopped");
     Ok(())
+}
+
+/// Gives encrypted networks their due keys every [`KEY_TICK`] until `shutdown`: a new key
+/// when the rotation period has passed, retired ones dropped.
+async fn rotate_keys(manager: Arc<Manager>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(KEY_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => manager.rotate_due_keys(crate::clock::now_ms()),
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// This run's epoch for encrypted networks: one more than the last run's, kept in the state

@@ -4,7 +4,7 @@
 //! change is reported on the status board.
 
 use crate::clock::now;
-use crate::manager::StatusBoard;
+use crate::manager::{StatusBoard, StatusEntry};
 use crate::sys::netns;
 use protocol::api::{TaskState, TaskStatus};
 use std::fs::{File, OpenOptions};
@@ -55,7 +55,13 @@ impl Reporter {
             since: now(),
         };
         if let Ok(mut b) = self.board.write() {
-            b.insert(self.name.clone(), (self.id.clone(), status));
+            b.insert(
+                self.name.clone(),
+                StatusEntry {
+                    id: self.id.clone(),
+                    status,
+                },
+            );
         }
     }
 }

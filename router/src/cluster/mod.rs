@@ -3,7 +3,6 @@
 //! ([`worker`]), and [`Cluster`], the one handle the API and the agent use whatever this
 //! node's role is.
 
-pub mod health;
 pub mod pki;
 pub mod server;
 pub mod wire;
@@ -58,7 +57,7 @@ impl Cluster {
                 let mut s = (*link.snapshot()).clone();
                 if let Ok(local) = link.local.read() {
                     s.statuses
-                        .extend(local.iter().map(|(k, v)| (k.clone(), v.clone())));
+                        .extend(crate::manager::statuses::to_snapshot(&local));
                 }
                 Arc::new(s)
             }

@@ -177,10 +177,10 @@ impl Link {
             .read()
             .map(|b| {
                 b.iter()
-                    .map(|(name, (id, status))| TaskReport {
+                    .map(|(name, e)| TaskReport {
                         name: name.clone(),
-                        id: id.clone(),
-                        status: status.clone(),
+                        id: e.id.clone(),
+                        status: e.status.clone(),
                     })
                     .collect()
             })

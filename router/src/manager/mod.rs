@@ -2,20 +2,29 @@
 //! (from `protocol::state`), each one applied to a copy, persisted, and only then committed
 //! and published to subscribers (the local agent; remote agents over the control plane).
 //! A refused or unpersistable request changes nothing.
+//!
+//! Beside the desired state it keeps what is not persisted: which nodes are alive
+//! ([`health`]), what they report about their tasks ([`statuses`]), and encrypted networks'
+//! keys ([`keys`]), rotated by a periodic tick ([`Manager::rotate_due_keys`]).
+
+pub mod health;
+pub mod keys;
+pub mod statuses;
 
 use crate::clock::{now, now_ms};
-use crate::cluster::health::Health;
-use crate::ids::{new_id, new_secret};
+use crate::ids::new_id;
 use crate::store::{Store, StoreError};
+use health::Health;
+use keys::KeyRing;
 use protocol::api::{self, OpError, TaskStatus};
-use protocol::control::{Keyring, NetworkKey, Op};
+use protocol::control::{Keyring, Op};
 use protocol::state::{
     Availability, ClusterState, Network, NetworkRequest, Node, Pool, Role, Service, StateError,
 };
 use protocol::types::{NetworkName, NodeName, ServiceName};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -26,51 +35,17 @@ impl From<StoreError> for OpError {
     }
 }
 
-/// What nodes report about their tasks, keyed by task name: (task id, status).
-pub type StatusBoard = Arc<RwLock<BTreeMap<String, (String, TaskStatus)>>>;
-
-/// How long before a new key is used for sending: every node has it for receiving by then
-/// (snapshots go out every second, agents look four times a second).
-pub const KEY_LEAD: Duration = Duration::from_secs(3);
-/// How long a replaced key is still accepted.
-pub const KEY_GRACE: Duration = Duration::from_secs(30);
-/// Swarm's rotation period for encrypted networks' keys.
-pub const DEFAULT_KEY_ROTATION: Duration = Duration::from_secs(12 * 3600);
-
-/// The keys of encrypted networks, in memory only: made here, handed out in snapshots over
-/// the control plane's mutual TLS, never persisted (a restarted manager makes new ones).
-struct Keys {
-    ring: Keyring,
-    rotation: Duration,
-}
+pub use keys::{DEFAULT_KEY_ROTATION, KEY_GRACE, KEY_LEAD, KEY_TICK};
+pub use statuses::{StatusBoard, StatusEntry};
 
 pub struct Manager {
     health: Arc<Health>,
-    keys: Mutex<Keys>,
+    keys: Mutex<KeyRing>,
     state: Mutex<ClusterState>,
     store: Store,
     pool: Pool,
     published: watch::Sender<Arc<ClusterState>>,
     statuses: StatusBoard,
-}
-
-/// Adds the next key of a network: in use after [`KEY_LEAD`], the current ones retired
-/// [`KEY_GRACE`] after that.
-fn rotate(keys: &mut Vec<NetworkKey>, now: u64) {
-    let active = now + KEY_LEAD.as_millis() as u64;
-    let retire = active + KEY_GRACE.as_millis() as u64;
-    for k in keys.iter_mut() {
-        k.retire_at_ms.get_or_insert(retire);
-    }
-    let id = keys
-        .last()
-        .map_or(0, |k| (k.id + 1) & protocol::esp::MAX_KEY_ID);
-    keys.push(NetworkKey {
-        id,
-        secret: new_secret(),
-        active_from_ms: active,
-        retire_at_ms: None,
-    });
 }
 
 /// Marks a service updated now; returns it.
@@ -115,18 +90,17 @@ impl Manager {
             store.save(&state)?;
         }
         let (published, _) = watch::channel(Arc::new(state.clone()));
-        Ok(Manager {
+        let manager = Manager {
             health: Arc::new(Health::new(node.clone())),
             state: Mutex::new(state),
             store,
             pool,
             published,
             statuses: StatusBoard::default(),
-            keys: Mutex::new(Keys {
-                ring: Keyring::new(),
-                rotation: DEFAULT_KEY_ROTATION,
-            }),
-        })
+            keys: Mutex::new(KeyRing::new(DEFAULT_KEY_ROTATION)),
+        };
+        manager.rotate_due_keys(now_ms());
+        Ok(manager)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterState>> {
@@ -163,6 +137,11 @@ impl Manager {
         let out = op(&mut next)?;
         self.store.save(&next)?;
         *guard = next;
+        // Keys follow the networks (a new encrypted network has one at once, a removed one
+        // none) before the new state goes out.
+        if let Ok(mut k) = self.keys.lock() {
+            k.rotate_due(&guard, now_ms());
+        }
         self.published.send_replace(Arc::new(guard.clone()));
         Ok(out)
     }
@@ -341,43 +320,27 @@ impl Manager {
     /// Sets how often encrypted networks get a new key (`--key-rotation-interval`).
     pub fn set_key_rotation(&self, every: Duration) {
         if let Ok(mut k) = self.keys.lock() {
-            k.rotation = every;
+            k.set_rotation(every);
         }
     }
 
-    /// The keys every node should hold now. Keeps the ring current as a side effect: a key
-    /// for each encrypted network (the first one active at once), none for networks that
-    /// are gone, retired keys dropped, and a new key when the newest is older than the
-    /// rotation period.
+    /// The keys every node should hold now (a plain read: see [`Manager::rotate_due_keys`]).
     pub fn keys(&self) -> Keyring {
+        self.keys
+            .lock()
+            .map(|k| k.keys().clone())
+            .unwrap_or_default()
+    }
+
+    /// Brings encrypted networks' keys up to date at `now_ms` (Unix milliseconds): a key for
+    /// each encrypted network, none for networks that are gone, retired keys dropped, and a
+    /// new key where the newest is older than the rotation period. Called every
+    /// [`KEY_TICK`] by the daemon, and after every state change.
+    pub fn rotate_due_keys(&self, now_ms: u64) {
         let state = self.snapshot();
-        let Ok(mut k) = self.keys.lock() else {
-            return Keyring::new();
-        };
-        let now = now_ms();
-        let rotation = k.rotation.as_millis() as u64;
-        k.ring
-            .retain(|net, _| state.networks.get(net).is_some_and(|n| n.encrypted()));
-        for (name, net) in &state.networks {
-            if !net.encrypted() {
-                continue;
-            }
-            let keys = k.ring.entry(name.clone()).or_default();
-            keys.retain(|key| key.retire_at_ms.is_none_or(|t| t > now));
-            match keys.last() {
-                None => keys.push(NetworkKey {
-                    id: 0,
-                    secret: new_secret(),
-                    active_from_ms: now,
-                    retire_at_ms: None,
-                }),
-                Some(last) if now.saturating_sub(last.active_from_ms) > rotation => {
-                    rotate(keys, now)
-                }
-                Some(_) => {}
-            }
+        if let Ok(mut k) = self.keys.lock() {
+            k.rotate_due(&state, now_ms);
         }
-        k.ring.clone()
     }
 
     /// `network rotate-key NAME`: a new key, received by every node before any sends with
@@ -394,16 +357,13 @@ impl Manager {
                 "network {name} is not encrypted (create it with --opt encrypted)"
             )));
         }
-        let _ = self.keys();
         let mut k = self
             .keys
             .lock()
             .map_err(|_| OpError::internal("key lock poisoned"))?;
-        let keys = k.ring.entry(net.name.clone()).or_default();
         let now = now_ms();
-        if keys.last().is_none_or(|last| last.active_from_ms <= now) {
-            rotate(keys, now);
-        }
+        k.rotate_due(&state, now);
+        k.rotate_now(&net.name, now);
         Ok(())
     }
 
@@ -411,8 +371,42 @@ impl Manager {
     pub fn task_status(&self, name: &str, id: &str) -> TaskStatus {
         let board = self.statuses.read();
         match board.ok().and_then(|b| b.get(name).cloned()) {
-            Some((reported_id, st)) if reported_id == id => st,
+            Some(e) if e.id == id => e.status,
             _ => TaskStatus::pending(now()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reading_keys_changes_nothing_and_the_tick_rotates_them() {
+        let dir = std::env::temp_dir().join(format!("overlay-manager-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let node = NodeName::new("n1").unwrap();
+        let m = Manager::open(Store::open(&dir).unwrap(), Pool::default(), &node, None).unwrap();
+        let hour = Duration::from_secs(3600);
+        m.set_key_rotation(hour);
+        let req = api::NetworkCreate {
+            name: "sec".into(),
+            options: [("encrypted".to_string(), String::new())].into(),
+            ..Default::default()
+        };
+        m.create_network(req).unwrap();
+        // Made with the network, before the state that holds it went out.
+        let first = m.keys();
+        assert_eq!(first["sec"].len(), 1);
+        let t0 = first["sec"][0].active_from_ms;
+        assert_eq!(m.keys(), first, "a read is only a read");
+        m.rotate_due_keys(t0 + 1000);
+        assert_eq!(m.keys(), first, "nothing due yet");
+        m.rotate_due_keys(t0 + hour.as_millis() as u64 + 1);
+        let ids: Vec<u8> = m.keys()["sec"].iter().map(|k| k.id).collect();
+        assert_eq!(ids, [0, 1]);
+        m.remove_network("sec").unwrap();
+        assert!(m.keys().is_empty(), "gone with its network");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

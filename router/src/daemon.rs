@@ -14,6 +14,7 @@ use crate::datapath::conntrack::ConnTable;
 use crate::datapath::io::Datapath;
 use crate::datapath::stats::Counters;
 use crate::datapath::underlay::Sockets;
+use crate::durable;
 use crate::manager::{Manager, KEY_TICK};
 use crate::naming;
 use crate::store::Store;
@@ -377,9 +378,7 @@ fn next_epoch(state_dir: &std::path::Path) -> u32 {
         // Far from the wrap: 2^23 restarts before it.
         None => rand::random::<u32>() & (MASK >> 1),
     };
-    let tmp = path.with_extension("tmp");
-    let saved = std::fs::write(&tmp, epoch.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
-    match saved {
+    match durable::write_atomic(&path, epoch.to_string().as_bytes(), durable::PUBLIC) {
         Ok(()) => epoch,
         Err(e) => {
             warn!(error = %e, "cannot keep the ESP epoch; using a random one");

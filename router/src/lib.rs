@@ -10,6 +10,7 @@
 //! - [`api`]: the HTTP+JSON API on a Unix socket.
 //! - [`daemon`]: wiring and graceful shutdown.
 //! - [`clock`] and [`ids`]: the wall clock and fresh random ids, each read in one place.
+//! - [`durable`]: the one way durable state is written (temporary file, fsync, rename).
 //! - [`naming`]: every name the node derives (namespaces, interfaces, state-directory files).
 
 pub mod agent;
@@ -21,6 +22,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod dns;
 pub mod docker;
+pub mod durable;
 pub mod ids;
 pub mod ingress;
 pub mod manager;

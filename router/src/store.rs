@@ -1,12 +1,14 @@
 //! The manager's on-disk state: one JSON document (`state.json`) in the state directory,
-//! replaced atomically (write to a temporary file, fsync, rename) so a crash at any point
-//! leaves either the old or the new state, never a torn one. A lock file keeps two daemons
-//! off one state directory.
+//! replaced atomically ([`write_atomic`]: temporary file, fsync, rename, fsync of the
+//! directory) so a crash at any point leaves either the old or the new state, never a torn
+//! one. It holds services' commands and environment, so only root reads it (0600). A lock
+//! file keeps two daemons off one state directory.
 
+use crate::durable::{write_atomic, PRIVATE};
 use nix::fcntl::{Flock, FlockArg};
 use protocol::state::{ClusterState, FORMAT};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -127,17 +129,9 @@ impl Store {
 
     pub fn save(&self, state: &ClusterState) -> Result<(), StoreError> {
         let path = self.state_path();
-        let tmp = self.dir.join("state.json.tmp");
         let body = serde_json::to_vec_pretty(state)
-            .map_err(|e| StoreError::Write(tmp.clone(), e.into()))?;
-        let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(|e| StoreError::Write(path.clone(), e))
+            .map_err(|e| StoreError::Write(path.clone(), e.into()))?;
+        write_atomic(&path, &body, PRIVATE).map_err(|e| StoreError::Write(path, e))
     }
 }
 

@@ -25,10 +25,10 @@
 //! | `POST /networks/{name}/vteps`   | [`VtepAdd`]             | `[Vtep]`               |
 //! | `DELETE /networks/{name}/vteps/{mac}` |                   |                        |
 //!
-//! Errors come back as a non-2xx status with an [`ErrorBody`].
+//! Errors come back as a non-2xx status with an [`ErrorBody`] (from an [`OpError`]).
 
 use crate::state::{
-    Attachment, EndpointMode, PortConfig, PortProtocol, ProxyProtocol, PublishMode,
+    Attachment, EndpointMode, PortConfig, PortProtocol, ProxyProtocol, PublishMode, StateError,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -39,6 +39,87 @@ pub const API_VERSION: u32 = 1;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub message: String,
+}
+
+/// Why an operation was refused: an HTTP status and one clear line. The API answers it as
+/// an [`ErrorBody`] with that status; the control plane carries it back to the node that
+/// forwarded the operation (`control::ToNode::Response`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct OpError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl OpError {
+    pub fn bad_request(message: impl Into<String>) -> OpError {
+        OpError {
+            status: 400,
+            message: message.into(),
+        }
+    }
+    pub fn not_found(message: impl Into<String>) -> OpError {
+        OpError {
+            status: 404,
+            message: message.into(),
+        }
+    }
+    pub fn internal(message: impl Into<String>) -> OpError {
+        OpError {
+            status: 500,
+            message: message.into(),
+        }
+    }
+    pub fn unavailable(message: impl Into<String>) -> OpError {
+        OpError {
+            status: 503,
+            message: message.into(),
+        }
+    }
+
+    /// The body the API sends with the status.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            message: self.message.clone(),
+        }
+    }
+}
+
+/// A refused state change: 404 for what does not exist, 409 for a conflict with what does,
+/// 503 for an exhausted resource, 400 for a bad request.
+impl From<StateError> for OpError {
+    fn from(e: StateError) -> OpError {
+        use StateError::*;
+        let status = match &e {
+            NoSuchNetwork(_)
+            | NoSuchService(_)
+            | NoSuchNode(_)
+            | NoSuchVtep { .. }
+            | NoSuchEndpoint(_) => 404,
+            NetworkExists(_)
+            | ServiceExists(_)
+            | NetworkInUse { .. }
+            | NetworkHasEndpoints { .. }
+            | EndpointExists { .. }
+            | SubnetOverlap { .. }
+            | SubnetReserved { .. }
+            | VniInUse { .. }
+            | PortInUse { .. }
+            | NoIngressNetwork => 409,
+            NoSuchPort { .. } => 404,
+            PoolExhausted { .. }
+            | NetworkFull { .. }
+            | VniExhausted
+            | NoActiveNode
+            | NoFreePort { .. } => 503,
+            BadAlias { .. } | AliasWithoutNetwork(_) => 400,
+            _ => 400,
+        };
+        OpError {
+            status,
+            message: e.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -487,6 +568,20 @@ pub struct TaskView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_state_changes_carry_a_status() {
+        use crate::types::NetworkName;
+        let net = || NetworkName::new("front").unwrap();
+        let e = OpError::from(StateError::NoSuchNetwork("front".into()));
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (404, "network front not found")
+        );
+        assert_eq!(OpError::from(StateError::NetworkExists(net())).status, 409);
+        assert_eq!(OpError::from(StateError::VniExhausted).status, 503);
+        assert_eq!(e.body().message, e.to_string());
+    }
 
     #[test]
     fn publish_flags_short_and_long() {

@@ -10,6 +10,7 @@
 //! - member (mutual TLS): `ToManager::Hello` → `ToNode::Welcome` (or `Refused`), then the
 //!   manager pushes `Snapshot`s and answers `Request`s, the node sends `Report`s.
 
+pub use crate::api::OpError;
 use crate::api::{NetworkCreate, ServiceCreate, TaskStatus};
 use crate::state::ClusterState;
 use crate::types::{MacAddr, NodeName};
@@ -182,13 +183,6 @@ pub enum Op {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("{message}")]
-pub struct OpError {
-    pub status: u16,
-    pub message: String,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("control frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
@@ -290,6 +284,20 @@ mod tests {
             id: 1,
             op: Op::RotateKey("sec".into()),
         });
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_wire_bytes() {
+        // Nodes of the same version must read each other's refusals: status and message
+        // as postcard lays out a struct of those two fields.
+        let f = encode(&ToNode::Response {
+            id: 9,
+            result: Err(OpError::not_found("service web not found")),
+        })
+        .unwrap();
+        let mut want = vec![3, 9, 1, 0x94, 0x03, 21];
+        want.extend_from_slice(b"service web not found");
+        assert_eq!(&f[4..], &want[..]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use crate::cluster::Cluster;
 use crate::ingress::stats::Registry;
-use crate::manager::ApiError;
+use crate::naming;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -14,9 +14,9 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use datapath::stats::Counters;
 use protocol::api::{
-    self, ContainerSpec, Endpoint, EndpointSpec, EndpointView, ErrorBody, Ipam, IpamConfig,
-    NetworkInspect, NetworkTarget, NodeView, PortSpec, ServiceInspect, ServiceSpec, TaskState,
-    TaskStatus, TaskView, VirtualIp,
+    self, ContainerSpec, Endpoint, EndpointSpec, EndpointView, Ipam, IpamConfig, NetworkInspect,
+    NetworkTarget, NodeView, OpError, PortSpec, ServiceInspect, ServiceSpec, TaskState, TaskStatus,
+    TaskView, VirtualIp,
 };
 use protocol::control::{NodeHealth, Op, Snapshot};
 use protocol::state::{Availability, Network, Role, Service, Task, Vtep};
@@ -36,24 +36,30 @@ pub struct ApiState {
     pub state_dir: PathBuf,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (
-            status,
-            Json(ErrorBody {
-                message: self.message,
-            }),
-        )
-            .into_response()
+/// An [`OpError`] as the API answers it: its status, and the message as an
+/// [`ErrorBody`](protocol::api::ErrorBody).
+#[derive(Debug)]
+pub struct HttpError(pub OpError);
+
+impl From<OpError> for HttpError {
+    fn from(e: OpError) -> HttpError {
+        HttpError(e)
     }
 }
 
-type ApiResult<T> = Result<Json<T>, ApiError>;
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0.body())).into_response()
+    }
+}
 
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+type ApiResult<T> = Result<Json<T>, HttpError>;
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, OpError> {
     serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+        .map_err(|e| OpError::bad_request(format!("invalid request body: {e}")))
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -82,14 +88,14 @@ pub fn router(state: ApiState) -> Router {
             "/endpoints/{container}/{ifname}",
             get(endpoint_inspect).delete(endpoint_rm),
         )
-        .fallback(|| async { ApiError::not_found("no such API endpoint") })
+        .fallback(|| async { HttpError(OpError::not_found("no such API endpoint")) })
         .with_state(state)
 }
 
 fn status_of(snap: &Snapshot, t: &Task) -> TaskStatus {
     match snap.statuses.get(&t.name) {
         Some((id, st)) if *id == t.id => st.clone(),
-        _ => TaskStatus::pending(crate::manager::now()),
+        _ => TaskStatus::pending(crate::clock::now()),
     }
 }
 
@@ -157,7 +163,7 @@ fn network_view(snap: &Snapshot, net: &Network) -> NetworkInspect {
             let keys = snap.keys.get(&net.name).map(Vec::as_slice).unwrap_or(&[]);
             api::EncryptionView {
                 cipher: "esp-aes256-gcm".into(),
-                sending: protocol::control::send_key(keys, crate::manager::now_ms()).map(|k| k.id),
+                sending: protocol::control::send_key(keys, crate::clock::now_ms()).map(|k| k.id),
                 keys: keys
                     .iter()
                     .map(|k| api::KeyInfo {
@@ -233,14 +239,8 @@ fn task_view(snap: &Snapshot, t: &Task) -> TaskView {
         desired_state: "running".into(),
         status: status_of(snap, t),
         attachments: t.attachments.clone(),
-        netns: crate::sys::netns::path_of(&crate::agent::netns_name(&t.node, &t.name))
-            .display()
-            .to_string(),
-        mountns: Some(
-            crate::sys::mntns::path_of(&crate::agent::netns_name(&t.node, &t.name))
-                .display()
-                .to_string(),
-        ),
+        netns: naming::task_netns(&t.node, &t.name).display().to_string(),
+        mountns: Some(naming::task_mntns(&t.node, &t.name).display().to_string()),
     }
 }
 
@@ -265,18 +265,18 @@ fn node_view(st: &ApiState, snap: &Snapshot, n: &protocol::state::Node) -> NodeV
     }
 }
 
-fn network_of<'a>(snap: &'a Snapshot, name: &str) -> Result<&'a Network, ApiError> {
+fn network_of<'a>(snap: &'a Snapshot, name: &str) -> Result<&'a Network, OpError> {
     snap.state
         .networks
         .get(name)
-        .ok_or_else(|| ApiError::not_found(format!("network {name} not found")))
+        .ok_or_else(|| OpError::not_found(format!("network {name} not found")))
 }
 
-fn service_of<'a>(snap: &'a Snapshot, name: &str) -> Result<&'a Service, ApiError> {
+fn service_of<'a>(snap: &'a Snapshot, name: &str) -> Result<&'a Service, OpError> {
     snap.state
         .services
         .get(name)
-        .ok_or_else(|| ApiError::not_found(format!("service {name} not found")))
+        .ok_or_else(|| OpError::not_found(format!("service {name} not found")))
 }
 
 async fn info(State(st): State<ApiState>) -> ApiResult<api::Info> {
@@ -320,7 +320,7 @@ async fn network_list(State(st): State<ApiState>) -> ApiResult<Vec<NetworkInspec
 async fn network_create(
     State(st): State<ApiState>,
     body: Bytes,
-) -> Result<(StatusCode, Json<NetworkInspect>), ApiError> {
+) -> Result<(StatusCode, Json<NetworkInspect>), HttpError> {
     let req: api::NetworkCreate = parse(&body)?;
     let name = req.name.clone();
     st.cluster.apply(Op::CreateNetwork(req)).await?;
@@ -342,7 +342,7 @@ async fn network_inspect(
 async fn network_rotate_key(
     State(st): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, HttpError> {
     st.cluster.apply(Op::RotateKey(name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -350,7 +350,7 @@ async fn network_rotate_key(
 async fn network_rm(
     State(st): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, HttpError> {
     st.cluster.apply(Op::RemoveNetwork(name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -386,13 +386,13 @@ fn endpoint_of(
     snap: &Snapshot,
     container: &str,
     ifname: &str,
-) -> Result<api::EndpointInfo, ApiError> {
+) -> Result<api::EndpointInfo, OpError> {
     snap.state
         .endpoints
         .get(&protocol::state::Endpoint::key(container, ifname))
         .and_then(|e| endpoint_info(snap, e))
         .ok_or_else(|| {
-            ApiError::not_found(format!("container {container} has no interface {ifname}"))
+            OpError::not_found(format!("container {container} has no interface {ifname}"))
         })
 }
 
@@ -413,13 +413,14 @@ async fn endpoint_inspect(
 async fn endpoint_create(
     State(st): State<ApiState>,
     body: Bytes,
-) -> Result<(StatusCode, Json<api::EndpointInfo>), ApiError> {
+) -> Result<(StatusCode, Json<api::EndpointInfo>), HttpError> {
     let req: api::EndpointCreate = parse(&body)?;
     let runtime = req.runtime.unwrap_or_else(|| "cni".into());
     if !matches!(runtime.as_str(), "cni" | "docker") {
-        return Err(ApiError::bad_request(format!(
+        return Err(OpError::bad_request(format!(
             "unknown runtime {runtime:?}: \"cni\" or \"docker\""
-        )));
+        ))
+        .into());
     }
     let (container, ifname) = (req.container.clone(), req.ifname.clone());
     st.cluster
@@ -440,7 +441,7 @@ async fn endpoint_create(
 async fn endpoint_rm(
     State(st): State<ApiState>,
     Path((container, ifname)): Path<(String, String)>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, HttpError> {
     st.cluster
         .apply(Op::RemoveEndpoint { container, ifname })
         .await?;
@@ -452,9 +453,9 @@ async fn vtep_list(State(st): State<ApiState>, Path(name): Path<String>) -> ApiR
     Ok(Json(network_of(&snap, &name)?.vteps.clone()))
 }
 
-fn parse_mac(s: &str) -> Result<MacAddr, ApiError> {
+fn parse_mac(s: &str) -> Result<MacAddr, OpError> {
     s.parse()
-        .map_err(|e: protocol::types::BadMac| ApiError::bad_request(e.to_string()))
+        .map_err(|e: protocol::types::BadMac| OpError::bad_request(e.to_string()))
 }
 
 async fn vtep_add(
@@ -463,7 +464,7 @@ async fn vtep_add(
     body: Bytes,
 ) -> ApiResult<Vec<Vtep>> {
     let req: api::VtepAdd = parse(&body)?;
-    let bad_ip = |s: &str| ApiError::bad_request(format!("invalid IPv4 address {s:?}"));
+    let bad_ip = |s: &str| OpError::bad_request(format!("invalid IPv4 address {s:?}"));
     let vtep = Vtep {
         address: req.address.parse().map_err(|_| bad_ip(&req.address))?,
         mac: parse_mac(&req.mac)?,
@@ -485,7 +486,7 @@ async fn vtep_add(
 async fn vtep_rm(
     State(st): State<ApiState>,
     Path((name, mac)): Path<(String, String)>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, HttpError> {
     let mac = parse_mac(&mac)?;
     st.cluster
         .apply(Op::RemoveVtep { network: name, mac })
@@ -507,7 +508,7 @@ async fn service_list(State(st): State<ApiState>) -> ApiResult<Vec<ServiceInspec
 async fn service_create(
     State(st): State<ApiState>,
     body: Bytes,
-) -> Result<(StatusCode, Json<ServiceInspect>), ApiError> {
+) -> Result<(StatusCode, Json<ServiceInspect>), HttpError> {
     let req: api::ServiceCreate = parse(&body)?;
     let name = req.name.clone();
     st.cluster.apply(Op::CreateService(req)).await?;
@@ -561,7 +562,7 @@ async fn service_update(
 async fn service_rm(
     State(st): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, HttpError> {
     st.cluster.apply(Op::RemoveService(name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -591,7 +592,7 @@ async fn task_inspect(State(st): State<ApiState>, Path(name): Path<String>) -> A
         .tasks
         .get(&name)
         .or_else(|| snap.state.tasks.values().find(|t| t.id == name))
-        .ok_or_else(|| ApiError::not_found(format!("task {name} not found")))?;
+        .ok_or_else(|| OpError::not_found(format!("task {name} not found")))?;
     Ok(Json(task_view(&snap, t)))
 }
 
@@ -612,7 +613,7 @@ async fn node_inspect(State(st): State<ApiState>, Path(name): Path<String>) -> A
         .state
         .nodes
         .get(name.as_str())
-        .ok_or_else(|| ApiError::not_found(format!("node {name} not found")))?;
+        .ok_or_else(|| OpError::not_found(format!("node {name} not found")))?;
     Ok(Json(node_view(&st, &snap, n)))
 }
 
@@ -626,9 +627,10 @@ async fn node_update(
         "active" => Availability::Active,
         "drain" => Availability::Drain,
         other => {
-            return Err(ApiError::bad_request(format!(
+            return Err(OpError::bad_request(format!(
                 "invalid availability {other:?}: expected \"active\" or \"drain\""
-            )))
+            ))
+            .into())
         }
     };
     st.cluster

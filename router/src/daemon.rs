@@ -10,9 +10,11 @@ use crate::cluster::server::{self, ServerCtx};
 use crate::cluster::worker::{self, Link};
 use crate::cluster::{wire, Cluster, JoinInfo};
 use crate::config::{Config, CONTROL_PORT};
+use crate::durable;
 use crate::forward::io::Datapath;
 use crate::forward::underlay::Sockets;
-use crate::manager::Manager;
+use crate::manager::{Manager, KEY_TICK};
+use crate::naming;
 use crate::store::Store;
 use anyhow::{bail, Context};
 use datapath::conntrack::ConnTable;
@@ -25,9 +27,6 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-/// Where the per-node-name locks live (shared by every daemon on the machine).
-const NODE_LOCK_DIR: &str = "/run/overlay/nodes";
 
 /// Binds the API socket, refusing one that a live daemon is serving and replacing a stale one.
 fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
@@ -85,8 +84,8 @@ async fn start_manager(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Cluster> {
     let dir = store.dir().to_path_buf();
-    let ca_cert = dir.join("ca.pem");
-    let ca_key = dir.join("ca.key");
+    let ca_cert = naming::ca_cert(&dir);
+    let ca_key = naming::ca_key(&dir);
     let ca = if ca_cert.exists() && ca_key.exists() {
         Ca {
             cert_pem: pki::read(&ca_cert)?,
@@ -99,7 +98,7 @@ async fn start_manager(
         info!("created the cluster CA");
         ca
     };
-    let secret = read_or_create(&dir.join("join-secret"), || Ok(pki::new_secret()))?;
+    let secret = read_or_create(&naming::join_secret(&dir), || Ok(pki::new_secret()))?;
     let token = Token {
         ca_digest: pki::ca_digest(ca.cert_der()?.as_ref()),
         secret: secret.trim().to_string(),
@@ -147,10 +146,10 @@ async fn start_worker(
 ) -> anyhow::Result<Cluster> {
     let dir = store.dir().to_path_buf();
     let (cert, key, ca, mgr) = (
-        dir.join("node.pem"),
-        dir.join("node.key"),
-        dir.join("ca.pem"),
-        dir.join("manager"),
+        naming::node_cert(&dir),
+        naming::node_key(&dir),
+        naming::ca_cert(&dir),
+        naming::manager_addr_file(&dir),
     );
     if !cert.exists() {
         let (Some(addr), Some(token)) = (cfg.join, cfg.token.as_deref()) else {
@@ -200,7 +199,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let store = Store::open(&state_dir)?;
     // Task namespaces are named after the node (ov-NODE-TASK), and a starting node removes
     // its leftovers: two live daemons with one node name would destroy each other's tasks.
-    let node_lock_path = Path::new(NODE_LOCK_DIR).join(format!("{}.lock", cfg.node));
+    let node_lock_path = naming::node_lock(&cfg.node);
     let _node_lock = crate::store::NameLock::acquire(&node_lock_path)
         .with_context(|| format!("locking {}", node_lock_path.display()))?
         .with_context(|| {
@@ -210,7 +209,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             )
         })?;
     let listener = bind_socket(&socket)?;
-    let log_dir = state_dir.join("logs");
+    let log_dir = naming::logs_dir(&state_dir);
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     let upstreams = if cfg.dns_upstreams.is_empty() {
         let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -235,8 +234,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             pool.pool
         );
     }
-    let is_worker = cfg.join.is_some() || state_dir.join("node.pem").exists();
-    let is_manager = cfg.init || state_dir.join("ca.key").exists();
+    let is_worker = cfg.join.is_some() || naming::node_cert(&state_dir).exists();
+    let is_manager = cfg.init || naming::ca_key(&state_dir).exists();
     if is_worker && is_manager {
         bail!(
             "{} holds a manager's CA: this node cannot also join another cluster",
@@ -269,6 +268,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     };
+
+    if let Cluster::Manager { manager, .. } = &cluster {
+        tokio::spawn(rotate_keys(manager.clone(), shutdown.clone()));
+    }
 
     let counters = Arc::new(Counters::default());
     let ingress_counters = Arc::new(crate::ingress::stats::Registry::default());
@@ -356,12 +359,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Gives encrypted networks their due keys every [`KEY_TICK`] until `shutdown`: a new key
+/// when the rotation period has passed, retired ones dropped.
+async fn rotate_keys(manager: Arc<Manager>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(KEY_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => manager.rotate_due_keys(crate::clock::now_ms()),
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// This run's epoch for encrypted networks: one more than the last run's, kept in the state
 /// directory (not secret). Sending keys are derived with it, so a restarted node never
 /// reuses a (key, nonce) pair. If the file cannot be kept, a random epoch is as good. It has
 /// 24 bits: each worker's epoch is this one above the worker's lane (`crypto::lane_epoch`).
 fn next_epoch(state_dir: &std::path::Path) -> u32 {
-    let path = state_dir.join("esp-epoch");
+    let path = naming::esp_epoch_file(state_dir);
     let last: Option<u32> = std::fs::read_to_string(&path)
         .ok()
         .and_then(|s| s.trim().parse().ok());
@@ -371,9 +387,7 @@ fn next_epoch(state_dir: &std::path::Path) -> u32 {
         // Far from the wrap: 2^23 restarts before it.
         None => rand::random::<u32>() & (MASK >> 1),
     };
-    let tmp = path.with_extension("tmp");
-    let saved = std::fs::write(&tmp, epoch.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
-    match saved {
+    match durable::write_atomic(&path, epoch.to_string().as_bytes(), durable::PUBLIC) {
         Ok(()) => epoch,
         Err(e) => {
             warn!(error = %e, "cannot keep the ESP epoch; using a random one");

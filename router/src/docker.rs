@@ -26,6 +26,7 @@
 //!   plugin made once no endpoint and no service uses it.
 
 use crate::cluster::Cluster;
+use crate::durable;
 use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -130,7 +131,7 @@ impl Plugin {
         docker_host: PathBuf,
         state_dir: &std::path::Path,
     ) -> Plugin {
-        let names_file = state_dir.join("docker-networks.json");
+        let names_file = crate::naming::docker_networks_file(state_dir);
         let known = std::fs::read(&names_file)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -150,11 +151,9 @@ impl Plugin {
     fn update<T>(&self, f: impl FnOnce(&mut BTreeMap<String, DockerNet>) -> T) -> T {
         let mut m = self.known.lock().unwrap_or_else(|e| e.into_inner());
         let out = f(&mut m);
-        let tmp = self.names_file.with_extension("tmp");
         let saved = serde_json::to_vec(&*m)
             .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, &self.names_file));
+            .and_then(|b| durable::write_atomic(&self.names_file, &b, durable::PUBLIC));
         if let Err(e) = saved {
             warn!(error = %e, file = %self.names_file.display(), "cannot keep what the plugin knows of Docker's networks");
         }
@@ -627,7 +626,7 @@ async fn join(
         .map_err(|e| PluginError(e.message))?;
     // The agent makes the TAP in overlayd's (and dockerd's) namespace; Docker moves it
     // into the container once that starts.
-    let tap = crate::agent::docker_tap_name(&endpoint);
+    let tap = crate::naming::docker_tap_name(&endpoint);
     let end = tokio::time::Instant::now() + JOIN_WAIT;
     while nix::net::if_::if_nametoindex(tap.as_str()).is_err() {
         if tokio::time::Instant::now() >= end {

@@ -11,17 +11,24 @@
 //!   TCP/IP endpoint (smoltcp) on the ingress network.
 //! - [`api`]: the HTTP+JSON API on a Unix socket.
 //! - [`daemon`]: wiring and graceful shutdown.
+//! - [`clock`] and [`ids`]: the wall clock and fresh random ids, each read in one place.
+//! - [`durable`]: the one way durable state is written (temporary file, fsync, rename).
+//! - [`naming`]: every name the node derives (namespaces, interfaces, state-directory files).
 
 pub mod agent;
 pub mod api;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod dns;
 pub mod docker;
+pub mod durable;
 pub mod forward;
+pub mod ids;
 pub mod ingress;
 pub mod manager;
+pub mod naming;
 pub mod services;
 pub mod store;
 pub mod sys;

@@ -1,12 +1,14 @@
 //! The manager's on-disk state: one JSON document (`state.json`) in the state directory,
-//! replaced atomically (write to a temporary file, fsync, rename) so a crash at any point
-//! leaves either the old or the new state, never a torn one. A lock file keeps two daemons
-//! off one state directory.
+//! replaced atomically ([`write_atomic`]: temporary file, fsync, rename, fsync of the
+//! directory) so a crash at any point leaves either the old or the new state, never a torn
+//! one. It holds services' commands and environment, so only root reads it (0600). A lock
+//! file keeps two daemons off one state directory.
 
+use crate::durable::{write_atomic, PRIVATE};
 use nix::fcntl::{Flock, FlockArg};
 use protocol::state::{ClusterState, FORMAT};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +90,7 @@ impl Store {
     /// Opens (creating if needed) and locks a state directory.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         fs::create_dir_all(dir).map_err(|e| StoreError::Dir(dir.to_path_buf(), e))?;
-        let lock_path = dir.join("lock");
+        let lock_path = crate::naming::state_lock(dir);
         let lock = lock_exclusive(&lock_path)
             .map_err(|e| StoreError::Dir(lock_path.clone(), e))?
             .ok_or_else(|| StoreError::Locked(dir.to_path_buf()))?;
@@ -103,7 +105,7 @@ impl Store {
     }
 
     fn state_path(&self) -> PathBuf {
-        self.dir.join("state.json")
+        crate::naming::state_file(&self.dir)
     }
 
     /// The saved state, or an empty one on first start.
@@ -127,17 +129,9 @@ impl Store {
 
     pub fn save(&self, state: &ClusterState) -> Result<(), StoreError> {
         let path = self.state_path();
-        let tmp = self.dir.join("state.json.tmp");
         let body = serde_json::to_vec_pretty(state)
-            .map_err(|e| StoreError::Write(tmp.clone(), e.into()))?;
-        let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(|e| StoreError::Write(path.clone(), e))
+            .map_err(|e| StoreError::Write(path.clone(), e.into()))?;
+        write_atomic(&path, &body, PRIVATE).map_err(|e| StoreError::Write(path, e))
     }
 }
 

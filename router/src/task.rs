@@ -3,7 +3,8 @@
 //! SIGKILL after a grace period) when the task is removed or the daemon shuts down. Every
 //! change is reported on the status board.
 
-use crate::manager::{now, StatusBoard};
+use crate::clock::now;
+use crate::manager::{StatusBoard, StatusEntry};
 use crate::sys::netns;
 use protocol::api::{TaskState, TaskStatus};
 use std::fs::{File, OpenOptions};
@@ -54,7 +55,13 @@ impl Reporter {
             since: now(),
         };
         if let Ok(mut b) = self.board.write() {
-            b.insert(self.name.clone(), (self.id.clone(), status));
+            b.insert(
+                self.name.clone(),
+                StatusEntry {
+                    id: self.id.clone(),
+                    status,
+                },
+            );
         }
     }
 }

@@ -3,13 +3,13 @@
 //! ([`worker`]), and [`Cluster`], the one handle the API and the agent use whatever this
 //! node's role is.
 
-pub mod health;
 pub mod pki;
 pub mod server;
 pub mod wire;
 pub mod worker;
 
-use crate::manager::{ApiError, Manager, StatusBoard};
+use crate::manager::{Manager, StatusBoard};
+use protocol::api::OpError;
 use protocol::control::{Op, Snapshot};
 use protocol::state::ClusterState;
 use std::net::SocketAddr;
@@ -37,13 +37,13 @@ pub enum Cluster {
 
 impl Cluster {
     /// Applies a change here (manager) or forwards it (worker); returns the revision.
-    pub async fn apply(&self, op: Op) -> Result<u64, ApiError> {
+    pub async fn apply(&self, op: Op) -> Result<u64, OpError> {
         match self {
             Cluster::Manager { manager, .. } => {
                 let m = manager.clone();
                 tokio::task::spawn_blocking(move || m.apply(op))
                     .await
-                    .map_err(|e| ApiError::internal(e.to_string()))?
+                    .map_err(|e| OpError::internal(e.to_string()))?
             }
             Cluster::Worker(link) => link.apply(op).await,
         }
@@ -57,7 +57,7 @@ impl Cluster {
                 let mut s = (*link.snapshot()).clone();
                 if let Ok(local) = link.local.read() {
                     s.statuses
-                        .extend(local.iter().map(|(k, v)| (k.clone(), v.clone())));
+                        .extend(crate::manager::statuses::to_snapshot(&local));
                 }
                 Arc::new(s)
             }
@@ -91,13 +91,13 @@ impl Cluster {
         }
     }
 
-    pub fn join_info(&self) -> Result<&JoinInfo, ApiError> {
+    pub fn join_info(&self) -> Result<&JoinInfo, OpError> {
         match self {
             Cluster::Manager { join: Some(j), .. } => Ok(j),
-            Cluster::Manager { join: None, .. } => Err(ApiError::bad_request(
+            Cluster::Manager { join: None, .. } => Err(OpError::bad_request(
                 "this node runs standalone: start it with --init --advertise-addr IP to make a cluster",
             )),
-            Cluster::Worker(_) => Err(ApiError::bad_request("join tokens are only available on the manager")),
+            Cluster::Worker(_) => Err(OpError::bad_request("join tokens are only available on the manager")),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! joining node verify the manager before it trusts anything it says (no trust on first use);
 //! the secret proves to the manager that the joiner was given the token.
 
+use crate::durable;
 use protocol::control::MANAGER_SERVER_NAME;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
@@ -156,7 +157,7 @@ pub fn ca_digest(ca_der: &[u8]) -> String {
 
 /// A random secret for join tokens.
 pub fn new_secret() -> String {
-    crate::manager::new_id()
+    crate::ids::new_id()
 }
 
 /// A parsed join token.
@@ -334,20 +335,10 @@ pub fn read(path: &Path) -> Result<String, PkiError> {
         .map_err(|e| PkiError::Invalid(format!("reading {}: {e}", path.display())))
 }
 
-/// Writes a secret file (mode 0600).
+/// Writes a file of this PKI readable by root only (mode 0600), replacing it atomically.
 pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| PkiError::Invalid(format!("writing {}: {e}", path.display())))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    Ok(())
+    durable::write_atomic(path, contents.as_bytes(), durable::PRIVATE)
+        .map_err(|e| PkiError::Invalid(format!("writing {}: {e}", path.display())))
 }
 
 #[cfg(test)]

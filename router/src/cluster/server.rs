@@ -10,7 +10,7 @@
 
 use super::pki::{self, Ca};
 use super::wire;
-use crate::manager::Manager;
+use crate::manager::{statuses, Manager, StatusEntry};
 use protocol::api::TaskState;
 use protocol::control::{NodeHealth, Snapshot, ToManager, ToNode, VERSION};
 use protocol::types::NodeName;
@@ -36,7 +36,7 @@ pub fn snapshot(manager: &Manager) -> Snapshot {
     let statuses = manager
         .statuses()
         .read()
-        .map(|b| b.clone())
+        .map(|b| statuses::to_snapshot(&b))
         .unwrap_or_default();
     let health = manager.health().report(&state);
     // What a down node last said about its tasks is no longer known to be true.
@@ -252,7 +252,13 @@ async fn session(
                                 .get(&r.name)
                                 .is_some_and(|t| t.node == reader_node && t.id == r.id)
                             {
-                                board.insert(r.name, (r.id, r.status));
+                                board.insert(
+                                    r.name,
+                                    StatusEntry {
+                                        id: r.id,
+                                        status: r.status,
+                                    },
+                                );
                             }
                         }
                     }
@@ -261,8 +267,7 @@ async fn session(
                     let manager = reader_ctx.manager.clone();
                     let result = tokio::task::spawn_blocking(move || manager.apply(op))
                         .await
-                        .unwrap_or_else(|e| Err(crate::manager::ApiError::internal(e.to_string())))
-                        .map_err(Into::into);
+                        .unwrap_or_else(|e| Err(protocol::api::OpError::internal(e.to_string())));
                     if tx.send(ToNode::Response { id, result }).await.is_err() {
                         return;
                     }

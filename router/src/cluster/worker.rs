@@ -9,8 +9,9 @@
 
 use super::pki::{self, Identity, Token};
 use super::wire;
-use crate::manager::{ApiError, StatusBoard};
+use crate::manager::StatusBoard;
 use crate::store::Store;
+use protocol::api::OpError;
 use protocol::control::{
     Op, Snapshot, TaskReport, ToManager, ToNode, MANAGER_SERVER_NAME, VERSION,
 };
@@ -84,7 +85,7 @@ pub async fn join(
 }
 
 /// Where a forwarded change's answer goes.
-type Reply = oneshot::Sender<Result<u64, ApiError>>;
+type Reply = oneshot::Sender<Result<u64, OpError>>;
 type Pending = Arc<Mutex<HashMap<u64, Reply>>>;
 
 /// Aborts a spawned task when dropped (when its session ends, however it ends).
@@ -144,8 +145,8 @@ impl Link {
     }
 
     /// Forwards a change to the manager and waits until this node has seen it applied.
-    pub async fn apply(&self, op: Op) -> Result<u64, ApiError> {
-        let unreachable = || ApiError {
+    pub async fn apply(&self, op: Op) -> Result<u64, OpError> {
+        let unreachable = || OpError {
             status: 503,
             message: format!(
                 "cannot reach the manager at {}; nothing was changed",
@@ -176,10 +177,10 @@ impl Link {
             .read()
             .map(|b| {
                 b.iter()
-                    .map(|(name, (id, status))| TaskReport {
+                    .map(|(name, e)| TaskReport {
                         name: name.clone(),
-                        id: id.clone(),
-                        status: status.clone(),
+                        id: e.id.clone(),
+                        status: e.status.clone(),
                     })
                     .collect()
             })
@@ -238,7 +239,7 @@ impl Link {
                 .map(|mut p| std::mem::take(&mut *p))
                 .unwrap_or_default()
             {
-                let _ = tx.send(Err(ApiError {
+                let _ = tx.send(Err(OpError {
                     status: 503,
                     message: format!("lost the manager at {}", self.manager),
                 }));
@@ -307,7 +308,7 @@ impl Link {
                     ToNode::Snapshot(snap) => self.accept_snapshot(*snap, store),
                     ToNode::Response { id, result } => {
                         if let Some(tx) = pending.lock().ok().and_then(|mut p| p.remove(&id)) {
-                            let _ = tx.send(result.map_err(Into::into));
+                            let _ = tx.send(result);
                         }
                     }
                     ToNode::Refused { reason } => return Err(format!("refused: {reason}")),

@@ -2,188 +2,50 @@
 //! (from `protocol::state`), each one applied to a copy, persisted, and only then committed
 //! and published to subscribers (the local agent; remote agents over the control plane).
 //! A refused or unpersistable request changes nothing.
+//!
+//! Beside the desired state it keeps what is not persisted: which nodes are alive
+//! ([`health`]), what they report about their tasks ([`statuses`]), and encrypted networks'
+//! keys ([`keys`]), rotated by a periodic tick ([`Manager::rotate_due_keys`]).
 
-use crate::cluster::health::Health;
+pub mod health;
+pub mod keys;
+pub mod statuses;
+
+use crate::clock::{now, now_ms};
+use crate::ids::new_id;
 use crate::store::{Store, StoreError};
-use protocol::api::{self, TaskStatus};
-use protocol::control::{Keyring, NetworkKey, Op, OpError};
+use health::Health;
+use keys::KeyRing;
+use protocol::api::{self, OpError, TaskStatus};
+use protocol::control::{Keyring, Op};
 use protocol::state::{
     Availability, ClusterState, Network, NetworkRequest, Node, Pool, Role, Service, StateError,
 };
 use protocol::types::{NetworkName, NodeName, ServiceName};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// An error for an API caller: an HTTP status and one clear line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct ApiError {
-    pub status: u16,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: 400,
-            message: message.into(),
-        }
-    }
-    pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: 404,
-            message: message.into(),
-        }
-    }
-    pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: 500,
-            message: message.into(),
-        }
+/// A change that could not be persisted was not made: the caller sees an internal error.
+impl From<StoreError> for OpError {
+    fn from(e: StoreError) -> OpError {
+        OpError::internal(e.to_string())
     }
 }
 
-impl From<StateError> for ApiError {
-    fn from(e: StateError) -> ApiError {
-        use StateError::*;
-        let status = match &e {
-            NoSuchNetwork(_)
-            | NoSuchService(_)
-            | NoSuchNode(_)
-            | NoSuchVtep { .. }
-            | NoSuchEndpoint(_) => 404,
-            NetworkExists(_)
-            | ServiceExists(_)
-            | NetworkInUse { .. }
-            | NetworkHasEndpoints { .. }
-            | EndpointExists { .. }
-            | SubnetOverlap { .. }
-            | SubnetReserved { .. }
-            | VniInUse { .. }
-            | PortInUse { .. }
-            | NoIngressNetwork => 409,
-            NoSuchPort { .. } => 404,
-            PoolExhausted { .. }
-            | NetworkFull { .. }
-            | VniExhausted
-            | NoActiveNode
-            | NoFreePort { .. } => 503,
-            BadAlias { .. } | AliasWithoutNetwork(_) => 400,
-            _ => 400,
-        };
-        ApiError {
-            status,
-            message: e.to_string(),
-        }
-    }
-}
-
-impl From<ApiError> for OpError {
-    fn from(e: ApiError) -> OpError {
-        OpError {
-            status: e.status,
-            message: e.message,
-        }
-    }
-}
-
-impl From<OpError> for ApiError {
-    fn from(e: OpError) -> ApiError {
-        ApiError {
-            status: e.status,
-            message: e.message,
-        }
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> ApiError {
-        ApiError::internal(e.to_string())
-    }
-}
-
-/// What nodes report about their tasks, keyed by task name: (task id, status).
-pub type StatusBoard = Arc<RwLock<BTreeMap<String, (String, TaskStatus)>>>;
-
-/// How long before a new key is used for sending: every node has it for receiving by then
-/// (snapshots go out every second, agents look four times a second).
-pub const KEY_LEAD: Duration = Duration::from_secs(3);
-/// How long a replaced key is still accepted.
-pub const KEY_GRACE: Duration = Duration::from_secs(30);
-/// Swarm's rotation period for encrypted networks' keys.
-pub const DEFAULT_KEY_ROTATION: Duration = Duration::from_secs(12 * 3600);
-
-/// The keys of encrypted networks, in memory only: made here, handed out in snapshots over
-/// the control plane's mutual TLS, never persisted (a restarted manager makes new ones).
-struct Keys {
-    ring: Keyring,
-    rotation: Duration,
-}
+pub use keys::{DEFAULT_KEY_ROTATION, KEY_GRACE, KEY_LEAD, KEY_TICK};
+pub use statuses::{StatusBoard, StatusEntry};
 
 pub struct Manager {
     health: Arc<Health>,
-    keys: Mutex<Keys>,
+    keys: Mutex<KeyRing>,
     state: Mutex<ClusterState>,
     store: Store,
     pool: Pool,
     published: watch::Sender<Arc<ClusterState>>,
     statuses: StatusBoard,
-}
-
-/// Unix milliseconds (keys' activation times).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn new_secret() -> [u8; protocol::esp::SECRET_LEN] {
-    use ring::rand::SecureRandom;
-    let mut s = [0u8; protocol::esp::SECRET_LEN];
-    ring::rand::SystemRandom::new()
-        .fill(&mut s)
-        .expect("the system's random source works");
-    s
-}
-
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// A random 25-character lowercase id, as Swarm gives services and tasks.
-pub fn new_id() -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::rng();
-    (0..25)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
-}
-
-/// Adds the next key of a network: in use after [`KEY_LEAD`], the current ones retired
-/// [`KEY_GRACE`] after that.
-fn rotate(keys: &mut Vec<NetworkKey>, now: u64) {
-    let active = now + KEY_LEAD.as_millis() as u64;
-    let retire = active + KEY_GRACE.as_millis() as u64;
-    for k in keys.iter_mut() {
-        k.retire_at_ms.get_or_insert(retire);
-    }
-    let id = keys
-        .last()
-        .map_or(0, |k| (k.id + 1) & protocol::esp::MAX_KEY_ID);
-    keys.push(NetworkKey {
-        id,
-        secret: new_secret(),
-        active_from_ms: active,
-        retire_at_ms: None,
-    });
 }
 
 /// Marks a service updated now; returns it.
@@ -228,18 +90,17 @@ impl Manager {
             store.save(&state)?;
         }
         let (published, _) = watch::channel(Arc::new(state.clone()));
-        Ok(Manager {
+        let manager = Manager {
             health: Arc::new(Health::new(node.clone())),
             state: Mutex::new(state),
             store,
             pool,
             published,
             statuses: StatusBoard::default(),
-            keys: Mutex::new(Keys {
-                ring: Keyring::new(),
-                rotation: DEFAULT_KEY_ROTATION,
-            }),
-        })
+            keys: Mutex::new(KeyRing::new(DEFAULT_KEY_ROTATION)),
+        };
+        manager.rotate_due_keys(now_ms());
+        Ok(manager)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterState>> {
@@ -267,22 +128,27 @@ impl Manager {
     fn change<T>(
         &self,
         op: impl FnOnce(&mut ClusterState) -> Result<T, StateError>,
-    ) -> Result<T, ApiError> {
+    ) -> Result<T, OpError> {
         let mut guard = self
             .state
             .lock()
-            .map_err(|_| ApiError::internal("state lock poisoned"))?;
+            .map_err(|_| OpError::internal("state lock poisoned"))?;
         let mut next = guard.clone();
         let out = op(&mut next)?;
         self.store.save(&next)?;
         *guard = next;
+        // Keys follow the networks (a new encrypted network has one at once, a removed one
+        // none) before the new state goes out.
+        if let Ok(mut k) = self.keys.lock() {
+            k.rotate_due(&guard, now_ms());
+        }
         self.published.send_replace(Arc::new(guard.clone()));
         Ok(out)
     }
 
     /// Applies an operation (from this node's API or forwarded by another node) and returns
     /// the state revision that holds it.
-    pub fn apply(&self, op: Op) -> Result<u64, ApiError> {
+    pub fn apply(&self, op: Op) -> Result<u64, OpError> {
         match op {
             Op::CreateNetwork(req) => self.create_network(req).map(|_| ()),
             Op::RemoveNetwork(name) => self.remove_network(&name),
@@ -299,7 +165,7 @@ impl Manager {
                 node,
                 attached,
             } => {
-                let node = NodeName::new(node).map_err(|e| ApiError::bad_request(e.to_string()))?;
+                let node = NodeName::new(node).map_err(|e| OpError::bad_request(e.to_string()))?;
                 self.change(|s| s.docker_attach(&network, &node, attached).map(|_| ()))
             }
             Op::BindEndpoint {
@@ -327,7 +193,7 @@ impl Manager {
         name: &NodeName,
         addr: Ipv4Addr,
         data_port: u16,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), OpError> {
         let node = Node {
             name: name.clone(),
             role: Role::Worker,
@@ -342,12 +208,12 @@ impl Manager {
         })
     }
 
-    pub fn create_network(&self, req: api::NetworkCreate) -> Result<Network, ApiError> {
+    pub fn create_network(&self, req: api::NetworkCreate) -> Result<Network, OpError> {
         let name =
-            NetworkName::new(req.name.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            NetworkName::new(req.name.clone()).map_err(|e| OpError::bad_request(e.to_string()))?;
         let subnet = match req.subnet.as_deref() {
             Some(s) => Some(s.parse().map_err(|_| {
-                ApiError::bad_request(format!(
+                OpError::bad_request(format!(
                     "invalid subnet {s:?}: expected CIDR such as 10.0.9.0/24"
                 ))
             })?),
@@ -355,12 +221,12 @@ impl Manager {
         };
         let gateway = match req.gateway.as_deref() {
             Some(g) => Some(g.parse().map_err(|_| {
-                ApiError::bad_request(format!("invalid gateway {g:?}: expected an IPv4 address"))
+                OpError::bad_request(format!("invalid gateway {g:?}: expected an IPv4 address"))
             })?),
             None => None,
         };
         if gateway.is_some() && subnet.is_none() {
-            return Err(ApiError::bad_request("--gateway needs --subnet"));
+            return Err(OpError::bad_request("--gateway needs --subnet"));
         }
         let request = NetworkRequest {
             driver: req.driver,
@@ -376,12 +242,12 @@ impl Manager {
         })
     }
 
-    pub fn remove_network(&self, name: &str) -> Result<(), ApiError> {
+    pub fn remove_network(&self, name: &str) -> Result<(), OpError> {
         self.change(|s| s.remove_network(name).map(|_| ()))
     }
 
-    pub fn create_service(&self, req: api::ServiceCreate) -> Result<Service, ApiError> {
-        let bad = |e: protocol::types::BadName| ApiError::bad_request(e.to_string());
+    pub fn create_service(&self, req: api::ServiceCreate) -> Result<Service, OpError> {
+        let bad = |e: protocol::types::BadName| OpError::bad_request(e.to_string());
         let name = ServiceName::new(req.name).map_err(bad)?;
         let mut networks = Vec::new();
         let mut aliases = BTreeMap::new();
@@ -393,7 +259,7 @@ impl Manager {
             networks.push(net);
         }
         if req.lb_idle_timeout == Some(0) {
-            return Err(ApiError::bad_request(
+            return Err(OpError::bad_request(
                 "--lb-idle-timeout must be at least one second",
             ));
         }
@@ -420,7 +286,7 @@ impl Manager {
         })
     }
 
-    pub fn scale_service(&self, name: &str, replicas: u32) -> Result<Service, ApiError> {
+    pub fn scale_service(&self, name: &str, replicas: u32) -> Result<Service, OpError> {
         let health = self.health.clone();
         self.change(|s| {
             s.scale_service(name, replicas, &mut new_id, &|n| health.is_ready(n))?;
@@ -433,11 +299,11 @@ impl Manager {
         &self,
         name: &str,
         update: api::ServiceUpdate,
-    ) -> Result<Service, ApiError> {
+    ) -> Result<Service, OpError> {
         let remove = update
             .publish_rm
             .iter()
-            .map(|s| api::parse_publish_rm(s).map_err(ApiError::bad_request))
+            .map(|s| api::parse_publish_rm(s).map_err(OpError::bad_request))
             .collect::<Result<Vec<_>, _>>()?;
         let add = update.publish_add.into_iter().map(Into::into).collect();
         let health = self.health.clone();
@@ -447,76 +313,57 @@ impl Manager {
         })
     }
 
-    pub fn remove_service(&self, name: &str) -> Result<(), ApiError> {
+    pub fn remove_service(&self, name: &str) -> Result<(), OpError> {
         self.change(|s| s.remove_service(name).map(|_| ()))
     }
 
     /// Sets how often encrypted networks get a new key (`--key-rotation-interval`).
     pub fn set_key_rotation(&self, every: Duration) {
         if let Ok(mut k) = self.keys.lock() {
-            k.rotation = every;
+            k.set_rotation(every);
         }
     }
 
-    /// The keys every node should hold now. Keeps the ring current as a side effect: a key
-    /// for each encrypted network (the first one active at once), none for networks that
-    /// are gone, retired keys dropped, and a new key when the newest is older than the
-    /// rotation period.
+    /// The keys every node should hold now (a plain read: see [`Manager::rotate_due_keys`]).
     pub fn keys(&self) -> Keyring {
+        self.keys
+            .lock()
+            .map(|k| k.keys().clone())
+            .unwrap_or_default()
+    }
+
+    /// Brings encrypted networks' keys up to date at `now_ms` (Unix milliseconds): a key for
+    /// each encrypted network, none for networks that are gone, retired keys dropped, and a
+    /// new key where the newest is older than the rotation period. Called every
+    /// [`KEY_TICK`] by the daemon, and after every state change.
+    pub fn rotate_due_keys(&self, now_ms: u64) {
         let state = self.snapshot();
-        let Ok(mut k) = self.keys.lock() else {
-            return Keyring::new();
-        };
-        let now = now_ms();
-        let rotation = k.rotation.as_millis() as u64;
-        k.ring
-            .retain(|net, _| state.networks.get(net).is_some_and(|n| n.encrypted()));
-        for (name, net) in &state.networks {
-            if !net.encrypted() {
-                continue;
-            }
-            let keys = k.ring.entry(name.clone()).or_default();
-            keys.retain(|key| key.retire_at_ms.is_none_or(|t| t > now));
-            match keys.last() {
-                None => keys.push(NetworkKey {
-                    id: 0,
-                    secret: new_secret(),
-                    active_from_ms: now,
-                    retire_at_ms: None,
-                }),
-                Some(last) if now.saturating_sub(last.active_from_ms) > rotation => {
-                    rotate(keys, now)
-                }
-                Some(_) => {}
-            }
+        if let Ok(mut k) = self.keys.lock() {
+            k.rotate_due(&state, now_ms);
         }
-        k.ring.clone()
     }
 
     /// `network rotate-key NAME`: a new key, received by every node before any sends with
     /// it; the old one is accepted for a grace period after. A rotation already under way
     /// (its key not yet in use) is left to finish.
-    pub fn rotate_key(&self, name: &str) -> Result<(), ApiError> {
+    pub fn rotate_key(&self, name: &str) -> Result<(), OpError> {
         let state = self.snapshot();
         let net = state
             .networks
             .get(name)
-            .ok_or_else(|| ApiError::from(StateError::NoSuchNetwork(name.to_string())))?;
+            .ok_or_else(|| OpError::from(StateError::NoSuchNetwork(name.to_string())))?;
         if !net.encrypted() {
-            return Err(ApiError::bad_request(format!(
+            return Err(OpError::bad_request(format!(
                 "network {name} is not encrypted (create it with --opt encrypted)"
             )));
         }
-        let _ = self.keys();
         let mut k = self
             .keys
             .lock()
-            .map_err(|_| ApiError::internal("key lock poisoned"))?;
-        let keys = k.ring.entry(net.name.clone()).or_default();
+            .map_err(|_| OpError::internal("key lock poisoned"))?;
         let now = now_ms();
-        if keys.last().is_none_or(|last| last.active_from_ms <= now) {
-            rotate(keys, now);
-        }
+        k.rotate_due(&state, now);
+        k.rotate_now(&net.name, now);
         Ok(())
     }
 
@@ -524,8 +371,42 @@ impl Manager {
     pub fn task_status(&self, name: &str, id: &str) -> TaskStatus {
         let board = self.statuses.read();
         match board.ok().and_then(|b| b.get(name).cloned()) {
-            Some((reported_id, st)) if reported_id == id => st,
+            Some(e) if e.id == id => e.status,
             _ => TaskStatus::pending(now()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reading_keys_changes_nothing_and_the_tick_rotates_them() {
+        let dir = std::env::temp_dir().join(format!("overlay-manager-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let node = NodeName::new("n1").unwrap();
+        let m = Manager::open(Store::open(&dir).unwrap(), Pool::default(), &node, None).unwrap();
+        let hour = Duration::from_secs(3600);
+        m.set_key_rotation(hour);
+        let req = api::NetworkCreate {
+            name: "sec".into(),
+            options: [("encrypted".to_string(), String::new())].into(),
+            ..Default::default()
+        };
+        m.create_network(req).unwrap();
+        // Made with the network, before the state that holds it went out.
+        let first = m.keys();
+        assert_eq!(first["sec"].len(), 1);
+        let t0 = first["sec"][0].active_from_ms;
+        assert_eq!(m.keys(), first, "a read is only a read");
+        m.rotate_due_keys(t0 + 1000);
+        assert_eq!(m.keys(), first, "nothing due yet");
+        m.rotate_due_keys(t0 + hour.as_millis() as u64 + 1);
+        let ids: Vec<u8> = m.keys()["sec"].iter().map(|k| k.id).collect();
+        assert_eq!(ids, [0, 1]);
+        m.remove_network("sec").unwrap();
+        assert!(m.keys().is_empty(), "gone with its network");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

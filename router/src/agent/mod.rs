@@ -1,0 +1,236 @@
+//! The agent: realises this node's share of the cluster state. For every task placed here it
+//! makes a network namespace, one TAP per network attachment (held by the datapath), and a
+//! supervised process; for every task that goes away it undoes all of that. After each
+//! change it rebuilds the forwarding tables and publishes them to the datapath. Service VIPs
+//! follow task statuses and node health as well as the desired state: the agent looks at
+//! the cluster snapshot four times a second and republishes when a VIP's set of running
+//! backends changed, so a task that stops or a node that goes down leaves the rotation within
+//! a second of the manager knowing it. The same look hands the routing mesh's proxy its view
+//! (published ports and their tasks) and puts encrypted networks' keys into the tables when
+//! they change (a new key, or the moment a new key starts being used for sending).
+//!
+//! The work is split by what it realises: [`tasks`] (a task's namespaces, TAPs, resolver and
+//! supervised process), [`endpoints`] (other runtimes' containers: CNI and Docker), and
+//! [`tables`] (the datapath's tables, encrypted networks' keys in them, and the views the
+//! resolvers and the routing mesh's proxy read). This file holds the agent itself and its
+//! reconcile loop.
+
+mod endpoints;
+mod tables;
+mod tasks;
+
+use crate::clock::now;
+use crate::cluster::Cluster;
+use datapath::keys::Secret;
+use crate::forward::io::Datapath;
+use datapath::stats::Counters;
+use datapath::vocab::PortId;
+use crate::dns::server::Shared as DnsShared;
+use crate::ingress::{self, Ingress, IngressView};
+use crate::manager::{StatusBoard, StatusEntry};
+use crate::services::VipView;
+use endpoints::LocalEndpoint;
+use protocol::api::{TaskState, TaskStatus};
+use protocol::state::{ClusterState, Task};
+use protocol::types::{NetworkName, NodeName};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tables::KeyView;
+use tasks::LocalTask;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// How often the agent retries tasks whose namespace or interfaces could not be made.
+const RESYNC: Duration = Duration::from_secs(5);
+/// How often the agent checks whether a VIP's running backends changed.
+const BACKENDS_EVERY: Duration = Duration::from_millis(250);
+
+/// The datapath port of this node's router endpoint on the ingress network (task ports
+/// start at 1).
+pub const INGRESS_PORT: PortId = PortId(0);
+
+/// The node's two forwarding planes: the datapath (frames) and the routing mesh's proxy
+/// (connections), joined by the ingress endpoint's link on [`INGRESS_PORT`].
+pub struct Planes {
+    pub datapath: Datapath,
+    pub ingress: Ingress,
+}
+
+impl Planes {
+    /// Wires a new ingress proxy to `datapath` through a fresh link.
+    pub fn new(
+        datapath: Datapath,
+        counters: Arc<Counters>,
+        ports: Arc<ingress::stats::Registry>,
+        max_connections: usize,
+    ) -> std::io::Result<Planes> {
+        let (datapath_end, endpoint_end) = ingress::link::pair()?;
+        datapath.add_port(INGRESS_PORT, vec![datapath_end], false);
+        let ingress = Ingress::start(endpoint_end, counters, ports, max_connections)?;
+        Ok(Planes { datapath, ingress })
+    }
+}
+
+pub struct Agent {
+    node: NodeName,
+    datapath: Datapath,
+    ingress: Ingress,
+    cluster: Cluster,
+    counters: Arc<Counters>,
+    statuses: StatusBoard,
+    /// Where task logs and per-task files (resolv.conf, hosts) go ([`naming`]).
+    state_dir: PathBuf,
+    dns: Arc<DnsShared>,
+    tasks: BTreeMap<String, LocalTask>,
+    endpoints: BTreeMap<String, LocalEndpoint>,
+    next_port: u32,
+    /// This node's VXLAN port; external VTEPs are sent to on it too.
+    data_port: u16,
+    /// The state revision, VIP backends and keys the datapath's tables were last built from.
+    published: Option<(u64, Vec<VipView>, KeyView)>,
+    /// Encrypted networks' secrets, kept as the same `Arc` while unchanged (the datapath
+    /// keeps its senders' windows while the `Arc` is the same).
+    secrets: BTreeMap<(NetworkName, u8), Secret>,
+    /// What the ingress proxy was last given.
+    published_ingress: Option<IngressView>,
+}
+
+impl Agent {
+    pub fn new(
+        node: NodeName,
+        planes: Planes,
+        cluster: Cluster,
+        counters: Arc<Counters>,
+        state_dir: &std::path::Path,
+        dns: Arc<DnsShared>,
+        data_port: u16,
+    ) -> Agent {
+        Agent {
+            node,
+            datapath: planes.datapath,
+            ingress: planes.ingress,
+            statuses: cluster.local_board(),
+            cluster,
+            counters,
+            state_dir: state_dir.to_path_buf(),
+            dns,
+            tasks: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            next_port: 1,
+            data_port,
+            published: None,
+            published_ingress: None,
+            secrets: BTreeMap::new(),
+        }
+    }
+
+    /// Follows the published state until `shutdown`, then stops every local task.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        self.clean_leftovers();
+        let mut rx: watch::Receiver<Arc<ClusterState>> = self.cluster.subscribe_state();
+        let mut tick = tokio::time::interval(RESYNC);
+        let mut backends = tokio::time::interval(BACKENDS_EVERY);
+        backends.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let state = rx.borrow_and_update().clone();
+            self.reconcile(&state).await;
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return self.shut_down().await } else { break },
+                    _ = tick.tick() => break,
+                    _ = backends.tick() => self.publish_if_changed(&state, false),
+                    _ = shutdown.cancelled() => return self.shut_down().await,
+                }
+            }
+        }
+    }
+
+    async fn shut_down(mut self) {
+        self.ingress.stop();
+        self.stop_all().await;
+        self.datapath.stop();
+    }
+
+    fn report(&self, task: &Task, state: TaskState, error: Option<String>) {
+        if let Ok(mut b) = self.statuses.write() {
+            let status = TaskStatus {
+                state,
+                error,
+                pid: None,
+                restarts: 0,
+                since: now(),
+            };
+            b.insert(
+                task.name.clone(),
+                StatusEntry {
+                    id: task.id.clone(),
+                    status,
+                },
+            );
+        }
+    }
+
+    async fn reconcile(&mut self, state: &ClusterState) {
+        let node = self.node.clone();
+        let wanted: BTreeMap<&str, &Task> = state
+            .tasks_on(&node)
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        let gone: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(name, lt)| wanted.get(name.as_str()).is_none_or(|t| t.id != lt.id))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut changed = !gone.is_empty();
+        for name in gone {
+            if let Some(lt) = self.tasks.remove(&name) {
+                self.stop_task(&name, lt).await;
+            }
+        }
+        for (name, task) in wanted {
+            if self.tasks.contains_key(name) {
+                continue;
+            }
+            if let Some((holder, port, proto)) = ingress::host_port_holder(state, &node, task) {
+                let error = format!(
+                    "host-mode port {port}/{proto} is already taken on this node by {}",
+                    holder.name
+                );
+                self.report(task, TaskState::Failed, Some(error));
+                continue;
+            }
+            match self.start_task(state, task).await {
+                Ok(lt) => {
+                    self.tasks.insert(name.to_string(), lt);
+                    changed = true;
+                }
+                Err(error) => {
+                    warn!(task = %name, %error, "cannot set up task");
+                    self.report(task, TaskState::Failed, Some(error));
+                }
+            }
+        }
+        changed |= self.reconcile_endpoints(state).await;
+        self.publish_if_changed(state, changed);
+    }
+
+    async fn stop_all(&mut self) {
+        // Containers keep running; their interfaces go with the datapath and are made again
+        // by the next run.
+        for le in std::mem::take(&mut self.endpoints).into_values() {
+            le.cancel.cancel();
+        }
+        let all = std::mem::take(&mut self.tasks);
+        // Stop every process at once, then tear down.
+        for lt in all.values() {
+            lt.cancel.cancel();
+        }
+        for (name, lt) in all {
+            self.stop_task(&name, lt).await;
+        }
+    }
+}

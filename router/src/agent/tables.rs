@@ -1,0 +1,200 @@
+//! The datapath's tables, built from the state being realised and published when they
+//! change: local ports (tasks, container endpoints, the ingress endpoint), remote locations,
+//! VIPs with their running backends, the gateway's resolver, and encrypted networks' keys
+//! ([`KeyView`]). The same look refreshes the resolvers' names and the routing mesh's view,
+//! and asks the manager for new keys when sequence numbers wear out.
+
+use super::{Agent, INGRESS_PORT};
+use crate::clock::now_ms;
+use datapath::conntrack::{TCP_IDLE_MS, UDP_IDLE_MS};
+use datapath::keys::{lane_epoch, NetCrypto, TxSa};
+use datapath::table::{BackendSpec, Tables};
+use datapath::vocab::{PortBinding, PortId};
+use crate::dns::names::DnsView;
+use crate::ingress::IngressView;
+use crate::services::{self, VipView};
+use protocol::control::{send_key, Keyring, Op};
+use protocol::esp::SenderKey;
+use protocol::state::ClusterState;
+use protocol::types::{NetworkName, NodeName, Vni};
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// An encrypted network's keys as this node holds them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct NetKeys {
+    /// Every live key, (id, secret), oldest first: all are accepted.
+    live: Vec<(u8, [u8; protocol::esp::SECRET_LEN])>,
+    /// The id this node sends with now, once a key is active.
+    sending: Option<u8>,
+}
+
+/// Per encrypted network, its [`NetKeys`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct KeyView(BTreeMap<NetworkName, NetKeys>);
+
+impl KeyView {
+    fn of(ring: &Keyring, now_ms: u64) -> KeyView {
+        KeyView(
+            ring.iter()
+                .map(|(n, keys)| {
+                    let live = keys.iter().map(|k| (k.id, k.secret)).collect();
+                    {
+                        let sending = send_key(keys, now_ms).map(|k| k.id);
+                        (n.clone(), NetKeys { live, sending })
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Agent {
+    /// Rebuilds and publishes the tables if the tasks here (`force`), the state revision or a
+    /// VIP's running backends changed.
+    pub(super) fn publish_if_changed(&mut self, state: &ClusterState, force: bool) {
+        let snap = self.cluster.snapshot();
+        // The snapshot may be a little ahead of `state`; VIPs follow the state being realised.
+        let vips = services::vips(state, &snap.statuses, &snap.health);
+        // Names follow the same view; resolvers read it without a lock.
+        let names = DnsView::build(state, &snap.statuses, &snap.health);
+        if **self.dns.view.load() != names {
+            self.dns.view.store(Arc::new(names));
+        }
+        let mesh = IngressView::build(state, &snap.statuses, &snap.health, &self.node);
+        if self.published_ingress.as_ref() != Some(&mesh) {
+            self.ingress.update(mesh.clone());
+            self.published_ingress = Some(mesh);
+        }
+        let keys = KeyView::of(&snap.keys, now_ms());
+        self.request_rekeys(state);
+        let same = self
+            .published
+            .as_ref()
+            .is_some_and(|(rev, v, k)| *rev == state.revision && *v == vips && *k == keys);
+        if force || !same {
+            self.publish(state, &vips, &keys);
+            self.published = Some((state.revision, vips, keys));
+        }
+    }
+
+    /// Asks the manager for a new key of each encrypted network whose sequence numbers
+    /// under the current key passed the rekey mark.
+    fn request_rekeys(&self, state: &ClusterState) {
+        for spi in self.datapath.take_worn_keys() {
+            let (vni, _) = protocol::esp::parse_spi(spi);
+            let Some(net) = state.networks.values().find(|n| n.vni.get() == vni) else {
+                continue;
+            };
+            let (cluster, name) = (self.cluster.clone(), net.name.to_string());
+            tokio::spawn(async move {
+                match cluster.apply(Op::RotateKey(name.clone())).await {
+                    Ok(_) => {
+                        info!(network = %name, "asked for a new key: sequence numbers wearing out")
+                    }
+                    Err(e) => warn!(network = %name, error = %e, "cannot ask for a new key"),
+                }
+            });
+        }
+    }
+
+    /// The keys of an encrypted network as the datapath holds them: every live secret for
+    /// receiving, and this node's own key (its name and epoch) under the one in use.
+    fn crypto_for(&mut self, name: &NetworkName, vni: Vni, keys: &KeyView) -> NetCrypto {
+        let mut c = NetCrypto::default();
+        let Some(NetKeys { live, sending }) = keys.0.get(name) else {
+            return c;
+        };
+        self.secrets.retain(|(n, id), s| {
+            n != name || live.iter().any(|(i, secret)| i == id && **s == *secret)
+        });
+        for (id, secret) in live {
+            let s = self
+                .secrets
+                .entry((name.clone(), *id))
+                .or_insert_with(|| Arc::new(*secret))
+                .clone();
+            if Some(*id) == *sending {
+                let keys = (0..self.datapath.workers())
+                    .map(|lane| {
+                        let epoch = lane_epoch(self.datapath.esp_epoch, lane as u8);
+                        SenderKey::derive(&s, self.node.as_str(), epoch)
+                    })
+                    .collect();
+                c.tx = Some(TxSa {
+                    spi: protocol::esp::spi(vni.get(), *id),
+                    keys,
+                });
+            }
+            c.rx.insert(*id, s);
+        }
+        c
+    }
+
+    fn publish(&mut self, state: &ClusterState, vips: &[VipView], keys: &KeyView) {
+        let mut ports: Vec<(PortId, PortBinding)> = self
+            .tasks
+            .values()
+            .flat_map(|t| t.ports.iter().copied())
+            .chain(self.endpoints.values().map(|e| e.port))
+            .collect();
+        if let Some(ip) = state
+            .ingress_network()
+            .and_then(|n| Some((n.vni, *n.lb_endpoints.get(&self.node)?)))
+        {
+            ports.push((
+                INGRESS_PORT,
+                PortBinding {
+                    vni: ip.0,
+                    mac: protocol::types::MacAddr::from_ipv4(ip.1),
+                    ip: ip.1,
+                },
+            ));
+        }
+        let vtep_of = |n: &NodeName| {
+            let node = state.nodes.get(n)?;
+            Some(SocketAddrV4::new(node.advertise_addr?, node.data_port))
+        };
+        let mut tables = Tables::from_state(state, &self.node, &ports, &vtep_of, self.data_port);
+        let lb = &self.counters.lb;
+        let mut live: BTreeMap<String, Vec<std::net::Ipv4Addr>> = BTreeMap::new();
+        for v in vips {
+            let name = v.service.as_str();
+            let backends: Vec<BackendSpec> = v
+                .backends
+                .iter()
+                .map(|(ip, mac)| BackendSpec {
+                    ip: *ip,
+                    mac: *mac,
+                    flows: lb.backend(name, *ip),
+                })
+                .collect();
+            let idle = match v.idle_secs {
+                Some(s) => (s.saturating_mul(1000), s.saturating_mul(1000)),
+                None => (TCP_IDLE_MS, UDP_IDLE_MS),
+            };
+            tables.add_vip(v.vni, v.ip, lb.service(name), &backends, idle);
+            live.entry(name.to_string())
+                .or_default()
+                .extend(v.backends.iter().map(|b| b.0));
+        }
+        lb.retain(&live);
+        for net in state.networks.values() {
+            if let Some(t) = tables.networks.get_mut(&net.vni) {
+                // The router answers at the gateway from this network's names.
+                t.dns = Some(Arc::from([net.name.to_string()]));
+            }
+        }
+        for net in state.networks.values().filter(|n| n.encrypted()) {
+            if tables.networks.contains_key(&net.vni) {
+                let c = self.crypto_for(&net.name, net.vni, keys);
+                if let Some(t) = tables.networks.get_mut(&net.vni) {
+                    t.crypto = Some(Arc::new(c));
+                }
+            }
+        }
+        self.datapath.publish(tables);
+    }
+}

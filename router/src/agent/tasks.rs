@@ -1,0 +1,237 @@
+//! A task's share of the node: its network namespace with one TAP per network attachment
+//! (handed to the datapath), its mount namespace with its own resolv.conf and hosts, the
+//! embedded resolver's sockets inside it, and its supervised process ([`crate::task`]); and
+//! their removal, when the task goes or a crashed run left them behind.
+
+use super::Agent;
+use datapath::vocab::{PortBinding, PortId};
+use crate::dns::server as dns;
+use crate::naming;
+use crate::sys::iface::{self, IfaceSpec};
+use crate::sys::{mntns, netns, tap};
+use crate::task::{self, TaskProcess};
+use protocol::api::TaskState;
+use protocol::state::{ClusterState, Task};
+use std::path::PathBuf;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// What this node made for one of its tasks.
+pub(super) struct LocalTask {
+    pub(super) id: String,
+    netns: PathBuf,
+    mntns: PathBuf,
+    /// The task's resolv.conf and hosts.
+    files: PathBuf,
+    pub(super) ports: Vec<(PortId, PortBinding)>,
+    pub(super) cancel: CancellationToken,
+    supervisor: JoinHandle<()>,
+}
+
+impl Agent {
+    /// Removes namespaces a previous run of this node left behind (after a crash).
+    pub fn clean_leftovers(&self) {
+        let prefix = naming::netns_prefix(&self.node);
+        if let Ok(dir) = std::fs::read_dir(mntns::MNTNS_DIR) {
+            for e in dir.filter_map(|e| e.ok()) {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = mntns::remove(&e.path());
+                }
+            }
+        }
+        for name in netns::list_with_prefix(&prefix) {
+            let path = netns::path_of(&name);
+            match netns::remove(&path) {
+                Ok(()) => info!(netns = %name, "removed leftover namespace"),
+                Err(e) => warn!(netns = %name, error = %e, "cannot remove leftover namespace"),
+            }
+        }
+    }
+
+    pub(super) async fn start_task(
+        &mut self,
+        state: &ClusterState,
+        task: &Task,
+    ) -> Result<LocalTask, String> {
+        let svc = state
+            .services
+            .get(&task.service)
+            .ok_or_else(|| format!("service {} not in state", task.service))?;
+        self.report(task, TaskState::Starting, None);
+        let mut specs = Vec::new();
+        let mut bindings = Vec::new();
+        for (i, a) in task.attachments.iter().enumerate() {
+            let net = state
+                .networks
+                .get(&a.network)
+                .ok_or_else(|| format!("network {} not in state", a.network))?;
+            specs.push(IfaceSpec {
+                name: naming::task_iface(i),
+                mac: a.mac,
+                address: a.address,
+                prefix_len: net.subnet.prefix_len(),
+                mtu: net.mtu(),
+                gateway: (i == 0).then_some(net.gateway),
+            });
+            bindings.push(PortBinding {
+                vni: net.vni,
+                mac: a.mac,
+                ip: a.address,
+            });
+        }
+        let ns_name = naming::netns_name(&self.node, &task.name);
+        let ns_path = netns::path_of(&ns_name);
+        let made = {
+            let path = ns_path.clone();
+            let queues = self.datapath.workers();
+            tokio::task::spawn_blocking(move || {
+                netns::create(&ns_name)?;
+                iface::create_task_ifaces(&path, specs, queues)
+            })
+            .await
+            .map_err(|e| format!("setup thread failed: {e}"))?
+        };
+        let fds = match made {
+            Ok(fds) => fds,
+            Err(e) => {
+                let _ = netns::remove(&ns_path);
+                return Err(format!("creating namespace and interfaces: {e}"));
+            }
+        };
+        let files = naming::task_files(&self.state_dir, &task.name);
+        let mnt_path = naming::task_mntns(&self.node, &task.name);
+        let resolver = {
+            let (files, mnt, ns, task) = (
+                files.clone(),
+                mnt_path.clone(),
+                ns_path.clone(),
+                task.clone(),
+            );
+            tokio::task::spawn_blocking(move || task_environment(&files, &mnt, &ns, &task))
+                .await
+                .map_err(|e| format!("setup thread failed: {e}"))?
+        };
+        let (udp, tcp) = match resolver {
+            Ok(socks) => socks,
+            Err(e) => {
+                drop(fds);
+                let _ = mntns::remove(&mnt_path);
+                let _ = std::fs::remove_dir_all(&files);
+                let _ = netns::remove(&ns_path);
+                return Err(format!("setting up the task's resolver and mounts: {e}"));
+            }
+        };
+        let cancel = CancellationToken::new();
+        let networks = task
+            .attachments
+            .iter()
+            .map(|a| a.network.to_string())
+            .collect();
+        match (
+            tokio::net::UdpSocket::from_std(udp),
+            tokio::net::TcpListener::from_std(tcp),
+        ) {
+            (Ok(udp), Ok(tcp)) => {
+                tokio::spawn(dns::serve(
+                    udp,
+                    tcp,
+                    networks,
+                    self.dns.clone(),
+                    cancel.clone(),
+                ));
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(task = %task.name, error = %e, "resolver not served")
+            }
+        }
+        let mut ports = Vec::new();
+        for (fd, binding) in fds.into_iter().zip(bindings) {
+            let port = PortId(self.next_port);
+            self.next_port += 1;
+            self.datapath.add_port(port, fd, tap::udp_offload());
+            ports.push((port, binding));
+        }
+        let proc = TaskProcess {
+            name: task.name.clone(),
+            id: task.id.clone(),
+            service: task.service.to_string(),
+            slot: task.slot,
+            node: self.node.to_string(),
+            command: svc.command.clone(),
+            env: svc.env.clone(),
+            netns: ns_path.clone(),
+            mntns: Some(mnt_path.clone()),
+            log: naming::task_log(&self.state_dir, &task.name),
+        };
+        let supervisor = tokio::spawn(task::supervise(proc, self.statuses.clone(), cancel.clone()));
+        info!(task = %task.name, netns = %ns_path.display(), "task set up");
+        Ok(LocalTask {
+            id: task.id.clone(),
+            netns: ns_path,
+            mntns: mnt_path,
+            files,
+            ports,
+            cancel,
+            supervisor,
+        })
+    }
+
+    pub(super) async fn stop_task(&mut self, name: &str, lt: LocalTask) {
+        lt.cancel.cancel();
+        let _ = lt.supervisor.await;
+        for (port, _) in &lt.ports {
+            self.datapath.remove_port(*port);
+        }
+        let _ = mntns::remove(&lt.mntns);
+        let _ = std::fs::remove_dir_all(&lt.files);
+        let path = lt.netns.clone();
+        match tokio::task::spawn_blocking(move || netns::remove(&path)).await {
+            Ok(Ok(())) => info!(task = %name, "task removed"),
+            Ok(Err(e)) => warn!(task = %name, error = %e, "cannot remove namespace"),
+            Err(e) => warn!(task = %name, error = %e, "namespace removal thread failed"),
+        }
+        if let Ok(mut b) = self.statuses.write() {
+            b.remove(name);
+        }
+    }
+}
+
+/// What a task sees of the node besides its interfaces: its resolv.conf (the embedded
+/// resolver, with Docker's `ndots:0`) and hosts file, its mount namespace with them in place,
+/// and the resolver's sockets on 127.0.0.11:53 made inside its network namespace.
+fn task_environment(
+    files: &std::path::Path,
+    mnt: &std::path::Path,
+    netns_path: &std::path::Path,
+    task: &Task,
+) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    std::fs::create_dir_all(files)?;
+    let resolv = files.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.11\noptions ndots:0\n")?;
+    let mut hosts =
+        String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    for a in &task.attachments {
+        hosts.push_str(&format!(
+            "{}\t{} {}.{}\n",
+            a.address, task.name, task.name, task.id
+        ));
+    }
+    let hosts_path = files.join("hosts");
+    std::fs::write(&hosts_path, hosts)?;
+    mntns::create(mnt, netns_path, &resolv, &hosts_path)?;
+    resolver_sockets(netns_path)
+}
+
+/// The embedded resolver's sockets on 127.0.0.11:53, made inside the namespace at `netns`.
+pub(super) fn resolver_sockets(
+    netns: &std::path::Path,
+) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    netns::run_in(netns, || {
+        let udp = std::net::UdpSocket::bind(dns::RESOLVER_ADDR)?;
+        let tcp = std::net::TcpListener::bind(dns::RESOLVER_ADDR)?;
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        Ok((udp, tcp))
+    })
+}

@@ -6,6 +6,7 @@
 pub mod health;
 pub mod pki;
 pub mod server;
+pub mod session;
 pub mod wire;
 pub mod worker;
 

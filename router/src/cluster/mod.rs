@@ -5,6 +5,7 @@
 
 pub mod pki;
 pub mod server;
+pub mod session;
 pub mod wire;
 pub mod worker;
 

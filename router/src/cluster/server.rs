@@ -7,22 +7,31 @@
 //! pushes a [`Snapshot`] whenever the state changes and every second (statuses, health), takes
 //! `Report`s (heartbeats) and answers forwarded `Request`s. Anything else is refused with a
 //! log line, and changes nothing.
+//!
+//! Those decisions are [`MemberSession`]'s (`session/manager.rs`); this file is its driver:
+//! it reads frames from the stream, feeds them in with the time, does what the session asks
+//! (write, push a snapshot, sign, record, apply) and sleeps until the session's next timeout.
 
 use super::pki::{self, Ca};
+use super::session::manager::{Action, MemberSession, Roster};
 use super::wire;
+use super::worker::AbortOnDrop;
 use crate::manager::{statuses, Manager, StatusEntry};
 use protocol::api::TaskState;
-use protocol::control::{NodeHealth, Snapshot, ToManager, ToNode, VERSION};
+use protocol::control::{NodeHealth, Op, OpError, Snapshot, TaskReport, ToManager, ToNode};
+use protocol::state::ClusterState;
 use protocol::types::NodeName;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
-const PUSH_EVERY: Duration = Duration::from_secs(1);
+/// How long a refused peer's stream stays open so the refusal reaches it.
+const REFUSAL_LINGER: Duration = Duration::from_millis(200);
+/// Forwarded changes waiting to be applied, per session (the reader waits beyond that).
+const APPLY_QUEUE: usize = 64;
 
 pub struct ServerCtx {
     pub manager: Arc<Manager>,
@@ -80,23 +89,6 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx>, shutdown: Can
     endpoint.close(0u32.into(), b"manager shutting down");
 }
 
-async fn refuse(send: &mut quinn::SendStream, remote: SocketAddr, reason: String) {
-    warn!(%remote, %reason, "refused control session");
-    let _ = wire::send(send, &ToNode::Refused { reason }).await;
-    let _ = send.finish();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-}
-
-fn check_version(version: u32) -> Result<(), String> {
-    if version == VERSION {
-        Ok(())
-    } else {
-        Err(format!(
-            "control protocol version {version} is not this manager's {VERSION}"
-        ))
-    }
-}
-
 fn peer_name(conn: &quinn::Connection) -> Option<String> {
     let certs = conn
         .peer_identity()?
@@ -105,6 +97,95 @@ fn peer_name(conn: &quinn::Connection) -> Option<String> {
     pki::common_name(certs.first()?.as_ref())
 }
 
+/// Whom the manager admits, answered from its state.
+struct ManagerRoster<'a>(&'a ServerCtx);
+
+impl Roster for ManagerRoster<'_> {
+    fn join_secret_matches(&self, secret: &str) -> bool {
+        pki::secret_matches(secret, &self.0.join_secret)
+    }
+
+    fn is_member(&self, node: &NodeName) -> bool {
+        self.0.manager.snapshot().nodes.contains_key(node)
+    }
+
+    fn is_live_member(&self, node: &NodeName) -> bool {
+        self.0.manager.health().is_ready(node) && self.is_member(node)
+    }
+}
+
+/// Records a heartbeat and what a node says of its own tasks (only of tasks placed on it).
+fn record_report(manager: &Manager, node: &NodeName, statuses: Vec<TaskReport>) {
+    manager.health().beat(node);
+    let state = manager.snapshot();
+    if let Ok(mut board) = manager.statuses().write() {
+        for r in statuses {
+            if state
+                .tasks
+                .get(&r.name)
+                .is_some_and(|t| t.node == *node && t.id == r.id)
+            {
+                board.insert(
+                    r.name,
+                    StatusEntry {
+                        id: r.id,
+                        status: r.status,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Applies a session's forwarded changes one after another, in the order they came.
+struct Applier {
+    ops: mpsc::Sender<(u64, Op)>,
+    results: mpsc::UnboundedReceiver<(u64, Result<u64, OpError>)>,
+    _task: AbortOnDrop,
+}
+
+impl Applier {
+    fn spawn(manager: Arc<Manager>) -> Applier {
+        let (ops, mut queue) = mpsc::channel::<(u64, Op)>(APPLY_QUEUE);
+        // Unbounded, but never longer than the bounded queue feeding it: the driver cannot
+        // block the applier while the applier blocks it.
+        let (results_tx, results) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Some((id, op)) = queue.recv().await {
+                let m = manager.clone();
+                let result = tokio::task::spawn_blocking(move || m.apply(op))
+                    .await
+                    .unwrap_or_else(|e| Err(OpError::internal(e.to_string())));
+                if results_tx.send((id, result)).is_err() {
+                    return;
+                }
+            }
+        });
+        Applier {
+            ops,
+            results,
+            _task: AbortOnDrop(task),
+        }
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the desired state changes (`false`: the manager is gone); never before
+/// the session is open.
+async fn changed(rx: &mut Option<watch::Receiver<Arc<ClusterState>>>) -> bool {
+    match rx {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Drives one control connection's [`MemberSession`] until it ends or `shutdown`.
 async fn handle(
     conn: quinn::Connection,
     remote: SocketAddr,
@@ -114,187 +195,137 @@ async fn handle(
     let Ok((mut send, mut recv)) = conn.accept_bi().await else {
         return;
     };
-    let first =
-        tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, wire::recv::<ToManager>(&mut recv)).await;
-    let first = match first {
-        Ok(Ok(m)) => m,
-        Ok(Err(e)) => {
-            return refuse(&mut send, remote, format!("unreadable first message: {e}")).await
-        }
-        Err(_) => return refuse(&mut send, remote, "no message within 10 s".into()).await,
-    };
-    match first {
-        ToManager::Join {
-            version,
-            node,
-            advertise_addr,
-            data_port,
-            secret,
-            csr_pem,
-        } => {
-            if let Err(reason) = check_version(version) {
-                return refuse(&mut send, remote, reason).await;
-            }
-            if !pki::secret_matches(&secret, &ctx.join_secret) {
-                return refuse(&mut send, remote, "invalid join token".into()).await;
-            }
-            if ctx.manager.health().is_ready(&node)
-                && ctx.manager.snapshot().nodes.contains_key(&node)
-            {
-                return refuse(
-                    &mut send,
-                    remote,
-                    format!("node name {node} is in use by a live member"),
-                )
-                .await;
-            }
-            let cert_pem = match ctx.ca.sign_node_csr(node.as_str(), &csr_pem) {
-                Ok(c) => c,
-                Err(e) => return refuse(&mut send, remote, e.to_string()).await,
-            };
-            if let Err(e) = ctx.manager.upsert_node(&node, advertise_addr, data_port) {
-                return refuse(&mut send, remote, e.message).await;
-            }
-            info!(%remote, %node, %advertise_addr, "node joined the cluster");
-            let _ = wire::send(
-                &mut send,
-                &ToNode::Joined {
-                    cert_pem,
-                    ca_pem: ctx.ca.cert_pem.clone(),
-                },
-            )
-            .await;
-            let _ = send.finish();
-            let _ = conn.closed().await;
-        }
-        ToManager::Hello {
-            version,
-            node,
-            advertise_addr,
-            data_port,
-        } => {
-            if let Err(reason) = check_version(version) {
-                return refuse(&mut send, remote, reason).await;
-            }
-            match peer_name(&conn) {
-                Some(cn) if cn == node.as_str() => {}
-                Some(cn) => {
-                    return refuse(
-                        &mut send,
-                        remote,
-                        format!("certificate is for {cn}, not {node}"),
-                    )
-                    .await
-                }
-                None => {
-                    return refuse(
-                        &mut send,
-                        remote,
-                        "a member session needs a cluster certificate".into(),
-                    )
-                    .await
-                }
-            }
-            if !ctx.manager.snapshot().nodes.contains_key(&node) {
-                return refuse(
-                    &mut send,
-                    remote,
-                    format!("{node} is not a member of this cluster"),
-                )
-                .await;
-            }
-            if let Err(e) = ctx.manager.upsert_node(&node, advertise_addr, data_port) {
-                return refuse(&mut send, remote, e.message).await;
-            }
-            if wire::send(&mut send, &ToNode::Welcome { version: VERSION })
+    let mut session = MemberSession::new(Instant::now(), peer_name(&conn));
+    // Frames are read by their own task: a read cancelled half-way by the select below
+    // would lose bytes and desynchronise the stream.
+    let (frames_tx, mut frames) = mpsc::channel::<Result<ToManager, String>>(16);
+    let _reader = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let msg = wire::recv::<ToManager>(&mut recv)
                 .await
-                .is_err()
-            {
+                .map_err(|e| e.to_string());
+            let failed = msg.is_err();
+            if frames_tx.send(msg).await.is_err() || failed {
                 return;
             }
-            info!(%remote, %node, "node session up");
-            ctx.manager.health().beat(&node);
-            session(node.clone(), send, recv, ctx, shutdown).await;
-            info!(%remote, %node, "node session ended");
         }
-        _ => refuse(&mut send, remote, "expected Join or Hello first".into()).await,
-    }
-}
-
-async fn session(
-    node: NodeName,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    ctx: Arc<ServerCtx>,
-    shutdown: CancellationToken,
-) {
-    let (tx, mut responses) = mpsc::channel::<ToNode>(64);
-    let reader_ctx = ctx.clone();
-    let reader_node = node.clone();
-    let mut reader = tokio::spawn(async move {
-        loop {
-            let msg = match wire::recv::<ToManager>(&mut recv).await {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!(node = %reader_node, error = %e, "control session read failed");
+    }));
+    let mut applier = Applier::spawn(ctx.manager.clone());
+    let mut changes = None;
+    let roster = ManagerRoster(&ctx);
+    // The member, once its session is up (for the log line when it ends).
+    let mut up: Option<NodeName> = None;
+    loop {
+        while let Some(action) = session.poll() {
+            let msg = match action {
+                Action::Send(msg) => msg,
+                Action::PushSnapshot => ToNode::Snapshot(Box::new(snapshot(&ctx.manager))),
+                Action::Join {
+                    node,
+                    advertise_addr,
+                    data_port,
+                    csr_pem,
+                } => {
+                    let signed = ctx
+                        .ca
+                        .sign_node_csr(node.as_str(), &csr_pem)
+                        .map_err(|e| e.to_string())
+                        .and_then(|cert| {
+                            ctx.manager
+                                .upsert_node(&node, advertise_addr, data_port)
+                                .map(|()| cert)
+                                .map_err(|e| e.message)
+                        });
+                    match signed {
+                        Ok(cert_pem) => {
+                            info!(%remote, %node, %advertise_addr, "node joined the cluster");
+                            session.joined(cert_pem, ctx.ca.cert_pem.clone());
+                        }
+                        Err(reason) => session.refuse(reason),
+                    }
+                    continue;
+                }
+                Action::Admit {
+                    node,
+                    advertise_addr,
+                    data_port,
+                } => {
+                    match ctx.manager.upsert_node(&node, advertise_addr, data_port) {
+                        Ok(()) => {
+                            // Changes from here on are pushed; this one is in the first push.
+                            changes = Some(ctx.manager.subscribe());
+                            session.admitted(Instant::now());
+                        }
+                        Err(e) => session.refuse(e.message),
+                    }
+                    continue;
+                }
+                Action::Up { node } => {
+                    info!(%remote, %node, "node session up");
+                    ctx.manager.health().beat(&node);
+                    up = Some(node);
+                    continue;
+                }
+                Action::Heartbeat { node, statuses } => {
+                    record_report(&ctx.manager, &node, statuses);
+                    continue;
+                }
+                Action::Apply { id, op } => {
+                    if applier.ops.send((id, op)).await.is_err() {
+                        return ended(remote, up);
+                    }
+                    continue;
+                }
+                Action::Ignored { what } => {
+                    warn!(node = ?session.node(), message = what, "unexpected control message; ignored");
+                    continue;
+                }
+                Action::Refuse { reason } => {
+                    warn!(%remote, %reason, "refused control session");
+                    let _ = wire::send(&mut send, &ToNode::Refused { reason }).await;
+                    let _ = send.finish();
+                    tokio::time::sleep(REFUSAL_LINGER).await;
                     return;
                 }
+                Action::Close { reason } => {
+                    warn!(node = ?session.node(), error = %reason, "control session read failed");
+                    return ended(remote, up);
+                }
             };
-            match msg {
-                ToManager::Report { statuses } => {
-                    reader_ctx.manager.health().beat(&reader_node);
-                    let state = reader_ctx.manager.snapshot();
-                    if let Ok(mut board) = reader_ctx.manager.statuses().write() {
-                        for r in statuses {
-                            // A node reports only on tasks placed on it.
-                            if state
-                                .tasks
-                                .get(&r.name)
-                                .is_some_and(|t| t.node == reader_node && t.id == r.id)
-                            {
-                                board.insert(
-                                    r.name,
-                                    StatusEntry {
-                                        id: r.id,
-                                        status: r.status,
-                                    },
-                                );
-                            }
-                        }
-                    }
-                }
-                ToManager::Request { id, op } => {
-                    let manager = reader_ctx.manager.clone();
-                    let result = tokio::task::spawn_blocking(move || manager.apply(op))
-                        .await
-                        .unwrap_or_else(|e| Err(protocol::api::OpError::internal(e.to_string())));
-                    if tx.send(ToNode::Response { id, result }).await.is_err() {
-                        return;
-                    }
-                }
-                other => {
-                    warn!(node = %reader_node, message = ?std::mem::discriminant(&other), "unexpected control message; ignored");
-                }
+            if let Err(e) = wire::send(&mut send, &msg).await {
+                warn!(%remote, node = ?session.node(), error = %e, "control session write failed");
+                return ended(remote, up);
+            }
+            if matches!(msg, ToNode::Joined { .. }) {
+                let _ = send.finish();
+                let _ = conn.closed().await;
+                return;
             }
         }
-    });
-    let mut changes = ctx.manager.subscribe();
-    let mut tick = tokio::time::interval(PUSH_EVERY);
-    loop {
-        let msg = tokio::select! {
-            _ = &mut reader => break,
-            _ = shutdown.cancelled() => break,
-            r = responses.recv() => match r { Some(m) => m, None => break },
-            c = changes.changed() => {
-                if c.is_err() { break }
-                ToNode::Snapshot(Box::new(snapshot(&ctx.manager)))
+        tokio::select! {
+            f = frames.recv() => match f {
+                Some(Ok(msg)) => session.handle_message(msg, &roster),
+                Some(Err(e)) => session.stream_failed(e),
+                None => session.stream_failed("control stream reader ended".into()),
+            },
+            r = applier.results.recv() => if let Some((id, result)) = r {
+                session.applied(id, result);
+            },
+            c = changed(&mut changes) => {
+                if !c {
+                    break;
+                }
+                session.state_changed();
             }
-            _ = tick.tick() => ToNode::Snapshot(Box::new(snapshot(&ctx.manager))),
-        };
-        if let Err(e) = wire::send(&mut send, &msg).await {
-            warn!(%node, error = %e, "control session write failed");
-            break;
+            _ = sleep_until(session.poll_timeout()) => session.handle_timeout(Instant::now()),
+            _ = shutdown.cancelled() => break,
         }
     }
-    reader.abort();
+    ended(remote, up)
+}
+
+fn ended(remote: SocketAddr, up: Option<NodeName>) {
+    if let Some(node) = up {
+        info!(%remote, %node, "node session ended");
+    }
 }

@@ -6,8 +6,14 @@
 //! persisted, so the data plane keeps its last known state when the manager is away), sends a
 //! heartbeat report every second, and forwards the state changes operators issue here. It
 //! reconnects with back-off and resynchronises on reconnect.
+//!
+//! Those decisions are [`NodeSession`]'s (`session/node.rs`); [`Link::run`] is its driver:
+//! it connects when asked, moves frames between the stream and the session with the time,
+//! hands snapshots to the agent and answers to the operators who forwarded changes, and
+//! sleeps until the session's next timeout.
 
 use super::pki::{self, Identity, Token};
+use super::session::node::{Event, NodeSession, RequestError, REQUEST_TIMEOUT};
 use super::wire;
 use crate::manager::StatusBoard;
 use crate::store::Store;
@@ -18,18 +24,19 @@ use protocol::control::{
 use protocol::state::ClusterState;
 use protocol::types::NodeName;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-const REPORT_EVERY: Duration = Duration::from_secs(1);
-const RECONNECT_MIN: Duration = Duration::from_millis(500);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The session answers every forwarded change within [`REQUEST_TIMEOUT`]; a caller waits
+/// this much longer only in case the driver itself is stuck (in a write, say).
+const DRIVER_GRACE: Duration = Duration::from_secs(1);
 
 fn client_endpoint(bind: Ipv4Addr) -> std::io::Result<quinn::Endpoint> {
     quinn::Endpoint::client(SocketAddr::new(bind.into(), 0))
@@ -86,14 +93,78 @@ pub async fn join(
 
 /// Where a forwarded change's answer goes.
 type Reply = oneshot::Sender<Result<u64, OpError>>;
-type Pending = Arc<Mutex<HashMap<u64, Reply>>>;
 
 /// Aborts a spawned task when dropped (when its session ends, however it ends).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// One connection to the manager: its stream, and the frames its reader task delivers.
+/// Dropping it closes the connection.
+struct Conn {
+    _conn: quinn::Connection,
+    send: quinn::SendStream,
+    frames: mpsc::Receiver<Result<ToNode, String>>,
+    _reader: AbortOnDrop,
+}
+
+type Connecting = Pin<Box<dyn Future<Output = Result<Conn, String>> + Send>>;
+
+async fn open(
+    endpoint: quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    manager: SocketAddr,
+) -> Result<Conn, String> {
+    let conn = endpoint
+        .connect_with(cfg, manager, MANAGER_SERVER_NAME)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    let (send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    // Frames are read by their own task: a read cancelled half-way by the driver's select
+    // would lose bytes and desynchronise the stream.
+    let (frames_tx, frames) = mpsc::channel::<Result<ToNode, String>>(16);
+    let reader = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let msg = wire::recv::<ToNode>(&mut recv)
+                .await
+                .map_err(|e| e.to_string());
+            let failed = msg.is_err();
+            if frames_tx.send(msg).await.is_err() || failed {
+                return;
+            }
+        }
+    }));
+    Ok(Conn {
+        _conn: conn,
+        send,
+        frames,
+        _reader: reader,
+    })
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn connecting(c: &mut Option<Connecting>) -> Result<Conn, String> {
+    match c {
+        Some(c) => c.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_frame(conn: &mut Option<Conn>) -> Option<Result<ToNode, String>> {
+    match conn {
+        Some(c) => c.frames.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -105,7 +176,6 @@ pub struct Link {
     requests: mpsc::Sender<(Op, Reply)>,
     requests_rx: Mutex<Option<mpsc::Receiver<(Op, Reply)>>>,
     connected: AtomicBool,
-    next_id: AtomicU64,
     /// This node's own task statuses (written by the agent).
     pub local: StatusBoard,
 }
@@ -127,7 +197,6 @@ impl Link {
             requests,
             requests_rx: Mutex::new(Some(rx)),
             connected: AtomicBool::new(false),
-            next_id: AtomicU64::new(1),
             local: StatusBoard::default(),
         }
     }
@@ -144,15 +213,27 @@ impl Link {
         self.connected.load(Ordering::Relaxed)
     }
 
+    /// What an operator is told when a forwarded change has no revision.
+    fn request_error(&self, e: RequestError) -> OpError {
+        match e {
+            RequestError::NotConnected | RequestError::TimedOut => OpError {
+                status: 503,
+                message: format!(
+                    "cannot reach the manager at {}; nothing was changed",
+                    self.manager
+                ),
+            },
+            RequestError::Lost => OpError {
+                status: 503,
+                message: format!("lost the manager at {}", self.manager),
+            },
+            RequestError::Refused(e) => e,
+        }
+    }
+
     /// Forwards a change to the manager and waits until this node has seen it applied.
     pub async fn apply(&self, op: Op) -> Result<u64, OpError> {
-        let unreachable = || OpError {
-            status: 503,
-            message: format!(
-                "cannot reach the manager at {}; nothing was changed",
-                self.manager
-            ),
-        };
+        let unreachable = || self.request_error(RequestError::NotConnected);
         if !self.is_connected() {
             return Err(unreachable());
         }
@@ -161,7 +242,7 @@ impl Link {
             .send((op, tx))
             .await
             .map_err(|_| unreachable())?;
-        let rev = match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+        let rev = match tokio::time::timeout(REQUEST_TIMEOUT + DRIVER_GRACE, rx).await {
             Ok(Ok(r)) => r?,
             _ => return Err(unreachable()),
         };
@@ -200,7 +281,7 @@ impl Link {
         }
     }
 
-    /// Keeps a session to the manager until `shutdown`.
+    /// Keeps a session to the manager until `shutdown`: drives a [`NodeSession`].
     pub async fn run(
         self: Arc<Self>,
         tls: rustls::ClientConfig,
@@ -226,107 +307,122 @@ impl Link {
         let Some(mut requests) = self.requests_rx.lock().ok().and_then(|mut r| r.take()) else {
             return;
         };
-        let pending: Pending = Arc::default();
-        let mut backoff = RECONNECT_MIN;
+        let mut session = NodeSession::new(Instant::now(), hello);
+        let mut replies: HashMap<u64, Reply> = HashMap::new();
+        let mut conn: Option<Conn> = None;
+        let mut pending_connect: Option<Connecting> = None;
         loop {
-            let result = tokio::select! {
-                r = self.session(&endpoint, &cfg, &hello, &store, &mut requests, &pending) => r,
-                _ = shutdown.cancelled() => break,
-            };
-            self.connected.store(false, Ordering::Relaxed);
-            for (_, tx) in pending
-                .lock()
-                .map(|mut p| std::mem::take(&mut *p))
-                .unwrap_or_default()
-            {
-                let _ = tx.send(Err(OpError {
-                    status: 503,
-                    message: format!("lost the manager at {}", self.manager),
-                }));
-            }
-            match result {
-                Ok(()) => backoff = RECONNECT_MIN,
-                Err(e) => {
-                    warn!(manager = %self.manager, error = %e, "control session down; forwarding continues on the last known state")
+            while let Some(event) = session.poll() {
+                let msg = match event {
+                    Event::Connect => {
+                        pending_connect =
+                            Some(Box::pin(open(endpoint.clone(), cfg.clone(), self.manager)));
+                        continue;
+                    }
+                    Event::Send(msg) => msg,
+                    Event::SendReport => ToManager::Report {
+                        statuses: self.local_reports(),
+                    },
+                    Event::Up => {
+                        info!(manager = %self.manager, "control session up");
+                        self.connected.store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                    Event::Snapshot(snap) => {
+                        self.accept_snapshot(*snap, &store);
+                        continue;
+                    }
+                    Event::Answer { id, result } => {
+                        if let Some(tx) = replies.remove(&id) {
+                            let _ = tx.send(result.map_err(|e| self.request_error(e)));
+                        }
+                        continue;
+                    }
+                    Event::Down { error } => {
+                        self.connected.store(false, Ordering::Relaxed);
+                        conn = None;
+                        pending_connect = None;
+                        warn!(manager = %self.manager, %error, "control session down; forwarding continues on the last known state");
+                        continue;
+                    }
+                };
+                let Some(c) = conn.as_mut() else { continue };
+                let written = tokio::select! {
+                    r = wire::send(&mut c.send, &msg) => r.map_err(|e| e.to_string()),
+                    _ = shutdown.cancelled() => break,
+                };
+                if let Err(e) = written {
+                    session.connection_lost(Instant::now(), e);
                 }
             }
+            if shutdown.is_cancelled() {
+                break;
+            }
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
                 _ = shutdown.cancelled() => break,
-            }
-            backoff = (backoff * 2).min(RECONNECT_MAX);
-        }
-        endpoint.close(0u32.into(), b"node shutting down");
-    }
-
-    async fn session(
-        &self,
-        endpoint: &quinn::Endpoint,
-        cfg: &quinn::ClientConfig,
-        hello: &ToManager,
-        store: &Store,
-        requests: &mut mpsc::Receiver<(Op, Reply)>,
-        pending: &Pending,
-    ) -> Result<(), String> {
-        let conn = endpoint
-            .connect_with(cfg.clone(), self.manager, MANAGER_SERVER_NAME)
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| format!("connecting: {e}"))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        wire::send(&mut send, hello)
-            .await
-            .map_err(|e| e.to_string())?;
-        match wire::recv::<ToNode>(&mut recv)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            ToNode::Welcome { .. } => {}
-            ToNode::Refused { reason } => return Err(format!("refused: {reason}")),
-            _ => return Err("unexpected answer to Hello".into()),
-        }
-        info!(manager = %self.manager, "control session up");
-        self.connected.store(true, Ordering::Relaxed);
-        // Frames are read by their own task: a read cancelled half-way by the select below
-        // would lose bytes and desynchronise the stream.
-        let (frames_tx, mut frames) = mpsc::channel::<Result<ToNode, String>>(16);
-        let _reader = AbortOnDrop(tokio::spawn(async move {
-            loop {
-                let msg = wire::recv::<ToNode>(&mut recv)
-                    .await
-                    .map_err(|e| e.to_string());
-                let failed = msg.is_err();
-                if frames_tx.send(msg).await.is_err() || failed {
-                    return;
+                r = connecting(&mut pending_connect) => {
+                    pending_connect = None;
+                    match r {
+                        Ok(c) => {
+                            conn = Some(c);
+                            session.connected(Instant::now());
+                        }
+                        Err(e) => session.connection_lost(Instant::now(), e),
+                    }
                 }
-            }
-        }));
-        let mut tick = tokio::time::interval(REPORT_EVERY);
-        loop {
-            tokio::select! {
-                msg = frames.recv() => match msg.ok_or("control stream reader ended")?? {
-                    ToNode::Snapshot(snap) => self.accept_snapshot(*snap, store),
-                    ToNode::Response { id, result } => {
-                        if let Some(tx) = pending.lock().ok().and_then(|mut p| p.remove(&id)) {
-                            let _ = tx.send(result);
+                f = next_frame(&mut conn) => match f {
+                    Some(Ok(msg)) => session.handle_message(Instant::now(), msg),
+                    Some(Err(e)) => session.connection_lost(Instant::now(), e),
+                    None => session.connection_lost(Instant::now(), "control stream reader ended".into()),
+                },
+                r = requests.recv() => {
+                    let Some((op, tx)) = r else { break };
+                    match session.request(Instant::now(), op) {
+                        Ok(id) => {
+                            replies.insert(id, tx);
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(self.request_error(e)));
                         }
                     }
-                    ToNode::Refused { reason } => return Err(format!("refused: {reason}")),
-                    _ => {}
-                },
-                _ = tick.tick() => {
-                    let report = ToManager::Report { statuses: self.local_reports() };
-                    wire::send(&mut send, &report).await.map_err(|e| e.to_string())?;
                 }
-                r = requests.recv() => {
-                    let Some((op, tx)) = r else { return Ok(()) };
-                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut p) = pending.lock() {
-                        p.insert(id, tx);
-                    }
-                    wire::send(&mut send, &ToManager::Request { id, op }).await.map_err(|e| e.to_string())?;
-                }
+                _ = sleep_until(session.poll_timeout()) => session.handle_timeout(Instant::now()),
             }
         }
+        self.connected.store(false, Ordering::Relaxed);
+        drop(conn);
+        endpoint.close(0u32.into(), b"node shutting down");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::control::OpError;
+
+    #[test]
+    fn operators_read_what_became_of_their_change() {
+        let link = Link::new("198.18.0.1:2377".parse().unwrap(), ClusterState::default());
+        let unreachable = OpError {
+            status: 503,
+            message: "cannot reach the manager at 198.18.0.1:2377; nothing was changed".into(),
+        };
+        assert_eq!(link.request_error(RequestError::NotConnected), unreachable);
+        assert_eq!(link.request_error(RequestError::TimedOut), unreachable);
+        assert_eq!(
+            link.request_error(RequestError::Lost),
+            OpError {
+                status: 503,
+                message: "lost the manager at 198.18.0.1:2377".into(),
+            }
+        );
+        let refused = OpError {
+            status: 404,
+            message: "service web not found".into(),
+        };
+        assert_eq!(
+            link.request_error(RequestError::Refused(refused)),
+            OpError::not_found("service web not found")
+        );
     }
 }

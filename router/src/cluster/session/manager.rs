@@ -1,0 +1,321 @@
+//! The manager's side of one control connection, as a state machine without I/O.
+//!
+//! [`MemberSession`] takes what arrives (the first message, then the node's `Report`s and
+//! `Request`s), "the state changed" notifications and the time, and answers with
+//! [`Action`]s for its driver (`server.rs`): messages to send, snapshots to push, operations
+//! to apply, heartbeats to record, refusals. It decides whom to admit, from the facts a
+//! [`Roster`] gives it. It never reads a clock or touches a stream: the driver passes `now`
+//! and sleeps until [`MemberSession::poll_timeout`].
+
+use protocol::control::{Op, OpError, TaskReport, ToManager, ToNode, VERSION};
+use protocol::types::NodeName;
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+/// How long a connection may stay silent before its first message.
+pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Snapshots are pushed on every change and at least this often (statuses, health).
+pub const PUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// What the manager knows that decides whom it admits; the driver answers from its state.
+pub trait Roster {
+    /// Whether `secret` is the join token's (compared in constant time).
+    fn join_secret_matches(&self, secret: &str) -> bool;
+    /// Whether `node` is in the desired state's node list.
+    fn is_member(&self, node: &NodeName) -> bool;
+    /// Whether `node` is a member that is heartbeating (its name cannot be taken).
+    fn is_live_member(&self, node: &NodeName) -> bool;
+}
+
+/// What the driver does next, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write this message.
+    Send(ToNode),
+    /// Build a snapshot of the current state and write it.
+    PushSnapshot,
+    /// A valid join: sign `csr_pem` for `node`, record the node, then call
+    /// [`MemberSession::joined`], or [`MemberSession::refuse`] if any of that fails.
+    Join {
+        node: NodeName,
+        advertise_addr: Ipv4Addr,
+        data_port: u16,
+        csr_pem: String,
+    },
+    /// A valid member: record its (possibly new) address, then call
+    /// [`MemberSession::admitted`], or [`MemberSession::refuse`] if that fails.
+    Admit {
+        node: NodeName,
+        advertise_addr: Ipv4Addr,
+        data_port: u16,
+    },
+    /// The session is up: record a first heartbeat for `node`.
+    Up { node: NodeName },
+    /// A heartbeat: record it, and the statuses of the node's own tasks.
+    Heartbeat {
+        node: NodeName,
+        statuses: Vec<TaskReport>,
+    },
+    /// Apply a forwarded change, then call [`MemberSession::applied`] with its result.
+    Apply { id: u64, op: Op },
+    /// A message that has no place in a member session; it changes nothing.
+    Ignored { what: &'static str },
+    /// Refuse: write `Refused { reason }`, finish the stream and let it go.
+    Refuse { reason: String },
+    /// The session is over (the stream failed); close it.
+    Close { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for `Join` or `Hello` until the deadline.
+    First { deadline: Instant },
+    /// A `Join` passed the checks; the driver is signing and recording.
+    Joining,
+    /// A `Hello` passed the checks; the driver is recording the node.
+    Admitting { node: NodeName },
+    /// A member session: snapshots go out, reports and requests come in.
+    Open { node: NodeName, next_push: Instant },
+    /// Refused, joined or failed: nothing more happens.
+    Closed,
+}
+
+/// The manager's side of one control connection.
+#[derive(Debug)]
+pub struct MemberSession {
+    /// The verified client certificate's common name (`None`: a join connection).
+    cert_name: Option<String>,
+    phase: Phase,
+    actions: VecDeque<Action>,
+}
+
+/// Why a first message's version is refused, or nothing.
+pub fn check_version(version: u32) -> Result<(), String> {
+    if version == VERSION {
+        Ok(())
+    } else {
+        Err(format!(
+            "control protocol version {version} is not this manager's {VERSION}"
+        ))
+    }
+}
+
+/// The name of a message for logs (its payload may hold secrets or be large).
+fn kind(msg: &ToManager) -> &'static str {
+    match msg {
+        ToManager::Join { .. } => "Join",
+        ToManager::Hello { .. } => "Hello",
+        ToManager::Report { .. } => "Report",
+        ToManager::Request { .. } => "Request",
+    }
+}
+
+impl MemberSession {
+    /// A connection accepted at `now`, whose peer showed the certificate of `cert_name`
+    /// (verified against the cluster CA), or none.
+    pub fn new(now: Instant, cert_name: Option<String>) -> MemberSession {
+        MemberSession {
+            cert_name,
+            phase: Phase::First {
+                deadline: now + FIRST_MESSAGE_TIMEOUT,
+            },
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The member's name once its `Hello` was accepted.
+    pub fn node(&self) -> Option<&NodeName> {
+        match &self.phase {
+            Phase::Admitting { node } | Phase::Open { node, .. } => Some(node),
+            _ => None,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open { .. })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// The next thing for the driver to do.
+    pub fn poll(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`MemberSession::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::First { deadline } => Some(*deadline),
+            Phase::Open { next_push, .. } => Some(*next_push),
+            Phase::Joining | Phase::Admitting { .. } | Phase::Closed => None,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.phase {
+            Phase::First { deadline } if now >= *deadline => {
+                self.refuse(format!(
+                    "no message within {} s",
+                    FIRST_MESSAGE_TIMEOUT.as_secs()
+                ));
+            }
+            Phase::Open { next_push, .. } if now >= *next_push => {
+                // A driver that fell behind pushes once, not once per missed period.
+                *next_push += PUSH_EVERY;
+                if *next_push <= now {
+                    *next_push = now + PUSH_EVERY;
+                }
+                self.actions.push_back(Action::PushSnapshot);
+            }
+            _ => {}
+        }
+    }
+
+    /// A message arrived. The first one decides what the connection is (a join or a member
+    /// session, checked against `roster`); later ones are a member's reports and requests.
+    pub fn handle_message(&mut self, msg: ToManager, roster: &dyn Roster) {
+        match &self.phase {
+            Phase::First { .. } => self.first(msg, roster),
+            Phase::Open { node, .. } => {
+                let node = node.clone();
+                match msg {
+                    ToManager::Report { statuses } => {
+                        self.actions.push_back(Action::Heartbeat { node, statuses })
+                    }
+                    ToManager::Request { id, op } => {
+                        self.actions.push_back(Action::Apply { id, op })
+                    }
+                    other => self
+                        .actions
+                        .push_back(Action::Ignored { what: kind(&other) }),
+                }
+            }
+            // Nothing a peer says matters while it is being admitted or once it is closed.
+            Phase::Joining | Phase::Admitting { .. } | Phase::Closed => {}
+        }
+    }
+
+    fn first(&mut self, msg: ToManager, roster: &dyn Roster) {
+        match msg {
+            ToManager::Join {
+                version,
+                node,
+                advertise_addr,
+                data_port,
+                secret,
+                csr_pem,
+            } => {
+                if let Err(reason) = check_version(version) {
+                    return self.refuse(reason);
+                }
+                if !roster.join_secret_matches(&secret) {
+                    return self.refuse("invalid join token".into());
+                }
+                if roster.is_live_member(&node) {
+                    return self.refuse(format!("node name {node} is in use by a live member"));
+                }
+                self.phase = Phase::Joining;
+                self.actions.push_back(Action::Join {
+                    node,
+                    advertise_addr,
+                    data_port,
+                    csr_pem,
+                });
+            }
+            ToManager::Hello {
+                version,
+                node,
+                advertise_addr,
+                data_port,
+            } => {
+                if let Err(reason) = check_version(version) {
+                    return self.refuse(reason);
+                }
+                match self.cert_name.as_deref() {
+                    Some(cn) if cn == node.as_str() => {}
+                    Some(cn) => return self.refuse(format!("certificate is for {cn}, not {node}")),
+                    None => {
+                        return self.refuse("a member session needs a cluster certificate".into())
+                    }
+                }
+                if !roster.is_member(&node) {
+                    return self.refuse(format!("{node} is not a member of this cluster"));
+                }
+                self.phase = Phase::Admitting { node: node.clone() };
+                self.actions.push_back(Action::Admit {
+                    node,
+                    advertise_addr,
+                    data_port,
+                });
+            }
+            _ => self.refuse("expected Join or Hello first".into()),
+        }
+    }
+
+    /// The driver recorded the node of an [`Action::Admit`]: welcome it and start pushing.
+    pub fn admitted(&mut self, now: Instant) {
+        let Phase::Admitting { node } = &self.phase else {
+            return;
+        };
+        let node = node.clone();
+        self.actions
+            .push_back(Action::Send(ToNode::Welcome { version: VERSION }));
+        self.actions.push_back(Action::Up { node: node.clone() });
+        // The first snapshot goes out at once, then every PUSH_EVERY.
+        self.actions.push_back(Action::PushSnapshot);
+        self.phase = Phase::Open {
+            node,
+            next_push: now + PUSH_EVERY,
+        };
+    }
+
+    /// The driver signed and recorded the node of an [`Action::Join`]: hand it its
+    /// certificate and the CA. The connection has served its purpose.
+    pub fn joined(&mut self, cert_pem: String, ca_pem: String) {
+        if self.phase == Phase::Joining {
+            self.phase = Phase::Closed;
+            self.actions
+                .push_back(Action::Send(ToNode::Joined { cert_pem, ca_pem }));
+        }
+    }
+
+    /// Refuses the connection with `reason` (also what the driver calls when admitting or
+    /// joining failed on its side).
+    pub fn refuse(&mut self, reason: String) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.phase = Phase::Closed;
+        self.actions.push_back(Action::Refuse { reason });
+    }
+
+    /// The answer to an [`Action::Apply`].
+    pub fn applied(&mut self, id: u64, result: Result<u64, OpError>) {
+        if self.is_open() {
+            self.actions
+                .push_back(Action::Send(ToNode::Response { id, result }));
+        }
+    }
+
+    /// The desired state changed: push it now (the periodic push keeps its own rhythm).
+    pub fn state_changed(&mut self) {
+        if self.is_open() {
+            self.actions.push_back(Action::PushSnapshot);
+        }
+    }
+
+    /// Reading or writing the stream failed (`error` says how).
+    pub fn stream_failed(&mut self, error: String) {
+        match self.phase {
+            Phase::First { .. } => self.refuse(format!("unreadable first message: {error}")),
+            Phase::Closed => {}
+            _ => {
+                self.phase = Phase::Closed;
+                self.actions.push_back(Action::Close { reason: error });
+            }
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! A member node's side of its link to the manager, as a state machine without I/O.
+//!
+//! [`NodeSession`] lives as long as the link: it asks its driver (`worker.rs`) to connect,
+//! greets the manager with `Hello`, keeps the newest snapshot by revision, asks for a
+//! heartbeat `Report` every [`REPORT_EVERY`], numbers forwarded requests and times them out,
+//! notices a session that stalls (no snapshot for [`STALL_AFTER`]), and decides when to
+//! reconnect (back-off from [`RECONNECT_MIN`] doubling to [`RECONNECT_MAX`]). It never reads
+//! a clock or touches a stream: the driver passes `now`, does what [`NodeSession::poll`]
+//! says and sleeps until [`NodeSession::poll_timeout`].
+
+use protocol::control::{Op, OpError, Snapshot, ToManager, ToNode};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Heartbeats: the manager marks a node down after three missed ones.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+pub const RECONNECT_MIN: Duration = Duration::from_millis(500);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// How long a forwarded change may wait for the manager's answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session that brings no snapshot (nor, at first, a `Welcome`) for this long is stalled
+/// and replaced. Snapshots come every second; this is also QUIC's idle timeout, after which
+/// a silent peer is gone.
+pub const STALL_AFTER: Duration = Duration::from_secs(5);
+
+/// Why a forwarded change has no revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// There was no session: it was not sent.
+    NotConnected,
+    /// It was sent, and no answer came within [`REQUEST_TIMEOUT`].
+    TimedOut,
+    /// The session ended before the answer came.
+    Lost,
+    /// The manager refused it.
+    Refused(OpError),
+}
+
+/// What the driver does next, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Open a connection and a stream to the manager, then call
+    /// [`NodeSession::connected`] (or [`NodeSession::connection_lost`]).
+    Connect,
+    /// Write this message.
+    Send(ToManager),
+    /// Write a `Report` of this node's tasks (the heartbeat).
+    SendReport,
+    /// The manager welcomed us: the session is up.
+    Up,
+    /// A snapshot newer than (or as new as) the last one: adopt it.
+    Snapshot(Box<Snapshot>),
+    /// The outcome of the request [`NodeSession::request`] numbered `id`.
+    Answer {
+        id: u64,
+        result: Result<u64, RequestError>,
+    },
+    /// The session is over (`error` says why): drop the connection. A new one is asked for
+    /// with [`Event::Connect`] after the back-off.
+    Down { error: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// No connection; the next attempt is at `connect_at`.
+    Idle { connect_at: Instant },
+    /// The driver is connecting (QUIC's handshake has its own timeout).
+    Connecting,
+    /// `Hello` sent; `Welcome` expected before `stall_at`.
+    Greeting { stall_at: Instant },
+    /// The session is up.
+    Open {
+        stall_at: Instant,
+        next_report: Instant,
+        /// The revision of the newest snapshot of this session.
+        newest: Option<u64>,
+    },
+}
+
+/// A member node's side of its link to the manager.
+#[derive(Debug)]
+pub struct NodeSession {
+    hello: ToManager,
+    phase: Phase,
+    backoff: Duration,
+    next_id: u64,
+    /// Forwarded requests awaiting an answer: id → deadline. Ids grow with time and every
+    /// request has the same timeout, so the first entry is always the next to expire.
+    pending: BTreeMap<u64, Instant>,
+    events: VecDeque<Event>,
+}
+
+impl NodeSession {
+    /// A link that starts at `now` and greets the manager with `hello`
+    /// (`ToManager::Hello`) on every connection.
+    pub fn new(now: Instant, hello: ToManager) -> NodeSession {
+        NodeSession {
+            hello,
+            phase: Phase::Idle { connect_at: now },
+            backoff: RECONNECT_MIN,
+            next_id: 1,
+            pending: BTreeMap::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open { .. })
+    }
+
+    /// The next thing for the driver to do.
+    pub fn poll(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`NodeSession::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let phase = match &self.phase {
+            Phase::Idle { connect_at } => Some(*connect_at),
+            Phase::Connecting => None,
+            Phase::Greeting { stall_at } => Some(*stall_at),
+            Phase::Open {
+                stall_at,
+                next_report,
+                ..
+            } => Some((*stall_at).min(*next_report)),
+        };
+        let request = self.pending.values().next().copied();
+        match (phase, request) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some((&id, &deadline)) = self.pending.iter().next() {
+            if deadline > now {
+                break;
+            }
+            self.pending.remove(&id);
+            self.events.push_back(Event::Answer {
+                id,
+                result: Err(RequestError::TimedOut),
+            });
+        }
+        match &mut self.phase {
+            Phase::Idle { connect_at } if now >= *connect_at => {
+                self.phase = Phase::Connecting;
+                self.events.push_back(Event::Connect);
+            }
+            Phase::Greeting { stall_at } if now >= *stall_at => {
+                self.down(
+                    now,
+                    format!("no answer to Hello within {} s", STALL_AFTER.as_secs()),
+                );
+            }
+            Phase::Open { stall_at, .. } if now >= *stall_at => {
+                self.down(
+                    now,
+                    format!(
+                        "no snapshot from the manager for {} s",
+                        STALL_AFTER.as_secs()
+                    ),
+                );
+            }
+            Phase::Open { next_report, .. } if now >= *next_report => {
+                *next_report += REPORT_EVERY;
+                if *next_report <= now {
+                    *next_report = now + REPORT_EVERY;
+                }
+                self.events.push_back(Event::SendReport);
+            }
+            _ => {}
+        }
+    }
+
+    /// The driver's connection and stream are open: greet the manager.
+    pub fn connected(&mut self, now: Instant) {
+        if self.phase != Phase::Connecting {
+            return;
+        }
+        self.phase = Phase::Greeting {
+            stall_at: now + STALL_AFTER,
+        };
+        self.events.push_back(Event::Send(self.hello.clone()));
+    }
+
+    /// Connecting, reading or writing failed (`error` says how).
+    pub fn connection_lost(&mut self, now: Instant, error: String) {
+        if !matches!(self.phase, Phase::Idle { .. }) {
+            self.down(now, error);
+        }
+    }
+
+    /// A message from the manager arrived.
+    pub fn handle_message(&mut self, now: Instant, msg: ToNode) {
+        match (&mut self.phase, msg) {
+            (Phase::Greeting { .. }, ToNode::Welcome { .. }) => {
+                self.phase = Phase::Open {
+                    stall_at: now + STALL_AFTER,
+                    next_report: now + REPORT_EVERY,
+                    newest: None,
+                };
+                // A session that came up is a success: the next failure starts over.
+                self.backoff = RECONNECT_MIN;
+                self.events.push_back(Event::Up);
+                self.events.push_back(Event::SendReport);
+            }
+            (Phase::Greeting { .. } | Phase::Open { .. }, ToNode::Refused { reason }) => {
+                self.down(now, format!("refused: {reason}"));
+            }
+            (Phase::Greeting { .. }, _) => {
+                self.down(now, "unexpected answer to Hello".into());
+            }
+            (
+                Phase::Open {
+                    stall_at, newest, ..
+                },
+                ToNode::Snapshot(snap),
+            ) => {
+                *stall_at = now + STALL_AFTER;
+                // Within a session a snapshot never takes the node back; the first one of a
+                // session is taken whatever its revision (it resynchronises the node).
+                let revision = snap.state.revision;
+                if newest.is_none_or(|n| revision >= n) {
+                    *newest = Some(revision);
+                    self.events.push_back(Event::Snapshot(snap));
+                }
+            }
+            // An answer after its timeout finds nobody waiting (the arm below ignores it).
+            (Phase::Open { .. }, ToNode::Response { id, result })
+                if self.pending.contains_key(&id) =>
+            {
+                self.pending.remove(&id);
+                self.events.push_back(Event::Answer {
+                    id,
+                    result: result.map_err(RequestError::Refused),
+                });
+            }
+            // `Joined`/`Welcome` in a session, or anything without one: nothing to do.
+            _ => {}
+        }
+    }
+
+    /// Forwards a change. Its outcome comes as an [`Event::Answer`] with the returned id,
+    /// unless there is no session (then it is not sent at all).
+    pub fn request(&mut self, now: Instant, op: Op) -> Result<u64, RequestError> {
+        if !self.is_open() {
+            return Err(RequestError::NotConnected);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending.insert(id, now + REQUEST_TIMEOUT);
+        self.events
+            .push_back(Event::Send(ToManager::Request { id, op }));
+        Ok(id)
+    }
+
+    fn down(&mut self, now: Instant, error: String) {
+        self.phase = Phase::Idle {
+            connect_at: now + self.backoff,
+        };
+        self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
+        self.events.push_back(Event::Down { error });
+        for id in std::mem::take(&mut self.pending).into_keys() {
+            self.events.push_back(Event::Answer {
+                id,
+                result: Err(RequestError::Lost),
+            });
+        }
+    }
+}

@@ -1,0 +1,873 @@
+//! A member node and the manager, session against session, over a simulated link on a
+//! virtual clock: messages take a latency, and a test may drop, delay (and so reorder)
+//! any of them, stall the manager or make it unreachable. No sockets, no threads, no
+//! sleeping: time only moves when [`Sim::run_until`] says so.
+
+use super::manager::{self, Action, MemberSession, Roster};
+use super::node::{
+    self, Event, NodeSession, RequestError, RECONNECT_MAX, RECONNECT_MIN, REQUEST_TIMEOUT,
+    STALL_AFTER,
+};
+use protocol::control::{Op, OpError, Snapshot, ToManager, ToNode, VERSION};
+use protocol::state::ClusterState;
+use protocol::types::NodeName;
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+const LATENCY: Duration = Duration::from_millis(10);
+/// How long a QUIC connection attempt to an unreachable manager takes to fail.
+const CONNECT_FAILS_AFTER: Duration = Duration::from_secs(5);
+
+fn name(n: &str) -> NodeName {
+    NodeName::new(n).unwrap()
+}
+
+fn hello(node: &str, version: u32) -> ToManager {
+    ToManager::Hello {
+        version,
+        node: name(node),
+        advertise_addr: Ipv4Addr::new(198, 18, 0, 2),
+        data_port: 4789,
+    }
+}
+
+struct TestRoster {
+    members: BTreeSet<NodeName>,
+    live: BTreeSet<NodeName>,
+}
+
+impl Roster for TestRoster {
+    fn join_secret_matches(&self, secret: &str) -> bool {
+        secret == "s3cret"
+    }
+    fn is_member(&self, node: &NodeName) -> bool {
+        self.members.contains(node)
+    }
+    fn is_live_member(&self, node: &NodeName) -> bool {
+        self.live.contains(node) && self.is_member(node)
+    }
+}
+
+/// What a message's trip does: arrive after this long, or never.
+#[derive(Debug, Clone, Copy)]
+enum Fate {
+    After(Duration),
+    Lost,
+}
+
+/// Something a test can look at afterwards, stamped with the virtual time since the start.
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    /// The manager pushed a snapshot of this revision.
+    Pushed(u64),
+    /// The node adopted a snapshot of this revision.
+    Adopted(u64),
+    Connect,
+    Up,
+    Down(String),
+    Report,
+    Answer(u64, Result<u64, RequestError>),
+}
+
+struct Flight<T> {
+    at: Instant,
+    seq: u64,
+    conn: u64,
+    msg: T,
+}
+
+struct Sim {
+    start: Instant,
+    now: Instant,
+    node: NodeSession,
+    /// The manager's side of the current connection.
+    member: Option<MemberSession>,
+    /// The current connection's number; what is in flight on an older one is gone.
+    conn: u64,
+    connect_done: Option<Instant>,
+    cert_name: Option<String>,
+    roster: TestRoster,
+    /// The manager's desired-state revision.
+    revision: u64,
+    /// An unreachable manager: connection attempts fail.
+    unreachable: bool,
+    /// A stalled manager: it accepts messages and does nothing with them.
+    stalled: bool,
+    to_node: Vec<Flight<ToNode>>,
+    to_manager: Vec<Flight<ToManager>>,
+    seq: u64,
+    downlink: Box<dyn FnMut(&ToNode) -> Fate>,
+    uplink: Box<dyn FnMut(&ToManager) -> Fate>,
+    seen: Vec<(Duration, Seen)>,
+}
+
+impl Sim {
+    fn new() -> Sim {
+        Sim::with_hello(hello("n2", VERSION), Some("n2"))
+    }
+
+    fn with_hello(hello: ToManager, cert_name: Option<&str>) -> Sim {
+        let start = Instant::now();
+        Sim {
+            start,
+            now: start,
+            node: NodeSession::new(start, hello),
+            member: None,
+            conn: 0,
+            connect_done: None,
+            cert_name: cert_name.map(Into::into),
+            roster: TestRoster {
+                members: [name("n1"), name("n2")].into(),
+                live: [name("n1")].into(),
+            },
+            revision: 1,
+            unreachable: false,
+            stalled: false,
+            to_node: Vec::new(),
+            to_manager: Vec::new(),
+            seq: 0,
+            downlink: Box::new(|_| Fate::After(LATENCY)),
+            uplink: Box::new(|_| Fate::After(LATENCY)),
+            seen: Vec::new(),
+        }
+    }
+
+    fn at(&self, t: Duration) -> Instant {
+        self.start + t
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    fn see(&mut self, s: Seen) {
+        self.seen.push((self.elapsed(), s));
+    }
+
+    fn seen(&self, f: impl Fn(&Seen) -> bool) -> Vec<Duration> {
+        self.seen
+            .iter()
+            .filter(|(_, s)| f(s))
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    fn adopted(&self) -> Vec<u64> {
+        self.seen
+            .iter()
+            .filter_map(|(_, s)| match s {
+                Seen::Adopted(r) => Some(*r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn downs(&self) -> Vec<(Duration, String)> {
+        self.seen
+            .iter()
+            .filter_map(|(t, s)| match s {
+                Seen::Down(e) => Some((*t, e.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A change made on the manager (by its own API, say): the state moves on.
+    fn change(&mut self) {
+        self.revision += 1;
+        if let Some(m) = self.member.as_mut() {
+            m.state_changed();
+        }
+        self.settle();
+    }
+
+    /// An operator's change on the node; returns its id.
+    fn request(&mut self) -> Result<u64, RequestError> {
+        let r = self.node.request(
+            self.now,
+            Op::ScaleService {
+                name: "web".into(),
+                replicas: 3,
+            },
+        );
+        self.settle();
+        r
+    }
+
+    fn snapshot(&self) -> ToNode {
+        ToNode::Snapshot(Box::new(Snapshot {
+            state: ClusterState {
+                revision: self.revision,
+                ..ClusterState::default()
+            },
+            statuses: Default::default(),
+            health: Default::default(),
+            keys: Default::default(),
+        }))
+    }
+
+    fn send_down(&mut self, msg: ToNode) {
+        if let Fate::After(d) = (self.downlink)(&msg) {
+            self.seq += 1;
+            self.to_node.push(Flight {
+                at: self.now + d,
+                seq: self.seq,
+                conn: self.conn,
+                msg,
+            });
+        }
+    }
+
+    fn send_up(&mut self, msg: ToManager) {
+        if let Fate::After(d) = (self.uplink)(&msg) {
+            self.seq += 1;
+            self.to_manager.push(Flight {
+                at: self.now + d,
+                seq: self.seq,
+                conn: self.conn,
+                msg,
+            });
+        }
+    }
+
+    /// Does everything both sides asked for, until neither asks for more.
+    fn settle(&mut self) {
+        loop {
+            let mut busy = false;
+            while let Some(e) = self.node.poll() {
+                busy = true;
+                self.node_event(e);
+            }
+            while let Some(a) = self.member.as_mut().and_then(|m| m.poll()) {
+                busy = true;
+                self.member_action(a);
+            }
+            if !busy {
+                return;
+            }
+        }
+    }
+
+    fn node_event(&mut self, e: Event) {
+        match e {
+            Event::Connect => {
+                self.see(Seen::Connect);
+                let after = if self.unreachable {
+                    CONNECT_FAILS_AFTER
+                } else {
+                    LATENCY
+                };
+                self.connect_done = Some(self.now + after);
+            }
+            Event::Send(msg) => self.send_up(msg),
+            Event::SendReport => {
+                self.see(Seen::Report);
+                self.send_up(ToManager::Report { statuses: vec![] })
+            }
+            Event::Up => self.see(Seen::Up),
+            Event::Snapshot(s) => self.see(Seen::Adopted(s.state.revision)),
+            Event::Answer { id, result } => self.see(Seen::Answer(id, result)),
+            Event::Down { error } => {
+                self.see(Seen::Down(error));
+                // The connection is dropped: the manager's side goes, and what is in flight.
+                self.member = None;
+                self.conn += 1;
+            }
+        }
+    }
+
+    fn member_action(&mut self, a: Action) {
+        let now = self.now;
+        let Some(m) = self.member.as_mut() else {
+            return;
+        };
+        match a {
+            Action::Send(msg) => self.send_down(msg),
+            Action::PushSnapshot => {
+                self.see(Seen::Pushed(self.revision));
+                let s = self.snapshot();
+                self.send_down(s);
+            }
+            Action::Join { node, .. } => m.joined(format!("cert of {node}"), "ca".into()),
+            Action::Admit { .. } => m.admitted(now),
+            Action::Apply { id, .. } => {
+                self.revision += 1;
+                m.applied(id, Ok(self.revision));
+                m.state_changed();
+            }
+            Action::Refuse { reason } => self.send_down(ToNode::Refused { reason }),
+            Action::Close { .. } => self.member = None,
+            Action::Up { .. } | Action::Heartbeat { .. } | Action::Ignored { .. } => {}
+        }
+    }
+
+    /// Moves the virtual clock to `t` (since the start), handling everything due on the way
+    /// in time order.
+    fn run_until(&mut self, t: Duration) {
+        let end = self.at(t);
+        loop {
+            self.settle();
+            // A stalled manager's timers never fire.
+            let member = self.member.as_ref().filter(|_| !self.stalled);
+            let next = [
+                self.node.poll_timeout(),
+                member.and_then(|m| m.poll_timeout()),
+                self.connect_done,
+                self.to_node.iter().map(|f| f.at).min(),
+                self.to_manager.iter().map(|f| f.at).min(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let Some(next) = next.filter(|n| *n <= end) else {
+                self.now = end;
+                return;
+            };
+            self.now = self.now.max(next);
+            self.step();
+        }
+    }
+
+    fn step(&mut self) {
+        let now = self.now;
+        if self.connect_done.is_some_and(|t| t <= now) {
+            self.connect_done = None;
+            if self.unreachable {
+                self.node
+                    .connection_lost(now, "connecting: timed out".into());
+            } else {
+                self.conn += 1;
+                self.member = Some(MemberSession::new(now, self.cert_name.clone()));
+                self.node.connected(now);
+            }
+            return;
+        }
+        if let Some(i) = due(&self.to_manager, now) {
+            let f = self.to_manager.remove(i);
+            if f.conn == self.conn && !self.stalled {
+                if let Some(m) = self.member.as_mut() {
+                    m.handle_message(f.msg, &self.roster);
+                }
+            }
+            return;
+        }
+        if let Some(i) = due(&self.to_node, now) {
+            let f = self.to_node.remove(i);
+            if f.conn == self.conn {
+                self.node.handle_message(now, f.msg);
+            }
+            return;
+        }
+        if !self.stalled {
+            if let Some(m) = self.member.as_mut() {
+                m.handle_timeout(now);
+            }
+        }
+        self.node.handle_timeout(now);
+    }
+}
+
+/// The earliest flight due at `now` (by arrival, then by sending order).
+fn due<T>(flights: &[Flight<T>], now: Instant) -> Option<usize> {
+    flights
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.at <= now)
+        .min_by_key(|(_, f)| (f.at, f.seq))
+        .map(|(i, _)| i)
+}
+
+fn ms(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+#[test]
+fn a_session_comes_up_and_snapshots_come_every_second() {
+    let mut sim = Sim::new();
+    sim.run_until(ms(10000));
+    // Connect (10 ms), Hello (10 ms), Welcome and the first snapshot (10 ms).
+    assert_eq!(sim.seen(|s| *s == Seen::Up), vec![ms(30)]);
+    assert_eq!(sim.downs(), vec![]);
+    let pushes = sim.seen(|s| matches!(s, Seen::Pushed(_)));
+    let expected: Vec<_> = (0..10).map(|i| ms(20 + 1000 * i)).collect();
+    assert_eq!(pushes, expected, "at admission, then every PUSH_EVERY");
+    assert!(sim.adopted().iter().all(|r| *r == 1));
+    // A heartbeat at once, then every second.
+    let reports = sim.seen(|s| *s == Seen::Report);
+    let expected: Vec<_> = (0..10).map(|i| ms(30 + 1000 * i)).collect();
+    assert_eq!(reports, expected);
+    assert!(sim.node.is_open());
+}
+
+#[test]
+fn a_change_is_pushed_at_once_without_moving_the_periodic_push() {
+    let mut sim = Sim::new();
+    sim.run_until(ms(1500));
+    sim.change();
+    assert_eq!(sim.seen.last(), Some(&(ms(1500), Seen::Pushed(2))));
+    sim.run_until(ms(1520));
+    assert_eq!(sim.adopted().last(), Some(&2));
+    sim.run_until(ms(3000));
+    let pushes = sim.seen(|s| matches!(s, Seen::Pushed(_)));
+    assert_eq!(
+        pushes,
+        vec![ms(20), ms(1020), ms(1500), ms(2020)],
+        "the change's push came on top of the periodic ones"
+    );
+}
+
+#[test]
+fn a_lost_snapshot_is_recovered_by_the_next_periodic_push() {
+    let mut sim = Sim::new();
+    sim.run_until(ms(1500));
+    let mut lost = false;
+    sim.downlink = Box::new(move |m| match m {
+        ToNode::Snapshot(s) if s.state.revision == 2 && !lost => {
+            lost = true;
+            Fate::Lost
+        }
+        _ => Fate::After(LATENCY),
+    });
+    sim.change();
+    sim.run_until(ms(2000));
+    assert_eq!(sim.adopted().last(), Some(&1), "the change's push was lost");
+    sim.run_until(ms(2100));
+    let t = sim.seen(|s| *s == Seen::Adopted(2));
+    assert_eq!(
+        t.first(),
+        Some(&ms(2030)),
+        "the next periodic push brings it"
+    );
+}
+
+#[test]
+fn reordered_snapshots_never_move_a_node_backwards() {
+    let mut sim = Sim::new();
+    sim.run_until(ms(1000));
+    // Each snapshot takes less time than the one before: they arrive in reverse order.
+    let mut delay = 500u64;
+    sim.downlink = Box::new(move |m| match m {
+        ToNode::Snapshot(_) => {
+            delay = delay.saturating_sub(100);
+            Fate::After(Duration::from_millis(delay + 10))
+        }
+        _ => Fate::After(LATENCY),
+    });
+    for i in 0..4 {
+        sim.run_until(ms(1050 + 10 * i));
+        sim.change();
+    }
+    sim.run_until(ms(3000));
+    let adopted = sim.adopted();
+    assert!(
+        adopted.windows(2).all(|w| w[0] <= w[1]),
+        "went backwards: {adopted:?}"
+    );
+    assert_eq!(adopted.last(), Some(&5));
+    // Revisions 2 to 4 arrived after 5 and were ignored.
+    for r in 2..5 {
+        assert!(!adopted.contains(&r), "{r} adopted: {adopted:?}");
+    }
+}
+
+#[test]
+fn the_first_snapshot_of_a_new_session_resynchronises_whatever_its_revision() {
+    let mut sim = Sim::new();
+    sim.run_until(ms(1000));
+    sim.change();
+    sim.run_until(ms(2000));
+    assert_eq!(sim.adopted().last(), Some(&2));
+    // The manager comes back from a backup, behind: the node follows it.
+    sim.node
+        .connection_lost(sim.now, "stream read: connection lost".into());
+    sim.revision = 1;
+    sim.run_until(ms(3000));
+    assert_eq!(sim.adopted().last(), Some(&1));
+}
+
+#[test]
+fn a_forwarded_request_is_answered_with_its_revision() {
+    let mut sim = Sim::new();
+    sim.run_until(ms(1000));
+    let id = sim.request().unwrap();
+    sim.run_until(ms(1100));
+    let answers = sim.seen(|s| *s == Seen::Answer(id, Ok(2)));
+    assert_eq!(answers, vec![ms(1020)]);
+    // The snapshot holding the change was pushed as it was applied.
+    assert_eq!(
+        sim.seen(|s| *s == Seen::Adopted(2)).first(),
+        Some(&ms(1020))
+    );
+}
+
+#[test]
+fn a_request_whose_answer_is_lost_times_out() {
+    let mut sim = Sim::new();
+    sim.run_until(ms(1000));
+    sim.downlink = Box::new(|m| match m {
+        ToNode::Response { .. } => Fate::Lost,
+        _ => Fate::After(LATENCY),
+    });
+    let id = sim.request().unwrap();
+    sim.run_until(ms(20000));
+    let answers: Vec<_> = sim
+        .seen
+        .iter()
+        .filter(|(_, s)| matches!(s, Seen::Answer(..)))
+        .cloned()
+        .collect();
+    assert_eq!(
+        answers,
+        vec![(
+            ms(1000) + REQUEST_TIMEOUT,
+            Seen::Answer(id, Err(RequestError::TimedOut))
+        )]
+    );
+    // The change itself was applied; the session stays up (snapshots still come).
+    assert_eq!(sim.adopted().last(), Some(&2));
+    assert_eq!(sim.downs(), vec![]);
+}
+
+#[test]
+fn a_late_answer_finds_nobody_waiting() {
+    let mut sim = Sim::new();
+    sim.run_until(ms(1000));
+    sim.downlink = Box::new(|m| match m {
+        ToNode::Response { .. } => Fate::After(REQUEST_TIMEOUT + ms(1000)),
+        _ => Fate::After(LATENCY),
+    });
+    let id = sim.request().unwrap();
+    sim.run_until(ms(15000));
+    let answers = sim.seen(|s| matches!(s, Seen::Answer(..)));
+    assert_eq!(answers.len(), 1);
+    assert!(sim
+        .seen
+        .contains(&(ms(11000), Seen::Answer(id, Err(RequestError::TimedOut)))));
+}
+
+#[test]
+fn a_request_without_a_session_is_not_sent() {
+    let mut sim = Sim::new();
+    assert_eq!(sim.request(), Err(RequestError::NotConnected));
+    sim.run_until(ms(1000));
+    assert!(sim.request().is_ok());
+}
+
+#[test]
+fn pending_requests_are_lost_with_their_session() {
+    let mut sim = Sim::new();
+    sim.run_until(ms(1000));
+    sim.stalled = true;
+    let a = sim.request().unwrap();
+    let b = sim.request().unwrap();
+    assert_ne!(a, b);
+    sim.run_until(ms(10000));
+    let lost = sim.seen(|s| matches!(s, Seen::Answer(_, Err(RequestError::Lost))));
+    assert_eq!(lost.len(), 2);
+    let (down_at, _) = sim.downs()[0];
+    assert!(lost.iter().all(|t| *t == down_at));
+}
+
+#[test]
+fn a_stalled_manager_is_detected_within_the_limit_and_left() {
+    let mut sim = Sim::new();
+    sim.run_until(ms(2000));
+    let last = *sim.seen(|s| matches!(s, Seen::Adopted(_))).last().unwrap();
+    // The connection stays up (QUIC would keep it alive) but the manager's side is stuck.
+    sim.stalled = true;
+    sim.run_until(ms(10000));
+    let downs = sim.downs();
+    assert_eq!(
+        downs[0],
+        (
+            last + STALL_AFTER,
+            "no snapshot from the manager for 5 s".into()
+        )
+    );
+    // It reconnects after the back-off; the manager is still stuck, so Hello goes unanswered.
+    let connects = sim.seen(|s| *s == Seen::Connect);
+    assert_eq!(connects[1], downs[0].0 + RECONNECT_MIN);
+    sim.stalled = false;
+    sim.run_until(ms(30000));
+    assert!(sim.node.is_open(), "{:?}", sim.downs());
+    assert!(sim
+        .downs()
+        .iter()
+        .any(|(_, e)| e == "no answer to Hello within 5 s"));
+}
+
+#[test]
+fn reconnects_back_off_from_half_a_second_to_five_and_start_over_after_a_session() {
+    let mut sim = Sim::new();
+    sim.unreachable = true;
+    sim.run_until(ms(60000));
+    let connects = sim.seen(|s| *s == Seen::Connect);
+    let waits: Vec<Duration> = connects
+        .windows(2)
+        .map(|w| w[1] - w[0] - CONNECT_FAILS_AFTER)
+        .collect();
+    assert_eq!(
+        &waits[..6],
+        &[
+            ms(500),
+            ms(1000),
+            ms(2000),
+            ms(4000),
+            RECONNECT_MAX,
+            RECONNECT_MAX
+        ]
+    );
+    // The manager is back: a session comes up, then is lost; the back-off starts over.
+    sim.unreachable = false;
+    sim.run_until(ms(80000));
+    assert!(sim.node.is_open());
+    sim.node
+        .connection_lost(sim.now, "stream read: reset".into());
+    sim.run_until(ms(81000));
+    let connects = sim.seen(|s| *s == Seen::Connect);
+    assert_eq!(*connects.last().unwrap(), ms(80000) + RECONNECT_MIN);
+}
+
+#[test]
+fn a_refused_hello_brings_the_session_down_with_the_reason() {
+    for (hello, cert, reason) in [
+        (
+            hello("n2", 1),
+            Some("n2"),
+            "control protocol version 1 is not this manager's 2",
+        ),
+        (
+            hello("n2", VERSION),
+            Some("n3"),
+            "certificate is for n3, not n2",
+        ),
+        (
+            hello("n2", VERSION),
+            None,
+            "a member session needs a cluster certificate",
+        ),
+        (
+            hello("n9", VERSION),
+            Some("n9"),
+            "n9 is not a member of this cluster",
+        ),
+    ] {
+        let mut sim = Sim::with_hello(hello, cert);
+        sim.run_until(ms(200));
+        assert_eq!(sim.downs(), vec![(ms(30), format!("refused: {reason}"))]);
+        assert!(sim.seen(|s| matches!(s, Seen::Pushed(_))).is_empty());
+    }
+}
+
+/// The manager's side alone: what it makes of first messages.
+mod first_message {
+    use super::*;
+
+    fn roster() -> TestRoster {
+        TestRoster {
+            members: [name("n1"), name("n2")].into(),
+            live: [name("n1"), name("n2")].into(),
+        }
+    }
+
+    fn actions(m: &mut MemberSession) -> Vec<Action> {
+        std::iter::from_fn(|| m.poll()).collect()
+    }
+
+    fn refusal(cert: Option<&str>, msg: ToManager) -> Vec<Action> {
+        let mut m = MemberSession::new(Instant::now(), cert.map(Into::into));
+        m.handle_message(msg, &roster());
+        assert!(m.is_closed());
+        actions(&mut m)
+    }
+
+    fn join(version: u32, node: &str, secret: &str) -> ToManager {
+        ToManager::Join {
+            version,
+            node: name(node),
+            advertise_addr: Ipv4Addr::new(198, 18, 0, 3),
+            data_port: 4789,
+            secret: secret.into(),
+            csr_pem: "csr".into(),
+        }
+    }
+
+    fn refuse(reason: &str) -> Vec<Action> {
+        vec![Action::Refuse {
+            reason: reason.into(),
+        }]
+    }
+
+    #[test]
+    fn joins_are_checked_in_order() {
+        assert_eq!(
+            refusal(None, join(1, "n3", "bad")),
+            refuse("control protocol version 1 is not this manager's 2")
+        );
+        assert_eq!(
+            refusal(None, join(VERSION, "n3", "bad")),
+            refuse("invalid join token")
+        );
+        assert_eq!(
+            refusal(None, join(VERSION, "n2", "s3cret")),
+            refuse("node name n2 is in use by a live member")
+        );
+        let mut m = MemberSession::new(Instant::now(), None);
+        m.handle_message(join(VERSION, "n3", "s3cret"), &roster());
+        assert_eq!(
+            actions(&mut m),
+            vec![Action::Join {
+                node: name("n3"),
+                advertise_addr: Ipv4Addr::new(198, 18, 0, 3),
+                data_port: 4789,
+                csr_pem: "csr".into(),
+            }]
+        );
+        m.joined("cert".into(), "ca".into());
+        assert_eq!(
+            actions(&mut m),
+            vec![Action::Send(ToNode::Joined {
+                cert_pem: "cert".into(),
+                ca_pem: "ca".into()
+            })]
+        );
+        assert!(m.is_closed());
+    }
+
+    #[test]
+    fn a_join_the_driver_cannot_complete_is_refused() {
+        let mut m = MemberSession::new(Instant::now(), None);
+        m.handle_message(join(VERSION, "n3", "s3cret"), &roster());
+        let _ = actions(&mut m);
+        m.refuse("bad CSR".into());
+        assert_eq!(actions(&mut m), refuse("bad CSR"));
+    }
+
+    #[test]
+    fn a_session_must_open_with_join_or_hello_within_ten_seconds() {
+        assert_eq!(
+            refusal(Some("n2"), ToManager::Report { statuses: vec![] }),
+            refuse("expected Join or Hello first")
+        );
+        let t0 = Instant::now();
+        let mut m = MemberSession::new(t0, Some("n2".into()));
+        assert_eq!(m.poll_timeout(), Some(t0 + manager::FIRST_MESSAGE_TIMEOUT));
+        m.handle_timeout(t0 + ms(9900));
+        assert!(actions(&mut m).is_empty());
+        m.handle_timeout(t0 + ms(10000));
+        assert_eq!(actions(&mut m), refuse("no message within 10 s"));
+        assert_eq!(m.poll_timeout(), None);
+
+        let mut m = MemberSession::new(t0, Some("n2".into()));
+        m.stream_failed("malformed control message: unexpected end".into());
+        assert_eq!(
+            actions(&mut m),
+            refuse("unreadable first message: malformed control message: unexpected end")
+        );
+    }
+
+    #[test]
+    fn an_admission_the_driver_cannot_record_is_refused() {
+        let mut m = MemberSession::new(Instant::now(), Some("n2".into()));
+        m.handle_message(hello("n2", VERSION), &roster());
+        assert!(matches!(actions(&mut m)[..], [Action::Admit { .. }]));
+        m.refuse("cannot persist".into());
+        assert_eq!(actions(&mut m), refuse("cannot persist"));
+    }
+
+    #[test]
+    fn in_a_session_reports_are_heartbeats_and_requests_are_applied() {
+        let t0 = Instant::now();
+        let mut m = MemberSession::new(t0, Some("n2".into()));
+        m.handle_message(hello("n2", VERSION), &roster());
+        let _ = actions(&mut m);
+        m.admitted(t0);
+        assert_eq!(
+            actions(&mut m),
+            vec![
+                Action::Send(ToNode::Welcome { version: VERSION }),
+                Action::Up { node: name("n2") },
+                Action::PushSnapshot,
+            ]
+        );
+        m.handle_message(ToManager::Report { statuses: vec![] }, &roster());
+        let op = Op::RotateKey("sec".into());
+        m.handle_message(
+            ToManager::Request {
+                id: 7,
+                op: op.clone(),
+            },
+            &roster(),
+        );
+        m.handle_message(hello("n2", VERSION), &roster());
+        assert_eq!(
+            actions(&mut m),
+            vec![
+                Action::Heartbeat {
+                    node: name("n2"),
+                    statuses: vec![]
+                },
+                Action::Apply { id: 7, op },
+                Action::Ignored { what: "Hello" },
+            ]
+        );
+        let err = OpError {
+            status: 404,
+            message: "network sec not found".into(),
+        };
+        m.applied(7, Err(err.clone()));
+        assert_eq!(
+            actions(&mut m),
+            vec![Action::Send(ToNode::Response {
+                id: 7,
+                result: Err(err)
+            })]
+        );
+        m.stream_failed("stream read: reset".into());
+        assert_eq!(
+            actions(&mut m),
+            vec![Action::Close {
+                reason: "stream read: reset".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_late_driver_pushes_once_and_keeps_the_rhythm() {
+        let t0 = Instant::now();
+        let mut m = MemberSession::new(t0, Some("n2".into()));
+        m.handle_message(hello("n2", VERSION), &roster());
+        m.admitted(t0);
+        let _ = actions(&mut m);
+        m.handle_timeout(t0 + ms(3500));
+        assert_eq!(actions(&mut m), vec![Action::PushSnapshot]);
+        assert_eq!(m.poll_timeout(), Some(t0 + ms(4500)));
+    }
+}
+
+/// The node's side alone.
+#[test]
+fn a_node_greets_and_ignores_what_comes_outside_a_session() {
+    let t0 = Instant::now();
+    let mut n = NodeSession::new(t0, hello("n2", VERSION));
+    assert_eq!(n.poll_timeout(), Some(t0));
+    n.handle_timeout(t0);
+    assert_eq!(n.poll(), Some(Event::Connect));
+    assert_eq!(n.poll_timeout(), None, "QUIC times the handshake out");
+    n.connected(t0);
+    assert_eq!(n.poll(), Some(Event::Send(hello("n2", VERSION))));
+    n.handle_message(
+        t0,
+        ToNode::Snapshot(Box::new(Snapshot {
+            state: ClusterState::default(),
+            statuses: Default::default(),
+            health: Default::default(),
+            keys: Default::default(),
+        })),
+    );
+    assert!(
+        matches!(n.poll(), Some(Event::Down { error }) if error == "unexpected answer to Hello")
+    );
+    assert_eq!(n.poll_timeout(), Some(t0 + node::RECONNECT_MIN));
+}

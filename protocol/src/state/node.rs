@@ -2,12 +2,13 @@
 //!
 //! A node joins, or rejoins under its name with a new address, through `upsert_node`, which
 //! also gives it its router's address on the ingress network (`ingress.rs`). Draining a node
-//! moves its tasks to others with the same spread placement as scaling (`task.rs`).
+//! moves its tasks to others with the same spread placement as scaling (`task.rs`), the old
+//! ones to the history (`history.rs`). A node that is lost rather than drained is handled in
+//! `reschedule.rs`; `remove_node` takes one out of the cluster.
 
-use super::{ClusterState, StateError, Task};
+use super::{ClusterState, StateError};
 use crate::types::{NodeName, ServiceName};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 /// Whether a node takes tasks, as Docker's `node update --availability`.
@@ -59,14 +60,28 @@ impl ClusterState {
         let _ = self.ensure_lb_endpoints();
     }
 
-    /// Sets a node's availability. Draining moves every task on it to other eligible active
-    /// nodes (new task ids, same slots; addresses come from the pool again, so a task usually
-    /// gets back the one it just freed), as `docker node update --availability drain` does.
-    /// It is refused, changing nothing, if a task has nowhere to go.
+    /// Sets a node's availability; draining records `ended_at` 0 (not known): prefer
+    /// [`ClusterState::set_availability_at`].
     pub fn set_availability(
         &mut self,
         node: &str,
         availability: Availability,
+        new_id: &mut dyn FnMut() -> String,
+        eligible: &dyn Fn(&NodeName) -> bool,
+    ) -> Result<(), StateError> {
+        self.set_availability_at(node, availability, 0, new_id, eligible)
+    }
+
+    /// Sets a node's availability at `now` (unix seconds). Draining moves every task on it
+    /// to other eligible active nodes, as `docker node update --availability drain` does:
+    /// the old task goes to the history ("node drained"), keeping its addresses until the
+    /// node reports it stopped, and its slot gets a new task (new id, new addresses). It is
+    /// refused, changing nothing, if a task has nowhere to go.
+    pub fn set_availability_at(
+        &mut self,
+        node: &str,
+        availability: Availability,
+        now: u64,
         new_id: &mut dyn FnMut() -> String,
         eligible: &dyn Fn(&NodeName) -> bool,
     ) -> Result<(), StateError> {
@@ -78,25 +93,74 @@ impl ClusterState {
         n.availability = availability;
         let name = n.name.clone();
         if availability == Availability::Drain {
-            let moving: Vec<Task> = next
-                .tasks
-                .values()
-                .filter(|t| t.node == name)
-                .cloned()
+            let moving: Vec<(ServiceName, u32, String)> = next
+                .tasks_on(&name)
+                .map(|t| (t.service.clone(), t.slot, t.name.clone()))
                 .collect();
-            for t in &moving {
-                next.tasks.remove(&t.name);
+            for (_, _, task) in &moving {
+                next.retire(task, "node drained", now);
             }
-            let services: BTreeSet<ServiceName> =
-                moving.iter().map(|t| t.service.clone()).collect();
-            for svc in services {
-                let replicas = next.services.get(&svc).map_or(0, |s| s.replicas);
-                next.scale_service(svc.as_str(), replicas, new_id, eligible)?;
+            for (service, slot, _) in &moving {
+                next.place_missing(service, [*slot], new_id, eligible, true)?;
             }
+            next.prune_history();
         }
         next.revision += 1;
         *self = next;
         Ok(())
+    }
+
+    /// Removes a node from the cluster (`docker node rm`). Refused while tasks or
+    /// containers' endpoints are placed on it, unless `force`: then its tasks go to the
+    /// history (released, "node NAME removed": the node is gone) leaving their slots empty
+    /// for [`ClusterState::fill_slots`], and its endpoints are dropped. Its past tasks are
+    /// released, so their addresses are free again; its router address on the ingress
+    /// network and its Docker bookkeeping go too.
+    pub fn remove_node(&mut self, node: &str, force: bool, now: u64) -> Result<Node, StateError> {
+        let mut next = self.clone();
+        let removed = next
+            .nodes
+            .remove(node)
+            .ok_or_else(|| StateError::NoSuchNode(node.to_string()))?;
+        let tasks: Vec<String> = next
+            .tasks_on(&removed.name)
+            .map(|t| t.name.clone())
+            .collect();
+        let endpoints: Vec<String> = next
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.node == removed.name)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !force && !(tasks.is_empty() && endpoints.is_empty()) {
+            let mut users = Vec::new();
+            if !tasks.is_empty() {
+                users.push(format!("task(s) {}", tasks.join(", ")));
+            }
+            if !endpoints.is_empty() {
+                users.push(format!("container endpoint(s) {}", endpoints.join(", ")));
+            }
+            return Err(StateError::NodeInUse {
+                node: removed.name,
+                users: users.join(" and "),
+            });
+        }
+        let reason = format!("node {} removed", removed.name);
+        for task in &tasks {
+            next.retire(task, &reason, now);
+        }
+        for key in &endpoints {
+            next.endpoints.remove(key);
+        }
+        next.release_node(node);
+        for net in next.networks.values_mut() {
+            net.lb_endpoints.remove(&removed.name);
+            net.docker_nodes.remove(&removed.name);
+        }
+        next.prune_history();
+        next.revision += 1;
+        *self = next;
+        Ok(removed)
     }
 }
 

@@ -295,4 +295,50 @@ mod tests {
         assert!(s.history.values().all(|p| !p.released));
         assert!(!s.set_task_history_limit(0));
     }
+
+    /// A state file written before the history existed (format 1, no `history` or
+    /// `task_history_limit`) loads, with an empty history and the default limit.
+    #[test]
+    fn state_saved_without_history_loads() {
+        let old = r#"{
+          "format": 1,
+          "revision": 7,
+          "networks": {},
+          "services": {
+            "web": {
+              "id": "s1", "name": "web", "networks": ["a"], "replicas": 1,
+              "command": ["sleep", "1000"], "created_at": 1, "updated_at": 1
+            }
+          },
+          "tasks": {
+            "web.1": {
+              "id": "t1", "name": "web.1", "service": "web", "slot": 1, "node": "n1",
+              "attachments": [
+                {"network": "a", "address": "10.0.2.3", "mac": "02:42:0a:00:02:03"}
+              ]
+            }
+          },
+          "nodes": {
+            "n1": {
+              "name": "n1", "role": "manager", "availability": "active",
+              "advertise_addr": null, "joined_at": 0
+            }
+          }
+        }"#;
+        let s: ClusterState = serde_json::from_str(old).unwrap();
+        assert_eq!(s.format, crate::state::FORMAT);
+        assert!(s.history.is_empty());
+        assert_eq!(s.task_history_limit, DEFAULT_TASK_HISTORY_LIMIT);
+        assert_eq!(
+            s.tasks["web.1"].attachments[0].address.to_string(),
+            "10.0.2.3"
+        );
+        // And what is saved now reads back the same, history included.
+        let mut s = s;
+        s.remove_service_at("web", 3).unwrap();
+        let again: ClusterState =
+            serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(again, s);
+        assert_eq!(again.history["t1"].reason, "service removed");
+    }
 }

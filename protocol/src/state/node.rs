@@ -132,7 +132,8 @@ impl ClusterState {
             .filter(|(_, e)| e.node == removed.name)
             .map(|(k, _)| k.clone())
             .collect();
-        if !force && !(tasks.is_empty() && endpoints.is_empty()) {
+        let in_use = !tasks.is_empty() || !endpoints.is_empty();
+        if in_use && !force {
             let mut users = Vec::new();
             if !tasks.is_empty() {
                 users.push(format!("task(s) {}", tasks.join(", ")));
@@ -168,6 +169,76 @@ impl ClusterState {
 mod tests {
     use super::*;
     use crate::state::fixtures::{ids, net, state, svc};
+    use crate::state::{EndpointRequest, Task};
+
+    fn add_worker(s: &mut ClusterState, name: &str) -> NodeName {
+        let name = NodeName::new(name).unwrap();
+        s.upsert_node(Node {
+            name: name.clone(),
+            role: Role::Worker,
+            availability: Availability::Active,
+            advertise_addr: Some(Ipv4Addr::new(192, 168, 0, 2)),
+            data_port: 4789,
+            joined_at: 0,
+        });
+        name
+    }
+
+    #[test]
+    fn removing_a_node_refuses_while_in_use_unless_forced() {
+        let mut s = state();
+        s.ensure_ingress("ing".into(), 0).unwrap();
+        let n2 = add_worker(&mut s, "n2");
+        net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
+        let mut id = ids();
+        s.create_service(svc("web", &["a"], 4), &mut id, &|_| true)
+            .unwrap();
+        s.add_endpoint(EndpointRequest {
+            container: "c1".into(),
+            ifname: "eth0".into(),
+            netns: "/run/netns/c1".into(),
+            network: "a".into(),
+            node: n2.clone(),
+            runtime: "cni".into(),
+            address: None,
+        })
+        .unwrap();
+        // A task scaled down earlier, still unreleased on n2.
+        s.scale_service_at("web", 3, 10, &mut id, &|_| true)
+            .unwrap();
+        let earlier = s.history.values().next().unwrap().task.clone();
+        assert_eq!(earlier.node, n2);
+        let before = s.clone();
+        let err = s.remove_node("n2", false, 20).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "node n2 still holds task(s) web.2 and container endpoint(s) c1/eth0: \
+             drain it first, or force its removal"
+        );
+        assert_eq!(s, before);
+        // Forced: its task goes to the history released, its slot empty until filled; its
+        // endpoint, its ingress address and its past tasks' reservations go.
+        let on_n2 = s.tasks_on(&n2).next().unwrap().clone();
+        let removed = s.remove_node("n2", true, 20).unwrap();
+        assert_eq!(removed.name, n2);
+        assert!(!s.nodes.contains_key(&n2));
+        assert!(s.endpoints.is_empty());
+        assert!(!s.ingress_network().unwrap().lb_endpoints.contains_key(&n2));
+        let p = &s.history[&on_n2.id];
+        assert_eq!((p.reason.as_str(), p.released), ("node n2 removed", true));
+        assert!(s.history[&earlier.id].released);
+        assert!(s.unreleased_tasks().next().is_none());
+        assert_eq!(s.missing_slots().len(), 1);
+        assert_eq!(s.fill_slots(&mut id, &|_| true), [on_n2.name.as_str()]);
+        assert_eq!(s.tasks[&on_n2.name].node.as_str(), "n1");
+        // Without tasks, no force is needed.
+        add_worker(&mut s, "n3");
+        s.remove_node("n3", false, 30).unwrap();
+        assert!(matches!(
+            s.remove_node("n3", false, 30),
+            Err(StateError::NoSuchNode(_))
+        ));
+    }
 
     #[test]
     fn drain_moves_tasks_and_refuses_when_nowhere_to_go() {
@@ -188,11 +259,23 @@ mod tests {
         let mut id = ids();
         s.create_service(svc("web", &["a"], 4), &mut id, &|_| true)
             .unwrap();
-        assert_eq!(s.tasks_on(&n2).count(), 2);
-        s.set_availability("n2", Availability::Drain, &mut id, &|_| true)
+        let drained: Vec<Task> = s.tasks_on(&n2).cloned().collect();
+        assert_eq!(drained.len(), 2);
+        s.set_availability_at("n2", Availability::Drain, 70, &mut id, &|_| true)
             .unwrap();
         assert_eq!(s.tasks_on(&n2).count(), 0);
         assert_eq!(s.tasks.len(), 4);
+        // The drained tasks are in the history, their addresses held until n2 reports.
+        let used = s.used_addresses(&"a".parse().unwrap());
+        for old in &drained {
+            let p = &s.history[&old.id];
+            assert_eq!(
+                (p.reason.as_str(), p.ended_at, p.released),
+                ("node drained", 70, false)
+            );
+            assert!(used.contains(&old.attachments[0].address));
+            assert_ne!(s.tasks[&old.name].attachments, old.attachments);
+        }
         assert_eq!(s.nodes[&n2].availability, Availability::Drain);
         // New tasks go elsewhere while drained; back to active, it is eligible again.
         s.scale_service("web", 5, &mut id, &|_| true).unwrap();

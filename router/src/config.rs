@@ -98,6 +98,16 @@ pub struct Config {
     #[arg(long, default_value = "12h", value_parser = parse_interval)]
     pub key_rotation_interval: std::time::Duration,
 
+    /// How long a node may be down before the manager replaces its tasks on other nodes,
+    /// e.g. 10s, 1m [default: 10s]. A node back sooner keeps its tasks.
+    #[arg(long, default_value = "10s", value_parser = parse_grace)]
+    pub reschedule_after: std::time::Duration,
+
+    /// Past tasks kept per service slot and shown by `service ps` (Swarm's task history
+    /// retention limit) [default: 5].
+    #[arg(long, default_value_t = protocol::state::DEFAULT_TASK_HISTORY_LIMIT, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub task_history_limit: u32,
+
     /// Resolver that names outside the cluster are forwarded to (repeatable) [default: the
     /// nameservers of this node's /etc/resolv.conf].
     #[arg(long = "dns-upstream", value_name = "ADDR[:PORT]", value_parser = parse_upstream)]
@@ -157,6 +167,15 @@ impl Config {
 
 /// An interval of whole seconds, minutes, hours or days: `90s`, `30m`, `12h`, `1d`.
 fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    parse_duration(s, 10)
+}
+
+fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
+    parse_duration(s, 1)
+}
+
+/// A duration such as 90s, 30m, 12h or 2d, of at least `min_secs`.
+fn parse_duration(s: &str, min_secs: u64) -> Result<std::time::Duration, String> {
     let bad = || format!("invalid interval {s:?}: expected e.g. 90s, 30m, 12h");
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num.parse().map_err(|_| bad())?;
@@ -167,8 +186,8 @@ fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
         "d" => n.saturating_mul(86_400),
         _ => return Err(bad()),
     };
-    if secs < 10 {
-        return Err(format!("invalid interval {s:?}: at least 10s"));
+    if secs < min_secs {
+        return Err(format!("invalid interval {s:?}: at least {min_secs}s"));
     }
     Ok(std::time::Duration::from_secs(secs))
 }

@@ -13,7 +13,7 @@ use crate::config::{Config, CONTROL_PORT};
 use crate::durable;
 use crate::forward::io::Datapath;
 use crate::forward::underlay::Sockets;
-use crate::manager::{Manager, KEY_TICK};
+use crate::manager::{Manager, HEAL_TICK, KEY_TICK};
 use crate::naming;
 use crate::store::Store;
 use anyhow::{bail, Context};
@@ -120,7 +120,7 @@ async fn start_manager(
         &cfg.node,
         Some((advertise, cfg.data_path_port)),
     )?);
-    manager.set_key_rotation(cfg.key_rotation_interval);
+    configure(&manager, cfg)?;
     let ctx = Arc::new(ServerCtx {
         manager: manager.clone(),
         ca,
@@ -261,7 +261,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 &cfg.node,
                 advertise.map(|a| (a, cfg.data_path_port)),
             )?;
-            manager.set_key_rotation(cfg.key_rotation_interval);
+            configure(&manager, &cfg)?;
             Cluster::Manager {
                 manager: Arc::new(manager),
                 join: None,
@@ -271,6 +271,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     if let Cluster::Manager { manager, .. } = &cluster {
         tokio::spawn(rotate_keys(manager.clone(), shutdown.clone()));
+        tokio::spawn(heal(manager.clone(), shutdown.clone()));
     }
 
     let counters = Arc::new(Counters::default());
@@ -357,6 +358,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     info!("overlayd stopped");
     Ok(())
+}
+
+/// The manager's settings from the command line.
+fn configure(manager: &Manager, cfg: &Config) -> anyhow::Result<()> {
+    manager.set_key_rotation(cfg.key_rotation_interval);
+    manager.set_reschedule_after(cfg.reschedule_after);
+    manager
+        .set_task_history_limit(cfg.task_history_limit)
+        .map_err(|e| anyhow::anyhow!("setting the task history limit: {e}"))
+}
+
+/// Heals the cluster every [`HEAL_TICK`] until `shutdown` (`Manager::heal`): lost nodes'
+/// tasks rescheduled, empty slots filled, stopped tasks' addresses released.
+async fn heal(manager: Arc<Manager>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(HEAL_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let m = manager.clone();
+                // The tick may persist a change: off the runtime's threads, like `apply`.
+                let _ = tokio::task::spawn_blocking(move || m.heal(crate::clock::now())).await;
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Gives encrypted networks their due keys every [`KEY_TICK`] until `shutdown`: a new key

@@ -635,7 +635,7 @@ fn a_refused_hello_brings_the_session_down_with_the_reason() {
         (
             hello("n2", 1),
             Some("n2"),
-            "control protocol version 1 is not this manager's 2",
+            &*format!("control protocol version 1 is not this manager's {VERSION}"),
         ),
         (
             hello("n2", VERSION),
@@ -703,7 +703,9 @@ mod first_message {
     fn joins_are_checked_in_order() {
         assert_eq!(
             refusal(None, join(1, "n3", "bad")),
-            refuse("control protocol version 1 is not this manager's 2")
+            refuse(&format!(
+                "control protocol version 1 is not this manager's {VERSION}"
+            ))
         );
         assert_eq!(
             refusal(None, join(VERSION, "n3", "bad")),

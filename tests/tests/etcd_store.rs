@@ -5,6 +5,7 @@
 //! - a manager that ran on the file store moves to etcd: its state.json is imported;
 //! - a change writes one key per object; a restart reloads the same networks, services,
 //!   VIPs and task addresses from etcd alone;
+//! - a second manager on the same prefix does not start while the first leads;
 //! - fencing: with the leader key taken by someone else, a change is refused and nothing is
 //!   written; once the key is free the manager leads again;
 //! - etcd frozen (SIGSTOP): a change is refused within 5 s instead of hanging; one that
@@ -240,6 +241,29 @@ fn state_on_etcd() {
     n1.wait_running("db", 1);
     n1.wait_running("web", 2);
     assert_eq!(view(&n1), before, "reloaded from etcd");
+
+    // A second manager on the same prefix cannot lead while the first holds the key: it
+    // waits for the holder's lease to expire (12 s at most), then refuses to start.
+    let sdir = std::env::temp_dir().join(format!("overlay-e2e-{tag}b"));
+    let t = Instant::now();
+    let o = run(u
+        .host(1)
+        .cmd(&bin("overlayd").to_string_lossy())
+        .args(["--node", &format!("{tag}b"), "--state-dir"])
+        .arg(&sdir)
+        .arg("--socket")
+        .arg(sdir.join("api.sock"))
+        .args(["--advertise-addr", &u.addr(1), "--init", "--store", "etcd"])
+        .args(["--etcd-endpoints", &etcd.url]));
+    let _ = std::fs::remove_dir_all(&sdir);
+    let said = String::from_utf8_lossy(&o.stderr);
+    eprintln!("second manager, after {:?}: {}", t.elapsed(), said.trim());
+    assert!(!o.status.success());
+    assert!(
+        said.contains("another manager leads") && said.contains(&format!("held by {}", n1.name)),
+        "{said}"
+    );
+    assert!(n1.ctl(&["network", "ls"]).status.success());
 
     // Fencing: someone else holds the leader key; the change is refused, nothing written.
     etcd.ctl_ok(&["del", "/overlay/leader"]);

@@ -72,8 +72,27 @@ struct Written {
     uncertain: bool,
 }
 
+/// The store's own runtime. Dropping a runtime blocks, which an async caller (the daemon
+/// dropping the store, or `open` failing) may not do; this lets it go in the background.
+struct Rt(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for Rt {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("taken only on drop")
+    }
+}
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 pub struct EtcdStore {
-    rt: Option<tokio::runtime::Runtime>,
+    rt: Rt,
     client: Client,
     layout: Layout,
     endpoints: String,
@@ -122,12 +141,16 @@ impl EtcdStore {
             ));
         }
         let endpoints = cfg.endpoints.join(",");
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("etcd-store")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Config(format!("starting the etcd client's runtime: {e}")))?;
+        let rt = Rt(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("etcd-store")
+                .enable_all()
+                .build()
+                .map_err(|e| {
+                    StoreError::Config(format!("starting the etcd client's runtime: {e}"))
+                })?,
+        ));
         let options = connect_options(cfg)?;
         let urls = cfg.endpoints.clone();
         let client = run(&rt, &endpoints, async move {
@@ -159,7 +182,14 @@ impl EtcdStore {
             })?;
             match tried {
                 Ok(()) => break,
-                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(StoreError::NotLeader { key, holder }) if Instant::now() >= deadline => {
+                    return Err(StoreError::Config(format!(
+                        "another manager leads the cluster state: etcd key {key} is held by \
+                         {holder} (waited {}s for its lease to expire); this one cannot write \
+                         the state, so it does not start",
+                        STARTUP_WAIT.as_secs()
+                    )));
+                }
                 Err(StoreError::NotLeader { key, holder }) => {
                     info!(%key, %holder, "the leader key is held; waiting for its lease to expire");
                     std::thread::sleep(Duration::from_secs(1));
@@ -171,7 +201,7 @@ impl EtcdStore {
         let lost = Arc::new(Notify::new());
         rt.spawn(campaign.keep_leading(lost.clone()));
         Ok(EtcdStore {
-            rt: Some(rt),
+            rt,
             client,
             layout,
             endpoints,
@@ -186,9 +216,7 @@ impl EtcdStore {
     }
 
     fn rt(&self) -> &tokio::runtime::Runtime {
-        self.rt
-            .as_ref()
-            .expect("the runtime lives as long as the store")
+        &self.rt
     }
 
     fn leadership(&self) -> Leadership {
@@ -401,15 +429,6 @@ impl EtcdStore {
             }),
             Some((_, who)) => Err(self.not_leading(who)),
             None => Err(self.not_leading("no one (the key is gone)".into())),
-        }
-    }
-}
-
-impl Drop for EtcdStore {
-    fn drop(&mut self) {
-        // Dropping a runtime blocks, which an async caller may not do; this does not.
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
         }
     }
 }

@@ -113,9 +113,43 @@ pub struct Config {
     #[arg(long = "dns-upstream", value_name = "ADDR[:PORT]", value_parser = parse_upstream)]
     pub dns_upstreams: Vec<SocketAddr>,
 
+    /// Where a manager keeps the desired state: `file` (STATE_DIR/state.json) or `etcd`
+    /// (one key per object under --etcd-prefix, every change fenced on this manager's
+    /// leader key; an existing state.json is imported into an empty etcd).
+    #[arg(long, value_enum, default_value_t = StoreKind::File)]
+    pub store: StoreKind,
+
+    /// etcd's client URLs, comma-separated (with --store etcd), e.g.
+    /// https://10.0.0.1:2379,https://10.0.0.2:2379.
+    #[arg(long, value_name = "URL,...", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// CA certificate (PEM) that etcd's server certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_cacert: Option<PathBuf>,
+
+    /// Client certificate (PEM) this manager presents to etcd (with --etcd-key).
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// The key prefix of this cluster's state in etcd.
+    #[arg(long, default_value = "/overlay")]
+    pub etcd_prefix: String,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+}
+
+/// `--store`: where the desired state is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    File,
+    Etcd,
 }
 
 fn parse_manager_addr(s: &str) -> Result<SocketAddr, String> {
@@ -193,6 +227,17 @@ fn parse_duration(s: &str, min_secs: u64) -> Result<std::time::Duration, String>
 }
 
 impl Config {
+    /// `--etcd-*` as the store takes them.
+    pub fn etcd(&self) -> crate::store::etcd::EtcdConfig {
+        crate::store::etcd::EtcdConfig {
+            endpoints: self.etcd_endpoints.clone(),
+            cacert: self.etcd_cacert.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            prefix: self.etcd_prefix.clone(),
+        }
+    }
+
     /// How many datapath workers to run: as asked, or one per core the process may use.
     pub fn workers(&self) -> usize {
         match self.datapath_workers {

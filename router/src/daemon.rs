@@ -9,7 +9,7 @@ use crate::cluster::pki::{self, Ca, Identity, Token};
 use crate::cluster::server::{self, ServerCtx};
 use crate::cluster::worker::{self, Link};
 use crate::cluster::{wire, Cluster, JoinInfo};
-use crate::config::{Config, CONTROL_PORT};
+use crate::config::{Config, StoreKind, CONTROL_PORT};
 use crate::durable;
 use crate::forward::io::Datapath;
 use crate::forward::underlay::Sockets;
@@ -196,7 +196,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let state_dir = cfg.state_dir();
     let socket = cfg.socket();
-    let store = Store::open(&state_dir)?;
+    let store = match cfg.store {
+        StoreKind::File => Store::open(&state_dir)?,
+        StoreKind::Etcd => {
+            // Only a manager owns the desired state; a worker keeps the last snapshot.
+            if cfg.join.is_some() || naming::node_cert(&state_dir).exists() {
+                bail!("--store etcd is for a manager: a worker keeps no desired state of its own");
+            }
+            if !cfg.init && !naming::ca_key(&state_dir).exists() {
+                bail!(
+                    "--store etcd is for a cluster manager: start it with --init (or on the \
+                     state directory of one)"
+                );
+            }
+            let etcd = cfg.etcd();
+            let store = Store::open_etcd(&state_dir, &etcd, cfg.node.as_str())?;
+            info!(endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "the desired state is on etcd");
+            store
+        }
+    };
     // Task namespaces are named after the node (ov-NODE-TASK), and a starting node removes
     // its leftovers: two live daemons with one node name would destroy each other's tasks.
     let node_lock_path = naming::node_lock(&cfg.node);

@@ -32,9 +32,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// A change that could not be persisted was not made: the caller sees an internal error.
+/// A change that could not be persisted was not made: the caller sees an internal error,
+/// or "unavailable" if the store may take it later (etcd down, leadership lost).
 impl From<StoreError> for OpError {
     fn from(e: StoreError) -> OpError {
+        if e.is_unavailable() {
+            return OpError::unavailable(e.to_string());
+        }
         OpError::internal(e.to_string())
     }
 }

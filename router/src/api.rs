@@ -230,17 +230,24 @@ fn service_view(snap: &Snapshot, svc: &Service) -> ServiceInspect {
 }
 
 fn task_view(snap: &Snapshot, t: &Task) -> TaskView {
+    let mut v = view_of(t, "running", status_of(snap, t));
+    v.mountns = Some(naming::task_mntns(&t.node, &t.name).display().to_string());
+    v
+}
+
+/// The parts of a task's view that the state alone gives.
+fn view_of(t: &Task, desired_state: &str, status: TaskStatus) -> TaskView {
     TaskView {
         id: t.id.clone(),
         name: t.name.clone(),
         service: t.service.to_string(),
         slot: t.slot,
         node: t.node.to_string(),
-        desired_state: "running".into(),
-        status: status_of(snap, t),
+        desired_state: desired_state.into(),
+        status,
         attachments: t.attachments.clone(),
         netns: naming::task_netns(&t.node, &t.name).display().to_string(),
-        mountns: Some(naming::task_mntns(&t.node, &t.name).display().to_string()),
+        mountns: None,
     }
 }
 
@@ -603,25 +610,14 @@ async fn task_list(
 
 /// A task that left the desired state: desired state "shutdown", why, and since when.
 fn past_task_view(p: &protocol::state::PastTask) -> TaskView {
-    let t = &p.task;
-    TaskView {
-        id: t.id.clone(),
-        name: t.name.clone(),
-        service: t.service.to_string(),
-        slot: t.slot,
-        node: t.node.to_string(),
-        desired_state: "shutdown".into(),
-        status: TaskStatus {
-            state: TaskState::Shutdown,
-            error: Some(p.reason.clone()),
-            pid: None,
-            restarts: 0,
-            since: p.ended_at,
-        },
-        attachments: t.attachments.clone(),
-        netns: naming::task_netns(&t.node, &t.name).display().to_string(),
-        mountns: None,
-    }
+    let status = TaskStatus {
+        state: TaskState::Shutdown,
+        error: Some(p.reason.clone()),
+        pid: None,
+        restarts: 0,
+        since: p.ended_at,
+    };
+    view_of(&p.task, "shutdown", status)
 }
 
 async fn task_inspect(State(st): State<ApiState>, Path(name): Path<String>) -> ApiResult<TaskView> {

@@ -22,8 +22,10 @@ use std::net::Ipv4Addr;
 /// Version of the control protocol; both ends must agree. It also stands for what nodes
 /// expect of each other's data: since version 2 a node sends other nodes TCP and UDP over
 /// IPv4 with the inner checksum partial (the pseudo-header sum, `vnet::offload_partial`),
-/// which a version-1 node would drop; so a version-1 node may not join.
-pub const VERSION: u32 = 2;
+/// which a version-1 node would drop; so a version-1 node may not join. Version 3 added
+/// certificate renewal (`Renew`, `Renewed`) and the membership operations (`SetRole`,
+/// `RemoveNode`).
+pub const VERSION: u32 = 3;
 /// Largest frame either end accepts (a snapshot of a large cluster fits many times over).
 pub const MAX_FRAME: usize = 16 << 20;
 /// The name every manager certificate carries, and that nodes verify.
@@ -51,6 +53,9 @@ pub enum ToManager {
     Report { statuses: Vec<TaskReport> },
     /// A state change an operator issued on this node, forwarded to the manager.
     Request { id: u64, op: Op },
+    /// Asks for a new certificate for a new key (the node keeps the key; this is its CSR).
+    /// The manager signs it with the node's role in the desired state.
+    Renew { csr_pem: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +83,10 @@ pub enum ToNode {
     },
     Refused {
         reason: String,
+    },
+    /// The answer to `Renew`: the node's new certificate, used from its next connection.
+    Renewed {
+        cert_pem: String,
     },
 }
 
@@ -181,6 +190,16 @@ pub enum Op {
         ifname: String,
         netns: String,
     },
+    /// `node promote` / `node demote`.
+    SetRole {
+        node: String,
+        role: crate::state::Role,
+    },
+    /// `node rm [--force]`.
+    RemoveNode {
+        node: String,
+        force: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,6 +302,19 @@ mod tests {
         roundtrip(&ToManager::Request {
             id: 1,
             op: Op::RotateKey("sec".into()),
+        });
+        roundtrip(&ToManager::Renew {
+            csr_pem: "csr".into(),
+        });
+        roundtrip(&ToNode::Renewed {
+            cert_pem: "cert".into(),
+        });
+        roundtrip(&ToManager::Request {
+            id: 2,
+            op: Op::RemoveNode {
+                node: "n2".into(),
+                force: true,
+            },
         });
     }
 

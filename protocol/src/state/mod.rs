@@ -15,6 +15,7 @@
 //! - `service.rs`: services, their aliases and virtual IPs.
 //! - `task.rs`: a service's tasks, their attachments, and their placement on nodes.
 //! - `node.rs`: nodes, their availability, and draining.
+//! - `membership.rs`: nodes' accepted certificates, roles, and removal.
 //! - `addresses.rs`: which addresses of a network are taken (IPAM use).
 //! - `vtep.rs`: external VTEP endpoints of a network.
 //! - `endpoint.rs`: containers' interfaces made for a runtime (CNI, Docker).
@@ -26,6 +27,7 @@ mod endpoint;
 #[cfg(test)]
 mod fixtures;
 mod ingress;
+mod membership;
 mod network;
 mod node;
 mod ports;
@@ -35,6 +37,7 @@ mod vtep;
 
 pub use endpoint::{Endpoint, EndpointRequest};
 pub use ingress::{INGRESS_NETWORK, INGRESS_VNI};
+pub use membership::{MembershipError, NodeCert};
 pub use network::{
     Network, NetworkRequest, Pool, DEFAULT_MTU, ENCRYPTED_MTU, MAX_ENCRYPTED_MTU, OPT_ENCRYPTED,
     OPT_MTU, OPT_VXLANID,
@@ -68,6 +71,9 @@ pub struct ClusterState {
     /// Containers' interfaces made for a runtime (CNI, Docker), by [`Endpoint::key`].
     #[serde(default)]
     pub endpoints: BTreeMap<String, Endpoint>,
+    /// The node certificates the manager signed and still accepts (`membership.rs`).
+    #[serde(default)]
+    pub certs: BTreeMap<NodeName, Vec<NodeCert>>,
 }
 
 impl Default for ClusterState {
@@ -80,6 +86,7 @@ impl Default for ClusterState {
             tasks: BTreeMap::new(),
             nodes: BTreeMap::new(),
             endpoints: BTreeMap::new(),
+            certs: BTreeMap::new(),
         }
     }
 }

@@ -4,11 +4,11 @@
 
 use super::tasks::resolver_sockets;
 use super::Agent;
-use datapath::vocab::{PortBinding, PortId};
 use crate::dns::server::{self as dns, Shared as DnsShared};
 use crate::naming;
 use crate::sys::iface::{self, IfaceSpec};
 use crate::sys::tap;
+use datapath::vocab::{PortBinding, PortId};
 use protocol::control::Op;
 use protocol::state::ClusterState;
 use protocol::types::Vni;

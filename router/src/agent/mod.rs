@@ -21,14 +21,14 @@ mod tasks;
 
 use crate::clock::now;
 use crate::cluster::Cluster;
-use datapath::keys::Secret;
-use crate::forward::io::Datapath;
-use datapath::stats::Counters;
-use datapath::vocab::PortId;
 use crate::dns::server::Shared as DnsShared;
+use crate::forward::io::Datapath;
 use crate::ingress::{self, Ingress, IngressView};
 use crate::manager::{StatusBoard, StatusEntry};
 use crate::services::VipView;
+use datapath::keys::Secret;
+use datapath::stats::Counters;
+use datapath::vocab::PortId;
 use endpoints::LocalEndpoint;
 use protocol::api::{TaskState, TaskStatus};
 use protocol::state::{ClusterState, Task};

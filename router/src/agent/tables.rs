@@ -6,13 +6,13 @@
 
 use super::{Agent, INGRESS_PORT};
 use crate::clock::now_ms;
+use crate::dns::names::DnsView;
+use crate::ingress::IngressView;
+use crate::services::{self, VipView};
 use datapath::conntrack::{TCP_IDLE_MS, UDP_IDLE_MS};
 use datapath::keys::{lane_epoch, NetCrypto, TxSa};
 use datapath::table::{BackendSpec, Tables};
 use datapath::vocab::{PortBinding, PortId};
-use crate::dns::names::DnsView;
-use crate::ingress::IngressView;
-use crate::services::{self, VipView};
 use protocol::control::{send_key, Keyring, Op};
 use protocol::esp::SenderKey;
 use protocol::state::ClusterState;

@@ -4,12 +4,12 @@
 //! their removal, when the task goes or a crashed run left them behind.
 
 use super::Agent;
-use datapath::vocab::{PortBinding, PortId};
 use crate::dns::server as dns;
 use crate::naming;
 use crate::sys::iface::{self, IfaceSpec};
 use crate::sys::{mntns, netns, tap};
 use crate::task::{self, TaskProcess};
+use datapath::vocab::{PortBinding, PortId};
 use protocol::api::TaskState;
 use protocol::state::{ClusterState, Task};
 use std::path::PathBuf;

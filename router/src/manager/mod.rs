@@ -9,6 +9,7 @@
 
 pub mod health;
 pub mod keys;
+mod membership;
 pub mod statuses;
 
 use crate::clock::{now, now_ms};
@@ -129,6 +130,14 @@ impl Manager {
         &self,
         op: impl FnOnce(&mut ClusterState) -> Result<T, StateError>,
     ) -> Result<T, OpError> {
+        self.commit(|s| op(s).map_err(OpError::from))
+    }
+
+    /// [`Manager::change`] for operations with their own errors.
+    fn commit<T>(
+        &self,
+        op: impl FnOnce(&mut ClusterState) -> Result<T, OpError>,
+    ) -> Result<T, OpError> {
         let mut guard = self
             .state
             .lock()
@@ -183,6 +192,8 @@ impl Manager {
                     s.set_availability(&node, availability, &mut new_id, &|n| health.is_ready(n))
                 })
             }
+            Op::SetRole { node, role } => self.set_role(&node, role),
+            Op::RemoveNode { node, force } => self.forget_node(&node, force),
         }?;
         Ok(self.snapshot().revision)
     }

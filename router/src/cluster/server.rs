@@ -381,7 +381,7 @@ async fn handle(
                 if !c {
                     break;
                 }
-                session.state_changed();
+                session.state_changed(&roster);
             }
             _ = sleep_until(session.poll_timeout()) => session.handle_timeout(Instant::now()),
             _ = shutdown.cancelled() => break,

@@ -383,10 +383,17 @@ impl MemberSession {
         }
     }
 
-    /// The desired state changed: push it now (the periodic push keeps its own rhythm).
-    pub fn state_changed(&mut self) {
-        if self.is_open() {
+    /// The desired state changed: push it now (the periodic push keeps its own rhythm). A
+    /// node that is no longer a member (`node rm`) is refused and receives nothing more.
+    pub fn state_changed(&mut self, roster: &dyn Roster) {
+        let Phase::Open { node, .. } = &self.phase else {
+            return;
+        };
+        if roster.is_member(node) {
             self.actions.push_back(Action::PushSnapshot);
+        } else {
+            let reason = format!("{node} was removed from the cluster");
+            self.refuse(reason);
         }
     }
 

@@ -225,7 +225,7 @@ impl Sim {
     fn change(&mut self) {
         self.revision += 1;
         if let Some(m) = self.member.as_mut() {
-            m.state_changed();
+            m.state_changed(&self.roster);
         }
         self.settle();
     }
@@ -347,7 +347,7 @@ impl Sim {
             Action::Apply { id, .. } => {
                 self.revision += 1;
                 m.applied(id, Ok(self.revision));
-                m.state_changed();
+                m.state_changed(&self.roster);
             }
             Action::Refuse { reason } => self.send_down(ToNode::Refused { reason }),
             Action::Close { .. } => self.member = None,
@@ -894,6 +894,22 @@ mod first_message {
             request_from(manager_cert("n1"), op.clone()),
             vec![Action::Apply { id: 3, op }]
         );
+    }
+
+    #[test]
+    fn a_removed_member_is_refused_and_gets_no_more_snapshots() {
+        let t0 = Instant::now();
+        let mut m = MemberSession::new(t0, Some("n3".into()));
+        m.handle_message(hello("n3", VERSION), &roster());
+        m.admitted(t0);
+        let _ = actions(&mut m);
+        m.state_changed(&roster());
+        assert_eq!(actions(&mut m), vec![Action::PushSnapshot]);
+        let mut removed = roster();
+        removed.members.remove(&name("n3"));
+        m.state_changed(&removed);
+        assert_eq!(actions(&mut m), refuse("n3 was removed from the cluster"));
+        assert!(m.is_closed());
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! Session shapes:
 //! - join (no client certificate yet): `ToManager::Join` → `ToNode::Joined` or `Refused`;
 //! - member (mutual TLS): `ToManager::Hello` → `ToNode::Welcome` (or `Refused`), then the
-//!   manager pushes `Snapshot`s and answers `Request`s, the node sends `Report`s.
+//!   manager pushes `Snapshot`s and answers `Request`s, the node sends `Report`s, and
+//!   renews its certificate with `Renew` → `Renewed`.
 
 pub use crate::api::OpError;
 use crate::api::{NetworkCreate, ServiceCreate, TaskStatus};

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the tests, the demo and the benchmarks need on a fresh Debian machine
 # (one that has only Rust, gcc, Python and git): docker.io and busybox-static are for the
-# Docker plugin's end-to-end test (dockerd runs only inside the test's namespaces).
+# Docker plugin's end-to-end test (dockerd runs only inside the test's namespaces);
+# etcd-server and etcd-client (etcd 3.4, etcdctl) for the manager's etcd store and its test
+# (etcd runs only inside the test's namespace); protobuf-compiler and libprotobuf-dev (its
+# well-known .proto files) because the etcd-client crate's build runs protoc.
 # Idempotent; needs root.
 set -euo pipefail
 need=()
-for pkg in iproute2 iputils-ping iperf3 curl python3 tcpdump tshark ethtool bridge-utils procps util-linux dnsutils docker.io busybox-static; do
+for pkg in iproute2 iputils-ping iperf3 curl python3 tcpdump tshark ethtool bridge-utils procps util-linux dnsutils docker.io busybox-static \
+    etcd-server etcd-client protobuf-compiler libprotobuf-dev; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

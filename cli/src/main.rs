@@ -596,7 +596,11 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             );
         }
         ServiceCmd::Ps { name } => {
-            let tasks: Vec<TaskView> = c.get(&format!("/tasks?service={}", seg(&name))).await?;
+            let mut tasks: Vec<TaskView> = c
+                .get(&format!("/tasks?service={}&history=true", seg(&name)))
+                .await?;
+            // Each slot's current task, then its past ones (newest first), as docker does.
+            tasks.sort_by_key(|t| (t.slot, t.desired_state != "running"));
             let t_now = now();
             let rows: Vec<Vec<String>> = tasks
                 .iter()
@@ -611,9 +615,14 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                         .iter()
                         .map(|a| format!("{}={}", a.network, a.address))
                         .collect();
+                    let name = if t.desired_state == "running" {
+                        t.name.clone()
+                    } else {
+                        format!(" \\_ {}", t.name)
+                    };
                     vec![
                         table::short_id(&t.id),
-                        t.name.clone(),
+                        name,
                         t.node.clone(),
                         capital(&t.desired_state),
                         state,

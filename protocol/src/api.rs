@@ -105,6 +105,7 @@ impl From<StateError> for OpError {
             | SubnetReserved { .. }
             | VniInUse { .. }
             | PortInUse { .. }
+            | NodeInUse { .. }
             | NoIngressNetwork => 409,
             NoSuchPort { .. } => 404,
             PoolExhausted { .. }

@@ -23,10 +23,12 @@ use std::net::Ipv4Addr;
 /// Version of the control protocol; both ends must agree. It also stands for what nodes
 /// expect of each other's data: since version 2 a node sends other nodes TCP and UDP over
 /// IPv4 with the inner checksum partial (the pseudo-header sum, `vnet::offload_partial`),
-/// which a version-1 node would drop; so a version-1 node may not join. Version 3 added
-/// certificate renewal (`Renew`, `Renewed`) and the membership operations (`SetRole`,
-/// `RemoveNode`).
-pub const VERSION: u32 = 3;
+/// which a version-1 node would drop; so a version-1 node may not join. Version 3: the
+/// snapshot's state carries the task history (past tasks whose addresses stay reserved), a
+/// field older nodes cannot decode. Version 4 added certificate renewal (`Renew`,
+/// `Renewed`), the membership operations (`SetRole`, `RemoveNode`) and the state's record
+/// of node certificates.
+pub const VERSION: u32 = 4;
 /// Largest frame either end accepts (a snapshot of a large cluster fits many times over).
 pub const MAX_FRAME: usize = 16 << 20;
 /// The name every manager certificate carries, and that nodes verify.

@@ -587,14 +587,53 @@ async fn task_list(
     if let Some(svc) = q.get("service") {
         service_of(&snap, svc)?;
     }
-    let tasks = snap
+    let mut tasks: Vec<TaskView> = snap
         .state
         .tasks
         .values()
         .filter(|t| q.get("service").is_none_or(|svc| t.service.as_str() == svc))
         .map(|t| task_view(&snap, t))
         .collect();
+    // `service ps`: each slot's past tasks too (newest first), as Swarm lists them under
+    // the slot's current one. Slots the service no longer has are not shown.
+    if let (Some(svc), Some("true")) = (q.get("service"), q.get("history").map(String::as_str)) {
+        let replicas = snap
+            .state
+            .services
+            .get(svc.as_str())
+            .map_or(0, |s| s.replicas);
+        tasks.extend(
+            snap.state
+                .past_tasks(svc)
+                .into_iter()
+                .filter(|p| p.task.slot <= replicas)
+                .map(past_task_view),
+        );
+    }
     Ok(Json(tasks))
+}
+
+/// A task that left the desired state: desired state "shutdown", why, and since when.
+fn past_task_view(p: &protocol::state::PastTask) -> TaskView {
+    let t = &p.task;
+    TaskView {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        service: t.service.to_string(),
+        slot: t.slot,
+        node: t.node.to_string(),
+        desired_state: "shutdown".into(),
+        status: TaskStatus {
+            state: TaskState::Shutdown,
+            error: Some(p.reason.clone()),
+            pid: None,
+            restarts: 0,
+            since: p.ended_at,
+        },
+        attachments: t.attachments.clone(),
+        netns: naming::task_netns(&t.node, &t.name).display().to_string(),
+        mountns: None,
+    }
 }
 
 async fn task_inspect(State(st): State<ApiState>, Path(name): Path<String>) -> ApiResult<TaskView> {

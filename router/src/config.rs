@@ -104,14 +104,58 @@ pub struct Config {
     #[arg(long, default_value = "12h", value_parser = parse_interval)]
     pub key_rotation_interval: std::time::Duration,
 
+    /// How long a node may be down before the manager replaces its tasks on other nodes,
+    /// e.g. 10s, 1m [default: 10s]. A node back sooner keeps its tasks.
+    #[arg(long, default_value = "10s", value_parser = parse_grace)]
+    pub reschedule_after: std::time::Duration,
+
+    /// Past tasks kept per service slot and shown by `service ps` (Swarm's task history
+    /// retention limit) [default: 5].
+    #[arg(long, default_value_t = protocol::state::DEFAULT_TASK_HISTORY_LIMIT, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub task_history_limit: u32,
+
     /// Resolver that names outside the cluster are forwarded to (repeatable) [default: the
     /// nameservers of this node's /etc/resolv.conf].
     #[arg(long = "dns-upstream", value_name = "ADDR[:PORT]", value_parser = parse_upstream)]
     pub dns_upstreams: Vec<SocketAddr>,
 
+    /// Where a manager keeps the desired state: `file` (STATE_DIR/state.json) or `etcd`
+    /// (one key per object under --etcd-prefix, every change fenced on this manager's
+    /// leader key; an existing state.json is imported into an empty etcd).
+    #[arg(long, value_enum, default_value_t = StoreKind::File)]
+    pub store: StoreKind,
+
+    /// etcd's client URLs, comma-separated (with --store etcd), e.g.
+    /// https://10.0.0.1:2379,https://10.0.0.2:2379.
+    #[arg(long, value_name = "URL,...", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// CA certificate (PEM) that etcd's server certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_cacert: Option<PathBuf>,
+
+    /// Client certificate (PEM) this manager presents to etcd (with --etcd-key).
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// The key prefix of this cluster's state in etcd.
+    #[arg(long, default_value = "/overlay")]
+    pub etcd_prefix: String,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+}
+
+/// `--store`: where the desired state is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    File,
+    Etcd,
 }
 
 fn parse_manager_addr(s: &str) -> Result<SocketAddr, String> {
@@ -163,6 +207,15 @@ impl Config {
 
 /// An interval of whole seconds, minutes, hours or days: `90s`, `30m`, `12h`, `1d`.
 fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    parse_duration(s, 10)
+}
+
+fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
+    parse_duration(s, 1)
+}
+
+/// A duration such as 90s, 30m, 12h or 2d, of at least `min_secs`.
+fn parse_duration(s: &str, min_secs: u64) -> Result<std::time::Duration, String> {
     let bad = || format!("invalid interval {s:?}: expected e.g. 90s, 30m, 12h");
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num.parse().map_err(|_| bad())?;
@@ -173,8 +226,8 @@ fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
         "d" => n.saturating_mul(86_400),
         _ => return Err(bad()),
     };
-    if secs < 10 {
-        return Err(format!("invalid interval {s:?}: at least 10s"));
+    if secs < min_secs {
+        return Err(format!("invalid interval {s:?}: at least {min_secs}s"));
     }
     Ok(std::time::Duration::from_secs(secs))
 }
@@ -186,6 +239,17 @@ fn parse_cert_expiry(s: &str) -> Result<std::time::Duration, String> {
 }
 
 impl Config {
+    /// `--etcd-*` as the store takes them.
+    pub fn etcd(&self) -> crate::store::etcd::EtcdConfig {
+        crate::store::etcd::EtcdConfig {
+            endpoints: self.etcd_endpoints.clone(),
+            cacert: self.etcd_cacert.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            prefix: self.etcd_prefix.clone(),
+        }
+    }
+
     /// How many datapath workers to run: as asked, or one per core the process may use.
     pub fn workers(&self) -> usize {
         match self.datapath_workers {

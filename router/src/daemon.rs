@@ -10,11 +10,11 @@ use crate::cluster::server::{self, ServerCtx};
 use crate::cluster::tokens::JoinTokens;
 use crate::cluster::worker::{self, Credentials, Link};
 use crate::cluster::{wire, Cluster, JoinInfo};
-use crate::config::{Config, CONTROL_PORT};
+use crate::config::{Config, StoreKind, CONTROL_PORT};
 use crate::durable;
 use crate::forward::io::Datapath;
 use crate::forward::underlay::Sockets;
-use crate::manager::{Manager, KEY_TICK};
+use crate::manager::{Manager, HEAL_TICK, KEY_TICK};
 use crate::naming;
 use crate::store::Store;
 use anyhow::{bail, Context};
@@ -109,7 +109,7 @@ async fn start_manager(
         &cfg.node,
         Some((advertise, cfg.data_path_port)),
     )?);
-    manager.set_key_rotation(cfg.key_rotation_interval);
+    configure(&manager, cfg)?;
     let ctx = Arc::new(ServerCtx {
         manager: manager.clone(),
         ca,
@@ -210,7 +210,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let state_dir = cfg.state_dir();
     let socket = cfg.socket();
-    let store = Store::open(&state_dir)?;
+    let store = match cfg.store {
+        StoreKind::File => Store::open(&state_dir)?,
+        StoreKind::Etcd => {
+            // Only a manager owns the desired state; a worker keeps the last snapshot.
+            if cfg.join.is_some() || naming::node_cert(&state_dir).exists() {
+                bail!("--store etcd is for a manager: a worker keeps no desired state of its own");
+            }
+            if !cfg.init && !naming::ca_key(&state_dir).exists() {
+                bail!(
+                    "--store etcd is for a cluster manager: start it with --init (or on the \
+                     state directory of one)"
+                );
+            }
+            let etcd = cfg.etcd();
+            let store = Store::open_etcd(&state_dir, &etcd, cfg.node.as_str())?;
+            info!(endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "the desired state is on etcd");
+            store
+        }
+    };
     // Task namespaces are named after the node (ov-NODE-TASK), and a starting node removes
     // its leftovers: two live daemons with one node name would destroy each other's tasks.
     let node_lock_path = naming::node_lock(&cfg.node);
@@ -275,7 +293,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 &cfg.node,
                 advertise.map(|a| (a, cfg.data_path_port)),
             )?;
-            manager.set_key_rotation(cfg.key_rotation_interval);
+            configure(&manager, &cfg)?;
             Cluster::Manager {
                 manager: Arc::new(manager),
                 join: None,
@@ -285,6 +303,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     if let Cluster::Manager { manager, .. } = &cluster {
         tokio::spawn(rotate_keys(manager.clone(), shutdown.clone()));
+        tokio::spawn(heal(manager.clone(), shutdown.clone()));
     }
 
     let counters = Arc::new(Counters::default());
@@ -371,6 +390,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     info!("overlayd stopped");
     Ok(())
+}
+
+/// The manager's settings from the command line.
+fn configure(manager: &Manager, cfg: &Config) -> anyhow::Result<()> {
+    manager.set_key_rotation(cfg.key_rotation_interval);
+    manager.set_reschedule_after(cfg.reschedule_after);
+    manager
+        .set_task_history_limit(cfg.task_history_limit)
+        .map_err(|e| anyhow::anyhow!("setting the task history limit: {e}"))
+}
+
+/// Heals the cluster every [`HEAL_TICK`] until `shutdown` (`Manager::heal`): lost nodes'
+/// tasks rescheduled, empty slots filled, stopped tasks' addresses released.
+async fn heal(manager: Arc<Manager>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(HEAL_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let m = manager.clone();
+                // The tick may persist a change: off the runtime's threads, like `apply`.
+                let _ = tokio::task::spawn_blocking(move || m.heal(crate::clock::now())).await;
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Gives encrypted networks their due keys every [`KEY_TICK`] until `shutdown`: a new key

@@ -59,6 +59,16 @@ pub fn state_file(state_dir: &Path) -> PathBuf {
     state_dir.join("state.json")
 }
 
+/// `state.json` once imported into etcd (`store/etcd.rs`): kept, no longer read.
+pub fn state_file_imported(state_dir: &Path) -> PathBuf {
+    state_dir.join("state.json.imported")
+}
+
+/// The id of this manager's etcd lease, so that its next run revokes it (`store/etcd.rs`).
+pub fn etcd_lease_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("etcd-lease")
+}
+
 /// The flock that keeps one daemon per state directory.
 pub fn state_lock(state_dir: &Path) -> PathBuf {
     state_dir.join("lock")

@@ -1,7 +1,8 @@
 //! Which addresses of a network are taken, and the lowest one that is free.
 //!
-//! A network's subnet is shared by its gateway, the services' VIPs, the tasks' attachments,
-//! the routers' ingress endpoints, external VTEPs and containers' endpoints. No free list is
+//! A network's subnet is shared by its gateway, the services' VIPs, the tasks' attachments
+//! (of current tasks, and of past ones whose node has not confirmed them stopped), the
+//! routers' ingress endpoints, external VTEPs and containers' endpoints. No free list is
 //! kept: the taken set is read off the state when an address is needed (`crate::ipam` picks
 //! from it), so it cannot drift from what holds the addresses.
 
@@ -27,8 +28,9 @@ impl ClusterState {
     }
 
     /// Every address of `network` that is taken: the gateway, each service's VIP, each
-    /// task's endpoint, each node router's ingress endpoint, each external VTEP's address and
-    /// each container's endpoint.
+    /// task's endpoint (past tasks' too until released: their node may still run them), each
+    /// node router's ingress endpoint, each external VTEP's address and each container's
+    /// endpoint.
     pub fn used_addresses(&self, network: &NetworkName) -> BTreeSet<Ipv4Addr> {
         let mut used = BTreeSet::new();
         if let Some(n) = self.networks.get(network) {
@@ -39,7 +41,8 @@ impl ClusterState {
         for s in self.services.values() {
             used.extend(s.vips.get(network));
         }
-        for t in self.tasks.values() {
+        let past = self.unreleased_tasks().map(|p| &p.task);
+        for t in self.tasks.values().chain(past) {
             for a in &t.attachments {
                 if &a.network == network {
                     used.insert(a.address);

@@ -208,6 +208,8 @@ mod tests {
             Err(StateError::NetworkInUse { .. })
         ));
         s.remove_service("web").unwrap();
+        // n1 reports the task stopped: its address is free again (`history.rs`).
+        assert!(s.release_stopped("n1", &Default::default()));
         let err = s.remove_network("app").unwrap_err();
         assert_eq!(err.to_string(), "network app is in use by container(s) c1");
         // A /29 has six host addresses: the gateway, c1, then four more.

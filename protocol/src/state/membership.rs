@@ -1,5 +1,6 @@
 //! Membership: which certificates the cluster accepts for each node, a node's role
-//! (promote, demote) and removing a node (`node rm`).
+//! (promote, demote) and `node rm`'s checks (the removal itself is `node.rs`'s
+//! `remove_node`).
 //!
 //! The manager records every node certificate it signs ([`NodeCert`]: serial and expiry).
 //! A member session is admitted only with a certificate on that list (an allow list), so a
@@ -9,10 +10,9 @@
 //! all holds a certificate from before the list existed; it is accepted until its first
 //! renewal records one.
 
-use super::{ClusterState, Role};
+use super::{ClusterState, Role, StateError};
 use crate::types::NodeName;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 
 /// A node certificate the manager signed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,11 +36,14 @@ pub enum MembershipError {
     NotDown(NodeName),
     #[error("node {0} is a manager: demote it before removing it")]
     IsManager(NodeName),
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 impl From<MembershipError> for crate::api::OpError {
     fn from(e: MembershipError) -> Self {
         let status = match e {
+            MembershipError::State(e) => return e.into(),
             MembershipError::NoSuchNode(_) => 404,
             _ => 409,
         };
@@ -110,52 +113,32 @@ impl ClusterState {
         Ok(())
     }
 
-    /// `node rm [--force]`: forgets a node, its certificates (so they are refused from now
-    /// on), its runtimes' endpoints and its place in the networks. Its tasks are placed
-    /// again on the nodes `eligible` accepts, where there is room; a service left short
-    /// (no active node) gets its tasks back at its next scale. A node that is `up` is
-    /// refused unless `force`; a manager is refused (demote it first).
+    /// `node rm [--force]`: a node that is `up` is refused unless `force` (Docker's "node
+    /// is not down and can't be removed"), a manager is refused (demote it first); then
+    /// [`ClusterState::remove_node`] takes it out (with `force`, also with tasks or
+    /// endpoints still on it), and its certificates go with it, so they are refused from
+    /// now on.
     pub fn forget_node(
         &mut self,
         node: &str,
         up: bool,
         force: bool,
-        new_id: &mut dyn FnMut() -> String,
-        eligible: &dyn Fn(&NodeName) -> bool,
+        now: u64,
     ) -> Result<(), MembershipError> {
         let n = self
             .nodes
             .get(node)
-            .ok_or_else(|| MembershipError::NoSuchNode(node.to_string()))?
-            .clone();
+            .ok_or_else(|| MembershipError::NoSuchNode(node.to_string()))?;
         if n.role == Role::Manager {
-            return Err(MembershipError::IsManager(n.name));
+            return Err(MembershipError::IsManager(n.name.clone()));
         }
         if up && !force {
-            return Err(MembershipError::NotDown(n.name));
+            return Err(MembershipError::NotDown(n.name.clone()));
         }
-        let name = n.name;
-        self.nodes.remove(&name);
-        self.certs.remove(&name);
-        self.endpoints.retain(|_, e| e.node != name);
-        for net in self.networks.values_mut() {
-            net.lb_endpoints.remove(&name);
-            net.docker_nodes.remove(&name);
-        }
-        let services: BTreeSet<_> = self
-            .tasks
-            .values()
-            .filter(|t| t.node == name)
-            .map(|t| t.service.clone())
-            .collect();
-        self.tasks.retain(|_, t| t.node != name);
-        let others = |n: &NodeName| *n != name && eligible(n);
-        for svc in services {
-            let replicas = self.services.get(&svc).map_or(0, |s| s.replicas);
-            // Refused changes nothing: the service stays short until there is room.
-            let _ = self.scale_service(svc.as_str(), replicas, new_id, &others);
-        }
-        self.revision += 1;
+        let mut next = self.clone();
+        let removed = next.remove_node(node, force, now)?;
+        next.certs.remove(&removed.name);
+        *self = next;
         Ok(())
     }
 }
@@ -164,6 +147,7 @@ impl ClusterState {
 mod tests {
     use super::*;
     use crate::state::fixtures::{ids, net, state, svc};
+    use crate::state::StateError;
     use crate::state::{Availability, Node};
 
     fn add(s: &mut ClusterState, name: &str, role: Role) -> NodeName {
@@ -236,7 +220,7 @@ mod tests {
     }
 
     #[test]
-    fn removing_a_node_needs_it_down_or_force_and_moves_its_tasks() {
+    fn removing_a_node_needs_it_down_or_force_and_forgets_its_certificates() {
         let mut s = state();
         let n2 = add(&mut s, "n2", Role::Worker);
         s.record_cert(&n2, cert("a", 100), true, 0);
@@ -247,22 +231,23 @@ mod tests {
         assert_eq!(s.tasks_on(&n2).count(), 1);
         let before = s.clone();
         assert!(matches!(
-            s.forget_node("n2", true, false, &mut id, &|_| true),
+            s.forget_node("n2", true, false, 10),
             Err(MembershipError::NotDown(_))
         ));
         assert!(matches!(
-            s.forget_node("n1", false, true, &mut id, &|_| true),
+            s.forget_node("n1", false, true, 10),
             Err(MembershipError::IsManager(_))
         ));
+        // Down, but a task is still placed on it: `remove_node`'s refusal.
+        assert!(matches!(
+            s.forget_node("n2", false, false, 10),
+            Err(MembershipError::State(StateError::NodeInUse { .. }))
+        ));
         assert_eq!(s, before, "refusals change nothing");
-        s.forget_node("n2", true, true, &mut id, &|_| true).unwrap();
+        s.forget_node("n2", true, true, 10).unwrap();
         assert!(!s.nodes.contains_key("n2"));
         assert!(!s.cert_allowed(&n2, "a", 0), "its certificate is refused");
-        assert_eq!(s.tasks.len(), 2, "its task moved");
-        assert!(s.tasks.values().all(|t| t.node.as_str() == "n1"));
-        assert!(s
-            .networks
-            .values()
-            .all(|n| !n.lb_endpoints.contains_key("n2")));
+        assert!(!s.certs.contains_key("n2"));
+        assert_eq!(s.tasks_on(&n2).count(), 0);
     }
 }

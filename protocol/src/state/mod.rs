@@ -14,8 +14,12 @@
 //! - `ports.rs`: published ports, checked cluster-wide.
 //! - `service.rs`: services, their aliases and virtual IPs.
 //! - `task.rs`: a service's tasks, their attachments, and their placement on nodes.
-//! - `node.rs`: nodes, their availability, and draining.
-//! - `membership.rs`: nodes' accepted certificates, roles, and removal.
+//! - `node.rs`: nodes, their availability, draining and removal.
+//! - `history.rs`: past tasks (stopped or replaced), whose addresses stay reserved until
+//!   their node reports them stopped, bounded per slot.
+//! - `reschedule.rs`: replacing a lost node's tasks, filling slots left empty, and which
+//!   down nodes are due for it.
+//! - `membership.rs`: nodes' accepted certificates, roles, and `node rm`'s checks.
 //! - `addresses.rs`: which addresses of a network are taken (IPAM use).
 //! - `vtep.rs`: external VTEP endpoints of a network.
 //! - `endpoint.rs`: containers' interfaces made for a runtime (CNI, Docker).
@@ -26,16 +30,19 @@ mod docker;
 mod endpoint;
 #[cfg(test)]
 mod fixtures;
+mod history;
 mod ingress;
 mod membership;
 mod network;
 mod node;
 mod ports;
+mod reschedule;
 mod service;
 mod task;
 mod vtep;
 
 pub use endpoint::{Endpoint, EndpointRequest};
+pub use history::{PastTask, DEFAULT_TASK_HISTORY_LIMIT};
 pub use ingress::{INGRESS_NETWORK, INGRESS_VNI};
 pub use membership::{MembershipError, NodeCert};
 pub use network::{
@@ -44,8 +51,9 @@ pub use network::{
 };
 pub use node::{Availability, Node, Role};
 pub use ports::{PortConfig, PortProtocol, ProxyProtocol, PublishMode, DYNAMIC_PORTS};
+pub use reschedule::DEFAULT_RESCHEDULE_AFTER_S;
 pub use service::{EndpointMode, Service, MAX_REPLICAS};
-pub use task::{Attachment, Task};
+pub use task::{task_name, Attachment, Task};
 pub use vtep::Vtep;
 
 use crate::types::{MacAddr, NetworkName, NodeName, ServiceName, Vni};
@@ -54,7 +62,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-/// Version of the on-disk / on-wire layout of [`ClusterState`].
+/// Version of the on-disk / on-wire layout of [`ClusterState`]. Fields added since
+/// (`endpoints`, `history`, `task_history_limit`) have defaults, so a file without them
+/// still reads as this format.
 pub const FORMAT: u32 = 1;
 
 /// The whole desired state of the cluster: what the manager persists and publishes, and
@@ -71,6 +81,13 @@ pub struct ClusterState {
     /// Containers' interfaces made for a runtime (CNI, Docker), by [`Endpoint::key`].
     #[serde(default)]
     pub endpoints: BTreeMap<String, Endpoint>,
+    /// Tasks that were stopped or replaced, by task id (`history.rs`); the unreleased ones
+    /// still hold their addresses.
+    #[serde(default)]
+    pub history: BTreeMap<String, PastTask>,
+    /// Most past tasks kept per slot of a service (Swarm's Task History Retention Limit).
+    #[serde(default = "history::default_task_history_limit")]
+    pub task_history_limit: u32,
     /// The node certificates the manager signed and still accepts (`membership.rs`).
     #[serde(default)]
     pub certs: BTreeMap<NodeName, Vec<NodeCert>>,
@@ -86,6 +103,8 @@ impl Default for ClusterState {
             tasks: BTreeMap::new(),
             nodes: BTreeMap::new(),
             endpoints: BTreeMap::new(),
+            history: BTreeMap::new(),
+            task_history_limit: DEFAULT_TASK_HISTORY_LIMIT,
             certs: BTreeMap::new(),
         }
     }
@@ -160,6 +179,8 @@ pub enum StateError {
     NoSuchVtep { mac: MacAddr, network: NetworkName },
     #[error("node {0} not found")]
     NoSuchNode(String),
+    #[error("node {node} still holds {users}: drain it first, or force its removal")]
+    NodeInUse { node: NodeName, users: String },
     #[error("invalid alias {alias:?}: {why}")]
     BadAlias { alias: String, why: String },
     #[error("aliases given for network {0}, which the service is not attached to")]

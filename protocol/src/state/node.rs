@@ -2,12 +2,13 @@
 //!
 //! A node joins, or rejoins under its name with a new address, through `upsert_node`, which
 //! also gives it its router's address on the ingress network (`ingress.rs`). Draining a node
-//! moves its tasks to others with the same spread placement as scaling (`task.rs`).
+//! moves its tasks to others with the same spread placement as scaling (`task.rs`), the old
+//! ones to the history (`history.rs`). A node that is lost rather than drained is handled in
+//! `reschedule.rs`; `remove_node` takes one out of the cluster.
 
-use super::{ClusterState, StateError, Task};
+use super::{ClusterState, StateError};
 use crate::types::{NodeName, ServiceName};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 /// Whether a node takes tasks, as Docker's `node update --availability`.
@@ -59,14 +60,28 @@ impl ClusterState {
         let _ = self.ensure_lb_endpoints();
     }
 
-    /// Sets a node's availability. Draining moves every task on it to other eligible active
-    /// nodes (new task ids, same slots; addresses come from the pool again, so a task usually
-    /// gets back the one it just freed), as `docker node update --availability drain` does.
-    /// It is refused, changing nothing, if a task has nowhere to go.
+    /// Sets a node's availability; draining records `ended_at` 0 (not known): prefer
+    /// [`ClusterState::set_availability_at`].
     pub fn set_availability(
         &mut self,
         node: &str,
         availability: Availability,
+        new_id: &mut dyn FnMut() -> String,
+        eligible: &dyn Fn(&NodeName) -> bool,
+    ) -> Result<(), StateError> {
+        self.set_availability_at(node, availability, 0, new_id, eligible)
+    }
+
+    /// Sets a node's availability at `now` (unix seconds). Draining moves every task on it
+    /// to other eligible active nodes, as `docker node update --availability drain` does:
+    /// the old task goes to the history ("node drained"), keeping its addresses until the
+    /// node reports it stopped, and its slot gets a new task (new id, new addresses). It is
+    /// refused, changing nothing, if a task has nowhere to go.
+    pub fn set_availability_at(
+        &mut self,
+        node: &str,
+        availability: Availability,
+        now: u64,
         new_id: &mut dyn FnMut() -> String,
         eligible: &dyn Fn(&NodeName) -> bool,
     ) -> Result<(), StateError> {
@@ -78,25 +93,75 @@ impl ClusterState {
         n.availability = availability;
         let name = n.name.clone();
         if availability == Availability::Drain {
-            let moving: Vec<Task> = next
-                .tasks
-                .values()
-                .filter(|t| t.node == name)
-                .cloned()
+            let moving: Vec<(ServiceName, u32, String)> = next
+                .tasks_on(&name)
+                .map(|t| (t.service.clone(), t.slot, t.name.clone()))
                 .collect();
-            for t in &moving {
-                next.tasks.remove(&t.name);
+            for (_, _, task) in &moving {
+                next.retire(task, "node drained", now);
             }
-            let services: BTreeSet<ServiceName> =
-                moving.iter().map(|t| t.service.clone()).collect();
-            for svc in services {
-                let replicas = next.services.get(&svc).map_or(0, |s| s.replicas);
-                next.scale_service(svc.as_str(), replicas, new_id, eligible)?;
+            for (service, slot, _) in &moving {
+                next.place_missing(service, [*slot], new_id, eligible, true)?;
             }
+            next.prune_history();
         }
         next.revision += 1;
         *self = next;
         Ok(())
+    }
+
+    /// Removes a node from the cluster (`docker node rm`). Refused while tasks or
+    /// containers' endpoints are placed on it, unless `force`: then its tasks go to the
+    /// history (released, "node NAME removed": the node is gone) leaving their slots empty
+    /// for [`ClusterState::fill_slots`], and its endpoints are dropped. Its past tasks are
+    /// released, so their addresses are free again; its router address on the ingress
+    /// network and its Docker bookkeeping go too.
+    pub fn remove_node(&mut self, node: &str, force: bool, now: u64) -> Result<Node, StateError> {
+        let mut next = self.clone();
+        let removed = next
+            .nodes
+            .remove(node)
+            .ok_or_else(|| StateError::NoSuchNode(node.to_string()))?;
+        let tasks: Vec<String> = next
+            .tasks_on(&removed.name)
+            .map(|t| t.name.clone())
+            .collect();
+        let endpoints: Vec<String> = next
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.node == removed.name)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let in_use = !tasks.is_empty() || !endpoints.is_empty();
+        if in_use && !force {
+            let mut users = Vec::new();
+            if !tasks.is_empty() {
+                users.push(format!("task(s) {}", tasks.join(", ")));
+            }
+            if !endpoints.is_empty() {
+                users.push(format!("container endpoint(s) {}", endpoints.join(", ")));
+            }
+            return Err(StateError::NodeInUse {
+                node: removed.name,
+                users: users.join(" and "),
+            });
+        }
+        let reason = format!("node {} removed", removed.name);
+        for task in &tasks {
+            next.retire(task, &reason, now);
+        }
+        for key in &endpoints {
+            next.endpoints.remove(key);
+        }
+        next.release_node(node);
+        for net in next.networks.values_mut() {
+            net.lb_endpoints.remove(&removed.name);
+            net.docker_nodes.remove(&removed.name);
+        }
+        next.prune_history();
+        next.revision += 1;
+        *self = next;
+        Ok(removed)
     }
 }
 
@@ -104,6 +169,76 @@ impl ClusterState {
 mod tests {
     use super::*;
     use crate::state::fixtures::{ids, net, state, svc};
+    use crate::state::{EndpointRequest, Task};
+
+    fn add_worker(s: &mut ClusterState, name: &str) -> NodeName {
+        let name = NodeName::new(name).unwrap();
+        s.upsert_node(Node {
+            name: name.clone(),
+            role: Role::Worker,
+            availability: Availability::Active,
+            advertise_addr: Some(Ipv4Addr::new(192, 168, 0, 2)),
+            data_port: 4789,
+            joined_at: 0,
+        });
+        name
+    }
+
+    #[test]
+    fn removing_a_node_refuses_while_in_use_unless_forced() {
+        let mut s = state();
+        s.ensure_ingress("ing".into(), 0).unwrap();
+        let n2 = add_worker(&mut s, "n2");
+        net(&mut s, "a", Some("10.0.2.0/24")).unwrap();
+        let mut id = ids();
+        s.create_service(svc("web", &["a"], 4), &mut id, &|_| true)
+            .unwrap();
+        s.add_endpoint(EndpointRequest {
+            container: "c1".into(),
+            ifname: "eth0".into(),
+            netns: "/run/netns/c1".into(),
+            network: "a".into(),
+            node: n2.clone(),
+            runtime: "cni".into(),
+            address: None,
+        })
+        .unwrap();
+        // A task scaled down earlier, still unreleased on n2.
+        s.scale_service_at("web", 3, 10, &mut id, &|_| true)
+            .unwrap();
+        let earlier = s.history.values().next().unwrap().task.clone();
+        assert_eq!(earlier.node, n2);
+        let before = s.clone();
+        let err = s.remove_node("n2", false, 20).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "node n2 still holds task(s) web.2 and container endpoint(s) c1/eth0: \
+             drain it first, or force its removal"
+        );
+        assert_eq!(s, before);
+        // Forced: its task goes to the history released, its slot empty until filled; its
+        // endpoint, its ingress address and its past tasks' reservations go.
+        let on_n2 = s.tasks_on(&n2).next().unwrap().clone();
+        let removed = s.remove_node("n2", true, 20).unwrap();
+        assert_eq!(removed.name, n2);
+        assert!(!s.nodes.contains_key(&n2));
+        assert!(s.endpoints.is_empty());
+        assert!(!s.ingress_network().unwrap().lb_endpoints.contains_key(&n2));
+        let p = &s.history[&on_n2.id];
+        assert_eq!((p.reason.as_str(), p.released), ("node n2 removed", true));
+        assert!(s.history[&earlier.id].released);
+        assert!(s.unreleased_tasks().next().is_none());
+        assert_eq!(s.missing_slots().len(), 1);
+        assert_eq!(s.fill_slots(&mut id, &|_| true), [on_n2.name.as_str()]);
+        assert_eq!(s.tasks[&on_n2.name].node.as_str(), "n1");
+        // Without tasks, no force is needed.
+        add_worker(&mut s, "n3");
+        s.remove_node("n3", false, 30).unwrap();
+        assert!(matches!(
+            s.remove_node("n3", false, 30),
+            Err(StateError::NoSuchNode(_))
+        ));
+    }
 
     #[test]
     fn drain_moves_tasks_and_refuses_when_nowhere_to_go() {
@@ -124,11 +259,23 @@ mod tests {
         let mut id = ids();
         s.create_service(svc("web", &["a"], 4), &mut id, &|_| true)
             .unwrap();
-        assert_eq!(s.tasks_on(&n2).count(), 2);
-        s.set_availability("n2", Availability::Drain, &mut id, &|_| true)
+        let drained: Vec<Task> = s.tasks_on(&n2).cloned().collect();
+        assert_eq!(drained.len(), 2);
+        s.set_availability_at("n2", Availability::Drain, 70, &mut id, &|_| true)
             .unwrap();
         assert_eq!(s.tasks_on(&n2).count(), 0);
         assert_eq!(s.tasks.len(), 4);
+        // The drained tasks are in the history, their addresses held until n2 reports.
+        let used = s.used_addresses(&"a".parse().unwrap());
+        for old in &drained {
+            let p = &s.history[&old.id];
+            assert_eq!(
+                (p.reason.as_str(), p.ended_at, p.released),
+                ("node drained", 70, false)
+            );
+            assert!(used.contains(&old.attachments[0].address));
+            assert_ne!(s.tasks[&old.name].attachments, old.attachments);
+        }
         assert_eq!(s.nodes[&n2].availability, Availability::Drain);
         // New tasks go elsewhere while drained; back to active, it is eligible again.
         s.scale_service("web", 5, &mut id, &|_| true).unwrap();

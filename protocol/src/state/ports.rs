@@ -8,7 +8,7 @@
 use super::{ClusterState, Service, StateError};
 use crate::types::{NodeName, ServiceName};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Published ports given to services that do not choose one (Swarm's range).
 pub const DYNAMIC_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
@@ -151,11 +151,29 @@ impl ClusterState {
     /// published port, and protocol if given), adds new ones. A service that starts or stops
     /// publishing gains or loses its ingress attachment, which replaces its tasks (new
     /// interfaces), as a rolling update would.
+    ///
+    /// Replaced tasks go to the history with `ended_at` 0 (not known): prefer
+    /// [`ClusterState::update_ports_at`].
     pub fn update_ports(
         &mut self,
         name: &str,
         add: Vec<PortConfig>,
         remove: &[(u16, Option<PortProtocol>)],
+        new_id: &mut dyn FnMut() -> String,
+        eligible: &dyn Fn(&NodeName) -> bool,
+    ) -> Result<(), StateError> {
+        self.update_ports_at(name, add, remove, 0, new_id, eligible)
+    }
+
+    /// [`ClusterState::update_ports`] at `now` (unix seconds): replaced tasks go to the
+    /// history ("service updated"), their addresses reserved until their nodes report them
+    /// stopped. Refused, changing nothing, if a replacement has nowhere to go.
+    pub fn update_ports_at(
+        &mut self,
+        name: &str,
+        add: Vec<PortConfig>,
+        remove: &[(u16, Option<PortProtocol>)],
+        now: u64,
         new_id: &mut dyn FnMut() -> String,
         eligible: &dyn Fn(&NodeName) -> bool,
     ) -> Result<(), StateError> {
@@ -186,11 +204,24 @@ impl ClusterState {
         let networks = svc.networks.clone();
         svc.vips.retain(|n, _| networks.contains(n));
         let replicas = svc.replicas;
+        let service = svc.name.clone();
         next.services.insert(svc.name.clone(), svc);
         if reattach {
-            next.tasks.retain(|_, t| t.service.as_str() != name);
+            let replaced: BTreeMap<u32, String> = next
+                .tasks
+                .values()
+                .filter(|t| t.service == service)
+                .map(|t| (t.slot, t.name.clone()))
+                .collect();
+            for task in replaced.values() {
+                next.retire(task, "service updated", now);
+            }
             next.ensure_vips()?;
-            next.scale_service(name, replicas, new_id, eligible)?;
+            // Every running task gets its replacement; slots already empty fill if they can.
+            let slots = replaced.keys().copied();
+            next.place_missing(&service, slots, new_id, eligible, true)?;
+            next.place_missing(&service, 1..=replicas, new_id, eligible, false)?;
+            next.prune_history();
         }
         next.revision += 1;
         *self = next;

@@ -2,8 +2,8 @@
 //!
 //! Creating one checks it (command, networks, aliases, published ports), gives it a virtual
 //! IP on each of its networks in VIP mode, and places its tasks (`task.rs`), all on a scratch
-//! copy so that a refusal changes nothing. Removing it returns the addresses of its tasks and
-//! VIPs to the networks' pools.
+//! copy so that a refusal changes nothing. Removing it returns its VIPs to the networks'
+//! pools; its tasks' addresses follow once their nodes report them stopped (`history.rs`).
 
 use super::{ClusterState, PortConfig, StateError};
 use crate::types::{NetworkName, NodeName, ServiceName};
@@ -159,13 +159,32 @@ impl ClusterState {
             .ok_or_else(|| StateError::NoSuchService(name.to_string()))
     }
 
-    /// Removes a service and all its tasks; their addresses return to the pools.
+    /// Removes a service and all its tasks, recording `ended_at` 0 (not known): prefer
+    /// [`ClusterState::remove_service_at`].
     pub fn remove_service(&mut self, name: &str) -> Result<Service, StateError> {
+        self.remove_service_at(name, 0)
+    }
+
+    /// Removes a service at `now` (unix seconds). Its VIPs return to the pools at once; its
+    /// tasks go to the history ("service removed"), their addresses reserved until their
+    /// nodes report them stopped. Its past tasks already released are dropped.
+    pub fn remove_service_at(&mut self, name: &str, now: u64) -> Result<Service, StateError> {
         let svc = self
             .services
-            .remove(name)
+            .get(name)
+            .cloned()
             .ok_or_else(|| StateError::NoSuchService(name.to_string()))?;
-        self.tasks.retain(|_, t| t.service != svc.name);
+        let tasks: Vec<String> = self
+            .tasks
+            .values()
+            .filter(|t| t.service == svc.name)
+            .map(|t| t.name.clone())
+            .collect();
+        for task in &tasks {
+            self.retire(task, "service removed", now);
+        }
+        self.services.remove(name);
+        self.prune_history();
         self.revision += 1;
         Ok(svc)
     }

@@ -1,8 +1,10 @@
 //! Tasks: a service's replicas, one per slot, each with an address on every network of its
 //! service, spread over the eligible active nodes.
 //!
-//! `scale_service` is where tasks are made: creating a service, draining a node (`node.rs`)
-//! and attaching to or detaching from the ingress network (`ports.rs`) all go through it.
+//! `place_missing` is where tasks are made: scaling (and so creating a service), draining a
+//! node (`node.rs`), attaching to or detaching from the ingress network (`ports.rs`) and
+//! rescheduling a lost node's tasks (`reschedule.rs`) all go through it. Tasks that leave
+//! go to the history (`history.rs`), never straight away.
 
 use super::{Availability, ClusterState, StateError, MAX_REPLICAS};
 use crate::types::{MacAddr, NetworkName, NodeName, ServiceName};
@@ -15,6 +17,12 @@ pub struct Attachment {
     pub network: NetworkName,
     pub address: Ipv4Addr,
     pub mac: MacAddr,
+}
+
+/// The name of a service's task in `slot`: `<service>.<slot>`, the same for every task
+/// that ever fills the slot.
+pub fn task_name(service: &ServiceName, slot: u32) -> String {
+    format!("{service}.{slot}")
 }
 
 /// One replica of a service, placed on a node.
@@ -31,11 +39,28 @@ pub struct Task {
 
 impl ClusterState {
     /// Sets a service's replica count, adding or removing tasks (highest slots go first).
-    /// New tasks go to active nodes that `eligible` accepts.
+    /// Removed tasks go to the history (`history.rs`) with `ended_at` 0 (not known): prefer
+    /// [`ClusterState::scale_service_at`].
     pub fn scale_service(
         &mut self,
         name: &str,
         replicas: u32,
+        new_id: &mut dyn FnMut() -> String,
+        eligible: &dyn Fn(&NodeName) -> bool,
+    ) -> Result<(), StateError> {
+        self.scale_service_at(name, replicas, 0, new_id, eligible)
+    }
+
+    /// Sets a service's replica count at `now` (unix seconds). Tasks above the new count go
+    /// to the history ("scaled down"), their addresses reserved until their node reports
+    /// them stopped. New slots go to active nodes that `eligible` accepts, and must all find
+    /// a node and addresses or the request is refused, changing nothing; a slot the service
+    /// already ran short of (its node lost with nowhere to go) is filled if it can be.
+    pub fn scale_service_at(
+        &mut self,
+        name: &str,
+        replicas: u32,
+        now: u64,
         new_id: &mut dyn FnMut() -> String,
         eligible: &dyn Fn(&NodeName) -> bool,
     ) -> Result<(), StateError> {
@@ -48,42 +73,92 @@ impl ClusterState {
             .ok_or_else(|| StateError::NoSuchService(name.to_string()))?
             .clone();
         let mut next = self.clone();
-        next.tasks
-            .retain(|_, t| t.service != svc.name || t.slot <= replicas);
-        for slot in 1..=replicas {
-            let task_name = format!("{}.{}", svc.name, slot);
-            if next.tasks.contains_key(&task_name) {
-                continue;
-            }
-            let node = next.place(&svc.name, eligible)?;
-            let mut attachments = Vec::new();
-            for net_name in &svc.networks {
-                let address = next.free_address(net_name)?;
-                attachments.push(Attachment {
-                    network: net_name.clone(),
-                    address,
-                    mac: MacAddr::from_ipv4(address),
-                });
-            }
-            // Inserted before the next slot is placed, so its addresses count as used.
-            next.tasks.insert(
-                task_name.clone(),
-                Task {
-                    id: new_id(),
-                    name: task_name,
-                    service: svc.name.clone(),
-                    slot,
-                    node,
-                    attachments,
-                },
-            );
+        let gone: Vec<String> = next
+            .tasks
+            .values()
+            .filter(|t| t.service == svc.name && t.slot > replicas)
+            .map(|t| t.name.clone())
+            .collect();
+        for task in gone.iter().rev() {
+            next.retire(task, "scaled down", now);
         }
+        let kept = svc.replicas.min(replicas);
+        next.place_missing(&svc.name, 1..=kept, new_id, eligible, false)?;
+        next.place_missing(&svc.name, kept + 1..=replicas, new_id, eligible, true)?;
         if let Some(s) = next.services.get_mut(name) {
             s.replicas = replicas;
         }
+        next.prune_history();
         next.revision += 1;
         *self = next;
         Ok(())
+    }
+
+    /// Places the slots among `slots` of `service` that have no task, in order. A slot that
+    /// cannot be placed (no eligible node, a full network) refuses the whole if `required`
+    /// (the caller drops its scratch copy), and is left empty otherwise. Returns the names of
+    /// the tasks placed.
+    pub(super) fn place_missing(
+        &mut self,
+        service: &ServiceName,
+        slots: impl IntoIterator<Item = u32>,
+        new_id: &mut dyn FnMut() -> String,
+        eligible: &dyn Fn(&NodeName) -> bool,
+        required: bool,
+    ) -> Result<Vec<String>, StateError> {
+        let mut placed = Vec::new();
+        for slot in slots {
+            if self.tasks.contains_key(&task_name(service, slot)) {
+                continue;
+            }
+            match self.place_slot(service, slot, new_id, eligible) {
+                Ok(name) => placed.push(name),
+                Err(e) if required => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(placed)
+    }
+
+    /// Makes the task of one slot: a node by spread placement, an address on each of the
+    /// service's networks. Changes nothing if it fails.
+    fn place_slot(
+        &mut self,
+        service: &ServiceName,
+        slot: u32,
+        new_id: &mut dyn FnMut() -> String,
+        eligible: &dyn Fn(&NodeName) -> bool,
+    ) -> Result<String, StateError> {
+        let networks = self
+            .services
+            .get(service)
+            .ok_or_else(|| StateError::NoSuchService(service.to_string()))?
+            .networks
+            .clone();
+        let node = self.place(service, eligible)?;
+        let mut attachments = Vec::new();
+        for net_name in &networks {
+            let address = self.free_address(net_name)?;
+            attachments.push(Attachment {
+                network: net_name.clone(),
+                address,
+                mac: MacAddr::from_ipv4(address),
+            });
+        }
+        // Inserted before the next slot is placed, so its addresses count as used.
+        let name = task_name(service, slot);
+        self.tasks.insert(
+            name.clone(),
+            Task {
+                id: new_id(),
+                name: name.clone(),
+                service: service.clone(),
+                slot,
+                node,
+                attachments,
+            },
+        );
+        Ok(name)
     }
 
     /// Spread placement: the eligible active node with the fewest tasks of this service, then
@@ -144,10 +219,11 @@ mod tests {
         );
         s.scale_service("web", 1, &mut id, &|_| true).unwrap();
         assert_eq!(s.tasks.keys().collect::<Vec<_>>(), ["web.1"]);
+        // The scaled-down tasks may still run: their addresses stay reserved (`history.rs`).
         s.scale_service("web", 2, &mut id, &|_| true).unwrap();
         assert_eq!(
             s.tasks["web.2"].attachments[0].address.to_string(),
-            "10.0.2.4"
+            "10.0.2.6"
         );
         assert!(matches!(
             s.remove_network("a"),

@@ -168,6 +168,7 @@ impl Roster for ManagerRoster<'_> {
 /// Records a heartbeat and what a node says of its own tasks (only of tasks placed on it).
 fn record_report(manager: &Manager, node: &NodeName, statuses: Vec<TaskReport>) {
     manager.health().beat(node);
+    manager.note_reported(node, statuses.iter().map(|r| r.id.clone()).collect());
     let state = manager.snapshot();
     if let Ok(mut board) = manager.statuses().write() {
         for r in statuses {

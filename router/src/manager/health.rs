@@ -13,6 +13,9 @@ pub const DOWN_AFTER: Duration = Duration::from_secs(3);
 
 pub struct Health {
     me: NodeName,
+    /// When this manager started: a node it has not heard from since counts as silent from
+    /// then (a restarted manager does not declare every node long lost).
+    started: Instant,
     last: Mutex<HashMap<NodeName, Instant>>,
 }
 
@@ -20,8 +23,14 @@ impl Health {
     pub fn new(me: NodeName) -> Health {
         Health {
             me,
+            started: Instant::now(),
             last: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The node this manager runs on (always ready).
+    pub fn me(&self) -> &NodeName {
+        &self.me
     }
 
     pub fn beat(&self, node: &NodeName) {
@@ -39,6 +48,24 @@ impl Health {
             .ok()
             .and_then(|m| m.get(node).copied())
             .is_some_and(|t| t.elapsed() < DOWN_AFTER)
+    }
+
+    /// The nodes of `state` that are down, with the moment (Unix seconds, `now` being the
+    /// present) each went down: [`DOWN_AFTER`] after its last heartbeat.
+    pub fn down_since(&self, state: &ClusterState, now: u64) -> BTreeMap<NodeName, u64> {
+        let Ok(last) = self.last.lock() else {
+            return BTreeMap::new();
+        };
+        state
+            .nodes
+            .keys()
+            .filter(|n| **n != self.me)
+            .filter_map(|n| {
+                let silent = last.get(n).copied().unwrap_or(self.started).elapsed();
+                let down_for = silent.checked_sub(DOWN_AFTER)?;
+                Some((n.clone(), now.saturating_sub(down_for.as_secs())))
+            })
+            .collect()
     }
 
     pub fn report(&self, state: &ClusterState) -> BTreeMap<NodeName, NodeHealth> {

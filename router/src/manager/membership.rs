@@ -5,7 +5,6 @@
 
 use super::Manager;
 use crate::clock::now;
-use crate::ids::new_id;
 use protocol::api::OpError;
 use protocol::state::{Availability, Node, NodeCert, Role};
 use protocol::types::NodeName;
@@ -63,14 +62,10 @@ impl Manager {
         self.commit(|s| s.set_role(node, role).map_err(OpError::from))
     }
 
-    /// `node rm [--force]`: refused while the node is up, unless `force`. Its tasks go to
-    /// live nodes.
+    /// `node rm [--force]`: refused while the node is up, unless `force`. Its slots are
+    /// filled on live nodes by the healing tick.
     pub(super) fn forget_node(&self, node: &str, force: bool) -> Result<(), OpError> {
-        let health = self.health.clone();
-        let up = NodeName::new(node).is_ok_and(|n| health.is_ready(&n));
-        self.commit(|s| {
-            s.forget_node(node, up, force, &mut new_id, &|n| health.is_ready(n))
-                .map_err(OpError::from)
-        })
+        let up = NodeName::new(node).is_ok_and(|n| self.health.is_ready(&n));
+        self.commit(|s| s.forget_node(node, up, force, now()).map_err(OpError::from))
     }
 }

@@ -5,8 +5,11 @@
 //!
 //! Beside the desired state it keeps what is not persisted: which nodes are alive
 //! ([`health`]), what they report about their tasks ([`statuses`]), and encrypted networks'
-//! keys ([`keys`]), rotated by a periodic tick ([`Manager::rotate_due_keys`]).
+//! keys ([`keys`]), rotated by a periodic tick ([`Manager::rotate_due_keys`]). It also heals
+//! the cluster on its own ([`healing`]): lost nodes' tasks rescheduled, empty slots filled,
+//! stopped tasks' addresses released.
 
+pub mod healing;
 pub mod health;
 pub mod keys;
 mod membership;
@@ -23,19 +26,25 @@ use protocol::state::{
     Availability, ClusterState, Network, NetworkRequest, Node, Pool, Role, Service, StateError,
 };
 use protocol::types::{NetworkName, NodeName, ServiceName};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// A change that could not be persisted was not made: the caller sees an internal error.
+/// A change that could not be persisted was not made: the caller sees an internal error,
+/// or "unavailable" if the store may take it later (etcd down, leadership lost).
 impl From<StoreError> for OpError {
     fn from(e: StoreError) -> OpError {
+        if e.is_unavailable() {
+            return OpError::unavailable(e.to_string());
+        }
         OpError::internal(e.to_string())
     }
 }
 
+pub use healing::HEAL_TICK;
 pub use keys::{DEFAULT_KEY_ROTATION, KEY_GRACE, KEY_LEAD, KEY_TICK};
 pub use statuses::{StatusBoard, StatusEntry};
 
@@ -47,6 +56,10 @@ pub struct Manager {
     pool: Pool,
     published: watch::Sender<Arc<ClusterState>>,
     statuses: StatusBoard,
+    /// `--reschedule-after`, in seconds ([`healing`]).
+    reschedule_after_s: AtomicU64,
+    /// The task ids each other node last reported ([`healing`]).
+    reported: Mutex<BTreeMap<NodeName, BTreeSet<String>>>,
 }
 
 /// Marks a service updated now; returns it.
@@ -99,6 +112,8 @@ impl Manager {
             published,
             statuses: StatusBoard::default(),
             keys: Mutex::new(KeyRing::new(DEFAULT_KEY_ROTATION)),
+            reschedule_after_s: AtomicU64::new(protocol::state::DEFAULT_RESCHEDULE_AFTER_S),
+            reported: Mutex::default(),
         };
         manager.rotate_due_keys(now_ms());
         Ok(manager)
@@ -189,7 +204,9 @@ impl Manager {
             Op::UpdateNode { node, availability } => {
                 let health = self.health.clone();
                 self.change(|s| {
-                    s.set_availability(&node, availability, &mut new_id, &|n| health.is_ready(n))
+                    s.set_availability_at(&node, availability, now(), &mut new_id, &|n| {
+                        health.is_ready(n)
+                    })
                 })
             }
             Op::SetRole { node, role } => self.set_role(&node, role),
@@ -300,7 +317,7 @@ impl Manager {
     pub fn scale_service(&self, name: &str, replicas: u32) -> Result<Service, OpError> {
         let health = self.health.clone();
         self.change(|s| {
-            s.scale_service(name, replicas, &mut new_id, &|n| health.is_ready(n))?;
+            s.scale_service_at(name, replicas, now(), &mut new_id, &|n| health.is_ready(n))?;
             touch(s, name)
         })
     }
@@ -319,13 +336,15 @@ impl Manager {
         let add = update.publish_add.into_iter().map(Into::into).collect();
         let health = self.health.clone();
         self.change(|s| {
-            s.update_ports(name, add, &remove, &mut new_id, &|n| health.is_ready(n))?;
+            s.update_ports_at(name, add, &remove, now(), &mut new_id, &|n| {
+                health.is_ready(n)
+            })?;
             touch(s, name)
         })
     }
 
     pub fn remove_service(&self, name: &str) -> Result<(), OpError> {
-        self.change(|s| s.remove_service(name).map(|_| ()))
+        self.change(|s| s.remove_service_at(name, now()).map(|_| ()))
     }
 
     /// Sets how often encrypted networks get a new key (`--key-rotation-interval`).

@@ -1,8 +1,17 @@
-//! The manager's on-disk state: one JSON document (`state.json`) in the state directory,
-//! replaced atomically ([`write_atomic`]: temporary file, fsync, rename, fsync of the
-//! directory) so a crash at any point leaves either the old or the new state, never a torn
-//! one. It holds services' commands and environment, so only root reads it (0600). A lock
-//! file keeps two daemons off one state directory.
+//! Where the desired state is kept. By default (`--store file`) one JSON document
+//! (`state.json`) in the state directory, replaced atomically ([`write_atomic`]: temporary
+//! file, fsync, rename, fsync of the directory) so a crash at any point leaves either the old
+//! or the new state, never a torn one. It holds services' commands and environment, so only
+//! root reads it (0600). A lock file keeps two daemons off one state directory (whatever the
+//! store).
+//!
+//! A manager may keep it on etcd instead (`--store etcd`, [`etcd`]): one key per object
+//! ([`layout`]), every change one transaction fenced on the manager's leader key. Then
+//! `state.json` is only read once, to import it into an empty etcd, and renamed
+//! `state.json.imported`: a second copy that nobody keeps up to date would only mislead.
+
+pub mod etcd;
+pub mod layout;
 
 use crate::durable::{write_atomic, PRIVATE};
 use nix::fcntl::{Flock, FlockArg};
@@ -25,6 +34,37 @@ pub enum StoreError {
     Format { path: PathBuf, found: u32 },
     #[error("writing {0}: {1}")]
     Write(PathBuf, io::Error),
+    #[error("the state store (etcd at {endpoints}) is unavailable: {why}; nothing was changed")]
+    Unavailable { endpoints: String, why: String },
+    #[error(
+        "this manager is no longer the leader of the cluster state (etcd key {key} is held by \
+         {holder}); nothing was changed"
+    )]
+    NotLeader { key: String, holder: String },
+    #[error(
+        "the state under {prefix} in etcd was changed by another writer since this manager \
+         loaded it; nothing was changed (restart this manager to load it)"
+    )]
+    Conflict { prefix: String },
+    #[error("etcd refused the change: {0}")]
+    Refused(String),
+    #[error("the state in etcd: {0}")]
+    Layout(layout::LayoutError),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// The store cannot take changes now, but may later (etcd down, leadership lost): the
+    /// API answers 503 rather than 500.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable { .. }
+                | StoreError::NotLeader { .. }
+                | StoreError::Conflict { .. }
+        )
+    }
 }
 
 /// Takes an exclusive flock on `path` (created if missing) for as long as the returned value
@@ -83,6 +123,8 @@ impl Drop for NameLock {
 
 pub struct Store {
     dir: PathBuf,
+    /// Set with `--store etcd`: the state lives there, not in `state.json`.
+    etcd: Option<etcd::EtcdStore>,
     _lock: Flock<File>,
 }
 
@@ -96,8 +138,17 @@ impl Store {
             .ok_or_else(|| StoreError::Locked(dir.to_path_buf()))?;
         Ok(Store {
             dir: dir.to_path_buf(),
+            etcd: None,
             _lock: lock,
         })
+    }
+
+    /// Opens and locks a state directory, and keeps the desired state on etcd: connects and
+    /// takes the leader key under `cfg.prefix` as `me` (see [`etcd`]).
+    pub fn open_etcd(dir: &Path, cfg: &etcd::EtcdConfig, me: &str) -> Result<Store, StoreError> {
+        let mut store = Store::open(dir)?;
+        store.etcd = Some(etcd::EtcdStore::open(cfg, me, dir)?);
+        Ok(store)
     }
 
     pub fn dir(&self) -> &Path {
@@ -108,12 +159,27 @@ impl Store {
         crate::naming::state_file(&self.dir)
     }
 
-    /// The saved state, or an empty one on first start.
+    /// The saved state, or an empty one on first start. On etcd: the state there, or, if
+    /// etcd holds none, `state.json` imported into it (then renamed `state.json.imported`).
     pub fn load(&self) -> Result<ClusterState, StoreError> {
+        let Some(etcd) = &self.etcd else {
+            return Ok(self.load_file()?.unwrap_or_default());
+        };
+        let (state, imported) = etcd.load(self.load_file()?)?;
+        let path = self.state_path();
+        if imported {
+            let to = crate::naming::state_file_imported(&self.dir);
+            fs::rename(&path, &to).map_err(|e| StoreError::Write(to, e))?;
+        }
+        Ok(state)
+    }
+
+    /// `state.json`, if there is one.
+    fn load_file(&self) -> Result<Option<ClusterState>, StoreError> {
         let path = self.state_path();
         let bytes = match fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ClusterState::default()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::Read(path, e)),
         };
         let state: ClusterState =
@@ -124,10 +190,13 @@ impl Store {
                 found: state.format,
             });
         }
-        Ok(state)
+        Ok(Some(state))
     }
 
     pub fn save(&self, state: &ClusterState) -> Result<(), StoreError> {
+        if let Some(etcd) = &self.etcd {
+            return etcd.save(state);
+        }
         let path = self.state_path();
         let body = serde_json::to_vec_pretty(state)
             .map_err(|e| StoreError::Write(path.clone(), e.into()))?;

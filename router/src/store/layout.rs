@@ -1,0 +1,360 @@
+//! How [`ClusterState`] lies in etcd: one key per object, and what a change writes. Pure (no
+//! I/O): the etcd driver (`etcd.rs`) sends what these functions compute.
+//!
+//! ```text
+//! PREFIX/leader                     the manager that may write (its lease keeps the key)
+//! PREFIX/state/meta                 the scalar fields: {"format":1,"revision":42}
+//! PREFIX/state/networks/NAME        one network, as JSON
+//! PREFIX/state/services/NAME        one service
+//! PREFIX/state/tasks/NAME           one task (web.1)
+//! PREFIX/state/nodes/NAME           one node
+//! PREFIX/state/endpoints/CONTAINER/IFNAME   one runtime endpoint
+//! ```
+//!
+//! Every object is its own key so that no request nears etcd's 1.5 MiB limit, and a change
+//! writes only the keys whose bytes differ ([`diff`]). The state is taken apart and put back
+//! together through its JSON form, so a field added to an object needs nothing here; a new
+//! *collection* of `ClusterState` goes into [`COLLECTIONS`] (until then it rides in `meta`,
+//! which is correct, only not per object).
+
+use protocol::state::ClusterState;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// The fields of [`ClusterState`] that are maps of objects: each entry gets a key.
+pub const COLLECTIONS: [&str; 5] = ["networks", "services", "tasks", "nodes", "endpoints"];
+
+/// Key → value (JSON bytes), as stored under a prefix.
+pub type Kvs = BTreeMap<String, Vec<u8>>;
+
+/// Where one cluster's keys live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    prefix: String,
+}
+
+impl Layout {
+    /// `prefix` as given by `--etcd-prefix` (`/overlay`); a trailing `/` is dropped.
+    pub fn new(prefix: &str) -> Layout {
+        Layout {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The election key: whoever holds it may write the state.
+    pub fn leader(&self) -> String {
+        format!("{}/leader", self.prefix)
+    }
+
+    /// Every state key starts with this (a range read or delete of the whole state).
+    pub fn state_prefix(&self) -> String {
+        format!("{}/state/", self.prefix)
+    }
+
+    /// The key of the scalar fields.
+    pub fn meta(&self) -> String {
+        format!("{}meta", self.state_prefix())
+    }
+
+    /// The key of one object of a collection.
+    pub fn object(&self, collection: &str, name: &str) -> String {
+        format!("{}{collection}/{name}", self.state_prefix())
+    }
+}
+
+/// What a change writes: the keys that are new or differ, and those that went away.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Diff {
+    pub puts: Vec<(String, Vec<u8>)>,
+    pub deletes: Vec<String>,
+}
+
+impl Diff {
+    /// How many operations the transaction holds.
+    pub fn len(&self) -> usize {
+        self.puts.len() + self.deletes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("encoding the state: {0}")]
+    Encode(serde_json::Error),
+    #[error("{key} is not valid JSON: {why}")]
+    BadValue { key: String, why: serde_json::Error },
+    #[error("{0} is not a key of this overlayd's state layout (written by a newer version?)")]
+    UnknownKey(String),
+    #[error("the state keys under {0} have no meta key (an interrupted import?)")]
+    NoMeta(String),
+    #[error("the state under {prefix} does not fit this overlayd's ClusterState: {why}")]
+    Shape {
+        prefix: String,
+        why: serde_json::Error,
+    },
+}
+
+/// Takes `state` apart into its keys.
+pub fn split(layout: &Layout, state: &ClusterState) -> Result<Kvs, LayoutError> {
+    let Value::Object(mut fields) = serde_json::to_value(state).map_err(LayoutError::Encode)?
+    else {
+        unreachable!("ClusterState serializes as a JSON object");
+    };
+    let mut kvs = Kvs::new();
+    for collection in COLLECTIONS {
+        let Some(Value::Object(entries)) = fields.remove(collection) else {
+            continue;
+        };
+        for (name, object) in entries {
+            let bytes = serde_json::to_vec(&object).map_err(LayoutError::Encode)?;
+            kvs.insert(layout.object(collection, &name), bytes);
+        }
+    }
+    let meta = serde_json::to_vec(&Value::Object(fields)).map_err(LayoutError::Encode)?;
+    kvs.insert(layout.meta(), meta);
+    Ok(kvs)
+}
+
+/// The writes that turn `old` into `new` (puts in key order, then deletes).
+pub fn diff(old: &Kvs, new: &Kvs) -> Diff {
+    let puts = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let deletes = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .cloned()
+        .collect();
+    Diff { puts, deletes }
+}
+
+/// Puts the state back together from every key under [`Layout::state_prefix`]: `None` if
+/// there are none (nothing stored yet).
+pub fn assemble(layout: &Layout, kvs: &Kvs) -> Result<Option<ClusterState>, LayoutError> {
+    if kvs.is_empty() {
+        return Ok(None);
+    }
+    let parse = |key: &str, bytes: &[u8]| {
+        serde_json::from_slice::<Value>(bytes).map_err(|why| LayoutError::BadValue {
+            key: key.to_string(),
+            why,
+        })
+    };
+    let meta_key = layout.meta();
+    let mut fields = match kvs.get(&meta_key) {
+        Some(bytes) => match parse(&meta_key, bytes)? {
+            Value::Object(m) => m,
+            _ => {
+                return Err(LayoutError::UnknownKey(format!(
+                    "{meta_key} (not a JSON object)"
+                )))
+            }
+        },
+        None => return Err(LayoutError::NoMeta(layout.state_prefix())),
+    };
+    for collection in COLLECTIONS {
+        fields.insert(collection.to_string(), Value::Object(Map::new()));
+    }
+    let state_prefix = layout.state_prefix();
+    for (key, bytes) in kvs {
+        if *key == meta_key {
+            continue;
+        }
+        let rest = key
+            .strip_prefix(&state_prefix)
+            .ok_or_else(|| LayoutError::UnknownKey(key.clone()))?;
+        let (collection, name) = rest
+            .split_once('/')
+            .filter(|(c, n)| COLLECTIONS.contains(c) && !n.is_empty())
+            .ok_or_else(|| LayoutError::UnknownKey(key.clone()))?;
+        if let Some(Value::Object(entries)) = fields.get_mut(collection) {
+            entries.insert(name.to_string(), parse(key, bytes)?);
+        }
+    }
+    serde_json::from_value(Value::Object(fields))
+        .map(Some)
+        .map_err(|why| LayoutError::Shape {
+            prefix: layout.prefix.clone(),
+            why,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::state::{
+        Availability, EndpointMode, EndpointRequest, NetworkRequest, Node, Pool, Role, Service,
+    };
+    use protocol::types::{NetworkName, NodeName, ServiceName};
+
+    fn ids() -> impl FnMut() -> String {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("id{n}")
+        }
+    }
+
+    fn node(name: &str) -> Node {
+        Node {
+            name: NodeName::new(name).unwrap(),
+            role: Role::Manager,
+            availability: Availability::Active,
+            advertise_addr: Some("198.18.0.1".parse().unwrap()),
+            data_port: 4789,
+            joined_at: 1,
+        }
+    }
+
+    fn service(name: &str, net: &str, replicas: u32) -> Service {
+        Service {
+            id: format!("svc-{name}"),
+            name: ServiceName::new(name).unwrap(),
+            networks: vec![NetworkName::new(net).unwrap()],
+            replicas,
+            command: vec!["sleep".into(), "100".into()],
+            env: vec!["A=1".into()],
+            created_at: 1,
+            updated_at: 1,
+            endpoint_mode: EndpointMode::default(),
+            vips: BTreeMap::new(),
+            aliases: BTreeMap::new(),
+            lb_idle_timeout: None,
+            ports: Vec::new(),
+        }
+    }
+
+    /// A state made by protocol's own operations: networks, a service with tasks and VIPs,
+    /// nodes, and a runtime endpoint whose key holds a `/`.
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        let mut id = ids();
+        s.upsert_node(node("n1"));
+        s.upsert_node(node("n2"));
+        for name in ["front", "back"] {
+            s.create_network(
+                NetworkName::new(name).unwrap(),
+                NetworkRequest::default(),
+                Pool::default(),
+                id(),
+                1,
+            )
+            .unwrap();
+        }
+        s.create_service(service("web", "front", 3), &mut id, &|_| true)
+            .unwrap();
+        s.add_endpoint(EndpointRequest {
+            container: "c0ffee".into(),
+            ifname: "eth0".into(),
+            netns: "/proc/1/ns/net".into(),
+            node: NodeName::new("n2").unwrap(),
+            network: "back".into(),
+            runtime: "cni".into(),
+            address: None,
+        })
+        .unwrap();
+        s
+    }
+
+    #[test]
+    fn one_key_per_object_and_a_meta_key() {
+        let l = Layout::new("/overlay/");
+        let s = cluster();
+        let kvs = split(&l, &s).unwrap();
+        let keys: Vec<&str> = kvs.keys().map(String::as_str).collect();
+        assert!(keys.contains(&"/overlay/state/meta"), "{keys:?}");
+        assert!(keys.contains(&"/overlay/state/networks/front"));
+        assert!(keys.contains(&"/overlay/state/services/web"));
+        assert!(keys.contains(&"/overlay/state/tasks/web.1"));
+        assert!(keys.contains(&"/overlay/state/nodes/n2"));
+        assert!(keys.contains(&"/overlay/state/endpoints/c0ffee/eth0"));
+        let objects = s.networks.len() + s.services.len() + s.tasks.len() + s.nodes.len();
+        assert_eq!(kvs.len(), 1 + objects + s.endpoints.len());
+        let meta: Value = serde_json::from_slice(&kvs["/overlay/state/meta"]).unwrap();
+        assert_eq!(
+            meta,
+            serde_json::json!({"format": s.format, "revision": s.revision})
+        );
+        assert_eq!(l.leader(), "/overlay/leader");
+    }
+
+    #[test]
+    fn assemble_is_the_inverse_of_split() {
+        let l = Layout::new("/c1");
+        let s = cluster();
+        assert_eq!(assemble(&l, &split(&l, &s).unwrap()).unwrap(), Some(s));
+        let empty = ClusterState::default();
+        assert_eq!(
+            assemble(&l, &split(&l, &empty).unwrap()).unwrap(),
+            Some(empty)
+        );
+        assert_eq!(assemble(&l, &Kvs::new()).unwrap(), None, "nothing stored");
+    }
+
+    #[test]
+    fn a_change_writes_only_what_differs() {
+        let l = Layout::new("/overlay");
+        let before = cluster();
+        let old = split(&l, &before).unwrap();
+        assert!(diff(&old, &old).is_empty());
+
+        // Scaling 3 → 1 deletes two tasks and rewrites the service and the revision.
+        let mut after = before.clone();
+        after
+            .scale_service("web", 1, &mut ids(), &|_| true)
+            .unwrap();
+        let d = diff(&old, &split(&l, &after).unwrap());
+        let puts: Vec<&str> = d.puts.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            puts,
+            ["/overlay/state/meta", "/overlay/state/services/web"],
+            "{d:?}"
+        );
+        assert_eq!(
+            d.deletes,
+            ["/overlay/state/tasks/web.2", "/overlay/state/tasks/web.3"]
+        );
+
+        // Applying the diff to the old keys gives the new state.
+        let mut applied = old.clone();
+        for (k, v) in &d.puts {
+            applied.insert(k.clone(), v.clone());
+        }
+        for k in &d.deletes {
+            applied.remove(k);
+        }
+        assert_eq!(assemble(&l, &applied).unwrap(), Some(after));
+    }
+
+    #[test]
+    fn foreign_or_incomplete_keys_are_refused() {
+        let l = Layout::new("/overlay");
+        let mut kvs = split(&l, &cluster()).unwrap();
+        kvs.insert("/overlay/state/volumes/v1".into(), b"{}".to_vec());
+        let e = assemble(&l, &kvs).unwrap_err();
+        assert!(matches!(e, LayoutError::UnknownKey(_)), "{e}");
+
+        let mut kvs = split(&l, &cluster()).unwrap();
+        kvs.insert(
+            "/overlay/state/networks/front".into(),
+            b"{not json".to_vec(),
+        );
+        assert!(matches!(
+            assemble(&l, &kvs),
+            Err(LayoutError::BadValue { .. })
+        ));
+
+        let mut kvs = split(&l, &cluster()).unwrap();
+        kvs.remove("/overlay/state/meta");
+        assert!(matches!(assemble(&l, &kvs), Err(LayoutError::NoMeta(_))));
+    }
+}

@@ -1,0 +1,382 @@
+//! The manager's desired state on a real etcd (`overlayd --store etcd`). etcd (Debian's
+//! etcd-server, `/usr/bin/etcd`) runs in the test's host namespace on 198.18.14.1:2379, with
+//! its data in the test's temporary directory; a guard kills it. Needs root.
+//!
+//! - a manager that ran on the file store moves to etcd: its state.json is imported;
+//! - a change writes one key per object; a restart reloads the same networks, services,
+//!   VIPs and task addresses from etcd alone;
+//! - a second manager on the same prefix does not start while the first leads;
+//! - fencing: with the leader key taken by someone else, a change is refused and nothing is
+//!   written; once the key is free the manager leads again;
+//! - etcd frozen (SIGSTOP): a change is refused within 5 s instead of hanging; one that
+//!   etcd took late is overwritten by the manager's next write;
+//! - etcd stopped: a change is refused within 5 s saying why, while tasks keep talking;
+//!   etcd back: changes work again;
+//! - a worker refuses `--store etcd`.
+
+use overlay_e2e::{bin, out, pings, require_root, run, unique, wait_for, Node, Underlay};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const ETCD: &str = "/usr/bin/etcd";
+const ETCDCTL: &str = "/usr/bin/etcdctl";
+
+/// One etcd member in a test namespace; killed (and its data removed) on drop.
+struct Etcd {
+    netns: String,
+    url: String,
+    data: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    fn start(netns: &str, addr: &str, dir: &Path) -> Etcd {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).expect("etcd dir");
+        let mut e = Etcd {
+            netns: netns.to_string(),
+            url: format!("http://{addr}:2379"),
+            data: dir.join("data"),
+            log: dir.join("etcd.log"),
+            child: None,
+        };
+        e.launch();
+        e
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("etcd log");
+        let peer = "http://127.0.0.1:2380";
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns, ETCD])
+            .args(["--name", "e1", "--data-dir"])
+            .arg(&self.data)
+            .args(["--listen-client-urls", &self.url])
+            .args(["--advertise-client-urls", &self.url])
+            .args(["--listen-peer-urls", peer])
+            .args(["--initial-advertise-peer-urls", peer])
+            .args(["--initial-cluster", &format!("e1={peer}")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd");
+        self.child = Some(child);
+        let up = wait_for(Duration::from_secs(15), || {
+            self.ctl(&["endpoint", "health"]).status.success()
+        });
+        assert!(up, "etcd did not come up:\n{}", self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        run(Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.netns,
+                ETCDCTL,
+                "--endpoints",
+                &self.url,
+            ])
+            .args(args)
+            .env("ETCDCTL_API", "3"))
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(o.status.success(), "etcdctl {args:?}: {}", out(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Every key under the cluster's state prefix.
+    fn state_keys(&self) -> Vec<String> {
+        self.ctl_ok(&["get", "--prefix", "--keys-only", "/overlay/state/"])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(dir) = self.data.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// What a restart must keep: networks, services with their VIPs, tasks with addresses.
+fn view(n: &Node) -> (String, String, Vec<(String, String)>) {
+    let nets = n.ctl_ok(&["network", "ls", "-q"]);
+    let mut nets: Vec<&str> = nets.lines().collect();
+    nets.sort();
+    let vip = n.vip_of("web");
+    let tasks = ["web.1", "web.2", "db.1"]
+        .iter()
+        .filter(|t| n.ctl(&["inspect", t]).status.success())
+        .map(|t| (t.to_string(), n.task_ip(t)))
+        .collect();
+    (nets.join(","), vip, tasks)
+}
+
+#[test]
+fn state_on_etcd() {
+    if !require_root("state_on_etcd") {
+        return;
+    }
+    if !Path::new(ETCD).exists() || !Path::new(ETCDCTL).exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{ETCD} is missing: scripts/install-deps.sh installs etcd-server and etcd-client"
+        );
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIP state_on_etcd: no {ETCD}");
+        return;
+    }
+    let started = Instant::now();
+    let tag = unique("et");
+    let u = Underlay::new(&tag, 1, 14);
+    let mut etcd = Etcd::start(
+        &u.host(1).name,
+        &u.addr(1),
+        &std::env::temp_dir().join(format!("overlay-e2e-etcd-{tag}")),
+    );
+
+    // A manager on the file store, with a network and a service.
+    let mut n1 = Node::manager(&format!("{tag}a"), &u, 1);
+    n1.ctl_ok(&["network", "create", "--subnet", "10.0.14.0/24", "front"]);
+    n1.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "front",
+        "--replicas",
+        "2",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    n1.wait_running("web", 2);
+    let before = view(&n1);
+
+    // Moved to etcd: state.json is imported, and renamed.
+    let state_dir = n1.dir.join("state");
+    n1.extra_args.extend(
+        ["--store", "etcd", "--etcd-endpoints", &etcd.url]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    n1.restart();
+    n1.wait_running("web", 2);
+    assert_eq!(view(&n1), before, "the imported state");
+    assert!(!state_dir.join("state.json").exists());
+    assert!(state_dir.join("state.json.imported").exists());
+    assert!(n1.log().contains("imported state.json into etcd"));
+
+    // A change on etcd: one key per object.
+    n1.ctl_ok(&["network", "create", "back"]);
+    n1.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "db",
+        "--network",
+        "back",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    n1.wait_running("db", 1);
+    let keys = etcd.state_keys();
+    for k in [
+        "/overlay/state/meta",
+        "/overlay/state/networks/front",
+        "/overlay/state/networks/back",
+        "/overlay/state/networks/ingress",
+        "/overlay/state/services/web",
+        "/overlay/state/services/db",
+        "/overlay/state/tasks/web.1",
+        "/overlay/state/tasks/web.2",
+        "/overlay/state/tasks/db.1",
+        &format!("/overlay/state/nodes/{}", n1.name),
+    ] {
+        assert!(keys.iter().any(|x| x == k), "{k} in {keys:?}");
+    }
+    assert_eq!(keys.len(), 10, "one key per object: {keys:?}");
+    assert_eq!(
+        etcd.ctl_ok(&["get", "--print-value-only", "/overlay/leader"])
+            .trim(),
+        n1.name
+    );
+    assert!(
+        !state_dir.join("state.json").exists(),
+        "nothing on the file"
+    );
+
+    // Restarted with no state file at all: the same state, from etcd.
+    let before = view(&n1);
+    let _ = std::fs::remove_file(state_dir.join("state.json.imported"));
+    n1.restart();
+    n1.wait_running("db", 1);
+    n1.wait_running("web", 2);
+    assert_eq!(view(&n1), before, "reloaded from etcd");
+
+    // A second manager on the same prefix cannot lead while the first holds the key: it
+    // waits for the holder's lease to expire (12 s at most), then refuses to start.
+    let sdir = std::env::temp_dir().join(format!("overlay-e2e-{tag}b"));
+    let t = Instant::now();
+    let o = run(u
+        .host(1)
+        .cmd(&bin("overlayd").to_string_lossy())
+        .args(["--node", &format!("{tag}b"), "--state-dir"])
+        .arg(&sdir)
+        .arg("--socket")
+        .arg(sdir.join("api.sock"))
+        .args(["--advertise-addr", &u.addr(1), "--init", "--store", "etcd"])
+        .args(["--etcd-endpoints", &etcd.url]));
+    let _ = std::fs::remove_dir_all(&sdir);
+    let said = String::from_utf8_lossy(&o.stderr);
+    eprintln!("second manager, after {:?}: {}", t.elapsed(), said.trim());
+    assert!(!o.status.success());
+    assert!(
+        said.contains("another manager leads") && said.contains(&format!("held by {}", n1.name)),
+        "{said}"
+    );
+    assert!(n1.ctl(&["network", "ls"]).status.success());
+
+    // Fencing: someone else holds the leader key; the change is refused, nothing written.
+    etcd.ctl_ok(&["del", "/overlay/leader"]);
+    etcd.ctl_ok(&["put", "/overlay/leader", "intruder"]);
+    let err = n1.ctl_err(&["network", "create", "x"]);
+    eprintln!("fenced: {err}");
+    assert!(
+        err.contains("no longer the leader") && err.contains("intruder"),
+        "{err}"
+    );
+    assert!(!etcd.state_keys().iter().any(|k| k.ends_with("/networks/x")));
+    assert!(!n1.ctl_ok(&["network", "ls", "-q"]).contains('x'));
+    etcd.ctl_ok(&["del", "/overlay/leader"]);
+    let mut last = String::new();
+    let led = wait_for(Duration::from_secs(10), || {
+        let o = n1.ctl(&["network", "create", "x"]);
+        last = out(&o);
+        o.status.success()
+    });
+    assert!(led, "the manager leads again once the key is free: {last}");
+    assert_eq!(
+        etcd.ctl_ok(&["get", "--print-value-only", "/overlay/leader"])
+            .trim(),
+        n1.name
+    );
+
+    // etcd frozen (it takes the request and never answers): refused within 5 s, not hung.
+    let peer = n1.task_ip("web.2");
+    assert!(pings(&n1, "web.1", &peer));
+    let pid = nix::unistd::Pid::from_raw(etcd.child.as_ref().expect("etcd").id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGSTOP).expect("SIGSTOP etcd");
+    let t = Instant::now();
+    let err = n1.ctl_err(&["network", "create", "frozen"]);
+    let took = t.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGCONT).expect("SIGCONT etcd");
+    eprintln!("etcd frozen: refused after {took:?}: {err}");
+    assert!(
+        took < Duration::from_secs(5),
+        "refused after {took:?}: {err}"
+    );
+    assert!(err.contains("is unavailable"), "{err}");
+    // The unanswered write may have landed late; the manager's next write is its own view.
+    let thawed = wait_for(Duration::from_secs(10), || {
+        let o = n1.ctl(&["network", "create", "thawed"]);
+        last = out(&o);
+        o.status.success()
+    });
+    assert!(thawed, "a change once etcd answers again: {last}");
+    let keys = etcd.state_keys();
+    assert!(
+        !keys.iter().any(|k| k.ends_with("/networks/frozen")),
+        "{keys:?}"
+    );
+    assert!(keys.iter().any(|k| k.ends_with("/networks/thawed")));
+
+    // etcd stopped: a change is refused within 5 s, saying why; tasks keep talking.
+    etcd.stop();
+    let t = Instant::now();
+    let err = n1.ctl_err(&["network", "create", "y"]);
+    let took = t.elapsed();
+    eprintln!("etcd stopped: refused after {took:?}: {err}");
+    assert!(
+        took < Duration::from_secs(5),
+        "refused after {took:?}: {err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "the state store (etcd at {}) is unavailable",
+            etcd.url
+        )),
+        "{err}"
+    );
+    assert!(
+        pings(&n1, "web.1", &peer),
+        "forwarding goes on without etcd"
+    );
+    assert!(!n1.ctl_ok(&["network", "ls", "-q"]).contains('y'));
+
+    // etcd back: changes work again.
+    etcd.launch();
+    let back = wait_for(Duration::from_secs(15), || {
+        let o = n1.ctl(&["network", "create", "y"]);
+        last = out(&o);
+        o.status.success()
+    });
+    assert!(back, "a change once etcd is back: {last}");
+    assert!(etcd.state_keys().iter().any(|k| k.ends_with("/networks/y")));
+
+    // A worker refuses the flag (it fails before joining anything).
+    let wdir = std::env::temp_dir().join(format!("overlay-e2e-{tag}w"));
+    let o = run(Command::new(bin("overlayd")).args([
+        "--node",
+        &format!("{tag}w"),
+        "--state-dir",
+        &wdir.to_string_lossy(),
+        "--socket",
+        &wdir.join("api.sock").to_string_lossy(),
+        "--advertise-addr",
+        "198.18.14.2",
+        "--join",
+        "198.18.14.1",
+        "--token",
+        "SWMTKN-1-x-y",
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        &etcd.url,
+    ]));
+    let _ = std::fs::remove_dir_all(&wdir);
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(said.contains("--store etcd is for a manager"), "{said}");
+
+    n1.stop();
+    eprintln!("state_on_etcd took {:?}", started.elapsed());
+}

@@ -9,6 +9,7 @@
 //! PREFIX/state/tasks/NAME           one task (web.1)
 //! PREFIX/state/nodes/NAME           one node
 //! PREFIX/state/endpoints/CONTAINER/IFNAME   one runtime endpoint
+//! PREFIX/state/history/TASK-ID      one past task (its addresses reserved until released)
 //! ```
 //!
 //! Every object is its own key so that no request nears etcd's 1.5 MiB limit, and a change
@@ -22,7 +23,14 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// The fields of [`ClusterState`] that are maps of objects: each entry gets a key.
-pub const COLLECTIONS: [&str; 5] = ["networks", "services", "tasks", "nodes", "endpoints"];
+pub const COLLECTIONS: [&str; 6] = [
+    "networks",
+    "services",
+    "tasks",
+    "nodes",
+    "endpoints",
+    "history",
+];
 
 /// Key → value (JSON bytes), as stored under a prefix.
 pub type Kvs = BTreeMap<String, Vec<u8>>;
@@ -278,11 +286,15 @@ mod tests {
         assert!(keys.contains(&"/overlay/state/nodes/n2"));
         assert!(keys.contains(&"/overlay/state/endpoints/c0ffee/eth0"));
         let objects = s.networks.len() + s.services.len() + s.tasks.len() + s.nodes.len();
-        assert_eq!(kvs.len(), 1 + objects + s.endpoints.len());
+        assert_eq!(kvs.len(), 1 + objects + s.endpoints.len() + s.history.len());
         let meta: Value = serde_json::from_slice(&kvs["/overlay/state/meta"]).unwrap();
         assert_eq!(
             meta,
-            serde_json::json!({"format": s.format, "revision": s.revision})
+            serde_json::json!({
+                "format": s.format,
+                "revision": s.revision,
+                "task_history_limit": s.task_history_limit,
+            })
         );
         assert_eq!(l.leader(), "/overlay/leader");
     }
@@ -307,16 +319,28 @@ mod tests {
         let old = split(&l, &before).unwrap();
         assert!(diff(&old, &old).is_empty());
 
-        // Scaling 3 → 1 deletes two tasks and rewrites the service and the revision.
+        // Scaling 3 → 1 deletes two tasks, keeps them as history (their addresses reserved
+        // until their nodes stop them) and rewrites the service and the revision.
         let mut after = before.clone();
         after
             .scale_service("web", 1, &mut ids(), &|_| true)
             .unwrap();
         let d = diff(&old, &split(&l, &after).unwrap());
         let puts: Vec<&str> = d.puts.iter().map(|(k, _)| k.as_str()).collect();
+        let past: Vec<String> = after
+            .history
+            .keys()
+            .map(|id| format!("/overlay/state/history/{id}"))
+            .collect();
+        assert_eq!(past.len(), 2);
         assert_eq!(
             puts,
-            ["/overlay/state/meta", "/overlay/state/services/web"],
+            [
+                past[0].as_str(),
+                past[1].as_str(),
+                "/overlay/state/meta",
+                "/overlay/state/services/web"
+            ],
             "{d:?}"
         );
         assert_eq!(

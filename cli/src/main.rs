@@ -131,12 +131,40 @@ enum NodeCmd {
         availability: String,
         name: String,
     },
+    /// Make nodes managers: their certificates get the manager role (they renew at once)
+    /// and their operators may change the cluster.
+    Promote {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Make managers workers (the last manager cannot be demoted).
+    Demote {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove nodes from the cluster: their certificates are refused from then on. A node
+    /// that is not down is refused unless --force.
+    #[command(alias = "remove")]
+    Rm {
+        /// Remove a node even if it is up.
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
 enum ClusterCmd {
-    /// Print the command that joins a new node to this cluster.
+    /// Print the command that joins a new node to this cluster as a worker (the default)
+    /// or a manager.
     JoinToken {
+        #[arg(value_parser = ["worker", "manager"], default_value = "worker")]
+        role: String,
+        /// Make a new token for this role: the old one is refused for new joins (nodes that
+        /// joined with it are unaffected).
+        #[arg(long)]
+        rotate: bool,
         /// Only print the token.
         #[arg(short, long)]
         quiet: bool,
@@ -425,6 +453,19 @@ async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<()> {
     match cmd {
         NodeCmd::Ls => {
             let nodes: Vec<NodeView> = c.get("/nodes").await?;
+            // Which manager leads (holds the state), as Docker's MANAGER STATUS column.
+            let mut status = std::collections::BTreeMap::new();
+            for n in nodes.iter().filter(|n| n.role == "manager") {
+                let v: serde_json::Value =
+                    c.get(&format!("/nodes/{}/inspect", seg(&n.name))).await?;
+                let m = &v["ManagerStatus"];
+                let s = if m["Leader"].as_bool() == Some(true) {
+                    "Leader".to_string()
+                } else {
+                    capital(m["Reachability"].as_str().unwrap_or_default())
+                };
+                status.insert(n.name.clone(), s);
+            }
             let rows: Vec<Vec<String>> = nodes
                 .iter()
                 .map(|n| {
@@ -438,11 +479,7 @@ async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<()> {
                         n.address.clone().unwrap_or_else(|| "-".into()),
                         capital(&n.state),
                         capital(&n.availability),
-                        if n.role == "manager" {
-                            "Leader".into()
-                        } else {
-                            String::new()
-                        },
+                        status.get(&n.name).cloned().unwrap_or_default(),
                     ]
                 })
                 .collect();
@@ -460,9 +497,35 @@ async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<()> {
         NodeCmd::Inspect { names } => {
             let mut out = Vec::new();
             for n in names {
-                out.push(c.get::<NodeView>(&format!("/nodes/{}", seg(&n))).await?);
+                out.push(
+                    c.get::<serde_json::Value>(&format!("/nodes/{}/inspect", seg(&n)))
+                        .await?,
+                );
             }
             print_json(&out)?;
+        }
+        NodeCmd::Promote { names } => {
+            for n in names {
+                let _: serde_json::Value = c
+                    .post(&format!("/nodes/{}/promote", seg(&n)), json!({}))
+                    .await?;
+                println!("Node {n} promoted to a manager in the cluster.");
+            }
+        }
+        NodeCmd::Demote { names } => {
+            for n in names {
+                let _: serde_json::Value = c
+                    .post(&format!("/nodes/{}/demote", seg(&n)), json!({}))
+                    .await?;
+                println!("Manager {n} demoted in the cluster.");
+            }
+        }
+        NodeCmd::Rm { force, names } => {
+            for n in names {
+                let q = if force { "?force=true" } else { "" };
+                c.delete(&format!("/nodes/{}{q}", seg(&n))).await?;
+                println!("{n}");
+            }
         }
         NodeCmd::Update { availability, name } => {
             let body = json!({ "availability": availability });
@@ -658,13 +721,30 @@ async fn dispatch(c: &Client, cmd: Cmd) -> anyhow::Result<Outcome> {
         Cmd::Network(n) => network(c, n).await?,
         Cmd::Service(s) => service(c, s).await?,
         Cmd::Node(n) => node(c, n).await?,
-        Cmd::Cluster(ClusterCmd::JoinToken { quiet }) => {
-            let t: JoinToken = c.get("/cluster/join-token").await?;
+        Cmd::Cluster(ClusterCmd::JoinToken {
+            role,
+            rotate,
+            quiet,
+        }) => {
+            let t: JoinToken = if rotate {
+                let t = c
+                    .post(
+                        &format!("/cluster/join-token/rotate?role={role}"),
+                        json!({}),
+                    )
+                    .await?;
+                if !quiet {
+                    println!("Successfully rotated {role} join token.\n");
+                }
+                t
+            } else {
+                c.get(&format!("/cluster/join-token?role={role}")).await?
+            };
             if quiet {
                 println!("{}", t.token);
             } else {
                 println!(
-                    "To add a node to this cluster, run on it:\n\n    {}\n",
+                    "To add a {role} to this cluster, run on it:\n\n    {}\n",
                     t.command
                 );
             }

@@ -8,7 +8,8 @@
 //! Session shapes:
 //! - join (no client certificate yet): `ToManager::Join` → `ToNode::Joined` or `Refused`;
 //! - member (mutual TLS): `ToManager::Hello` → `ToNode::Welcome` (or `Refused`), then the
-//!   manager pushes `Snapshot`s and answers `Request`s, the node sends `Report`s.
+//!   manager pushes `Snapshot`s and answers `Request`s, the node sends `Report`s, and
+//!   renews its certificate with `Renew` → `Renewed`.
 
 pub use crate::api::OpError;
 use crate::api::{NetworkCreate, ServiceCreate, TaskStatus};
@@ -24,8 +25,10 @@ use std::net::Ipv4Addr;
 /// IPv4 with the inner checksum partial (the pseudo-header sum, `vnet::offload_partial`),
 /// which a version-1 node would drop; so a version-1 node may not join. Version 3: the
 /// snapshot's state carries the task history (past tasks whose addresses stay reserved), a
-/// field older nodes cannot decode.
-pub const VERSION: u32 = 3;
+/// field older nodes cannot decode. Version 4 added certificate renewal (`Renew`,
+/// `Renewed`), the membership operations (`SetRole`, `RemoveNode`) and the state's record
+/// of node certificates.
+pub const VERSION: u32 = 4;
 /// Largest frame either end accepts (a snapshot of a large cluster fits many times over).
 pub const MAX_FRAME: usize = 16 << 20;
 /// The name every manager certificate carries, and that nodes verify.
@@ -53,6 +56,9 @@ pub enum ToManager {
     Report { statuses: Vec<TaskReport> },
     /// A state change an operator issued on this node, forwarded to the manager.
     Request { id: u64, op: Op },
+    /// Asks for a new certificate for a new key (the node keeps the key; this is its CSR).
+    /// The manager signs it with the node's role in the desired state.
+    Renew { csr_pem: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +86,10 @@ pub enum ToNode {
     },
     Refused {
         reason: String,
+    },
+    /// The answer to `Renew`: the node's new certificate, used from its next connection.
+    Renewed {
+        cert_pem: String,
     },
 }
 
@@ -183,6 +193,16 @@ pub enum Op {
         ifname: String,
         netns: String,
     },
+    /// `node promote` / `node demote`.
+    SetRole {
+        node: String,
+        role: crate::state::Role,
+    },
+    /// `node rm [--force]`.
+    RemoveNode {
+        node: String,
+        force: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -285,6 +305,19 @@ mod tests {
         roundtrip(&ToManager::Request {
             id: 1,
             op: Op::RotateKey("sec".into()),
+        });
+        roundtrip(&ToManager::Renew {
+            csr_pem: "csr".into(),
+        });
+        roundtrip(&ToNode::Renewed {
+            cert_pem: "cert".into(),
+        });
+        roundtrip(&ToManager::Request {
+            id: 2,
+            op: Op::RemoveNode {
+                node: "n2".into(),
+                force: true,
+            },
         });
     }
 

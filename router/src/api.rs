@@ -3,6 +3,8 @@
 //! manager, forwarded on a worker), and shape the answer like Docker's from the resulting
 //! snapshot. Every error is a JSON `{"message": ...}` with a meaningful status.
 
+mod membership;
+
 use crate::cluster::Cluster;
 use crate::ingress::stats::Registry;
 use crate::naming;
@@ -79,9 +81,19 @@ pub fn router(state: ApiState) -> Router {
         .route("/tasks", get(task_list))
         .route("/tasks/{name}", get(task_inspect))
         .route("/nodes", get(node_list))
-        .route("/nodes/{name}", get(node_inspect))
+        .route(
+            "/nodes/{name}",
+            get(node_inspect).delete(membership::node_rm),
+        )
         .route("/nodes/{name}/update", post(node_update))
-        .route("/cluster/join-token", get(join_token))
+        .route("/nodes/{name}/inspect", get(membership::node_inspect))
+        .route("/nodes/{name}/promote", post(membership::node_promote))
+        .route("/nodes/{name}/demote", post(membership::node_demote))
+        .route("/cluster/join-token", get(membership::join_token))
+        .route(
+            "/cluster/join-token/rotate",
+            post(membership::rotate_join_token),
+        )
         .route("/datapath/stats", get(stats))
         .route("/endpoints", get(endpoint_list).post(endpoint_create))
         .route(
@@ -675,18 +687,6 @@ async fn node_update(
         })
         .await?;
     node_inspect(State(st), Path(name)).await
-}
-
-async fn join_token(State(st): State<ApiState>) -> ApiResult<api::JoinToken> {
-    let j = st.cluster.join_info()?;
-    Ok(Json(api::JoinToken {
-        token: j.token.clone(),
-        manager_addr: j.addr.to_string(),
-        command: format!(
-            "overlayd --node NODE --advertise-addr NODE_IP --join {} --token {}",
-            j.addr, j.token
-        ),
-    }))
 }
 
 async fn stats(State(st): State<ApiState>) -> ApiResult<api::DatapathStats> {

@@ -56,6 +56,12 @@ pub struct Config {
     #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_manager_addr)]
     pub join: Option<SocketAddr>,
 
+    /// How long node certificates last (manager) before they must be renewed (nodes renew
+    /// theirs between 50% and 80% of it), e.g. 90d, 2160h, 30s [default: 90d, as Swarm;
+    /// kept for later starts].
+    #[arg(long, value_parser = parse_cert_expiry)]
+    pub cert_expiry: Option<std::time::Duration>,
+
     /// Join token, as printed by `overlayctl cluster join-token` on the manager.
     #[arg(long, requires = "join")]
     pub token: Option<String>,
@@ -224,6 +230,12 @@ fn parse_duration(s: &str, min_secs: u64) -> Result<std::time::Duration, String>
         return Err(format!("invalid interval {s:?}: at least {min_secs}s"));
     }
     Ok(std::time::Duration::from_secs(secs))
+}
+
+/// A certificate lifetime: as [`parse_interval`], at least 10 s (Swarm's minimum is an hour;
+/// shorter ones are for tests).
+fn parse_cert_expiry(s: &str) -> Result<std::time::Duration, String> {
+    parse_interval(s).map_err(|e| e.replace("interval", "certificate expiry"))
 }
 
 impl Config {

@@ -7,7 +7,8 @@ use crate::agent::{Agent, Planes};
 use crate::api::{self, ApiState};
 use crate::cluster::pki::{self, Ca, Identity, Token};
 use crate::cluster::server::{self, ServerCtx};
-use crate::cluster::worker::{self, Link};
+use crate::cluster::tokens::JoinTokens;
+use crate::cluster::worker::{self, Credentials, Link};
 use crate::cluster::{wire, Cluster, JoinInfo};
 use crate::config::{Config, StoreKind, CONTROL_PORT};
 use crate::durable;
@@ -63,18 +64,6 @@ fn warn_if_private_mount_ns() {
     }
 }
 
-fn read_or_create(
-    path: &Path,
-    make: impl FnOnce() -> anyhow::Result<String>,
-) -> anyhow::Result<String> {
-    if path.exists() {
-        return Ok(pki::read(path)?);
-    }
-    let v = make()?;
-    pki::write_private(path, &v)?;
-    Ok(v)
-}
-
 /// Starts this node as the manager of a cluster: CA, join token, QUIC endpoint.
 async fn start_manager(
     cfg: &Config,
@@ -98,11 +87,11 @@ async fn start_manager(
         info!("created the cluster CA");
         ca
     };
-    let secret = read_or_create(&naming::join_secret(&dir), || Ok(pki::new_secret()))?;
-    let token = Token {
-        ca_digest: pki::ca_digest(ca.cert_der()?.as_ref()),
-        secret: secret.trim().to_string(),
-    };
+    let tokens = Arc::new(JoinTokens::open(
+        &dir,
+        pki::ca_digest(ca.cert_der()?.as_ref()),
+    )?);
+    let cert_expiry = cert_expiry(cfg, &dir)?;
     let identity = ca.manager_identity()?;
     let tls = pki::server_config(&ca, &identity)?;
     let crypto =
@@ -124,14 +113,16 @@ async fn start_manager(
     let ctx = Arc::new(ServerCtx {
         manager: manager.clone(),
         ca,
-        join_secret: token.secret.clone(),
+        tokens: tokens.clone(),
+        cert_expiry,
+        control: listen,
     });
     tokio::spawn(server::serve(endpoint, ctx, shutdown.clone()));
     info!(%listen, "cluster manager listening (QUIC, mutual TLS)");
     Ok(Cluster::Manager {
         manager,
         join: Some(JoinInfo {
-            token: token.render(),
+            tokens,
             addr: listen,
         }),
     })
@@ -172,12 +163,16 @@ async fn start_worker(
             .parse()
             .with_context(|| format!("reading the manager address in {}", mgr.display()))?,
     };
-    let identity = Identity {
-        cert_pem: pki::read(&cert)?,
-        key_pem: pki::read(&key)?,
+    let creds = Credentials {
+        identity: Identity {
+            cert_pem: pki::read(&cert)?,
+            key_pem: pki::read(&key)?,
+        },
+        ca_pem: pki::read(&ca)?,
+        cert_path: cert,
+        key_path: key,
     };
-    let tls = pki::member_client_config(&pki::read(&ca)?, &identity)?;
-    let link = Arc::new(Link::new(manager_addr, store.load()?));
+    let link = Arc::new(Link::new(manager_addr, cfg.node.clone(), store.load()?));
     let hello = ToManager::Hello {
         version: protocol::control::VERSION,
         node: cfg.node.clone(),
@@ -186,9 +181,28 @@ async fn start_worker(
     };
     tokio::spawn(
         link.clone()
-            .run(tls, advertise, hello, store, shutdown.clone()),
+            .run(creds, advertise, hello, store, shutdown.clone()),
     );
     Ok(Cluster::Worker(link))
+}
+
+/// How long the node certificates this manager signs last: `--cert-expiry` (kept in the
+/// state directory for later starts), or what an earlier start kept, or Swarm's 90 days.
+fn cert_expiry(cfg: &Config, dir: &Path) -> anyhow::Result<std::time::Duration> {
+    let path = naming::cert_expiry_file(dir);
+    if let Some(d) = cfg.cert_expiry {
+        durable::write_atomic(&path, d.as_secs().to_string().as_bytes(), durable::PUBLIC)
+            .with_context(|| format!("writing {}", path.display()))?;
+        return Ok(d);
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .map(std::time::Duration::from_secs)
+            .with_context(|| format!("reading {}", path.display())),
+        Err(_) => Ok(pki::DEFAULT_CERT_EXPIRY),
+    }
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {

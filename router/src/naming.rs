@@ -114,6 +114,16 @@ pub fn join_secret(state_dir: &Path) -> PathBuf {
     state_dir.join("join-secret")
 }
 
+/// The secret half of the manager join token (manager).
+pub fn manager_join_secret(state_dir: &Path) -> PathBuf {
+    state_dir.join("join-secret-manager")
+}
+
+/// The lifetime of node certificates, as `--init --cert-expiry` set it (manager).
+pub fn cert_expiry_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("cert-expiry")
+}
+
 /// A worker's certificate.
 pub fn node_cert(state_dir: &Path) -> PathBuf {
     state_dir.join("node.pem")

@@ -500,7 +500,7 @@ impl Node {
 
     /// Node state ("ready"/"down") of `node` as this node's API reports it.
     pub fn node_state(&self, node: &str) -> String {
-        self.json(&["node", "inspect", node])[0]["state"]
+        self.json(&["node", "inspect", node])[0]["Status"]["State"]
             .as_str()
             .unwrap_or_default()
             .to_string()

@@ -418,23 +418,26 @@ fn docker_containers_join_cluster_networks() {
     );
     d1.ok(&["rm", "-f", "sa"]);
     d2.ok(&["rm", "-f", "sb"]);
-    d1.ok(&["network", "rm", "secnet"]);
+    // Host 2 is a worker's: only the manager's host may release a cluster network, so it
+    // goes first.
     d2.ok(&["network", "rm", "secnet"]);
+    d1.ok(&["network", "rm", "secnet"]);
 
     // Removal: the endpoint goes everywhere; the network outlives one host's docker network
-    // while an endpoint remains, and goes with the last.
+    // while another host's remains, and goes with the last (on the manager's host: a
+    // worker's may not remove cluster networks).
     d1.ok(&["network", "disconnect", "appnet", "ca"]);
     assert!(wait_for(Duration::from_secs(10), || listed(&n2, "appnet") == 1));
-    d1.ok(&["rm", "-f", "ca"]);
-    d1.ok(&["network", "rm", "appnet"]);
+    d2.ok(&["rm", "-f", "cb"]);
+    d2.ok(&["network", "rm", "appnet"]);
     assert!(
         n1.ctl_ok(&["network", "ls"]).contains("appnet"),
-        "b still uses it"
+        "host 1 still has it"
     );
     n1.ctl_ok(&["service", "rm", "web"]);
-    d2.ok(&["rm", "-f", "cb"]);
+    d1.ok(&["rm", "-f", "ca"]);
     assert!(wait_for(Duration::from_secs(10), || listed(&n1, "appnet") == 0));
-    d2.ok(&["network", "rm", "appnet"]);
+    d1.ok(&["network", "rm", "appnet"]);
     assert!(
         wait_for(Duration::from_secs(10), || !n1
             .ctl_ok(&["network", "ls"])

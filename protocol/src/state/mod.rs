@@ -19,6 +19,7 @@
 //!   their node reports them stopped, bounded per slot.
 //! - `reschedule.rs`: replacing a lost node's tasks, filling slots left empty, and which
 //!   down nodes are due for it.
+//! - `membership.rs`: nodes' accepted certificates, roles, and `node rm`'s checks.
 //! - `addresses.rs`: which addresses of a network are taken (IPAM use).
 //! - `vtep.rs`: external VTEP endpoints of a network.
 //! - `endpoint.rs`: containers' interfaces made for a runtime (CNI, Docker).
@@ -31,6 +32,7 @@ mod endpoint;
 mod fixtures;
 mod history;
 mod ingress;
+mod membership;
 mod network;
 mod node;
 mod ports;
@@ -42,6 +44,7 @@ mod vtep;
 pub use endpoint::{Endpoint, EndpointRequest};
 pub use history::{PastTask, DEFAULT_TASK_HISTORY_LIMIT};
 pub use ingress::{INGRESS_NETWORK, INGRESS_VNI};
+pub use membership::{MembershipError, NodeCert};
 pub use network::{
     Network, NetworkRequest, Pool, DEFAULT_MTU, ENCRYPTED_MTU, MAX_ENCRYPTED_MTU, OPT_ENCRYPTED,
     OPT_MTU, OPT_VXLANID,
@@ -85,6 +88,9 @@ pub struct ClusterState {
     /// Most past tasks kept per slot of a service (Swarm's Task History Retention Limit).
     #[serde(default = "history::default_task_history_limit")]
     pub task_history_limit: u32,
+    /// The node certificates the manager signed and still accepts (`membership.rs`).
+    #[serde(default)]
+    pub certs: BTreeMap<NodeName, Vec<NodeCert>>,
 }
 
 impl Default for ClusterState {
@@ -99,6 +105,7 @@ impl Default for ClusterState {
             endpoints: BTreeMap::new(),
             history: BTreeMap::new(),
             task_history_limit: DEFAULT_TASK_HISTORY_LIMIT,
+            certs: BTreeMap::new(),
         }
     }
 }

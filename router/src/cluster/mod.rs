@@ -1,11 +1,12 @@
 //! The cluster control plane: PKI and join tokens ([`pki`]), the framed message stream over
 //! QUIC ([`wire`]), the manager's endpoint ([`server`]) and a member node's link to it
-//! ([`worker`]), and [`Cluster`], the one handle the API and the agent use whatever this
-//! node's role is.
+//! ([`worker`]), the join tokens of both roles ([`tokens`]), and [`Cluster`], the one handle
+//! the API and the agent use whatever this node's role is.
 
 pub mod pki;
 pub mod server;
 pub mod session;
+pub mod tokens;
 pub mod wire;
 pub mod worker;
 
@@ -18,10 +19,10 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use worker::Link;
 
-/// How a manager lets others join: the token and the address to join at.
-#[derive(Debug, Clone)]
+/// How a manager lets others join: the tokens and the address to join at.
+#[derive(Clone)]
 pub struct JoinInfo {
-    pub token: String,
+    pub tokens: Arc<tokens::JoinTokens>,
     pub addr: SocketAddr,
 }
 

@@ -5,12 +5,18 @@
 //! A join token is `SWMTKN-1-<sha256 of the CA certificate, hex>-<secret>`. The digest lets a
 //! joining node verify the manager before it trusts anything it says (no trust on first use);
 //! the secret proves to the manager that the joiner was given the token.
+//!
+//! A node certificate carries the node's name (common name) and its role, as Swarm's do: the
+//! organizational unit is `swarm-manager` or `swarm-worker`. The manager authorizes from the
+//! role of the certificate it verified, never from what a node says. Node certificates last
+//! `--cert-expiry` (90 days by default) and are renewed over the session before they expire.
 
 use crate::durable;
 use protocol::control::MANAGER_SERVER_NAME;
+use protocol::state::Role;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
 use ring::digest::{digest, SHA256};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -21,6 +27,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -34,16 +41,42 @@ pub enum PkiError {
     Invalid(String),
 }
 
-const VALIDITY_DAYS: i64 = 365;
+/// The cluster CA lasts 20 years (Swarm's root CA does too).
+const CA_VALIDITY: Duration = Duration::from_secs(20 * 365 * 86_400);
+/// The manager's own server certificate, made fresh at each start.
+const MANAGER_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
+/// How long node certificates last unless `--cert-expiry` says otherwise (Swarm's 90 days).
+pub const DEFAULT_CERT_EXPIRY: Duration = Duration::from_secs(90 * 86_400);
+/// A certificate is valid from a little before it was made (clocks differ), at most this.
+const BACKDATE: Duration = Duration::from_secs(3600);
+
+/// The organizational unit that carries a node certificate's role.
+pub const MANAGER_OU: &str = "swarm-manager";
+pub const WORKER_OU: &str = "swarm-worker";
+
+pub fn role_ou(role: Role) -> &'static str {
+    match role {
+        Role::Manager => MANAGER_OU,
+        Role::Worker => WORKER_OU,
+    }
+}
 
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn validity(params: &mut CertificateParams) {
+/// Valid for `lifetime` from now, backdated by a tenth of it (an hour at most) for clock
+/// differences, with a random serial number.
+fn validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(VALIDITY_DAYS);
+    let back = BACKDATE.min(lifetime / 10);
+    params.not_before = now - time::Duration::seconds(back.as_secs() as i64);
+    params.not_after =
+        now + time::Duration::seconds(lifetime.as_secs().min(i64::MAX as u64) as i64);
+    let mut serial: [u8; 16] = rand::random();
+    // A positive DER integer, never zero.
+    serial[0] = (serial[0] & 0x7f) | 0x01;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
 }
 
 /// The cluster CA: certificate and key, as PEM.
@@ -61,7 +94,7 @@ impl Ca {
             .distinguished_name
             .push(DnType::CommonName, "overlay cluster CA");
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        validity(&mut params);
+        validity(&mut params, CA_VALIDITY);
         let cert = params.self_signed(&key)?;
         Ok(Ca {
             cert_pem: cert.pem(),
@@ -73,18 +106,26 @@ impl Ca {
         cert_der(&self.cert_pem)
     }
 
-    /// Signs a certificate for `public` with the given common name, SANs and purpose.
+    /// Signs a certificate for `public` with the given common name, SANs, purpose, role
+    /// (a node's) and lifetime.
     fn sign(
         &self,
         cn: &str,
         sans: Vec<String>,
-        client: bool,
+        role: Option<Role>,
+        lifetime: Duration,
         public: &impl rcgen::PublicKeyData,
     ) -> Result<String, PkiError> {
+        let client = role.is_some();
         let ca_key = KeyPair::from_pem(&self.key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key)?;
         let mut params = CertificateParams::new(sans)?;
         params.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(role) = role {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, role_ou(role));
+        }
         params.is_ca = IsCa::NoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![if client {
@@ -92,16 +133,28 @@ impl Ca {
         } else {
             ExtendedKeyUsagePurpose::ServerAuth
         }];
-        validity(&mut params);
+        validity(&mut params, lifetime);
         Ok(params.signed_by(public, &issuer)?.pem())
     }
 
-    /// Signs a node's CSR. The name in the certificate is the one the manager admitted, not
-    /// whatever the CSR asked for.
-    pub fn sign_node_csr(&self, node: &str, csr_pem: &str) -> Result<String, PkiError> {
+    /// Signs a node's CSR for `role`, valid for `lifetime`. The name and role in the
+    /// certificate are the ones the manager decided, not whatever the CSR asked for.
+    pub fn sign_node_csr(
+        &self,
+        node: &str,
+        role: Role,
+        lifetime: Duration,
+        csr_pem: &str,
+    ) -> Result<String, PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::Invalid(format!("invalid CSR: {e}")))?;
-        self.sign(node, vec![node.to_string()], true, &csr.public_key)
+        self.sign(
+            node,
+            vec![node.to_string()],
+            Some(role),
+            lifetime,
+            &csr.public_key,
+        )
     }
 
     /// A fresh key and server certificate for the manager's QUIC endpoint.
@@ -110,7 +163,8 @@ impl Ca {
         let cert_pem = self.sign(
             "overlay manager",
             vec![MANAGER_SERVER_NAME.to_string()],
-            false,
+            None,
+            MANAGER_VALIDITY,
             &key,
         )?;
         Ok(Identity {
@@ -329,6 +383,66 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     Some(cn)
 }
 
+/// What the control plane reads from a verified node certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The common name: the node's name.
+    pub name: String,
+    /// The role its organizational unit carries; `None` for certificates made before roles
+    /// existed (they count as a worker's).
+    pub role: Option<Role>,
+    /// The serial number, lowercase hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: u64,
+    pub not_after: u64,
+}
+
+/// Reads name, role, serial and validity from a certificate (DER).
+pub fn cert_info(der: &[u8]) -> Option<CertInfo> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    let role = cert
+        .subject()
+        .iter_organizational_unit()
+        .find_map(|ou| match ou.as_str().ok()? {
+            MANAGER_OU => Some(Role::Manager),
+            WORKER_OU => Some(Role::Worker),
+            _ => None,
+        });
+    let secs = |t: x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).unwrap_or(0);
+    Some(CertInfo {
+        name,
+        role,
+        serial: hex(cert.tbs_certificate.raw_serial()),
+        not_before: secs(cert.validity().not_before),
+        not_after: secs(cert.validity().not_after),
+    })
+}
+
+/// The same, from PEM.
+pub fn cert_info_pem(pem: &str) -> Option<CertInfo> {
+    cert_info(cert_der(pem).ok()?.as_ref())
+}
+
+/// Whether the certificate `cert_pem` is for the private key `key_pem` (a renewal's answer
+/// must be for the key the node just made).
+pub fn cert_matches_key(cert_pem: &str, key_pem: &str) -> bool {
+    let (Ok(der), Ok(key)) = (cert_der(cert_pem), KeyPair::from_pem(key_pem)) else {
+        return false;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+        return false;
+    };
+    cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw()
+}
+
 /// Reads a file of this PKI, with the path in the error.
 pub fn read(path: &Path) -> Result<String, PkiError> {
     std::fs::read_to_string(path)
@@ -367,13 +481,32 @@ mod tests {
     }
 
     #[test]
-    fn node_certificates_carry_the_admitted_name() {
+    fn node_certificates_carry_the_admitted_name_role_and_expiry() {
         let ca = Ca::generate().unwrap();
         let (_key, csr) = node_key_and_csr("evil-name").unwrap();
-        let cert = ca.sign_node_csr("n2", &csr).unwrap();
+        let day = Duration::from_secs(86_400);
+        let cert = ca.sign_node_csr("n2", Role::Manager, day, &csr).unwrap();
         let der = cert_der(&cert).unwrap();
         assert_eq!(common_name(der.as_ref()).as_deref(), Some("n2"));
-        assert!(ca.sign_node_csr("n2", "garbage").is_err());
+        let info = cert_info(der.as_ref()).unwrap();
+        assert_eq!(info.role, Some(Role::Manager));
+        let now = time::OffsetDateTime::now_utc().unix_timestamp() as u64;
+        assert!(info.not_after.abs_diff(now + 86_400) < 5, "{info:?}");
+        assert!(info.not_before.abs_diff(now - 3600) < 5, "{info:?}");
+        assert!(cert_matches_key(&cert, &_key));
+        let (other_key, _) = node_key_and_csr("n2").unwrap();
+        assert!(!cert_matches_key(&cert, &other_key));
+        // Short lifetimes are backdated by a tenth; serials differ.
+        let short = ca
+            .sign_node_csr("n2", Role::Worker, Duration::from_secs(30), &csr)
+            .unwrap();
+        let short = cert_info_pem(&short).unwrap();
+        assert_eq!(short.role, Some(Role::Worker));
+        assert_eq!(short.not_after - short.not_before, 33);
+        assert_ne!(short.serial, info.serial);
+        assert!(ca
+            .sign_node_csr("n2", Role::Worker, day, "garbage")
+            .is_err());
         // The configs build with these materials.
         let id = ca.manager_identity().unwrap();
         server_config(&ca, &id).unwrap();

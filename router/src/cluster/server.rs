@@ -5,21 +5,23 @@
 //! client certificate (verified against the CA by rustls) opens a member session with
 //! `Hello`; the node name it claims must be the certificate's. In a session the manager
 //! pushes a [`Snapshot`] whenever the state changes and every second (statuses, health), takes
-//! `Report`s (heartbeats) and answers forwarded `Request`s. Anything else is refused with a
-//! log line, and changes nothing.
+//! `Report`s (heartbeats), answers forwarded `Request`s (a worker's changes are refused:
+//! only managers change the cluster) and signs renewed certificates. Anything else is
+//! refused with a log line, and changes nothing.
 //!
 //! Those decisions are [`MemberSession`]'s (`session/manager.rs`); this file is its driver:
 //! it reads frames from the stream, feeds them in with the time, does what the session asks
 //! (write, push a snapshot, sign, record, apply) and sleeps until the session's next timeout.
 
 use super::pki::{self, Ca};
-use super::session::manager::{Action, MemberSession, Roster};
+use super::session::manager::{Action, MemberSession, PeerCert, Roster};
+use super::tokens::JoinTokens;
 use super::wire;
 use super::worker::AbortOnDrop;
 use crate::manager::{statuses, Manager, StatusEntry};
 use protocol::api::TaskState;
 use protocol::control::{NodeHealth, Op, OpError, Snapshot, TaskReport, ToManager, ToNode};
-use protocol::state::ClusterState;
+use protocol::state::{ClusterState, NodeCert, Role};
 use protocol::types::NodeName;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,7 +38,35 @@ const APPLY_QUEUE: usize = 64;
 pub struct ServerCtx {
     pub manager: Arc<Manager>,
     pub ca: Ca,
-    pub join_secret: String,
+    /// The join tokens of both roles.
+    pub tokens: Arc<JoinTokens>,
+    /// How long the node certificates it signs last (`--cert-expiry`).
+    pub cert_expiry: Duration,
+    /// Where this endpoint listens (named in refusals).
+    pub control: SocketAddr,
+}
+
+impl ServerCtx {
+    /// Signs `csr_pem` for `node` with `role`; returns the certificate and what the state
+    /// records of it.
+    fn sign(
+        &self,
+        node: &NodeName,
+        role: Role,
+        csr_pem: &str,
+    ) -> Result<(String, NodeCert), String> {
+        let cert = self
+            .ca
+            .sign_node_csr(node.as_str(), role, self.cert_expiry, csr_pem)
+            .map_err(|e| e.to_string())?;
+        let info = pki::cert_info_pem(&cert).ok_or("cannot read the certificate just signed")?;
+        let record = NodeCert {
+            serial: info.serial,
+            not_after: info.not_after,
+            role,
+        };
+        Ok((cert, record))
+    }
 }
 
 /// Builds the snapshot the manager pushes: desired state, reported statuses, node health.
@@ -89,20 +119,26 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx>, shutdown: Can
     endpoint.close(0u32.into(), b"manager shutting down");
 }
 
-fn peer_name(conn: &quinn::Connection) -> Option<String> {
+/// The client certificate the peer showed (verified by TLS against the cluster CA).
+fn peer_cert(conn: &quinn::Connection) -> Option<PeerCert> {
     let certs = conn
         .peer_identity()?
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .ok()?;
-    pki::common_name(certs.first()?.as_ref())
+    let info = pki::cert_info(certs.first()?.as_ref())?;
+    Some(PeerCert {
+        name: info.name,
+        role: info.role,
+        serial: info.serial,
+    })
 }
 
 /// Whom the manager admits, answered from its state.
 struct ManagerRoster<'a>(&'a ServerCtx);
 
 impl Roster for ManagerRoster<'_> {
-    fn join_secret_matches(&self, secret: &str) -> bool {
-        pki::secret_matches(secret, &self.0.join_secret)
+    fn join_role(&self, secret: &str) -> Option<Role> {
+        self.0.tokens.role_of(secret)
     }
 
     fn is_member(&self, node: &NodeName) -> bool {
@@ -111,6 +147,21 @@ impl Roster for ManagerRoster<'_> {
 
     fn is_live_member(&self, node: &NodeName) -> bool {
         self.0.manager.health().is_ready(node) && self.is_member(node)
+    }
+
+    fn cert_allowed(&self, node: &NodeName, serial: &str) -> bool {
+        self.0
+            .manager
+            .snapshot()
+            .cert_allowed(node, serial, crate::clock::now())
+    }
+
+    fn state(&self) -> Arc<ClusterState> {
+        self.0.manager.snapshot()
+    }
+
+    fn control_addr(&self) -> SocketAddr {
+        self.0.control
     }
 }
 
@@ -196,7 +247,7 @@ async fn handle(
     let Ok((mut send, mut recv)) = conn.accept_bi().await else {
         return;
     };
-    let mut session = MemberSession::new(Instant::now(), peer_name(&conn));
+    let mut session = MemberSession::new(Instant::now(), peer_cert(&conn));
     // Frames are read by their own task: a read cancelled half-way by the select below
     // would lose bytes and desynchronise the stream.
     let (frames_tx, mut frames) = mpsc::channel::<Result<ToManager, String>>(16);
@@ -223,23 +274,20 @@ async fn handle(
                 Action::PushSnapshot => ToNode::Snapshot(Box::new(snapshot(&ctx.manager))),
                 Action::Join {
                     node,
+                    role,
                     advertise_addr,
                     data_port,
                     csr_pem,
                 } => {
-                    let signed = ctx
-                        .ca
-                        .sign_node_csr(node.as_str(), &csr_pem)
-                        .map_err(|e| e.to_string())
-                        .and_then(|cert| {
-                            ctx.manager
-                                .upsert_node(&node, advertise_addr, data_port)
-                                .map(|()| cert)
-                                .map_err(|e| e.message)
-                        });
+                    let signed = ctx.sign(&node, role, &csr_pem).and_then(|(cert, record)| {
+                        ctx.manager
+                            .admit_joined(&node, advertise_addr, data_port, role, record)
+                            .map(|()| cert)
+                            .map_err(|e| e.message)
+                    });
                     match signed {
                         Ok(cert_pem) => {
-                            info!(%remote, %node, %advertise_addr, "node joined the cluster");
+                            info!(%remote, %node, %advertise_addr, ?role, "node joined the cluster");
                             session.joined(cert_pem, ctx.ca.cert_pem.clone());
                         }
                         Err(reason) => session.refuse(reason),
@@ -265,6 +313,24 @@ async fn handle(
                     info!(%remote, %node, "node session up");
                     ctx.manager.health().beat(&node);
                     up = Some(node);
+                    continue;
+                }
+                Action::Renew { node, csr_pem } => {
+                    let role = ctx.manager.role_of(&node).unwrap_or(Role::Worker);
+                    let renewed = ctx.sign(&node, role, &csr_pem).and_then(|(cert, record)| {
+                        ctx.manager
+                            .record_renewal(&node, record)
+                            .map(|()| cert)
+                            .map_err(|e| e.message)
+                    });
+                    match renewed {
+                        Ok(cert_pem) => {
+                            info!(%node, ?role, "renewed the node's certificate");
+                            session.renewed(cert_pem);
+                        }
+                        // The node asks again later.
+                        Err(error) => warn!(%node, %error, "cannot renew the node's certificate"),
+                    }
                     continue;
                 }
                 Action::Heartbeat { node, statuses } => {
@@ -316,7 +382,7 @@ async fn handle(
                 if !c {
                     break;
                 }
-                session.state_changed();
+                session.state_changed(&roster);
             }
             _ = sleep_until(session.poll_timeout()) => session.handle_timeout(Instant::now()),
             _ = shutdown.cancelled() => break,

@@ -4,7 +4,10 @@
 //! token's digest) and gets a certificate for a key that never leaves this node. [`Link::run`]
 //! then keeps a mutual-TLS session to the manager: it receives snapshots (the desired state is
 //! persisted, so the data plane keeps its last known state when the manager is away), sends a
-//! heartbeat report every second, and forwards the state changes operators issue here. It
+//! heartbeat report every second, and forwards the state changes operators issue here (a
+//! worker refuses an operator's change itself, from its last snapshot, with where changes
+//! are made; the manager checks again). It renews the node's certificate over the session
+//! (a new key and CSR; the new certificate is saved and used from the next connection). It
 //! reconnects with back-off and resynchronises on reconnect.
 //!
 //! Those decisions are [`NodeSession`]'s (`session/node.rs`); [`Link::run`] is its driver:
@@ -14,6 +17,7 @@
 
 use super::pki::{self, Identity, Token};
 use super::session::node::{Event, NodeSession, RequestError, REQUEST_TIMEOUT};
+use super::session::{authz, renewal};
 use super::wire;
 use crate::manager::StatusBoard;
 use crate::store::Store;
@@ -26,6 +30,7 @@ use protocol::types::NodeName;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -168,9 +173,58 @@ async fn next_frame(conn: &mut Option<Conn>) -> Option<Result<ToNode, String>> {
     }
 }
 
+/// A member's credentials: its certificate and key (renewed in place, in these files) and
+/// the CA it trusts.
+pub struct Credentials {
+    pub identity: Identity,
+    pub ca_pem: String,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+impl Credentials {
+    fn quic(&self) -> Result<quinn::ClientConfig, String> {
+        let tls =
+            pki::member_client_config(&self.ca_pem, &self.identity).map_err(|e| e.to_string())?;
+        quic_client(tls)
+    }
+
+    /// Keeps a renewed certificate for the key made for it: both files, the key first (a
+    /// node that stops between the two writes has to join again).
+    fn renew(&mut self, node: &NodeName, cert_pem: String, key_pem: String) -> Result<(), String> {
+        let info = pki::cert_info_pem(&cert_pem).ok_or("unreadable renewed certificate")?;
+        if info.name != node.as_str() || !pki::cert_matches_key(&cert_pem, &key_pem) {
+            return Err("the renewed certificate is not for this node's new key".into());
+        }
+        pki::write_private(&self.key_path, &key_pem).map_err(|e| e.to_string())?;
+        pki::write_private(&self.cert_path, &cert_pem).map_err(|e| e.to_string())?;
+        self.identity = Identity { cert_pem, key_pem };
+        Ok(())
+    }
+
+    /// The certificate's role, and when it is due for renewal (Swarm's rule, with jitter).
+    fn schedule(&self) -> (Option<protocol::state::Role>, Instant) {
+        let now = Instant::now();
+        match pki::cert_info_pem(&self.identity.cert_pem) {
+            Some(info) => {
+                let wait = renewal::renew_in(
+                    crate::clock::now(),
+                    info.not_before,
+                    info.not_after,
+                    rand::random::<f64>(),
+                );
+                (info.role, now + wait)
+            }
+            None => (None, now),
+        }
+    }
+}
+
 /// The node's live view of the cluster, fed by the manager.
 pub struct Link {
     pub manager: SocketAddr,
+    /// This node's name.
+    pub node: NodeName,
     snapshot: watch::Sender<Arc<Snapshot>>,
     state: watch::Sender<Arc<ClusterState>>,
     requests: mpsc::Sender<(Op, Reply)>,
@@ -181,8 +235,9 @@ pub struct Link {
 }
 
 impl Link {
-    /// A link that starts from the last state this node saved.
-    pub fn new(manager: SocketAddr, last: ClusterState) -> Link {
+    /// The link of `node` to the manager at `manager`, starting from the last state this
+    /// node saved.
+    pub fn new(manager: SocketAddr, node: NodeName, last: ClusterState) -> Link {
         let (requests, rx) = mpsc::channel(64);
         let snap = Snapshot {
             state: last.clone(),
@@ -192,6 +247,7 @@ impl Link {
         };
         Link {
             manager,
+            node,
             snapshot: watch::channel(Arc::new(snap)).0,
             state: watch::channel(Arc::new(last)).0,
             requests,
@@ -233,6 +289,11 @@ impl Link {
 
     /// Forwards a change to the manager and waits until this node has seen it applied.
     pub async fn apply(&self, op: Op) -> Result<u64, OpError> {
+        // A worker's operator is told at once where changes are made, manager or not.
+        let last = self.snapshot();
+        if let Some(me) = last.state.nodes.get(&self.node) {
+            authz::authorize(&op, &self.node, me.role, &last.state, self.manager)?;
+        }
         let unreachable = || self.request_error(RequestError::NotConnected);
         if !self.is_connected() {
             return Err(unreachable());
@@ -284,13 +345,13 @@ impl Link {
     /// Keeps a session to the manager until `shutdown`: drives a [`NodeSession`].
     pub async fn run(
         self: Arc<Self>,
-        tls: rustls::ClientConfig,
+        mut creds: Credentials,
         bind: Ipv4Addr,
         hello: ToManager,
         store: Store,
         shutdown: CancellationToken,
     ) {
-        let cfg = match quic_client(tls) {
+        let mut cfg = match creds.quic() {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "control-plane TLS setup failed; staying on the last known state");
@@ -308,6 +369,10 @@ impl Link {
             return;
         };
         let mut session = NodeSession::new(Instant::now(), hello);
+        let (mut cert_role, renew_at) = creds.schedule();
+        session.schedule_renewal(renew_at);
+        // The key made for a renewal under way.
+        let mut next_key: Option<String> = None;
         let mut replies: HashMap<u64, Reply> = HashMap::new();
         let mut conn: Option<Conn> = None;
         let mut pending_connect: Option<Connecting> = None;
@@ -329,7 +394,53 @@ impl Link {
                         continue;
                     }
                     Event::Snapshot(snap) => {
+                        // Promoted or demoted: a certificate with the new role, now.
+                        let role = snap.state.nodes.get(&self.node).map(|n| n.role);
+                        if renewal::role_changed(cert_role, role) && !session.is_renewing() {
+                            session.schedule_renewal(Instant::now());
+                        }
                         self.accept_snapshot(*snap, &store);
+                        continue;
+                    }
+                    Event::MakeCsr => {
+                        match pki::node_key_and_csr(self.node.as_str()) {
+                            Ok((key, csr)) => {
+                                next_key = Some(key);
+                                session.send_renewal(Instant::now(), csr);
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "cannot make a key for the certificate renewal");
+                                session.renewal_failed(Instant::now());
+                            }
+                        }
+                        continue;
+                    }
+                    Event::Renewed { cert_pem } => {
+                        let Some(key) = next_key.take() else { continue };
+                        let renewed = creds
+                            .renew(&self.node, cert_pem, key)
+                            .and_then(|()| creds.quic());
+                        match renewed {
+                            Ok(next) => {
+                                cfg = next;
+                                let (role, at) = creds.schedule();
+                                session.schedule_renewal(at);
+                                info!(?role, "renewed this node's certificate; used from the next connection");
+                                if role != cert_role {
+                                    cert_role = role;
+                                    // The manager authorizes by the certificate of the connection.
+                                    session.connection_lost(
+                                        Instant::now(),
+                                        "reconnecting with the certificate of this node's new role"
+                                            .into(),
+                                    );
+                                }
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "cannot keep the renewed certificate");
+                                session.renewal_failed(Instant::now());
+                            }
+                        }
                         continue;
                     }
                     Event::Answer { id, result } => {
@@ -402,7 +513,11 @@ mod tests {
 
     #[test]
     fn operators_read_what_became_of_their_change() {
-        let link = Link::new("198.18.0.1:2377".parse().unwrap(), ClusterState::default());
+        let link = Link::new(
+            "198.18.0.1:2377".parse().unwrap(),
+            NodeName::new("n2").unwrap(),
+            ClusterState::default(),
+        );
         let unreachable = OpError {
             status: 503,
             message: "cannot reach the manager at 198.18.0.1:2377; nothing was changed".into(),

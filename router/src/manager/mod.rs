@@ -12,6 +12,7 @@
 pub mod healing;
 pub mod health;
 pub mod keys;
+mod membership;
 pub mod statuses;
 
 use crate::clock::{now, now_ms};
@@ -144,6 +145,14 @@ impl Manager {
         &self,
         op: impl FnOnce(&mut ClusterState) -> Result<T, StateError>,
     ) -> Result<T, OpError> {
+        self.commit(|s| op(s).map_err(OpError::from))
+    }
+
+    /// [`Manager::change`] for operations with their own errors.
+    fn commit<T>(
+        &self,
+        op: impl FnOnce(&mut ClusterState) -> Result<T, OpError>,
+    ) -> Result<T, OpError> {
         let mut guard = self
             .state
             .lock()
@@ -200,6 +209,8 @@ impl Manager {
                     })
                 })
             }
+            Op::SetRole { node, role } => self.set_role(&node, role),
+            Op::RemoveNode { node, force } => self.forget_node(&node, force),
         }?;
         Ok(self.snapshot().revision)
     }

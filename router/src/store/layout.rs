@@ -10,6 +10,7 @@
 //! PREFIX/state/nodes/NAME           one node
 //! PREFIX/state/endpoints/CONTAINER/IFNAME   one runtime endpoint
 //! PREFIX/state/history/TASK-ID      one past task (its addresses reserved until released)
+//! PREFIX/state/certs/NAME           the certificates accepted for one node
 //! ```
 //!
 //! Every object is its own key so that no request nears etcd's 1.5 MiB limit, and a change
@@ -23,13 +24,14 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// The fields of [`ClusterState`] that are maps of objects: each entry gets a key.
-pub const COLLECTIONS: [&str; 6] = [
+pub const COLLECTIONS: [&str; 7] = [
     "networks",
     "services",
     "tasks",
     "nodes",
     "endpoints",
     "history",
+    "certs",
 ];
 
 /// Key → value (JSON bytes), as stored under a prefix.
@@ -248,6 +250,12 @@ mod tests {
         let mut id = ids();
         s.upsert_node(node("n1"));
         s.upsert_node(node("n2"));
+        let cert = protocol::state::NodeCert {
+            serial: "0a1b".into(),
+            not_after: 100,
+            role: protocol::state::Role::Worker,
+        };
+        s.record_cert(&NodeName::new("n2").unwrap(), cert, true, 0);
         for name in ["front", "back"] {
             s.create_network(
                 NetworkName::new(name).unwrap(),
@@ -285,8 +293,13 @@ mod tests {
         assert!(keys.contains(&"/overlay/state/tasks/web.1"));
         assert!(keys.contains(&"/overlay/state/nodes/n2"));
         assert!(keys.contains(&"/overlay/state/endpoints/c0ffee/eth0"));
+        assert!(keys.contains(&"/overlay/state/certs/n2"));
         let objects = s.networks.len() + s.services.len() + s.tasks.len() + s.nodes.len();
-        assert_eq!(kvs.len(), 1 + objects + s.endpoints.len() + s.history.len());
+        let certs = s.certs.len();
+        assert_eq!(
+            kvs.len(),
+            1 + objects + s.endpoints.len() + s.history.len() + certs
+        );
         let meta: Value = serde_json::from_slice(&kvs["/overlay/state/meta"]).unwrap();
         assert_eq!(
             meta,

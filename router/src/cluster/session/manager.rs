@@ -3,14 +3,19 @@
 //! [`MemberSession`] takes what arrives (the first message, then the node's `Report`s and
 //! `Request`s), "the state changed" notifications and the time, and answers with
 //! [`Action`]s for its driver (`server.rs`): messages to send, snapshots to push, operations
-//! to apply, heartbeats to record, refusals. It decides whom to admit, from the facts a
-//! [`Roster`] gives it. It never reads a clock or touches a stream: the driver passes `now`
+//! to apply, heartbeats to record, certificates to renew, refusals. It decides whom to
+//! admit, from the facts a [`Roster`] gives it, and whether a forwarded change is allowed,
+//! from the role of the certificate the node showed and the desired state
+//! ([`super::authz`]). It never reads a clock or touches a stream: the driver passes `now`
 //! and sleeps until [`MemberSession::poll_timeout`].
 
+use super::authz;
 use protocol::control::{Op, OpError, TaskReport, ToManager, ToNode, VERSION};
+use protocol::state::{ClusterState, Role};
 use protocol::types::NodeName;
 use std::collections::VecDeque;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a connection may stay silent before its first message.
@@ -18,14 +23,50 @@ pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Snapshots are pushed on every change and at least this often (statuses, health).
 pub const PUSH_EVERY: Duration = Duration::from_secs(1);
 
-/// What the manager knows that decides whom it admits; the driver answers from its state.
+/// What the manager knows that decides whom it admits and what it allows; the driver
+/// answers from its state.
 pub trait Roster {
-    /// Whether `secret` is the join token's (compared in constant time).
-    fn join_secret_matches(&self, secret: &str) -> bool;
+    /// The role a join token's `secret` admits with, if it is a current one (compared in
+    /// constant time).
+    fn join_role(&self, secret: &str) -> Option<Role>;
     /// Whether `node` is in the desired state's node list.
     fn is_member(&self, node: &NodeName) -> bool;
     /// Whether `node` is a member that is heartbeating (its name cannot be taken).
     fn is_live_member(&self, node: &NodeName) -> bool;
+    /// Whether the certificate with `serial` is one the cluster still accepts for `node`
+    /// (not removed, not replaced by a new join, not expired).
+    fn cert_allowed(&self, node: &NodeName, serial: &str) -> bool;
+    /// The desired state (roles, endpoints' owners), for authorizing requests.
+    fn state(&self) -> Arc<ClusterState>;
+    /// The manager's control address, named in refusals.
+    fn control_addr(&self) -> SocketAddr;
+}
+
+/// What the manager read from the certificate a peer showed (verified against the cluster
+/// CA by TLS before the session exists).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    pub name: String,
+    /// `None`: a certificate from before roles existed (a worker's).
+    pub role: Option<Role>,
+    pub serial: String,
+}
+
+/// A certificate with a name only (tests, and certificates without a role).
+impl From<&str> for PeerCert {
+    fn from(name: &str) -> PeerCert {
+        PeerCert {
+            name: name.to_string(),
+            role: None,
+            serial: String::new(),
+        }
+    }
+}
+
+impl From<String> for PeerCert {
+    fn from(name: String) -> PeerCert {
+        PeerCert::from(name.as_str())
+    }
 }
 
 /// What the driver does next, in order.
@@ -35,10 +76,12 @@ pub enum Action {
     Send(ToNode),
     /// Build a snapshot of the current state and write it.
     PushSnapshot,
-    /// A valid join: sign `csr_pem` for `node`, record the node, then call
-    /// [`MemberSession::joined`], or [`MemberSession::refuse`] if any of that fails.
+    /// A valid join: sign `csr_pem` for `node` with `role` (the token's), record the node
+    /// and its certificate, then call [`MemberSession::joined`], or
+    /// [`MemberSession::refuse`] if any of that fails.
     Join {
         node: NodeName,
+        role: Role,
         advertise_addr: Ipv4Addr,
         data_port: u16,
         csr_pem: String,
@@ -59,6 +102,10 @@ pub enum Action {
     },
     /// Apply a forwarded change, then call [`MemberSession::applied`] with its result.
     Apply { id: u64, op: Op },
+    /// Sign `csr_pem` for `node` with its role in the desired state, record the
+    /// certificate, then call [`MemberSession::renewed`] (or nothing if that fails: the
+    /// node asks again later).
+    Renew { node: NodeName, csr_pem: String },
     /// A message that has no place in a member session; it changes nothing.
     Ignored { what: &'static str },
     /// Refuse: write `Refused { reason }`, finish the stream and let it go.
@@ -84,8 +131,8 @@ enum Phase {
 /// The manager's side of one control connection.
 #[derive(Debug)]
 pub struct MemberSession {
-    /// The verified client certificate's common name (`None`: a join connection).
-    cert_name: Option<String>,
+    /// The verified client certificate (`None`: a join connection).
+    cert: Option<PeerCert>,
     phase: Phase,
     actions: VecDeque<Action>,
 }
@@ -108,15 +155,16 @@ fn kind(msg: &ToManager) -> &'static str {
         ToManager::Hello { .. } => "Hello",
         ToManager::Report { .. } => "Report",
         ToManager::Request { .. } => "Request",
+        ToManager::Renew { .. } => "Renew",
     }
 }
 
 impl MemberSession {
-    /// A connection accepted at `now`, whose peer showed the certificate of `cert_name`
-    /// (verified against the cluster CA), or none.
-    pub fn new(now: Instant, cert_name: Option<String>) -> MemberSession {
+    /// A connection accepted at `now`, whose peer showed `cert` (verified against the
+    /// cluster CA), or none.
+    pub fn new(now: Instant, cert: Option<PeerCert>) -> MemberSession {
         MemberSession {
-            cert_name,
+            cert,
             phase: Phase::First {
                 deadline: now + FIRST_MESSAGE_TIMEOUT,
             },
@@ -186,7 +234,14 @@ impl MemberSession {
                         self.actions.push_back(Action::Heartbeat { node, statuses })
                     }
                     ToManager::Request { id, op } => {
-                        self.actions.push_back(Action::Apply { id, op })
+                        let action = match self.authorize(&node, &op, roster) {
+                            Ok(()) => Action::Apply { id, op },
+                            Err(e) => Action::Send(ToNode::Response { id, result: Err(e) }),
+                        };
+                        self.actions.push_back(action)
+                    }
+                    ToManager::Renew { csr_pem } => {
+                        self.actions.push_back(Action::Renew { node, csr_pem })
                     }
                     other => self
                         .actions
@@ -196,6 +251,17 @@ impl MemberSession {
             // Nothing a peer says matters while it is being admitted or once it is closed.
             Phase::Joining | Phase::Admitting { .. } | Phase::Closed => {}
         }
+    }
+
+    /// Whether this session's node may make `op`: from the role of the certificate it
+    /// showed and its role in the desired state, never from what it says.
+    fn authorize(&self, node: &NodeName, op: &Op, roster: &dyn Roster) -> Result<(), OpError> {
+        let state = roster.state();
+        let role = authz::effective_role(
+            self.cert.as_ref().and_then(|c| c.role),
+            state.nodes.get(node).map(|n| n.role),
+        );
+        authz::authorize(op, node, role, &state, roster.control_addr())
     }
 
     fn first(&mut self, msg: ToManager, roster: &dyn Roster) {
@@ -211,15 +277,16 @@ impl MemberSession {
                 if let Err(reason) = check_version(version) {
                     return self.refuse(reason);
                 }
-                if !roster.join_secret_matches(&secret) {
+                let Some(role) = roster.join_role(&secret) else {
                     return self.refuse("invalid join token".into());
-                }
+                };
                 if roster.is_live_member(&node) {
                     return self.refuse(format!("node name {node} is in use by a live member"));
                 }
                 self.phase = Phase::Joining;
                 self.actions.push_back(Action::Join {
                     node,
+                    role,
                     advertise_addr,
                     data_port,
                     csr_pem,
@@ -234,15 +301,23 @@ impl MemberSession {
                 if let Err(reason) = check_version(version) {
                     return self.refuse(reason);
                 }
-                match self.cert_name.as_deref() {
-                    Some(cn) if cn == node.as_str() => {}
-                    Some(cn) => return self.refuse(format!("certificate is for {cn}, not {node}")),
+                let serial = match &self.cert {
+                    Some(c) if c.name == node.as_str() => c.serial.clone(),
+                    Some(c) => {
+                        return self.refuse(format!("certificate is for {}, not {node}", c.name))
+                    }
                     None => {
                         return self.refuse("a member session needs a cluster certificate".into())
                     }
-                }
+                };
                 if !roster.is_member(&node) {
                     return self.refuse(format!("{node} is not a member of this cluster"));
+                }
+                if !roster.cert_allowed(&node, &serial) {
+                    return self.refuse(format!(
+                        "this certificate of {node} is no longer accepted (the node was \
+                         removed, or joined again): join with a token"
+                    ));
                 }
                 self.phase = Phase::Admitting { node: node.clone() };
                 self.actions.push_back(Action::Admit {
@@ -292,6 +367,14 @@ impl MemberSession {
         self.actions.push_back(Action::Refuse { reason });
     }
 
+    /// The driver signed the certificate of an [`Action::Renew`]: hand it to the node.
+    pub fn renewed(&mut self, cert_pem: String) {
+        if self.is_open() {
+            self.actions
+                .push_back(Action::Send(ToNode::Renewed { cert_pem }));
+        }
+    }
+
     /// The answer to an [`Action::Apply`].
     pub fn applied(&mut self, id: u64, result: Result<u64, OpError>) {
         if self.is_open() {
@@ -300,10 +383,17 @@ impl MemberSession {
         }
     }
 
-    /// The desired state changed: push it now (the periodic push keeps its own rhythm).
-    pub fn state_changed(&mut self) {
-        if self.is_open() {
+    /// The desired state changed: push it now (the periodic push keeps its own rhythm). A
+    /// node that is no longer a member (`node rm`) is refused and receives nothing more.
+    pub fn state_changed(&mut self, roster: &dyn Roster) {
+        let Phase::Open { node, .. } = &self.phase else {
+            return;
+        };
+        if roster.is_member(node) {
             self.actions.push_back(Action::PushSnapshot);
+        } else {
+            let reason = format!("{node} was removed from the cluster");
+            self.refuse(reason);
         }
     }
 

@@ -4,7 +4,10 @@
 //! greets the manager with `Hello`, keeps the newest snapshot by revision, asks for a
 //! heartbeat `Report` every [`REPORT_EVERY`], numbers forwarded requests and times them out,
 //! notices a session that stalls (no snapshot for [`STALL_AFTER`]), and decides when to
-//! reconnect (back-off from [`RECONNECT_MIN`] doubling to [`RECONNECT_MAX`]). It never reads
+//! reconnect (back-off from [`RECONNECT_MIN`] doubling to [`RECONNECT_MAX`]), and renews the
+//! node's certificate over the session when its driver says it is due (`super::renewal`
+//! decides when; a renewal unanswered within [`RENEW_TIMEOUT`] is retried after
+//! [`RENEW_RETRY`]; the session is never interrupted for it). It never reads
 //! a clock or touches a stream: the driver passes `now`, does what [`NodeSession::poll`]
 //! says and sleeps until [`NodeSession::poll_timeout`].
 
@@ -22,6 +25,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// and replaced. Snapshots come every second; this is also QUIC's idle timeout, after which
 /// a silent peer is gone.
 pub const STALL_AFTER: Duration = Duration::from_secs(5);
+/// How long a renewal may wait for the manager's answer, and how long until the next try.
+pub const RENEW_TIMEOUT: Duration = Duration::from_secs(10);
+pub const RENEW_RETRY: Duration = Duration::from_secs(5);
 
 /// Why a forwarded change has no revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +64,13 @@ pub enum Event {
     /// The session is over (`error` says why): drop the connection. A new one is asked for
     /// with [`Event::Connect`] after the back-off.
     Down { error: String },
+    /// The certificate is due for renewal: make a new key and a CSR for it, then call
+    /// [`NodeSession::send_renewal`].
+    MakeCsr,
+    /// The manager signed the renewal's CSR: keep this certificate (and the new key) for the
+    /// next connection, and say when the next renewal is due
+    /// ([`NodeSession::schedule_renewal`]).
+    Renewed { cert_pem: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +101,10 @@ pub struct NodeSession {
     /// request has the same timeout, so the first entry is always the next to expire.
     pending: BTreeMap<u64, Instant>,
     events: VecDeque<Event>,
+    /// When the certificate is due for renewal (`None`: not known yet, or just renewed).
+    renew_at: Option<Instant>,
+    /// A renewal under way: until when its answer is awaited.
+    renewing: Option<Instant>,
 }
 
 impl NodeSession {
@@ -101,6 +118,61 @@ impl NodeSession {
             next_id: 1,
             pending: BTreeMap::new(),
             events: VecDeque::new(),
+            renew_at: None,
+            renewing: None,
+        }
+    }
+
+    /// The certificate is due for renewal at `at` (the driver computes it with
+    /// `super::renewal`; `now` for a new role). A renewal under way is left to finish.
+    pub fn schedule_renewal(&mut self, at: Instant) {
+        self.renew_at = Some(at);
+    }
+
+    /// Whether a renewal is under way.
+    pub fn is_renewing(&self) -> bool {
+        self.renewing.is_some()
+    }
+
+    /// The driver made a key and its CSR for an [`Event::MakeCsr`]: send it.
+    pub fn send_renewal(&mut self, now: Instant, csr_pem: String) {
+        if self.is_open() && self.renewing.is_some() {
+            self.renewing = Some(now + RENEW_TIMEOUT);
+            self.events
+                .push_back(Event::Send(ToManager::Renew { csr_pem }));
+        }
+    }
+
+    /// The driver could not make a CSR: try again later.
+    pub fn renewal_failed(&mut self, now: Instant) {
+        self.renewing = None;
+        self.renew_at = Some(now + RENEW_RETRY);
+    }
+
+    /// The next renewal step's deadline, while the session is open.
+    fn renewal_timeout(&self) -> Option<Instant> {
+        if !self.is_open() {
+            return None;
+        }
+        match self.renewing {
+            Some(deadline) => Some(deadline),
+            None => self.renew_at,
+        }
+    }
+
+    fn handle_renewal_timeout(&mut self, now: Instant) {
+        if !self.is_open() {
+            return;
+        }
+        match self.renewing {
+            Some(deadline) if now >= deadline => self.renewal_failed(now),
+            Some(_) => {}
+            None => {
+                if self.renew_at.is_some_and(|at| now >= at) {
+                    self.renewing = Some(now + RENEW_TIMEOUT);
+                    self.events.push_back(Event::MakeCsr);
+                }
+            }
         }
     }
 
@@ -126,10 +198,10 @@ impl NodeSession {
             } => Some((*stall_at).min(*next_report)),
         };
         let request = self.pending.values().next().copied();
-        match (phase, request) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [phase, request, self.renewal_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -143,6 +215,7 @@ impl NodeSession {
                 result: Err(RequestError::TimedOut),
             });
         }
+        self.handle_renewal_timeout(now);
         match &mut self.phase {
             Phase::Idle { connect_at } if now >= *connect_at => {
                 self.phase = Phase::Connecting;
@@ -227,6 +300,11 @@ impl NodeSession {
                     self.events.push_back(Event::Snapshot(snap));
                 }
             }
+            (Phase::Open { .. }, ToNode::Renewed { cert_pem }) if self.renewing.is_some() => {
+                self.renewing = None;
+                self.renew_at = None;
+                self.events.push_back(Event::Renewed { cert_pem });
+            }
             // An answer after its timeout finds nobody waiting (the arm below ignores it).
             (Phase::Open { .. }, ToNode::Response { id, result })
                 if self.pending.contains_key(&id) =>
@@ -261,6 +339,10 @@ impl NodeSession {
             connect_at: now + self.backoff,
         };
         self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
+        // A renewal in flight is lost with its session; it is asked again in the next one.
+        if self.renewing.take().is_some() {
+            self.renew_at = Some(now);
+        }
         self.events.push_back(Event::Down { error });
         for id in std::mem::take(&mut self.pending).into_keys() {
             self.events.push_back(Event::Answer {

@@ -3,16 +3,17 @@
 //! any of them, stall the manager or make it unreachable. No sockets, no threads, no
 //! sleeping: time only moves when [`Sim::run_until`] says so.
 
-use super::manager::{self, Action, MemberSession, Roster};
+use super::manager::{self, Action, MemberSession, PeerCert, Roster};
 use super::node::{
     self, Event, NodeSession, RequestError, RECONNECT_MAX, RECONNECT_MIN, REQUEST_TIMEOUT,
     STALL_AFTER,
 };
 use protocol::control::{Op, OpError, Snapshot, ToManager, ToNode, VERSION};
-use protocol::state::ClusterState;
+use protocol::state::{Availability, ClusterState, Node, Role};
 use protocol::types::NodeName;
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const LATENCY: Duration = Duration::from_millis(10);
@@ -32,20 +33,64 @@ fn hello(node: &str, version: u32) -> ToManager {
     }
 }
 
+/// Members are managers unless listed in `workers`; a certificate whose serial is
+/// "revoked" is no longer accepted.
 struct TestRoster {
     members: BTreeSet<NodeName>,
     live: BTreeSet<NodeName>,
+    workers: BTreeSet<NodeName>,
 }
 
 impl Roster for TestRoster {
-    fn join_secret_matches(&self, secret: &str) -> bool {
-        secret == "s3cret"
+    fn join_role(&self, secret: &str) -> Option<Role> {
+        match secret {
+            "s3cret" => Some(Role::Worker),
+            "m4nager" => Some(Role::Manager),
+            _ => None,
+        }
     }
     fn is_member(&self, node: &NodeName) -> bool {
         self.members.contains(node)
     }
     fn is_live_member(&self, node: &NodeName) -> bool {
         self.live.contains(node) && self.is_member(node)
+    }
+    fn cert_allowed(&self, node: &NodeName, serial: &str) -> bool {
+        self.is_member(node) && serial != "revoked"
+    }
+    fn state(&self) -> Arc<ClusterState> {
+        let mut s = ClusterState::default();
+        for (i, n) in self.members.iter().enumerate() {
+            let role = if self.workers.contains(n) {
+                Role::Worker
+            } else {
+                Role::Manager
+            };
+            s.nodes.insert(
+                n.clone(),
+                Node {
+                    name: n.clone(),
+                    role,
+                    availability: Availability::Active,
+                    advertise_addr: Some(Ipv4Addr::new(198, 18, 0, i as u8 + 1)),
+                    data_port: 4789,
+                    joined_at: 0,
+                },
+            );
+        }
+        Arc::new(s)
+    }
+    fn control_addr(&self) -> SocketAddr {
+        "198.18.0.1:2377".parse().unwrap()
+    }
+}
+
+/// A manager's certificate for `node`, as the simulated node shows it.
+fn manager_cert(node: &str) -> PeerCert {
+    PeerCert {
+        name: node.into(),
+        role: Some(Role::Manager),
+        serial: "s1".into(),
     }
 }
 
@@ -65,6 +110,8 @@ enum Seen {
     Adopted(u64),
     Connect,
     Up,
+    /// The node received its renewed certificate.
+    Renewed(String),
     Down(String),
     Report,
     Answer(u64, Result<u64, RequestError>),
@@ -120,6 +167,7 @@ impl Sim {
             roster: TestRoster {
                 members: [name("n1"), name("n2")].into(),
                 live: [name("n1")].into(),
+                workers: BTreeSet::new(),
             },
             revision: 1,
             unreachable: false,
@@ -177,7 +225,7 @@ impl Sim {
     fn change(&mut self) {
         self.revision += 1;
         if let Some(m) = self.member.as_mut() {
-            m.state_changed();
+            m.state_changed(&self.roster);
         }
         self.settle();
     }
@@ -268,6 +316,11 @@ impl Sim {
             Event::Up => self.see(Seen::Up),
             Event::Snapshot(s) => self.see(Seen::Adopted(s.state.revision)),
             Event::Answer { id, result } => self.see(Seen::Answer(id, result)),
+            Event::MakeCsr => {
+                let now = self.now;
+                self.node.send_renewal(now, "csr".into());
+            }
+            Event::Renewed { cert_pem } => self.see(Seen::Renewed(cert_pem)),
             Event::Down { error } => {
                 self.see(Seen::Down(error));
                 // The connection is dropped: the manager's side goes, and what is in flight.
@@ -294,11 +347,12 @@ impl Sim {
             Action::Apply { id, .. } => {
                 self.revision += 1;
                 m.applied(id, Ok(self.revision));
-                m.state_changed();
+                m.state_changed(&self.roster);
             }
             Action::Refuse { reason } => self.send_down(ToNode::Refused { reason }),
             Action::Close { .. } => self.member = None,
             Action::Up { .. } | Action::Heartbeat { .. } | Action::Ignored { .. } => {}
+            Action::Renew { node, .. } => m.renewed(format!("renewed cert of {node}")),
         }
     }
 
@@ -338,7 +392,8 @@ impl Sim {
                     .connection_lost(now, "connecting: timed out".into());
             } else {
                 self.conn += 1;
-                self.member = Some(MemberSession::new(now, self.cert_name.clone()));
+                let cert = self.cert_name.as_deref().map(manager_cert);
+                self.member = Some(MemberSession::new(now, cert));
                 self.node.connected(now);
             }
             return;
@@ -398,6 +453,41 @@ fn a_session_comes_up_and_snapshots_come_every_second() {
     let expected: Vec<_> = (0..10).map(|i| ms(30 + 1000 * i)).collect();
     assert_eq!(reports, expected);
     assert!(sim.node.is_open());
+}
+
+#[test]
+fn a_certificate_is_renewed_over_the_session_without_interrupting_it() {
+    let mut sim = Sim::new();
+    sim.run_until(ms(1000));
+    sim.node.schedule_renewal(sim.start + ms(2500));
+    sim.run_until(ms(5000));
+    // Due at 2.5 s: the CSR goes up (10 ms), the certificate comes down (10 ms).
+    assert_eq!(sim.seen(|s| matches!(s, Seen::Renewed(_))), vec![ms(2520)]);
+    assert_eq!(sim.downs(), vec![]);
+    assert!(sim.node.is_open() && !sim.node.is_renewing());
+    // Snapshots kept coming throughout.
+    let pushes = sim.seen(|s| matches!(s, Seen::Pushed(_)));
+    assert_eq!(pushes.len(), 5);
+}
+
+#[test]
+fn an_unanswered_renewal_is_tried_again() {
+    let mut sim = Sim::new();
+    sim.run_until(ms(1000));
+    // The CSR is lost, then the session with it (the manager stops answering).
+    sim.uplink = Box::new(|m| match m {
+        ToManager::Renew { .. } => Fate::Lost,
+        _ => Fate::After(LATENCY),
+    });
+    sim.node.schedule_renewal(sim.start + ms(1100));
+    sim.run_until(ms(1200));
+    assert!(sim.node.is_renewing());
+    sim.uplink = Box::new(|_| Fate::After(LATENCY));
+    // Unanswered for RENEW_TIMEOUT: tried again RENEW_RETRY later, and this time answered.
+    sim.run_until(ms(20000));
+    let renewed = sim.seen(|s| matches!(s, Seen::Renewed(_)));
+    assert_eq!(renewed, vec![ms(1100 + 10_000 + 5_000 + 20)]);
+    assert_eq!(sim.downs(), vec![]);
 }
 
 #[test]
@@ -631,12 +721,9 @@ fn reconnects_back_off_from_half_a_second_to_five_and_start_over_after_a_session
 
 #[test]
 fn a_refused_hello_brings_the_session_down_with_the_reason() {
+    let old = format!("control protocol version 1 is not this manager's {VERSION}");
     for (hello, cert, reason) in [
-        (
-            hello("n2", 1),
-            Some("n2"),
-            &*format!("control protocol version 1 is not this manager's {VERSION}"),
-        ),
+        (hello("n2", 1), Some("n2"), old.as_str()),
         (
             hello("n2", VERSION),
             Some("n3"),
@@ -666,8 +753,9 @@ mod first_message {
 
     fn roster() -> TestRoster {
         TestRoster {
-            members: [name("n1"), name("n2")].into(),
+            members: [name("n1"), name("n2"), name("n3")].into(),
             live: [name("n1"), name("n2")].into(),
+            workers: [name("n2"), name("n3")].into(),
         }
     }
 
@@ -721,6 +809,7 @@ mod first_message {
             actions(&mut m),
             vec![Action::Join {
                 node: name("n3"),
+                role: Role::Worker,
                 advertise_addr: Ipv4Addr::new(198, 18, 0, 3),
                 data_port: 4789,
                 csr_pem: "csr".into(),
@@ -735,6 +824,122 @@ mod first_message {
             })]
         );
         assert!(m.is_closed());
+    }
+
+    #[test]
+    fn the_manager_token_joins_a_manager() {
+        let mut m = MemberSession::new(Instant::now(), None);
+        m.handle_message(join(VERSION, "n4", "m4nager"), &roster());
+        assert!(matches!(
+            &actions(&mut m)[..],
+            [Action::Join {
+                role: Role::Manager,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_removed_or_replaced_certificate_opens_no_session() {
+        let revoked = PeerCert {
+            serial: "revoked".into(),
+            ..PeerCert::from("n2")
+        };
+        let mut m = MemberSession::new(Instant::now(), Some(revoked));
+        m.handle_message(hello("n2", VERSION), &roster());
+        assert_eq!(
+            actions(&mut m),
+            refuse(
+                "this certificate of n2 is no longer accepted (the node was removed, or \
+                 joined again): join with a token"
+            )
+        );
+    }
+
+    /// Opens a session for `cert` and sends `op` in it; returns what the session asks.
+    fn request_from(cert: PeerCert, op: Op) -> Vec<Action> {
+        let t0 = Instant::now();
+        let node = cert.name.clone();
+        let mut m = MemberSession::new(t0, Some(cert));
+        m.handle_message(hello(&node, VERSION), &roster());
+        m.admitted(t0);
+        let _ = actions(&mut m);
+        m.handle_message(ToManager::Request { id: 3, op }, &roster());
+        actions(&mut m)
+    }
+
+    #[test]
+    fn a_worker_certificate_cannot_change_the_cluster() {
+        let op = Op::RemoveService("web".into());
+        let refused = vec![Action::Send(ToNode::Response {
+            id: 3,
+            result: Err(OpError {
+                status: 403,
+                message: "this node is a worker: changes are made on a manager \
+                          (n1 at 198.18.0.1:2377)"
+                    .into(),
+            }),
+        })];
+        // A worker's certificate, and one from before roles (no role): refused.
+        let worker = PeerCert {
+            role: Some(Role::Worker),
+            ..PeerCert::from("n2")
+        };
+        assert_eq!(request_from(worker, op.clone()), refused);
+        assert_eq!(request_from("n2".into(), op.clone()), refused);
+        // A manager's certificate for a node the state says is a worker (demoted): refused.
+        assert_eq!(request_from(manager_cert("n2"), op.clone()), refused);
+        // A manager's certificate for a manager: applied.
+        assert_eq!(
+            request_from(manager_cert("n1"), op.clone()),
+            vec![Action::Apply { id: 3, op }]
+        );
+    }
+
+    #[test]
+    fn a_removed_member_is_refused_and_gets_no_more_snapshots() {
+        let t0 = Instant::now();
+        let mut m = MemberSession::new(t0, Some("n3".into()));
+        m.handle_message(hello("n3", VERSION), &roster());
+        m.admitted(t0);
+        let _ = actions(&mut m);
+        m.state_changed(&roster());
+        assert_eq!(actions(&mut m), vec![Action::PushSnapshot]);
+        let mut removed = roster();
+        removed.members.remove(&name("n3"));
+        m.state_changed(&removed);
+        assert_eq!(actions(&mut m), refuse("n3 was removed from the cluster"));
+        assert!(m.is_closed());
+    }
+
+    #[test]
+    fn a_member_renews_over_its_session() {
+        let t0 = Instant::now();
+        let mut m = MemberSession::new(t0, Some("n2".into()));
+        m.handle_message(hello("n2", VERSION), &roster());
+        m.admitted(t0);
+        let _ = actions(&mut m);
+        m.handle_message(
+            ToManager::Renew {
+                csr_pem: "csr".into(),
+            },
+            &roster(),
+        );
+        assert_eq!(
+            actions(&mut m),
+            vec![Action::Renew {
+                node: name("n2"),
+                csr_pem: "csr".into()
+            }]
+        );
+        m.renewed("cert".into());
+        assert_eq!(
+            actions(&mut m),
+            vec![Action::Send(ToNode::Renewed {
+                cert_pem: "cert".into()
+            })]
+        );
+        assert!(m.is_open(), "the session goes on");
     }
 
     #[test]

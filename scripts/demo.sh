@@ -57,13 +57,15 @@ echo; echo "# whoami.1 pings whoami.2 and whoami.3 on other nodes, through users
 step $C exec whoami.1 -- ping -c 2 "$T2"
 step $C exec whoami.1 -- ping -c 2 "$T3"
 step $C exec whoami.1 -- iperf3 -c "$T3" -t 3
-echo; echo "# the same cluster seen from a worker (commands there are forwarded to the manager)"
-step $C --socket "$D/n2.sock" service scale whoami=4
-for _ in $(seq 100); do $C service ls | grep -q ' 4/4 ' && break; sleep 0.1; done
+echo; echo "# the same cluster seen from a worker: it reads, but changes are the manager's (its certificate says worker)"
 step $C --socket "$D/n3.sock" service ps whoami
+step $C --socket "$D/n2.sock" service scale whoami=4 || true
+step $C service scale whoami=4
+for _ in $(seq 100); do $C service ls | grep -q ' 4/4 ' && break; sleep 0.1; done
 echo; echo "# drain n2: its tasks move to the other nodes"
 step $C node update --availability drain n2
-for _ in $(seq 100); do $C service ls | grep -q ' 4/4 ' && ! $C service ps whoami | awk '{print $3}' | grep -qx n2 && break; sleep 0.1; done
+# (past tasks, listed as \_ whoami.N under their slot, are left out of the check)
+for _ in $(seq 100); do $C service ls | grep -q ' 4/4 ' && ! $C service ps whoami | grep -v '\\_' | awk '{print $3}' | grep -qx n2 && break; sleep 0.1; done
 step $C service ps whoami
 step $C node update --availability active n2
 echo; echo "# the routing mesh: publish a port, and every node answers on it, from each replica in turn"

@@ -148,6 +148,11 @@ fn refuse(out: &mut [u8], from: TcpEnd, to: TcpEnd, syn_seq: u32) -> Option<usiz
 
 /// A frame about to be delivered to a local port at `now_ms`: if it is a backend's reply on
 /// a load-balanced flow of `flows`, its source becomes the VIP again.
+///
+/// Inlined into the switch: most frames between tasks are not replies through a VIP, and
+/// with no load-balanced flow at all there is nothing to look up, so the cheap checks stay
+/// in the caller and only a possible reply pays for a call.
+#[inline]
 pub fn to_client(
     flows: &ConnTable,
     now_ms: u64,
@@ -156,8 +161,6 @@ pub fn to_client(
     frame: &mut [u8],
     csum: L4Csum,
 ) {
-    // Cheap checks first: most frames between tasks are not replies through a VIP, and
-    // with no load-balanced flow at all there is nothing to look up.
     if net.backend_ips.is_empty()
         || flows.is_empty()
         || frame.len() < 34
@@ -165,6 +168,19 @@ pub fn to_client(
     {
         return;
     }
+    reply_to_client(flows, now_ms, net, vni, frame, csum);
+}
+
+/// [`to_client`] past its cheap checks: a frame from a backend address.
+#[inline(never)]
+fn reply_to_client(
+    flows: &ConnTable,
+    now_ms: u64,
+    net: &NetTable,
+    vni: Vni,
+    frame: &mut [u8],
+    csum: L4Csum,
+) {
     let src = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
     if !net.backend_ips.contains(&src) {
         return;

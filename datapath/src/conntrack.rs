@@ -261,11 +261,13 @@ impl ConnTable {
         self.flows.load(Ordering::Relaxed)
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Runs `f` on the entry of `key`, if any, without taking a lock.
+    #[inline]
     pub fn with<R>(&self, key: &FlowKey, f: impl FnOnce(&Slot) -> R) -> Option<R> {
         self.map.pin().get(key).map(f)
     }

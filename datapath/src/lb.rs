@@ -172,7 +172,6 @@ pub fn to_client(
 }
 
 /// [`to_client`] past its cheap checks: a frame from a backend address.
-#[inline(never)]
 fn reply_to_client(
     flows: &ConnTable,
     now_ms: u64,

@@ -73,14 +73,17 @@ pub fn from_port(
     if dst.is_multicast() {
         return Verdict::Flood(binding.vni);
     }
-    if let Some(gw) = net.gateway_ip.filter(|_| dst == net.gateway_mac) {
-        if net.dns.is_some() && answer::is_dns_query(gw, frame) {
-            return Verdict::Punt(Punt::GatewayDns { vni: binding.vni });
+    // The MAC first: it is one compare, and almost no frame is for the gateway.
+    if dst == net.gateway_mac {
+        if let Some(gw) = net.gateway_ip {
+            if net.dns.is_some() && answer::is_dns_query(gw, frame) {
+                return Verdict::Punt(Punt::GatewayDns { vni: binding.vni });
+            }
+            return match answer::gateway(net, frame, reply) {
+                Ok(n) => Verdict::Reply(n),
+                Err(r) => Verdict::Drop(r),
+            };
         }
-        return match answer::gateway(net, frame, reply) {
-            Ok(n) => Verdict::Reply(n),
-            Err(r) => Verdict::Drop(r),
-        };
     }
     match net.macs.get(&dst) {
         Some(Location::Local(p)) if *p == in_port => Verdict::Drop(DropReason::Hairpin),

@@ -727,3 +727,29 @@ def ask(s):
         body += c
     return body.decode().strip()
 "#;
+
+/// Runs `overlayd --join` in host `i` and expects it to fail; returns its stderr.
+pub fn join_fails(u: &Underlay, i: usize, name: &str, manager: &str, token: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("overlay-e2e-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = run(u
+        .host(i)
+        .cmd(bin("overlayd").to_str().unwrap_or_default())
+        .args([
+            "--node",
+            name,
+            "--advertise-addr",
+            &u.addr(i),
+            "--join",
+            manager,
+            "--token",
+            token,
+            "--state-dir",
+            dir.join("state").to_str().unwrap_or_default(),
+            "--socket",
+            dir.join("api.sock").to_str().unwrap_or_default(),
+        ]));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "join with {token:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

@@ -2,34 +2,8 @@
 //! secret, a token for another cluster's CA, a malformed token, garbage datagrams on the
 //! control port, and a node whose certificate another cluster's CA signed. Needs root.
 
-use overlay_e2e::{bin, require_root, run, unique, wait_for, Node, Underlay};
+use overlay_e2e::{join_fails, require_root, run, unique, wait_for, Node, Underlay};
 use std::time::Duration;
-
-/// Runs `overlayd --join` in host `i` and expects it to fail; returns its stderr.
-fn join_fails(u: &Underlay, i: usize, name: &str, manager: &str, token: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("overlay-e2e-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let out = run(u
-        .host(i)
-        .cmd(bin("overlayd").to_str().unwrap_or_default())
-        .args([
-            "--node",
-            name,
-            "--advertise-addr",
-            &u.addr(i),
-            "--join",
-            manager,
-            "--token",
-            token,
-            "--state-dir",
-            dir.join("state").to_str().unwrap_or_default(),
-            "--socket",
-            dir.join("api.sock").to_str().unwrap_or_default(),
-        ]));
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(!out.status.success(), "join with {token:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 #[test]
 fn control_plane_refusals() {

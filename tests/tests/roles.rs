@@ -2,35 +2,9 @@
 //! role, and rotation; `node promote|demote|rm`; node certificates that expire and renew
 //! themselves over the session while traffic flows. Needs root.
 
-use overlay_e2e::{bin, require_root, run, unique, wait_for, Node, Underlay};
+use overlay_e2e::{join_fails, require_root, unique, wait_for, Node, Underlay};
 use std::process::Stdio;
 use std::time::Duration;
-
-/// Runs `overlayd --join` in host `i` with `token` and expects it to fail; returns stderr.
-fn join_fails(u: &Underlay, i: usize, name: &str, manager: &str, token: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("overlay-e2e-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let out = run(u
-        .host(i)
-        .cmd(bin("overlayd").to_str().unwrap_or_default())
-        .args([
-            "--node",
-            name,
-            "--advertise-addr",
-            &u.addr(i),
-            "--join",
-            manager,
-            "--token",
-            token,
-            "--state-dir",
-            dir.join("state").to_str().unwrap_or_default(),
-            "--socket",
-            dir.join("api.sock").to_str().unwrap_or_default(),
-        ]));
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(!out.status.success(), "join with {token:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn inspect(on: &Node, node: &str) -> serde_json::Value {
     on.json(&["node", "inspect", node])[0].clone()

@@ -370,19 +370,6 @@ impl ServerCertVerifier for PinnedCa {
     }
 }
 
-/// The common name of a peer's certificate (a node's name).
-pub fn common_name(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
-    Some(cn)
-}
-
 /// What the control plane reads from a verified node certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
@@ -487,7 +474,10 @@ mod tests {
         let day = Duration::from_secs(86_400);
         let cert = ca.sign_node_csr("n2", Role::Manager, day, &csr).unwrap();
         let der = cert_der(&cert).unwrap();
-        assert_eq!(common_name(der.as_ref()).as_deref(), Some("n2"));
+        assert_eq!(
+            cert_info(der.as_ref()).map(|c| c.name).as_deref(),
+            Some("n2")
+        );
         let info = cert_info(der.as_ref()).unwrap();
         assert_eq!(info.role, Some(Role::Manager));
         let now = time::OffsetDateTime::now_utc().unix_timestamp() as u64;

@@ -15,7 +15,6 @@
 
 use super::Manager;
 use crate::ids::new_id;
-use protocol::state::StateError;
 use protocol::types::NodeName;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -80,17 +79,15 @@ impl Manager {
         }
         if !self.snapshot().missing_slots().is_empty() {
             let health = self.health.clone();
-            let filled = self.change(|s| {
-                let placed = s.fill_slots(&mut new_id, &|n| health.is_ready(n));
-                // Nothing placed: nothing to persist (the error only discards the copy).
-                if placed.is_empty() {
-                    Err(StateError::NoActiveNode)
-                } else {
-                    Ok(placed)
-                }
+            let mut placed = Vec::new();
+            let filled = self.change_if(|s| {
+                placed = s.fill_slots(&mut new_id, &|n| health.is_ready(n));
+                !placed.is_empty()
             });
-            if let Ok(placed) = filled {
-                info!(tasks = ?placed, "empty slots placed");
+            match filled {
+                Ok(true) => info!(tasks = ?placed, "empty slots placed"),
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "cannot place empty slots"),
             }
         }
     }
@@ -115,15 +112,12 @@ impl Manager {
         if !due {
             return;
         }
-        let released = self.change(|s| {
-            if s.release_stopped(node.as_str(), running) {
-                Ok(())
-            } else {
-                Err(StateError::NoSuchNode(node.to_string()))
+        match self.change_if(|s| s.release_stopped(node.as_str(), running)) {
+            Ok(true) => {
+                info!(node = %node, "stopped tasks confirmed: their addresses are free again")
             }
-        });
-        if released.is_ok() {
-            info!(node = %node, "stopped tasks confirmed: their addresses are free again");
+            Ok(false) => {}
+            Err(e) => warn!(node = %node, error = %e, "cannot release stopped tasks' addresses"),
         }
     }
 }

@@ -153,21 +153,42 @@ impl Manager {
         &self,
         op: impl FnOnce(&mut ClusterState) -> Result<T, OpError>,
     ) -> Result<T, OpError> {
-        let mut guard = self
-            .state
-            .lock()
-            .map_err(|_| OpError::internal("state lock poisoned"))?;
+        let mut guard = self.lock_state()?;
         let mut next = guard.clone();
         let out = op(&mut next)?;
+        self.install(&mut guard, next)?;
+        Ok(out)
+    }
+
+    /// Applies `op` to a copy of the state; persists and publishes it only if `op` says it
+    /// changed something (the manager's own periodic work, which mostly changes nothing).
+    fn change_if(&self, op: impl FnOnce(&mut ClusterState) -> bool) -> Result<bool, OpError> {
+        let mut guard = self.lock_state()?;
+        let mut next = guard.clone();
+        if !op(&mut next) {
+            return Ok(false);
+        }
+        self.install(&mut guard, next)?;
+        Ok(true)
+    }
+
+    fn lock_state(&self) -> Result<std::sync::MutexGuard<'_, ClusterState>, OpError> {
+        self.state
+            .lock()
+            .map_err(|_| OpError::internal("state lock poisoned"))
+    }
+
+    /// Persists `next`, then makes it the state and publishes it.
+    fn install(&self, guard: &mut ClusterState, next: ClusterState) -> Result<(), OpError> {
         self.store.save(&next)?;
         *guard = next;
         // Keys follow the networks (a new encrypted network has one at once, a removed one
         // none) before the new state goes out.
         if let Ok(mut k) = self.keys.lock() {
-            k.rotate_due(&guard, now_ms());
+            k.rotate_due(guard, now_ms());
         }
         self.published.send_replace(Arc::new(guard.clone()));
-        Ok(out)
+        Ok(())
     }
 
     /// Applies an operation (from this node's API or forwarded by another node) and returns

@@ -5,7 +5,7 @@
 
 mod membership;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Mode};
 use crate::ingress::stats::Registry;
 use crate::naming;
 use axum::body::Bytes;
@@ -306,10 +306,10 @@ async fn info(State(st): State<ApiState>) -> ApiResult<api::Info> {
         .values()
         .filter(|t| status_of(&snap, t).state == TaskState::Running)
         .count();
-    let role = match &st.cluster {
-        Cluster::Manager { join: None, .. } => "standalone",
-        Cluster::Manager { .. } => "manager",
-        Cluster::Worker(_) => "worker",
+    let role = match st.cluster.mode() {
+        Mode::Manager { join: None, .. } => "standalone",
+        Mode::Manager { .. } => "manager",
+        Mode::Worker(_) => "worker",
     };
     Ok(Json(api::Info {
         api_version: api::API_VERSION,

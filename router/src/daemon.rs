@@ -9,7 +9,7 @@ use crate::cluster::pki::{self, Ca, Identity, Token};
 use crate::cluster::server::{self, ServerCtx};
 use crate::cluster::tokens::JoinTokens;
 use crate::cluster::worker::{self, Credentials, Link};
-use crate::cluster::{wire, Cluster, JoinInfo};
+use crate::cluster::{wire, Cluster, JoinInfo, Mode, View};
 use crate::config::{Config, StoreKind, CONTROL_PORT};
 use crate::durable;
 use crate::forward::io::Datapath;
@@ -72,6 +72,7 @@ async fn start_manager(
     advertise: std::net::Ipv4Addr,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Cluster> {
+    let view = View::new(Default::default());
     let dir = store.dir().to_path_buf();
     let ca_cert = naming::ca_cert(&dir);
     let ca_key = naming::ca_key(&dir);
@@ -108,6 +109,7 @@ async fn start_manager(
         pool,
         &cfg.node,
         Some((advertise, cfg.data_path_port)),
+        &view,
     )?);
     configure(&manager, cfg)?;
     let ctx = Arc::new(ServerCtx {
@@ -119,13 +121,11 @@ async fn start_manager(
     });
     tokio::spawn(server::serve(endpoint, ctx, shutdown.clone()));
     info!(%listen, "cluster manager listening (QUIC, mutual TLS)");
-    Ok(Cluster::Manager {
-        manager,
-        join: Some(JoinInfo {
-            tokens,
-            addr: listen,
-        }),
-    })
+    let join = Some(JoinInfo {
+        tokens,
+        addr: listen,
+    });
+    Ok(Cluster::new(Mode::Manager { manager, join }, view))
 }
 
 /// Starts this node as a member: joins first if it has no certificate yet.
@@ -172,7 +172,8 @@ async fn start_worker(
         cert_path: cert,
         key_path: key,
     };
-    let link = Arc::new(Link::new(manager_addr, cfg.node.clone(), store.load()?));
+    let view = View::new(store.load()?);
+    let link = Arc::new(Link::new(manager_addr, cfg.node.clone(), view.clone()));
     let hello = ToManager::Hello {
         version: protocol::control::VERSION,
         node: cfg.node.clone(),
@@ -183,7 +184,7 @@ async fn start_worker(
         link.clone()
             .run(creds, advertise, hello, store, shutdown.clone()),
     );
-    Ok(Cluster::Worker(link))
+    Ok(Cluster::new(Mode::Worker(link), view))
 }
 
 /// How long the node certificates this manager signs last: `--cert-expiry` (kept in the
@@ -287,21 +288,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(a) if is_worker => start_worker(&cfg, store, a, &shutdown).await?,
         Some(a) if is_manager => start_manager(&cfg, store, pool, a, &shutdown).await?,
         advertise => {
+            let view = View::new(Default::default());
             let manager = Manager::open(
                 store,
                 pool,
                 &cfg.node,
                 advertise.map(|a| (a, cfg.data_path_port)),
+                &view,
             )?;
             configure(&manager, &cfg)?;
-            Cluster::Manager {
-                manager: Arc::new(manager),
-                join: None,
-            }
+            let manager = Arc::new(manager);
+            Cluster::new(
+                Mode::Manager {
+                    manager,
+                    join: None,
+                },
+                view,
+            )
         }
     };
 
-    if let Cluster::Manager { manager, .. } = &cluster {
+    if let Mode::Manager { manager, .. } = cluster.mode() {
         tokio::spawn(rotate_keys(manager.clone(), shutdown.clone()));
         tokio::spawn(heal(manager.clone(), shutdown.clone()));
     }

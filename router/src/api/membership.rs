@@ -3,7 +3,7 @@
 //! Docker's shape, with the node's certificate.
 
 use super::{ApiResult, ApiState, HttpError};
-use crate::cluster::Cluster;
+use crate::cluster::Mode;
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use protocol::api::{self, OpError};
@@ -186,16 +186,16 @@ fn role_name(role: Role) -> String {
 
 /// The control endpoint this node knows: its own (manager) or its manager's (worker).
 fn control_addr(st: &ApiState) -> Option<SocketAddr> {
-    match &st.cluster {
-        Cluster::Manager { join, .. } => join.as_ref().map(|j| j.addr),
-        Cluster::Worker(link) => Some(link.manager),
+    match st.cluster.mode() {
+        Mode::Manager { join, .. } => join.map(|j| j.addr),
+        Mode::Worker(link) => Some(link.manager),
     }
 }
 
 fn inspect_view(st: &ApiState, state: &ClusterState, ready: bool, n: &Node) -> NodeInspect {
     let control = control_addr(st);
-    let leader = match (&st.cluster, control, n.advertise_addr) {
-        (Cluster::Manager { .. }, _, _) => n.name == st.node,
+    let leader = match (st.cluster.mode(), control, n.advertise_addr) {
+        (Mode::Manager { .. }, _, _) => n.name == st.node,
         (_, Some(c), Some(ip)) => c.ip() == std::net::IpAddr::V4(ip),
         _ => false,
     };

@@ -15,7 +15,7 @@ use protocol::api::OpError;
 use protocol::control::{Op, Snapshot};
 use protocol::state::ClusterState;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 use worker::Link;
 
@@ -26,10 +26,33 @@ pub struct JoinInfo {
     pub addr: SocketAddr,
 }
 
-/// The cluster as this node sees it: on a manager, the desired state itself; on a worker,
-/// the link to the manager. The API and the agent use only this.
+/// What this node follows the desired state through, whoever feeds it: the manager on this
+/// node, or the link to one. The agent subscribes once and keeps its subscription when a
+/// manager on etcd takes over or steps down, because both feed the same channel and board.
 #[derive(Clone)]
-pub enum Cluster {
+pub struct View {
+    /// The desired state this node realises.
+    pub state: watch::Sender<Arc<ClusterState>>,
+    /// Task statuses: this node's own (written by the agent) and, while this node leads,
+    /// every other node's as reported.
+    pub board: StatusBoard,
+}
+
+impl View {
+    /// A view that starts from `state`.
+    pub fn new(state: ClusterState) -> View {
+        View {
+            state: watch::channel(Arc::new(state)).0,
+            board: StatusBoard::default(),
+        }
+    }
+}
+
+/// How this node takes part right now: it holds the desired state (a manager that leads, or
+/// runs alone), or it follows a manager over its link (a worker, or a manager on etcd that
+/// does not lead).
+#[derive(Clone)]
+pub enum Mode {
     Manager {
         manager: Arc<Manager>,
         join: Option<JoinInfo>,
@@ -37,27 +60,59 @@ pub enum Cluster {
     Worker(Arc<Link>),
 }
 
+/// The cluster as this node sees it: the one handle the API, the agent and the Docker
+/// plugin use, whatever this node's part is and however often it changes.
+#[derive(Clone)]
+pub struct Cluster(Arc<Shared>);
+
+struct Shared {
+    mode: RwLock<Mode>,
+    view: View,
+}
+
 impl Cluster {
+    pub fn new(mode: Mode, view: View) -> Cluster {
+        Cluster(Arc::new(Shared {
+            mode: RwLock::new(mode),
+            view,
+        }))
+    }
+
+    /// This node's part now (a copy: it may change right after).
+    pub fn mode(&self) -> Mode {
+        self.0
+            .mode
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Changes this node's part (a manager on etcd taking over, or stepping down).
+    pub fn set_mode(&self, mode: Mode) {
+        *self.0.mode.write().unwrap_or_else(|p| p.into_inner()) = mode;
+    }
+
+    pub fn view(&self) -> &View {
+        &self.0.view
+    }
+
     /// Applies a change here (manager) or forwards it (worker); returns the revision.
     pub async fn apply(&self, op: Op) -> Result<u64, OpError> {
-        match self {
-            Cluster::Manager { manager, .. } => {
-                let m = manager.clone();
-                tokio::task::spawn_blocking(move || m.apply(op))
-                    .await
-                    .map_err(|e| OpError::internal(e.to_string()))?
-            }
-            Cluster::Worker(link) => link.apply(op).await,
+        match self.mode() {
+            Mode::Manager { manager, .. } => tokio::task::spawn_blocking(move || manager.apply(op))
+                .await
+                .map_err(|e| OpError::internal(e.to_string()))?,
+            Mode::Worker(link) => link.apply(op).await,
         }
     }
 
     /// Desired state, task statuses and node health; a worker's own tasks as it sees them.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        match self {
-            Cluster::Manager { manager, .. } => Arc::new(server::snapshot(manager)),
-            Cluster::Worker(link) => {
+        match self.mode() {
+            Mode::Manager { manager, .. } => Arc::new(server::snapshot(&manager)),
+            Mode::Worker(link) => {
                 let mut s = (*link.snapshot()).clone();
-                if let Ok(local) = link.local.read() {
+                if let Ok(local) = self.0.view.board.read() {
                     s.statuses
                         .extend(crate::manager::statuses::to_snapshot(&local));
                 }
@@ -67,39 +122,29 @@ impl Cluster {
     }
 
     pub fn subscribe_state(&self) -> watch::Receiver<Arc<ClusterState>> {
-        match self {
-            Cluster::Manager { manager, .. } => manager.subscribe(),
-            Cluster::Worker(link) => link.subscribe_state(),
-        }
+        self.0.view.state.subscribe()
     }
 
     /// Where this node's agent reports its tasks.
     pub fn local_board(&self) -> StatusBoard {
-        match self {
-            Cluster::Manager { manager, .. } => manager.statuses().clone(),
-            Cluster::Worker(link) => link.local.clone(),
-        }
-    }
-
-    pub fn is_manager(&self) -> bool {
-        matches!(self, Cluster::Manager { .. })
+        self.0.view.board.clone()
     }
 
     /// Whether this node can reach the manager right now (a manager always can).
     pub fn manager_reachable(&self) -> bool {
-        match self {
-            Cluster::Manager { .. } => true,
-            Cluster::Worker(link) => link.is_connected(),
+        match self.mode() {
+            Mode::Manager { .. } => true,
+            Mode::Worker(link) => link.is_connected(),
         }
     }
 
-    pub fn join_info(&self) -> Result<&JoinInfo, OpError> {
-        match self {
-            Cluster::Manager { join: Some(j), .. } => Ok(j),
-            Cluster::Manager { join: None, .. } => Err(OpError::bad_request(
+    pub fn join_info(&self) -> Result<JoinInfo, OpError> {
+        match self.mode() {
+            Mode::Manager { join: Some(j), .. } => Ok(j),
+            Mode::Manager { join: None, .. } => Err(OpError::bad_request(
                 "this node runs standalone: start it with --init --advertise-addr IP to make a cluster",
             )),
-            Cluster::Worker(_) => Err(OpError::bad_request("join tokens are only available on the manager")),
+            Mode::Worker(_) => Err(OpError::bad_request("join tokens are only available on the manager")),
         }
     }
 }

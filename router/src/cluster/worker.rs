@@ -19,13 +19,12 @@ use super::pki::{self, Identity, Token};
 use super::session::node::{Event, NodeSession, RequestError, REQUEST_TIMEOUT};
 use super::session::{authz, renewal};
 use super::wire;
-use crate::manager::StatusBoard;
+use super::View;
 use crate::store::Store;
 use protocol::api::OpError;
 use protocol::control::{
     Op, Snapshot, TaskReport, ToManager, ToNode, MANAGER_SERVER_NAME, VERSION,
 };
-use protocol::state::ClusterState;
 use protocol::types::NodeName;
 use std::collections::HashMap;
 use std::future::Future;
@@ -226,21 +225,22 @@ pub struct Link {
     /// This node's name.
     pub node: NodeName,
     snapshot: watch::Sender<Arc<Snapshot>>,
-    state: watch::Sender<Arc<ClusterState>>,
+    /// The node's view: the state it adopts from snapshots, and its own task statuses
+    /// (written by the agent), which it reports.
+    view: View,
     requests: mpsc::Sender<(Op, Reply)>,
     requests_rx: Mutex<Option<mpsc::Receiver<(Op, Reply)>>>,
     connected: AtomicBool,
-    /// This node's own task statuses (written by the agent).
-    pub local: StatusBoard,
 }
 
 impl Link {
-    /// The link of `node` to the manager at `manager`, starting from the last state this
-    /// node saved.
-    pub fn new(manager: SocketAddr, node: NodeName, last: ClusterState) -> Link {
+    /// The link of `node` to the manager at `manager`, starting from the state in `view`
+    /// (the last one this node saved, or followed).
+    pub fn new(manager: SocketAddr, node: NodeName, view: View) -> Link {
         let (requests, rx) = mpsc::channel(64);
+        let last = (**view.state.borrow()).clone();
         let snap = Snapshot {
-            state: last.clone(),
+            state: last,
             statuses: Default::default(),
             health: Default::default(),
             keys: Default::default(),
@@ -249,20 +249,15 @@ impl Link {
             manager,
             node,
             snapshot: watch::channel(Arc::new(snap)).0,
-            state: watch::channel(Arc::new(last)).0,
+            view,
             requests,
             requests_rx: Mutex::new(Some(rx)),
             connected: AtomicBool::new(false),
-            local: StatusBoard::default(),
         }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
-    }
-
-    pub fn subscribe_state(&self) -> watch::Receiver<Arc<ClusterState>> {
-        self.state.subscribe()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -315,7 +310,8 @@ impl Link {
     }
 
     fn local_reports(&self) -> Vec<TaskReport> {
-        self.local
+        self.view
+            .board
             .read()
             .map(|b| {
                 b.iter()
@@ -330,7 +326,7 @@ impl Link {
     }
 
     fn accept_snapshot(&self, snap: Snapshot, store: &Store) {
-        let newer = snap.state.revision != self.state.borrow().revision;
+        let newer = snap.state.revision != self.view.state.borrow().revision;
         let state = newer.then(|| snap.state.clone());
         // The API's view first: whoever waits for a revision then reads this one.
         self.snapshot.send_replace(Arc::new(snap));
@@ -338,7 +334,7 @@ impl Link {
             if let Err(e) = store.save(&state) {
                 warn!(error = %e, "cannot persist the cluster state");
             }
-            self.state.send_replace(Arc::new(state));
+            self.view.state.send_replace(Arc::new(state));
         }
     }
 
@@ -510,13 +506,14 @@ impl Link {
 mod tests {
     use super::*;
     use protocol::control::OpError;
+    use protocol::state::ClusterState;
 
     #[test]
     fn operators_read_what_became_of_their_change() {
         let link = Link::new(
             "198.18.0.1:2377".parse().unwrap(),
             NodeName::new("n2").unwrap(),
-            ClusterState::default(),
+            View::new(ClusterState::default()),
         );
         let unreachable = OpError {
             status: 503,

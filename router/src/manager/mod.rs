@@ -16,6 +16,7 @@ mod membership;
 pub mod statuses;
 
 use crate::clock::{now, now_ms};
+use crate::cluster::View;
 use crate::ids::new_id;
 use crate::store::{Store, StoreError};
 use health::Health;
@@ -74,12 +75,14 @@ fn touch(s: &mut ClusterState, name: &str) -> Result<Service, StateError> {
 
 impl Manager {
     /// Loads the saved state and registers `node` (at `advertise`, if multi-node) as this
-    /// cluster's manager.
+    /// cluster's manager. It publishes into `view` (the node's, which its agent follows) and
+    /// keeps every node's task statuses on its board.
     pub fn open(
         store: Store,
         pool: Pool,
         node: &NodeName,
         advertise: Option<(Ipv4Addr, u16)>,
+        view: &View,
     ) -> Result<Manager, StoreError> {
         let mut state = store.load()?;
         let before = state.revision;
@@ -103,14 +106,15 @@ impl Manager {
         if state.revision != before {
             store.save(&state)?;
         }
-        let (published, _) = watch::channel(Arc::new(state.clone()));
+        let published = view.state.clone();
+        published.send_replace(Arc::new(state.clone()));
         let manager = Manager {
             health: Arc::new(Health::new(node.clone())),
             state: Mutex::new(state),
             store,
             pool,
             published,
-            statuses: StatusBoard::default(),
+            statuses: view.board.clone(),
             keys: Mutex::new(KeyRing::new(DEFAULT_KEY_ROTATION)),
             reschedule_after_s: AtomicU64::new(protocol::state::DEFAULT_RESCHEDULE_AFTER_S),
             reported: Mutex::default(),
@@ -437,7 +441,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("overlay-manager-keys-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let node = NodeName::new("n1").unwrap();
-        let m = Manager::open(Store::open(&dir).unwrap(), Pool::default(), &node, None).unwrap();
+        let view = View::new(ClusterState::default());
+        let m = Manager::open(
+            Store::open(&dir).unwrap(),
+            Pool::default(),
+            &node,
+            None,
+            &view,
+        )
+        .unwrap();
         let hour = Duration::from_secs(3600);
         m.set_key_rotation(hour);
         let req = api::NetworkCreate {

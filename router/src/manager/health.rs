@@ -33,6 +33,18 @@ impl Health {
         &self.me
     }
 
+    /// Counts `nodes` as heard from until `grace` from now (at least a heartbeat's worth): a manager taking over gives the
+    /// nodes its predecessor saw alive the time to reconnect before it calls them down (and
+    /// moves their tasks), as Swarm's new leader does.
+    pub fn seed(&self, nodes: impl IntoIterator<Item = NodeName>, grace: Duration) {
+        let until = Instant::now() + grace.saturating_sub(DOWN_AFTER);
+        if let Ok(mut m) = self.last.lock() {
+            for n in nodes {
+                m.insert(n, until);
+            }
+        }
+    }
+
     pub fn beat(&self, node: &NodeName) {
         if let Ok(mut m) = self.last.lock() {
             m.insert(node.clone(), Instant::now());
@@ -47,6 +59,7 @@ impl Health {
             .lock()
             .ok()
             .and_then(|m| m.get(node).copied())
+            // `elapsed` of a moment still ahead (a seeded grace) is zero.
             .is_some_and(|t| t.elapsed() < DOWN_AFTER)
     }
 
@@ -81,5 +94,33 @@ impl Health {
                 (n.clone(), h)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_nodes_are_ready_for_the_grace_only() {
+        let h = Health::new(NodeName::new("m2").unwrap());
+        let (w1, w2) = (NodeName::new("w1").unwrap(), NodeName::new("w2").unwrap());
+        assert!(!h.is_ready(&w1), "never heard from");
+        h.seed([w1.clone()], Duration::from_secs(60));
+        assert!(h.is_ready(&w1));
+        assert!(!h.is_ready(&w2), "only the nodes seeded");
+        let mut state = ClusterState::default();
+        for n in [&w1, &w2] {
+            state.upsert_node(protocol::state::Node {
+                name: n.clone(),
+                role: protocol::state::Role::Worker,
+                availability: protocol::state::Availability::Active,
+                advertise_addr: None,
+                data_port: 4789,
+                joined_at: 0,
+            });
+        }
+        let down = h.down_since(&state, 1_000);
+        assert!(!down.contains_key(&w1), "not down while its grace lasts");
     }
 }

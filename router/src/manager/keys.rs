@@ -75,6 +75,19 @@ impl KeyRing {
         }
     }
 
+    /// Takes over the keys another manager handed out (`ring`, from its last snapshot) and
+    /// starts replacing every one of them at `now_ms` with the usual lead and grace: nodes
+    /// keep sending and receiving with the keys they hold while the new ones spread, and
+    /// secrets that passed through the previous leader are retired within [`KEY_GRACE`].
+    pub fn take_over(&mut self, ring: Keyring, now_ms: u64) {
+        self.ring = ring;
+        for keys in self.ring.values_mut() {
+            if keys.last().is_none_or(|last| last.active_from_ms <= now_ms) {
+                rotate(keys, now_ms);
+            }
+        }
+    }
+
     /// A new key for `network` now (`network rotate-key`, or a node's sequence numbers
     /// wearing out), unless a rotation is already under way (its key not yet in use).
     pub fn rotate_now(&mut self, network: &NetworkName, now_ms: u64) {
@@ -172,6 +185,29 @@ mod tests {
         // A network that is gone takes its keys with it.
         ring.rotate_due(&ClusterState::default(), t1 + 2);
         assert!(ring.keys().is_empty());
+    }
+
+    #[test]
+    fn a_new_leader_keeps_the_keys_in_use_while_it_replaces_them() {
+        let mut old = KeyRing::new(DEFAULT_KEY_ROTATION);
+        let state = state_with(&[("sec", true)]);
+        old.rotate_due(&state, 10);
+        let handed_out = old.keys().clone();
+        let mut new = KeyRing::new(DEFAULT_KEY_ROTATION);
+        let t = 5_000;
+        new.take_over(handed_out.clone(), t);
+        let keys = new.keys()["sec"].clone();
+        assert_eq!(ids(&new, "sec"), [0, 1]);
+        assert_eq!(keys[0].secret, handed_out["sec"][0].secret, "still live");
+        assert_eq!(
+            send_key(&keys, t).map(|k| k.id),
+            Some(0),
+            "sent with until the lead"
+        );
+        let active = t + KEY_LEAD.as_millis() as u64;
+        assert_eq!(send_key(&keys, active).map(|k| k.id), Some(1));
+        new.rotate_due(&state, active + KEY_GRACE.as_millis() as u64);
+        assert_eq!(ids(&new, "sec"), [1], "the old leader's key retired");
     }
 
     #[test]

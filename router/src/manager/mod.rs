@@ -22,7 +22,7 @@ use crate::store::{Store, StoreError};
 use health::Health;
 use keys::KeyRing;
 use protocol::api::{self, OpError, TaskStatus};
-use protocol::control::{Keyring, Op};
+use protocol::control::{Keyring, NodeHealth, Op, Snapshot};
 use protocol::state::{
     Availability, ClusterState, Network, NetworkRequest, Node, Pool, Role, Service, StateError,
 };
@@ -46,6 +46,11 @@ impl From<StoreError> for OpError {
 }
 
 pub use healing::HEAL_TICK;
+
+/// How long a manager that takes over counts the nodes its predecessor saw alive as alive
+/// without hearing from them: enough for every node to notice the old leader is gone (5 s
+/// of silence), find the new one and send its first report.
+pub const TAKEOVER_GRACE: Duration = Duration::from_secs(15);
 pub use keys::{DEFAULT_KEY_ROTATION, KEY_GRACE, KEY_LEAD, KEY_TICK};
 pub use statuses::{StatusBoard, StatusEntry};
 
@@ -121,6 +126,42 @@ impl Manager {
         };
         manager.rotate_due_keys(now_ms());
         Ok(manager)
+    }
+
+    /// Continues where the previous leader stopped (a manager on etcd that has just taken
+    /// over; `last` is the last snapshot it sent this node): the nodes it saw ready stay
+    /// ready for [`TAKEOVER_GRACE`] while they reconnect, their tasks' statuses stay what it
+    /// published (so VIPs, DNS and the routing mesh keep every backend), and the encrypted
+    /// networks' keys it handed out stay live while new ones replace them.
+    pub fn take_over(&self, last: &Snapshot) {
+        let ready = last
+            .health
+            .iter()
+            .filter(|(_, h)| **h == NodeHealth::Ready)
+            .map(|(n, _)| n.clone());
+        self.health.seed(ready, TAKEOVER_GRACE);
+        let state = self.snapshot();
+        if let Ok(mut board) = self.statuses.write() {
+            for (name, (id, status)) in &last.statuses {
+                let elsewhere = state
+                    .tasks
+                    .get(name)
+                    .is_some_and(|t| t.id == *id && t.node != *self.health.me());
+                if elsewhere && !board.contains_key(name) {
+                    board.insert(
+                        name.clone(),
+                        StatusEntry {
+                            id: id.clone(),
+                            status: status.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        if let Ok(mut k) = self.keys.lock() {
+            k.take_over(last.keys.clone(), now_ms());
+        }
+        self.rotate_due_keys(now_ms());
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterState>> {

@@ -14,7 +14,7 @@ use crate::config::{Config, StoreKind, CONTROL_PORT};
 use crate::durable;
 use crate::forward::io::Datapath;
 use crate::forward::underlay::Sockets;
-use crate::manager::{Manager, HEAL_TICK, KEY_TICK};
+use crate::manager::Manager;
 use crate::naming;
 use crate::store::Store;
 use anyhow::{bail, Context};
@@ -309,8 +309,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
 
     if let Mode::Manager { manager, .. } = cluster.mode() {
-        tokio::spawn(rotate_keys(manager.clone(), shutdown.clone()));
-        tokio::spawn(heal(manager.clone(), shutdown.clone()));
+        manager.spawn_ticks(shutdown.clone());
     }
 
     let counters = Arc::new(Counters::default());
@@ -406,36 +405,6 @@ fn configure(manager: &Manager, cfg: &Config) -> anyhow::Result<()> {
     manager
         .set_task_history_limit(cfg.task_history_limit)
         .map_err(|e| anyhow::anyhow!("setting the task history limit: {e}"))
-}
-
-/// Heals the cluster every [`HEAL_TICK`] until `shutdown` (`Manager::heal`): lost nodes'
-/// tasks rescheduled, empty slots filled, stopped tasks' addresses released.
-async fn heal(manager: Arc<Manager>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(HEAL_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let m = manager.clone();
-                // The tick may persist a change: off the runtime's threads, like `apply`.
-                let _ = tokio::task::spawn_blocking(move || m.heal(crate::clock::now())).await;
-            }
-            _ = shutdown.cancelled() => return,
-        }
-    }
-}
-
-/// Gives encrypted networks their due keys every [`KEY_TICK`] until `shutdown`: a new key
-/// when the rotation period has passed, retired ones dropped.
-async fn rotate_keys(manager: Arc<Manager>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(KEY_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => manager.rotate_due_keys(crate::clock::now_ms()),
-            _ = shutdown.cancelled() => return,
-        }
-    }
 }
 
 /// This run's epoch for encrypted networks: one more than the last run's, kept in the state

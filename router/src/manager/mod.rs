@@ -33,6 +33,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// A change that could not be persisted was not made: the caller sees an internal error,
 /// or "unavailable" if the store may take it later (etcd down, leadership lost).
@@ -162,6 +163,13 @@ impl Manager {
             k.take_over(last.keys.clone(), now_ms());
         }
         self.rotate_due_keys(now_ms());
+    }
+
+    /// Starts the manager's periodic work until `stop`: healing every [`HEAL_TICK`], keys
+    /// every [`KEY_TICK`].
+    pub fn spawn_ticks(self: &Arc<Self>, stop: CancellationToken) {
+        tokio::spawn(heal(self.clone(), stop.clone()));
+        tokio::spawn(rotate_keys(self.clone(), stop));
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterState>> {
@@ -469,6 +477,36 @@ impl Manager {
         match board.ok().and_then(|b| b.get(name).cloned()) {
             Some(e) if e.id == id => e.status,
             _ => TaskStatus::pending(now()),
+        }
+    }
+}
+
+/// Heals the cluster every [`HEAL_TICK`] until `shutdown` (`Manager::heal`): lost nodes'
+/// tasks rescheduled, empty slots filled, stopped tasks' addresses released.
+async fn heal(manager: Arc<Manager>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(HEAL_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let m = manager.clone();
+                // The tick may persist a change: off the runtime's threads, like `apply`.
+                let _ = tokio::task::spawn_blocking(move || m.heal(now())).await;
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Gives encrypted networks their due keys every [`KEY_TICK`] until `shutdown`: a new key
+/// when the rotation period has passed, retired ones dropped.
+async fn rotate_keys(manager: Arc<Manager>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(KEY_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => manager.rotate_due_keys(now_ms()),
+            _ = shutdown.cancelled() => return,
         }
     }
 }

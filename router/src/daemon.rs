@@ -179,6 +179,7 @@ async fn start_worker(
         node: cfg.node.clone(),
         advertise_addr: advertise,
         data_port: cfg.data_path_port,
+        control_addr: None,
     };
     tokio::spawn(
         link.clone()

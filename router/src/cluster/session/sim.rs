@@ -30,6 +30,7 @@ fn hello(node: &str, version: u32) -> ToManager {
         node: name(node),
         advertise_addr: Ipv4Addr::new(198, 18, 0, 2),
         data_port: 4789,
+        control_addr: None,
     }
 }
 
@@ -75,6 +76,7 @@ impl Roster for TestRoster {
                     advertise_addr: Some(Ipv4Addr::new(198, 18, 0, i as u8 + 1)),
                     data_port: 4789,
                     joined_at: 0,
+                    control_addr: None,
                 },
             );
         }
@@ -971,6 +973,26 @@ mod first_message {
         assert_eq!(
             actions(&mut m),
             refuse("unreadable first message: malformed control message: unexpected end")
+        );
+    }
+
+    #[test]
+    fn a_manager_candidate_is_admitted_with_its_control_address() {
+        let control: SocketAddr = "198.18.0.2:2377".parse().unwrap();
+        let mut m = MemberSession::new(Instant::now(), Some(manager_cert("n1")));
+        let mut hello = hello("n1", VERSION);
+        if let ToManager::Hello { control_addr, .. } = &mut hello {
+            *control_addr = Some(control);
+        }
+        m.handle_message(hello, &roster());
+        assert_eq!(
+            actions(&mut m),
+            vec![Action::Admit {
+                node: name("n1"),
+                advertise_addr: Ipv4Addr::new(198, 18, 0, 2),
+                data_port: 4789,
+                control_addr: Some(control),
+            }]
         );
     }
 

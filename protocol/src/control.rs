@@ -10,6 +10,9 @@
 //! - member (mutual TLS): `ToManager::Hello` → `ToNode::Welcome` (or `Refused`), then the
 //!   manager pushes `Snapshot`s and answers `Request`s, the node sends `Report`s, and
 //!   renews its certificate with `Renew` → `Renewed`.
+//!
+//! A manager that does not lead answers either first message with `ToNode::Redirect`, naming
+//! the leader's control address if it knows it.
 
 pub use crate::api::OpError;
 use crate::api::{NetworkCreate, ServiceCreate, TaskStatus};
@@ -18,7 +21,7 @@ use crate::types::{MacAddr, NodeName};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 /// Version of the control protocol; both ends must agree. It also stands for what nodes
 /// expect of each other's data: since version 2 a node sends other nodes TCP and UDP over
@@ -27,8 +30,10 @@ use std::net::Ipv4Addr;
 /// snapshot's state carries the task history (past tasks whose addresses stay reserved), a
 /// field older nodes cannot decode. Version 4 added certificate renewal (`Renew`,
 /// `Renewed`), the membership operations (`SetRole`, `RemoveNode`) and the state's record
-/// of node certificates.
-pub const VERSION: u32 = 4;
+/// of node certificates. Version 5 added several managers: `Hello` says where a manager
+/// candidate serves the control endpoint (`control_addr`, also in the state's `Node`), and a
+/// manager that does not lead answers `Join` and `Hello` with `Redirect`.
+pub const VERSION: u32 = 5;
 /// Largest frame either end accepts (a snapshot of a large cluster fits many times over).
 pub const MAX_FRAME: usize = 16 << 20;
 /// The name every manager certificate carries, and that nodes verify.
@@ -51,6 +56,10 @@ pub enum ToManager {
         node: NodeName,
         advertise_addr: Ipv4Addr,
         data_port: u16,
+        /// Where this node serves the control endpoint, if it is a manager candidate (`None`
+        /// for a worker). The manager records it in the node's entry of the state, so every
+        /// member learns where the managers are.
+        control_addr: Option<SocketAddr>,
     },
     /// Heartbeat: what the node's tasks are doing (also sent when nothing changed).
     Report { statuses: Vec<TaskReport> },
@@ -90,6 +99,12 @@ pub enum ToNode {
     /// The answer to `Renew`: the node's new certificate, used from its next connection.
     Renewed {
         cert_pem: String,
+    },
+    /// The answer of a manager that does not lead to `Join` or `Hello`: the leader's control
+    /// address if it knows it, and why.
+    Redirect {
+        leader: Option<SocketAddr>,
+        reason: String,
     },
 }
 
@@ -259,6 +274,14 @@ mod tests {
             node: NodeName::new("n2").unwrap(),
             advertise_addr: Ipv4Addr::new(198, 18, 0, 2),
             data_port: 4789,
+            control_addr: None,
+        });
+        roundtrip(&ToManager::Hello {
+            version: VERSION,
+            node: NodeName::new("m2").unwrap(),
+            advertise_addr: Ipv4Addr::new(198, 18, 0, 3),
+            data_port: 4789,
+            control_addr: Some("198.18.0.3:2377".parse().unwrap()),
         });
         roundtrip(&ToManager::Report {
             statuses: vec![TaskReport {
@@ -302,6 +325,29 @@ mod tests {
         })));
         // The secret never shows in logs.
         assert!(!format!("{key:?}").contains('9'));
+        // Nodes with and without a control address, in the binary encoding.
+        let mut state = ClusterState::default();
+        for (n, control) in [("m1", Some("198.18.0.1:2377")), ("w1", None)] {
+            let name = NodeName::new(n).unwrap();
+            state.nodes.insert(
+                name.clone(),
+                crate::state::Node {
+                    name,
+                    role: crate::state::Role::Manager,
+                    availability: crate::state::Availability::Active,
+                    advertise_addr: None,
+                    data_port: 4789,
+                    joined_at: 0,
+                    control_addr: control.map(|a| a.parse().unwrap()),
+                },
+            );
+        }
+        roundtrip(&ToNode::Snapshot(Box::new(Snapshot {
+            state,
+            statuses: BTreeMap::new(),
+            health: BTreeMap::new(),
+            keys: Keyring::new(),
+        })));
         roundtrip(&ToManager::Request {
             id: 1,
             op: Op::RotateKey("sec".into()),
@@ -311,6 +357,14 @@ mod tests {
         });
         roundtrip(&ToNode::Renewed {
             cert_pem: "cert".into(),
+        });
+        roundtrip(&ToNode::Redirect {
+            leader: Some("[2001:db8::1]:2377".parse().unwrap()),
+            reason: "m2 follows m1".into(),
+        });
+        roundtrip(&ToNode::Redirect {
+            leader: None,
+            reason: "no leader yet".into(),
         });
         roundtrip(&ToManager::Request {
             id: 2,

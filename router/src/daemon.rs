@@ -156,13 +156,12 @@ async fn start_worker(
         pki::write_private(&mgr, &addr.to_string())?;
         info!(manager = %addr, "joined the cluster");
     }
-    let manager_addr = match cfg.join {
-        Some(a) => a,
-        None => pki::read(&mgr)?
-            .trim()
-            .parse()
-            .with_context(|| format!("reading the manager address in {}", mgr.display()))?,
-    };
+    // `--join` first, then the managers this node last knew.
+    let mut managers: Vec<_> = cfg.join.into_iter().collect();
+    managers.extend(worker::read_managers(&mgr));
+    if managers.is_empty() {
+        bail!("no manager address in {}: pass --join ADDR", mgr.display());
+    }
     let creds = Credentials {
         identity: Identity {
             cert_pem: pki::read(&cert)?,
@@ -173,12 +172,13 @@ async fn start_worker(
         key_path: key,
     };
     let view = View::new(store.load()?);
-    let link = Arc::new(Link::new(manager_addr, cfg.node.clone(), view.clone()));
+    let link = Arc::new(Link::new(managers, cfg.node.clone(), view.clone()));
     let hello = ToManager::Hello {
         version: protocol::control::VERSION,
         node: cfg.node.clone(),
         advertise_addr: advertise,
         data_port: cfg.data_path_port,
+        control_addr: None,
     };
     tokio::spawn(
         link.clone()

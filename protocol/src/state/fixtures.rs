@@ -20,6 +20,7 @@ pub(super) fn state() -> ClusterState {
             advertise_addr: None,
             data_port: 4789,
             joined_at: 0,
+            control_addr: None,
         },
     );
     s

@@ -102,6 +102,7 @@ mod tests {
             advertise_addr: None,
             data_port: 4789,
             joined_at: 0,
+            control_addr: None,
         });
         let eps = &s.ingress_network().unwrap().lb_endpoints;
         assert_eq!(eps.len(), 2);

@@ -9,7 +9,7 @@
 use super::{ClusterState, StateError};
 use crate::types::{NodeName, ServiceName};
 use serde::{Deserialize, Serialize};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 /// Whether a node takes tasks, as Docker's `node update --availability`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +39,12 @@ pub struct Node {
     #[serde(default = "default_data_port")]
     pub data_port: u16,
     pub joined_at: u64,
+    /// Where this node serves the control endpoint, as a manager candidate says in its
+    /// `Hello` (absent for a worker, and in state saved before version 5). Written even when
+    /// absent: snapshots carry the state in postcard, which has no field names, so a skipped
+    /// field would shift every byte after it.
+    #[serde(default)]
+    pub control_addr: Option<SocketAddr>,
 }
 
 fn default_data_port() -> u16 {
@@ -46,11 +52,21 @@ fn default_data_port() -> u16 {
 }
 
 impl ClusterState {
-    /// Adds a node, or refreshes the address of a node that rejoins under its own name.
+    /// Adds a node, or refreshes the addresses of a node that rejoins under its own name: its
+    /// underlay address, and its control address when the new entry has one. Only a manager
+    /// candidate's `Hello` knows that one (a join, or a manager recording itself at start,
+    /// does not), and an address left behind by a demoted node is harmless: only managers'
+    /// are used.
     pub fn upsert_node(&mut self, node: Node) {
         match self.nodes.get_mut(&node.name) {
-            Some(n) if n.advertise_addr == node.advertise_addr => return,
-            Some(n) => n.advertise_addr = node.advertise_addr,
+            Some(n) => {
+                let control_addr = node.control_addr.or(n.control_addr);
+                if n.advertise_addr == node.advertise_addr && n.control_addr == control_addr {
+                    return;
+                }
+                n.advertise_addr = node.advertise_addr;
+                n.control_addr = control_addr;
+            }
             None => {
                 self.nodes.insert(node.name.clone(), node);
             }
@@ -180,8 +196,59 @@ mod tests {
             advertise_addr: Some(Ipv4Addr::new(192, 168, 0, 2)),
             data_port: 4789,
             joined_at: 0,
+            control_addr: None,
         });
         name
+    }
+
+    #[test]
+    fn a_rejoining_node_refreshes_its_addresses_and_keeps_a_known_control_address() {
+        let mut s = state();
+        let n2 = add_worker(&mut s, "n2");
+        let rev = s.revision;
+        let control: SocketAddr = "192.168.0.2:2377".parse().unwrap();
+        let entry = |ip: [u8; 4], control_addr| Node {
+            name: n2.clone(),
+            role: Role::Worker,
+            availability: Availability::Drain,
+            advertise_addr: Some(ip.into()),
+            data_port: 4789,
+            joined_at: 9,
+            control_addr,
+        };
+        // The same addresses: nothing changes, not even the revision.
+        s.upsert_node(entry([192, 168, 0, 2], None));
+        assert_eq!(s.revision, rev);
+        s.upsert_node(entry([192, 168, 0, 2], Some(control)));
+        assert_eq!(
+            (s.revision, s.nodes[&n2].control_addr),
+            (rev + 1, Some(control))
+        );
+        // A new underlay address; an entry without a control address keeps the known one.
+        s.upsert_node(entry([192, 168, 0, 7], None));
+        let n = &s.nodes[&n2];
+        assert_eq!(n.advertise_addr, Some(Ipv4Addr::new(192, 168, 0, 7)));
+        assert_eq!(n.control_addr, Some(control));
+        // The rest of the entry is the state's, not the newcomer's.
+        assert_eq!((n.availability, n.joined_at), (Availability::Active, 0));
+        assert_eq!(s.revision, rev + 2);
+    }
+
+    #[test]
+    fn a_node_saved_before_control_addresses_loads() {
+        let old = r#"{"name": "n1", "role": "manager", "availability": "active",
+                      "advertise_addr": "198.18.0.1", "data_port": 4789, "joined_at": 0}"#;
+        let n: Node = serde_json::from_str(old).unwrap();
+        assert_eq!(n.control_addr, None);
+        let json = serde_json::to_string(&Node {
+            control_addr: Some("198.18.0.1:2377".parse().unwrap()),
+            ..n
+        })
+        .unwrap();
+        assert!(
+            json.contains(r#""control_addr":"198.18.0.1:2377""#),
+            "{json}"
+        );
     }
 
     #[test]
@@ -253,6 +320,7 @@ mod tests {
                 advertise_addr: None,
                 data_port: 4789,
                 joined_at: 0,
+                control_addr: None,
             },
         );
         net(&mut s, "a", Some("10.0.2.0/24")).unwrap();

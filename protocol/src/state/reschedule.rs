@@ -143,6 +143,7 @@ mod tests {
                 advertise_addr: None,
                 data_port: 4789,
                 joined_at: 0,
+                control_addr: None,
             },
         );
         name

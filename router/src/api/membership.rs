@@ -188,7 +188,7 @@ fn role_name(role: Role) -> String {
 fn control_addr(st: &ApiState) -> Option<SocketAddr> {
     match st.cluster.mode() {
         Mode::Manager { join, .. } => join.map(|j| j.addr),
-        Mode::Worker(link) => Some(link.manager),
+        Mode::Worker(link) => link.manager(),
     }
 }
 

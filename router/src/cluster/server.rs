@@ -298,8 +298,12 @@ async fn handle(
                     node,
                     advertise_addr,
                     data_port,
+                    control_addr,
                 } => {
-                    match ctx.manager.upsert_node(&node, advertise_addr, data_port) {
+                    match ctx
+                        .manager
+                        .upsert_node(&node, advertise_addr, data_port, control_addr)
+                    {
                         Ok(()) => {
                             // Changes from here on are pushed; this one is in the first push.
                             changes = Some(ctx.manager.subscribe());

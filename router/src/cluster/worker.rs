@@ -1,26 +1,35 @@
 //! A member node's side of the control plane.
 //!
 //! [`join`] runs once: it proves the join token to the manager (whose CA it pins by the
-//! token's digest) and gets a certificate for a key that never leaves this node. [`Link::run`]
-//! then keeps a mutual-TLS session to the manager: it receives snapshots (the desired state is
-//! persisted, so the data plane keeps its last known state when the manager is away), sends a
-//! heartbeat report every second, and forwards the state changes operators issue here (a
-//! worker refuses an operator's change itself, from its last snapshot, with where changes
-//! are made; the manager checks again). It renews the node's certificate over the session
-//! (a new key and CSR; the new certificate is saved and used from the next connection). It
-//! reconnects with back-off and resynchronises on reconnect.
+//! token's digest) and gets a certificate for a key that never leaves this node; a manager
+//! that does not lead redirects it to the leader. [`Link::run`] then keeps a mutual-TLS
+//! session to the leading manager: it receives snapshots (the desired state is persisted, so
+//! the data plane keeps its last known state when the manager is away), sends a heartbeat
+//! report every second, and forwards the state changes operators issue here (a worker
+//! refuses an operator's change itself, from its last snapshot, with where changes are made;
+//! the manager checks again). It renews the node's certificate over the session (a new key
+//! and CSR; the new certificate is saved and used from the next connection). It reconnects
+//! with back-off and resynchronises on reconnect.
+//!
+//! Several managers may serve the control endpoint; one leads. The link tries the managers
+//! it was given and those its snapshots list, in turn, follows a redirect to the leader, and
+//! keeps the list in the state directory's `manager` file ([`read_managers`],
+//! [`write_managers`]) for its next start. A follower manager, which learns the leader from
+//! the state store, points its own link there with [`Link::retarget`].
 //!
 //! Those decisions are [`NodeSession`]'s (`session/node.rs`); [`Link::run`] is its driver:
-//! it connects when asked, moves frames between the stream and the session with the time,
-//! hands snapshots to the agent and answers to the operators who forwarded changes, and
-//! sleeps until the session's next timeout.
+//! it connects where asked, moves frames between the stream and the session with the time,
+//! hands snapshots to the agent and answers to the operators who forwarded changes, keeps
+//! the managers' list, and sleeps until the session's next timeout.
 
 use super::pki::{self, Identity, Token};
+use super::session::candidates::candidates;
 use super::session::node::{Event, NodeSession, RequestError, REQUEST_TIMEOUT};
 use super::session::{authz, renewal};
 use super::wire;
 use super::View;
 use crate::store::Store;
+use crate::{durable, naming};
 use protocol::api::OpError;
 use protocol::control::{
     Op, Snapshot, TaskReport, ToManager, ToNode, MANAGER_SERVER_NAME, VERSION,
@@ -29,7 +38,7 @@ use protocol::types::NodeName;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -54,7 +63,9 @@ fn quic_client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, String>
     Ok(cfg)
 }
 
-/// Joins the cluster at `manager` with `token`; returns this node's identity and the CA.
+/// Joins the cluster at `manager` with `token`; returns this node's identity and the CA. A
+/// manager that does not lead redirects the join to the leader: that redirect is followed,
+/// a second one is not (the managers disagree on who leads).
 pub async fn join(
     manager: SocketAddr,
     token: &Token,
@@ -63,6 +74,70 @@ pub async fn join(
     data_port: u16,
 ) -> Result<(Identity, String), String> {
     let (key_pem, csr_pem) = pki::node_key_and_csr(node.as_str()).map_err(|e| e.to_string())?;
+    let msg = ToManager::Join {
+        version: VERSION,
+        node: node.clone(),
+        advertise_addr: advertise,
+        data_port,
+        secret: token.secret.clone(),
+        csr_pem,
+    };
+    let mut at = manager;
+    loop {
+        let redirected = at != manager;
+        match join_at(at, token, &msg, advertise).await? {
+            ToNode::Joined { cert_pem, ca_pem } => {
+                return Ok((Identity { cert_pem, key_pem }, ca_pem))
+            }
+            ToNode::Refused { reason } => {
+                return Err(format!("the manager refused the join: {reason}"))
+            }
+            ToNode::Redirect {
+                leader: Some(leader),
+                ..
+            } if !redirected && leader != at => {
+                info!(%manager, %leader, "the manager does not lead; joining at the leader");
+                at = leader;
+            }
+            ToNode::Redirect {
+                leader: Some(leader),
+                reason,
+            } if redirected => {
+                return Err(format!(
+                    "the manager at {manager} redirected the join to the leader at {at}, which \
+                     redirected it again, to {leader} ({reason}): the managers disagree on who \
+                     leads; try again, or join at the leader"
+                ))
+            }
+            ToNode::Redirect {
+                leader: Some(_),
+                reason,
+            } => {
+                return Err(format!(
+                    "the manager at {at} does not lead, yet names itself the leader ({reason})"
+                ))
+            }
+            ToNode::Redirect {
+                leader: None,
+                reason,
+            } => {
+                return Err(format!(
+                    "the manager at {at} does not lead and knows no leader ({reason}); try \
+                     again, or join at another manager"
+                ))
+            }
+            _ => return Err("unexpected answer to join".into()),
+        }
+    }
+}
+
+/// Sends `msg` (a `Join`) to the manager at `manager`; returns its answer.
+async fn join_at(
+    manager: SocketAddr,
+    token: &Token,
+    msg: &ToManager,
+    advertise: Ipv4Addr,
+) -> Result<ToNode, String> {
     let cfg = quic_client(pki::join_client_config(token).map_err(|e| e.to_string())?)?;
     let endpoint = client_endpoint(advertise)
         .map_err(|e| format!("binding a QUIC socket on {advertise}: {e}"))?;
@@ -72,15 +147,7 @@ pub async fn join(
         .await
         .map_err(|e| format!("connecting to the manager at {manager}: {e}"))?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let msg = ToManager::Join {
-        version: VERSION,
-        node: node.clone(),
-        advertise_addr: advertise,
-        data_port,
-        secret: token.secret.clone(),
-        csr_pem,
-    };
-    wire::send(&mut send, &msg)
+    wire::send(&mut send, msg)
         .await
         .map_err(|e| e.to_string())?;
     let answer = wire::recv::<ToNode>(&mut recv)
@@ -88,11 +155,40 @@ pub async fn join(
         .map_err(|e| format!("reading the join answer: {e}"))?;
     conn.close(0u32.into(), b"joined");
     endpoint.wait_idle().await;
-    match answer {
-        ToNode::Joined { cert_pem, ca_pem } => Ok((Identity { cert_pem, key_pem }, ca_pem)),
-        ToNode::Refused { reason } => Err(format!("the manager refused the join: {reason}")),
-        _ => Err("unexpected answer to join".into()),
-    }
+    Ok(answer)
+}
+
+/// The managers a member tries, as [`write_managers`] keeps them: one address per line (a
+/// file with one address, as nodes wrote before there were several managers, reads the
+/// same). A missing or unreadable file holds none; a line that is no address is skipped.
+pub fn read_managers(path: &Path) -> Vec<SocketAddr> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(path = %path.display(), error = %e, "cannot read the managers' addresses");
+            }
+            return Vec::new();
+        }
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .filter_map(|line| match line.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                warn!(path = %path.display(), line, "not a manager's address; skipped");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Replaces the managers' file at `path` with `managers`, one address per line.
+pub fn write_managers(path: &Path, managers: &[SocketAddr]) -> Result<(), String> {
+    let text: String = managers.iter().map(|a| format!("{a}\n")).collect();
+    durable::write_atomic(path, text.as_bytes(), durable::PRIVATE)
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// Where a forwarded change's answer goes.
@@ -221,9 +317,14 @@ impl Credentials {
 
 /// The node's live view of the cluster, fed by the manager.
 pub struct Link {
-    pub manager: SocketAddr,
     /// This node's name.
     pub node: NodeName,
+    /// The managers this link was given, first one first; it learns more from snapshots.
+    seeds: Vec<SocketAddr>,
+    /// The manager of the current or last attempt (see [`Link::manager`]).
+    manager: watch::Sender<Option<SocketAddr>>,
+    /// The leader a follower manager was told of ([`Link::retarget`]), for the run loop.
+    leader: watch::Sender<Option<SocketAddr>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// The node's view: the state it adopts from snapshots, and its own task statuses
     /// (written by the agent), which it reports.
@@ -234,11 +335,13 @@ pub struct Link {
 }
 
 impl Link {
-    /// The link of `node` to the manager at `manager`, starting from the state in `view`
-    /// (the last one this node saved, or followed).
-    pub fn new(manager: SocketAddr, node: NodeName, view: View) -> Link {
+    /// The link of `node` to the managers at `managers` (tried in turn, first one first,
+    /// with those its snapshots list), starting from the state in `view` (the last one this
+    /// node saved, or followed).
+    pub fn new(managers: Vec<SocketAddr>, node: NodeName, view: View) -> Link {
         let (requests, rx) = mpsc::channel(64);
         let last = (**view.state.borrow()).clone();
+        let first = candidates(&managers, &last, None).first().copied();
         let snap = Snapshot {
             state: last,
             statuses: Default::default(),
@@ -246,8 +349,10 @@ impl Link {
             keys: Default::default(),
         };
         Link {
-            manager,
             node,
+            seeds: managers,
+            manager: watch::channel(first).0,
+            leader: watch::channel(None).0,
             snapshot: watch::channel(Arc::new(snap)).0,
             view,
             requests,
@@ -264,19 +369,33 @@ impl Link {
         self.connected.load(Ordering::Relaxed)
     }
 
+    /// The manager of the current or last session, or attempt (before the first, the first
+    /// candidate); `None` while the link knows none.
+    pub fn manager(&self) -> Option<SocketAddr> {
+        *self.manager.borrow()
+    }
+
+    /// The leader is at `leader`: for a follower manager, which learns it from the state
+    /// store. Unless the link is in a session with it (or connecting to it), it drops what
+    /// it has and connects there at once. Call it when the leader changes.
+    pub fn retarget(&self, leader: SocketAddr) {
+        self.leader.send_replace(Some(leader));
+    }
+
     /// What an operator is told when a forwarded change has no revision.
     fn request_error(&self, e: RequestError) -> OpError {
+        let manager = match self.manager() {
+            Some(a) => format!("the manager at {a}"),
+            None => "a manager (none is known)".into(),
+        };
         match e {
             RequestError::NotConnected | RequestError::TimedOut => OpError {
                 status: 503,
-                message: format!(
-                    "cannot reach the manager at {}; nothing was changed",
-                    self.manager
-                ),
+                message: format!("cannot reach {manager}; nothing was changed"),
             },
             RequestError::Lost => OpError {
                 status: 503,
-                message: format!("lost the manager at {}", self.manager),
+                message: format!("lost {manager}"),
             },
             RequestError::Refused(e) => e,
         }
@@ -286,8 +405,9 @@ impl Link {
     pub async fn apply(&self, op: Op) -> Result<u64, OpError> {
         // A worker's operator is told at once where changes are made, manager or not.
         let last = self.snapshot();
-        if let Some(me) = last.state.nodes.get(&self.node) {
-            authz::authorize(&op, &self.node, me.role, &last.state, self.manager)?;
+        // Without any manager known nothing is sent anyway (the answer below says so).
+        if let (Some(me), Some(manager)) = (last.state.nodes.get(&self.node), self.manager()) {
+            authz::authorize(&op, &self.node, me.role, &last.state, manager)?;
         }
         let unreachable = || self.request_error(RequestError::NotConnected);
         if !self.is_connected() {
@@ -338,7 +458,7 @@ impl Link {
         }
     }
 
-    /// Keeps a session to the manager until `shutdown`: drives a [`NodeSession`].
+    /// Keeps a session to the leading manager until `shutdown`: drives a [`NodeSession`].
     pub async fn run(
         self: Arc<Self>,
         mut creds: Credentials,
@@ -364,7 +484,15 @@ impl Link {
         let Some(mut requests) = self.requests_rx.lock().ok().and_then(|mut r| r.take()) else {
             return;
         };
-        let mut session = NodeSession::new(Instant::now(), hello);
+        let mut session = NodeSession::new(Instant::now(), hello, self.seeds.clone());
+        session.learn_managers(&self.view.state.borrow());
+        let managers_file = naming::manager_addr_file(store.dir());
+        let mut leader = self.leader.subscribe();
+        if let Some(l) = *leader.borrow_and_update() {
+            session.retarget(Instant::now(), l);
+        }
+        // Why the next attempt goes to another manager, for the line that says so.
+        let mut switch: Option<String> = None;
         let (mut cert_role, renew_at) = creds.schedule();
         session.schedule_renewal(renew_at);
         // The key made for a renewal under way.
@@ -375,9 +503,24 @@ impl Link {
         loop {
             while let Some(event) = session.poll() {
                 let msg = match event {
-                    Event::Connect => {
-                        pending_connect =
-                            Some(Box::pin(open(endpoint.clone(), cfg.clone(), self.manager)));
+                    Event::Connect { to } => {
+                        let why = switch.take().unwrap_or_default();
+                        if self.manager.send_replace(Some(to)) != Some(to) {
+                            info!("control session: trying the manager at {to}{why}");
+                        }
+                        pending_connect = Some(Box::pin(open(endpoint.clone(), cfg.clone(), to)));
+                        continue;
+                    }
+                    Event::Redirect { leader } => {
+                        if let (Some(_), Some(by)) = (leader, self.manager()) {
+                            switch = Some(format!(" (redirected by {by})"));
+                        }
+                        continue;
+                    }
+                    Event::Managers(list) => {
+                        if let Err(e) = write_managers(&managers_file, &list) {
+                            warn!(error = %e, "cannot keep the managers' addresses");
+                        }
                         continue;
                     }
                     Event::Send(msg) => msg,
@@ -385,7 +528,8 @@ impl Link {
                         statuses: self.local_reports(),
                     },
                     Event::Up => {
-                        info!(manager = %self.manager, "control session up");
+                        let manager = self.manager().map(tracing::field::display);
+                        info!(manager, "control session up");
                         self.connected.store(true, Ordering::Relaxed);
                         continue;
                     }
@@ -425,7 +569,7 @@ impl Link {
                                 if role != cert_role {
                                     cert_role = role;
                                     // The manager authorizes by the certificate of the connection.
-                                    session.connection_lost(
+                                    session.reconnect(
                                         Instant::now(),
                                         "reconnecting with the certificate of this node's new role"
                                             .into(),
@@ -449,7 +593,13 @@ impl Link {
                         self.connected.store(false, Ordering::Relaxed);
                         conn = None;
                         pending_connect = None;
-                        warn!(manager = %self.manager, %error, "control session down; forwarding continues on the last known state");
+                        let manager = self.manager().map(tracing::field::display);
+                        if switch.is_some() {
+                            // Sent to the leader: the line of the next attempt says where.
+                            info!(manager, %error, "control session ended");
+                        } else {
+                            warn!(manager, %error, "control session down; forwarding continues on the last known state");
+                        }
                         continue;
                     }
                 };
@@ -482,6 +632,15 @@ impl Link {
                     Some(Err(e)) => session.connection_lost(Instant::now(), e),
                     None => session.connection_lost(Instant::now(), "control stream reader ended".into()),
                 },
+                Ok(()) = leader.changed() => {
+                    let named = *leader.borrow_and_update();
+                    if let Some(l) = named {
+                        if session.manager() != Some(l) {
+                            switch = Some(" (named the leader)".into());
+                        }
+                        session.retarget(Instant::now(), l);
+                    }
+                }
                 r = requests.recv() => {
                     let Some((op, tx)) = r else { break };
                     match session.request(Instant::now(), op) {
@@ -509,9 +668,36 @@ mod tests {
     use protocol::state::ClusterState;
 
     #[test]
+    fn the_managers_file_holds_one_address_a_line_and_reads_the_old_form() {
+        let dir = std::env::temp_dir().join(format!("overlay-managers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = naming::manager_addr_file(&dir);
+        assert!(read_managers(&path).is_empty(), "no file, no managers");
+        // As a node wrote it before there were several managers: one address, no newline.
+        std::fs::write(&path, "198.18.0.1:2377").unwrap();
+        let one: SocketAddr = "198.18.0.1:2377".parse().unwrap();
+        assert_eq!(read_managers(&path), [one]);
+        let list: Vec<SocketAddr> = ["198.18.0.1:2377", "[2001:db8::2]:2377"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        write_managers(&path, &list).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "198.18.0.1:2377\n[2001:db8::2]:2377\n"
+        );
+        assert_eq!(read_managers(&path), list);
+        // A line that is no address is skipped, blank lines too.
+        std::fs::write(&path, "\n198.18.0.1:2377\nnot an address\n  \n").unwrap();
+        assert_eq!(read_managers(&path), [one]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn operators_read_what_became_of_their_change() {
         let link = Link::new(
-            "198.18.0.1:2377".parse().unwrap(),
+            vec!["198.18.0.1:2377".parse().unwrap()],
             NodeName::new("n2").unwrap(),
             View::new(ClusterState::default()),
         );
@@ -535,6 +721,16 @@ mod tests {
         assert_eq!(
             link.request_error(RequestError::Refused(refused)),
             OpError::not_found("service web not found")
+        );
+        let lost = Link::new(
+            vec![],
+            NodeName::new("n2").unwrap(),
+            View::new(ClusterState::default()),
+        );
+        assert_eq!(lost.manager(), None);
+        assert_eq!(
+            lost.request_error(RequestError::NotConnected).message,
+            "cannot reach a manager (none is known); nothing was changed"
         );
     }
 }

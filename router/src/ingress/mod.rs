@@ -208,6 +208,7 @@ mod tests {
                 advertise_addr: None,
                 data_port: 4789,
                 joined_at: 0,
+                control_addr: None,
             });
         }
         s.ensure_ingress("ing".into(), 0).unwrap();

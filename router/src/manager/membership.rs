@@ -29,6 +29,7 @@ impl Manager {
             advertise_addr: Some(addr),
             data_port,
             joined_at: now(),
+            control_addr: None,
         };
         self.commit(|s| {
             s.upsert_node(node);

@@ -28,7 +28,7 @@ use protocol::state::{
 };
 use protocol::types::{NetworkName, NodeName, ServiceName};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -103,6 +103,7 @@ impl Manager {
             advertise_addr: advertise.map(|a| a.0),
             data_port: advertise.map_or(protocol::vxlan::UDP_PORT, |a| a.1),
             joined_at: now(),
+            control_addr: None,
         });
         // The routing mesh's network exists from cluster start (and appears in state saved
         // before it existed), with an address for every node's router.
@@ -289,12 +290,15 @@ impl Manager {
         Ok(self.snapshot().revision)
     }
 
-    /// Admits a node (a join) or refreshes a member's underlay address (a reconnect).
+    /// Admits a node (a join) or refreshes a member's addresses (a reconnect): its underlay
+    /// address, and the control address a manager candidate serves at (`None` keeps the one
+    /// recorded; see `ClusterState::upsert_node`).
     pub fn upsert_node(
         &self,
         name: &NodeName,
         addr: Ipv4Addr,
         data_port: u16,
+        control_addr: Option<SocketAddr>,
     ) -> Result<(), OpError> {
         let node = Node {
             name: name.clone(),
@@ -303,6 +307,7 @@ impl Manager {
             advertise_addr: Some(addr),
             data_port,
             joined_at: now(),
+            control_addr,
         };
         self.change(|s| {
             s.upsert_node(node);

@@ -222,6 +222,7 @@ mod tests {
             advertise_addr: Some("198.18.0.1".parse().unwrap()),
             data_port: 4789,
             joined_at: 1,
+            control_addr: None,
         }
     }
 

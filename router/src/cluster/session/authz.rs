@@ -142,6 +142,7 @@ mod tests {
                     advertise_addr: Some(ip.into()),
                     data_port: 4789,
                     joined_at: 0,
+                    control_addr: None,
                 },
             );
         }

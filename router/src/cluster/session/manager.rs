@@ -86,12 +86,14 @@ pub enum Action {
         data_port: u16,
         csr_pem: String,
     },
-    /// A valid member: record its (possibly new) address, then call
+    /// A valid member: record its (possibly new) addresses, then call
     /// [`MemberSession::admitted`], or [`MemberSession::refuse`] if that fails.
     Admit {
         node: NodeName,
         advertise_addr: Ipv4Addr,
         data_port: u16,
+        /// Where it serves the control endpoint, if it is a manager candidate.
+        control_addr: Option<SocketAddr>,
     },
     /// The session is up: record a first heartbeat for `node`.
     Up { node: NodeName },
@@ -297,6 +299,7 @@ impl MemberSession {
                 node,
                 advertise_addr,
                 data_port,
+                control_addr,
             } => {
                 if let Err(reason) = check_version(version) {
                     return self.refuse(reason);
@@ -324,6 +327,7 @@ impl MemberSession {
                     node,
                     advertise_addr,
                     data_port,
+                    control_addr,
                 });
             }
             _ => self.refuse("expected Join or Hello first".into()),

@@ -10,9 +10,16 @@
 //! [`RENEW_RETRY`]; the session is never interrupted for it). It never reads
 //! a clock or touches a stream: the driver passes `now`, does what [`NodeSession::poll`]
 //! says and sleeps until [`NodeSession::poll_timeout`].
+//!
+//! It also decides which manager each attempt goes to ([`super::candidates`]): the next
+//! candidate after a failure, the leader a `Redirect` names after only [`RECONNECT_MIN`],
+//! and the leader its driver names ([`NodeSession::retarget`]) at once.
 
+use super::candidates::Candidates;
 use protocol::control::{Op, OpError, Snapshot, ToManager, ToNode};
+use protocol::state::ClusterState;
 use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// Heartbeats: the manager marks a node down after three missed ones.
@@ -45,9 +52,9 @@ pub enum RequestError {
 /// What the driver does next, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// Open a connection and a stream to the manager, then call
+    /// Open a connection and a stream to the manager at `to`, then call
     /// [`NodeSession::connected`] (or [`NodeSession::connection_lost`]).
-    Connect,
+    Connect { to: SocketAddr },
     /// Write this message.
     Send(ToManager),
     /// Write a `Report` of this node's tasks (the heartbeat).
@@ -64,6 +71,11 @@ pub enum Event {
     /// The session is over (`error` says why): drop the connection. A new one is asked for
     /// with [`Event::Connect`] after the back-off.
     Down { error: String },
+    /// The manager does not lead, and the next attempt goes to the `leader` it named
+    /// (`None`: it named none, and the next candidate is tried). An [`Event::Down`] follows.
+    Redirect { leader: Option<SocketAddr> },
+    /// The managers this link tries changed (in order): keep them for the next start.
+    Managers(Vec<SocketAddr>),
     /// The certificate is due for renewal: make a new key and a CSR for it, then call
     /// [`NodeSession::send_renewal`].
     MakeCsr,
@@ -95,6 +107,8 @@ enum Phase {
 pub struct NodeSession {
     hello: ToManager,
     phase: Phase,
+    /// The managers to try, and which one is next.
+    candidates: Candidates,
     backoff: Duration,
     next_id: u64,
     /// Forwarded requests awaiting an answer: id → deadline. Ids grow with time and every
@@ -108,12 +122,17 @@ pub struct NodeSession {
 }
 
 impl NodeSession {
-    /// A link that starts at `now` and greets the manager with `hello`
-    /// (`ToManager::Hello`) on every connection.
-    pub fn new(now: Instant, hello: ToManager) -> NodeSession {
+    /// A link that starts at `now`, tries the `managers` in turn (first one first) and greets
+    /// them with `hello` (`ToManager::Hello`) on every connection.
+    pub fn new(now: Instant, hello: ToManager, managers: Vec<SocketAddr>) -> NodeSession {
+        let own = match &hello {
+            ToManager::Hello { control_addr, .. } => *control_addr,
+            _ => None,
+        };
         NodeSession {
             hello,
             phase: Phase::Idle { connect_at: now },
+            candidates: Candidates::new(managers, own),
             backoff: RECONNECT_MIN,
             next_id: 1,
             pending: BTreeMap::new(),
@@ -180,6 +199,61 @@ impl NodeSession {
         matches!(self.phase, Phase::Open { .. })
     }
 
+    /// The manager of the current or last attempt (before the first, the first candidate).
+    pub fn manager(&self) -> Option<SocketAddr> {
+        self.candidates.current()
+    }
+
+    /// The managers this link tries, in order.
+    pub fn managers(&self) -> &[SocketAddr] {
+        self.candidates.list()
+    }
+
+    /// Takes in the managers `state` lists: the driver passes its last known state at start;
+    /// adopted snapshots are taken in here. An [`Event::Managers`] says when they changed.
+    pub fn learn_managers(&mut self, state: &ClusterState) {
+        if self.candidates.learn(state) {
+            let list = self.candidates.list().to_vec();
+            self.events.push_back(Event::Managers(list));
+        }
+    }
+
+    /// The leader is at `leader` (a follower manager learns it from the state store): unless
+    /// this link is in a session with it or connecting to it, it ends what it has and
+    /// connects there at once.
+    pub fn retarget(&mut self, now: Instant, leader: SocketAddr) {
+        let idle = matches!(self.phase, Phase::Idle { .. });
+        if !idle && self.candidates.current() == Some(leader) {
+            return;
+        }
+        self.candidates.pin(leader);
+        if idle {
+            self.phase = Phase::Idle { connect_at: now };
+        } else {
+            self.end(now, format!("the leader is at {leader}"), Duration::ZERO);
+        }
+    }
+
+    /// Ends the session on purpose (the driver has a certificate with a new role to show):
+    /// the next attempt goes to the same manager, after [`RECONNECT_MIN`].
+    pub fn reconnect(&mut self, now: Instant, why: String) {
+        if matches!(self.phase, Phase::Idle { .. }) {
+            return;
+        }
+        if let Some(manager) = self.candidates.current() {
+            self.candidates.pin(manager);
+        }
+        self.end(now, why, RECONNECT_MIN);
+    }
+
+    /// "the manager at ADDR", for errors.
+    fn manager_name(&self) -> String {
+        match self.candidates.current() {
+            Some(a) => format!("the manager at {a}"),
+            None => "the manager".into(),
+        }
+    }
+
     /// The next thing for the driver to do.
     pub fn poll(&mut self) -> Option<Event> {
         self.events.pop_front()
@@ -188,7 +262,8 @@ impl NodeSession {
     /// When [`NodeSession::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let phase = match &self.phase {
-            Phase::Idle { connect_at } => Some(*connect_at),
+            // With no manager known, only a retarget starts an attempt.
+            Phase::Idle { connect_at } => self.candidates.next().map(|_| *connect_at),
             Phase::Connecting => None,
             Phase::Greeting { stall_at } => Some(*stall_at),
             Phase::Open {
@@ -218,8 +293,10 @@ impl NodeSession {
         self.handle_renewal_timeout(now);
         match &mut self.phase {
             Phase::Idle { connect_at } if now >= *connect_at => {
-                self.phase = Phase::Connecting;
-                self.events.push_back(Event::Connect);
+                if let Some(to) = self.candidates.start() {
+                    self.phase = Phase::Connecting;
+                    self.events.push_back(Event::Connect { to });
+                }
             }
             Phase::Greeting { stall_at } if now >= *stall_at => {
                 self.down(
@@ -282,6 +359,12 @@ impl NodeSession {
             (Phase::Greeting { .. } | Phase::Open { .. }, ToNode::Refused { reason }) => {
                 self.down(now, format!("refused: {reason}"));
             }
+            // Followed in a session too: a leader that steps down can send its members to
+            // its successor at once, instead of leaving them to notice its silence after
+            // STALL_AFTER. Only a manager the cluster CA vouches for can say it.
+            (Phase::Greeting { .. } | Phase::Open { .. }, ToNode::Redirect { leader, reason }) => {
+                self.redirected(now, leader, reason);
+            }
             (Phase::Greeting { .. }, _) => {
                 self.down(now, "unexpected answer to Hello".into());
             }
@@ -297,7 +380,12 @@ impl NodeSession {
                 let revision = snap.state.revision;
                 if newest.is_none_or(|n| revision >= n) {
                     *newest = Some(revision);
+                    let learned = self.candidates.learn(&snap.state);
                     self.events.push_back(Event::Snapshot(snap));
+                    if learned {
+                        let list = self.candidates.list().to_vec();
+                        self.events.push_back(Event::Managers(list));
+                    }
                 }
             }
             (Phase::Open { .. }, ToNode::Renewed { cert_pem }) if self.renewing.is_some() => {
@@ -334,11 +422,55 @@ impl NodeSession {
         Ok(id)
     }
 
-    fn down(&mut self, now: Instant, error: String) {
-        self.phase = Phase::Idle {
-            connect_at: now + self.backoff,
+    /// A manager that does not lead answered: the next attempt goes to the leader it named
+    /// after [`RECONNECT_MIN`] (the back-off is not doubled: nothing failed), or, if it
+    /// named none (or itself), to the next candidate after the usual back-off.
+    fn redirected(&mut self, now: Instant, leader: Option<SocketAddr>, reason: String) {
+        let reason = match reason.as_str() {
+            "" => reason,
+            r => format!(": {r}"),
         };
-        self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
+        let by = self.candidates.current();
+        match leader.filter(|l| Some(*l) != by) {
+            Some(leader) => {
+                self.candidates.pin(leader);
+                self.events.push_back(Event::Redirect {
+                    leader: Some(leader),
+                });
+                let error = format!("redirected to the leader at {leader}{reason}");
+                self.end(now, error, RECONNECT_MIN);
+            }
+            None => {
+                self.events.push_back(Event::Redirect { leader: None });
+                let error = match leader {
+                    Some(_) => format!(
+                        "{} does not lead, yet names itself the leader{reason}",
+                        self.manager_name()
+                    ),
+                    None => format!(
+                        "{} does not lead and knows no leader{reason}",
+                        self.manager_name()
+                    ),
+                };
+                self.down(now, error);
+            }
+        }
+    }
+
+    /// The attempt or session failed: the next candidate, after the back-off.
+    fn down(&mut self, now: Instant, error: String) {
+        self.candidates.move_on();
+        let backoff = self.backoff;
+        self.backoff = (backoff * 2).min(RECONNECT_MAX);
+        self.end(now, error, backoff);
+    }
+
+    /// Ends the session, or the attempt, with `error`: the next attempt is `retry_in` from
+    /// `now`.
+    fn end(&mut self, now: Instant, error: String, retry_in: Duration) {
+        self.phase = Phase::Idle {
+            connect_at: now + retry_in,
+        };
         // A renewal in flight is lost with its session; it is asked again in the next one.
         if self.renewing.take().is_some() {
             self.renew_at = Some(now);

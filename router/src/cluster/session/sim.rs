@@ -1,7 +1,8 @@
 //! A member node and the manager, session against session, over a simulated link on a
 //! virtual clock: messages take a latency, and a test may drop, delay (and so reorder)
-//! any of them, stall the manager or make it unreachable. No sockets, no threads, no
-//! sleeping: time only moves when [`Sim::run_until`] says so.
+//! any of them, stall the manager or make it unreachable. Several managers may answer at
+//! several addresses: the leader, followers that redirect, and ones that vanish. No
+//! sockets, no threads, no sleeping: time only moves when [`Sim::run_until`] says so.
 
 use super::manager::{self, Action, MemberSession, PeerCert, Roster};
 use super::node::{
@@ -11,17 +12,23 @@ use super::node::{
 use protocol::control::{Op, OpError, Snapshot, ToManager, ToNode, VERSION};
 use protocol::state::{Availability, ClusterState, Node, Role};
 use protocol::types::NodeName;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const LATENCY: Duration = Duration::from_millis(10);
+/// The leader's control address (the roster's).
+const LEADER: &str = "198.18.0.1:2377";
 /// How long a QUIC connection attempt to an unreachable manager takes to fail.
 const CONNECT_FAILS_AFTER: Duration = Duration::from_secs(5);
 
 fn name(n: &str) -> NodeName {
     NodeName::new(n).unwrap()
+}
+
+fn addr(a: &str) -> SocketAddr {
+    a.parse().unwrap()
 }
 
 fn hello(node: &str, version: u32) -> ToManager {
@@ -30,6 +37,7 @@ fn hello(node: &str, version: u32) -> ToManager {
         node: name(node),
         advertise_addr: Ipv4Addr::new(198, 18, 0, 2),
         data_port: 4789,
+        control_addr: None,
     }
 }
 
@@ -75,13 +83,14 @@ impl Roster for TestRoster {
                     advertise_addr: Some(Ipv4Addr::new(198, 18, 0, i as u8 + 1)),
                     data_port: 4789,
                     joined_at: 0,
+                    control_addr: None,
                 },
             );
         }
         Arc::new(s)
     }
     fn control_addr(&self) -> SocketAddr {
-        "198.18.0.1:2377".parse().unwrap()
+        addr(LEADER)
     }
 }
 
@@ -92,6 +101,19 @@ fn manager_cert(node: &str) -> PeerCert {
         role: Some(Role::Manager),
         serial: "s1".into(),
     }
+}
+
+/// What answers at a manager's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// The leader: sessions open.
+    Leads,
+    /// A manager that does not lead: it answers the first message with a redirect to this
+    /// leader.
+    Follows(Option<SocketAddr>),
+    /// Nothing (any address not listed): attempts fail, and a connection that was open
+    /// hears nothing more.
+    Gone,
 }
 
 /// What a message's trip does: arrive after this long, or never.
@@ -108,8 +130,12 @@ enum Seen {
     Pushed(u64),
     /// The node adopted a snapshot of this revision.
     Adopted(u64),
-    Connect,
+    Connect(SocketAddr),
     Up,
+    /// The node was redirected to this leader (or to none).
+    Redirect(Option<SocketAddr>),
+    /// The node's managers to try changed.
+    Managers(Vec<SocketAddr>),
     /// The node received its renewed certificate.
     Renewed(String),
     Down(String),
@@ -133,6 +159,12 @@ struct Sim {
     /// The current connection's number; what is in flight on an older one is gone.
     conn: u64,
     connect_done: Option<Instant>,
+    /// Who answers where; the leader at [`LEADER`] unless a test says otherwise.
+    peers: BTreeMap<SocketAddr, Peer>,
+    /// The manager at the other end of the current (or last) connection.
+    serving: Option<SocketAddr>,
+    /// The managers the desired state lists, with their control addresses.
+    managers: BTreeMap<NodeName, SocketAddr>,
     cert_name: Option<String>,
     roster: TestRoster,
     /// The manager's desired-state revision.
@@ -154,15 +186,30 @@ impl Sim {
         Sim::with_hello(hello("n2", VERSION), Some("n2"))
     }
 
+    /// A node that tries the managers at `seeds`, whoever answers there.
+    fn with_managers(seeds: &[&str], peers: &[(&str, Peer)]) -> Sim {
+        let mut sim = Sim::new();
+        sim.node = NodeSession::new(
+            sim.start,
+            hello("n2", VERSION),
+            seeds.iter().map(|a| addr(a)).collect(),
+        );
+        sim.peers = peers.iter().map(|(a, p)| (addr(a), *p)).collect();
+        sim
+    }
+
     fn with_hello(hello: ToManager, cert_name: Option<&str>) -> Sim {
         let start = Instant::now();
         Sim {
             start,
             now: start,
-            node: NodeSession::new(start, hello),
+            node: NodeSession::new(start, hello, vec![addr(LEADER)]),
             member: None,
             conn: 0,
             connect_done: None,
+            peers: [(addr(LEADER), Peer::Leads)].into(),
+            serving: None,
+            managers: BTreeMap::new(),
             cert_name: cert_name.map(Into::into),
             roster: TestRoster {
                 members: [name("n1"), name("n2")].into(),
@@ -211,6 +258,26 @@ impl Sim {
             .collect()
     }
 
+    fn connects(&self) -> Vec<(Duration, SocketAddr)> {
+        self.seen
+            .iter()
+            .filter_map(|(t, s)| match s {
+                Seen::Connect(to) => Some((*t, *to)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn peer(&self, at: SocketAddr) -> Peer {
+        self.peers.get(&at).copied().unwrap_or(Peer::Gone)
+    }
+
+    /// Whether the manager at the other end hears nothing and says nothing: stalled, or
+    /// gone since the connection opened.
+    fn silent(&self) -> bool {
+        self.stalled || self.serving.is_some_and(|a| self.peer(a) == Peer::Gone)
+    }
+
     fn downs(&self) -> Vec<(Duration, String)> {
         self.seen
             .iter()
@@ -244,11 +311,26 @@ impl Sim {
     }
 
     fn snapshot(&self) -> ToNode {
+        let mut state = ClusterState {
+            revision: self.revision,
+            ..ClusterState::default()
+        };
+        for (name, control) in &self.managers {
+            state.nodes.insert(
+                name.clone(),
+                Node {
+                    name: name.clone(),
+                    role: Role::Manager,
+                    availability: Availability::Active,
+                    advertise_addr: None,
+                    data_port: 4789,
+                    joined_at: 0,
+                    control_addr: Some(*control),
+                },
+            );
+        }
         ToNode::Snapshot(Box::new(Snapshot {
-            state: ClusterState {
-                revision: self.revision,
-                ..ClusterState::default()
-            },
+            state,
             statuses: Default::default(),
             health: Default::default(),
             keys: Default::default(),
@@ -299,15 +381,18 @@ impl Sim {
 
     fn node_event(&mut self, e: Event) {
         match e {
-            Event::Connect => {
-                self.see(Seen::Connect);
-                let after = if self.unreachable {
+            Event::Connect { to } => {
+                self.see(Seen::Connect(to));
+                self.serving = Some(to);
+                let after = if self.unreachable || self.peer(to) == Peer::Gone {
                     CONNECT_FAILS_AFTER
                 } else {
                     LATENCY
                 };
                 self.connect_done = Some(self.now + after);
             }
+            Event::Redirect { leader } => self.see(Seen::Redirect(leader)),
+            Event::Managers(list) => self.see(Seen::Managers(list)),
             Event::Send(msg) => self.send_up(msg),
             Event::SendReport => {
                 self.see(Seen::Report);
@@ -323,8 +408,10 @@ impl Sim {
             Event::Renewed { cert_pem } => self.see(Seen::Renewed(cert_pem)),
             Event::Down { error } => {
                 self.see(Seen::Down(error));
-                // The connection is dropped: the manager's side goes, and what is in flight.
+                // The connection is dropped (or its attempt): the manager's side goes, and
+                // what is in flight.
                 self.member = None;
+                self.connect_done = None;
                 self.conn += 1;
             }
         }
@@ -363,7 +450,7 @@ impl Sim {
         loop {
             self.settle();
             // A stalled manager's timers never fire.
-            let member = self.member.as_ref().filter(|_| !self.stalled);
+            let member = self.member.as_ref().filter(|_| !self.silent());
             let next = [
                 self.node.poll_timeout(),
                 member.and_then(|m| m.poll_timeout()),
@@ -387,22 +474,29 @@ impl Sim {
         let now = self.now;
         if self.connect_done.is_some_and(|t| t <= now) {
             self.connect_done = None;
-            if self.unreachable {
+            let peer = self.serving.map_or(Peer::Gone, |a| self.peer(a));
+            if self.unreachable || peer == Peer::Gone {
                 self.node
                     .connection_lost(now, "connecting: timed out".into());
             } else {
                 self.conn += 1;
                 let cert = self.cert_name.as_deref().map(manager_cert);
-                self.member = Some(MemberSession::new(now, cert));
+                // A follower runs no member session: it only redirects.
+                self.member = (peer == Peer::Leads).then(|| MemberSession::new(now, cert));
                 self.node.connected(now);
             }
             return;
         }
         if let Some(i) = due(&self.to_manager, now) {
             let f = self.to_manager.remove(i);
-            if f.conn == self.conn && !self.stalled {
+            if f.conn == self.conn && !self.silent() {
                 if let Some(m) = self.member.as_mut() {
                     m.handle_message(f.msg, &self.roster);
+                } else if let Some(Peer::Follows(leader)) = self.serving.map(|a| self.peer(a)) {
+                    self.send_down(ToNode::Redirect {
+                        leader,
+                        reason: "this manager follows".into(),
+                    });
                 }
             }
             return;
@@ -414,7 +508,7 @@ impl Sim {
             }
             return;
         }
-        if !self.stalled {
+        if !self.silent() {
             if let Some(m) = self.member.as_mut() {
                 m.handle_timeout(now);
             }
@@ -676,7 +770,7 @@ fn a_stalled_manager_is_detected_within_the_limit_and_left() {
         )
     );
     // It reconnects after the back-off; the manager is still stuck, so Hello goes unanswered.
-    let connects = sim.seen(|s| *s == Seen::Connect);
+    let connects = sim.seen(|s| matches!(s, Seen::Connect(_)));
     assert_eq!(connects[1], downs[0].0 + RECONNECT_MIN);
     sim.stalled = false;
     sim.run_until(ms(30000));
@@ -692,7 +786,7 @@ fn reconnects_back_off_from_half_a_second_to_five_and_start_over_after_a_session
     let mut sim = Sim::new();
     sim.unreachable = true;
     sim.run_until(ms(60000));
-    let connects = sim.seen(|s| *s == Seen::Connect);
+    let connects = sim.seen(|s| matches!(s, Seen::Connect(_)));
     let waits: Vec<Duration> = connects
         .windows(2)
         .map(|w| w[1] - w[0] - CONNECT_FAILS_AFTER)
@@ -715,7 +809,7 @@ fn reconnects_back_off_from_half_a_second_to_five_and_start_over_after_a_session
     sim.node
         .connection_lost(sim.now, "stream read: reset".into());
     sim.run_until(ms(81000));
-    let connects = sim.seen(|s| *s == Seen::Connect);
+    let connects = sim.seen(|s| matches!(s, Seen::Connect(_)));
     assert_eq!(*connects.last().unwrap(), ms(80000) + RECONNECT_MIN);
 }
 
@@ -745,6 +839,238 @@ fn a_refused_hello_brings_the_session_down_with_the_reason() {
         assert_eq!(sim.downs(), vec![(ms(30), format!("refused: {reason}"))]);
         assert!(sim.seen(|s| matches!(s, Seen::Pushed(_))).is_empty());
     }
+}
+
+const FOLLOWER: &str = "198.18.0.5:2377";
+const OTHER: &str = "198.18.0.6:2377";
+
+#[test]
+fn a_node_redirected_by_a_follower_reaches_the_leader_within_reconnect_min_and_a_round_trip() {
+    let mut sim = Sim::with_managers(
+        &[FOLLOWER],
+        &[
+            (FOLLOWER, Peer::Follows(Some(addr(LEADER)))),
+            (LEADER, Peer::Leads),
+        ],
+    );
+    sim.run_until(ms(2000));
+    // Connect (10 ms), Hello (10 ms), the redirect (10 ms).
+    assert_eq!(
+        sim.downs(),
+        vec![(
+            ms(30),
+            format!("redirected to the leader at {LEADER}: this manager follows")
+        )]
+    );
+    assert!(sim
+        .seen
+        .contains(&(ms(30), Seen::Redirect(Some(addr(LEADER))))));
+    // Then the leader, after RECONNECT_MIN: connect, Hello, Welcome.
+    assert_eq!(
+        sim.connects(),
+        vec![
+            (ms(0), addr(FOLLOWER)),
+            (ms(30) + RECONNECT_MIN, addr(LEADER))
+        ]
+    );
+    let up = ms(30) + RECONNECT_MIN + 3 * LATENCY;
+    assert_eq!(sim.seen(|s| *s == Seen::Up), vec![up]);
+    assert_eq!(sim.node.manager(), Some(addr(LEADER)));
+    assert!(sim.node.is_open());
+}
+
+#[test]
+fn redirects_are_followed_without_doubling_the_back_off() {
+    // Two followers, the first one's view behind the second's.
+    let mut sim = Sim::with_managers(
+        &[FOLLOWER],
+        &[
+            (FOLLOWER, Peer::Follows(Some(addr(OTHER)))),
+            (OTHER, Peer::Follows(Some(addr(LEADER)))),
+            (LEADER, Peer::Leads),
+        ],
+    );
+    sim.run_until(ms(3000));
+    let hop = RECONNECT_MIN + 3 * LATENCY;
+    assert_eq!(
+        sim.connects(),
+        vec![
+            (ms(0), addr(FOLLOWER)),
+            (hop, addr(OTHER)),
+            (hop * 2, addr(LEADER))
+        ]
+    );
+    assert_eq!(sim.seen(|s| *s == Seen::Up), vec![hop * 2 + 3 * LATENCY]);
+}
+
+#[test]
+fn a_follower_that_names_no_leader_sends_the_node_to_the_next_candidate() {
+    for (leader, error) in [
+        (
+            None,
+            format!(
+                "the manager at {FOLLOWER} does not lead and knows no leader: this manager follows"
+            ),
+        ),
+        (
+            Some(addr(FOLLOWER)),
+            format!(
+                "the manager at {FOLLOWER} does not lead, yet names itself the leader: this \
+                 manager follows"
+            ),
+        ),
+    ] {
+        let mut sim = Sim::with_managers(
+            &[FOLLOWER, LEADER],
+            &[(FOLLOWER, Peer::Follows(leader)), (LEADER, Peer::Leads)],
+        );
+        sim.run_until(ms(2000));
+        assert_eq!(sim.downs(), vec![(ms(30), error)]);
+        assert!(sim.seen.contains(&(ms(30), Seen::Redirect(None))));
+        // The usual back-off, to the next candidate.
+        assert_eq!(
+            sim.connects(),
+            vec![
+                (ms(0), addr(FOLLOWER)),
+                (ms(30) + RECONNECT_MIN, addr(LEADER))
+            ]
+        );
+        assert!(sim.node.is_open());
+    }
+}
+
+#[test]
+fn a_node_fails_over_to_a_manager_it_learned_when_its_manager_vanishes() {
+    // The node was given the leader only; the state lists a second manager.
+    let mut sim = Sim::with_managers(
+        &[LEADER],
+        &[
+            (LEADER, Peer::Leads),
+            (OTHER, Peer::Follows(Some(addr(LEADER)))),
+        ],
+    );
+    sim.managers = [(name("n1"), addr(LEADER)), (name("n3"), addr(OTHER))].into();
+    sim.run_until(ms(2000));
+    // Learned from the first snapshot, once.
+    let list = vec![addr(LEADER), addr(OTHER)];
+    assert_eq!(sim.seen(|s| matches!(s, Seen::Managers(_))), vec![ms(30)]);
+    assert!(sim.seen.contains(&(ms(30), Seen::Managers(list.clone()))));
+    assert_eq!(sim.node.managers(), &list[..]);
+    // The leader's host vanishes; the other manager takes over.
+    let last = *sim.seen(|s| matches!(s, Seen::Adopted(_))).last().unwrap();
+    sim.peers.insert(addr(LEADER), Peer::Gone);
+    sim.peers.insert(addr(OTHER), Peer::Leads);
+    sim.run_until(ms(20000));
+    let down = last + STALL_AFTER;
+    assert_eq!(
+        sim.downs(),
+        vec![(down, "no snapshot from the manager for 5 s".into())]
+    );
+    assert_eq!(
+        sim.connects().last(),
+        Some(&(down + RECONNECT_MIN, addr(OTHER)))
+    );
+    let up = *sim.seen(|s| *s == Seen::Up).last().unwrap();
+    assert_eq!(up, down + RECONNECT_MIN + 3 * LATENCY);
+    assert!(up - last <= STALL_AFTER + RECONNECT_MIN + 3 * LATENCY);
+    assert!(sim.node.is_open());
+    assert_eq!(sim.node.manager(), Some(addr(OTHER)));
+}
+
+#[test]
+fn an_unreachable_manager_is_passed_over_for_the_next_one() {
+    let mut sim = Sim::with_managers(&[OTHER, LEADER], &[(LEADER, Peer::Leads)]);
+    sim.run_until(ms(10000));
+    assert_eq!(
+        sim.connects(),
+        vec![
+            (ms(0), addr(OTHER)),
+            (CONNECT_FAILS_AFTER + RECONNECT_MIN, addr(LEADER))
+        ]
+    );
+    assert!(sim.node.is_open());
+}
+
+#[test]
+fn a_leader_that_steps_down_sends_its_members_on_at_once() {
+    let mut sim = Sim::with_managers(&[LEADER], &[(LEADER, Peer::Leads), (OTHER, Peer::Leads)]);
+    sim.run_until(ms(1000));
+    let pending = sim.request().unwrap();
+    sim.send_down(ToNode::Redirect {
+        leader: Some(addr(OTHER)),
+        reason: "n1 steps down".into(),
+    });
+    sim.run_until(ms(2000));
+    assert_eq!(
+        sim.downs(),
+        vec![(
+            ms(1010),
+            format!("redirected to the leader at {OTHER}: n1 steps down")
+        )]
+    );
+    assert!(sim
+        .seen
+        .contains(&(ms(1010), Seen::Answer(pending, Err(RequestError::Lost)))));
+    assert_eq!(
+        sim.connects().last(),
+        Some(&(ms(1010) + RECONNECT_MIN, addr(OTHER)))
+    );
+    assert!(sim.node.is_open());
+}
+
+#[test]
+fn retargeting_moves_to_the_leader_at_once_unless_already_there() {
+    let mut sim = Sim::with_managers(
+        &[LEADER, OTHER],
+        &[(LEADER, Peer::Leads), (OTHER, Peer::Leads)],
+    );
+    sim.run_until(ms(1000));
+    // Already in a session with it: nothing happens.
+    sim.node.retarget(sim.now, addr(LEADER));
+    sim.run_until(ms(1500));
+    assert_eq!(sim.downs(), vec![]);
+    // A session with another manager is left at once, without back-off.
+    sim.node.retarget(sim.now, addr(OTHER));
+    sim.run_until(ms(2000));
+    assert_eq!(
+        sim.downs(),
+        vec![(ms(1500), format!("the leader is at {OTHER}"))]
+    );
+    assert_eq!(sim.connects().last(), Some(&(ms(1500), addr(OTHER))));
+    assert_eq!(sim.seen(|s| *s == Seen::Up).last(), Some(&ms(1530)));
+    sim.node.retarget(sim.now, addr(LEADER));
+    sim.run_until(ms(2100));
+    assert_eq!(sim.connects().last(), Some(&(ms(2000), addr(LEADER))));
+    // An attempt stuck on a vanished manager (it would take CONNECT_FAILS_AFTER to fail)
+    // is dropped for the leader at once too.
+    sim.peers.insert(addr(LEADER), Peer::Gone);
+    sim.peers.insert(addr(OTHER), Peer::Gone);
+    sim.node
+        .connection_lost(sim.now, "stream read: reset".into());
+    sim.run_until(ms(3000));
+    assert_eq!(sim.connects().last(), Some(&(ms(2600), addr(OTHER))));
+    sim.peers.insert(addr(LEADER), Peer::Leads);
+    sim.node.retarget(sim.now, addr(LEADER));
+    sim.run_until(ms(3100));
+    assert_eq!(sim.connects().last(), Some(&(ms(3000), addr(LEADER))));
+    assert_eq!(sim.seen(|s| *s == Seen::Up).last(), Some(&ms(3030)));
+    assert!(sim.node.is_open());
+}
+
+#[test]
+fn reconnecting_for_a_new_certificate_stays_with_the_manager() {
+    let mut sim = Sim::with_managers(
+        &[LEADER, OTHER],
+        &[(LEADER, Peer::Leads), (OTHER, Peer::Leads)],
+    );
+    sim.run_until(ms(1000));
+    sim.node.reconnect(sim.now, "a new certificate".into());
+    sim.run_until(ms(2000));
+    assert_eq!(
+        sim.connects().last(),
+        Some(&(ms(1000) + RECONNECT_MIN, addr(LEADER)))
+    );
+    assert!(sim.node.is_open());
 }
 
 /// The manager's side alone: what it makes of first messages.
@@ -975,6 +1301,26 @@ mod first_message {
     }
 
     #[test]
+    fn a_manager_candidate_is_admitted_with_its_control_address() {
+        let control: SocketAddr = "198.18.0.2:2377".parse().unwrap();
+        let mut m = MemberSession::new(Instant::now(), Some(manager_cert("n1")));
+        let mut hello = hello("n1", VERSION);
+        if let ToManager::Hello { control_addr, .. } = &mut hello {
+            *control_addr = Some(control);
+        }
+        m.handle_message(hello, &roster());
+        assert_eq!(
+            actions(&mut m),
+            vec![Action::Admit {
+                node: name("n1"),
+                advertise_addr: Ipv4Addr::new(198, 18, 0, 2),
+                data_port: 4789,
+                control_addr: Some(control),
+            }]
+        );
+    }
+
+    #[test]
     fn an_admission_the_driver_cannot_record_is_refused() {
         let mut m = MemberSession::new(Instant::now(), Some("n2".into()));
         m.handle_message(hello("n2", VERSION), &roster());
@@ -1055,12 +1401,36 @@ mod first_message {
 
 /// The node's side alone.
 #[test]
+fn a_node_that_knows_no_manager_waits_for_one_to_be_named() {
+    let t0 = Instant::now();
+    let mut n = NodeSession::new(t0, hello("n2", VERSION), vec![]);
+    assert_eq!((n.poll_timeout(), n.manager()), (None, None));
+    n.handle_timeout(t0 + ms(1000));
+    assert_eq!(n.poll(), None);
+    n.retarget(t0 + ms(2000), addr(LEADER));
+    assert_eq!(n.poll_timeout(), Some(t0 + ms(2000)));
+    n.handle_timeout(t0 + ms(2000));
+    assert_eq!(n.poll(), Some(Event::Connect { to: addr(LEADER) }));
+}
+
+#[test]
+fn a_manager_candidate_never_tries_its_own_endpoint() {
+    let t0 = Instant::now();
+    let mut hello = hello("n2", VERSION);
+    if let ToManager::Hello { control_addr, .. } = &mut hello {
+        *control_addr = Some(addr(OTHER));
+    }
+    let n = NodeSession::new(t0, hello, vec![addr(OTHER), addr(LEADER)]);
+    assert_eq!(n.managers(), [addr(LEADER)]);
+}
+
+#[test]
 fn a_node_greets_and_ignores_what_comes_outside_a_session() {
     let t0 = Instant::now();
-    let mut n = NodeSession::new(t0, hello("n2", VERSION));
+    let mut n = NodeSession::new(t0, hello("n2", VERSION), vec![addr(LEADER)]);
     assert_eq!(n.poll_timeout(), Some(t0));
     n.handle_timeout(t0);
-    assert_eq!(n.poll(), Some(Event::Connect));
+    assert_eq!(n.poll(), Some(Event::Connect { to: addr(LEADER) }));
     assert_eq!(n.poll_timeout(), None, "QUIC times the handshake out");
     n.connected(t0);
     assert_eq!(n.poll(), Some(Event::Send(hello("n2", VERSION))));

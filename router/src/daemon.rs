@@ -6,7 +6,7 @@
 use crate::agent::{Agent, Planes};
 use crate::api::{self, ApiState};
 use crate::cluster::pki::{self, Ca, Identity, Token};
-use crate::cluster::server::{self, ServerCtx};
+use crate::cluster::server::{self, ServerCtx, Serving};
 use crate::cluster::tokens::JoinTokens;
 use crate::cluster::worker::{self, Credentials, Link};
 use crate::cluster::{wire, Cluster, JoinInfo, Mode, View};
@@ -26,6 +26,7 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -119,7 +120,13 @@ async fn start_manager(
         cert_expiry,
         control: listen,
     });
-    tokio::spawn(server::serve(endpoint, ctx, shutdown.clone()));
+    // A manager on the file store always leads: its sender lives as long as the endpoint.
+    let (serving, leads) = watch::channel(Serving::Leader(ctx));
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        server::serve(endpoint, leads, stop).await;
+        drop(serving);
+    });
     info!(%listen, "cluster manager listening (QUIC, mutual TLS)");
     let join = Some(JoinInfo {
         tokens,

@@ -14,7 +14,7 @@
 //! (write, push a snapshot, sign, record, apply) and sleeps until the session's next timeout.
 
 use super::pki::{self, Ca};
-use super::session::manager::{Action, MemberSession, PeerCert, Roster};
+use super::session::manager::{Action, MemberSession, PeerCert, Roster, FIRST_MESSAGE_TIMEOUT};
 use super::tokens::JoinTokens;
 use super::wire;
 use super::worker::AbortOnDrop;
@@ -97,26 +97,83 @@ pub fn snapshot(manager: &Manager) -> Snapshot {
     }
 }
 
-/// Accepts control connections until `shutdown`.
-pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx>, shutdown: CancellationToken) {
+/// What this control endpoint does now. A manager on etcd switches between the two as it
+/// takes over and steps down; a manager on the file store always leads.
+#[derive(Clone)]
+pub enum Serving {
+    /// This manager leads: it admits nodes and runs their sessions.
+    Leader(Arc<ServerCtx>),
+    /// This manager follows: every connection is sent to the leader's control address
+    /// (when known), so a node may join or connect at any manager.
+    Follower { leader: Option<SocketAddr> },
+}
+
+impl Serving {
+    /// Whether a session run for `ctx` may go on under this.
+    fn serves(&self, ctx: &Arc<ServerCtx>) -> bool {
+        matches!(self, Serving::Leader(c) if Arc::ptr_eq(c, ctx))
+    }
+}
+
+/// Accepts control connections until `shutdown`; each is served as `serving` says when it
+/// arrives, and a session ends when this manager stops leading.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    serving: watch::Receiver<Serving>,
+    shutdown: CancellationToken,
+) {
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => match i { Some(i) => i, None => break },
             _ = shutdown.cancelled() => break,
         };
-        let ctx = ctx.clone();
+        let serving = serving.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => handle(conn, remote, ctx, shutdown).await,
+            let conn = match incoming.await {
+                Ok(conn) => conn,
                 Err(e) => {
-                    warn!(%remote, error = %e, "refused control connection: handshake failed")
+                    warn!(%remote, error = %e, "refused control connection: handshake failed");
+                    return;
                 }
+            };
+            let now = serving.borrow().clone();
+            match now {
+                Serving::Leader(ctx) => handle(conn, remote, ctx, serving, shutdown).await,
+                Serving::Follower { leader } => redirect(conn, remote, leader).await,
             }
         });
     }
     endpoint.close(0u32.into(), b"manager shutting down");
+}
+
+/// A follower's answer to whatever a node says first (`Join` or `Hello`): the leader is
+/// elsewhere.
+async fn redirect(conn: quinn::Connection, remote: SocketAddr, leader: Option<SocketAddr>) {
+    let first = async {
+        let (send, mut recv) = conn.accept_bi().await.ok()?;
+        wire::recv::<ToManager>(&mut recv).await.ok()?;
+        Some(send)
+    };
+    let Ok(Some(mut send)) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first).await else {
+        return;
+    };
+    tracing::debug!(%remote, ?leader, "redirected a control connection to the leader");
+    send_redirect(&mut send, leader).await;
+}
+
+/// Tells a node that this manager does not lead (any more), and where the leader is.
+async fn send_redirect(send: &mut quinn::SendStream, leader: Option<SocketAddr>) {
+    let reason = match leader {
+        Some(a) => format!("this manager does not lead the cluster; the leader is at {a}"),
+        None => "this manager does not lead the cluster and knows of no leader now (is etcd \
+                 reachable?)"
+            .to_string(),
+    };
+    let _ = wire::send(send, &ToNode::Redirect { leader, reason }).await;
+    let _ = send.finish();
+    tokio::time::sleep(REFUSAL_LINGER).await;
 }
 
 /// The client certificate the peer showed (verified by TLS against the cluster CA).
@@ -242,6 +299,7 @@ async fn handle(
     conn: quinn::Connection,
     remote: SocketAddr,
     ctx: Arc<ServerCtx>,
+    mut serving: watch::Receiver<Serving>,
     shutdown: CancellationToken,
 ) {
     let Ok((mut send, mut recv)) = conn.accept_bi().await else {
@@ -389,6 +447,16 @@ async fn handle(
                 session.state_changed(&roster);
             }
             _ = sleep_until(session.poll_timeout()) => session.handle_timeout(Instant::now()),
+            // Stepped down: the node is sent to the new leader.
+            r = serving.changed() => {
+                let now = serving.borrow().clone();
+                if r.is_err() || !now.serves(&ctx) {
+                    if let Serving::Follower { leader } = now {
+                        send_redirect(&mut send, leader).await;
+                    }
+                    break;
+                }
+            }
             _ = shutdown.cancelled() => break,
         }
     }

@@ -224,7 +224,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 );
             }
             let etcd = cfg.etcd();
-            let store = Store::open_etcd(&state_dir, &etcd, cfg.node.as_str())?;
+            let me = crate::store::LeaderInfo {
+                node: cfg.node.to_string(),
+                control: cfg.listen_addr.or(cfg
+                    .advertise_addr
+                    .map(|a| std::net::SocketAddr::new(a.into(), CONTROL_PORT))),
+            };
+            let store = Store::open_etcd(&state_dir, &etcd, &me)?;
+            store.wait_leading(crate::store::etcd::STARTUP_WAIT).await?;
             info!(endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "the desired state is on etcd");
             store
         }

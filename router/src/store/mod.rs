@@ -6,12 +6,20 @@
 //! store).
 //!
 //! A manager may keep it on etcd instead (`--store etcd`, [`etcd`]): one key per object
-//! ([`layout`]), every change one transaction fenced on the manager's leader key. Then
-//! `state.json` is only read once, to import it into an empty etcd, and renamed
-//! `state.json.imported`: a second copy that nobody keeps up to date would only mislead.
+//! ([`layout`]), every change one transaction fenced on the leader key, for which every
+//! manager on the prefix campaigns. Then `state.json` is only read once, to import it into an
+//! empty etcd, and renamed `state.json.imported`: a second copy that nobody keeps up to date
+//! would only mislead.
+//!
+//! A [`Store`] is a handle: clones share one open store (one etcd client and campaign, one
+//! directory lock), held for as long as any clone lives. The daemon gives one to each
+//! manager it starts over its life.
 
+mod campaign;
 pub mod etcd;
 pub mod layout;
+
+pub use layout::LeaderInfo;
 
 use crate::durable::{write_atomic, PRIVATE};
 use nix::fcntl::{Flock, FlockArg};
@@ -19,6 +27,9 @@ use protocol::state::{ClusterState, FORMAT};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -121,57 +132,140 @@ impl Drop for NameLock {
     }
 }
 
-pub struct Store {
+/// An open store; cheap to clone (see the module's doc).
+#[derive(Clone)]
+pub struct Store(Arc<Open>);
+
+struct Open {
     dir: PathBuf,
-    /// Set with `--store etcd`: the state lives there, not in `state.json`.
-    etcd: Option<etcd::EtcdStore>,
+    backend: Backend,
     _lock: Flock<File>,
 }
 
+enum Backend {
+    /// `state.json` and the files beside it. There is no election: this manager is the only
+    /// one, and always leads (the channels say so to whoever asks).
+    File {
+        leading: watch::Sender<bool>,
+        leader: watch::Sender<Option<LeaderInfo>>,
+    },
+    // Boxed: the etcd store is large, the file store small.
+    Etcd(Box<etcd::EtcdStore>),
+}
+
+/// Opens (creating if needed) and locks a state directory.
+fn lock_dir(dir: &Path) -> Result<Flock<File>, StoreError> {
+    fs::create_dir_all(dir).map_err(|e| StoreError::Dir(dir.to_path_buf(), e))?;
+    let lock_path = crate::naming::state_lock(dir);
+    lock_exclusive(&lock_path)
+        .map_err(|e| StoreError::Dir(lock_path.clone(), e))?
+        .ok_or_else(|| StoreError::Locked(dir.to_path_buf()))
+}
+
 impl Store {
-    /// Opens (creating if needed) and locks a state directory.
+    /// Opens (creating if needed) and locks a state directory; the state is `state.json`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        fs::create_dir_all(dir).map_err(|e| StoreError::Dir(dir.to_path_buf(), e))?;
-        let lock_path = crate::naming::state_lock(dir);
-        let lock = lock_exclusive(&lock_path)
-            .map_err(|e| StoreError::Dir(lock_path.clone(), e))?
-            .ok_or_else(|| StoreError::Locked(dir.to_path_buf()))?;
-        Ok(Store {
+        let lock = lock_dir(dir)?;
+        Ok(Store(Arc::new(Open {
             dir: dir.to_path_buf(),
-            etcd: None,
+            backend: Backend::File {
+                leading: watch::Sender::new(true),
+                leader: watch::Sender::new(None),
+            },
             _lock: lock,
-        })
+        })))
     }
 
-    /// Opens and locks a state directory, and keeps the desired state on etcd: connects and
-    /// takes the leader key under `cfg.prefix` as `me` (see [`etcd`]).
-    pub fn open_etcd(dir: &Path, cfg: &etcd::EtcdConfig, me: &str) -> Result<Store, StoreError> {
-        let mut store = Store::open(dir)?;
-        store.etcd = Some(etcd::EtcdStore::open(cfg, me, dir)?);
-        Ok(store)
+    /// Opens and locks a state directory, and keeps the desired state on etcd: connects,
+    /// and campaigns for the leader key under `cfg.prefix` as `me` (see [`etcd`]). Returns
+    /// without waiting to lead.
+    pub fn open_etcd(
+        dir: &Path,
+        cfg: &etcd::EtcdConfig,
+        me: &LeaderInfo,
+    ) -> Result<Store, StoreError> {
+        let lock = lock_dir(dir)?;
+        let etcd = etcd::EtcdStore::open(cfg, me, dir)?;
+        Ok(Store(Arc::new(Open {
+            dir: dir.to_path_buf(),
+            backend: Backend::Etcd(Box::new(etcd)),
+            _lock: lock,
+        })))
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.0.dir
+    }
+
+    fn etcd(&self) -> Option<&etcd::EtcdStore> {
+        match &self.0.backend {
+            Backend::Etcd(e) => Some(e),
+            Backend::File { .. } => None,
+        }
     }
 
     fn state_path(&self) -> PathBuf {
-        crate::naming::state_file(&self.dir)
+        crate::naming::state_file(self.dir())
     }
 
-    /// The saved state, or an empty one on first start. On etcd: the state there, or, if
-    /// etcd holds none, `state.json` imported into it (then renamed `state.json.imported`).
+    /// True while this manager holds the leader key (always, on the file store).
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        match &self.0.backend {
+            Backend::File { leading, .. } => leading.subscribe(),
+            Backend::Etcd(e) => e.leading(),
+        }
+    }
+
+    /// Who leads, as this manager last saw the leader key (itself while it leads). `None`
+    /// when nobody does, when etcd has not answered yet, and on the file store (no election).
+    pub fn leader(&self) -> Option<LeaderInfo> {
+        match &self.0.backend {
+            Backend::File { leader, .. } => leader.borrow().clone(),
+            Backend::Etcd(e) => e.leader(),
+        }
+    }
+
+    /// [`Store::leader`], changing when the leader does: a follower re-targets on it.
+    pub fn watch_leader(&self) -> watch::Receiver<Option<LeaderInfo>> {
+        match &self.0.backend {
+            Backend::File { leader, .. } => leader.subscribe(),
+            Backend::Etcd(e) => e.watch_leader(),
+        }
+    }
+
+    /// Waits up to `within` for this manager to lead (at once on the file store); refuses,
+    /// naming the holder, if another manager still does (a start that must lead: `--init`).
+    pub async fn wait_leading(&self, within: Duration) -> Result<(), StoreError> {
+        match self.etcd() {
+            Some(etcd) => etcd.wait_leading(within).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The saved state, or an empty one on first start. On etcd, for a manager that has just
+    /// taken the lead (at every takeover: it forgets what it wrote when it led before): the
+    /// state there, or, if etcd holds none, `state.json` imported into it (then renamed
+    /// `state.json.imported`). Importing needs the lead.
     pub fn load(&self) -> Result<ClusterState, StoreError> {
-        let Some(etcd) = &self.etcd else {
+        let Some(etcd) = self.etcd() else {
             return Ok(self.load_file()?.unwrap_or_default());
         };
         let (state, imported) = etcd.load(self.load_file()?)?;
         let path = self.state_path();
         if imported {
-            let to = crate::naming::state_file_imported(&self.dir);
+            let to = crate::naming::state_file_imported(self.dir());
             fs::rename(&path, &to).map_err(|e| StoreError::Write(to, e))?;
         }
         Ok(state)
+    }
+
+    /// The stored state, for a manager that does not lead: read, nothing written or
+    /// imported; `None` if there is none yet.
+    pub fn read_state(&self) -> Result<Option<ClusterState>, StoreError> {
+        match self.etcd() {
+            Some(etcd) => etcd.read_state(),
+            None => self.load_file(),
+        }
     }
 
     /// `state.json`, if there is one.
@@ -194,7 +288,7 @@ impl Store {
     }
 
     pub fn save(&self, state: &ClusterState) -> Result<(), StoreError> {
-        if let Some(etcd) = &self.etcd {
+        if let Some(etcd) = self.etcd() {
             return etcd.save(state);
         }
         let path = self.state_path();

@@ -87,10 +87,6 @@ async fn start_manager(
         info!("created the cluster CA");
         ca
     };
-    let tokens = Arc::new(JoinTokens::open(
-        &dir,
-        pki::ca_digest(ca.cert_der()?.as_ref()),
-    )?);
     let cert_expiry = cert_expiry(cfg, &dir)?;
     let identity = ca.manager_identity()?;
     let tls = pki::server_config(&ca, &identity)?;
@@ -103,11 +99,16 @@ async fn start_manager(
         .unwrap_or_else(|| std::net::SocketAddr::new(advertise.into(), CONTROL_PORT));
     let endpoint = quinn::Endpoint::server(server_cfg, listen)
         .with_context(|| format!("binding the control port {listen} (UDP)"))?;
+    // Loading first: on etcd it imports a file-store manager's join secrets.
     let manager = Arc::new(Manager::open(
-        store,
+        store.clone(),
         pool,
         &cfg.node,
         Some((advertise, cfg.data_path_port)),
+    )?);
+    let tokens = Arc::new(JoinTokens::open(
+        &store,
+        pki::ca_digest(ca.cert_der()?.as_ref()),
     )?);
     configure(&manager, cfg)?;
     let ctx = Arc::new(ServerCtx {

@@ -155,16 +155,6 @@ pub fn ca_key(state_dir: &Path) -> PathBuf {
     secret_file(state_dir, Secret::CaKey)
 }
 
-/// The secret half of the join token (manager).
-pub fn join_secret(state_dir: &Path) -> PathBuf {
-    secret_file(state_dir, Secret::WorkerJoin)
-}
-
-/// The secret half of the manager join token (manager).
-pub fn manager_join_secret(state_dir: &Path) -> PathBuf {
-    secret_file(state_dir, Secret::ManagerJoin)
-}
-
 /// The lifetime of node certificates, as `--init --cert-expiry` set it (manager).
 pub fn cert_expiry_file(state_dir: &Path) -> PathBuf {
     secret_file(state_dir, Secret::CertExpiry)

@@ -2,7 +2,8 @@
 //! etcd-server, `/usr/bin/etcd`) runs in the test's host namespace on 198.18.14.1:2379, with
 //! its data in the test's temporary directory; a guard kills it. Needs root.
 //!
-//! - a manager that ran on the file store moves to etcd: its state.json is imported;
+//! - a manager that ran on the file store moves to etcd: its state.json is imported, and its
+//!   CA and join secrets (the join tokens do not change);
 //! - a change writes one key per object; a restart reloads the same networks, services,
 //!   VIPs and task addresses from etcd alone;
 //! - the leader key names the manager and its control address;
@@ -186,8 +187,13 @@ fn state_on_etcd() {
     ]);
     n1.wait_running("web", 2);
     let before = view(&n1);
+    let tokens = |n: &Node| {
+        ["worker", "manager"].map(|role| n.ctl_ok(&["cluster", "join-token", role, "-q"]))
+    };
+    let tokens_before = tokens(&n1);
 
-    // Moved to etcd: state.json is imported, and renamed.
+    // Moved to etcd: state.json is imported, and renamed; the CA and the join secrets are
+    // imported too, so the tokens stay what they were.
     let state_dir = n1.dir.join("state");
     n1.extra_args.extend(
         ["--store", "etcd", "--etcd-endpoints", &etcd.url]
@@ -200,6 +206,15 @@ fn state_on_etcd() {
     assert!(!state_dir.join("state.json").exists());
     assert!(state_dir.join("state.json.imported").exists());
     assert!(n1.log().contains("imported state.json into etcd"));
+    assert!(n1
+        .log()
+        .contains("imported the CA and join secrets into etcd"));
+    let secrets = etcd.ctl_ok(&["get", "--prefix", "--keys-only", "/overlay/secrets/"]);
+    for name in ["ca.key", "ca.pem", "join-secret", "join-secret-manager"] {
+        let key = format!("/overlay/secrets/{name}");
+        assert!(secrets.lines().any(|l| l == key), "{key} in {secrets}");
+    }
+    assert_eq!(tokens(&n1), tokens_before, "the same join tokens");
 
     // A change on etcd: one key per object.
     n1.ctl_ok(&["network", "create", "back"]);

@@ -9,6 +9,9 @@
 //!   committed locally either (the manager commits only after `save` returns). A manager
 //!   that takes the lead loads the state again first ([`EtcdStore::load`]): what it last
 //!   wrote, if it led before, is not what is there now.
+//! - **Secrets.** The CA and the join secrets ([`Secret`]) are keys of their own under
+//!   `PREFIX/secrets/`, written like the state (fenced) and read by any manager: whoever
+//!   leads next admits nodes with the same CA and tokens.
 //! - **Failing.** Every call is bounded ([`OP_TIMEOUT`]): with etcd unreachable a change is
 //!   refused in under 5 s, saying so; the data plane never waits on the store.
 //!
@@ -20,6 +23,7 @@ use super::campaign::{Campaign, Election, REVOKE_WITHIN};
 pub use super::campaign::{LEASE_TTL, STARTUP_WAIT};
 use super::layout::{self, Kvs, Layout, LayoutError, LeaderInfo};
 use super::StoreError;
+use crate::naming::Secret;
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
     TxnOp, TxnOpResponse,
@@ -388,6 +392,44 @@ impl EtcdStore {
             written.meta_rev = revision;
         }
         Ok(())
+    }
+
+    /// One secret the managers share, if etcd holds it (any manager may read it).
+    pub fn secret(&self, secret: Secret) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut client = self.client.clone();
+        let key = self.layout.secret(secret);
+        let resp = run(self.rt(), &self.endpoints, async move {
+            client.get(key, None).await
+        })?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// Writes one secret, fenced like the state: only the leader may.
+    pub fn put_secret(&self, secret: Secret, value: &[u8]) -> Result<(), StoreError> {
+        let op = TxnOp::put(self.layout.secret(secret), value.to_vec(), None);
+        self.fenced(Vec::new(), vec![op]).map(drop)
+    }
+
+    /// Writes `secrets` (a file-store manager's, moving to etcd) if etcd holds no secret at
+    /// all: the CA and tokens of the cluster stay what they were. Says whether it wrote them.
+    pub fn import_secrets(&self, secrets: Vec<(Secret, Vec<u8>)>) -> Result<bool, StoreError> {
+        if secrets.is_empty() {
+            return Ok(false);
+        }
+        let none_yet = Secret::ALL
+            .iter()
+            .map(|s| Compare::create_revision(self.layout.secret(*s), CompareOp::Equal, 0))
+            .collect();
+        let ops = secrets
+            .into_iter()
+            .map(|(s, v)| TxnOp::put(self.layout.secret(s), v, None))
+            .collect();
+        match self.fenced(none_yet, ops) {
+            Ok(_) => Ok(true),
+            // The leader key is ours, so what failed is that etcd holds secrets already.
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// One transaction: `ops` if the leader key is still ours and `checks` hold. Returns the

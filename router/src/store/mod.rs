@@ -11,6 +11,10 @@
 //! empty etcd, and renamed `state.json.imported`: a second copy that nobody keeps up to date
 //! would only mislead.
 //!
+//! Besides the state, the store keeps what the managers share ([`Secret`]: the CA, the join
+//! secrets): files of the state directory (0600), or keys on etcd so that whichever manager
+//! leads next has them.
+//!
 //! A [`Store`] is a handle: clones share one open store (one etcd client and campaign, one
 //! directory lock), held for as long as any clone lives. The daemon gives one to each
 //! manager it starts over its life.
@@ -19,6 +23,7 @@ mod campaign;
 pub mod etcd;
 pub mod layout;
 
+pub use crate::naming::Secret;
 pub use layout::LeaderInfo;
 
 use crate::durable::{write_atomic, PRIVATE};
@@ -30,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tracing::info;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -59,6 +65,8 @@ pub enum StoreError {
     Conflict { prefix: String },
     #[error("etcd refused the change: {0}")]
     Refused(String),
+    #[error("the cluster's {name}: {why}")]
+    Secret { name: &'static str, why: String },
     #[error("the state in etcd: {0}")]
     Layout(layout::LayoutError),
     #[error("{0}")]
@@ -245,7 +253,9 @@ impl Store {
     /// The saved state, or an empty one on first start. On etcd, for a manager that has just
     /// taken the lead (at every takeover: it forgets what it wrote when it led before): the
     /// state there, or, if etcd holds none, `state.json` imported into it (then renamed
-    /// `state.json.imported`). Importing needs the lead.
+    /// `state.json.imported`); and the secrets of the state directory imported if etcd holds
+    /// none ([`etcd::EtcdStore::import_secrets`]), so a cluster moving to etcd keeps its CA
+    /// and tokens. Importing needs the lead.
     pub fn load(&self) -> Result<ClusterState, StoreError> {
         let Some(etcd) = self.etcd() else {
             return Ok(self.load_file()?.unwrap_or_default());
@@ -255,6 +265,9 @@ impl Store {
         if imported {
             let to = crate::naming::state_file_imported(self.dir());
             fs::rename(&path, &to).map_err(|e| StoreError::Write(to, e))?;
+        }
+        if etcd.import_secrets(self.file_secrets()?)? {
+            info!(dir = %self.dir().display(), "imported the CA and join secrets into etcd");
         }
         Ok(state)
     }
@@ -295,6 +308,45 @@ impl Store {
         let body = serde_json::to_vec_pretty(state)
             .map_err(|e| StoreError::Write(path.clone(), e.into()))?;
         write_atomic(&path, &body, PRIVATE).map_err(|e| StoreError::Write(path, e))
+    }
+
+    /// One secret the managers share, if the store holds it. On etcd any manager may read
+    /// it, leading or not.
+    pub fn secret(&self, secret: Secret) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.etcd() {
+            Some(etcd) => etcd.secret(secret),
+            None => self.file_secret(secret),
+        }
+    }
+
+    /// Replaces one secret the managers share. On etcd only the leader may (fenced like the
+    /// state).
+    pub fn put_secret(&self, secret: Secret, value: &[u8]) -> Result<(), StoreError> {
+        if let Some(etcd) = self.etcd() {
+            return etcd.put_secret(secret, value);
+        }
+        let path = crate::naming::secret_file(self.dir(), secret);
+        write_atomic(&path, value, PRIVATE).map_err(|e| StoreError::Write(path, e))
+    }
+
+    fn file_secret(&self, secret: Secret) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = crate::naming::secret_file(self.dir(), secret);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Read(path, e)),
+        }
+    }
+
+    /// Every secret the state directory holds as a file.
+    fn file_secrets(&self) -> Result<Vec<(Secret, Vec<u8>)>, StoreError> {
+        let mut found = Vec::new();
+        for secret in Secret::ALL {
+            if let Some(bytes) = self.file_secret(secret)? {
+                found.push((secret, bytes));
+            }
+        }
+        Ok(found)
     }
 }
 

@@ -226,12 +226,22 @@ impl EtcdStore {
         })
     }
 
-    /// Who holds the leader key, for a refusal: as last seen.
+    /// Who holds the leader key, for a refusal: as last seen, or read now if this manager
+    /// knows of no one (it has just stepped down, and its campaign has not read the key yet).
     fn holder(&self) -> String {
-        self.leader().map_or_else(
-            || "no one it knows of: this manager is campaigning again".into(),
-            |h| h.to_string(),
-        )
+        if let Some(holder) = self.leader() {
+            return holder.to_string();
+        }
+        let mut client = self.client.clone();
+        let key = self.layout.leader();
+        let read = run(self.rt(), &self.endpoints, async move {
+            client.get(key, None).await
+        });
+        match read.map(|r| r.kvs().first().map(|kv| LeaderInfo::parse(kv.value()))) {
+            Ok(Some(holder)) => holder.to_string(),
+            Ok(None) => "no one (this manager is campaigning for it)".into(),
+            Err(_) => "someone it cannot tell (etcd does not answer)".into(),
+        }
     }
 
     /// The stored state: reassembled from etcd; or, if etcd holds none, imported from

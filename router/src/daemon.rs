@@ -89,10 +89,6 @@ async fn start_manager(
         info!("created the cluster CA");
         ca
     };
-    let tokens = Arc::new(JoinTokens::open(
-        &dir,
-        pki::ca_digest(ca.cert_der()?.as_ref()),
-    )?);
     let cert_expiry = cert_expiry(cfg, &dir)?;
     let identity = ca.manager_identity()?;
     let tls = pki::server_config(&ca, &identity)?;
@@ -105,12 +101,17 @@ async fn start_manager(
         .unwrap_or_else(|| std::net::SocketAddr::new(advertise.into(), CONTROL_PORT));
     let endpoint = quinn::Endpoint::server(server_cfg, listen)
         .with_context(|| format!("binding the control port {listen} (UDP)"))?;
+    // Loading first: on etcd it imports a file-store manager's join secrets.
     let manager = Arc::new(Manager::open(
-        store,
+        store.clone(),
         pool,
         &cfg.node,
         Some((advertise, cfg.data_path_port)),
         &view,
+    )?);
+    let tokens = Arc::new(JoinTokens::open(
+        &store,
+        pki::ca_digest(ca.cert_der()?.as_ref()),
     )?);
     configure(&manager, cfg)?;
     let ctx = Arc::new(ServerCtx {
@@ -232,7 +233,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 );
             }
             let etcd = cfg.etcd();
-            let store = Store::open_etcd(&state_dir, &etcd, cfg.node.as_str())?;
+            let me = crate::store::LeaderInfo {
+                node: cfg.node.to_string(),
+                control: cfg.listen_addr.or(cfg
+                    .advertise_addr
+                    .map(|a| std::net::SocketAddr::new(a.into(), CONTROL_PORT))),
+            };
+            let store = Store::open_etcd(&state_dir, &etcd, &me)?;
+            store.wait_leading(crate::store::etcd::STARTUP_WAIT).await?;
             info!(endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "the desired state is on etcd");
             store
         }

@@ -99,29 +99,65 @@ pub fn esp_epoch_file(state_dir: &Path) -> PathBuf {
     state_dir.join("esp-epoch")
 }
 
+/// What the managers of a cluster share besides the desired state: the CA (its key, and its
+/// certificate that goes with it), the two join secrets and the lifetime of node
+/// certificates. The store keeps each under its name: a file of the state directory on the
+/// file store, a key on etcd (`store/layout.rs`), so that any manager that takes the lead
+/// finds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secret {
+    /// The cluster CA's private key: only managers have it.
+    CaKey,
+    /// The cluster CA's certificate (on a worker, the CA it trusts, in the same file).
+    CaCert,
+    /// The secret half of the worker join token.
+    WorkerJoin,
+    /// The secret half of the manager join token.
+    ManagerJoin,
+    /// The lifetime of node certificates, as `--init --cert-expiry` set it.
+    CertExpiry,
+}
+
+impl Secret {
+    pub const ALL: [Secret; 5] = [
+        Secret::CaKey,
+        Secret::CaCert,
+        Secret::WorkerJoin,
+        Secret::ManagerJoin,
+        Secret::CertExpiry,
+    ];
+
+    /// Its file name in the state directory, and the last part of its etcd key. The worker
+    /// join secret keeps the file name of the single token of earlier versions.
+    pub fn name(self) -> &'static str {
+        match self {
+            Secret::CaKey => "ca.key",
+            Secret::CaCert => "ca.pem",
+            Secret::WorkerJoin => "join-secret",
+            Secret::ManagerJoin => "join-secret-manager",
+            Secret::CertExpiry => "cert-expiry",
+        }
+    }
+}
+
+/// Where the file store keeps `secret` (mode 0600).
+pub fn secret_file(state_dir: &Path, secret: Secret) -> PathBuf {
+    state_dir.join(secret.name())
+}
+
 /// The cluster CA's certificate (a manager's, and the CA a worker trusts).
 pub fn ca_cert(state_dir: &Path) -> PathBuf {
-    state_dir.join("ca.pem")
+    secret_file(state_dir, Secret::CaCert)
 }
 
 /// The cluster CA's private key: only a manager has it.
 pub fn ca_key(state_dir: &Path) -> PathBuf {
-    state_dir.join("ca.key")
-}
-
-/// The secret half of the join token (manager).
-pub fn join_secret(state_dir: &Path) -> PathBuf {
-    state_dir.join("join-secret")
-}
-
-/// The secret half of the manager join token (manager).
-pub fn manager_join_secret(state_dir: &Path) -> PathBuf {
-    state_dir.join("join-secret-manager")
+    secret_file(state_dir, Secret::CaKey)
 }
 
 /// The lifetime of node certificates, as `--init --cert-expiry` set it (manager).
 pub fn cert_expiry_file(state_dir: &Path) -> PathBuf {
-    state_dir.join("cert-expiry")
+    secret_file(state_dir, Secret::CertExpiry)
 }
 
 /// A worker's certificate.
@@ -166,5 +202,18 @@ mod tests {
             Path::new("/var/lib/overlay/n1/logs/web.1.log")
         );
         assert_eq!(node_lock(&n1), Path::new("/run/overlay/nodes/n1.lock"));
+        // A file-store manager of an earlier version finds its files under these names.
+        let dir = Path::new("/var/lib/overlay/n1");
+        assert_eq!(ca_key(dir), dir.join("ca.key"));
+        assert_eq!(ca_cert(dir), dir.join("ca.pem"));
+        assert_eq!(
+            secret_file(dir, Secret::WorkerJoin),
+            dir.join("join-secret")
+        );
+        assert_eq!(
+            secret_file(dir, Secret::ManagerJoin),
+            dir.join("join-secret-manager")
+        );
+        assert_eq!(cert_expiry_file(dir), dir.join("cert-expiry"));
     }
 }

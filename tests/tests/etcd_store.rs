@@ -2,12 +2,14 @@
 //! etcd-server, `/usr/bin/etcd`) runs in the test's host namespace on 198.18.14.1:2379, with
 //! its data in the test's temporary directory; a guard kills it. Needs root.
 //!
-//! - a manager that ran on the file store moves to etcd: its state.json is imported;
+//! - a manager that ran on the file store moves to etcd: its state.json is imported, and its
+//!   CA and join secrets (the join tokens do not change);
 //! - a change writes one key per object; a restart reloads the same networks, services,
 //!   VIPs and task addresses from etcd alone;
-//! - a second manager on the same prefix does not start while the first leads;
-//! - fencing: with the leader key taken by someone else, a change is refused and nothing is
-//!   written; once the key is free the manager leads again;
+//! - the leader key names the manager and its control address;
+//! - a second `--init` on the same prefix does not start while the first leads;
+//! - fencing: with the leader key taken by someone else, the manager follows it: a change is
+//!   refused naming the holder and nothing is written; once the key is free it leads again;
 //! - etcd frozen (SIGSTOP): a change is refused within 5 s instead of hanging; one that
 //!   etcd took late is overwritten by the manager's next write;
 //! - etcd stopped: a change is refused within 5 s saying why, while tasks keep talking;
@@ -124,6 +126,12 @@ impl Drop for Etcd {
     }
 }
 
+/// The leader key's value: `{"node": NAME, "control": ADDR}`.
+fn leader_key(etcd: &Etcd) -> serde_json::Value {
+    let value = etcd.ctl_ok(&["get", "--print-value-only", "/overlay/leader"]);
+    serde_json::from_str(value.trim()).unwrap_or_else(|e| panic!("{value:?}: {e}"))
+}
+
 /// What a restart must keep: networks, services with their VIPs, tasks with addresses.
 fn view(n: &Node) -> (String, String, Vec<(String, String)>) {
     let nets = n.ctl_ok(&["network", "ls", "-q"]);
@@ -179,8 +187,13 @@ fn state_on_etcd() {
     ]);
     n1.wait_running("web", 2);
     let before = view(&n1);
+    let tokens = |n: &Node| {
+        ["worker", "manager"].map(|role| n.ctl_ok(&["cluster", "join-token", role, "-q"]))
+    };
+    let tokens_before = tokens(&n1);
 
-    // Moved to etcd: state.json is imported, and renamed.
+    // Moved to etcd: state.json is imported, and renamed; the CA and the join secrets are
+    // imported too, so the tokens stay what they were.
     let state_dir = n1.dir.join("state");
     n1.extra_args.extend(
         ["--store", "etcd", "--etcd-endpoints", &etcd.url]
@@ -193,6 +206,15 @@ fn state_on_etcd() {
     assert!(!state_dir.join("state.json").exists());
     assert!(state_dir.join("state.json.imported").exists());
     assert!(n1.log().contains("imported state.json into etcd"));
+    assert!(n1
+        .log()
+        .contains("imported the CA and join secrets into etcd"));
+    let secrets = etcd.ctl_ok(&["get", "--prefix", "--keys-only", "/overlay/secrets/"]);
+    for name in ["ca.key", "ca.pem", "join-secret", "join-secret-manager"] {
+        let key = format!("/overlay/secrets/{name}");
+        assert!(secrets.lines().any(|l| l == key), "{key} in {secrets}");
+    }
+    assert_eq!(tokens(&n1), tokens_before, "the same join tokens");
 
     // A change on etcd: one key per object.
     n1.ctl_ok(&["network", "create", "back"]);
@@ -224,10 +246,10 @@ fn state_on_etcd() {
         assert!(keys.iter().any(|x| x == k), "{k} in {keys:?}");
     }
     assert_eq!(keys.len(), 10, "one key per object: {keys:?}");
+    assert_eq!(leader_key(&etcd)["node"], n1.name.as_str());
     assert_eq!(
-        etcd.ctl_ok(&["get", "--print-value-only", "/overlay/leader"])
-            .trim(),
-        n1.name
+        leader_key(&etcd)["control"],
+        format!("{}:2377", u.addr(1)).as_str()
     );
     assert!(
         !state_dir.join("state.json").exists(),
@@ -242,8 +264,8 @@ fn state_on_etcd() {
     n1.wait_running("web", 2);
     assert_eq!(view(&n1), before, "reloaded from etcd");
 
-    // A second manager on the same prefix cannot lead while the first holds the key: it
-    // waits for the holder's lease to expire (12 s at most), then refuses to start.
+    // A second `--init` on the same prefix cannot lead while the first holds the key: it
+    // waits for the key to be free (8 s at most), then refuses to start, naming the holder.
     let sdir = std::env::temp_dir().join(format!("overlay-e2e-{tag}b"));
     let t = Instant::now();
     let o = run(u
@@ -265,9 +287,14 @@ fn state_on_etcd() {
     );
     assert!(n1.ctl(&["network", "ls"]).status.success());
 
-    // Fencing: someone else holds the leader key; the change is refused, nothing written.
+    // Fencing: someone else holds the leader key (put as earlier versions did, a bare name);
+    // the change is refused, nothing written. n1 is frozen meanwhile: it would take the
+    // key back as soon as it saw it deleted.
+    let n1_pid = nix::unistd::Pid::from_raw(n1.pid().expect("n1 runs") as i32);
+    nix::sys::signal::kill(n1_pid, nix::sys::signal::SIGSTOP).expect("SIGSTOP n1");
     etcd.ctl_ok(&["del", "/overlay/leader"]);
     etcd.ctl_ok(&["put", "/overlay/leader", "intruder"]);
+    nix::sys::signal::kill(n1_pid, nix::sys::signal::SIGCONT).expect("SIGCONT n1");
     let err = n1.ctl_err(&["network", "create", "x"]);
     eprintln!("fenced: {err}");
     assert!(
@@ -284,11 +311,7 @@ fn state_on_etcd() {
         o.status.success()
     });
     assert!(led, "the manager leads again once the key is free: {last}");
-    assert_eq!(
-        etcd.ctl_ok(&["get", "--print-value-only", "/overlay/leader"])
-            .trim(),
-        n1.name
-    );
+    assert_eq!(leader_key(&etcd)["node"], n1.name.as_str());
 
     // etcd frozen (it takes the request and never answers): refused within 5 s, not hung.
     let peer = n1.task_ip("web.2");

@@ -46,7 +46,8 @@ pub(super) async fn join_token(
 ) -> ApiResult<api::JoinToken> {
     let role = role_of(&q)?;
     let j = st.cluster.join_info()?;
-    Ok(Json(join_token_view(j.tokens.token(role).render(), j.addr)))
+    let token = j.tokens.token(role).map_err(OpError::from)?;
+    Ok(Json(join_token_view(token.render(), j.addr)))
 }
 
 /// `POST /cluster/join-token/rotate?role=worker|manager`: a new secret for that role; the
@@ -57,10 +58,7 @@ pub(super) async fn rotate_join_token(
 ) -> ApiResult<api::JoinToken> {
     let role = role_of(&q)?;
     let j = st.cluster.join_info()?;
-    let token = j
-        .tokens
-        .rotate(role)
-        .map_err(|e| OpError::internal(e.to_string()))?;
+    let token = j.tokens.rotate(role).map_err(OpError::from)?;
     tracing::info!(?role, "rotated the join token");
     Ok(Json(join_token_view(token.render(), j.addr)))
 }

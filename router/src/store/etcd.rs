@@ -1,47 +1,44 @@
 //! The manager's desired state on etcd (`overlayd --store etcd`): the keys of [`layout`],
-//! written by whoever holds the leader key, each change one transaction fenced on it.
+//! written by whichever manager holds the leader key (`campaign.rs`), each change one
+//! transaction fenced on it. Any manager reads them; only the leader writes.
 //!
-//! - **Leading.** The manager grants itself a lease ([`LEASE_TTL`]) and creates
-//!   `PREFIX/leader` with it (`txn(create_revision == 0)`), keeps the lease alive, and
-//!   campaigns again if the lease is lost (etcd unreachable for longer than the TTL) or a
-//!   write finds the key is no longer its own. The lease's id is kept in
-//!   `STATE_DIR/etcd-lease`, so a restart revokes the previous run's lease instead of
-//!   waiting for it to expire (the state directory's lock says that run is over).
 //! - **Writing.** A change is the [`layout::diff`] between what this manager last wrote and
 //!   the new state, in one transaction that compares the leader key's create revision (it is
 //!   still ours: a deposed manager cannot write) and the meta key's mod revision (nobody
 //!   else wrote since: no lost update). A failed compare refuses the change; nothing is
-//!   committed locally either (the manager commits only after `save` returns).
+//!   committed locally either (the manager commits only after `save` returns). A manager
+//!   that takes the lead loads the state again first ([`EtcdStore::load`]): what it last
+//!   wrote, if it led before, is not what is there now.
+//! - **Secrets.** The CA and the join secrets ([`Secret`]) are keys of their own under
+//!   `PREFIX/secrets/`, written like the state (fenced) and read by any manager: whoever
+//!   leads next admits nodes with the same CA and tokens.
 //! - **Failing.** Every call is bounded ([`OP_TIMEOUT`]): with etcd unreachable a change is
 //!   refused in under 5 s, saying so; the data plane never waits on the store.
 //!
 //! etcd's client is async and the manager's `save` is not, so the store runs its own small
-//! runtime: calls are spawned there and waited for with a deadline.
+//! runtime: calls are spawned there and waited for with a deadline. The campaign runs there
+//! too, for as long as the store is open.
 
-use super::layout::{self, Kvs, Layout, LayoutError};
+use super::campaign::{Campaign, Election, REVOKE_WITHIN};
+pub use super::campaign::{LEASE_TTL, STARTUP_WAIT};
+use super::layout::{self, Kvs, Layout, LayoutError, LeaderInfo};
 use super::StoreError;
-use crate::durable::{write_atomic, PRIVATE};
+use crate::naming::Secret;
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
-    TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
+    TxnOp, TxnOpResponse,
 };
 use protocol::state::{ClusterState, FORMAT};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tokio::sync::Notify;
-use tracing::{info, warn};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
 
-/// Seconds the leader key outlives a manager that stopped renewing it.
-pub const LEASE_TTL: i64 = 10;
-/// How often the lease is renewed.
-const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(3);
 /// The most any one call to etcd may take: a change is answered within 5 s.
 pub const OP_TIMEOUT: Duration = Duration::from_millis(4500);
-/// How long a starting manager waits for a leader key held by someone else to go away
-/// (a lease not in `etcd-lease`, e.g. of a state directory that was lost, expires in this).
-const STARTUP_WAIT: Duration = Duration::from_secs(LEASE_TTL as u64 + 2);
 /// Keys per transaction of an import (etcd's `--max-txn-ops` is 128 by default).
 const IMPORT_BATCH: usize = 100;
 
@@ -53,14 +50,6 @@ pub struct EtcdConfig {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub prefix: String,
-}
-
-/// Whether (and by which lease and key) this manager leads.
-#[derive(Debug, Clone, Copy, Default)]
-struct Leadership {
-    lease: i64,
-    /// The create revision of our leader key; 0 while not leading.
-    key_rev: i64,
 }
 
 /// What this manager knows to be in etcd: the keys it loaded or last wrote.
@@ -96,23 +85,14 @@ pub struct EtcdStore {
     client: Client,
     layout: Layout,
     endpoints: String,
-    lead: Arc<Mutex<Leadership>>,
-    lost: Arc<Notify>,
+    election: Arc<Election>,
+    /// Ends the campaign (which then revokes its lease) when the store is dropped.
+    stop: CancellationToken,
+    campaign: Option<tokio::task::JoinHandle<()>>,
     written: Mutex<Written>,
 }
 
-/// Everything a campaign needs (the background task owns a copy).
-#[derive(Clone)]
-struct Campaign {
-    client: Client,
-    layout: Layout,
-    me: String,
-    endpoints: String,
-    lease_file: PathBuf,
-    lead: Arc<Mutex<Leadership>>,
-}
-
-fn unavailable(endpoints: &str, why: impl std::fmt::Display) -> StoreError {
+pub(super) fn unavailable(endpoints: &str, why: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable {
         endpoints: endpoints.to_string(),
         why: why.to_string(),
@@ -132,9 +112,9 @@ fn refused(e: &etcd_client::Error) -> bool {
 }
 
 impl EtcdStore {
-    /// Connects, takes the leader key (waiting up to [`STARTUP_WAIT`] for another holder's
-    /// lease to expire) and starts keeping it.
-    pub fn open(cfg: &EtcdConfig, me: &str, dir: &Path) -> Result<EtcdStore, StoreError> {
+    /// Connects (an error if etcd does not answer), reads who leads, and starts campaigning
+    /// as `me`; returns without waiting to lead ([`EtcdStore::wait_leading`] does).
+    pub fn open(cfg: &EtcdConfig, me: &LeaderInfo, dir: &Path) -> Result<EtcdStore, StoreError> {
         if cfg.endpoints.is_empty() {
             return Err(StoreError::Config(
                 "--store etcd needs --etcd-endpoints URL[,URL...]".into(),
@@ -157,56 +137,44 @@ impl EtcdStore {
             Client::connect(urls, Some(options)).await
         })?;
         let layout = Layout::new(&cfg.prefix);
-        let lead = Arc::new(Mutex::new(Leadership::default()));
-        let campaign = Campaign {
-            client: client.clone(),
-            layout: layout.clone(),
-            me: me.to_string(),
-            endpoints: endpoints.clone(),
-            lease_file: crate::naming::etcd_lease_file(dir),
-            lead: lead.clone(),
-        };
-        // A previous run of this state directory is over (we hold its lock): its lease goes.
-        if let Some(old) = std::fs::read_to_string(&campaign.lease_file)
+        // The client connects lazily: this first read is what says etcd answers.
+        let lease_file = crate::naming::etcd_lease_file(dir);
+        let previous = std::fs::read_to_string(&lease_file)
             .ok()
-            .and_then(|s| s.trim().parse::<i64>().ok())
-        {
+            .and_then(|s| s.trim().parse::<i64>().ok());
+        let mut c = client.clone();
+        let key = layout.leader();
+        let resp = run(&rt, &endpoints, async move { c.get(key, None).await })?;
+        let holder = resp
+            .kvs()
+            .first()
+            .filter(|kv| Some(kv.lease()) != previous)
+            .map(|kv| LeaderInfo::parse(kv.value()));
+        // A previous run of this state directory is over (we hold its lock): its lease goes,
+        // and with it the leader key if that run held it.
+        if let Some(old) = previous {
             let mut c = client.clone();
             let _ = run(&rt, &endpoints, async move { c.lease_revoke(old).await });
         }
-        let deadline = Instant::now() + STARTUP_WAIT;
-        loop {
-            let c = campaign.clone();
-            let tried = run(&rt, &endpoints, async move {
-                Ok::<_, etcd_client::Error>(c.acquire().await)
-            })?;
-            match tried {
-                Ok(()) => break,
-                Err(StoreError::NotLeader { key, holder }) if Instant::now() >= deadline => {
-                    return Err(StoreError::Config(format!(
-                        "another manager leads the cluster state: etcd key {key} is held by \
-                         {holder} (waited {}s for its lease to expire); this one cannot write \
-                         the state, so it does not start",
-                        STARTUP_WAIT.as_secs()
-                    )));
-                }
-                Err(StoreError::NotLeader { key, holder }) => {
-                    info!(%key, %holder, "the leader key is held; waiting for its lease to expire");
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        info!(%endpoints, prefix = layout.prefix(), "leading the cluster state on etcd");
-        let lost = Arc::new(Notify::new());
-        rt.spawn(campaign.keep_leading(lost.clone()));
+        let election = Arc::new(Election::new(holder));
+        let campaign = Campaign::new(
+            client.clone(),
+            layout.clone(),
+            me.clone(),
+            endpoints.clone(),
+            lease_file,
+            election.clone(),
+        );
+        let stop = CancellationToken::new();
+        let campaign = rt.spawn(campaign.run(stop.clone()));
         Ok(EtcdStore {
             rt,
             client,
             layout,
             endpoints,
-            lead,
-            lost,
+            election,
+            stop,
+            campaign: Some(campaign),
             written: Mutex::new(Written {
                 kvs: Kvs::new(),
                 meta_rev: 0,
@@ -219,39 +187,78 @@ impl EtcdStore {
         &self.rt
     }
 
-    fn leadership(&self) -> Leadership {
-        self.lead.lock().map(|l| *l).unwrap_or_default()
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.election.leading()
     }
 
-    fn not_leading(&self, holder: String) -> StoreError {
-        if let Ok(mut l) = self.lead.lock() {
-            l.key_rev = 0;
+    pub fn leader(&self) -> Option<LeaderInfo> {
+        self.election.leader()
+    }
+
+    pub fn watch_leader(&self) -> watch::Receiver<Option<LeaderInfo>> {
+        self.election.watch_leader()
+    }
+
+    /// Waits up to `within` to lead; if another manager still does, refuses, naming it.
+    pub async fn wait_leading(&self, within: Duration) -> Result<(), StoreError> {
+        let mut leading = self.leading();
+        let led = tokio::time::timeout(within, leading.wait_for(|l| *l))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if led {
+            return Ok(());
         }
-        self.lost.notify_one();
-        StoreError::NotLeader {
-            key: self.layout.leader(),
-            holder,
+        let key = self.layout.leader();
+        Err(match self.leader() {
+            Some(holder) => StoreError::Config(format!(
+                "another manager leads the cluster state: etcd key {key} is held by {holder} \
+                 (waited {}s for it to be free); this one cannot write the state, so it does \
+                 not start",
+                within.as_secs()
+            )),
+            None => unavailable(
+                &self.endpoints,
+                format!(
+                    "could not take the leader key {key} within {}s",
+                    within.as_secs()
+                ),
+            ),
+        })
+    }
+
+    /// Who holds the leader key, for a refusal: as last seen, or read now if this manager
+    /// knows of no one (it has just stepped down, and its campaign has not read the key yet).
+    fn holder(&self) -> String {
+        if let Some(holder) = self.leader() {
+            return holder.to_string();
+        }
+        let mut client = self.client.clone();
+        let key = self.layout.leader();
+        let read = run(self.rt(), &self.endpoints, async move {
+            client.get(key, None).await
+        });
+        match read.map(|r| r.kvs().first().map(|kv| LeaderInfo::parse(kv.value()))) {
+            Ok(Some(holder)) => holder.to_string(),
+            Ok(None) => "no one (this manager is campaigning for it)".into(),
+            Err(_) => "someone it cannot tell (etcd does not answer)".into(),
         }
     }
 
     /// The stored state: reassembled from etcd; or, if etcd holds none, imported from
     /// `file` (the `state.json` of a manager that ran on the file store) when there is one;
-    /// or empty. Says whether it imported `file`.
+    /// or empty. Says whether it imported `file`. What this manager believes it last wrote
+    /// becomes what etcd holds now, so it may be called at every takeover.
     pub fn load(&self, file: Option<ClusterState>) -> Result<(ClusterState, bool), StoreError> {
         let (kvs, meta_rev) = self.read_all()?;
-        match layout::assemble(&self.layout, &kvs) {
+        let assembled = layout::assemble(&self.layout, &kvs);
+        *self.written.lock().map_err(|_| poisoned())? = Written {
+            kvs,
+            meta_rev,
+            uncertain: false,
+        };
+        match assembled {
             Ok(Some(state)) => {
-                if state.format != FORMAT {
-                    return Err(StoreError::Format {
-                        path: PathBuf::from(self.layout.meta()),
-                        found: state.format,
-                    });
-                }
-                *self.written.lock().map_err(|_| poisoned())? = Written {
-                    kvs,
-                    meta_rev,
-                    uncertain: false,
-                };
+                self.check_format(&state)?;
                 Ok((state, false))
             }
             Ok(None) => match file {
@@ -265,6 +272,27 @@ impl EtcdStore {
             }
             Err(e) => Err(StoreError::Layout(e)),
         }
+    }
+
+    /// The stored state, if there is one, read for a manager that does not lead: nothing is
+    /// written, imported or remembered.
+    pub fn read_state(&self) -> Result<Option<ClusterState>, StoreError> {
+        let (kvs, _) = self.read_all()?;
+        let state = layout::assemble(&self.layout, &kvs).map_err(StoreError::Layout)?;
+        if let Some(s) = &state {
+            self.check_format(s)?;
+        }
+        Ok(state)
+    }
+
+    fn check_format(&self, state: &ClusterState) -> Result<(), StoreError> {
+        if state.format != FORMAT {
+            return Err(StoreError::Format {
+                path: PathBuf::from(self.layout.meta()),
+                found: state.format,
+            });
+        }
+        Ok(())
     }
 
     /// Every state key under the prefix, and the meta key's mod revision (0 if absent).
@@ -376,14 +404,53 @@ impl EtcdStore {
         Ok(())
     }
 
+    /// One secret the managers share, if etcd holds it (any manager may read it).
+    pub fn secret(&self, secret: Secret) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut client = self.client.clone();
+        let key = self.layout.secret(secret);
+        let resp = run(self.rt(), &self.endpoints, async move {
+            client.get(key, None).await
+        })?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// Writes one secret, fenced like the state: only the leader may.
+    pub fn put_secret(&self, secret: Secret, value: &[u8]) -> Result<(), StoreError> {
+        let op = TxnOp::put(self.layout.secret(secret), value.to_vec(), None);
+        self.fenced(Vec::new(), vec![op]).map(drop)
+    }
+
+    /// Writes `secrets` (a file-store manager's, moving to etcd) if etcd holds no secret at
+    /// all: the CA and tokens of the cluster stay what they were. Says whether it wrote them.
+    pub fn import_secrets(&self, secrets: Vec<(Secret, Vec<u8>)>) -> Result<bool, StoreError> {
+        if secrets.is_empty() {
+            return Ok(false);
+        }
+        let none_yet = Secret::ALL
+            .iter()
+            .map(|s| Compare::create_revision(self.layout.secret(*s), CompareOp::Equal, 0))
+            .collect();
+        let ops = secrets
+            .into_iter()
+            .map(|(s, v)| TxnOp::put(self.layout.secret(s), v, None))
+            .collect();
+        match self.fenced(none_yet, ops) {
+            Ok(_) => Ok(true),
+            // The leader key is ours, so what failed is that etcd holds secrets already.
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// One transaction: `ops` if the leader key is still ours and `checks` hold. Returns the
     /// revision it made.
     fn fenced(&self, checks: Vec<Compare>, ops: Vec<TxnOp>) -> Result<i64, StoreError> {
-        let lead = self.leadership();
+        let lead = self.election.leadership();
         if lead.key_rev == 0 {
-            return Err(self.not_leading(
-                "no one it knows of: this manager lost its lease and is campaigning again".into(),
-            ));
+            return Err(StoreError::NotLeader {
+                key: self.layout.leader(),
+                holder: self.holder(),
+            });
         }
         let leader = self.layout.leader();
         let meta = self.layout.meta();
@@ -415,21 +482,42 @@ impl EtcdStore {
             .into_iter()
             .next()
             .and_then(|r| match r {
-                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
-                    (
-                        kv.create_revision(),
-                        String::from_utf8_lossy(kv.value()).into_owned(),
-                    )
-                }),
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .map(|kv| (kv.create_revision(), LeaderInfo::parse(kv.value()))),
                 _ => None,
             });
-        match holder {
-            Some((rev, _)) if rev == lead.key_rev => Err(StoreError::Conflict {
-                prefix: self.layout.prefix().to_string(),
-            }),
-            Some((_, who)) => Err(self.not_leading(who)),
-            None => Err(self.not_leading("no one (the key is gone)".into())),
-        }
+        let holder = match holder {
+            Some((rev, _)) if rev == lead.key_rev => {
+                return Err(StoreError::Conflict {
+                    prefix: self.layout.prefix().to_string(),
+                })
+            }
+            Some((_, who)) => who.to_string(),
+            None => "no one (the key is gone)".into(),
+        };
+        self.election.step_down(lead.key_rev);
+        Err(StoreError::NotLeader {
+            key: self.layout.leader(),
+            holder,
+        })
+    }
+}
+
+/// Stops the campaign, which revokes the lease: if this manager led, another leads at once.
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        let Some(campaign) = self.campaign.take() else {
+            return;
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.rt.spawn(async move {
+            let _ = campaign.await;
+            let _ = tx.send(());
+        });
+        let _ = rx.recv_timeout(REVOKE_WITHIN + Duration::from_millis(200));
     }
 }
 
@@ -508,117 +596,4 @@ fn run<T: Send + 'static>(
         Failure::Timeout => unavailable(endpoints, "no answer within 4.5 s"),
         Failure::Etcd(e) => unavailable(endpoints, e),
     })
-}
-
-impl Campaign {
-    fn set(&self, lead: Leadership) {
-        if let Ok(mut l) = self.lead.lock() {
-            *l = lead;
-        }
-    }
-
-    /// One try at the leader key: a new lease (the previous one revoked), and the key
-    /// created with it if nobody holds it. `Ok(Err(NotLeader))` names the holder.
-    async fn acquire(&self) -> Result<(), StoreError> {
-        let mut c = self.client.clone();
-        let old = self.lead.lock().map(|l| l.lease).unwrap_or(0);
-        if old != 0 {
-            let _ = c.lease_revoke(old).await;
-        }
-        let etcd_down = |e: etcd_client::Error| unavailable(&self.endpoints, e);
-        let lease = c
-            .lease_grant(LEASE_TTL, None)
-            .await
-            .map_err(etcd_down)?
-            .id();
-        if let Err(e) = write_atomic(&self.lease_file, lease.to_string().as_bytes(), PRIVATE) {
-            warn!(error = %e, "cannot keep the lease id; a restart will wait for it to expire");
-        }
-        let key = self.layout.leader();
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then(vec![TxnOp::put(
-                key.as_str(),
-                self.me.as_str(),
-                Some(PutOptions::new().with_lease(lease)),
-            )])
-            .or_else(vec![TxnOp::get(key.as_str(), None)]);
-        let resp = c.txn(txn).await.map_err(etcd_down)?;
-        if resp.succeeded() {
-            let key_rev = resp.header().map_or(0, |h| h.revision());
-            self.set(Leadership { lease, key_rev });
-            return Ok(());
-        }
-        let _ = c.lease_revoke(lease).await;
-        self.set(Leadership::default());
-        let holder = resp
-            .op_responses()
-            .into_iter()
-            .find_map(|r| match r {
-                TxnOpResponse::Get(g) => g
-                    .kvs()
-                    .first()
-                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
-                _ => None,
-            })
-            .unwrap_or_else(|| "someone".into());
-        Err(StoreError::NotLeader { key, holder })
-    }
-
-    /// Keeps the lease alive while leading; campaigns (every second) while not.
-    async fn keep_leading(self, lost: Arc<Notify>) {
-        let endpoints = self.endpoints.clone();
-        loop {
-            let lead = self.lead.lock().map(|l| *l).unwrap_or_default();
-            if lead.key_rev == 0 {
-                match tokio::time::timeout(OP_TIMEOUT, self.acquire()).await {
-                    Ok(Ok(())) => {
-                        info!(%endpoints, "leading the cluster state on etcd again");
-                        continue;
-                    }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "campaigning for the leader key"),
-                    Err(_) => tracing::debug!("campaigning: etcd did not answer"),
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-            let mut c = self.client.clone();
-            let opened = tokio::time::timeout(OP_TIMEOUT, c.lease_keep_alive(lead.lease)).await;
-            let Ok(Ok((mut keeper, mut stream))) = opened else {
-                tracing::debug!(%endpoints, "cannot renew the lease (etcd unreachable?)");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            };
-            loop {
-                let renew = async {
-                    keeper.keep_alive().await?;
-                    stream.message().await
-                };
-                match tokio::time::timeout(OP_TIMEOUT, renew).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                    Ok(Ok(Some(_))) => {
-                        warn!(%endpoints, "the leader key's lease expired; campaigning again");
-                        self.set(Leadership {
-                            lease: lead.lease,
-                            key_rev: 0,
-                        });
-                        break;
-                    }
-                    _ => {
-                        warn!(%endpoints, "cannot renew the leader key's lease; retrying");
-                        break;
-                    }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(KEEP_ALIVE_EVERY) => {}
-                    // A write found the key is not ours: campaign now.
-                    _ = lost.notified() => break,
-                }
-            }
-        }
-    }
 }

@@ -2,7 +2,8 @@
 //! I/O): the etcd driver (`etcd.rs`) sends what these functions compute.
 //!
 //! ```text
-//! PREFIX/leader                     the manager that may write (its lease keeps the key)
+//! PREFIX/leader                     the manager that may write, as a LeaderInfo (its lease
+//!                                   keeps the key)
 //! PREFIX/state/meta                 the scalar fields: {"format":1,"revision":42}
 //! PREFIX/state/networks/NAME        one network, as JSON
 //! PREFIX/state/services/NAME        one service
@@ -11,6 +12,8 @@
 //! PREFIX/state/endpoints/CONTAINER/IFNAME   one runtime endpoint
 //! PREFIX/state/history/TASK-ID      one past task (its addresses reserved until released)
 //! PREFIX/state/certs/NAME           the certificates accepted for one node
+//! PREFIX/secrets/NAME               one secret the managers share (naming::Secret: ca.key,
+//!                                   ca.pem, join-secret, join-secret-manager, cert-expiry)
 //! ```
 //!
 //! Every object is its own key so that no request nears etcd's 1.5 MiB limit, and a change
@@ -19,9 +22,13 @@
 //! *collection* of `ClusterState` goes into [`COLLECTIONS`] (until then it rides in `meta`,
 //! which is correct, only not per object).
 
+use crate::naming::Secret;
 use protocol::state::ClusterState;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
 
 /// The fields of [`ClusterState`] that are maps of objects: each entry gets a key.
 pub const COLLECTIONS: [&str; 7] = [
@@ -73,6 +80,53 @@ impl Layout {
     /// The key of one object of a collection.
     pub fn object(&self, collection: &str, name: &str) -> String {
         format!("{}{collection}/{name}", self.state_prefix())
+    }
+
+    /// Every secret's key starts with this; apart from the state's, so that reading the
+    /// state never reads a secret.
+    pub fn secrets_prefix(&self) -> String {
+        format!("{}/secrets/", self.prefix)
+    }
+
+    /// The key of one secret the managers share.
+    pub fn secret(&self, secret: Secret) -> String {
+        format!("{}{}", self.secrets_prefix(), secret.name())
+    }
+}
+
+/// What the leader key holds: who leads, and where the other managers reach it to pass
+/// changes on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderInfo {
+    /// The leading manager's node name.
+    pub node: String,
+    /// Its control address (QUIC), if it serves one.
+    pub control: Option<SocketAddr>,
+}
+
+impl LeaderInfo {
+    /// The leader key's value: JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a name and an address always encode")
+    }
+
+    /// Reads the leader key's value: JSON, or the bare node name that managers wrote before
+    /// there were followers to tell where to reach them.
+    pub fn parse(value: &[u8]) -> LeaderInfo {
+        serde_json::from_slice(value).unwrap_or_else(|_| LeaderInfo {
+            node: String::from_utf8_lossy(value).trim().to_string(),
+            control: None,
+        })
+    }
+}
+
+/// As error messages name the holder: `n1`, or `n1 at 198.18.0.1:2377`.
+impl fmt::Display for LeaderInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.control {
+            Some(addr) => write!(f, "{} at {addr}", self.node),
+            None => f.write_str(&self.node),
+        }
     }
 }
 
@@ -371,6 +425,64 @@ mod tests {
             applied.remove(k);
         }
         assert_eq!(assemble(&l, &applied).unwrap(), Some(after));
+    }
+
+    #[test]
+    fn the_leader_key_says_who_leads_and_where_old_bare_names_still_read() {
+        let info = LeaderInfo {
+            node: "m1".into(),
+            control: Some("198.18.0.1:2377".parse().unwrap()),
+        };
+        assert_eq!(
+            info.encode(),
+            br#"{"node":"m1","control":"198.18.0.1:2377"}"#.to_vec()
+        );
+        assert_eq!(LeaderInfo::parse(&info.encode()), info);
+        assert_eq!(info.to_string(), "m1 at 198.18.0.1:2377");
+        let bare = LeaderInfo {
+            node: "n1".into(),
+            control: None,
+        };
+        assert_eq!(
+            LeaderInfo::parse(b"n1"),
+            bare,
+            "as earlier versions wrote it"
+        );
+        assert_eq!(
+            LeaderInfo::parse(b"n1\n"),
+            bare,
+            "as an operator's etcdctl put may"
+        );
+        assert_eq!(bare.to_string(), "n1");
+        assert_eq!(
+            LeaderInfo::parse(br#"{"node":"n2","control":null}"#).node,
+            "n2"
+        );
+        // A bare name that happens to be JSON is still a name.
+        assert_eq!(LeaderInfo::parse(b"42").node, "42");
+    }
+
+    #[test]
+    fn secrets_have_their_own_keys_outside_the_state() {
+        let l = Layout::new("/overlay/");
+        assert_eq!(l.secret(Secret::CaKey), "/overlay/secrets/ca.key");
+        assert_eq!(l.secret(Secret::CaCert), "/overlay/secrets/ca.pem");
+        assert_eq!(l.secret(Secret::WorkerJoin), "/overlay/secrets/join-secret");
+        assert_eq!(
+            l.secret(Secret::ManagerJoin),
+            "/overlay/secrets/join-secret-manager"
+        );
+        assert_eq!(l.secret(Secret::CertExpiry), "/overlay/secrets/cert-expiry");
+        for s in Secret::ALL {
+            assert!(l.secret(s).starts_with(&l.secrets_prefix()));
+            assert!(
+                !l.secret(s).starts_with(&l.state_prefix()),
+                "not read as state"
+            );
+        }
+        // A state with every collection filled holds no key under the secrets' prefix.
+        let kvs = split(&l, &cluster()).unwrap();
+        assert!(kvs.keys().all(|k| !k.starts_with(&l.secrets_prefix())));
     }
 
     #[test]

@@ -6,12 +6,25 @@
 //! store).
 //!
 //! A manager may keep it on etcd instead (`--store etcd`, [`etcd`]): one key per object
-//! ([`layout`]), every change one transaction fenced on the manager's leader key. Then
-//! `state.json` is only read once, to import it into an empty etcd, and renamed
-//! `state.json.imported`: a second copy that nobody keeps up to date would only mislead.
+//! ([`layout`]), every change one transaction fenced on the leader key, for which every
+//! manager on the prefix campaigns. Then `state.json` is only read once, to import it into an
+//! empty etcd, and renamed `state.json.imported`: a second copy that nobody keeps up to date
+//! would only mislead.
+//!
+//! Besides the state, the store keeps what the managers share ([`Secret`]: the CA, the join
+//! secrets): files of the state directory (0600), or keys on etcd so that whichever manager
+//! leads next has them.
+//!
+//! A [`Store`] is a handle: clones share one open store (one etcd client and campaign, one
+//! directory lock), held for as long as any clone lives. The daemon gives one to each
+//! manager it starts over its life.
 
+mod campaign;
 pub mod etcd;
 pub mod layout;
+
+pub use crate::naming::Secret;
+pub use layout::LeaderInfo;
 
 use crate::durable::{write_atomic, PRIVATE};
 use nix::fcntl::{Flock, FlockArg};
@@ -19,6 +32,10 @@ use protocol::state::{ClusterState, FORMAT};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::info;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,6 +65,8 @@ pub enum StoreError {
     Conflict { prefix: String },
     #[error("etcd refused the change: {0}")]
     Refused(String),
+    #[error("the cluster's {name}: {why}")]
+    Secret { name: &'static str, why: String },
     #[error("the state in etcd: {0}")]
     Layout(layout::LayoutError),
     #[error("{0}")]
@@ -121,57 +140,145 @@ impl Drop for NameLock {
     }
 }
 
-pub struct Store {
+/// An open store; cheap to clone (see the module's doc).
+#[derive(Clone)]
+pub struct Store(Arc<Open>);
+
+struct Open {
     dir: PathBuf,
-    /// Set with `--store etcd`: the state lives there, not in `state.json`.
-    etcd: Option<etcd::EtcdStore>,
+    backend: Backend,
     _lock: Flock<File>,
 }
 
+enum Backend {
+    /// `state.json` and the files beside it. There is no election: this manager is the only
+    /// one, and always leads (the channels say so to whoever asks).
+    File {
+        leading: watch::Sender<bool>,
+        leader: watch::Sender<Option<LeaderInfo>>,
+    },
+    // Boxed: the etcd store is large, the file store small.
+    Etcd(Box<etcd::EtcdStore>),
+}
+
+/// Opens (creating if needed) and locks a state directory.
+fn lock_dir(dir: &Path) -> Result<Flock<File>, StoreError> {
+    fs::create_dir_all(dir).map_err(|e| StoreError::Dir(dir.to_path_buf(), e))?;
+    let lock_path = crate::naming::state_lock(dir);
+    lock_exclusive(&lock_path)
+        .map_err(|e| StoreError::Dir(lock_path.clone(), e))?
+        .ok_or_else(|| StoreError::Locked(dir.to_path_buf()))
+}
+
 impl Store {
-    /// Opens (creating if needed) and locks a state directory.
+    /// Opens (creating if needed) and locks a state directory; the state is `state.json`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        fs::create_dir_all(dir).map_err(|e| StoreError::Dir(dir.to_path_buf(), e))?;
-        let lock_path = crate::naming::state_lock(dir);
-        let lock = lock_exclusive(&lock_path)
-            .map_err(|e| StoreError::Dir(lock_path.clone(), e))?
-            .ok_or_else(|| StoreError::Locked(dir.to_path_buf()))?;
-        Ok(Store {
+        let lock = lock_dir(dir)?;
+        Ok(Store(Arc::new(Open {
             dir: dir.to_path_buf(),
-            etcd: None,
+            backend: Backend::File {
+                leading: watch::Sender::new(true),
+                leader: watch::Sender::new(None),
+            },
             _lock: lock,
-        })
+        })))
     }
 
-    /// Opens and locks a state directory, and keeps the desired state on etcd: connects and
-    /// takes the leader key under `cfg.prefix` as `me` (see [`etcd`]).
-    pub fn open_etcd(dir: &Path, cfg: &etcd::EtcdConfig, me: &str) -> Result<Store, StoreError> {
-        let mut store = Store::open(dir)?;
-        store.etcd = Some(etcd::EtcdStore::open(cfg, me, dir)?);
-        Ok(store)
+    /// Opens and locks a state directory, and keeps the desired state on etcd: connects,
+    /// and campaigns for the leader key under `cfg.prefix` as `me` (see [`etcd`]). Returns
+    /// without waiting to lead.
+    pub fn open_etcd(
+        dir: &Path,
+        cfg: &etcd::EtcdConfig,
+        me: &LeaderInfo,
+    ) -> Result<Store, StoreError> {
+        let lock = lock_dir(dir)?;
+        let etcd = etcd::EtcdStore::open(cfg, me, dir)?;
+        Ok(Store(Arc::new(Open {
+            dir: dir.to_path_buf(),
+            backend: Backend::Etcd(Box::new(etcd)),
+            _lock: lock,
+        })))
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.0.dir
+    }
+
+    fn etcd(&self) -> Option<&etcd::EtcdStore> {
+        match &self.0.backend {
+            Backend::Etcd(e) => Some(e),
+            Backend::File { .. } => None,
+        }
     }
 
     fn state_path(&self) -> PathBuf {
-        crate::naming::state_file(&self.dir)
+        crate::naming::state_file(self.dir())
     }
 
-    /// The saved state, or an empty one on first start. On etcd: the state there, or, if
-    /// etcd holds none, `state.json` imported into it (then renamed `state.json.imported`).
+    /// True while this manager holds the leader key (always, on the file store).
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        match &self.0.backend {
+            Backend::File { leading, .. } => leading.subscribe(),
+            Backend::Etcd(e) => e.leading(),
+        }
+    }
+
+    /// Who leads, as this manager last saw the leader key (itself while it leads). `None`
+    /// when nobody does, when etcd has not answered yet, and on the file store (no election).
+    pub fn leader(&self) -> Option<LeaderInfo> {
+        match &self.0.backend {
+            Backend::File { leader, .. } => leader.borrow().clone(),
+            Backend::Etcd(e) => e.leader(),
+        }
+    }
+
+    /// [`Store::leader`], changing when the leader does: a follower re-targets on it.
+    pub fn watch_leader(&self) -> watch::Receiver<Option<LeaderInfo>> {
+        match &self.0.backend {
+            Backend::File { leader, .. } => leader.subscribe(),
+            Backend::Etcd(e) => e.watch_leader(),
+        }
+    }
+
+    /// Waits up to `within` for this manager to lead (at once on the file store); refuses,
+    /// naming the holder, if another manager still does (a start that must lead: `--init`).
+    pub async fn wait_leading(&self, within: Duration) -> Result<(), StoreError> {
+        match self.etcd() {
+            Some(etcd) => etcd.wait_leading(within).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The saved state, or an empty one on first start. On etcd, for a manager that has just
+    /// taken the lead (at every takeover: it forgets what it wrote when it led before): the
+    /// state there, or, if etcd holds none, `state.json` imported into it (then renamed
+    /// `state.json.imported`); and the secrets of the state directory imported if etcd holds
+    /// none ([`etcd::EtcdStore::import_secrets`]), so a cluster moving to etcd keeps its CA
+    /// and tokens. Importing needs the lead.
     pub fn load(&self) -> Result<ClusterState, StoreError> {
-        let Some(etcd) = &self.etcd else {
+        let Some(etcd) = self.etcd() else {
             return Ok(self.load_file()?.unwrap_or_default());
         };
         let (state, imported) = etcd.load(self.load_file()?)?;
         let path = self.state_path();
         if imported {
-            let to = crate::naming::state_file_imported(&self.dir);
+            let to = crate::naming::state_file_imported(self.dir());
             fs::rename(&path, &to).map_err(|e| StoreError::Write(to, e))?;
         }
+        if etcd.import_secrets(self.file_secrets()?)? {
+            info!(dir = %self.dir().display(), "imported the CA and join secrets into etcd");
+        }
         Ok(state)
+    }
+
+    /// The stored state, for a manager that does not lead: read, nothing written or
+    /// imported; `None` if there is none yet.
+    pub fn read_state(&self) -> Result<Option<ClusterState>, StoreError> {
+        match self.etcd() {
+            Some(etcd) => etcd.read_state(),
+            None => self.load_file(),
+        }
     }
 
     /// `state.json`, if there is one.
@@ -194,13 +301,52 @@ impl Store {
     }
 
     pub fn save(&self, state: &ClusterState) -> Result<(), StoreError> {
-        if let Some(etcd) = &self.etcd {
+        if let Some(etcd) = self.etcd() {
             return etcd.save(state);
         }
         let path = self.state_path();
         let body = serde_json::to_vec_pretty(state)
             .map_err(|e| StoreError::Write(path.clone(), e.into()))?;
         write_atomic(&path, &body, PRIVATE).map_err(|e| StoreError::Write(path, e))
+    }
+
+    /// One secret the managers share, if the store holds it. On etcd any manager may read
+    /// it, leading or not.
+    pub fn secret(&self, secret: Secret) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.etcd() {
+            Some(etcd) => etcd.secret(secret),
+            None => self.file_secret(secret),
+        }
+    }
+
+    /// Replaces one secret the managers share. On etcd only the leader may (fenced like the
+    /// state).
+    pub fn put_secret(&self, secret: Secret, value: &[u8]) -> Result<(), StoreError> {
+        if let Some(etcd) = self.etcd() {
+            return etcd.put_secret(secret, value);
+        }
+        let path = crate::naming::secret_file(self.dir(), secret);
+        write_atomic(&path, value, PRIVATE).map_err(|e| StoreError::Write(path, e))
+    }
+
+    fn file_secret(&self, secret: Secret) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = crate::naming::secret_file(self.dir(), secret);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Read(path, e)),
+        }
+    }
+
+    /// Every secret the state directory holds as a file.
+    fn file_secrets(&self) -> Result<Vec<(Secret, Vec<u8>)>, StoreError> {
+        let mut found = Vec::new();
+        for secret in Secret::ALL {
+            if let Some(bytes) = self.file_secret(secret)? {
+                found.push((secret, bytes));
+            }
+        }
+        Ok(found)
     }
 }
 

@@ -309,7 +309,11 @@ async fn info(State(st): State<ApiState>) -> ApiResult<api::Info> {
     let role = match st.cluster.mode() {
         Mode::Manager { join: None, .. } => "standalone",
         Mode::Manager { .. } => "manager",
-        Mode::Worker(_) => "worker",
+        // A manager that follows another (on etcd), or a promoted node, is a manager.
+        Mode::Worker(_) => match snap.state.nodes.get(st.node.as_str()) {
+            Some(n) if n.role == protocol::state::Role::Manager => "manager",
+            _ => "worker",
+        },
     };
     Ok(Json(api::Info {
         api_version: api::API_VERSION,

@@ -5,6 +5,7 @@
 
 use crate::agent::{Agent, Planes};
 use crate::api::{self, ApiState};
+use crate::cluster::candidate::Candidate;
 use crate::cluster::pki::{self, Ca, Identity, Token};
 use crate::cluster::server::{self, ServerCtx, Serving};
 use crate::cluster::tokens::JoinTokens;
@@ -16,14 +17,18 @@ use crate::forward::io::Datapath;
 use crate::forward::underlay::Sockets;
 use crate::manager::Manager;
 use crate::naming;
-use crate::store::Store;
+use crate::naming::Secret;
+use crate::store::{LeaderInfo, Store};
 use anyhow::{bail, Context};
 use datapath::conntrack::ConnTable;
 use datapath::stats::Counters;
 use protocol::control::ToManager;
 use protocol::state::Pool;
+use protocol::state::Role;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -74,33 +79,10 @@ async fn start_manager(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Cluster> {
     let view = View::new(Default::default());
-    let dir = store.dir().to_path_buf();
-    let ca_cert = naming::ca_cert(&dir);
-    let ca_key = naming::ca_key(&dir);
-    let ca = if ca_cert.exists() && ca_key.exists() {
-        Ca {
-            cert_pem: pki::read(&ca_cert)?,
-            key_pem: pki::read(&ca_key)?,
-        }
-    } else {
-        let ca = Ca::generate()?;
-        pki::write_private(&ca_key, &ca.key_pem)?;
-        pki::write_private(&ca_cert, &ca.cert_pem)?;
-        info!("created the cluster CA");
-        ca
-    };
-    let cert_expiry = cert_expiry(cfg, &dir)?;
-    let identity = ca.manager_identity()?;
-    let tls = pki::server_config(&ca, &identity)?;
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC TLS config")?;
-    let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server_cfg.transport_config(wire::transport());
-    let listen = cfg
-        .listen_addr
-        .unwrap_or_else(|| std::net::SocketAddr::new(advertise.into(), CONTROL_PORT));
-    let endpoint = quinn::Endpoint::server(server_cfg, listen)
-        .with_context(|| format!("binding the control port {listen} (UDP)"))?;
+    let ca = cluster_ca(&store, true)?;
+    let cert_expiry = cert_expiry(cfg, &store)?;
+    let listen = control_listen(cfg, advertise);
+    let endpoint = control_endpoint(&ca, listen)?;
     // Loading first: on etcd it imports a file-store manager's join secrets.
     let manager = Arc::new(Manager::open(
         store.clone(),
@@ -114,6 +96,7 @@ async fn start_manager(
         pki::ca_digest(ca.cert_der()?.as_ref()),
     )?);
     configure(&manager, cfg)?;
+    manager.spawn_ticks(shutdown.clone());
     let ctx = Arc::new(ServerCtx {
         manager: manager.clone(),
         ca,
@@ -150,20 +133,7 @@ async fn start_worker(
         naming::ca_cert(&dir),
         naming::manager_addr_file(&dir),
     );
-    if !cert.exists() {
-        let (Some(addr), Some(token)) = (cfg.join, cfg.token.as_deref()) else {
-            bail!("this node has not joined a cluster: pass --join ADDR --token TOKEN");
-        };
-        let token = Token::parse(token)?;
-        let (id, ca_pem) = worker::join(addr, &token, &cfg.node, advertise, cfg.data_path_port)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-        pki::write_private(&key, &id.key_pem)?;
-        pki::write_private(&cert, &id.cert_pem)?;
-        pki::write_private(&ca, &ca_pem)?;
-        pki::write_private(&mgr, &addr.to_string())?;
-        info!(manager = %addr, "joined the cluster");
-    }
+    join_if_new(cfg, &dir, advertise).await?;
     // `--join` first, then the managers this node last knew.
     let mut managers: Vec<_> = cfg.join.into_iter().collect();
     managers.extend(worker::read_managers(&mgr));
@@ -196,22 +166,159 @@ async fn start_worker(
 }
 
 /// How long the node certificates this manager signs last: `--cert-expiry` (kept in the
-/// state directory for later starts), or what an earlier start kept, or Swarm's 90 days.
-fn cert_expiry(cfg: &Config, dir: &Path) -> anyhow::Result<std::time::Duration> {
-    let path = naming::cert_expiry_file(dir);
+/// store for later starts and other managers), or what was kept, or Swarm's 90 days. A
+/// manager that does not lead cannot keep it: the leader's is what counts.
+fn cert_expiry(cfg: &Config, store: &Store) -> anyhow::Result<Duration> {
     if let Some(d) = cfg.cert_expiry {
-        durable::write_atomic(&path, d.as_secs().to_string().as_bytes(), durable::PUBLIC)
-            .with_context(|| format!("writing {}", path.display()))?;
-        return Ok(d);
+        match store.put_secret(Secret::CertExpiry, d.as_secs().to_string().as_bytes()) {
+            Ok(()) => return Ok(d),
+            Err(e) => {
+                warn!(error = %e, "--cert-expiry is kept by the leading manager; set it there")
+            }
+        }
     }
-    match std::fs::read_to_string(&path) {
-        Ok(s) => s
+    match store.secret(Secret::CertExpiry)? {
+        Some(s) => String::from_utf8_lossy(&s)
             .trim()
             .parse()
-            .map(std::time::Duration::from_secs)
-            .with_context(|| format!("reading {}", path.display())),
-        Err(_) => Ok(pki::DEFAULT_CERT_EXPIRY),
+            .map(Duration::from_secs)
+            .context("reading the kept certificate expiry"),
+        None => Ok(cfg.cert_expiry.unwrap_or(pki::DEFAULT_CERT_EXPIRY)),
     }
+}
+
+/// The cluster CA, from the store (a file store's files, or etcd's keys, where any manager
+/// that leads finds it). Made there if there is none and `may_create` (a manager that makes
+/// the cluster).
+fn cluster_ca(store: &Store, may_create: bool) -> anyhow::Result<Ca> {
+    let text = |s: Secret| -> anyhow::Result<Option<String>> {
+        Ok(store
+            .secret(s)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    };
+    if let (Some(cert_pem), Some(key_pem)) = (text(Secret::CaCert)?, text(Secret::CaKey)?) {
+        return Ok(Ca { cert_pem, key_pem });
+    }
+    if !may_create {
+        bail!(
+            "the store holds no cluster CA: start the first manager with --init, and join the \
+             others with the manager token"
+        );
+    }
+    let ca = Ca::generate()?;
+    store.put_secret(Secret::CaKey, ca.key_pem.as_bytes())?;
+    store.put_secret(Secret::CaCert, ca.cert_pem.as_bytes())?;
+    info!("created the cluster CA");
+    Ok(ca)
+}
+
+/// Where the control endpoint listens: `--listen-addr`, or the advertised address on 2377.
+fn control_listen(cfg: &Config, advertise: Ipv4Addr) -> SocketAddr {
+    cfg.listen_addr
+        .unwrap_or_else(|| SocketAddr::new(advertise.into(), CONTROL_PORT))
+}
+
+/// The address other nodes reach the control endpoint at (a wildcard listen address is
+/// reached on the advertised one).
+fn control_advertised(listen: SocketAddr, advertise: Ipv4Addr) -> SocketAddr {
+    if listen.ip().is_unspecified() {
+        SocketAddr::new(advertise.into(), listen.port())
+    } else {
+        listen
+    }
+}
+
+/// The control endpoint (QUIC, TLS 1.3 with the CA's manager identity, client certificates
+/// verified when shown) bound on `listen`.
+fn control_endpoint(ca: &Ca, listen: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let identity = ca.manager_identity()?;
+    let tls = pki::server_config(ca, &identity)?;
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC TLS config")?;
+    let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server_cfg.transport_config(wire::transport());
+    quinn::Endpoint::server(server_cfg, listen)
+        .with_context(|| format!("binding the control port {listen} (UDP)"))
+}
+
+/// Joins the cluster at `--join` with `--token` if this node holds no certificate yet; keeps
+/// the key, the certificate, the CA it trusts and the manager's address.
+async fn join_if_new(cfg: &Config, dir: &Path, advertise: Ipv4Addr) -> anyhow::Result<()> {
+    if naming::node_cert(dir).exists() {
+        return Ok(());
+    }
+    let (Some(addr), Some(token)) = (cfg.join, cfg.token.as_deref()) else {
+        bail!("this node has not joined a cluster: pass --join ADDR --token TOKEN");
+    };
+    let token = Token::parse(token)?;
+    let (id, ca_pem) = worker::join(addr, &token, &cfg.node, advertise, cfg.data_path_port)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    pki::write_private(&naming::node_key(dir), &id.key_pem)?;
+    pki::write_private(&naming::node_cert(dir), &id.cert_pem)?;
+    pki::write_private(&naming::ca_cert(dir), &ca_pem)?;
+    pki::write_private(&naming::manager_addr_file(dir), &addr.to_string())?;
+    info!(manager = %addr, "joined the cluster");
+    Ok(())
+}
+
+/// Starts this node as one of the managers that share the state on etcd
+/// ([`crate::cluster::candidate`]): the first one (`--init`, or a file-store manager's
+/// directory) makes the cluster and leads; the others join with the manager token. Each
+/// takes the CA and join secrets from etcd, serves the control endpoint and leads or follows
+/// as etcd's election decides.
+async fn start_candidate(
+    cfg: &Config,
+    store: Store,
+    pool: Pool,
+    advertise: Ipv4Addr,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Cluster> {
+    let dir = store.dir().to_path_buf();
+    let founding = !naming::node_cert(&dir).exists() && (cfg.init || naming::ca_key(&dir).exists());
+    let view = if founding {
+        store.wait_leading(crate::store::etcd::STARTUP_WAIT).await?;
+        // Imports a file-store manager's state and secrets into an empty etcd.
+        View::new(store.load()?)
+    } else {
+        join_if_new(cfg, &dir, advertise).await?;
+        let cert = pki::read(&naming::node_cert(&dir))?;
+        if pki::cert_info_pem(&cert).and_then(|c| c.role) != Some(Role::Manager) {
+            bail!(
+                "this node's certificate is a worker's: --store etcd is for managers (join with \
+                 the manager token, or promote the node and let it renew its certificate)"
+            );
+        }
+        View::new(store.read_state()?.unwrap_or_default())
+    };
+    let ca = cluster_ca(&store, founding)?;
+    let tokens = Arc::new(JoinTokens::open(
+        &store,
+        pki::ca_digest(ca.cert_der()?.as_ref()),
+    )?);
+    let cert_expiry = cert_expiry(cfg, &store)?;
+    let listen = control_listen(cfg, advertise);
+    let endpoint = control_endpoint(&ca, listen)?;
+    let leader = store.leader().and_then(|l| l.control);
+    let (serving, serving_rx) = watch::channel(Serving::Follower { leader });
+    tokio::spawn(server::serve(endpoint, serving_rx, shutdown.clone()));
+    info!(%listen, "cluster manager listening (QUIC, mutual TLS); leading or following as etcd decides");
+    let settings = cfg.clone();
+    let candidate = Candidate {
+        node: cfg.node.clone(),
+        advertise,
+        data_port: cfg.data_path_port,
+        control: control_advertised(listen, advertise),
+        pool,
+        state_dir: dir,
+        store,
+        ca,
+        tokens,
+        cert_expiry,
+        serving,
+        configure: Arc::new(move |m: &Manager| configure(m, &settings)),
+    };
+    Ok(candidate.start(view, shutdown.clone()))
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -222,25 +329,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let store = match cfg.store {
         StoreKind::File => Store::open(&state_dir)?,
         StoreKind::Etcd => {
-            // Only a manager owns the desired state; a worker keeps the last snapshot.
-            if cfg.join.is_some() || naming::node_cert(&state_dir).exists() {
-                bail!("--store etcd is for a manager: a worker keeps no desired state of its own");
-            }
-            if !cfg.init && !naming::ca_key(&state_dir).exists() {
-                bail!(
-                    "--store etcd is for a cluster manager: start it with --init (or on the \
-                     state directory of one)"
-                );
-            }
+            let Some(advertise) = cfg.advertise_addr else {
+                bail!("--store etcd is for a cluster's managers: pass --advertise-addr");
+            };
             let etcd = cfg.etcd();
-            let me = crate::store::LeaderInfo {
+            let me = LeaderInfo {
                 node: cfg.node.to_string(),
-                control: cfg.listen_addr.or(cfg
-                    .advertise_addr
-                    .map(|a| std::net::SocketAddr::new(a.into(), CONTROL_PORT))),
+                control: Some(control_advertised(
+                    control_listen(&cfg, advertise),
+                    advertise,
+                )),
             };
             let store = Store::open_etcd(&state_dir, &etcd, &me)?;
-            store.wait_leading(crate::store::etcd::STARTUP_WAIT).await?;
             info!(endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "the desired state is on etcd");
             store
         }
@@ -282,8 +382,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             pool.pool
         );
     }
-    let is_worker = cfg.join.is_some() || naming::node_cert(&state_dir).exists();
-    let is_manager = cfg.init || naming::ca_key(&state_dir).exists();
+    let on_etcd = cfg.store == StoreKind::Etcd;
+    let is_worker = !on_etcd && (cfg.join.is_some() || naming::node_cert(&state_dir).exists());
+    let is_manager = on_etcd || cfg.init || naming::ca_key(&state_dir).exists();
     if is_worker && is_manager {
         bail!(
             "{} holds a manager's CA: this node cannot also join another cluster",
@@ -300,6 +401,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let shutdown = CancellationToken::new();
     let cluster = match cfg.advertise_addr {
+        Some(a) if on_etcd => start_candidate(&cfg, store, pool, a, &shutdown).await?,
         Some(a) if is_worker => start_worker(&cfg, store, a, &shutdown).await?,
         Some(a) if is_manager => start_manager(&cfg, store, pool, a, &shutdown).await?,
         advertise => {
@@ -313,6 +415,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             )?;
             configure(&manager, &cfg)?;
             let manager = Arc::new(manager);
+            manager.spawn_ticks(shutdown.clone());
             Cluster::new(
                 Mode::Manager {
                     manager,
@@ -322,10 +425,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             )
         }
     };
-
-    if let Mode::Manager { manager, .. } = cluster.mode() {
-        manager.spawn_ticks(shutdown.clone());
-    }
 
     let counters = Arc::new(Counters::default());
     let ingress_counters = Arc::new(crate::ingress::stats::Registry::default());

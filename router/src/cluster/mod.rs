@@ -3,6 +3,7 @@
 //! ([`worker`]), the join tokens of both roles ([`tokens`]), and [`Cluster`], the one handle
 //! the API and the agent use whatever this node's role is.
 
+pub mod candidate;
 pub mod pki;
 pub mod server;
 pub mod session;

@@ -80,6 +80,7 @@ fn validity(params: &mut CertificateParams, lifetime: Duration) {
 }
 
 /// The cluster CA: certificate and key, as PEM.
+#[derive(Clone)]
 pub struct Ca {
     pub cert_pem: String,
     pub key_pem: String,

@@ -49,7 +49,7 @@ pub struct ServerCtx {
 impl ServerCtx {
     /// Signs `csr_pem` for `node` with `role`; returns the certificate and what the state
     /// records of it.
-    fn sign(
+    pub(super) fn sign(
         &self,
         node: &NodeName,
         role: Role,

@@ -451,8 +451,12 @@ impl Link {
         // The API's view first: whoever waits for a revision then reads this one.
         self.snapshot.send_replace(Arc::new(snap));
         if let Some(state) = state {
-            if let Err(e) = store.save(&state) {
-                warn!(error = %e, "cannot persist the cluster state");
+            // A manager on etcd keeps no copy: etcd holds the state it follows, and a copy
+            // that may lag would be a second truth.
+            if !store.on_etcd() {
+                if let Err(e) = store.save(&state) {
+                    warn!(error = %e, "cannot persist the cluster state");
+                }
             }
             self.view.state.send_replace(Arc::new(state));
         }

@@ -205,6 +205,11 @@ impl Store {
         &self.0.dir
     }
 
+    /// Whether the state lives on etcd (shared by the managers) rather than in this directory.
+    pub fn on_etcd(&self) -> bool {
+        self.etcd().is_some()
+    }
+
     fn etcd(&self) -> Option<&etcd::EtcdStore> {
         match &self.0.backend {
             Backend::Etcd(e) => Some(e),

@@ -35,6 +35,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// Applies the manager's command-line settings to a manager (at every takeover).
+pub type Configure = Arc<dyn Fn(&Manager) -> anyhow::Result<()> + Send + Sync>;
+
 /// Everything a manager candidate needs to follow or to lead.
 pub struct Candidate {
     pub node: NodeName,
@@ -51,7 +54,7 @@ pub struct Candidate {
     /// What the control endpoint does.
     pub serving: watch::Sender<Serving>,
     /// The manager's settings from the command line, applied at every takeover.
-    pub configure: Arc<dyn Fn(&Manager) -> anyhow::Result<()> + Send + Sync>,
+    pub configure: Configure,
 }
 
 impl Candidate {

@@ -118,6 +118,7 @@ mod tests {
                 advertise_addr: None,
                 data_port: 4789,
                 joined_at: 0,
+                control_addr: None,
             });
         }
         let down = h.down_since(&state, 1_000);

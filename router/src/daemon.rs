@@ -262,6 +262,12 @@ async fn join_if_new(cfg: &Config, dir: &Path, advertise: Ipv4Addr) -> anyhow::R
     Ok(())
 }
 
+/// Whether this manager on etcd makes the cluster (`--init`, or a file-store manager's
+/// directory moving to etcd) rather than joining it: it holds no member certificate yet.
+fn founds_cluster(cfg: &Config, dir: &Path) -> bool {
+    !naming::node_cert(dir).exists() && (cfg.init || naming::ca_key(dir).exists())
+}
+
 /// Starts this node as one of the managers that share the state on etcd
 /// ([`crate::cluster::candidate`]): the first one (`--init`, or a file-store manager's
 /// directory) makes the cluster and leads; the others join with the manager token. Each
@@ -275,10 +281,9 @@ async fn start_candidate(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Cluster> {
     let dir = store.dir().to_path_buf();
-    let founding = !naming::node_cert(&dir).exists() && (cfg.init || naming::ca_key(&dir).exists());
+    let founding = founds_cluster(cfg, &dir);
     let view = if founding {
-        store.wait_leading(crate::store::etcd::STARTUP_WAIT).await?;
-        // Imports a file-store manager's state and secrets into an empty etcd.
+        // It leads (`run` waited). Imports a file-store manager's state and secrets into an empty etcd.
         View::new(store.load()?)
     } else {
         join_if_new(cfg, &dir, advertise).await?;
@@ -341,6 +346,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 )),
             };
             let store = Store::open_etcd(&state_dir, &etcd, &me)?;
+            // The manager that makes the cluster must lead; before anything else is bound.
+            if founds_cluster(&cfg, &state_dir) {
+                store.wait_leading(crate::store::etcd::STARTUP_WAIT).await?;
+            }
             info!(endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "the desired state is on etcd");
             store
         }

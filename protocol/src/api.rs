@@ -229,6 +229,12 @@ pub struct ServiceCreate {
     /// Published ports (`--publish`).
     #[serde(default)]
     pub ports: Vec<PortSpec>,
+    /// `--health-cmd` and friends.
+    #[serde(default)]
+    pub healthcheck: Option<crate::state::HealthCheck>,
+    /// `--stop-grace-period`, seconds.
+    #[serde(default)]
+    pub stop_grace_period_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -534,6 +540,30 @@ pub struct TaskStatus {
     pub restarts: u32,
     /// Unix seconds of the last state change.
     pub since: u64,
+    /// What its health check says, if it has one (`None`: no check).
+    #[serde(default)]
+    pub health: Option<TaskHealth>,
+}
+
+/// A task's health, as Docker shows it: `Running (healthy)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskHealth {
+    /// Checked, not yet healthy, still in its start period or first interval.
+    Starting,
+    Healthy,
+    /// `retries` checks in a row failed.
+    Unhealthy,
+}
+
+impl std::fmt::Display for TaskHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TaskHealth::Starting => "starting",
+            TaskHealth::Healthy => "healthy",
+            TaskHealth::Unhealthy => "unhealthy",
+        })
+    }
 }
 
 impl TaskStatus {
@@ -544,6 +574,7 @@ impl TaskStatus {
             pid: None,
             restarts: 0,
             since: now,
+            health: None,
         }
     }
 }

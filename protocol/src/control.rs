@@ -32,8 +32,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 /// `Renewed`), the membership operations (`SetRole`, `RemoveNode`) and the state's record
 /// of node certificates. Version 5 added several managers: `Hello` says where a manager
 /// candidate serves the control endpoint (`control_addr`, also in the state's `Node`), and a
-/// manager that does not lead answers `Join` and `Hello` with `Redirect`.
-pub const VERSION: u32 = 5;
+/// manager that does not lead answers `Join` and `Hello` with `Redirect`. Version 6 added
+/// what a rolling update and health checks need: each task carries its spec (`Task.spec`),
+/// services a health check and a stop grace period, task statuses a health.
+pub const VERSION: u32 = 6;
 /// Largest frame either end accepts (a snapshot of a large cluster fits many times over).
 pub const MAX_FRAME: usize = 16 << 20;
 /// The name every manager certificate carries, and that nodes verify.
@@ -293,6 +295,7 @@ mod tests {
                     pid: Some(42),
                     restarts: 1,
                     since: 7,
+                    health: Some(crate::api::TaskHealth::Healthy),
                 },
             }],
         });

@@ -632,6 +632,7 @@ fn past_task_view(p: &protocol::state::PastTask) -> TaskView {
         pid: None,
         restarts: 0,
         since: p.ended_at,
+        health: None,
     };
     view_of(&p.task, "shutdown", status)
 }

@@ -97,6 +97,7 @@ mod tests {
             pid: None,
             restarts: 0,
             since: 0,
+            health: None,
         }
     }
 
@@ -153,6 +154,8 @@ mod tests {
                 aliases: Default::default(),
                 lb_idle_timeout: Some(10),
                 ports: vec![],
+                healthcheck: None,
+                stop_grace_period_s: None,
             },
         );
         let mut statuses = BTreeMap::new();
@@ -177,6 +180,7 @@ mod tests {
                         address: ip,
                         mac: MacAddr::from_ipv4(ip),
                     }],
+                    spec: Default::default(),
                 },
             );
             statuses.insert(name, (format!("id{slot}"), status(st)));

@@ -53,6 +53,7 @@ impl Reporter {
             pid,
             restarts: self.restarts,
             since: now(),
+            health: None,
         };
         if let Ok(mut b) = self.board.write() {
             b.insert(

@@ -68,6 +68,8 @@ pub(super) fn svc(name: &str, nets: &[&str], replicas: u32) -> Service {
         aliases: BTreeMap::new(),
         lb_idle_timeout: None,
         ports: vec![],
+        healthcheck: None,
+        stop_grace_period_s: None,
     }
 }
 

@@ -52,7 +52,9 @@ pub use network::{
 pub use node::{Availability, Node, Role};
 pub use ports::{PortConfig, PortProtocol, ProxyProtocol, PublishMode, DYNAMIC_PORTS};
 pub use reschedule::DEFAULT_RESCHEDULE_AFTER_S;
-pub use service::{EndpointMode, Service, MAX_REPLICAS};
+pub use service::{
+    EndpointMode, HealthCheck, Service, TaskSpec, DEFAULT_STOP_GRACE_S, MAX_REPLICAS,
+};
 pub use task::{task_name, Attachment, Task};
 pub use vtep::Vtep;
 

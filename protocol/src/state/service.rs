@@ -63,6 +63,54 @@ pub struct Service {
     /// last entry in `networks`), through which every node's router reaches its tasks.
     #[serde(default)]
     pub ports: Vec<PortConfig>,
+    /// The health check its tasks run (`--health-cmd` and friends); `None`: none.
+    #[serde(default)]
+    pub healthcheck: Option<HealthCheck>,
+    /// How long a stopping task's open connections may take to finish, then how long it
+    /// has between SIGTERM and SIGKILL (`--stop-grace-period`; `None`: 10 s, as Docker).
+    #[serde(default)]
+    pub stop_grace_period_s: Option<u64>,
+}
+
+/// Docker's default `--stop-grace-period`.
+pub const DEFAULT_STOP_GRACE_S: u64 = 10;
+
+/// A task's health check, as Docker's `HEALTHCHECK` / `--health-*`: `command` runs inside the
+/// task's namespaces every `interval_s` (the first after `start_period_s` at most); it must
+/// exit 0 within `timeout_s`; `retries` failures in a row make the task unhealthy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub command: Vec<String>,
+    pub interval_s: u64,
+    pub timeout_s: u64,
+    pub retries: u32,
+    pub start_period_s: u64,
+}
+
+/// What one task runs: copied from its service when the task is made, so that tasks made
+/// from an earlier version of the service (a rolling update under way) keep running what
+/// they were made with.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub healthcheck: Option<HealthCheck>,
+    #[serde(default)]
+    pub stop_grace_period_s: Option<u64>,
+}
+
+impl Service {
+    /// What a task made now runs.
+    pub fn task_spec(&self) -> TaskSpec {
+        TaskSpec {
+            command: self.command.clone(),
+            env: self.env.clone(),
+            healthcheck: self.healthcheck.clone(),
+            stop_grace_period_s: self.stop_grace_period_s,
+        }
+    }
 }
 
 impl Service {

@@ -6,7 +6,7 @@
 //! rescheduling a lost node's tasks (`reschedule.rs`) all go through it. Tasks that leave
 //! go to the history (`history.rs`), never straight away.
 
-use super::{Availability, ClusterState, StateError, MAX_REPLICAS};
+use super::{Availability, ClusterState, StateError, TaskSpec, MAX_REPLICAS};
 use crate::types::{MacAddr, NetworkName, NodeName, ServiceName};
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
@@ -35,9 +35,31 @@ pub struct Task {
     pub slot: u32,
     pub node: NodeName,
     pub attachments: Vec<Attachment>,
+    /// What it runs (its service's spec when it was made; empty in state saved before tasks
+    /// carried it: [`ClusterState::ensure_task_specs`] fills it).
+    #[serde(default)]
+    pub spec: TaskSpec,
 }
 
 impl ClusterState {
+    /// Gives tasks saved before tasks carried their spec their service's; says whether it
+    /// changed anything.
+    pub fn ensure_task_specs(&mut self) -> bool {
+        let mut changed = false;
+        for task in self.tasks.values_mut() {
+            if task.spec.command.is_empty() {
+                if let Some(svc) = self.services.get(&task.service) {
+                    task.spec = svc.task_spec();
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.revision += 1;
+        }
+        changed
+    }
+
     /// Sets a service's replica count, adding or removing tasks (highest slots go first).
     /// Removed tasks go to the history (`history.rs`) with `ended_at` 0 (not known): prefer
     /// [`ClusterState::scale_service_at`].
@@ -129,12 +151,11 @@ impl ClusterState {
         new_id: &mut dyn FnMut() -> String,
         eligible: &dyn Fn(&NodeName) -> bool,
     ) -> Result<String, StateError> {
-        let networks = self
+        let svc = self
             .services
             .get(service)
-            .ok_or_else(|| StateError::NoSuchService(service.to_string()))?
-            .networks
-            .clone();
+            .ok_or_else(|| StateError::NoSuchService(service.to_string()))?;
+        let (networks, spec) = (svc.networks.clone(), svc.task_spec());
         let node = self.place(service, eligible)?;
         let mut attachments = Vec::new();
         for net_name in &networks {
@@ -156,6 +177,7 @@ impl ClusterState {
                 slot,
                 node,
                 attachments,
+                spec,
             },
         );
         Ok(name)

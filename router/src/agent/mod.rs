@@ -162,6 +162,7 @@ impl Agent {
                 pid: None,
                 restarts: 0,
                 since: now(),
+                health: None,
             };
             b.insert(
                 task.name.clone(),

@@ -54,10 +54,6 @@ impl Agent {
         state: &ClusterState,
         task: &Task,
     ) -> Result<LocalTask, String> {
-        let svc = state
-            .services
-            .get(&task.service)
-            .ok_or_else(|| format!("service {} not in state", task.service))?;
         self.report(task, TaskState::Starting, None);
         let mut specs = Vec::new();
         let mut bindings = Vec::new();
@@ -158,8 +154,8 @@ impl Agent {
             service: task.service.to_string(),
             slot: task.slot,
             node: self.node.to_string(),
-            command: svc.command.clone(),
-            env: svc.env.clone(),
+            command: task.spec.command.clone(),
+            env: task.spec.env.clone(),
             netns: ns_path.clone(),
             mntns: Some(mnt_path.clone()),
             log: naming::task_log(&self.state_dir, &task.name),

@@ -239,6 +239,8 @@ mod tests {
             aliases: Default::default(),
             lb_idle_timeout: None,
             ports,
+            healthcheck: None,
+            stop_grace_period_s: None,
         }
     }
 
@@ -252,6 +254,7 @@ mod tests {
                     pid: None,
                     restarts: 0,
                     since: 0,
+                    health: None,
                 };
                 (t.name.clone(), (t.id.clone(), st))
             })

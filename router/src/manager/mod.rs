@@ -92,6 +92,8 @@ impl Manager {
     ) -> Result<Manager, StoreError> {
         let mut state = store.load()?;
         let before = state.revision;
+        // Tasks saved before they carried their spec get their service's.
+        state.ensure_task_specs();
         // Services saved before VIPs existed get theirs now; a full network keeps it without.
         if let Err(e) = state.ensure_vips() {
             tracing::warn!(error = %e, "cannot give every service a VIP");
@@ -385,6 +387,8 @@ impl Manager {
             aliases,
             lb_idle_timeout: req.lb_idle_timeout,
             ports: req.ports.into_iter().map(Into::into).collect(),
+            healthcheck: req.healthcheck,
+            stop_grace_period_s: req.stop_grace_period_s,
         };
         let health = self.health.clone();
         self.change(|s| {

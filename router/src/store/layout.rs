@@ -295,6 +295,8 @@ mod tests {
             aliases: BTreeMap::new(),
             lb_idle_timeout: None,
             ports: Vec::new(),
+            healthcheck: None,
+            stop_grace_period_s: None,
         }
     }
 

@@ -3,8 +3,7 @@
 //! while the service's names keep resolving everywhere else; when its link returns it stops
 //! the tasks it no longer owns, so no address answers twice and DNS converges. Needs root.
 //!
-//! The cut lasts 15 s (the scenario says 30 s; the behaviour is the same past the
-//! grace, and the suite's time is better spent elsewhere).
+//! The cut lasts 30 s, as the scenario.
 
 use overlay_e2e::{
     pings, require_root, script_dir, unique, wait_for, write_script, Node, Underlay,
@@ -12,6 +11,9 @@ use overlay_e2e::{
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::time::{Duration, Instant};
+
+/// How long the victim is cut off.
+const CUT: Duration = Duration::from_secs(30);
 
 /// Resolves `web` and `tasks.web` every 100 ms for N seconds from inside a task (through
 /// the embedded resolver at 127.0.0.11); prints how many lookups failed.
@@ -96,7 +98,7 @@ fn lost_worker_is_replaced_and_stands_down_on_return() {
 
     // Names keep resolving on the surviving nodes for the whole outage and after it.
     let mut resolver = n1
-        .ctl_cmd(&["exec", "client.1", "--", "python3", &resolve, "30"])
+        .ctl_cmd(&["exec", "client.1", "--", "python3", &resolve, "45"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("resolver loop");
@@ -139,8 +141,8 @@ fn lost_worker_is_replaced_and_stands_down_on_return() {
         task_addresses(&n1, "client.1")
     );
 
-    // The link returns after 15 s: the victim stops the task it no longer owns.
-    let rest = Duration::from_secs(15).saturating_sub(cut.elapsed());
+    // The link returns after 30 s: the victim stops the task it no longer owns.
+    let rest = CUT.saturating_sub(cut.elapsed());
     std::thread::sleep(rest);
     u.host(victim_host).ip(&["link", "set", "u0", "up"]);
     n1.wait_ready(&[victim]);

@@ -5,6 +5,8 @@
 //! These tests need root (namespaces, TAP devices). Unprivileged, each test prints a visible
 //! `SKIP` line and passes; CI runs as root.
 
+pub mod etcd;
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

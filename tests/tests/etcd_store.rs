@@ -16,114 +16,18 @@
 //!   etcd back: changes work again;
 //! - a node joined with the worker token refuses `--store etcd`.
 
+use overlay_e2e::etcd::{require_etcd, Etcd};
 use overlay_e2e::{bin, out, pings, require_root, run, unique, wait_for, Node, Underlay};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+
 use std::time::{Duration, Instant};
 
-const ETCD: &str = "/usr/bin/etcd";
-const ETCDCTL: &str = "/usr/bin/etcdctl";
-
-/// One etcd member in a test namespace; killed (and its data removed) on drop.
-struct Etcd {
-    netns: String,
-    url: String,
-    data: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Etcd {
-    fn start(netns: &str, addr: &str, dir: &Path) -> Etcd {
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir).expect("etcd dir");
-        let mut e = Etcd {
-            netns: netns.to_string(),
-            url: format!("http://{addr}:2379"),
-            data: dir.join("data"),
-            log: dir.join("etcd.log"),
-            child: None,
-        };
-        e.launch();
-        e
-    }
-
-    fn launch(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("etcd log");
-        let peer = "http://127.0.0.1:2380";
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.netns, ETCD])
-            .args(["--name", "e1", "--data-dir"])
-            .arg(&self.data)
-            .args(["--listen-client-urls", &self.url])
-            .args(["--advertise-client-urls", &self.url])
-            .args(["--listen-peer-urls", peer])
-            .args(["--initial-advertise-peer-urls", peer])
-            .args(["--initial-cluster", &format!("e1={peer}")])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn etcd");
-        self.child = Some(child);
-        let up = wait_for(Duration::from_secs(15), || {
-            self.ctl(&["endpoint", "health"]).status.success()
-        });
-        assert!(up, "etcd did not come up:\n{}", self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        run(Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.netns,
-                ETCDCTL,
-                "--endpoints",
-                &self.url,
-            ])
-            .args(args)
-            .env("ETCDCTL_API", "3"))
-    }
-
-    fn ctl_ok(&self, args: &[&str]) -> String {
-        let o = self.ctl(args);
-        assert!(o.status.success(), "etcdctl {args:?}: {}", out(&o));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// Every key under the cluster's state prefix.
-    fn state_keys(&self) -> Vec<String> {
-        self.ctl_ok(&["get", "--prefix", "--keys-only", "/overlay/state/"])
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.stop();
-        if let Some(dir) = self.data.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
+/// Every key under the cluster's state prefix.
+fn state_keys(etcd: &Etcd) -> Vec<String> {
+    etcd.ctl_ok(&["get", "--prefix", "--keys-only", "/overlay/state/"])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// The leader key's value: `{"node": NAME, "control": ADDR}`.
@@ -151,23 +55,13 @@ fn state_on_etcd() {
     if !require_root("state_on_etcd") {
         return;
     }
-    if !Path::new(ETCD).exists() || !Path::new(ETCDCTL).exists() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{ETCD} is missing: scripts/install-deps.sh installs etcd-server and etcd-client"
-        );
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "SKIP state_on_etcd: no {ETCD}");
+    if !require_etcd("state_on_etcd") {
         return;
     }
     let started = Instant::now();
     let tag = unique("et");
     let u = Underlay::new(&tag, 1, 14);
-    let mut etcd = Etcd::start(
-        &u.host(1).name,
-        &u.addr(1),
-        &std::env::temp_dir().join(format!("overlay-e2e-etcd-{tag}")),
-    );
+    let mut etcd = Etcd::single(&u.host(1).name, &u.addr(1), &tag);
 
     // A manager on the file store, with a network and a service.
     let mut n1 = Node::manager(&format!("{tag}a"), &u, 1);
@@ -230,7 +124,7 @@ fn state_on_etcd() {
         "1000",
     ]);
     n1.wait_running("db", 1);
-    let keys = etcd.state_keys();
+    let keys = state_keys(&etcd);
     for k in [
         "/overlay/state/meta",
         "/overlay/state/networks/front",
@@ -301,7 +195,7 @@ fn state_on_etcd() {
     eprintln!("fenced: {err}");
     // The intruder serves no control endpoint: n1 cannot forward the change to it.
     assert!(err.contains("nothing was changed"), "{err}");
-    assert!(!etcd.state_keys().iter().any(|k| k.ends_with("/networks/x")));
+    assert!(!state_keys(&etcd).iter().any(|k| k.ends_with("/networks/x")));
     assert!(!n1.ctl_ok(&["network", "ls", "-q"]).contains('x'));
     etcd.ctl_ok(&["del", "/overlay/leader"]);
     let mut last = String::new();
@@ -335,7 +229,7 @@ fn state_on_etcd() {
         o.status.success()
     });
     assert!(thawed, "a change once etcd answers again: {last}");
-    let keys = etcd.state_keys();
+    let keys = state_keys(&etcd);
     assert!(
         !keys.iter().any(|k| k.ends_with("/networks/frozen")),
         "{keys:?}"
@@ -373,7 +267,7 @@ fn state_on_etcd() {
         o.status.success()
     });
     assert!(back, "a change once etcd is back: {last}");
-    assert!(etcd.state_keys().iter().any(|k| k.ends_with("/networks/y")));
+    assert!(state_keys(&etcd).iter().any(|k| k.ends_with("/networks/y")));
 
     // A node that joins with the worker token cannot run as a manager on etcd: its
     // certificate says worker. (Beside n1 in its namespace: other ports.)

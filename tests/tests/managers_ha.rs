@@ -16,131 +16,19 @@
 //! The two tests share the machine's cores and measure latencies, so they run one at a time.
 //! Underlay: 198.18.15.0/24 and 198.18.16.0/24.
 
+use overlay_e2e::etcd::{require_etcd, Etcd};
 use overlay_e2e::{
     bin, pings, require_root, run, script_dir, unique, wait_for, write_script, Node, Underlay,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-const ETCD: &str = "/usr/bin/etcd";
-const ETCDCTL: &str = "/usr/bin/etcdctl";
-
 /// One test at a time (see the module doc).
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// True when etcd is installed; otherwise skips visibly (and fails under CI).
-fn require_etcd(test: &str) -> bool {
-    if Path::new(ETCD).exists() && Path::new(ETCDCTL).exists() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{ETCD} is missing: scripts/install-deps.sh installs etcd-server and etcd-client"
-    );
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIP {test}: no {ETCD}");
-    false
-}
-
-/// One member of the test's etcd cluster, in a host namespace of the underlay; killed on
-/// drop, its data removed unless the test failed.
-struct Etcd {
-    name: String,
-    netns: String,
-    url: String,
-    peer: String,
-    cluster: String,
-    token: String,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Etcd {
-    fn new(name: &str, netns: &str, addr: &str, cluster: &str, token: &str) -> Etcd {
-        let dir = std::env::temp_dir().join(format!("overlay-e2e-etcd-{token}-{name}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("etcd dir");
-        Etcd {
-            name: name.to_string(),
-            netns: netns.to_string(),
-            url: format!("http://{addr}:2379"),
-            peer: format!("http://{addr}:2380"),
-            cluster: cluster.to_string(),
-            token: token.to_string(),
-            dir,
-            child: None,
-        }
-    }
-
-    /// Starts the member (a first start forms the cluster; later ones reuse the data).
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("etcd.log"))
-            .expect("etcd log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.netns, ETCD])
-            .args(["--name", &self.name, "--data-dir"])
-            .arg(self.dir.join("data"))
-            .args(["--listen-client-urls", &self.url])
-            .args(["--advertise-client-urls", &self.url])
-            .args(["--listen-peer-urls", &self.peer])
-            .args(["--initial-advertise-peer-urls", &self.peer])
-            .args(["--initial-cluster", &self.cluster])
-            .args(["--initial-cluster-state", "new"])
-            .args(["--initial-cluster-token", &self.token])
-            .args(["--max-txn-ops", "2048"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn etcd");
-        self.child = Some(child);
-    }
-
-    fn healthy(&self) -> bool {
-        run(Command::new("ip")
-            .args(["netns", "exec", &self.netns, ETCDCTL])
-            .args(["--endpoints", &self.url, "--command-timeout", "2s"])
-            .args(["endpoint", "health"])
-            .env("ETCDCTL_API", "3"))
-        .status
-        .success()
-    }
-
-    fn wait_healthy(&self) {
-        assert!(
-            wait_for(Duration::from_secs(20), || self.healthy()),
-            "etcd {} did not become healthy:\n{}",
-            self.name,
-            std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
-        );
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.stop();
-        if std::thread::panicking() {
-            eprintln!("etcd {} log kept in {}", self.name, self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
 
 /// Managers on hosts 1..=3 (each beside an etcd member), workers on the hosts after. Fields
 /// drop in order: daemons, then etcd, then the namespaces.

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test: unit and property tests of all crates, then the end-to-end tests (real
-# namespaces, TAPs, overlayd processes; they need root and skip visibly without it).
-# Usage: scripts/test.sh [extra cargo test args]
+# namespaces, TAPs, overlayd processes), which need root: without it this script refuses
+# rather than report green having tested nothing end to end (`cargo test --workspace` runs
+# the unit tests alone, the end-to-end ones skipping visibly).
+# Usage: sudo scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" = 0 ]; then scripts/install-deps.sh; fi
+if [ "$(id -u)" != 0 ]; then
+    echo "scripts/test.sh runs the end-to-end tests, which need root: run it as root (sudo scripts/test.sh)" >&2
+    exit 1
+fi
+scripts/install-deps.sh
 # The end-to-end tests drive the real binaries, so build them first.
 cargo build --workspace --bins
 cargo test --workspace "$@"

@@ -29,9 +29,15 @@ pub struct Config {
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
 
-    /// Unix socket the API listens on [default: /run/overlay/NODE.sock].
+    /// Unix socket the API listens on [default: /run/overlay/NODE.sock]; mode 0660, owned
+    /// by root.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+
+    /// Group given access to the API socket (as Docker's `docker` group: its members can do
+    /// anything overlayd can) [default: root's only].
+    #[arg(long)]
+    pub socket_group: Option<String>,
 
     /// Pool that networks without --subnet get their subnet from.
     #[arg(long, default_value = protocol::ipam::DEFAULT_POOL)]

@@ -35,8 +35,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// Binds the API socket, refusing one that a live daemon is serving and replacing a stale one.
-fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+/// Binds a Unix socket only root (and `group`, if given) may use: mode 0660, owned by root and
+/// `group`. It is bound under a temporary name and renamed into place once its mode is set,
+/// so nobody can connect in between. Refuses a socket that a live daemon is serving and
+/// replaces a stale one.
+fn bind_socket(path: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -50,7 +53,39 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    UnixListener::bind(path).with_context(|| format!("binding API socket {}", path.display()))
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)
+        .with_context(|| format!("binding API socket {}", tmp.display()))?;
+    let secured = (|| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+        if let Some(gid) = group {
+            nix::unistd::chown(&tmp, None, Some(gid))?;
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = secured {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("securing API socket {}", path.display()));
+    }
+    Ok(listener)
+}
+
+/// The API socket's mode: its owner (root) and its group read and write; nobody else.
+const SOCKET_MODE: u32 = 0o660;
+
+/// `--socket-group`: the group whose members may use the API socket, as Docker's `docker`
+/// group (membership is root-equivalent: the API starts processes in namespaces).
+fn socket_group(name: Option<&str>) -> anyhow::Result<Option<nix::unistd::Gid>> {
+    let Some(name) = name else { return Ok(None) };
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(Some(g.gid)),
+        Ok(None) => bail!("--socket-group {name}: no such group"),
+        Err(e) => bail!("--socket-group {name}: {e}"),
+    }
 }
 
 /// Task namespaces are pinned by bind mounts under /run/netns; made from a private mount
@@ -365,7 +400,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 cfg.node
             )
         })?;
-    let listener = bind_socket(&socket)?;
+    let listener = bind_socket(&socket, socket_group(cfg.socket_group.as_deref())?)?;
     let log_dir = naming::logs_dir(&state_dir);
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     let upstreams = if cfg.dns_upstreams.is_empty() {
@@ -475,7 +510,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     let plugin = match &cfg.docker_plugin {
         Some(path) => {
-            let listener = bind_socket(path)?;
+            let listener = bind_socket(path, None)?;
             let plugin = crate::docker::Plugin::new(
                 cluster_for_plugin.clone(),
                 cfg.node.clone(),

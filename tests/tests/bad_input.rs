@@ -63,8 +63,18 @@ fn refusals_are_clear_and_change_nothing() {
             "10.10.0.0/23",
             "--default-addr-pool-mask-length",
             "24",
+            "--socket-group",
+            "daemon",
         ],
     );
+    // The API socket: root and the --socket-group only.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&node.socket).expect("socket");
+        assert_eq!(meta.mode() & 0o777, 0o660, "socket mode");
+        let daemon = nix::unistd::Group::from_name("daemon").unwrap().unwrap();
+        assert_eq!(meta.gid(), daemon.gid.as_raw(), "socket group");
+    }
     node.ctl_ok(&["network", "create", "a"]);
     node.ctl_ok(&["network", "create", "--subnet", "10.20.0.0/29", "small"]);
     let before_nets = node.ctl_ok(&["network", "ls"]);

@@ -15,9 +15,10 @@ use hickory_proto::op::ResponseCode;
 /// Answers a DNS query over UDP to the gateway of `net` from the names of the networks its
 /// table names (`NetTable::dns`); a name the cluster does not have gets SERVFAIL, so that the
 /// client (Docker's resolver) asks its next server. The reply frame goes into `reply`; its
-/// length comes back. A message not worth an answer is `MalformedIp`, an answer too large for
-/// `reply` `Oversize`; a frame that is not such a query (which the datapath does not punt) is
-/// `NoRoute`.
+/// length comes back. An answer too large for `reply` (the client's EDNS size allows up to
+/// 4 096 bytes, a frame holds less) goes out truncated with TC set, so the client asks again
+/// over TCP, as a DNS server does. A message not worth an answer is `MalformedIp`; a frame
+/// that is not such a query (which the datapath does not punt) is `NoRoute`.
 pub fn answer(
     shared: &Shared,
     net: &NetTable,
@@ -41,15 +42,32 @@ pub fn answer(
         Outcome::Forward => error_reply(query, ResponseCode::ServFail),
         other => other,
     };
-    let Outcome::Reply(answer) = outcome else {
+    let Outcome::Reply(mut answer) = outcome else {
         return Err(DropReason::MalformedIp);
     };
+    let room = reply.len().saturating_sub(FRAME_HEADERS);
+    if answer.len() > room {
+        answer = truncated(&answer).ok_or(DropReason::Oversize)?;
+    }
     let src_mac: [u8; 6] = frame[6..12].try_into().map_err(|_| DropReason::Runt)?;
     PacketBuilder::ethernet2(net.gateway_mac.0, src_mac)
         .ipv4(own_ip.octets(), ip.header().source_addr().octets(), 64)
         .udp(53, udp.source_port())
         .write_to_slice(reply, &answer)
         .map_err(|_| DropReason::Oversize)
+}
+
+/// Ethernet, IPv4 (no options) and UDP headers of a reply frame.
+const FRAME_HEADERS: usize = 14 + 20 + 8;
+
+/// `answer` without its records and with TC set: the client asks again over TCP.
+fn truncated(answer: &[u8]) -> Option<Vec<u8>> {
+    let mut m = hickory_proto::op::Message::from_vec(answer).ok()?;
+    m.answers.clear();
+    m.authorities.clear();
+    m.additionals.clear();
+    m.metadata.truncation = true;
+    m.to_vec().ok()
 }
 
 #[cfg(test)]
@@ -127,11 +145,49 @@ mod tests {
             answered(&reply[..n]).metadata.response_code,
             ResponseCode::ServFail
         );
-        // An answer that does not fit the buffer is dropped as oversize.
-        let mut small = [0u8; 60];
+        // Not even the truncated answer fits: dropped as oversize.
+        let mut tiny = [0u8; 60];
         assert_eq!(
-            answer(&shared, &net, &query("whoami."), &mut small),
+            answer(&shared, &net, &query("whoami."), &mut tiny),
             Err(DropReason::Oversize)
         );
+    }
+
+    #[test]
+    fn an_answer_larger_than_a_frame_goes_out_truncated() {
+        // 200 tasks: about 3.2 KB of A records, within the client's 4 096-byte EDNS size
+        // but over a 1 518-byte frame.
+        let mut names = NetNames::default();
+        let many: Vec<Ipv4Addr> = (0..200u32)
+            .map(|i| Ipv4Addr::from(0x0a00_0000 + 10 + i))
+            .collect();
+        names.a.insert("tasks.big".into(), many);
+        let mut view = DnsView::default();
+        view.networks.insert("demo".into(), names);
+        let shared = Shared {
+            view: ArcSwap::from_pointee(view),
+            upstreams: Vec::new(),
+        };
+        let mut m = Message::query();
+        m.metadata.id = 9;
+        m.add_query(Query::query(
+            Name::from_ascii("tasks.big.").unwrap(),
+            RecordType::A,
+        ));
+        let mut edns = hickory_proto::op::Edns::new();
+        edns.set_max_payload(4096);
+        m.edns = Some(edns);
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(MacAddr::from_ipv4(CLIENT).0, MacAddr::from_ipv4(GW).0)
+            .ipv4(CLIENT.octets(), GW.octets(), 64)
+            .udp(40000, 53)
+            .write(&mut f, &m.to_vec().unwrap())
+            .unwrap();
+        let mut reply = vec![0u8; datapath::switch::MAX_FRAME];
+        let n = answer(&shared, &net(), &f, &mut reply).expect("answered, not dropped");
+        let got = answered(&reply[..n]);
+        assert!(got.metadata.truncation, "TC set");
+        assert!(got.answers.is_empty());
+        assert_eq!(got.metadata.id, 9);
     }
 }

@@ -139,9 +139,11 @@ impl Agent {
     }
 
     fn publish(&mut self, state: &ClusterState, vips: &[VipView], keys: &KeyView) {
+        let leaving = self.leaving.values().map(|l| &l.task);
         let mut ports: Vec<(PortId, PortBinding)> = self
             .tasks
             .values()
+            .chain(leaving)
             .flat_map(|t| t.ports.iter().copied())
             .chain(self.endpoints.values().map(|e| e.port))
             .collect();

@@ -9,11 +9,15 @@
 //! (published ports and their tasks) and puts encrypted networks' keys into the tables when
 //! they change (a new key, or the moment a new key starts being used for sending).
 //!
+//! A task that leaves the desired state is not stopped at once: it drains ([`drain`]) while
+//! the agent keeps its namespace and interfaces, and is torn down once its process stopped.
+//!
 //! The work is split by what it realises: [`tasks`] (a task's namespaces, TAPs, resolver and
 //! supervised process), [`endpoints`] (other runtimes' containers: CNI and Docker), and
 //! [`tables`] (the datapath's tables, encrypted networks' keys in them, and the views the
-//! resolvers and the routing mesh's proxy read). This file holds the agent itself and its
-//! reconcile loop.
+//! resolvers and the routing mesh's proxy read); [`health`] and [`drain`] hold the rules of
+//! health checks and of the stop sequence, without I/O. This file holds the agent itself and
+//! its reconcile loop.
 
 pub(crate) mod drain;
 mod endpoints;

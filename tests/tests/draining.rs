@@ -5,8 +5,8 @@
 //! Every request is logged; none may fail. Needs root. Underlay 198.18.23.0/24.
 //!
 //! - scale 3 -> 2: the task that leaves takes no new connection, and a download it serves
-//!   (started just before) completes intact before it stops; back to 3: the new task takes
-//!   traffic only once healthy;
+//!   (started just before) completes intact before it stops; back to 3: the new task, its
+//!   server up but its check failing for 3 s, takes no request until its check passes;
 //! - `service rm` of a second service while a download from it runs through its VIP: the
 //!   download completes intact;
 //! - a task made unhealthy (its health command checks a file the test removes with
@@ -400,19 +400,39 @@ fn changes_under_load_fail_no_request() {
          web.3 gone after {:?}",
         t.elapsed()
     );
+    // Back to 3, the new web.3 not ready at first: its server answers, its check fails
+    // (no file) for 3 s. It takes no request until its check passes.
+    let ok3 = dir.join("ok-web.3");
+    std::fs::remove_file(&ok3).expect("health file");
     let t = Instant::now();
     let scaled_up = epoch();
     n1.ctl_ok(&["service", "scale", "web=3"]);
+    assert!(wait_for(Duration::from_secs(20), || status(&n1, "web.3")
+        ["state"]
+        == "running"));
+    std::thread::sleep(Duration::from_secs(3));
+    let unready = epoch();
+    std::fs::write(&ok3, "").expect("health file");
     assert!(wait_for(Duration::from_secs(20), || healthy(&n1, "web.3")));
     let healthy_after = t.elapsed();
-    let since = epoch();
     assert!(
         wait_for(Duration::from_secs(10), || log_of(&vip_log)
             .iter()
-            .any(|(t, r)| *t > since && r == "web.3")),
+            .chain(&log_of(&mesh_log))
+            .any(|(t, r)| *t > unready && r == "web.3")),
         "the new web.3 takes no traffic"
     );
-    eprintln!("scale 2->3: the new web.3 healthy after {healthy_after:?}, then served");
+    let before_ready = log_of(&vip_log)
+        .iter()
+        .chain(&log_of(&mesh_log))
+        .filter(|(t, r)| *t > scaled_up && *t < unready && r == "web.3")
+        .count();
+    assert_eq!(before_ready, 0, "requests to web.3 before it was healthy");
+    eprintln!(
+        "scale 2->3: the new web.3 ran {:.1} s with a failing check and took no request; \
+         healthy {healthy_after:?} after the scale, then served",
+        unready - scaled_up
+    );
 
     // service rm of the second service while a download from it runs through its VIP.
     let old_node = n1.node_of("old.1");

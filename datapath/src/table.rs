@@ -5,7 +5,7 @@
 //! A snapshot is immutable: what changes per frame (the connection table, the clock) is
 //! handed to the decision beside it.
 
-use crate::conntrack::ServiceCounters;
+use crate::conntrack::{Flow, ServiceCounters};
 use crate::keys::NetCrypto;
 use crate::vocab::{FastHash, Location, PortBinding, PortId};
 use protocol::state::ClusterState;
@@ -33,8 +33,21 @@ pub struct Vip {
     pub mac: MacAddr,
     pub service: Arc<ServiceCounters>,
     pub backends: Vec<Backend>,
+    /// Tasks on their way out (stopping, or unhealthy): no new flow goes to them, but the
+    /// flows they already have keep them until they close or the task is gone.
+    pub draining: Vec<Backend>,
     pub tcp_idle_ms: u64,
     pub udp_idle_ms: u64,
+}
+
+impl Vip {
+    /// Whether flows to `backend` may go on: it is in the rotation or draining.
+    pub fn holds(&self, backend: Ipv4Addr) -> bool {
+        self.backends
+            .iter()
+            .chain(&self.draining)
+            .any(|b| b.ip == backend)
+    }
 }
 
 /// One network's switching table.
@@ -138,10 +151,44 @@ impl Tables {
                 mac,
                 service,
                 backends,
+                draining: Vec::new(),
                 tcp_idle_ms: idle_ms.0,
                 udp_idle_ms: idle_ms.1,
             },
         );
+    }
+
+    /// Adds the draining tasks of the VIP `ip` on network `vni` (added before with
+    /// [`Tables::add_vip`]): their flows go on, their replies are translated back, and no
+    /// new flow is given to them. Tasks whose MAC the table cannot place are left out.
+    pub fn add_draining(&mut self, vni: Vni, ip: Ipv4Addr, backends: &[BackendSpec]) {
+        let Some(net) = self.networks.get_mut(&vni) else {
+            return;
+        };
+        let Some(vip) = net.vips.get_mut(&ip) else {
+            return;
+        };
+        for b in backends {
+            if let Some(at) = net.macs.get(&b.mac) {
+                vip.draining.push(Backend {
+                    ip: b.ip,
+                    mac: b.mac,
+                    at: *at,
+                    flows: b.flows.clone(),
+                });
+                net.backend_ips.insert(b.ip);
+            }
+        }
+    }
+
+    /// Whether `flow` may go on under these tables: its VIP is still here and its backend is
+    /// in the rotation or draining. The sweeper retires (and resets) the others.
+    pub fn holds_flow(&self, flow: &Flow) -> bool {
+        Vni::new(flow.key.vni)
+            .ok()
+            .and_then(|v| self.networks.get(&v))
+            .and_then(|net| net.vips.get(&flow.key.dst))
+            .is_some_and(|vip| vip.holds(flow.backend_ip))
     }
 
     /// Builds the tables of `node` from the cluster state and the node's local ports.
@@ -191,7 +238,11 @@ impl Tables {
                 t.add_remote(net.vni, e.mac, Some(e.address), vtep);
             }
         }
-        for task in state.tasks.values().filter(|t| &t.node != node) {
+        // Tasks on other nodes, and those that left the desired state but may still run
+        // there (unreleased past tasks: draining their connections, or not yet confirmed
+        // stopped), whose replies must still be accepted from their node.
+        let past = state.unreleased_tasks().map(|p| &p.task);
+        for task in state.tasks.values().chain(past).filter(|t| &t.node != node) {
             let Some(vtep) = vtep_of(&task.node) else {
                 continue;
             };
@@ -205,5 +256,107 @@ impl Tables {
             }
         }
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::state::{Attachment, Availability, Network, Node, PastTask, Role, Task};
+    use protocol::types::{NetworkName, ServiceName};
+
+    fn task(name: &str, node: &str, ip: &str) -> Task {
+        let address: Ipv4Addr = ip.parse().unwrap();
+        Task {
+            id: format!("id-{name}"),
+            name: name.into(),
+            service: ServiceName::new("web").unwrap(),
+            slot: 1,
+            node: NodeName::new(node).unwrap(),
+            attachments: vec![Attachment {
+                network: NetworkName::new("a").unwrap(),
+                address,
+                mac: MacAddr::from_ipv4(address),
+            }],
+            spec: Default::default(),
+        }
+    }
+
+    #[test]
+    fn tasks_that_left_but_still_run_elsewhere_stay_placed() {
+        let mut s = ClusterState::default();
+        for (n, addr) in [("n1", "198.18.0.1"), ("n2", "198.18.0.2")] {
+            let name = NodeName::new(n).unwrap();
+            s.nodes.insert(
+                name.clone(),
+                Node {
+                    name,
+                    role: Role::Worker,
+                    availability: Availability::Active,
+                    advertise_addr: Some(addr.parse().unwrap()),
+                    data_port: 4789,
+                    joined_at: 0,
+                    control_addr: None,
+                },
+            );
+        }
+        let vni = Vni::new(4097).unwrap();
+        let net = NetworkName::new("a").unwrap();
+        s.networks.insert(
+            net.clone(),
+            Network {
+                id: "a".into(),
+                name: net,
+                driver: "overlay".into(),
+                subnet: "10.0.0.0/24".parse().unwrap(),
+                gateway: "10.0.0.1".parse().unwrap(),
+                vni,
+                options: Default::default(),
+                created_at: 0,
+                vteps: vec![],
+                ingress: false,
+                lb_endpoints: Default::default(),
+                docker_nodes: Default::default(),
+            },
+        );
+        s.tasks
+            .insert("web.1".into(), task("web.1", "n2", "10.0.0.3"));
+        for (old, released) in [("10.0.0.4", false), ("10.0.0.5", true)] {
+            let t = task("web.2", "n2", old);
+            s.history.insert(
+                t.id.clone() + old,
+                PastTask {
+                    task: t,
+                    service_id: "s".into(),
+                    reason: "scaled down".into(),
+                    ended_at: 0,
+                    ended_revision: 0,
+                    released,
+                },
+            );
+        }
+        let n1 = NodeName::new("n1").unwrap();
+        let local = PortBinding {
+            vni,
+            mac: MacAddr::from_ipv4("10.0.0.9".parse().unwrap()),
+            ip: "10.0.0.9".parse().unwrap(),
+        };
+        let vtep_of = |n: &NodeName| {
+            let addr = s.nodes.get(n)?.advertise_addr?;
+            Some(SocketAddrV4::new(addr, 4789))
+        };
+        let t = Tables::from_state(&s, &n1, &[(PortId(1), local)], &vtep_of, 4789);
+        let net = &t.networks[&vni];
+        let at = |ip: &str| {
+            let mac = MacAddr::from_ipv4(ip.parse().unwrap());
+            net.macs.get(&mac).copied()
+        };
+        let n2 = Location::Remote("198.18.0.2:4789".parse().unwrap());
+        assert_eq!(at("10.0.0.3"), Some(n2));
+        // Left the desired state, its node still holds it (draining): still placed, so its
+        // replies are accepted from n2.
+        assert_eq!(at("10.0.0.4"), Some(n2));
+        // Confirmed stopped: gone.
+        assert_eq!(at("10.0.0.5"), None);
     }
 }

@@ -1,17 +1,28 @@
-//! One task's process: started inside the task's network namespace, its output appended to a
-//! log file, restarted with back-off when it exits or cannot start, and stopped (SIGTERM, then
-//! SIGKILL after a grace period) when the task is removed or the daemon shuts down. Every
-//! change is reported on the status board.
+//! One task's process: started inside the task's network and mount namespaces, its output
+//! appended to a log file, its health checked if its spec has a check, restarted with
+//! back-off when it exits, cannot start, or turns unhealthy, and stopped when the task leaves
+//! the desired state or the daemon shuts down. Every change is reported on the status board.
+//!
+//! Stopping has two speeds ([`Stop`]). A task that leaves the desired state, or whose health
+//! check failed, is drained first (`agent::drain`: it stays up while it serves connections,
+//! within its stop grace period), then sent SIGTERM, then SIGKILL one grace period later. When
+//! the daemon shuts down every task gets SIGTERM at once and SIGKILL after
+//! [`SHUTDOWN_GRACE`]. The health logic itself is `agent::health`, without I/O; this file runs
+//! its probes.
 
+use crate::agent::drain::{self, Next, Plan};
+use crate::agent::health::{Monitor, Outcome, Probe};
 use crate::clock::now;
 use crate::manager::{StatusBoard, StatusEntry};
 use crate::sys::netns;
-use protocol::api::{TaskState, TaskStatus};
+use protocol::api::{TaskHealth, TaskState, TaskStatus};
+use protocol::state::HealthCheck;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -20,7 +31,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A process that ran this long is considered healthy: its next restart starts from
 /// the minimum back-off again.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
-const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Between SIGTERM and SIGKILL when the daemon shuts down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Everything needed to run a task's process.
 #[derive(Debug, Clone)]
@@ -36,34 +48,72 @@ pub struct TaskProcess {
     /// The task's mount namespace (resolv.conf naming 127.0.0.11, its own /etc/hosts).
     pub mntns: Option<PathBuf>,
     pub log: PathBuf,
+    /// Its health check, if it has one.
+    pub healthcheck: Option<HealthCheck>,
+    /// How long its connections may take to finish once it stops, and then how long it has
+    /// between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+}
+
+/// How the agent ends a task's supervision.
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    /// The task left the desired state: drain it, then stop it, then return.
+    pub leave: CancellationToken,
+    /// The daemon shuts down: stop it at once.
+    pub now: CancellationToken,
+}
+
+/// The status-board key of a task that left the desired state and is still draining. Its
+/// node must keep reporting its id until it is gone, so that its addresses stay reserved
+/// (`manager::healing`), while another task of the same name may be placed here already.
+pub fn leaving_key(name: &str, id: &str) -> String {
+    format!("{name}@{id}")
 }
 
 struct Reporter {
     board: StatusBoard,
-    name: String,
+    /// Where its status goes: its name, or its [`leaving_key`] once it left.
+    key: String,
     id: String,
     restarts: u32,
 }
 
 impl Reporter {
-    fn set(&self, state: TaskState, error: Option<String>, pid: Option<u32>) {
+    fn set(
+        &self,
+        state: TaskState,
+        error: Option<String>,
+        pid: Option<u32>,
+        health: Option<TaskHealth>,
+    ) {
         let status = TaskStatus {
             state,
             error,
             pid,
             restarts: self.restarts,
             since: now(),
-            health: None,
+            health,
         };
         if let Ok(mut b) = self.board.write() {
             b.insert(
-                self.name.clone(),
+                self.key.clone(),
                 StatusEntry {
                     id: self.id.clone(),
                     status,
                 },
             );
         }
+    }
+
+    /// From now on, reports under the task's [`leaving_key`].
+    fn leave(&mut self, name: &str) {
+        if let Ok(mut b) = self.board.write() {
+            if b.get(&self.key).is_some_and(|e| e.id == self.id) {
+                b.remove(&self.key);
+            }
+        }
+        self.key = leaving_key(name, &self.id);
     }
 }
 
@@ -73,25 +123,39 @@ fn open_log(path: &PathBuf) -> std::io::Result<(File, File)> {
     Ok((f, g))
 }
 
-fn spawn(p: &TaskProcess) -> Result<tokio::process::Child, String> {
-    let program = p.command.first().ok_or("empty command")?;
+/// Where a process's output goes: the task's log, or back to us (a health check's).
+enum Output {
+    Log,
+    Capture,
+}
+
+/// Starts `argv` inside the task's namespaces, with its environment, in a process group of
+/// its own.
+fn spawn_in(p: &TaskProcess, argv: &[String], output: Output) -> Result<Child, String> {
+    let program = argv.first().ok_or("empty command")?;
     let ns = File::open(&p.netns).map_err(|e| format!("opening {}: {e}", p.netns.display()))?;
     let mnt = match &p.mntns {
         Some(m) => Some(File::open(m).map_err(|e| format!("opening {}: {e}", m.display()))?),
         None => None,
     };
-    let (out, err) =
-        open_log(&p.log).map_err(|e| format!("opening log {}: {e}", p.log.display()))?;
     let mut cmd = tokio::process::Command::new(program);
-    cmd.args(&p.command[1..])
+    match output {
+        Output::Log => {
+            let (out, err) =
+                open_log(&p.log).map_err(|e| format!("opening log {}: {e}", p.log.display()))?;
+            cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err));
+        }
+        Output::Capture => {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+    }
+    cmd.args(&argv[1..])
         .env("OVERLAY_TASK_NAME", &p.name)
         .env("OVERLAY_TASK_ID", &p.id)
         .env("OVERLAY_TASK_SLOT", p.slot.to_string())
         .env("OVERLAY_SERVICE_NAME", &p.service)
         .env("OVERLAY_NODE", &p.node)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
         .current_dir("/")
         .process_group(0)
         .kill_on_drop(true);
@@ -109,55 +173,238 @@ fn spawn(p: &TaskProcess) -> Result<tokio::process::Child, String> {
         .map_err(|e| format!("starting {program:?}: {e}"))
 }
 
-async fn stop(child: &mut tokio::process::Child) {
+/// Runs one health check inside the task's namespaces (with its environment, as Docker
+/// does), killed with its whole process group after `timeout`.
+async fn run_probe(p: &TaskProcess, probe: &Probe, timeout: Duration) -> Outcome {
+    let child = match spawn_in(p, &probe.argv(), Output::Capture) {
+        Ok(c) => c,
+        Err(e) => return Outcome::Failed(format!("cannot run the health check: {e}")),
+    };
+    let group = child.id();
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) if out.status.success() => Outcome::Passed,
+        Ok(Ok(out)) => {
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            if text.trim().is_empty() {
+                text = format!("health check failed ({})", out.status);
+            }
+            Outcome::Failed(text)
+        }
+        Ok(Err(e)) => Outcome::Failed(format!("waiting for the health check: {e}")),
+        Err(_) => {
+            if let Some(pg) = group {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pg as i32),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+            Outcome::Failed(format!(
+                "health check exceeded its timeout ({} s)",
+                timeout.as_secs()
+            ))
+        }
+    }
+}
+
+/// The connections the process's network namespace serves (`agent::drain`).
+async fn served_connections(pid: u32) -> usize {
+    let read = |table: &str| tokio::fs::read_to_string(format!("/proc/{pid}/net/{table}"));
+    let (v4, v6) = tokio::join!(read("tcp"), read("tcp6"));
+    drain::served_connections(&[v4.as_deref().unwrap_or(""), v6.as_deref().unwrap_or("")])
+}
+
+/// SIGTERM, then SIGKILL if the process still runs after `grace`; if `now` fires meanwhile
+/// (the daemon shuts down), after [`SHUTDOWN_GRACE`] at most.
+async fn terminate(child: &mut Child, grace: Duration, now: Option<&CancellationToken>) {
     if let Some(pid) = child.id() {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::SIGTERM,
         );
-        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
+        let cut = async {
+            match now {
+                Some(now) => now.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let waited = tokio::select! {
+            r = tokio::time::timeout(grace, child.wait()) => Some(r.is_ok()),
+            _ = cut => None,
+        };
+        let exited = match waited {
+            Some(exited) => exited,
+            None => tokio::time::timeout(SHUTDOWN_GRACE.min(grace), child.wait())
+                .await
+                .is_ok(),
+        };
+        if exited {
             return;
         }
     }
     let _ = child.kill().await;
 }
 
-/// Runs and supervises the task's process until `cancel` fires.
-pub async fn supervise(p: TaskProcess, board: StatusBoard, cancel: CancellationToken) {
+/// The stop sequence of a task on its way out (`agent::drain`): kept while it serves
+/// connections, within its grace period, then terminated. `now` cuts it short.
+async fn drain_and_stop(
+    p: &TaskProcess,
+    child: &mut Child,
+    settle: Duration,
+    now: &CancellationToken,
+) {
+    let plan = Plan::new(settle, p.stop_grace);
+    let began = Instant::now();
+    let pid = child.id();
+    loop {
+        let open = match pid {
+            Some(pid) => served_connections(pid).await,
+            None => 0,
+        };
+        let wait = match plan.next(began.elapsed(), open) {
+            Next::Wait(d) => d,
+            Next::Terminate(why) => {
+                info!(task = %p.name, ?why, after = ?began.elapsed(), "drained: stopping");
+                break;
+            }
+        };
+        let woke = tokio::select! {
+            _ = tokio::time::sleep(wait) => None,
+            status = child.wait() => Some(status),
+            _ = now.cancelled() => break,
+        };
+        if let Some(status) = woke {
+            info!(task = %p.name, ?status, "exited while draining");
+            return;
+        }
+    }
+    if now.is_cancelled() {
+        terminate(child, SHUTDOWN_GRACE, None).await;
+    } else {
+        terminate(child, p.stop_grace, Some(now)).await;
+    }
+}
+
+/// How a running process's watch ended.
+enum Ended {
+    /// It exited by itself (why).
+    Exited(String),
+    /// Its health check failed `retries` times in a row (what it said last).
+    Unhealthy(String),
+    /// The task left the desired state.
+    Leave,
+    /// The daemon shuts down.
+    Now,
+}
+
+/// Watches a running process: its exit, its health checks, and the agent's stop.
+async fn watch(p: &TaskProcess, child: &mut Child, rep: &Reporter, stop: &Stop) -> Ended {
+    let mut monitor = p.healthcheck.as_ref().and_then(Monitor::new);
+    let pid = child.id();
+    rep.set(
+        TaskState::Running,
+        None,
+        pid,
+        monitor.as_ref().map(Monitor::health),
+    );
+    let started = tokio::time::Instant::now();
+    let mut last_end = None;
+    loop {
+        let due = monitor.as_ref().map(|m| {
+            (
+                started + m.next_at(last_end),
+                m.probe().clone(),
+                m.timeout(),
+            )
+        });
+        let check = async {
+            match &due {
+                None => std::future::pending().await,
+                Some((at, probe, timeout)) => {
+                    tokio::time::sleep_until(*at).await;
+                    let began = started.elapsed();
+                    (began, run_probe(p, probe, *timeout).await)
+                }
+            }
+        };
+        let (began, outcome) = tokio::select! {
+            status = child.wait() => {
+                return Ended::Exited(match status {
+                    Ok(s) => format!("process exited ({s})"),
+                    Err(e) => format!("waiting for process: {e}"),
+                });
+            }
+            _ = stop.now.cancelled() => return Ended::Now,
+            _ = stop.leave.cancelled() => return Ended::Leave,
+            checked = check => checked,
+        };
+        last_end = Some(started.elapsed());
+        let Some(m) = monitor.as_mut() else {
+            continue;
+        };
+        if let Some(health) = m.record(began, outcome) {
+            info!(task = %p.name, %health, output = m.last_output(), "health changed");
+            rep.set(TaskState::Running, None, pid, Some(health));
+            if health == TaskHealth::Unhealthy {
+                return Ended::Unhealthy(m.last_output().to_string());
+            }
+        }
+    }
+}
+
+/// Runs and supervises the task's process until `stop` says otherwise.
+pub async fn supervise(p: TaskProcess, board: StatusBoard, stop: Stop) {
     let mut rep = Reporter {
         board,
-        name: p.name.clone(),
+        key: p.name.clone(),
         id: p.id.clone(),
         restarts: 0,
     };
     let mut backoff = BACKOFF_MIN;
     loop {
-        rep.set(TaskState::Starting, None, None);
-        match spawn(&p) {
+        rep.set(TaskState::Starting, None, None, None);
+        match spawn_in(&p, &p.command, Output::Log) {
             Err(error) => {
                 warn!(task = %p.name, %error, "task failed to start");
-                rep.set(TaskState::Failed, Some(error), None);
+                rep.set(TaskState::Failed, Some(error), None, None);
             }
             Ok(mut child) => {
                 let pid = child.id();
                 info!(task = %p.name, pid, "task started");
-                rep.set(TaskState::Running, None, pid);
                 let started = Instant::now();
-                tokio::select! {
-                    status = child.wait() => {
-                        let error = match status {
-                            Ok(s) => format!("process exited ({s})"),
-                            Err(e) => format!("waiting for process: {e}"),
-                        };
+                match watch(&p, &mut child, &rep, &stop).await {
+                    Ended::Exited(error) => {
                         warn!(task = %p.name, %error, "task exited; restarting");
-                        rep.set(TaskState::Failed, Some(error), None);
+                        rep.set(TaskState::Failed, Some(error), None, None);
                         if started.elapsed() >= HEALTHY_AFTER {
                             backoff = BACKOFF_MIN;
                         }
                     }
-                    _ = cancel.cancelled() => {
-                        stop(&mut child).await;
-                        rep.set(TaskState::Shutdown, None, None);
+                    Ended::Unhealthy(output) => {
+                        // Its status already takes it out of every rotation; it is replaced
+                        // (restarted here) once its connections are done.
+                        warn!(task = %p.name, %output, "task unhealthy: draining, then restarting");
+                        drain_and_stop(&p, &mut child, drain::SETTLE_UNHEALTHY, &stop.now).await;
+                        let error = format!("unhealthy: {output}");
+                        if stop.leave.is_cancelled() {
+                            rep.leave(&p.name);
+                        }
+                        if stop.leave.is_cancelled() || stop.now.is_cancelled() {
+                            rep.set(TaskState::Shutdown, Some(error), None, None);
+                            return;
+                        }
+                        rep.set(TaskState::Failed, Some(error), None, None);
+                    }
+                    Ended::Leave => {
+                        rep.leave(&p.name);
+                        rep.set(TaskState::Shutdown, None, pid, None);
+                        drain_and_stop(&p, &mut child, drain::SETTLE_LEFT, &stop.now).await;
+                        rep.set(TaskState::Shutdown, None, None, None);
+                        return;
+                    }
+                    Ended::Now => {
+                        terminate(&mut child, SHUTDOWN_GRACE, None).await;
+                        rep.set(TaskState::Shutdown, None, None, None);
                         return;
                     }
                 }
@@ -165,8 +412,13 @@ pub async fn supervise(p: TaskProcess, board: StatusBoard, cancel: CancellationT
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = cancel.cancelled() => {
-                rep.set(TaskState::Shutdown, None, None);
+            _ = stop.leave.cancelled() => {
+                rep.leave(&p.name);
+                rep.set(TaskState::Shutdown, None, None, None);
+                return;
+            }
+            _ = stop.now.cancelled() => {
+                rep.set(TaskState::Shutdown, None, None, None);
                 return;
             }
         }

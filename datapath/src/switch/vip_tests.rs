@@ -3,7 +3,7 @@
 //! [`super::from_underlay`] give them.
 
 use super::*;
-use crate::conntrack::{ServiceCounters, TCP_IDLE_MS, UDP_IDLE_MS};
+use crate::conntrack::{FlowKey, ServiceCounters, TCP_IDLE_MS, UDP_IDLE_MS};
 use crate::nat::{parse, PROTO_UDP, TCP_RST};
 use crate::table::BackendSpec;
 use crate::vocab::PortBinding;
@@ -40,6 +40,25 @@ impl Node {
 
 /// Client on port 1 (.9); backends .3 (port 2, local) and .4 (remote); VIP .2.
 fn tables(max_flows: usize, backends: &[&str]) -> Node {
+    Node {
+        tables: vip_tables(backends, &[]),
+        flows: ConnTable::new(max_flows),
+    }
+}
+
+fn specs(backends: &[&str]) -> Vec<BackendSpec> {
+    backends
+        .iter()
+        .map(|b| BackendSpec {
+            ip: ip(b),
+            mac: mac(b),
+            flows: Arc::new(AtomicU64::new(0)),
+        })
+        .collect()
+}
+
+/// The tables of [`tables`], with `draining` tasks beside the rotation.
+fn vip_tables(backends: &[&str], draining: &[&str]) -> Tables {
     let vni = Vni::new(4097).unwrap();
     let mut t = Tables::default();
     for (port, addr) in [(1, "10.0.0.9"), (2, "10.0.0.3")] {
@@ -58,25 +77,15 @@ fn tables(max_flows: usize, backends: &[&str]) -> Node {
         Some(ip("10.0.0.4")),
         VTEP.parse().unwrap(),
     );
-    let specs: Vec<BackendSpec> = backends
-        .iter()
-        .map(|b| BackendSpec {
-            ip: ip(b),
-            mac: mac(b),
-            flows: Arc::new(AtomicU64::new(0)),
-        })
-        .collect();
     t.add_vip(
         vni,
         ip(VIP),
         Arc::new(ServiceCounters::default()),
-        &specs,
+        &specs(backends),
         (TCP_IDLE_MS, UDP_IDLE_MS),
     );
-    Node {
-        tables: t,
-        flows: ConnTable::new(max_flows),
-    }
+    t.add_draining(vni, ip(VIP), &specs(draining));
+    t
 }
 
 fn tcp(src: &str, dst_mac: MacAddr, dst: &str, sport: u16, syn: bool) -> Vec<u8> {
@@ -234,4 +243,51 @@ fn ping_arp_and_refusals() {
         .unwrap();
     assert_eq!(parse(&u).unwrap().proto, PROTO_UDP);
     assert_eq!(send(&t, 1, &mut u), Verdict::Drop(DropReason::LbNoBackend));
+}
+
+#[test]
+fn a_draining_backend_keeps_its_flows_and_gets_no_new_ones() {
+    let mut t = tables(100, &["10.0.0.3", "10.0.0.4"]);
+    let mut syn = tcp("10.0.0.9", mac(VIP), VIP, 1000, true);
+    assert_eq!(send(&t, 1, &mut syn), Verdict::Forward(PortId(2)));
+    // .3 is stopping: it leaves the rotation but stays a draining backend.
+    t.tables = vip_tables(&["10.0.0.4"], &["10.0.0.3"]);
+    let key = FlowKey {
+        vni: 4097,
+        proto: crate::nat::PROTO_TCP,
+        src: ip("10.0.0.9"),
+        sport: 1000,
+        dst: ip(VIP),
+        dport: 8000,
+    };
+    let held = |tables: &Tables| t.flows.with(&key, |s| tables.holds_flow(&s.flow));
+    assert_eq!(held(&t.tables), Some(true), "the sweeper keeps the flow");
+    // Its flow still reaches it, and its replies still come back from the VIP.
+    let mut data = tcp("10.0.0.9", mac(VIP), VIP, 1000, false);
+    assert_eq!(send(&t, 1, &mut data), Verdict::Forward(PortId(2)));
+    assert_eq!(parse(&data).unwrap().dst, ip("10.0.0.3"));
+    let mut back = Vec::new();
+    PacketBuilder::ethernet2(mac("10.0.0.3").0, mac("10.0.0.9").0)
+        .ipv4(ip("10.0.0.3").octets(), ip("10.0.0.9").octets(), 64)
+        .tcp(8000, 1000, 5000, 65000)
+        .ack(105)
+        .write(&mut back, b"answer")
+        .unwrap();
+    assert_eq!(send(&t, 2, &mut back), Verdict::Forward(PortId(1)));
+    assert_eq!(parse(&back).unwrap().src, ip(VIP));
+    // New connections go to the rotation only.
+    for sport in 2000..2004 {
+        let mut syn = tcp("10.0.0.9", mac(VIP), VIP, sport, true);
+        assert!(
+            matches!(send(&t, 1, &mut syn), Verdict::Encap { .. }),
+            "{sport}"
+        );
+    }
+    // Once the task is gone, its flow is not held any more (the sweeper resets it).
+    assert_eq!(held(&vip_tables(&["10.0.0.4"], &[])), Some(false));
+    // A draining task whose MAC the table cannot place is left out.
+    let t2 = vip_tables(&["10.0.0.4"], &["10.0.0.77"]);
+    let net = &t2.networks[&Vni::new(4097).unwrap()];
+    assert!(net.vips[&ip(VIP)].draining.is_empty());
+    assert!(!net.backend_ips.contains(&ip("10.0.0.77")));
 }

@@ -9,13 +9,19 @@
 //! (published ports and their tasks) and puts encrypted networks' keys into the tables when
 //! they change (a new key, or the moment a new key starts being used for sending).
 //!
+//! A task that leaves the desired state is not stopped at once: it drains ([`drain`]) while
+//! the agent keeps its namespace and interfaces, and is torn down once its process stopped.
+//!
 //! The work is split by what it realises: [`tasks`] (a task's namespaces, TAPs, resolver and
 //! supervised process), [`endpoints`] (other runtimes' containers: CNI and Docker), and
 //! [`tables`] (the datapath's tables, encrypted networks' keys in them, and the views the
-//! resolvers and the routing mesh's proxy read). This file holds the agent itself and its
-//! reconcile loop.
+//! resolvers and the routing mesh's proxy read); [`health`] and [`drain`] hold the rules of
+//! health checks and of the stop sequence, without I/O. This file holds the agent itself and
+//! its reconcile loop.
 
+pub(crate) mod drain;
 mod endpoints;
+pub(crate) mod health;
 mod tables;
 mod tasks;
 
@@ -38,7 +44,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tables::KeyView;
-use tasks::LocalTask;
+use tasks::{Leaving, LocalTask};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -85,6 +91,8 @@ pub struct Agent {
     state_dir: PathBuf,
     dns: Arc<DnsShared>,
     tasks: BTreeMap<String, LocalTask>,
+    /// Tasks that left the desired state and are draining, by id.
+    leaving: BTreeMap<String, Leaving>,
     endpoints: BTreeMap<String, LocalEndpoint>,
     next_port: u32,
     /// This node's VXLAN port; external VTEPs are sent to on it too.
@@ -118,6 +126,7 @@ impl Agent {
             state_dir: state_dir.to_path_buf(),
             dns,
             tasks: BTreeMap::new(),
+            leaving: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             next_port: 1,
             data_port,
@@ -141,7 +150,14 @@ impl Agent {
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() { return self.shut_down().await } else { break },
                     _ = tick.tick() => break,
-                    _ = backends.tick() => self.publish_if_changed(&state, false),
+                    _ = backends.tick() => {
+                        if self.reap_left().await {
+                            // Its ports are gone; and a task of the same name may start now.
+                            self.publish_if_changed(&state, true);
+                            break;
+                        }
+                        self.publish_if_changed(&state, false)
+                    }
                     _ = shutdown.cancelled() => return self.shut_down().await,
                 }
             }
@@ -189,11 +205,16 @@ impl Agent {
         let mut changed = !gone.is_empty();
         for name in gone {
             if let Some(lt) = self.tasks.remove(&name) {
-                self.stop_task(&name, lt).await;
+                self.begin_leave(name, lt);
             }
         }
         for (name, task) in wanted {
             if self.tasks.contains_key(name) {
+                continue;
+            }
+            // Its namespaces are named after it: a task of the same name still draining here
+            // (stop-first, on this node) goes first.
+            if self.leaving.values().any(|l| l.name == name) {
                 continue;
             }
             if let Some((holder, port, proto)) = ingress::host_port_holder(state, &node, task) {
@@ -225,10 +246,14 @@ impl Agent {
         for le in std::mem::take(&mut self.endpoints).into_values() {
             le.cancel.cancel();
         }
-        let all = std::mem::take(&mut self.tasks);
-        // Stop every process at once, then tear down.
-        for lt in all.values() {
-            lt.cancel.cancel();
+        let leaving = std::mem::take(&mut self.leaving).into_values();
+        let all: Vec<(String, LocalTask)> = std::mem::take(&mut self.tasks)
+            .into_iter()
+            .chain(leaving.map(|l| (l.name, l.task)))
+            .collect();
+        // Stop every process at once (draining ones too), then tear down.
+        for (_, lt) in &all {
+            lt.stop.now.cancel();
         }
         for (name, lt) in all {
             self.stop_task(&name, lt).await;

@@ -1,6 +1,7 @@
 //! The datapath's tables, built from the state being realised and published when they
-//! change: local ports (tasks, container endpoints, the ingress endpoint), remote locations,
-//! VIPs with their running backends, the gateway's resolver, and encrypted networks' keys
+//! change: local ports (tasks, draining tasks, container endpoints, the ingress endpoint),
+//! remote locations, VIPs with their serving and draining backends (and removed services'
+//! VIPs while their tasks drain), the gateway's resolver, and encrypted networks' keys
 //! ([`KeyView`]). The same look refreshes the resolvers' names and the routing mesh's view,
 //! and asks the manager for new keys when sequence numbers wear out.
 
@@ -57,7 +58,11 @@ impl Agent {
     pub(super) fn publish_if_changed(&mut self, state: &ClusterState, force: bool) {
         let snap = self.cluster.snapshot();
         // The snapshot may be a little ahead of `state`; VIPs follow the state being realised.
-        let vips = services::vips(state, &snap.statuses, &snap.health);
+        let mut vips = services::vips(state, &snap.statuses, &snap.health);
+        // A removed service's VIP stays for the flows of its tasks still draining.
+        let previous = self.published.as_ref().map_or(&[][..], |p| &p.1[..]);
+        let retired = services::retired_vips(state, previous, &snap.statuses, &snap.health);
+        vips.extend(retired);
         // Names follow the same view; resolvers read it without a lock.
         let names = DnsView::build(state, &snap.statuses, &snap.health);
         if **self.dns.view.load() != names {
@@ -134,9 +139,11 @@ impl Agent {
     }
 
     fn publish(&mut self, state: &ClusterState, vips: &[VipView], keys: &KeyView) {
+        let leaving = self.leaving.values().map(|l| &l.task);
         let mut ports: Vec<(PortId, PortBinding)> = self
             .tasks
             .values()
+            .chain(leaving)
             .flat_map(|t| t.ports.iter().copied())
             .chain(self.endpoints.values().map(|e| e.port))
             .collect();
@@ -162,23 +169,24 @@ impl Agent {
         let mut live: BTreeMap<String, Vec<std::net::Ipv4Addr>> = BTreeMap::new();
         for v in vips {
             let name = v.service.as_str();
-            let backends: Vec<BackendSpec> = v
-                .backends
-                .iter()
-                .map(|(ip, mac)| BackendSpec {
-                    ip: *ip,
-                    mac: *mac,
-                    flows: lb.backend(name, *ip),
-                })
-                .collect();
+            let specs = |list: &[(std::net::Ipv4Addr, protocol::types::MacAddr)]| {
+                list.iter()
+                    .map(|(ip, mac)| BackendSpec {
+                        ip: *ip,
+                        mac: *mac,
+                        flows: lb.backend(name, *ip),
+                    })
+                    .collect::<Vec<_>>()
+            };
             let idle = match v.idle_secs {
                 Some(s) => (s.saturating_mul(1000), s.saturating_mul(1000)),
                 None => (TCP_IDLE_MS, UDP_IDLE_MS),
             };
-            tables.add_vip(v.vni, v.ip, lb.service(name), &backends, idle);
+            tables.add_vip(v.vni, v.ip, lb.service(name), &specs(&v.backends), idle);
+            tables.add_draining(v.vni, v.ip, &specs(&v.draining));
             live.entry(name.to_string())
                 .or_default()
-                .extend(v.backends.iter().map(|b| b.0));
+                .extend(v.backends.iter().chain(&v.draining).map(|b| b.0));
         }
         lb.retain(&live);
         for net in state.networks.values() {

@@ -1,7 +1,9 @@
 //! A task's share of the node: its network namespace with one TAP per network attachment
 //! (handed to the datapath), its mount namespace with its own resolv.conf and hosts, the
 //! embedded resolver's sockets inside it, and its supervised process ([`crate::task`]); and
-//! their removal, when the task goes or a crashed run left them behind.
+//! their removal: after its process drained and stopped when the task left the desired
+//! state ([`super::drain`]), at once when the daemon shuts down, or at start when a crashed
+//! run left them behind.
 
 use super::Agent;
 use crate::dns::server as dns;
@@ -11,8 +13,9 @@ use crate::sys::{mntns, netns, tap};
 use crate::task::{self, TaskProcess};
 use datapath::vocab::{PortBinding, PortId};
 use protocol::api::TaskState;
-use protocol::state::{ClusterState, Task};
+use protocol::state::{ClusterState, Task, DEFAULT_STOP_GRACE_S};
 use std::path::PathBuf;
+use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -25,8 +28,18 @@ pub(super) struct LocalTask {
     /// The task's resolv.conf and hosts.
     files: PathBuf,
     pub(super) ports: Vec<(PortId, PortBinding)>,
-    pub(super) cancel: CancellationToken,
+    /// Ends its resolver, once the task is torn down.
+    resolver: CancellationToken,
+    /// Ends its process: drained ([`Agent::begin_leave`]) or at once.
+    pub(super) stop: task::Stop,
     supervisor: JoinHandle<()>,
+}
+
+/// A task that left the desired state and is draining ([`crate::agent::drain`]): its
+/// namespace, interfaces and resolver stay until its process is stopped.
+pub(super) struct Leaving {
+    pub(super) name: String,
+    pub(super) task: LocalTask,
 }
 
 impl Agent {
@@ -118,7 +131,7 @@ impl Agent {
                 return Err(format!("setting up the task's resolver and mounts: {e}"));
             }
         };
-        let cancel = CancellationToken::new();
+        let resolver_stop = CancellationToken::new();
         let networks = task
             .attachments
             .iter()
@@ -134,7 +147,7 @@ impl Agent {
                     tcp,
                     networks,
                     self.dns.clone(),
-                    cancel.clone(),
+                    resolver_stop.clone(),
                 ));
             }
             (Err(e), _) | (_, Err(e)) => {
@@ -159,8 +172,15 @@ impl Agent {
             netns: ns_path.clone(),
             mntns: Some(mnt_path.clone()),
             log: naming::task_log(&self.state_dir, &task.name),
+            healthcheck: task.spec.healthcheck.clone(),
+            stop_grace: Duration::from_secs(
+                task.spec
+                    .stop_grace_period_s
+                    .unwrap_or(DEFAULT_STOP_GRACE_S),
+            ),
         };
-        let supervisor = tokio::spawn(task::supervise(proc, self.statuses.clone(), cancel.clone()));
+        let stop = task::Stop::default();
+        let supervisor = tokio::spawn(task::supervise(proc, self.statuses.clone(), stop.clone()));
         info!(task = %task.name, netns = %ns_path.display(), "task set up");
         Ok(LocalTask {
             id: task.id.clone(),
@@ -168,14 +188,48 @@ impl Agent {
             mntns: mnt_path,
             files,
             ports,
-            cancel,
+            resolver: resolver_stop,
+            stop,
             supervisor,
         })
     }
 
+    /// Starts the stop of a task that left the desired state: its process drains and stops
+    /// on its own; [`Agent::reap_left`] tears the rest down once it has.
+    pub(super) fn begin_leave(&mut self, name: String, lt: LocalTask) {
+        info!(task = %name, "left the desired state: draining");
+        lt.stop.leave.cancel();
+        self.leaving
+            .insert(lt.id.clone(), Leaving { name, task: lt });
+    }
+
+    /// Tears down the tasks whose drain has ended; returns whether there were any.
+    pub(super) async fn reap_left(&mut self) -> bool {
+        let done: Vec<String> = self
+            .leaving
+            .iter()
+            .filter(|(_, l)| l.task.supervisor.is_finished())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &done {
+            if let Some(l) = self.leaving.remove(id) {
+                self.tear_down(&l.name, l.task).await;
+            }
+        }
+        !done.is_empty()
+    }
+
+    /// Stops a task's process at once (the daemon shuts down) and tears it down.
     pub(super) async fn stop_task(&mut self, name: &str, lt: LocalTask) {
-        lt.cancel.cancel();
+        lt.stop.now.cancel();
+        self.tear_down(name, lt).await;
+    }
+
+    /// Waits for the task's process to be stopped, then removes its interfaces, resolver,
+    /// namespaces and files, and its status: its node no longer reports it.
+    async fn tear_down(&mut self, name: &str, lt: LocalTask) {
         let _ = lt.supervisor.await;
+        lt.resolver.cancel();
         for (port, _) in &lt.ports {
             self.datapath.remove_port(*port);
         }
@@ -188,7 +242,10 @@ impl Agent {
             Err(e) => warn!(task = %name, error = %e, "namespace removal thread failed"),
         }
         if let Ok(mut b) = self.statuses.write() {
-            b.remove(name);
+            b.remove(&task::leaving_key(name, &lt.id));
+            if b.get(name).is_some_and(|e| e.id == lt.id) {
+                b.remove(name);
+            }
         }
     }
 }

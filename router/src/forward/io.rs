@@ -275,8 +275,9 @@ impl Drop for Datapath {
 }
 
 /// The sweeper: expires flows by its own clock (the datapath may be idle), and retires flows
-/// whose backend is no longer among its VIP's backends, sending established TCP clients a
-/// reset through the datapath so none is left hanging.
+/// whose backend is neither among its VIP's backends nor draining (a task that is stopping
+/// keeps its flows until it is gone), sending established TCP clients a reset through the
+/// datapath so none is left hanging.
 fn sweep_loop(
     epoch: Instant,
     tables: &ArcSwap<Tables>,
@@ -296,22 +297,20 @@ fn sweep_loop(
         }
         swept = (Instant::now(), t.clone());
         let mut resets = 0;
-        let alive = |f: &Flow| {
-            let vni = Vni::new(f.key.vni).ok();
-            vni.and_then(|v| t.networks.get(&v))
-                .and_then(|net| net.vips.get(&f.key.dst))
-                .is_some_and(|vip| vip.backends.iter().any(|b| b.ip == f.backend_ip))
-        };
-        flows.sweep(ms_since(epoch), alive, |f| {
-            if let Some(n) = lb::reset_for(f, &mut rst) {
-                if commands
-                    .send(Command::Inject(f.client_port, rst[..n].to_vec()))
-                    .is_ok()
-                {
-                    resets += 1;
+        flows.sweep(
+            ms_since(epoch),
+            |f: &Flow| t.holds_flow(f),
+            |f| {
+                if let Some(n) = lb::reset_for(f, &mut rst) {
+                    if commands
+                        .send(Command::Inject(f.client_port, rst[..n].to_vec()))
+                        .is_ok()
+                    {
+                        resets += 1;
+                    }
                 }
-            }
-        });
+            },
+        );
         if resets > 0 {
             debug!(resets, "reset clients of backends that left");
             let _ = waker.wake();

@@ -21,8 +21,7 @@ pub mod link;
 mod proxy;
 pub mod stats;
 
-use crate::services::serving_tasks;
-use protocol::api::TaskStatus;
+use crate::services::{self, serving_tasks, Statuses};
 use protocol::control::NodeHealth;
 use protocol::state::{ClusterState, PortProtocol, ProxyProtocol, PublishMode, Task};
 use protocol::types::{MacAddr, NodeName, ServiceName, Vni};
@@ -72,9 +71,11 @@ impl ListenerView {
 pub struct IngressView {
     pub endpoint: Option<EndpointAddr>,
     pub listeners: Vec<ListenerView>,
+    /// Ingress addresses of the tasks on their way out ([`services::leaving_tasks`]): the
+    /// connections they already serve go on, even once their port is closed (`service
+    /// rm`), until the task is gone; no new one goes to them.
+    pub draining: BTreeSet<Ipv4Addr>,
 }
-
-type Statuses = BTreeMap<String, (String, TaskStatus)>;
 
 /// The task's address on the ingress network.
 fn ingress_address(state: &ClusterState, task: &Task) -> Option<Ipv4Addr> {
@@ -123,7 +124,7 @@ pub fn host_port_holder<'a>(
 impl IngressView {
     /// What `node` publishes: every ingress-mode port of the cluster, balanced over all of
     /// its service's serving tasks; and each host-mode port of a serving task on this node,
-    /// to that task.
+    /// to that task. Beside them, the tasks whose connections are draining.
     pub fn build(
         state: &ClusterState,
         statuses: &Statuses,
@@ -175,9 +176,13 @@ impl IngressView {
                 });
             }
         }
+        let draining = services::leaving_tasks(state, statuses, health)
+            .filter_map(|(_, t)| ingress_address(state, t))
+            .collect();
         IngressView {
             endpoint: Some(endpoint),
             listeners,
+            draining,
         }
     }
 }
@@ -185,7 +190,7 @@ impl IngressView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::api::TaskState;
+    use protocol::api::{TaskHealth, TaskState, TaskStatus};
     use protocol::state::{Availability, Node, Pool, PortConfig, Role};
     use protocol::state::{NetworkRequest, Service};
     use protocol::types::NetworkName;
@@ -312,5 +317,47 @@ mod tests {
             .iter()
             .any(|l| l.port == 8080 && l.backends.is_empty()));
         assert!(!v.listeners.iter().any(|l| l.port == 9000));
+    }
+
+    #[test]
+    fn tasks_on_their_way_out_keep_their_connections_but_get_no_new_ones() {
+        let mut s = cluster();
+        let mut gen = ids();
+        let port = PortConfig {
+            protocol: PortProtocol::Tcp,
+            target: 80,
+            published: 8080,
+            mode: PublishMode::Ingress,
+            proxy: None,
+        };
+        s.create_service(service("web", 3, vec![port]), &mut gen, &|_| true)
+            .unwrap();
+        let mut statuses = all_running(&s);
+        let addr = |s: &ClusterState, t: &str| ingress_address(s, &s.tasks[t]).unwrap();
+        let (web2, web3) = (addr(&s, "web.2"), addr(&s, "web.3"));
+        // web.2's health check failed: out of the rotation, draining.
+        let e = &mut statuses.get_mut("web.2").unwrap().1;
+        e.health = Some(TaskHealth::Unhealthy);
+        let mut svc = s.services["web"].clone();
+        svc.healthcheck = Some(protocol::state::HealthCheck {
+            command: vec!["true".into()],
+            interval_s: 1,
+            timeout_s: 1,
+            retries: 1,
+            start_period_s: 0,
+        });
+        s.tasks.get_mut("web.2").unwrap().spec = svc.task_spec();
+        // web.3 scaled down: its node still holds it.
+        s.scale_service("web", 2, &mut gen, &|_| true).unwrap();
+        let n1 = NodeName::new("n1").unwrap();
+        let v = IngressView::build(&s, &statuses, &BTreeMap::new(), &n1);
+        let web = v.listeners.iter().find(|l| l.port == 8080).unwrap();
+        assert_eq!(web.backends, vec![addr(&s, "web.1")]);
+        assert_eq!(v.draining, [web2, web3].into_iter().collect());
+        // Its node lets web.3 go: its connections may be reset now.
+        let web3_node = s.history.values().next().unwrap().task.node.clone();
+        s.release_stopped(web3_node.as_str(), &Default::default());
+        let v = IngressView::build(&s, &statuses, &BTreeMap::new(), &n1);
+        assert!(!v.draining.contains(&web3));
     }
 }

@@ -117,8 +117,11 @@ impl Proxy {
             }
             info!(port = %l.view.key(), "published port closed");
         }
-        // Its connections and mappings go with it.
-        for c in self.conns.values_mut().filter(|c| c.listener == key) {
+        // Its connections and mappings go with it, but for those of tasks still draining
+        // (its service was removed): they finish, or go when their task does.
+        let draining = &self.draining;
+        let conns = self.conns.values_mut();
+        for c in conns.filter(|c| c.listener == key && !draining.contains(&c.backend)) {
             reset(c, &mut self.sockets);
         }
         let maps: Vec<_> = self.udp.keys().filter(|k| k.0 == key).copied().collect();

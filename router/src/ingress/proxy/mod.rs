@@ -26,9 +26,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -77,6 +77,7 @@ impl Ingress {
             iface: None,
             sockets: SocketSet::new(Vec::new()),
             listeners: HashMap::new(),
+            draining: BTreeSet::new(),
             tokens: HashMap::new(),
             conns: HashMap::new(),
             udp: HashMap::new(),
@@ -132,6 +133,8 @@ struct Proxy {
     iface: Option<(Interface, EndpointAddr)>,
     sockets: SocketSet<'static>,
     listeners: HashMap<ListenerKey, Listener>,
+    /// Ingress addresses of tasks whose connections are draining ([`IngressView::draining`]).
+    draining: BTreeSet<Ipv4Addr>,
     tokens: HashMap<Token, Owner>,
     conns: HashMap<Token, Conn>,
     udp: HashMap<(ListenerKey, SocketAddr), UdpMap>,
@@ -244,8 +247,10 @@ impl Proxy {
     }
 
     /// Applies a new view: endpoint address, listeners opened and closed, connections to
-    /// tasks that left reset.
+    /// tasks that left reset (not those of tasks still draining).
     fn apply(&mut self, view: IngressView) {
+        // First: a port closed below keeps the connections of its draining tasks.
+        self.draining = view.draining;
         let endpoint_changed = self.iface.as_ref().map(|(_, e)| *e) != view.endpoint;
         if endpoint_changed {
             self.close_all();
@@ -297,13 +302,15 @@ impl Proxy {
         self.reset_departed();
     }
 
-    /// Resets connections and drops mappings whose task is no longer a backend.
+    /// Resets connections and drops mappings whose task is neither a backend nor draining
+    /// (a task on its way out keeps the connections it has until it is gone).
     fn reset_departed(&mut self) {
         for c in self.conns.values_mut() {
-            let alive = self
-                .listeners
-                .get(&c.listener)
-                .is_some_and(|l| l.view.backends.contains(&c.backend));
+            let alive = self.draining.contains(&c.backend)
+                || self
+                    .listeners
+                    .get(&c.listener)
+                    .is_some_and(|l| l.view.backends.contains(&c.backend));
             if !alive && c.done.is_none() {
                 debug!(backend = %c.backend, "task left: resetting its connection");
                 reset(c, &mut self.sockets);
@@ -313,10 +320,9 @@ impl Proxy {
             .udp
             .iter()
             .filter(|(_, m)| {
-                !self
-                    .listeners
-                    .get(&m.listener)
-                    .is_some_and(|l| l.view.backends.contains(&m.backend))
+                !self.listeners.get(&m.listener).is_some_and(|l| {
+                    l.view.backends.contains(&m.backend) || self.draining.contains(&m.backend)
+                })
             })
             .map(|(k, _)| *k)
             .collect();

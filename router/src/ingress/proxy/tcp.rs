@@ -6,7 +6,8 @@
 //! written from its receive buffer while the client's socket takes them, so every buffer is
 //! bounded and a slow reader slows the writer down (TCP windows do the rest). Half-close is
 //! passed on in both directions; a reset on either side resets the other; a connection
-//! whose task leaves the service's backends is reset at once. With `proxy=v2` a PROXY
+//! whose task leaves the service's backends is reset at once, unless the task is draining
+//! (on its way out: it finishes what it serves). With `proxy=v2` a PROXY
 //! protocol v2 header naming the client goes ahead of its bytes.
 
 use super::listener::{ListenerKey, Socket};

@@ -13,6 +13,8 @@
 //! - `ingress.rs`: the routing mesh's network and each node's router address on it.
 //! - `ports.rs`: published ports, checked cluster-wide.
 //! - `service.rs`: services, their aliases and virtual IPs.
+//! - `rollout.rs`: the pure state machine of a rollout (which slots next, failures).
+//! - `policy.rs`: update and rollback policies (`--update-*`, `--rollback-*`).
 //! - `task.rs`: a service's tasks, their attachments, and their placement on nodes.
 //! - `node.rs`: nodes, their availability, draining and removal.
 //! - `history.rs`: past tasks (stopped or replaced), whose addresses stay reserved until
@@ -35,8 +37,10 @@ mod ingress;
 mod membership;
 mod network;
 mod node;
+mod policy;
 mod ports;
 mod reschedule;
+pub mod rollout;
 mod service;
 mod task;
 mod vtep;
@@ -55,6 +59,11 @@ pub use reschedule::DEFAULT_RESCHEDULE_AFTER_S;
 pub use service::{
     EndpointMode, HealthCheck, Service, TaskSpec, DEFAULT_STOP_GRACE_S, MAX_REPLICAS,
 };
+pub use policy::{
+    FailureAction, FailureRatio, UpdateConfig, UpdateConfigChange, UpdateOrder,
+    DEFAULT_MONITOR_MS,
+};
+pub use rollout::{Observed, Rollout, RolloutKind};
 pub use task::{task_name, Attachment, Task};
 pub use vtep::Vtep;
 

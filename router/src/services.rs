@@ -156,6 +156,7 @@ mod tests {
                 ports: vec![],
                 healthcheck: None,
                 stop_grace_period_s: None,
+                deploy: Default::default(),
             },
         );
         let mut statuses = BTreeMap::new();

@@ -883,6 +883,29 @@ mod tests {
     }
 
     #[test]
+    fn service_updates_in_json_and_postcard() {
+        let body = r#"{"env_add":["V=2"],"network_add":["b"],"replicas":3,
+            "update_config":{"parallelism":2,"max_failure_ratio":0.5,"order":"start-first"},
+            "health":{"command":["sh","-c","true"]},"force":true}"#;
+        let u: ServiceUpdate = serde_json::from_str(body).unwrap();
+        assert_eq!(u.network_add[0], NetworkTarget::from("b"));
+        assert_eq!(
+            u.update_config.max_failure_ratio.unwrap().to_string(),
+            "0.5"
+        );
+        let bytes = postcard::to_stdvec(&u).unwrap();
+        assert_eq!(postcard::from_bytes::<ServiceUpdate>(&bytes).unwrap(), u);
+        // The health check it makes: Docker's defaults for what is not given, shown as
+        // Docker shows a CMD-SHELL check.
+        let h = u.health.applied_to(None).unwrap().unwrap();
+        let view = HealthcheckView::from(&h);
+        assert_eq!(view.test, ["CMD-SHELL", "true"]);
+        assert_eq!((view.interval, view.retries), (30_000_000_000, 3));
+        let keep = HealthUpdate::default().applied_to(Some(h.clone())).unwrap();
+        assert_eq!(keep, Some(h));
+    }
+
+    #[test]
     fn network_targets_in_json_and_postcard() {
         let body =
             r#"{"name":"web","networks":["a",{"Target":"b","Aliases":["x"]}],"command":["true"]}"#;

@@ -168,7 +168,7 @@ pub enum NodeHealth {
 pub enum Op {
     CreateNetwork(NetworkCreate),
     RemoveNetwork(String),
-    CreateService(ServiceCreate),
+    CreateService(Box<ServiceCreate>),
     ScaleService {
         name: String,
         replicas: u32,
@@ -188,7 +188,7 @@ pub enum Op {
     },
     UpdateService {
         name: String,
-        update: crate::api::ServiceUpdate,
+        update: Box<crate::api::ServiceUpdate>,
     },
     /// `network rotate-key NAME`.
     RotateKey(String),

@@ -562,7 +562,7 @@ async fn service_create(
 ) -> Result<(StatusCode, Json<ServiceInspect>), HttpError> {
     let req: api::ServiceCreate = parse(&body)?;
     let name = req.name.clone();
-    st.cluster.apply(Op::CreateService(req)).await?;
+    st.cluster.apply(Op::CreateService(Box::new(req))).await?;
     let snap = st.cluster.snapshot();
     Ok((
         StatusCode::CREATED,
@@ -599,7 +599,7 @@ async fn service_update(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<ServiceInspect> {
-    let update: api::ServiceUpdate = parse(&body)?;
+    let update: Box<api::ServiceUpdate> = parse(&body)?;
     st.cluster
         .apply(Op::UpdateService {
             name: name.clone(),
@@ -615,10 +615,10 @@ async fn service_rollback(
     State(st): State<ApiState>,
     Path(name): Path<String>,
 ) -> ApiResult<ServiceInspect> {
-    let update = api::ServiceUpdate {
+    let update = Box::new(api::ServiceUpdate {
         rollback: true,
         ..Default::default()
-    };
+    });
     st.cluster
         .apply(Op::UpdateService {
             name: name.clone(),

@@ -208,8 +208,9 @@ mod tests {
             spec.edit_networks(vec![(a.clone(), vec![])], &[]),
             Err(StateError::DuplicateNetwork(_))
         ));
-        spec.edit_networks(vec![], &[a.clone()]).unwrap();
-        assert_eq!(spec.networks, [b.clone()]);
+        spec.edit_networks(vec![], std::slice::from_ref(&a))
+            .unwrap();
+        assert_eq!(spec.networks, std::slice::from_ref(&b));
         assert!(matches!(
             spec.edit_networks(vec![], &[a]),
             Err(StateError::NotAttached(_))

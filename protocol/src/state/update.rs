@@ -825,7 +825,7 @@ mod tests {
             NetworkName::new("b").unwrap(),
         );
         let mut spec = s.services["web"].spec(&s);
-        spec.edit_networks(vec![(b.clone(), vec![])], &[a.clone()])
+        spec.edit_networks(vec![(b.clone(), vec![])], std::slice::from_ref(&a))
             .unwrap();
         s.update_service("web", spec, 0, &mut id, &|_| true)
             .unwrap();

@@ -247,10 +247,10 @@ impl Manager {
         match op {
             Op::CreateNetwork(req) => self.create_network(req).map(|_| ()),
             Op::RemoveNetwork(name) => self.remove_network(&name),
-            Op::CreateService(req) => self.create_service(req).map(|_| ()),
+            Op::CreateService(req) => self.create_service(*req).map(|_| ()),
             Op::ScaleService { name, replicas } => self.scale_service(&name, replicas).map(|_| ()),
             Op::RemoveService(name) => self.remove_service(&name),
-            Op::UpdateService { name, update } => self.update_service(&name, update).map(|_| ()),
+            Op::UpdateService { name, update } => self.update_service(&name, *update).map(|_| ()),
             Op::RotateKey(name) => self.rotate_key(&name),
             Op::AddVtep { network, vtep } => self.change(|s| s.add_vtep(&network, vtep)),
             Op::RemoveVtep { network, mac } => self.change(|s| s.remove_vtep(&network, mac)),

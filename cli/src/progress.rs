@@ -148,11 +148,13 @@ pub async fn follow(c: &Client, name: &str, rolling_back: bool, quiet: bool) -> 
             None => ("", ""),
         };
         let rollback = rolling_back || state.starts_with("rollback");
+        // An automatic rollback's completion names its cause.
+        let cause = message.trim_start_matches("rollback completed: ");
         match state {
             "paused" => bail!("service update paused: {message}"),
             "rollback_paused" => bail!("service rollback paused: {message}"),
-            "rollback_started" if !rollback_said => {
-                p.line(&format!("rollback: {message}"));
+            "rollback_started" | "rollback_completed" if !rollback_said => {
+                p.line(&format!("rollback: {cause}"));
                 rollback_said = true;
             }
             _ => {}
@@ -163,7 +165,7 @@ pub async fn follow(c: &Client, name: &str, rolling_back: bool, quiet: bool) -> 
         if all_settled && !under_way {
             p.line("verify: Service converged");
             if state == "rollback_completed" && !rolling_back {
-                bail!("service rolled back: {message}");
+                bail!("service rolled back: {cause}");
             }
             return Ok(());
         }

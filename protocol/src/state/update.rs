@@ -234,7 +234,7 @@ impl ClusterState {
                 state: UpdateState::RollbackCompleted,
                 started_at: now,
                 completed_at: Some(now),
-                message: "rollback completed".into(),
+                message: rollback_completed(message),
             });
             return;
         }
@@ -379,10 +379,13 @@ impl ClusterState {
             }
             Outcome::Completed => {
                 let (state, message) = match kind {
-                    RolloutKind::Update => (UpdateState::Completed, "update completed"),
-                    RolloutKind::Rollback => (UpdateState::RollbackCompleted, "rollback completed"),
+                    RolloutKind::Update => (UpdateState::Completed, "update completed".into()),
+                    RolloutKind::Rollback => {
+                        let cause = d.status.as_ref().map(|s| s.message.as_str());
+                        (UpdateState::RollbackCompleted, rollback_completed(cause))
+                    }
                 };
-                set(d, state, message.into(), true);
+                set(d, state, message, true);
                 true
             }
             Outcome::Paused(message) => {
@@ -422,6 +425,17 @@ impl ClusterState {
                 true
             }
         }
+    }
+}
+
+/// Swarm's "rollback completed"; after a rollback that failures started, with their cause
+/// (the rollback may be over before anyone saw the status that said why it began).
+fn rollback_completed(started_by: Option<&str>) -> String {
+    match started_by {
+        Some(cause) if cause.starts_with("update rolled back") => {
+            format!("rollback completed: {cause}")
+        }
+        _ => "rollback completed".into(),
     }
 }
 
@@ -717,7 +731,13 @@ mod tests {
                     );
                     assert_eq!(s.services["web"].command, ["sleep", "1000"]);
                     run(&mut s, &nodes, &mut id, 200, 1);
-                    assert_eq!(status(&s).unwrap().0, UpdateState::RollbackCompleted);
+                    assert_eq!(
+                        status(&s),
+                        Some((
+                            UpdateState::RollbackCompleted,
+                            format!("rollback completed: update rolled back {why}")
+                        ))
+                    );
                     assert!(s
                         .tasks
                         .values()

@@ -6,7 +6,8 @@
 //!   sampled every 100 ms, never more than one slot lacks a running task; it prints Docker's
 //!   progress, `service inspect` says completed, every task answers V=2 and `service ps`
 //!   lists the replaced ones under their slots;
-//! - `service rollback` returns every task to V=1;
+//! - `service rollback` returns every task to V=1; a start-first update never has a slot
+//!   down (each new task runs beside the old one until ready), and is rolled back too;
 //! - an update whose command exits at once pauses (failure action pause) with Docker's
 //!   message, the old tasks still answering; `service rollback` recovers;
 //! - the same update with `--update-failure-action rollback` returns to the previous spec
@@ -112,6 +113,30 @@ fn update_status(n: &Node) -> (String, String) {
     (s("State"), s("Message"))
 }
 
+/// Runs overlayctl `args` (which must succeed) while sampling every 100 ms how many slots
+/// of `web` lack a running task; returns its output, the worst sample and the count.
+fn watched(n: &Node, args: &[&str]) -> (String, usize, usize) {
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (done, socket) = (done.clone(), n.socket.clone());
+        std::thread::spawn(move || {
+            let (mut worst, mut samples) = (0, 0);
+            while !done.load(Ordering::Relaxed) {
+                if let Some(d) = slots_down(&socket) {
+                    worst = worst.max(d);
+                    samples += 1;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (worst, samples)
+        })
+    };
+    let out = n.ctl_ok(args);
+    done.store(true, Ordering::Relaxed);
+    let (worst, samples) = watcher.join().expect("watcher");
+    (out, worst, samples)
+}
+
 #[test]
 fn rolling_update_rollback_and_failure_actions() {
     if !require_root("rolling_update_rollback_and_failure_actions") {
@@ -146,25 +171,9 @@ fn rolling_update_rollback_and_failure_actions() {
     wait_answers(&n1, "V=1");
 
     // The update, watched every 100 ms: at most one slot down at any moment.
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (done, socket) = (done.clone(), n1.socket.clone());
-        std::thread::spawn(move || {
-            let (mut worst, mut samples) = (0, 0);
-            while !done.load(Ordering::Relaxed) {
-                if let Some(d) = slots_down(&socket) {
-                    worst = worst.max(d);
-                    samples += 1;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            (worst, samples)
-        })
-    };
     let before: Vec<serde_json::Value> = tasks(&n1);
-    let progress = n1.ctl_ok(&["service", "update", "--env-add", "V=2", "web"]);
-    done.store(true, Ordering::Relaxed);
-    let (worst, samples) = watcher.join().expect("watcher");
+    let (progress, worst, samples) =
+        watched(&n1, &["service", "update", "--env-add", "V=2", "web"]);
     eprintln!("rolling update: {samples} samples, at most {worst} slot(s) down at once");
     assert!(samples >= 10, "only {samples} samples");
     assert!(worst <= 1, "{worst} slots down at once");
@@ -211,6 +220,27 @@ fn rolling_update_rollback_and_failure_actions() {
     let v = n1.json(&["service", "inspect", "web"]);
     assert!(v[0]["Version"]["Index"].as_u64() > Some(version));
     assert_eq!(v[0]["Spec"]["ContainerSpec"]["Env"][0], "V=1");
+
+    // start-first: each new task runs beside the old one (under its own name) until it is
+    // ready: no slot is ever down. Then back to V=1.
+    #[rustfmt::skip]
+    let (_, worst, samples) = watched(&n1, &[
+        "service", "update", "--update-order", "start-first", "--env-add", "V=3", "web",
+    ]);
+    eprintln!("start-first update: {samples} samples, at most {worst} slot(s) down at once");
+    assert!(
+        samples >= 10 && worst == 0,
+        "{worst} slots down in {samples} samples"
+    );
+    wait_answers(&n1, "V=3");
+    assert!(
+        tasks(&n1).iter().any(|t| t["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("web.") && n.len() > 6)),
+        "start-first replacements are named web.N.ID"
+    );
+    n1.ctl_ok(&["service", "rollback", "web"]);
+    wait_answers(&n1, "V=1");
 
     // A command that exits at once: the update pauses on the first task, with Docker's
     // message; the other slots keep their tasks, which still answer.

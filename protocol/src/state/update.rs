@@ -479,19 +479,29 @@ impl Target for StateTarget<'_> {
         let Some(old) = self.state.task_key(&self.service, old) else {
             return Replace::NotNeeded;
         };
-        // On a copy: a placement that fails leaves the old task where it was.
-        let mut next = self.state.clone();
-        if order == UpdateOrder::StopFirst {
-            next.retire(&old, self.replaced(), self.now);
+        // Stop-first: out first, so that the new task takes the slot's name. A placement
+        // that fails changes nothing, and the old task goes back where it was.
+        let old_id = self.state.tasks[&old].id.clone();
+        let stop_first = order == UpdateOrder::StopFirst;
+        if stop_first {
+            self.state.retire(&old, self.replaced(), self.now);
         }
-        match next.place_slot(&self.service, slot, self.new_id, self.eligible) {
+        match self
+            .state
+            .place_slot(&self.service, slot, self.new_id, self.eligible)
+        {
             Ok(name) => {
-                let id = next.tasks[&name].id.clone();
-                *self.state = next;
                 self.changed = true;
-                Replace::Started(id)
+                Replace::Started(self.state.tasks[&name].id.clone())
             }
-            Err(e) => Replace::Blocked(e.to_string()),
+            Err(e) => {
+                if stop_first {
+                    if let Some(p) = self.state.history.remove(&old_id) {
+                        self.state.tasks.insert(old, p.task);
+                    }
+                }
+                Replace::Blocked(e.to_string())
+            }
         }
     }
 
@@ -792,6 +802,42 @@ mod tests {
             s.tasks.keys().collect::<Vec<_>>(),
             ["web.1", "web.2", "web.3"]
         );
+    }
+
+    #[test]
+    fn a_slot_without_an_address_waits_and_keeps_its_task() {
+        // A /29: gateway, VIP, three tasks and one free address.
+        let mut s = state();
+        net(&mut s, "small", Some("10.3.0.0/29")).unwrap();
+        let mut id = ids();
+        s.create_service(svc("web", &["small"], 3), &mut id, &|_| true)
+            .unwrap();
+        let nodes = Nodes::default();
+        nodes.settle(&s);
+        let mut spec = s.services["web"].spec(&s);
+        spec.env = vec!["V=2".into()];
+        s.update_service("web", spec, 0, &mut id, &|_| true)
+            .unwrap();
+        let advance = |s: &mut ClusterState, t, id: &mut dyn FnMut() -> String| {
+            s.advance_rollouts(t, &|task| nodes.observe(task), id, &|_| true)
+        };
+        advance(&mut s, 0, &mut id); // web.1 replaced: the last free address
+        advance(&mut s, 100, &mut id); // starting
+        advance(&mut s, 200, &mut id); // ready; web.2 has nowhere to go
+        let old2 = s.tasks["web.2"].clone();
+        assert!(old2.spec.env.is_empty(), "web.2 kept its old task");
+        let (_, message) = status(&s).unwrap();
+        assert!(
+            message
+                .starts_with("update in progress: slot 2: no free address left in network small"),
+            "{message}"
+        );
+        // The old web.1 stops on its node: its address is free, and web.2 goes on.
+        let running: BTreeSet<String> = s.tasks.values().map(|t| t.id.clone()).collect();
+        s.release_stopped("n1", &running);
+        advance(&mut s, 300, &mut id);
+        assert_ne!(s.tasks["web.2"].id, old2.id);
+        assert_eq!(status(&s).unwrap().1, "update in progress");
     }
 
     #[test]

@@ -4,6 +4,9 @@
 
 mod client;
 mod exec;
+mod pretty;
+mod progress;
+mod spec_flags;
 mod table;
 
 use anyhow::{anyhow, bail, Context};
@@ -13,8 +16,9 @@ use protocol::api::{
     DatapathStats, Info, JoinToken, NetworkInspect, NetworkTarget, NodeView, PortSpec,
     ServiceInspect, TaskView,
 };
-use protocol::state::{PortConfig, Vtep};
+use protocol::state::{EndpointMode, PortConfig, Vtep};
 use serde_json::json;
+use spec_flags::{HealthFlags, RollbackFlags, UpdateFlags};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -201,35 +205,7 @@ enum VtepCmd {
 #[derive(Subcommand)]
 enum ServiceCmd {
     /// Create a service: CMD runs in each task's own network namespace.
-    Create {
-        #[arg(long)]
-        name: String,
-        /// Network to attach to: NAME, or name=NAME[,alias=ALIAS...] (repeat for several;
-        /// the task gets eth0, eth1, ... in this order, and eth0 carries the default route).
-        #[arg(long = "network", required = true)]
-        networks: Vec<String>,
-        /// vip (a virtual IP per network, load-balanced) or dnsrr (DNS gives task addresses).
-        #[arg(long, value_parser = ["vip", "dnsrr"])]
-        endpoint_mode: Option<String>,
-        /// Idle time after which a load-balanced flow is forgotten, e.g. 30s, 15m, 2h
-        /// [default: the node's, 24h].
-        #[arg(long, value_parser = parse_duration_secs)]
-        lb_idle_timeout: Option<u64>,
-        /// Publish a port on every node: [PUBLISHED:]TARGET[/udp], or
-        /// published=P,target=T[,protocol=udp][,mode=host][,proxy=v2] (repeat for several;
-        /// without a published port one is chosen from 30000-32767).
-        #[arg(short = 'p', long = "publish", value_parser = parse_publish_flag)]
-        publish: Vec<PortSpec>,
-        /// Number of tasks.
-        #[arg(long, default_value_t = 1)]
-        replicas: u32,
-        /// Environment variables, KEY=VALUE.
-        #[arg(short = 'e', long = "env")]
-        env: Vec<String>,
-        /// The command and its arguments (after `--`).
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
+    Create(Box<CreateArgs>),
     /// List services.
     #[command(alias = "list")]
     Ls {
@@ -238,19 +214,27 @@ enum ServiceCmd {
     },
     /// List the tasks of a service.
     Ps { name: String },
-    /// Show services as JSON.
+    /// Show services as JSON (Docker's shape), or as Docker's pretty text.
     Inspect {
+        /// Print the information in a human friendly format.
+        #[arg(long)]
+        pretty: bool,
         #[arg(required = true)]
         names: Vec<String>,
     },
-    /// Change a service's published ports.
-    Update {
-        /// Publish another port (same forms as `create --publish`).
-        #[arg(long = "publish-add", value_parser = parse_publish_flag)]
-        publish_add: Vec<PortSpec>,
-        /// Stop publishing a port: PUBLISHED[/PROTOCOL].
-        #[arg(long = "publish-rm")]
-        publish_rm: Vec<String>,
+    /// Change a service. What needs new tasks (command, environment, networks, health
+    /// check, grace period, --force, a first or last published port) rolls out under the
+    /// update policy; the rest applies at once. Waits for the service to converge and
+    /// shows progress unless --detach.
+    Update(Box<UpdateArgs>),
+    /// Return a service to its previous spec, rolled out under its rollback policy.
+    Rollback {
+        /// Exit immediately instead of waiting for the service to converge.
+        #[arg(short, long)]
+        detach: bool,
+        /// Suppress progress output.
+        #[arg(short, long)]
+        quiet: bool,
         name: String,
     },
     /// Scale services: NAME=REPLICAS ...
@@ -264,6 +248,158 @@ enum ServiceCmd {
         #[arg(required = true)]
         names: Vec<String>,
     },
+}
+
+/// `service create`'s flags, as Docker's.
+#[derive(clap::Args)]
+struct CreateArgs {
+    #[arg(long)]
+    name: String,
+    /// Network to attach to: NAME, or name=NAME[,alias=ALIAS...] (repeat for several;
+    /// the task gets eth0, eth1, ... in this order, and eth0 carries the default route).
+    #[arg(long = "network", required = true)]
+    networks: Vec<String>,
+    /// vip (a virtual IP per network, load-balanced) or dnsrr (DNS gives task addresses).
+    #[arg(long, value_parser = ["vip", "dnsrr"])]
+    endpoint_mode: Option<String>,
+    /// Idle time after which a load-balanced flow is forgotten, e.g. 30s, 15m, 2h
+    /// [default: the node's, 24h].
+    #[arg(long, value_parser = parse_duration_secs)]
+    lb_idle_timeout: Option<u64>,
+    /// Publish a port on every node: [PUBLISHED:]TARGET[/udp], or
+    /// published=P,target=T[,protocol=udp][,mode=host][,proxy=v2] (repeat for several;
+    /// without a published port one is chosen from 30000-32767).
+    #[arg(short = 'p', long = "publish", value_parser = parse_publish_flag)]
+    publish: Vec<PortSpec>,
+    /// Number of tasks.
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Environment variables, KEY=VALUE.
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    #[command(flatten)]
+    health: HealthFlags,
+    /// Time a stopping task has to finish its connections, then between SIGTERM and
+    /// SIGKILL (ns|us|ms|s|m|h) [default: 10s].
+    #[arg(long, value_parser = spec_flags::parse_whole_secs)]
+    stop_grace_period: Option<u64>,
+    #[command(flatten)]
+    update: UpdateFlags,
+    #[command(flatten)]
+    rollback: RollbackFlags,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// `service update`'s flags, as Docker's.
+#[derive(clap::Args)]
+struct UpdateArgs {
+    /// The service's command and its arguments, split as a shell would.
+    #[arg(long, conflicts_with = "command")]
+    args: Option<String>,
+    /// Add or update an environment variable, KEY=VALUE.
+    #[arg(long = "env-add")]
+    env_add: Vec<String>,
+    /// Remove an environment variable, KEY.
+    #[arg(long = "env-rm")]
+    env_rm: Vec<String>,
+    /// Number of tasks.
+    #[arg(long)]
+    replicas: Option<u32>,
+    /// Attach a network: NAME, or name=NAME[,alias=ALIAS...].
+    #[arg(long = "network-add")]
+    network_add: Vec<String>,
+    /// Detach a network.
+    #[arg(long = "network-rm")]
+    network_rm: Vec<String>,
+    /// vip or dnsrr.
+    #[arg(long, value_parser = ["vip", "dnsrr"])]
+    endpoint_mode: Option<String>,
+    /// Idle time after which a load-balanced flow is forgotten, e.g. 30s, 15m, 2h.
+    #[arg(long, value_parser = parse_duration_secs)]
+    lb_idle_timeout: Option<u64>,
+    /// Publish another port (same forms as `create --publish`).
+    #[arg(long = "publish-add", value_parser = parse_publish_flag)]
+    publish_add: Vec<PortSpec>,
+    /// Stop publishing a port: PUBLISHED[/PROTOCOL].
+    #[arg(long = "publish-rm")]
+    publish_rm: Vec<String>,
+    #[command(flatten)]
+    health: HealthFlags,
+    /// Time a stopping task has to finish its connections, then between SIGTERM and
+    /// SIGKILL (ns|us|ms|s|m|h).
+    #[arg(long, value_parser = spec_flags::parse_whole_secs)]
+    stop_grace_period: Option<u64>,
+    #[command(flatten)]
+    update: UpdateFlags,
+    #[command(flatten)]
+    rollback_policy: RollbackFlags,
+    /// Replace every task even if nothing changes.
+    #[arg(long)]
+    force: bool,
+    /// Return to the previous spec (as `service rollback`).
+    #[arg(long)]
+    rollback: bool,
+    /// Exit immediately instead of waiting for the service to converge.
+    #[arg(short, long)]
+    detach: bool,
+    /// Suppress progress output.
+    #[arg(short, long)]
+    quiet: bool,
+    name: String,
+    /// The command and its arguments, as another way to give --args (after `--`).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+impl UpdateArgs {
+    /// The API's request.
+    fn request(&self) -> anyhow::Result<protocol::api::ServiceUpdate> {
+        for e in &self.env_add {
+            if !e.contains('=') {
+                bail!("invalid --env-add {e:?}: expected KEY=VALUE");
+            }
+        }
+        for r in &self.publish_rm {
+            protocol::api::parse_publish_rm(r).map_err(|e| anyhow!(e))?;
+        }
+        let args = match &self.args {
+            Some(a) => Some(spec_flags::split_args(a).map_err(|e| anyhow!("--args: {e}"))?),
+            None if !self.command.is_empty() => Some(self.command.clone()),
+            None => None,
+        };
+        if args.as_ref().is_some_and(|a| a.is_empty()) {
+            bail!("--args: the command is empty");
+        }
+        let network_add = self
+            .network_add
+            .iter()
+            .map(|n| parse_network_flag(n))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let endpoint_mode = self.endpoint_mode.as_deref().map(|m| match m {
+            "dnsrr" => EndpointMode::Dnsrr,
+            _ => EndpointMode::Vip,
+        });
+        Ok(protocol::api::ServiceUpdate {
+            publish_add: self.publish_add.clone(),
+            publish_rm: self.publish_rm.clone(),
+            args,
+            env_add: self.env_add.clone(),
+            env_rm: self.env_rm.clone(),
+            replicas: self.replicas,
+            network_add,
+            network_rm: self.network_rm.clone(),
+            endpoint_mode,
+            lb_idle_timeout: self.lb_idle_timeout,
+            health: self.health.to_update(),
+            stop_grace_period_s: self.stop_grace_period,
+            update_config: self.update.to_change()?,
+            rollback_config: self.rollback_policy.to_change()?,
+            force: self.force,
+            rollback: self.rollback,
+        })
+    }
 }
 
 /// Network options: KEY=VALUE, or a bare flag as Docker takes `--opt encrypted`.
@@ -540,16 +676,21 @@ async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<()> {
 
 async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
     match cmd {
-        ServiceCmd::Create {
-            name,
-            networks,
-            endpoint_mode,
-            lb_idle_timeout,
-            publish,
-            replicas,
-            env,
-            command,
-        } => {
+        ServiceCmd::Create(args) => {
+            let CreateArgs {
+                name,
+                networks,
+                endpoint_mode,
+                lb_idle_timeout,
+                publish,
+                replicas,
+                env,
+                health,
+                stop_grace_period,
+                update,
+                rollback,
+                command,
+            } = *args;
             for e in &env {
                 if !e.contains('=') {
                     bail!("invalid env {e:?}: expected KEY=VALUE");
@@ -559,9 +700,15 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 .iter()
                 .map(|n| parse_network_flag(n))
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let healthcheck = health
+                .to_update()
+                .applied_to(None)
+                .map_err(|e| anyhow!(e))?;
             let body = json!({"name": name, "networks": networks, "replicas": replicas,
                 "command": command, "env": env, "endpoint_mode": endpoint_mode,
-                "lb_idle_timeout": lb_idle_timeout, "ports": publish});
+                "lb_idle_timeout": lb_idle_timeout, "ports": publish,
+                "healthcheck": healthcheck, "stop_grace_period_s": stop_grace_period,
+                "update_config": update.to_change()?, "rollback_config": rollback.to_change()?});
             let s: ServiceInspect = c.post("/services/create", body).await?;
             println!("{}", s.id);
         }
@@ -615,10 +762,13 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                         .iter()
                         .map(|a| format!("{}={}", a.network, a.address))
                         .collect();
+                    // The slot's name, as Docker shows every task of a slot (a start-first
+                    // replacement's own name is `web.1.ID`).
+                    let slot_name = format!("{}.{}", t.service, t.slot);
                     let name = if t.desired_state == "running" {
-                        t.name.clone()
+                        slot_name
                     } else {
-                        format!(" \\_ {}", t.name)
+                        format!(" \\_ {slot_name}")
                     };
                     vec![
                         table::short_id(&t.id),
@@ -644,32 +794,49 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 &rows,
             );
         }
-        ServiceCmd::Inspect { names } => {
+        ServiceCmd::Inspect { pretty, names } => {
+            if pretty {
+                for (i, n) in names.iter().enumerate() {
+                    let s: ServiceInspect = c.get(&format!("/services/{}", seg(n))).await?;
+                    if i > 0 {
+                        println!();
+                    }
+                    print!("{}", pretty::render(&s, now()));
+                }
+                return Ok(());
+            }
+            // As the API gives it (Docker's shape), whatever this CLI knows of it.
             let mut out = Vec::new();
             for n in names {
                 out.push(
-                    c.get::<ServiceInspect>(&format!("/services/{}", seg(&n)))
+                    c.get::<serde_json::Value>(&format!("/services/{}", seg(&n)))
                         .await?,
                 );
             }
             print_json(&out)?;
         }
-        ServiceCmd::Update {
-            publish_add,
-            publish_rm,
+        ServiceCmd::Update(u) => {
+            let body = serde_json::to_value(u.request()?)?;
+            let _: ServiceInspect = c
+                .post(&format!("/services/{}/update", seg(&u.name)), body)
+                .await?;
+            println!("{}", u.name);
+            if !u.detach {
+                progress::follow(c, &u.name, u.rollback, u.quiet).await?;
+            }
+        }
+        ServiceCmd::Rollback {
+            detach,
+            quiet,
             name,
         } => {
-            if publish_add.is_empty() && publish_rm.is_empty() {
-                bail!("nothing to update: give --publish-add or --publish-rm");
-            }
-            for r in &publish_rm {
-                protocol::api::parse_publish_rm(r).map_err(|e| anyhow!(e))?;
-            }
-            let body = json!({"publish_add": publish_add, "publish_rm": publish_rm});
             let _: ServiceInspect = c
-                .post(&format!("/services/{}/update", seg(&name)), body)
+                .post(&format!("/services/{}/rollback", seg(&name)), json!({}))
                 .await?;
             println!("{name}");
+            if !detach {
+                progress::follow(c, &name, true, quiet).await?;
+            }
         }
         ServiceCmd::Scale { specs } => {
             let mut parsed = Vec::new();
@@ -807,5 +974,181 @@ fn main() -> std::process::ExitCode {
             eprintln!("overlayctl: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::state::{FailureAction, UpdateOrder};
+
+    fn update(args: &[&str]) -> UpdateArgs {
+        let mut argv = vec!["overlayctl", "service", "update"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Cmd::Service(ServiceCmd::Update(u))) => *u,
+            Ok(_) => panic!("not an update"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn service_update_flags_parse_as_dockers() {
+        let u = update(&[
+            "--env-add",
+            "V=2",
+            "--env-rm",
+            "OLD",
+            "--replicas",
+            "5",
+            "--args",
+            "python3 -c 'print(1)'",
+            "--network-add",
+            "name=b,alias=db",
+            "--network-rm",
+            "a",
+            "--endpoint-mode",
+            "dnsrr",
+            "--lb-idle-timeout",
+            "15m",
+            "--publish-add",
+            "8080:80",
+            "--publish-rm",
+            "9000/udp",
+            "--health-cmd",
+            "curl -f localhost",
+            "--health-interval",
+            "5s",
+            "--health-retries",
+            "2",
+            "--stop-grace-period",
+            "30s",
+            "--update-parallelism",
+            "2",
+            "--update-delay",
+            "10s",
+            "--update-failure-action",
+            "rollback",
+            "--update-monitor",
+            "500ms",
+            "--update-max-failure-ratio",
+            "0.25",
+            "--update-order",
+            "start-first",
+            "--rollback-parallelism",
+            "0",
+            "--rollback-failure-action",
+            "continue",
+            "--force",
+            "-d",
+            "web",
+        ]);
+        assert!(u.detach && u.force && !u.rollback);
+        let r = u.request().unwrap();
+        assert_eq!(r.args.unwrap(), ["python3", "-c", "print(1)"]);
+        assert_eq!(
+            (r.env_add, r.env_rm),
+            (vec!["V=2".to_string()], vec!["OLD".to_string()])
+        );
+        assert_eq!(r.replicas, Some(5));
+        assert_eq!(r.network_add[0].target, "b");
+        assert_eq!(r.network_add[0].aliases, ["db"]);
+        assert_eq!(r.endpoint_mode, Some(EndpointMode::Dnsrr));
+        assert_eq!(r.lb_idle_timeout, Some(900));
+        assert_eq!(r.publish_add[0].published_port, 8080);
+        assert_eq!(r.health.command.unwrap(), ["sh", "-c", "curl -f localhost"]);
+        assert_eq!((r.health.interval_s, r.health.retries), (Some(5), Some(2)));
+        assert_eq!(r.stop_grace_period_s, Some(30));
+        let c = r.update_config;
+        assert_eq!(
+            (c.parallelism, c.delay_ms, c.monitor_ms),
+            (Some(2), Some(10_000), Some(500))
+        );
+        assert_eq!(c.failure_action, Some(FailureAction::Rollback));
+        assert_eq!(c.order, Some(UpdateOrder::StartFirst));
+        assert_eq!(c.max_failure_ratio.unwrap().to_string(), "0.25");
+        let rb = r.rollback_config;
+        assert_eq!(
+            (rb.parallelism, rb.failure_action),
+            (Some(0), Some(FailureAction::Continue))
+        );
+        // The command after `--`, as create takes it.
+        let u = update(&["web", "--", "sleep", "60"]);
+        assert_eq!(u.request().unwrap().args.unwrap(), ["sleep", "60"]);
+        // Nothing given: an update that changes nothing (Docker allows it).
+        assert_eq!(update(&["web"]).request().unwrap(), Default::default());
+    }
+
+    #[test]
+    fn bad_update_flags_are_refused() {
+        for bad in [
+            vec!["--update-failure-action", "explode", "web"],
+            vec!["--rollback-failure-action", "rollback", "web"],
+            vec!["--update-order", "sideways", "web"],
+            vec!["--update-max-failure-ratio", "2", "web"],
+            vec!["--update-delay", "soon", "web"],
+            vec!["--health-interval", "1500ms", "web"],
+            vec!["--args", "x", "web", "--", "y"],
+        ] {
+            let mut argv = vec!["overlayctl", "service", "update"];
+            argv.extend_from_slice(&bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
+        assert!(update(&["--env-add", "NOVALUE", "web"]).request().is_err());
+        assert!(update(&["--args", "'open", "web"]).request().is_err());
+    }
+
+    #[test]
+    fn service_create_takes_health_and_policies() {
+        let argv = [
+            "overlayctl",
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--network",
+            "a",
+            "--health-cmd",
+            "true",
+            "--no-healthcheck",
+            "--stop-grace-period",
+            "1m",
+            "--update-order",
+            "start-first",
+            "--rollback-monitor",
+            "1s",
+            "--",
+            "sleep",
+            "1",
+        ];
+        let Ok(Cmd::Service(ServiceCmd::Create(create))) =
+            Cli::try_parse_from(argv).map(|c| c.command)
+        else {
+            panic!("not a create");
+        };
+        let CreateArgs {
+            health,
+            stop_grace_period,
+            update,
+            rollback,
+            ..
+        } = *create;
+        assert_eq!(stop_grace_period, Some(60));
+        assert!(
+            health.to_update().applied_to(None).is_err(),
+            "--no-healthcheck with --health-cmd"
+        );
+        assert_eq!(
+            update.to_change().unwrap().order,
+            Some(UpdateOrder::StartFirst)
+        );
+        assert_eq!(rollback.to_change().unwrap().monitor_ms, Some(1_000));
+        let Ok(Cmd::Service(ServiceCmd::Rollback { name, detach, .. })) =
+            Cli::try_parse_from(["overlayctl", "service", "rollback", "-d", "web"])
+                .map(|c| c.command)
+        else {
+            panic!("not a rollback");
+        };
+        assert_eq!((name.as_str(), detach), ("web", true));
     }
 }

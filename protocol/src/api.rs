@@ -14,6 +14,7 @@
 //! | `GET /services/{name}`          |                         | [`ServiceInspect`]     |
 //! | `POST /services/{name}/scale`   | [`ServiceScale`]        | [`ServiceInspect`]     |
 //! | `POST /services/{name}/update`  | [`ServiceUpdate`]       | [`ServiceInspect`]     |
+//! | `POST /services/{name}/rollback`|                         | [`ServiceInspect`]     |
 //! | `DELETE /services/{name}`       |                         |                        |
 //! | `GET /tasks?service=NAME`       |                         | `[TaskView]`           |
 //! | `GET /tasks/{name}`             |                         | [`TaskView`]           |
@@ -28,7 +29,8 @@
 //! Errors come back as a non-2xx status with an [`ErrorBody`] (from an [`OpError`]).
 
 use crate::state::{
-    Attachment, EndpointMode, PortConfig, PortProtocol, ProxyProtocol, PublishMode, StateError,
+    Attachment, EndpointMode, HealthCheck, PortConfig, PortProtocol, ProxyProtocol, PublishMode,
+    StateError, UpdateConfig, UpdateConfigChange, UpdateStatus,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -235,6 +237,12 @@ pub struct ServiceCreate {
     /// `--stop-grace-period`, seconds.
     #[serde(default)]
     pub stop_grace_period_s: Option<u64>,
+    /// `--update-*`: changes to Docker's default update policy.
+    #[serde(default)]
+    pub update_config: UpdateConfigChange,
+    /// `--rollback-*`: changes to Docker's default rollback policy.
+    #[serde(default)]
+    pub rollback_config: UpdateConfigChange,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -242,14 +250,125 @@ pub struct ServiceScale {
     pub replicas: u32,
 }
 
-/// `service update`: published ports to remove (`PORT` or `PORT/PROTOCOL`, by published
-/// port) and to add.
+/// `service update`: what changes; anything absent or empty stays as it is. What needs new
+/// tasks (command, environment, networks, the ingress attachment, health check, grace
+/// period, `force`) is rolled out under the update policy; the rest applies at once.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceUpdate {
+    /// Ports to publish (`--publish-add`).
     #[serde(default)]
     pub publish_add: Vec<PortSpec>,
+    /// Published ports to close: `PORT` or `PORT/PROTOCOL` (`--publish-rm`).
     #[serde(default)]
     pub publish_rm: Vec<String>,
+    /// The command and its arguments (`--args`).
+    #[serde(default)]
+    pub args: Option<Vec<String>>,
+    /// `KEY=VALUE`, replacing KEY's value if set (`--env-add`).
+    #[serde(default)]
+    pub env_add: Vec<String>,
+    /// Variables to unset, by KEY (`--env-rm`).
+    #[serde(default)]
+    pub env_rm: Vec<String>,
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    /// Networks to attach, after the others (`--network-add`).
+    #[serde(default)]
+    pub network_add: Vec<NetworkTarget>,
+    /// Networks to detach, by name (`--network-rm`).
+    #[serde(default)]
+    pub network_rm: Vec<String>,
+    #[serde(default)]
+    pub endpoint_mode: Option<EndpointMode>,
+    /// Seconds.
+    #[serde(default)]
+    pub lb_idle_timeout: Option<u64>,
+    /// `--health-*`, `--no-healthcheck`.
+    #[serde(default)]
+    pub health: HealthUpdate,
+    /// Seconds.
+    #[serde(default)]
+    pub stop_grace_period_s: Option<u64>,
+    #[serde(default)]
+    pub update_config: UpdateConfigChange,
+    #[serde(default)]
+    pub rollback_config: UpdateConfigChange,
+    /// Replace every task even if nothing else changes (`--force`).
+    #[serde(default)]
+    pub force: bool,
+    /// Return to the previous spec instead (`service rollback`, `service update
+    /// --rollback`); nothing else may be given with it.
+    #[serde(default)]
+    pub rollback: bool,
+}
+
+/// What `service update` changes in the health check: each field given replaces the
+/// current one (a service without a check needs `command`); `disable` removes the check.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthUpdate {
+    /// The check's argv (`--health-cmd CMD` is `["sh", "-c", CMD]`).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub interval_s: Option<u64>,
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    #[serde(default)]
+    pub retries: Option<u32>,
+    #[serde(default)]
+    pub start_period_s: Option<u64>,
+    /// `--no-healthcheck`.
+    #[serde(default)]
+    pub disable: bool,
+}
+
+/// Docker's defaults for what `--health-cmd` leaves unsaid.
+pub const DEFAULT_HEALTH_INTERVAL_S: u64 = 30;
+pub const DEFAULT_HEALTH_TIMEOUT_S: u64 = 30;
+pub const DEFAULT_HEALTH_RETRIES: u32 = 3;
+
+impl HealthUpdate {
+    pub fn is_empty(&self) -> bool {
+        *self == HealthUpdate::default()
+    }
+
+    /// The health check `current` becomes. Changing a field of a service without a check
+    /// needs a command; `disable` with anything else is refused.
+    pub fn applied_to(&self, current: Option<HealthCheck>) -> Result<Option<HealthCheck>, String> {
+        if self.disable {
+            if *self
+                != (HealthUpdate {
+                    disable: true,
+                    ..Default::default()
+                })
+            {
+                return Err("--no-healthcheck conflicts with the other --health-* flags".into());
+            }
+            return Ok(None);
+        }
+        if self.is_empty() {
+            return Ok(current);
+        }
+        let mut h = match (current, &self.command) {
+            (Some(h), _) => h,
+            (None, Some(_)) => HealthCheck {
+                command: Vec::new(),
+                interval_s: DEFAULT_HEALTH_INTERVAL_S,
+                timeout_s: DEFAULT_HEALTH_TIMEOUT_S,
+                retries: DEFAULT_HEALTH_RETRIES,
+                start_period_s: 0,
+            },
+            (None, None) => return Err("the service has no health check: give --health-cmd".into()),
+        };
+        if let Some(c) = &self.command {
+            h.command = c.clone();
+        }
+        h.interval_s = self.interval_s.unwrap_or(h.interval_s);
+        h.timeout_s = self.timeout_s.unwrap_or(h.timeout_s);
+        h.retries = self.retries.unwrap_or(h.retries);
+        h.start_period_s = self.start_period_s.unwrap_or(h.start_period_s);
+        Ok(Some(h))
+    }
 }
 
 /// A published port as Docker's API shows it (`Endpoint.Ports[]`).
@@ -389,6 +508,99 @@ pub fn parse_publish_rm(s: &str) -> Result<(u16, Option<PortProtocol>), String> 
 pub struct ContainerSpec {
     pub command: Vec<String>,
     pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthcheckView>,
+    /// Nanoseconds, as Docker's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_period: Option<u64>,
+}
+
+const NS_PER_S: u64 = 1_000_000_000;
+const NS_PER_MS: u64 = 1_000_000;
+
+/// A health check as Docker shows it: `Test` is `["CMD-SHELL", CMD]` for a shell command
+/// (`--health-cmd`) or `["CMD", ARGV...]`; durations in nanoseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct HealthcheckView {
+    pub test: Vec<String>,
+    pub interval: u64,
+    pub timeout: u64,
+    pub retries: u32,
+    pub start_period: u64,
+}
+
+impl From<&HealthCheck> for HealthcheckView {
+    fn from(h: &HealthCheck) -> HealthcheckView {
+        let test = match h.command.as_slice() {
+            [sh, c, cmd] if sh == "sh" && c == "-c" => vec!["CMD-SHELL".into(), cmd.clone()],
+            argv => std::iter::once("CMD".to_string())
+                .chain(argv.iter().cloned())
+                .collect(),
+        };
+        HealthcheckView {
+            test,
+            interval: h.interval_s * NS_PER_S,
+            timeout: h.timeout_s * NS_PER_S,
+            retries: h.retries,
+            start_period: h.start_period_s * NS_PER_S,
+        }
+    }
+}
+
+/// An update or rollback policy as Docker shows it (durations in nanoseconds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateConfigView {
+    pub parallelism: u32,
+    pub delay: u64,
+    pub failure_action: String,
+    pub monitor: u64,
+    pub max_failure_ratio: f64,
+    pub order: String,
+}
+
+impl From<&UpdateConfig> for UpdateConfigView {
+    fn from(c: &UpdateConfig) -> UpdateConfigView {
+        UpdateConfigView {
+            parallelism: c.parallelism,
+            delay: c.delay_ms * NS_PER_MS,
+            failure_action: c.failure_action.to_string(),
+            monitor: c.monitor_ms * NS_PER_MS,
+            max_failure_ratio: c.max_failure_ratio.as_f64(),
+            order: c.order.to_string(),
+        }
+    }
+}
+
+/// How the last update or rollback went, as Docker shows it (times in unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateStatusView {
+    /// updating, paused, completed, rollback_started, rollback_paused, rollback_completed.
+    pub state: String,
+    pub started_at: u64,
+    #[serde(default)]
+    pub completed_at: Option<u64>,
+    pub message: String,
+}
+
+impl From<&UpdateStatus> for UpdateStatusView {
+    fn from(u: &UpdateStatus) -> UpdateStatusView {
+        UpdateStatusView {
+            state: u.state.to_string(),
+            started_at: u.started_at,
+            completed_at: u.completed_at,
+            message: u.message.clone(),
+        }
+    }
+}
+
+/// Docker's object version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct VersionView {
+    pub index: u64,
 }
 
 /// A network a service attaches to, with the service's extra DNS names on it.
@@ -452,7 +664,7 @@ pub struct EndpointSpec {
     pub ports: Vec<PortSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct ServiceSpec {
     pub name: String,
@@ -463,6 +675,8 @@ pub struct ServiceSpec {
     /// Idle timeout of load-balanced flows, seconds (the node's default when absent).
     #[serde(default)]
     pub lb_idle_timeout: Option<u64>,
+    pub update_config: UpdateConfigView,
+    pub rollback_config: UpdateConfigView,
 }
 
 /// One of a service's virtual IPs, as `docker service inspect` shows them.
@@ -486,15 +700,23 @@ pub struct Endpoint {
     pub virtual_ips: Vec<VirtualIp>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct ServiceInspect {
     #[serde(rename = "ID")]
     pub id: String,
+    /// Bumped by every change of the spec.
+    #[serde(default)]
+    pub version: VersionView,
     pub created_at: u64,
     pub updated_at: u64,
     pub spec: ServiceSpec,
+    /// What `service rollback` returns to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_spec: Option<ServiceSpec>,
     pub endpoint: Endpoint,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_status: Option<UpdateStatusView>,
     /// Tasks reported running right now.
     pub running: u32,
 }
@@ -595,6 +817,10 @@ pub struct TaskView {
     /// `overlayctl exec` too.
     #[serde(default)]
     pub mountns: Option<String>,
+    /// Whether it runs its service's current spec (false: an update or rollback under way
+    /// replaces it). Docker's `_up-to-date` task filter.
+    #[serde(default)]
+    pub up_to_date: bool,
 }
 
 #[cfg(test)]
@@ -654,6 +880,29 @@ mod tests {
         let j: PortSpec =
             serde_json::from_str(r#"{"TargetPort":80,"PublishedPort":8080}"#).unwrap();
         assert_eq!(j, parse_publish("8080:80").unwrap());
+    }
+
+    #[test]
+    fn service_updates_in_json_and_postcard() {
+        let body = r#"{"env_add":["V=2"],"network_add":["b"],"replicas":3,
+            "update_config":{"parallelism":2,"max_failure_ratio":0.5,"order":"start-first"},
+            "health":{"command":["sh","-c","true"]},"force":true}"#;
+        let u: ServiceUpdate = serde_json::from_str(body).unwrap();
+        assert_eq!(u.network_add[0], NetworkTarget::from("b"));
+        assert_eq!(
+            u.update_config.max_failure_ratio.unwrap().to_string(),
+            "0.5"
+        );
+        let bytes = postcard::to_stdvec(&u).unwrap();
+        assert_eq!(postcard::from_bytes::<ServiceUpdate>(&bytes).unwrap(), u);
+        // The health check it makes: Docker's defaults for what is not given, shown as
+        // Docker shows a CMD-SHELL check.
+        let h = u.health.applied_to(None).unwrap().unwrap();
+        let view = HealthcheckView::from(&h);
+        assert_eq!(view.test, ["CMD-SHELL", "true"]);
+        assert_eq!((view.interval, view.retries), (30_000_000_000, 3));
+        let keep = HealthUpdate::default().applied_to(Some(h.clone())).unwrap();
+        assert_eq!(keep, Some(h));
     }
 
     #[test]

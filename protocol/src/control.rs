@@ -34,8 +34,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 /// candidate serves the control endpoint (`control_addr`, also in the state's `Node`), and a
 /// manager that does not lead answers `Join` and `Hello` with `Redirect`. Version 6 added
 /// what a rolling update and health checks need: each task carries its spec (`Task.spec`),
-/// services a health check and a stop grace period, task statuses a health.
-pub const VERSION: u32 = 6;
+/// services a health check and a stop grace period, task statuses a health. Version 7 added
+/// rolling updates: a service's `deploy` (spec version, previous spec, update and rollback
+/// policies, the rollout under way) and the larger `ServiceCreate`/`ServiceUpdate` in `Op`.
+pub const VERSION: u32 = 7;
 /// Largest frame either end accepts (a snapshot of a large cluster fits many times over).
 pub const MAX_FRAME: usize = 16 << 20;
 /// The name every manager certificate carries, and that nodes verify.
@@ -168,7 +170,7 @@ pub enum NodeHealth {
 pub enum Op {
     CreateNetwork(NetworkCreate),
     RemoveNetwork(String),
-    CreateService(ServiceCreate),
+    CreateService(Box<ServiceCreate>),
     ScaleService {
         name: String,
         replicas: u32,
@@ -188,7 +190,7 @@ pub enum Op {
     },
     UpdateService {
         name: String,
-        update: crate::api::ServiceUpdate,
+        update: Box<crate::api::ServiceUpdate>,
     },
     /// `network rotate-key NAME`.
     RotateKey(String),

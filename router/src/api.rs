@@ -21,7 +21,7 @@ use protocol::api::{
     TaskView, VirtualIp,
 };
 use protocol::control::{NodeHealth, Op, Snapshot};
-use protocol::state::{Availability, Network, Role, Service, Task, Vtep};
+use protocol::state::{Availability, ClusterState, Network, Role, Service, Spec, Task, Vtep};
 use protocol::types::{MacAddr, NodeName};
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashMap};
@@ -78,6 +78,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/services/{name}", get(service_inspect).delete(service_rm))
         .route("/services/{name}/scale", post(service_scale))
         .route("/services/{name}/update", post(service_update))
+        .route("/services/{name}/rollback", post(service_rollback))
         .route("/tasks", get(task_list))
         .route("/tasks/{name}", get(task_inspect))
         .route("/nodes", get(node_list))
@@ -201,27 +202,14 @@ fn service_view(snap: &Snapshot, svc: &Service) -> ServiceInspect {
         mode: svc.endpoint_mode,
         ports: svc.ports.iter().map(PortSpec::from).collect(),
     };
+    let d = &svc.deploy;
     ServiceInspect {
         id: svc.id.clone(),
+        version: api::VersionView { index: d.version },
         created_at: svc.created_at,
         updated_at: svc.updated_at,
-        spec: ServiceSpec {
-            name: svc.name.to_string(),
-            container_spec: ContainerSpec {
-                command: svc.command.clone(),
-                env: svc.env.clone(),
-            },
-            networks: svc
-                .user_networks(&snap.state)
-                .map(|n| NetworkTarget {
-                    target: n.to_string(),
-                    aliases: svc.aliases.get(n).cloned().unwrap_or_default(),
-                })
-                .collect(),
-            replicas: svc.replicas,
-            endpoint_spec: endpoint_spec.clone(),
-            lb_idle_timeout: svc.lb_idle_timeout,
-        },
+        spec: spec_view(&svc.name, &svc.spec(&snap.state)),
+        previous_spec: d.previous.as_deref().map(|p| spec_view(&svc.name, p)),
         endpoint: Endpoint {
             spec: endpoint_spec,
             ports: svc.ports.iter().map(PortSpec::from).collect(),
@@ -237,13 +225,52 @@ fn service_view(snap: &Snapshot, svc: &Service) -> ServiceInspect {
                 })
                 .collect(),
         },
+        update_status: d.status.as_ref().map(Into::into),
         running,
+    }
+}
+
+/// A spec (the current or the previous one) as Docker shows it.
+fn spec_view(name: &protocol::types::ServiceName, spec: &Spec) -> ServiceSpec {
+    ServiceSpec {
+        name: name.to_string(),
+        container_spec: ContainerSpec {
+            command: spec.command.clone(),
+            env: spec.env.clone(),
+            healthcheck: spec.healthcheck.as_ref().map(Into::into),
+            stop_grace_period: Some(
+                spec.stop_grace_period_s
+                    .unwrap_or(protocol::state::DEFAULT_STOP_GRACE_S)
+                    * 1_000_000_000,
+            ),
+        },
+        networks: spec
+            .networks
+            .iter()
+            .map(|n| NetworkTarget {
+                target: n.to_string(),
+                aliases: spec.aliases.get(n).cloned().unwrap_or_default(),
+            })
+            .collect(),
+        replicas: spec.replicas,
+        endpoint_spec: EndpointSpec {
+            mode: spec.endpoint_mode,
+            ports: spec.ports.iter().map(PortSpec::from).collect(),
+        },
+        lb_idle_timeout: spec.lb_idle_timeout,
+        update_config: (&spec.update_config).into(),
+        rollback_config: (&spec.rollback_config).into(),
     }
 }
 
 fn task_view(snap: &Snapshot, t: &Task) -> TaskView {
     let mut v = view_of(t, "running", status_of(snap, t));
     v.mountns = Some(naming::task_mntns(&t.node, &t.name).display().to_string());
+    v.up_to_date = snap
+        .state
+        .services
+        .get(&t.service)
+        .is_some_and(|s| s.is_current(t));
     v
 }
 
@@ -260,6 +287,7 @@ fn view_of(t: &Task, desired_state: &str, status: TaskStatus) -> TaskView {
         attachments: t.attachments.clone(),
         netns: naming::task_netns(&t.node, &t.name).display().to_string(),
         mountns: None,
+        up_to_date: false,
     }
 }
 
@@ -534,7 +562,7 @@ async fn service_create(
 ) -> Result<(StatusCode, Json<ServiceInspect>), HttpError> {
     let req: api::ServiceCreate = parse(&body)?;
     let name = req.name.clone();
-    st.cluster.apply(Op::CreateService(req)).await?;
+    st.cluster.apply(Op::CreateService(Box::new(req))).await?;
     let snap = st.cluster.snapshot();
     Ok((
         StatusCode::CREATED,
@@ -571,7 +599,26 @@ async fn service_update(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<ServiceInspect> {
-    let update: api::ServiceUpdate = parse(&body)?;
+    let update: Box<api::ServiceUpdate> = parse(&body)?;
+    st.cluster
+        .apply(Op::UpdateService {
+            name: name.clone(),
+            update,
+        })
+        .await?;
+    let snap = st.cluster.snapshot();
+    Ok(Json(service_view(&snap, service_of(&snap, &name)?)))
+}
+
+/// `service rollback`: the previous spec, rolled out under the rollback policy.
+async fn service_rollback(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<ServiceInspect> {
+    let update = Box::new(api::ServiceUpdate {
+        rollback: true,
+        ..Default::default()
+    });
     st.cluster
         .apply(Op::UpdateService {
             name: name.clone(),
@@ -639,13 +686,31 @@ fn past_task_view(p: &protocol::state::PastTask) -> TaskView {
 
 async fn task_inspect(State(st): State<ApiState>, Path(name): Path<String>) -> ApiResult<TaskView> {
     let snap = st.cluster.snapshot();
-    let t = snap
-        .state
-        .tasks
-        .get(&name)
-        .or_else(|| snap.state.tasks.values().find(|t| t.id == name))
+    let t = find_task(&snap.state, &name)
         .ok_or_else(|| OpError::not_found(format!("task {name} not found")))?;
     Ok(Json(task_view(&snap, t)))
+}
+
+/// A task by name (`web.1`, or a start-first replacement's `web.1.ID`), by id, or by its
+/// slot's name when a start-first update has renamed the slot's task (`web.1` finds
+/// `web.1.ID`; while both run, the older one).
+fn find_task<'a>(state: &'a ClusterState, name: &str) -> Option<&'a Task> {
+    if let Some(t) = state.tasks.get(name) {
+        return Some(t);
+    }
+    if let Some(t) = state.tasks.values().find(|t| t.id == name) {
+        return Some(t);
+    }
+    let (service, slot) = name.rsplit_once('.')?;
+    let (service, slot) = (
+        protocol::types::ServiceName::new(service).ok()?,
+        slot.parse().ok()?,
+    );
+    let svc = state.services.get(&service)?;
+    let mut tasks: Vec<&Task> = state.slot_tasks(&svc.name, slot).collect();
+    // The one that runs the older spec first (the one serving while its successor starts).
+    tasks.sort_by_key(|t| svc.is_current(t));
+    tasks.first().copied()
 }
 
 async fn node_list(State(st): State<ApiState>) -> ApiResult<Vec<NodeView>> {

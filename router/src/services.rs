@@ -283,6 +283,7 @@ mod tests {
                 start_period_s: 0,
             }),
             stop_grace_period_s: None,
+            deploy: Default::default(),
         }
     }
 

@@ -70,6 +70,7 @@ pub(super) fn svc(name: &str, nets: &[&str], replicas: u32) -> Service {
         ports: vec![],
         healthcheck: None,
         stop_grace_period_s: None,
+        deploy: Default::default(),
     }
 }
 

@@ -13,6 +13,10 @@
 //! - `ingress.rs`: the routing mesh's network and each node's router address on it.
 //! - `ports.rs`: published ports, checked cluster-wide.
 //! - `service.rs`: services, their aliases and virtual IPs.
+//! - `spec.rs`: a service's spec (what the operator asked) and its edits.
+//! - `update.rs`: updates and rollbacks: a new spec applied, its outdated tasks rolled out.
+//! - `rollout.rs`: the pure state machine of a rollout (which slots next, failures).
+//! - `policy.rs`: update and rollback policies (`--update-*`, `--rollback-*`).
 //! - `task.rs`: a service's tasks, their attachments, and their placement on nodes.
 //! - `node.rs`: nodes, their availability, draining and removal.
 //! - `history.rs`: past tasks (stopped or replaced), whose addresses stay reserved until
@@ -35,10 +39,14 @@ mod ingress;
 mod membership;
 mod network;
 mod node;
+mod policy;
 mod ports;
 mod reschedule;
+pub mod rollout;
 mod service;
+mod spec;
 mod task;
+mod update;
 mod vtep;
 
 pub use endpoint::{Endpoint, EndpointRequest};
@@ -50,12 +58,18 @@ pub use network::{
     OPT_MTU, OPT_VXLANID,
 };
 pub use node::{Availability, Node, Role};
+pub use policy::{
+    FailureAction, FailureRatio, UpdateConfig, UpdateConfigChange, UpdateOrder, DEFAULT_MONITOR_MS,
+};
 pub use ports::{PortConfig, PortProtocol, ProxyProtocol, PublishMode, DYNAMIC_PORTS};
 pub use reschedule::DEFAULT_RESCHEDULE_AFTER_S;
+pub use rollout::{Observed, Rollout, RolloutKind};
 pub use service::{
     EndpointMode, HealthCheck, Service, TaskSpec, DEFAULT_STOP_GRACE_S, MAX_REPLICAS,
 };
-pub use task::{task_name, Attachment, Task};
+pub use spec::Spec;
+pub use task::{successor_name, task_name, Attachment, Task};
+pub use update::{Deploy, UpdateState, UpdateStatus};
 pub use vtep::Vtep;
 
 use crate::types::{MacAddr, NetworkName, NodeName, ServiceName, Vni};
@@ -221,4 +235,14 @@ pub enum StateError {
     BadEndpoint(String),
     #[error("no endpoint {0}")]
     NoSuchEndpoint(String),
+    #[error("invalid environment variable {0:?}: expected KEY=VALUE")]
+    BadEnv(String),
+    #[error("the service is not attached to network {0}")]
+    NotAttached(NetworkName),
+    #[error("invalid health check: {0}")]
+    BadHealthCheck(String),
+    #[error("invalid update policy: {0}")]
+    BadPolicy(String),
+    #[error("service {0} has no previous spec to roll back to")]
+    NoPreviousSpec(ServiceName),
 }

@@ -292,10 +292,17 @@ impl ClusterState {
             .networks
             .get(name)
             .ok_or_else(|| StateError::NoSuchNetwork(name.to_string()))?;
+        // A service detached from it by an update may still run tasks on it until its
+        // rollout replaces them.
         let users: Vec<&str> = self
             .services
             .values()
-            .filter(|s| s.networks.iter().any(|n| n == &net.name))
+            .filter(|s| {
+                s.networks.iter().any(|n| n == &net.name)
+                    || self.tasks.values().any(|t| {
+                        t.service == s.name && t.attachments.iter().any(|a| a.network == net.name)
+                    })
+            })
             .map(|s| s.name.as_str())
             .collect();
         if !users.is_empty() {

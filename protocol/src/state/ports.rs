@@ -3,12 +3,12 @@
 //! An ingress-mode port opens on every node, so it is unique in the cluster; host-mode ports
 //! only clash on a node running both services. Publishing any port attaches a service to the
 //! ingress network (`ingress.rs`), so publishing the first port or removing the last one
-//! replaces the service's tasks.
+//! makes the service's tasks outdated: `service update` rolls them out (`update.rs`).
 
 use super::{ClusterState, Service, StateError};
-use crate::types::{NodeName, ServiceName};
+use crate::types::ServiceName;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 /// Published ports given to services that do not choose one (Swarm's range).
 pub const DYNAMIC_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
@@ -146,94 +146,13 @@ impl ClusterState {
         }
         Ok(())
     }
-
-    /// `service update --publish-rm ... --publish-add ...`: removes published ports (by
-    /// published port, and protocol if given), adds new ones. A service that starts or stops
-    /// publishing gains or loses its ingress attachment, which replaces its tasks (new
-    /// interfaces), as a rolling update would.
-    ///
-    /// Replaced tasks go to the history with `ended_at` 0 (not known): prefer
-    /// [`ClusterState::update_ports_at`].
-    pub fn update_ports(
-        &mut self,
-        name: &str,
-        add: Vec<PortConfig>,
-        remove: &[(u16, Option<PortProtocol>)],
-        new_id: &mut dyn FnMut() -> String,
-        eligible: &dyn Fn(&NodeName) -> bool,
-    ) -> Result<(), StateError> {
-        self.update_ports_at(name, add, remove, 0, new_id, eligible)
-    }
-
-    /// [`ClusterState::update_ports`] at `now` (unix seconds): replaced tasks go to the
-    /// history ("service updated"), their addresses reserved until their nodes report them
-    /// stopped. Refused, changing nothing, if a replacement has nowhere to go.
-    pub fn update_ports_at(
-        &mut self,
-        name: &str,
-        add: Vec<PortConfig>,
-        remove: &[(u16, Option<PortProtocol>)],
-        now: u64,
-        new_id: &mut dyn FnMut() -> String,
-        eligible: &dyn Fn(&NodeName) -> bool,
-    ) -> Result<(), StateError> {
-        let mut next = self.clone();
-        let mut svc = next
-            .services
-            .get(name)
-            .cloned()
-            .ok_or_else(|| StateError::NoSuchService(name.to_string()))?;
-        for (port, protocol) in remove {
-            let before = svc.ports.len();
-            svc.ports
-                .retain(|p| !(p.published == *port && protocol.is_none_or(|x| x == p.protocol)));
-            if svc.ports.len() == before {
-                return Err(StateError::NoSuchPort {
-                    service: svc.name.clone(),
-                    port: match protocol {
-                        Some(x) => format!("{port}/{x}"),
-                        None => port.to_string(),
-                    },
-                });
-            }
-        }
-        svc.ports.extend(add);
-        let attached = svc.networks.clone();
-        next.settle_ports(&mut svc)?;
-        let reattach = svc.networks != attached;
-        let networks = svc.networks.clone();
-        svc.vips.retain(|n, _| networks.contains(n));
-        let replicas = svc.replicas;
-        let service = svc.name.clone();
-        next.services.insert(svc.name.clone(), svc);
-        if reattach {
-            let replaced: BTreeMap<u32, String> = next
-                .tasks
-                .values()
-                .filter(|t| t.service == service)
-                .map(|t| (t.slot, t.name.clone()))
-                .collect();
-            for task in replaced.values() {
-                next.retire(task, "service updated", now);
-            }
-            next.ensure_vips()?;
-            // Every running task gets its replacement; slots already empty fill if they can.
-            let slots = replaced.keys().copied();
-            next.place_missing(&service, slots, new_id, eligible, true)?;
-            next.place_missing(&service, 1..=replicas, new_id, eligible, false)?;
-            next.prune_history();
-        }
-        next.revision += 1;
-        *self = next;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::state::fixtures::{ids, meshed, net, svc};
-    use crate::state::{NetworkRequest, Pool, Task, INGRESS_VNI};
+    use crate::state::{NetworkRequest, Pool, INGRESS_VNI};
     use crate::types::NetworkName;
 
     fn port(published: u16, target: u16, protocol: PortProtocol, mode: PublishMode) -> PortConfig {
@@ -312,39 +231,35 @@ mod tests {
         let mut gen = ids();
         s.create_service(svc("web", &["a"], 2), &mut gen, &|_| true)
             .unwrap();
-        let before: Vec<String> = s.tasks.values().map(|t| t.id.clone()).collect();
+        let update = |s: &mut ClusterState, gen: &mut dyn FnMut() -> String, add, rm: &[_]| {
+            let mut spec = s.services["web"].spec(s);
+            spec.edit_ports(add, rm, "web")?;
+            s.update_service("web", spec, 0, gen, &|_| true)
+        };
         let p = port(8080, 80, PortProtocol::Tcp, PublishMode::Ingress);
-        s.update_ports("web", vec![p], &[], &mut gen, &|_| true)
-            .unwrap();
+        update(&mut s, &mut gen, vec![p], &[]).unwrap();
         assert_eq!(s.services["web"].networks.len(), 2);
-        let after: Vec<&Task> = s.tasks.values().collect();
-        assert_eq!(after.len(), 2);
-        assert!(after
-            .iter()
-            .all(|t| t.attachments.len() == 2 && !before.contains(&t.id)));
-        // Adding a second port keeps the tasks.
+        // The tasks lack the ingress attachment: outdated, for the rollout to replace.
+        assert_eq!(s.outdated_slots("web").len(), 2);
+        assert!(s.services["web"].deploy.rollout.is_some());
+        // Adding a second port changes no task.
         let q = port(8443, 443, PortProtocol::Tcp, PublishMode::Ingress);
-        let ids_now: Vec<String> = s.tasks.values().map(|t| t.id.clone()).collect();
-        s.update_ports("web", vec![q], &[], &mut gen, &|_| true)
-            .unwrap();
-        assert_eq!(
-            ids_now,
-            s.tasks.values().map(|t| t.id.clone()).collect::<Vec<_>>()
-        );
+        update(&mut s, &mut gen, vec![q], &[]).unwrap();
+        assert_eq!(s.services["web"].ports.len(), 2);
         assert!(matches!(
-            s.update_ports("web", vec![], &[(9999, None)], &mut gen, &|_| true),
+            update(&mut s, &mut gen, vec![], &[(9999, None)]),
             Err(StateError::NoSuchPort { .. })
         ));
-        s.update_ports(
-            "web",
+        update(
+            &mut s,
+            &mut gen,
             vec![],
             &[(8080, Some(PortProtocol::Tcp)), (8443, None)],
-            &mut gen,
-            &|_| true,
         )
         .unwrap();
         assert!(s.services["web"].ports.is_empty());
         assert_eq!(s.services["web"].networks.len(), 1);
+        assert!(s.outdated_slots("web").is_empty(), "back to what they run");
         assert!(s.tasks.values().all(|t| t.attachments.len() == 1));
         // Now nothing publishes: the ingress network can be replaced.
         let req = NetworkRequest {

@@ -115,7 +115,7 @@ impl ClusterState {
         let mut missing = Vec::new();
         for svc in self.services.values() {
             for slot in 1..=svc.replicas {
-                if !self.tasks.contains_key(&super::task_name(&svc.name, slot)) {
+                if !self.slot_filled(&svc.name, slot) {
                     missing.push((svc.name.clone(), slot));
                 }
             }

@@ -5,7 +5,7 @@
 //! copy so that a refusal changes nothing. Removing it returns its VIPs to the networks'
 //! pools; its tasks' addresses follow once their nodes report them stopped (`history.rs`).
 
-use super::{ClusterState, PortConfig, StateError};
+use super::{ClusterState, Deploy, FailureAction, PortConfig, StateError};
 use crate::types::{NetworkName, NodeName, ServiceName};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -70,6 +70,10 @@ pub struct Service {
     /// has between SIGTERM and SIGKILL (`--stop-grace-period`; `None`: 10 s, as Docker).
     #[serde(default)]
     pub stop_grace_period_s: Option<u64>,
+    /// Its spec's version, update and rollback policies, previous spec and rollout
+    /// (`update.rs`).
+    #[serde(default)]
+    pub deploy: Deploy,
 }
 
 /// Docker's default `--stop-grace-period`.
@@ -99,6 +103,10 @@ pub struct TaskSpec {
     pub healthcheck: Option<HealthCheck>,
     #[serde(default)]
     pub stop_grace_period_s: Option<u64>,
+    /// The service's `--force` count when the task was made: a task made before a forced
+    /// update is outdated though it runs the same command.
+    #[serde(default)]
+    pub force_update: u64,
 }
 
 impl Service {
@@ -109,6 +117,7 @@ impl Service {
             env: self.env.clone(),
             healthcheck: self.healthcheck.clone(),
             stop_grace_period_s: self.stop_grace_period_s,
+            force_update: self.deploy.force_update,
         }
     }
 }
@@ -161,14 +170,37 @@ impl ClusterState {
         if self.services.contains_key(&svc.name) {
             return Err(StateError::ServiceExists(svc.name));
         }
+        if svc.replicas > MAX_REPLICAS {
+            return Err(StateError::TooManyReplicas(svc.replicas));
+        }
+        self.check_service(&svc)?;
+        svc.deploy.version = svc.deploy.version.max(1);
+        self.settle_ports(&mut svc)?;
+        let replicas = svc.replicas;
+        svc.replicas = 0;
+        svc.vips.clear();
+        let name = svc.name.clone();
+        // Place on a scratch copy so that a failure (full subnet, no node) changes nothing.
+        let mut next = self.clone();
+        next.services.insert(name.clone(), svc);
+        // The VIPs first: they are the service's for its whole life.
+        next.ensure_vips()?;
+        next.scale_service(name.as_str(), replicas, new_id, eligible)?;
+        *self = next;
+        self.services
+            .get(&name)
+            .ok_or_else(|| StateError::NoSuchService(name.to_string()))
+    }
+
+    /// Checks what a service asks (by create or update): a command, networks that exist,
+    /// each once and none the routing mesh's, aliases on those networks, a sound health
+    /// check and policies. Its ports are checked by `settle_ports`.
+    pub(super) fn check_service(&self, svc: &Service) -> Result<(), StateError> {
         if svc.command.is_empty() || svc.command[0].is_empty() {
             return Err(StateError::EmptyCommand);
         }
         if svc.networks.is_empty() {
             return Err(StateError::NoNetwork);
-        }
-        if svc.replicas > MAX_REPLICAS {
-            return Err(StateError::TooManyReplicas(svc.replicas));
         }
         let mut seen = BTreeSet::new();
         for n in &svc.networks {
@@ -190,21 +222,25 @@ impl ClusterState {
         if let Some(n) = svc.networks.iter().find(|n| self.is_ingress(n)) {
             return Err(StateError::IngressAttach(n.clone()));
         }
-        self.settle_ports(&mut svc)?;
-        let replicas = svc.replicas;
-        svc.replicas = 0;
-        svc.vips.clear();
-        let name = svc.name.clone();
-        // Place on a scratch copy so that a failure (full subnet, no node) changes nothing.
-        let mut next = self.clone();
-        next.services.insert(name.clone(), svc);
-        // The VIPs first: they are the service's for its whole life.
-        next.ensure_vips()?;
-        next.scale_service(name.as_str(), replicas, new_id, eligible)?;
-        *self = next;
-        self.services
-            .get(&name)
-            .ok_or_else(|| StateError::NoSuchService(name.to_string()))
+        if let Some(h) = &svc.healthcheck {
+            let bad = |why: &str| Err(StateError::BadHealthCheck(why.to_string()));
+            if h.command.is_empty() || h.command[0].is_empty() {
+                return bad("it needs a command (--health-cmd)");
+            }
+            if h.interval_s == 0 || h.timeout_s == 0 {
+                return bad("its interval and timeout must be at least 1s");
+            }
+            if h.retries == 0 {
+                return bad("its retries must be at least 1");
+            }
+        }
+        if svc.deploy.rollback_config.failure_action == FailureAction::Rollback {
+            return Err(StateError::BadPolicy(
+                "a rollback cannot roll back: --rollback-failure-action is pause or continue"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Removes a service and all its tasks, recording `ended_at` 0 (not known): prefer

@@ -20,16 +20,25 @@ pub struct Attachment {
 }
 
 /// The name of a service's task in `slot`: `<service>.<slot>`, the same for every task
-/// that ever fills the slot.
+/// that ever fills the slot, but for a start-first replacement placed while the slot's old
+/// task holds that name (see [`successor_name`]).
 pub fn task_name(service: &ServiceName, slot: u32) -> String {
     format!("{service}.{slot}")
+}
+
+/// The name of a task placed in `slot` while another task of the slot holds
+/// [`task_name`] (a start-first update): `<service>.<slot>.<id>`, Docker's container name.
+/// It keeps this name for its life; the slot's next task takes `<service>.<slot>` again.
+pub fn successor_name(service: &ServiceName, slot: u32, id: &str) -> String {
+    format!("{service}.{slot}.{id}")
 }
 
 /// One replica of a service, placed on a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     pub id: String,
-    /// `<service>.<slot>`, unique in the cluster.
+    /// `<service>.<slot>` (or, for a start-first replacement, `<service>.<slot>.<id>`),
+    /// unique in the cluster: the key of `ClusterState::tasks`.
     pub name: String,
     pub service: ServiceName,
     pub slot: u32,
@@ -130,7 +139,7 @@ impl ClusterState {
     ) -> Result<Vec<String>, StateError> {
         let mut placed = Vec::new();
         for slot in slots {
-            if self.tasks.contains_key(&task_name(service, slot)) {
+            if self.slot_filled(service, slot) {
                 continue;
             }
             match self.place_slot(service, slot, new_id, eligible) {
@@ -142,9 +151,32 @@ impl ClusterState {
         Ok(placed)
     }
 
-    /// Makes the task of one slot: a node by spread placement, an address on each of the
-    /// service's networks. Changes nothing if it fails.
-    fn place_slot(
+    /// Whether `slot` of `service` has a task (under either of its names).
+    pub fn slot_filled(&self, service: &ServiceName, slot: u32) -> bool {
+        let prefix = format!("{}.", task_name(service, slot));
+        self.tasks.contains_key(&task_name(service, slot))
+            || self
+                .tasks
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .any(|(_, t)| &t.service == service && t.slot == slot)
+    }
+
+    /// The tasks of `slot` of `service` (two while a start-first update replaces it).
+    pub fn slot_tasks<'a>(
+        &'a self,
+        service: &'a ServiceName,
+        slot: u32,
+    ) -> impl Iterator<Item = &'a Task> + 'a {
+        self.tasks
+            .values()
+            .filter(move |t| &t.service == service && t.slot == slot)
+    }
+
+    /// Makes a task for one slot: a node by spread placement, an address on each of the
+    /// service's networks, the slot's name (or, if a task of the slot holds it, a
+    /// successor's name). Changes nothing if it fails.
+    pub(super) fn place_slot(
         &mut self,
         service: &ServiceName,
         slot: u32,
@@ -167,11 +199,15 @@ impl ClusterState {
             });
         }
         // Inserted before the next slot is placed, so its addresses count as used.
-        let name = task_name(service, slot);
+        let id = new_id();
+        let mut name = task_name(service, slot);
+        if self.tasks.contains_key(&name) {
+            name = successor_name(service, slot, &id);
+        }
         self.tasks.insert(
             name.clone(),
             Task {
-                id: new_id(),
+                id,
                 name: name.clone(),
                 service: service.clone(),
                 slot,

@@ -246,6 +246,7 @@ mod tests {
             ports,
             healthcheck: None,
             stop_grace_period_s: None,
+            deploy: Default::default(),
         }
     }
 

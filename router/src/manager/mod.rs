@@ -7,13 +7,15 @@
 //! ([`health`]), what they report about their tasks ([`statuses`]), and encrypted networks'
 //! keys ([`keys`]), rotated by a periodic tick ([`Manager::rotate_due_keys`]). It also heals
 //! the cluster on its own ([`healing`]): lost nodes' tasks rescheduled, empty slots filled,
-//! stopped tasks' addresses released.
+//! stopped tasks' addresses released; and it drives services' rolling updates and
+//! rollbacks ([`update`]).
 
 pub mod healing;
 pub mod health;
 pub mod keys;
 mod membership;
 pub mod statuses;
+pub mod update;
 
 use crate::clock::{now, now_ms};
 use crate::cluster::View;
@@ -24,7 +26,8 @@ use keys::KeyRing;
 use protocol::api::{self, OpError, TaskStatus};
 use protocol::control::{Keyring, NodeHealth, Op, Snapshot};
 use protocol::state::{
-    Availability, ClusterState, Network, NetworkRequest, Node, Pool, Role, Service, StateError,
+    Availability, ClusterState, Deploy, Network, NetworkRequest, Node, Pool, Role, Service,
+    StateError, UpdateConfig,
 };
 use protocol::types::{NetworkName, NodeName, ServiceName};
 use std::collections::{BTreeMap, BTreeSet};
@@ -67,16 +70,6 @@ pub struct Manager {
     reschedule_after_s: AtomicU64,
     /// The task ids each other node last reported ([`healing`]).
     reported: Mutex<BTreeMap<NodeName, BTreeSet<String>>>,
-}
-
-/// Marks a service updated now; returns it.
-fn touch(s: &mut ClusterState, name: &str) -> Result<Service, StateError> {
-    let svc = s
-        .services
-        .get_mut(name)
-        .ok_or_else(|| StateError::NoSuchService(name.to_string()))?;
-    svc.updated_at = now();
-    Ok(svc.clone())
 }
 
 impl Manager {
@@ -169,9 +162,10 @@ impl Manager {
     }
 
     /// Starts the manager's periodic work until `stop`: healing every [`HEAL_TICK`], keys
-    /// every [`KEY_TICK`].
+    /// every [`KEY_TICK`], rollouts every [`update::ROLLOUT_TICK`].
     pub fn spawn_ticks(self: &Arc<Self>, stop: CancellationToken) {
         tokio::spawn(heal(self.clone(), stop.clone()));
+        tokio::spawn(roll(self.clone(), stop.clone()));
         tokio::spawn(rotate_keys(self.clone(), stop));
     }
 
@@ -253,10 +247,10 @@ impl Manager {
         match op {
             Op::CreateNetwork(req) => self.create_network(req).map(|_| ()),
             Op::RemoveNetwork(name) => self.remove_network(&name),
-            Op::CreateService(req) => self.create_service(req).map(|_| ()),
+            Op::CreateService(req) => self.create_service(*req).map(|_| ()),
             Op::ScaleService { name, replicas } => self.scale_service(&name, replicas).map(|_| ()),
             Op::RemoveService(name) => self.remove_service(&name),
-            Op::UpdateService { name, update } => self.update_service(&name, update).map(|_| ()),
+            Op::UpdateService { name, update } => self.update_service(&name, *update).map(|_| ()),
             Op::RotateKey(name) => self.rotate_key(&name),
             Op::AddVtep { network, vtep } => self.change(|s| s.add_vtep(&network, vtep)),
             Op::RemoveVtep { network, mac } => self.change(|s| s.remove_vtep(&network, mac)),
@@ -373,6 +367,11 @@ impl Manager {
             ));
         }
         let t = now();
+        let deploy = Deploy {
+            update_config: req.update_config.applied_to(UpdateConfig::default()),
+            rollback_config: req.rollback_config.applied_to(UpdateConfig::default()),
+            ..Default::default()
+        };
         let svc = Service {
             id: new_id(),
             name,
@@ -389,40 +388,12 @@ impl Manager {
             ports: req.ports.into_iter().map(Into::into).collect(),
             healthcheck: req.healthcheck,
             stop_grace_period_s: req.stop_grace_period_s,
+            deploy,
         };
         let health = self.health.clone();
         self.change(|s| {
             s.create_service(svc, &mut new_id, &|n| health.is_ready(n))
                 .cloned()
-        })
-    }
-
-    pub fn scale_service(&self, name: &str, replicas: u32) -> Result<Service, OpError> {
-        let health = self.health.clone();
-        self.change(|s| {
-            s.scale_service_at(name, replicas, now(), &mut new_id, &|n| health.is_ready(n))?;
-            touch(s, name)
-        })
-    }
-
-    /// `service update --publish-add/--publish-rm`.
-    pub fn update_service(
-        &self,
-        name: &str,
-        update: api::ServiceUpdate,
-    ) -> Result<Service, OpError> {
-        let remove = update
-            .publish_rm
-            .iter()
-            .map(|s| api::parse_publish_rm(s).map_err(OpError::bad_request))
-            .collect::<Result<Vec<_>, _>>()?;
-        let add = update.publish_add.into_iter().map(Into::into).collect();
-        let health = self.health.clone();
-        self.change(|s| {
-            s.update_ports_at(name, add, &remove, now(), &mut new_id, &|n| {
-                health.is_ready(n)
-            })?;
-            touch(s, name)
         })
     }
 
@@ -501,6 +472,26 @@ async fn heal(manager: Arc<Manager>, shutdown: CancellationToken) {
                 let m = manager.clone();
                 // The tick may persist a change: off the runtime's threads, like `apply`.
                 let _ = tokio::task::spawn_blocking(move || m.heal(now())).await;
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Moves rolling updates and rollbacks on every [`update::ROLLOUT_TICK`] until `shutdown`
+/// (`Manager::advance_rollouts`, which does nothing while none is under way).
+async fn roll(manager: Arc<Manager>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(update::ROLLOUT_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if manager.snapshot().services.values().all(|s| s.deploy.rollout.is_none()) {
+                    continue;
+                }
+                let m = manager.clone();
+                // The tick may persist a change: off the runtime's threads, like `apply`.
+                let _ = tokio::task::spawn_blocking(move || m.advance_rollouts(now_ms())).await;
             }
             _ = shutdown.cancelled() => return,
         }

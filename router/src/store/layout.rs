@@ -297,6 +297,7 @@ mod tests {
             ports: Vec::new(),
             healthcheck: None,
             stop_grace_period_s: None,
+            deploy: Default::default(),
         }
     }
 

@@ -752,8 +752,15 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             let rows: Vec<Vec<String>> = tasks
                 .iter()
                 .map(|t| {
+                    // Docker's `Running (healthy) 5 seconds ago`.
+                    let health = match t.status.health {
+                        Some(h) if t.status.state == protocol::api::TaskState::Running => {
+                            format!(" ({h})")
+                        }
+                        _ => String::new(),
+                    };
                     let state = format!(
-                        "{} {}",
+                        "{}{health} {}",
                         capital(&t.status.state.to_string()),
                         table::ago(t.status.since, t_now)
                     );

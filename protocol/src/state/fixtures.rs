@@ -71,6 +71,8 @@ pub(super) fn svc(name: &str, nets: &[&str], replicas: u32) -> Service {
         healthcheck: None,
         stop_grace_period_s: None,
         deploy: Default::default(),
+        mode: Default::default(),
+        node_slots: BTreeMap::new(),
     }
 }
 

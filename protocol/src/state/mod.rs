@@ -34,6 +34,7 @@ mod docker;
 mod endpoint;
 #[cfg(test)]
 mod fixtures;
+mod global;
 mod history;
 mod ingress;
 mod membership;
@@ -65,7 +66,7 @@ pub use ports::{PortConfig, PortProtocol, ProxyProtocol, PublishMode, DYNAMIC_PO
 pub use reschedule::DEFAULT_RESCHEDULE_AFTER_S;
 pub use rollout::{Observed, Rollout, RolloutKind};
 pub use service::{
-    EndpointMode, HealthCheck, Service, TaskSpec, DEFAULT_STOP_GRACE_S, MAX_REPLICAS,
+    EndpointMode, HealthCheck, Service, ServiceMode, TaskSpec, DEFAULT_STOP_GRACE_S, MAX_REPLICAS,
 };
 pub use spec::Spec;
 pub use task::{successor_name, task_name, Attachment, Task};
@@ -181,6 +182,10 @@ pub enum StateError {
     DuplicateNetwork(NetworkName),
     #[error("{0} replicas is more than the limit of {MAX_REPLICAS}")]
     TooManyReplicas(u32),
+    /// An operation that only a replicated service has (`scale`, `replicas`), asked of a
+    /// global one; Docker's message.
+    #[error("{0} can only be used with replicated or replicated-job mode")]
+    NotReplicated(&'static str),
     #[error("no active node to place tasks on")]
     NoActiveNode,
     #[error("MAC {mac} is already used in network {network}")]

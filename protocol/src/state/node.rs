@@ -92,7 +92,9 @@ impl ClusterState {
     /// to other eligible active nodes, as `docker node update --availability drain` does:
     /// the old task goes to the history ("node drained"), keeping its addresses until the
     /// node reports it stopped, and its slot gets a new task (new id, new addresses). It is
-    /// refused, changing nothing, if a task has nowhere to go.
+    /// refused, changing nothing, if a task has nowhere to go. A global service's task
+    /// leaves the drained node and is not replaced; setting a node active gives it its
+    /// global services' tasks (`global.rs`).
     pub fn set_availability_at(
         &mut self,
         node: &str,
@@ -116,10 +118,26 @@ impl ClusterState {
             for (_, _, task) in &moving {
                 next.retire(task, "node drained", now);
             }
+            // A global service's task leaves with its node and goes nowhere else.
             for (service, slot, _) in &moving {
-                next.place_missing(service, [*slot], new_id, eligible, true)?;
+                if !next.is_global(service) {
+                    next.place_missing(service, [*slot], new_id, eligible, true)?;
+                }
             }
             next.prune_history();
+        } else {
+            // Active (again): the node takes its global services' tasks, if it is ready;
+            // otherwise the healing tick places them once it is.
+            let globals: Vec<ServiceName> = next
+                .services
+                .values()
+                .filter(|s| s.mode == super::ServiceMode::Global)
+                .map(|s| s.name.clone())
+                .collect();
+            let here = |n: &NodeName| n == &name && eligible(n);
+            for service in &globals {
+                next.place_global(service, new_id, &here, false)?;
+            }
         }
         next.revision += 1;
         *self = next;

@@ -9,6 +9,7 @@
 //! new addresses) on another eligible node, or stays empty if there is none; the manager
 //! calls [`ClusterState::fill_slots`] when nodes become ready (or periodically) to place
 //! what is missing. A node back within the grace is never passed here and keeps its tasks.
+//! Global services' tasks are never moved: they wait for their node (`global.rs`).
 
 use super::{ClusterState, StateError};
 use crate::types::{NodeName, ServiceName};
@@ -32,7 +33,7 @@ impl ClusterState {
             .iter()
             .filter(|(node, since)| {
                 now.saturating_sub(**since) >= reschedule_after_s
-                    && self.tasks_on(node).next().is_some()
+                    && self.tasks_on(node).any(|t| !self.is_global(&t.service))
             })
             .map(|(node, _)| node.clone())
             .collect()
@@ -60,8 +61,10 @@ impl ClusterState {
             .get(node)
             .map(|n| n.name.clone())
             .ok_or_else(|| StateError::NoSuchNode(node.to_string()))?;
+        // A global service's task stays: one per node, it comes back with its node.
         let mut lost: Vec<(ServiceName, u32, String)> = self
             .tasks_on(&node)
+            .filter(|t| !self.is_global(&t.service))
             .map(|t| (t.service.clone(), t.slot, t.name.clone()))
             .collect();
         if lost.is_empty() {
@@ -86,20 +89,32 @@ impl ClusterState {
     /// with no task: left empty by [`ClusterState::reschedule_node`] or a forced
     /// `remove_node`) on active nodes that `eligible` accepts, as far as nodes and addresses
     /// allow. Returns the names of the tasks placed; the revision moves only if there are
-    /// any. For the manager to call when a node becomes ready or active.
+    /// any. For the manager to call when a node becomes ready or active. Global services'
+    /// active, eligible nodes without their task get it too (`global.rs`).
     pub fn fill_slots(
         &mut self,
         new_id: &mut dyn FnMut() -> String,
         eligible: &dyn Fn(&NodeName) -> bool,
     ) -> Vec<String> {
         let missing = self.missing_slots();
-        if missing.is_empty() {
+        let mut globals: Vec<ServiceName> = self
+            .global_gaps(eligible)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        globals.dedup();
+        if missing.is_empty() && globals.is_empty() {
             return Vec::new();
         }
         // Placement changes nothing when it fails, so it can work on `self` directly.
         let mut placed = Vec::new();
         for (service, slot) in missing {
             if let Ok(names) = self.place_missing(&service, [slot], new_id, eligible, false) {
+                placed.extend(names);
+            }
+        }
+        for service in globals {
+            if let Ok(names) = self.place_global(&service, new_id, eligible, false) {
                 placed.extend(names);
             }
         }
@@ -110,10 +125,14 @@ impl ClusterState {
     }
 
     /// The slots of services that have no task (the service runs short), by service and
-    /// slot: what `service ls` counts as missing replicas and `fill_slots` places.
+    /// slot: what `service ls` counts as missing replicas and `fill_slots` places. Global
+    /// services have none: their gaps are nodes ([`ClusterState::global_gaps`]).
     pub fn missing_slots(&self) -> Vec<(ServiceName, u32)> {
         let mut missing = Vec::new();
         for svc in self.services.values() {
+            if svc.mode == super::ServiceMode::Global {
+                continue;
+            }
             for slot in 1..=svc.replicas {
                 if !self.slot_filled(&svc.name, slot) {
                     missing.push((svc.name.clone(), slot));

@@ -14,6 +14,27 @@ use std::net::Ipv4Addr;
 /// Most replicas one service may ask for (bounds memory and namespaces per request).
 pub const MAX_REPLICAS: u32 = 1000;
 
+/// How a service's tasks are counted, as Docker's `--mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    /// `replicas` tasks, spread over the eligible nodes.
+    #[default]
+    Replicated,
+    /// One task on every eligible node (active, and ready when placed), following nodes as
+    /// they join, drain, come back and leave (`global.rs`).
+    Global,
+}
+
+impl std::fmt::Display for ServiceMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ServiceMode::Replicated => "replicated",
+            ServiceMode::Global => "global",
+        })
+    }
+}
+
 /// How a service is reached by name, as Docker's `--endpoint-mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -74,6 +95,14 @@ pub struct Service {
     /// (`update.rs`).
     #[serde(default)]
     pub deploy: Deploy,
+    /// Replicated (the default, and what services saved before modes were) or global.
+    #[serde(default)]
+    pub mode: ServiceMode,
+    /// A global service's slot on each node it has placed a task on, kept for the service's
+    /// life so that the node's task is always `SERVICE.SLOT` with the same slot
+    /// (`global.rs`). Empty for a replicated service.
+    #[serde(default)]
+    pub node_slots: BTreeMap<NodeName, u32>,
 }
 
 /// Docker's default `--stop-grace-period`.
@@ -174,6 +203,8 @@ impl ClusterState {
             return Err(StateError::TooManyReplicas(svc.replicas));
         }
         self.check_service(&svc)?;
+        let global = svc.mode == ServiceMode::Global;
+        svc.node_slots.clear();
         svc.deploy.version = svc.deploy.version.max(1);
         self.settle_ports(&mut svc)?;
         let replicas = svc.replicas;
@@ -185,7 +216,12 @@ impl ClusterState {
         next.services.insert(name.clone(), svc);
         // The VIPs first: they are the service's for its whole life.
         next.ensure_vips()?;
-        next.scale_service(name.as_str(), replicas, new_id, eligible)?;
+        if global {
+            next.place_global(&name, new_id, eligible, true)?;
+            next.revision += 1;
+        } else {
+            next.scale_service(name.as_str(), replicas, new_id, eligible)?;
+        }
         *self = next;
         self.services
             .get(&name)

@@ -4,8 +4,8 @@
 //! replaces is kept as the previous one, which `service rollback` returns to.
 
 use super::{
-    ClusterState, EndpointMode, HealthCheck, PortConfig, PortProtocol, Service, StateError,
-    UpdateConfig,
+    ClusterState, EndpointMode, HealthCheck, PortConfig, PortProtocol, Service, ServiceMode,
+    StateError, UpdateConfig,
 };
 use crate::types::NetworkName;
 use serde::{Deserialize, Serialize};
@@ -40,6 +40,9 @@ pub struct Spec {
     pub update_config: UpdateConfig,
     #[serde(default)]
     pub rollback_config: UpdateConfig,
+    /// Replicated or global: set at creation, never changed by an update (as Docker).
+    #[serde(default)]
+    pub mode: ServiceMode,
 }
 
 impl Service {
@@ -59,12 +62,13 @@ impl Service {
             force_update: self.deploy.force_update,
             update_config: self.deploy.update_config,
             rollback_config: self.deploy.rollback_config,
+            mode: self.mode,
         }
     }
 }
 
 impl Spec {
-    /// Writes everything but the replica count into `svc` (whose networks are then the
+    /// Writes everything but the replica count and the mode into `svc` (whose networks are then the
     /// user's: the ingress attachment is settled after, from the ports).
     pub(super) fn install(self, svc: &mut Service) {
         svc.networks = self.networks;

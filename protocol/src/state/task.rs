@@ -6,7 +6,7 @@
 //! rescheduling a lost node's tasks (`reschedule.rs`) all go through it. Tasks that leave
 //! go to the history (`history.rs`), never straight away.
 
-use super::{Availability, ClusterState, StateError, TaskSpec, MAX_REPLICAS};
+use super::{Availability, ClusterState, ServiceMode, StateError, TaskSpec, MAX_REPLICAS};
 use crate::types::{MacAddr, NetworkName, NodeName, ServiceName};
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
@@ -98,6 +98,13 @@ impl ClusterState {
         if replicas > MAX_REPLICAS {
             return Err(StateError::TooManyReplicas(replicas));
         }
+        if self
+            .services
+            .get(name)
+            .is_some_and(|s| s.mode == ServiceMode::Global)
+        {
+            return Err(StateError::NotReplicated("scale"));
+        }
         let svc = self
             .services
             .get(name)
@@ -188,7 +195,7 @@ impl ClusterState {
             .get(service)
             .ok_or_else(|| StateError::NoSuchService(service.to_string()))?;
         let (networks, spec) = (svc.networks.clone(), svc.task_spec());
-        let node = self.place(service, eligible)?;
+        let node = self.place(service, slot, eligible)?;
         let mut attachments = Vec::new();
         for net_name in &networks {
             let address = self.free_address(net_name)?;
@@ -220,12 +227,27 @@ impl ClusterState {
     }
 
     /// Spread placement: the eligible active node with the fewest tasks of this service, then
-    /// the fewest tasks overall, then by name (deterministic).
+    /// the fewest tasks overall, then by name (deterministic). A global service's slot goes
+    /// to its own node, if that is eligible and active (`global.rs`).
     fn place(
         &self,
         service: &ServiceName,
+        slot: u32,
         eligible: &dyn Fn(&NodeName) -> bool,
     ) -> Result<NodeName, StateError> {
+        if self.is_global(service) {
+            return self
+                .slot_node(service, slot)
+                .filter(|n| {
+                    eligible(n)
+                        && self
+                            .nodes
+                            .get(*n)
+                            .is_some_and(|n| n.availability == Availability::Active)
+                })
+                .cloned()
+                .ok_or(StateError::NoActiveNode);
+        }
         self.nodes
             .values()
             .filter(|n| n.availability == Availability::Active && eligible(&n.name))

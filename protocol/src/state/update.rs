@@ -171,6 +171,12 @@ impl ClusterState {
         let previous = old.spec(self);
         let service = old.name.clone();
         let replicas = spec.replicas;
+        // A global service's count follows its nodes: an update cannot set it (a rollback
+        // returns to a spec whose count was the nodes' then, and ignores it too).
+        let global = old.mode == super::ServiceMode::Global;
+        if global && kind == RolloutKind::Update && replicas != old.replicas {
+            return Err(StateError::NotReplicated("replicas"));
+        }
         let mut next = self.clone();
         let reason = match kind {
             RolloutKind::Update => "task updated",
@@ -193,7 +199,9 @@ impl ClusterState {
         svc.updated_at = now;
         next.services.insert(service.clone(), svc);
         next.ensure_vips()?;
-        next.scale_service_at(name, replicas, now, new_id, eligible)?;
+        if !global {
+            next.scale_service_at(name, replicas, now, new_id, eligible)?;
+        }
         next.start_rollout(&service, kind, message, now_ms);
         next.revision += 1;
         *self = next;

@@ -271,9 +271,12 @@ struct CreateArgs {
     /// without a published port one is chosen from 30000-32767).
     #[arg(short = 'p', long = "publish", value_parser = parse_publish_flag)]
     publish: Vec<PortSpec>,
-    /// Number of tasks.
+    /// Number of tasks (replicated mode).
     #[arg(long, default_value_t = 1)]
     replicas: u32,
+    /// replicated (--replicas tasks) or global (one task on every eligible node).
+    #[arg(long, value_parser = ["replicated", "global"], default_value = "replicated")]
+    mode: String,
     /// Environment variables, KEY=VALUE.
     #[arg(short = 'e', long = "env")]
     env: Vec<String>,
@@ -684,6 +687,7 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 lb_idle_timeout,
                 publish,
                 replicas,
+                mode,
                 env,
                 health,
                 stop_grace_period,
@@ -708,7 +712,8 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 "command": command, "env": env, "endpoint_mode": endpoint_mode,
                 "lb_idle_timeout": lb_idle_timeout, "ports": publish,
                 "healthcheck": healthcheck, "stop_grace_period_s": stop_grace_period,
-                "update_config": update.to_change()?, "rollback_config": rollback.to_change()?});
+                "update_config": update.to_change()?, "rollback_config": rollback.to_change()?,
+                "mode": mode});
             let s: ServiceInspect = c.post("/services/create", body).await?;
             println!("{}", s.id);
         }
@@ -730,7 +735,7 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                     vec![
                         table::short_id(&s.id),
                         s.spec.name.clone(),
-                        "replicated".into(),
+                        s.spec.mode.name().into(),
                         format!("{}/{}", s.running, s.spec.replicas),
                         ports.join(", "),
                         s.spec.container_spec.command.join(" "),

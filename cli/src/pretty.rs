@@ -52,8 +52,15 @@ pub fn render(s: &ServiceInspect, now: u64) -> String {
     let spec = &s.spec;
     let _ = writeln!(out, "ID:\t\t{}", s.id);
     let _ = writeln!(out, "Name:\t\t{}", spec.name);
-    let _ = writeln!(out, "Service Mode:\tReplicated");
-    let _ = writeln!(out, " Replicas:\t{}", spec.replicas);
+    match spec.mode {
+        protocol::api::ModeView::Global {} => {
+            let _ = writeln!(out, "Service Mode:\tGlobal");
+        }
+        protocol::api::ModeView::Replicated { .. } => {
+            let _ = writeln!(out, "Service Mode:\tReplicated");
+            let _ = writeln!(out, " Replicas:\t{}", spec.replicas);
+        }
+    }
     if let Some(u) = &s.update_status {
         let _ = writeln!(out, "UpdateStatus:");
         let _ = writeln!(out, " State:\t\t{}", u.state);

@@ -81,7 +81,16 @@ pub fn render(svc: &ServiceInspect, tasks: &[TaskView], rollback: bool) -> (Vec<
         format!("overall progress: {running} out of {replicas} tasks")
     };
     let mut lines = vec![overall];
-    if replicas <= MAX_BARS {
+    if replicas <= MAX_BARS && matches!(svc.spec.mode, protocol::api::ModeView::Global {}) {
+        // A global service's slots follow its nodes: a line per node, as Docker's.
+        for t in by_slot.values() {
+            lines.push(
+                format!("{}: {}", t.node, task_line(t))
+                    .trim_end()
+                    .to_string(),
+            );
+        }
+    } else if replicas <= MAX_BARS {
         for slot in 1..=replicas {
             let line = by_slot.get(&slot).map(|t| task_line(t)).unwrap_or_default();
             lines.push(format!("{slot}/{replicas}: {line}").trim_end().to_string());

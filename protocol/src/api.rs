@@ -243,6 +243,10 @@ pub struct ServiceCreate {
     /// `--rollback-*`: changes to Docker's default rollback policy.
     #[serde(default)]
     pub rollback_config: UpdateConfigChange,
+    /// `--mode`: replicated (the default) or global (one task per eligible node; `replicas`
+    /// is then ignored).
+    #[serde(default)]
+    pub mode: Option<crate::state::ServiceMode>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -677,6 +681,36 @@ pub struct ServiceSpec {
     pub lb_idle_timeout: Option<u64>,
     pub update_config: UpdateConfigView,
     pub rollback_config: UpdateConfigView,
+    /// Docker's `Mode`: `{"Replicated": {"Replicas": N}}` or `{"Global": {}}` (for a global
+    /// service `Replicas` above is the number of nodes it has a task on).
+    #[serde(default)]
+    pub mode: ModeView,
+}
+
+/// A service's mode as `docker service inspect` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModeView {
+    Replicated {
+        #[serde(rename = "Replicas")]
+        replicas: u32,
+    },
+    Global {},
+}
+
+impl Default for ModeView {
+    fn default() -> Self {
+        ModeView::Replicated { replicas: 0 }
+    }
+}
+
+impl ModeView {
+    /// `service ls`'s MODE column.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ModeView::Replicated { .. } => "replicated",
+            ModeView::Global {} => "global",
+        }
+    }
 }
 
 /// One of a service's virtual IPs, as `docker service inspect` shows them.

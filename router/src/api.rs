@@ -208,7 +208,12 @@ fn service_view(snap: &Snapshot, svc: &Service) -> ServiceInspect {
         version: api::VersionView { index: d.version },
         created_at: svc.created_at,
         updated_at: svc.updated_at,
-        spec: spec_view(&svc.name, &svc.spec(&snap.state)),
+        spec: {
+            let mut spec = spec_view(&svc.name, &svc.spec(&snap.state));
+            // A global service's count is the nodes it has a task on, not its highest slot.
+            spec.replicas = snap.state.desired_tasks(&svc.name);
+            spec
+        },
         previous_spec: d.previous.as_deref().map(|p| spec_view(&svc.name, p)),
         endpoint: Endpoint {
             spec: endpoint_spec,
@@ -260,6 +265,12 @@ fn spec_view(name: &protocol::types::ServiceName, spec: &Spec) -> ServiceSpec {
         lb_idle_timeout: spec.lb_idle_timeout,
         update_config: (&spec.update_config).into(),
         rollback_config: (&spec.rollback_config).into(),
+        mode: match spec.mode {
+            protocol::state::ServiceMode::Replicated => api::ModeView::Replicated {
+                replicas: spec.replicas,
+            },
+            protocol::state::ServiceMode::Global => api::ModeView::Global {},
+        },
     }
 }
 

@@ -284,6 +284,8 @@ mod tests {
             }),
             stop_grace_period_s: None,
             deploy: Default::default(),
+            mode: Default::default(),
+            node_slots: Default::default(),
         }
     }
 

@@ -247,6 +247,8 @@ mod tests {
             healthcheck: None,
             stop_grace_period_s: None,
             deploy: Default::default(),
+            mode: Default::default(),
+            node_slots: Default::default(),
         }
     }
 

@@ -3,7 +3,8 @@
 //!
 //! - A node down for longer than `--reschedule-after` has its tasks replaced on other
 //!   nodes (`ClusterState::reschedule_node`); a node back within that grace keeps them.
-//! - Slots left empty (no node could take them) are placed once a node can.
+//! - Slots left empty (no node could take them) are placed once a node can, and a global
+//!   service's task is placed on every ready, active node that lacks it (a node that joined).
 //! - A task that left the desired state (rescheduled, drained, scaled down, removed) keeps
 //!   its addresses reserved until its node no longer reports it
 //!   (`ClusterState::release_stopped`), so a healed partition never shows two live
@@ -77,7 +78,11 @@ impl Manager {
         for (node, running) in &reported {
             self.release_stopped(node, running);
         }
-        if !self.snapshot().missing_slots().is_empty() {
+        let snap = self.snapshot();
+        let ready = |n: &NodeName| self.health.is_ready(n);
+        // Empty slots, and nodes (new, ready again or active again) without their global
+        // services' task.
+        if !snap.missing_slots().is_empty() || !snap.global_gaps(&ready).is_empty() {
             let health = self.health.clone();
             let mut placed = Vec::new();
             let filled = self.change_if(|s| {

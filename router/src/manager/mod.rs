@@ -389,6 +389,8 @@ impl Manager {
             healthcheck: req.healthcheck,
             stop_grace_period_s: req.stop_grace_period_s,
             deploy,
+            mode: req.mode.unwrap_or_default(),
+            node_slots: BTreeMap::new(),
         };
         let health = self.health.clone();
         self.change(|s| {

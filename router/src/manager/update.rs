@@ -141,6 +141,14 @@ impl Manager {
     /// `service scale`: an update of the replica count (so a rollback returns to the
     /// count before, as in Swarm).
     pub fn scale_service(&self, name: &str, replicas: u32) -> Result<Service, OpError> {
+        if self
+            .snapshot()
+            .services
+            .get(name)
+            .is_some_and(|s| s.mode == protocol::state::ServiceMode::Global)
+        {
+            return Err(StateError::NotReplicated("scale").into());
+        }
         let update = api::ServiceUpdate {
             replicas: Some(replicas),
             ..Default::default()
@@ -233,6 +241,7 @@ mod tests {
             force_update: 0,
             update_config: UpdateConfig::default(),
             rollback_config: UpdateConfig::default(),
+            mode: Default::default(),
         }
     }
 

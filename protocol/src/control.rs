@@ -36,7 +36,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 /// what a rolling update and health checks need: each task carries its spec (`Task.spec`),
 /// services a health check and a stop grace period, task statuses a health. Version 7 added
 /// rolling updates: a service's `deploy` (spec version, previous spec, update and rollback
-/// policies, the rollout under way) and the larger `ServiceCreate`/`ServiceUpdate` in `Op`.
+/// policies, the rollout under way) and the larger `ServiceCreate`/`ServiceUpdate` in `Op`;
+/// and global services (`Service.mode`, `Service.node_slots`).
 pub const VERSION: u32 = 7;
 /// Largest frame either end accepts (a snapshot of a large cluster fits many times over).
 pub const MAX_FRAME: usize = 16 << 20;

@@ -683,7 +683,7 @@ impl Worker {
             let dgram = rxb.bytes_mut(d);
             // An encrypted network's frames arrive only in ESP, opened in place here.
             let (dgram, sealed_vni, opened) = if esp::is_esp(dgram) {
-                match self.esp.open(&tables, from, dgram) {
+                match self.esp.open(&tables, from, dgram, self.now_ms) {
                     Ok((range, vni)) => {
                         let at = range.start;
                         (&mut dgram[range], Some(vni), at)

@@ -51,6 +51,9 @@ pub struct EspState {
     rx: HashMap<(u32, Ipv4Addr, u8), RxSa, FastHash>,
     /// Derivations left to each sender address for epochs not seen yet.
     derivations: HashMap<Ipv4Addr, Bucket, FastHash>,
+    /// This node could not keep its epoch on disk, so its keys may repeat an earlier run's:
+    /// it seals nothing (`esp_no_epoch`) rather than risk reusing a nonce.
+    no_epoch: bool,
     /// SPIs whose sequence numbers passed [`esp::SEQ_REKEY`]: the agent asks the manager
     /// for a new key of their network, long before the numbers run out.
     pub worn: Arc<Mutex<Vec<u32>>>,
@@ -58,18 +61,27 @@ pub struct EspState {
 
 impl EspState {
     /// The state of the worker at `lane`; `worn` collects worn SPIs for the agent.
-    pub fn new(lane: u8, worn: Arc<Mutex<Vec<u32>>>) -> EspState {
+    /// `epoch_kept`: whether the node's epoch for this run was kept on disk (if not, the
+    /// worker seals nothing).
+    pub fn new(lane: u8, worn: Arc<Mutex<Vec<u32>>>, epoch_kept: bool) -> EspState {
         EspState {
             lane,
             worn,
+            no_epoch: !epoch_kept,
             ..EspState::default()
         }
     }
 
-    /// The key this worker seals with under `sa` (None if the agent made fewer keys than
-    /// there are workers, which it does not).
-    pub fn key<'a>(&self, sa: &'a TxSa) -> Option<&'a SenderKey> {
-        sa.keys.get(usize::from(self.lane))
+    /// The key this worker seals with under `sa`: none while the node has no kept epoch
+    /// (`EspNoEpoch`), or if the agent made fewer keys than there are workers, which it does
+    /// not (`EspNoKey`).
+    pub fn key<'a>(&self, sa: &'a TxSa) -> Result<&'a SenderKey, DropReason> {
+        if self.no_epoch {
+            return Err(DropReason::EspNoEpoch);
+        }
+        sa.keys
+            .get(usize::from(self.lane))
+            .ok_or(DropReason::EspNoKey)
     }
 
     /// The next sequence number under `spi`; None once the key is used up.
@@ -368,6 +380,23 @@ mod tests {
         t.senders.clear();
         st.retain_live(&t);
         assert_eq!((st.senders_held(), st.derivations.len()), (0, 0));
+    }
+
+    #[test]
+    fn without_a_kept_epoch_nothing_is_sealed() {
+        let key = SenderKey::derive(&[5u8; esp::SECRET_LEN], "n1", 0);
+        let sa = TxSa {
+            spi: esp::spi(VNI, 2),
+            keys: vec![key],
+        };
+        let worn = Arc::new(Mutex::new(Vec::new()));
+        let kept = EspState::new(0, worn.clone(), true);
+        assert!(kept.key(&sa).is_ok());
+        let lost = EspState::new(0, worn.clone(), false);
+        assert_eq!(lost.key(&sa).err(), Some(DropReason::EspNoEpoch));
+        // A lane the agent made no key for is the other refusal.
+        let lane1 = EspState::new(1, worn, true);
+        assert_eq!(lane1.key(&sa).err(), Some(DropReason::EspNoKey));
     }
 
     #[test]

@@ -38,7 +38,7 @@ start=$SECONDS
 echo "== fuzz: building ${#targets[@]} targets ($(rustc --version))"
 bins=()
 for t in "${targets[@]}"; do bins+=(--bin "$t"); done
-RUSTFLAGS="${flags[*]}" cargo build --release --locked --target "$host" \
+RUSTFLAGS="${flags[*]}" cargo build --release --target "$host" \
     --target-dir "$target_dir" "${bins[@]}"
 echo "== fuzz: built in $((SECONDS - start)) s; ${seconds} s per target"
 

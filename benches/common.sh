@@ -4,6 +4,8 @@
 # The caller sets P (namespace prefix) and NS (namespace suffixes) first, then calls
 # `bench_setup PKG...`.
 
+. scripts/cleanup.sh
+
 bench_setup() {
   local need=() pkg
   for pkg in "$@"; do
@@ -21,10 +23,13 @@ bench_setup() {
   for n in $NS; do ip netns add "$P-$n"; ip -n "$P-$n" link set lo up; done
 }
 
+# Runs to the end whatever already died: every overlayd is asked to stop and waited for
+# (it stops its tasks and removes their namespaces) before the namespaces are emptied and
+# removed.
 bench_cleanup() {
-  local f n
-  for f in "$D"/*.pid; do kill -TERM "$(cat "$f" 2>/dev/null)" 2>/dev/null || true; done; sleep 1
-  for n in $NS; do ip netns pids "$P-$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true; ip netns del "$P-$n" 2>/dev/null || true; done
+  set +e
+  stop_daemons "$D" 30
+  remove_namespaces "$P" $NS
   rm -rf "$D"
 }
 

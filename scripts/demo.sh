@@ -5,20 +5,25 @@
 # on different nodes ping each other and move real TCP traffic; a published port answers on
 # every node (the routing mesh); an encrypted network carries ESP; a container made through
 # the CNI plugin joins the network. Cleans up on exit.
-# Usage (root): scripts/demo.sh
+# Usage (root): scripts/demo.sh    (DEMO_PROFILE=debug: debug binaries, quicker to build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/cleanup.sh
 scripts/install-deps.sh
-cargo build --release --bins -q
-BIN=$PWD/target/release; D=$(mktemp -d); P=demo$$
+PROFILE=${DEMO_PROFILE:-release}
+if [ "$PROFILE" = release ]; then cargo build --release --bins -q; else cargo build --bins -q; fi
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/$PROFILE; D=$(mktemp -d); P=demo$$
 C="$BIN/overlayctl"
+# Runs to the end whatever already died: every daemon is asked to stop and waited for (it
+# stops its tasks and removes their namespaces), then the demo's namespaces go.
 cleanup() {
-  for f in "$D"/*.pid; do [ -f "$f" ] && kill -TERM "$(cat "$f")" 2>/dev/null; done
-  sleep 2
-  for n in sw n1 n2 n3 ctr; do ip netns pids "$P-$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true; ip netns del "$P-$n" 2>/dev/null || true; done
+  set +e
+  stop_daemons "$D" 30
+  remove_namespaces "$P" sw n1 n2 n3 ctr
   rm -rf "$D"
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM  # so that the EXIT trap cleans up on ^C or kill too
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 addr_of() { $C inspect "$1" | python3 -c 'import json,sys;print(json.load(sys.stdin)[0]["attachments"][0]["address"])'; }
 

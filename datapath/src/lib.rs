@@ -16,6 +16,7 @@
 //!
 //! - [`vocab`]: the leaf every other module speaks: ports, locations, verdicts, drop reasons.
 //! - [`csum`], [`vnet`], [`gro`], [`nat`]: byte-level work on frames.
+//! - [`bucket`]: a token bucket (time passed in), for work done on an unproven word.
 //! - [`keys`]: an encrypted network's keys as the tables carry them.
 //! - [`conntrack`]: the node's connection table (below the tables, which name its counters).
 //! - [`table`]: the tables the control side builds and publishes.
@@ -25,6 +26,7 @@
 //! - [`stats`]: counters (what the router reports of them).
 
 pub mod answer;
+pub mod bucket;
 pub mod conntrack;
 pub mod crypto;
 pub mod csum;

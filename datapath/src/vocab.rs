@@ -118,4 +118,6 @@ drop_reasons! {
     EspCleartext => "esp_cleartext": "Plain VXLAN frame for an encrypted network: only ESP is accepted there.",
     EspNoKey => "esp_no_key": "Frame for an encrypted network while this node has no key yet: dropped, never sent in the clear.",
     EspSeqExhausted => "esp_seq_exhausted": "The sender's sequence numbers under this key are used up (it waits for the next key).",
+    EspRateLimited => "esp_rate_limited": "ESP datagram under an epoch of its sender not seen yet, beyond the key derivations allowed per sender and second (forged epochs cost bounded work).",
+    EspNoEpoch => "esp_no_epoch": "Frame for an encrypted network while this node could not keep its epoch on disk: never sealed, so no key and nonce are used twice.",
 }

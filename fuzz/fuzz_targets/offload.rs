@@ -3,10 +3,10 @@
 //! place) and GRO merging never panic, every segment stays within a wire frame, and a
 //! merged run only names bytes of the frames it was given.
 #![no_main]
-use libfuzzer_sys::fuzz_target;
 use datapath::gro::{Coalescer, Push};
-use datapath::vocab::PortId;
 use datapath::vnet::{complete_checksum, Segments, VnetHdr, HDR_LEN};
+use datapath::vocab::PortId;
+use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some(h) = VnetHdr::from_slice(data) else {

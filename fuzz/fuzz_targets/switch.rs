@@ -1,12 +1,12 @@
 //! Any frame from a task's TAP or from the underlay: the switching decision never panics.
 //! The first byte picks the port or VNI, the rest is the frame.
 #![no_main]
-use libfuzzer_sys::fuzz_target;
 use datapath::conntrack::ConnTable;
 use datapath::nat::L4Csum;
 use datapath::switch::{from_port, from_underlay, Context, MAX_FRAME};
 use datapath::table::Tables;
 use datapath::vocab::{PortBinding, PortId};
+use libfuzzer_sys::fuzz_target;
 use protocol::types::{MacAddr, Vni};
 use std::net::Ipv4Addr;
 
@@ -46,13 +46,30 @@ fuzz_target!(|data: &[u8]| {
         now_ms: 0,
     };
     let mut reply = vec![0u8; MAX_FRAME];
-    let csum = if sel & 0x40 == 0 { L4Csum::Complete } else { L4Csum::Partial };
-    let _ = from_port(&cx, PortId(u32::from(sel % 5)), &mut frame.to_vec(), csum, &mut reply);
+    let csum = if sel & 0x40 == 0 {
+        L4Csum::Complete
+    } else {
+        L4Csum::Partial
+    };
+    let _ = from_port(
+        &cx,
+        PortId(u32::from(sel % 5)),
+        &mut frame.to_vec(),
+        csum,
+        &mut reply,
+    );
     let vni = Vni::new(4096 + u32::from(sel % 3)).expect("vni");
     let from = if sel & 0x80 == 0 {
         Ipv4Addr::new(198, 18, 0, 3)
     } else {
         Ipv4Addr::new(198, 18, 0, 66)
     };
-    let _ = from_underlay(&cx, vni, from, &mut frame.to_vec(), L4Csum::Complete, &mut reply);
+    let _ = from_underlay(
+        &cx,
+        vni,
+        from,
+        &mut frame.to_vec(),
+        L4Csum::Complete,
+        &mut reply,
+    );
 });

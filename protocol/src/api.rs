@@ -375,8 +375,10 @@ impl HealthUpdate {
     }
 }
 
-/// A published port as Docker's API shows it (`Endpoint.Ports[]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A published port as Docker's API shows it (`Endpoint.Ports[]`). Its JSON leaves `Proxy`
+/// out when there is none, as Docker's has no such key; the control plane's postcard, which
+/// cannot tell a field left out, always carries it (see the `Serialize` impl below).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct PortSpec {
     #[serde(default)]
@@ -388,8 +390,29 @@ pub struct PortSpec {
     #[serde(default)]
     pub publish_mode: PublishMode,
     /// `v2`: send a PROXY protocol v2 header with the client's address first.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub proxy: Option<ProxyProtocol>,
+}
+
+/// `skip_serializing_if` would leave `Proxy` out of postcard too, and a worker's forwarded
+/// `service create --publish` or `service update --publish-add` would then not decode on the
+/// manager (found by the control fuzz target). So the field is skipped in JSON only.
+impl Serialize for PortSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let skip_proxy = s.is_human_readable() && self.proxy.is_none();
+        let mut st = s.serialize_struct("PortSpec", if skip_proxy { 4 } else { 5 })?;
+        st.serialize_field("Protocol", &self.protocol)?;
+        st.serialize_field("TargetPort", &self.target_port)?;
+        st.serialize_field("PublishedPort", &self.published_port)?;
+        st.serialize_field("PublishMode", &self.publish_mode)?;
+        if skip_proxy {
+            st.skip_field("Proxy")?;
+        } else {
+            st.serialize_field("Proxy", &self.proxy)?;
+        }
+        st.end()
+    }
 }
 
 impl From<PortSpec> for PortConfig {
@@ -860,6 +883,32 @@ pub struct TaskView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_without_proxy_crosses_the_control_plane_and_stays_out_of_json() {
+        let update = ServiceUpdate {
+            publish_add: vec![parse_publish("8080:80").unwrap()],
+            publish_rm: vec!["53/udp".into()],
+            ..Default::default()
+        };
+        let bytes = postcard::to_stdvec(&update).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<ServiceUpdate>(&bytes).unwrap(),
+            update
+        );
+        let json = serde_json::to_string(&update.publish_add[0]).unwrap();
+        assert!(!json.contains("Proxy"), "{json}");
+        assert_eq!(
+            serde_json::from_str::<PortSpec>(&json).unwrap(),
+            update.publish_add[0]
+        );
+        let v2 = parse_publish("published=8080,target=80,proxy=v2").unwrap();
+        let json = serde_json::to_string(&v2).unwrap();
+        assert!(json.contains("\"Proxy\":\"v2\""), "{json}");
+        assert_eq!(serde_json::from_str::<PortSpec>(&json).unwrap(), v2);
+        let bytes = postcard::to_stdvec(&v2).unwrap();
+        assert_eq!(postcard::from_bytes::<PortSpec>(&bytes).unwrap(), v2);
+    }
 
     #[test]
     fn refused_state_changes_carry_a_status() {

@@ -12,7 +12,7 @@ use crate::cluster::tokens::JoinTokens;
 use crate::cluster::worker::{self, Credentials, Link};
 use crate::cluster::{wire, Cluster, JoinInfo, Mode, View};
 use crate::config::{Config, StoreKind, CONTROL_PORT};
-use crate::durable;
+use crate::epoch;
 use crate::forward::io::Datapath;
 use crate::forward::underlay::Sockets;
 use crate::manager::Manager;
@@ -33,7 +33,7 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// Binds a Unix socket only root (and `group`, if given) may use: mode 0660, owned by root and
 /// `group`. It is bound under a temporary name and renamed into place once its mode is set,
@@ -473,15 +473,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let ingress_counters = Arc::new(crate::ingress::stats::Registry::default());
     let flows = Arc::new(ConnTable::new(cfg.lb_max_flows));
-    let mut datapath = Datapath::start(
+    let esp_epoch = epoch::next(&state_dir)
+        .inspect_err(|e| {
+            error!(
+                "{e}; this node will not send on encrypted networks (their frames are \
+                 dropped as esp_no_epoch) until it starts with an epoch it can keep"
+            )
+        })
+        .ok();
+    let datapath = Datapath::start(
         counters.clone(),
         underlay,
         flows,
         dns.clone(),
         cfg.workers(),
+        esp_epoch,
     )
     .context("starting the datapath thread")?;
-    datapath.esp_epoch = next_epoch(&state_dir);
     let planes = Planes::new(
         datapath,
         counters.clone(),
@@ -563,28 +571,4 @@ fn configure(manager: &Manager, cfg: &Config) -> anyhow::Result<()> {
     manager
         .set_task_history_limit(cfg.task_history_limit)
         .map_err(|e| anyhow::anyhow!("setting the task history limit: {e}"))
-}
-
-/// This run's epoch for encrypted networks: one more than the last run's, kept in the state
-/// directory (not secret). Sending keys are derived with it, so a restarted node never
-/// reuses a (key, nonce) pair. If the file cannot be kept, a random epoch is as good. It has
-/// 24 bits: each worker's epoch is this one above the worker's lane (`crypto::lane_epoch`).
-fn next_epoch(state_dir: &std::path::Path) -> u32 {
-    let path = naming::esp_epoch_file(state_dir);
-    let last: Option<u32> = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
-    const MASK: u32 = 0x00ff_ffff;
-    let epoch = match last {
-        Some(e) => e.wrapping_add(1) & MASK,
-        // Far from the wrap: 2^23 restarts before it.
-        None => rand::random::<u32>() & (MASK >> 1),
-    };
-    match durable::write_atomic(&path, epoch.to_string().as_bytes(), durable::PUBLIC) {
-        Ok(()) => epoch,
-        Err(e) => {
-            warn!(error = %e, "cannot keep the ESP epoch; using a random one");
-            rand::random::<u32>() & MASK
-        }
-    }
 }

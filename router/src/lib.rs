@@ -13,6 +13,7 @@
 //! - [`daemon`]: wiring and graceful shutdown.
 //! - [`clock`] and [`ids`]: the wall clock and fresh random ids, each read in one place.
 //! - [`durable`]: the one way durable state is written (temporary file, fsync, rename).
+//! - [`epoch`]: this run's epoch for encrypted networks, kept durably or not used.
 //! - [`naming`]: every name the node derives (namespaces, interfaces, state-directory files).
 
 pub mod agent;
@@ -24,6 +25,7 @@ pub mod daemon;
 pub mod dns;
 pub mod docker;
 pub mod durable;
+pub mod epoch;
 pub mod forward;
 pub mod ids;
 pub mod ingress;

@@ -12,7 +12,9 @@
 //!   shows the new key's SPI;
 //! - no state file holds a key;
 //! - with the manager away, a worker that restarts has no key and drops rather than sends in
-//!   the clear; once the manager is back (with new keys), traffic flows again.
+//!   the clear; once the manager is back (with new keys), traffic flows again;
+//! - a node that cannot keep its ESP epoch says so at start and seals nothing
+//!   (`esp_no_epoch`) rather than risk a repeated epoch.
 
 use overlay_e2e::{
     ok, require_root, script_dir, unique, wait_for, write_script, Node, Underlay, SINK_PY,
@@ -115,7 +117,7 @@ fn encrypted_networks_on_three_nodes() {
     let outsider = u.add_host(&format!("{tag}-x"));
     let mut n1 = Node::manager(&format!("{tag}a"), &u, 1);
     let mut n2 = Node::worker(&format!("{tag}b"), &u, 2, &n1);
-    let n3 = Node::worker(&format!("{tag}c"), &u, 3, &n1);
+    let mut n3 = Node::worker(&format!("{tag}c"), &u, 3, &n1);
     n1.wait_ready(&[&n2, &n3]);
 
     n1.ctl_ok(&[
@@ -339,6 +341,35 @@ fn encrypted_networks_on_three_nodes() {
             .success()),
         "no traffic once the manager is back: {}",
         n2.json(&["stats"])["drops"]
+    );
+
+    // A node that cannot keep its epoch (the place of the epoch file's temporary copy is
+    // taken, so the fsync'd write fails, even as root) says so at start and seals nothing:
+    // t3 receives, and its answers are dropped as esp_no_epoch, never sent under an epoch
+    // that may repeat.
+    n3.remove_flag("--token", true);
+    n3.remove_flag("--join", true);
+    std::fs::create_dir(n3.dir.join("state/.esp-epoch.tmp")).expect("block the epoch file");
+    n3.restart();
+    assert!(
+        wait_for(Duration::from_secs(15), || n3
+            .exec(&t3, &["true"])
+            .status
+            .success()),
+        "{t3} not back on {}",
+        n3.name
+    );
+    assert!(
+        n3.log().contains("keeping the ESP epoch in"),
+        "{}",
+        n3.log()
+    );
+    let fails = n2.exec(&t2, &["ping", "-c", "2", "-W", "1", &t3_sec]);
+    assert!(!fails.status.success(), "t3 answered without an epoch");
+    assert!(
+        drops(&n3, "esp_no_epoch") > 0,
+        "{}",
+        n3.json(&["stats"])["drops"]
     );
     let _ = std::fs::remove_dir_all(&dir);
     let _ = Command::new("true").status();

@@ -91,7 +91,8 @@ impl Handle {
 pub struct Datapath {
     /// This run's epoch for encrypted networks: the node's sending keys are derived with
     /// it (and each worker's lane), so that sequence numbers that start again at 1 after a
-    /// restart use a new key.
+    /// restart use a new key. 0 when the node could not keep one: its workers then seal
+    /// nothing (`esp_no_epoch`), so keys derived with it are never used.
     pub esp_epoch: u32,
     esp_worn: Arc<std::sync::Mutex<Vec<u32>>>,
     workers: Vec<Handle>,
@@ -110,13 +111,16 @@ impl Datapath {
     /// Starts `workers` datapath workers and the sweeper. `underlay` holds the bound VXLAN
     /// sockets of a multi-node node, one receiving socket per worker (None on a standalone
     /// node: nothing is remote); `flows` is the node's connection table, handed to every
-    /// worker and the sweeper; `dns` the embedded resolver, which answers DNS at gateways.
+    /// worker and the sweeper; `dns` the embedded resolver, which answers DNS at gateways;
+    /// `esp_epoch` this run's epoch for encrypted networks, None if it could not be kept on
+    /// disk (then nothing is sealed: a repeated epoch would reuse nonces).
     pub fn start(
         counters: Arc<Counters>,
         underlay: Option<Sockets>,
         flows: Arc<ConnTable>,
         dns: Arc<dns::server::Shared>,
         workers: usize,
+        esp_epoch: Option<u32>,
     ) -> io::Result<Datapath> {
         let workers = workers.clamp(1, MAX_WORKERS);
         if let Some(u) = &underlay {
@@ -171,7 +175,7 @@ impl Datapath {
                 lens: [0; BATCH],
                 reply: vec![0u8; MAX_FRAME],
                 gro: Coalescer::default(),
-                esp: EspState::new(lane as u8, esp_worn.clone()),
+                esp: EspState::new(lane as u8, esp_worn.clone(), esp_epoch.is_some()),
                 seen_tables: 0,
             };
             let thread = std::thread::Builder::new()
@@ -198,7 +202,7 @@ impl Datapath {
                 .spawn(move || sweep_loop(epoch, &tables, &flows, &tx, &waker, &stopping))?
         };
         Ok(Datapath {
-            esp_epoch: 0,
+            esp_epoch: esp_epoch.unwrap_or(0),
             esp_worn,
             workers: handles,
             tables,
@@ -682,7 +686,7 @@ impl Worker {
             let dgram = rxb.bytes_mut(d);
             // An encrypted network's frames arrive only in ESP, opened in place here.
             let (dgram, sealed_vni, opened) = if esp::is_esp(dgram) {
-                match self.esp.open(&tables, from, dgram) {
+                match self.esp.open(&tables, from, dgram, self.now_ms) {
                     Ok((range, vni)) => {
                         let at = range.start;
                         (&mut dgram[range], Some(vni), at)
@@ -826,9 +830,12 @@ impl Encap<'_> {
                     self.counters.count_drop(DropReason::EspNoKey);
                     return 0;
                 };
-                let Some(key) = self.esp.key(sa) else {
-                    self.counters.count_drop(DropReason::EspNoKey);
-                    return 0;
+                let key = match self.esp.key(sa) {
+                    Ok(key) => key,
+                    Err(reason) => {
+                        self.counters.count_drop(reason);
+                        return 0;
+                    }
                 };
                 let Some(seq) = self.esp.next_seq(sa.spi) else {
                     self.counters.count_drop(DropReason::EspSeqExhausted);

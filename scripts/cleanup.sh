@@ -1,0 +1,48 @@
+# Cleanup for the scripts that start overlayd in namespaces (scripts/demo.sh, the benches
+# through benches/common.sh): sourced, not run. Both functions run to the end whatever
+# already died and never fail, so a cleanup trap that calls them under `set -e` cannot be
+# cut short by a daemon that is already gone.
+
+# Whether process $1 still runs (a zombie does not).
+pid_running() {
+  local state
+  state=$(sed -n 's/^.*) \(.\).*$/\1/p' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+
+# Stops the overlayd processes whose pids the files $1/*.pid hold: SIGTERM to each, then
+# waits for each to exit, at most $2 seconds in all (default 30), so that a daemon stopping
+# its tasks removes their namespaces, TAPs and processes before anything else goes; one
+# still running then gets SIGKILL (and leaves its tasks behind: said on stderr).
+stop_daemons() {
+  local dir=$1 limit=${2:-30} f pid pids=()
+  for f in "$dir"/*.pid; do
+    [ -f "$f" ] || continue
+    pid=$(cat "$f" 2>/dev/null) || continue
+    [[ $pid =~ ^[0-9]+$ ]] || continue
+    kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+  done
+  local deadline=$((SECONDS + limit))
+  for pid in ${pids[@]+"${pids[@]}"}; do
+    while pid_running "$pid"; do
+      if [ "$SECONDS" -ge "$deadline" ]; then
+        echo "cleanup: overlayd (pid $pid) still stopping after ${limit} s; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+        break
+      fi
+      sleep 0.1
+    done
+  done
+  return 0
+}
+
+# Removes the namespaces $1-$2, $1-$3, ...: whatever still runs in one is killed first.
+remove_namespaces() {
+  local prefix=$1 n
+  shift
+  for n in "$@"; do
+    ip netns pids "$prefix-$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$prefix-$n" 2>/dev/null || true
+  done
+  return 0
+}

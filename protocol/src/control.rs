@@ -8,8 +8,10 @@
 //! Session shapes:
 //! - join (no client certificate yet): `ToManager::Join` → `ToNode::Joined` or `Refused`;
 //! - member (mutual TLS): `ToManager::Hello` → `ToNode::Welcome` (or `Refused`), then the
-//!   manager pushes `Snapshot`s and answers `Request`s, the node sends `Report`s, and
-//!   renews its certificate with `Renew` → `Renewed`.
+//!   manager pushes a full `Snapshot`, then every change and every second a `Delta` against
+//!   the push before (the node asks for a full one again with `Resync` if it cannot apply
+//!   it), answers `Request`s; the node sends `Report`s, and renews its certificate with
+//!   `Renew` → `Renewed`.
 //!
 //! A manager that does not lead answers either first message with `ToNode::Redirect`, naming
 //! the leader's control address if it knows it.
@@ -22,6 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 /// Version of the control protocol; both ends must agree. It also stands for what nodes
 /// expect of each other's data: since version 2 a node sends other nodes TCP and UDP over
@@ -37,8 +40,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 /// services a health check and a stop grace period, task statuses a health. Version 7 added
 /// rolling updates: a service's `deploy` (spec version, previous spec, update and rollback
 /// policies, the rollout under way) and the larger `ServiceCreate`/`ServiceUpdate` in `Op`;
-/// and global services (`Service.mode`, `Service.node_slots`).
-pub const VERSION: u32 = 7;
+/// and global services (`Service.mode`, `Service.node_slots`). Version 8 pushes deltas: a
+/// session starts with a full `Snapshot` and then receives what changed (`Delta`, see
+/// [`crate::delta`]), each push numbered; a node that cannot apply one asks for a full
+/// snapshot with `Resync`.
+pub const VERSION: u32 = 8;
 /// Largest frame either end accepts (a snapshot of a large cluster fits many times over).
 pub const MAX_FRAME: usize = 16 << 20;
 /// The name every manager certificate carries, and that nodes verify.
@@ -73,6 +79,8 @@ pub enum ToManager {
     /// Asks for a new certificate for a new key (the node keeps the key; this is its CSR).
     /// The manager signs it with the node's role in the desired state.
     Renew { csr_pem: String },
+    /// A `Delta` did not apply to what the node holds: send the whole snapshot next.
+    Resync,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,7 +99,9 @@ pub enum ToNode {
     Welcome {
         version: u32,
     },
-    Snapshot(Box<Snapshot>),
+    /// The whole view, as push number `push` of this session (the first push, and after a
+    /// `Resync`).
+    Snapshot { push: u64, snapshot: Box<Snapshot> },
     /// The answer to a `Request`: the state revision that holds the change, or an error with
     /// an HTTP-like status.
     Response {
@@ -111,12 +121,20 @@ pub enum ToNode {
         leader: Option<SocketAddr>,
         reason: String,
     },
+    /// What changed from push `base` (which the node holds) to push `push`. Also sent when
+    /// nothing changed: it tells the node the manager is there.
+    Delta {
+        base: u64,
+        push: u64,
+        delta: Box<crate::delta::SnapshotDelta>,
+    },
 }
 
 /// The manager's view pushed to every node: the desired state plus what it observes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
-    pub state: ClusterState,
+    /// Shared: the manager's pushes and a node's copies hold one state until it changes.
+    pub state: Arc<ClusterState>,
     /// Task name → (task id, status) as last reported by the task's node.
     pub statuses: BTreeMap<String, (String, TaskStatus)>,
     /// Node name → whether it is heartbeating.
@@ -323,12 +341,15 @@ mod tests {
             retire_at_ms: Some(2),
         };
         let net = crate::types::NetworkName::new("sec").unwrap();
-        roundtrip(&ToNode::Snapshot(Box::new(Snapshot {
-            state: ClusterState::default(),
-            statuses: BTreeMap::new(),
-            health: BTreeMap::new(),
-            keys: [(net, vec![key.clone()])].into(),
-        })));
+        roundtrip(&ToNode::Snapshot {
+            push: 1,
+            snapshot: Box::new(Snapshot {
+                state: Arc::new(ClusterState::default()),
+                statuses: BTreeMap::new(),
+                health: BTreeMap::new(),
+                keys: [(net, vec![key.clone()])].into(),
+            }),
+        });
         // The secret never shows in logs.
         assert!(!format!("{key:?}").contains('9'));
         // Nodes with and without a control address, in the binary encoding.
@@ -348,12 +369,24 @@ mod tests {
                 },
             );
         }
-        roundtrip(&ToNode::Snapshot(Box::new(Snapshot {
-            state,
+        let snap = Snapshot {
+            state: Arc::new(state),
             statuses: BTreeMap::new(),
             health: BTreeMap::new(),
             keys: Keyring::new(),
-        })));
+        };
+        roundtrip(&ToNode::Snapshot {
+            push: 7,
+            snapshot: Box::new(snap.clone()),
+        });
+        let mut next = snap.clone();
+        Arc::make_mut(&mut next.state).revision = 9;
+        roundtrip(&ToNode::Delta {
+            base: 7,
+            push: 8,
+            delta: Box::new(crate::delta::SnapshotDelta::between(&snap, &next)),
+        });
+        roundtrip(&ToManager::Resync);
         roundtrip(&ToManager::Request {
             id: 1,
             op: Op::RotateKey("sec".into()),

@@ -10,9 +10,11 @@
 //! - [`ipam`]: subnet pools and address allocation.
 //! - [`api`]: request and response bodies of the node API (HTTP + JSON on a Unix socket).
 //! - [`control`]: control-plane messages between nodes and the manager, and their framing.
+//! - [`delta`]: what changed between two snapshots, as the manager pushes it.
 
 pub mod api;
 pub mod control;
+pub mod delta;
 pub mod esp;
 pub mod flow;
 pub mod ipam;

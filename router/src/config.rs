@@ -68,6 +68,11 @@ pub struct Config {
     #[arg(long, value_parser = parse_cert_expiry)]
     pub cert_expiry: Option<std::time::Duration>,
 
+    /// Push nodes the whole state every time instead of what changed (the control-plane
+    /// bench's baseline; costs bandwidth, never correctness).
+    #[arg(long, hide = true)]
+    pub control_full_snapshots: bool,
+
     /// Join token, as printed by `overlayctl cluster join-token` on the manager.
     #[arg(long, requires = "join")]
     pub token: Option<String>,

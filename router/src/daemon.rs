@@ -132,13 +132,14 @@ async fn start_manager(
     )?);
     configure(&manager, cfg)?;
     manager.spawn_ticks(shutdown.clone());
-    let ctx = Arc::new(ServerCtx {
-        manager: manager.clone(),
+    let ctx = Arc::new(ServerCtx::new(
+        manager.clone(),
         ca,
-        tokens: tokens.clone(),
+        tokens.clone(),
         cert_expiry,
-        control: listen,
-    });
+        listen,
+        cfg.control_full_snapshots,
+    ));
     // A manager on the file store always leads: its sender lives as long as the endpoint.
     let (serving, leads) = watch::channel(Serving::Leader(ctx));
     let stop = shutdown.clone();
@@ -355,6 +356,7 @@ async fn start_candidate(
         ca,
         tokens,
         cert_expiry,
+        full_snapshots: cfg.control_full_snapshots,
         serving,
         configure: Arc::new(move |m: &Manager| configure(m, &settings)),
     };

@@ -51,6 +51,8 @@ pub struct Candidate {
     pub ca: Ca,
     pub tokens: Arc<JoinTokens>,
     pub cert_expiry: Duration,
+    /// `--control-full-snapshots`.
+    pub full_snapshots: bool,
     /// What the control endpoint does.
     pub serving: watch::Sender<Serving>,
     /// The manager's settings from the command line, applied at every takeover.
@@ -167,13 +169,14 @@ impl Candidate {
             };
             let term = shutdown.child_token();
             manager.spawn_ticks(term.clone());
-            let ctx = Arc::new(ServerCtx {
-                manager: manager.clone(),
-                ca: self.ca.clone(),
-                tokens: self.tokens.clone(),
-                cert_expiry: self.cert_expiry,
-                control: self.control,
-            });
+            let ctx = Arc::new(ServerCtx::new(
+                manager.clone(),
+                self.ca.clone(),
+                self.tokens.clone(),
+                self.cert_expiry,
+                self.control,
+                self.full_snapshots,
+            ));
             let own = ctx.clone();
             let (dir, node) = (self.state_dir.clone(), self.node.clone());
             let _ = tokio::task::spawn_blocking(move || keep_own_cert(&own, &dir, &node)).await;

@@ -1,9 +1,11 @@
 //! The cluster control plane: PKI and join tokens ([`pki`]), the framed message stream over
-//! QUIC ([`wire`]), the manager's endpoint ([`server`]) and a member node's link to it
+//! QUIC ([`wire`]), the manager's endpoint ([`server`]) and the pushes it sends every
+//! session ([`feed`]), a member node's link to it
 //! ([`worker`]), the join tokens of both roles ([`tokens`]), and [`Cluster`], the one handle
 //! the API and the agent use whatever this node's role is.
 
 pub mod candidate;
+pub mod feed;
 pub mod pki;
 pub mod server;
 pub mod session;

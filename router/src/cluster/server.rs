@@ -4,7 +4,8 @@
 //! secret, and gets a certificate for its CSR signed by the cluster CA. A connection with a
 //! client certificate (verified against the CA by rustls) opens a member session with
 //! `Hello`; the node name it claims must be the certificate's. In a session the manager
-//! pushes a [`Snapshot`] whenever the state changes and every second (statuses, health), takes
+//! pushes a [`Snapshot`], then what changed whenever the state changes and every second
+//! (statuses, health: the leader's one [`Feed`] builds each push once for all sessions), takes
 //! `Report`s (heartbeats), answers forwarded `Request`s (a worker's changes are refused:
 //! only managers change the cluster) and signs renewed certificates. Anything else is
 //! refused with a log line, and changes nothing.
@@ -13,6 +14,7 @@
 //! it reads frames from the stream, feeds them in with the time, does what the session asks
 //! (write, push a snapshot, sign, record, apply) and sleeps until the session's next timeout.
 
+use super::feed::{Feed, Push, ToSend};
 use super::pki::{self, Ca};
 use super::session::manager::{Action, MemberSession, PeerCert, Roster, FIRST_MESSAGE_TIMEOUT};
 use super::tokens::JoinTokens;
@@ -44,9 +46,34 @@ pub struct ServerCtx {
     pub cert_expiry: Duration,
     /// Where this endpoint listens (named in refusals).
     pub control: SocketAddr,
+    /// This leadership's pushes.
+    pub feed: Feed,
+    /// Push the whole snapshot every time, never a delta (`--control-full-snapshots`: the
+    /// control-plane bench's baseline).
+    pub full_snapshots: bool,
 }
 
 impl ServerCtx {
+    /// The context of one leadership of `manager`; starts its feed (needs a tokio runtime).
+    pub fn new(
+        manager: Arc<Manager>,
+        ca: Ca,
+        tokens: Arc<JoinTokens>,
+        cert_expiry: Duration,
+        control: SocketAddr,
+        full_snapshots: bool,
+    ) -> ServerCtx {
+        ServerCtx {
+            feed: Feed::spawn(manager.clone()),
+            manager,
+            ca,
+            tokens,
+            cert_expiry,
+            control,
+            full_snapshots,
+        }
+    }
+
     /// Signs `csr_pem` for `node` with `role`; returns the certificate and what the state
     /// records of it.
     pub(super) fn sign(
@@ -71,7 +98,7 @@ impl ServerCtx {
 
 /// Builds the snapshot the manager pushes: desired state, reported statuses, node health.
 pub fn snapshot(manager: &Manager) -> Snapshot {
-    let state = (*manager.snapshot()).clone();
+    let state = manager.snapshot();
     let statuses = manager
         .statuses()
         .read()
@@ -285,9 +312,9 @@ async fn sleep_until(t: Option<Instant>) {
     }
 }
 
-/// Resolves when the desired state changes (`false`: the manager is gone); never before
-/// the session is open.
-async fn changed(rx: &mut Option<watch::Receiver<Arc<ClusterState>>>) -> bool {
+/// Resolves when the feed has a new push (`false`: the feed is gone); never before the
+/// session is open.
+async fn changed(rx: &mut Option<watch::Receiver<Arc<Push>>>) -> bool {
     match rx {
         Some(rx) => rx.changed().await.is_ok(),
         None => std::future::pending().await,
@@ -325,11 +352,33 @@ async fn handle(
     let roster = ManagerRoster(&ctx);
     // The member, once its session is up (for the log line when it ends).
     let mut up: Option<NodeName> = None;
+    // The push the node holds (`None`: none yet, or it asked for a full one).
+    let mut held: Option<u64> = None;
     loop {
         while let Some(action) = session.poll() {
             let msg = match action {
                 Action::Send(msg) => msg,
-                Action::PushSnapshot => ToNode::Snapshot(Box::new(snapshot(&ctx.manager))),
+                Action::Resync | Action::PushSnapshot => {
+                    if action == Action::Resync {
+                        tracing::debug!(node = ?session.node(), "node asked for a full snapshot");
+                        held = None;
+                    }
+                    let push = ctx.feed.current();
+                    let frame = match push.frame_for(held, ctx.full_snapshots) {
+                        Ok(ToSend::Nothing) => continue,
+                        Ok(ToSend::Delta(f) | ToSend::Full(f)) => f,
+                        Err(e) => {
+                            warn!(node = ?session.node(), error = %e, "cannot encode a snapshot push");
+                            continue;
+                        }
+                    };
+                    if let Err(e) = wire::send_frame(&mut send, &frame).await {
+                        warn!(%remote, node = ?session.node(), error = %e, "control session write failed");
+                        return ended(remote, up);
+                    }
+                    held = Some(push.number);
+                    continue;
+                }
                 Action::Join {
                     node,
                     role,
@@ -363,8 +412,10 @@ async fn handle(
                         .upsert_node(&node, advertise_addr, data_port, control_addr)
                     {
                         Ok(()) => {
-                            // Changes from here on are pushed; this one is in the first push.
-                            changes = Some(ctx.manager.subscribe());
+                            // Pushes from here on are sent as they come; the first one (which
+                            // may predate this node's record) follows at once, and the next one
+                            // holds the record.
+                            changes = Some(ctx.feed.subscribe());
                             session.admitted(Instant::now());
                         }
                         Err(e) => session.refuse(e.message),

@@ -23,6 +23,12 @@ pub async fn send<T: Serialize>(stream: &mut quinn::SendStream, msg: &T) -> Resu
     Ok(())
 }
 
+/// Writes a frame encoded beforehand (one encoding shared by many streams).
+pub async fn send_frame(stream: &mut quinn::SendStream, frame: &[u8]) -> Result<(), WireError> {
+    stream.write_all(frame).await?;
+    Ok(())
+}
+
 pub async fn recv<T: DeserializeOwned>(stream: &mut quinn::RecvStream) -> Result<T, WireError> {
     let mut prefix = [0u8; 4];
     stream.read_exact(&mut prefix).await?;

@@ -340,7 +340,7 @@ impl Link {
     /// node saved, or followed).
     pub fn new(managers: Vec<SocketAddr>, node: NodeName, view: View) -> Link {
         let (requests, rx) = mpsc::channel(64);
-        let last = (**view.state.borrow()).clone();
+        let last = view.state.borrow().clone();
         let first = candidates(&managers, &last, None).first().copied();
         let snap = Snapshot {
             state: last,
@@ -458,7 +458,7 @@ impl Link {
                     warn!(error = %e, "cannot persist the cluster state");
                 }
             }
-            self.view.state.send_replace(Arc::new(state));
+            self.view.state.send_replace(state);
         }
     }
 

@@ -74,8 +74,11 @@ impl From<String> for PeerCert {
 pub enum Action {
     /// Write this message.
     Send(ToNode),
-    /// Build a snapshot of the current state and write it.
+    /// Bring the node to the newest push: what changed since the push it holds, or the whole
+    /// snapshot if it holds none.
     PushSnapshot,
+    /// The node cannot apply what it was sent: forget which push it holds, then push.
+    Resync,
     /// A valid join: sign `csr_pem` for `node` with `role` (the token's), record the node
     /// and its certificate, then call [`MemberSession::joined`], or
     /// [`MemberSession::refuse`] if any of that fails.
@@ -158,6 +161,7 @@ fn kind(msg: &ToManager) -> &'static str {
         ToManager::Report { .. } => "Report",
         ToManager::Request { .. } => "Request",
         ToManager::Renew { .. } => "Renew",
+        ToManager::Resync => "Resync",
     }
 }
 
@@ -245,6 +249,7 @@ impl MemberSession {
                     ToManager::Renew { csr_pem } => {
                         self.actions.push_back(Action::Renew { node, csr_pem })
                     }
+                    ToManager::Resync => self.actions.push_back(Action::Resync),
                     other => self
                         .actions
                         .push_back(Action::Ignored { what: kind(&other) }),

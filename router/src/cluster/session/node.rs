@@ -1,7 +1,9 @@
 //! A member node's side of its link to the manager, as a state machine without I/O.
 //!
 //! [`NodeSession`] lives as long as the link: it asks its driver (`worker.rs`) to connect,
-//! greets the manager with `Hello`, keeps the newest snapshot by revision, asks for a
+//! greets the manager with `Hello`, keeps the newest snapshot by revision (the session's
+//! first push is whole, the next ones are deltas applied to the push it holds; one that does
+//! not apply asks for a whole one with `Resync`), asks for a
 //! heartbeat `Report` every [`REPORT_EVERY`], numbers forwarded requests and times them out,
 //! notices a session that stalls (no snapshot for [`STALL_AFTER`]), and decides when to
 //! reconnect (back-off from [`RECONNECT_MIN`] doubling to [`RECONNECT_MAX`]), and renews the
@@ -99,6 +101,10 @@ enum Phase {
         next_report: Instant,
         /// The revision of the newest snapshot of this session.
         newest: Option<u64>,
+        /// The push this session holds (its number), which the next delta applies to.
+        held: Option<(u64, Box<Snapshot>)>,
+        /// A `Resync` was sent: deltas are ignored until a whole snapshot comes.
+        resyncing: bool,
     },
 }
 
@@ -350,6 +356,8 @@ impl NodeSession {
                     stall_at: now + STALL_AFTER,
                     next_report: now + REPORT_EVERY,
                     newest: None,
+                    held: None,
+                    resyncing: false,
                 };
                 // A session that came up is a success: the next failure starts over.
                 self.backoff = RECONNECT_MIN;
@@ -370,21 +378,55 @@ impl NodeSession {
             }
             (
                 Phase::Open {
-                    stall_at, newest, ..
+                    stall_at,
+                    newest,
+                    held,
+                    resyncing,
+                    ..
                 },
-                ToNode::Snapshot(snap),
+                ToNode::Snapshot { push, snapshot },
             ) => {
                 *stall_at = now + STALL_AFTER;
+                *resyncing = false;
+                *held = Some((push, snapshot.clone()));
                 // Within a session a snapshot never takes the node back; the first one of a
                 // session is taken whatever its revision (it resynchronises the node).
-                let revision = snap.state.revision;
+                let revision = snapshot.state.revision;
                 if newest.is_none_or(|n| revision >= n) {
                     *newest = Some(revision);
-                    let learned = self.candidates.learn(&snap.state);
-                    self.events.push_back(Event::Snapshot(snap));
-                    if learned {
-                        let list = self.candidates.list().to_vec();
-                        self.events.push_back(Event::Managers(list));
+                    self.adopt(snapshot);
+                }
+            }
+            (
+                Phase::Open {
+                    stall_at,
+                    newest,
+                    held,
+                    resyncing,
+                    ..
+                },
+                ToNode::Delta { base, push, delta },
+            ) => {
+                *stall_at = now + STALL_AFTER;
+                match held {
+                    Some((number, snap)) if *number == base => {
+                        *number = push;
+                        if delta.is_empty() {
+                            return;
+                        }
+                        delta.apply(snap);
+                        let revision = snap.state.revision;
+                        if newest.is_none_or(|n| revision >= n) {
+                            *newest = Some(revision);
+                            let snap = snap.clone();
+                            self.adopt(snap);
+                        }
+                    }
+                    _ if *resyncing => {}
+                    _ => {
+                        *held = None;
+                        *resyncing = true;
+                        self.events.push_back(Event::Send(ToManager::Resync));
                     }
                 }
             }
@@ -405,6 +447,16 @@ impl NodeSession {
             }
             // `Joined`/`Welcome` in a session, or anything without one: nothing to do.
             _ => {}
+        }
+    }
+
+    /// Hands a snapshot to the driver, and the managers it names if they are news.
+    fn adopt(&mut self, snap: Box<Snapshot>) {
+        let learned = self.candidates.learn(&snap.state);
+        self.events.push_back(Event::Snapshot(snap));
+        if learned {
+            let list = self.candidates.list().to_vec();
+            self.events.push_back(Event::Managers(list));
         }
     }
 

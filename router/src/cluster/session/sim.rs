@@ -329,12 +329,15 @@ impl Sim {
                 },
             );
         }
-        ToNode::Snapshot(Box::new(Snapshot {
-            state,
-            statuses: Default::default(),
-            health: Default::default(),
-            keys: Default::default(),
-        }))
+        ToNode::Snapshot {
+            push: self.revision,
+            snapshot: Box::new(Snapshot {
+                state: state.into(),
+                statuses: Default::default(),
+                health: Default::default(),
+                keys: Default::default(),
+            }),
+        }
     }
 
     fn send_down(&mut self, msg: ToNode) {
@@ -424,7 +427,7 @@ impl Sim {
         };
         match a {
             Action::Send(msg) => self.send_down(msg),
-            Action::PushSnapshot => {
+            Action::PushSnapshot | Action::Resync => {
                 self.see(Seen::Pushed(self.revision));
                 let s = self.snapshot();
                 self.send_down(s);
@@ -607,7 +610,7 @@ fn a_lost_snapshot_is_recovered_by_the_next_periodic_push() {
     sim.run_until(ms(1500));
     let mut lost = false;
     sim.downlink = Box::new(move |m| match m {
-        ToNode::Snapshot(s) if s.state.revision == 2 && !lost => {
+        ToNode::Snapshot { snapshot: s, .. } if s.state.revision == 2 && !lost => {
             lost = true;
             Fate::Lost
         }
@@ -632,7 +635,7 @@ fn reordered_snapshots_never_move_a_node_backwards() {
     // Each snapshot takes less time than the one before: they arrive in reverse order.
     let mut delay = 500u64;
     sim.downlink = Box::new(move |m| match m {
-        ToNode::Snapshot(_) => {
+        ToNode::Snapshot { .. } => {
             delay = delay.saturating_sub(100);
             Fate::After(Duration::from_millis(delay + 10))
         }
@@ -1436,15 +1439,138 @@ fn a_node_greets_and_ignores_what_comes_outside_a_session() {
     assert_eq!(n.poll(), Some(Event::Send(hello("n2", VERSION))));
     n.handle_message(
         t0,
-        ToNode::Snapshot(Box::new(Snapshot {
-            state: ClusterState::default(),
-            statuses: Default::default(),
-            health: Default::default(),
-            keys: Default::default(),
-        })),
+        ToNode::Snapshot {
+            push: 1,
+            snapshot: Box::new(Snapshot {
+                state: ClusterState::default().into(),
+                statuses: Default::default(),
+                health: Default::default(),
+                keys: Default::default(),
+            }),
+        },
     );
     assert!(
         matches!(n.poll(), Some(Event::Down { error }) if error == "unexpected answer to Hello")
     );
     assert_eq!(n.poll_timeout(), Some(t0 + node::RECONNECT_MIN));
+}
+
+/// A node session that came up (Welcome received), with its first events drained.
+fn open_node_session(t0: Instant) -> NodeSession {
+    let mut n = NodeSession::new(t0, hello("n2", VERSION), vec![addr(LEADER)]);
+    n.handle_timeout(t0);
+    n.connected(t0);
+    n.handle_message(t0, ToNode::Welcome { version: VERSION });
+    while n.poll().is_some() {}
+    n
+}
+
+fn full(push: u64, snap: &Snapshot) -> ToNode {
+    ToNode::Snapshot {
+        push,
+        snapshot: Box::new(snap.clone()),
+    }
+}
+
+fn delta(base: u64, old: &Snapshot, new: &Snapshot) -> ToNode {
+    ToNode::Delta {
+        base,
+        push: base + 1,
+        delta: Box::new(protocol::delta::SnapshotDelta::between(old, new)),
+    }
+}
+
+fn with_revision(snap: &Snapshot, revision: u64, node: &str) -> Snapshot {
+    let mut next = snap.clone();
+    let state = Arc::make_mut(&mut next.state);
+    state.revision = revision;
+    state.nodes.insert(
+        name(node),
+        Node {
+            name: name(node),
+            role: Role::Worker,
+            availability: Availability::Active,
+            advertise_addr: None,
+            data_port: 4789,
+            joined_at: 0,
+            control_addr: None,
+        },
+    );
+    next
+}
+
+#[test]
+fn deltas_apply_to_the_push_the_node_holds() {
+    let t0 = Instant::now();
+    let mut n = open_node_session(t0);
+    let s1 = with_revision(
+        &Snapshot {
+            state: Arc::new(ClusterState::default()),
+            statuses: Default::default(),
+            health: Default::default(),
+            keys: Default::default(),
+        },
+        1,
+        "n1",
+    );
+    n.handle_message(t0, full(4, &s1));
+    assert_eq!(n.poll(), Some(Event::Snapshot(Box::new(s1.clone()))));
+    let s2 = with_revision(&s1, 2, "n2");
+    n.handle_message(t0, delta(4, &s1, &s2));
+    assert_eq!(
+        n.poll(),
+        Some(Event::Snapshot(Box::new(s2.clone()))),
+        "the delta gives the manager's snapshot"
+    );
+    // Nothing changed: nothing to adopt, but the manager was heard from.
+    n.handle_message(t0 + ms(4000), delta(5, &s2, &s2));
+    assert_eq!(n.poll(), None);
+    n.handle_timeout(t0 + ms(6000));
+    let events: Vec<Event> = std::iter::from_fn(|| n.poll()).collect();
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Down { .. })),
+        "an empty delta keeps the session from stalling: {events:?}"
+    );
+}
+
+#[test]
+fn a_delta_that_does_not_apply_asks_once_for_a_whole_snapshot() {
+    let t0 = Instant::now();
+    let mut n = open_node_session(t0);
+    let s0 = Snapshot {
+        state: Arc::new(ClusterState::default()),
+        statuses: Default::default(),
+        health: Default::default(),
+        keys: Default::default(),
+    };
+    let s1 = with_revision(&s0, 1, "n1");
+    let s2 = with_revision(&s1, 2, "n3");
+    // A delta before any whole snapshot, then another one: one Resync.
+    n.handle_message(t0, delta(1, &s0, &s1));
+    assert_eq!(n.poll(), Some(Event::Send(ToManager::Resync)));
+    n.handle_message(t0, delta(2, &s1, &s2));
+    assert_eq!(n.poll(), None, "asked already");
+    n.handle_message(t0, full(3, &s2));
+    assert_eq!(n.poll(), Some(Event::Snapshot(Box::new(s2.clone()))));
+    // Push 4 lost: the delta from 4 to 5 does not apply to push 3.
+    let s3 = with_revision(&s2, 3, "n4");
+    n.handle_message(t0, delta(4, &s2, &s3));
+    assert_eq!(n.poll(), Some(Event::Send(ToManager::Resync)));
+}
+
+#[test]
+fn the_manager_side_answers_resync_with_a_push() {
+    let t0 = Instant::now();
+    let roster = TestRoster {
+        members: [name("n2")].into(),
+        live: BTreeSet::new(),
+        workers: BTreeSet::new(),
+    };
+    let mut m = MemberSession::new(t0, Some(PeerCert::from("n2")));
+    m.handle_message(hello("n2", VERSION), &roster);
+    while m.poll().is_some() {}
+    m.admitted(t0);
+    while m.poll().is_some() {}
+    m.handle_message(ToManager::Resync, &roster);
+    assert_eq!(m.poll(), Some(Action::Resync));
 }

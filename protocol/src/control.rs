@@ -101,7 +101,10 @@ pub enum ToNode {
     },
     /// The whole view, as push number `push` of this session (the first push, and after a
     /// `Resync`).
-    Snapshot { push: u64, snapshot: Box<Snapshot> },
+    Snapshot {
+        push: u64,
+        snapshot: Box<Snapshot>,
+    },
     /// The answer to a `Request`: the state revision that holds the change, or an error with
     /// an HTTP-like status.
     Response {

@@ -199,7 +199,14 @@ mod tests {
         let Ok(ToSend::Delta(f)) = push.frame_for(Some(4), false) else {
             panic!("a delta for the node holding push 4");
         };
-        assert!(matches!(decode(&f), ToNode::Delta { base: 4, push: 5, .. }));
+        assert!(matches!(
+            decode(&f),
+            ToNode::Delta {
+                base: 4,
+                push: 5,
+                ..
+            }
+        ));
         for held in [None, Some(3), Some(9)] {
             let Ok(ToSend::Full(f)) = push.frame_for(held, false) else {
                 panic!("a full snapshot for {held:?}");
@@ -216,6 +223,9 @@ mod tests {
     #[test]
     fn the_first_push_has_no_delta() {
         let push = Push::new(1, snap(0), None);
-        assert!(matches!(push.frame_for(Some(0), false), Ok(ToSend::Full(_))));
+        assert!(matches!(
+            push.frame_for(Some(0), false),
+            Ok(ToSend::Full(_))
+        ));
     }
 }

@@ -277,11 +277,15 @@ pub struct Credentials {
     pub key_path: PathBuf,
 }
 
+/// The QUIC client settings of a member session with `identity`, trusting `ca_pem` (also
+/// what the control-plane bench's simulated nodes connect with).
+pub fn member_quic(ca_pem: &str, identity: &Identity) -> Result<quinn::ClientConfig, String> {
+    quic_client(pki::member_client_config(ca_pem, identity).map_err(|e| e.to_string())?)
+}
+
 impl Credentials {
     fn quic(&self) -> Result<quinn::ClientConfig, String> {
-        let tls =
-            pki::member_client_config(&self.ca_pem, &self.identity).map_err(|e| e.to_string())?;
-        quic_client(tls)
+        member_quic(&self.ca_pem, &self.identity)
     }
 
     /// Keeps a renewed certificate for the key made for it: both files, the key first (a

@@ -360,7 +360,20 @@ async fn start_candidate(
         serving,
         configure: Arc::new(move |m: &Manager| configure(m, &settings)),
     };
-    Ok(candidate.start(view, shutdown.clone()))
+    let cluster = candidate.start(view, shutdown.clone());
+    if founding {
+        // It leads in etcd already (`run` waited); the API answers once it also leads here,
+        // so that `cluster join-token` right after the socket appears finds a manager.
+        let deadline = tokio::time::Instant::now() + crate::store::etcd::STARTUP_WAIT;
+        while !matches!(cluster.mode(), Mode::Manager { .. }) {
+            if tokio::time::Instant::now() >= deadline {
+                warn!("founding manager has not taken over yet; the API serves as a follower for now");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(cluster)
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {

@@ -1,8 +1,8 @@
 //! A service changes under load and no client notices: two nodes, `web` (3 replicas with a
 //! health check, published 8080:8000), a client task making one new TCP connection per
 //! request at ~50 requests/s through the VIP, a client outside the cluster doing the same
-//! through the routing mesh, and one long download through the VIP running the whole time.
-//! Every request is logged; none may fail. Needs root. Underlay 198.18.23.0/24.
+//! through the routing mesh, and long downloads through the VIP (below). Every request is
+//! logged; none may fail. Needs root. Underlay 198.18.23.0/24.
 //!
 //! - scale 3 -> 2: the task that leaves takes no new connection, and a download it serves
 //!   (started just before) completes intact before it stops; back to 3: the new task, its
@@ -12,7 +12,19 @@
 //! - a task made unhealthy (its health command checks a file the test removes with
 //!   `overlayctl exec`) leaves the rotation on every node, is drained and restarted by its
 //!   node, and comes back healthy once the file is back;
-//! - the long download is intact at the end.
+//! - rolling changes, parallelism 1, each waited for by the CLI: `service update --env-add
+//!   V=2` (stop-first), `service update --update-order start-first --env-add V=3`, and
+//!   `service rollback` (back to V=2). Each asserts no failed request from its start until
+//!   after convergence, and that every answer after convergence comes from the new `V`
+//!   (the server answers `web.1 V=2`), from all three new tasks.
+//!
+//! The long download runs from the start until the first update replaces its task
+//! (`web.1`); each rolling change also carries a download from the slot it replaces last,
+//! started before the change. Every download goes on 3 s on its task after that task was
+//! replaced (left the rotation, draining), then ends, and must be intact: what a user
+//! expects of a download in flight when its task is replaced, within the stop grace period
+//! (10 s). (A download can outlive its task's replacement only by the grace period, so none
+//! can run through all three changes.)
 //!
 //! The services are made through the API (`POST /services/create` on the Unix socket), which
 //! takes the health check and stop grace period as JSON.
@@ -20,23 +32,25 @@
 use overlay_e2e::{
     ok, require_root, run, script_dir, unique, wait_for, write_script, Node, Underlay,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// The task's servers: HTTP on 8000 answering its name (one thread per connection), and
-/// downloads on 7000. A download client sends `SECS\n`; the server answers its name, then
-/// 16 KiB chunks, each `C` + sha256(index) x 512, 50 a second, for SECS seconds (0: until
-/// the client half-closes), then `D` + the chunk count and a newline, and closes.
+/// The task's servers: HTTP on 8000 answering its name and `$V` (`web.1 V=1`; one thread
+/// per connection), and downloads on 7000. A download client sends `SECS\n`; the server
+/// answers its name, then 16 KiB chunks, each `C` + sha256(index) x 512, 50 a second, for
+/// SECS seconds (0: until the client half-closes), then `D` + the chunk count and a
+/// newline, and closes.
 const SERVER_PY: &str = r#"
 import hashlib, http.server, os, select, socket, threading, time
 name = os.environ["OVERLAY_TASK_NAME"]
+answer = name + " V=" + os.environ.get("V", "")
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
-        body = (name + "\n").encode()
+        body = (answer + "\n").encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -195,11 +209,15 @@ fn api_post(node: &Node, path: &str, body: &str) -> String {
     ok(out, &format!("POST {path} {body}"))
 }
 
-/// A service of `replicas` running the test's server on network `front`, with a health
-/// check that passes while `HDIR/ok-TASK` exists and the server answers.
+/// A service of `replicas` running the test's server on network `front` with `V=1`, and a
+/// health check that passes while `HDIR/ok-SERVICE.SLOT` exists (a start-first task named
+/// `web.1.ID` reads its slot's file) and the server answers. Updates and rollbacks keep
+/// Docker's policies but monitor each new task for 1 s instead of 5 s: the monitor only
+/// delays the end of a rollout (and the network has less time to settle before it).
 fn web_service(name: &str, replicas: u32, server: &str, hdir: &Path, publish: bool) -> String {
     let check = format!(
-        "test -f {}/ok-$OVERLAY_TASK_NAME && curl -sf -m 1 -o /dev/null http://127.0.0.1:8000/",
+        "test -f {}/ok-$OVERLAY_SERVICE_NAME.$OVERLAY_TASK_SLOT && \
+         curl -sf -m 1 -o /dev/null http://127.0.0.1:8000/",
         hdir.display()
     );
     let ports = if publish {
@@ -209,10 +227,11 @@ fn web_service(name: &str, replicas: u32, server: &str, hdir: &Path, publish: bo
     };
     format!(
         r#"{{"name": "{name}", "networks": ["front"], "replicas": {replicas},
-            "command": ["python3", "{server}"], "ports": {ports},
+            "command": ["python3", "{server}"], "env": ["V=1"], "ports": {ports},
             "healthcheck": {{"command": ["CMD-SHELL", "{check}"], "interval_s": 1,
                              "timeout_s": 2, "retries": 2, "start_period_s": 0}},
-            "stop_grace_period_s": 10}}"#
+            "stop_grace_period_s": 10,
+            "update_config": {{"monitor_ms": 1000}}, "rollback_config": {{"monitor_ms": 1000}}}}"#
     )
 }
 
@@ -278,6 +297,201 @@ fn status(n: &Node, task: &str) -> serde_json::Value {
 fn healthy(n: &Node, task: &str) -> bool {
     let s = status(n, task);
     s["state"] == "running" && s["health"] == "healthy"
+}
+
+/// The task that gave an answer: `web.1` of `web.1 V=2`.
+fn who(answer: &str) -> &str {
+    answer.split(' ').next().unwrap_or_default()
+}
+
+/// The current tasks of `web` (`/tasks?service=web`: not the history) as `(slot, name, id)`;
+/// empty if the API did not answer.
+fn web_tasks(n: &Node) -> Vec<(u64, String, String)> {
+    let out = run(Command::new("curl")
+        .args(["-s", "--max-time", "2", "--unix-socket"])
+        .arg(&n.socket)
+        .arg("http://overlay/tasks?service=web"));
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    all.iter()
+        .map(|t| {
+            let s = |k: &str| t[k].as_str().unwrap_or_default().to_string();
+            (t["slot"].as_u64().unwrap_or_default(), s("name"), s("id"))
+        })
+        .collect()
+}
+
+/// How long a download goes on after its task was replaced before its client ends it:
+/// longer than a node keeps a leaving task before it counts its connections
+/// (`SETTLE_LEFT`, 2 s), so the drain has to wait for it, and well inside the stop grace
+/// period (10 s).
+const AFTER_LEFT: f64 = 3.0;
+
+/// What the rolling changes need of the test's setup.
+struct Rig<'a> {
+    manager: &'a Node,
+    /// The node of `client.1`, the task that makes the requests through the VIP and the
+    /// downloads.
+    client_node: &'a Node,
+    client_py: String,
+    dir: std::path::PathBuf,
+    vip_log: std::path::PathBuf,
+    mesh_log: std::path::PathBuf,
+}
+
+impl Rig<'_> {
+    /// A download from `client.1` through the VIP of `host`, served by task `want`
+    /// (reconnecting until it is), `secs` long, or until the file `stop` exists (`0`).
+    fn download(&self, want: &str, host: &str, secs: &str, stop: &Path) -> Bg {
+        let stop = stop.display().to_string();
+        #[rustfmt::skip]
+        let mut d = Bg::spawn(self.client_node.ctl_cmd(&[
+            "exec", "client.1", "--", "python3", &self.client_py, "download", host, "7000", secs, want, &stop,
+        ]));
+        assert_eq!(d.line(), "pinned", "download from {want}");
+        d
+    }
+
+    /// An endless download from the current task of `slot` of `web`, to be ended
+    /// [`AFTER_LEFT`] after that task is replaced.
+    fn inflight(&self, slot: u64) -> Inflight {
+        let (_, task, id) = web_tasks(self.manager)
+            .into_iter()
+            .find(|t| t.0 == slot)
+            .unwrap_or_else(|| panic!("no task in slot {slot} of web"));
+        let stop = self.dir.join(format!("stop-{id}"));
+        let bg = self.download(&task, "web", "0", &stop);
+        Inflight {
+            bg,
+            task,
+            id,
+            stop,
+            left: None,
+        }
+    }
+}
+
+/// A download whose task a rolling change replaces while it runs.
+struct Inflight {
+    bg: Bg,
+    /// The task serving it, and its id.
+    task: String,
+    id: String,
+    /// The file that tells its client to end it.
+    stop: std::path::PathBuf,
+    /// When its task left the service's current tasks.
+    left: Option<f64>,
+}
+
+/// One rolling change of `web` (3 replicas, parallelism 1) under the load: `overlayctl
+/// COMMAND`, which waits until the service converges. Besides `inflight`, a download from the
+/// slot the change replaces last runs from before the change until [`AFTER_LEFT`] after its
+/// task left. Asserts: the change converges; no request fails from its start until 30
+/// requests of each client came after convergence; every one of those comes from `V=v`, and
+/// from all three new tasks; every download is intact. Prints what it measured.
+fn roll(rig: &Rig, what: &str, command: &str, v: &str, mut inflight: Vec<Inflight>) {
+    let began = epoch();
+    inflight.push(rig.inflight(3));
+    let args: Vec<&str> = command.split(' ').collect();
+    let cmd = rig.manager.ctl_cmd(&args);
+    let cli = std::thread::spawn(move || {
+        let mut cmd = cmd;
+        (cmd.output(), epoch())
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ids: Vec<String> = web_tasks(rig.manager).into_iter().map(|t| t.2).collect();
+        let now = epoch();
+        for d in &mut inflight {
+            if d.left.is_none() && !ids.is_empty() && !ids.contains(&d.id) {
+                d.left = Some(now);
+            }
+            if d.left.is_some_and(|l| now - l >= AFTER_LEFT) && !d.stop.exists() {
+                std::fs::write(&d.stop, "").expect("download stop file");
+            }
+        }
+        if cli.is_finished() && inflight.iter().all(|d| d.stop.exists()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not converged after 60 s, or a download's task not replaced: {}",
+            rig.manager.ctl_ok(&["service", "ps", "web"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (out, converged) = cli.join().expect("overlayctl thread");
+    let out = out.expect("overlayctl");
+    let progress = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && progress.contains("verify: Service converged"),
+        "{what}: {progress}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut downloads = Vec::new();
+    for d in inflight {
+        let got = d.bg.finish();
+        let left = d.left.unwrap_or_default() - began;
+        assert!(
+            got.starts_with(&format!("intact {} ", d.task)),
+            "{what}: the download from {} (replaced {left:.1} s into the change): {got}",
+            d.task
+        );
+        downloads.push(format!("{} replaced at {left:.1} s, then {got}", d.task));
+    }
+    let after = |log: &Path| log_of(log).iter().filter(|(t, _)| *t > converged).count();
+    assert!(
+        wait_for(Duration::from_secs(10), || after(&rig.vip_log) >= 30
+            && after(&rig.mesh_log) >= 30),
+        "{what}: no load after convergence"
+    );
+    let ended = epoch();
+    let mut counts = Vec::new();
+    for (via, path) in [("VIP", &rig.vip_log), ("mesh", &rig.mesh_log)] {
+        let log = log_of(path);
+        let during: Vec<&(f64, String)> = log
+            .iter()
+            .filter(|(t, _)| *t >= began && *t < ended)
+            .collect();
+        let failed: Vec<_> = during
+            .iter()
+            .filter(|(_, r)| r.starts_with("ERR"))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{what}: failed requests through the {via}: {failed:?}"
+        );
+        let since: Vec<&str> = during
+            .iter()
+            .filter(|(t, _)| *t > converged)
+            .map(|(_, r)| r.as_str())
+            .collect();
+        let stale: Vec<&&str> = since
+            .iter()
+            .filter(|r| !r.ends_with(&format!(" V={v}")))
+            .collect();
+        assert!(
+            stale.is_empty(),
+            "{what}: answers through the {via} after convergence not from V={v}: {stale:?}"
+        );
+        let tasks: BTreeSet<&str> = since.iter().map(|r| who(r)).collect();
+        assert_eq!(
+            tasks.len(),
+            3,
+            "{what}: tasks answering through the {via} after convergence: {tasks:?}"
+        );
+        counts.push(format!(
+            "{via} {} requests, {} failed, {} after convergence all V={v}",
+            during.len(),
+            failed.len(),
+            since.len()
+        ));
+    }
+    eprintln!(
+        "{what}: converged {:.1} s after it began; {}; downloads: {}",
+        converged - began,
+        counts.join("; "),
+        downloads.join("; ")
+    );
 }
 
 #[test]
@@ -362,15 +576,18 @@ fn changes_under_load_fail_no_request() {
         &stop,
     ]);
     let mesh_load = Bg::spawn(mesh);
-    let download = |want: &str, host: &str, secs: &str| {
-        let mut d = Bg::spawn(cn.ctl_cmd(&[
-            "exec", c, "--", "python3", &client, "download", host, "7000", secs, want, &stop,
-        ]));
-        assert_eq!(d.line(), "pinned", "download from {want}");
-        d
+    let rig = Rig {
+        manager: &n1,
+        client_node: cn,
+        client_py: client.clone(),
+        dir: dir.clone(),
+        vip_log: vip_log.clone(),
+        mesh_log: mesh_log.clone(),
     };
-    // The long download, from a replica that stays.
-    let long = download("web.1", "web", "0");
+    let download = |want: &str, host: &str, secs: &str| rig.download(want, host, secs, &stop_file);
+    // The long download, from a replica that stays until the first update replaces it.
+    let long = rig.inflight(1);
+    assert_eq!(long.task, "web.1");
     assert!(wait_for(Duration::from_secs(10), || log_of(&vip_log).len()
         > 50
         && log_of(&mesh_log).len() > 50));
@@ -419,13 +636,13 @@ fn changes_under_load_fail_no_request() {
         wait_for(Duration::from_secs(10), || log_of(&vip_log)
             .iter()
             .chain(&log_of(&mesh_log))
-            .any(|(t, r)| *t > unready && r == "web.3")),
+            .any(|(t, r)| *t > unready && who(r) == "web.3")),
         "the new web.3 takes no traffic"
     );
     let before_ready = log_of(&vip_log)
         .iter()
         .chain(&log_of(&mesh_log))
-        .filter(|(t, r)| *t > scaled_up && *t < unready && r == "web.3")
+        .filter(|(t, r)| *t > scaled_up && *t < unready && who(r) == "web.3")
         .count();
     assert_eq!(before_ready, 0, "requests to web.3 before it was healthy");
     eprintln!(
@@ -511,20 +728,32 @@ fn changes_under_load_fail_no_request() {
         wait_for(Duration::from_secs(10), || log_of(&vip_log)
             .iter()
             .chain(&log_of(&mesh_log))
-            .any(|(t, r)| *t > restored && *r == sick)),
+            .any(|(t, r)| *t > restored && who(r) == sick)),
         "{sick} takes no traffic after it is healthy again"
     );
     let back = epoch() - restored;
 
+    // Rolling changes: each replaces the three tasks one at a time. The long download
+    // ends 3 s after the first update replaced its task.
+    roll(
+        &rig,
+        "update V=2 (stop-first)",
+        "service update --env-add V=2 web",
+        "2",
+        vec![long],
+    );
+    let start_first = "service update --update-order start-first --env-add V=3 web";
+    roll(&rig, "update V=3 (start-first)", start_first, "3", vec![]);
+    roll(&rig, "rollback to V=2", "service rollback web", "2", vec![]);
+
     std::fs::write(&stop_file, "").expect("stop file");
-    let long = long.finish();
     let vip_summary = vip_load.finish();
     let mesh_summary = mesh_load.finish();
     let (vip, mesh) = (log_of(&vip_log), log_of(&mesh_log));
     // The last request `task` answered between `from` and `to`, in seconds after `from`.
     let last = |log: &[(f64, String)], task: &str, from: f64, to: f64| {
         log.iter()
-            .filter(|(t, r)| *t > from && *t < to && r == task)
+            .filter(|(t, r)| *t > from && *t < to && who(r) == task)
             .map(|(t, _)| t - from)
             .fold(0.0, f64::max)
     };
@@ -555,13 +784,12 @@ fn changes_under_load_fail_no_request() {
     );
     eprintln!(
         "load: VIP {} requests at {:.0}/s ({vip_summary}), mesh {} at {:.0}/s \
-         ({mesh_summary}); long download: {long}",
+         ({mesh_summary})",
         vip.len(),
         rate(&vip),
         mesh.len(),
         rate(&mesh)
     );
-    assert!(long.starts_with("intact web.1"), "long download: {long}");
     assert!(
         failures(&vip).is_empty() && failures(&mesh).is_empty(),
         "failed requests: VIP {:?}, mesh {:?}",

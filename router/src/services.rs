@@ -5,6 +5,7 @@
 //! tasks on their way out, whose open flows must go on while they finish (see
 //! [`draining_tasks`]).
 
+use crate::task::leaving_key;
 use protocol::api::{TaskHealth, TaskState, TaskStatus};
 use protocol::control::NodeHealth;
 use protocol::state::{ClusterState, EndpointMode, Service, Task};
@@ -78,6 +79,13 @@ pub fn serving_tasks<'a>(
 /// drains their connections before it stops them, and reports them until they are gone), and
 /// those still in it whose health check failed (their node drains them before it restarts
 /// them). Tasks on a node that is down are not: nothing comes back from there.
+///
+/// A task its node reports as leaving (under its [`leaving_key`]) is on its way out too,
+/// though `state` still lists it: the statuses may be newer than the state they are read
+/// with (an agent builds its views from the state it last realised, with the latest
+/// statuses, and a worker takes both from one snapshot but sees the statuses first), and
+/// in between the task is neither serving nor in the history. Without this it would look
+/// gone, and its flows and mesh connections would be reset.
 pub fn leaving_tasks<'a>(
     state: &'a ClusterState,
     statuses: &'a Statuses,
@@ -86,13 +94,15 @@ pub fn leaving_tasks<'a>(
     let past = state
         .unreleased_tasks()
         .map(|p| (p.service_id.as_str(), &p.task));
-    let unhealthy = state.tasks.values().filter_map(move |t| {
-        let st = status_of(t, statuses)?;
-        let failing = st.state == TaskState::Running && st.health == Some(TaskHealth::Unhealthy);
+    let current = state.tasks.values().filter_map(move |t| {
+        let leaving = match status_of(t, statuses) {
+            Some(st) => st.state == TaskState::Running && st.health == Some(TaskHealth::Unhealthy),
+            None => statuses.contains_key(&leaving_key(&t.name, &t.id)),
+        };
         let svc = state.services.get(&t.service)?;
-        failing.then_some((svc.id.as_str(), t))
+        leaving.then_some((svc.id.as_str(), t))
     });
-    past.chain(unhealthy)
+    past.chain(current)
         .filter(move |(_, t)| health.get(&t.node) != Some(&NodeHealth::Down))
 }
 
@@ -405,6 +415,41 @@ mod tests {
         let others: BTreeSet<String> = BTreeSet::new();
         s.release_stopped(web3.node.as_str(), &others);
         assert!(vips(&s, &statuses, &health)[0].draining.is_empty());
+    }
+
+    #[test]
+    fn a_task_its_node_drains_is_draining_before_this_node_has_the_state_it_left_in() {
+        let mut s = cluster();
+        let mut gen = ids();
+        s.create_service(service("web", 3, false), &mut gen, &|_| true)
+            .unwrap();
+        let web3 = s.tasks["web.3"].clone();
+        let health = BTreeMap::new();
+        // Statuses from after a scale down, read with the state from before it (the
+        // agent's): web.3's node reports it under its leaving key. No new flow goes to it,
+        // and its flows go on (gone, they would be reset).
+        let mut statuses = running(&s, None);
+        let reported = statuses.remove("web.3").unwrap();
+        let leaving = leaving_key("web.3", &web3.id);
+        statuses.insert(leaving.clone(), reported.clone());
+        let v = vips(&s, &statuses, &health).remove(0);
+        assert_eq!(v.backends.len(), 2);
+        assert_eq!(ips(&v.draining), vec![web3.attachments[0].address]);
+        // Then the state arrives: draining as a past task, once.
+        let mut after = s.clone();
+        after.scale_service("web", 2, &mut gen, &|_| true).unwrap();
+        let v = vips(&after, &statuses, &health).remove(0);
+        assert_eq!(ips(&v.draining), vec![web3.attachments[0].address]);
+        // An older task of the slot draining (stop-first) leaves the current one alone.
+        let mut statuses = running(&s, None);
+        statuses.insert(leaving_key("web.3", "older"), reported);
+        let v = vips(&s, &statuses, &health).remove(0);
+        assert_eq!((v.backends.len(), v.draining.len()), (3, 0));
+        // Torn down (its node reports it no more): gone.
+        let mut statuses = running(&s, None);
+        statuses.remove("web.3");
+        let v = vips(&s, &statuses, &health).remove(0);
+        assert_eq!((v.backends.len(), v.draining.len()), (2, 0));
     }
 
     #[test]

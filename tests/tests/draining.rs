@@ -1,8 +1,8 @@
 //! A service changes under load and no client notices: two nodes, `web` (3 replicas with a
 //! health check, published 8080:8000), a client task making one new TCP connection per
 //! request at ~50 requests/s through the VIP, a client outside the cluster doing the same
-//! through the routing mesh, and one long download through the VIP running the whole time.
-//! Every request is logged; none may fail. Needs root. Underlay 198.18.23.0/24.
+//! through the routing mesh, and long downloads through the VIP (below). Every request is
+//! logged; none may fail. Needs root. Underlay 198.18.23.0/24.
 //!
 //! - scale 3 -> 2: the task that leaves takes no new connection, and a download it serves
 //!   (started just before) completes intact before it stops; back to 3: the new task, its
@@ -12,170 +12,34 @@
 //! - a task made unhealthy (its health command checks a file the test removes with
 //!   `overlayctl exec`) leaves the rotation on every node, is drained and restarted by its
 //!   node, and comes back healthy once the file is back;
-//! - the long download is intact at the end.
+//! - rolling changes, parallelism 1, each waited for by the CLI: `service update --env-add
+//!   V=2` (stop-first), `service update --update-order start-first --env-add V=3`, and
+//!   `service rollback` (back to V=2). Each asserts no failed request from its start until
+//!   after convergence, and that every answer after convergence comes from the new `V`
+//!   (the server answers `web.1 V=2`), from all three new tasks.
+//!
+//! The long download runs from the start until the first update replaces its task
+//! (`web.1`); each rolling change also carries a download from the slot it replaces last,
+//! started before the change. Every download goes on 3 s on its task after that task was
+//! replaced (left the rotation, draining), then ends, and must be intact: what a user
+//! expects of a download in flight when its task is replaced, within the stop grace period
+//! (10 s). (A download can outlive its task's replacement only by the grace period, so none
+//! can run through all three changes.)
 //!
 //! The services are made through the API (`POST /services/create` on the Unix socket), which
 //! takes the health check and stop grace period as JSON.
 
+use draining_rig::rolling::roll;
+use draining_rig::{epoch, failures, log_of, who, Bg, Rig, CLIENT_PY, SERVER_PY};
 use overlay_e2e::{
     ok, require_root, run, script_dir, unique, wait_for, write_script, Node, Underlay,
 };
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-/// The task's servers: HTTP on 8000 answering its name (one thread per connection), and
-/// downloads on 7000. A download client sends `SECS\n`; the server answers its name, then
-/// 16 KiB chunks, each `C` + sha256(index) x 512, 50 a second, for SECS seconds (0: until
-/// the client half-closes), then `D` + the chunk count and a newline, and closes.
-const SERVER_PY: &str = r#"
-import hashlib, http.server, os, select, socket, threading, time
-name = os.environ["OVERLAY_TASK_NAME"]
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = (name + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-def chunk(i):
-    return b"C" + hashlib.sha256(str(i).encode()).digest() * 512
-def download(c):
-    try:
-        line = b""
-        while not line.endswith(b"\n"):
-            d = c.recv(64)
-            if not d:
-                return
-            line += d
-        secs = float(line)
-        c.sendall((name + "\n").encode())
-        end = time.time() + secs if secs > 0 else None
-        i = 0
-        while end is None or time.time() < end:
-            if end is None and select.select([c], [], [], 0)[0] and not c.recv(64):
-                break
-            c.sendall(chunk(i))
-            i += 1
-            time.sleep(0.02)
-        c.sendall(f"D{i}\n".encode())
-    finally:
-        c.close()
-def downloads():
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 7000))
-    s.listen(64)
-    while True:
-        c, _ = s.accept()
-        threading.Thread(target=download, args=(c,), daemon=True).start()
-threading.Thread(target=downloads, daemon=True).start()
-http.server.ThreadingHTTPServer.request_queue_size = 1024
-http.server.ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
-"#;
-
-/// The clients. `load HOST PORT RATE LOG STOP`: one new connection per request, RATE a
-/// second, each logged as `TIME NAME` or `TIME ERR WHY`, until the file STOP exists; then
-/// prints `TOTAL FAILED`. `download HOST PORT SECS WANT STOP`: connects until the download
-/// is served by task WANT, prints `pinned`, checks every chunk, half-closes when STOP exists
-/// (SECS 0), and prints `intact NAME CHUNKS SECONDS` or what broke.
-const CLIENT_PY: &str = r#"
-import hashlib, os, socket, sys, threading, time
-cmd, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-addr = socket.gethostbyname(host)
-def ask():
-    s = socket.create_connection((addr, port), timeout=3)
-    try:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
-        d = b""
-        while b"\r\n\r\n" not in d:
-            c = s.recv(4096)
-            if not c:
-                return "ERR closed"
-            d += c
-        head, body = d.split(b"\r\n\r\n", 1)
-        n = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
-        while len(body) < n:
-            c = s.recv(4096)
-            if not c:
-                return "ERR short"
-            body += c
-        return body.decode().strip()
-    finally:
-        s.close()
-if cmd == "load":
-    rate, log, stop = float(sys.argv[4]), sys.argv[5], sys.argv[6]
-    total = failed = 0
-    start = time.time()
-    with open(log, "w") as f:
-        while not os.path.exists(stop):
-            t = time.time()
-            try:
-                r = ask()
-            except Exception as e:
-                r = "ERR " + type(e).__name__
-            total += 1
-            failed += r.startswith("ERR")
-            f.write(f"{t:.3f} {r}\n")
-            f.flush()
-            wait = start + total / rate - time.time()
-            if wait > 0:
-                time.sleep(wait)
-    print(total, failed, flush=True)
-else:
-    secs, want, stop = sys.argv[4], sys.argv[5], sys.argv[6]
-    for _ in range(40):
-        s = socket.create_connection((addr, port), timeout=5)
-        s.sendall(f"{secs}\n".encode())
-        f = s.makefile("rb")
-        if f.readline().decode().strip() == want:
-            break
-        f.close()
-        s.close()
-    else:
-        print("unpinned", flush=True)
-        sys.exit(1)
-    print("pinned", flush=True)
-    s.settimeout(30)
-    if float(secs) == 0:
-        def closer():
-            while not os.path.exists(stop):
-                time.sleep(0.1)
-            s.shutdown(socket.SHUT_WR)
-        threading.Thread(target=closer, daemon=True).start()
-    t0, n = time.time(), 0
-    try:
-        while True:
-            kind = f.read(1)
-            if kind == b"C":
-                c = f.read(16384)
-                if c != hashlib.sha256(str(n).encode()).digest() * 512:
-                    print(f"corrupt chunk {n}", flush=True)
-                    sys.exit(1)
-                n += 1
-            elif kind == b"D":
-                count = int(f.readline())
-                ok = count == n and f.read(1) == b""
-                print(f"intact {want} {n} {time.time() - t0:.1f}" if ok else f"bad end {count} {n}", flush=True)
-                break
-            else:
-                print(f"cut after {n} chunks ({kind!r})", flush=True)
-                break
-    except Exception as e:
-        print(f"{type(e).__name__} after {n} chunks", flush=True)
-"#;
-
-/// Seconds since the epoch, as the clients log them.
-fn epoch() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
+mod draining_rig;
 
 /// `POST` of `body` to the API of `node` at `path`; panics unless it succeeds.
 fn api_post(node: &Node, path: &str, body: &str) -> String {
@@ -195,11 +59,15 @@ fn api_post(node: &Node, path: &str, body: &str) -> String {
     ok(out, &format!("POST {path} {body}"))
 }
 
-/// A service of `replicas` running the test's server on network `front`, with a health
-/// check that passes while `HDIR/ok-TASK` exists and the server answers.
+/// A service of `replicas` running the test's server on network `front` with `V=1`, and a
+/// health check that passes while `HDIR/ok-SERVICE.SLOT` exists (a start-first task named
+/// `web.1.ID` reads its slot's file) and the server answers. Updates and rollbacks keep
+/// Docker's policies but monitor each new task for 1 s instead of 5 s: the monitor only
+/// delays the end of a rollout (and the network has less time to settle before it).
 fn web_service(name: &str, replicas: u32, server: &str, hdir: &Path, publish: bool) -> String {
     let check = format!(
-        "test -f {}/ok-$OVERLAY_TASK_NAME && curl -sf -m 1 -o /dev/null http://127.0.0.1:8000/",
+        "test -f {}/ok-$OVERLAY_SERVICE_NAME.$OVERLAY_TASK_SLOT && \
+         curl -sf -m 1 -o /dev/null http://127.0.0.1:8000/",
         hdir.display()
     );
     let ports = if publish {
@@ -209,65 +77,12 @@ fn web_service(name: &str, replicas: u32, server: &str, hdir: &Path, publish: bo
     };
     format!(
         r#"{{"name": "{name}", "networks": ["front"], "replicas": {replicas},
-            "command": ["python3", "{server}"], "ports": {ports},
+            "command": ["python3", "{server}"], "env": ["V=1"], "ports": {ports},
             "healthcheck": {{"command": ["CMD-SHELL", "{check}"], "interval_s": 1,
                              "timeout_s": 2, "retries": 2, "start_period_s": 0}},
-            "stop_grace_period_s": 10}}"#
+            "stop_grace_period_s": 10,
+            "update_config": {{"monitor_ms": 1000}}, "rollback_config": {{"monitor_ms": 1000}}}}"#
     )
-}
-
-/// A client running in the background with its stdout readable line by line.
-struct Bg {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
-
-impl Bg {
-    fn spawn(mut cmd: Command) -> Bg {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("client");
-        let out = BufReader::new(child.stdout.take().expect("stdout"));
-        Bg { child, out }
-    }
-
-    /// The next line it prints (blocking: its scripts bound their own time).
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        let _ = self.out.read_line(&mut l);
-        l.trim().to_string()
-    }
-
-    fn finish(mut self) -> String {
-        let l = self.line();
-        let _ = self.child.wait();
-        l
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `(time, answer)` of every request a load client logged.
-fn log_of(path: &Path) -> Vec<(f64, String)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (t, r) = l.split_once(' ')?;
-            Some((t.parse().ok()?, r.to_string()))
-        })
-        .collect()
-}
-
-fn failures(log: &[(f64, String)]) -> Vec<&(f64, String)> {
-    log.iter().filter(|(_, r)| r.starts_with("ERR")).collect()
 }
 
 /// The task's status as the API of `n` shows it.
@@ -362,15 +177,18 @@ fn changes_under_load_fail_no_request() {
         &stop,
     ]);
     let mesh_load = Bg::spawn(mesh);
-    let download = |want: &str, host: &str, secs: &str| {
-        let mut d = Bg::spawn(cn.ctl_cmd(&[
-            "exec", c, "--", "python3", &client, "download", host, "7000", secs, want, &stop,
-        ]));
-        assert_eq!(d.line(), "pinned", "download from {want}");
-        d
+    let rig = Rig {
+        manager: &n1,
+        client_node: cn,
+        client_py: client.clone(),
+        dir: dir.clone(),
+        vip_log: vip_log.clone(),
+        mesh_log: mesh_log.clone(),
     };
-    // The long download, from a replica that stays.
-    let long = download("web.1", "web", "0");
+    let download = |want: &str, host: &str, secs: &str| rig.download(want, host, secs, &stop_file);
+    // The long download, from a replica that stays until the first update replaces it.
+    let long = rig.inflight(1);
+    assert_eq!(long.task, "web.1");
     assert!(wait_for(Duration::from_secs(10), || log_of(&vip_log).len()
         > 50
         && log_of(&mesh_log).len() > 50));
@@ -419,13 +237,13 @@ fn changes_under_load_fail_no_request() {
         wait_for(Duration::from_secs(10), || log_of(&vip_log)
             .iter()
             .chain(&log_of(&mesh_log))
-            .any(|(t, r)| *t > unready && r == "web.3")),
+            .any(|(t, r)| *t > unready && who(r) == "web.3")),
         "the new web.3 takes no traffic"
     );
     let before_ready = log_of(&vip_log)
         .iter()
         .chain(&log_of(&mesh_log))
-        .filter(|(t, r)| *t > scaled_up && *t < unready && r == "web.3")
+        .filter(|(t, r)| *t > scaled_up && *t < unready && who(r) == "web.3")
         .count();
     assert_eq!(before_ready, 0, "requests to web.3 before it was healthy");
     eprintln!(
@@ -511,20 +329,32 @@ fn changes_under_load_fail_no_request() {
         wait_for(Duration::from_secs(10), || log_of(&vip_log)
             .iter()
             .chain(&log_of(&mesh_log))
-            .any(|(t, r)| *t > restored && *r == sick)),
+            .any(|(t, r)| *t > restored && who(r) == sick)),
         "{sick} takes no traffic after it is healthy again"
     );
     let back = epoch() - restored;
 
+    // Rolling changes: each replaces the three tasks one at a time. The long download
+    // ends 3 s after the first update replaced its task.
+    roll(
+        &rig,
+        "update V=2 (stop-first)",
+        "service update --env-add V=2 web",
+        "2",
+        vec![long],
+    );
+    let start_first = "service update --update-order start-first --env-add V=3 web";
+    roll(&rig, "update V=3 (start-first)", start_first, "3", vec![]);
+    roll(&rig, "rollback to V=2", "service rollback web", "2", vec![]);
+
     std::fs::write(&stop_file, "").expect("stop file");
-    let long = long.finish();
     let vip_summary = vip_load.finish();
     let mesh_summary = mesh_load.finish();
     let (vip, mesh) = (log_of(&vip_log), log_of(&mesh_log));
     // The last request `task` answered between `from` and `to`, in seconds after `from`.
     let last = |log: &[(f64, String)], task: &str, from: f64, to: f64| {
         log.iter()
-            .filter(|(t, r)| *t > from && *t < to && r == task)
+            .filter(|(t, r)| *t > from && *t < to && who(r) == task)
             .map(|(t, _)| t - from)
             .fold(0.0, f64::max)
     };
@@ -555,13 +385,12 @@ fn changes_under_load_fail_no_request() {
     );
     eprintln!(
         "load: VIP {} requests at {:.0}/s ({vip_summary}), mesh {} at {:.0}/s \
-         ({mesh_summary}); long download: {long}",
+         ({mesh_summary})",
         vip.len(),
         rate(&vip),
         mesh.len(),
         rate(&mesh)
     );
-    assert!(long.starts_with("intact web.1"), "long download: {long}");
     assert!(
         failures(&vip).is_empty() && failures(&mesh).is_empty(),
         "failed requests: VIP {:?}, mesh {:?}",

@@ -202,8 +202,13 @@ impl Roster for ManagerRoster<'_> {
         self.0.manager.snapshot().nodes.contains_key(node)
     }
 
-    fn is_live_member(&self, node: &NodeName) -> bool {
-        self.0.manager.health().is_ready(node) && self.is_member(node)
+    fn member_down_for(&self, node: &NodeName) -> Option<Duration> {
+        self.is_member(node)
+            .then(|| self.0.manager.health().down_for(node))
+    }
+
+    fn reschedule_after(&self) -> Duration {
+        self.0.manager.reschedule_after()
     }
 
     fn cert_allowed(&self, node: &NodeName, serial: &str) -> bool {

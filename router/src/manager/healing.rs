@@ -32,6 +32,11 @@ impl Manager {
             .store(after.as_secs(), Ordering::Relaxed);
     }
 
+    /// `--reschedule-after`.
+    pub fn reschedule_after(&self) -> Duration {
+        Duration::from_secs(self.reschedule_after_s.load(Ordering::Relaxed))
+    }
+
     /// Sets `--task-history-limit` (past tasks kept per slot), persisted with the state.
     pub fn set_task_history_limit(&self, limit: u32) -> Result<(), protocol::api::OpError> {
         if self.snapshot().task_history_limit == limit {

@@ -153,7 +153,7 @@ pub async fn serve(
 async fn redirect(conn: quinn::Connection, remote: SocketAddr, leader: Option<SocketAddr>) {
     let first = async {
         let (send, mut recv) = conn.accept_bi().await.ok()?;
-        wire::recv::<ToManager>(&mut recv).await.ok()?;
+        wire::recv_first::<ToManager>(&mut recv).await.ok()?;
         Some(send)
     };
     let Ok(Some(mut send)) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first).await else {
@@ -312,9 +312,20 @@ async fn handle(
     };
     let mut session = MemberSession::new(Instant::now(), peer_cert(&conn));
     // Frames are read by their own task: a read cancelled half-way by the select below
-    // would lose bytes and desynchronise the stream.
+    // would lose bytes and desynchronise the stream. The first (Join or Hello) is capped
+    // small, and nothing more is read until the session is open: a peer not admitted
+    // (joining, refused) makes the manager allocate at most `FIRST_FRAME_MAX`.
     let (frames_tx, mut frames) = mpsc::channel::<Result<ToManager, String>>(16);
+    let (open_tx, open_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut open_tx = Some(open_tx);
     let _reader = AbortOnDrop(tokio::spawn(async move {
+        let first = wire::recv_first::<ToManager>(&mut recv)
+            .await
+            .map_err(|e| e.to_string());
+        let failed = first.is_err();
+        if frames_tx.send(first).await.is_err() || failed || open_rx.await.is_err() {
+            return;
+        }
         loop {
             let msg = wire::recv::<ToManager>(&mut recv)
                 .await
@@ -371,6 +382,10 @@ async fn handle(
                             // Changes from here on are pushed; this one is in the first push.
                             changes = Some(ctx.manager.subscribe());
                             session.admitted(Instant::now());
+                            // A member now: its reader goes on to the session's frames.
+                            if let Some(open) = open_tx.take() {
+                                let _ = open.send(());
+                            }
                         }
                         Err(e) => session.refuse(e.message),
                     }

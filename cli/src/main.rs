@@ -767,7 +767,7 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                     let state = format!(
                         "{}{health} {}",
                         capital(&t.status.state.to_string()),
-                        table::ago(t.status.since, t_now)
+                        table::ago(t.status.since.unix_secs(), t_now)
                     );
                     let addrs: Vec<String> = t
                         .attachments

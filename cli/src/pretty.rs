@@ -64,9 +64,13 @@ pub fn render(s: &ServiceInspect, now: u64) -> String {
     if let Some(u) = &s.update_status {
         let _ = writeln!(out, "UpdateStatus:");
         let _ = writeln!(out, " State:\t\t{}", u.state);
-        let _ = writeln!(out, " Started:\t{}", table::ago(u.started_at, now));
+        let _ = writeln!(
+            out,
+            " Started:\t{}",
+            table::ago(u.started_at.unix_secs(), now)
+        );
         if let (Some(done), "completed") = (u.completed_at, u.state.as_str()) {
-            let _ = writeln!(out, " Completed:\t{}", table::ago(done, now));
+            let _ = writeln!(out, " Completed:\t{}", table::ago(done.unix_secs(), now));
         }
         let _ = writeln!(out, " Message:\t{}", u.message);
     }
@@ -166,7 +170,8 @@ mod tests {
     #[test]
     fn pretty_shows_the_update_status_and_policies() {
         let v = serde_json::json!({
-            "ID": "abc", "Version": {"Index": 3}, "CreatedAt": 0, "UpdatedAt": 0, "Running": 3,
+            "ID": "abc", "Version": {"Index": 3}, "CreatedAt": "1970-01-01T00:00:00Z",
+            "UpdatedAt": "1970-01-01T00:00:00Z", "Running": 3,
             "Spec": {
                 "Name": "web",
                 "ContainerSpec": {"Command": ["sleep", "1000"], "Env": ["V=2"],
@@ -180,7 +185,8 @@ mod tests {
                     "Monitor": 5000000000u64, "MaxFailureRatio": 0.2, "Order": "start-first"}
             },
             "Endpoint": {"Spec": {"Mode": "vip"}, "VirtualIPs": []},
-            "UpdateStatus": {"State": "completed", "StartedAt": 100, "CompletedAt": 130,
+            "UpdateStatus": {"State": "completed", "StartedAt": "1970-01-01T00:01:40Z",
+                "CompletedAt": "1970-01-01T00:02:10Z",
                 "Message": "update completed"}
         });
         let s: ServiceInspect = serde_json::from_value(v).unwrap();

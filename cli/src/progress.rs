@@ -185,7 +185,8 @@ pub async fn follow(c: &Client, name: &str, rolling_back: bool, quiet: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::api::{TaskStatus, UpdateStatusView};
+    use protocol::api::{TaskStatusView, UpdateStatusView};
+    use protocol::timestamp::Timestamp;
 
     fn task(slot: u32, state: TaskState, up_to_date: bool) -> TaskView {
         TaskView {
@@ -195,12 +196,12 @@ mod tests {
             slot,
             node: "n1".into(),
             desired_state: "running".into(),
-            status: TaskStatus {
+            status: TaskStatusView {
                 state,
                 error: None,
                 pid: None,
                 restarts: 0,
-                since: 0,
+                since: Timestamp::default(),
                 health: None,
             },
             attachments: vec![],
@@ -212,7 +213,8 @@ mod tests {
 
     fn service(replicas: u32) -> ServiceInspect {
         let v = serde_json::json!({
-            "ID": "s", "CreatedAt": 0, "UpdatedAt": 0, "Running": 0,
+            "ID": "s", "CreatedAt": "1970-01-01T00:00:00Z", "UpdatedAt": "1970-01-01T00:00:00Z",
+            "Running": 0,
             "Spec": {
                 "Name": "web",
                 "ContainerSpec": {"Command": ["x"], "Env": []},
@@ -228,7 +230,7 @@ mod tests {
         let mut s: ServiceInspect = serde_json::from_value(v).unwrap();
         s.update_status = Some(UpdateStatusView {
             state: "updating".into(),
-            started_at: 0,
+            started_at: Timestamp::default(),
             completed_at: None,
             message: "update in progress".into(),
         });

@@ -32,6 +32,7 @@ use crate::state::{
     Attachment, EndpointMode, HealthCheck, PortConfig, PortProtocol, ProxyProtocol, PublishMode,
     StateError, UpdateConfig, UpdateConfigChange, UpdateStatus,
 };
+use crate::timestamp::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -171,7 +172,7 @@ pub struct EndpointView {
 pub struct NetworkInspect {
     pub name: String,
     pub id: String,
-    pub created: u64,
+    pub created: Timestamp,
     pub scope: String,
     pub driver: String,
     #[serde(rename = "IPAM")]
@@ -207,9 +208,8 @@ pub struct KeyInfo {
     /// The SPI on the wire, hex.
     #[serde(rename = "SPI")]
     pub spi: String,
-    /// Unix milliseconds.
-    pub active_from: u64,
-    pub retire_at: Option<u64>,
+    pub active_from: Timestamp,
+    pub retire_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -600,15 +600,15 @@ impl From<&UpdateConfig> for UpdateConfigView {
     }
 }
 
-/// How the last update or rollback went, as Docker shows it (times in unix seconds).
+/// How the last update or rollback went, as Docker shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct UpdateStatusView {
     /// updating, paused, completed, rollback_started, rollback_paused, rollback_completed.
     pub state: String,
-    pub started_at: u64,
+    pub started_at: Timestamp,
     #[serde(default)]
-    pub completed_at: Option<u64>,
+    pub completed_at: Option<Timestamp>,
     pub message: String,
 }
 
@@ -616,8 +616,8 @@ impl From<&UpdateStatus> for UpdateStatusView {
     fn from(u: &UpdateStatus) -> UpdateStatusView {
         UpdateStatusView {
             state: u.state.to_string(),
-            started_at: u.started_at,
-            completed_at: u.completed_at,
+            started_at: Timestamp::from_unix_secs(u.started_at),
+            completed_at: u.completed_at.map(Timestamp::from_unix_secs),
             message: u.message.clone(),
         }
     }
@@ -765,8 +765,8 @@ pub struct ServiceInspect {
     /// Bumped by every change of the spec.
     #[serde(default)]
     pub version: VersionView,
-    pub created_at: u64,
-    pub updated_at: u64,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
     pub spec: ServiceSpec,
     /// What `service rollback` returns to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -858,6 +858,32 @@ impl TaskStatus {
     }
 }
 
+/// A task's status as the API shows it: [`TaskStatus`], its time in RFC 3339.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatusView {
+    pub state: TaskState,
+    pub error: Option<String>,
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    /// The last state change.
+    pub since: Timestamp,
+    #[serde(default)]
+    pub health: Option<TaskHealth>,
+}
+
+impl From<TaskStatus> for TaskStatusView {
+    fn from(s: TaskStatus) -> TaskStatusView {
+        TaskStatusView {
+            state: s.state,
+            error: s.error,
+            pid: s.pid,
+            restarts: s.restarts,
+            since: Timestamp::from_unix_secs(s.since),
+            health: s.health,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskView {
     pub id: String,
@@ -866,7 +892,7 @@ pub struct TaskView {
     pub slot: u32,
     pub node: String,
     pub desired_state: String,
-    pub status: TaskStatus,
+    pub status: TaskStatusView,
     pub attachments: Vec<Attachment>,
     /// Path of the task's network namespace (`/run/netns/...`), for `overlayctl exec`.
     pub netns: String,
@@ -1120,7 +1146,7 @@ pub struct NodeView {
     pub state: String,
     pub address: Option<String>,
     pub data_port: u16,
-    pub joined_at: u64,
+    pub joined_at: Timestamp,
     /// Whether this is the node that answered.
     pub this_node: bool,
 }

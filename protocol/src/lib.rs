@@ -9,6 +9,7 @@
 //! - [`state`]: the cluster's desired state (networks, services, tasks) and its invariants.
 //! - [`ipam`]: subnet pools and address allocation.
 //! - [`api`]: request and response bodies of the node API (HTTP + JSON on a Unix socket).
+//! - [`timestamp`]: moments as the API writes them, RFC 3339 as Docker's.
 //! - [`control`]: control-plane messages between nodes and the manager, and their framing.
 //! - [`delta`]: what changed between two snapshots, as the manager pushes it.
 
@@ -19,5 +20,6 @@ pub mod esp;
 pub mod flow;
 pub mod ipam;
 pub mod state;
+pub mod timestamp;
 pub mod types;
 pub mod vxlan;

@@ -22,6 +22,7 @@ use protocol::api::{
 };
 use protocol::control::{NodeHealth, Op, Snapshot};
 use protocol::state::{Availability, ClusterState, Network, Role, Service, Spec, Task, Vtep};
+use protocol::timestamp::Timestamp;
 use protocol::types::{MacAddr, NodeName};
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, HashMap};
@@ -158,7 +159,7 @@ fn network_view(snap: &Snapshot, net: &Network) -> NetworkInspect {
     NetworkInspect {
         name: net.name.to_string(),
         id: net.id.clone(),
-        created: net.created_at,
+        created: Timestamp::from_unix_secs(net.created_at),
         scope: "swarm".into(),
         driver: net.driver.clone(),
         ipam: Ipam {
@@ -182,8 +183,8 @@ fn network_view(snap: &Snapshot, net: &Network) -> NetworkInspect {
                     .map(|k| api::KeyInfo {
                         id: k.id,
                         spi: format!("{:#010x}", protocol::esp::spi(net.vni.get(), k.id)),
-                        active_from: k.active_from_ms,
-                        retire_at: k.retire_at_ms,
+                        active_from: Timestamp::from_unix_ms(k.active_from_ms),
+                        retire_at: k.retire_at_ms.map(Timestamp::from_unix_ms),
                     })
                     .collect(),
             }
@@ -206,8 +207,8 @@ fn service_view(snap: &Snapshot, svc: &Service) -> ServiceInspect {
     ServiceInspect {
         id: svc.id.clone(),
         version: api::VersionView { index: d.version },
-        created_at: svc.created_at,
-        updated_at: svc.updated_at,
+        created_at: Timestamp::from_unix_secs(svc.created_at),
+        updated_at: Timestamp::from_unix_secs(svc.updated_at),
         spec: {
             let mut spec = spec_view(&svc.name, &svc.spec(&snap.state));
             // A global service's count is the nodes it has a task on, not its highest slot.
@@ -294,7 +295,7 @@ fn view_of(t: &Task, desired_state: &str, status: TaskStatus) -> TaskView {
         slot: t.slot,
         node: t.node.to_string(),
         desired_state: desired_state.into(),
-        status,
+        status: status.into(),
         attachments: t.attachments.clone(),
         netns: naming::task_netns(&t.node, &t.name).display().to_string(),
         mountns: None,
@@ -318,7 +319,7 @@ fn node_view(st: &ApiState, snap: &Snapshot, n: &protocol::state::Node) -> NodeV
         state: if ready { "ready" } else { "down" }.into(),
         address: n.advertise_addr.map(|a| a.to_string()),
         data_port: n.data_port,
-        joined_at: n.joined_at,
+        joined_at: Timestamp::from_unix_secs(n.joined_at),
         this_node: n.name == st.node,
     }
 }
@@ -774,4 +775,88 @@ async fn stats(State(st): State<ApiState>) -> ApiResult<api::DatapathStats> {
     let mut stats = st.counters.snapshot();
     stats.ingress = st.ingress.snapshot();
     Ok(Json(stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manager::Manager;
+    use crate::store::Store;
+    use protocol::state::Pool;
+
+    /// Every time in an inspect view is RFC 3339, as Docker's; the state keeps numbers.
+    #[test]
+    fn inspect_times_are_rfc3339() {
+        let dir = std::env::temp_dir().join(format!("overlay-api-times-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let view = crate::cluster::View::new(ClusterState::default());
+        let me = NodeName::new("n1").unwrap();
+        let m = Manager::open(
+            Store::open(&dir).unwrap(),
+            Pool::default(),
+            &me,
+            None,
+            &view,
+        )
+        .unwrap();
+        let options = [("encrypted".to_string(), String::new())].into();
+        m.create_network(api::NetworkCreate {
+            name: "a".into(),
+            options,
+            ..Default::default()
+        })
+        .unwrap();
+        m.create_service(api::ServiceCreate {
+            name: "web".into(),
+            networks: vec![NetworkTarget {
+                target: "a".into(),
+                aliases: vec![],
+            }],
+            replicas: Some(1),
+            command: vec!["sleep".into(), "infinity".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        let update = api::ServiceUpdate {
+            env_add: vec!["V=2".into()],
+            ..Default::default()
+        };
+        m.update_service("web", update).unwrap();
+        let snap = crate::cluster::server::snapshot(&m);
+        let is_rfc3339 = |v: &serde_json::Value| {
+            v.as_str()
+                .and_then(protocol::timestamp::Timestamp::parse_rfc3339)
+                .is_some_and(|t| t.unix_secs() > 1_700_000_000)
+        };
+
+        let net = serde_json::to_value(network_view(&snap, &snap.state.networks["a"])).unwrap();
+        assert!(is_rfc3339(&net["Created"]), "{net}");
+        let key = &net["Encryption"]["Keys"][0];
+        assert!(is_rfc3339(&key["ActiveFrom"]), "{key}");
+
+        let svc = &snap.state.services["web"];
+        let v = serde_json::to_value(service_view(&snap, svc)).unwrap();
+        for field in ["CreatedAt", "UpdatedAt"] {
+            assert!(is_rfc3339(&v[field]), "{field}: {v}");
+        }
+        assert!(is_rfc3339(&v["UpdateStatus"]["StartedAt"]), "{v}");
+        let created =
+            protocol::timestamp::Timestamp::parse_rfc3339(v["CreatedAt"].as_str().unwrap());
+        assert_eq!(created.map(|t| t.unix_secs()), Some(svc.created_at));
+
+        let t = snap.state.tasks.values().next().unwrap();
+        let v = serde_json::to_value(task_view(&snap, t)).unwrap();
+        assert!(is_rfc3339(&v["status"]["since"]), "{v}");
+        let v = serde_json::to_value(past_task_view(&protocol::state::PastTask {
+            task: t.clone(),
+            service_id: svc.id.clone(),
+            reason: "scaled down".into(),
+            ended_at: 1_700_000_001,
+            ended_revision: 1,
+            released: false,
+        }))
+        .unwrap();
+        assert_eq!(v["status"]["since"], "2023-11-14T22:13:21Z");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -730,9 +730,10 @@ def ask(s):
     return body.decode().strip()
 "#;
 
-/// Runs `overlayd --join` in host `i` and expects it to fail; returns its stderr.
+/// Runs `overlayd --join` in host `i` and expects it to fail; returns its stderr. Its state
+/// directory is its own (not that of a stopped [`Node`] of the same name).
 pub fn join_fails(u: &Underlay, i: usize, name: &str, manager: &str, token: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("overlay-e2e-{name}"));
+    let dir = std::env::temp_dir().join(format!("overlay-e2e-{name}-joining"));
     let _ = std::fs::remove_dir_all(&dir);
     let out = run(u
         .host(i)

@@ -1,8 +1,15 @@
 //! The control plane refuses what it should, says why, and changes nothing: a wrong token
 //! secret, a token for another cluster's CA, a malformed token, garbage datagrams on the
-//! control port, and a node whose certificate another cluster's CA signed. Needs root.
+//! control port, and a node whose certificate another cluster's CA signed; a first message
+//! too large to be a `Join` (refused before it is read, the manager serving on); a join
+//! under the name of a member that has just gone down (until `node rm`). Needs root.
 
 use overlay_e2e::{join_fails, require_root, run, unique, wait_for, Node, Underlay};
+use protocol::control::{ToNode, MANAGER_SERVER_NAME};
+use router::cluster::{pki, wire};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[test]
@@ -98,4 +105,131 @@ fn control_plane_refusals() {
     assert!(!w.json(&["info"])["manager_reachable"]
         .as_bool()
         .unwrap_or(true));
+}
+
+/// Opens a join connection to `manager` from inside the namespace at `netns`, as a joining
+/// node does (no client certificate, the manager pinned by the token's CA digest), writes
+/// `first` as it is (a length prefix, and whatever follows) and returns the answer.
+fn answer_to_first_bytes(
+    netns: &Path,
+    manager: SocketAddr,
+    token: &str,
+    first: Vec<u8>,
+) -> Result<ToNode, String> {
+    let (netns, token) = (netns.to_path_buf(), token.to_string());
+    let peer = std::thread::spawn(move || {
+        // A thread of its own: setns(CLONE_NEWNET) moves only the calling thread.
+        let ns = std::fs::File::open(&netns).map_err(|e| e.to_string())?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let token = pki::Token::parse(&token).map_err(|e| e.to_string())?;
+            let tls = pki::join_client_config(&token).map_err(|e| e.to_string())?;
+            let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+                .map_err(|e| e.to_string())?;
+            let cfg = quinn::ClientConfig::new(Arc::new(crypto));
+            let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
+                .map_err(|e| e.to_string())?;
+            let conn = endpoint
+                .connect_with(cfg, manager, MANAGER_SERVER_NAME)
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(&first).await.map_err(|e| e.to_string())?;
+            let answer =
+                tokio::time::timeout(Duration::from_secs(10), wire::recv::<ToNode>(&mut recv))
+                    .await
+                    .map_err(|_| "no answer within 10 s".to_string())?
+                    .map_err(|e| e.to_string());
+            conn.close(0u32.into(), b"done");
+            answer
+        })
+    });
+    peer.join()
+        .map_err(|_| "the peer thread panicked".to_string())?
+}
+
+#[test]
+fn first_messages_are_capped_and_members_keep_their_names() {
+    if !require_root("first_messages_are_capped_and_members_keep_their_names") {
+        return;
+    }
+    let tag = unique("cf");
+    let u = Underlay::new(&tag, 3, 31);
+    let m = Node::manager(&format!("{tag}a"), &u, 1);
+    let token = m
+        .ctl_ok(&["cluster", "join-token", "-q"])
+        .trim()
+        .to_string();
+    let control: SocketAddr = format!("{}:2377", u.addr(1)).parse().expect("address");
+
+    // A join connection whose first frame claims 1 GiB, or one byte over the cap: refused
+    // with the reason from the length prefix alone (no body is sent, none is awaited).
+    let cap = wire::FIRST_FRAME_MAX as u32;
+    for len in [1u32 << 30, cap + 1] {
+        let answer = answer_to_first_bytes(
+            &u.host(3).path(),
+            control,
+            &token,
+            len.to_be_bytes().to_vec(),
+        );
+        let expected = format!("of {len} bytes exceeds the {cap}-byte limit; refused unread");
+        match answer {
+            Ok(ToNode::Refused { reason }) => assert!(reason.contains(&expected), "{reason}"),
+            other => panic!("a {len}-byte first frame: {other:?}\n{}", m.log()),
+        }
+    }
+    assert!(
+        wait_for(Duration::from_secs(3), || m
+            .log()
+            .contains("exceeds the 65536-byte limit")),
+        "the manager did not log the refusal:\n{}",
+        m.log()
+    );
+    // The manager serves on: a node joins, and is ready.
+    let mut w = Node::worker(&format!("{tag}b"), &u, 2, &m);
+    m.wait_ready(&[&w]);
+    let name = w.name.clone();
+    let serial = || {
+        m.json(&["node", "inspect", &name])[0]["Certificate"]["Serial"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let first_serial = serial();
+    assert!(!first_serial.is_empty());
+
+    // Its node stopped (a restart, a reboot), the member keeps its name: a join under it is
+    // refused, says how to free it, and changes nothing.
+    assert!(w.stop());
+    assert!(
+        wait_for(Duration::from_secs(10), || m.node_state(&w.name) == "down"),
+        "{}",
+        m.ctl_ok(&["node", "ls"])
+    );
+    let err = join_fails(&u, 3, &w.name, &u.addr(1), &token);
+    assert!(
+        err.contains(&format!(
+            "node name {} is in use by a member down for",
+            w.name
+        )) && err.contains(&format!("overlayctl node rm {}", w.name)),
+        "{err}"
+    );
+    assert_eq!(
+        serial(),
+        first_serial,
+        "the refused join changed the member"
+    );
+    assert_eq!(m.node_state(&w.name), "down");
+
+    // Removed, its name is free: a new node joins under it, with a new certificate.
+    m.ctl_ok(&["node", "rm", &name]);
+    drop(w);
+    let w = Node::worker(&name, &u, 2, &m);
+    m.wait_ready(&[&w]);
+    assert_ne!(serial(), first_serial);
 }

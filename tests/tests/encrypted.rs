@@ -289,7 +289,17 @@ fn encrypted_networks_on_three_nodes() {
     let enc = n1.json(&["network", "inspect", "sec"])[0]["Encryption"].clone();
     assert_eq!(enc["Keys"].as_array().map(|k| k.len()), Some(2), "{enc}");
     assert_eq!(enc["Sending"], enc["Keys"][1]["Id"], "{enc}");
-    assert!(enc["Keys"][0]["RetireAt"].is_u64(), "{enc}");
+    // Times as Docker writes them (RFC 3339, UTC, to the millisecond).
+    let rfc3339 = |v: &serde_json::Value| {
+        v.as_str()
+            .is_some_and(|t| t.len() >= 20 && t.ends_with('Z') && t.as_bytes()[10] == b'T')
+    };
+    assert!(rfc3339(&enc["Keys"][0]["RetireAt"]), "{enc}");
+    assert!(rfc3339(&enc["Keys"][1]["ActiveFrom"]), "{enc}");
+    assert!(
+        rfc3339(&n1.json(&["network", "inspect", "sec"])[0]["Created"]),
+        "network inspect: Created"
+    );
     let spi1 = cap
         .stop()
         .iter()

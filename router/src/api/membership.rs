@@ -9,6 +9,7 @@ use axum::Json;
 use protocol::api::{self, OpError};
 use protocol::control::{NodeHealth, Op};
 use protocol::state::{ClusterState, Node, Role};
+use protocol::timestamp::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -117,7 +118,7 @@ pub(super) async fn node_rm(
 pub struct NodeInspect {
     #[serde(rename = "ID")]
     id: String,
-    created_at: String,
+    created_at: Timestamp,
     description: Description,
     spec: Spec,
     status: Status,
@@ -161,18 +162,7 @@ struct ManagerStatus {
 struct Certificate {
     serial: String,
     role: String,
-    /// RFC 3339.
-    not_after: String,
-}
-
-fn rfc3339(unix: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix as i64)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
+    not_after: Timestamp,
 }
 
 fn role_name(role: Role) -> String {
@@ -201,7 +191,7 @@ fn inspect_view(st: &ApiState, state: &ClusterState, ready: bool, n: &Node) -> N
     let addr = n.advertise_addr.map(|a| a.to_string()).unwrap_or_default();
     NodeInspect {
         id: n.name.to_string(),
-        created_at: rfc3339(n.joined_at),
+        created_at: Timestamp::from_unix_secs(n.joined_at),
         description: Description {
             hostname: n.name.to_string(),
         },
@@ -224,7 +214,7 @@ fn inspect_view(st: &ApiState, state: &ClusterState, ready: bool, n: &Node) -> N
         certificate: state.current_cert(&n.name).map(|c| Certificate {
             serial: c.serial.clone(),
             role: role_name(c.role),
-            not_after: rfc3339(c.not_after),
+            not_after: Timestamp::from_unix_secs(c.not_after),
         }),
     }
 }
@@ -245,15 +235,4 @@ pub(super) async fn node_inspect(
         None => n.name == st.node,
     };
     Ok(Json(inspect_view(&st, &snap.state, ready, n)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times_are_rfc3339() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-    }
 }

@@ -180,7 +180,7 @@ pub async fn serve(
 async fn redirect(conn: quinn::Connection, remote: SocketAddr, leader: Option<SocketAddr>) {
     let first = async {
         let (send, mut recv) = conn.accept_bi().await.ok()?;
-        wire::recv::<ToManager>(&mut recv).await.ok()?;
+        wire::recv_first::<ToManager>(&mut recv).await.ok()?;
         Some(send)
     };
     let Ok(Some(mut send)) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first).await else {
@@ -229,8 +229,13 @@ impl Roster for ManagerRoster<'_> {
         self.0.manager.snapshot().nodes.contains_key(node)
     }
 
-    fn is_live_member(&self, node: &NodeName) -> bool {
-        self.0.manager.health().is_ready(node) && self.is_member(node)
+    fn member_down_for(&self, node: &NodeName) -> Option<Duration> {
+        self.is_member(node)
+            .then(|| self.0.manager.health().down_for(node))
+    }
+
+    fn reschedule_after(&self) -> Duration {
+        self.0.manager.reschedule_after()
     }
 
     fn cert_allowed(&self, node: &NodeName, serial: &str) -> bool {
@@ -334,9 +339,20 @@ async fn handle(
     };
     let mut session = MemberSession::new(Instant::now(), peer_cert(&conn));
     // Frames are read by their own task: a read cancelled half-way by the select below
-    // would lose bytes and desynchronise the stream.
+    // would lose bytes and desynchronise the stream. The first (Join or Hello) is capped
+    // small, and nothing more is read until the session is open: a peer not admitted
+    // (joining, refused) makes the manager allocate at most `FIRST_FRAME_MAX`.
     let (frames_tx, mut frames) = mpsc::channel::<Result<ToManager, String>>(16);
+    let (open_tx, open_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut open_tx = Some(open_tx);
     let _reader = AbortOnDrop(tokio::spawn(async move {
+        let first = wire::recv_first::<ToManager>(&mut recv)
+            .await
+            .map_err(|e| e.to_string());
+        let failed = first.is_err();
+        if frames_tx.send(first).await.is_err() || failed || open_rx.await.is_err() {
+            return;
+        }
         loop {
             let msg = wire::recv::<ToManager>(&mut recv)
                 .await
@@ -417,6 +433,10 @@ async fn handle(
                             // holds the record.
                             changes = Some(ctx.feed.subscribe());
                             session.admitted(Instant::now());
+                            // A member now: its reader goes on to the session's frames.
+                            if let Some(open) = open_tx.take() {
+                                let _ = open.send(());
+                            }
                         }
                         Err(e) => session.refuse(e.message),
                     }

@@ -191,8 +191,35 @@ pub fn write_managers(path: &Path, managers: &[SocketAddr]) -> Result<(), String
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
-/// Where a forwarded change's answer goes.
-type Reply = oneshot::Sender<Result<u64, OpError>>;
+/// The command that shows whether `op` was made, for an operator whose forwarded change
+/// went unanswered.
+fn how_to_check(op: &Op) -> String {
+    let cmd = match op {
+        Op::CreateNetwork(c) => format!("network inspect {}", c.name),
+        Op::RemoveNetwork(_) => "network ls".into(),
+        Op::RotateKey(n) => format!("network inspect {n}"),
+        Op::AddVtep { network, .. } | Op::RemoveVtep { network, .. } => {
+            format!("network vtep ls {network}")
+        }
+        Op::CreateService(c) => format!("service inspect {}", c.name),
+        Op::ScaleService { name, .. } | Op::UpdateService { name, .. } => {
+            format!("service inspect {name}")
+        }
+        Op::RemoveService(_) => "service ls".into(),
+        Op::UpdateNode { node, .. } | Op::SetRole { node, .. } => format!("node inspect {node}"),
+        Op::RemoveNode { .. } => "node ls".into(),
+        Op::AddEndpoint(e) => format!("network inspect {}", e.network),
+        Op::DockerAttach { network, .. } => format!("network inspect {network}"),
+        Op::RemoveEndpoint { .. } | Op::BindEndpoint { .. } => {
+            return "the API's `GET /endpoints`".into()
+        }
+    };
+    format!("`overlayctl {cmd}`")
+}
+
+/// Where a forwarded change's answer goes: the revision that holds it, or why there is none
+/// (told to the operator by [`Link::apply`], which knows what to check).
+type Reply = oneshot::Sender<Result<u64, RequestError>>;
 
 /// Aborts a spawned task when dropped (when its session ends, however it ends).
 pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
@@ -386,23 +413,29 @@ impl Link {
         self.leader.send_replace(Some(leader));
     }
 
-    /// What an operator is told when a forwarded change has no revision.
-    fn request_error(&self, e: RequestError) -> OpError {
+    /// What an operator is told when a forwarded change has no revision. A change that was
+    /// sent and not answered may have been applied (the answer, or the manager, was lost on
+    /// the way back): the operator is told so, and `check` ([`how_to_check`]) says how to
+    /// find out before trying again.
+    fn request_error(&self, e: RequestError, check: &str) -> OpError {
         let manager = match self.manager() {
             Some(a) => format!("the manager at {a}"),
             None => "a manager (none is known)".into(),
         };
-        match e {
-            RequestError::NotConnected | RequestError::TimedOut => OpError {
-                status: 503,
-                message: format!("cannot reach {manager}; nothing was changed"),
-            },
-            RequestError::Lost => OpError {
-                status: 503,
-                message: format!("lost {manager}"),
-            },
-            RequestError::Refused(e) => e,
-        }
+        let unknown = format!(
+            "whether the change was made is unknown: check with {check} (here once this \
+             node reaches a manager again, or on a manager) before trying again"
+        );
+        let message = match e {
+            RequestError::NotConnected => format!("cannot reach {manager}; nothing was changed"),
+            RequestError::TimedOut => format!(
+                "{manager} did not answer within {} s; {unknown}",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+            RequestError::Lost => format!("lost {manager} before it answered; {unknown}"),
+            RequestError::Refused(e) => return e,
+        };
+        OpError::unavailable(message)
     }
 
     /// Forwards a change to the manager and waits until this node has seen it applied.
@@ -413,18 +446,20 @@ impl Link {
         if let (Some(me), Some(manager)) = (last.state.nodes.get(&self.node), self.manager()) {
             authz::authorize(&op, &self.node, me.role, &last.state, manager)?;
         }
-        let unreachable = || self.request_error(RequestError::NotConnected);
+        let check = how_to_check(&op);
+        let failed = |e| self.request_error(e, &check);
         if !self.is_connected() {
-            return Err(unreachable());
+            return Err(failed(RequestError::NotConnected));
         }
         let (tx, rx) = oneshot::channel();
         self.requests
             .send((op, tx))
             .await
-            .map_err(|_| unreachable())?;
+            .map_err(|_| failed(RequestError::NotConnected))?;
         let rev = match tokio::time::timeout(REQUEST_TIMEOUT + DRIVER_GRACE, rx).await {
-            Ok(Ok(r)) => r?,
-            _ => return Err(unreachable()),
+            Ok(answer) => answer.unwrap_or(Err(RequestError::Lost)).map_err(failed)?,
+            // The driver is stuck: the change may have gone out.
+            Err(_) => return Err(failed(RequestError::TimedOut)),
         };
         // Wait on the same view the API answers from, so `create` then `inspect` finds it.
         let mut rx = self.snapshot.subscribe();
@@ -593,7 +628,7 @@ impl Link {
                     }
                     Event::Answer { id, result } => {
                         if let Some(tx) = replies.remove(&id) {
-                            let _ = tx.send(result.map_err(|e| self.request_error(e)));
+                            let _ = tx.send(result);
                         }
                         continue;
                     }
@@ -656,7 +691,7 @@ impl Link {
                             replies.insert(id, tx);
                         }
                         Err(e) => {
-                            let _ = tx.send(Err(self.request_error(e)));
+                            let _ = tx.send(Err(e));
                         }
                     }
                 }
@@ -709,36 +744,89 @@ mod tests {
             NodeName::new("n2").unwrap(),
             View::new(ClusterState::default()),
         );
-        let unreachable = OpError {
-            status: 503,
-            message: "cannot reach the manager at 198.18.0.1:2377; nothing was changed".into(),
-        };
-        assert_eq!(link.request_error(RequestError::NotConnected), unreachable);
-        assert_eq!(link.request_error(RequestError::TimedOut), unreachable);
+        let check = how_to_check(&Op::ScaleService {
+            name: "web".into(),
+            replicas: 3,
+        });
+        assert_eq!(check, "`overlayctl service inspect web`");
+        // Not sent: nothing was changed.
         assert_eq!(
-            link.request_error(RequestError::Lost),
+            link.request_error(RequestError::NotConnected, &check),
             OpError {
                 status: 503,
-                message: "lost the manager at 198.18.0.1:2377".into(),
+                message: "cannot reach the manager at 198.18.0.1:2377; nothing was changed".into(),
             }
+        );
+        // Sent, and unanswered: the manager may have applied it. The operator is told that
+        // the outcome is unknown, by whom, and how to find out.
+        assert_eq!(
+            link.request_error(RequestError::TimedOut, &check),
+            OpError {
+                status: 503,
+                message: "the manager at 198.18.0.1:2377 did not answer within 10 s; whether \
+                          the change was made is unknown: check with `overlayctl service \
+                          inspect web` (here once this node reaches a manager again, or on a \
+                          manager) before trying again"
+                    .into(),
+            }
+        );
+        let lost = link.request_error(RequestError::Lost, &check);
+        assert_eq!(lost.status, 503);
+        assert!(
+            lost.message.starts_with(
+                "lost the manager at 198.18.0.1:2377 before it answered; whether the change \
+                 was made is unknown: check with `overlayctl service inspect web`"
+            ),
+            "{}",
+            lost.message
         );
         let refused = OpError {
             status: 404,
             message: "service web not found".into(),
         };
         assert_eq!(
-            link.request_error(RequestError::Refused(refused)),
+            link.request_error(RequestError::Refused(refused), &check),
             OpError::not_found("service web not found")
         );
-        let lost = Link::new(
+        let none = Link::new(
             vec![],
             NodeName::new("n2").unwrap(),
             View::new(ClusterState::default()),
         );
-        assert_eq!(lost.manager(), None);
+        assert_eq!(none.manager(), None);
         assert_eq!(
-            lost.request_error(RequestError::NotConnected).message,
+            none.request_error(RequestError::NotConnected, &check)
+                .message,
             "cannot reach a manager (none is known); nothing was changed"
         );
+    }
+
+    #[test]
+    fn each_change_names_what_shows_it() {
+        let checks = [
+            (Op::RemoveNetwork("a".into()), "`overlayctl network ls`"),
+            (
+                Op::RotateKey("sec".into()),
+                "`overlayctl network inspect sec`",
+            ),
+            (Op::RemoveService("web".into()), "`overlayctl service ls`"),
+            (
+                Op::SetRole {
+                    node: "n3".into(),
+                    role: protocol::state::Role::Manager,
+                },
+                "`overlayctl node inspect n3`",
+            ),
+            (
+                Op::RemoveNode {
+                    node: "n3".into(),
+                    force: true,
+                },
+                "`overlayctl node ls`",
+            ),
+        ];
+        for (op, check) in checks {
+            assert_eq!(how_to_check(&op), check, "{op:?}");
+        }
     }
 }

@@ -14,13 +14,13 @@
 //! clock, the nodes' health and their reports, and is driven by the daemon's tick
 //! ([`HEAL_TICK`]) and by the control plane's reports.
 
-use super::Manager;
+use super::{statuses, Manager};
 use crate::ids::new_id;
 use protocol::types::NodeName;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How often the manager looks for lost nodes and empty slots.
 pub const HEAL_TICK: Duration = Duration::from_secs(1);
@@ -30,6 +30,11 @@ impl Manager {
     pub fn set_reschedule_after(&self, after: Duration) {
         self.reschedule_after_s
             .store(after.as_secs(), Ordering::Relaxed);
+    }
+
+    /// `--reschedule-after`.
+    pub fn reschedule_after(&self) -> Duration {
+        Duration::from_secs(self.reschedule_after_s.load(Ordering::Relaxed))
     }
 
     /// Sets `--task-history-limit` (past tasks kept per slot), persisted with the state.
@@ -78,6 +83,7 @@ impl Manager {
         for (node, running) in &reported {
             self.release_stopped(node, running);
         }
+        self.prune_statuses();
         let snap = self.snapshot();
         let ready = |n: &NodeName| self.health.is_ready(n);
         // Empty slots, and nodes (new, ready again or active again) without their global
@@ -94,6 +100,29 @@ impl Manager {
                 Ok(false) => {}
                 Err(e) => warn!(error = %e, "cannot place empty slots"),
             }
+        }
+    }
+
+    /// Forgets the statuses of tasks that are gone ([`statuses::prune`]), and the last
+    /// reports of nodes that are no longer members, so neither grows with the cluster's
+    /// history.
+    fn prune_statuses(&self) {
+        if let Ok(mut board) = self.statuses.write() {
+            // Read under the lock: a report recorded meanwhile was checked against this
+            // state or an older one, so what it wrote is kept.
+            let state = self.snapshot();
+            let gone = statuses::prune(&mut board, &state);
+            if gone > 0 {
+                debug!(
+                    gone,
+                    left = board.len(),
+                    "statuses of tasks that are gone dropped"
+                );
+            }
+        }
+        let state = self.snapshot();
+        if let Ok(mut r) = self.reported.lock() {
+            r.retain(|node, _| state.nodes.contains_key(node));
         }
     }
 

@@ -74,11 +74,28 @@ impl Health {
             .keys()
             .filter(|n| **n != self.me)
             .filter_map(|n| {
-                let silent = last.get(n).copied().unwrap_or(self.started).elapsed();
-                let down_for = silent.checked_sub(DOWN_AFTER)?;
+                let down_for = self.silent(&last, n).checked_sub(DOWN_AFTER)?;
                 Some((n.clone(), now.saturating_sub(down_for.as_secs())))
             })
             .collect()
+    }
+
+    /// How long `node` has been down: zero while it is ready (this manager's own node
+    /// always is), else the time since it went down ([`DOWN_AFTER`] after its last
+    /// heartbeat, or after this manager started if it has not heard from it since).
+    pub fn down_for(&self, node: &NodeName) -> Duration {
+        if *node == self.me {
+            return Duration::ZERO;
+        }
+        let Ok(last) = self.last.lock() else {
+            return Duration::ZERO;
+        };
+        self.silent(&last, node).saturating_sub(DOWN_AFTER)
+    }
+
+    /// How long `node` has been silent (zero during a seeded grace).
+    fn silent(&self, last: &HashMap<NodeName, Instant>, node: &NodeName) -> Duration {
+        last.get(node).copied().unwrap_or(self.started).elapsed()
     }
 
     pub fn report(&self, state: &ClusterState) -> BTreeMap<NodeName, NodeHealth> {
@@ -123,5 +140,11 @@ mod tests {
         }
         let down = h.down_since(&state, 1_000);
         assert!(!down.contains_key(&w1), "not down while its grace lasts");
+        assert_eq!(h.down_for(&w1), Duration::ZERO);
+        assert_eq!(
+            h.down_for(h.me()),
+            Duration::ZERO,
+            "this manager is never down"
+        );
     }
 }

@@ -553,4 +553,89 @@ mod tests {
         assert!(m.keys().is_empty(), "gone with its network");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// The status board holds the tasks that exist, not every task there ever was: a
+    /// removed service's statuses go once its nodes have let its tasks go.
+    #[test]
+    fn statuses_leave_the_board_with_their_tasks() {
+        let dir =
+            std::env::temp_dir().join(format!("overlay-manager-statuses-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (n1, n2) = (NodeName::new("n1").unwrap(), NodeName::new("n2").unwrap());
+        let view = View::new(ClusterState::default());
+        let m = Manager::open(
+            Store::open(&dir).unwrap(),
+            Pool::default(),
+            &n1,
+            Some((Ipv4Addr::new(198, 18, 0, 1), 4789)),
+            &view,
+        )
+        .unwrap();
+        m.upsert_node(&n2, Ipv4Addr::new(198, 18, 0, 2), 4789, None)
+            .unwrap();
+        m.health().beat(&n2);
+        m.create_network(api::NetworkCreate {
+            name: "a".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        m.create_service(api::ServiceCreate {
+            name: "web".into(),
+            networks: vec![api::NetworkTarget {
+                target: "a".into(),
+                aliases: vec![],
+            }],
+            replicas: Some(2),
+            command: vec!["sleep".into(), "infinity".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        let tasks: Vec<_> = m.snapshot().tasks.values().cloned().collect();
+        assert_eq!(tasks.len(), 2);
+        let on = |n: &NodeName| tasks.iter().find(|t| t.node == *n).expect("one per node");
+        let (mine, theirs) = (on(&n1).clone(), on(&n2).clone());
+        let running = |id: &str| StatusEntry {
+            id: id.into(),
+            status: TaskStatus {
+                state: api::TaskState::Running,
+                ..TaskStatus::pending(0)
+            },
+        };
+        let entries =
+            |m: &Manager| -> Vec<String> { m.statuses().read().unwrap().keys().cloned().collect() };
+        {
+            let mut b = m.statuses().write().unwrap();
+            // n1's agent and n2's reports; and a report of a task the state no longer holds.
+            b.insert(mine.name.clone(), running(&mine.id));
+            b.insert(theirs.name.clone(), running(&theirs.id));
+            b.insert("old.1".into(), running("gone"));
+        }
+        m.note_reported(&n2, [theirs.id.clone()].into());
+        m.heal(now());
+        assert_eq!(entries(&m), [mine.name.clone(), theirs.name.clone()]);
+
+        m.remove_service("web").unwrap();
+        // Both tasks drain where they run: n1's agent reports its own under its leaving key.
+        {
+            let mut b = m.statuses().write().unwrap();
+            let e = b.remove(&mine.name).unwrap();
+            b.insert(crate::task::leaving_key(&mine.name, &mine.id), e);
+        }
+        m.heal(now());
+        assert_eq!(entries(&m).len(), 2, "kept while their nodes may run them");
+        // n2 has let its task go: its status goes with it.
+        m.note_reported(&n2, BTreeSet::new());
+        m.heal(now());
+        assert_eq!(
+            entries(&m),
+            [crate::task::leaving_key(&mine.name, &mine.id)]
+        );
+        // n1's agent tore its task down (and dropped its entry): the board is empty, and
+        // stays so.
+        m.statuses().write().unwrap().clear();
+        m.heal(now());
+        assert!(entries(&m).is_empty());
+        assert!(m.snapshot().unreleased_tasks().next().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

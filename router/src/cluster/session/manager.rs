@@ -22,6 +22,25 @@ use std::time::{Duration, Instant};
 pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Snapshots are pushed on every change and at least this often (statuses, health).
 pub const PUSH_EVERY: Duration = Duration::from_secs(1);
+/// The least time a member keeps its name against a `Join` once it is down ([`name_held_for`]).
+pub const NAME_HELD_MIN: Duration = Duration::from_secs(10 * 60);
+
+/// How long a down member keeps its name: a `Join` under it is refused until the member
+/// has been down this long (or was removed with `node rm`). A join under a member's name
+/// takes its place: it replaces the member's certificates, so the node itself is locked
+/// out, and whatever the state still places on that name goes to the joiner. Hence the
+/// longer of
+/// - `--reschedule-after`: until then the down node keeps its tasks (and their addresses
+///   and traffic), which a joiner under its name would be given; and
+/// - [`NAME_HELD_MIN`] (10 minutes): a daemon restarting, a host rebooting, a network
+///   outage or a manager taking over (nodes reconnect within seconds of it) is over well
+///   within that, so a token holder cannot race a node's restart to lock it out.
+///
+/// A node whose state directory was lost, or whose certificate expired while it was away,
+/// joins again under its name at once after `overlayctl node rm NAME`, as in Swarm.
+pub fn name_held_for(reschedule_after: Duration) -> Duration {
+    reschedule_after.max(NAME_HELD_MIN)
+}
 
 /// What the manager knows that decides whom it admits and what it allows; the driver
 /// answers from its state.
@@ -31,8 +50,11 @@ pub trait Roster {
     fn join_role(&self, secret: &str) -> Option<Role>;
     /// Whether `node` is in the desired state's node list.
     fn is_member(&self, node: &NodeName) -> bool;
-    /// Whether `node` is a member that is heartbeating (its name cannot be taken).
-    fn is_live_member(&self, node: &NodeName) -> bool;
+    /// How long the member `node` has been down: zero while it heartbeats; `None` if no
+    /// member has that name.
+    fn member_down_for(&self, node: &NodeName) -> Option<Duration>;
+    /// `--reschedule-after`: how long a down node keeps its tasks ([`name_held_for`]).
+    fn reschedule_after(&self) -> Duration;
     /// Whether the certificate with `serial` is one the cluster still accepts for `node`
     /// (not removed, not replaced by a new join, not expired).
     fn cert_allowed(&self, node: &NodeName, serial: &str) -> bool;
@@ -165,6 +187,39 @@ fn kind(msg: &ToManager) -> &'static str {
     }
 }
 
+/// Why a `Join` may not take the name `node`, if it may not: a member holds it
+/// ([`name_held_for`]).
+fn name_taken(node: &NodeName, roster: &dyn Roster) -> Option<String> {
+    let down_for = roster.member_down_for(node)?;
+    let held_for = name_held_for(roster.reschedule_after());
+    if down_for >= held_for {
+        return None;
+    }
+    let holder = if down_for.is_zero() {
+        "a live member".to_string()
+    } else {
+        format!(
+            "a member down for {} (a down member keeps its name for {})",
+            span(down_for),
+            span(held_for)
+        )
+    };
+    Some(format!(
+        "node name {node} is in use by {holder}; to give it to a new node, remove the member \
+         first: overlayctl node rm {node}"
+    ))
+}
+
+/// A duration as a refusal states it: seconds up to two minutes, then minutes.
+fn span(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 120 {
+        format!("{s} s")
+    } else {
+        format!("{} min", s / 60)
+    }
+}
+
 impl MemberSession {
     /// A connection accepted at `now`, whose peer showed `cert` (verified against the
     /// cluster CA), or none.
@@ -287,8 +342,8 @@ impl MemberSession {
                 let Some(role) = roster.join_role(&secret) else {
                     return self.refuse("invalid join token".into());
                 };
-                if roster.is_live_member(&node) {
-                    return self.refuse(format!("node name {node} is in use by a live member"));
+                if let Some(reason) = name_taken(&node, roster) {
+                    return self.refuse(reason);
                 }
                 self.phase = Phase::Joining;
                 self.actions.push_back(Action::Join {

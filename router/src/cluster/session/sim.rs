@@ -4,7 +4,7 @@
 //! several addresses: the leader, followers that redirect, and ones that vanish. No
 //! sockets, no threads, no sleeping: time only moves when [`Sim::run_until`] says so.
 
-use super::manager::{self, Action, MemberSession, PeerCert, Roster};
+use super::manager::{self, Action, MemberSession, PeerCert, Roster, NAME_HELD_MIN};
 use super::node::{
     self, Event, NodeSession, RequestError, RECONNECT_MAX, RECONNECT_MIN, REQUEST_TIMEOUT,
     STALL_AFTER,
@@ -41,12 +41,14 @@ fn hello(node: &str, version: u32) -> ToManager {
     }
 }
 
-/// Members are managers unless listed in `workers`; a certificate whose serial is
-/// "revoked" is no longer accepted.
+/// Members are managers unless listed in `workers`, and up unless listed in `down` (with
+/// how long they have been down); a certificate whose serial is "revoked" is no longer
+/// accepted.
 struct TestRoster {
     members: BTreeSet<NodeName>,
-    live: BTreeSet<NodeName>,
+    down: BTreeMap<NodeName, Duration>,
     workers: BTreeSet<NodeName>,
+    reschedule_after: Duration,
 }
 
 impl Roster for TestRoster {
@@ -60,8 +62,12 @@ impl Roster for TestRoster {
     fn is_member(&self, node: &NodeName) -> bool {
         self.members.contains(node)
     }
-    fn is_live_member(&self, node: &NodeName) -> bool {
-        self.live.contains(node) && self.is_member(node)
+    fn member_down_for(&self, node: &NodeName) -> Option<Duration> {
+        self.is_member(node)
+            .then(|| self.down.get(node).copied().unwrap_or_default())
+    }
+    fn reschedule_after(&self) -> Duration {
+        self.reschedule_after
     }
     fn cert_allowed(&self, node: &NodeName, serial: &str) -> bool {
         self.is_member(node) && serial != "revoked"
@@ -213,8 +219,9 @@ impl Sim {
             cert_name: cert_name.map(Into::into),
             roster: TestRoster {
                 members: [name("n1"), name("n2")].into(),
-                live: [name("n1")].into(),
+                down: [(name("n2"), Duration::from_secs(60))].into(),
                 workers: BTreeSet::new(),
+                reschedule_after: Duration::from_secs(10),
             },
             revision: 1,
             unreachable: false,
@@ -1082,9 +1089,15 @@ mod first_message {
 
     fn roster() -> TestRoster {
         TestRoster {
-            members: [name("n1"), name("n2"), name("n3")].into(),
-            live: [name("n1"), name("n2")].into(),
-            workers: [name("n2"), name("n3")].into(),
+            members: [name("n1"), name("n2"), name("n3"), name("n5")].into(),
+            // n3 is long gone; n5 has been down for half a minute.
+            down: [
+                (name("n3"), Duration::from_secs(3600)),
+                (name("n5"), Duration::from_secs(30)),
+            ]
+            .into(),
+            workers: [name("n2"), name("n3"), name("n5")].into(),
+            reschedule_after: Duration::from_secs(10),
         }
     }
 
@@ -1130,7 +1143,10 @@ mod first_message {
         );
         assert_eq!(
             refusal(None, join(VERSION, "n2", "s3cret")),
-            refuse("node name n2 is in use by a live member")
+            refuse(
+                "node name n2 is in use by a live member; to give it to a new node, remove \
+                 the member first: overlayctl node rm n2"
+            )
         );
         let mut m = MemberSession::new(Instant::now(), None);
         m.handle_message(join(VERSION, "n3", "s3cret"), &roster());
@@ -1153,6 +1169,49 @@ mod first_message {
             })]
         );
         assert!(m.is_closed());
+    }
+
+    /// A token holder cannot take the name of a member that is merely restarting or
+    /// rebooting: a down member keeps it for the longer of the reschedule grace and ten
+    /// minutes (or until `node rm`).
+    #[test]
+    fn a_member_keeps_its_name_until_long_down() {
+        let refused = |roster: &TestRoster, node: &str| {
+            let mut m = MemberSession::new(Instant::now(), None);
+            m.handle_message(join(VERSION, node, "s3cret"), roster);
+            match &actions(&mut m)[..] {
+                [Action::Refuse { reason }] => Some(reason.clone()),
+                [Action::Join { .. }] => None,
+                other => panic!("{other:?}"),
+            }
+        };
+        let mut r = roster();
+        assert_eq!(
+            refused(&r, "n5").as_deref(),
+            Some(
+                "node name n5 is in use by a member down for 30 s (a down member keeps its \
+                 name for 10 min); to give it to a new node, remove the member first: \
+                 overlayctl node rm n5"
+            )
+        );
+        // Long gone (an hour): its name may be taken.
+        assert_eq!(refused(&r, "n3"), None);
+        // Just past the bound, and not before.
+        r.down.insert(name("n5"), NAME_HELD_MIN);
+        assert_eq!(refused(&r, "n5"), None);
+        r.down
+            .insert(name("n5"), NAME_HELD_MIN - Duration::from_secs(1));
+        assert!(refused(&r, "n5").is_some());
+        // A reschedule grace longer than the bound holds the name as long.
+        r.reschedule_after = Duration::from_secs(2 * 3600);
+        let reason = refused(&r, "n3").expect("held while its tasks are its own");
+        assert!(reason.contains("down for 60 min"), "{reason}");
+        assert!(reason.contains("keeps its name for 120 min"), "{reason}");
+        // Removed (`node rm`): no member holds it.
+        r.members.remove(&name("n3"));
+        assert_eq!(refused(&r, "n3"), None);
+        // This manager's own name is never down.
+        assert!(refused(&r, "n1").is_some_and(|e| e.contains("a live member")));
     }
 
     #[test]

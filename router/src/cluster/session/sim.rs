@@ -1622,8 +1622,9 @@ fn the_manager_side_answers_resync_with_a_push() {
     let t0 = Instant::now();
     let roster = TestRoster {
         members: [name("n2")].into(),
-        live: BTreeSet::new(),
+        down: BTreeMap::new(),
         workers: BTreeSet::new(),
+        reschedule_after: Duration::from_secs(10),
     };
     let mut m = MemberSession::new(t0, Some(PeerCert::from("n2")));
     m.handle_message(hello("n2", VERSION), &roster);

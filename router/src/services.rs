@@ -123,6 +123,39 @@ pub fn draining_tasks<'a>(
     tasks
 }
 
+/// The serving tasks of every service that has any, each in slot order ([`serving_tasks`]
+/// for all services at once: one walk of the state's tasks, not one per service, which at
+/// 1 000 services of 10 tasks is the difference between 10 000 and 10 000 000 lookups).
+pub fn serving_by_service<'a>(
+    state: &'a ClusterState,
+    statuses: &Statuses,
+    health: &BTreeMap<NodeName, NodeHealth>,
+) -> BTreeMap<&'a ServiceName, Vec<&'a Task>> {
+    let mut by: BTreeMap<&ServiceName, Vec<&Task>> = BTreeMap::new();
+    for t in state.tasks.values() {
+        if is_serving(t, statuses, health) {
+            by.entry(&t.service).or_default().push(t);
+        }
+    }
+    by.values_mut().for_each(|ts| ts.sort_by_key(|t| t.slot));
+    by
+}
+
+/// The [`leaving_tasks`] of every service, by its id and name, each in slot order
+/// ([`draining_tasks`] for all services at once).
+fn draining_by_service<'a>(
+    state: &'a ClusterState,
+    statuses: &'a Statuses,
+    health: &'a BTreeMap<NodeName, NodeHealth>,
+) -> BTreeMap<(&'a str, &'a ServiceName), Vec<&'a Task>> {
+    let mut by: BTreeMap<(&str, &ServiceName), Vec<&Task>> = BTreeMap::new();
+    for (id, t) in leaving_tasks(state, statuses, health) {
+        by.entry((id, &t.service)).or_default().push(t);
+    }
+    by.values_mut().for_each(|ts| ts.sort_by_key(|t| t.slot));
+    by
+}
+
 /// The addresses and MACs of `tasks` on network `net`.
 fn on_network(tasks: &[&Task], net: &NetworkName) -> Vec<(Ipv4Addr, MacAddr)> {
     tasks
@@ -139,12 +172,15 @@ pub fn vips(
     health: &BTreeMap<NodeName, NodeHealth>,
 ) -> Vec<VipView> {
     let mut out = Vec::new();
+    let serving = serving_by_service(state, statuses, health);
+    let leaving = draining_by_service(state, statuses, health);
+    let none = Vec::new();
     for svc in state.services.values() {
         if svc.endpoint_mode != EndpointMode::Vip {
             continue;
         }
-        let tasks = serving_tasks(state, &svc.name, statuses, health);
-        let draining = draining_tasks(state, &svc.name, &svc.id, statuses, health);
+        let tasks = serving.get(&svc.name).unwrap_or(&none);
+        let draining = leaving.get(&(svc.id.as_str(), &svc.name)).unwrap_or(&none);
         for (net_name, vip) in &svc.vips {
             let Some(net) = state.networks.get(net_name) else {
                 continue;
@@ -154,8 +190,8 @@ pub fn vips(
                 service_id: svc.id.clone(),
                 vni: net.vni,
                 ip: *vip,
-                backends: on_network(&tasks, net_name),
-                draining: on_network(&draining, net_name),
+                backends: on_network(tasks, net_name),
+                draining: on_network(draining, net_name),
                 idle_secs: svc.lb_idle_timeout,
             });
         }

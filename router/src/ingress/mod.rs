@@ -21,7 +21,7 @@ pub mod link;
 mod proxy;
 pub mod stats;
 
-use crate::services::{self, serving_tasks, Statuses};
+use crate::services::{self, serving_by_service, Statuses};
 use protocol::control::NodeHealth;
 use protocol::state::{ClusterState, PortProtocol, ProxyProtocol, PublishMode, Task};
 use protocol::types::{MacAddr, NodeName, ServiceName, Vni};
@@ -145,8 +145,10 @@ impl IngressView {
             mtu: net.mtu(),
         };
         let mut listeners = Vec::new();
-        for svc in state.services.values() {
-            let tasks = serving_tasks(state, &svc.name, statuses, health);
+        let serving = serving_by_service(state, statuses, health);
+        let none = Vec::new();
+        for svc in state.services.values().filter(|s| !s.ports.is_empty()) {
+            let tasks = serving.get(&svc.name).unwrap_or(&none);
             let udp_idle = svc.lb_idle_timeout.map_or(UDP_IDLE, Duration::from_secs);
             for p in &svc.ports {
                 let backends: Vec<Ipv4Addr> = match p.mode {

@@ -1010,6 +1010,10 @@ pub struct DatapathStats {
     pub workers: Vec<WorkerStats>,
     pub replies: u64,
     pub flooded: u64,
+    /// ESP receiving states (a sender's key and replay window) forgotten to keep each
+    /// worker's map within its bound (`datapath::crypto::RX_MAX`), least recently used first.
+    #[serde(default)]
+    pub esp_evicted: u64,
     /// Dropped frames by reason (a reason that never happened is absent).
     pub drops: BTreeMap<String, u64>,
     /// Load balancing done by this node, per service (flows of this node's clients).

@@ -178,7 +178,8 @@ fn held_sender(c: &mut Criterion) {
     let mut st = EspState::default();
     let mut first = datagram(vxlan_len);
     esp::seal_in_place(&mut first, vxlan_len, esp::spi(4097, 2), 1, &key, PORT).expect("seal");
-    st.open(&t, n1, &mut first, 0).expect("the first datagram opens");
+    st.open(&t, n1, &mut first, 0)
+        .expect("the first datagram opens");
     // Sealed in the untimed setup with rising sequence numbers, so none is a replay.
     let mut seq = 1u32;
     let mut g = c.benchmark_group("esp_state");

@@ -534,7 +534,12 @@ mod tests {
         // 200 members, each sending one genuine datagram, one a millisecond; n0 keeps
         // talking throughout.
         let members: Vec<(Ipv4Addr, String)> = (0..200u16)
-            .map(|i| (Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8), format!("n{i}")))
+            .map(|i| {
+                (
+                    Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8),
+                    format!("n{i}"),
+                )
+            })
             .collect();
         let t = tables_with(&[(2, &secret)], &members);
         let mut st = EspState {
@@ -563,7 +568,10 @@ mod tests {
         assert_eq!(held, want);
         // n0's window was kept: its numbers are still judged (a replay is refused).
         let mut again = sealed_by(&secret, 2, name0, e, 2);
-        assert_eq!(st.open(&t, *n0, &mut again, 300), Err(DropReason::EspReplay));
+        assert_eq!(
+            st.open(&t, *n0, &mut again, 300),
+            Err(DropReason::EspReplay)
+        );
     }
 
     #[test]

@@ -1083,6 +1083,10 @@ pub struct IngressPortStats {
     pub reset: u64,
     /// UDP datagrams that could not be queued (buffer full).
     pub dropped: u64,
+    /// UDP mappings ended to make room for a new client: the one idle the longest, when the
+    /// port holds its most (4 096) or the node its `--ingress-max-connections`.
+    #[serde(default)]
+    pub evicted: u64,
 }
 
 /// One service's load-balanced flows on one node.

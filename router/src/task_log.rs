@@ -40,6 +40,12 @@ pub const MAX_FILES: usize = 3;
 /// Owner reads and writes, the group (an operator's) reads, others nothing: task output may
 /// hold what the task prints of its environment.
 pub const MODE: u32 = 0o640;
+/// Logs kept of tasks that left this node, the most recently written first: a task's log
+/// outlives it for a look after a failed update or a crash, as Swarm keeps the last tasks of
+/// each slot (`--task-history-limit`, 5), but the task names a node ever ran (every
+/// start-first replacement has a new one) cannot fill its disk: the logs directory holds at
+/// most (running tasks + 20) × [`MAX_FILES`] files.
+pub const KEEP_DEPARTED: usize = 20;
 /// Most bytes read from the pipe at once: a pipe holds 64 KiB, and a quarter of that per
 /// read keeps each running task's buffer small.
 const CHUNK: usize = 16 << 10;
@@ -145,6 +151,56 @@ impl LogFile {
         self.size = 0;
         Ok(())
     }
+}
+
+/// The task a file of the logs directory belongs to: `TASK.log` or `TASK.log.N`.
+fn task_of(file: &str) -> Option<&str> {
+    let log = match file.rsplit_once('.') {
+        Some((rest, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => rest,
+        _ => file,
+    };
+    log.strip_suffix(".log").filter(|t| !t.is_empty())
+}
+
+/// Removes the logs of tasks not in `live` (this node's tasks, running or draining), but for
+/// the `keep` written last. Returns how many tasks' logs went.
+pub fn prune_departed(
+    dir: &Path,
+    live: &std::collections::BTreeSet<&str>,
+    keep: usize,
+) -> io::Result<usize> {
+    use std::collections::BTreeMap;
+    // Departed task → (its newest write, its files).
+    let mut departed: BTreeMap<String, (std::time::SystemTime, Vec<PathBuf>)> = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(task) = name.to_str().and_then(task_of) else {
+            continue;
+        };
+        if live.contains(task) {
+            continue;
+        }
+        let written = entry.metadata()?.modified()?;
+        let e = departed
+            .entry(task.to_string())
+            .or_insert((written, Vec::new()));
+        e.0 = e.0.max(written);
+        e.1.push(entry.path());
+    }
+    let mut by_age: Vec<_> = departed.into_values().collect();
+    by_age.sort_by_key(|(written, _)| std::cmp::Reverse(*written));
+    let mut removed = 0;
+    for (_, files) in by_age.into_iter().skip(keep) {
+        for f in files {
+            match std::fs::remove_file(&f) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        removed += 1;
+    }
+    Ok(removed)
 }
 
 /// A pipe for a process's output: the end the process writes to (blocking, for its stdout
@@ -266,6 +322,49 @@ mod tests {
         assert_eq!(read(&path), "6789abcdefghij\n");
         assert_eq!(files(&path).len(), 2);
         assert!(files(&path).iter().all(|(_, m, s)| *m == MODE && *s <= 16));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn departed_tasks_keep_only_the_newest_logs() {
+        assert_eq!(task_of("web.1.log"), Some("web.1"));
+        assert_eq!(task_of("web.1.abc123.log.2"), Some("web.1.abc123"));
+        assert_eq!(
+            (task_of("web.1.log.x"), task_of(".log"), task_of("x")),
+            (None, None, None)
+        );
+        let d = dir("prune");
+        let at = |s: u64| std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        // Six departed tasks (written at 1..=6 s), each with a rotated file, and a live one.
+        for i in 1..=6u64 {
+            for f in [format!("old.{i}.log"), format!("old.{i}.log.1")] {
+                let f = File::create(d.join(f)).unwrap();
+                f.set_modified(at(i)).unwrap();
+            }
+        }
+        File::create(d.join("web.1.log"))
+            .unwrap()
+            .set_modified(at(0))
+            .unwrap();
+        std::fs::write(d.join("notes.txt"), "not a log").unwrap();
+        let live = ["web.1"].into_iter().collect();
+        assert_eq!(prune_departed(&d, &live, 2).unwrap(), 4);
+        let mut left: Vec<String> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "notes.txt",
+                "old.5.log",
+                "old.5.log.1",
+                "old.6.log",
+                "old.6.log.1",
+                "web.1.log"
+            ]
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -14,6 +14,12 @@
 //!
 //! Before a datagram's tag is checked, nothing is kept on its word, and the one costly step
 //! (deriving the key of an epoch not seen yet) is rate-limited per sender ([`DERIVE_RATE`]).
+//!
+//! What a worker keeps is bounded. Receiving state goes with its key and its sender: when the
+//! tables change (a key retired, a node gone), [`EspState::retain_live`] forgets what they no
+//! longer name, and the map never holds more than [`RX_MAX`] entries (the least recently used
+//! one makes room, counted as `esp_evicted`). Sending sequence numbers are kept for the whole
+//! run on purpose (see [`EspState::next_seq`]): there are at most 128 per network.
 
 use crate::bucket::{Bucket, Rate};
 use crate::keys::{Secret, TxSa};
@@ -37,21 +43,40 @@ pub const DERIVE_RATE: Rate = Rate {
     per_sec: 32,
 };
 
+/// Most (SPI, sender, lane) entries a worker keeps: a sender's derived key and replay window
+/// each, 624 bytes (ring's AES-256-GCM key schedule and GHASH table), 5 MiB per worker when
+/// full (7 168 is what a hash table of 8 192 buckets holds). A cluster needs one per live key
+/// (two during a rotation), per other node and per lane of that node the steering brings to
+/// this worker: 100 nodes of 16 workers with 4 encrypted networks mid-rotation is
+/// 100 × 16 × 8 = 12 800 in all, 6 400 per worker of a two-worker node. Beyond that only a
+/// member sealing under lanes and keys it does not use (it holds the secret: nothing else
+/// gets an entry) makes more, and the least recently used entry is evicted for the new one
+/// (`esp_evicted`). An evicted sender's next datagram derives its key again (rate-limited)
+/// and starts a new window, which would accept a replay of that sender's earlier datagrams
+/// once; so the bound sits above a large cluster's need, where an eviction only ever takes a
+/// lane that fell silent.
+pub const RX_MAX: usize = 7_168;
+
 /// A sender's key and window, as this node last saw them.
 struct RxSa {
     secret: Secret,
     key: SenderKey,
     window: ReplayWindow,
+    /// When a datagram last opened under it: the least recent is evicted first.
+    last_ms: u64,
 }
 
 /// A datapath worker's side: sequence numbers it sent, windows of what it received.
-#[derive(Default)]
 pub struct EspState {
     /// The worker's lane: which of a [`TxSa`]'s keys it seals with.
     pub lane: u8,
     seq: HashMap<u32, u64, FastHash>,
     /// By SPI, sender and the sender's lane; only what a datagram that opened proved.
     rx: HashMap<(u32, Ipv4Addr, u8), RxSa, FastHash>,
+    /// Most entries `rx` holds ([`RX_MAX`]; smaller in tests).
+    rx_cap: usize,
+    /// Entries of `rx` evicted to stay within `rx_cap`, since the start.
+    evicted: u64,
     /// Derivations left to each sender address for epochs not seen yet.
     derivations: HashMap<Ipv4Addr, Bucket, FastHash>,
     /// This node could not keep its epoch on disk, so its keys may repeat an earlier run's:
@@ -60,6 +85,21 @@ pub struct EspState {
     /// SPIs whose sequence numbers passed [`esp::SEQ_REKEY`]: the agent asks the manager
     /// for a new key of their network, long before the numbers run out.
     pub worn: Arc<Mutex<Vec<u32>>>,
+}
+
+impl Default for EspState {
+    fn default() -> Self {
+        EspState {
+            lane: 0,
+            seq: HashMap::default(),
+            rx: HashMap::default(),
+            rx_cap: RX_MAX,
+            evicted: 0,
+            derivations: HashMap::default(),
+            no_epoch: false,
+            worn: Arc::default(),
+        }
+    }
 }
 
 impl EspState {
@@ -88,6 +128,14 @@ impl EspState {
     }
 
     /// The next sequence number under `spi`; None once the key is used up.
+    ///
+    /// These numbers are never forgotten during a run, not even when their key is retired:
+    /// a key's nonces are its epoch and these numbers, and a key seen retired may come back
+    /// (a manager that takes over from an older snapshot of the keyring, a network that
+    /// leaves this node's tables and returns), and starting its numbers at 1 again would
+    /// reuse a nonce. They stay bounded all the same: one per SPI, and an SPI is a network's
+    /// VNI with one of 128 key ids (`esp::MAX_KEY_ID`), so 16 bytes × 128 per network at
+    /// most, and VNIs of removed networks are reused.
     pub fn next_seq(&mut self, spi: u32) -> Option<u32> {
         let s = self.seq.entry(spi).or_insert(0);
         if *s >= esp::SEQ_LIMIT {
@@ -109,7 +157,8 @@ impl EspState {
     /// lane) and a new epoch of a known one are remembered only once a datagram opens under
     /// them. Deriving the key of an epoch not seen yet (an HKDF and an AES key schedule,
     /// before the tag can be checked) is limited per sender address by a token bucket
-    /// ([`DERIVE_RATE`]); beyond it the datagram is dropped as `esp_rate_limited`.
+    /// ([`DERIVE_RATE`]); beyond it the datagram is dropped as `esp_rate_limited`. A new
+    /// entry beyond [`RX_MAX`] takes the place of the least recently used one.
     pub fn open(
         &mut self,
         t: &Tables,
@@ -171,6 +220,7 @@ impl EspState {
                     sa.key = k;
                 }
                 sa.window.accept(h.epoch, h.seq);
+                sa.last_ms = now_ms;
             }
             (None, Some(key)) => {
                 let mut window = ReplayWindow::default();
@@ -179,7 +229,11 @@ impl EspState {
                     secret: secret.clone(),
                     key,
                     window,
+                    last_ms: now_ms,
                 };
+                if self.rx.len() >= self.rx_cap && !self.rx.contains_key(&slot) {
+                    self.evict_oldest();
+                }
                 self.rx.insert(slot, sa);
             }
             (None, None) => {}
@@ -202,9 +256,30 @@ impl EspState {
             .retain(|from, _| t.senders.contains_key(from));
     }
 
+    /// Forgets the least recently used entry. A scan of at most [`RX_MAX`] entries, done only
+    /// when a new entry is due and the map is full: a new entry needs a datagram that opened
+    /// under a freshly derived key, which [`DERIVE_RATE`] limits per sender.
+    fn evict_oldest(&mut self) {
+        let oldest = self
+            .rx
+            .iter()
+            .min_by_key(|(_, sa)| sa.last_ms)
+            .map(|(slot, _)| *slot);
+        if let Some(slot) = oldest {
+            self.rx.remove(&slot);
+            self.evicted += 1;
+        }
+    }
+
     /// How many (SPI, sender, lane) keys and windows this worker holds.
     pub fn senders_held(&self) -> usize {
         self.rx.len()
+    }
+
+    /// How many of those were evicted to stay within [`RX_MAX`] since the start; the worker
+    /// adds them to the node's counters (`esp_evicted`).
+    pub fn evicted(&self) -> u64 {
+        self.evicted
     }
 }
 
@@ -383,6 +458,131 @@ mod tests {
         t.senders.clear();
         st.retain_live(&t);
         assert_eq!((st.senders_held(), st.derivations.len()), (0, 0));
+    }
+
+    /// `secret` under key id `id`, sealed by `sender` (its key derived with its name).
+    fn sealed_by(secret: &Secret, id: u8, sender: &str, epoch: u32, seq: u32) -> Vec<u8> {
+        let key = SenderKey::derive(secret, sender, epoch);
+        let vxlan = [0x08u8, 0, 0, 0, 0, 0x10, 0x01, 0, 1, 2, 3, 4];
+        let mut d = vec![0u8; esp::sealed_len(vxlan.len())];
+        d[esp::HEADER_LEN + esp::INNER_UDP_LEN..][..vxlan.len()].copy_from_slice(&vxlan);
+        esp::seal_in_place(&mut d, vxlan.len(), esp::spi(VNI, id), seq, &key, 4789).unwrap();
+        d
+    }
+
+    /// The network's live keys are `keys`; the cluster's members are `senders`.
+    fn tables_with(keys: &[(u8, &Secret)], senders: &[(Ipv4Addr, String)]) -> Tables {
+        let mut t = Tables::default();
+        let rx = keys.iter().map(|(id, s)| (*id, (*s).clone())).collect();
+        t.networks.insert(
+            Vni::new(VNI).unwrap(),
+            NetTable {
+                crypto: Some(Arc::new(NetCrypto { tx: None, rx })),
+                ..NetTable::default()
+            },
+        );
+        t.senders.extend(senders.iter().cloned());
+        t
+    }
+
+    #[test]
+    fn retired_keys_take_their_receiving_state_with_them() {
+        let (old, new): (Secret, Secret) = (Arc::new([5u8; 32]), Arc::new([6u8; 32]));
+        let n1 = Ipv4Addr::new(198, 18, 0, 1);
+        let members = [(n1, "n1".to_string())];
+        let mut st = EspState::default();
+        // Mid-rotation: both keys live, n1 sending under each from two lanes.
+        let both = tables_with(&[(2, &old), (3, &new)], &members);
+        for (id, secret) in [(2, &old), (3, &new)] {
+            for lane in 0..2 {
+                let mut d = sealed_by(secret, id, "n1", lane_epoch(7, lane), 1);
+                assert!(st.open(&both, n1, &mut d, 0).is_ok());
+            }
+        }
+        assert_eq!(st.senders_held(), 4);
+        // Key 2 retired (the keyring's next tables): its windows and keys go.
+        let after = tables_with(&[(3, &new)], &members);
+        st.retain_live(&after);
+        assert_eq!(st.senders_held(), 2);
+        assert!(st.rx.keys().all(|(spi, _, _)| esp::parse_spi(*spi).1 == 3));
+        // A datagram under the retired key is refused and keeps nothing.
+        let mut d = sealed_by(&old, 2, "n1", lane_epoch(7, 0), 2);
+        assert_eq!(
+            st.open(&after, n1, &mut d, 0),
+            Err(DropReason::EspUnknownKey)
+        );
+        assert_eq!(st.senders_held(), 2);
+        // The last key retired too (the network left the node's tables): nothing is left.
+        st.retain_live(&tables_with(&[], &members));
+        assert_eq!(st.senders_held(), 0);
+    }
+
+    #[test]
+    fn sending_numbers_outlive_their_key() {
+        // A key retired and then seen again (a manager taking over from an older keyring)
+        // must go on from its last number: starting at 1 again would reuse nonces.
+        let mut st = EspState::default();
+        let spi = esp::spi(VNI, 2);
+        assert_eq!((st.next_seq(spi), st.next_seq(spi)), (Some(1), Some(2)));
+        st.retain_live(&Tables::default());
+        assert_eq!(st.next_seq(spi), Some(3));
+    }
+
+    #[test]
+    fn a_flood_of_senders_stays_under_the_cap_and_keeps_the_active_one() {
+        let secret: Secret = Arc::new([5u8; esp::SECRET_LEN]);
+        // 200 members, each sending one genuine datagram, one a millisecond; n0 keeps
+        // talking throughout.
+        let members: Vec<(Ipv4Addr, String)> = (0..200u16)
+            .map(|i| {
+                (
+                    Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8),
+                    format!("n{i}"),
+                )
+            })
+            .collect();
+        let t = tables_with(&[(2, &secret)], &members);
+        let mut st = EspState {
+            rx_cap: 32,
+            ..EspState::default()
+        };
+        let e = lane_epoch(7, 0);
+        let (n0, name0) = &members[0];
+        for (i, (addr, name)) in members.iter().enumerate() {
+            let now = i as u64 + 1;
+            let mut d = sealed_by(&secret, 2, name, e, 1);
+            assert!(st.open(&t, *addr, &mut d, now).is_ok(), "{name}");
+            let mut d0 = sealed_by(&secret, 2, name0, e, now as u32 + 1);
+            assert!(st.open(&t, *n0, &mut d0, now).is_ok(), "n0 at {now}");
+            assert!(st.senders_held() <= 32);
+        }
+        assert_eq!(st.senders_held(), 32);
+        assert_eq!(st.evicted(), 200 - 32);
+        // The held ones are n0 and the 31 most recent; the oldest went first.
+        let mut held: Vec<Ipv4Addr> = st.rx.keys().map(|(_, from, _)| *from).collect();
+        held.sort();
+        let mut want: Vec<Ipv4Addr> = std::iter::once(*n0)
+            .chain(members[200 - 31..].iter().map(|(a, _)| *a))
+            .collect();
+        want.sort();
+        assert_eq!(held, want);
+        // n0's window was kept: its numbers are still judged (a replay is refused).
+        let mut again = sealed_by(&secret, 2, name0, e, 2);
+        assert_eq!(
+            st.open(&t, *n0, &mut again, 300),
+            Err(DropReason::EspReplay)
+        );
+    }
+
+    #[test]
+    fn the_cap_is_a_few_mib() {
+        // What RX_MAX's doc says an entry costs, with the map's own overhead.
+        let entry = std::mem::size_of::<((u32, Ipv4Addr, u8), RxSa)>();
+        assert!(entry <= 640, "{entry} bytes an entry");
+        // hashbrown keeps 7/8 of its buckets full at most, and a control byte per bucket.
+        let buckets = (RX_MAX * 8 / 7).next_power_of_two();
+        assert_eq!(buckets, 8192, "RX_MAX fills its table");
+        assert!(buckets * (entry + 1) <= 6 << 20);
     }
 
     #[test]

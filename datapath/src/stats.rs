@@ -31,6 +31,9 @@ pub struct Counters {
     workers: [WorkerCounters; MAX_WORKERS],
     pub replies: AtomicU64,
     pub flooded: AtomicU64,
+    /// ESP receiving states (a sender's key and replay window) evicted to stay within
+    /// `crypto::RX_MAX`: not a dropped frame, so not a [`DropReason`].
+    pub esp_evicted: AtomicU64,
     drops: [AtomicU64; 32],
     pub lb: LbRegistry,
 }
@@ -115,6 +118,7 @@ impl Default for Counters {
             workers: std::array::from_fn(|_| WorkerCounters::default()),
             replies: AtomicU64::default(),
             flooded: AtomicU64::default(),
+            esp_evicted: AtomicU64::default(),
             drops: Default::default(),
             lb: LbRegistry::default(),
         }
@@ -163,6 +167,7 @@ impl Counters {
             workers: per_worker[..last].to_vec(),
             replies: self.replies.load(Ordering::Relaxed),
             flooded: self.flooded.load(Ordering::Relaxed),
+            esp_evicted: self.esp_evicted.load(Ordering::Relaxed),
             drops,
             services: self.lb.snapshot(),
             ingress: BTreeMap::new(),

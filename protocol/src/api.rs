@@ -1036,6 +1036,10 @@ pub struct DatapathStats {
     pub workers: Vec<WorkerStats>,
     pub replies: u64,
     pub flooded: u64,
+    /// ESP receiving states (a sender's key and replay window) forgotten to keep each
+    /// worker's map within its bound (`datapath::crypto::RX_MAX`), least recently used first.
+    #[serde(default)]
+    pub esp_evicted: u64,
     /// Dropped frames by reason (a reason that never happened is absent).
     pub drops: BTreeMap<String, u64>,
     /// Load balancing done by this node, per service (flows of this node's clients).
@@ -1105,6 +1109,10 @@ pub struct IngressPortStats {
     pub reset: u64,
     /// UDP datagrams that could not be queued (buffer full).
     pub dropped: u64,
+    /// UDP mappings ended to make room for a new client: the one idle the longest, when the
+    /// port holds its most (4 096) or the node its `--ingress-max-connections`.
+    #[serde(default)]
+    pub evicted: u64,
 }
 
 /// One service's load-balanced flows on one node.

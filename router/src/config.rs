@@ -105,8 +105,9 @@ pub struct Config {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub datapath_workers: Option<u64>,
 
-    /// Most connections (and UDP clients) the routing mesh carries at once on this node; more
-    /// are refused with a reset and counted.
+    /// Most connections (and, apart, UDP clients) the routing mesh carries at once on this
+    /// node; more connections are refused with a reset and counted, a UDP client beyond it
+    /// takes the place of its port's client idle the longest (counted as evicted).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub ingress_max_connections: u64,
 

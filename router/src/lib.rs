@@ -7,6 +7,8 @@
 //!   interface configuration over netlink.
 //! - [`manager`]: the desired cluster state, its persistence and the API's operations.
 //! - [`agent`]: realises this node's share of the state: namespaces, TAPs, task processes.
+//! - [`task`]: one task's process, supervised; [`task_log`]: its output, through a pipe into
+//!   a log file of mode 0640, rotated by size.
 //! - [`ingress`]: the routing mesh: published ports, proxied to tasks by the router's own
 //!   TCP/IP endpoint (smoltcp) on the ingress network.
 //! - [`api`]: the HTTP+JSON API on a Unix socket.
@@ -35,3 +37,4 @@ pub mod services;
 pub mod store;
 pub mod sys;
 pub mod task;
+pub mod task_log;

@@ -84,6 +84,13 @@ pub fn task_log(state_dir: &Path, task: &str) -> PathBuf {
     logs_dir(state_dir).join(format!("{task}.log"))
 }
 
+/// A task's earlier output, rotated out of `log` (`task_log`): `TASK.log.1` the latest.
+pub fn rotated_log(log: &Path, n: usize) -> PathBuf {
+    let mut name = log.as_os_str().to_os_string();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
 /// A task's own files (its resolv.conf and hosts), mounted into its mount namespace.
 pub fn task_files(state_dir: &Path, task: &str) -> PathBuf {
     state_dir.join("tasks").join(task)
@@ -200,6 +207,10 @@ mod tests {
         assert_eq!(
             task_log(Path::new("/var/lib/overlay/n1"), "web.1"),
             Path::new("/var/lib/overlay/n1/logs/web.1.log")
+        );
+        assert_eq!(
+            rotated_log(&task_log(Path::new("/var/lib/overlay/n1"), "web.1"), 2),
+            Path::new("/var/lib/overlay/n1/logs/web.1.log.2")
         );
         assert_eq!(node_lock(&n1), Path::new("/run/overlay/nodes/n1.lock"));
         // A file-store manager of an earlier version finds its files under these names.

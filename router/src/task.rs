@@ -1,7 +1,8 @@
 //! One task's process: started inside the task's network and mount namespaces, its output
-//! appended to a log file, its health checked if its spec has a check, restarted with
-//! back-off when it exits, cannot start, or turns unhealthy, and stopped when the task leaves
-//! the desired state or the daemon shuts down. Every change is reported on the status board.
+//! copied into its log (`task_log`: mode 0640, rotated by size), its health checked if its
+//! spec has a check, restarted with back-off when it exits, cannot start, or turns
+//! unhealthy, and stopped when the task leaves the desired state or the daemon shuts down.
+//! Every change is reported on the status board.
 //!
 //! Stopping has two speeds ([`Stop`]). A task that leaves the desired state, or whose health
 //! check failed, is drained first (`agent::drain`: it stays up while it serves connections,
@@ -15,13 +16,15 @@ use crate::agent::health::{Monitor, Outcome, Probe};
 use crate::clock::now;
 use crate::manager::{StatusBoard, StatusEntry};
 use crate::sys::netns;
+use crate::task_log::{self, LogFile, SharedLog};
 use protocol::api::{TaskHealth, TaskState, TaskStatus};
 use protocol::state::HealthCheck;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use tokio::net::unix::pipe;
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -117,21 +120,20 @@ impl Reporter {
     }
 }
 
-fn open_log(path: &PathBuf) -> std::io::Result<(File, File)> {
-    let f = OpenOptions::new().create(true).append(true).open(path)?;
-    let g = f.try_clone()?;
-    Ok((f, g))
-}
-
-/// Where a process's output goes: the task's log, or back to us (a health check's).
+/// Where a process's output goes: into a pipe for the task's log, or back to us (a health
+/// check's).
 enum Output {
     Log,
     Capture,
 }
 
 /// Starts `argv` inside the task's namespaces, with its environment, in a process group of
-/// its own.
-fn spawn_in(p: &TaskProcess, argv: &[String], output: Output) -> Result<Child, String> {
+/// its own. With [`Output::Log`], also the pipe's reading end, for `task_log::copy`.
+fn spawn_in(
+    p: &TaskProcess,
+    argv: &[String],
+    output: Output,
+) -> Result<(Child, Option<pipe::Receiver>), String> {
     let program = argv.first().ok_or("empty command")?;
     let ns = File::open(&p.netns).map_err(|e| format!("opening {}: {e}", p.netns.display()))?;
     let mnt = match &p.mntns {
@@ -139,16 +141,18 @@ fn spawn_in(p: &TaskProcess, argv: &[String], output: Output) -> Result<Child, S
         None => None,
     };
     let mut cmd = tokio::process::Command::new(program);
-    match output {
+    let reader = match output {
         Output::Log => {
-            let (out, err) =
-                open_log(&p.log).map_err(|e| format!("opening log {}: {e}", p.log.display()))?;
+            let piped = task_log::pipe().and_then(|(w, r)| Ok((w.try_clone()?, w, r)));
+            let (out, err, r) = piped.map_err(|e| format!("making the output's pipe: {e}"))?;
             cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err));
+            Some(r)
         }
         Output::Capture => {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            None
         }
-    }
+    };
     cmd.args(&argv[1..])
         .env("OVERLAY_TASK_NAME", &p.name)
         .env("OVERLAY_TASK_ID", &p.id)
@@ -169,15 +173,29 @@ fn spawn_in(p: &TaskProcess, argv: &[String], output: Output) -> Result<Child, S
         ns.as_fd(),
         mnt.as_ref().map(|m| m.as_fd()),
     );
-    cmd.spawn()
-        .map_err(|e| format!("starting {program:?}: {e}"))
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {program:?}: {e}"))?;
+    // Our copies of the pipe's writing end go with `cmd`, so the reader sees the end of the
+    // output once the process's own copies are closed.
+    Ok((child, reader))
+}
+
+/// The task's log, opened at its first start and shared by its later processes' copies.
+fn log_of(p: &TaskProcess, log: &mut Option<SharedLog>) -> Result<SharedLog, String> {
+    if let Some(l) = log {
+        return Ok(l.clone());
+    }
+    let l = LogFile::task(&p.log).map_err(|e| format!("opening log {}: {e}", p.log.display()))?;
+    *log = Some(l.clone());
+    Ok(l)
 }
 
 /// Runs one health check inside the task's namespaces (with its environment, as Docker
 /// does), killed with its whole process group after `timeout`.
 async fn run_probe(p: &TaskProcess, probe: &Probe, timeout: Duration) -> Outcome {
     let child = match spawn_in(p, &probe.argv(), Output::Capture) {
-        Ok(c) => c,
+        Ok((c, _)) => c,
         Err(e) => return Outcome::Failed(format!("cannot run the health check: {e}")),
     };
     let group = child.id();
@@ -361,14 +379,21 @@ pub async fn supervise(p: TaskProcess, board: StatusBoard, stop: Stop) {
         restarts: 0,
     };
     let mut backoff = BACKOFF_MIN;
+    // Opened at the first start, then shared by every process's copy.
+    let mut log: Option<SharedLog> = None;
     loop {
         rep.set(TaskState::Starting, None, None, None);
-        match spawn_in(&p, &p.command, Output::Log) {
+        let spawned =
+            log_of(&p, &mut log).and_then(|l| Ok((spawn_in(&p, &p.command, Output::Log)?, l)));
+        match spawned {
             Err(error) => {
                 warn!(task = %p.name, %error, "task failed to start");
                 rep.set(TaskState::Failed, Some(error), None, None);
             }
-            Ok(mut child) => {
+            Ok(((mut child, reader), l)) => {
+                if let Some(r) = reader {
+                    tokio::spawn(task_log::copy(p.name.clone(), r, l));
+                }
                 let pid = child.id();
                 info!(task = %p.name, pid, "task started");
                 let started = Instant::now();

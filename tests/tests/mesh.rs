@@ -547,5 +547,11 @@ fn routing_mesh_on_three_nodes() {
         stats["ingress"]["9000/udp"]["accepted"].as_u64() >= Some(1),
         "{stats}"
     );
+    // A few clients, far below the port's cap: none made room for another.
+    assert_eq!(
+        stats["ingress"]["9000/udp"]["evicted"].as_u64(),
+        Some(0),
+        "{stats}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,6 +3,7 @@
 //! - tasks on one network reach each other (ping, and a real TCP transfer with iperf3);
 //! - tasks on different networks cannot; the gateway answers ping;
 //! - `service scale` up and down adds and removes tasks, namespaces and addresses;
+//! - a task's output reaches its log (mode 0640);
 //! - garbage frames from a TAP are counted and dropped, and the node keeps forwarding;
 //! - a restart of overlayd restores networks, services and tasks (same addresses);
 //! - after removal, no namespace is left.
@@ -154,6 +155,21 @@ fn single_node_overlay() {
     assert!(pings(&node, "db.1", "10.0.9.1"), "gateway of back");
     let bytes = iperf_bytes(&node, "web.1", &srv);
     assert!(bytes > 1_000_000, "iperf3 moved only {bytes} bytes");
+    // The server's output reached its log, through the daemon's pipe, in a file of mode
+    // 0640 (not the umask's).
+    let log = node.dir.join("state/logs/srv.1.log");
+    assert!(
+        wait_for(Duration::from_secs(5), || std::fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("Server listening on 5201"))),
+        "{}: {:?}",
+        log.display(),
+        std::fs::read_to_string(&log)
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&log).expect("log").permissions().mode();
+        assert_eq!(mode & 0o777, 0o640, "task log mode");
+    }
 
     // Different networks: isolated, both ways.
     assert!(!node

@@ -11,6 +11,7 @@ use crate::naming;
 use crate::sys::iface::{self, IfaceSpec};
 use crate::sys::{mntns, netns, tap};
 use crate::task::{self, TaskProcess};
+use crate::task_log;
 use datapath::vocab::{PortBinding, PortId};
 use protocol::api::TaskState;
 use protocol::state::{ClusterState, Task, DEFAULT_STOP_GRACE_S};
@@ -216,7 +217,27 @@ impl Agent {
                 self.tear_down(&l.name, l.task).await;
             }
         }
+        if !done.is_empty() {
+            self.prune_logs();
+        }
         !done.is_empty()
+    }
+
+    /// Keeps the logs of the tasks that left last ([`task_log::KEEP_DEPARTED`]), so the task
+    /// names this node ever ran do not fill its disk.
+    fn prune_logs(&self) {
+        let live = self
+            .tasks
+            .keys()
+            .chain(self.leaving.values().map(|l| &l.name))
+            .map(String::as_str)
+            .collect();
+        let dir = naming::logs_dir(&self.state_dir);
+        match task_log::prune_departed(&dir, &live, task_log::KEEP_DEPARTED) {
+            Ok(0) => {}
+            Ok(n) => info!(tasks = n, "removed the logs of tasks that left long ago"),
+            Err(e) => warn!(dir = %dir.display(), error = %e, "cannot prune task logs"),
+        }
     }
 
     /// Stops a task's process at once (the daemon shuts down) and tears it down.

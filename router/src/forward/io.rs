@@ -177,6 +177,7 @@ impl Datapath {
                 gro: Coalescer::default(),
                 esp: EspState::new(lane as u8, esp_worn.clone(), esp_epoch.is_some()),
                 seen_tables: 0,
+                esp_evicted: 0,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("datapath-{lane}"))
@@ -385,6 +386,8 @@ struct Worker {
     esp: EspState,
     /// The tables last seen (to forget senders' state under keys that went away).
     seen_tables: usize,
+    /// `esp.evicted()` as last added to the node's counters.
+    esp_evicted: u64,
 }
 
 impl Worker {
@@ -779,6 +782,11 @@ impl Worker {
         let mine = self.counters.worker(self.ports.lane);
         Counters::add(&mine.rx_frames, rx);
         Counters::add(&mine.tx_frames, tx);
+        let evicted = self.esp.evicted();
+        if evicted != self.esp_evicted {
+            Counters::add(&self.counters.esp_evicted, evicted - self.esp_evicted);
+            self.esp_evicted = evicted;
+        }
         more
     }
 }

@@ -18,6 +18,8 @@ pub struct PortCounters {
     pub refused: AtomicU64,
     pub reset: AtomicU64,
     pub dropped: AtomicU64,
+    /// UDP mappings that made room for a new client at the port's cap.
+    pub evicted: AtomicU64,
 }
 
 impl PortCounters {
@@ -86,6 +88,7 @@ impl Registry {
                     refused: get(&c.refused),
                     reset: get(&c.reset),
                     dropped: get(&c.dropped),
+                    evicted: get(&c.evicted),
                 };
                 (k.clone(), stats)
             })

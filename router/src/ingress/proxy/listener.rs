@@ -124,10 +124,7 @@ impl Proxy {
         for c in conns.filter(|c| c.listener == key && !draining.contains(&c.backend)) {
             reset(c, &mut self.sockets);
         }
-        let maps: Vec<_> = self.udp.keys().filter(|k| k.0 == key).copied().collect();
-        for k in maps {
-            self.drop_mapping(k);
-        }
+        self.drop_mappings(key, |_| true);
     }
 
     pub(super) fn on_listener(&mut self, key: ListenerKey) {

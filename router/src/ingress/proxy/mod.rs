@@ -6,15 +6,17 @@
 //! `Interface` of the node's ingress endpoint, and the periodic sweep. What each kind of
 //! socket does lives beside it: `listener` (the published ports: kernel listeners opened,
 //! retried and closed), `tcp` (accepted streams pumped to and from smoltcp TCP sockets),
-//! `udp` (one smoltcp UDP socket per client address) and `ports` (the endpoint's own
-//! ports for both).
+//! `udp` (one smoltcp UDP socket per client address, kept per port in `mappings`, capped,
+//! least recently used first out) and `ports` (the endpoint's own ports for both).
 
 mod listener;
+mod mappings;
 mod ports;
 mod tcp;
 mod udp;
 
 use self::listener::{Listener, ListenerKey};
+use self::mappings::Mappings;
 use self::ports::PortAlloc;
 use self::tcp::{pump, reset, Conn};
 use self::udp::UdpMap;
@@ -28,7 +30,7 @@ use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -137,7 +139,8 @@ struct Proxy {
     draining: BTreeSet<Ipv4Addr>,
     tokens: HashMap<Token, Owner>,
     conns: HashMap<Token, Conn>,
-    udp: HashMap<(ListenerKey, SocketAddr), UdpMap>,
+    /// Each published UDP port's mappings, by client address (none: no mapping yet).
+    udp: HashMap<ListenerKey, Mappings<UdpMap>>,
     local_ports: PortAlloc,
     /// Closed TCP sockets (buffers and settings kept) ready for the next connection.
     idle_tcp: Vec<SocketHandle>,
@@ -316,18 +319,17 @@ impl Proxy {
                 reset(c, &mut self.sockets);
             }
         }
-        let gone: Vec<_> = self
-            .udp
-            .iter()
-            .filter(|(_, m)| {
-                !self.listeners.get(&m.listener).is_some_and(|l| {
-                    l.view.backends.contains(&m.backend) || self.draining.contains(&m.backend)
-                })
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for k in gone {
-            self.drop_mapping(k);
+        let ports: Vec<ListenerKey> = self.udp.keys().copied().collect();
+        let draining = self.draining.clone();
+        for key in ports {
+            let serving = self
+                .listeners
+                .get(&key)
+                .map(|l| l.view.backends.clone())
+                .unwrap_or_default();
+            self.drop_mappings(key, |m| {
+                !serving.contains(&m.backend) && !draining.contains(&m.backend)
+            });
         }
         // Let the resets go out now.
         self.settle();

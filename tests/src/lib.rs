@@ -502,7 +502,14 @@ impl Node {
 
     /// Node state ("ready"/"down") of `node` as this node's API reports it.
     pub fn node_state(&self, node: &str) -> String {
-        self.json(&["node", "inspect", node])[0]["Status"]["State"]
+        // A node not (yet) known here has no state: a worker's API socket is up before its
+        // join reached the manager.
+        let out = self.ctl(&["node", "inspect", node]);
+        if !out.status.success() {
+            return String::new();
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+        v[0]["Status"]["State"]
             .as_str()
             .unwrap_or_default()
             .to_string()

@@ -121,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
     for chunk in (0..args.nodes).collect::<Vec<_>>().chunks(10) {
         let mut joins = Vec::new();
         for i in chunk {
-            let name = NodeName::new(&format!("sim{i}")).map_err(|e| anyhow!("{e}"))?;
+            let name = NodeName::new(format!("sim{i}")).map_err(|e| anyhow!("{e}"))?;
             let (manager, token, bind) = (args.manager, token.clone(), args.bind);
             joins.push(tokio::spawn(async move {
                 let joined = worker::join(manager, &token, &name, bind, 4789).await;
@@ -277,7 +277,7 @@ async fn wait_all(
         let notified = changed.notified();
         if nodes
             .iter()
-            .all(|n| n.held.borrow().as_ref().is_some_and(|s| ok(s)))
+            .all(|n| n.held.borrow().as_ref().is_some_and(&ok))
         {
             return Ok(());
         }

@@ -10,8 +10,8 @@
 # Per run: a create's latency until committed (the API's answer) and until every node holds
 # it (p50/p99), and the control plane's bytes per second to the nodes, during the creates and
 # once settled. Results: one JSON line per run, then a table.
-# Usage (root): [RUNS="file etcd"] benches/control-plane.sh [nodes] [services] [replicas]
-#   (default 50 1000 10; RUNS picks the stores, both by default)
+# Usage (root): [RUNS="file-deltas file-full etcd-deltas etcd-full"] benches/control-plane.sh
+#   [nodes] [services] [replicas]   (default 50 1000 10; RUNS picks the runs, all by default)
 set -euo pipefail
 N=${1:-50}; S=${2:-1000}; R=${3:-10}
 cd "$(dirname "$0")/.."
@@ -60,19 +60,17 @@ one_run() { # $1 label, extra overlayd args...
   rm -f "$D"/*.pid
 }
 
-RUNS=${RUNS:-file etcd}
-if [[ " $RUNS " == *" file "* ]]; then
-  one_run "file deltas"
-  one_run "file full" --control-full-snapshots
-fi
-if [[ " $RUNS " == *" etcd "* ]]; then
-  etcd_start
-  one_run "etcd deltas" --store etcd --etcd-endpoints http://198.18.9.1:2379
-  etcd_stop
-  etcd_start
-  one_run "etcd full" --store etcd --etcd-endpoints http://198.18.9.1:2379 --control-full-snapshots
-  etcd_stop
-fi
+RUNS=${RUNS:-file-deltas file-full etcd-deltas etcd-full}
+ETCD_ARGS=(--store etcd --etcd-endpoints http://198.18.9.1:2379)
+for r in $RUNS; do
+  case $r in
+    file-deltas) one_run "file deltas" ;;
+    file-full) one_run "file full" --control-full-snapshots ;;
+    etcd-deltas) etcd_start; one_run "etcd deltas" "${ETCD_ARGS[@]}"; etcd_stop ;;
+    etcd-full) etcd_start; one_run "etcd full" "${ETCD_ARGS[@]}" --control-full-snapshots; etcd_stop ;;
+    *) echo "unknown run $r"; exit 2 ;;
+  esac
+done
 
 cat "$RESULTS"
 python3 - "$RESULTS" "$N" "$S" "$R" <<'EOF'

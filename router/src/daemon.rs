@@ -367,7 +367,9 @@ async fn start_candidate(
         let deadline = tokio::time::Instant::now() + crate::store::etcd::STARTUP_WAIT;
         while !matches!(cluster.mode(), Mode::Manager { .. }) {
             if tokio::time::Instant::now() >= deadline {
-                warn!("founding manager has not taken over yet; the API serves as a follower for now");
+                warn!(
+                    "founding manager has not taken over yet; the API serves as a follower for now"
+                );
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -36,9 +36,13 @@ P=sk$$
 NS="sw n1 n2 n3 c"
 bench_setup iperf3 curl bind9-dnsutils
 # The plot: matplotlib if Debian has it, else gnuplot, else none (the verdict stands alone).
-python3 -c 'import matplotlib' 2>/dev/null || DEBIAN_FRONTEND=noninteractive \
-  apt-get install -y -qq python3-matplotlib >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive \
-  apt-get install -y -qq gnuplot-nox >/dev/null 2>&1 || echo "soak: no plotting package; no plot"
+# Debian's matplotlib is for Debian's python3, which may not be the first on PATH.
+python3 -c 'import matplotlib' 2>/dev/null || /usr/bin/python3 -c 'import matplotlib' 2>/dev/null \
+  || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-matplotlib >/dev/null 2>&1 \
+  || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox >/dev/null 2>&1 \
+  || echo "soak: no plotting package; no plot"
+PLOT_PY=python3
+python3 -c 'import matplotlib' 2>/dev/null || PLOT_PY=/usr/bin/python3
 
 ip -n "$P-sw" link add br0 type bridge; ip -n "$P-sw" link set br0 up
 i=1; for n in n1 n2 n3 c; do
@@ -151,7 +155,7 @@ for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
 mkdir -p "$(dirname "$PNG")"
 cp "$csv" "${PNG%.png}.csv"
 verdict=0
-python3 - "$csv" "$PNG" "$DURATION" <<'EOF' || verdict=$?
+"$PLOT_PY" - "$csv" "$PNG" "$DURATION" <<'EOF' || verdict=$?
 import csv, sys
 path, png, duration = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rows = list(csv.DictReader(open(path)))

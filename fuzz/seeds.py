@@ -184,6 +184,56 @@ def main():
         write("api", name, json.dumps(body).encode())
     write("api", "publish-long", b"published=8080,target=80,protocol=udp,mode=host,proxy=v2")
 
+    # docker_plugin: what Docker 20.10 POSTs for `docker network create -d overlayd
+    # --ipam-driver overlayd [--subnet S] [-o encrypted] NAME` and `docker run --network NAME`.
+    nid = "3f1c2a9e5b7d4c6e8f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6a"
+    eid = "9b8a7c6d5e4f30211a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7089"
+    docker = {
+        "request-pool": {"AddressSpace": "overlayd", "Pool": "10.0.63.0/24", "SubPool": "",
+                         "Options": {}, "V6": False},
+        "request-pool-auto": {"AddressSpace": "overlayd", "Pool": "", "SubPool": "",
+                              "Options": {}, "V6": False},
+        "request-pool-v6": {"AddressSpace": "overlayd", "Pool": "", "SubPool": "",
+                            "Options": {}, "V6": True},
+        "request-address-gateway": {"PoolID": "auto:10.0.1.0/24", "Address": "",
+                                    "Options": {"RequestAddressType": "com.docker.network.gateway"}},
+        "request-address": {"PoolID": "10.0.63.0/24", "Address": "", "Options": {}},
+        "request-address-ip": {"PoolID": "10.0.63.0/24", "Address": "10.0.63.9", "Options": {}},
+        "create-network": {"NetworkID": nid,
+                           "Options": {"com.docker.network.enable_ipv6": False,
+                                       "com.docker.network.generic": {"encrypted": "",
+                                                                      "com.docker.network.driver.mtu": "1400"}},
+                           "IPv4Data": [{"AddressSpace": "overlayd", "Gateway": "10.0.64.1/24",
+                                         "Pool": "10.0.64.0/24"}],
+                           "IPv6Data": []},
+        "create-endpoint": {"NetworkID": nid, "EndpointID": eid,
+                            "Interface": {"Address": "10.0.63.2/24", "AddressIPv6": "", "MacAddress": ""},
+                            "Options": {"com.docker.network.endpoint.exposedports": [],
+                                        "com.docker.network.portmap": []}},
+        "join": {"NetworkID": nid, "EndpointID": eid,
+                 "SandboxKey": "/var/run/docker/netns/1f2e3d4c5b6a", "Options": {}},
+        "delete-endpoint": {"NetworkID": nid, "EndpointID": eid},
+        "delete-network": {"NetworkID": nid},
+    }
+    for name, body in docker.items():
+        write("docker_plugin", name, json.dumps(body).encode())
+    write("docker_plugin", "empty-body", b"")
+
+    # cni: CNI_COMMAND, NUL, then the configuration a runtime gives on stdin (containerd adds
+    # runtimeConfig and args; cnitool passes the conflist entry with name and cniVersion).
+    conf = {"cniVersion": "1.0.0", "name": "appnet", "type": "overlay-cni",
+            "socket": "/run/overlay/n1.sock"}
+    write("cni", "add", b"ADD\0" + json.dumps(conf).encode())
+    write("cni", "del-0.4", b"DEL\0" + json.dumps(dict(conf, cniVersion="0.4.0",
+                                                        network="front")).encode())
+    write("cni", "check-containerd", b"CHECK\0" + json.dumps(dict(
+        conf, runtimeConfig={"portMappings": []},
+        args={"cni": {"ips": ["10.0.9.5"]}},
+        prevResult={"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}],
+                    "ips": [{"address": "10.0.9.2/24"}]})).encode())
+    write("cni", "version", b"VERSION\0")
+    write("cni", "old-version", json.dumps(dict(conf, cniVersion="0.2.0")).encode())
+
 
 if __name__ == "__main__":
     main()

@@ -4,9 +4,8 @@
 //! manager parses further (`publish_rm` entries, and `--publish` as the CLI reads it) never
 //! panic either.
 //!
-//! Not reached from here: the Docker network plugin's JSON and the CNI plugin's stdin, whose
-//! types live in the router crate (`router::docker`) and the CLI, which a fuzz target cannot
-//! depend on (see docs/FUZZING.md).
+//! The Docker network plugin's JSON and the CNI plugin's stdin have targets of their own
+//! (`docker_plugin`, `cni`).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use protocol::api::{

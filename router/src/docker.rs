@@ -38,6 +38,7 @@ use hyper::body::Bytes;
 use ipnet::Ipv4Net;
 use protocol::api::NetworkCreate;
 use protocol::control::Op;
+use protocol::docker as request;
 use protocol::state::{Endpoint, EndpointRequest};
 use protocol::types::NodeName;
 use serde_json::{json, Value};
@@ -51,8 +52,6 @@ use tracing::{info, warn};
 
 /// The option that marks a cluster network as made by this plugin (released with Docker's).
 pub const MADE_BY: &str = "com.overlay.docker-plugin";
-/// Docker's option key for a network's `-o` options.
-const GENERIC: &str = "com.docker.network.generic";
 /// How long `Join` waits for the agent to make the interface.
 const JOIN_WAIT: Duration = Duration::from_secs(15);
 /// How long the plugin waits for Docker to have stored a new network.
@@ -109,19 +108,6 @@ impl<E: std::fmt::Display> From<E> for PluginError {
 }
 
 type Reply = Result<Json<Value>, PluginError>;
-
-fn field<'a>(v: &'a Value, key: &str) -> Result<&'a str, PluginError> {
-    v.get(key)
-        .and_then(Value::as_str)
-        .ok_or_else(|| PluginError(format!("request without {key}")))
-}
-
-fn parse(body: &Bytes) -> Result<Value, PluginError> {
-    if body.is_empty() {
-        return Ok(Value::Null);
-    }
-    serde_json::from_slice(body).map_err(|e| PluginError(format!("invalid request: {e}")))
-}
 
 impl Plugin {
     /// The plugin of `node`; what it learns of Docker's networks is kept in `state_dir`.
@@ -251,7 +237,7 @@ impl Plugin {
         loop {
             match self.docker_get(&format!("/networks/{id}")).await {
                 Ok(v) => {
-                    let name = field(&v, "Name")?.to_string();
+                    let name = request::field(&v, "Name")?.to_string();
                     self.update(|m| {
                         if let Some(d) = m.get_mut(id) {
                             d.name = Some(name.clone());
@@ -322,28 +308,11 @@ impl Plugin {
     }
 }
 
-/// The `-o` options of a `CreateNetwork`, as strings.
-fn generic_options(req: &Value) -> BTreeMap<String, String> {
-    req.pointer(&format!("/Options/{}", GENERIC.replace('/', "~1")))
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| {
-                    let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
-                    (k.clone(), v)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 async fn request_pool(State(p): State<Plugin>, body: Bytes) -> Reply {
-    let req = parse(&body)?;
-    if req.get("V6").and_then(Value::as_bool) == Some(true) {
-        return Err(PluginError("overlayd networks are IPv4 only".into()));
-    }
-    let asked = req.get("Pool").and_then(Value::as_str).unwrap_or("");
-    let pool: Ipv4Net = if asked.is_empty() {
+    let asked = request::request_pool(&body)?;
+    let pool: Ipv4Net = if let Some(asked) = asked {
+        asked
+    } else {
         // A subnet no cluster network and no Docker network here uses, and that this run has
         // not handed out.
         let snap = p.cluster.snapshot();
@@ -362,12 +331,8 @@ async fn request_pool(State(p): State<Plugin>, body: Bytes) -> Reply {
             .ok_or_else(|| PluginError("no free subnet left in the pool".into()))?;
         pools.push(free);
         free
-    } else {
-        asked
-            .parse()
-            .map_err(|_| PluginError(format!("invalid subnet {asked:?}")))?
     };
-    let id = if asked.is_empty() {
+    let id = if asked.is_none() {
         format!("auto:{pool}")
     } else {
         pool.to_string()
@@ -377,25 +342,13 @@ async fn request_pool(State(p): State<Plugin>, body: Bytes) -> Reply {
     ))
 }
 
-/// The subnet a pool id names, and whether the user chose it.
-fn pool_of(id: &str) -> Result<(Ipv4Net, bool), PluginError> {
-    let (explicit, s) = match id.strip_prefix("auto:") {
-        Some(s) => (false, s),
-        None => (true, id),
-    };
-    let net = s
-        .parse()
-        .map_err(|_| PluginError(format!("unknown pool {id:?}")))?;
-    Ok((net, explicit))
-}
-
 async fn request_address(State(p): State<Plugin>, body: Bytes) -> Reply {
-    let req = parse(&body)?;
-    let (pool, explicit) = pool_of(field(&req, "PoolID")?)?;
-    let gateway_ask = req
-        .pointer("/Options/RequestAddressType")
-        .and_then(Value::as_str)
-        == Some("com.docker.network.gateway");
+    let request::AddressRequest {
+        pool,
+        explicit,
+        gateway: gateway_ask,
+        address: asked,
+    } = request::request_address(&body)?;
     let snap = p.cluster.snapshot();
     // The cluster network behind the pool: by subnet, or (a pool picked without --subnet)
     // through the Docker network that uses it.
@@ -458,15 +411,14 @@ async fn request_address(State(p): State<Plugin>, body: Bytes) -> Reply {
             "no cluster network for pool {pool} yet; try again"
         )));
     };
-    let asked = req.get("Address").and_then(Value::as_str).unwrap_or("");
-    let ip: Ipv4Addr = if asked.is_empty() {
-        let used = snap.state.used_addresses(&net.name);
-        protocol::ipam::next_address(&net.subnet, &used)
-            .ok_or_else(|| PluginError(format!("no free address left in network {}", net.name)))?
-    } else {
-        asked
-            .parse()
-            .map_err(|_| PluginError(format!("invalid address {asked:?}")))?
+    let ip: Ipv4Addr = match asked {
+        Some(ip) => ip,
+        None => {
+            let used = snap.state.used_addresses(&net.name);
+            protocol::ipam::next_address(&net.subnet, &used).ok_or_else(|| {
+                PluginError(format!("no free address left in network {}", net.name))
+            })?
+        }
     };
     Ok(Json(json!({
         "Address": format!("{ip}/{}", net.subnet.prefix_len()),
@@ -475,18 +427,14 @@ async fn request_address(State(p): State<Plugin>, body: Bytes) -> Reply {
 }
 
 async fn create_network(State(p): State<Plugin>, body: Bytes) -> Reply {
-    let req = parse(&body)?;
-    let id = field(&req, "NetworkID")?.to_string();
-    let pool = req
-        .pointer("/IPv4Data/0/Pool")
-        .and_then(Value::as_str)
-        .ok_or_else(|| PluginError("overlayd networks need an IPv4 pool".into()))?
-        .parse::<Ipv4Net>()
-        .map_err(|e| PluginError(format!("invalid pool: {e}")))?;
+    let request::CreateNetwork {
+        network_id: id,
+        pool,
+        options: opts,
+    } = request::create_network(&body)?;
     // Docker picked this pool through our IPAM only if the pool id said so; a pool not made
     // by `--subnet` is the plugin's own choice (see `request_pool`).
     let explicit = !p.pools.lock().map(|v| v.contains(&pool)).unwrap_or(false);
-    let opts = generic_options(&req);
     p.update(|m| m.insert(id.clone(), DockerNet { pool, name: None }));
     // Docker stores the network (and so its name) only after this call returns.
     tokio::spawn(async move {
@@ -503,8 +451,7 @@ async fn create_network(State(p): State<Plugin>, body: Bytes) -> Reply {
 }
 
 async fn delete_network(State(p): State<Plugin>, body: Bytes) -> Reply {
-    let req = parse(&body)?;
-    let id = field(&req, "NetworkID")?.to_string();
+    let id = request::delete_network(&body)?;
     let gone = p.update(|m| m.remove(&id));
     if let (Some(d), Ok(mut pools)) = (&gone, p.pools.lock()) {
         pools.retain(|x| *x != d.pool);
@@ -545,21 +492,9 @@ async fn delete_network(State(p): State<Plugin>, body: Bytes) -> Reply {
 }
 
 async fn create_endpoint(State(p): State<Plugin>, body: Bytes) -> Reply {
-    let req = parse(&body)?;
-    let id = field(&req, "NetworkID")?;
-    let endpoint = field(&req, "EndpointID")?;
-    let addr = req
-        .pointer("/Interface/Address")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let address = match addr.split('/').next() {
-        Some(a) if !a.is_empty() => Some(
-            a.parse()
-                .map_err(|_| PluginError(format!("invalid address {addr:?}")))?,
-        ),
-        _ => None,
-    };
-    let name = p.name_of(id).await?;
+    let req = request::create_endpoint(&body)?;
+    let endpoint = req.endpoint_id.as_str();
+    let name = p.name_of(&req.network_id).await?;
     let e = EndpointRequest {
         container: endpoint.to_string(),
         ifname: "eth0".into(),
@@ -567,7 +502,7 @@ async fn create_endpoint(State(p): State<Plugin>, body: Bytes) -> Reply {
         node: p.node.clone(),
         network: name,
         runtime: "docker".into(),
-        address,
+        address: req.address,
     };
     p.cluster
         .apply(Op::AddEndpoint(e))
@@ -580,20 +515,14 @@ async fn create_endpoint(State(p): State<Plugin>, body: Bytes) -> Reply {
         .get(&Endpoint::key(endpoint, "eth0"))
         .ok_or_else(|| PluginError("endpoint not recorded".into()))?;
     let mut iface = json!({});
-    if req
-        .pointer("/Interface/MacAddress")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .is_empty()
-    {
+    if !req.has_mac {
         iface["MacAddress"] = json!(made.mac.to_string());
     }
     Ok(Json(json!({ "Interface": iface })))
 }
 
 async fn delete_endpoint(State(p): State<Plugin>, body: Bytes) -> Reply {
-    let req = parse(&body)?;
-    let endpoint = field(&req, "EndpointID")?.to_string();
+    let endpoint = request::delete_endpoint(&body)?;
     p.cluster
         .apply(Op::RemoveEndpoint {
             container: endpoint,
@@ -609,9 +538,10 @@ async fn join(
     ConnectInfo(PeerPid(pid)): ConnectInfo<PeerPid>,
     body: Bytes,
 ) -> Reply {
-    let req = parse(&body)?;
-    let endpoint = field(&req, "EndpointID")?.to_string();
-    let sandbox = field(&req, "SandboxKey")?;
+    let request::Join {
+        endpoint_id: endpoint,
+        sandbox_key: sandbox,
+    } = request::join(&body)?;
     // The sandbox key is a path in dockerd's mount namespace; reach it through dockerd's
     // root (which also works when both share one).
     let pid = pid.ok_or_else(|| PluginError("cannot tell dockerd's pid".into()))?;
@@ -650,46 +580,4 @@ async fn join(
         "Gateway": gateway,
         "DisableGatewayService": true,
     })))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pool_ids_say_who_chose_the_subnet() {
-        assert_eq!(
-            pool_of("10.0.9.0/24").unwrap(),
-            ("10.0.9.0/24".parse().unwrap(), true)
-        );
-        assert_eq!(
-            pool_of("auto:10.0.1.0/24").unwrap(),
-            ("10.0.1.0/24".parse().unwrap(), false)
-        );
-        assert!(pool_of("auto:garbage").is_err());
-        assert!(pool_of("").is_err());
-    }
-
-    #[test]
-    fn network_options_come_as_strings() {
-        let req = json!({
-            "NetworkID": "x",
-            "Options": {
-                "com.docker.network.enable_ipv6": false,
-                "com.docker.network.generic": { "encrypted": "", "com.docker.network.driver.mtu": "1400", "n": 5 }
-            }
-        });
-        let opts = generic_options(&req);
-        assert_eq!(opts.get("encrypted").map(String::as_str), Some(""));
-        assert_eq!(
-            opts.get("com.docker.network.driver.mtu")
-                .map(String::as_str),
-            Some("1400")
-        );
-        assert_eq!(opts.get("n").map(String::as_str), Some("5"));
-        assert!(generic_options(&json!({})).is_empty());
-        assert!(
-            generic_options(&json!({ "Options": { "com.docker.network.generic": 7 } })).is_empty()
-        );
-    }
 }

@@ -22,51 +22,13 @@ mod client;
 use client::Client;
 use hyper::{Method, StatusCode};
 use protocol::api::EndpointInfo;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use protocol::cni::{code, fail, CniError, Command, NetConf};
+use serde_json::Value;
 use std::io::Read;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 /// How long ADD waits for overlayd to make the interface.
 const READY_WITHIN: Duration = Duration::from_secs(15);
-
-/// The spec's well-known error codes (CNI 1.0, "Error").
-mod code {
-    pub const INCOMPATIBLE_VERSION: u32 = 1;
-    pub const UNKNOWN_CONTAINER: u32 = 3;
-    pub const INVALID_ENV: u32 = 4;
-    pub const IO_FAILURE: u32 = 5;
-    pub const DECODE_FAILURE: u32 = 6;
-    pub const INVALID_CONFIG: u32 = 7;
-    pub const TRY_AGAIN_LATER: u32 = 11;
-}
-
-struct CniError {
-    code: u32,
-    msg: String,
-    details: String,
-}
-
-fn fail(code: u32, msg: impl Into<String>, details: impl Into<String>) -> CniError {
-    CniError {
-        code,
-        msg: msg.into(),
-        details: details.into(),
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NetConf {
-    cni_version: String,
-    name: String,
-    #[serde(rename = "type")]
-    _type: Option<String>,
-    network: Option<String>,
-    socket: Option<PathBuf>,
-}
 
 fn env(name: &str) -> Result<String, CniError> {
     match std::env::var(name) {
@@ -86,25 +48,16 @@ fn main() {
         Ok(Some(v)) => println!("{v}"),
         Ok(None) => {}
         Err(e) => {
-            let body = json!({
-                "cniVersion": *version.borrow(),
-                "code": e.code,
-                "msg": e.msg,
-                "details": e.details,
-            });
-            println!("{body}");
+            println!("{}", e.to_json(&version.borrow()));
             std::process::exit(1);
         }
     }
 }
 
 fn run(version: &std::cell::RefCell<String>) -> Result<Option<Value>, CniError> {
-    let command = env("CNI_COMMAND")?;
-    if command == "VERSION" {
-        return Ok(Some(json!({
-            "cniVersion": "1.0.0",
-            "supportedVersions": SUPPORTED,
-        })));
+    let command = Command::parse(&env("CNI_COMMAND")?)?;
+    if command == Command::Version {
+        return Ok(Some(protocol::cni::version_info()));
     }
     let mut input = String::new();
     std::io::stdin().read_to_string(&mut input).map_err(|e| {
@@ -114,34 +67,16 @@ fn run(version: &std::cell::RefCell<String>) -> Result<Option<Value>, CniError> 
             e.to_string(),
         )
     })?;
-    let conf: NetConf = serde_json::from_str(&input).map_err(|e| {
-        fail(
-            code::DECODE_FAILURE,
-            "cannot decode the network configuration",
-            e.to_string(),
-        )
-    })?;
-    if !SUPPORTED.contains(&conf.cni_version.as_str()) {
-        return Err(fail(
-            code::INCOMPATIBLE_VERSION,
-            format!("CNI version {} is not supported", conf.cni_version),
-            format!("supported: {}", SUPPORTED.join(", ")),
-        ));
-    }
+    let conf = NetConf::decode(&input)?;
+    // From here on, errors are in the configuration's version.
     *version.borrow_mut() = conf.cni_version.clone();
-    if conf.name.is_empty() {
-        return Err(fail(
-            code::INVALID_CONFIG,
-            "the configuration has no name",
-            "",
-        ));
-    }
+    conf.check()?;
     let socket = match &conf.socket {
         Some(s) => s.clone(),
         None => client::default_socket(std::path::Path::new("/run/overlay"))
             .map_err(|e| fail(code::INVALID_CONFIG, "no overlayd socket", e.to_string()))?,
     };
-    let network = conf.network.clone().unwrap_or_else(|| conf.name.clone());
+    let network = conf.network().to_string();
     let container = env("CNI_CONTAINERID")?;
     let ifname = env("CNI_IFNAME")?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -150,10 +85,10 @@ fn run(version: &std::cell::RefCell<String>) -> Result<Option<Value>, CniError> 
         .map_err(|e| fail(code::IO_FAILURE, "cannot start", e.to_string()))?;
     let api = Client::new(socket);
     let path = format!("/endpoints/{container}/{ifname}");
-    match command.as_str() {
-        "ADD" => {
+    match command {
+        Command::Add => {
             let netns = env("CNI_NETNS")?;
-            let body = json!({
+            let body = serde_json::json!({
                 "container": container, "ifname": ifname, "netns": netns,
                 "network": network, "runtime": "cni",
             });
@@ -167,9 +102,9 @@ fn run(version: &std::cell::RefCell<String>) -> Result<Option<Value>, CniError> 
                     e
                 })?;
             wait_for_interface(&netns, &ifname, &info)?;
-            Ok(Some(result(&conf.cni_version, &info)))
+            Ok(Some(protocol::cni::result(&conf.cni_version, &info)))
         }
-        "DEL" => {
+        Command::Del => {
             // Idempotent: an endpoint that is not there (any more) is success.
             match rt.block_on(api.call_status(Method::DELETE, &path, None)) {
                 Ok((s, _)) if s.is_success() || s == StatusCode::NOT_FOUND => Ok(None),
@@ -181,7 +116,7 @@ fn run(version: &std::cell::RefCell<String>) -> Result<Option<Value>, CniError> 
                 )),
             }
         }
-        "CHECK" => {
+        Command::Check => {
             let netns = env("CNI_NETNS")?;
             let info: EndpointInfo = rt.block_on(call(&api, Method::GET, &path, None))?;
             if info.network != network || info.netns != netns {
@@ -203,11 +138,7 @@ fn run(version: &std::cell::RefCell<String>) -> Result<Option<Value>, CniError> 
             }
             Ok(None)
         }
-        other => Err(fail(
-            code::INVALID_ENV,
-            format!("unknown CNI_COMMAND {other:?}"),
-            "ADD, DEL, CHECK or VERSION",
-        )),
+        Command::Version => Ok(Some(protocol::cni::version_info())),
     }
 }
 
@@ -246,22 +177,6 @@ async fn call<T: serde::de::DeserializeOwned>(
             "cannot decode overlayd's answer",
             e.to_string(),
         )
-    })
-}
-
-/// The spec's result: the interface in the sandbox, its address, the default route and the
-/// resolver. Versions before 1.0 also name the IP version.
-fn result(version: &str, i: &EndpointInfo) -> Value {
-    let mut ip = json!({ "address": i.address, "gateway": i.gateway, "interface": 0 });
-    if version.starts_with("0.") {
-        ip["version"] = json!("4");
-    }
-    json!({
-        "cniVersion": version,
-        "interfaces": [{ "name": i.ifname, "mac": i.mac, "sandbox": i.netns }],
-        "ips": [ip],
-        "routes": [{ "dst": "0.0.0.0/0", "gw": i.gateway }],
-        "dns": { "nameservers": [i.dns] },
     })
 }
 

@@ -5,6 +5,7 @@ use router::config::Config;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
+    router::sys::malloc::map_large_blocks();
     let cfg = Config::parse();
     let filter = match EnvFilter::try_new(&cfg.log_level) {
         Ok(f) => f,

@@ -140,6 +140,12 @@ impl Link {
         !self.rx.is_empty()
     }
 
+    /// The next frame the stack will receive (Ethernet, without the virtio-net header), so
+    /// that the proxy can choose which sockets it goes to.
+    pub fn peek_rx(&self) -> Option<&[u8]> {
+        self.rx.front().map(|(b, len)| &b[vnet::HDR_LEN..*len])
+    }
+
     /// Writes queued frames until the socket is full.
     pub fn flush(&mut self) {
         while self.writable {

@@ -3,6 +3,7 @@
 //! line and sits behind a safe function.
 
 pub mod iface;
+pub mod malloc;
 pub mod mntns;
 pub mod netns;
 pub mod steer;

@@ -120,9 +120,10 @@ impl Proxy {
         // Its connections and mappings go with it, but for those of tasks still draining
         // (its service was removed): they finish, or go when their task does.
         let draining = &self.draining;
-        let conns = self.conns.values_mut();
-        for c in conns.filter(|c| c.listener == key && !draining.contains(&c.backend)) {
-            reset(c, &mut self.sockets);
+        let conns = self.conns.iter_mut();
+        for (t, c) in conns.filter(|(_, c)| c.listener == key && !draining.contains(&c.backend)) {
+            reset(c);
+            self.schedule.mark(*t);
         }
         self.drop_mappings(key, |_| true);
     }

@@ -7,18 +7,30 @@
 //! socket does lives beside it: `listener` (the published ports: kernel listeners opened,
 //! retried and closed), `tcp` (accepted streams pumped to and from smoltcp TCP sockets),
 //! `udp` (one smoltcp UDP socket per client address, kept per port in `mappings`, capped,
-//! least recently used first out) and `ports` (the endpoint's own ports for both).
+//! least recently used first out) and `ports` (the endpoint's own ports for both); `demux`
+//! (which sockets an arriving frame goes to) and `schedule` (which connections a turn
+//! visits).
+//!
+//! A turn's work follows what is ready, not what exists: each TCP connection's socket is a
+//! smoltcp `SocketSet` of its own, an arriving segment goes to its connection's set by the
+//! local port, and only connections that are ready (their client socket signalled, a
+//! segment came, they were reset) or whose deadline has come are pumped and polled for
+//! egress. The shared set holds the UDP sockets; frames for no connection go there too.
 
+mod demux;
 mod listener;
 mod mappings;
 mod ports;
+mod schedule;
 mod tcp;
 mod udp;
 
+use self::demux::{classify, Dest};
 use self::listener::{Listener, ListenerKey};
 use self::mappings::Mappings;
 use self::ports::PortAlloc;
-use self::tcp::{pump, reset, Conn};
+use self::schedule::Schedule;
+use self::tcp::{pump, reset, Conn, TcpSlot, CONNECT_TIMEOUT};
 use self::udp::UdpMap;
 use super::link::Link;
 use super::stats::Registry;
@@ -26,7 +38,8 @@ use super::{EndpointAddr, IngressView, ListenerView};
 use datapath::stats::Counters;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketSet};
+use smoltcp::socket::tcp::State as tcp_state;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -85,6 +98,8 @@ impl Ingress {
             udp: HashMap::new(),
             local_ports: PortAlloc::default(),
             idle_tcp: Vec::new(),
+            by_port: HashMap::new(),
+            schedule: Schedule::default(),
             next_token: 2,
             epoch: Instant::now(),
             ports,
@@ -133,6 +148,7 @@ struct Proxy {
     rx: mpsc::Receiver<Msg>,
     link: Link,
     iface: Option<(Interface, EndpointAddr)>,
+    /// The shared set: UDP sockets (TCP connections each have their own).
     sockets: SocketSet<'static>,
     listeners: HashMap<ListenerKey, Listener>,
     /// Ingress addresses of tasks whose connections are draining ([`IngressView::draining`]).
@@ -143,7 +159,11 @@ struct Proxy {
     udp: HashMap<ListenerKey, Mappings<UdpMap>>,
     local_ports: PortAlloc,
     /// Closed TCP sockets (buffers and settings kept) ready for the next connection.
-    idle_tcp: Vec<SocketHandle>,
+    idle_tcp: Vec<TcpSlot>,
+    /// TCP connections by the endpoint's local port (unique among live connections).
+    by_port: HashMap<u16, Token>,
+    /// Connections the next turn visits, and their deadlines.
+    schedule: Schedule,
     next_token: usize,
     epoch: Instant,
     /// The per-port counters the API reports.
@@ -162,14 +182,26 @@ impl Proxy {
         let mut events = Events::with_capacity(1024);
         let mut last_sweep = Instant::now();
         loop {
-            let timeout = if self.link.readable && self.iface.is_some() {
+            let busy = self.link.readable || (self.schedule.has_ready() && self.link.writable);
+            let timeout = if busy && self.iface.is_some() {
                 Some(Duration::ZERO)
             } else {
                 let now = self.now();
-                let delay = self
+                let shared = self
                     .iface
                     .as_mut()
-                    .and_then(|(i, _)| i.poll_delay(now, &self.sockets));
+                    .and_then(|(i, _)| i.poll_at(now, &self.sockets));
+                let next = match (shared, self.schedule.next_deadline()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let delay = next.map(|at| {
+                    if at > now {
+                        at - now
+                    } else {
+                        Default::default()
+                    }
+                });
                 Some(delay.map_or(TICK, |d| Duration::from(d).min(TICK)))
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -196,6 +228,7 @@ impl Proxy {
                                 c.readable |=
                                     ev.is_readable() || ev.is_read_closed() || ev.is_error();
                                 c.writable |= ev.is_writable();
+                                self.schedule.mark(t);
                             }
                         }
                         None => {}
@@ -229,18 +262,98 @@ impl Proxy {
     /// Frames in, the stack, bytes between the sockets, frames out.
     fn turn(&mut self) {
         self.link.read_frames();
-        self.poll_iface();
-        for c in self.conns.values_mut() {
-            pump(c, &mut self.sockets);
-        }
+        self.ingress();
         self.pump_udp();
         self.settle();
     }
 
-    fn poll_iface(&mut self) {
+    /// Hands each frame read from the link to the stack with the sockets it concerns: a TCP
+    /// segment to its connection's set (which is then ready), anything else to the shared
+    /// set. An ARP frame wakes the connections to its sender (they may wait for it).
+    fn ingress(&mut self) {
+        let now = self.now();
+        let Some((iface, _)) = self.iface.as_mut() else {
+            return;
+        };
+        while let Some(frame) = self.link.peek_rx() {
+            let conn = match classify(frame) {
+                Dest::Tcp(port) => self.by_port.get(&port).copied(),
+                Dest::Arp(sender) => {
+                    for (t, c) in &self.conns {
+                        if c.backend == sender {
+                            self.schedule.mark(*t);
+                        }
+                    }
+                    None
+                }
+                Dest::Other => None,
+            };
+            let set = match conn.and_then(|t| self.conns.get_mut(&t)) {
+                Some(c) => &mut c.slot.set,
+                None => &mut self.sockets,
+            };
+            let r = iface.poll_ingress_single(now, &mut self.link, set);
+            if matches!(r, PollIngressSingleResult::None) {
+                // The link's queue towards the datapath is full: the frame waits.
+                break;
+            }
+            if let Some(t) = conn {
+                self.schedule.mark(t);
+            }
+        }
+    }
+
+    /// Visits the connections that are ready or due: bytes moved, what the stack has to
+    /// send sent, the next deadline set; ended ones (their reset sent) removed.
+    fn pump_ready(&mut self) {
+        let now = self.now();
+        self.schedule.expire(now);
+        let Some((iface, _)) = self.iface.as_mut() else {
+            return;
+        };
+        let mut ended = Vec::new();
+        for t in self.schedule.take_ready() {
+            let Some(c) = self.conns.get_mut(&t) else {
+                continue;
+            };
+            pump(c, now);
+            let before = c.slot.socket().state();
+            while !matches!(
+                iface.poll_egress(now, &mut self.link, &mut c.slot.set),
+                PollResult::None
+            ) {}
+            if c.done.is_some() {
+                ended.push(t);
+                continue;
+            }
+            let sock = c.slot.socket();
+            let state = sock.state();
+            let mut at = iface.poll_at(now, &c.slot.set);
+            if state == tcp_state::SynSent {
+                let give_up = c.opened + CONNECT_TIMEOUT.into();
+                at = Some(at.map_or(give_up, |a| a.min(give_up)));
+            }
+            match at {
+                // Its state moved while sending (a timeout closed it), or the link was full:
+                // the next turn looks again.
+                _ if state != before => self.schedule.mark(t),
+                Some(at) if at <= now => self.schedule.mark(t),
+                at => self.schedule.set_deadline(t, at),
+            }
+        }
+        for t in ended {
+            self.finish(t);
+        }
+    }
+
+    /// Sends what the shared set (UDP) has to send.
+    fn egress_shared(&mut self) {
         let now = self.now();
         if let Some((iface, _)) = self.iface.as_mut() {
-            iface.poll(now, &mut self.link, &mut self.sockets);
+            while !matches!(
+                iface.poll_egress(now, &mut self.link, &mut self.sockets),
+                PollResult::None
+            ) {}
         }
     }
 
@@ -308,7 +421,7 @@ impl Proxy {
     /// Resets connections and drops mappings whose task is neither a backend nor draining
     /// (a task on its way out keeps the connections it has until it is gone).
     fn reset_departed(&mut self) {
-        for c in self.conns.values_mut() {
+        for (t, c) in self.conns.iter_mut() {
             let alive = self.draining.contains(&c.backend)
                 || self
                     .listeners
@@ -316,7 +429,8 @@ impl Proxy {
                     .is_some_and(|l| l.view.backends.contains(&c.backend));
             if !alive && c.done.is_none() {
                 debug!(backend = %c.backend, "task left: resetting its connection");
-                reset(c, &mut self.sockets);
+                reset(c);
+                self.schedule.mark(*t);
             }
         }
         let ports: Vec<ListenerKey> = self.udp.keys().copied().collect();
@@ -335,10 +449,11 @@ impl Proxy {
         self.settle();
     }
 
-    /// Sends what the stack has to send (resets included), then removes ended connections.
+    /// Visits the ready connections (resets go out, ended ones are removed), sends what the
+    /// shared set has, and writes the frames to the link.
     fn settle(&mut self) {
-        self.poll_iface();
-        self.reap();
+        self.pump_ready();
+        self.egress_shared();
         self.link.flush();
     }
 

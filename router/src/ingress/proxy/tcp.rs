@@ -9,6 +9,12 @@
 //! whose task leaves the service's backends is reset at once, unless the task is draining
 //! (on its way out: it finishes what it serves). With `proxy=v2` a PROXY
 //! protocol v2 header naming the client goes ahead of its bytes.
+//!
+//! Each connection's smoltcp socket sits in a `SocketSet` of its own ([`TcpSlot`]): the
+//! interface, polled for one connection, walks that one socket (smoltcp 0.14 finds a
+//! segment's socket, and sends, by walking the whole set it is given). The proxy visits a
+//! connection only when it is ready or its deadline comes (`schedule`), and a segment is
+//! handed to its connection's set by its local port (`demux`).
 
 use super::listener::{ListenerKey, Socket};
 use super::{Owner, Proxy};
@@ -18,12 +24,14 @@ use mio::Interest;
 use protocol::state::ProxyProtocol;
 use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
+use smoltcp::time::Instant as StackInstant;
 use smoltcp::wire::{IpAddress, IpEndpoint};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use tcp::State;
 use tracing::{debug, warn};
 
 /// Per-connection smoltcp buffers: a 64 KiB super-segment fits in either with room to spare,
@@ -31,25 +39,64 @@ use tracing::{debug, warn};
 const TCP_BUFFER: usize = 256 << 10;
 /// Closed sockets kept for reuse: a new socket's buffers cost a 512 KiB memset (a third of
 /// the proxy's time at 11k connections/s before reuse); a reused one clears two indices.
-/// Few, because the interface walks every socket it holds per poll and per incoming segment.
+/// Few: each may hold pages its last connection touched.
 const IDLE_SOCKETS: usize = 64;
 /// A task that does not answer a SYN in this long: the client is reset.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Probes on idle connections, and how long unacknowledged data may wait before the
 /// connection is given up.
 const KEEP_ALIVE: Duration = Duration::from_secs(60);
 const USER_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// One smoltcp TCP socket in a set of its own, so that polling the interface for it walks
+/// only it.
+pub(super) struct TcpSlot {
+    pub(super) set: SocketSet<'static>,
+    handle: SocketHandle,
+}
+
+impl Default for TcpSlot {
+    /// No socket: a placeholder only.
+    fn default() -> TcpSlot {
+        TcpSlot {
+            set: SocketSet::new(Vec::new()),
+            handle: SocketHandle::default(),
+        }
+    }
+}
+
+impl TcpSlot {
+    /// A new socket, its buffers allocated (pages untouched until used).
+    fn allocate() -> TcpSlot {
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
+        );
+        sock.set_nagle_enabled(false);
+        sock.set_keep_alive(Some(KEEP_ALIVE.into()));
+        sock.set_timeout(Some(USER_TIMEOUT.into()));
+        sock.set_tsval_generator(Some(tsval));
+        let mut set = SocketSet::new(Vec::with_capacity(1));
+        let handle = set.add(sock);
+        TcpSlot { set, handle }
+    }
+
+    pub(super) fn socket(&mut self) -> &mut tcp::Socket<'static> {
+        self.set.get_mut::<tcp::Socket>(self.handle)
+    }
+}
+
 pub(super) struct Conn {
     pub(super) stream: TcpStream,
-    pub(super) handle: SocketHandle,
+    pub(super) slot: TcpSlot,
     pub(super) local_port: u16,
     pub(super) backend: Ipv4Addr,
     pub(super) listener: ListenerKey,
     pub(super) counters: Arc<PortCounters>,
     /// PROXY protocol header still to send ahead of the client's bytes.
     pub(super) header: Option<Vec<u8>>,
-    pub(super) opened: Instant,
+    /// When the connect began (the stack's clock), for [`CONNECT_TIMEOUT`].
+    pub(super) opened: StackInstant,
     pub(super) readable: bool,
     pub(super) writable: bool,
     /// The client sent FIN (read returned 0).
@@ -147,25 +194,10 @@ impl Proxy {
                 self.local_ports.release(local_port);
                 return;
             };
-            let handle = match self.idle_tcp.pop() {
-                Some(h) => h,
-                None => {
-                    let mut sock = tcp::Socket::new(
-                        tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
-                        tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
-                    );
-                    sock.set_nagle_enabled(false);
-                    sock.set_keep_alive(Some(KEEP_ALIVE.into()));
-                    sock.set_timeout(Some(USER_TIMEOUT.into()));
-                    sock.set_tsval_generator(Some(tsval));
-                    self.sockets.add(sock)
-                }
-            };
+            let mut slot = self.idle_tcp.pop().unwrap_or_else(TcpSlot::allocate);
             let remote = IpEndpoint::new(IpAddress::Ipv4(backend), target);
-            let sock = self.sockets.get_mut::<tcp::Socket>(handle);
-            if let Err(e) = sock.connect(iface.context(), remote, local_port) {
+            if let Err(e) = slot.socket().connect(iface.context(), remote, local_port) {
                 debug!(error = %e, "cannot connect to task");
-                self.sockets.remove(handle);
                 self.local_ports.release(local_port);
                 PortCounters::inc(&counters.refused);
                 linger_zero(&stream);
@@ -180,25 +212,26 @@ impl Proxy {
                 Interest::READABLE | Interest::WRITABLE,
             ) {
                 warn!(error = %e, "cannot poll an accepted connection");
-                self.sockets.get_mut::<tcp::Socket>(handle).abort();
-                self.sockets.remove(handle);
                 self.local_ports.release(local_port);
                 continue;
             }
             PortCounters::inc(&counters.accepted);
             PortCounters::inc(&counters.active);
+            let opened = self.now();
             self.tokens.insert(token, Owner::Conn);
+            self.by_port.insert(local_port, token);
+            self.schedule.mark(token);
             self.conns.insert(
                 token,
                 Conn {
                     stream,
-                    handle,
+                    slot,
                     local_port,
                     backend,
                     listener: key,
                     counters,
                     header,
-                    opened: Instant::now(),
+                    opened,
                     readable: true,
                     writable: true,
                     client_eof: false,
@@ -210,65 +243,57 @@ impl Proxy {
         }
     }
 
-    /// Removes ended connections: their smoltcp socket (after its reset went out), their
-    /// port, and the client's socket (closed with RST when the end was a reset).
-    pub(super) fn reap(&mut self) {
-        let Proxy {
-            conns,
-            tokens,
-            poll,
-            sockets,
-            idle_tcp,
-            local_ports,
-            ..
-        } = self;
-        conns.retain(|t, c| {
-            let Some(end) = c.done else {
-                return true;
-            };
-            tokens.remove(t);
-            let _ = poll.registry().deregister(&mut c.stream);
-            // Closed or in TIME-WAIT (a reset already went out): reusable as it is.
-            let sock = sockets.get_mut::<tcp::Socket>(c.handle);
-            if !sock.is_open() && idle_tcp.len() < IDLE_SOCKETS {
-                idle_tcp.push(c.handle);
-            } else {
-                sock.abort();
-                sockets.remove(c.handle);
-            }
-            local_ports.release(c.local_port);
-            PortCounters::dec(&c.counters.active);
-            if end == End::Reset {
-                PortCounters::inc(&c.counters.reset);
-                linger_zero(&c.stream);
-            }
-            false
-        });
+    /// Removes an ended connection: its smoltcp socket (after its reset went out: the
+    /// caller polled the interface for it first), its port, and the client's socket (closed
+    /// with RST when the end was a reset).
+    pub(super) fn finish(&mut self, t: mio::Token) {
+        let Some(mut c) = self.conns.remove(&t) else {
+            return;
+        };
+        let end = c.done.unwrap_or(End::Reset);
+        self.tokens.remove(&t);
+        self.by_port.remove(&c.local_port);
+        self.schedule.remove(t);
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        // Closed or in TIME-WAIT (a reset already went out): reusable as it is.
+        if !c.slot.socket().is_open() && self.idle_tcp.len() < IDLE_SOCKETS {
+            self.idle_tcp.push(c.slot);
+        }
+        self.local_ports.release(c.local_port);
+        PortCounters::dec(&c.counters.active);
+        if end == End::Reset {
+            PortCounters::inc(&c.counters.reset);
+            linger_zero(&c.stream);
+        }
     }
 }
 
-/// Ends a connection with a reset both ways (its task left, or its port closed).
-pub(super) fn reset(c: &mut Conn, sockets: &mut SocketSet<'static>) {
+/// Ends a connection with a reset both ways (its task left, or its port closed). The
+/// caller marks it ready, so that the reset goes out and the connection is removed.
+pub(super) fn reset(c: &mut Conn) {
     if c.done.is_none() {
         c.done = Some(End::Reset);
-        sockets.get_mut::<tcp::Socket>(c.handle).abort();
+        c.slot.socket().abort();
     }
 }
 
 /// Moves what can move for one connection and notes when it has ended. A reset, whichever
 /// side caused it, aborts the smoltcp socket so that the task gets an RST too.
-pub(super) fn pump(c: &mut Conn, sockets: &mut SocketSet<'static>) {
+pub(super) fn pump(c: &mut Conn, now: StackInstant) {
     if c.done.is_some() {
         return;
     }
-    let sock = sockets.get_mut::<tcp::Socket>(c.handle);
-    c.done = move_bytes(c, sock);
+    // Out of the connection while its other fields are borrowed (an empty set allocates
+    // nothing).
+    let mut slot = std::mem::take(&mut c.slot);
+    c.done = move_bytes(c, slot.socket(), now);
     if c.done == Some(End::Reset) {
-        sock.abort();
+        slot.socket().abort();
     }
+    c.slot = slot;
 }
 
-fn move_bytes(c: &mut Conn, sock: &mut tcp::Socket) -> Option<End> {
+fn move_bytes(c: &mut Conn, sock: &mut tcp::Socket, now: StackInstant) -> Option<End> {
     // The PROXY header goes first, once the connection is up.
     if let Some(h) = &c.header {
         if sock.may_send() {
@@ -314,7 +339,6 @@ fn move_bytes(c: &mut Conn, sock: &mut tcp::Socket) -> Option<End> {
             Err(_) => break,
         }
     }
-    use tcp::State;
     let state = sock.state();
     let remote_fin = matches!(
         state,
@@ -329,7 +353,7 @@ fn move_bytes(c: &mut Conn, sock: &mut tcp::Socket) -> Option<End> {
         // Reset by the task, or given up on (timeout).
         State::Closed => Some(End::Reset),
         State::TimeWait if c.client_shut => Some(End::Clean),
-        State::SynSent if c.opened.elapsed() > CONNECT_TIMEOUT => Some(End::Reset),
+        State::SynSent if now - c.opened > CONNECT_TIMEOUT.into() => Some(End::Reset),
         _ => None,
     }
 }

@@ -5,11 +5,12 @@
 # etcd-server and etcd-client (etcd 3.4, etcdctl) for the manager's etcd store and its test
 # (etcd runs only inside the test's namespace); protobuf-compiler and libprotobuf-dev (its
 # well-known .proto files) because the etcd-client crate's build runs protoc.
+# prometheus (promtool and the server) for the metrics test (runs only inside its namespace).
 # Idempotent; needs root.
 set -euo pipefail
 need=()
 for pkg in iproute2 iputils-ping iperf3 curl python3 tcpdump tshark ethtool bridge-utils procps util-linux dnsutils docker.io busybox-static \
-    etcd-server etcd-client protobuf-compiler libprotobuf-dev; do
+    etcd-server etcd-client protobuf-compiler libprotobuf-dev prometheus; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

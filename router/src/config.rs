@@ -90,6 +90,11 @@ pub struct Config {
     #[arg(long, default_value_t = datapath::conntrack::DEFAULT_MAX_FLOWS, value_parser = parse_max_flows)]
     pub lb_max_flows: usize,
 
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9323 (dockerd's metrics port). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// Serve Docker's network and IPAM plugin protocol on this socket (its file name is the
     /// driver name: `docker network create -d overlayd --ipam-driver overlayd`). Without a
     /// value: /run/docker/plugins/overlayd.sock, where dockerd looks.

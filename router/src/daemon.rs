@@ -526,6 +526,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
 
     let cluster_for_plugin = cluster.clone();
+    let metrics = match cfg.metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics address {addr}"))?;
+            let sources = crate::metrics::Sources {
+                cluster: cluster.clone(),
+                counters: counters.clone(),
+                ingress: ingress_counters.clone(),
+                node: cfg.node.clone(),
+            };
+            info!(%addr, "serving metrics at /metrics");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                sources,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let app = api::router(ApiState {
         cluster,
         counters,
@@ -572,6 +592,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = agent_task.await;
     let _ = server.await;
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     let _ = std::fs::remove_file(&socket);
     if let (Some(p), Some(path)) = (plugin, &cfg.docker_plugin) {
         let _ = p.await;

@@ -32,6 +32,7 @@ pub mod forward;
 pub mod ids;
 pub mod ingress;
 pub mod manager;
+pub mod metrics;
 pub mod naming;
 pub mod services;
 pub mod store;

@@ -1,0 +1,169 @@
+//! `overlayd --metrics-addr`: on two nodes, the exposition passes `promtool check metrics`,
+//! and a real Prometheus (Debian's) scraping both nodes counts, with PromQL, the
+//! load-balanced flows the test made through a service's VIP. Needs root.
+
+use overlay_e2e::{
+    ok, require_root, script_dir, unique, wait_for, write_script, Node, Underlay, WHOAMI_PY,
+};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Requests the test sends through the VIP: each a new TCP connection, so a new flow.
+const REQUESTS: u64 = 20;
+
+/// Kills a process the test started when the test ends, however it ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `curl` inside the underlay host `host` of `u`.
+fn curl(u: &Underlay, host: usize, args: &[&str]) -> String {
+    ok(
+        u.host(host)
+            .cmd("curl")
+            .args(["-sS", "--max-time", "5"])
+            .args(args)
+            .output()
+            .expect("curl"),
+        &format!("curl {args:?}"),
+    )
+}
+
+/// The value of an instant PromQL query with one result, if it has one.
+fn query(u: &Underlay, prometheus: &str, promql: &str) -> Option<f64> {
+    let out = u
+        .host(1)
+        .cmd("curl")
+        .args(["-sS", "--max-time", "5", "-G"])
+        .arg(format!("http://{prometheus}/api/v1/query"))
+        .arg("--data-urlencode")
+        .arg(format!("query={promql}"))
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+#[test]
+fn prometheus_scrapes_two_nodes() {
+    if !require_root("prometheus_scrapes_two_nodes") {
+        return;
+    }
+    let tag = unique("mx");
+    let dir = script_dir(&tag);
+    let whoami = write_script(&dir, "whoami.py", WHOAMI_PY);
+    let u = Underlay::new(&tag, 2, 47);
+    let metrics: Vec<String> = (1..=2).map(|i| format!("{}:9323", u.addr(i))).collect();
+    let n1 = Node::manager_with(&format!("{tag}a"), &u, 1, &["--metrics-addr", &metrics[0]]);
+    let n2 = Node::worker_with(
+        &format!("{tag}b"),
+        &u,
+        2,
+        &n1,
+        &["--metrics-addr", &metrics[1]],
+    );
+    n1.wait_ready(&[&n2]);
+
+    n1.ctl_ok(&["network", "create", "--subnet", "10.0.47.0/24", "demo"]);
+    #[rustfmt::skip]
+    n1.ctl_ok(&[
+        "service", "create", "--name", "whoami", "--network", "demo", "--replicas", "2",
+        "--", "python3", &whoami,
+    ]);
+    #[rustfmt::skip]
+    n1.ctl_ok(&[
+        "service", "create", "--name", "client", "--network", "demo", "--", "sleep", "infinity",
+    ]);
+    n1.wait_running("whoami", 2);
+    n1.wait_running("client", 1);
+    let client_node = n1.node_of("client.1");
+    let cn = if client_node == n1.name { &n1 } else { &n2 };
+    for _ in 0..REQUESTS {
+        ok(
+            cn.exec(
+                "client.1",
+                &["curl", "-sS", "--max-time", "5", "http://whoami:8000/"],
+            ),
+            "curl through the VIP",
+        );
+    }
+
+    // Both expositions pass promtool (classic text format: curl asks for no other).
+    for (i, addr) in metrics.iter().enumerate() {
+        // `ok` trims the output; the format ends every line.
+        let text = curl(&u, 1, &[&format!("http://{addr}/metrics")]) + "\n";
+        let mut check = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool");
+        use std::io::Write;
+        check
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = check.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool on node {}: {}{}\n{text}",
+            i + 1,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // A real Prometheus, in host 1, scraping both nodes every second (OpenMetrics: it asks).
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: overlay\n    \
+             static_configs:\n      - targets: ['{}', '{}']\n",
+            metrics[0], metrics[1]
+        ),
+    )
+    .unwrap();
+    let web = format!("{}:9090", u.addr(1));
+    let _prometheus = Reaped(
+        u.host(1)
+            .cmd("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus"),
+    );
+    let flows = r#"sum(overlay_lb_new_flows_total{service="whoami"})"#;
+    let counted = wait_for(Duration::from_secs(30), || {
+        query(&u, &web, flows) == Some(REQUESTS as f64)
+    });
+    assert!(
+        counted,
+        "{flows} = {:?}, expected {REQUESTS}",
+        query(&u, &web, flows)
+    );
+    // Both targets are up; the leader counts both nodes ready.
+    assert_eq!(query(&u, &web, "sum(up)"), Some(2.0));
+    assert_eq!(
+        query(&u, &web, r#"overlay_cluster_nodes{health="ready"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        query(&u, &web, r#"sum(overlay_node_tasks{state="running"})"#),
+        Some(3.0)
+    );
+}

@@ -1,6 +1,7 @@
 //! `overlayd --metrics-addr`: on two nodes, the exposition passes `promtool check metrics`,
-//! and a real Prometheus (Debian's) scraping both nodes counts, with PromQL, the
-//! load-balanced flows the test made through a service's VIP. Needs root.
+//! the alert rules and scrape config in docs/prometheus pass `promtool check`, and a real
+//! Prometheus (Debian's) scraping both nodes counts, with PromQL, the load-balanced flows
+//! the test made through a service's VIP, the nodes ready and the tasks running. Needs root.
 
 use overlay_e2e::{
     ok, require_root, script_dir, unique, wait_for, write_script, Node, Underlay, WHOAMI_PY,
@@ -117,6 +118,24 @@ fn prometheus_scrapes_two_nodes() {
             "promtool on node {}: {}{}\n{text}",
             i + 1,
             String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // The alert rules and the scrape config shipped in docs/ are valid.
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/prometheus");
+    for args in [
+        ["check", "rules", "overlay.rules.yml"],
+        ["check", "config", "prometheus.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&docs)
+            .output()
+            .expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }

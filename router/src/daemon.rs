@@ -427,10 +427,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.dns_upstreams.clone()
     };
     info!(?upstreams, "DNS upstream resolvers");
-    let dns = Arc::new(crate::dns::server::Shared {
-        view: Default::default(),
-        upstreams,
-    });
+    let dns = Arc::new(crate::dns::server::Shared::new(upstreams));
 
     let pool = Pool {
         pool: cfg.default_addr_pool.trunc(),
@@ -520,7 +517,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cluster.clone(),
         counters.clone(),
         &state_dir,
-        dns,
+        dns.clone(),
         cfg.data_path_port,
     );
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
@@ -535,6 +532,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 cluster: cluster.clone(),
                 counters: counters.clone(),
                 ingress: ingress_counters.clone(),
+                dns: dns.clone(),
                 node: cfg.node.clone(),
             };
             info!(%addr, "serving metrics at /metrics");

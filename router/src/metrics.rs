@@ -11,6 +11,7 @@
 //! client's address.
 
 use crate::cluster::{Cluster, Mode};
+use crate::dns::server::Shared as DnsShared;
 use crate::ingress::stats::Registry as IngressRegistry;
 use datapath::stats::Counters;
 use prometheus_client::collector::Collector;
@@ -34,6 +35,8 @@ pub struct Sources {
     pub cluster: Cluster,
     pub counters: Arc<Counters>,
     pub ingress: Arc<IngressRegistry>,
+    /// The resolvers' shared state, with their counters.
+    pub dns: Arc<DnsShared>,
     pub node: NodeName,
 }
 
@@ -49,6 +52,7 @@ pub fn render(sources: &Sources) -> Result<String, Error> {
     registry.register_collector(Box::new(Datapath(sources.clone())));
     registry.register_collector(Box::new(Balancer(sources.clone())));
     registry.register_collector(Box::new(Mesh(sources.clone())));
+    registry.register_collector(Box::new(Dns(sources.clone())));
     registry.register_collector(Box::new(Control(sources.clone())));
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
@@ -281,6 +285,35 @@ impl Collector for Mesh {
             )?;
         }
         Ok(())
+    }
+}
+
+/// The embedded resolvers (every task's and the gateways').
+#[derive(Debug)]
+struct Dns(Sources);
+
+impl Collector for Dns {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), Error> {
+        let stats = &self.0.dns.stats;
+        family(
+            &mut e,
+            "dns_queries",
+            "Queries to the embedded resolvers, by question type and outcome.",
+            None,
+            stats.queries().map(|(t, o, n)| {
+                (
+                    vec![("type", t.to_string()), ("outcome", o.label().to_string())],
+                    counter(n),
+                )
+            }),
+        )?;
+        let upstream = e.encode_descriptor(
+            "dns_upstream_duration",
+            "Time upstream resolvers took to answer a forwarded query.",
+            Some(&Unit::Seconds),
+            stats.upstream.metric_type(),
+        )?;
+        stats.upstream.encode(upstream)
     }
 }
 
@@ -605,10 +638,14 @@ mod tests {
         let port = ingress.port("8080/tcp", "web", "ingress");
         port.accepted
             .fetch_add(5, std::sync::atomic::Ordering::Relaxed);
+        let dns = Arc::new(DnsShared::new(Vec::new()));
+        dns.stats
+            .count(b"\x01", crate::dns::stats::Outcome::Dropped);
         let text = render(&Sources {
             cluster,
             counters,
             ingress,
+            dns,
             node: me,
         })
         .unwrap();
@@ -616,6 +653,8 @@ mod tests {
             "overlay_lb_new_flows_total{service=\"web\"} 3",
             "overlay_mesh_accepted_connections_total{port=\"8080/tcp\",service=\"web\",mode=\"ingress\"} 5",
             "overlay_control_leading 1",
+            "overlay_dns_queries_total{type=\"other\",outcome=\"dropped\"} 1",
+            "overlay_dns_upstream_duration_seconds_count 0",
             "overlay_node_tasks{state=\"running\"} 0",
             "# TYPE process_resident_memory_bytes gauge",
         ] {

@@ -1,7 +1,7 @@
 //! `overlayd --metrics-addr`: on two nodes, the exposition passes `promtool check metrics`,
 //! the alert rules and scrape config in docs/prometheus pass `promtool check`, and a real
 //! Prometheus (Debian's) scraping both nodes counts, with PromQL, the load-balanced flows
-//! the test made through a service's VIP, the nodes ready and the tasks running. Needs root.
+//! the test made through a service's VIP, the resolver's answers, the nodes ready and the tasks running. Needs root.
 
 use overlay_e2e::{
     ok, require_root, script_dir, unique, wait_for, write_script, Node, Underlay, WHOAMI_PY,
@@ -174,6 +174,13 @@ fn prometheus_scrapes_two_nodes() {
         counted,
         "{flows} = {:?}, expected {REQUESTS}",
         query(&u, &web, flows)
+    );
+    // Each curl asked the task's resolver for whoami's address: answered from the cluster.
+    let lookups = r#"sum(overlay_dns_queries_total{type="A",outcome="cluster"})"#;
+    let answered = query(&u, &web, lookups);
+    assert!(
+        answered >= Some(REQUESTS as f64),
+        "{lookups} = {answered:?}"
     );
     // Both targets are up; the leader counts both nodes ready.
     assert_eq!(query(&u, &web, "sum(up)"), Some(2.0));

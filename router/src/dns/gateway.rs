@@ -7,6 +7,7 @@
 
 use super::answer::{error_reply, handle, Outcome};
 use super::server::Shared;
+use super::stats;
 use datapath::table::NetTable;
 use datapath::vocab::DropReason;
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
@@ -43,8 +44,12 @@ pub fn answer(
         other => other,
     };
     let Outcome::Reply(mut answer) = outcome else {
+        shared.stats.count(query, stats::Outcome::Dropped);
         return Err(DropReason::MalformedIp);
     };
+    shared
+        .stats
+        .count(query, stats::Outcome::of_own_reply(&answer));
     let room = reply.len().saturating_sub(FRAME_HEADERS);
     if answer.len() > room {
         answer = truncated(&answer).ok_or(DropReason::Oversize)?;
@@ -93,6 +98,7 @@ mod tests {
         Shared {
             view: ArcSwap::from_pointee(view),
             upstreams: Vec::new(),
+            stats: Default::default(),
         }
     }
 
@@ -167,6 +173,7 @@ mod tests {
         let shared = Shared {
             view: ArcSwap::from_pointee(view),
             upstreams: Vec::new(),
+            stats: Default::default(),
         };
         let mut m = Message::query();
         m.metadata.id = 9;

@@ -6,11 +6,12 @@
 
 use super::answer::{self, Outcome};
 use super::names::DnsView;
+use super::stats::{self, DnsStats};
 use arc_swap::ArcSwap;
 use hickory_proto::op::ResponseCode;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -31,6 +32,17 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 pub struct Shared {
     pub view: ArcSwap<DnsView>,
     pub upstreams: Vec<SocketAddr>,
+    pub stats: DnsStats,
+}
+
+impl Shared {
+    pub fn new(upstreams: Vec<SocketAddr>) -> Shared {
+        Shared {
+            view: ArcSwap::default(),
+            upstreams,
+            stats: DnsStats::default(),
+        }
+    }
 }
 
 /// The nameservers of a resolv.conf.
@@ -43,11 +55,13 @@ pub fn upstreams_from_resolv_conf(text: &str) -> Vec<SocketAddr> {
 }
 
 /// Sends `query` to the upstreams in turn within the budget; the first answer with the
-/// query's id wins.
-async fn forward(upstreams: &[SocketAddr], query: &[u8]) -> Option<Vec<u8>> {
+/// query's id wins (and its wait is recorded).
+async fn forward(shared: &Shared, query: &[u8]) -> Option<Vec<u8>> {
+    let upstreams = &shared.upstreams;
     if upstreams.is_empty() || query.len() < 2 {
         return None;
     }
+    let began = Instant::now();
     let each = UPSTREAM_BUDGET / upstreams.len() as u32;
     let mut buf = vec![0u8; 65535];
     for up in upstreams {
@@ -68,7 +82,10 @@ async fn forward(upstreams: &[SocketAddr], query: &[u8]) -> Option<Vec<u8>> {
             }
         };
         match tokio::time::timeout(each, attempt).await {
-            Ok(Some(answer)) => return Some(answer),
+            Ok(Some(answer)) => {
+                shared.stats.upstream_answered(began.elapsed());
+                return Some(answer);
+            }
             _ => debug!(upstream = %up, "upstream resolver gave no answer"),
         }
     }
@@ -83,6 +100,33 @@ fn servfail(packet: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// The upstreams' answer for `packet`, or SERVFAIL; counted.
+async fn upstream(shared: &Shared, packet: &[u8]) -> Option<Vec<u8>> {
+    match forward(shared, packet).await {
+        Some(b) => {
+            shared.stats.count(packet, stats::Outcome::Upstream);
+            Some(b)
+        }
+        None => refuse(shared, packet),
+    }
+}
+
+/// SERVFAIL for `packet` (upstream failed, or too many queries wait on it); counted.
+fn refuse(shared: &Shared, packet: &[u8]) -> Option<Vec<u8>> {
+    shared.stats.count(packet, stats::Outcome::ServFail);
+    servfail(packet)
+}
+
+/// The resolver's own reply (or none) for `packet`, counted.
+fn own(shared: &Shared, packet: &[u8], reply: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    let outcome = match &reply {
+        Some(b) => stats::Outcome::of_own_reply(b),
+        None => stats::Outcome::Dropped,
+    };
+    shared.stats.count(packet, outcome);
+    reply
+}
+
 /// The answer for `packet`: from the cluster's names, or upstream, or SERVFAIL.
 async fn resolve(
     shared: &Shared,
@@ -91,11 +135,9 @@ async fn resolve(
     udp: bool,
 ) -> Option<Vec<u8>> {
     match answer::handle(&shared.view.load(), networks, packet, udp) {
-        Outcome::Reply(b) => Some(b),
-        Outcome::Drop => None,
-        Outcome::Forward => forward(&shared.upstreams, packet)
-            .await
-            .or_else(|| servfail(packet)),
+        Outcome::Reply(b) => own(shared, packet, Some(b)),
+        Outcome::Drop => own(shared, packet, None),
+        Outcome::Forward => upstream(shared, packet).await,
     }
 }
 
@@ -182,23 +224,20 @@ async fn serve_udp(
         };
         let packet = &buf[..n];
         let reply = match answer::handle(&shared.view.load(), networks, packet, true) {
-            Outcome::Reply(b) => Some(b),
-            Outcome::Drop => None,
+            Outcome::Reply(b) => own(shared, packet, Some(b)),
+            Outcome::Drop => own(shared, packet, None),
             Outcome::Forward => match slots.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let (udp, shared, packet) = (udp.clone(), shared.clone(), packet.to_vec());
                     tokio::spawn(async move {
-                        let b = forward(&shared.upstreams, &packet)
-                            .await
-                            .or_else(|| servfail(&packet));
-                        if let Some(b) = b {
+                        if let Some(b) = upstream(&shared, &packet).await {
                             reply_to(&udp, &b, from).await;
                         }
                         drop(permit);
                     });
                     None
                 }
-                Err(_) => servfail(packet),
+                Err(_) => refuse(shared, packet),
             },
         };
         if let Some(b) = reply {

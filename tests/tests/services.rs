@@ -120,10 +120,18 @@ fn services_vips_and_dns_on_three_nodes() {
         .spawn()
         .expect("upstream resolver");
     let up = format!("{}:5353", u.addr(3));
-    let dns = ["--dns-upstream", up.as_str()];
-    let n1 = Node::manager_with(&format!("{tag}a"), &u, 1, &dns);
-    let mut n2 = Node::worker_with(&format!("{tag}b"), &u, 2, &n1, &dns);
-    let mut n3 = Node::worker_with(&format!("{tag}c"), &u, 3, &n1, &dns);
+    let metrics: Vec<String> = (1..=3).map(|i| format!("{}:9323", u.addr(i))).collect();
+    let flags = |i: usize| {
+        [
+            "--dns-upstream",
+            up.as_str(),
+            "--metrics-addr",
+            &metrics[i - 1],
+        ]
+    };
+    let n1 = Node::manager_with(&format!("{tag}a"), &u, 1, &flags(1));
+    let mut n2 = Node::worker_with(&format!("{tag}b"), &u, 2, &n1, &flags(2));
+    let mut n3 = Node::worker_with(&format!("{tag}c"), &u, 3, &n1, &flags(3));
     n1.wait_ready(&[&n2, &n3]);
 
     n1.ctl_ok(&["network", "create", "--subnet", "10.0.20.0/24", "demo"]);
@@ -169,6 +177,11 @@ fn services_vips_and_dns_on_three_nodes() {
     let c = "client.1";
     let cn_name = n1.node_of(c);
     // The client's node, and a worker without the client to kill at the end.
+    let ci = [&n1, &n2, &n3]
+        .iter()
+        .position(|n| n.name == cn_name)
+        .expect("the client's node")
+        + 1;
     let (cn, victim) = if n1.name == cn_name {
         (&n1, &mut n3)
     } else if n2.name == cn_name {
@@ -312,6 +325,11 @@ fn services_vips_and_dns_on_three_nodes() {
         .len()
         == 3));
 
+    // The cluster map of the client's node shows every node and task, and the flows its
+    // client makes while it makes them; with OVERLAY_MAP_SCREENSHOT=FILE, a headless
+    // Chromium draws it into FILE (scripts/map-screenshot.sh).
+    cluster_map(&u, &metrics, cn, c, ci);
+
     // A node killed outright: its tasks vanish without a word (their TAPs die with it).
     // Once it is marked down its replica leaves the rotation, and a client connected to it
     // through the VIP gets a reset instead of hanging.
@@ -359,4 +377,65 @@ fn services_vips_and_dns_on_three_nodes() {
     let _ = resolver.kill();
     let _ = resolver.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The map at `/` and its data at `/map.json` on the client's node, under a bounded load of
+/// requests through the VIP.
+/// `cn` is host `i` of `u`.
+fn cluster_map(u: &Underlay, metrics: &[String], cn: &Node, client: &str, i: usize) {
+    let get = |path: &str| {
+        let o = u
+            .host(i)
+            .cmd("curl")
+            .args(["-sS", "--max-time", "5"])
+            .arg(format!("http://{}{path}", metrics[i - 1]))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(get("/").contains("<svg"), "the map's page");
+    let mut load = cn
+        .ctl_cmd(&[
+            "exec", client, "--", "sh", "-c",
+            "for i in $(seq 1 200); do curl -s -o /dev/null --max-time 2 http://whoami:8000/; sleep 0.03; done",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("load");
+    let view = || serde_json::from_str::<serde_json::Value>(&get("/map.json")).unwrap_or_default();
+    let flowing = wait_for(Duration::from_secs(10), || {
+        view()["rates"]["flows"]["whoami"].as_f64().unwrap_or(0.0) > 1.0
+    });
+    let v = view();
+    assert!(flowing, "no flows/s for whoami on the map: {v}");
+    assert_eq!(v["nodes"].as_array().map(Vec::len), Some(3), "{v}");
+    let running = v["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["state"] == "running")
+        .count();
+    assert!(running >= 8, "{v}");
+    if let Ok(file) = std::env::var("OVERLAY_MAP_SCREENSHOT") {
+        let o = u
+            .host(i)
+            .cmd("chromium")
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--window-size=1400,760",
+            ])
+            .arg(format!("--screenshot={file}"))
+            .arg(format!("http://{}/", metrics[i - 1]))
+            .output()
+            .expect("chromium");
+        assert!(
+            o.status.success(),
+            "chromium: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let _ = load.wait();
 }

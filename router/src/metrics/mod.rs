@@ -1,5 +1,6 @@
 //! `overlayd --metrics-addr ADDR`: what the node does, as OpenMetrics text for Prometheus
-//! (`GET /metrics`), encoded by the `prometheus-client` crate.
+//! (`GET /metrics`), encoded by the `prometheus-client` crate; and the cluster map in the
+//! browser at `/` ([`map`]).
 //!
 //! Nothing here is counted on its own: every value is read at scrape time from the counters
 //! the node already keeps for `overlayctl stats` (the datapath's per-worker frame counts on
@@ -9,6 +10,8 @@
 //! `overlayctl stats`. Label values come from bounded sets only: workers, drop reasons,
 //! services, backends (task addresses), published ports, task states, node health, never a
 //! client's address.
+
+pub mod map;
 
 use crate::cluster::{Cluster, Mode};
 use crate::dns::server::Shared as DnsShared;
@@ -562,8 +565,9 @@ pub fn to_classic(open_metrics: &str) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `listener` until `stop`: OpenMetrics to a client that accepts
-/// it (Prometheus does), the classic text format otherwise.
+/// Serves `GET /metrics` on `listener` until `stop` (OpenMetrics to a client that accepts
+/// it, as Prometheus does; the classic text format otherwise), and the cluster map at `/`
+/// with its data at `/map.json` ([`map`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     sources: Sources,
@@ -571,6 +575,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     use axum::http::{header, StatusCode};
     use axum::response::IntoResponse;
+    let sources_for_map = sources.clone();
     let handler = move |headers: axum::http::HeaderMap| {
         let sources = sources.clone();
         async move {
@@ -592,7 +597,39 @@ pub async fn serve(
             }
         }
     };
-    let app = axum::Router::new().route("/metrics", axum::routing::get(handler));
+    let sampler = Arc::new(map::Sampler::default());
+    let sampling = {
+        let (sampler, sources, stop) = (sampler.clone(), sources_for_map.clone(), stop.clone());
+        async move {
+            let mut every = tokio::time::interval(map::SAMPLE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => sampler.sample(&sources),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    };
+    tokio::spawn(sampling);
+    let map_sources = sources_for_map;
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(handler))
+        .route(
+            "/",
+            axum::routing::get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                    map::PAGE,
+                )
+            }),
+        )
+        .route(
+            "/map.json",
+            axum::routing::get(move || {
+                let (sources, sampler) = (map_sources.clone(), sampler.clone());
+                async move { axum::Json(map::view(&sources, &sampler)) }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await

@@ -4,6 +4,7 @@
 
 mod client;
 mod exec;
+mod flows;
 mod pretty;
 mod progress;
 mod spec_flags;
@@ -13,7 +14,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use client::{seg, Client};
 use protocol::api::{
-    DatapathStats, Info, JoinToken, NetworkInspect, NetworkTarget, NodeView, PortSpec,
+    DatapathStats, FlowInfo, Info, JoinToken, NetworkInspect, NetworkTarget, NodeView, PortSpec,
     ServiceInspect, TaskView,
 };
 use protocol::state::{EndpointMode, PortConfig, Vtep};
@@ -68,6 +69,20 @@ enum Cmd {
     Info,
     /// Show the datapath's frame counters and drop reasons.
     Stats,
+    /// List this node's load-balanced flows (its clients' connections through service
+    /// VIPs), as `conntrack -L` does: client, VIP, backend, state, age.
+    Flows {
+        /// Only this service's flows.
+        #[arg(long)]
+        service: Option<String>,
+        /// Keep watching: print each flow as it starts (`+`) and ends (`-`, with the state
+        /// it was last seen in), and the datapath's drops by reason, sampled twice a second.
+        #[arg(short, long)]
+        follow: bool,
+        /// Print JSON instead of a table.
+        #[arg(long, conflicts_with = "follow")]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -937,6 +952,26 @@ async fn dispatch(c: &Client, cmd: Cmd) -> anyhow::Result<Outcome> {
         }
         Cmd::Info => print_json(&c.get::<Info>("/info").await?)?,
         Cmd::Stats => print_json(&c.get::<DatapathStats>("/datapath/stats").await?)?,
+        Cmd::Flows {
+            service,
+            follow,
+            json,
+        } => {
+            let path = match &service {
+                Some(s) => format!("/flows?service={}", seg(s)),
+                None => "/flows".to_string(),
+            };
+            if follow {
+                flows::follow(c, &path).await?;
+            } else {
+                let list: Vec<FlowInfo> = c.get(&path).await?;
+                if json {
+                    print_json(&list)?;
+                } else {
+                    flows::print(&list);
+                }
+            }
+        }
         Cmd::Exec { task, .. } => {
             let t: TaskView = c.get(&format!("/tasks/{}", seg(&task))).await?;
             return Ok(Outcome::Exec(

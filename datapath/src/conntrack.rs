@@ -22,6 +22,7 @@ use protocol::types::MacAddr;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Default idle timeout of a TCP flow: a day, as kube-proxy sets conntrack's (IPVS cuts idle
 /// connections after 900 s, Swarm's most reported networking complaint).
@@ -83,6 +84,8 @@ const ESTABLISHED: u8 = 1;
 const CLOSED: u8 = 2;
 const FIN_CLIENT: u8 = 1 << 2;
 const FIN_BACKEND: u8 = 1 << 3;
+/// Closed by a reset (from either side), not by FINs.
+const RESET: u8 = 1 << 4;
 
 /// One load-balanced flow.
 #[derive(Debug)]
@@ -99,6 +102,8 @@ pub struct Flow {
     pub service: Arc<ServiceCounters>,
     /// Active flows of this backend (shown per backend in the stats).
     pub backend_flows: Arc<AtomicU64>,
+    /// When it was made, on the table's clock ([`ConnTable::now_ms`]).
+    pub started_ms: u64,
     last_seen: AtomicU64,
     /// SYN_SENT / ESTABLISHED / CLOSED in the low bits, FIN flags above.
     state: AtomicU8,
@@ -133,6 +138,7 @@ impl Flow {
             idle_ms,
             service,
             backend_flows,
+            started_ms: now_ms,
             last_seen: AtomicU64::new(now_ms),
             state: AtomicU8::new(SYN_SENT),
             client_next: AtomicU32::new(0),
@@ -154,7 +160,7 @@ impl Flow {
         let old = self.state.load(Ordering::Relaxed);
         let mut new = old;
         if flags & TCP_RST != 0 {
-            new = (new & !3) | CLOSED;
+            new = (new & !3) | CLOSED | RESET;
         }
         match dir {
             Dir::ToBackend => {
@@ -193,6 +199,29 @@ impl Flow {
         self.key.proto == PROTO_TCP && self.state.load(Ordering::Relaxed) & 3 == ESTABLISHED
     }
 
+    /// Its state as `overlayctl flows` shows it: TCP `syn_sent`, `established`,
+    /// `fin_client` / `fin_backend` (one side closed), `closed` (both), `reset`; UDP and
+    /// ICMP `active`.
+    pub fn state_name(&self) -> &'static str {
+        let s = self.state.load(Ordering::Relaxed);
+        if self.key.proto != PROTO_TCP {
+            return "active";
+        }
+        match (s & 3, s & (FIN_CLIENT | FIN_BACKEND)) {
+            (CLOSED, _) if s & RESET != 0 => "reset",
+            (CLOSED, _) => "closed",
+            (_, FIN_CLIENT) => "fin_client",
+            (_, FIN_BACKEND) => "fin_backend",
+            (ESTABLISHED, _) => "established",
+            _ => "syn_sent",
+        }
+    }
+
+    /// Milliseconds since its last packet (to within the second [`Flow::touch`] keeps).
+    pub fn idle_for(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.last_seen.load(Ordering::Relaxed))
+    }
+
     pub fn client_next(&self) -> u32 {
         self.client_next.load(Ordering::Relaxed)
     }
@@ -226,6 +255,8 @@ pub struct ConnTable {
     map: Map,
     flows: AtomicUsize,
     max: usize,
+    /// Zero of the table's clock, which the datapath passes in as `now_ms`.
+    epoch: Instant,
 }
 
 impl Default for ConnTable {
@@ -253,6 +284,27 @@ impl ConnTable {
                 .build(),
             flows: AtomicUsize::new(0),
             max,
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Zero of the clock the table's times are on: the datapath reads it as
+    /// milliseconds since this, once per round.
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
+    /// Now on the table's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Calls `f` on every flow once (by its client's key), without blocking the datapath.
+    pub fn visit(&self, mut f: impl FnMut(&Flow)) {
+        for (_, slot) in self.map.pin().iter() {
+            if slot.dir == Dir::ToBackend {
+                f(&slot.flow);
+            }
         }
     }
 
@@ -483,6 +535,29 @@ mod tests {
             1,
             "gone after the default"
         );
+    }
+
+    #[test]
+    fn states_as_listed() {
+        let t = ConnTable::new(10);
+        let svc = Arc::new(ServiceCounters::default());
+        let f = t.insert(flow(key(PROTO_TCP, 1), &svc, 10_000)).unwrap();
+        assert_eq!(f.state_name(), "syn_sent");
+        f.track_tcp(Dir::ToClient, TCP_SYN | TCP_ACK, 1);
+        assert_eq!(f.state_name(), "established");
+        f.track_tcp(Dir::ToBackend, TCP_FIN | TCP_ACK, 0);
+        assert_eq!(f.state_name(), "fin_client");
+        f.track_tcp(Dir::ToClient, TCP_FIN | TCP_ACK, 2);
+        assert_eq!(f.state_name(), "closed");
+        let r = t.insert(flow(key(PROTO_TCP, 2), &svc, 10_000)).unwrap();
+        r.track_tcp(Dir::ToClient, TCP_SYN | TCP_ACK, 1);
+        r.track_tcp(Dir::ToBackend, TCP_RST, 0);
+        assert_eq!(r.state_name(), "reset");
+        let u = t.insert(flow(key(PROTO_UDP, 3), &svc, 10_000)).unwrap();
+        assert_eq!(u.state_name(), "active");
+        let mut seen = 0;
+        t.visit(|_| seen += 1);
+        assert_eq!(seen, 3, "each flow once, not once per key");
     }
 
     #[test]

@@ -61,6 +61,14 @@ impl LbRegistry {
         m.entry(service.to_string()).or_default().counters.clone()
     }
 
+    /// Every service's name with its counters (to name a flow's service by its counters).
+    pub fn names(&self) -> Vec<(String, Arc<ServiceCounters>)> {
+        let m = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter()
+            .map(|(name, e)| (name.clone(), e.counters.clone()))
+            .collect()
+    }
+
     /// The active-flow count of one backend of `service`.
     pub fn backend(&self, service: &str, ip: Ipv4Addr) -> Arc<AtomicU64> {
         let mut m = self.services.lock().unwrap_or_else(|e| e.into_inner());

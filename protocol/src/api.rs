@@ -1090,6 +1090,29 @@ pub struct WorkerStats {
     pub tx_frames: u64,
 }
 
+/// `GET /flows`: one load-balanced flow of this node's clients, as the connection table
+/// holds it (`overlayctl flows`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowInfo {
+    pub service: String,
+    /// "tcp", "udp" or "icmp".
+    pub proto: String,
+    /// The client's address and port (its task's, on the service's network).
+    pub client: String,
+    /// The VIP and port it asked for.
+    pub vip: String,
+    /// The task it was given, and where that task is: "local" or its node's underlay
+    /// address.
+    pub backend: String,
+    pub backend_at: String,
+    /// TCP: syn_sent, established, fin_client, fin_backend, closed, reset; otherwise
+    /// active.
+    pub state: String,
+    pub age_ms: u64,
+    /// Since its last packet, to within a second.
+    pub idle_ms: u64,
+}
+
 /// One published port on one node.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IngressPortStats {

@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use datapath::conntrack::ConnTable;
 use datapath::stats::Counters;
 use protocol::api::{
     self, ContainerSpec, Endpoint, EndpointSpec, EndpointView, Ipam, IpamConfig, NetworkInspect,
@@ -33,6 +34,8 @@ use std::sync::Arc;
 pub struct ApiState {
     pub cluster: Cluster,
     pub counters: Arc<Counters>,
+    /// The load balancer's connection table (`GET /flows`).
+    pub flows: Arc<ConnTable>,
     /// The routing mesh's per-port counters, reported with the datapath's.
     pub ingress: Arc<Registry>,
     pub node: NodeName,
@@ -97,6 +100,7 @@ pub fn router(state: ApiState) -> Router {
             post(membership::rotate_join_token),
         )
         .route("/datapath/stats", get(stats))
+        .route("/flows", get(flows))
         .route("/endpoints", get(endpoint_list).post(endpoint_create))
         .route(
             "/endpoints/{container}/{ifname}",
@@ -775,6 +779,50 @@ async fn stats(State(st): State<ApiState>) -> ApiResult<api::DatapathStats> {
     let mut stats = st.counters.snapshot();
     stats.ingress = st.ingress.snapshot();
     Ok(Json(stats))
+}
+
+/// `GET /flows[?service=NAME]`: this node's load-balanced flows, oldest first.
+async fn flows(
+    State(st): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Vec<api::FlowInfo>> {
+    let names = st.counters.lb.names();
+    let only = q.get("service");
+    let now = st.flows.now_ms();
+    let mut out = Vec::new();
+    st.flows.visit(|f| {
+        let Some((service, _)) = names.iter().find(|(_, c)| Arc::ptr_eq(c, &f.service)) else {
+            return;
+        };
+        if only.is_some_and(|o| o != service) {
+            return;
+        }
+        let proto = match f.key.proto {
+            datapath::nat::PROTO_TCP => "tcp",
+            datapath::nat::PROTO_UDP => "udp",
+            _ => "icmp",
+        };
+        out.push(api::FlowInfo {
+            service: service.clone(),
+            proto: proto.to_string(),
+            client: format!("{}:{}", f.key.src, f.key.sport),
+            vip: format!("{}:{}", f.key.dst, f.key.dport),
+            backend: format!("{}:{}", f.backend_ip, f.key.dport),
+            backend_at: match f.backend_at {
+                datapath::vocab::Location::Local(_) => "local".to_string(),
+                datapath::vocab::Location::Remote(a) => a.ip().to_string(),
+            },
+            state: f.state_name().to_string(),
+            age_ms: now.saturating_sub(f.started_ms),
+            idle_ms: f.idle_for(now),
+        });
+    });
+    out.sort_by(|a, b| {
+        b.age_ms
+            .cmp(&a.age_ms)
+            .then_with(|| a.client.cmp(&b.client))
+    });
+    Ok(Json(out))
 }
 
 #[cfg(test)]

@@ -498,7 +498,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let datapath = Datapath::start(
         counters.clone(),
         underlay,
-        flows,
+        flows.clone(),
         dns.clone(),
         cfg.workers(),
         esp_epoch,
@@ -547,6 +547,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let app = api::router(ApiState {
         cluster,
         counters,
+        flows,
         ingress: ingress_counters,
         node: cfg.node.clone(),
         state_dir: state_dir.clone(),

@@ -1,12 +1,16 @@
 //! `overlayd --metrics-addr`: on two nodes, the exposition passes `promtool check metrics`,
 //! the alert rules and scrape config in docs/prometheus pass `promtool check`, and a real
 //! Prometheus (Debian's) scraping both nodes counts, with PromQL, the load-balanced flows
-//! the test made through a service's VIP, the resolver's answers, the nodes ready and the tasks running. Needs root.
+//! the test made through a service's VIP, the resolver's answers, the nodes ready and the
+//! tasks running; `overlayctl flows` lists a held connection with its backend and `-f`
+//! shows a reset flow and a refused one. Needs root.
 
 use overlay_e2e::{
     ok, require_root, script_dir, unique, wait_for, write_script, Node, Underlay, WHOAMI_PY,
 };
+use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 /// Requests the test sends through the VIP: each a new TCP connection, so a new flow.
@@ -176,20 +180,141 @@ fn prometheus_scrapes_two_nodes() {
         query(&u, &web, flows)
     );
     // Each curl asked the task's resolver for whoami's address: answered from the cluster.
-    let lookups = r#"sum(overlay_dns_queries_total{type="A",outcome="cluster"})"#;
-    let answered = query(&u, &web, lookups);
+    // Both targets are up; the leader counts both nodes ready; three tasks run. (Each node
+    // is scraped on its own schedule: wait until both have been.)
+    let lookups = format!(
+        r#"sum(overlay_dns_queries_total{{type="A",outcome="cluster"}}) >= bool {REQUESTS}"#
+    );
+    let expect = [
+        (lookups.as_str(), 1.0),
+        ("sum(up)", 2.0),
+        (r#"overlay_cluster_nodes{health="ready"}"#, 2.0),
+        (r#"sum(overlay_node_tasks{state="running"})"#, 3.0),
+    ];
+    for (promql, want) in expect {
+        let got = wait_for(Duration::from_secs(10), || {
+            query(&u, &web, promql) == Some(want)
+        });
+        assert!(
+            got,
+            "{promql} = {:?}, expected {want}",
+            query(&u, &web, promql)
+        );
+    }
+
+    flow_table(cn, &n1);
+}
+
+/// Holds one connection to whoami:8000 open for a while after its answer.
+const HOLD_PY: &str = r#"
+import socket, time
+s = socket.create_connection(("whoami", 8000), timeout=5)
+s.sendall(b"GET / HTTP/1.1\r\nHost: w\r\n\r\n")
+s.recv(1000)
+print("held", flush=True)
+time.sleep(15)
+"#;
+
+/// One request to whoami:8000, then a reset instead of a close (SO_LINGER 0).
+const RESET_PY: &str = r#"
+import socket, struct
+s = socket.create_connection(("whoami", 8000), timeout=5)
+s.sendall(b"GET / HTTP/1.1\r\nHost: w\r\n\r\n")
+s.recv(1000)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+"#;
+
+/// `overlayctl flows` on the client's node lists a held connection with its backend; `-f`
+/// shows a reset flow and a refused one (UDP to a service without tasks) with their reasons.
+fn flow_table(cn: &Node, manager: &Node) {
+    let mut held = Reaped(
+        cn.ctl_cmd(&["exec", "client.1", "--", "python3", "-c", HOLD_PY])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("held connection"),
+    );
+    let mut said = String::new();
+    std::io::BufReader::new(held.0.stdout.take().expect("stdout"))
+        .read_line(&mut said)
+        .expect("held connection's output");
+    assert_eq!(said.trim(), "held");
+    let backends: Vec<String> = (1..=2)
+        .map(|i| format!("{}:8000", cn.task_ip(&format!("whoami.{i}"))))
+        .collect();
+    let vip = format!("{}:8000", cn.vip_of("whoami"));
+    let list = cn.json(&["flows", "--service", "whoami", "--json"]);
+    let open: Vec<&serde_json::Value> = list
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|f| f["state"] == "established")
+        .collect();
+    assert_eq!(open.len(), 1, "{list}");
+    assert_eq!(open[0]["vip"], vip.as_str(), "{list}");
     assert!(
-        answered >= Some(REQUESTS as f64),
-        "{lookups} = {answered:?}"
+        backends.iter().any(|b| open[0]["backend"] == b.as_str()),
+        "{list}"
     );
-    // Both targets are up; the leader counts both nodes ready.
-    assert_eq!(query(&u, &web, "sum(up)"), Some(2.0));
-    assert_eq!(
-        query(&u, &web, r#"overlay_cluster_nodes{health="ready"}"#),
-        Some(2.0)
+    let table = cn.ctl_ok(&["flows", "--service", "whoami"]);
+    assert!(
+        table.starts_with("PROTO") && table.contains("established"),
+        "{table}"
     );
-    assert_eq!(
-        query(&u, &web, r#"sum(overlay_node_tasks{state="running"})"#),
-        Some(3.0)
+
+    // Followed: a reset flow, then a refused one.
+    manager.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "idle",
+        "--network",
+        "demo",
+        "--replicas",
+        "0",
+        "--",
+        "sleep",
+        "infinity",
+    ]);
+    let idle_vip = manager.vip_of("idle");
+    let mut follow = Reaped(
+        cn.ctl_cmd(&["flows", "-f", "--service", "whoami"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("flows -f"),
     );
+    let (tx, rx) = mpsc::channel();
+    let out = follow.0.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_line = |want: &dyn Fn(&str) -> bool, what: &str| {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(l) if want(&l) => return,
+                Ok(l) => seen.push(l),
+                Err(_) => break,
+            }
+        }
+        panic!("flows -f never showed {what}; it showed {seen:?}");
+    };
+    // The first lines list what is open now.
+    wait_line(&|l| l.starts_with("= whoami tcp"), "the held flow");
+    ok(
+        cn.exec("client.1", &["python3", "-c", RESET_PY]),
+        "reset client",
+    );
+    wait_line(
+        &|l| l.contains("whoami tcp") && l.ends_with(" reset"),
+        "a reset flow",
+    );
+    let udp = format!("import socket;s=socket.socket(2,2);s.sendto(b'x',('{idle_vip}',9000))");
+    ok(cn.exec("client.1", &["python3", "-c", &udp]), "udp to idle");
+    wait_line(&|l| l.starts_with("! drop lb_no_backend"), "a refused flow");
 }

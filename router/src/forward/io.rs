@@ -132,7 +132,9 @@ impl Datapath {
             }
         }
         let tables = Arc::new(ArcSwap::from_pointee(Tables::default()));
-        let epoch = Instant::now();
+        // The workers' clock is the connection table's, so that the API reads flows' times
+        // on it too.
+        let epoch = flows.epoch();
         let esp_worn = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (mut rx_socks, pool) = match underlay {
             Some(u) => (u.rx.into_iter().map(Some).collect(), Some(u.tx)),

@@ -188,6 +188,7 @@ fn prometheus_scrapes_two_nodes() {
     let expect = [
         (lookups.as_str(), 1.0),
         ("sum(up)", 2.0),
+        ("count(overlay_control_snapshot_age_seconds < 5)", 2.0),
         (r#"overlay_cluster_nodes{health="ready"}"#, 2.0),
         (r#"sum(overlay_node_tasks{state="running"})"#, 3.0),
     ];

@@ -363,6 +363,8 @@ pub struct Link {
     requests: mpsc::Sender<(Op, Reply)>,
     requests_rx: Mutex<Option<mpsc::Receiver<(Op, Reply)>>>,
     connected: AtomicBool,
+    /// When the last push from a manager arrived (none yet: `None`).
+    last_push: Mutex<Option<std::time::Instant>>,
 }
 
 impl Link {
@@ -389,11 +391,18 @@ impl Link {
             requests,
             requests_rx: Mutex::new(Some(rx)),
             connected: AtomicBool::new(false),
+            last_push: Mutex::new(None),
         }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
+    }
+
+    /// How long ago the last push from a manager arrived (`None` before the first).
+    pub fn since_last_push(&self) -> Option<std::time::Duration> {
+        let last = *self.last_push.lock().unwrap_or_else(|p| p.into_inner());
+        last.map(|t| t.elapsed())
     }
 
     pub fn is_connected(&self) -> bool {
@@ -484,11 +493,17 @@ impl Link {
             .unwrap_or_default()
     }
 
+    /// A push arrived: what this node holds is current now.
+    fn pushed(&self) {
+        *self.last_push.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+    }
+
     fn accept_snapshot(&self, snap: Snapshot, store: &Store) {
         let newer = snap.state.revision != self.view.state.borrow().revision;
         let state = newer.then(|| snap.state.clone());
         // The API's view first: whoever waits for a revision then reads this one.
         self.snapshot.send_replace(Arc::new(snap));
+        self.pushed();
         if let Some(state) = state {
             // A manager on etcd keeps no copy: etcd holds the state it follows, and a copy
             // that may lag would be a second truth.
@@ -574,6 +589,10 @@ impl Link {
                         let manager = self.manager().map(tracing::field::display);
                         info!(manager, "control session up");
                         self.connected.store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                    Event::Current => {
+                        self.pushed();
                         continue;
                     }
                     Event::Snapshot(snap) => {

@@ -355,6 +355,20 @@ impl Collector for Control {
             None,
             [(vec![], one(cluster.manager_reachable()))],
         )?;
+        // A follower's state is as old as the last push it received; a leader's is current.
+        let age = match cluster.mode() {
+            Mode::Manager { .. } => Some(0.0),
+            Mode::Worker(link) => link.since_last_push().map(|d| d.as_secs_f64()),
+        };
+        if let Some(age) = age {
+            family(
+                &mut e,
+                "control_snapshot_age",
+                "Time since this node last received the desired state from a manager (0 on the leader).",
+                Some(&Unit::Seconds),
+                [(vec![], ConstGauge::new(age))],
+            )?;
+        }
         let snapshot = cluster.snapshot();
         family(
             &mut e,

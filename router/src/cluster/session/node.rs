@@ -65,6 +65,8 @@ pub enum Event {
     Up,
     /// A snapshot newer than (or as new as) the last one: adopt it.
     Snapshot(Box<Snapshot>),
+    /// A push said nothing changed: the snapshot held is current now.
+    Current,
     /// The outcome of the request [`NodeSession::request`] numbered `id`.
     Answer {
         id: u64,
@@ -412,6 +414,7 @@ impl NodeSession {
                     Some((number, snap)) if *number == base => {
                         *number = push;
                         if delta.is_empty() {
+                            self.events.push_back(Event::Current);
                             return;
                         }
                         delta.apply(snap);

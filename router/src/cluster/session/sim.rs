@@ -409,6 +409,7 @@ impl Sim {
                 self.send_up(ToManager::Report { statuses: vec![] })
             }
             Event::Up => self.see(Seen::Up),
+            Event::Current => {}
             Event::Snapshot(s) => self.see(Seen::Adopted(s.state.revision)),
             Event::Answer { id, result } => self.see(Seen::Answer(id, result)),
             Event::MakeCsr => {
@@ -1583,6 +1584,7 @@ fn deltas_apply_to_the_push_the_node_holds() {
     );
     // Nothing changed: nothing to adopt, but the manager was heard from.
     n.handle_message(t0 + ms(4000), delta(5, &s2, &s2));
+    assert_eq!(n.poll(), Some(Event::Current));
     assert_eq!(n.poll(), None);
     n.handle_timeout(t0 + ms(6000));
     let events: Vec<Event> = std::iter::from_fn(|| n.poll()).collect();

@@ -77,6 +77,10 @@ pub struct EspState {
     rx_cap: usize,
     /// Entries of `rx` evicted to stay within `rx_cap`, since the start.
     evicted: u64,
+    /// Datagrams given a sequence number to be sealed, and datagrams opened, since the
+    /// start.
+    sealed: u64,
+    opened: u64,
     /// Derivations left to each sender address for epochs not seen yet.
     derivations: HashMap<Ipv4Addr, Bucket, FastHash>,
     /// This node could not keep its epoch on disk, so its keys may repeat an earlier run's:
@@ -95,6 +99,8 @@ impl Default for EspState {
             rx: HashMap::default(),
             rx_cap: RX_MAX,
             evicted: 0,
+            sealed: 0,
+            opened: 0,
             derivations: HashMap::default(),
             no_epoch: false,
             worn: Arc::default(),
@@ -142,6 +148,7 @@ impl EspState {
             return None;
         }
         *s += 1;
+        self.sealed += 1;
         if *s == esp::SEQ_REKEY {
             if let Ok(mut w) = self.worn.lock() {
                 w.push(spi);
@@ -238,6 +245,7 @@ impl EspState {
             }
             (None, None) => {}
         }
+        self.opened += 1;
         Ok((range, vni))
     }
 
@@ -280,6 +288,12 @@ impl EspState {
     /// adds them to the node's counters (`esp_evicted`).
     pub fn evicted(&self) -> u64 {
         self.evicted
+    }
+
+    /// Datagrams this worker sealed (given a sequence number) and opened since the start;
+    /// the worker adds them to the node's counters.
+    pub fn sealed_opened(&self) -> (u64, u64) {
+        (self.sealed, self.opened)
     }
 }
 

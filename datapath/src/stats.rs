@@ -34,6 +34,9 @@ pub struct Counters {
     /// ESP receiving states (a sender's key and replay window) evicted to stay within
     /// `crypto::RX_MAX`: not a dropped frame, so not a [`DropReason`].
     pub esp_evicted: AtomicU64,
+    /// ESP datagrams sealed and opened (a failed one is a drop, by its reason).
+    pub esp_sealed: AtomicU64,
+    pub esp_opened: AtomicU64,
     drops: [AtomicU64; 32],
     pub lb: LbRegistry,
 }
@@ -127,6 +130,8 @@ impl Default for Counters {
             replies: AtomicU64::default(),
             flooded: AtomicU64::default(),
             esp_evicted: AtomicU64::default(),
+            esp_sealed: AtomicU64::default(),
+            esp_opened: AtomicU64::default(),
             drops: Default::default(),
             lb: LbRegistry::default(),
         }
@@ -176,6 +181,8 @@ impl Counters {
             replies: self.replies.load(Ordering::Relaxed),
             flooded: self.flooded.load(Ordering::Relaxed),
             esp_evicted: self.esp_evicted.load(Ordering::Relaxed),
+            esp_sealed: self.esp_sealed.load(Ordering::Relaxed),
+            esp_opened: self.esp_opened.load(Ordering::Relaxed),
             drops,
             services: self.lb.snapshot(),
             ingress: BTreeMap::new(),

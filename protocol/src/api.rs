@@ -1040,6 +1040,12 @@ pub struct DatapathStats {
     /// worker's map within its bound (`datapath::crypto::RX_MAX`), least recently used first.
     #[serde(default)]
     pub esp_evicted: u64,
+    /// ESP datagrams sealed and opened by this node (those that failed to open are drops,
+    /// by reason).
+    #[serde(default)]
+    pub esp_sealed: u64,
+    #[serde(default)]
+    pub esp_opened: u64,
     /// Dropped frames by reason (a reason that never happened is absent).
     pub drops: BTreeMap<String, u64>,
     /// Load balancing done by this node, per service (flows of this node's clients).

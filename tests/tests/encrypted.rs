@@ -187,6 +187,15 @@ fn encrypted_networks_on_three_nodes() {
     );
     let spi0 = u32::from_be_bytes([esp[0][0], esp[0][1], esp[0][2], esp[0][3]]);
     assert_eq!(spi0 & 0x00ff_ffff, vni);
+    // Each node counts what it sealed and opened (overlay_esp_*_datagrams_total).
+    for n in [&n1, &n2] {
+        let stats = n.json(&["stats"]);
+        let count = |k: &str| stats[k].as_u64().unwrap_or(0);
+        assert!(
+            count("esp_sealed") > 0 && count("esp_opened") > 0,
+            "{stats}"
+        );
+    }
 
     // Replay, tamper, outsiders, cleartext: nothing delivered, each counted.
     let one = esp

@@ -180,6 +180,7 @@ impl Datapath {
                 esp: EspState::new(lane as u8, esp_worn.clone(), esp_epoch.is_some()),
                 seen_tables: 0,
                 esp_evicted: 0,
+                esp_counted: (0, 0),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("datapath-{lane}"))
@@ -388,8 +389,9 @@ struct Worker {
     esp: EspState,
     /// The tables last seen (to forget senders' state under keys that went away).
     seen_tables: usize,
-    /// `esp.evicted()` as last added to the node's counters.
+    /// `esp.evicted()` and `esp.sealed_opened()` as last added to the node's counters.
     esp_evicted: u64,
+    esp_counted: (u64, u64),
 }
 
 impl Worker {
@@ -664,7 +666,20 @@ impl Worker {
             tx += self.txb.flush(u, &self.counters, &self.frames);
         }
         Counters::add(&self.counters.worker(self.ports.lane).tx_frames, tx);
+        self.count_esp();
         more
+    }
+
+    /// Adds what this worker sealed and opened since the last call to the node's counters
+    /// (once per batch: the per-datagram counts are the worker's own).
+    fn count_esp(&mut self) {
+        let (sealed, opened) = self.esp.sealed_opened();
+        let (s0, o0) = self.esp_counted;
+        if (sealed, opened) != (s0, o0) {
+            Counters::add(&self.counters.esp_sealed, sealed - s0);
+            Counters::add(&self.counters.esp_opened, opened - o0);
+            self.esp_counted = (sealed, opened);
+        }
     }
 
     /// Handles one recvmmsg worth of VXLAN datagrams; returns whether more may be waiting.
@@ -784,6 +799,7 @@ impl Worker {
         let mine = self.counters.worker(self.ports.lane);
         Counters::add(&mine.rx_frames, rx);
         Counters::add(&mine.tx_frames, tx);
+        self.count_esp();
         let evicted = self.esp.evicted();
         if evicted != self.esp_evicted {
             Counters::add(&self.counters.esp_evicted, evicted - self.esp_evicted);

@@ -161,6 +161,20 @@ impl Collector for Datapath {
         )?;
         family(
             &mut e,
+            "esp_sealed_datagrams",
+            "ESP datagrams sealed for encrypted networks.",
+            None,
+            [(vec![], counter(s.esp_sealed))],
+        )?;
+        family(
+            &mut e,
+            "esp_opened_datagrams",
+            "ESP datagrams opened (their tag checked, their sequence number new); the others are drops by reason (esp_*).",
+            None,
+            [(vec![], counter(s.esp_opened))],
+        )?;
+        family(
+            &mut e,
             "esp_receive_states_evicted",
             "ESP receiving states (a sender's key and replay window) forgotten to stay within the bound.",
             None,

@@ -1,7 +1,8 @@
 //! Wiring of one node and its single shutdown mechanism: a `CancellationToken` fired by
-//! SIGTERM or SIGINT. On shutdown the API stops accepting, the agent stops every task
-//! (processes, namespaces, TAPs), the datapath thread ends and the socket file is removed.
-//! The desired state stays on disk, so the next start re-creates everything.
+//! SIGTERM or SIGINT. On shutdown the API stops accepting, the agent lets go of its tasks
+//! (they keep running, with their namespaces and TAPs, for the next start to adopt; with
+//! `--stop-tasks` it stops them), the datapath thread ends and the socket file is removed.
+//! The desired state stays on disk, so the next start re-creates what is missing.
 
 use crate::agent::{Agent, Planes};
 use crate::api::{self, ApiState};
@@ -406,8 +407,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             store
         }
     };
-    // Task namespaces are named after the node (ov-NODE-TASK), and a starting node removes
-    // its leftovers: two live daemons with one node name would destroy each other's tasks.
+    // Task namespaces are named after the node (ov-NODE-TASK), and a starting node adopts or
+    // removes its leftovers: two live daemons with one node name would destroy each other's tasks.
     let node_lock_path = naming::node_lock(&cfg.node);
     let _node_lock = crate::store::NameLock::acquire(&node_lock_path)
         .with_context(|| format!("locking {}", node_lock_path.display()))?
@@ -522,7 +523,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         &state_dir,
         dns,
         cfg.data_path_port,
-    );
+    )
+    .stop_tasks_on_shutdown(cfg.stop_tasks);
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
 
     let cluster_for_plugin = cluster.clone();

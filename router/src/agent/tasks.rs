@@ -2,8 +2,15 @@
 //! (handed to the datapath), its mount namespace with its own resolv.conf and hosts, the
 //! embedded resolver's sockets inside it, and its supervised process ([`crate::task`]); and
 //! their removal: after its process drained and stopped when the task left the desired
-//! state ([`super::drain`]), at once when the daemon shuts down, or at start when a crashed
-//! run left them behind.
+//! state ([`super::drain`]), or at once when the daemon shuts down with `--stop-tasks`.
+//!
+//! Without `--stop-tasks` a daemon that stops (or crashes) leaves its tasks as they are:
+//! processes under their shims (`task_shim`), namespaces, persistent TAPs. The next run
+//! finds them by name (`ov-NODE-TASK`) and, once the first real state arrived, adopts each
+//! that is still desired here with the same id and whose shim record names live processes
+//! ([`Agent::settle_leftovers`]): it attaches to its TAPs again, serves its resolver again
+//! and resumes supervising the same process. What it cannot adopt it removes, and starts
+//! afresh if still desired.
 
 use super::Agent;
 use crate::dns::server as dns;
@@ -12,6 +19,7 @@ use crate::sys::iface::{self, IfaceSpec};
 use crate::sys::{mntns, netns, tap};
 use crate::task::{self, TaskProcess};
 use crate::task_log;
+use crate::task_shim::Shim;
 use datapath::vocab::{PortBinding, PortId};
 use protocol::api::TaskState;
 use protocol::state::{ClusterState, Task, DEFAULT_STOP_GRACE_S};
@@ -44,22 +52,191 @@ pub(super) struct Leaving {
 }
 
 impl Agent {
-    /// Removes namespaces a previous run of this node left behind (after a crash).
-    pub fn clean_leftovers(&self) {
+    /// Deals with what a previous run of this node left (its tasks, when it stopped without
+    /// `--stop-tasks` or crashed), given the first real state: adopts the tasks still desired
+    /// here, removes the rest.
+    pub(super) async fn settle_leftovers(&mut self, state: &ClusterState) {
         let prefix = naming::netns_prefix(&self.node);
+        let mut left: Vec<String> = netns::list_with_prefix(&prefix)
+            .into_iter()
+            .filter_map(|n| n.strip_prefix(&prefix).map(str::to_string))
+            .collect();
         if let Ok(dir) = std::fs::read_dir(mntns::MNTNS_DIR) {
-            for e in dir.filter_map(|e| e.ok()) {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = mntns::remove(&e.path());
+            let names = dir.filter_map(|e| e.ok()?.file_name().into_string().ok());
+            for name in names.filter_map(|n| n.strip_prefix(&prefix).map(str::to_string)) {
+                if !left.contains(&name) {
+                    left.push(name);
                 }
             }
         }
-        for name in netns::list_with_prefix(&prefix) {
-            let path = netns::path_of(&name);
-            match netns::remove(&path) {
-                Ok(()) => info!(netns = %name, "removed leftover namespace"),
-                Err(e) => warn!(netns = %name, error = %e, "cannot remove leftover namespace"),
+        let node = self.node.clone();
+        let wanted: std::collections::BTreeMap<&str, &Task> = state
+            .tasks_on(&node)
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        let mut adopted = 0;
+        for name in left {
+            if let Some(task) = wanted.get(name.as_str()) {
+                match self.adopt_task(state, task).await {
+                    Ok(lt) => {
+                        self.tasks.insert(name, lt);
+                        adopted += 1;
+                        continue;
+                    }
+                    Err(error) => {
+                        warn!(task = %name, %error, "cannot adopt the task: starting it afresh")
+                    }
+                }
             }
+            self.remove_leftover(&name).await;
+        }
+        if adopted > 0 {
+            info!(
+                tasks = adopted,
+                "adopted the tasks a previous run left running"
+            );
+        }
+    }
+
+    /// Removes a task's namespaces and files a previous run left, killing what runs there.
+    async fn remove_leftover(&self, task: &str) {
+        let _ = mntns::remove(&naming::task_mntns(&self.node, task));
+        let _ = std::fs::remove_dir_all(naming::task_files(&self.state_dir, task));
+        let path = naming::task_netns(&self.node, task);
+        let name = task.to_string();
+        let removed = tokio::task::spawn_blocking(move || netns::remove(&path)).await;
+        match removed {
+            Ok(Ok(())) => info!(task = %name, "removed a leftover task"),
+            Ok(Err(e)) => warn!(task = %name, error = %e, "cannot remove leftover namespace"),
+            Err(e) => warn!(task = %name, error = %e, "namespace removal thread failed"),
+        }
+    }
+
+    /// Takes over a task a previous run left: its process (same pid), its TAPs (same
+    /// address and MAC: the kernel kept them), its resolver (served again).
+    async fn adopt_task(&mut self, state: &ClusterState, task: &Task) -> Result<LocalTask, String> {
+        let ns_path = naming::task_netns(&self.node, &task.name);
+        let mnt_path = naming::task_mntns(&self.node, &task.name);
+        if !mnt_path.exists() {
+            return Err("its mount namespace is gone".to_string());
+        }
+        let shim = Shim::adopt(
+            &naming::task_process_record(&self.state_dir, &task.name),
+            &naming::task_exit_file(&self.state_dir, &task.name),
+            &task.id,
+        )?;
+        let bindings = bindings_of(state, task)?;
+        let names = (0..bindings.len()).map(naming::task_iface).collect();
+        let fds = {
+            let (path, queues) = (ns_path.clone(), self.datapath.workers());
+            tokio::task::spawn_blocking(move || iface::reopen_task_ifaces(&path, names, queues))
+                .await
+                .map_err(|e| format!("reopen thread failed: {e}"))?
+                .map_err(|e| format!("attaching to its interfaces: {e}"))?
+        };
+        let resolver = {
+            let path = ns_path.clone();
+            tokio::task::spawn_blocking(move || resolver_sockets(&path))
+                .await
+                .map_err(|e| format!("resolver thread failed: {e}"))?
+                .map_err(|e| format!("binding its resolver: {e}"))?
+        };
+        let resolver_stop = self.serve_resolver(task, resolver);
+        let ports = self.add_ports(fds, bindings);
+        let stop = task::Stop::default();
+        let proc = self.process_of(task, &ns_path, &mnt_path);
+        let supervisor = tokio::spawn(task::supervise(
+            proc,
+            self.statuses.clone(),
+            stop.clone(),
+            Some(shim),
+        ));
+        Ok(LocalTask {
+            id: task.id.clone(),
+            netns: ns_path,
+            mntns: mnt_path,
+            files: naming::task_files(&self.state_dir, &task.name),
+            ports,
+            resolver: resolver_stop,
+            stop,
+            supervisor,
+        })
+    }
+
+    /// Serves the embedded resolver on a task's sockets until the returned token fires.
+    fn serve_resolver(
+        &self,
+        task: &Task,
+        (udp, tcp): (std::net::UdpSocket, std::net::TcpListener),
+    ) -> CancellationToken {
+        let stop = CancellationToken::new();
+        let networks = task
+            .attachments
+            .iter()
+            .map(|a| a.network.to_string())
+            .collect();
+        match (
+            tokio::net::UdpSocket::from_std(udp),
+            tokio::net::TcpListener::from_std(tcp),
+        ) {
+            (Ok(udp), Ok(tcp)) => {
+                tokio::spawn(dns::serve(
+                    udp,
+                    tcp,
+                    networks,
+                    self.dns.clone(),
+                    stop.clone(),
+                ));
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(task = %task.name, error = %e, "resolver not served")
+            }
+        }
+        stop
+    }
+
+    /// Hands a task's TAPs to the datapath, each as a new port with its binding.
+    fn add_ports(
+        &mut self,
+        fds: Vec<Vec<std::os::fd::OwnedFd>>,
+        bindings: Vec<PortBinding>,
+    ) -> Vec<(PortId, PortBinding)> {
+        let mut ports = Vec::new();
+        for (fd, binding) in fds.into_iter().zip(bindings) {
+            let port = PortId(self.next_port);
+            self.next_port += 1;
+            self.datapath.add_port(port, fd, tap::udp_offload());
+            ports.push((port, binding));
+        }
+        ports
+    }
+
+    /// What supervising a task's process needs.
+    fn process_of(
+        &self,
+        task: &Task,
+        netns: &std::path::Path,
+        mntns: &std::path::Path,
+    ) -> TaskProcess {
+        TaskProcess {
+            name: task.name.clone(),
+            id: task.id.clone(),
+            service: task.service.to_string(),
+            slot: task.slot,
+            node: self.node.to_string(),
+            command: task.spec.command.clone(),
+            env: task.spec.env.clone(),
+            netns: netns.to_path_buf(),
+            mntns: Some(mntns.to_path_buf()),
+            log: naming::task_log(&self.state_dir, &task.name),
+            exit_file: naming::task_exit_file(&self.state_dir, &task.name),
+            record: naming::task_process_record(&self.state_dir, &task.name),
+            healthcheck: task.spec.healthcheck.clone(),
+            stop_grace: Duration::from_secs(
+                task.spec
+                    .stop_grace_period_s
+                    .unwrap_or(DEFAULT_STOP_GRACE_S),
+            ),
         }
     }
 
@@ -69,8 +246,8 @@ impl Agent {
         task: &Task,
     ) -> Result<LocalTask, String> {
         self.report(task, TaskState::Starting, None);
+        let bindings = bindings_of(state, task)?;
         let mut specs = Vec::new();
-        let mut bindings = Vec::new();
         for (i, a) in task.attachments.iter().enumerate() {
             let net = state
                 .networks
@@ -83,11 +260,6 @@ impl Agent {
                 prefix_len: net.subnet.prefix_len(),
                 mtu: net.mtu(),
                 gateway: (i == 0).then_some(net.gateway),
-            });
-            bindings.push(PortBinding {
-                vni: net.vni,
-                mac: a.mac,
-                ip: a.address,
             });
         }
         let ns_name = naming::netns_name(&self.node, &task.name);
@@ -122,7 +294,7 @@ impl Agent {
                 .await
                 .map_err(|e| format!("setup thread failed: {e}"))?
         };
-        let (udp, tcp) = match resolver {
+        let sockets = match resolver {
             Ok(socks) => socks,
             Err(e) => {
                 drop(fds);
@@ -132,56 +304,16 @@ impl Agent {
                 return Err(format!("setting up the task's resolver and mounts: {e}"));
             }
         };
-        let resolver_stop = CancellationToken::new();
-        let networks = task
-            .attachments
-            .iter()
-            .map(|a| a.network.to_string())
-            .collect();
-        match (
-            tokio::net::UdpSocket::from_std(udp),
-            tokio::net::TcpListener::from_std(tcp),
-        ) {
-            (Ok(udp), Ok(tcp)) => {
-                tokio::spawn(dns::serve(
-                    udp,
-                    tcp,
-                    networks,
-                    self.dns.clone(),
-                    resolver_stop.clone(),
-                ));
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                warn!(task = %task.name, error = %e, "resolver not served")
-            }
-        }
-        let mut ports = Vec::new();
-        for (fd, binding) in fds.into_iter().zip(bindings) {
-            let port = PortId(self.next_port);
-            self.next_port += 1;
-            self.datapath.add_port(port, fd, tap::udp_offload());
-            ports.push((port, binding));
-        }
-        let proc = TaskProcess {
-            name: task.name.clone(),
-            id: task.id.clone(),
-            service: task.service.to_string(),
-            slot: task.slot,
-            node: self.node.to_string(),
-            command: task.spec.command.clone(),
-            env: task.spec.env.clone(),
-            netns: ns_path.clone(),
-            mntns: Some(mnt_path.clone()),
-            log: naming::task_log(&self.state_dir, &task.name),
-            healthcheck: task.spec.healthcheck.clone(),
-            stop_grace: Duration::from_secs(
-                task.spec
-                    .stop_grace_period_s
-                    .unwrap_or(DEFAULT_STOP_GRACE_S),
-            ),
-        };
+        let resolver_stop = self.serve_resolver(task, sockets);
+        let ports = self.add_ports(fds, bindings);
+        let proc = self.process_of(task, &ns_path, &mnt_path);
         let stop = task::Stop::default();
-        let supervisor = tokio::spawn(task::supervise(proc, self.statuses.clone(), stop.clone()));
+        let supervisor = tokio::spawn(task::supervise(
+            proc,
+            self.statuses.clone(),
+            stop.clone(),
+            None,
+        ));
         info!(task = %task.name, netns = %ns_path.display(), "task set up");
         Ok(LocalTask {
             id: task.id.clone(),
@@ -240,6 +372,15 @@ impl Agent {
         }
     }
 
+    /// Ends the supervision of a task the daemon leaves running when it stops: its process,
+    /// namespaces and TAPs stay for the next run to adopt; its resolver stops (with the
+    /// daemon) and its TAPs' fds go with the datapath.
+    pub(super) async fn detach_task(&mut self, lt: LocalTask) {
+        lt.stop.detach.cancel();
+        let _ = lt.supervisor.await;
+        lt.resolver.cancel();
+    }
+
     /// Stops a task's process at once (the daemon shuts down) and tears it down.
     pub(super) async fn stop_task(&mut self, name: &str, lt: LocalTask) {
         lt.stop.now.cancel();
@@ -269,6 +410,24 @@ impl Agent {
             }
         }
     }
+}
+
+/// The datapath binding of each of a task's network attachments, in order.
+fn bindings_of(state: &ClusterState, task: &Task) -> Result<Vec<PortBinding>, String> {
+    task.attachments
+        .iter()
+        .map(|a| {
+            let net = state
+                .networks
+                .get(&a.network)
+                .ok_or_else(|| format!("network {} not in state", a.network))?;
+            Ok(PortBinding {
+                vni: net.vni,
+                mac: a.mac,
+                ip: a.address,
+            })
+        })
+        .collect()
 }
 
 /// What a task sees of the node besides its interfaces: its resolv.conf (the embedded

@@ -23,7 +23,7 @@ use crate::task_log::{self, LogFile};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -78,8 +78,9 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Ok(c) => c,
         Err(e) => return refuse(&format!("starting {:?}: {e}", argv[0])),
     };
-    // The command's pid, for overlayd; nothing else is written there.
-    println!("{}", child.id());
+    // The command's pid, for overlayd; nothing else is written there. (An overlayd gone
+    // meanwhile is no reason to stop: the next one adopts by the record, or removes.)
+    let _ = writeln!(std::io::stdout(), "{}", child.id());
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         copy_output(reader, &log);
@@ -114,7 +115,7 @@ fn parse_args(args: Vec<OsString>) -> Option<(PathBuf, PathBuf, Vec<OsString>)> 
 
 /// Tells overlayd why the command could not start.
 fn refuse(why: &str) -> ExitCode {
-    println!("error: {why}");
+    let _ = writeln!(std::io::stdout(), "error: {why}");
     ExitCode::from(127)
 }
 
@@ -207,6 +208,20 @@ impl Shim {
             }
         };
         // `child` is not waited for here: the shim is reaped when its pidfd says it ended.
+        let held = Shim::record_and_hold(l, shim_pid, pid);
+        if held.is_err() {
+            // Not supervised, not adoptable: it must not run on unseen.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::SIGKILL,
+            );
+            let _ = child.wait();
+        }
+        held
+    }
+
+    /// Holds the shim and process just started by pidfd and writes their record.
+    fn record_and_hold(l: &Launch<'_>, shim_pid: u32, pid: u32) -> Result<Shim, String> {
         let record = Record {
             task_id: l.task_id.to_string(),
             shim_pid,

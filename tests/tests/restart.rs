@@ -189,22 +189,45 @@ fn tasks_outlive_the_router() {
     let echo = write_script(&dir, "echo.py", ECHO_PY);
     let client = write_script(&dir, "client.py", CLIENT_PY);
     a.ctl_ok(&["network", "create", "--subnet", "10.0.31.0/24", "net"]);
-    for (name, script) in [("echo", &echo), ("client", &client)] {
-        a.ctl_ok(&[
-            "service",
-            "create",
-            "--name",
-            name,
-            "--network",
-            "net",
-            "--replicas",
-            "2",
-            "--",
-            "/usr/bin/python3",
-            "-u",
-            script,
-        ]);
-    }
+    // The echo tasks' health check notes each run, so the test sees checks resume on
+    // adopted tasks.
+    let checks = dir.join("checks");
+    std::fs::create_dir_all(&checks).expect("checks dir");
+    let check = format!("echo x >> {}/$OVERLAY_TASK_NAME", checks.display());
+    a.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "echo",
+        "--network",
+        "net",
+        "--replicas",
+        "2",
+        "--health-cmd",
+        &check,
+        "--health-interval",
+        "1s",
+        "--",
+        "/usr/bin/python3",
+        "-u",
+        &echo,
+    ]);
+    a.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "client",
+        "--network",
+        "net",
+        "--replicas",
+        "2",
+        "--",
+        "/usr/bin/python3",
+        "-u",
+        &client,
+    ]);
+    let checks_of =
+        |task: &str| std::fs::read_to_string(checks.join(task)).map_or(0, |s| s.lines().count());
     assert!(
         wait_for(Duration::from_secs(20), || all_running(&a)),
         "{}",
@@ -246,6 +269,18 @@ fn tasks_outlive_the_router() {
     eprintln!("kill -9, start: overlayd up again after {started:?}; longest gap {gap} ms");
     assert!(gap < 2_000, "a {gap} ms stall over kill -9 and start");
     assert!(b.log().contains("task adopted"), "{}", b.log());
+    // Health checks resume on the adopted echo task of b: two more runs, and healthy.
+    let echo_b = ["echo.1", "echo.2"]
+        .into_iter()
+        .find(|t| a.node_of(t) == b.name)
+        .expect("an echo task on b");
+    let ran = checks_of(echo_b);
+    assert!(
+        wait_for(Duration::from_secs(10), || checks_of(echo_b) >= ran + 2
+            && a.task_view(echo_b)["status"]["health"] == "healthy"),
+        "no health checks on the adopted {echo_b}: {}",
+        a.task_view(echo_b)
+    );
 
     // (2) SIGTERM, then start: the same.
     let seqs = last_seqs(&[&a, &b]);

@@ -269,7 +269,7 @@ impl Agent {
             let queues = self.datapath.workers();
             tokio::task::spawn_blocking(move || {
                 netns::create(&ns_name)?;
-                iface::create_task_ifaces(&path, specs, queues)
+                iface::create_task_ifaces(&path, specs, queues, iface::Lifetime::Persistent)
             })
             .await
             .map_err(|e| format!("setup thread failed: {e}"))?

@@ -23,21 +23,36 @@ pub struct IfaceSpec {
     pub gateway: Option<Ipv4Addr>,
 }
 
-/// Creates the TAPs of `specs` inside the namespace at `ns`, with `queues` queues each,
-/// makes them persistent ([`tap::persist`]: they outlive this overlayd), configures them (MTU,
-/// MAC, address, up, default route) and brings `lo` up. Returns each TAP's queue fds in
-/// `specs` order.
+/// How long a TAP lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifetime {
+    /// As long as its namespace ([`tap::persist`]): a task's, which outlives overlayd and is
+    /// attached to again by the next run.
+    Persistent,
+    /// As long as overlayd holds one of its fds: a container endpoint's, made again by the
+    /// next run.
+    WithFds,
+}
+
+/// Creates the TAPs of `specs` inside the namespace at `ns`, with `queues` queues each and
+/// the given lifetime, configures them (MTU, MAC, address, up, default route) and brings `lo`
+/// up. Returns each TAP's queue fds in `specs` order.
 pub fn create_task_ifaces(
     ns: &Path,
     specs: Vec<IfaceSpec>,
     queues: usize,
+    lifetime: Lifetime,
 ) -> io::Result<Vec<Vec<OwnedFd>>> {
     netns::run_in(ns, move || {
         let fds = specs
             .iter()
             .map(|s| tap::create(&s.name, queues))
             .collect::<io::Result<Vec<_>>>()?;
-        for (s, queues) in specs.iter().zip(&fds) {
+        let persistent = fds
+            .iter()
+            .zip(&specs)
+            .filter(|_| lifetime == Lifetime::Persistent);
+        for (queues, s) in persistent {
             if let Some(first) = queues.first() {
                 tap::persist(first).map_err(|e| io::Error::other(format!("{}: {e}", s.name)))?;
             }

@@ -11,18 +11,19 @@
 //!
 //! Tasks outlive the daemon: when it stops (without `--stop-tasks`) or crashes, their
 //! processes, namespaces and TAPs stay, and the next run adopts them once it has the first
-//! real state (revision > 0; until then it removes nothing): see [`tasks`].
+//! real state (revision > 0; until then it removes nothing): see [`adopt`].
 //!
 //! A task that leaves the desired state is not stopped at once: it drains ([`drain`]) while
 //! the agent keeps its namespace and interfaces, and is torn down once its process stopped.
 //!
 //! The work is split by what it realises: [`tasks`] (a task's namespaces, TAPs, resolver and
-//! supervised process), [`endpoints`] (other runtimes' containers: CNI and Docker), and
-//! [`tables`] (the datapath's tables, encrypted networks' keys in them, and the views the
-//! resolvers and the routing mesh's proxy read); [`health`] and [`drain`] hold the rules of
+//! supervised process), [`adopt`] (the tasks a previous run left), [`endpoints`] (other
+//! runtimes' containers: CNI and Docker), and [`tables`] (the datapath's tables, encrypted
+//! networks' keys in them, and the views the resolvers and the routing mesh's proxy read); [`health`] and [`drain`] hold the rules of
 //! health checks and of the stop sequence, without I/O. This file holds the agent itself and
 //! its reconcile loop.
 
+mod adopt;
 pub(crate) mod drain;
 mod endpoints;
 pub(crate) mod health;

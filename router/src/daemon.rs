@@ -491,6 +491,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let ingress_counters = Arc::new(crate::ingress::stats::Registry::default());
     let flows = Arc::new(ConnTable::new(cfg.lb_max_flows));
+    // The previous run's established flows to VIPs, resumed by their next segment.
+    match crate::forward::saved_flows::load(&state_dir) {
+        Ok((saved, bad)) => {
+            if !saved.is_empty() || bad > 0 {
+                info!(
+                    flows = saved.len(),
+                    unreadable = bad,
+                    "resuming the previous run's flows"
+                );
+            }
+            flows.offer_resumable(saved);
+        }
+        Err(e) => warn!(error = %e, "cannot read the previous run's flows"),
+    }
     let esp_epoch = epoch::next(&state_dir)
         .inspect_err(|e| {
             error!(
@@ -506,6 +520,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         dns.clone(),
         cfg.workers(),
         esp_epoch,
+        Some(state_dir.clone()),
     )
     .context("starting the datapath thread")?;
     let planes = Planes::new(

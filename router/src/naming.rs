@@ -106,6 +106,11 @@ pub fn task_process_record(state_dir: &Path, task: &str) -> PathBuf {
     task_files(state_dir, task).join("process.json")
 }
 
+/// The load balancer's established flows, for the next run to resume (`forward::saved_flows`).
+pub fn saved_flows(state_dir: &Path) -> PathBuf {
+    state_dir.join("flows")
+}
+
 /// What the Docker plugin knows of this host's Docker networks.
 pub fn docker_networks_file(state_dir: &Path) -> PathBuf {
     state_dir.join("docker-networks.json")

@@ -5,7 +5,9 @@
 //!
 //! Traffic: an echo service and a client service, two tasks each (one per node). Each client
 //! holds one TCP connection to each echo task (one to its own node, one across the
-//! underlay) and sends a line on each every 100 ms, printing every round trip and the gap
+//! underlay) and one to the echo service's VIP (its flow in the load balancer's table of
+//! the client's node, which the restarted node resumes from its saved flows), and sends a
+//! line on each every 100 ms, printing every round trip and the gap
 //! since the previous one into its log, which its shim writes while overlayd is away.
 
 use overlay_e2e::{require_root, script_dir, unique, wait_for, write_script, Node, Underlay};
@@ -30,8 +32,8 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
-/// Connects to both echo tasks (found by `tasks.echo`), then every 100 ms sends a numbered
-/// line on each connection and waits for its echo: prints `ok SEQ GAP_MS` per round (the
+/// Connects to both echo tasks (found by `tasks.echo`) and to the service's VIP, then every
+/// 100 ms sends a numbered line on each connection and waits for its echo: prints `ok SEQ GAP_MS` per round (the
 /// time since the previous round's end), `error ...` and exits if a connection breaks.
 const CLIENT_PY: &str = r#"
 import socket, sys, time
@@ -43,8 +45,15 @@ while True:
     if len(ips) == 2:
         break
     time.sleep(0.2)
+# And one through the service's VIP, load-balanced by the client's node.
+while True:
+    try:
+        vip = socket.getaddrinfo("echo", 7000, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+        break
+    except OSError:
+        time.sleep(0.2)
 conns = []
-for ip in ips:
+for ip in ips + [vip]:
     while True:
         try:
             c = socket.create_connection((ip, 7000), timeout=2)
@@ -269,6 +278,13 @@ fn tasks_outlive_the_router() {
     eprintln!("kill -9, start: overlayd up again after {started:?}; longest gap {gap} ms");
     assert!(gap < 2_000, "a {gap} ms stall over kill -9 and start");
     assert!(b.log().contains("task adopted"), "{}", b.log());
+    // b's client's flow to the VIP was in b's table: the new run resumed it.
+    assert!(
+        b.log()
+            .contains("resuming the previous run's flows flows=1"),
+        "{}",
+        b.log()
+    );
     // Health checks resume on the adopted echo task of b: two more runs, and healthy.
     let echo_b = ["echo.1", "echo.2"]
         .into_iter()

@@ -61,6 +61,16 @@ const UNDERLAY: Token = Token(usize::MAX - 1);
 /// How often the sweeper looks for new tables (a backend may have left: its flows are
 /// retired at once).
 const SWEEP_CHECK: Duration = Duration::from_millis(250);
+/// Flows saved per second at most: a larger table is saved less often (one more second per
+/// this many flows), so that saving costs at most this many lines a second.
+const SAVE_PER_SECOND: usize = 100_000;
+
+/// How long after the last save the established flows are saved again, for a table of
+/// `flows` flows.
+fn save_every(flows: usize) -> Duration {
+    Duration::from_secs((flows / SAVE_PER_SECOND).max(1) as u64)
+}
+
 /// How long the flows a previous run saved may be resumed: a connection silent for longer
 /// is not resumed (its next segment is dropped as `lb_no_flow`).
 pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
@@ -308,6 +318,7 @@ fn sweep_loop(
     let mut swept = (Instant::now(), tables.load_full());
     let began = Instant::now();
     let mut saved_none = false;
+    let mut saved_at = Instant::now();
     while !stopping.load(Ordering::Relaxed) {
         if flows.is_resuming() && began.elapsed() >= RESUME_WINDOW {
             flows.end_resuming();
@@ -338,7 +349,8 @@ fn sweep_loop(
             debug!(resets, "reset clients of backends that left");
             let _ = waker.wake();
         }
-        if let Some(dir) = save {
+        if let Some(dir) = save.filter(|_| saved_at.elapsed() >= save_every(flows.len())) {
+            saved_at = Instant::now();
             let established = flows.established();
             if !(established.is_empty() && saved_none) {
                 match saved_flows::save(dir, &established) {

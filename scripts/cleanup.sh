@@ -10,14 +10,16 @@ pid_running() {
   [ -n "$state" ] && [ "$state" != Z ]
 }
 
-# Stops the overlayd processes whose pids the files $1/*.pid hold: SIGTERM to each, then
-# waits for each to exit, at most $2 seconds in all (default 30), so that a daemon stopping
-# its tasks removes their namespaces, TAPs and processes before anything else goes; one
-# still running then gets SIGKILL (and leaves its tasks behind: said on stderr).
+# Stops the overlayd processes whose pids the files $1/NODE.pid hold: SIGTERM to each, then
+# waits for each to exit, at most $2 seconds in all (default 30); one still running then
+# gets SIGKILL. A stopped overlayd leaves its tasks running for its next start to adopt;
+# these nodes do not start again, so their tasks (processes, namespaces, TAPs) are removed
+# here.
 stop_daemons() {
-  local dir=$1 limit=${2:-30} f pid pids=()
+  local dir=$1 limit=${2:-30} f pid pids=() nodes=()
   for f in "$dir"/*.pid; do
     [ -f "$f" ] || continue
+    nodes+=("$(basename "$f" .pid)")
     pid=$(cat "$f" 2>/dev/null) || continue
     [[ $pid =~ ^[0-9]+$ ]] || continue
     kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
@@ -32,6 +34,27 @@ stop_daemons() {
       fi
       sleep 0.1
     done
+  done
+  for n in ${nodes[@]+"${nodes[@]}"}; do
+    remove_tasks_of "$n"
+  done
+  return 0
+}
+
+# Removes the tasks node $1 left running: its task namespaces ov-$1-TASK (killing what runs
+# there, which deletes their TAPs) and their pinned mount namespaces.
+remove_tasks_of() {
+  local node=$1 ns m
+  for ns in /run/netns/ov-"$node"-*; do
+    [ -e "$ns" ] || continue
+    ns=$(basename "$ns")
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  for m in /run/overlay/mntns/ov-"$node"-*; do
+    [ -e "$m" ] || continue
+    umount -l "$m" 2>/dev/null || true
+    rm -f "$m" 2>/dev/null || true
   done
   return 0
 }

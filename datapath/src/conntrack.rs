@@ -15,6 +15,13 @@
 //! sweeper's job ([`ConnTable::sweep`], on its own thread): idle flows, closed TCP
 //! connections after a short linger, and flows whose backend left the rotation, for which it
 //! hands back what the client needs to be sent a reset.
+//!
+//! Established TCP flows outlive a restart of overlayd as [`Resumable`] flows: the router
+//! saves them (client key and backend) every second, and the next run offers them back
+//! ([`ConnTable::offer_resumable`]). A mid-connection segment that finds no flow looks for
+//! its resumable one, in either direction ([`ConnTable::resumable`]), and the load balancer
+//! rebuilds the flow to the same backend from the tables as they are now, if that backend
+//! still serves the VIP.
 
 use crate::nat::{PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::vocab::{Location, PortId};
@@ -190,6 +197,12 @@ impl Flow {
         }
     }
 
+    /// Marks a flow rebuilt from a [`Resumable`] as established (its handshake happened
+    /// before the restart).
+    pub fn resume_established(&self) {
+        self.state.store(ESTABLISHED, Ordering::Relaxed);
+    }
+
     pub fn is_closed(&self) -> bool {
         self.state.load(Ordering::Relaxed) & 3 == CLOSED
     }
@@ -251,12 +264,36 @@ pub struct Full;
 
 type Map = papaya::HashMap<FlowKey, Slot, foldhash::fast::RandomState>;
 
+/// An established TCP flow of a previous run: the client's key and the backend it had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resumable {
+    /// As the client sends it: client -> VIP.
+    pub key: FlowKey,
+    pub backend_ip: Ipv4Addr,
+}
+
+impl Resumable {
+    /// The key of the backend's replies (backend -> client).
+    pub fn reply_key(&self) -> FlowKey {
+        FlowKey {
+            src: self.backend_ip,
+            ..self.key.reversed()
+        }
+    }
+}
+
+type Resumables = papaya::HashMap<FlowKey, Resumable, foldhash::fast::RandomState>;
+
 pub struct ConnTable {
     map: Map,
     flows: AtomicUsize,
     max: usize,
     /// Zero of the table's clock, which the datapath passes in as `now_ms`.
     epoch: Instant,
+    /// Flows of a previous run not taken yet, under both their keys.
+    resumable: Resumables,
+    /// Whether `resumable` may hold any: the only cost to frames while it is empty.
+    resuming: AtomicBool,
 }
 
 impl Default for ConnTable {
@@ -285,6 +322,10 @@ impl ConnTable {
             flows: AtomicUsize::new(0),
             max,
             epoch: Instant::now(),
+            resumable: papaya::HashMap::builder()
+                .hasher(foldhash::fast::RandomState::default())
+                .build(),
+            resuming: AtomicBool::new(false),
         }
     }
 
@@ -306,6 +347,59 @@ impl ConnTable {
                 f(&slot.flow);
             }
         }
+    }
+
+    /// Offers a previous run's established flows (at most as many as the table holds) for
+    /// their next segment to resume ([`ConnTable::resumable`]).
+    pub fn offer_resumable(&self, flows: impl IntoIterator<Item = Resumable>) {
+        let map = self.resumable.pin();
+        for r in flows.into_iter().take(self.max) {
+            map.insert(r.key, r);
+            map.insert(r.reply_key(), r);
+        }
+        self.resuming.store(!map.is_empty(), Ordering::Release);
+    }
+
+    /// Whether flows of a previous run may still be resumed.
+    #[inline]
+    pub fn is_resuming(&self) -> bool {
+        self.resuming.load(Ordering::Relaxed)
+    }
+
+    /// The resumable flow under `key` (its client's or its backend's), if any. It stays
+    /// until [`ConnTable::resumed`]: a segment that comes before its backend is back in the
+    /// tables must not use it up.
+    pub fn resumable(&self, key: &FlowKey) -> Option<Resumable> {
+        if !self.is_resuming() {
+            return None;
+        }
+        self.resumable.pin().get(key).copied()
+    }
+
+    /// Notes that `r` was resumed (it is in the table again).
+    pub fn resumed(&self, r: &Resumable) {
+        let map = self.resumable.pin();
+        map.remove(&r.key);
+        map.remove(&r.reply_key());
+    }
+
+    /// Forgets the flows of a previous run not resumed by now.
+    pub fn end_resuming(&self) {
+        self.resuming.store(false, Ordering::Release);
+        self.resumable.pin().clear();
+    }
+
+    /// The established TCP flows, for the next run to resume.
+    pub fn established(&self) -> Vec<Resumable> {
+        self.map
+            .pin()
+            .iter()
+            .filter(|(_, s)| s.dir == Dir::ToBackend && s.flow.is_established())
+            .map(|(_, s)| Resumable {
+                key: s.flow.key,
+                backend_ip: s.flow.backend_ip,
+            })
+            .collect()
     }
 
     /// Flows in the table.

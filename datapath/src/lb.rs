@@ -3,10 +3,12 @@
 //! service's running tasks on every node, for the first packet of a flow; the connection
 //! table's choice for the rest) and its destination rewritten; a backend's reply on its way
 //! to the client gets the VIP back as its source, so the client only ever sees the VIP.
-//! Any port of the VIP maps to the same port of the task, as in Swarm.
+//! Any port of the VIP maps to the same port of the task, as in Swarm. After a restart of
+//! the router, an established flow of the previous run is rebuilt to the backend it had
+//! when its first segment (either way) finds no flow (`conntrack::Resumable`).
 
 use crate::answer;
-use crate::conntrack::{ConnTable, Dir, Flow, FlowKey};
+use crate::conntrack::{ConnTable, Dir, Flow, FlowKey, Resumable};
 use crate::nat::{self, L4Csum, Side, TcpEnd, PROTO_ICMP, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_SYN};
 use crate::table::{NetTable, Vip};
 use crate::vocab::{DropReason, Location, PortId, Verdict};
@@ -77,7 +79,15 @@ pub fn to_vip(
     let (ip, mac, at) = match known {
         // A SYN on a closed flow's 5-tuple is a new connection: it is balanced afresh.
         Some((ip, mac, at, closed)) if !(closed && opens && tcp) => (ip, mac, at),
-        _ if !opens => return Verdict::Drop(DropReason::LbNoFlow),
+        _ if !opens => {
+            let resumed = flows
+                .resumable(&key)
+                .and_then(|r| resume(flows, now_ms, vip, &r, client_mac, in_port));
+            match resumed {
+                Some(b) => b,
+                None => return Verdict::Drop(DropReason::LbNoFlow),
+            }
+        }
         _ if vip.backends.is_empty() => {
             // No task runs: refuse the connection at once rather than let it time out.
             let client = TcpEnd {
@@ -134,6 +144,53 @@ pub fn to_vip(
     }
 }
 
+/// Rebuilds a previous run's flow `r` to its backend, if that backend still serves `vip`:
+/// the flow goes on as if the restart had not happened. Returns the backend.
+fn resume(
+    flows: &ConnTable,
+    now_ms: u64,
+    vip: &Vip,
+    r: &Resumable,
+    client_mac: MacAddr,
+    client_port: PortId,
+) -> Option<(Ipv4Addr, MacAddr, Location)> {
+    let b = vip
+        .backends
+        .iter()
+        .chain(&vip.draining)
+        .find(|b| b.ip == r.backend_ip)?;
+    let flow = Flow::new(
+        r.key,
+        vip.mac,
+        client_mac,
+        client_port,
+        (b.ip, b.mac, b.at),
+        vip.tcp_idle_ms,
+        vip.service.clone(),
+        b.flows.clone(),
+        now_ms,
+    );
+    flow.resume_established();
+    flows.insert(flow).ok()?;
+    flows.resumed(r);
+    Some((b.ip, b.mac, b.at))
+}
+
+/// A backend's reply on a previous run's flow `r` (the client spoke not yet since the
+/// restart): the flow is rebuilt from this node's tables, its client local to this node.
+fn resume_from_reply(flows: &ConnTable, now_ms: u64, net: &NetTable, r: &Resumable) {
+    let Some(vip) = net.vips.get(&r.key.dst) else {
+        return;
+    };
+    let Some(client_mac) = net.arp.get(&r.key.src).copied() else {
+        return;
+    };
+    let Some(Location::Local(client_port)) = net.macs.get(&client_mac).copied() else {
+        return;
+    };
+    let _ = resume(flows, now_ms, vip, r, client_mac, client_port);
+}
+
 /// A reset with ACK answering a SYN (sequence `syn_seq`): "connection refused".
 fn refuse(out: &mut [u8], from: TcpEnd, to: TcpEnd, syn_seq: u32) -> Option<usize> {
     let builder = etherparse::PacketBuilder::ethernet2(from.mac.0, to.mac.0)
@@ -162,7 +219,7 @@ pub fn to_client(
     csum: L4Csum,
 ) {
     if net.backend_ips.is_empty()
-        || flows.is_empty()
+        || (flows.is_empty() && !flows.is_resuming())
         || frame.len() < 34
         || frame[12..14] != [0x08, 0x00]
     {
@@ -191,6 +248,11 @@ fn reply_to_client(
         return;
     }
     let key = key_of(vni, &l4);
+    if l4.proto == PROTO_TCP && flows.is_resuming() && flows.with(&key, |_| ()).is_none() {
+        if let Some(r) = flows.resumable(&key) {
+            resume_from_reply(flows, now_ms, net, &r);
+        }
+    }
     let vip = flows.with(&key, |slot| {
         if slot.dir != Dir::ToClient {
             return None;

@@ -163,6 +163,12 @@ pub struct Config {
     #[arg(long, default_value = "/overlay")]
     pub etcd_prefix: String,
 
+    /// On this shutdown (SIGTERM, SIGINT), stop every task on this node as well. Without it
+    /// the tasks keep running (processes, namespaces, interfaces) and the next start of
+    /// this node adopts them.
+    #[arg(long)]
+    pub stop_tasks: bool,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
     #[arg(long, default_value = "info")]
     pub log_level: String,

@@ -1,7 +1,8 @@
 //! Wiring of one node and its single shutdown mechanism: a `CancellationToken` fired by
-//! SIGTERM or SIGINT. On shutdown the API stops accepting, the agent stops every task
-//! (processes, namespaces, TAPs), the datapath thread ends and the socket file is removed.
-//! The desired state stays on disk, so the next start re-creates everything.
+//! SIGTERM or SIGINT. On shutdown the API stops accepting, the agent lets go of its tasks
+//! (they keep running, with their namespaces and TAPs, for the next start to adopt; with
+//! `--stop-tasks` it stops them), the datapath thread ends and the socket file is removed.
+//! The desired state stays on disk, so the next start re-creates what is missing.
 
 use crate::agent::{Agent, Planes};
 use crate::api::{self, ApiState};
@@ -406,8 +407,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             store
         }
     };
-    // Task namespaces are named after the node (ov-NODE-TASK), and a starting node removes
-    // its leftovers: two live daemons with one node name would destroy each other's tasks.
+    // Task namespaces are named after the node (ov-NODE-TASK), and a starting node adopts or
+    // removes its leftovers: two live daemons with one node name would destroy each other's tasks.
     let node_lock_path = naming::node_lock(&cfg.node);
     let _node_lock = crate::store::NameLock::acquire(&node_lock_path)
         .with_context(|| format!("locking {}", node_lock_path.display()))?
@@ -487,6 +488,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let ingress_counters = Arc::new(crate::ingress::stats::Registry::default());
     let flows = Arc::new(ConnTable::new(cfg.lb_max_flows));
+    // The previous run's established flows to VIPs, resumed by their next segment.
+    match crate::forward::saved_flows::load(&state_dir) {
+        Ok((saved, bad)) => {
+            if !saved.is_empty() || bad > 0 {
+                info!(
+                    flows = saved.len(),
+                    unreadable = bad,
+                    "resuming the previous run's flows"
+                );
+            }
+            flows.offer_resumable(saved);
+        }
+        Err(e) => warn!(error = %e, "cannot read the previous run's flows"),
+    }
     let esp_epoch = epoch::next(&state_dir)
         .inspect_err(|e| {
             error!(
@@ -502,6 +517,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         dns.clone(),
         cfg.workers(),
         esp_epoch,
+        Some(state_dir.clone()),
     )
     .context("starting the datapath thread")?;
     let planes = Planes::new(
@@ -519,7 +535,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         &state_dir,
         dns.clone(),
         cfg.data_path_port,
-    );
+    )
+    .stop_tasks_on_shutdown(cfg.stop_tasks);
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
 
     let cluster_for_plugin = cluster.clone();

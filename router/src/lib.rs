@@ -39,3 +39,4 @@ pub mod store;
 pub mod sys;
 pub mod task;
 pub mod task_log;
+pub mod task_shim;

@@ -96,6 +96,21 @@ pub fn task_files(state_dir: &Path, task: &str) -> PathBuf {
     state_dir.join("tasks").join(task)
 }
 
+/// Where a task's shim writes how its process ended (`task_shim`).
+pub fn task_exit_file(state_dir: &Path, task: &str) -> PathBuf {
+    task_files(state_dir, task).join("exit")
+}
+
+/// Which shim and process run a task (`task_shim::Record`), for the next overlayd to adopt.
+pub fn task_process_record(state_dir: &Path, task: &str) -> PathBuf {
+    task_files(state_dir, task).join("process.json")
+}
+
+/// The load balancer's established flows, for the next run to resume (`forward::saved_flows`).
+pub fn saved_flows(state_dir: &Path) -> PathBuf {
+    state_dir.join("flows")
+}
+
 /// What the Docker plugin knows of this host's Docker networks.
 pub fn docker_networks_file(state_dir: &Path) -> PathBuf {
     state_dir.join("docker-networks.json")

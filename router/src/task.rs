@@ -1,22 +1,26 @@
-//! One task's process: started inside the task's network and mount namespaces, its output
-//! copied into its log (`task_log`: mode 0640, rotated by size), its health checked if its
-//! spec has a check, restarted with back-off when it exits, cannot start, or turns
-//! unhealthy, and stopped when the task leaves the desired state or the daemon shuts down.
-//! Every change is reported on the status board.
+//! One task's process: started through its shim (`task_shim`) inside the task's network and
+//! mount namespaces, its output copied into its log by the shim (`task_log`: mode 0640,
+//! rotated by size), its health checked if its spec has a check, restarted with back-off
+//! when it exits, cannot start, or turns unhealthy, and stopped when the task leaves the
+//! desired state. Every change is reported on the status board.
+//!
+//! The process does not belong to this daemon: when overlayd stops (or crashes) the task
+//! runs on under its shim, and the next overlayd resumes its supervision ([`supervise`] with
+//! the adopted [`Shim`]). Only `overlayd --stop-tasks` stops tasks with the daemon.
 //!
 //! Stopping has two speeds ([`Stop`]). A task that leaves the desired state, or whose health
 //! check failed, is drained first (`agent::drain`: it stays up while it serves connections,
-//! within its stop grace period), then sent SIGTERM, then SIGKILL one grace period later. When
-//! the daemon shuts down every task gets SIGTERM at once and SIGKILL after
-//! [`SHUTDOWN_GRACE`]. The health logic itself is `agent::health`, without I/O; this file runs
-//! its probes.
+//! within its stop grace period), then sent SIGTERM, then SIGKILL one grace period later.
+//! When the daemon stops with `--stop-tasks`, every task gets SIGTERM at once and SIGKILL
+//! after [`SHUTDOWN_GRACE`]. The health logic itself is `agent::health`, without I/O; this
+//! file runs its probes.
 
 use crate::agent::drain::{self, Next, Plan};
 use crate::agent::health::{Monitor, Outcome, Probe};
 use crate::clock::now;
 use crate::manager::{StatusBoard, StatusEntry};
 use crate::sys::netns;
-use crate::task_log::{self, LogFile, SharedLog};
+use crate::task_shim::{Launch, Shim};
 use protocol::api::{TaskHealth, TaskState, TaskStatus};
 use protocol::state::HealthCheck;
 use std::fs::File;
@@ -24,7 +28,6 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::net::unix::pipe;
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -51,6 +54,10 @@ pub struct TaskProcess {
     /// The task's mount namespace (resolv.conf naming 127.0.0.11, its own /etc/hosts).
     pub mntns: Option<PathBuf>,
     pub log: PathBuf,
+    /// Where its shim writes how the process ended, and where the pair is recorded for
+    /// the next overlayd (`task_shim`).
+    pub exit_file: PathBuf,
+    pub record: PathBuf,
     /// Its health check, if it has one.
     pub healthcheck: Option<HealthCheck>,
     /// How long its connections may take to finish once it stops, and then how long it has
@@ -63,8 +70,10 @@ pub struct TaskProcess {
 pub struct Stop {
     /// The task left the desired state: drain it, then stop it, then return.
     pub leave: CancellationToken,
-    /// The daemon shuts down: stop it at once.
+    /// The daemon shuts down with `--stop-tasks`: stop it at once.
     pub now: CancellationToken,
+    /// The daemon shuts down and leaves the task running: end the supervision only.
+    pub detach: CancellationToken,
 }
 
 /// The status-board key of a task that left the desired state and is still draining. Its
@@ -120,20 +129,26 @@ impl Reporter {
     }
 }
 
-/// Where a process's output goes: into a pipe for the task's log, or back to us (a health
-/// check's).
-enum Output {
-    Log,
-    Capture,
+/// The variables every process of a task gets, then those of its spec.
+fn environment(p: &TaskProcess) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("OVERLAY_TASK_NAME".to_string(), p.name.clone()),
+        ("OVERLAY_TASK_ID".to_string(), p.id.clone()),
+        ("OVERLAY_TASK_SLOT".to_string(), p.slot.to_string()),
+        ("OVERLAY_SERVICE_NAME".to_string(), p.service.clone()),
+        ("OVERLAY_NODE".to_string(), p.node.clone()),
+    ];
+    for kv in &p.env {
+        if let Some((k, v)) = kv.split_once('=') {
+            env.push((k.to_string(), v.to_string()));
+        }
+    }
+    env
 }
 
-/// Starts `argv` inside the task's namespaces, with its environment, in a process group of
-/// its own. With [`Output::Log`], also the pipe's reading end, for `task_log::copy`.
-fn spawn_in(
-    p: &TaskProcess,
-    argv: &[String],
-    output: Output,
-) -> Result<(Child, Option<pipe::Receiver>), String> {
+/// Starts a health check's `argv` inside the task's namespaces, with its environment, in a
+/// process group of its own, its output captured.
+fn spawn_probe(p: &TaskProcess, argv: &[String]) -> Result<Child, String> {
     let program = argv.first().ok_or("empty command")?;
     let ns = File::open(&p.netns).map_err(|e| format!("opening {}: {e}", p.netns.display()))?;
     let mnt = match &p.mntns {
@@ -141,61 +156,48 @@ fn spawn_in(
         None => None,
     };
     let mut cmd = tokio::process::Command::new(program);
-    let reader = match output {
-        Output::Log => {
-            let piped = task_log::pipe().and_then(|(w, r)| Ok((w.try_clone()?, w, r)));
-            let (out, err, r) = piped.map_err(|e| format!("making the output's pipe: {e}"))?;
-            cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err));
-            Some(r)
-        }
-        Output::Capture => {
-            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-            None
-        }
-    };
     cmd.args(&argv[1..])
-        .env("OVERLAY_TASK_NAME", &p.name)
-        .env("OVERLAY_TASK_ID", &p.id)
-        .env("OVERLAY_TASK_SLOT", p.slot.to_string())
-        .env("OVERLAY_SERVICE_NAME", &p.service)
-        .env("OVERLAY_NODE", &p.node)
+        .envs(environment(p))
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .current_dir("/")
         .process_group(0)
         .kill_on_drop(true);
-    for kv in &p.env {
-        if let Some((k, v)) = kv.split_once('=') {
-            cmd.env(k, v);
-        }
-    }
     netns::spawn_inside(
         cmd.as_std_mut(),
         ns.as_fd(),
         mnt.as_ref().map(|m| m.as_fd()),
     );
-    let child = cmd
-        .spawn()
-        .map_err(|e| format!("starting {program:?}: {e}"))?;
-    // Our copies of the pipe's writing end go with `cmd`, so the reader sees the end of the
-    // output once the process's own copies are closed.
-    Ok((child, reader))
+    cmd.spawn()
+        .map_err(|e| format!("starting {program:?}: {e}"))
 }
 
-/// The task's log, opened at its first start and shared by its later processes' copies.
-fn log_of(p: &TaskProcess, log: &mut Option<SharedLog>) -> Result<SharedLog, String> {
-    if let Some(l) = log {
-        return Ok(l.clone());
-    }
-    let l = LogFile::task(&p.log).map_err(|e| format!("opening log {}: {e}", p.log.display()))?;
-    *log = Some(l.clone());
-    Ok(l)
+/// Starts the task's process through a new shim.
+async fn start(p: &TaskProcess) -> Result<Shim, String> {
+    let p = p.clone();
+    tokio::task::spawn_blocking(move || {
+        let env = environment(&p);
+        Shim::start(&Launch {
+            command: &p.command,
+            env: &env,
+            netns: &p.netns,
+            mntns: p.mntns.as_deref(),
+            log: &p.log,
+            exit_file: &p.exit_file,
+            record: &p.record,
+            task_id: &p.id,
+        })
+    })
+    .await
+    .map_err(|e| format!("start thread failed: {e}"))?
 }
 
 /// Runs one health check inside the task's namespaces (with its environment, as Docker
 /// does), killed with its whole process group after `timeout`.
 async fn run_probe(p: &TaskProcess, probe: &Probe, timeout: Duration) -> Outcome {
-    let child = match spawn_in(p, &probe.argv(), Output::Capture) {
-        Ok((c, _)) => c,
+    let child = match spawn_probe(p, &probe.argv()) {
+        Ok(c) => c,
         Err(e) => return Outcome::Failed(format!("cannot run the health check: {e}")),
     };
     let group = child.id();
@@ -234,51 +236,38 @@ async fn served_connections(pid: u32) -> usize {
 
 /// SIGTERM, then SIGKILL if the process still runs after `grace`; if `now` fires meanwhile
 /// (the daemon shuts down), after [`SHUTDOWN_GRACE`] at most.
-async fn terminate(child: &mut Child, grace: Duration, now: Option<&CancellationToken>) {
-    if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::SIGTERM,
-        );
-        let cut = async {
-            match now {
-                Some(now) => now.cancelled().await,
-                None => std::future::pending().await,
-            }
-        };
-        let waited = tokio::select! {
-            r = tokio::time::timeout(grace, child.wait()) => Some(r.is_ok()),
-            _ = cut => None,
-        };
-        let exited = match waited {
-            Some(exited) => exited,
-            None => tokio::time::timeout(SHUTDOWN_GRACE.min(grace), child.wait())
-                .await
-                .is_ok(),
-        };
-        if exited {
-            return;
+async fn terminate(shim: &Shim, grace: Duration, now: Option<&CancellationToken>) {
+    use nix::sys::signal::Signal;
+    shim.signal(Signal::SIGTERM);
+    let cut = async {
+        match now {
+            Some(now) => now.cancelled().await,
+            None => std::future::pending().await,
         }
+    };
+    let waited = tokio::select! {
+        r = tokio::time::timeout(grace, shim.ended()) => Some(r.is_ok()),
+        _ = cut => None,
+    };
+    let exited = match waited {
+        Some(exited) => exited,
+        None => tokio::time::timeout(SHUTDOWN_GRACE.min(grace), shim.ended())
+            .await
+            .is_ok(),
+    };
+    if !exited {
+        shim.signal(Signal::SIGKILL);
+        shim.ended().await;
     }
-    let _ = child.kill().await;
 }
 
 /// The stop sequence of a task on its way out (`agent::drain`): kept while it serves
 /// connections, within its grace period, then terminated. `now` cuts it short.
-async fn drain_and_stop(
-    p: &TaskProcess,
-    child: &mut Child,
-    settle: Duration,
-    now: &CancellationToken,
-) {
+async fn drain_and_stop(p: &TaskProcess, shim: &Shim, settle: Duration, now: &CancellationToken) {
     let plan = Plan::new(settle, p.stop_grace);
     let began = Instant::now();
-    let pid = child.id();
     loop {
-        let open = match pid {
-            Some(pid) => served_connections(pid).await,
-            None => 0,
-        };
+        let open = served_connections(shim.pid()).await;
         let wait = match plan.next(began.elapsed(), open) {
             Next::Wait(d) => d,
             Next::Terminate(why) => {
@@ -288,18 +277,18 @@ async fn drain_and_stop(
         };
         let woke = tokio::select! {
             _ = tokio::time::sleep(wait) => None,
-            status = child.wait() => Some(status),
+            status = shim.ended() => Some(status),
             _ = now.cancelled() => break,
         };
         if let Some(status) = woke {
-            info!(task = %p.name, ?status, "exited while draining");
+            info!(task = %p.name, %status, "exited while draining");
             return;
         }
     }
     if now.is_cancelled() {
-        terminate(child, SHUTDOWN_GRACE, None).await;
+        terminate(shim, SHUTDOWN_GRACE, None).await;
     } else {
-        terminate(child, p.stop_grace, Some(now)).await;
+        terminate(shim, p.stop_grace, Some(now)).await;
     }
 }
 
@@ -311,14 +300,16 @@ enum Ended {
     Unhealthy(String),
     /// The task left the desired state.
     Leave,
-    /// The daemon shuts down.
+    /// The daemon shuts down with `--stop-tasks`.
     Now,
+    /// The daemon shuts down and leaves the process running.
+    Detach,
 }
 
 /// Watches a running process: its exit, its health checks, and the agent's stop.
-async fn watch(p: &TaskProcess, child: &mut Child, rep: &Reporter, stop: &Stop) -> Ended {
+async fn watch(p: &TaskProcess, shim: &Shim, rep: &Reporter, stop: &Stop) -> Ended {
     let mut monitor = p.healthcheck.as_ref().and_then(Monitor::new);
-    let pid = child.id();
+    let pid = Some(shim.pid());
     rep.set(
         TaskState::Running,
         None,
@@ -346,13 +337,9 @@ async fn watch(p: &TaskProcess, child: &mut Child, rep: &Reporter, stop: &Stop) 
             }
         };
         let (began, outcome) = tokio::select! {
-            status = child.wait() => {
-                return Ended::Exited(match status {
-                    Ok(s) => format!("process exited ({s})"),
-                    Err(e) => format!("waiting for process: {e}"),
-                });
-            }
+            status = shim.ended() => return Ended::Exited(status),
             _ = stop.now.cancelled() => return Ended::Now,
+            _ = stop.detach.cancelled() => return Ended::Detach,
             _ = stop.leave.cancelled() => return Ended::Leave,
             checked = check => checked,
         };
@@ -370,8 +357,9 @@ async fn watch(p: &TaskProcess, child: &mut Child, rep: &Reporter, stop: &Stop) 
     }
 }
 
-/// Runs and supervises the task's process until `stop` says otherwise.
-pub async fn supervise(p: TaskProcess, board: StatusBoard, stop: Stop) {
+/// Runs and supervises the task's process until `stop` says otherwise; `adopted` is a
+/// process an earlier overlayd started, supervised from where it is.
+pub async fn supervise(p: TaskProcess, board: StatusBoard, stop: Stop, adopted: Option<Shim>) {
     let mut rep = Reporter {
         board,
         key: p.name.clone(),
@@ -379,37 +367,43 @@ pub async fn supervise(p: TaskProcess, board: StatusBoard, stop: Stop) {
         restarts: 0,
     };
     let mut backoff = BACKOFF_MIN;
-    // Opened at the first start, then shared by every process's copy.
-    let mut log: Option<SharedLog> = None;
+    let mut adopted = adopted;
     loop {
-        rep.set(TaskState::Starting, None, None, None);
-        let spawned =
-            log_of(&p, &mut log).and_then(|l| Ok((spawn_in(&p, &p.command, Output::Log)?, l)));
-        match spawned {
+        let started = match adopted.take() {
+            Some(shim) => {
+                info!(task = %p.name, pid = shim.pid(), "task adopted");
+                Ok(shim)
+            }
+            None => {
+                rep.set(TaskState::Starting, None, None, None);
+                start(&p).await
+            }
+        };
+        match started {
             Err(error) => {
                 warn!(task = %p.name, %error, "task failed to start");
                 rep.set(TaskState::Failed, Some(error), None, None);
             }
-            Ok(((mut child, reader), l)) => {
-                if let Some(r) = reader {
-                    tokio::spawn(task_log::copy(p.name.clone(), r, l));
-                }
-                let pid = child.id();
-                info!(task = %p.name, pid, "task started");
-                let started = Instant::now();
-                match watch(&p, &mut child, &rep, &stop).await {
+            Ok(shim) => {
+                info!(task = %p.name, pid = shim.pid(), "task running");
+                let began = Instant::now();
+                match watch(&p, &shim, &rep, &stop).await {
                     Ended::Exited(error) => {
                         warn!(task = %p.name, %error, "task exited; restarting");
                         rep.set(TaskState::Failed, Some(error), None, None);
-                        if started.elapsed() >= HEALTHY_AFTER {
+                        if began.elapsed() >= HEALTHY_AFTER {
                             backoff = BACKOFF_MIN;
                         }
                     }
                     Ended::Unhealthy(output) => {
                         // Its status already takes it out of every rotation; it is replaced
-                        // (restarted here) once its connections are done.
+                        // (restarted here) once its connections are done. A daemon that
+                        // stops meanwhile leaves it to the next one, which checks it again.
                         warn!(task = %p.name, %output, "task unhealthy: draining, then restarting");
-                        drain_and_stop(&p, &mut child, drain::SETTLE_UNHEALTHY, &stop.now).await;
+                        tokio::select! {
+                            _ = drain_and_stop(&p, &shim, drain::SETTLE_UNHEALTHY, &stop.now) => {}
+                            _ = stop.detach.cancelled() => return,
+                        }
                         let error = format!("unhealthy: {output}");
                         if stop.leave.is_cancelled() {
                             rep.leave(&p.name);
@@ -422,16 +416,17 @@ pub async fn supervise(p: TaskProcess, board: StatusBoard, stop: Stop) {
                     }
                     Ended::Leave => {
                         rep.leave(&p.name);
-                        rep.set(TaskState::Shutdown, None, pid, None);
-                        drain_and_stop(&p, &mut child, drain::SETTLE_LEFT, &stop.now).await;
+                        rep.set(TaskState::Shutdown, None, Some(shim.pid()), None);
+                        drain_and_stop(&p, &shim, drain::SETTLE_LEFT, &stop.now).await;
                         rep.set(TaskState::Shutdown, None, None, None);
                         return;
                     }
                     Ended::Now => {
-                        terminate(&mut child, SHUTDOWN_GRACE, None).await;
+                        terminate(&shim, SHUTDOWN_GRACE, None).await;
                         rep.set(TaskState::Shutdown, None, None, None);
                         return;
                     }
+                    Ended::Detach => return,
                 }
             }
         }
@@ -446,6 +441,7 @@ pub async fn supervise(p: TaskProcess, board: StatusBoard, stop: Stop) {
                 rep.set(TaskState::Shutdown, None, None, None);
                 return;
             }
+            _ = stop.detach.cancelled() => return,
         }
         rep.restarts += 1;
         backoff = (backoff * 2).min(BACKOFF_MAX);

@@ -8,28 +8,22 @@
 //! Why a pipe and not the file itself as the process's stdout: a process that holds its log
 //! file open keeps writing to it after any rename, so rotating would need it to reopen
 //! (which a task cannot be asked to do), or a copy-and-truncate, which loses what is written
-//! between the copy and the truncation and copies every byte again. With a pipe the daemon
+//! between the copy and the truncation and copies every byte again. With a pipe the reader
 //! is the only writer and cuts where it wants, as Docker does with a container's output.
-//! The cost is one read and one write per chunk (up to [`CHUNK`] bytes), in a tokio task per
-//! running process. The write is a plain blocking one: it lands in the page cache and
-//! returns in microseconds, so it is not worth a hop to a blocking thread per chunk (the
-//! state directory is a local disk; a stalled one would hold a runtime thread). A task that
-//! writes faster than that waits on its full pipe, as under Docker. Nothing outlives the
-//! reader: the daemon stops its tasks when it stops, and a run after a crash removes what
-//! the crashed one left.
+//! The reader is the task's shim (`task_shim`), not overlayd: the task's output keeps its
+//! reader (and the task never sees EPIPE) while overlayd is stopped or restarting. The cost
+//! is one read and one write per chunk (up to [`CHUNK`] bytes), in the shim's copying
+//! thread; the write lands in the page cache. A task that writes faster than that waits on
+//! its full pipe, as under Docker.
 //!
 //! Both streams share the pipe, so their lines stay in the order the process wrote them, as
 //! when both went to one file.
 
 use crate::naming;
 use std::fs::{File, OpenOptions, Permissions};
-use std::io::{self, Write};
-use std::os::fd::OwnedFd;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use tokio::io::AsyncReadExt;
-use tracing::warn;
 
 /// Size at which a task's log is rotated: 10 MiB, a common `max-size` for Docker's
 /// json-file driver, so that a task keeps at most 30 MiB of output on its node and a
@@ -61,10 +55,6 @@ pub struct LogFile {
     max_files: usize,
 }
 
-/// The log files of one task, shared by the copies of its successive processes (a restart
-/// may begin while a child of the previous process still writes).
-pub type SharedLog = Arc<Mutex<LogFile>>;
-
 /// Opens (or creates) `path` for appending, with mode [`MODE`] set explicitly: a file made by
 /// an earlier version under the umask is put right too.
 fn open_append(path: &Path) -> io::Result<File> {
@@ -90,13 +80,6 @@ impl LogFile {
             max_size: max_size.max(1),
             max_files: max_files.max(1),
         })
-    }
-
-    /// A task's log with the node's limits ([`MAX_SIZE`], [`MAX_FILES`]).
-    pub fn task(path: &Path) -> io::Result<SharedLog> {
-        Ok(Arc::new(Mutex::new(LogFile::open(
-            path, MAX_SIZE, MAX_FILES,
-        )?)))
     }
 
     /// Appends `data`, rotating whenever the file would pass its size. Lines stay whole: a
@@ -203,42 +186,25 @@ pub fn prune_departed(
     Ok(removed)
 }
 
-/// A pipe for a process's output: the end the process writes to (blocking, for its stdout
-/// and stderr) and the one [`copy`] reads. Needs the tokio runtime.
-pub fn pipe() -> io::Result<(OwnedFd, tokio::net::unix::pipe::Receiver)> {
-    let (tx, rx) = tokio::net::unix::pipe::pipe()?;
-    Ok((tx.into_blocking_fd()?, rx))
-}
-
-/// Copies what `task`'s process writes into its log until every writer has closed the pipe
-/// (the process and whatever it left running). A log that cannot be written is reported
-/// once and its output dropped, so that the process never blocks on a full pipe.
-pub async fn copy(task: String, mut from: tokio::net::unix::pipe::Receiver, log: SharedLog) {
+/// Copies what a task's process writes into its log until every writer has closed the pipe
+/// (the process and whatever it left running). A log that cannot be written has that
+/// output dropped, so that the process never blocks on a full pipe; the first failure is
+/// returned once the copy ends.
+pub fn copy(mut from: impl Read, log: &mut LogFile) -> io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
-    let mut failing = false;
+    let mut failed = None;
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) => return,
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                warn!(task = %task, error = %e, "reading the task's output; no more is logged");
-                return;
-            }
+            Err(e) => return Err(e),
         };
-        let written = match log.lock() {
-            Ok(mut f) => f.write(&buf[..n]),
-            Err(_) => Err(io::Error::other("the log's lock was poisoned")),
-        };
-        match written {
-            Err(e) if !failing => {
-                warn!(task = %task, error = %e, "writing the task's log; its output is dropped until it works again");
-                failing = true;
-            }
-            Ok(()) => failing = false,
-            Err(_) => {}
+        if let Err(e) = log.write(&buf[..n]) {
+            failed.get_or_insert(e);
         }
     }
+    failed.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]
@@ -368,41 +334,30 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 
-    #[tokio::test]
-    async fn a_process_output_reaches_its_log_through_the_pipe() {
+    #[test]
+    fn a_process_output_reaches_its_log_through_the_pipe() {
         let d = dir("pipe");
         let path = d.join("echo.1.log");
-        let log = Arc::new(Mutex::new(LogFile::open(&path, 4096, 3).unwrap()));
-        let (tx, rx) = pipe().unwrap();
-        let copier = tokio::spawn(copy("echo.1".into(), rx, log.clone()));
+        let mut log = LogFile::open(&path, 4096, 3).unwrap();
+        let (rx, tx) = std::io::pipe().unwrap();
         let err = tx.try_clone().unwrap();
-        let status = tokio::process::Command::new("/bin/sh")
+        let mut child = std::process::Command::new("/bin/sh")
             .args([
                 "-c",
                 "echo out; echo err >&2; head -c 10000 /dev/zero | tr '\\0' x",
             ])
             .stdout(tx)
             .stderr(err)
-            .status()
-            .await
+            .spawn()
             .unwrap();
-        assert!(status.success());
-        // Everything the process wrote reaches the log. (Not waiting for the copy to end: it
-        // ends when every writer closed the pipe, and a process another test forks at the
-        // wrong moment holds a copy of the write end until it execs or exits.)
-        let read_all = || -> String {
-            files(&path)
-                .iter()
-                .rev()
-                .map(|(p, _, _)| std::fs::read_to_string(p).unwrap_or_default())
-                .collect()
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while read_all().len() < 8 + 10_000 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        copier.abort();
-        let all = read_all();
+        // The command's copies of the write end are its own now: the copy ends when it does.
+        copy(rx, &mut log).unwrap();
+        assert!(child.wait().unwrap().success());
+        let all: String = files(&path)
+            .iter()
+            .rev()
+            .map(|(p, _, _)| std::fs::read_to_string(p).unwrap_or_default())
+            .collect();
         // 10 008 bytes written; 3 files of 4 096 hold them all.
         assert!(all.starts_with("out\nerr\n"), "{:?}", &all[..16]);
         assert_eq!(all.len(), 8 + 10_000);

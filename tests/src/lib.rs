@@ -250,6 +250,13 @@ impl Node {
         }
     }
 
+    /// Starts the daemon again (after [`Node::stop`] or [`Node::kill`]) on the same state
+    /// directory and socket, with the current arguments.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "{} still runs", self.name);
+        self.launch();
+    }
+
     /// Starts the daemon again on the same state directory and socket.
     pub fn restart(&mut self) {
         self.stop();

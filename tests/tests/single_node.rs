@@ -234,8 +234,8 @@ fn single_node_overlay() {
 }
 
 #[test]
-fn shutdown_releases_everything_and_crash_leftovers_are_cleaned() {
-    if !require_root("shutdown_releases_everything_and_crash_leftovers_are_cleaned") {
+fn tasks_outlive_shutdown_and_crash_and_leftovers_are_cleaned() {
+    if !require_root("tasks_outlive_shutdown_and_crash_and_leftovers_are_cleaned") {
         return;
     }
     let mut node = Node::start(&unique("sd"), &[]);
@@ -270,7 +270,52 @@ fn shutdown_releases_everything_and_crash_leftovers_are_cleaned() {
     }));
     assert!(node.task_view("s.1")["status"]["restarts"].as_u64() >= Some(1));
 
-    // SIGTERM: processes, namespaces (and with them the TAPs) are gone.
+    // SIGTERM: the tasks keep running (same processes, namespaces, TAPs); the next start
+    // adopts them.
+    let pid = node.task_view("s.1")["status"]["pid"]
+        .as_u64()
+        .expect("pid");
+    assert!(node.stop());
+    assert_eq!(node.task_namespaces().len(), 2);
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    node.start_again();
+    node.wait_running("s", 2);
+    assert_eq!(node.task_view("s.1")["status"]["pid"].as_u64(), Some(pid));
+    assert!(pings(&node, "s.1", &node.task_ip("s.2")));
+
+    // A crash: the same.
+    node.kill();
+    assert_eq!(node.task_namespaces().len(), 2);
+    node.start_again();
+    node.wait_running("s", 2);
+    assert_eq!(node.task_view("s.1")["status"]["pid"].as_u64(), Some(pid));
+    assert!(pings(&node, "s.1", &node.task_ip("s.2")));
+
+    // A leftover that cannot be adopted (its record is gone) is removed, its process with
+    // it, and the task started afresh.
+    node.kill();
+    let record = node.dir.join("state/tasks/s.1/process.json");
+    std::fs::remove_file(&record).expect("the task's process record");
+    node.start_again();
+    assert!(wait_for(Duration::from_secs(10), || {
+        let v = node.task_view("s.1");
+        v["status"]["state"] == "running" && v["status"]["pid"].as_u64() != Some(pid)
+    }));
+    assert!(wait_for(Duration::from_secs(5), || !std::path::Path::new(
+        &format!("/proc/{pid}")
+    )
+    .exists()));
+    assert_eq!(node.task_namespaces().len(), 2);
+    assert!(pings(&node, "s.1", &node.task_ip("s.2")));
+
+    // --stop-tasks: processes, namespaces (and with them the TAPs) are gone.
+    let pid = node.task_view("s.1")["status"]["pid"]
+        .as_u64()
+        .expect("pid");
+    node.extra_args.push("--stop-tasks".into());
+    assert!(node.stop());
+    node.start_again();
+    node.wait_running("s", 2);
     assert!(node.stop());
     assert!(
         node.task_namespaces().is_empty(),
@@ -278,18 +323,4 @@ fn shutdown_releases_everything_and_crash_leftovers_are_cleaned() {
         node.task_namespaces()
     );
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
-
-    // A crash leaves namespaces behind; the next start removes them and re-creates tasks.
-    node.restart();
-    node.wait_running("s", 2);
-    node.kill();
-    assert_eq!(
-        node.task_namespaces().len(),
-        2,
-        "crash should leave namespaces"
-    );
-    node.restart();
-    node.wait_running("s", 2);
-    assert_eq!(node.task_namespaces().len(), 2);
-    assert!(pings(&node, "s.1", &node.task_ip("s.2")));
 }

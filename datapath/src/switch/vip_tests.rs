@@ -291,3 +291,83 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_ones() {
     assert!(net.vips[&ip(VIP)].draining.is_empty());
     assert!(!net.backend_ips.contains(&ip("10.0.0.77")));
 }
+
+/// A backend's frame to the client `.9` on `sport`: a SYN-ACK or an ACK with data.
+fn from_backend(backend: &str, sport: u16, syn_ack: bool) -> Vec<u8> {
+    let mut v = Vec::new();
+    let b = PacketBuilder::ethernet2(mac(backend).0, mac("10.0.0.9").0)
+        .ipv4(ip(backend).octets(), ip("10.0.0.9").octets(), 64)
+        .tcp(8000, sport, 5000, 65000);
+    let b = if syn_ack {
+        b.syn().ack(101)
+    } else {
+        b.ack(101)
+    };
+    b.write(&mut v, if syn_ack { b"" } else { b"hello" })
+        .unwrap();
+    v
+}
+
+#[test]
+fn a_restarted_router_resumes_established_flows_either_way() {
+    // The previous run: two established flows to .3, one still in its handshake.
+    let before = tables(100, &["10.0.0.3"]);
+    for sport in [1000, 1001, 1002] {
+        send(&before, 1, &mut tcp("10.0.0.9", mac(VIP), VIP, sport, true));
+    }
+    for sport in [1000, 1001] {
+        let v = send(&before, 2, &mut from_backend("10.0.0.3", sport, true));
+        assert_eq!(v, Verdict::Forward(PortId(1)));
+    }
+    let mut saved = before.flows.established();
+    saved.sort_by_key(|r| r.key.sport);
+    assert_eq!(
+        saved
+            .iter()
+            .map(|r| (r.key.sport, r.backend_ip))
+            .collect::<Vec<_>>(),
+        [(1000, ip("10.0.0.3")), (1001, ip("10.0.0.3"))]
+    );
+
+    // The next run, whose round robin would pick .4 first.
+    let after = tables(100, &["10.0.0.4", "10.0.0.3"]);
+    after.flows.offer_resumable(saved);
+    assert!(after.flows.is_resuming());
+    // The client speaks first: its flow goes on to .3.
+    let mut ack = tcp("10.0.0.9", mac(VIP), VIP, 1000, false);
+    assert_eq!(send(&after, 1, &mut ack), Verdict::Forward(PortId(2)));
+    assert_eq!(parse(&ack).unwrap().dst, ip("10.0.0.3"));
+    // The backend speaks first: its reply comes from the VIP, and the client's next
+    // segment follows it.
+    let mut back = from_backend("10.0.0.3", 1001, false);
+    assert_eq!(send(&after, 2, &mut back), Verdict::Forward(PortId(1)));
+    assert_eq!(parse(&back).unwrap().src, ip(VIP));
+    let mut ack = tcp("10.0.0.9", mac(VIP), VIP, 1001, false);
+    assert_eq!(send(&after, 1, &mut ack), Verdict::Forward(PortId(2)));
+    assert_eq!(after.flows.len(), 2);
+    // A flow that was not established is not resumed.
+    let mut ack = tcp("10.0.0.9", mac(VIP), VIP, 1002, false);
+    assert_eq!(
+        send(&after, 1, &mut ack),
+        Verdict::Drop(DropReason::LbNoFlow)
+    );
+    after.flows.end_resuming();
+    assert!(!after.flows.is_resuming());
+}
+
+#[test]
+fn a_resumable_flow_waits_for_its_backend_to_be_back() {
+    let before = tables(100, &["10.0.0.3"]);
+    send(&before, 1, &mut tcp("10.0.0.9", mac(VIP), VIP, 1000, true));
+    send(&before, 2, &mut from_backend("10.0.0.3", 1000, true));
+    let saved = before.flows.established();
+    // The restarted node's tables do not hold .3 yet: dropped, and kept for later.
+    let early = tables(100, &["10.0.0.4"]);
+    early.flows.offer_resumable(saved.clone());
+    let mut ack = tcp("10.0.0.9", mac(VIP), VIP, 1000, false);
+    assert_eq!(
+        send(&early, 1, &mut ack),
+        Verdict::Drop(DropReason::LbNoFlow)
+    );
+    assert_eq!(early.flows.resumable(&saved[0].key), Some(saved[0]));
+}

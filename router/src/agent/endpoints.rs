@@ -143,7 +143,7 @@ impl Agent {
         let path = PathBuf::from(&e.netns);
         let queues = self.datapath.workers();
         let fds = tokio::task::spawn_blocking(move || {
-            iface::create_task_ifaces(&path, vec![spec], queues)
+            iface::create_task_ifaces(&path, vec![spec], queues, iface::Lifetime::WithFds)
         })
         .await
         .map_err(|e| format!("setup thread failed: {e}"))?

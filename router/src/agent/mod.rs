@@ -9,16 +9,21 @@
 //! (published ports and their tasks) and puts encrypted networks' keys into the tables when
 //! they change (a new key, or the moment a new key starts being used for sending).
 //!
+//! Tasks outlive the daemon: when it stops (without `--stop-tasks`) or crashes, their
+//! processes, namespaces and TAPs stay, and the next run adopts them once it has the first
+//! real state (revision > 0; until then it removes nothing): see [`adopt`].
+//!
 //! A task that leaves the desired state is not stopped at once: it drains ([`drain`]) while
 //! the agent keeps its namespace and interfaces, and is torn down once its process stopped.
 //!
 //! The work is split by what it realises: [`tasks`] (a task's namespaces, TAPs, resolver and
-//! supervised process), [`endpoints`] (other runtimes' containers: CNI and Docker), and
-//! [`tables`] (the datapath's tables, encrypted networks' keys in them, and the views the
-//! resolvers and the routing mesh's proxy read); [`health`] and [`drain`] hold the rules of
+//! supervised process), [`adopt`] (the tasks a previous run left), [`endpoints`] (other
+//! runtimes' containers: CNI and Docker), and [`tables`] (the datapath's tables, encrypted
+//! networks' keys in them, and the views the resolvers and the routing mesh's proxy read); [`health`] and [`drain`] hold the rules of
 //! health checks and of the stop sequence, without I/O. This file holds the agent itself and
 //! its reconcile loop.
 
+mod adopt;
 pub(crate) mod drain;
 mod endpoints;
 pub(crate) mod health;
@@ -104,6 +109,11 @@ pub struct Agent {
     secrets: BTreeMap<(NetworkName, u8), Secret>,
     /// What the ingress proxy was last given.
     published_ingress: Option<IngressView>,
+    /// Whether what a previous run left was adopted or removed yet (done with the first real
+    /// state).
+    leftovers_settled: bool,
+    /// Whether shutting down stops the tasks (`--stop-tasks`) or leaves them running.
+    stop_tasks: bool,
 }
 
 impl Agent {
@@ -133,12 +143,21 @@ impl Agent {
             published: None,
             published_ingress: None,
             secrets: BTreeMap::new(),
+            leftovers_settled: false,
+            stop_tasks: false,
         }
     }
 
-    /// Follows the published state until `shutdown`, then stops every local task.
+    /// Makes shutting down stop every task (`overlayd --stop-tasks`) instead of leaving them
+    /// running for the next run.
+    pub fn stop_tasks_on_shutdown(mut self, yes: bool) -> Agent {
+        self.stop_tasks = yes;
+        self
+    }
+
+    /// Follows the published state until `shutdown`, then leaves the local tasks running
+    /// (or stops them, with `--stop-tasks`).
     pub async fn run(mut self, shutdown: CancellationToken) {
-        self.clean_leftovers();
         let mut rx: watch::Receiver<Arc<ClusterState>> = self.cluster.subscribe_state();
         let mut tick = tokio::time::interval(RESYNC);
         let mut backends = tokio::time::interval(BACKENDS_EVERY);
@@ -191,6 +210,10 @@ impl Agent {
     }
 
     async fn reconcile(&mut self, state: &ClusterState) {
+        if !self.leftovers_settled && state.revision > 0 {
+            self.settle_leftovers(state).await;
+            self.leftovers_settled = true;
+        }
         let node = self.node.clone();
         let wanted: BTreeMap<&str, &Task> = state
             .tasks_on(&node)
@@ -247,7 +270,18 @@ impl Agent {
             le.cancel.cancel();
         }
         let leaving = std::mem::take(&mut self.leaving).into_values();
-        let all: Vec<(String, LocalTask)> = std::mem::take(&mut self.tasks)
+        let mut tasks = std::mem::take(&mut self.tasks);
+        if !self.stop_tasks && !tasks.is_empty() {
+            tracing::info!(
+                tasks = tasks.len(),
+                "leaving the tasks running for the next run to adopt (--stop-tasks stops them)"
+            );
+            for lt in std::mem::take(&mut tasks).into_values() {
+                self.detach_task(lt).await;
+            }
+        }
+        // Tasks on their way out are stopped either way: nobody wants them any more.
+        let all: Vec<(String, LocalTask)> = tasks
             .into_iter()
             .chain(leaving.map(|l| (l.name, l.task)))
             .collect();

@@ -2,8 +2,10 @@
 //! (handed to the datapath), its mount namespace with its own resolv.conf and hosts, the
 //! embedded resolver's sockets inside it, and its supervised process ([`crate::task`]); and
 //! their removal: after its process drained and stopped when the task left the desired
-//! state ([`super::drain`]), at once when the daemon shuts down, or at start when a crashed
-//! run left them behind.
+//! state ([`super::drain`]), or at once when the daemon shuts down with `--stop-tasks`.
+//!
+//! Without `--stop-tasks` a daemon that stops (or crashes) leaves its tasks as they are, for
+//! the next run to adopt ([`super::adopt`]).
 
 use super::Agent;
 use crate::dns::server as dns;
@@ -24,16 +26,16 @@ use tracing::{info, warn};
 /// What this node made for one of its tasks.
 pub(super) struct LocalTask {
     pub(super) id: String,
-    netns: PathBuf,
-    mntns: PathBuf,
+    pub(super) netns: PathBuf,
+    pub(super) mntns: PathBuf,
     /// The task's resolv.conf and hosts.
-    files: PathBuf,
+    pub(super) files: PathBuf,
     pub(super) ports: Vec<(PortId, PortBinding)>,
     /// Ends its resolver, once the task is torn down.
-    resolver: CancellationToken,
+    pub(super) resolver: CancellationToken,
     /// Ends its process: drained ([`Agent::begin_leave`]) or at once.
     pub(super) stop: task::Stop,
-    supervisor: JoinHandle<()>,
+    pub(super) supervisor: JoinHandle<()>,
 }
 
 /// A task that left the desired state and is draining ([`crate::agent::drain`]): its
@@ -44,22 +46,80 @@ pub(super) struct Leaving {
 }
 
 impl Agent {
-    /// Removes namespaces a previous run of this node left behind (after a crash).
-    pub fn clean_leftovers(&self) {
-        let prefix = naming::netns_prefix(&self.node);
-        if let Ok(dir) = std::fs::read_dir(mntns::MNTNS_DIR) {
-            for e in dir.filter_map(|e| e.ok()) {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = mntns::remove(&e.path());
-                }
+    /// Serves the embedded resolver on a task's sockets until the returned token fires.
+    pub(super) fn serve_resolver(
+        &self,
+        task: &Task,
+        (udp, tcp): (std::net::UdpSocket, std::net::TcpListener),
+    ) -> CancellationToken {
+        let stop = CancellationToken::new();
+        let networks = task
+            .attachments
+            .iter()
+            .map(|a| a.network.to_string())
+            .collect();
+        match (
+            tokio::net::UdpSocket::from_std(udp),
+            tokio::net::TcpListener::from_std(tcp),
+        ) {
+            (Ok(udp), Ok(tcp)) => {
+                tokio::spawn(dns::serve(
+                    udp,
+                    tcp,
+                    networks,
+                    self.dns.clone(),
+                    stop.clone(),
+                ));
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(task = %task.name, error = %e, "resolver not served")
             }
         }
-        for name in netns::list_with_prefix(&prefix) {
-            let path = netns::path_of(&name);
-            match netns::remove(&path) {
-                Ok(()) => info!(netns = %name, "removed leftover namespace"),
-                Err(e) => warn!(netns = %name, error = %e, "cannot remove leftover namespace"),
-            }
+        stop
+    }
+
+    /// Hands a task's TAPs to the datapath, each as a new port with its binding.
+    pub(super) fn add_ports(
+        &mut self,
+        fds: Vec<Vec<std::os::fd::OwnedFd>>,
+        bindings: Vec<PortBinding>,
+    ) -> Vec<(PortId, PortBinding)> {
+        let mut ports = Vec::new();
+        for (fd, binding) in fds.into_iter().zip(bindings) {
+            let port = PortId(self.next_port);
+            self.next_port += 1;
+            self.datapath.add_port(port, fd, tap::udp_offload());
+            ports.push((port, binding));
+        }
+        ports
+    }
+
+    /// What supervising a task's process needs.
+    pub(super) fn process_of(
+        &self,
+        task: &Task,
+        netns: &std::path::Path,
+        mntns: &std::path::Path,
+    ) -> TaskProcess {
+        TaskProcess {
+            name: task.name.clone(),
+            id: task.id.clone(),
+            service: task.service.to_string(),
+            slot: task.slot,
+            node: self.node.to_string(),
+            command: task.spec.command.clone(),
+            env: task.spec.env.clone(),
+            netns: netns.to_path_buf(),
+            mntns: Some(mntns.to_path_buf()),
+            log: naming::task_log(&self.state_dir, &task.name),
+            exit_file: naming::task_exit_file(&self.state_dir, &task.name),
+            record: naming::task_process_record(&self.state_dir, &task.name),
+            healthcheck: task.spec.healthcheck.clone(),
+            stop_grace: Duration::from_secs(
+                task.spec
+                    .stop_grace_period_s
+                    .unwrap_or(DEFAULT_STOP_GRACE_S),
+            ),
         }
     }
 
@@ -69,8 +129,8 @@ impl Agent {
         task: &Task,
     ) -> Result<LocalTask, String> {
         self.report(task, TaskState::Starting, None);
+        let bindings = bindings_of(state, task)?;
         let mut specs = Vec::new();
-        let mut bindings = Vec::new();
         for (i, a) in task.attachments.iter().enumerate() {
             let net = state
                 .networks
@@ -84,11 +144,6 @@ impl Agent {
                 mtu: net.mtu(),
                 gateway: (i == 0).then_some(net.gateway),
             });
-            bindings.push(PortBinding {
-                vni: net.vni,
-                mac: a.mac,
-                ip: a.address,
-            });
         }
         let ns_name = naming::netns_name(&self.node, &task.name);
         let ns_path = netns::path_of(&ns_name);
@@ -97,7 +152,7 @@ impl Agent {
             let queues = self.datapath.workers();
             tokio::task::spawn_blocking(move || {
                 netns::create(&ns_name)?;
-                iface::create_task_ifaces(&path, specs, queues)
+                iface::create_task_ifaces(&path, specs, queues, iface::Lifetime::Persistent)
             })
             .await
             .map_err(|e| format!("setup thread failed: {e}"))?
@@ -122,7 +177,7 @@ impl Agent {
                 .await
                 .map_err(|e| format!("setup thread failed: {e}"))?
         };
-        let (udp, tcp) = match resolver {
+        let sockets = match resolver {
             Ok(socks) => socks,
             Err(e) => {
                 drop(fds);
@@ -132,56 +187,16 @@ impl Agent {
                 return Err(format!("setting up the task's resolver and mounts: {e}"));
             }
         };
-        let resolver_stop = CancellationToken::new();
-        let networks = task
-            .attachments
-            .iter()
-            .map(|a| a.network.to_string())
-            .collect();
-        match (
-            tokio::net::UdpSocket::from_std(udp),
-            tokio::net::TcpListener::from_std(tcp),
-        ) {
-            (Ok(udp), Ok(tcp)) => {
-                tokio::spawn(dns::serve(
-                    udp,
-                    tcp,
-                    networks,
-                    self.dns.clone(),
-                    resolver_stop.clone(),
-                ));
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                warn!(task = %task.name, error = %e, "resolver not served")
-            }
-        }
-        let mut ports = Vec::new();
-        for (fd, binding) in fds.into_iter().zip(bindings) {
-            let port = PortId(self.next_port);
-            self.next_port += 1;
-            self.datapath.add_port(port, fd, tap::udp_offload());
-            ports.push((port, binding));
-        }
-        let proc = TaskProcess {
-            name: task.name.clone(),
-            id: task.id.clone(),
-            service: task.service.to_string(),
-            slot: task.slot,
-            node: self.node.to_string(),
-            command: task.spec.command.clone(),
-            env: task.spec.env.clone(),
-            netns: ns_path.clone(),
-            mntns: Some(mnt_path.clone()),
-            log: naming::task_log(&self.state_dir, &task.name),
-            healthcheck: task.spec.healthcheck.clone(),
-            stop_grace: Duration::from_secs(
-                task.spec
-                    .stop_grace_period_s
-                    .unwrap_or(DEFAULT_STOP_GRACE_S),
-            ),
-        };
+        let resolver_stop = self.serve_resolver(task, sockets);
+        let ports = self.add_ports(fds, bindings);
+        let proc = self.process_of(task, &ns_path, &mnt_path);
         let stop = task::Stop::default();
-        let supervisor = tokio::spawn(task::supervise(proc, self.statuses.clone(), stop.clone()));
+        let supervisor = tokio::spawn(task::supervise(
+            proc,
+            self.statuses.clone(),
+            stop.clone(),
+            None,
+        ));
         info!(task = %task.name, netns = %ns_path.display(), "task set up");
         Ok(LocalTask {
             id: task.id.clone(),
@@ -240,6 +255,15 @@ impl Agent {
         }
     }
 
+    /// Ends the supervision of a task the daemon leaves running when it stops: its process,
+    /// namespaces and TAPs stay for the next run to adopt; its resolver stops (with the
+    /// daemon) and its TAPs' fds go with the datapath.
+    pub(super) async fn detach_task(&mut self, lt: LocalTask) {
+        lt.stop.detach.cancel();
+        let _ = lt.supervisor.await;
+        lt.resolver.cancel();
+    }
+
     /// Stops a task's process at once (the daemon shuts down) and tears it down.
     pub(super) async fn stop_task(&mut self, name: &str, lt: LocalTask) {
         lt.stop.now.cancel();
@@ -269,6 +293,24 @@ impl Agent {
             }
         }
     }
+}
+
+/// The datapath binding of each of a task's network attachments, in order.
+pub(super) fn bindings_of(state: &ClusterState, task: &Task) -> Result<Vec<PortBinding>, String> {
+    task.attachments
+        .iter()
+        .map(|a| {
+            let net = state
+                .networks
+                .get(&a.network)
+                .ok_or_else(|| format!("network {} not in state", a.network))?;
+            Ok(PortBinding {
+                vni: net.vni,
+                mac: a.mac,
+                ip: a.address,
+            })
+        })
+        .collect()
 }
 
 /// What a task sees of the node besides its interfaces: its resolv.conf (the embedded

@@ -1,10 +1,16 @@
-//! `overlayd --node NAME`: runs one node. See `overlayd --help`.
+//! `overlayd --node NAME`: runs one node. See `overlayd --help`. (`overlayd task-shim` is
+//! what it runs a task's process under: `router::task_shim`.)
 
 use clap::Parser;
 use router::config::Config;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
+    // `overlayd task-shim ...`: a task's shim (`router::task_shim`), started by overlayd.
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(std::ffi::OsStr::new(router::task_shim::SUBCOMMAND)) {
+        return router::task_shim::main(args.collect());
+    }
     router::sys::malloc::map_large_blocks();
     let cfg = Config::parse();
     let filter = match EnvFilter::try_new(&cfg.log_level) {

@@ -18,6 +18,7 @@
 //! the decision with the node's one connection table. Ports come and go through a command
 //! channel and a waker per worker.
 
+use super::saved_flows;
 use super::underlay::{self, Datagram, Dest, Gather, RxBatch, Seal, Sockets, TxBatch, Underlay};
 use crate::dns;
 use arc_swap::ArcSwap;
@@ -39,6 +40,7 @@ use protocol::vxlan;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -59,6 +61,19 @@ const UNDERLAY: Token = Token(usize::MAX - 1);
 /// How often the sweeper looks for new tables (a backend may have left: its flows are
 /// retired at once).
 const SWEEP_CHECK: Duration = Duration::from_millis(250);
+/// Flows saved per second at most: a larger table is saved less often (one more second per
+/// this many flows), so that saving costs at most this many lines a second.
+const SAVE_PER_SECOND: usize = 100_000;
+
+/// How long after the last save the established flows are saved again, for a table of
+/// `flows` flows.
+fn save_every(flows: usize) -> Duration {
+    Duration::from_secs((flows / SAVE_PER_SECOND).max(1) as u64)
+}
+
+/// How long the flows a previous run saved may be resumed: a connection silent for longer
+/// is not resumed (its next segment is dropped as `lb_no_flow`).
+pub const RESUME_WINDOW: Duration = Duration::from_secs(60);
 /// How often the sweeper walks the whole table to expire idle and closed flows even when
 /// the tables did not change.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -113,7 +128,8 @@ impl Datapath {
     /// node: nothing is remote); `flows` is the node's connection table, handed to every
     /// worker and the sweeper; `dns` the embedded resolver, which answers DNS at gateways;
     /// `esp_epoch` this run's epoch for encrypted networks, None if it could not be kept on
-    /// disk (then nothing is sealed: a repeated epoch would reuse nonces).
+    /// disk (then nothing is sealed: a repeated epoch would reuse nonces); `save_flows` the
+    /// state directory the sweeper saves the established flows in (`saved_flows`), if any.
     pub fn start(
         counters: Arc<Counters>,
         underlay: Option<Sockets>,
@@ -121,6 +137,7 @@ impl Datapath {
         dns: Arc<dns::server::Shared>,
         workers: usize,
         esp_epoch: Option<u32>,
+        save_flows: Option<PathBuf>,
     ) -> io::Result<Datapath> {
         let workers = workers.clamp(1, MAX_WORKERS);
         if let Some(u) = &underlay {
@@ -203,7 +220,10 @@ impl Datapath {
             );
             std::thread::Builder::new()
                 .name("conntrack-sweep".into())
-                .spawn(move || sweep_loop(epoch, &tables, &flows, &tx, &waker, &stopping))?
+                .spawn(move || {
+                    let save = save_flows.as_deref();
+                    sweep_loop(epoch, &tables, &flows, &tx, &waker, &stopping, save)
+                })?
         };
         Ok(Datapath {
             esp_epoch: esp_epoch.unwrap_or(0),
@@ -285,7 +305,9 @@ impl Drop for Datapath {
 /// The sweeper: expires flows by its own clock (the datapath may be idle), and retires flows
 /// whose backend is neither among its VIP's backends nor draining (a task that is stopping
 /// keeps its flows until it is gone), sending established TCP clients a reset through the
-/// datapath so none is left hanging.
+/// datapath so none is left hanging. After each walk it saves the established flows in
+/// `save` (`saved_flows`), for the next run; flows a previous run saved that were not
+/// resumed within [`RESUME_WINDOW`] are forgotten.
 fn sweep_loop(
     epoch: Instant,
     tables: &ArcSwap<Tables>,
@@ -293,10 +315,17 @@ fn sweep_loop(
     commands: &mpsc::Sender<Command>,
     waker: &Waker,
     stopping: &AtomicBool,
+    save: Option<&Path>,
 ) {
     let mut rst = vec![0u8; MAX_FRAME];
     let mut swept = (Instant::now(), tables.load_full());
+    let began = Instant::now();
+    let mut saved_none = false;
+    let mut saved_at = Instant::now();
     while !stopping.load(Ordering::Relaxed) {
+        if flows.is_resuming() && began.elapsed() >= RESUME_WINDOW {
+            flows.end_resuming();
+        }
         std::thread::sleep(SWEEP_CHECK);
         let t = tables.load_full();
         // A walk costs time on every core the node has; take it only when it can find work.
@@ -322,6 +351,16 @@ fn sweep_loop(
         if resets > 0 {
             debug!(resets, "reset clients of backends that left");
             let _ = waker.wake();
+        }
+        if let Some(dir) = save.filter(|_| saved_at.elapsed() >= save_every(flows.len())) {
+            saved_at = Instant::now();
+            let established = flows.established();
+            if !(established.is_empty() && saved_none) {
+                match saved_flows::save(dir, &established) {
+                    Ok(()) => saved_none = established.is_empty(),
+                    Err(e) => debug!(error = %e, "cannot save the established flows"),
+                }
+            }
         }
     }
 }

@@ -14,4 +14,5 @@
 //! - [`underlay`]: the batched UDP sockets (quinn-udp, GSO/GRO, the reuseport group).
 
 pub mod io;
+pub mod saved_flows;
 pub mod underlay;

@@ -23,25 +23,81 @@ pub struct IfaceSpec {
     pub gateway: Option<Ipv4Addr>,
 }
 
-/// Creates the TAPs of `specs` inside the namespace at `ns`, with `queues` queues each,
-/// configures them (MTU, MAC, address, up, default route) and brings `lo` up. Returns each
-/// TAP's queue fds in `specs` order.
+/// How long a TAP lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifetime {
+    /// As long as its namespace ([`tap::persist`]): a task's, which outlives overlayd and is
+    /// attached to again by the next run.
+    Persistent,
+    /// As long as overlayd holds one of its fds: a container endpoint's, made again by the
+    /// next run.
+    WithFds,
+}
+
+/// Creates the TAPs of `specs` inside the namespace at `ns`, with `queues` queues each and
+/// the given lifetime, configures them (MTU, MAC, address, up, default route) and brings `lo`
+/// up. Returns each TAP's queue fds in `specs` order.
 pub fn create_task_ifaces(
     ns: &Path,
     specs: Vec<IfaceSpec>,
     queues: usize,
+    lifetime: Lifetime,
 ) -> io::Result<Vec<Vec<OwnedFd>>> {
     netns::run_in(ns, move || {
         let fds = specs
             .iter()
             .map(|s| tap::create(&s.name, queues))
             .collect::<io::Result<Vec<_>>>()?;
+        let persistent = fds
+            .iter()
+            .zip(&specs)
+            .filter(|_| lifetime == Lifetime::Persistent);
+        for (queues, s) in persistent {
+            if let Some(first) = queues.first() {
+                tap::persist(first).map_err(|e| io::Error::other(format!("{}: {e}", s.name)))?;
+            }
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         rt.block_on(configure(&specs))?;
         Ok(fds)
     })
+}
+
+/// Attaches again to the persistent TAPs `names` a previous overlayd made in the namespace at
+/// `ns` (a task it re-adopts), with `queues` queues each: their address, MAC and routes are
+/// the kernel's and stay as they were. Returns each TAP's queue fds in `names` order.
+pub fn reopen_task_ifaces(
+    ns: &Path,
+    names: Vec<String>,
+    queues: usize,
+) -> io::Result<Vec<Vec<OwnedFd>>> {
+    netns::run_in(ns, move || {
+        names
+            .iter()
+            .map(|n| {
+                // Attaching by name would make a new, bare TAP if it were gone.
+                if !exists(n) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("no interface {n}"),
+                    ));
+                }
+                tap::create(n, queues).map_err(|e| io::Error::other(format!("{n}: {e}")))
+            })
+            .collect()
+    })
+}
+
+/// Whether interface `name` exists in the calling thread's network namespace (the socket
+/// `if_nametoindex` opens is made in it; `/sys` would show the mounter's).
+fn exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
 /// Creates a TAP in the calling process's own namespace, with the MTU and MAC of `spec` but

@@ -4,7 +4,12 @@
 //! from a thread that has entered the task's network namespace, and its raw fd is handed to
 //! our own poll loop; the crates we looked at (tun-tap, tun-rs) configure addresses and
 //! state themselves, which we do over netlink per namespace. The whole ABI used here is two
-//! ioctls (`TUNSETIFF`, `TUNSETOFFLOAD`).
+//! ioctls (`TUNSETIFF`, `TUNSETOFFLOAD`), and `TUNSETPERSIST` for a task's TAPs.
+//!
+//! A task's TAP is persistent: it outlives the fds of the overlayd that made it, so that a
+//! task keeps its interface (address, MAC, routes) while no router runs, and the next
+//! overlayd attaches to it again by name ([`create`] on an existing device does that). It is
+//! deleted with the task's network namespace.
 //!
 //! A TAP has one queue per datapath worker (`IFF_MULTI_QUEUE`): each queue is its own fd,
 //! opened by attaching to the device by name again. The task's kernel picks a queue per flow
@@ -57,9 +62,13 @@ struct IfReq {
 nix::ioctl_write_ptr_bad!(tunsetiff, 0x4004_54ca, IfReq);
 // TUNSETOFFLOAD = _IOW('T', 208, unsigned int); the flags are passed by value.
 nix::ioctl_write_int_bad!(tunsetoffload, 0x4004_54d0);
+// TUNSETPERSIST = _IOW('T', 203, int); the flag is passed by value.
+nix::ioctl_write_int_bad!(tunsetpersist, 0x4004_54cb);
 
 /// Creates TAP device `name` with `queues` queues in the calling thread's network namespace
-/// and returns their fds, non-blocking. The device lives as long as one of them. Every frame
+/// (or attaches to it again, if it exists with the same flags: a persistent one) and returns
+/// their fds, non-blocking. The device lives as long as one of them, or until it is deleted
+/// if it is persistent ([`persist`]). Every frame
 /// read from or written to it carries a virtio-net header (`datapath::vnet`), and the task's
 /// kernel may hand over TCP (and, with USO, UDP) super-frames and partial checksums. With
 /// several queues, the flow steering program (`tap_steer`) is attached.
@@ -74,6 +83,14 @@ pub fn create(name: &str, queues: usize) -> io::Result<Vec<OwnedFd>> {
         }
     }
     Ok(fds)
+}
+
+/// Makes the TAP behind `fd` outlive every fd of it (`TUNSETPERSIST`).
+pub fn persist(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: TUNSETPERSIST takes its flag by value; the fd is an attached TAP queue.
+    unsafe { tunsetpersist(fd.as_raw_fd(), 1) }
+        .map(drop)
+        .map_err(|e| io::Error::other(format!("TUNSETPERSIST: {e}")))
 }
 
 fn open_queue(name: &str, multi: bool) -> io::Result<OwnedFd> {

@@ -1,0 +1,359 @@
+//! Tasks outlive the router: a node's overlayd is killed (kill -9) or stopped (SIGTERM) and
+//! started again, and its tasks are the same processes before and after, their TCP
+//! connections across the overlay intact; `--stop-tasks` stops them with the daemon. Two
+//! nodes on a bridged underlay (198.18.3.0/24), one shared cluster. Needs root.
+//!
+//! Traffic: an echo service and a client service, two tasks each (one per node). Each client
+//! holds one TCP connection to each echo task (one to its own node, one across the
+//! underlay) and one to the echo service's VIP (its flow in the load balancer's table of
+//! the client's node, which the restarted node resumes from its saved flows), and sends a
+//! line on each every 100 ms, printing every round trip and the gap
+//! since the previous one into its log, which its shim writes while overlayd is away.
+
+use overlay_e2e::{require_root, script_dir, unique, wait_for, write_script, Node, Underlay};
+use std::time::{Duration, Instant};
+
+/// An echo server on port 7000, a thread per connection.
+const ECHO_PY: &str = r#"
+import socket, threading
+def serve(c):
+    with c:
+        while True:
+            data = c.recv(4096)
+            if not data:
+                return
+            c.sendall(data)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7000))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Connects to both echo tasks (found by `tasks.echo`) and to the service's VIP, then every
+/// 100 ms sends a numbered line on each connection and waits for its echo: prints `ok SEQ GAP_MS` per round (the
+/// time since the previous round's end), `error ...` and exits if a connection breaks.
+const CLIENT_PY: &str = r#"
+import socket, sys, time
+while True:
+    try:
+        ips = sorted({a[4][0] for a in socket.getaddrinfo("tasks.echo", 7000, socket.AF_INET, socket.SOCK_STREAM)})
+    except OSError:
+        ips = []
+    if len(ips) == 2:
+        break
+    time.sleep(0.2)
+# And one through the service's VIP, load-balanced by the client's node.
+while True:
+    try:
+        vip = socket.getaddrinfo("echo", 7000, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+        break
+    except OSError:
+        time.sleep(0.2)
+conns = []
+for ip in ips + [vip]:
+    while True:
+        try:
+            c = socket.create_connection((ip, 7000), timeout=2)
+            break
+        except OSError:
+            time.sleep(0.2)
+    c.settimeout(30)
+    conns.append((c, c.makefile("rb")))
+print("connected", " ".join(ips), flush=True)
+seq = 0
+last = time.monotonic()
+while True:
+    seq += 1
+    line = b"%d\n" % seq
+    try:
+        for c, r in conns:
+            c.sendall(line)
+            got = r.readline()
+            if got != line:
+                print("error: echo %r for %r" % (got, line), flush=True)
+                sys.exit(1)
+    except OSError as e:
+        print("error:", e, flush=True)
+        sys.exit(1)
+    now = time.monotonic()
+    print("ok %d %d" % (seq, (now - last) * 1000), flush=True)
+    last = now
+    time.sleep(0.1)
+"#;
+
+/// What a client's log says: its rounds (seq, gap in ms) and its errors.
+struct Progress {
+    rounds: Vec<(u64, u64)>,
+    errors: Vec<String>,
+}
+
+impl Progress {
+    fn of(node: &Node, task: &str) -> Progress {
+        let log = node.dir.join("state/logs").join(format!("{task}.log"));
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let mut p = Progress {
+            rounds: vec![],
+            errors: vec![],
+        };
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            match f.as_slice() {
+                ["ok", seq, gap] => {
+                    if let (Ok(s), Ok(g)) = (seq.parse(), gap.parse()) {
+                        p.rounds.push((s, g));
+                    }
+                }
+                _ if line.starts_with("error") => p.errors.push(line.to_string()),
+                _ => {}
+            }
+        }
+        p
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.rounds.last().map_or(0, |r| r.0)
+    }
+
+    /// The longest gap between rounds after round `after`.
+    fn max_gap_after(&self, after: u64) -> u64 {
+        self.rounds
+            .iter()
+            .filter(|r| r.0 > after)
+            .map(|r| r.1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+const TASKS: [&str; 4] = ["echo.1", "echo.2", "client.1", "client.2"];
+
+/// Every task's pid, as the manager reports it.
+fn pids(manager: &Node) -> Vec<Option<u64>> {
+    TASKS
+        .iter()
+        .map(|t| manager.task_view(t)["status"]["pid"].as_u64())
+        .collect()
+}
+
+fn all_running(manager: &Node) -> bool {
+    TASKS
+        .iter()
+        .all(|t| manager.task_view(t)["status"]["state"] == "running")
+}
+
+/// Waits until both clients completed `rounds` more rounds than at `before`.
+fn wait_rounds(nodes: &[&Node], before: &[u64], rounds: u64) -> bool {
+    wait_for(Duration::from_secs(20), || {
+        ["client.1", "client.2"].iter().zip(before).all(|(t, b)| {
+            nodes
+                .iter()
+                .any(|n| Progress::of(n, t).last_seq() >= b + rounds)
+        })
+    })
+}
+
+fn last_seqs(nodes: &[&Node]) -> Vec<u64> {
+    ["client.1", "client.2"]
+        .iter()
+        .map(|t| {
+            nodes
+                .iter()
+                .map(|n| Progress::of(n, t).last_seq())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// The longest gap either client saw after rounds `before`, and every error they printed.
+fn gaps_and_errors(nodes: &[&Node], before: &[u64]) -> (u64, Vec<String>) {
+    let mut gap = 0;
+    let mut errors = vec![];
+    for (t, b) in ["client.1", "client.2"].iter().zip(before) {
+        for n in nodes {
+            let p = Progress::of(n, t);
+            gap = gap.max(p.max_gap_after(*b));
+            errors.extend(p.errors);
+        }
+    }
+    (gap, errors)
+}
+
+fn alive(pid: u64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn tasks_outlive_the_router() {
+    if !require_root("tasks_outlive_the_router") {
+        return;
+    }
+    let tag = unique("rs");
+    let u = Underlay::new(&tag, 2, 3);
+    let (a, mut b) = Node::pair(&tag, &u);
+    let dir = script_dir(&tag);
+    let echo = write_script(&dir, "echo.py", ECHO_PY);
+    let client = write_script(&dir, "client.py", CLIENT_PY);
+    a.ctl_ok(&["network", "create", "--subnet", "10.0.31.0/24", "net"]);
+    // The echo tasks' health check notes each run, so the test sees checks resume on
+    // adopted tasks.
+    let checks = dir.join("checks");
+    std::fs::create_dir_all(&checks).expect("checks dir");
+    let check = format!("echo x >> {}/$OVERLAY_TASK_NAME", checks.display());
+    a.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "echo",
+        "--network",
+        "net",
+        "--replicas",
+        "2",
+        "--health-cmd",
+        &check,
+        "--health-interval",
+        "1s",
+        "--",
+        "/usr/bin/python3",
+        "-u",
+        &echo,
+    ]);
+    a.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "client",
+        "--network",
+        "net",
+        "--replicas",
+        "2",
+        "--",
+        "/usr/bin/python3",
+        "-u",
+        &client,
+    ]);
+    let checks_of =
+        |task: &str| std::fs::read_to_string(checks.join(task)).map_or(0, |s| s.lines().count());
+    assert!(
+        wait_for(Duration::from_secs(20), || all_running(&a)),
+        "{}",
+        a.ctl_ok(&["service", "ps", "client"])
+    );
+    let nodes_of: Vec<String> = TASKS.iter().map(|t| a.node_of(t)).collect();
+    assert!(
+        nodes_of[0] != nodes_of[1] && nodes_of[2] != nodes_of[3],
+        "one task of each service per node: {nodes_of:?}"
+    );
+    let before = pids(&a);
+    assert!(before.iter().all(Option::is_some), "{before:?}");
+    let both = [&a, &b];
+    assert!(
+        wait_rounds(&both, &[0, 0], 10),
+        "clients not talking: {:?}\n{}",
+        gaps_and_errors(&both, &[0, 0]).1,
+        b.log()
+    );
+
+    // (1) kill -9 of b's overlayd, then start: the same processes, the connections go on.
+    b.remove_flag("--token", true);
+    b.remove_flag("--join", true);
+    let seqs = last_seqs(&[&a, &b]);
+    let killed = Instant::now();
+    b.kill();
+    b.start_again();
+    let started = killed.elapsed();
+    assert!(
+        wait_rounds(&[&a, &b], &seqs, 20),
+        "clients stalled after kill -9: {:?}\n{}",
+        gaps_and_errors(&[&a, &b], &seqs),
+        b.log()
+    );
+    let (gap, errors) = gaps_and_errors(&[&a, &b], &seqs);
+    assert!(errors.is_empty(), "connections broke: {errors:?}");
+    assert!(wait_for(Duration::from_secs(10), || all_running(&a)));
+    assert_eq!(pids(&a), before, "the tasks were restarted");
+    eprintln!("kill -9, start: overlayd up again after {started:?}; longest gap {gap} ms");
+    assert!(gap < 2_000, "a {gap} ms stall over kill -9 and start");
+    assert!(b.log().contains("task adopted"), "{}", b.log());
+    // b's client's flow to the VIP was in b's table: the new run resumed it.
+    assert!(
+        b.log()
+            .contains("resuming the previous run's flows flows=1"),
+        "{}",
+        b.log()
+    );
+    // Health checks resume on the adopted echo task of b: two more runs, and healthy.
+    let echo_b = ["echo.1", "echo.2"]
+        .into_iter()
+        .find(|t| a.node_of(t) == b.name)
+        .expect("an echo task on b");
+    let ran = checks_of(echo_b);
+    assert!(
+        wait_for(Duration::from_secs(10), || checks_of(echo_b) >= ran + 2
+            && a.task_view(echo_b)["status"]["health"] == "healthy"),
+        "no health checks on the adopted {echo_b}: {}",
+        a.task_view(echo_b)
+    );
+
+    // (2) SIGTERM, then start: the same.
+    let seqs = last_seqs(&[&a, &b]);
+    let stopped = Instant::now();
+    assert!(b.stop(), "overlayd did not exit on SIGTERM");
+    assert!(
+        before.iter().flatten().all(|p| alive(*p)),
+        "SIGTERM stopped tasks"
+    );
+    b.start_again();
+    let started = stopped.elapsed();
+    assert!(
+        wait_rounds(&[&a, &b], &seqs, 20),
+        "clients stalled after SIGTERM: {:?}\n{}",
+        gaps_and_errors(&[&a, &b], &seqs),
+        b.log()
+    );
+    let (gap, errors) = gaps_and_errors(&[&a, &b], &seqs);
+    assert!(errors.is_empty(), "connections broke: {errors:?}");
+    assert!(wait_for(Duration::from_secs(10), || all_running(&a)));
+    assert_eq!(pids(&a), before, "the tasks were restarted");
+    eprintln!("SIGTERM, start: overlayd up again after {started:?}; longest gap {gap} ms");
+    assert!(gap < 2_000, "a {gap} ms stall over SIGTERM and start");
+
+    // (3) Removing a service still stops its tasks, adopted ones too.
+    let on_b = |tasks: &[&str]| -> Vec<u64> {
+        tasks
+            .iter()
+            .filter(|t| a.node_of(t) == b.name)
+            .filter_map(|t| before[TASKS.iter().position(|x| x == t).unwrap()])
+            .collect()
+    };
+    let client_on_b = on_b(&["client.1", "client.2"]);
+    assert_eq!(client_on_b.len(), 1);
+    a.ctl_ok(&["service", "rm", "client"]);
+    assert!(
+        wait_for(Duration::from_secs(15), || !alive(client_on_b[0])
+            && !b.task_namespaces().iter().any(|n| n.contains("client"))),
+        "the adopted client still runs: {:?}",
+        b.task_namespaces()
+    );
+
+    // (4) --stop-tasks: this shutdown stops b's tasks, namespaces and all.
+    let echo_on_b = on_b(&["echo.1", "echo.2"]);
+    assert_eq!(echo_on_b.len(), 1);
+    b.extra_args.push("--stop-tasks".into());
+    assert!(b.stop());
+    b.start_again();
+    assert!(wait_for(Duration::from_secs(10), || b
+        .log()
+        .matches("task adopted")
+        .count()
+        >= 5));
+    assert!(b.stop(), "overlayd did not exit on SIGTERM");
+    assert!(
+        wait_for(Duration::from_secs(5), || !alive(echo_on_b[0])),
+        "--stop-tasks left the process running"
+    );
+    assert!(b.task_namespaces().is_empty(), "{:?}", b.task_namespaces());
+}

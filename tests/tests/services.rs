@@ -330,7 +330,8 @@ fn services_vips_and_dns_on_three_nodes() {
     // Chromium draws it into FILE (scripts/map-screenshot.sh).
     cluster_map(&u, &metrics, cn, c, ci);
 
-    // A node killed outright: its tasks vanish without a word (their TAPs die with it).
+    // A node killed outright: its tasks go on but nothing forwards for them (their TAPs have no
+    // reader while the router is down).
     // Once it is marked down its replica leaves the rotation, and a client connected to it
     // through the VIP gets a reset instead of hanging.
     let gone = (1..=3)

@@ -22,7 +22,7 @@
 pub(crate) mod drain;
 mod endpoints;
 pub(crate) mod health;
-mod tables;
+pub mod tables;
 mod tasks;
 
 use crate::clock::now;

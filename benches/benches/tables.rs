@@ -6,6 +6,8 @@
 //! the small and the large tables (it must not depend on their size), the manager's placement
 //! of one more task (`ClusterState::scale_service_at`), and the memory the tables hold
 //! (counted by the allocator of this binary, printed before the timings).
+//!
+//! `cargo bench -p overlay-benches --bench tables`
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use datapath::conntrack::ConnTable;
@@ -327,8 +329,12 @@ fn bench(c: &mut Criterion) {
             b.iter(|| changed.rebuild(&lb, &views.vips))
         });
     }
-    // The manager's placement of one more task, on a copy of the state per iteration.
+    // The manager's placement of one more task, on a copy of the state per iteration; and,
+    // for reference, one copy of the state (placement makes one, to refuse all or nothing).
     for (label, cl) in [("100", &small), ("10000", &large)] {
+        g.bench_function(format!("clone_state_{label}"), |b| {
+            b.iter(|| black_box(&cl.state).clone())
+        });
         g.bench_function(format!("place_one_task_{label}"), |b| {
             b.iter_batched(
                 || cl.state.clone(),

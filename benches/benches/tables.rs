@@ -76,11 +76,11 @@ struct Cluster {
 }
 
 fn node_name(i: u32) -> NodeName {
-    NodeName::new(&format!("n{i:02}")).unwrap()
+    NodeName::new(format!("n{i:02}")).unwrap()
 }
 
 fn service_name(i: u32) -> ServiceName {
-    ServiceName::new(&format!("s{i:04}")).unwrap()
+    ServiceName::new(format!("s{i:04}")).unwrap()
 }
 
 fn service(i: u32, vip: Ipv4Addr) -> Service {

@@ -4,6 +4,10 @@
 //! VIPs while their tasks drain), the gateway's resolver, and encrypted networks' keys
 //! ([`KeyView`]). The same look refreshes the resolvers' names and the routing mesh's view,
 //! and asks the manager for new keys when sequence numbers wear out.
+//!
+//! The two halves without I/O, [`Views::build`] (what the state and statuses say) and
+//! [`build`] (the tables from those views), are public for `benches/benches/tables.rs`,
+//! which measures them at 10 000 endpoints.
 
 use super::{Agent, INGRESS_PORT};
 use crate::clock::now_ms;

@@ -215,6 +215,11 @@ pub fn retired_vips(
             .get(&v.service)
             .is_some_and(|s: &Service| s.id == v.service_id)
     };
+    let gone: Vec<&VipView> = previous.iter().filter(|v| !live(v)).collect();
+    if gone.is_empty() {
+        // The common case, on every look: no walk of the whole state for nothing.
+        return Vec::new();
+    }
     let mut taken: BTreeMap<Vni, BTreeSet<Ipv4Addr>> = BTreeMap::new();
     for net in state.networks.values() {
         let ips = taken.entry(net.vni).or_default();
@@ -237,7 +242,7 @@ pub fn retired_vips(
         ips.extend(net.lb_endpoints.values());
     }
     let mut out = Vec::new();
-    for v in previous.iter().filter(|v| !live(v)) {
+    for v in gone {
         if taken.get(&v.vni).is_some_and(|ips| ips.contains(&v.ip)) {
             continue;
         }

@@ -9,6 +9,7 @@
 use super::{Availability, ClusterState, ServiceMode, StateError, TaskSpec, MAX_REPLICAS};
 use crate::types::{MacAddr, NetworkName, NodeName, ServiceName};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 /// One endpoint of a task on one network.
@@ -248,20 +249,25 @@ impl ClusterState {
                 .cloned()
                 .ok_or(StateError::NoActiveNode);
         }
+        let load = self.load_by_node(service);
         self.nodes
             .values()
             .filter(|n| n.availability == Availability::Active && eligible(&n.name))
-            .min_by_key(|n| {
-                let mine = self
-                    .tasks
-                    .values()
-                    .filter(|t| t.node == n.name && &t.service == service)
-                    .count();
-                let all = self.tasks.values().filter(|t| t.node == n.name).count();
-                (mine, all, n.name.clone())
-            })
+            .min_by_key(|n| (load.get(&n.name).copied().unwrap_or_default(), &n.name))
             .map(|n| n.name.clone())
             .ok_or(StateError::NoActiveNode)
+    }
+
+    /// Per node, (its tasks of `service`, all its tasks): one walk of the tasks, not one
+    /// per node (at 10 000 tasks over 50 nodes, a million comparisons per task placed).
+    fn load_by_node(&self, service: &ServiceName) -> BTreeMap<&NodeName, (usize, usize)> {
+        let mut load: BTreeMap<&NodeName, (usize, usize)> = BTreeMap::new();
+        for t in self.tasks.values() {
+            let (mine, all) = load.entry(&t.node).or_default();
+            *mine += usize::from(&t.service == service);
+            *all += 1;
+        }
+        load
     }
 
     /// Tasks placed on `node`.

@@ -27,7 +27,7 @@ mod adopt;
 pub(crate) mod drain;
 mod endpoints;
 pub(crate) mod health;
-mod tables;
+pub mod tables;
 mod tasks;
 
 use crate::clock::now;

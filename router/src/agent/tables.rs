@@ -4,17 +4,22 @@
 //! VIPs while their tasks drain), the gateway's resolver, and encrypted networks' keys
 //! ([`KeyView`]). The same look refreshes the resolvers' names and the routing mesh's view,
 //! and asks the manager for new keys when sequence numbers wear out.
+//!
+//! The two halves without I/O, [`Views::build`] (what the state and statuses say) and
+//! [`build`] (the tables from those views), are public for `benches/benches/tables.rs`,
+//! which measures them at 10 000 endpoints.
 
 use super::{Agent, INGRESS_PORT};
 use crate::clock::now_ms;
 use crate::dns::names::DnsView;
 use crate::ingress::IngressView;
-use crate::services::{self, VipView};
+use crate::services::{self, Statuses, VipView};
 use datapath::conntrack::{TCP_IDLE_MS, UDP_IDLE_MS};
 use datapath::keys::{lane_epoch, NetCrypto, TxSa};
+use datapath::stats::LbRegistry;
 use datapath::table::{BackendSpec, Tables};
 use datapath::vocab::{PortBinding, PortId};
-use protocol::control::{send_key, Keyring, Op};
+use protocol::control::{send_key, Keyring, NodeHealth, Op};
 use protocol::esp::SenderKey;
 use protocol::state::ClusterState;
 use protocol::types::{NetworkName, NodeName, Vni};
@@ -52,23 +57,48 @@ impl KeyView {
     }
 }
 
+/// What the agent derives from the state and what nodes report, on every look: the VIPs
+/// with their backends (for the tables), the resolvers' names and the routing mesh's view.
+#[derive(Debug, Clone)]
+pub struct Views {
+    pub vips: Vec<VipView>,
+    pub names: DnsView,
+    pub mesh: IngressView,
+}
+
+impl Views {
+    /// The views of `node` over `state`; `previous` are the VIPs the tables were last built
+    /// with, of which a removed service's stays while its tasks drain.
+    pub fn build(
+        state: &ClusterState,
+        statuses: &Statuses,
+        health: &BTreeMap<NodeName, NodeHealth>,
+        node: &NodeName,
+        previous: &[VipView],
+    ) -> Views {
+        let mut vips = services::vips(state, statuses, health);
+        vips.extend(services::retired_vips(state, previous, statuses, health));
+        Views {
+            vips,
+            // Names follow the same view; resolvers read it without a lock.
+            names: DnsView::build(state, statuses, health),
+            mesh: IngressView::build(state, statuses, health, node),
+        }
+    }
+}
+
 impl Agent {
     /// Rebuilds and publishes the tables if the tasks here (`force`), the state revision or a
     /// VIP's running backends changed.
     pub(super) fn publish_if_changed(&mut self, state: &ClusterState, force: bool) {
         let snap = self.cluster.snapshot();
         // The snapshot may be a little ahead of `state`; VIPs follow the state being realised.
-        let mut vips = services::vips(state, &snap.statuses, &snap.health);
-        // A removed service's VIP stays for the flows of its tasks still draining.
         let previous = self.published.as_ref().map_or(&[][..], |p| &p.1[..]);
-        let retired = services::retired_vips(state, previous, &snap.statuses, &snap.health);
-        vips.extend(retired);
-        // Names follow the same view; resolvers read it without a lock.
-        let names = DnsView::build(state, &snap.statuses, &snap.health);
+        let Views { vips, names, mesh } =
+            Views::build(state, &snap.statuses, &snap.health, &self.node, previous);
         if **self.dns.view.load() != names {
             self.dns.view.store(Arc::new(names));
         }
-        let mesh = IngressView::build(state, &snap.statuses, &snap.health, &self.node);
         if self.published_ingress.as_ref() != Some(&mesh) {
             self.ingress.update(mesh.clone());
             self.published_ingress = Some(mesh);
@@ -140,61 +170,21 @@ impl Agent {
 
     fn publish(&mut self, state: &ClusterState, vips: &[VipView], keys: &KeyView) {
         let leaving = self.leaving.values().map(|l| &l.task);
-        let mut ports: Vec<(PortId, PortBinding)> = self
+        let ports: Vec<(PortId, PortBinding)> = self
             .tasks
             .values()
             .chain(leaving)
             .flat_map(|t| t.ports.iter().copied())
             .chain(self.endpoints.values().map(|e| e.port))
             .collect();
-        if let Some(ip) = state
-            .ingress_network()
-            .and_then(|n| Some((n.vni, *n.lb_endpoints.get(&self.node)?)))
-        {
-            ports.push((
-                INGRESS_PORT,
-                PortBinding {
-                    vni: ip.0,
-                    mac: protocol::types::MacAddr::from_ipv4(ip.1),
-                    ip: ip.1,
-                },
-            ));
-        }
-        let vtep_of = |n: &NodeName| {
-            let node = state.nodes.get(n)?;
-            Some(SocketAddrV4::new(node.advertise_addr?, node.data_port))
-        };
-        let mut tables = Tables::from_state(state, &self.node, &ports, &vtep_of, self.data_port);
-        let lb = &self.counters.lb;
-        let mut live: BTreeMap<String, Vec<std::net::Ipv4Addr>> = BTreeMap::new();
-        for v in vips {
-            let name = v.service.as_str();
-            let specs = |list: &[(std::net::Ipv4Addr, protocol::types::MacAddr)]| {
-                list.iter()
-                    .map(|(ip, mac)| BackendSpec {
-                        ip: *ip,
-                        mac: *mac,
-                        flows: lb.backend(name, *ip),
-                    })
-                    .collect::<Vec<_>>()
-            };
-            let idle = match v.idle_secs {
-                Some(s) => (s.saturating_mul(1000), s.saturating_mul(1000)),
-                None => (TCP_IDLE_MS, UDP_IDLE_MS),
-            };
-            tables.add_vip(v.vni, v.ip, lb.service(name), &specs(&v.backends), idle);
-            tables.add_draining(v.vni, v.ip, &specs(&v.draining));
-            live.entry(name.to_string())
-                .or_default()
-                .extend(v.backends.iter().chain(&v.draining).map(|b| b.0));
-        }
-        lb.retain(&live);
-        for net in state.networks.values() {
-            if let Some(t) = tables.networks.get_mut(&net.vni) {
-                // The router answers at the gateway from this network's names.
-                t.dns = Some(Arc::from([net.name.to_string()]));
-            }
-        }
+        let mut tables = build(
+            state,
+            &self.node,
+            ports,
+            vips,
+            &self.counters.lb,
+            self.data_port,
+        );
         for net in state.networks.values().filter(|n| n.encrypted()) {
             if tables.networks.contains_key(&net.vni) {
                 let c = self.crypto_for(&net.name, net.vni, keys);
@@ -205,4 +195,66 @@ impl Agent {
         }
         self.datapath.publish(tables);
     }
+}
+
+/// The tables of `node` (without encrypted networks' keys, which the agent adds): its
+/// local `ports` (tasks' and endpoints'; the ingress endpoint is added here), every remote
+/// endpoint of its networks, and `vips` with their backends, counting into `lb`'s counters
+/// (kept across rebuilds; services and backends no longer in `vips` are forgotten).
+pub fn build(
+    state: &ClusterState,
+    node: &NodeName,
+    mut ports: Vec<(PortId, PortBinding)>,
+    vips: &[VipView],
+    lb: &LbRegistry,
+    data_port: u16,
+) -> Tables {
+    if let Some(ip) = state
+        .ingress_network()
+        .and_then(|n| Some((n.vni, *n.lb_endpoints.get(node)?)))
+    {
+        ports.push((
+            INGRESS_PORT,
+            PortBinding {
+                vni: ip.0,
+                mac: protocol::types::MacAddr::from_ipv4(ip.1),
+                ip: ip.1,
+            },
+        ));
+    }
+    let vtep_of = |n: &NodeName| {
+        let node = state.nodes.get(n)?;
+        Some(SocketAddrV4::new(node.advertise_addr?, node.data_port))
+    };
+    let mut tables = Tables::from_state(state, node, &ports, &vtep_of, data_port);
+    let mut live: BTreeMap<String, Vec<std::net::Ipv4Addr>> = BTreeMap::new();
+    for v in vips {
+        let name = v.service.as_str();
+        let specs = |list: &[(std::net::Ipv4Addr, protocol::types::MacAddr)]| {
+            list.iter()
+                .map(|(ip, mac)| BackendSpec {
+                    ip: *ip,
+                    mac: *mac,
+                    flows: lb.backend(name, *ip),
+                })
+                .collect::<Vec<_>>()
+        };
+        let idle = match v.idle_secs {
+            Some(s) => (s.saturating_mul(1000), s.saturating_mul(1000)),
+            None => (TCP_IDLE_MS, UDP_IDLE_MS),
+        };
+        tables.add_vip(v.vni, v.ip, lb.service(name), &specs(&v.backends), idle);
+        tables.add_draining(v.vni, v.ip, &specs(&v.draining));
+        live.entry(name.to_string())
+            .or_default()
+            .extend(v.backends.iter().chain(&v.draining).map(|b| b.0));
+    }
+    lb.retain(&live);
+    for net in state.networks.values() {
+        if let Some(t) = tables.networks.get_mut(&net.vni) {
+            // The router answers at the gateway from this network's names.
+            t.dns = Some(Arc::from([net.name.to_string()]));
+        }
+    }
+    tables
 }

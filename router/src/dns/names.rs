@@ -4,10 +4,10 @@
 //! names (`web.2`, `web.2.<task-id>`), and reverse names for all of those addresses. A task
 //! only ever sees the names of the networks it is attached to.
 
-use crate::services::is_serving;
+use crate::services::serving_by_service;
 use protocol::api::TaskStatus;
 use protocol::control::NodeHealth;
-use protocol::state::{ClusterState, EndpointMode, Task};
+use protocol::state::{ClusterState, EndpointMode};
 use protocol::types::NodeName;
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -34,18 +34,16 @@ impl DnsView {
         health: &BTreeMap<NodeName, NodeHealth>,
     ) -> DnsView {
         let mut view = DnsView::default();
-        let mut serving: Vec<&Task> = state
-            .tasks
-            .values()
-            .filter(|t| is_serving(t, statuses, health))
-            .collect();
-        serving.sort_by_key(|t| (t.service.clone(), t.slot));
+        // By service, in one walk of the tasks: filtering them per service would make this
+        // quadratic (120 ms at 1 000 services of 10 tasks, on every look of the agent).
+        let serving = serving_by_service(state, statuses, health);
+        let none = Vec::new();
         for svc in state.services.values() {
+            let mine = serving.get(&svc.name).unwrap_or(&none);
             for net in &svc.networks {
                 let names = view.networks.entry(net.to_string()).or_default();
-                let tasks: Vec<Ipv4Addr> = serving
+                let tasks: Vec<Ipv4Addr> = mine
                     .iter()
-                    .filter(|t| t.service == svc.name)
                     .flat_map(|t| t.attachments.iter().filter(|a| &a.network == net))
                     .map(|a| a.address)
                     .collect();
@@ -67,7 +65,7 @@ impl DnsView {
                     .insert(format!("tasks.{}", svc.name).to_ascii_lowercase(), tasks);
             }
         }
-        for t in serving {
+        for t in serving.values().flatten() {
             for a in &t.attachments {
                 let names = view.networks.entry(a.network.to_string()).or_default();
                 let long = format!("{}.{}", t.name, t.id).to_ascii_lowercase();

@@ -36,12 +36,13 @@ use crate::dns::server::Shared as DnsShared;
 use crate::forward::io::Datapath;
 use crate::ingress::{self, Ingress, IngressView};
 use crate::manager::{StatusBoard, StatusEntry};
-use crate::services::VipView;
+use crate::services::{Statuses, VipView};
 use datapath::keys::Secret;
 use datapath::stats::Counters;
 use datapath::vocab::PortId;
 use endpoints::LocalEndpoint;
 use protocol::api::{TaskState, TaskStatus};
+use protocol::control::NodeHealth;
 use protocol::state::{ClusterState, Task};
 use protocol::types::{NetworkName, NodeName};
 use std::collections::BTreeMap;
@@ -109,6 +110,9 @@ pub struct Agent {
     secrets: BTreeMap<(NetworkName, u8), Secret>,
     /// What the ingress proxy was last given.
     published_ingress: Option<IngressView>,
+    /// What the views were last built from (state revision, statuses, node health): a look
+    /// that finds the same builds nothing.
+    looked: Option<(u64, Statuses, BTreeMap<NodeName, NodeHealth>)>,
     /// Whether what a previous run left was adopted or removed yet (done with the first real
     /// state).
     leftovers_settled: bool,
@@ -142,6 +146,7 @@ impl Agent {
             data_port,
             published: None,
             published_ingress: None,
+            looked: None,
             secrets: BTreeMap::new(),
             leftovers_settled: false,
             stop_tasks: false,

@@ -92,17 +92,33 @@ impl Agent {
     /// VIP's running backends changed.
     pub(super) fn publish_if_changed(&mut self, state: &ClusterState, force: bool) {
         let snap = self.cluster.snapshot();
-        // The snapshot may be a little ahead of `state`; VIPs follow the state being realised.
-        let previous = self.published.as_ref().map_or(&[][..], |p| &p.1[..]);
-        let Views { vips, names, mesh } =
-            Views::build(state, &snap.statuses, &snap.health, &self.node, previous);
-        if **self.dns.view.load() != names {
-            self.dns.view.store(Arc::new(names));
-        }
-        if self.published_ingress.as_ref() != Some(&mesh) {
-            self.ingress.update(mesh.clone());
-            self.published_ingress = Some(mesh);
-        }
+        // The views follow from the state, the statuses and the nodes' health alone: when
+        // none changed since the last look (most looks), they are what was published.
+        let unchanged = self
+            .looked
+            .as_ref()
+            .is_some_and(|(revision, statuses, health)| {
+                *revision == state.revision && *statuses == snap.statuses && *health == snap.health
+            });
+        let vips = match (&self.published, unchanged) {
+            (Some((_, vips, _)), true) => vips.clone(),
+            _ => {
+                // The snapshot may be a little ahead of `state`; VIPs follow the state being
+                // realised.
+                let previous = self.published.as_ref().map_or(&[][..], |p| &p.1[..]);
+                let Views { vips, names, mesh } =
+                    Views::build(state, &snap.statuses, &snap.health, &self.node, previous);
+                if **self.dns.view.load() != names {
+                    self.dns.view.store(Arc::new(names));
+                }
+                if self.published_ingress.as_ref() != Some(&mesh) {
+                    self.ingress.update(mesh.clone());
+                    self.published_ingress = Some(mesh);
+                }
+                self.looked = Some((state.revision, snap.statuses.clone(), snap.health.clone()));
+                vips
+            }
+        };
         let keys = KeyView::of(&snap.keys, now_ms());
         self.request_rekeys(state);
         let same = self

@@ -30,6 +30,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 pub use proxy::Ingress;
+#[doc(hidden)]
+pub use proxy::endpoint;
 
 /// How long a UDP client's mapping lives without traffic, unless the service sets
 /// `--lb-idle-timeout`.

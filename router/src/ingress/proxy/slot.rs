@@ -208,7 +208,10 @@ fn after(a: u32, b: u32) -> bool {
 /// when its timestamp is newer (RFC 6191).
 fn tsval() -> u32 {
     static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
-    EPOCH.get_or_init(std::time::Instant::now).elapsed().as_millis() as u32
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u32
 }
 
 #[cfg(test)]

@@ -348,7 +348,7 @@ fn bench(c: &mut Criterion) {
         g.finish();
         // Every connection busy in turn, in a scattered order (a step coprime with n): the
         // same work, now also paying the memory hierarchy for n sockets' state.
-        let step = 40_503 % n.max(2) | 1;
+        let step = (40_503 % n.max(2)) | 1;
         let step = if gcd(step, n) == 1 { step } else { 1 };
         let mut i = 0usize;
         let mut g = c.benchmark_group("endpoint/all busy");

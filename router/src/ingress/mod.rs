@@ -29,6 +29,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+#[doc(hidden)]
+pub use proxy::endpoint;
 pub use proxy::Ingress;
 
 /// How long a UDP client's mapping lives without traffic, unless the service sets

@@ -1,8 +1,9 @@
-//! The allocator's one setting overlayd changes: large blocks (the routing mesh's 256 KiB
-//! TCP buffers) always come straight from `mmap`, so that a connection's untouched buffer
-//! pages cost no memory. glibc otherwise raises its mmap threshold after the first such
-//! block is freed and serves later ones from the heap, where `calloc` must zero (touch)
-//! every page: 256 KiB and more of RSS per idle mesh connection (docs/BENCHMARKS.md).
+//! The allocator's one setting overlayd changes: large blocks always come straight from
+//! `mmap`, so that their untouched pages cost no memory. glibc otherwise raises its mmap
+//! threshold after the first such block is freed and serves later ones from the heap,
+//! where `calloc` must zero (touch) every page: with the routing mesh's 256 KiB TCP buffers
+//! once allocated here, 256 KiB and more of RSS per idle mesh connection
+//! (docs/BENCHMARKS.md). Those buffers are now mapped by the proxy itself (`sys::pages`).
 
 /// Blocks of this size and more are mapped (glibc's default start; fixed, no longer
 /// raised).

@@ -6,6 +6,7 @@ pub mod iface;
 pub mod malloc;
 pub mod mntns;
 pub mod netns;
+pub mod pages;
 pub mod pidfd;
 pub mod steer;
 pub mod tap;

@@ -5,21 +5,22 @@
 //! no connection) goes to the shared set. An ARP frame names its sender, so that
 //! connections waiting for that neighbour can be woken.
 
+use super::slot::Segment;
 use smoltcp::wire::{
     ArpPacket, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Address, Ipv4Packet, TcpPacket,
 };
 
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Dest {
-    /// A TCP segment (IPv4, first or only fragment) to this local port.
-    Tcp(u16),
+pub enum Dest {
+    /// A TCP segment (IPv4, first or only fragment) to a local port.
+    Tcp(Segment),
     /// An ARP packet from this IPv4 address.
     Arp(Ipv4Address),
     Other,
 }
 
 /// Classifies an Ethernet frame.
-pub(super) fn classify(frame: &[u8]) -> Dest {
+pub fn classify(frame: &[u8]) -> Dest {
     let Ok(eth) = EthernetFrame::new_checked(frame) else {
         return Dest::Other;
     };
@@ -32,7 +33,12 @@ pub(super) fn classify(frame: &[u8]) -> Dest {
                 return Dest::Other;
             }
             match TcpPacket::new_checked(ip.payload()) {
-                Ok(tcp) => Dest::Tcp(tcp.dst_port()),
+                Ok(tcp) => Dest::Tcp(Segment {
+                    port: tcp.dst_port(),
+                    seq: tcp.seq_number().0 as u32,
+                    len: tcp.payload().len() as u32,
+                    syn: tcp.syn(),
+                }),
                 Err(_) => Dest::Other,
             }
         }
@@ -70,7 +76,15 @@ mod tests {
 
     #[test]
     fn tcp_segment_goes_to_its_port() {
-        assert_eq!(classify(&SYN_ACK), Dest::Tcp(1025));
+        assert_eq!(
+            classify(&SYN_ACK),
+            Dest::Tcp(Segment {
+                port: 1025,
+                seq: 1,
+                len: 0,
+                syn: true
+            })
+        );
     }
 
     #[test]

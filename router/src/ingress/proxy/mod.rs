@@ -22,15 +22,25 @@ mod listener;
 mod mappings;
 mod ports;
 mod schedule;
+mod slot;
 mod tcp;
 mod udp;
+
+/// The endpoint's per-connection pieces, for the endpoint bench (benches/benches/endpoint.rs)
+/// to drive without fds: the demux and a connection's socket set.
+#[doc(hidden)]
+pub mod endpoint {
+    pub use super::demux::{classify, Dest};
+    pub use super::slot::{Segment, TcpSlot};
+}
 
 use self::demux::{classify, Dest};
 use self::listener::{Listener, ListenerKey};
 use self::mappings::Mappings;
 use self::ports::PortAlloc;
 use self::schedule::Schedule;
-use self::tcp::{pump, reset, Conn, TcpSlot, CONNECT_TIMEOUT};
+use self::slot::TcpSlot;
+use self::tcp::{pump, reset, Conn, CONNECT_TIMEOUT};
 use self::udp::UdpMap;
 use super::link::Link;
 use super::stats::Registry;
@@ -98,6 +108,7 @@ impl Ingress {
             udp: HashMap::new(),
             local_ports: PortAlloc::default(),
             idle_tcp: Vec::new(),
+            warm: Vec::new(),
             by_port: HashMap::new(),
             schedule: Schedule::default(),
             next_token: 2,
@@ -160,6 +171,9 @@ struct Proxy {
     local_ports: PortAlloc,
     /// Closed TCP sockets (buffers and settings kept) ready for the next connection.
     idle_tcp: Vec<TcpSlot>,
+    /// Connections whose buffers may hold pages: the sweep trims those idle since the last
+    /// sweep (`TcpSlot::trim_if_idle`), so that its work follows recent use.
+    warm: Vec<Token>,
     /// TCP connections by the endpoint's local port (unique among live connections).
     by_port: HashMap<u16, Token>,
     /// Connections the next turn visits, and their deadlines.
@@ -276,11 +290,12 @@ impl Proxy {
             return;
         };
         while let Some(frame) = self.link.peek_rx() {
-            let conn = match classify(frame) {
-                Dest::Tcp(port) => self.by_port.get(&port).copied(),
+            let dest = classify(frame);
+            let conn = match &dest {
+                Dest::Tcp(seg) => self.by_port.get(&seg.port).copied(),
                 Dest::Arp(sender) => {
                     for (t, c) in &self.conns {
-                        if c.backend == sender {
+                        if c.backend == *sender {
                             self.schedule.mark(*t);
                         }
                     }
@@ -288,11 +303,13 @@ impl Proxy {
                 }
                 Dest::Other => None,
             };
-            let set = match conn.and_then(|t| self.conns.get_mut(&t)) {
-                Some(c) => &mut c.slot.set,
-                None => &mut self.sockets,
+            let r = match (conn.and_then(|t| self.conns.get_mut(&t)), &dest) {
+                (Some(c), Dest::Tcp(seg)) => {
+                    c.slot.seen(seg);
+                    c.slot.ingress(iface, now, &mut self.link)
+                }
+                _ => iface.poll_ingress_single(now, &mut self.link, &mut self.sockets),
             };
-            let r = iface.poll_ingress_single(now, &mut self.link, set);
             if matches!(r, PollIngressSingleResult::None) {
                 // The link's queue towards the datapath is full: the frame waits.
                 break;
@@ -316,19 +333,18 @@ impl Proxy {
             let Some(c) = self.conns.get_mut(&t) else {
                 continue;
             };
+            let was_warm = c.slot.is_warm();
             pump(c, now);
             let before = c.slot.socket().state();
-            while !matches!(
-                iface.poll_egress(now, &mut self.link, &mut c.slot.set),
-                PollResult::None
-            ) {}
+            let mut at = c.slot.egress(iface, now, &mut self.link);
             if c.done.is_some() {
                 ended.push(t);
                 continue;
             }
-            let sock = c.slot.socket();
-            let state = sock.state();
-            let mut at = iface.poll_at(now, &c.slot.set);
+            if !was_warm && c.slot.is_warm() {
+                self.warm.push(t);
+            }
+            let state = c.slot.socket().state();
             if state == tcp_state::SynSent {
                 let give_up = c.opened + CONNECT_TIMEOUT.into();
                 at = Some(at.map_or(give_up, |a| a.min(give_up)));
@@ -469,6 +485,14 @@ impl Proxy {
         self.close_all();
     }
 
+    /// Returns the buffer pages of connections that moved nothing since the last sweep and
+    /// hold nothing.
+    fn trim_idle(&mut self) {
+        let conns = &mut self.conns;
+        self.warm
+            .retain(|t| conns.get_mut(t).is_some_and(|c| !c.slot.trim_if_idle()));
+    }
+
     /// Retries published ports that could not be opened (a port in use by another
     /// process) and expires idle UDP mappings. Runs at least every [`TICK`], before a turn.
     fn sweep(&mut self) {
@@ -482,6 +506,7 @@ impl Proxy {
             self.open(k);
         }
         self.expire_udp();
+        self.trim_idle();
         // Unanswered connects are given up by the turn that follows (`pump`).
     }
 }

@@ -10,81 +10,34 @@
 //! (on its way out: it finishes what it serves). With `proxy=v2` a PROXY
 //! protocol v2 header naming the client goes ahead of its bytes.
 //!
-//! Each connection's smoltcp socket sits in a `SocketSet` of its own ([`TcpSlot`]): the
-//! interface, polled for one connection, walks that one socket (smoltcp 0.14 finds a
-//! segment's socket, and sends, by walking the whole set it is given). The proxy visits a
-//! connection only when it is ready or its deadline comes (`schedule`), and a segment is
-//! handed to its connection's set by its local port (`demux`).
+//! Each connection's smoltcp socket sits in a `SocketSet` of its own, over buffers that are
+//! returned when it idles ([`TcpSlot`], `slot`). The proxy visits a connection only when it
+//! is ready or its deadline comes (`schedule`), and a segment is handed to its connection's
+//! set by its local port (`demux`).
 
 use super::listener::{ListenerKey, Socket};
+use super::slot::TcpSlot;
 use super::{Owner, Proxy};
 use crate::ingress::stats::PortCounters;
 use mio::net::TcpStream;
 use mio::Interest;
 use protocol::state::ProxyProtocol;
-use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as StackInstant;
 use smoltcp::wire::{IpAddress, IpEndpoint};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use tcp::State;
 use tracing::{debug, warn};
 
-/// Per-connection smoltcp buffers: a 64 KiB super-segment fits in either with room to spare,
-/// and the window scales past 64 KiB. Untouched pages cost no memory.
-const TCP_BUFFER: usize = 256 << 10;
-/// Closed sockets kept for reuse: a new socket's buffers cost a 512 KiB memset (a third of
-/// the proxy's time at 11k connections/s before reuse); a reused one clears two indices.
+/// Closed sockets kept for reuse: a reused socket skips a mapping and its page faults.
 /// Few: each may hold pages its last connection touched.
 const IDLE_SOCKETS: usize = 64;
 /// A task that does not answer a SYN in this long: the client is reset.
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Probes on idle connections, and how long unacknowledged data may wait before the
-/// connection is given up.
-const KEEP_ALIVE: Duration = Duration::from_secs(60);
-const USER_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// One smoltcp TCP socket in a set of its own, so that polling the interface for it walks
-/// only it.
-pub(super) struct TcpSlot {
-    pub(super) set: SocketSet<'static>,
-    handle: SocketHandle,
-}
-
-impl Default for TcpSlot {
-    /// No socket: a placeholder only.
-    fn default() -> TcpSlot {
-        TcpSlot {
-            set: SocketSet::new(Vec::new()),
-            handle: SocketHandle::default(),
-        }
-    }
-}
-
-impl TcpSlot {
-    /// A new socket, its buffers allocated (pages untouched until used).
-    fn allocate() -> TcpSlot {
-        let mut sock = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
-            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
-        );
-        sock.set_nagle_enabled(false);
-        sock.set_keep_alive(Some(KEEP_ALIVE.into()));
-        sock.set_timeout(Some(USER_TIMEOUT.into()));
-        sock.set_tsval_generator(Some(tsval));
-        let mut set = SocketSet::new(Vec::with_capacity(1));
-        let handle = set.add(sock);
-        TcpSlot { set, handle }
-    }
-
-    pub(super) fn socket(&mut self) -> &mut tcp::Socket<'static> {
-        self.set.get_mut::<tcp::Socket>(self.handle)
-    }
-}
 
 pub(super) struct Conn {
     pub(super) stream: TcpStream,
@@ -113,13 +66,6 @@ pub(super) struct Conn {
 pub(super) enum End {
     Clean,
     Reset,
-}
-
-/// Milliseconds for TCP timestamps: a task in TIME-WAIT takes a new SYN from a reused port
-/// when its timestamp is newer (RFC 6191).
-fn tsval() -> u32 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u32
 }
 
 /// Sets SO_LINGER to zero: closing the socket then sends RST instead of FIN.
@@ -194,9 +140,18 @@ impl Proxy {
                 self.local_ports.release(local_port);
                 return;
             };
-            let mut slot = self.idle_tcp.pop().unwrap_or_else(TcpSlot::allocate);
+            let mut slot = match self.idle_tcp.pop().map_or_else(TcpSlot::allocate, Ok) {
+                Ok(slot) => slot,
+                Err(e) => {
+                    warn!(error = %e, "cannot map a connection's buffers");
+                    self.local_ports.release(local_port);
+                    PortCounters::inc(&counters.refused);
+                    linger_zero(&stream);
+                    continue;
+                }
+            };
             let remote = IpEndpoint::new(IpAddress::Ipv4(backend), target);
-            if let Err(e) = slot.socket().connect(iface.context(), remote, local_port) {
+            if let Err(e) = slot.connect(iface, remote, local_port) {
                 debug!(error = %e, "cannot connect to task");
                 self.local_ports.release(local_port);
                 PortCounters::inc(&counters.refused);
@@ -219,6 +174,7 @@ impl Proxy {
             PortCounters::inc(&counters.active);
             let opened = self.now();
             self.tokens.insert(token, Owner::Conn);
+            self.warm.push(token);
             self.by_port.insert(local_port, token);
             self.schedule.mark(token);
             self.conns.insert(
@@ -283,23 +239,44 @@ pub(super) fn pump(c: &mut Conn, now: StackInstant) {
     if c.done.is_some() {
         return;
     }
-    // Out of the connection while its other fields are borrowed (an empty set allocates
+    // Out of the connection while its other fields are borrowed (an empty slot allocates
     // nothing).
     let mut slot = std::mem::take(&mut c.slot);
-    c.done = move_bytes(c, slot.socket(), now);
+    let mut moved = Moved::default();
+    c.done = move_bytes(c, slot.socket(), now, &mut moved);
+    slot.delivered(moved.received);
+    if moved.received > 0 || moved.sent > 0 {
+        slot.used();
+    }
     if c.done == Some(End::Reset) {
         slot.socket().abort();
     }
     c.slot = slot;
 }
 
-fn move_bytes(c: &mut Conn, sock: &mut tcp::Socket, now: StackInstant) -> Option<End> {
+/// Bytes one visit moved through a connection's buffers.
+#[derive(Default)]
+struct Moved {
+    /// Taken from the receive buffer (written to the client).
+    received: usize,
+    /// Queued in the send buffer (read from the client, or the PROXY header).
+    sent: usize,
+}
+
+/// Moves bytes both ways, counting them in `moved`.
+fn move_bytes(
+    c: &mut Conn,
+    sock: &mut tcp::Socket,
+    now: StackInstant,
+    moved: &mut Moved,
+) -> Option<End> {
     // The PROXY header goes first, once the connection is up.
     if let Some(h) = &c.header {
         if sock.may_send() {
             if sock.send_slice(h) != Ok(h.len()) {
                 return Some(End::Reset);
             }
+            moved.sent += h.len();
             c.header = None;
         }
     }
@@ -314,7 +291,7 @@ fn move_bytes(c: &mut Conn, sock: &mut tcp::Socket, now: StackInstant) -> Option
             Err(e) => (0, Err(e)),
         }) {
             Ok(Ok(0)) => c.client_eof = true,
-            Ok(Ok(_)) => {}
+            Ok(Ok(n)) => moved.sent += n,
             Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => c.readable = false,
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
             Ok(Err(_)) => return Some(End::Reset),
@@ -332,7 +309,7 @@ fn move_bytes(c: &mut Conn, sock: &mut tcp::Socket, now: StackInstant) -> Option
             Ok(n) => (n, Ok(n)),
             Err(e) => (0, Err(e)),
         }) {
-            Ok(Ok(_)) => {}
+            Ok(Ok(n)) => moved.received += n,
             Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => c.writable = false,
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
             Ok(Err(_)) => return Some(End::Reset),

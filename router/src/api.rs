@@ -786,12 +786,19 @@ async fn flows(
     State(st): State<ApiState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Vec<api::FlowInfo>> {
-    let names = st.counters.lb.names();
+    // A flow names its service by its counters: one lookup per flow, by their address.
+    let names: HashMap<*const datapath::conntrack::ServiceCounters, String> = st
+        .counters
+        .lb
+        .names()
+        .into_iter()
+        .map(|(name, c)| (Arc::as_ptr(&c), name))
+        .collect();
     let only = q.get("service");
     let now = st.flows.now_ms();
     let mut out = Vec::new();
     st.flows.visit(|f| {
-        let Some((service, _)) = names.iter().find(|(_, c)| Arc::ptr_eq(c, &f.service)) else {
+        let Some(service) = names.get(&Arc::as_ptr(&f.service)) else {
             return;
         };
         if only.is_some_and(|o| o != service) {
@@ -828,25 +835,11 @@ async fn flows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manager::Manager;
-    use crate::store::Store;
-    use protocol::state::Pool;
 
     /// Every time in an inspect view is RFC 3339, as Docker's; the state keeps numbers.
     #[test]
     fn inspect_times_are_rfc3339() {
-        let dir = std::env::temp_dir().join(format!("overlay-api-times-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let view = crate::cluster::View::new(ClusterState::default());
-        let me = NodeName::new("n1").unwrap();
-        let m = Manager::open(
-            Store::open(&dir).unwrap(),
-            Pool::default(),
-            &me,
-            None,
-            &view,
-        )
-        .unwrap();
+        let (m, _view, dir) = crate::manager::standalone_for_test("api-times");
         let options = [("encrypted".to_string(), String::new())].into();
         m.create_network(api::NetworkCreate {
             name: "a".into(),

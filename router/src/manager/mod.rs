@@ -513,24 +513,32 @@ async fn rotate_keys(manager: Arc<Manager>, shutdown: CancellationToken) {
     }
 }
 
+/// A manager of node `n1` on a fresh file store in a temporary directory named after `tag`
+/// (for unit tests), with the view it feeds and the directory, which the caller removes.
+#[cfg(test)]
+pub(crate) fn standalone_for_test(tag: &str) -> (Manager, View, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("overlay-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let view = View::new(ClusterState::default());
+    let node = NodeName::new("n1").expect("a valid name");
+    let m = Manager::open(
+        Store::open(&dir).unwrap(),
+        Pool::default(),
+        &node,
+        None,
+        &view,
+    )
+    .expect("a manager on a fresh store");
+    (m, view, dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn reading_keys_changes_nothing_and_the_tick_rotates_them() {
-        let dir = std::env::temp_dir().join(format!("overlay-manager-keys-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let node = NodeName::new("n1").unwrap();
-        let view = View::new(ClusterState::default());
-        let m = Manager::open(
-            Store::open(&dir).unwrap(),
-            Pool::default(),
-            &node,
-            None,
-            &view,
-        )
-        .unwrap();
+        let (m, _view, dir) = standalone_for_test("manager-keys");
         let hour = Duration::from_secs(3600);
         m.set_key_rotation(hour);
         let req = api::NetworkCreate {

@@ -22,7 +22,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
-use protocol::api::TaskState;
+use protocol::api::{DatapathStats, TaskState};
 use protocol::control::NodeHealth;
 use protocol::types::NodeName;
 use std::collections::BTreeMap;
@@ -52,8 +52,10 @@ impl std::fmt::Debug for Sources {
 /// The exposition of everything in [`Sources`], as served at `/metrics`.
 pub fn render(sources: &Sources) -> Result<String, Error> {
     let mut registry = Registry::with_prefix("overlay");
-    registry.register_collector(Box::new(Datapath(sources.clone())));
-    registry.register_collector(Box::new(Balancer(sources.clone())));
+    // One reading of the datapath's counters serves both of its collectors.
+    let stats = Arc::new(sources.counters.snapshot());
+    registry.register_collector(Box::new(Datapath(stats.clone())));
+    registry.register_collector(Box::new(Balancer(stats)));
     registry.register_collector(Box::new(Mesh(sources.clone())));
     registry.register_collector(Box::new(Dns(sources.clone())));
     registry.register_collector(Box::new(Control(sources.clone())));
@@ -111,11 +113,11 @@ fn one(v: bool) -> ConstGauge<i64> {
 
 /// Frames moved and dropped by the datapath.
 #[derive(Debug)]
-struct Datapath(Sources);
+struct Datapath(Arc<DatapathStats>);
 
 impl Collector for Datapath {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), Error> {
-        let s = self.0.counters.snapshot();
+        let s = &self.0;
         let per_worker = |rx: bool| {
             s.workers.iter().enumerate().map(move |(i, w)| {
                 let v = if rx { w.rx_frames } else { w.tx_frames };
@@ -185,11 +187,11 @@ impl Collector for Datapath {
 
 /// The load balancer's flows per service (this node's clients).
 #[derive(Debug)]
-struct Balancer(Sources);
+struct Balancer(Arc<DatapathStats>);
 
 impl Collector for Balancer {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), Error> {
-        let services = self.0.counters.snapshot().services;
+        let services = &self.0.services;
         let by = |f: fn(&protocol::api::ServiceLbStats) -> u64| {
             services
                 .iter()
@@ -666,29 +668,16 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::View;
-    use crate::manager::Manager;
-    use crate::store::Store;
-    use protocol::state::{ClusterState, Pool};
 
     /// A standalone manager's exposition: every family named as documented, label values
     /// from the counters, one `# EOF` at the end.
     #[test]
     fn a_standalone_node_exposes_its_counters() {
-        let dir = std::env::temp_dir().join(format!("overlay-metrics-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let view = View::new(ClusterState::default());
+        let (m, view, dir) = crate::manager::standalone_for_test("metrics");
         let me = NodeName::new("n1").unwrap();
-        let m = Manager::open(
-            Store::open(&dir).unwrap(),
-            Pool::default(),
-            &me,
-            None,
-            &view,
-        );
         let cluster = Cluster::new(
             Mode::Manager {
-                manager: Arc::new(m.unwrap()),
+                manager: Arc::new(m),
                 join: None,
             },
             view,

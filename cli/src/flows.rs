@@ -17,6 +17,29 @@ fn secs(ms: u64) -> String {
     format!("{}s", ms / 1000)
 }
 
+/// Frames and bytes, as `12/3.4K`.
+fn moved(frames: u64, bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{frames}/{bytes}"),
+        _ => format!("{frames}/{v:.1}{}", UNITS[unit]),
+    }
+}
+
+/// Where the backend runs: its node's name, or its address if the node is not known.
+fn node(f: &FlowInfo) -> String {
+    match f.backend_node.is_empty() {
+        true => f.backend_at.clone(),
+        false => f.backend_node.clone(),
+    }
+}
+
 pub fn print(flows: &[FlowInfo]) {
     let rows: Vec<Vec<String>> = flows
         .iter()
@@ -26,17 +49,20 @@ pub fn print(flows: &[FlowInfo]) {
                 f.client.clone(),
                 f.vip.clone(),
                 f.backend.clone(),
-                f.backend_at.clone(),
+                node(f),
                 f.state.clone(),
                 secs(f.age_ms),
                 secs(f.idle_ms),
+                moved(f.frames_out, f.bytes_out),
+                moved(f.frames_back, f.bytes_back),
                 f.service.clone(),
             ]
         })
         .collect();
     table::print(
         &[
-            "PROTO", "CLIENT", "VIP", "BACKEND", "AT", "STATE", "AGE", "IDLE", "SERVICE",
+            "PROTO", "CLIENT", "VIP", "BACKEND", "NODE", "STATE", "AGE", "IDLE", "OUT", "BACK",
+            "SERVICE",
         ],
         &rows,
     );
@@ -45,8 +71,16 @@ pub fn print(flows: &[FlowInfo]) {
 /// One flow as a line of the `-f` stream.
 fn line(sign: char, f: &FlowInfo) -> String {
     format!(
-        "{sign} {} {} {} -> {} ({}) {} {}",
-        f.service, f.proto, f.client, f.vip, f.backend, f.backend_at, f.state
+        "{sign} {} {} {} -> {} ({}) {} {} out {} back {}",
+        f.service,
+        f.proto,
+        f.client,
+        f.vip,
+        f.backend,
+        node(f),
+        f.state,
+        moved(f.frames_out, f.bytes_out),
+        moved(f.frames_back, f.bytes_back)
     )
 }
 
@@ -120,6 +154,7 @@ mod tests {
             state: state.into(),
             age_ms: 1500,
             idle_ms: 0,
+            ..FlowInfo::default()
         }
     }
 
@@ -141,9 +176,9 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                "+ web tcp 10.0.0.9:1002 -> 10.0.0.2:80 (10.0.0.5:80) local syn_sent",
-                "- web tcp 10.0.0.9:1001 -> 10.0.0.2:80 (10.0.0.5:80) local established",
-                "~ web tcp 10.0.0.9:1000 -> 10.0.0.2:80 (10.0.0.5:80) local closed",
+                "+ web tcp 10.0.0.9:1002 -> 10.0.0.2:80 (10.0.0.5:80) local syn_sent out 0/0 back 0/0",
+                "- web tcp 10.0.0.9:1001 -> 10.0.0.2:80 (10.0.0.5:80) local established out 0/0 back 0/0",
+                "~ web tcp 10.0.0.9:1000 -> 10.0.0.2:80 (10.0.0.5:80) local closed out 0/0 back 0/0",
             ]
         );
     }

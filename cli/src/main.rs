@@ -70,11 +70,15 @@ enum Cmd {
     /// Show the datapath's frame counters and drop reasons.
     Stats,
     /// List this node's load-balanced flows (its clients' connections through service
-    /// VIPs), as `conntrack -L` does: client, VIP, backend, state, age.
+    /// VIPs), as `conntrack -L` does: client, VIP, backend and its node, state, age, frames
+    /// and bytes each way.
     Flows {
         /// Only this service's flows.
         #[arg(long)]
         service: Option<String>,
+        /// Only flows to backends on this node.
+        #[arg(long)]
+        node: Option<String>,
         /// Keep watching: print each flow as it starts (`+`) and ends (`-`, with the state
         /// it was last seen in), and the datapath's drops by reason, sampled twice a second.
         #[arg(short, long)]
@@ -954,12 +958,17 @@ async fn dispatch(c: &Client, cmd: Cmd) -> anyhow::Result<Outcome> {
         Cmd::Stats => print_json(&c.get::<DatapathStats>("/datapath/stats").await?)?,
         Cmd::Flows {
             service,
+            node,
             follow,
             json,
         } => {
-            let path = match &service {
-                Some(s) => format!("/flows?service={}", seg(s)),
-                None => "/flows".to_string(),
+            let query: Vec<String> = [("service", &service), ("node", &node)]
+                .into_iter()
+                .filter_map(|(k, v)| Some(format!("{k}={}", seg(v.as_deref()?))))
+                .collect();
+            let path = match query.is_empty() {
+                true => "/flows".to_string(),
+                false => format!("/flows?{}", query.join("&")),
             };
             if follow {
                 flows::follow(c, &path).await?;

@@ -85,6 +85,39 @@ pub struct ServiceCounters {
     pub active: AtomicU64,
 }
 
+/// One backend's counts on this node, kept across table rebuilds: its flows now, and the
+/// frames and bytes of its flows that ended (a live flow's are its own, [`Flow::moved`]).
+#[derive(Debug, Default)]
+pub struct BackendCounters {
+    pub active: AtomicU64,
+    pub ended_frames: AtomicU64,
+    pub ended_bytes: AtomicU64,
+}
+
+/// Frames and bytes of one direction of a flow. Each direction of a flow is carried by one
+/// worker (the flow hash picks it, on TAPs and on the underlay alike), which alone writes
+/// it: [`crate::stats::bump`], no locked instruction.
+#[derive(Debug, Default)]
+pub struct Moved {
+    frames: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Moved {
+    fn count(&self, bytes: usize) {
+        crate::stats::bump(&self.frames, 1);
+        crate::stats::bump(&self.bytes, bytes as u64);
+    }
+
+    /// Frames and bytes so far.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.frames.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// TCP progress, as far as the load balancer cares.
 const SYN_SENT: u8 = 0;
 const ESTABLISHED: u8 = 1;
@@ -107,8 +140,8 @@ pub struct Flow {
     pub backend_at: Location,
     pub idle_ms: u64,
     pub service: Arc<ServiceCounters>,
-    /// Active flows of this backend (shown per backend in the stats).
-    pub backend_flows: Arc<AtomicU64>,
+    /// This backend's counts (shown per backend in the stats).
+    pub backend_counts: Arc<BackendCounters>,
     /// When it was made, on the table's clock ([`ConnTable::now_ms`]).
     pub started_ms: u64,
     last_seen: AtomicU64,
@@ -119,6 +152,9 @@ pub struct Flow {
     /// Set by the first removal: a flow replaced by a new connection may be swept too, and
     /// must leave the counts only once.
     removed: AtomicBool,
+    /// Frames and bytes each way; last, away from what every packet reads.
+    to_backend: Moved,
+    to_client: Moved,
 }
 
 impl Flow {
@@ -131,7 +167,7 @@ impl Flow {
         backend: (Ipv4Addr, MacAddr, Location),
         idle_ms: u64,
         service: Arc<ServiceCounters>,
-        backend_flows: Arc<AtomicU64>,
+        backend_counts: Arc<BackendCounters>,
         now_ms: u64,
     ) -> Flow {
         Flow {
@@ -144,13 +180,28 @@ impl Flow {
             backend_at: backend.2,
             idle_ms,
             service,
-            backend_flows,
+            backend_counts,
             started_ms: now_ms,
             last_seen: AtomicU64::new(now_ms),
             state: AtomicU8::new(SYN_SENT),
             client_next: AtomicU32::new(0),
             removed: AtomicBool::new(false),
+            to_backend: Moved::default(),
+            to_client: Moved::default(),
         }
+    }
+
+    /// Counts a frame of `bytes` in direction `dir` (a super-frame counts once).
+    pub fn count(&self, dir: Dir, bytes: usize) {
+        match dir {
+            Dir::ToBackend => self.to_backend.count(bytes),
+            Dir::ToClient => self.to_client.count(bytes),
+        }
+    }
+
+    /// What the flow moved: client to backend, and back.
+    pub fn moved(&self) -> ((u64, u64), (u64, u64)) {
+        (self.to_backend.get(), self.to_client.get())
     }
 
     /// Notes a packet; the timestamp is written at most once a second, so a busy flow does
@@ -460,7 +511,7 @@ impl ConnTable {
         );
         svc.new_flows.fetch_add(1, Ordering::Relaxed);
         svc.active.fetch_add(1, Ordering::Relaxed);
-        flow.backend_flows.fetch_add(1, Ordering::Relaxed);
+        flow.backend_counts.active.fetch_add(1, Ordering::Relaxed);
         Ok(flow)
     }
 
@@ -481,7 +532,11 @@ impl ConnTable {
         }
         self.flows.fetch_sub(1, Ordering::Relaxed);
         flow.service.active.fetch_sub(1, Ordering::Relaxed);
-        flow.backend_flows.fetch_sub(1, Ordering::Relaxed);
+        let b = &flow.backend_counts;
+        b.active.fetch_sub(1, Ordering::Relaxed);
+        let ((f1, b1), (f2, b2)) = flow.moved();
+        b.ended_frames.fetch_add(f1 + f2, Ordering::Relaxed);
+        b.ended_bytes.fetch_add(b1 + b2, Ordering::Relaxed);
     }
 
     /// Removes flows expired at `now_ms` (milliseconds on the scale the datapath's clock
@@ -551,9 +606,28 @@ mod tests {
             ),
             idle_ms,
             svc.clone(),
-            Arc::new(AtomicU64::new(0)),
+            Arc::default(),
             0,
         )
+    }
+
+    /// What a flow moved each way is its own while it lives, and its backend's once it ends.
+    #[test]
+    fn a_flow_counts_each_way_and_leaves_its_bytes_to_its_backend() {
+        let t = ConnTable::new(10);
+        let svc = Arc::new(ServiceCounters::default());
+        let k = key(PROTO_UDP, 1000);
+        let f = t.insert(flow(k, &svc, 1000)).unwrap();
+        f.count(Dir::ToBackend, 100);
+        f.count(Dir::ToBackend, 50);
+        f.count(Dir::ToClient, 70);
+        assert_eq!(f.moved(), ((2, 150), (1, 70)));
+        let b = f.backend_counts.clone();
+        assert_eq!(b.active.load(Ordering::Relaxed), 1);
+        assert_eq!(t.sweep(5000, |_| true, |_| ()), 1);
+        assert_eq!(b.active.load(Ordering::Relaxed), 0);
+        assert_eq!(b.ended_frames.load(Ordering::Relaxed), 3);
+        assert_eq!(b.ended_bytes.load(Ordering::Relaxed), 220);
     }
 
     #[test]

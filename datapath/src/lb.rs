@@ -67,9 +67,11 @@ pub fn to_vip(
     }
     let tcp = l4.proto == PROTO_TCP;
     let key = key_of(vni, &l4);
+    let len = frame.len();
     let known = flows.with(&key, |slot| {
         let f = &slot.flow;
         f.touch(now_ms);
+        f.count(Dir::ToBackend, len);
         if tcp {
             f.track_tcp(Dir::ToBackend, l4.flags, 0);
         }
@@ -130,8 +132,9 @@ pub fn to_vip(
                 b.flows.clone(),
                 now_ms,
             );
-            if flows.insert(flow).is_err() {
-                return Verdict::Drop(DropReason::LbTableFull);
+            match flows.insert(flow) {
+                Ok(flow) => flow.count(Dir::ToBackend, len),
+                Err(_) => return Verdict::Drop(DropReason::LbTableFull),
             }
             (b.ip, b.mac, b.at)
         }
@@ -253,12 +256,14 @@ fn reply_to_client(
             resume_from_reply(flows, now_ms, net, &r);
         }
     }
+    let len = frame.len();
     let vip = flows.with(&key, |slot| {
         if slot.dir != Dir::ToClient {
             return None;
         }
         let f = &slot.flow;
         f.touch(now_ms);
+        f.count(Dir::ToClient, len);
         if l4.proto == PROTO_TCP {
             let occupies = u32::from(l4.flags & TCP_SYN != 0) + u32::from(l4.flags & TCP_FIN != 0);
             let next = l4

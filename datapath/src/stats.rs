@@ -5,7 +5,7 @@
 //! do not bounce one line between them; the API sums them. (The routing mesh's counters are
 //! the router's: [`Counters::snapshot`] leaves `ingress` empty for it to fill.)
 
-use crate::conntrack::ServiceCounters;
+use crate::conntrack::{BackendCounters, ServiceCounters};
 use crate::vocab::DropReason;
 use protocol::api::{DatapathStats, ServiceLbStats, WorkerStats};
 use std::collections::BTreeMap;
@@ -23,6 +23,146 @@ pub const MAX_WORKERS: usize = 64;
 pub struct WorkerCounters {
     pub rx_frames: AtomicU64,
     pub tx_frames: AtomicU64,
+    /// Datagrams and bytes (VXLAN or ESP payload, without IP/UDP headers) received from and
+    /// sent to the underlay.
+    pub underlay_rx: AtomicU64,
+    pub underlay_rx_bytes: AtomicU64,
+    pub underlay_tx: AtomicU64,
+    pub underlay_tx_bytes: AtomicU64,
+    /// Datagrams per underlay send (UDP GSO), by [`Batches`] bucket.
+    pub gso: Batches,
+    /// Segments per frame written to a TAP by the userspace GRO, by bucket.
+    pub gro: Batches,
+}
+
+/// A histogram of batch sizes: how many batches had 1, 2, 3–4, 5–8, ... 33–64 and more than
+/// 64 items, and how many items in all. Written by one worker only, read by the API.
+#[derive(Debug, Default)]
+pub struct Batches {
+    buckets: [AtomicU64; BATCH_BUCKETS],
+    items: AtomicU64,
+}
+
+/// Upper bounds of [`Batches`]' buckets (the last is everything above 64).
+pub const BATCH_BOUNDS: [u64; BATCH_BUCKETS - 1] = [1, 2, 4, 8, 16, 32, 64];
+const BATCH_BUCKETS: usize = 8;
+
+impl Batches {
+    /// Counts one batch of `n` items (single writer: its worker).
+    pub fn record(&self, n: u64) {
+        let bucket = BATCH_BOUNDS
+            .iter()
+            .position(|b| n <= *b)
+            .unwrap_or(BATCH_BUCKETS - 1);
+        bump(&self.buckets[bucket], 1);
+        bump(&self.items, n);
+    }
+
+    pub fn snapshot(&self) -> protocol::api::BatchStats {
+        protocol::api::BatchStats {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            items: self.items.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Adds `n` to a counter that only the calling thread writes: a plain load and store, no
+/// locked instruction on the hot path. Readers see each value whole (an aligned `u64`).
+#[inline]
+pub fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
+}
+
+/// One network's frames and bytes to and from its local ports (tasks, containers, the
+/// ingress endpoint), per worker, each worker on cache lines of its own.
+#[derive(Debug)]
+pub struct NetCounters {
+    lanes: [NetLane; MAX_WORKERS],
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct NetLane {
+    /// Read from the network's local ports.
+    pub from_ports: AtomicU64,
+    pub from_ports_bytes: AtomicU64,
+    /// Written to them.
+    pub to_ports: AtomicU64,
+    pub to_ports_bytes: AtomicU64,
+}
+
+impl Default for NetCounters {
+    fn default() -> Self {
+        NetCounters {
+            lanes: std::array::from_fn(|_| NetLane::default()),
+        }
+    }
+}
+
+impl NetCounters {
+    /// The counters of the worker at `lane` (written by that worker only: [`bump`]).
+    pub fn lane(&self, lane: usize) -> &NetLane {
+        &self.lanes[lane % MAX_WORKERS]
+    }
+}
+
+/// Every network's [`NetCounters`], by VNI, and the networks' names. A port is handed its
+/// network's counters when it is added, so the datapath never looks them up; the lock is
+/// taken when a port is added, when the tables are published (names) and when the API reads.
+#[derive(Debug, Default)]
+pub struct NetRegistry {
+    nets: Mutex<BTreeMap<u32, (Option<String>, Arc<NetCounters>)>>,
+}
+
+impl NetRegistry {
+    /// The counters of network `vni`, made on first use.
+    pub fn network(&self, vni: u32) -> Arc<NetCounters> {
+        let mut m = self.nets.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(vni).or_default().1.clone()
+    }
+
+    /// Names the networks that exist (VNI and name), and forgets the counters of those that
+    /// no longer do (a port still counting keeps its own until it goes).
+    pub fn name(&self, live: impl IntoIterator<Item = (u32, String)>) {
+        let live: BTreeMap<u32, String> = live.into_iter().collect();
+        let mut m = self.nets.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|vni, _| live.contains_key(vni));
+        for (vni, name) in live {
+            m.entry(vni).or_default().0 = Some(name);
+        }
+    }
+
+    /// Per network: its per-worker counts, up to the last worker that counted.
+    pub fn snapshot(&self) -> BTreeMap<String, Vec<protocol::api::NetworkLaneStats>> {
+        let m = self.nets.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter()
+            .map(|(vni, (name, c))| {
+                let lanes: Vec<_> = c
+                    .lanes
+                    .iter()
+                    .map(|l| protocol::api::NetworkLaneStats {
+                        from_ports: l.from_ports.load(Ordering::Relaxed),
+                        from_ports_bytes: l.from_ports_bytes.load(Ordering::Relaxed),
+                        to_ports: l.to_ports.load(Ordering::Relaxed),
+                        to_ports_bytes: l.to_ports_bytes.load(Ordering::Relaxed),
+                    })
+                    .collect();
+                let last = lanes
+                    .iter()
+                    .rposition(|l| l.from_ports + l.to_ports > 0)
+                    .map_or(0, |i| i + 1);
+                let name = name.clone().unwrap_or_else(|| format!("vni-{vni}"));
+                (name, lanes[..last].to_vec())
+            })
+            .collect()
+    }
 }
 
 /// Shared counters of one node's datapath.
@@ -39,14 +179,15 @@ pub struct Counters {
     pub esp_opened: AtomicU64,
     drops: [AtomicU64; 32],
     pub lb: LbRegistry,
+    pub nets: NetRegistry,
 }
 
 /// One service's load-balancer counters and its per-backend flow counts.
 #[derive(Debug, Default)]
 struct ServiceEntry {
     counters: Arc<ServiceCounters>,
-    /// Active flows per backend address.
-    backends: BTreeMap<Ipv4Addr, Arc<AtomicU64>>,
+    /// Per backend address: its flows now and what its ended flows moved.
+    backends: BTreeMap<Ipv4Addr, Arc<BackendCounters>>,
 }
 
 /// The load balancer's counters per service, kept across table rebuilds: the agent hands
@@ -72,8 +213,8 @@ impl LbRegistry {
             .collect()
     }
 
-    /// The active-flow count of one backend of `service`.
-    pub fn backend(&self, service: &str, ip: Ipv4Addr) -> Arc<AtomicU64> {
+    /// The counters of one backend of `service`.
+    pub fn backend(&self, service: &str, ip: Ipv4Addr) -> Arc<BackendCounters> {
         let mut m = self.services.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(service.to_string())
             .or_default()
@@ -92,8 +233,20 @@ impl LbRegistry {
             let now = live.get(name).map(Vec::as_slice).unwrap_or_default();
             entry
                 .backends
-                .retain(|ip, n| now.contains(ip) || n.load(Ordering::Relaxed) > 0);
+                .retain(|ip, n| now.contains(ip) || n.active.load(Ordering::Relaxed) > 0);
         }
+    }
+
+    /// Every backend: its service, address and counters.
+    pub fn backends(&self) -> Vec<(String, Ipv4Addr, Arc<BackendCounters>)> {
+        let m = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter()
+            .flat_map(|(name, e)| {
+                e.backends
+                    .iter()
+                    .map(move |(ip, c)| (name.clone(), *ip, c.clone()))
+            })
+            .collect()
     }
 
     pub fn snapshot(&self) -> BTreeMap<String, ServiceLbStats> {
@@ -113,7 +266,7 @@ impl LbRegistry {
                         refused_flows: c.refused.load(Ordering::Relaxed),
                         backends: backends
                             .iter()
-                            .map(|(ip, n)| (ip.to_string(), n.load(Ordering::Relaxed)))
+                            .map(|(ip, n)| (ip.to_string(), n.active.load(Ordering::Relaxed)))
                             .collect(),
                     };
                     (name.clone(), stats)
@@ -134,6 +287,7 @@ impl Default for Counters {
             esp_opened: AtomicU64::default(),
             drops: Default::default(),
             lb: LbRegistry::default(),
+            nets: NetRegistry::default(),
         }
     }
 }
@@ -168,6 +322,12 @@ impl Counters {
             .map(|w| WorkerStats {
                 rx_frames: w.rx_frames.load(Ordering::Relaxed),
                 tx_frames: w.tx_frames.load(Ordering::Relaxed),
+                underlay_rx: w.underlay_rx.load(Ordering::Relaxed),
+                underlay_rx_bytes: w.underlay_rx_bytes.load(Ordering::Relaxed),
+                underlay_tx: w.underlay_tx.load(Ordering::Relaxed),
+                underlay_tx_bytes: w.underlay_tx_bytes.load(Ordering::Relaxed),
+                gso: w.gso.snapshot(),
+                gro: w.gro.snapshot(),
             })
             .collect();
         let last = per_worker
@@ -185,6 +345,7 @@ impl Counters {
             esp_opened: self.esp_opened.load(Ordering::Relaxed),
             drops,
             services: self.lb.snapshot(),
+            networks: self.nets.snapshot(),
             ingress: BTreeMap::new(),
         }
     }

@@ -5,14 +5,13 @@
 //! A snapshot is immutable: what changes per frame (the connection table, the clock) is
 //! handed to the decision beside it.
 
-use crate::conntrack::{Flow, ServiceCounters};
+use crate::conntrack::{BackendCounters, Flow, ServiceCounters};
 use crate::keys::NetCrypto;
 use crate::vocab::{FastHash, Location, PortBinding, PortId};
 use protocol::state::ClusterState;
 use protocol::types::{MacAddr, NodeName, Vni};
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 /// A task a VIP balances over, and where it is.
@@ -21,8 +20,8 @@ pub struct Backend {
     pub ip: Ipv4Addr,
     pub mac: MacAddr,
     pub at: Location,
-    /// Active flows to it from this node (kept across table rebuilds).
-    pub flows: Arc<AtomicU64>,
+    /// Its flows from this node, and what they moved (kept across table rebuilds).
+    pub flows: Arc<BackendCounters>,
 }
 
 /// A service's virtual IP on one network: the router answers for it and balances its flows
@@ -86,7 +85,7 @@ pub struct Tables {
 pub struct BackendSpec {
     pub ip: Ipv4Addr,
     pub mac: MacAddr,
-    pub flows: Arc<AtomicU64>,
+    pub flows: Arc<BackendCounters>,
 }
 
 impl Tables {

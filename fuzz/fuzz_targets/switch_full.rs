@@ -25,7 +25,6 @@ use protocol::esp::{self, SenderKey};
 use protocol::types::{MacAddr, Vni};
 use protocol::vxlan;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 const PLAIN_OR_SEALED: u32 = 4097;
@@ -86,7 +85,7 @@ fn tables(shape: u8, secret: &Secret) -> Tables {
     let spec = |last: u8| BackendSpec {
         ip: ip(last),
         mac: MacAddr::from_ipv4(ip(last)),
-        flows: Arc::new(AtomicU64::new(0)),
+        flows: Default::default(),
     };
     let backends: Vec<BackendSpec> = [3u8, 5, 4, 6]
         .iter()

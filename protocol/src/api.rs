@@ -1051,6 +1051,10 @@ pub struct DatapathStats {
     /// Load balancing done by this node, per service (flows of this node's clients).
     #[serde(default)]
     pub services: BTreeMap<String, ServiceLbStats>,
+    /// Frames and bytes to and from each network's local ports, per worker (by network
+    /// name).
+    #[serde(default)]
+    pub networks: BTreeMap<String, Vec<NetworkLaneStats>>,
     /// The routing mesh on this node, per published port (`8080/tcp`).
     #[serde(default)]
     pub ingress: BTreeMap<String, IngressPortStats>,
@@ -1090,15 +1094,51 @@ pub struct EndpointInfo {
 }
 
 /// One datapath worker's frames.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerStats {
     pub rx_frames: u64,
     pub tx_frames: u64,
+    /// Datagrams and their bytes (VXLAN or ESP, without the IP/UDP headers) from and to the
+    /// underlay.
+    #[serde(default)]
+    pub underlay_rx: u64,
+    #[serde(default)]
+    pub underlay_rx_bytes: u64,
+    #[serde(default)]
+    pub underlay_tx: u64,
+    #[serde(default)]
+    pub underlay_tx_bytes: u64,
+    /// Datagrams per underlay send (UDP GSO).
+    #[serde(default)]
+    pub gso: BatchStats,
+    /// Segments per frame the userspace GRO wrote to a TAP.
+    #[serde(default)]
+    pub gro: BatchStats,
+}
+
+/// A histogram of batch sizes: batches per bucket (at most 1, 2, 4, 8, 16, 32, 64 items, and
+/// more), and the items in all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchStats {
+    pub buckets: Vec<u64>,
+    pub items: u64,
+}
+
+/// One network's frames and bytes to and from its local ports, for one datapath worker.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkLaneStats {
+    /// Read from the network's local ports (its tasks', containers' and the ingress
+    /// endpoint's interfaces).
+    pub from_ports: u64,
+    pub from_ports_bytes: u64,
+    /// Written to them.
+    pub to_ports: u64,
+    pub to_ports_bytes: u64,
 }
 
 /// `GET /flows`: one load-balanced flow of this node's clients, as the connection table
 /// holds it (`overlayctl flows`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowInfo {
     pub service: String,
     /// "tcp", "udp" or "icmp".
@@ -1111,12 +1151,25 @@ pub struct FlowInfo {
     /// address.
     pub backend: String,
     pub backend_at: String,
+    /// The node the backend task runs on.
+    #[serde(default)]
+    pub backend_node: String,
     /// TCP: syn_sent, established, fin_client, fin_backend, closed, reset; otherwise
     /// active.
     pub state: String,
     pub age_ms: u64,
     /// Since its last packet, to within a second.
     pub idle_ms: u64,
+    /// Frames and bytes client to backend, and back (a super-frame counts once; bytes are
+    /// whole Ethernet frames).
+    #[serde(default)]
+    pub frames_out: u64,
+    #[serde(default)]
+    pub bytes_out: u64,
+    #[serde(default)]
+    pub frames_back: u64,
+    #[serde(default)]
+    pub bytes_back: u64,
 }
 
 /// One published port on one node.
@@ -1138,6 +1191,11 @@ pub struct IngressPortStats {
     pub reset: u64,
     /// UDP datagrams that could not be queued (buffer full).
     pub dropped: u64,
+    /// Payload bytes from clients to tasks, and back.
+    #[serde(default)]
+    pub bytes_in: u64,
+    #[serde(default)]
+    pub bytes_out: u64,
     /// UDP mappings ended to make room for a new client: the one idle the longest, when the
     /// port holds its most (4 096) or the node its `--ingress-max-connections`.
     #[serde(default)]

@@ -96,6 +96,8 @@ impl Vni {
     pub const MAX: u32 = 0x00ff_ffff;
     /// The VNI of the first user network, as Swarm numbers them (4096 is `ingress`).
     pub const FIRST_USER: u32 = 4097;
+    /// The default `ingress` network's.
+    pub const INGRESS: Vni = Vni(4096);
 
     pub fn new(v: u32) -> Result<Vni, BadVni> {
         if v == 0 || v > Self::MAX {
@@ -105,7 +107,7 @@ impl Vni {
         }
     }
 
-    pub fn get(self) -> u32 {
+    pub const fn get(self) -> u32 {
         self.0
     }
 }

@@ -781,7 +781,8 @@ async fn stats(State(st): State<ApiState>) -> ApiResult<api::DatapathStats> {
     Ok(Json(stats))
 }
 
-/// `GET /flows[?service=NAME]`: this node's load-balanced flows, oldest first.
+/// `GET /flows[?service=NAME][&node=NODE]`: this node's load-balanced flows (to backends on
+/// `NODE`), oldest first.
 async fn flows(
     State(st): State<ApiState>,
     Query(q): Query<HashMap<String, String>>,
@@ -795,6 +796,16 @@ async fn flows(
         .map(|(name, c)| (Arc::as_ptr(&c), name))
         .collect();
     let only = q.get("service");
+    let on_node = q.get("node");
+    // A remote backend's node by its underlay address.
+    let nodes: HashMap<std::net::Ipv4Addr, String> = st
+        .cluster
+        .snapshot()
+        .state
+        .nodes
+        .iter()
+        .filter_map(|(name, n)| Some((n.advertise_addr?, name.to_string())))
+        .collect();
     let now = st.flows.now_ms();
     let mut out = Vec::new();
     st.flows.visit(|f| {
@@ -809,19 +820,32 @@ async fn flows(
             datapath::nat::PROTO_UDP => "udp",
             _ => "icmp",
         };
+        let (backend_at, backend_node) = match f.backend_at {
+            datapath::vocab::Location::Local(_) => ("local".to_string(), st.node.to_string()),
+            datapath::vocab::Location::Remote(a) => (
+                a.ip().to_string(),
+                nodes.get(a.ip()).cloned().unwrap_or_default(),
+            ),
+        };
+        if on_node.is_some_and(|n| *n != backend_node) {
+            return;
+        }
+        let ((frames_out, bytes_out), (frames_back, bytes_back)) = f.moved();
         out.push(api::FlowInfo {
             service: service.clone(),
             proto: proto.to_string(),
             client: format!("{}:{}", f.key.src, f.key.sport),
             vip: format!("{}:{}", f.key.dst, f.key.dport),
             backend: format!("{}:{}", f.backend_ip, f.key.dport),
-            backend_at: match f.backend_at {
-                datapath::vocab::Location::Local(_) => "local".to_string(),
-                datapath::vocab::Location::Remote(a) => a.ip().to_string(),
-            },
+            backend_at,
+            backend_node,
             state: f.state_name().to_string(),
             age_ms: now.saturating_sub(f.started_ms),
             idle_ms: f.idle_for(now),
+            frames_out,
+            bytes_out,
+            frames_back,
+            bytes_back,
         });
     });
     out.sort_by(|a, b| {

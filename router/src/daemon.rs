@@ -548,6 +548,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let sources = crate::metrics::Sources {
                 cluster: cluster.clone(),
                 counters: counters.clone(),
+                flows: flows.clone(),
                 ingress: ingress_counters.clone(),
                 dns: dns.clone(),
                 node: cfg.node.clone(),

@@ -78,7 +78,7 @@ fn prometheus_scrapes_two_nodes() {
     #[rustfmt::skip]
     n1.ctl_ok(&[
         "service", "create", "--name", "whoami", "--network", "demo", "--replicas", "2",
-        "--", "python3", &whoami,
+        "-p", "8047:8000", "--", "python3", &whoami,
     ]);
     #[rustfmt::skip]
     n1.ctl_ok(&[
@@ -96,6 +96,11 @@ fn prometheus_scrapes_two_nodes() {
             ),
             "curl through the VIP",
         );
+    }
+
+    // Through the routing mesh, from outside the cluster: node 2's published port.
+    for _ in 0..3 {
+        curl(&u, 1, &[&format!("http://{}:8047/", u.addr(2))]);
     }
 
     // Both expositions pass promtool (classic text format: curl asks for no other).
@@ -185,12 +190,39 @@ fn prometheus_scrapes_two_nodes() {
     let lookups = format!(
         r#"sum(overlay_dns_queries_total{{type="A",outcome="cluster"}}) >= bool {REQUESTS}"#
     );
+    let moved = format!(
+        r#"sum(overlay_lb_backend_bytes_total{{service="whoami"}}) > bool {}"#,
+        REQUESTS * 200
+    );
     let expect = [
         (lookups.as_str(), 1.0),
         ("sum(up)", 2.0),
         ("count(overlay_control_snapshot_age_seconds < 5)", 2.0),
         (r#"overlay_cluster_nodes{health="ready"}"#, 2.0),
         (r#"sum(overlay_node_tasks{state="running"})"#, 3.0),
+        // What the flows moved: each request and answer is well over 100 bytes each way.
+        (moved.as_str(), 1.0),
+        (
+            r#"sum(overlay_network_received_frames_total{network="demo"}) > bool 0"#,
+            1.0,
+        ),
+        (
+            r#"sum(overlay_network_sent_bytes_total{network="demo"}) > bool 0"#,
+            1.0,
+        ),
+        ("sum(overlay_underlay_sent_datagrams_total) > bool 0", 1.0),
+        (
+            "sum(overlay_underlay_gso_datagrams_per_send_count) > bool 0",
+            1.0,
+        ),
+        (
+            r#"sum(overlay_mesh_received_bytes_total{port="8047/tcp"}) > bool 0"#,
+            1.0,
+        ),
+        (
+            r#"sum(overlay_mesh_sent_bytes_total{port="8047/tcp"}) > bool 100"#,
+            1.0,
+        ),
     ];
     for (promql, want) in expect {
         let got = wait_for(Duration::from_secs(10), || {
@@ -253,6 +285,26 @@ fn flow_table(cn: &Node, manager: &Node) {
         .collect();
     assert_eq!(open.len(), 1, "{list}");
     assert_eq!(open[0]["vip"], vip.as_str(), "{list}");
+    // The request went out and its answer came back; the backend's node is named.
+    assert!(open[0]["bytes_out"].as_u64() > Some(50), "{list}");
+    assert!(open[0]["frames_back"].as_u64() >= Some(2), "{list}");
+    let node = open[0]["backend_node"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !node.is_empty() && node.parse::<std::net::Ipv4Addr>().is_err(),
+        "{list}"
+    );
+    let on_node = cn.json(&["flows", "--service", "whoami", "--node", &node, "--json"]);
+    assert!(
+        on_node
+            .as_array()
+            .is_some_and(|a| a.iter().any(|f| f["client"] == open[0]["client"])),
+        "{on_node}"
+    );
+    let elsewhere = cn.json(&["flows", "--node", "no-such-node", "--json"]);
+    assert_eq!(elsewhere.as_array().map(Vec::len), Some(0), "{elsewhere}");
     assert!(
         backends.iter().any(|b| open[0]["backend"] == b.as_str()),
         "{list}"
@@ -312,7 +364,7 @@ fn flow_table(cn: &Node, manager: &Node) {
         "reset client",
     );
     wait_line(
-        &|l| l.contains("whoami tcp") && l.ends_with(" reset"),
+        &|l| l.contains("whoami tcp") && l.contains(" reset out "),
         "a reset flow",
     );
     let udp = format!("import socket;s=socket.socket(2,2);s.sendto(b'x',('{idle_vip}',9000))");

@@ -8,7 +8,6 @@ use crate::nat::{parse, PROTO_UDP, TCP_RST};
 use crate::table::BackendSpec;
 use crate::vocab::PortBinding;
 use etherparse::PacketBuilder;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -52,7 +51,7 @@ fn specs(backends: &[&str]) -> Vec<BackendSpec> {
         .map(|b| BackendSpec {
             ip: ip(b),
             mac: mac(b),
-            flows: Arc::new(AtomicU64::new(0)),
+            flows: Default::default(),
         })
         .collect()
 }

@@ -12,7 +12,7 @@ use ipnet::Ipv4Net;
 /// Name of the routing mesh's network, made when the cluster starts.
 pub const INGRESS_NETWORK: &str = "ingress";
 /// Swarm's VNI for `ingress` (user networks start at the next one).
-pub const INGRESS_VNI: u32 = 4096;
+pub const INGRESS_VNI: u32 = crate::types::Vni::INGRESS.get();
 
 /// The default ingress network's subnet (`ipam::INGRESS_SUBNET`).
 pub(super) fn ingress_subnet() -> Ipv4Net {

@@ -182,7 +182,7 @@ impl Agent {
         let port = PortId(self.next_port);
         self.next_port += 1;
         for fd in fds {
-            self.datapath.add_port(port, fd, tap::udp_offload());
+            self.datapath.add_port(port, fd, tap::udp_offload(), vni);
         }
         info!(container = %e.container, ifname = %e.ifname, address = %e.address, "container interface made");
         LocalEndpoint {

@@ -80,7 +80,10 @@ impl Planes {
         max_connections: usize,
     ) -> std::io::Result<Planes> {
         let (datapath_end, endpoint_end) = ingress::link::pair()?;
-        datapath.add_port(INGRESS_PORT, vec![datapath_end], false);
+        // Counted under the default ingress network's VNI (`network create --ingress` may
+        // replace it; the link stays).
+        let vni = protocol::types::Vni::INGRESS;
+        datapath.add_port(INGRESS_PORT, vec![datapath_end], false, vni);
         let ingress = Ingress::start(endpoint_end, counters, ports, max_connections)?;
         Ok(Planes { datapath, ingress })
     }

@@ -185,6 +185,12 @@ impl Agent {
     }
 
     fn publish(&mut self, state: &ClusterState, vips: &[VipView], keys: &KeyView) {
+        self.counters.nets.name(
+            state
+                .networks
+                .values()
+                .map(|n| (n.vni.get(), n.name.to_string())),
+        );
         let leaving = self.leaving.values().map(|l| &l.task);
         let ports: Vec<(PortId, PortBinding)> = self
             .tasks

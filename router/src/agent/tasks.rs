@@ -88,7 +88,8 @@ impl Agent {
         for (fd, binding) in fds.into_iter().zip(bindings) {
             let port = PortId(self.next_port);
             self.next_port += 1;
-            self.datapath.add_port(port, fd, tap::udp_offload());
+            self.datapath
+                .add_port(port, fd, tap::udp_offload(), binding.vni);
             ports.push((port, binding));
         }
         ports

@@ -27,7 +27,7 @@ use datapath::crypto::EspState;
 use datapath::gro::{self, Coalescer, Push};
 use datapath::lb;
 use datapath::nat::L4Csum;
-use datapath::stats::{Counters, MAX_WORKERS};
+use datapath::stats::{bump, Counters, NetCounters, NetLane, MAX_WORKERS};
 use datapath::switch::{self, Context, MAX_FRAME, MAX_SUPER_FRAME};
 use datapath::table::Tables;
 use datapath::vnet::{self, Segments, VnetHdr};
@@ -115,6 +115,7 @@ pub struct Datapath {
     flows: Arc<ConnTable>,
     sweeper: Option<JoinHandle<()>>,
     stopping: Arc<AtomicBool>,
+    counters: Arc<Counters>,
 }
 
 /// Milliseconds since `epoch`: the connection table's clock.
@@ -188,7 +189,7 @@ impl Datapath {
                 rxb: underlay.as_ref().map(RxBatch::new),
                 dgrams: Vec::new(),
                 underlay,
-                txb: TxBatch::default(),
+                txb: TxBatch::for_lane(lane),
                 ready: VecDeque::new(),
                 frames: vec![vec![0u8; PORT_BUF]; BATCH],
                 lens: [0; BATCH],
@@ -233,6 +234,7 @@ impl Datapath {
             flows,
             sweeper: Some(sweeper),
             stopping,
+            counters,
         })
     }
 
@@ -244,14 +246,17 @@ impl Datapath {
     /// Hands a port's fds to the datapath: a TAP's queues, one per worker, or a single fd
     /// that worker 0 reads and every worker writes. Frames from it are switched once the
     /// tables bind it. `udp_gso`: the port takes UDP super-frames (a TAP with USO), so UDP
-    /// datagrams bound for it are merged; any other port gets them one by one.
-    pub fn add_port(&self, port: PortId, fds: Vec<OwnedFd>, udp_gso: bool) {
+    /// datagrams bound for it are merged; any other port gets them one by one. Its frames
+    /// are counted in its network's counters (network `vni`).
+    pub fn add_port(&self, port: PortId, fds: Vec<OwnedFd>, udp_gso: bool, vni: Vni) {
         if fds.is_empty() {
             return;
         }
+        let net = self.counters.nets.network(vni.get());
         let fds = PortFds {
             queues: fds.into(),
             udp_gso,
+            net,
         };
         for w in &self.workers {
             w.send(Command::AddPort(port, fds.clone()));
@@ -370,6 +375,8 @@ fn sweep_loop(
 struct PortFds {
     queues: Arc<[OwnedFd]>,
     udp_gso: bool,
+    /// Its network's frame and byte counts.
+    net: Arc<NetCounters>,
 }
 
 /// A worker's view of the local ports: each port's fds. The worker reads the queue at its
@@ -380,15 +387,21 @@ struct Ports {
 }
 
 impl Ports {
-    fn reader(&self, port: PortId) -> Option<&OwnedFd> {
-        self.fds.get(&port)?.queues.get(self.lane)
+    fn reader(&self, port: PortId) -> Option<(&OwnedFd, &NetLane)> {
+        let p = self.fds.get(&port)?;
+        Some((p.queues.get(self.lane)?, p.net.lane(self.lane)))
     }
 
-    /// The fd to write to, and whether it takes UDP super-frames.
-    fn writer(&self, port: PortId) -> Option<(&OwnedFd, bool)> {
+    /// The fd to write to, whether it takes UDP super-frames, and the port's network's
+    /// counters for this worker.
+    fn writer(&self, port: PortId) -> Option<(&OwnedFd, bool, &NetLane)> {
         let p = self.fds.get(&port)?;
         let q = &p.queues;
-        Some((q.get(self.lane % q.len().max(1))?, p.udp_gso))
+        Some((
+            q.get(self.lane % q.len().max(1))?,
+            p.udp_gso,
+            p.net.lane(self.lane),
+        ))
     }
 
     fn udp_gso(&self, port: PortId) -> bool {
@@ -504,7 +517,7 @@ impl Worker {
                     self.ports.fds.insert(port, fds);
                 }
                 Command::RemovePort(port) => {
-                    if let Some(fd) = self.ports.reader(port) {
+                    if let Some((fd, _)) = self.ports.reader(port) {
                         let raw = fd.as_raw_fd();
                         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
                     }
@@ -522,27 +535,34 @@ impl Worker {
     }
 
     /// Reads one batch from a TAP; returns its size and whether the port may have more.
+    /// Counted in the port's network's counters.
     fn read_port(&mut self, port: PortId) -> (usize, bool) {
-        let Some(fd) = self.ports.reader(port) else {
+        let Some((fd, net)) = self.ports.reader(port) else {
             return (0, false);
         };
-        let mut n = 0;
-        while n < BATCH {
+        let (mut n, mut bytes) = (0, 0);
+        let more = loop {
+            if n == BATCH {
+                break true;
+            }
             match nix::unistd::read(fd, &mut self.frames[n]) {
-                Ok(0) => return (n, false),
+                Ok(0) => break false,
                 Ok(len) => {
                     self.lens[n] = len;
+                    bytes += len.saturating_sub(vnet::HDR_LEN);
                     n += 1;
                 }
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(nix::errno::Errno::EAGAIN) => return (n, false),
+                Err(nix::errno::Errno::EAGAIN) => break false,
                 Err(e) => {
                     debug!(port = port.0, error = %e, "read from port failed");
-                    return (n, false);
+                    break false;
                 }
             }
-        }
-        (n, true)
+        };
+        bump(&net.from_ports, n as u64);
+        bump(&net.from_ports_bytes, bytes as u64);
+        (n, more)
     }
 
     fn service_port(&mut self, port: PortId) -> bool {
@@ -736,6 +756,12 @@ impl Worker {
         let tables = self.tables.load();
         let (mut rx, mut tx) = (0u64, 0u64);
         rxb.datagrams(&mut self.dgrams);
+        let mine = self.counters.worker(self.ports.lane);
+        bump(&mine.underlay_rx, self.dgrams.len() as u64);
+        bump(
+            &mine.underlay_rx_bytes,
+            self.dgrams.iter().map(|d| (d.end - d.start) as u64).sum(),
+        );
         for d in &self.dgrams {
             rx += 1;
             let Some(from) = underlay::ipv4_of(d.from) else {
@@ -930,7 +956,7 @@ fn flush_gro(gro: &mut Coalescer, rxb: &RxBatch, ports: &Ports, counters: &Count
     let Some(run) = gro.take() else {
         return 0;
     };
-    let Some((fd, _)) = ports.writer(run.port) else {
+    let Some((fd, _, net)) = ports.writer(run.port) else {
         counters.count_drop(DropReason::UnknownPort);
         return 0;
     };
@@ -940,7 +966,20 @@ fn flush_gro(gro: &mut Coalescer, rxb: &RxBatch, ports: &Ports, counters: &Count
     for (slot, (buf, range)) in iov[2..].iter_mut().zip(run.parts) {
         *slot = IoSlice::new(rxb.part(*buf, range.clone()));
     }
-    write_fd(fd, counters, &iov[..2 + run.parts.len()]) * run.parts.len() as u64
+    let segments = run.parts.len() as u64;
+    let iov = &iov[..2 + run.parts.len()];
+    if write_fd(fd, counters, iov) == 0 {
+        return 0;
+    }
+    counters.worker(ports.lane).gro.record(segments);
+    count_to(net, 1, iov[1..].iter().map(|s| s.len()).sum());
+    segments
+}
+
+/// Counts frames written to a port of the network whose (worker's) counters are `net`.
+fn count_to(net: &NetLane, frames: u64, bytes: usize) {
+    bump(&net.to_ports, frames);
+    bump(&net.to_ports_bytes, bytes as u64);
 }
 
 /// Copies `frame` (with its virtio-net header) to every local port of `vni` but `except`.
@@ -968,7 +1007,7 @@ fn flood(
 /// for a port that does not take one (the ingress endpoint's link) is cut into its
 /// datagrams first.
 fn write_port(ports: &Ports, counters: &Counters, to: PortId, hdr: &[u8], frame: &[u8]) -> u64 {
-    let Some((fd, udp_gso)) = ports.writer(to) else {
+    let Some((fd, udp_gso, net)) = ports.writer(to) else {
         counters.count_drop(DropReason::UnknownPort);
         return 0;
     };
@@ -985,11 +1024,15 @@ fn write_port(ports: &Ports, counters: &Counters, to: PortId, hdr: &[u8], frame:
             .map(|i| {
                 let b = &mut out[..segs.len(i)];
                 segs.write(i, b);
-                write_fd(fd, counters, &[IoSlice::new(&PLAIN), IoSlice::new(b)])
+                let n = write_fd(fd, counters, &[IoSlice::new(&PLAIN), IoSlice::new(b)]);
+                count_to(net, n, b.len() * n as usize);
+                n
             })
             .sum();
     }
-    write_fd(fd, counters, &[IoSlice::new(hdr), IoSlice::new(frame)])
+    let n = write_fd(fd, counters, &[IoSlice::new(hdr), IoSlice::new(frame)]);
+    count_to(net, n, frame.len() * n as usize);
+    n
 }
 
 fn write_fd(fd: &OwnedFd, counters: &Counters, iov: &[IoSlice<'_>]) -> u64 {

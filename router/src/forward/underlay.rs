@@ -13,7 +13,7 @@
 //! one worker.
 
 use datapath::keys::TxSa;
-use datapath::stats::Counters;
+use datapath::stats::{bump, Counters};
 use datapath::switch::MAX_FRAME;
 use datapath::vocab::DropReason;
 use protocol::esp;
@@ -268,10 +268,19 @@ pub struct TxBatch {
     count: usize,
     /// The last datagram was shorter than `seg`: nothing may follow it in this run.
     closed: bool,
+    /// The worker whose counters the sends go to.
+    lane: usize,
 }
 
 impl Default for TxBatch {
     fn default() -> Self {
+        TxBatch::for_lane(0)
+    }
+}
+
+impl TxBatch {
+    /// The batch of the worker at `lane`.
+    pub fn for_lane(lane: usize) -> TxBatch {
         TxBatch {
             arena: vec![0u8; MAX_GSO_BYTES].into_boxed_slice(),
             used: 0,
@@ -281,6 +290,7 @@ impl Default for TxBatch {
             seg: 0,
             count: 0,
             closed: false,
+            lane,
         }
     }
 }
@@ -509,7 +519,13 @@ impl TxBatch {
             }
         };
         let sent = match result {
-            Ok(()) => n as u64,
+            Ok(()) => {
+                let w = counters.worker(self.lane);
+                bump(&w.underlay_tx, n as u64);
+                bump(&w.underlay_tx_bytes, self.bytes as u64);
+                w.gso.record(n as u64);
+                n as u64
+            }
             Err(_) => {
                 for _ in 0..n {
                     counters.count_drop(DropReason::WriteFailed);

@@ -20,11 +20,22 @@ pub struct PortCounters {
     pub dropped: AtomicU64,
     /// UDP mappings that made room for a new client at the port's cap.
     pub evicted: AtomicU64,
+    /// Payload bytes from clients to tasks (TCP stream bytes, UDP datagram payloads; a
+    /// PROXY header counts too), and back.
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
 }
 
 impl PortCounters {
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n` (the proxy thread is the only writer; nothing is added when `n` is 0).
+    pub fn add(c: &AtomicU64, n: usize) {
+        if n > 0 {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     pub fn dec(c: &AtomicU64) {
@@ -89,6 +100,8 @@ impl Registry {
                     reset: get(&c.reset),
                     dropped: get(&c.dropped),
                     evicted: get(&c.evicted),
+                    bytes_in: get(&c.bytes_in),
+                    bytes_out: get(&c.bytes_out),
                 };
                 (k.clone(), stats)
             })

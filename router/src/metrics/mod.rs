@@ -16,17 +16,21 @@ pub mod map;
 use crate::cluster::{Cluster, Mode};
 use crate::dns::server::Shared as DnsShared;
 use crate::ingress::stats::Registry as IngressRegistry;
+use datapath::conntrack::{BackendCounters, ConnTable};
 use datapath::stats::Counters;
+use datapath::stats::BATCH_BOUNDS;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use protocol::api::{DatapathStats, TaskState};
 use protocol::control::NodeHealth;
 use protocol::types::NodeName;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Error;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The content type of an OpenMetrics exposition.
@@ -37,6 +41,8 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 pub struct Sources {
     pub cluster: Cluster,
     pub counters: Arc<Counters>,
+    /// The load balancer's connection table (what live flows moved).
+    pub flows: Arc<ConnTable>,
     pub ingress: Arc<IngressRegistry>,
     /// The resolvers' shared state, with their counters.
     pub dns: Arc<DnsShared>,
@@ -55,7 +61,10 @@ pub fn render(sources: &Sources) -> Result<String, Error> {
     // One reading of the datapath's counters serves both of its collectors.
     let stats = Arc::new(sources.counters.snapshot());
     registry.register_collector(Box::new(Datapath(stats.clone())));
-    registry.register_collector(Box::new(Balancer(stats)));
+    registry.register_collector(Box::new(Balancer {
+        stats,
+        moved: backend_moved(&sources.counters, &sources.flows),
+    }));
     registry.register_collector(Box::new(Mesh(sources.clone())));
     registry.register_collector(Box::new(Dns(sources.clone())));
     registry.register_collector(Box::new(Control(sources.clone())));
@@ -111,6 +120,36 @@ fn one(v: bool) -> ConstGauge<i64> {
     ConstGauge::new(i64::from(v))
 }
 
+/// A histogram of batch sizes read from the datapath's buckets ([`datapath::stats::Batches`]).
+#[derive(Debug)]
+struct BatchHistogram(protocol::api::BatchStats);
+
+impl EncodeMetric for BatchHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), Error> {
+        // Per bucket, not cumulative: the encoder sums them; the last bound is f64::MAX,
+        // which it writes as +Inf (as the crate's own histogram does).
+        let mut buckets: Vec<(f64, u64)> = Vec::new();
+        for (i, n) in self.0.buckets.iter().enumerate() {
+            let bound = BATCH_BOUNDS.get(i).map_or(f64::MAX, |b| *b as f64);
+            buckets.push((bound, *n));
+        }
+        if buckets.last().is_none_or(|(b, _)| *b != f64::MAX) {
+            buckets.push((f64::MAX, 0));
+        }
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.0.items as f64,
+            count,
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 /// Frames moved and dropped by the datapath.
 #[derive(Debug)]
 struct Datapath(Arc<DatapathStats>);
@@ -118,25 +157,109 @@ struct Datapath(Arc<DatapathStats>);
 impl Collector for Datapath {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), Error> {
         let s = &self.0;
-        let per_worker = |rx: bool| {
-            s.workers.iter().enumerate().map(move |(i, w)| {
-                let v = if rx { w.rx_frames } else { w.tx_frames };
-                (vec![("worker", i.to_string())], counter(v))
-            })
+        let per_worker = |f: fn(&protocol::api::WorkerStats) -> u64| {
+            s.workers
+                .iter()
+                .enumerate()
+                .map(move |(i, w)| (vec![("worker", i.to_string())], counter(f(w))))
         };
         family(
             &mut e,
             "datapath_received_frames",
             "Frames the datapath read (from TAPs and the underlay), per worker.",
             None,
-            per_worker(true),
+            per_worker(|w| w.rx_frames),
         )?;
         family(
             &mut e,
             "datapath_sent_frames",
             "Frames the datapath wrote (to TAPs and the underlay), per worker.",
             None,
-            per_worker(false),
+            per_worker(|w| w.tx_frames),
+        )?;
+        family(
+            &mut e,
+            "underlay_received_datagrams",
+            "VXLAN and ESP datagrams received from other nodes and VTEPs, per worker.",
+            None,
+            per_worker(|w| w.underlay_rx),
+        )?;
+        family(
+            &mut e,
+            "underlay_received",
+            "Bytes of those datagrams (UDP payload), per worker.",
+            Some(&Unit::Bytes),
+            per_worker(|w| w.underlay_rx_bytes),
+        )?;
+        family(
+            &mut e,
+            "underlay_sent_datagrams",
+            "VXLAN and ESP datagrams sent to other nodes and VTEPs, per worker.",
+            None,
+            per_worker(|w| w.underlay_tx),
+        )?;
+        family(
+            &mut e,
+            "underlay_sent",
+            "Bytes of those datagrams (UDP payload), per worker.",
+            Some(&Unit::Bytes),
+            per_worker(|w| w.underlay_tx_bytes),
+        )?;
+        family(
+            &mut e,
+            "underlay_gso_datagrams_per_send",
+            "Datagrams per underlay send (UDP GSO: one system call for a run to one VTEP), per worker.",
+            None,
+            s.workers.iter().enumerate().map(|(i, w)| {
+                (vec![("worker", i.to_string())], BatchHistogram(w.gso.clone()))
+            }),
+        )?;
+        family(
+            &mut e,
+            "datapath_gro_segments_per_frame",
+            "Segments per frame written to a task's interface by the userspace GRO (merged runs only), per worker.",
+            None,
+            s.workers.iter().enumerate().map(|(i, w)| {
+                (vec![("worker", i.to_string())], BatchHistogram(w.gro.clone()))
+            }),
+        )?;
+        let per_network = |f: fn(&protocol::api::NetworkLaneStats) -> u64| {
+            s.networks.iter().flat_map(move |(net, lanes)| {
+                lanes.iter().enumerate().map(move |(i, l)| {
+                    (
+                        vec![("network", net.clone()), ("worker", i.to_string())],
+                        counter(f(l)),
+                    )
+                })
+            })
+        };
+        family(
+            &mut e,
+            "network_received_frames",
+            "Frames read from a network's local interfaces (its tasks, containers and the ingress endpoint), per worker; a super-frame counts once.",
+            None,
+            per_network(|l| l.from_ports),
+        )?;
+        family(
+            &mut e,
+            "network_received",
+            "Bytes of those frames (Ethernet frames, without the virtio-net header).",
+            Some(&Unit::Bytes),
+            per_network(|l| l.from_ports_bytes),
+        )?;
+        family(
+            &mut e,
+            "network_sent_frames",
+            "Frames written to a network's local interfaces, per worker; a merged (GRO) frame counts once.",
+            None,
+            per_network(|l| l.to_ports),
+        )?;
+        family(
+            &mut e,
+            "network_sent",
+            "Bytes of those frames.",
+            Some(&Unit::Bytes),
+            per_network(|l| l.to_ports_bytes),
         )?;
         family(
             &mut e,
@@ -185,13 +308,65 @@ impl Collector for Datapath {
     }
 }
 
+/// Frames and bytes each backend's flows moved (both ways), by service and backend: its
+/// ended flows' (kept in its counters) and its live flows' (read from the table, one walk).
+fn backend_moved(counters: &Counters, flows: &ConnTable) -> BTreeMap<(String, String), (u64, u64)> {
+    let backends = counters.lb.backends();
+    let mut live: HashMap<*const BackendCounters, (u64, u64)> = HashMap::new();
+    flows.visit(|f| {
+        let ((f1, b1), (f2, b2)) = f.moved();
+        let e = live.entry(Arc::as_ptr(&f.backend_counts)).or_default();
+        e.0 += f1 + f2;
+        e.1 += b1 + b2;
+    });
+    backends
+        .into_iter()
+        .map(|(service, ip, c)| {
+            let (frames, bytes) = live.get(&Arc::as_ptr(&c)).copied().unwrap_or_default();
+            let ended = (
+                c.ended_frames.load(Ordering::Relaxed),
+                c.ended_bytes.load(Ordering::Relaxed),
+            );
+            (
+                (service, ip.to_string()),
+                (ended.0 + frames, ended.1 + bytes),
+            )
+        })
+        .collect()
+}
+
 /// The load balancer's flows per service (this node's clients).
 #[derive(Debug)]
-struct Balancer(Arc<DatapathStats>);
+struct Balancer {
+    stats: Arc<DatapathStats>,
+    moved: BTreeMap<(String, String), (u64, u64)>,
+}
 
 impl Collector for Balancer {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), Error> {
-        let services = &self.0.services;
+        let moved = |bytes: bool| {
+            self.moved.iter().map(move |((service, backend), (f, b))| {
+                (
+                    vec![("service", service.clone()), ("backend", backend.clone())],
+                    counter(if bytes { *b } else { *f }),
+                )
+            })
+        };
+        family(
+            &mut e,
+            "lb_backend_frames",
+            "Frames of load-balanced flows to and from each backend task, both ways (a super-frame counts once).",
+            None,
+            moved(false),
+        )?;
+        family(
+            &mut e,
+            "lb_backend",
+            "Bytes of load-balanced flows to and from each backend task, both ways (whole Ethernet frames).",
+            Some(&Unit::Bytes),
+            moved(true),
+        )?;
+        let services = &self.stats.services;
         let by = |f: fn(&protocol::api::ServiceLbStats) -> u64| {
             services
                 .iter()
@@ -293,6 +468,16 @@ impl Collector for Mesh {
                 "mesh_evicted_mappings",
                 "UDP client mappings ended to make room for a new client.",
                 |p| p.evicted,
+            ),
+            (
+                "mesh_received_bytes",
+                "Payload bytes from clients to tasks (TCP stream, UDP datagrams).",
+                |p| p.bytes_in,
+            ),
+            (
+                "mesh_sent_bytes",
+                "Payload bytes from tasks back to clients.",
+                |p| p.bytes_out,
             ),
         ] {
             family(
@@ -688,6 +873,48 @@ mod tests {
             .service("web")
             .new_flows
             .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        // A live flow to backend 10.0.0.5 that moved 2 frames out and 1 back, and an ended
+        // flow's 10 frames of 1000 bytes.
+        let flows = Arc::new(ConnTable::new(16));
+        let backend = counters.lb.backend("web", "10.0.0.5".parse().unwrap());
+        backend.ended_frames.fetch_add(10, Ordering::Relaxed);
+        backend.ended_bytes.fetch_add(1000, Ordering::Relaxed);
+        let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
+        let flow = flows
+            .insert(datapath::conntrack::Flow::new(
+                datapath::conntrack::FlowKey {
+                    vni: 4097,
+                    proto: datapath::nat::PROTO_TCP,
+                    src: ip("10.0.0.9"),
+                    sport: 40000,
+                    dst: ip("10.0.0.2"),
+                    dport: 80,
+                },
+                protocol::types::MacAddr::from_ipv4(ip("10.0.0.2")),
+                protocol::types::MacAddr::from_ipv4(ip("10.0.0.9")),
+                datapath::vocab::PortId(1),
+                (
+                    ip("10.0.0.5"),
+                    protocol::types::MacAddr::from_ipv4(ip("10.0.0.5")),
+                    datapath::vocab::Location::Local(datapath::vocab::PortId(2)),
+                ),
+                1000,
+                counters.lb.service("web"),
+                backend,
+                0,
+            ))
+            .unwrap();
+        flow.count(datapath::conntrack::Dir::ToBackend, 74);
+        flow.count(datapath::conntrack::Dir::ToBackend, 66);
+        flow.count(datapath::conntrack::Dir::ToClient, 60);
+        // A network's frames on worker 1, and worker 0's underlay sends: one run of 3.
+        let net = counters.nets.network(4097);
+        datapath::stats::bump(&net.lane(1).from_ports, 2);
+        counters.nets.name([(4097, "demo".to_string())]);
+        let w = counters.worker(0);
+        datapath::stats::bump(&w.tx_frames, 3);
+        datapath::stats::bump(&w.underlay_tx, 3);
+        w.gso.record(3);
         let ingress = Arc::new(IngressRegistry::default());
         let port = ingress.port("8080/tcp", "web", "ingress");
         port.accepted
@@ -698,13 +925,23 @@ mod tests {
         let text = render(&Sources {
             cluster,
             counters,
+            flows,
             ingress,
             dns,
             node: me,
         })
         .unwrap();
         for line in [
-            "overlay_lb_new_flows_total{service=\"web\"} 3",
+            "overlay_lb_new_flows_total{service=\"web\"} 4",
+            "overlay_lb_backend_frames_total{service=\"web\",backend=\"10.0.0.5\"} 13",
+            "overlay_lb_backend_bytes_total{service=\"web\",backend=\"10.0.0.5\"} 1200",
+            "overlay_network_received_frames_total{network=\"demo\",worker=\"1\"} 2",
+            "overlay_network_received_frames_total{network=\"demo\",worker=\"0\"} 0",
+            "overlay_underlay_sent_datagrams_total{worker=\"0\"} 3",
+            "overlay_underlay_gso_datagrams_per_send_bucket{le=\"2.0\",worker=\"0\"} 0",
+            "overlay_underlay_gso_datagrams_per_send_bucket{le=\"4.0\",worker=\"0\"} 1",
+            "overlay_underlay_gso_datagrams_per_send_bucket{le=\"+Inf\",worker=\"0\"} 1",
+            "overlay_underlay_gso_datagrams_per_send_sum{worker=\"0\"} 3.0",
             "overlay_mesh_accepted_connections_total{port=\"8080/tcp\",service=\"web\",mode=\"ingress\"} 5",
             "overlay_control_leading 1",
             "overlay_dns_queries_total{type=\"other\",outcome=\"dropped\"} 1",
@@ -720,7 +957,7 @@ mod tests {
         for line in [
             "# HELP overlay_lb_new_flows_total Load-balanced flows created, per service.",
             "# TYPE overlay_lb_new_flows_total counter",
-            "overlay_lb_new_flows_total{service=\"web\"} 3",
+            "overlay_lb_new_flows_total{service=\"web\"} 4",
             "# TYPE overlay_lb_active_flows gauge",
         ] {
             assert!(

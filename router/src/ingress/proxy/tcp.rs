@@ -244,6 +244,8 @@ pub(super) fn pump(c: &mut Conn, now: StackInstant) {
     let mut slot = std::mem::take(&mut c.slot);
     let mut moved = Moved::default();
     c.done = move_bytes(c, slot.socket(), now, &mut moved);
+    PortCounters::add(&c.counters.bytes_in, moved.sent);
+    PortCounters::add(&c.counters.bytes_out, moved.received);
     slot.delivered(moved.received);
     if moved.received > 0 || moved.sent > 0 {
         slot.used();

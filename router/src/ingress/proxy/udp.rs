@@ -55,8 +55,9 @@ impl Proxy {
             };
             let to = IpEndpoint::new(IpAddress::Ipv4(backend), target);
             let s = self.sockets.get_mut::<udp::Socket>(handle);
-            if s.send_slice(&self.buf[..n], to).is_err() {
-                PortCounters::inc(&counters.dropped);
+            match s.send_slice(&self.buf[..n], to) {
+                Ok(()) => PortCounters::add(&counters.bytes_in, n),
+                Err(_) => PortCounters::inc(&counters.dropped),
             }
         }
     }
@@ -137,8 +138,9 @@ impl Proxy {
                 let mut replied = false;
                 while let Ok((data, _)) = s.recv() {
                     replied = true;
-                    if out.send_to(data, client).is_err() {
-                        PortCounters::inc(&counters.dropped);
+                    match out.send_to(data, client) {
+                        Ok(n) => PortCounters::add(&counters.bytes_out, n),
+                        Err(_) => PortCounters::inc(&counters.dropped),
                     }
                 }
                 replied

@@ -21,8 +21,12 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 struct Sample {
     at: Instant,
     frames: u64,
+    /// Bytes read from and written to the node's local interfaces (every network's).
+    bytes: u64,
     drops: u64,
     dns: u64,
+    /// Bytes of load-balanced flows per service (both ways, to every backend).
+    service_bytes: BTreeMap<String, u64>,
     /// New load-balanced flows per service.
     flows: BTreeMap<String, u64>,
     /// Routing-mesh connections accepted per service (its ports summed).
@@ -36,9 +40,20 @@ impl Sample {
         for p in sources.ingress.snapshot().into_values() {
             *mesh.entry(p.service).or_default() += p.accepted;
         }
+        let mut service_bytes: BTreeMap<String, u64> = BTreeMap::new();
+        for ((service, _), (_, bytes)) in super::backend_moved(&sources.counters, &sources.flows) {
+            *service_bytes.entry(service).or_default() += bytes;
+        }
         Sample {
             at: Instant::now(),
             frames: stats.rx_frames + stats.tx_frames,
+            bytes: stats
+                .networks
+                .values()
+                .flatten()
+                .map(|l| l.from_ports_bytes + l.to_ports_bytes)
+                .sum(),
+            service_bytes,
             drops: stats.drops.values().sum(),
             dns: sources.dns.stats.queries().map(|(_, _, n)| n).sum(),
             flows: stats
@@ -64,6 +79,8 @@ fn rates(before: &Sample, now: &Sample) -> Value {
     json!({
         "seconds": secs,
         "frames": r(before.frames, now.frames),
+        "bytes": r(before.bytes, now.bytes),
+        "service_bytes": each(&before.service_bytes, &now.service_bytes),
         "drops": r(before.drops, now.drops),
         "dns": r(before.dns, now.dns),
         "flows": each(&before.flows, &now.flows),
@@ -178,6 +195,8 @@ mod tests {
         Sample {
             at,
             frames,
+            bytes: 0,
+            service_bytes: BTreeMap::new(),
             drops: 0,
             dns: 0,
             flows: [("web".to_string(), web)].into(),

@@ -118,8 +118,11 @@ impl NetCounters {
 /// taken when a port is added, when the tables are published (names) and when the API reads.
 #[derive(Debug, Default)]
 pub struct NetRegistry {
-    nets: Mutex<BTreeMap<u32, (Option<String>, Arc<NetCounters>)>>,
+    nets: Mutex<BTreeMap<u32, NamedNet>>,
 }
+
+/// A network's counters, and its name once the tables named it.
+type NamedNet = (Option<String>, Arc<NetCounters>);
 
 impl NetRegistry {
     /// The counters of network `vni`, made on first use.

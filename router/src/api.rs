@@ -245,6 +245,7 @@ fn spec_view(name: &protocol::types::ServiceName, spec: &Spec) -> ServiceSpec {
     ServiceSpec {
         name: name.to_string(),
         container_spec: ContainerSpec {
+            image: spec.image.as_ref().map(|i| i.image.clone()),
             command: spec.command.clone(),
             env: spec.env.clone(),
             healthcheck: spec.healthcheck.as_ref().map(Into::into),

@@ -29,6 +29,17 @@ pub fn apply_update(spec: &mut Spec, u: &api::ServiceUpdate, service: &str) -> R
     if let Some(args) = &u.args {
         spec.command = args.clone();
     }
+    if let Some(image) = &u.image {
+        match spec.image.as_mut() {
+            Some(i) => i.image = image.clone(),
+            None => {
+                return Err(OpError::bad_request(format!(
+                    "service {service} runs processes, not an image: --image applies only to \
+                     services created with --image"
+                )))
+            }
+        }
+    }
     spec.edit_env(&u.env_add, &u.env_rm).map_err(bad)?;
     if let Some(n) = u.replicas {
         spec.replicas = n;

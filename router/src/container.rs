@@ -244,7 +244,13 @@ async fn watch(
 
 /// The stop of a container on its way out: kept while it serves connections (counted in its
 /// network namespace through its pid), within its grace period, then `docker stop`.
-async fn drain_and_stop(e: &Engine, c: &ContainerTask, id: &str, pid: u32, now: &tokio_util::sync::CancellationToken) {
+async fn drain_and_stop(
+    e: &Engine,
+    c: &ContainerTask,
+    id: &str,
+    pid: u32,
+    now: &tokio_util::sync::CancellationToken,
+) {
     let plan = Plan::new(drain::SETTLE_LEFT, c.stop_grace);
     let began = Instant::now();
     loop {
@@ -277,7 +283,13 @@ async fn drain_and_stop(e: &Engine, c: &ContainerTask, id: &str, pid: u32, now: 
 }
 
 /// Runs and supervises the task's container until `stop` says otherwise.
-pub async fn supervise(c: ContainerTask, e: Engine, events: Events, board: StatusBoard, stop: Stop) {
+pub async fn supervise(
+    c: ContainerTask,
+    e: Engine,
+    events: Events,
+    board: StatusBoard,
+    stop: Stop,
+) {
     let mut rep = Reporter {
         board,
         key: c.name.clone(),
@@ -394,9 +406,6 @@ mod tests {
         );
         assert_eq!(b["Labels"][engine::SERVICE_LABEL], "web");
         assert_eq!(b["Labels"][engine::TASK_ID_LABEL], "abc");
-        assert!(b["Env"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("A=1")));
+        assert!(b["Env"].as_array().unwrap().contains(&json!("A=1")));
     }
 }

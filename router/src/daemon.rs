@@ -537,7 +537,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.data_path_port,
     )
     .stop_tasks_on_shutdown(cfg.stop_tasks)
-    .with_engine(cfg.docker_plugin.as_ref().map(|_| cfg.docker_host.as_path()));
+    .with_engine(
+        cfg.docker_plugin
+            .as_ref()
+            .map(|_| cfg.docker_host.as_path()),
+    );
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
 
     let cluster_for_plugin = cluster.clone();

@@ -223,7 +223,9 @@ impl Engine {
     pub async fn create(&self, name: &str, body: &Value) -> Result<String, EngineError> {
         let what = format!("creating container {name}");
         let path = format!("/containers/create?name={}", encode(name));
-        let v = self.call_json(&what, Method::POST, &path, Some(body)).await?;
+        let v = self
+            .call_json(&what, Method::POST, &path, Some(body))
+            .await?;
         v.get("Id")
             .and_then(Value::as_str)
             .map(str::to_string)
@@ -440,7 +442,11 @@ async fn follow(engine: Engine, node: String, tx: broadcast::Sender<EngineEvent>
     let mut backoff = Duration::from_millis(500);
     let mut was_down = false;
     loop {
-        let since = format!("{}.{:09}", since_ns / 1_000_000_000, since_ns % 1_000_000_000);
+        let since = format!(
+            "{}.{:09}",
+            since_ns / 1_000_000_000,
+            since_ns % 1_000_000_000
+        );
         let path = format!("/events?since={since}&filters={}", encode(&filters));
         let opened = engine.send(Method::GET, &path, None).await;
         let why = match opened {

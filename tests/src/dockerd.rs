@@ -160,4 +160,3 @@ pub fn busybox_rootfs(dir: &Path) {
         let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
     }
 }
-

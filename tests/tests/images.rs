@@ -94,7 +94,10 @@ fn services_run_from_images() {
     // Swarm's names and labels, one container per node.
     let (node1, node2) = (n1.node_of("web.1"), n1.node_of("web.2"));
     assert_ne!(node1, node2, "the two replicas are spread");
-    let id1 = n1.task_view("web.1")["id"].as_str().expect("id").to_string();
+    let id1 = n1.task_view("web.1")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
     let c1 = format!("web.1.{id1}");
     assert_eq!(containers(dockerd_of(&node1), "web"), [c1.clone()]);
     let label = dockerd_of(&node1).ok(&[
@@ -199,7 +202,8 @@ fn services_run_from_images() {
     // service rm removes the containers.
     n1.ctl_ok(&["service", "rm", "web", "bad"]);
     assert!(
-        wait_for(Duration::from_secs(30), || containers(&d1, "web").is_empty()
+        wait_for(Duration::from_secs(30), || containers(&d1, "web")
+            .is_empty()
             && containers(&d2, "web").is_empty()),
         "containers removed"
     );

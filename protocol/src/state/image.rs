@@ -109,7 +109,10 @@ mod tests {
             }
         );
         let v = Mount::parse("type=volume,src=data,dst=/data").unwrap();
-        assert_eq!((v.kind, v.source.as_str(), v.readonly), (MountKind::Volume, "data", false));
+        assert_eq!(
+            (v.kind, v.source.as_str(), v.readonly),
+            (MountKind::Volume, "data", false)
+        );
         assert!(Mount::parse("type=tmpfs,target=/x").is_err());
         assert!(Mount::parse("type=bind,source=rel,target=/x").is_err());
         assert!(Mount::parse("type=volume,source=v").is_err());

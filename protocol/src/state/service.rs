@@ -243,7 +243,10 @@ impl ClusterState {
         // An image brings its own command; a process task needs one.
         let no_command = svc.command.first().is_none_or(String::is_empty);
         if no_command && svc.image.is_none()
-            || svc.image.as_ref().is_some_and(|i| i.image.trim().is_empty())
+            || svc
+                .image
+                .as_ref()
+                .is_some_and(|i| i.image.trim().is_empty())
             || svc.image.is_some() && svc.command.first().is_some_and(String::is_empty)
         {
             return Err(StateError::EmptyCommand);

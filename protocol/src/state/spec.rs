@@ -4,8 +4,8 @@
 //! replaces is kept as the previous one, which `service rollback` returns to.
 
 use super::{
-    ClusterState, ContainerImage, EndpointMode, HealthCheck, PortConfig, PortProtocol, Service, ServiceMode,
-    StateError, UpdateConfig,
+    ClusterState, ContainerImage, EndpointMode, HealthCheck, PortConfig, PortProtocol, Service,
+    ServiceMode, StateError, UpdateConfig,
 };
 use crate::types::NetworkName;
 use serde::{Deserialize, Serialize};

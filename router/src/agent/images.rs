@@ -125,7 +125,9 @@ impl Agent {
                 for name in names.into_iter().filter(|n| !wanted.contains(n)) {
                     match engine.remove(&name).await {
                         Ok(()) => info!(container = %name, "removed a leftover container"),
-                        Err(e) => warn!(container = %name, error = %e, "cannot remove a leftover container"),
+                        Err(e) => {
+                            warn!(container = %name, error = %e, "cannot remove a leftover container")
+                        }
                     }
                 }
             }

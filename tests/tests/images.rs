@@ -99,7 +99,10 @@ fn services_run_from_images() {
         .expect("id")
         .to_string();
     let c1 = format!("web.1.{id1}");
-    assert_eq!(containers(dockerd_of(&node1), "web"), [c1.clone()]);
+    assert_eq!(
+        containers(dockerd_of(&node1), "web"),
+        std::slice::from_ref(&c1)
+    );
     let label = dockerd_of(&node1).ok(&[
         "inspect",
         "-f",

@@ -230,6 +230,20 @@ enum ServiceCmd {
     },
     /// List the tasks of a service.
     Ps { name: String },
+    /// Show the output of a service's tasks on this node (image tasks from the engine,
+    /// process tasks from their log files), each line prefixed SERVICE.SLOT.ID@NODE |.
+    Logs {
+        /// Follow the output.
+        #[arg(short, long)]
+        follow: bool,
+        /// Number of lines to show from the end of each task's log [default: all].
+        #[arg(short = 'n', long)]
+        tail: Option<u64>,
+        /// Show timestamps (image tasks).
+        #[arg(short, long)]
+        timestamps: bool,
+        name: String,
+    },
     /// Show services as JSON (Docker's shape), or as Docker's pretty text.
     Inspect {
         /// Print the information in a human friendly format.
@@ -862,6 +876,21 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 &["ID", "NAME", "MODE", "REPLICAS", "PORTS", "COMMAND"],
                 &rows,
             );
+        }
+        ServiceCmd::Logs {
+            follow,
+            tail,
+            timestamps,
+            name,
+        } => {
+            let mut path = format!(
+                "/services/{}/logs?follow={follow}&timestamps={timestamps}",
+                seg(&name)
+            );
+            if let Some(n) = tail {
+                path.push_str(&format!("&tail={n}"));
+            }
+            c.stream_to_stdout(&path).await?;
         }
         ServiceCmd::Ps { name } => {
             let mut tasks: Vec<TaskView> = c

@@ -573,6 +573,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ingress: ingress_counters,
         node: cfg.node.clone(),
         state_dir: state_dir.clone(),
+        docker_host: cfg.docker_plugin.as_ref().map(|_| cfg.docker_host.clone()),
     });
     let plugin = match &cfg.docker_plugin {
         Some(path) => {

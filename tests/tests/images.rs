@@ -7,7 +7,8 @@
 //! nodes' 8080 and through the VIP from a process task; `docker ps` on each node shows its
 //! container named `web.SLOT.TASKID`, labelled with service and task; `nslookup` of another
 //! service inside a container answers its VIP; a container killed with `docker kill` is
-//! replaced; `service update --image bb:2` rolls both tasks with no failed request through
+//! replaced; `service logs` (and `-f`) shows each node's task output with Docker's prefix;
+//! `service update --image bb:2` rolls both tasks with no failed request through
 //! the mesh meanwhile; a missing image fails its task with the engine's message in
 //! `service ps`; `service rm` removes the containers.
 
@@ -85,7 +86,8 @@ fn services_run_from_images() {
     n1.ctl_ok(&["service", "create", "--name", "whoami", "--network", "front", "--",
         "python3", &whoami]);
     n1.wait_running("whoami", 1);
-    let serve = "echo $OVERLAY_TASK_NAME > /index.html && exec httpd -f -p 80 -h /";
+    let serve = "echo $OVERLAY_TASK_NAME > /index.html && echo serving $OVERLAY_TASK_NAME && \
+                 exec httpd -f -p 80 -h /";
     #[rustfmt::skip]
     n1.ctl_ok(&["service", "create", "--name", "web", "--network", "front", "--image", "bb:1",
         "--replicas", "2", "-p", "8080:80", "--stop-grace-period", "3s", "--", "sh", "-c", serve]);
@@ -115,6 +117,22 @@ fn services_run_from_images() {
     assert!(ip.contains(&format!("{}/24", n1.task_ip("web.1"))), "{ip}");
 
     // The mesh on both nodes, and the VIP from a process task.
+    // "Running" is the container started; its httpd binds a moment later.
+    let task_ip_2 = n1.task_ip("web.2");
+    assert!(wait_for(Duration::from_secs(10), || {
+        let d = dockerd_of(&node1);
+        d.docker(&[
+            "exec",
+            &c1,
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{task_ip_2}/"),
+        ])
+        .status
+        .success()
+    }));
     for i in 1..=2 {
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..6 {
@@ -140,6 +158,43 @@ fn services_run_from_images() {
     // Cluster names inside the container.
     let ns = dockerd_of(&node1).ok(&["exec", &c1, "nslookup", "whoami"]);
     assert!(ns.contains(&n1.vip_of("whoami")), "{ns}");
+
+    // service logs: each node shows its task's output with Docker's prefix; -f follows.
+    for n in [&n1, &n2] {
+        let task = if n1.node_of("web.1") == n.name {
+            "web.1"
+        } else {
+            "web.2"
+        };
+        let id = n1.task_view(task)["id"].as_str().expect("id").to_string();
+        let want = format!("{task}.{id}@{} | serving {task}", n.name);
+        assert!(
+            wait_for(Duration::from_secs(10), || n
+                .ctl_ok(&["service", "logs", "web"])
+                .contains(&want)),
+            "{want}"
+        );
+    }
+    let mut follow = n1
+        .ctl_cmd(&["service", "logs", "-f", "--tail", "1", "web"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("service logs -f");
+    // Bounded: a follow that shows nothing is killed after 15 s (and the line is empty).
+    let pid = nix::unistd::Pid::from_raw(follow.id() as i32);
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(15));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
+    });
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(follow.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("a followed line");
+    assert!(line.contains("| serving web."), "{line}");
+    let _ = follow.kill();
+    let _ = follow.wait();
 
     // docker kill: the task fails and its container is replaced.
     dockerd_of(&node1).ok(&["kill", &c1]);

@@ -177,7 +177,7 @@ pub enum StateError {
     ServiceExists(ServiceName),
     #[error("service {0} not found")]
     NoSuchService(String),
-    #[error("a service needs a command to run, or an --image")]
+    #[error("a service needs a command to run")]
     EmptyCommand,
     #[error("a service needs at least one network")]
     NoNetwork,

@@ -10,7 +10,8 @@
 //! replaced; `service logs` (and `-f`) shows each node's task output with Docker's prefix;
 //! `service update --image bb:2` rolls both tasks with no failed request through
 //! the mesh meanwhile; a missing image fails its task with the engine's message in
-//! `service ps`; `service rm` removes the containers.
+//! `service ps`; `service rm` removes the containers; a node whose engine stops reports its
+//! image task failed with that reason, while process tasks run on.
 
 use overlay_e2e::dockerd::{busybox_rootfs, Dockerd};
 use overlay_e2e::{require_root, unique, wait_for, write_script, Node, Underlay, WHOAMI_PY};
@@ -265,6 +266,31 @@ fn services_run_from_images() {
             && containers(&d2, "web").is_empty()),
         "containers removed"
     );
-    drop((d1, d2));
+    // An engine that goes away: that node's image tasks fail with the reason; process tasks
+    // are not affected.
+    #[rustfmt::skip]
+    n1.ctl_ok(&["service", "create", "--name", "img", "--network", "front", "--image", "bb:1",
+        "--replicas", "2", "--", "sleep", "600"]);
+    n1.wait_running("img", 2);
+    let on_2 = if n1.node_of("img.1") == n2.name {
+        "img.1"
+    } else {
+        "img.2"
+    };
+    drop(d2);
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let v = n1.task_view(on_2);
+            v["status"]["state"] == "failed"
+                && v["status"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("Docker Engine"))
+        }),
+        "{}",
+        n1.ctl_ok(&["service", "ps", "img"])
+    );
+    n1.wait_running("whoami", 1);
+    n1.ctl_ok(&["service", "rm", "img"]);
+    drop(d1);
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -353,6 +353,15 @@ struct ContainerFlags {
     /// Limit memory (bytes, or with a unit: 64M, 1G).
     #[arg(long = "limit-memory", value_parser = parse_bytes)]
     limit_memory: Option<u64>,
+    /// Replace an ended container: any, on-failure or none [default: any].
+    #[arg(long = "restart-condition", value_parser = ["any", "on-failure", "none"])]
+    restart_condition: Option<String>,
+    /// Maximum number of replacements [default: no limit].
+    #[arg(long = "restart-max-attempts")]
+    restart_max_attempts: Option<u32>,
+    /// Delay between replacements (ns|us|ms|s|m|h) [default: back-off, 0.5s doubling to 10s].
+    #[arg(long = "restart-delay", value_parser = spec_flags::parse_duration_ms)]
+    restart_delay: Option<u64>,
 }
 
 impl ContainerFlags {
@@ -366,8 +375,14 @@ impl ContainerFlags {
                 || !self.mounts.is_empty()
                 || self.limit_cpu.is_some()
                 || self.limit_memory.is_some()
+                || self.restart_condition.is_some()
+                || self.restart_max_attempts.is_some()
+                || self.restart_delay.is_some()
             {
-                bail!("--workdir, --user, --hostname, --mount and --limit-* need --image");
+                bail!(
+                    "--workdir, --user, --hostname, --mount, --limit-* and --restart-* need \
+                     --image (process tasks are always restarted)"
+                );
             }
             return Ok(None);
         };
@@ -389,6 +404,15 @@ impl ContainerFlags {
             mounts,
             nano_cpus,
             memory_bytes: self.limit_memory,
+            restart: protocol::state::RestartPolicy {
+                condition: match self.restart_condition.as_deref() {
+                    Some("on-failure") => protocol::state::RestartCondition::OnFailure,
+                    Some("none") => protocol::state::RestartCondition::None,
+                    _ => protocol::state::RestartCondition::Any,
+                },
+                max_attempts: self.restart_max_attempts,
+                delay_ms: self.restart_delay,
+            },
         }))
     }
 }

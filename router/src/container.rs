@@ -159,7 +159,8 @@ async fn launch(e: &Engine, c: &ContainerTask) -> Result<(String, u32), EngineEr
 
 /// How a running container's watch ended.
 enum Ended {
-    Exited(String),
+    /// It ended by itself (why; whether with a zero exit).
+    Exited(String, bool),
     Leave,
     Now,
     Detach,
@@ -167,11 +168,14 @@ enum Ended {
 
 /// Why a container ended, as `service ps` shows it.
 fn died(code: Option<i64>, oom: bool) -> String {
-    let code = code.map_or("unknown".to_string(), |c| c.to_string());
-    if oom {
-        format!("OOM killed (exit code {code})")
-    } else {
-        format!("task: non-zero exit ({code})")
+    match (code, oom) {
+        (_, true) => format!(
+            "OOM killed (exit code {})",
+            code.map_or("unknown".into(), |c| c.to_string())
+        ),
+        (Some(0), false) => "task: exited (0)".into(),
+        (Some(c), false) => format!("task: non-zero exit ({c})"),
+        (None, false) => "task: ended (exit code unknown)".into(),
     }
 }
 
@@ -200,14 +204,10 @@ async fn watch(
             }) if cid == id => match action.as_str() {
                 "oom" => oom = true,
                 "die" => {
-                    let why = died(exit_code, oom);
-                    return Ended::Exited(if exit_code == Some(0) && !oom {
-                        "task: exited (0)".into()
-                    } else {
-                        why
-                    });
+                    let clean = exit_code == Some(0) && !oom;
+                    return Ended::Exited(died(exit_code, oom), clean);
                 }
-                "destroy" => return Ended::Exited("container removed".into()),
+                "destroy" => return Ended::Exited("container removed".into(), false),
                 _ => {}
             },
             Ok(EngineEvent::Down(why)) => {
@@ -228,10 +228,10 @@ async fn watch(
                     Ok(v) => {
                         let code = v["State"]["ExitCode"].as_i64();
                         let oom = v["State"]["OOMKilled"].as_bool().unwrap_or(false);
-                        return Ended::Exited(died(code, oom));
+                        return Ended::Exited(died(code, oom), code == Some(0) && !oom);
                     }
                     Err(err) if err.status() == Some(404) => {
-                        return Ended::Exited("container removed".into())
+                        return Ended::Exited("container removed".into(), false)
                     }
                     Err(_) => {}
                 }
@@ -301,22 +301,26 @@ pub async fn supervise(
         rep.set(TaskState::Starting, None, None, None);
         // Subscribed before the start, so that its end cannot be missed.
         let mut rx = events.subscribe();
+        // How the attempt ended: why, and whether with a zero exit.
+        let ended: (String, bool);
         match launch(&e, &c).await {
             Err(err) => {
                 warn!(task = %c.name, error = %err, "container failed to start");
                 rep.set(TaskState::Failed, Some(err.to_string()), None, None);
+                ended = (err.to_string(), false);
             }
             Ok((id, pid)) => {
                 info!(task = %c.name, container = %c.container_name(), pid, "container running");
                 rep.set(TaskState::Running, None, Some(pid), None);
                 let began = Instant::now();
                 match watch(&e, &id, &mut rx, &rep, pid, &stop).await {
-                    Ended::Exited(error) => {
-                        warn!(task = %c.name, %error, "container ended; replacing it");
-                        rep.set(TaskState::Failed, Some(error), None, None);
+                    Ended::Exited(error, clean) => {
+                        warn!(task = %c.name, %error, "container ended");
+                        rep.set(TaskState::Failed, Some(error.clone()), None, None);
                         if began.elapsed() >= task::HEALTHY_AFTER {
                             backoff = task::BACKOFF_MIN;
                         }
+                        ended = (error, clean);
                     }
                     Ended::Leave => {
                         rep.leave(&c.name);
@@ -339,8 +343,33 @@ pub async fn supervise(
                 }
             }
         }
+        let policy = c.image.restart;
+        let (why, clean) = ended;
+        let wait = if policy.restarts(!clean, rep.restarts) {
+            policy.delay_ms.map_or(backoff, Duration::from_millis)
+        } else {
+            // Not replaced (--restart-condition, --restart-max-attempts): it stays as it
+            // ended until it leaves the desired state. A zero exit is Swarm's "complete".
+            let (state, error) = if clean {
+                (
+                    TaskState::Shutdown,
+                    format!("{why}: complete, not restarted (--restart-condition)"),
+                )
+            } else {
+                (
+                    TaskState::Failed,
+                    format!(
+                        "{why}; not restarted (--restart-*) after {} restarts",
+                        rep.restarts
+                    ),
+                )
+            };
+            info!(task = %c.name, %error, "container not replaced");
+            rep.set(state, Some(error), None, None);
+            Duration::MAX
+        };
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.leave.cancelled() => {
                 rep.leave(&c.name);
                 rep.set(TaskState::Shutdown, None, None, None);

@@ -10,7 +10,8 @@
 //! replaced; `service logs` (and `-f`) shows each node's task output with Docker's prefix;
 //! `service update --image bb:2` rolls both tasks with no failed request through
 //! the mesh meanwhile; a missing image fails its task with the engine's message in
-//! `service ps`; `service rm` removes the containers; a node whose engine stops reports its
+//! `service ps`; `--restart-condition on-failure --restart-max-attempts 1` replaces a failed
+//! container once, then leaves it failed; `service rm` removes the containers; a node whose engine stops reports its
 //! image task failed with that reason, while process tasks run on.
 
 use overlay_e2e::dockerd::{busybox_rootfs, Dockerd};
@@ -258,8 +259,26 @@ fn services_run_from_images() {
         n1.ctl_ok(&["service", "ps", "bad"])
     );
 
+    // --restart-*: one replacement after a failure, then it stays failed.
+    #[rustfmt::skip]
+    n1.ctl_ok(&["service", "create", "--name", "once", "--network", "front", "--image", "bb:1",
+        "--restart-condition", "on-failure", "--restart-max-attempts", "1",
+        "--restart-delay", "100ms", "--", "sh", "-c", "exit 3"]);
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let v = n1.task_view("once.1");
+            v["status"]["state"] == "failed"
+                && v["status"]["restarts"] == 1
+                && v["status"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("non-zero exit (3); not restarted"))
+        }),
+        "{}",
+        n1.ctl_ok(&["service", "ps", "once"])
+    );
+
     // service rm removes the containers.
-    n1.ctl_ok(&["service", "rm", "web", "bad"]);
+    n1.ctl_ok(&["service", "rm", "web", "bad", "once"]);
     assert!(
         wait_for(Duration::from_secs(30), || containers(&d1, "web")
             .is_empty()

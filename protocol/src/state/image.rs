@@ -32,6 +32,46 @@ pub struct ContainerImage {
     /// `--limit-memory`, bytes.
     #[serde(default)]
     pub memory_bytes: Option<u64>,
+    /// `--restart-condition`, `--restart-max-attempts`, `--restart-delay`.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// When a task's ended container is replaced (Docker's `RestartPolicy` of a service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    pub condition: RestartCondition,
+    /// Replacements at most (`None`: no limit).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// The wait before each replacement, milliseconds (`None`: the back-off, 0.5 s doubling
+    /// to 10 s).
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartCondition {
+    /// Whatever the end (Docker's default).
+    #[default]
+    Any,
+    /// Only after a non-zero exit (an OOM kill, a `docker kill`, a failed start included).
+    OnFailure,
+    None,
+}
+
+impl RestartPolicy {
+    /// Whether a container that ended (`failed`: not a zero exit) after `restarts`
+    /// replacements is replaced again.
+    pub fn restarts(&self, failed: bool, restarts: u32) -> bool {
+        let wanted = match self.condition {
+            RestartCondition::Any => true,
+            RestartCondition::OnFailure => failed,
+            RestartCondition::None => false,
+        };
+        wanted && self.max_attempts.is_none_or(|m| restarts < m)
+    }
 }
 
 /// One `--mount`: a bind mount of a host path or a named volume of the engine.
@@ -117,6 +157,25 @@ mod tests {
         assert!(Mount::parse("type=bind,source=rel,target=/x").is_err());
         assert!(Mount::parse("type=volume,source=v").is_err());
         assert!(Mount::parse("type=volume,target=/x,colour=red").is_err());
+    }
+
+    #[test]
+    fn restart_policies_decide_as_docker_s() {
+        let any = RestartPolicy::default();
+        assert!(any.restarts(false, 100) && any.restarts(true, 0));
+        let on_failure = RestartPolicy {
+            condition: RestartCondition::OnFailure,
+            max_attempts: Some(2),
+            delay_ms: None,
+        };
+        assert!(!on_failure.restarts(false, 0));
+        assert!(on_failure.restarts(true, 1));
+        assert!(!on_failure.restarts(true, 2));
+        let none = RestartPolicy {
+            condition: RestartCondition::None,
+            ..Default::default()
+        };
+        assert!(!none.restarts(true, 0));
     }
 
     #[test]

@@ -54,7 +54,7 @@ mod vtep;
 
 pub use endpoint::{Endpoint, EndpointRequest};
 pub use history::{PastTask, DEFAULT_TASK_HISTORY_LIMIT};
-pub use image::{ContainerImage, Mount, MountKind};
+pub use image::{ContainerImage, Mount, MountKind, RestartCondition, RestartPolicy};
 pub use ingress::{INGRESS_NETWORK, INGRESS_VNI};
 pub use membership::{MembershipError, NodeCert};
 pub use network::{

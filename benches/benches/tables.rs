@@ -104,6 +104,7 @@ fn service(i: u32, vip: Ipv4Addr) -> Service {
         deploy: Default::default(),
         mode: Default::default(),
         node_slots: BTreeMap::new(),
+        image: None,
     }
 }
 

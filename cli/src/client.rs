@@ -92,6 +92,45 @@ impl Client {
         serde_json::from_slice(&bytes).map_err(|e| anyhow!("unexpected answer from overlayd: {e}"))
     }
 
+    /// GETs `path` and writes its body to stdout as it arrives (a followed log).
+    pub async fn stream_to_stdout(&self, path: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let stream = UnixStream::connect(&self.socket).await.with_context(|| {
+            format!(
+                "cannot reach overlayd at {} (is it running?)",
+                self.socket.display()
+            )
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP handshake with overlayd")?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(format!("http://overlayd{path}"))
+            .header("host", "overlayd")
+            .body(Full::new(Bytes::new()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .context("sending request to overlayd")?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            bail!("{}", String::from_utf8_lossy(&bytes).trim());
+        }
+        let mut out = std::io::stdout().lock();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("reading overlayd's answer")?;
+            if let Some(d) = frame.data_ref() {
+                out.write_all(d)?;
+                out.flush()?;
+            }
+        }
+        Ok(())
+    }
+
     pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
         self.request(Method::DELETE, path, None).await.map(|_| ())
     }

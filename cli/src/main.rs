@@ -223,7 +223,8 @@ enum VtepCmd {
 
 #[derive(Subcommand)]
 enum ServiceCmd {
-    /// Create a service: CMD runs in each task's own network namespace.
+    /// Create a service: CMD runs in each task's own network namespace, or with --image
+    /// each task is a container its node's Docker Engine runs (ARGS its command).
     Create(Box<CreateArgs>),
     /// List services.
     #[command(alias = "list")]
@@ -233,6 +234,20 @@ enum ServiceCmd {
     },
     /// List the tasks of a service.
     Ps { name: String },
+    /// Show the output of a service's tasks on this node (image tasks from the engine,
+    /// process tasks from their log files), each line prefixed SERVICE.SLOT.ID@NODE |.
+    Logs {
+        /// Follow the output.
+        #[arg(short, long)]
+        follow: bool,
+        /// Number of lines to show from the end of each task's log [default: all].
+        #[arg(short = 'n', long)]
+        tail: Option<u64>,
+        /// Show timestamps (image tasks).
+        #[arg(short, long)]
+        timestamps: bool,
+        name: String,
+    },
     /// Show services as JSON (Docker's shape), or as Docker's pretty text.
     Inspect {
         /// Print the information in a human friendly format.
@@ -309,9 +324,120 @@ struct CreateArgs {
     update: UpdateFlags,
     #[command(flatten)]
     rollback: RollbackFlags,
-    /// The command and its arguments (after `--`).
-    #[arg(last = true, required = true)]
+    #[command(flatten)]
+    container: ContainerFlags,
+    /// The command and its arguments (after `--`; with --image, the container's arguments,
+    /// and optional).
+    #[arg(last = true)]
     command: Vec<String>,
+}
+
+/// `service create`'s container flags: the image and what Docker maps onto its container.
+#[derive(clap::Args, Default)]
+struct ContainerFlags {
+    /// Run each task as a container of IMAGE on its node's Docker Engine (overlayd's
+    /// --docker-host, with --docker-plugin) instead of as a process.
+    #[arg(long)]
+    image: Option<String>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long)]
+    workdir: Option<String>,
+    /// Username or UID (format: <name|uid>[:<group|gid>]).
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// Container hostname.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Attach a filesystem mount: type=bind|volume,source=...,target=...[,readonly].
+    #[arg(long = "mount")]
+    mounts: Vec<String>,
+    /// Limit CPUs (e.g. 0.5).
+    #[arg(long = "limit-cpu")]
+    limit_cpu: Option<f64>,
+    /// Limit memory (bytes, or with a unit: 64M, 1G).
+    #[arg(long = "limit-memory", value_parser = parse_bytes)]
+    limit_memory: Option<u64>,
+    /// Replace an ended container: any, on-failure or none [default: any].
+    #[arg(long = "restart-condition", value_parser = ["any", "on-failure", "none"])]
+    restart_condition: Option<String>,
+    /// Maximum number of replacements [default: no limit].
+    #[arg(long = "restart-max-attempts")]
+    restart_max_attempts: Option<u32>,
+    /// Delay between replacements (ns|us|ms|s|m|h) [default: back-off, 0.5s doubling to 10s].
+    #[arg(long = "restart-delay", value_parser = spec_flags::parse_duration_ms)]
+    restart_delay: Option<u64>,
+}
+
+impl ContainerFlags {
+    /// The image and its options, or `None` without --image (then no other flag here may be
+    /// given).
+    fn to_image(&self) -> anyhow::Result<Option<protocol::state::ContainerImage>> {
+        let Some(image) = &self.image else {
+            if self.workdir.is_some()
+                || self.user.is_some()
+                || self.hostname.is_some()
+                || !self.mounts.is_empty()
+                || self.limit_cpu.is_some()
+                || self.limit_memory.is_some()
+                || self.restart_condition.is_some()
+                || self.restart_max_attempts.is_some()
+                || self.restart_delay.is_some()
+            {
+                bail!(
+                    "--workdir, --user, --hostname, --mount, --limit-* and --restart-* need \
+                     --image (process tasks are always restarted)"
+                );
+            }
+            return Ok(None);
+        };
+        let mounts = self
+            .mounts
+            .iter()
+            .map(|m| protocol::state::Mount::parse(m).map_err(|e| anyhow!(e)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let nano_cpus = match self.limit_cpu {
+            Some(c) if !(c > 0.0 && c <= 1024.0) => bail!("--limit-cpu {c}: expected 0 < CPUs"),
+            Some(c) => Some((c * 1e9).round() as u64),
+            None => None,
+        };
+        Ok(Some(protocol::state::ContainerImage {
+            image: image.clone(),
+            workdir: self.workdir.clone(),
+            user: self.user.clone(),
+            hostname: self.hostname.clone(),
+            mounts,
+            nano_cpus,
+            memory_bytes: self.limit_memory,
+            restart: protocol::state::RestartPolicy {
+                condition: match self.restart_condition.as_deref() {
+                    Some("on-failure") => protocol::state::RestartCondition::OnFailure,
+                    Some("none") => protocol::state::RestartCondition::None,
+                    _ => protocol::state::RestartCondition::Any,
+                },
+                max_attempts: self.restart_max_attempts,
+                delay_ms: self.restart_delay,
+            },
+        }))
+    }
+}
+
+/// `--limit-memory`: bytes, or a number with b, k, m, g (Docker's units, powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let lower = lower.strip_suffix('b').unwrap_or(&lower);
+    let (num, mult) = match lower.chars().last() {
+        Some('k') => (&lower[..lower.len() - 1], 1u64 << 10),
+        Some('m') => (&lower[..lower.len() - 1], 1 << 20),
+        Some('g') => (&lower[..lower.len() - 1], 1 << 30),
+        _ => (lower, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size such as 512m or 1g"))?;
+    if n <= 0.0 {
+        return Err(format!("{s:?}: must be more than 0"));
+    }
+    Ok((n * mult as f64) as u64)
 }
 
 /// `service update`'s flags, as Docker's.
@@ -363,6 +489,9 @@ struct UpdateArgs {
     /// Return to the previous spec (as `service rollback`).
     #[arg(long)]
     rollback: bool,
+    /// The image the tasks run (a service created with --image); rolls the tasks out.
+    #[arg(long)]
+    image: Option<String>,
     /// Exit immediately instead of waiting for the service to converge.
     #[arg(short, long)]
     detach: bool,
@@ -420,6 +549,7 @@ impl UpdateArgs {
             rollback_config: self.rollback_policy.to_change()?,
             force: self.force,
             rollback: self.rollback,
+            image: self.image.clone(),
         })
     }
 }
@@ -712,8 +842,13 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 stop_grace_period,
                 update,
                 rollback,
+                container,
                 command,
             } = *args;
+            let image = container.to_image()?;
+            if image.is_none() && command.is_empty() {
+                bail!("a service needs a command (after --) or an --image");
+            }
             for e in &env {
                 if !e.contains('=') {
                     bail!("invalid env {e:?}: expected KEY=VALUE");
@@ -732,7 +867,7 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 "lb_idle_timeout": lb_idle_timeout, "ports": publish,
                 "healthcheck": healthcheck, "stop_grace_period_s": stop_grace_period,
                 "update_config": update.to_change()?, "rollback_config": rollback.to_change()?,
-                "mode": mode});
+                "mode": mode, "image": image});
             let s: ServiceInspect = c.post("/services/create", body).await?;
             println!("{}", s.id);
         }
@@ -757,7 +892,11 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                         s.spec.mode.name().into(),
                         format!("{}/{}", s.running, s.spec.replicas),
                         ports.join(", "),
-                        s.spec.container_spec.command.join(" "),
+                        s.spec
+                            .container_spec
+                            .image
+                            .clone()
+                            .unwrap_or_else(|| s.spec.container_spec.command.join(" ")),
                     ]
                 })
                 .collect();
@@ -765,6 +904,21 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 &["ID", "NAME", "MODE", "REPLICAS", "PORTS", "COMMAND"],
                 &rows,
             );
+        }
+        ServiceCmd::Logs {
+            follow,
+            tail,
+            timestamps,
+            name,
+        } => {
+            let mut path = format!(
+                "/services/{}/logs?follow={follow}&timestamps={timestamps}",
+                seg(&name)
+            );
+            if let Some(n) = tail {
+                path.push_str(&format!("&tail={n}"));
+            }
+            c.stream_to_stdout(&path).await?;
         }
         ServiceCmd::Ps { name } => {
             let mut tasks: Vec<TaskView> = c

@@ -247,6 +247,10 @@ pub struct ServiceCreate {
     /// is then ignored).
     #[serde(default)]
     pub mode: Option<crate::state::ServiceMode>,
+    /// `--image` and the container options: tasks are containers run by each node's
+    /// Docker Engine (`command` is then the container's arguments, and may be empty).
+    #[serde(default)]
+    pub image: Option<crate::state::ContainerImage>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -304,6 +308,9 @@ pub struct ServiceUpdate {
     /// --rollback`); nothing else may be given with it.
     #[serde(default)]
     pub rollback: bool,
+    /// A new image reference for an image service (`--image`), its options kept.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 /// What `service update` changes in the health check: each field given replaces the
@@ -533,6 +540,9 @@ pub fn parse_publish_rm(s: &str) -> Result<(u16, Option<PortProtocol>), String> 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct ContainerSpec {
+    /// The image, for a service whose tasks are containers (`--image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     pub command: Vec<String>,
     pub env: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

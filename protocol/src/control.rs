@@ -43,8 +43,9 @@ use std::sync::Arc;
 /// and global services (`Service.mode`, `Service.node_slots`). Version 8 pushes deltas: a
 /// session starts with a full `Snapshot` and then receives what changed (`Delta`, see
 /// [`crate::delta`]), each push numbered; a node that cannot apply one asks for a full
-/// snapshot with `Resync`.
-pub const VERSION: u32 = 8;
+/// snapshot with `Resync`. Version 9 added services from container images: `image` in a
+/// service, its spec and its tasks' specs (`state::ContainerImage`).
+pub const VERSION: u32 = 9;
 /// Largest frame either end accepts (a snapshot of a large cluster fits many times over).
 pub const MAX_FRAME: usize = 16 << 20;
 /// The name every manager certificate carries, and that nodes verify.

@@ -3,6 +3,7 @@
 //! manager, forwarded on a worker), and shape the answer like Docker's from the resulting
 //! snapshot. Every error is a JSON `{"message": ...}` with a meaningful status.
 
+mod logs;
 mod membership;
 
 use crate::cluster::{Cluster, Mode};
@@ -40,6 +41,8 @@ pub struct ApiState {
     pub ingress: Arc<Registry>,
     pub node: NodeName,
     pub state_dir: PathBuf,
+    /// The node's Docker Engine, for image tasks' logs (with `--docker-plugin`).
+    pub docker_host: Option<PathBuf>,
 }
 
 /// An [`OpError`] as the API answers it: its status, and the message as an
@@ -83,6 +86,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/services/{name}/scale", post(service_scale))
         .route("/services/{name}/update", post(service_update))
         .route("/services/{name}/rollback", post(service_rollback))
+        .route("/services/{name}/logs", get(logs::service_logs))
         .route("/tasks", get(task_list))
         .route("/tasks/{name}", get(task_inspect))
         .route("/nodes", get(node_list))
@@ -245,6 +249,7 @@ fn spec_view(name: &protocol::types::ServiceName, spec: &Spec) -> ServiceSpec {
     ServiceSpec {
         name: name.to_string(),
         container_spec: ContainerSpec {
+            image: spec.image.as_ref().map(|i| i.image.clone()),
             command: spec.command.clone(),
             env: spec.env.clone(),
             healthcheck: spec.healthcheck.as_ref().map(Into::into),

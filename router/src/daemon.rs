@@ -536,7 +536,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         dns.clone(),
         cfg.data_path_port,
     )
-    .stop_tasks_on_shutdown(cfg.stop_tasks);
+    .stop_tasks_on_shutdown(cfg.stop_tasks)
+    .with_engine(
+        cfg.docker_plugin
+            .as_ref()
+            .map(|_| cfg.docker_host.as_path()),
+    );
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
 
     let cluster_for_plugin = cluster.clone();
@@ -569,6 +574,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ingress: ingress_counters,
         node: cfg.node.clone(),
         state_dir: state_dir.clone(),
+        docker_host: cfg.docker_plugin.as_ref().map(|_| cfg.docker_host.clone()),
     });
     let plugin = match &cfg.docker_plugin {
         Some(path) => {

@@ -21,6 +21,12 @@
 //!   and the gateway). Once the namespace shows up the agent serves the resolver at
 //!   127.0.0.11 in it; after an overlayd restart it makes the TAP right in the namespace, as
 //!   for a CNI container.
+//! - An image task's container (`service create --image`, `container.rs`) asks for the task's
+//!   own address on each network (`IPAMConfig.IPv4Address`). `CreateEndpoint` recognises it
+//!   (an attachment of an image task on this node with that address and network) and records
+//!   nothing in the cluster state: the endpoint is the task's attachment, whose TAP the agent
+//!   made already (`naming::image_tap_name`), and `Join` names that TAP, with the gateway
+//!   only for the task's first network (its default route).
 //! - `DeleteEndpoint` removes it. Each host's Docker network is recorded on the cluster
 //!   network (`docker_nodes`); the last host's `DeleteNetwork` releases a cluster network the
 //!   plugin made once no endpoint and no service uses it.
@@ -80,6 +86,8 @@ pub struct Plugin {
     names_file: PathBuf,
     /// Subnets this run handed to `RequestPool` without `--subnet`.
     pools: Arc<Mutex<Vec<Ipv4Net>>>,
+    /// Docker endpoints that are image tasks' attachments: endpoint id → (task id, index).
+    task_endpoints: Arc<Mutex<BTreeMap<String, (String, usize)>>>,
 }
 
 /// One of this host's Docker networks: its pool, and the cluster network's name once read.
@@ -129,6 +137,7 @@ impl Plugin {
             known: Arc::new(Mutex::new(known)),
             names_file,
             pools: Arc::default(),
+            task_endpoints: Arc::default(),
         }
     }
 
@@ -491,10 +500,46 @@ async fn delete_network(State(p): State<Plugin>, body: Bytes) -> Reply {
     Ok(Json(json!({})))
 }
 
+/// The image task on this node whose attachment to `network` has `address`: its id, the
+/// attachment's index and MAC.
+fn image_task_attachment(
+    p: &Plugin,
+    network: &str,
+    address: Ipv4Addr,
+) -> Option<(String, usize, protocol::types::MacAddr)> {
+    let snap = p.cluster.snapshot();
+    let found = snap
+        .state
+        .tasks_on(&p.node)
+        .filter(|t| t.spec.image.is_some())
+        .find_map(|t| {
+            t.attachments
+                .iter()
+                .position(|a| a.network.as_str() == network && a.address == address)
+                .map(|i| (t.id.clone(), i, t.attachments[i].mac))
+        });
+    found
+}
+
+fn task_endpoints(p: &Plugin) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, usize)>> {
+    p.task_endpoints.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 async fn create_endpoint(State(p): State<Plugin>, body: Bytes) -> Reply {
     let req = request::create_endpoint(&body)?;
     let endpoint = req.endpoint_id.as_str();
     let name = p.name_of(&req.network_id).await?;
+    let task = req
+        .address
+        .and_then(|a| image_task_attachment(&p, &name, a));
+    if let Some((task, index, mac)) = task {
+        task_endpoints(&p).insert(endpoint.to_string(), (task, index));
+        let mut iface = json!({});
+        if !req.has_mac {
+            iface["MacAddress"] = json!(mac.to_string());
+        }
+        return Ok(Json(json!({ "Interface": iface })));
+    }
     let e = EndpointRequest {
         container: endpoint.to_string(),
         ifname: "eth0".into(),
@@ -523,6 +568,9 @@ async fn create_endpoint(State(p): State<Plugin>, body: Bytes) -> Reply {
 
 async fn delete_endpoint(State(p): State<Plugin>, body: Bytes) -> Reply {
     let endpoint = request::delete_endpoint(&body)?;
+    if task_endpoints(&p).remove(&endpoint).is_some() {
+        return Ok(Json(json!({})));
+    }
     p.cluster
         .apply(Op::RemoveEndpoint {
             container: endpoint,
@@ -542,6 +590,10 @@ async fn join(
         endpoint_id: endpoint,
         sandbox_key: sandbox,
     } = request::join(&body)?;
+    let task_endpoint = task_endpoints(&p).get(&endpoint).cloned();
+    if let Some((task, index)) = task_endpoint {
+        return join_task(&p, &endpoint, &task, index).await;
+    }
     // The sandbox key is a path in dockerd's mount namespace; reach it through dockerd's
     // root (which also works when both share one).
     let pid = pid.ok_or_else(|| PluginError("cannot tell dockerd's pid".into()))?;
@@ -575,6 +627,40 @@ async fn join(
         .map(|n| n.gateway.to_string())
         .unwrap_or_default();
     info!(endpoint = %endpoint, %gateway, "container joined");
+    Ok(Json(json!({
+        "InterfaceName": { "SrcName": tap, "DstPrefix": "eth" },
+        "Gateway": gateway,
+        "DisableGatewayService": true,
+    })))
+}
+
+/// `Join` of an image task's endpoint: the TAP the agent made for that attachment, and the
+/// gateway on the task's first network only (its default route, as for a process task).
+async fn join_task(p: &Plugin, endpoint: &str, task: &str, index: usize) -> Reply {
+    let tap = crate::naming::image_tap_name(task, index);
+    let end = tokio::time::Instant::now() + JOIN_WAIT;
+    while nix::net::if_::if_nametoindex(tap.as_str()).is_err() {
+        if tokio::time::Instant::now() >= end {
+            return Err(PluginError(format!(
+                "overlayd has no interface {tap} for task {task} (endpoint {endpoint})"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let snap = p.cluster.snapshot();
+    let gateway = if index == 0 {
+        snap.state
+            .tasks
+            .values()
+            .find(|t| t.id == task)
+            .and_then(|t| t.attachments.first())
+            .and_then(|a| snap.state.networks.get(&a.network))
+            .map(|n| n.gateway.to_string())
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    info!(endpoint = %endpoint, %task, index, "image task's container joined");
     Ok(Json(json!({
         "InterfaceName": { "SrcName": tap, "DstPrefix": "eth" },
         "Gateway": gateway,

@@ -7,6 +7,8 @@
 //!   interface configuration over netlink.
 //! - [`manager`]: the desired cluster state, its persistence and the API's operations.
 //! - [`agent`]: realises this node's share of the state: namespaces, TAPs, task processes.
+//! - [`container`]: one image task's container, run by the node's Docker Engine through
+//!   [`engine`] (its API client and events stream), supervised.
 //! - [`task`]: one task's process, supervised; [`task_log`]: its output, through a pipe into
 //!   a log file of mode 0640, rotated by size.
 //! - [`ingress`]: the routing mesh: published ports, proxied to tasks by the router's own
@@ -23,10 +25,12 @@ pub mod api;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod container;
 pub mod daemon;
 pub mod dns;
 pub mod docker;
 pub mod durable;
+pub mod engine;
 pub mod epoch;
 pub mod forward;
 pub mod ids;

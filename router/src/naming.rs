@@ -54,6 +54,18 @@ pub fn docker_tap_name(endpoint: &str) -> String {
     format!("ovd{id}")
 }
 
+/// The name of an image task's TAP for its `index`th network attachment, in overlayd's own
+/// namespace until Docker moves it into the task's container (`docker.rs` names it to
+/// Docker on the endpoint's join): `ovi` + ten characters of the task id + the index.
+pub fn image_tap_name(task_id: &str, index: usize) -> String {
+    let id: String = task_id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(10)
+        .collect();
+    format!("ovi{id}{index}")
+}
+
 /// The desired state (`store.rs`).
 pub fn state_file(state_dir: &Path) -> PathBuf {
     state_dir.join("state.json")

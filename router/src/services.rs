@@ -337,6 +337,7 @@ mod tests {
             deploy: Default::default(),
             mode: Default::default(),
             node_slots: Default::default(),
+            image: None,
         }
     }
 

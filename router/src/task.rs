@@ -32,13 +32,13 @@ use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(500);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A process that ran this long is considered healthy: its next restart starts from
 /// the minimum back-off again.
-const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+pub(crate) const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// Between SIGTERM and SIGKILL when the daemon shuts down.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Everything needed to run a task's process.
 #[derive(Debug, Clone)]
@@ -83,16 +83,16 @@ pub fn leaving_key(name: &str, id: &str) -> String {
     format!("{name}@{id}")
 }
 
-struct Reporter {
-    board: StatusBoard,
+pub(crate) struct Reporter {
+    pub(crate) board: StatusBoard,
     /// Where its status goes: its name, or its [`leaving_key`] once it left.
-    key: String,
-    id: String,
-    restarts: u32,
+    pub(crate) key: String,
+    pub(crate) id: String,
+    pub(crate) restarts: u32,
 }
 
 impl Reporter {
-    fn set(
+    pub(crate) fn set(
         &self,
         state: TaskState,
         error: Option<String>,
@@ -119,7 +119,7 @@ impl Reporter {
     }
 
     /// From now on, reports under the task's [`leaving_key`].
-    fn leave(&mut self, name: &str) {
+    pub(crate) fn leave(&mut self, name: &str) {
         if let Ok(mut b) = self.board.write() {
             if b.get(&self.key).is_some_and(|e| e.id == self.id) {
                 b.remove(&self.key);
@@ -228,7 +228,7 @@ async fn run_probe(p: &TaskProcess, probe: &Probe, timeout: Duration) -> Outcome
 }
 
 /// The connections the process's network namespace serves (`agent::drain`).
-async fn served_connections(pid: u32) -> usize {
+pub(crate) async fn served_connections(pid: u32) -> usize {
     let read = |table: &str| tokio::fs::read_to_string(format!("/proc/{pid}/net/{table}"));
     let (v4, v6) = tokio::join!(read("tcp"), read("tcp6"));
     drain::served_connections(&[v4.as_deref().unwrap_or(""), v6.as_deref().unwrap_or("")])

@@ -5,6 +5,7 @@
 //! These tests need root (namespaces, TAP devices). Unprivileged, each test prints a visible
 //! `SKIP` line and passes; CI runs as root.
 
+pub mod dockerd;
 pub mod etcd;
 
 use std::os::unix::process::CommandExt;

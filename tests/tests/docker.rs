@@ -14,162 +14,12 @@
 //! `docker rm` remove its endpoint everywhere; `docker network rm` on the last host releases the cluster network once no
 //! endpoint remains; the plugin refuses a malformed call in Docker's error shape.
 
-use overlay_e2e::{require_root, run, unique, wait_for, write_script, Node, Underlay, WHOAMI_PY};
+use overlay_e2e::dockerd::{busybox_rootfs, Dockerd};
+use overlay_e2e::{require_root, unique, wait_for, write_script, Node, Underlay, WHOAMI_PY};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::Duration;
-
-/// One dockerd in a node's network namespace, with its own mount namespace.
-struct Dockerd {
-    dir: PathBuf,
-    sock: PathBuf,
-    child: Child,
-}
-
-impl Dockerd {
-    fn start(dir: &Path, netns: &Path, plugins: &Path) -> Dockerd {
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir).expect("dockerd dir");
-        let sock = dir.join("docker.sock");
-        let script = format!(
-            "mkdir -p /run/docker/plugins && mount --bind {plugins} /run/docker/plugins && \
-             exec dockerd --data-root {d}/root --exec-root {d}/exec -H unix://{sock} \
-             --pidfile {d}/docker.pid --storage-driver=vfs --iptables=false --ip6tables=false \
-             --bridge=none --ip-masq=false",
-            plugins = plugins.display(),
-            d = dir.display(),
-            sock = sock.display()
-        );
-        let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", netns.display()))
-            .args([
-                "unshare",
-                "-m",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                &script,
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start dockerd");
-        let d = Dockerd {
-            dir: dir.to_path_buf(),
-            sock,
-            child,
-        };
-        let up = wait_for(Duration::from_secs(60), || {
-            d.docker(&["version"]).status.success()
-        });
-        assert!(up, "dockerd did not come up: {}", d.log());
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
-    }
-
-    fn docker(&self, args: &[&str]) -> Output {
-        run(Command::new("docker")
-            .arg("-H")
-            .arg(format!("unix://{}", self.sock.display()))
-            .args(args))
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.docker(args);
-        assert!(
-            o.status.success(),
-            "docker {args:?}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    }
-
-    /// `wget -q -O - URL` in `container`: the body, or "" if it failed.
-    fn fetch(&self, container: &str, url: &str) -> String {
-        let o = self.docker(&["exec", container, "wget", "-q", "-O", "-", url]);
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    }
-
-    fn ip_of(&self, container: &str) -> String {
-        self.ok(&[
-            "inspect",
-            "-f",
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-            container,
-        ])
-    }
-
-    /// Imports busybox (Debian's static build) as image `bb`.
-    fn import_busybox(&self, rootfs: &Path) {
-        let tar = Command::new("tar")
-            .arg("-C")
-            .arg(rootfs)
-            .args(["-c", "."])
-            .output()
-            .expect("tar");
-        let mut import = Command::new("docker")
-            .arg("-H")
-            .arg(format!("unix://{}", self.sock.display()))
-            .args(["import", "-", "bb:latest"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("docker import");
-        import
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(&tar.stdout)
-            .expect("feed the image");
-        assert!(import.wait().expect("docker import").success());
-    }
-}
-
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        let ids = self.docker(&["ps", "-aq"]);
-        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-            let _ = self.docker(&["rm", "-f", id]);
-        }
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("docker.pid")) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                let pid = nix::unistd::Pid::from_raw(pid);
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
-                let gone = wait_for(Duration::from_secs(15), || {
-                    nix::sys::signal::kill(pid, None).is_err()
-                });
-                if !gone {
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
-                }
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-/// A busybox root filesystem: the static binary and the applets the test uses.
-fn busybox_rootfs(dir: &Path) {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).expect("rootfs");
-    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed");
-    for applet in [
-        "sh", "sleep", "ping", "httpd", "wget", "nslookup", "ip", "echo", "cat",
-    ] {
-        let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
-    }
-}
 
 fn plugin_call(sock: &Path, call: &str, body: &str) -> (u16, serde_json::Value) {
     let mut s = std::os::unix::net::UnixStream::connect(sock).expect("plugin socket");
@@ -235,8 +85,8 @@ fn docker_containers_join_cluster_networks() {
     n1.wait_ready(&[&n2]);
     let d1 = Dockerd::start(&docks[0], &u.host(1).path(), &plugins[0]);
     let d2 = Dockerd::start(&docks[1], &u.host(2).path(), &plugins[1]);
-    d1.import_busybox(&rootfs);
-    d2.import_busybox(&rootfs);
+    d1.import_busybox(&rootfs, "bb:latest");
+    d2.import_busybox(&rootfs, "bb:latest");
 
     // The plugin answers Docker's calls, and a malformed one in Docker's error shape.
     let (status, v) = plugin_call(&plugins[0].join("overlayd.sock"), "Plugin.Activate", "");

@@ -73,6 +73,7 @@ pub(super) fn svc(name: &str, nets: &[&str], replicas: u32) -> Service {
         deploy: Default::default(),
         mode: Default::default(),
         node_slots: BTreeMap::new(),
+        image: None,
     }
 }
 

@@ -26,6 +26,7 @@
 //! - `membership.rs`: nodes' accepted certificates, roles, and `node rm`'s checks.
 //! - `addresses.rs`: which addresses of a network are taken (IPAM use).
 //! - `vtep.rs`: external VTEP endpoints of a network.
+//! - `image.rs`: the image and container options of services run by a node's Docker Engine.
 //! - `endpoint.rs`: containers' interfaces made for a runtime (CNI, Docker).
 //! - `docker.rs`: which nodes' Docker has a network (the Docker plugin's bookkeeping).
 
@@ -36,6 +37,7 @@ mod endpoint;
 mod fixtures;
 mod global;
 mod history;
+mod image;
 mod ingress;
 mod membership;
 mod network;
@@ -52,6 +54,7 @@ mod vtep;
 
 pub use endpoint::{Endpoint, EndpointRequest};
 pub use history::{PastTask, DEFAULT_TASK_HISTORY_LIMIT};
+pub use image::{ContainerImage, Mount, MountKind, RestartCondition, RestartPolicy};
 pub use ingress::{INGRESS_NETWORK, INGRESS_VNI};
 pub use membership::{MembershipError, NodeCert};
 pub use network::{

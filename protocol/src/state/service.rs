@@ -5,7 +5,7 @@
 //! copy so that a refusal changes nothing. Removing it returns its VIPs to the networks'
 //! pools; its tasks' addresses follow once their nodes report them stopped (`history.rs`).
 
-use super::{ClusterState, Deploy, FailureAction, PortConfig, StateError};
+use super::{ClusterState, ContainerImage, Deploy, FailureAction, PortConfig, StateError};
 use crate::types::{NetworkName, NodeName, ServiceName};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -98,6 +98,10 @@ pub struct Service {
     /// Replicated (the default, and what services saved before modes were) or global.
     #[serde(default)]
     pub mode: ServiceMode,
+    /// The image its tasks' containers run (`--image`), by each node's Docker Engine;
+    /// `None`: its tasks are processes in namespaces of overlayd's (the default).
+    #[serde(default)]
+    pub image: Option<ContainerImage>,
     /// A global service's slot on each node it has placed a task on, kept for the service's
     /// life so that the node's task is always `SERVICE.SLOT` with the same slot
     /// (`global.rs`). Empty for a replicated service.
@@ -136,6 +140,9 @@ pub struct TaskSpec {
     /// update is outdated though it runs the same command.
     #[serde(default)]
     pub force_update: u64,
+    /// The container image and options, for a task its node's Docker Engine runs.
+    #[serde(default)]
+    pub image: Option<ContainerImage>,
 }
 
 impl Service {
@@ -147,6 +154,7 @@ impl Service {
             healthcheck: self.healthcheck.clone(),
             stop_grace_period_s: self.stop_grace_period_s,
             force_update: self.deploy.force_update,
+            image: self.image.clone(),
         }
     }
 }
@@ -232,7 +240,15 @@ impl ClusterState {
     /// each once and none the routing mesh's, aliases on those networks, a sound health
     /// check and policies. Its ports are checked by `settle_ports`.
     pub(super) fn check_service(&self, svc: &Service) -> Result<(), StateError> {
-        if svc.command.is_empty() || svc.command[0].is_empty() {
+        // An image brings its own command; a process task needs one.
+        let no_command = svc.command.first().is_none_or(String::is_empty);
+        if no_command && svc.image.is_none()
+            || svc
+                .image
+                .as_ref()
+                .is_some_and(|i| i.image.trim().is_empty())
+            || svc.image.is_some() && svc.command.first().is_some_and(String::is_empty)
+        {
             return Err(StateError::EmptyCommand);
         }
         if svc.networks.is_empty() {

@@ -4,8 +4,8 @@
 //! replaces is kept as the previous one, which `service rollback` returns to.
 
 use super::{
-    ClusterState, EndpointMode, HealthCheck, PortConfig, PortProtocol, Service, ServiceMode,
-    StateError, UpdateConfig,
+    ClusterState, ContainerImage, EndpointMode, HealthCheck, PortConfig, PortProtocol, Service,
+    ServiceMode, StateError, UpdateConfig,
 };
 use crate::types::NetworkName;
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,9 @@ pub struct Spec {
     /// Replicated or global: set at creation, never changed by an update (as Docker).
     #[serde(default)]
     pub mode: ServiceMode,
+    /// The container image and its options (`--image`); `None`: process tasks.
+    #[serde(default)]
+    pub image: Option<ContainerImage>,
 }
 
 impl Service {
@@ -63,6 +66,7 @@ impl Service {
             update_config: self.deploy.update_config,
             rollback_config: self.deploy.rollback_config,
             mode: self.mode,
+            image: self.image.clone(),
         }
     }
 }
@@ -80,6 +84,7 @@ impl Spec {
         svc.ports = self.ports;
         svc.healthcheck = self.healthcheck;
         svc.stop_grace_period_s = self.stop_grace_period_s;
+        svc.image = self.image;
         svc.deploy.force_update = self.force_update;
         svc.deploy.update_config = self.update_config;
         svc.deploy.rollback_config = self.rollback_config;

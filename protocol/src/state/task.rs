@@ -57,7 +57,7 @@ impl ClusterState {
     pub fn ensure_task_specs(&mut self) -> bool {
         let mut changed = false;
         for task in self.tasks.values_mut() {
-            if task.spec.command.is_empty() {
+            if task.spec.command.is_empty() && task.spec.image.is_none() {
                 if let Some(svc) = self.services.get(&task.service) {
                     task.spec = svc.task_spec();
                     changed = true;

@@ -118,6 +118,7 @@ impl Agent {
         ));
         Ok(LocalTask {
             id: task.id.clone(),
+            container: false,
             netns: ns_path,
             mntns: mnt_path,
             files: naming::task_files(&self.state_dir, &task.name),

@@ -17,7 +17,8 @@
 //! the agent keeps its namespace and interfaces, and is torn down once its process stopped.
 //!
 //! The work is split by what it realises: [`tasks`] (a task's namespaces, TAPs, resolver and
-//! supervised process), [`adopt`] (the tasks a previous run left), [`endpoints`] (other
+//! supervised process), [`images`] (image tasks: their TAPs, handed to Docker, and their
+//! supervised container), [`adopt`] (the tasks a previous run left), [`endpoints`] (other
 //! runtimes' containers: CNI and Docker), and [`tables`] (the datapath's tables, encrypted
 //! networks' keys in them, and the views the resolvers and the routing mesh's proxy read); [`health`] and [`drain`] hold the rules of
 //! health checks and of the stop sequence, without I/O. This file holds the agent itself and
@@ -27,6 +28,7 @@ mod adopt;
 pub(crate) mod drain;
 mod endpoints;
 pub(crate) mod health;
+mod images;
 pub mod tables;
 mod tasks;
 
@@ -121,6 +123,8 @@ pub struct Agent {
     leftovers_settled: bool,
     /// Whether shutting down stops the tasks (`--stop-tasks`) or leaves them running.
     stop_tasks: bool,
+    /// The node's Docker Engine and its events, for image tasks (with `--docker-plugin`).
+    engine: Option<(crate::engine::Engine, crate::engine::Events)>,
 }
 
 impl Agent {
@@ -153,7 +157,15 @@ impl Agent {
             secrets: BTreeMap::new(),
             leftovers_settled: false,
             stop_tasks: false,
+            engine: None,
         }
+    }
+
+    /// Runs image tasks through the Docker Engine on `docker_host` (`--docker-plugin`
+    /// makes overlayd that engine's network plugin, which they need).
+    pub fn with_engine(mut self, docker_host: Option<&std::path::Path>) -> Agent {
+        self.engine = docker_host.map(|h| images::engine_of(h, self.node.as_str()));
+        self
     }
 
     /// Makes shutting down stop every task (`overlayd --stop-tasks`) instead of leaving them
@@ -220,6 +232,7 @@ impl Agent {
     async fn reconcile(&mut self, state: &ClusterState) {
         if !self.leftovers_settled && state.revision > 0 {
             self.settle_leftovers(state).await;
+            self.remove_leftover_containers(state).await;
             self.leftovers_settled = true;
         }
         let node = self.node.clone();

@@ -26,6 +26,9 @@ use tracing::{info, warn};
 /// What this node made for one of its tasks.
 pub(super) struct LocalTask {
     pub(super) id: String,
+    /// An image task: its container is the engine's, and it has no namespaces of ours
+    /// (`netns`, `mntns` and `files` are empty).
+    pub(super) container: bool,
     pub(super) netns: PathBuf,
     pub(super) mntns: PathBuf,
     /// The task's resolv.conf and hosts.
@@ -130,6 +133,9 @@ impl Agent {
         task: &Task,
     ) -> Result<LocalTask, String> {
         self.report(task, TaskState::Starting, None);
+        if task.spec.image.is_some() {
+            return self.start_image_task(state, task).await;
+        }
         let bindings = bindings_of(state, task)?;
         let mut specs = Vec::new();
         for (i, a) in task.attachments.iter().enumerate() {
@@ -201,6 +207,7 @@ impl Agent {
         info!(task = %task.name, netns = %ns_path.display(), "task set up");
         Ok(LocalTask {
             id: task.id.clone(),
+            container: false,
             netns: ns_path,
             mntns: mnt_path,
             files,
@@ -279,6 +286,11 @@ impl Agent {
         for (port, _) in &lt.ports {
             self.datapath.remove_port(*port);
         }
+        if lt.container {
+            info!(task = %name, "task removed");
+            self.forget_status(name, &lt.id);
+            return;
+        }
         let _ = mntns::remove(&lt.mntns);
         let _ = std::fs::remove_dir_all(&lt.files);
         let path = lt.netns.clone();
@@ -287,9 +299,14 @@ impl Agent {
             Ok(Err(e)) => warn!(task = %name, error = %e, "cannot remove namespace"),
             Err(e) => warn!(task = %name, error = %e, "namespace removal thread failed"),
         }
+        self.forget_status(name, &lt.id);
+    }
+
+    /// This node no longer reports the task.
+    fn forget_status(&self, name: &str, id: &str) {
         if let Ok(mut b) = self.statuses.write() {
-            b.remove(&task::leaving_key(name, &lt.id));
-            if b.get(name).is_some_and(|e| e.id == lt.id) {
+            b.remove(&task::leaving_key(name, id));
+            if b.get(name).is_some_and(|e| e.id == id) {
                 b.remove(name);
             }
         }

@@ -391,6 +391,7 @@ impl Manager {
             deploy,
             mode: req.mode.unwrap_or_default(),
             node_slots: BTreeMap::new(),
+            image: req.image,
         };
         let health = self.health.clone();
         self.change(|s| {

@@ -29,6 +29,17 @@ pub fn apply_update(spec: &mut Spec, u: &api::ServiceUpdate, service: &str) -> R
     if let Some(args) = &u.args {
         spec.command = args.clone();
     }
+    if let Some(image) = &u.image {
+        match spec.image.as_mut() {
+            Some(i) => i.image = image.clone(),
+            None => {
+                return Err(OpError::bad_request(format!(
+                    "service {service} runs processes, not an image: --image applies only to \
+                     services created with --image"
+                )))
+            }
+        }
+    }
     spec.edit_env(&u.env_add, &u.env_rm).map_err(bad)?;
     if let Some(n) = u.replicas {
         spec.replicas = n;
@@ -242,7 +253,32 @@ mod tests {
             update_config: UpdateConfig::default(),
             rollback_config: UpdateConfig::default(),
             mode: Default::default(),
+            image: None,
         }
+    }
+
+    #[test]
+    fn image_updates_apply_to_image_services_only() {
+        let u = ServiceUpdate {
+            image: Some("bb:2".into()),
+            ..Default::default()
+        };
+        let mut s = spec();
+        assert!(
+            apply_update(&mut s, &u, "web").is_err(),
+            "a process service"
+        );
+        s.image = Some(protocol::state::ContainerImage {
+            image: "bb:1".into(),
+            workdir: Some("/www".into()),
+            ..Default::default()
+        });
+        apply_update(&mut s, &u, "web").unwrap();
+        let image = s.image.unwrap();
+        assert_eq!(
+            (image.image.as_str(), image.workdir.as_deref()),
+            ("bb:2", Some("/www"))
+        );
     }
 
     #[test]

@@ -1,0 +1,200 @@
+//! `GET /services/{name}/logs` (`overlayctl service logs NAME [-f] [--tail N] [-t]`): the
+//! output of the service's tasks that run on this node, each line prefixed as Docker does
+//! (`web.1.TASKID@NODE | `): image tasks' from their engine (the container logs API, its
+//! multiplexed stream split by `engine::demux`), process tasks' from their log files
+//! (`task_log`; followed by looking at the file's size four times a second, a rotation seen
+//! as the file getting shorter). A plain-text stream; with `follow` it lasts until the client
+//! goes. Tasks on other nodes are not shown yet: logs do not travel over the control plane.
+
+use super::ApiState;
+use crate::engine::{self, Engine};
+use crate::naming;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use protocol::state::Task;
+use serde::Deserialize;
+use std::io::{Read, Seek, SeekFrom};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+pub(super) struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+    #[serde(default)]
+    tail: Option<u64>,
+    #[serde(default)]
+    timestamps: bool,
+}
+
+/// How often a followed log file is looked at.
+const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
+pub(super) async fn service_logs(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Response {
+    let snap = s.cluster.snapshot();
+    if !snap.state.services.contains_key(name.as_str()) {
+        return (StatusCode::NOT_FOUND, format!("no such service: {name}\n")).into_response();
+    }
+    let tasks: Vec<Task> = snap
+        .state
+        .tasks
+        .values()
+        .filter(|t| t.service.as_str() == name && t.node == s.node)
+        .cloned()
+        .collect();
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    for t in tasks {
+        let prefix = format!("{}.{}.{}@{} | ", t.service, t.slot, t.id, t.node);
+        let tx = tx.clone();
+        if t.spec.image.is_some() {
+            let Some(host) = s.docker_host.clone() else {
+                continue;
+            };
+            let container = crate::container::container_name(t.service.as_str(), t.slot, &t.id);
+            tokio::spawn(async move {
+                let e = Engine::new(&host);
+                if let Err(err) = container_lines(&e, &container, &q, &prefix, &tx).await {
+                    let _ = tx.send(Bytes::from(format!("{prefix}({err})\n"))).await;
+                }
+            });
+        } else {
+            let file = naming::task_log(&s.state_dir, &t.name);
+            let (follow, tail) = (q.follow, q.tail);
+            tokio::spawn(file_lines(file, follow, tail, prefix, tx));
+        }
+    }
+    drop(tx);
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
+    });
+    Response::builder()
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Prefixes every whole line of `pending` (keeping an unfinished one) and sends them.
+async fn send_lines(
+    pending: &mut Vec<u8>,
+    prefix: &str,
+    tx: &mpsc::Sender<Bytes>,
+) -> Result<(), ()> {
+    let mut out = Vec::new();
+    while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+        out.extend_from_slice(prefix.as_bytes());
+        out.extend(pending.drain(..=nl));
+    }
+    if out.is_empty() {
+        return Ok(());
+    }
+    tx.send(Bytes::from(out)).await.map_err(|_| ())
+}
+
+async fn container_lines(
+    e: &Engine,
+    container: &str,
+    q: &LogsQuery,
+    prefix: &str,
+    tx: &mpsc::Sender<Bytes>,
+) -> Result<(), engine::EngineError> {
+    let mut body = e.logs(container, q.follow, q.tail, q.timestamps).await?;
+    let (mut raw, mut pending) = (Vec::new(), Vec::new());
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Some(d) = frame.data_ref() {
+            raw.extend_from_slice(d);
+        }
+        let (payloads, used) = engine::demux(&raw);
+        for p in payloads {
+            pending.extend_from_slice(p);
+        }
+        raw.drain(..used);
+        if send_lines(&mut pending, prefix, tx).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// The last `tail` lines of `text` (all without `tail`).
+fn last_lines(text: &[u8], tail: Option<u64>) -> &[u8] {
+    let Some(n) = tail else { return text };
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    let mut seen = 0;
+    for (i, b) in body.iter().enumerate().rev() {
+        if *b == b'\n' {
+            seen += 1;
+            if seen == n {
+                return &text[i + 1..];
+            }
+        }
+    }
+    if n == 0 {
+        &text[text.len()..]
+    } else {
+        text
+    }
+}
+
+async fn file_lines(
+    file: std::path::PathBuf,
+    follow: bool,
+    tail: Option<u64>,
+    prefix: String,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let start = tokio::fs::read(&file).await.unwrap_or_default();
+    let mut pending = last_lines(&start, tail).to_vec();
+    if send_lines(&mut pending, &prefix, &tx).await.is_err() || !follow {
+        return;
+    }
+    let mut offset = start.len() as u64;
+    loop {
+        tokio::time::sleep(FOLLOW_EVERY).await;
+        if tx.is_closed() {
+            return;
+        }
+        let (path, from) = (file.clone(), offset);
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64)> {
+            let mut f = std::fs::File::open(&path)?;
+            let len = f.metadata()?.len();
+            // Rotated (or truncated): read the new file from its start.
+            let from = if len < from { 0 } else { from };
+            f.seek(SeekFrom::Start(from))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            Ok((buf, from))
+        })
+        .await;
+        if let Ok(Ok((buf, from))) = read {
+            offset = from + buf.len() as u64;
+            pending.extend_from_slice(&buf);
+            if send_lines(&mut pending, &prefix, &tx).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let t = b"a\nb\nc\n";
+        assert_eq!(last_lines(t, None), t);
+        assert_eq!(last_lines(t, Some(2)), b"b\nc\n");
+        assert_eq!(last_lines(t, Some(5)), t);
+        assert_eq!(last_lines(t, Some(0)), b"");
+    }
+}

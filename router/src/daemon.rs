@@ -382,6 +382,13 @@ async fn start_candidate(
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     warn_if_private_mount_ns();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(sock) = &cfg.upgrade_from {
+        // Started by an overlayd being upgraded: it stops once we said ready; everything
+        // below then starts as on any start (and adopts its tasks).
+        crate::upgrade::take_over(sock)
+            .await
+            .context("taking over from the running overlayd")?;
+    }
     let state_dir = cfg.state_dir();
     let socket = cfg.socket();
     let store = match cfg.store {
@@ -561,7 +568,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let final_flows = flows.clone();
+    let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::channel::<api::UpgradeRequest>(1);
     let app = api::router(ApiState {
+        upgrade: Some(upgrade_tx),
         cluster,
         counters,
         flows,
@@ -601,12 +611,40 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing SIGUSR2 handler")?;
+    loop {
+        let reply = tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break }
+            _ = usr2.recv() => { info!("SIGUSR2: upgrading in place"); None }
+            Some(reply) = upgrade_rx.recv() => { info!("upgrading in place (API)"); Some(reply) }
+        };
+        match hand_over(&state_dir).await {
+            Ok((pid, binary)) => {
+                info!(pid, binary = %binary, "handing over to the new overlayd: shutting down");
+                if let Some(r) = reply {
+                    let _ = r.send(Ok((pid, binary)));
+                }
+                break;
+            }
+            Err(e) => {
+                error!("upgrade failed, this overlayd goes on serving: {e:#}");
+                if let Some(r) = reply {
+                    let _ = r.send(Err(format!("{e:#}")));
+                }
+            }
+        }
     }
     shutdown.cancel();
     let _ = agent_task.await;
+    // The datapath has stopped: the flows made since the sweeper's last save are saved
+    // too, for the next run (a successor, or a start after this stop) to resume.
+    let established = final_flows.established();
+    if !established.is_empty() {
+        if let Err(e) = crate::forward::saved_flows::save(&state_dir, &established) {
+            warn!(error = %e, "cannot save the established flows");
+        }
+    }
     let _ = server.await;
     if let Some(m) = metrics {
         let _ = m.await;
@@ -618,6 +656,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     info!("overlayd stopped");
     Ok(())
+}
+
+/// Starts the binary on disk and, once it is ready, commits the handover to it: returns its
+/// pid and path, after which this process must stop. An error leaves everything as it was.
+async fn hand_over(state_dir: &Path) -> anyhow::Result<(u32, String)> {
+    let mut next = crate::upgrade::start_successor(state_dir).await?;
+    next.commit().await?;
+    Ok((next.pid, next.binary.display().to_string()))
 }
 
 /// The manager's settings from the command line.

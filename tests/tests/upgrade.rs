@@ -1,0 +1,338 @@
+//! Upgrade in place (issue 24): a node's overlayd is replaced by the binary now on disk
+//! while its tasks run and their TCP connections across the overlay (to a task on the same
+//! node, to one on the other node, and through a service's VIP) carry a line every 100 ms:
+//! `overlayctl node upgrade` on the manager (node 1), SIGUSR2 on the worker. The tasks keep
+//! their pids, no connection breaks, no round trip stalls over 1 s, the old process is gone
+//! and the new one serves. A failed upgrade (binary missing, binary that exits at once)
+//! leaves the old one serving with the reason in its answer. Two nodes on a bridged
+//! underlay (198.18.24.0/24). Needs root.
+
+use overlay_e2e::{process_alive, require_root, script_dir, unique, wait_for, write_script, Node, Underlay};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// An echo server on port 7000, a thread per connection.
+const ECHO_PY: &str = r#"
+import socket, threading
+def serve(c):
+    with c:
+        while True:
+            data = c.recv(4096)
+            if not data:
+                return
+            c.sendall(data)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7000))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Connects to both echo tasks (found by `tasks.echo`) and to the service's VIP, then every
+/// 100 ms sends a numbered line on each connection and waits for its echo: prints `ok SEQ GAP_MS` per round (the
+/// time since the previous round's end), `error ...` and exits if a connection breaks.
+const CLIENT_PY: &str = r#"
+import socket, sys, time
+while True:
+    try:
+        ips = sorted({a[4][0] for a in socket.getaddrinfo("tasks.echo", 7000, socket.AF_INET, socket.SOCK_STREAM)})
+    except OSError:
+        ips = []
+    if len(ips) == 2:
+        break
+    time.sleep(0.2)
+# And one through the service's VIP, load-balanced by the client's node.
+while True:
+    try:
+        vip = socket.getaddrinfo("echo", 7000, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+        break
+    except OSError:
+        time.sleep(0.2)
+conns = []
+for ip in ips + [vip]:
+    while True:
+        try:
+            c = socket.create_connection((ip, 7000), timeout=2)
+            break
+        except OSError:
+            time.sleep(0.2)
+    c.settimeout(30)
+    conns.append((c, c.makefile("rb")))
+print("connected", " ".join(ips), flush=True)
+seq = 0
+last = time.monotonic()
+while True:
+    seq += 1
+    line = b"%d\n" % seq
+    try:
+        for c, r in conns:
+            c.sendall(line)
+            got = r.readline()
+            if got != line:
+                print("error: echo %r for %r" % (got, line), flush=True)
+                sys.exit(1)
+    except OSError as e:
+        print("error:", e, flush=True)
+        sys.exit(1)
+    now = time.monotonic()
+    print("ok %d %d" % (seq, (now - last) * 1000), flush=True)
+    last = now
+    time.sleep(0.1)
+"#;
+
+/// What a client's log says: its rounds (seq, gap in ms) and its errors.
+struct Progress {
+    rounds: Vec<(u64, u64)>,
+    errors: Vec<String>,
+}
+
+impl Progress {
+    fn of(node: &Node, task: &str) -> Progress {
+        let log = node.dir.join("state/logs").join(format!("{task}.log"));
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let mut p = Progress {
+            rounds: vec![],
+            errors: vec![],
+        };
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            match f.as_slice() {
+                ["ok", seq, gap] => {
+                    if let (Ok(s), Ok(g)) = (seq.parse(), gap.parse()) {
+                        p.rounds.push((s, g));
+                    }
+                }
+                _ if line.starts_with("error") => p.errors.push(line.to_string()),
+                _ => {}
+            }
+        }
+        p
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.rounds.last().map_or(0, |r| r.0)
+    }
+
+    /// The longest gap between rounds after round `after`.
+    fn max_gap_after(&self, after: u64) -> u64 {
+        self.rounds
+            .iter()
+            .filter(|r| r.0 > after)
+            .map(|r| r.1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+const TASKS: [&str; 4] = ["echo.1", "echo.2", "client.1", "client.2"];
+
+/// Every task's pid, as the manager reports it.
+fn pids(manager: &Node) -> Vec<Option<u64>> {
+    TASKS
+        .iter()
+        .map(|t| manager.task_view(t)["status"]["pid"].as_u64())
+        .collect()
+}
+
+fn all_running(manager: &Node) -> bool {
+    TASKS
+        .iter()
+        .all(|t| manager.task_view(t)["status"]["state"] == "running")
+}
+
+/// Waits until both clients completed `rounds` more rounds than at `before`.
+fn wait_rounds(nodes: &[&Node], before: &[u64], rounds: u64) -> bool {
+    wait_for(Duration::from_secs(20), || {
+        ["client.1", "client.2"].iter().zip(before).all(|(t, b)| {
+            nodes
+                .iter()
+                .any(|n| Progress::of(n, t).last_seq() >= b + rounds)
+        })
+    })
+}
+
+fn last_seqs(nodes: &[&Node]) -> Vec<u64> {
+    ["client.1", "client.2"]
+        .iter()
+        .map(|t| {
+            nodes
+                .iter()
+                .map(|n| Progress::of(n, t).last_seq())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// The longest gap either client saw after rounds `before`, and every error they printed.
+fn gaps_and_errors(nodes: &[&Node], before: &[u64]) -> (u64, Vec<String>) {
+    let mut gap = 0;
+    let mut errors = vec![];
+    for (t, b) in ["client.1", "client.2"].iter().zip(before) {
+        for n in nodes {
+            let p = Progress::of(n, t);
+            gap = gap.max(p.max_gap_after(*b));
+            errors.extend(p.errors);
+        }
+    }
+    (gap, errors)
+}
+
+
+/// Puts a copy of `from` at `to` as an upgrade does: written beside it, renamed over it (the
+/// running process keeps the old inode).
+fn replace_binary(from: &Path, to: &Path) {
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).expect("copy overlayd");
+    std::fs::rename(&tmp, to).expect("rename overlayd");
+}
+
+/// The pid of the process serving `node`'s API socket.
+fn serving_pid(node: &Node) -> Option<u32> {
+    let s = std::os::unix::net::UnixStream::connect(&node.socket).ok()?;
+    let cred = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+    u32::try_from(cred.pid()).ok()
+}
+
+/// Upgrades `node` (by `overlayctl node upgrade` or SIGUSR2) while the clients talk, and
+/// checks what the issue asks: the old process gone, the new one serving, the tasks the same
+/// processes, no connection broken, no stall over 1 s. Returns the longest stall (ms).
+fn upgrade(node: &mut Node, others: &[&Node], manager_of: impl Fn(&Node) -> Vec<Option<u64>>, by_signal: bool) -> u64 {
+    let old = node.pid().expect("running");
+    let before = manager_of(node);
+    let seqs = {
+        let mut all: Vec<&Node> = others.to_vec();
+        all.push(node);
+        last_seqs(&all)
+    };
+    let started = Instant::now();
+    let new = if by_signal {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), nix::sys::signal::SIGUSR2)
+            .expect("SIGUSR2");
+        assert!(
+            wait_for(Duration::from_secs(30), || serving_pid(node).is_some_and(|p| p != old)),
+            "no new overlayd serves after SIGUSR2:\n{}",
+            node.log()
+        );
+        serving_pid(node).expect("serving")
+    } else {
+        let out = node.ctl_ok(&["node", "upgrade"]);
+        let pid = out
+            .split_whitespace()
+            .skip_while(|w| *w != "pid")
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {out:?}"));
+        assert_eq!(serving_pid(node), Some(pid), "overlayctl returned before the new one served");
+        pid
+    };
+    let took = started.elapsed();
+    assert_ne!(new, old);
+    assert!(node.upgraded_to(new), "the old overlayd {old} did not exit:\n{}", node.log());
+    assert!(!process_alive(old));
+    let mut all: Vec<&Node> = others.to_vec();
+    all.push(node);
+    assert!(
+        wait_rounds(&all, &seqs, 20),
+        "clients stalled after the upgrade: {:?}\n{}",
+        gaps_and_errors(&all, &seqs),
+        node.log()
+    );
+    let (gap, errors) = gaps_and_errors(&all, &seqs);
+    assert!(errors.is_empty(), "connections broke: {errors:?}");
+    let mgr = if others.is_empty() { &*node } else { others[0] };
+    assert!(wait_for(Duration::from_secs(10), || all_running(mgr)));
+    assert_eq!(manager_of(node), before, "the tasks were restarted");
+    assert!(node.log().contains("task adopted"), "{}", node.log());
+    // The new process serves the API and its datapath.
+    node.ctl_ok(&["stats"]);
+    node.ctl_ok(&["node", "ls"]);
+    eprintln!(
+        "upgrade of {} ({}): new overlayd {new} serving after {took:?}; longest gap {gap} ms",
+        node.name,
+        if by_signal { "SIGUSR2" } else { "overlayctl node upgrade" }
+    );
+    gap
+}
+
+#[test]
+fn upgrade_in_place() {
+    if !require_root("upgrade_in_place") {
+        return;
+    }
+    let tag = unique("up");
+    let u = Underlay::new(&tag, 2, 24);
+    let (mut a, mut b) = Node::pair(&tag, &u);
+    // Both daemons run from a copy of the binary that the test replaces, as an operator would.
+    let dir = script_dir(&tag);
+    let built = a.exe.clone();
+    for n in [&mut a, &mut b] {
+        let exe = dir.join(format!("overlayd-{}", n.name));
+        std::fs::copy(&built, &exe).expect("copy overlayd");
+        assert!(n.stop());
+        n.remove_flag("--token", true);
+        n.remove_flag("--join", true);
+        n.exe = exe;
+        n.start_again();
+    }
+    a.wait_ready(&[&b]);
+    let echo = write_script(&dir, "echo.py", ECHO_PY);
+    let client = write_script(&dir, "client.py", CLIENT_PY);
+    a.ctl_ok(&["network", "create", "--subnet", "10.0.34.0/24", "net"]);
+    for (name, script) in [("echo", &echo), ("client", &client)] {
+        a.ctl_ok(&[
+            "service", "create", "--name", name, "--network", "net", "--replicas", "2", "--",
+            "/usr/bin/python3", "-u", script,
+        ]);
+    }
+    assert!(
+        wait_for(Duration::from_secs(20), || all_running(&a)),
+        "{}",
+        a.ctl_ok(&["service", "ps", "client"])
+    );
+    let nodes_of: Vec<String> = TASKS.iter().map(|t| a.node_of(t)).collect();
+    assert!(
+        nodes_of[0] != nodes_of[1] && nodes_of[2] != nodes_of[3],
+        "one task of each service per node: {nodes_of:?}"
+    );
+    assert!(pids(&a).iter().all(Option::is_some));
+    assert!(
+        wait_rounds(&[&a, &b], &[0, 0], 10),
+        "clients not talking: {:?}\n{}",
+        gaps_and_errors(&[&a, &b], &[0, 0]).1,
+        b.log()
+    );
+
+    // (1) Failed upgrades leave the old process serving, with the reason.
+    let old = a.pid().expect("running");
+    let exe = a.exe.clone();
+    std::fs::rename(&exe, exe.with_extension("away")).expect("move the binary away");
+    let err = a.ctl_err(&["node", "upgrade"]);
+    assert!(err.contains("upgrade failed") && err.contains("No such file"), "{err}");
+    std::fs::write(exe.with_extension("new"), "#!/bin/sh\nexit 3\n").expect("script");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(exe.with_extension("new"), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    std::fs::rename(exe.with_extension("new"), &exe).expect("rename");
+    let err = a.ctl_err(&["node", "upgrade"]);
+    assert!(err.contains("exited before taking over"), "{err}");
+    assert_eq!(serving_pid(&a), Some(old));
+    assert!(a.log().contains("upgrade failed, this overlayd goes on serving"));
+    a.ctl_ok(&["node", "ls"]);
+
+    // (2) node 1 (the manager), by `overlayctl node upgrade`, from a replaced binary.
+    replace_binary(&built, &exe);
+    let gap_a = upgrade(&mut a, &[&b], |n| pids(n), false);
+    // (3) node 2 (a worker), by SIGUSR2, from a replaced binary.
+    replace_binary(&built, &b.exe.clone());
+    let gap_b = upgrade(&mut b, &[&a], |_| pids(&a), true);
+    assert!(gap_a <= 1_000 && gap_b <= 1_000, "stalls {gap_a} ms, {gap_b} ms");
+    // And once more on node 1, the upgraded process upgrading again.
+    replace_binary(&built, &exe);
+    let gap = upgrade(&mut a, &[&b], |n| pids(n), true);
+    assert!(gap <= 1_000, "stall {gap} ms");
+}

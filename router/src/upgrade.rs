@@ -4,26 +4,35 @@
 //! the node over to it over a Unix socket in the state directory (`STATE/upgrade.sock`):
 //!
 //! ```text
-//!  old overlayd                                 new overlayd (its child, OVERLAYD_UPGRADE_FROM=sock)
-//!  bind STATE/upgrade.sock, spawn ──────────►   connect; pidfd(old) from SO_PEERCRED
-//!  accept, peer is the child?  ◄── "ready PID"
-//!  "stopping" ─────────────────────────────►   (committed) wait for the old to exit
-//!  shut down as on SIGTERM (tasks left         …
-//!  running), save the final flows, exit  ───►  pidfd readable: start as any start does
-//!                                              (lock, sockets, adopt the tasks, saved flows)
+//!  old overlayd                                  new overlayd (its child, OVERLAYD_UPGRADE_FROM=sock)
+//!  bind STATE/upgrade.sock, spawn ───────────►   connect; pidfd(old) from SO_PEERCRED
+//!  accept, the peer is the child? ◄── "ready PID"
+//!  stop the control plane, API, mesh, agent
+//!  (tasks left running), keep the datapath
+//!  forwarding; release lock and sockets
+//!  "released" + SCM_RIGHTS(underlay fds) ────►   start as any start does, but with the
+//!                                                underlay sockets received (same SO_REUSEPORT
+//!                                                group); adopt the tasks (queues of its own on
+//!                                                their TAPs), publish the tables
+//!  stop the datapath (close its queues)  ◄─── "up"
+//!  save its final flows, "flows", exit  ─────►   offer them to its table
 //! ```
 //!
-//! Until "stopping" is sent nothing has changed: a binary that is missing, exits, or does not
+//! Until "released" is sent nothing has changed: a binary that is missing, exits, or does not
 //! say "ready" within [`READY_WAIT`] leaves this process serving, with the reason in its log
-//! and in the API's answer. See docs/ARCHITECTURE.md, "Upgrade in place", for what is handed
-//! over and what is not yet.
+//! and in the API's answer. A successor that fails after that (no "up" within [`UP_WAIT`])
+//! makes the old process start afresh from its own binary (`exec`, same pid), as a restart
+//! would. See docs/ARCHITECTURE.md, "Upgrade in place".
 
 use anyhow::{bail, Context};
+use std::io::{BufRead, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::info;
+use tracing::{info, warn};
 
 /// The environment variable that tells a new overlayd where its predecessor waits. Read
 /// (and removed, so that tasks do not inherit it) by `main` before anything else runs.
@@ -31,8 +40,32 @@ pub const ENV: &str = "OVERLAYD_UPGRADE_FROM";
 
 /// How long the old process waits for the new one to say "ready".
 pub const READY_WAIT: Duration = Duration::from_secs(10);
-/// How long the new process waits for the old one to answer "ready", then to exit.
-pub const STOP_WAIT: Duration = Duration::from_secs(60);
+/// How long the new process waits for the old one to release the node.
+pub const STOP_WAIT: Duration = Duration::from_secs(30);
+/// How long the old process, released, forwards while it waits for the new one to be up.
+pub const UP_WAIT: Duration = Duration::from_secs(30);
+/// How long a successor retries what its predecessor may still hold for a moment (the
+/// node lock, the store's lock, the API socket, the control port).
+const PATIENCE: Duration = Duration::from_secs(5);
+
+/// Whether this process is taking over from another ([`patiently`] retries).
+static TAKING_OVER: AtomicBool = AtomicBool::new(false);
+
+/// Runs `f`; while taking over, retries it for up to [`PATIENCE`] while it fails (what the
+/// predecessor released may still be held by one of its tasks for a moment).
+pub fn patiently<T, E>(mut f: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    if !TAKING_OVER.load(Ordering::Relaxed) {
+        return f();
+    }
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
 
 /// The binary this process was started from, as its path read at start ([`remember_binary`]).
 static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -72,14 +105,66 @@ pub struct Successor {
 }
 
 impl Successor {
-    /// Commits the handover: from here on this process shuts down and the successor waits
-    /// for it to exit.
-    pub async fn commit(&mut self) -> anyhow::Result<()> {
-        self.stream
-            .write_all(b"stopping\n")
-            .await
-            .context("telling the new overlayd to take over")
+    /// Hands the node over: this process has stopped everything but its datapath and let go
+    /// of its locks and sockets; `underlay` are its underlay receiving sockets, for the
+    /// successor's datapath.
+    pub fn release(&self, underlay: &[OwnedFd]) -> anyhow::Result<()> {
+        let fds: Vec<RawFd> = underlay.iter().map(|f| f.as_raw_fd()).collect();
+        let msg = b"released\n";
+        let iov = [std::io::IoSlice::new(msg)];
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+        let cmsgs: &[nix::sys::socket::ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+        let sent = nix::sys::socket::sendmsg::<()>(
+            self.stream.as_raw_fd(),
+            &iov,
+            cmsgs,
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .context("handing the underlay sockets over")?;
+        if sent != msg.len() {
+            bail!("handing over: short write");
+        }
+        Ok(())
     }
+
+    /// Waits (at most [`UP_WAIT`]) until the successor says its datapath is up.
+    pub async fn wait_up(&mut self) -> anyhow::Result<()> {
+        let mut line = String::new();
+        let mut r = BufReader::new(&mut self.stream);
+        match tokio::time::timeout(UP_WAIT, r.read_line(&mut line)).await {
+            Ok(Ok(_)) if line.trim() == "up" => Ok(()),
+            Ok(Ok(_)) => bail!("the new overlayd (pid {}) ended before it was up", self.pid),
+            Ok(Err(e)) => bail!("the new overlayd (pid {}): {e}", self.pid),
+            Err(_) => bail!(
+                "the new overlayd (pid {}) was not up within {UP_WAIT:?}",
+                self.pid
+            ),
+        }
+    }
+
+    /// Tells the successor that this process's final flows are saved in
+    /// [`final_flows_dir`].
+    pub async fn flows_saved(&mut self) {
+        let _ = self.stream.write_all(b"flows\n").await;
+    }
+}
+
+/// Where the old process saves its final flows (`forward::saved_flows`, in a directory of
+/// their own: the successor's sweeper saves its own in the state directory meanwhile).
+pub fn final_flows_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("upgrade")
+}
+
+/// Starts this process again from its own binary (`/proc/self/exe`, the old inode) with the
+/// same arguments and pid: after a successor failed once this one had let go of the node.
+/// Returns only on an error.
+pub fn restart_self() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new("/proc/self/exe")
+        .args(std::env::args_os().skip(1))
+        .env_remove(ENV)
+        .exec()
 }
 
 /// Old side: starts the binary on disk with this process's arguments and waits (at most
@@ -169,42 +254,95 @@ async fn spawn_and_wait(
     }
 }
 
-/// New side: says "ready" to the process waiting at `sock`, then waits until it has
-/// committed and exited (its node lock, sockets and datapath are then free). An error means
-/// the old process goes on serving (or is gone without handing over): this one must not start.
-pub async fn take_over(sock: &Path) -> anyhow::Result<()> {
-    let stream = UnixStream::connect(sock)
-        .await
-        .with_context(|| format!("connecting to the running overlayd at {}", sock.display()))?;
-    let old = stream
-        .peer_cred()
-        .ok()
-        .and_then(|c| c.pid())
-        .context("the upgrade socket's peer has no pid")?;
-    let old = u32::try_from(old).context("the old overlayd's pid")?;
-    let exited = crate::sys::pidfd::watch(
-        crate::sys::pidfd::open(old).with_context(|| format!("pidfd of the old overlayd {old}"))?,
-    )?;
-    let mut lines = BufReader::new(stream);
-    lines
-        .get_mut()
-        .write_all(format!("ready {}\n", std::process::id()).as_bytes())
-        .await
-        .context("telling the old overlayd we are ready")?;
-    let mut line = String::new();
-    match tokio::time::timeout(STOP_WAIT, lines.read_line(&mut line)).await {
-        Ok(Ok(_)) if line.trim() == "stopping" => {}
-        Ok(Ok(_)) => bail!("the old overlayd (pid {old}) did not hand over"),
-        Ok(Err(e)) => bail!("the old overlayd (pid {old}): {e}"),
-        Err(_) => bail!("the old overlayd (pid {old}) did not answer within {STOP_WAIT:?}"),
-    }
-    info!(old, "taking over: waiting for the old overlayd to stop");
-    let started = std::time::Instant::now();
-    match tokio::time::timeout(STOP_WAIT, exited.readable()).await {
-        Ok(_) => {
-            info!(old, waited = ?started.elapsed(), "the old overlayd stopped; starting");
-            Ok(())
+/// What a new process got from its predecessor.
+pub struct Handover {
+    /// The predecessor's underlay receiving sockets (its `SO_REUSEPORT` group), in order.
+    pub underlay: Vec<OwnedFd>,
+    stream: std::os::unix::net::UnixStream,
+    old: u32,
+}
+
+impl Handover {
+    /// Tells the predecessor that this process's datapath is up (it then stops its own),
+    /// and returns the flows it saved once it stopped forwarding (empty after a timeout).
+    pub fn up(mut self, state_dir: &Path) -> Vec<datapath::conntrack::Resumable> {
+        if let Err(e) = self.stream.write_all(b"up\n") {
+            warn!(error = %e, old = self.old, "cannot tell the old overlayd we are up");
+            return vec![];
         }
-        Err(_) => bail!("the old overlayd (pid {old}) did not stop within {STOP_WAIT:?}"),
+        info!(old = self.old, "up: the old overlayd stops forwarding");
+        let mut line = String::new();
+        let _ = self.stream.set_read_timeout(Some(UP_WAIT));
+        let mut r = std::io::BufReader::new(&self.stream);
+        if r.read_line(&mut line).is_err() || line.trim() != "flows" {
+            warn!(
+                old = self.old,
+                "the old overlayd did not send its final flows"
+            );
+            return vec![];
+        }
+        let dir = final_flows_dir(state_dir);
+        let flows = match crate::forward::saved_flows::load(&dir) {
+            Ok((f, _)) => f,
+            Err(e) => {
+                warn!(error = %e, "cannot read the old overlayd's final flows");
+                vec![]
+            }
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        flows
     }
+}
+
+/// New side: says "ready" to the process waiting at `sock`, then waits until it has
+/// stopped all but its datapath and released the node. An error means the old process goes
+/// on serving (or is gone without handing over): this one must not start.
+pub fn take_over(sock: &Path) -> anyhow::Result<Handover> {
+    let mut stream = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("connecting to the running overlayd at {}", sock.display()))?;
+    let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .context("the upgrade socket's peer")?;
+    let old = u32::try_from(cred.pid()).context("the old overlayd's pid")?;
+    stream
+        .write_all(format!("ready {}\n", std::process::id()).as_bytes())
+        .context("telling the old overlayd we are ready")?;
+    stream.set_read_timeout(Some(STOP_WAIT))?;
+    let mut buf = [0u8; 64];
+    let mut space = nix::cmsg_space!([RawFd; 256]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = nix::sys::socket::recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .with_context(|| format!("waiting for the old overlayd (pid {old}) to release the node"))?;
+    let mut underlay = Vec::new();
+    for c in msg.cmsgs().context("reading the handed-over fds")? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
+            // SAFETY: the kernel installed these fds in this process for this message.
+            underlay.extend(
+                fds.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let n = msg.bytes;
+    if &buf[..n] != b"released\n" {
+        bail!(
+            "the old overlayd (pid {old}) did not hand over: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    TAKING_OVER.store(true, Ordering::Relaxed);
+    info!(
+        old,
+        underlay = underlay.len(),
+        "the old overlayd released the node; taking over"
+    );
+    Ok(Handover {
+        underlay,
+        stream,
+        old,
+    })
 }

@@ -233,11 +233,12 @@ impl Node {
     /// child, to exit; from then on `pid` is this node's daemon. Returns whether the old
     /// one exited.
     pub fn upgraded_to(&mut self, pid: u32) -> bool {
-        let exited = match self.child.as_mut() {
-            Some(child) => wait_for(Duration::from_secs(15), || {
+        let exited = match (self.child.as_mut(), self.successor) {
+            (Some(child), _) => wait_for(Duration::from_secs(15), || {
                 matches!(child.try_wait(), Ok(Some(_)))
             }),
-            None => !process_alive(self.successor.unwrap_or(pid)) || self.successor == Some(pid),
+            (None, Some(old)) => wait_for(Duration::from_secs(15), || !process_alive(old)),
+            (None, None) => false,
         };
         if exited {
             self.child = None;

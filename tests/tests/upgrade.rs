@@ -7,7 +7,9 @@
 //! leaves the old one serving with the reason in its answer. Two nodes on a bridged
 //! underlay (198.18.24.0/24). Needs root.
 
-use overlay_e2e::{process_alive, require_root, script_dir, unique, wait_for, write_script, Node, Underlay};
+use overlay_e2e::{
+    process_alive, require_root, script_dir, unique, wait_for, write_script, Node, Underlay,
+};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -180,7 +182,6 @@ fn gaps_and_errors(nodes: &[&Node], before: &[u64]) -> (u64, Vec<String>) {
     (gap, errors)
 }
 
-
 /// Puts a copy of `from` at `to` as an upgrade does: written beside it, renamed over it (the
 /// running process keeps the old inode).
 fn replace_binary(from: &Path, to: &Path) {
@@ -199,7 +200,12 @@ fn serving_pid(node: &Node) -> Option<u32> {
 /// Upgrades `node` (by `overlayctl node upgrade` or SIGUSR2) while the clients talk, and
 /// checks what the issue asks: the old process gone, the new one serving, the tasks the same
 /// processes, no connection broken, no stall over 1 s. Returns the longest stall (ms).
-fn upgrade(node: &mut Node, others: &[&Node], manager_of: impl Fn(&Node) -> Vec<Option<u64>>, by_signal: bool) -> u64 {
+fn upgrade(
+    node: &mut Node,
+    others: &[&Node],
+    manager_of: impl Fn(&Node) -> Vec<Option<u64>>,
+    by_signal: bool,
+) -> u64 {
     let old = node.pid().expect("running");
     let before = manager_of(node);
     let seqs = {
@@ -209,10 +215,14 @@ fn upgrade(node: &mut Node, others: &[&Node], manager_of: impl Fn(&Node) -> Vec<
     };
     let started = Instant::now();
     let new = if by_signal {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), nix::sys::signal::SIGUSR2)
-            .expect("SIGUSR2");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old as i32),
+            nix::sys::signal::SIGUSR2,
+        )
+        .expect("SIGUSR2");
         assert!(
-            wait_for(Duration::from_secs(30), || serving_pid(node).is_some_and(|p| p != old)),
+            wait_for(Duration::from_secs(30), || serving_pid(node)
+                .is_some_and(|p| p != old)),
             "no new overlayd serves after SIGUSR2:\n{}",
             node.log()
         );
@@ -225,12 +235,20 @@ fn upgrade(node: &mut Node, others: &[&Node], manager_of: impl Fn(&Node) -> Vec<
             .nth(1)
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("no pid in {out:?}"));
-        assert_eq!(serving_pid(node), Some(pid), "overlayctl returned before the new one served");
+        assert_eq!(
+            serving_pid(node),
+            Some(pid),
+            "overlayctl returned before the new one served"
+        );
         pid
     };
     let took = started.elapsed();
     assert_ne!(new, old);
-    assert!(node.upgraded_to(new), "the old overlayd {old} did not exit:\n{}", node.log());
+    assert!(
+        node.upgraded_to(new),
+        "the old overlayd {old} did not exit:\n{}",
+        node.log()
+    );
     assert!(!process_alive(old));
     let mut all: Vec<&Node> = others.to_vec();
     all.push(node);
@@ -252,7 +270,11 @@ fn upgrade(node: &mut Node, others: &[&Node], manager_of: impl Fn(&Node) -> Vec<
     eprintln!(
         "upgrade of {} ({}): new overlayd {new} serving after {took:?}; longest gap {gap} ms",
         node.name,
-        if by_signal { "SIGUSR2" } else { "overlayctl node upgrade" }
+        if by_signal {
+            "SIGUSR2"
+        } else {
+            "overlayctl node upgrade"
+        }
     );
     gap
 }
@@ -283,8 +305,18 @@ fn upgrade_in_place() {
     a.ctl_ok(&["network", "create", "--subnet", "10.0.34.0/24", "net"]);
     for (name, script) in [("echo", &echo), ("client", &client)] {
         a.ctl_ok(&[
-            "service", "create", "--name", name, "--network", "net", "--replicas", "2", "--",
-            "/usr/bin/python3", "-u", script,
+            "service",
+            "create",
+            "--name",
+            name,
+            "--network",
+            "net",
+            "--replicas",
+            "2",
+            "--",
+            "/usr/bin/python3",
+            "-u",
+            script,
         ]);
     }
     assert!(
@@ -310,18 +342,26 @@ fn upgrade_in_place() {
     let exe = a.exe.clone();
     std::fs::rename(&exe, exe.with_extension("away")).expect("move the binary away");
     let err = a.ctl_err(&["node", "upgrade"]);
-    assert!(err.contains("upgrade failed") && err.contains("No such file"), "{err}");
+    assert!(
+        err.contains("upgrade failed") && err.contains("No such file"),
+        "{err}"
+    );
     std::fs::write(exe.with_extension("new"), "#!/bin/sh\nexit 3\n").expect("script");
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(exe.with_extension("new"), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
+        std::fs::set_permissions(
+            exe.with_extension("new"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
     }
     std::fs::rename(exe.with_extension("new"), &exe).expect("rename");
     let err = a.ctl_err(&["node", "upgrade"]);
     assert!(err.contains("exited before taking over"), "{err}");
     assert_eq!(serving_pid(&a), Some(old));
-    assert!(a.log().contains("upgrade failed, this overlayd goes on serving"));
+    assert!(a
+        .log()
+        .contains("upgrade failed, this overlayd goes on serving"));
     a.ctl_ok(&["node", "ls"]);
 
     // (2) node 1 (the manager), by `overlayctl node upgrade`, from a replaced binary.
@@ -330,7 +370,10 @@ fn upgrade_in_place() {
     // (3) node 2 (a worker), by SIGUSR2, from a replaced binary.
     replace_binary(&built, &b.exe.clone());
     let gap_b = upgrade(&mut b, &[&a], |_| pids(&a), true);
-    assert!(gap_a <= 1_000 && gap_b <= 1_000, "stalls {gap_a} ms, {gap_b} ms");
+    assert!(
+        gap_a <= 1_000 && gap_b <= 1_000,
+        "stalls {gap_a} ms, {gap_b} ms"
+    );
     // And once more on node 1, the upgraded process upgrading again.
     replace_binary(&built, &exe);
     let gap = upgrade(&mut a, &[&b], |n| pids(n), true);

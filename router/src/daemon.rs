@@ -592,6 +592,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         info!(flows = f.len(), "took the old overlayd's final flows");
                         table.offer_resumable(f);
                     }
+                    // The mesh opened the ports it publishes by now; the rest are no one's.
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    crate::upgrade::drop_unclaimed();
                 }
             });
             agent.on_settled(tx)

@@ -25,6 +25,7 @@
 //! would. See docs/ARCHITECTURE.md, "Upgrade in place".
 
 use anyhow::{bail, Context};
+use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -64,6 +65,47 @@ pub fn patiently<T, E>(mut f: impl FnMut() -> Result<T, E>) -> Result<T, E> {
             Err(e) if std::time::Instant::now() >= deadline => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
+    }
+}
+
+/// The routing mesh's open listening sockets (published ports), by "tcp 8080" / "udp 9000":
+/// copies, so that a successor can take them over with their backlog (no connection is
+/// refused while neither process accepts).
+static LISTENERS: std::sync::Mutex<BTreeMap<String, OwnedFd>> =
+    std::sync::Mutex::new(BTreeMap::new());
+/// Listening sockets a predecessor handed over, until the mesh opens their ports.
+static INHERITED: std::sync::Mutex<BTreeMap<String, OwnedFd>> =
+    std::sync::Mutex::new(BTreeMap::new());
+/// At most this many fds go in the handover (one `SCM_RIGHTS` message holds 253): ports
+/// beyond are opened afresh by the successor.
+const MAX_HANDED_FDS: usize = 250;
+
+/// Notes a published port's open socket (`ingress::proxy`), for a successor.
+pub fn note_listener(key: &str, fd: std::os::fd::BorrowedFd) {
+    if let (Ok(dup), Ok(mut l)) = (fd.try_clone_to_owned(), LISTENERS.lock()) {
+        l.insert(key.to_string(), dup);
+    }
+}
+
+/// Forgets a published port's socket (closed).
+pub fn forget_listener(key: &str) {
+    if let Ok(mut l) = LISTENERS.lock() {
+        l.remove(key);
+    }
+}
+
+/// The socket a predecessor handed over for the published port `key`, if any.
+pub fn take_inherited(key: &str) -> Option<OwnedFd> {
+    INHERITED.lock().ok()?.remove(key)
+}
+
+/// Closes the handed-over sockets no port of this process took (unpublished meanwhile).
+pub fn drop_unclaimed() {
+    if let Ok(mut l) = INHERITED.lock() {
+        if !l.is_empty() {
+            info!(ports = ?l.keys().collect::<Vec<_>>(), "closing handed-over ports nobody publishes");
+        }
+        l.clear();
     }
 }
 
@@ -109,8 +151,23 @@ impl Successor {
     /// of its locks and sockets; `underlay` are its underlay receiving sockets, for the
     /// successor's datapath.
     pub fn release(&self, underlay: &[OwnedFd]) -> anyhow::Result<()> {
-        let fds: Vec<RawFd> = underlay.iter().map(|f| f.as_raw_fd()).collect();
-        let msg = b"released\n";
+        let mut fds: Vec<RawFd> = underlay.iter().map(|f| f.as_raw_fd()).collect();
+        let mut text = format!("released {}\n", underlay.len());
+        // The mesh's listening sockets, copies this process holds while its proxy is gone.
+        let listeners = LISTENERS
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default();
+        for (key, fd) in &listeners {
+            if fds.len() >= MAX_HANDED_FDS {
+                warn!(port = %key, "too many published ports to hand over: the successor opens it afresh");
+                continue;
+            }
+            fds.push(fd.as_raw_fd());
+            text.push_str(key);
+            text.push('\n');
+        }
+        let msg = text.as_bytes();
         let iov = [std::io::IoSlice::new(msg)];
         let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
         let cmsgs: &[nix::sys::socket::ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
@@ -125,6 +182,7 @@ impl Successor {
         if sent != msg.len() {
             bail!("handing over: short write");
         }
+        drop(listeners);
         Ok(())
     }
 
@@ -307,7 +365,7 @@ pub fn take_over(sock: &Path) -> anyhow::Result<Handover> {
         .write_all(format!("ready {}\n", std::process::id()).as_bytes())
         .context("telling the old overlayd we are ready")?;
     stream.set_read_timeout(Some(STOP_WAIT))?;
-    let mut buf = [0u8; 64];
+    let mut buf = vec![0u8; 64 * 1024];
     let mut space = nix::cmsg_space!([RawFd; 256]);
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
     let msg = nix::sys::socket::recvmsg::<()>(
@@ -317,22 +375,34 @@ pub fn take_over(sock: &Path) -> anyhow::Result<Handover> {
         nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
     )
     .with_context(|| format!("waiting for the old overlayd (pid {old}) to release the node"))?;
-    let mut underlay = Vec::new();
+    let mut fds = Vec::new();
     for c in msg.cmsgs().context("reading the handed-over fds")? {
-        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(got) = c {
             // SAFETY: the kernel installed these fds in this process for this message.
-            underlay.extend(
-                fds.into_iter()
+            fds.extend(
+                got.into_iter()
                     .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
             );
         }
     }
     let n = msg.bytes;
-    if &buf[..n] != b"released\n" {
-        bail!(
-            "the old overlayd (pid {old}) did not hand over: {:?}",
-            String::from_utf8_lossy(&buf[..n])
-        );
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let mut lines = text.lines();
+    let Some(k) = lines
+        .next()
+        .and_then(|l| l.strip_prefix("released "))
+        .and_then(|k| k.parse::<usize>().ok())
+        .filter(|k| *k <= fds.len())
+    else {
+        bail!("the old overlayd (pid {old}) did not hand over: {text:?}");
+    };
+    let mut listeners = fds.split_off(k).into_iter();
+    let underlay = fds;
+    if let Ok(mut inherited) = INHERITED.lock() {
+        for key in lines {
+            let Some(fd) = listeners.next() else { break };
+            inherited.insert(key.to_string(), fd);
+        }
     }
     TAKING_OVER.store(true, Ordering::Relaxed);
     info!(

@@ -474,3 +474,209 @@ fn upgrade_in_place() {
     // connections do not move: docs/ARCHITECTURE.md); at most one per upgrade.
     assert!(count("failed") <= 3, "{out}");
 }
+
+/// Receives the probe's datagrams on UDP 9999 and prints each gap between two of them over
+/// 5 ms (`gap MS AT`, AT in Unix seconds), and every second how many arrived (`got N`).
+/// Serves iperf3 too.
+const PROBE_SINK_PY: &str = r#"
+import socket, subprocess, time
+subprocess.Popen(["iperf3", "-s"], stdout=subprocess.DEVNULL)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9999))
+last = None
+n = 0
+tick = time.time()
+while True:
+    s.recv(64)
+    now = time.time()
+    n += 1
+    if last is not None and now - last > 0.005:
+        print("gap %d %.3f" % ((now - last) * 1000, now), flush=True)
+    last = now
+    if now - tick >= 1:
+        print("got", n, flush=True)
+        tick = now
+"#;
+
+/// Sends a datagram every millisecond to ARGV[1]:9999 for ARGV[2] seconds.
+const PROBE_SEND_PY: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.time() + float(sys.argv[2])
+nxt = time.time()
+while time.time() < end:
+    s.sendto(b"p", (sys.argv[1], 9999))
+    nxt += 0.001
+    d = nxt - time.time()
+    if d > 0:
+        time.sleep(d)
+"#;
+
+/// The bench behind `benches/upgrade-gap.sh` (ignored by default): one iperf3 TCP stream
+/// from a task on node 1 to a task on node 2, and a UDP probe (a datagram every ms) beside
+/// it, while node 1's overlayd is upgraded in place `UPGRADES` times (default 5), 2.5 s
+/// apart. Prints the longest gap between two probe datagrams inside each upgrade's window
+/// (the upgrade's start to 1.5 s after) and outside any (the machine's own jitter), and the
+/// stream's throughput per 100 ms interval.
+#[test]
+#[ignore]
+fn upgrade_gap_under_iperf() {
+    if !require_root("upgrade_gap_under_iperf") {
+        return;
+    }
+    let upgrades: usize = std::env::var("UPGRADES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let tag = unique("ug");
+    let u = Underlay::new(&tag, 2, 25);
+    let (mut a, b) = Node::pair(&tag, &u);
+    let dir = script_dir(&tag);
+    let built = a.exe.clone();
+    let exe = dir.join("overlayd-node1");
+    std::fs::copy(&built, &exe).expect("copy overlayd");
+    assert!(a.stop());
+    a.exe = exe.clone();
+    a.start_again();
+    a.wait_ready(&[&b]);
+    let sink = write_script(&dir, "sink.py", PROBE_SINK_PY);
+    let send = write_script(&dir, "send.py", PROBE_SEND_PY);
+    a.ctl_ok(&["network", "create", "--subnet", "10.0.35.0/24", "net"]);
+    a.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "perf",
+        "--network",
+        "net",
+        "--replicas",
+        "2",
+        "--",
+        "/usr/bin/python3",
+        "-u",
+        &sink,
+    ]);
+    assert!(wait_for(Duration::from_secs(20), || ["perf.1", "perf.2"]
+        .iter()
+        .all(|t| a.task_view(t)["status"]["state"] == "running")));
+    let on_a = ["perf.1", "perf.2"]
+        .into_iter()
+        .find(|t| a.node_of(t) == a.name)
+        .expect("a task on node 1");
+    let on_b = if on_a == "perf.1" { "perf.2" } else { "perf.1" };
+    assert_eq!(a.node_of(on_b), b.name);
+    let ip_b = a.task_ip(on_b);
+    let secs = 3.0 + 2.5 * upgrades as f64;
+    std::thread::sleep(Duration::from_millis(500)); // iperf3 -s starting in the task
+    let iperf = a
+        .ctl_cmd(&[
+            "exec",
+            on_a,
+            "--",
+            "iperf3",
+            "-c",
+            &ip_b,
+            "-t",
+            &format!("{secs}"),
+            "-i",
+            "0.1",
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("iperf3");
+    let probe = a
+        .ctl_cmd(&[
+            "exec",
+            on_a,
+            "--",
+            "/usr/bin/python3",
+            &send,
+            &ip_b,
+            &format!("{secs}"),
+        ])
+        .spawn()
+        .expect("probe");
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let mut windows = vec![];
+    for _ in 0..upgrades {
+        replace_binary(&built, &exe);
+        let old = a.pid().expect("running");
+        let at = unix();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old as i32),
+            nix::sys::signal::SIGUSR2,
+        )
+        .expect("SIGUSR2");
+        assert!(
+            wait_for(Duration::from_secs(30), || serving_pid(&a)
+                .is_some_and(|p| p != old)),
+            "{}",
+            a.log()
+        );
+        let new = serving_pid(&a).expect("serving");
+        assert!(a.upgraded_to(new), "{}", a.log());
+        windows.push(at);
+        std::thread::sleep(
+            Duration::from_millis(2_500).saturating_sub(Duration::from_secs_f64(unix() - at)),
+        );
+    }
+    let out = iperf.wait_with_output().expect("iperf3");
+    let _ = probe.wait_with_output();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    let bps: Vec<f64> = v["intervals"]
+        .as_array()
+        .expect("intervals")
+        .iter()
+        .map(|i| i["sum"]["bits_per_second"].as_f64().unwrap_or(0.0))
+        .collect();
+    let mean = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let retrans = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    let zero = bps.iter().filter(|b| **b == 0.0).count();
+    let min = bps.iter().cloned().fold(f64::MAX, f64::min);
+    let log = std::fs::read_to_string(b.dir.join("state/logs").join(format!("{on_b}.log")))
+        .unwrap_or_default();
+    let gaps: Vec<(f64, f64)> = log
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                ["gap", ms, at] => Some((ms.parse().ok()?, at.parse().ok()?)),
+                _ => None,
+            }
+        })
+        .collect();
+    let in_window = |at: f64| windows.iter().any(|w| at >= *w && at <= *w + 1.5);
+    let per_upgrade: Vec<f64> = windows
+        .iter()
+        .map(|w| {
+            gaps.iter()
+                .filter(|(_, at)| *at >= *w && *at <= *w + 1.5)
+                .map(|(ms, _)| *ms)
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    let outside = gaps
+        .iter()
+        .filter(|(_, at)| !in_window(*at))
+        .map(|(ms, _)| *ms)
+        .fold(0.0, f64::max);
+    eprintln!(
+        "upgrade-gap: {upgrades} upgrades of node 1 under one iperf3 stream node 1 -> node 2: \
+         longest probe gap per upgrade (ms) {per_upgrade:?}; longest outside upgrades {outside} ms; \
+         stream mean {:.2} Gbit/s, slowest 100 ms interval {:.2} Gbit/s, {zero} intervals with \
+         nothing, {retrans} retransmits",
+        mean / 1e9,
+        min / 1e9
+    );
+}

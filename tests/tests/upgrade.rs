@@ -443,7 +443,7 @@ fn upgrade_in_place() {
 
     // (2) node 1 (the manager), by `overlayctl node upgrade`, from a replaced binary.
     replace_binary(&built, &exe);
-    let gap_a = upgrade(&mut a, &[&b], |n| pids(n), false);
+    let gap_a = upgrade(&mut a, &[&b], pids, false);
     // (3) node 2 (a worker), by SIGUSR2, from a replaced binary.
     replace_binary(&built, &b.exe.clone());
     let gap_b = upgrade(&mut b, &[&a], |_| pids(&a), true);
@@ -453,7 +453,7 @@ fn upgrade_in_place() {
     );
     // And once more on node 1, the upgraded process upgrading again.
     replace_binary(&built, &exe);
-    let gap = upgrade(&mut a, &[&b], |n| pids(n), true);
+    let gap = upgrade(&mut a, &[&b], pids, true);
     assert!(gap <= 1_000, "stall {gap} ms");
     std::fs::write(&stop, "").expect("stop file");
     let out = mesh.wait_with_output().expect("mesh loop output");

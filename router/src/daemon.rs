@@ -771,10 +771,19 @@ async fn finish_handover(
     let started = std::time::Instant::now();
     drop(kept);
     match up {
-        Ok(()) => {
+        Ok(true) => {
             save_flows(&crate::upgrade::final_flows_dir(state_dir), flows);
             next.flows_saved().await;
             info!(stopped_in = ?started.elapsed(), "handed over to the new overlayd: overlayd stopped");
+            Ok(())
+        }
+        Ok(false) => {
+            save_flows(state_dir, flows);
+            warn!(
+                pid = next.pid,
+                "the new overlayd runs but is not up yet (no state from its manager): it keeps \
+                 the node; overlayd stopped"
+            );
             Ok(())
         }
         Err(e) => {

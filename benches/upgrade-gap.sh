@@ -2,7 +2,7 @@
 # The longest forwarding gap while a node's overlayd is upgraded in place (issue 24), under
 # one iperf3 TCP stream between tasks on two nodes: the e2e bench `upgrade_gap_under_iperf`
 # (tests/tests/upgrade.rs) with a UDP probe (a datagram every ms) beside the stream; node 1
-# is upgraded N times (SIGUSR2, the binary replaced each time), 2.5 s apart. Then the same
+# is upgraded N times (SIGUSR2, the binary replaced each time), 4 s apart. Then the same
 # run without upgrades, for the machine's own jitter and the stream's own retransmits.
 # Usage (root): benches/upgrade-gap.sh [N] [debug]    Release binaries unless "debug".
 set -euo pipefail

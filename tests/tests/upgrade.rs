@@ -514,7 +514,7 @@ while time.time() < end:
 
 /// The bench behind `benches/upgrade-gap.sh` (ignored by default): one iperf3 TCP stream
 /// from a task on node 1 to a task on node 2, and a UDP probe (a datagram every ms) beside
-/// it, while node 1's overlayd is upgraded in place `UPGRADES` times (default 5), 2.5 s
+/// it, while node 1's overlayd is upgraded in place `UPGRADES` times (default 5), 4 s
 /// apart. Prints the longest gap between two probe datagrams inside each upgrade's window
 /// (the upgrade's start to 1.5 s after) and outside any (the machine's own jitter), and the
 /// stream's throughput per 100 ms interval.
@@ -566,8 +566,15 @@ fn upgrade_gap_under_iperf() {
     let on_b = if on_a == "perf.1" { "perf.2" } else { "perf.1" };
     assert_eq!(a.node_of(on_b), b.name);
     let ip_b = a.task_ip(on_b);
-    let secs = 3.0 + 2.5 * upgrades as f64;
+    let secs = 4.0 + 4.0 * upgrades as f64;
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64()
+    };
     std::thread::sleep(Duration::from_millis(500)); // iperf3 -s starting in the task
+    let t0 = unix();
     let iperf = a
         .ctl_cmd(&[
             "exec",
@@ -599,12 +606,6 @@ fn upgrade_gap_under_iperf() {
         ])
         .spawn()
         .expect("probe");
-    let unix = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_secs_f64()
-    };
     std::thread::sleep(Duration::from_secs(2));
     let mut windows = vec![];
     for _ in 0..upgrades {
@@ -626,7 +627,7 @@ fn upgrade_gap_under_iperf() {
         assert!(a.upgraded_to(new), "{}", a.log());
         windows.push(at);
         std::thread::sleep(
-            Duration::from_millis(2_500).saturating_sub(Duration::from_secs_f64(unix() - at)),
+            Duration::from_millis(4_000).saturating_sub(Duration::from_secs_f64(unix() - at)),
         );
     }
     let out = iperf.wait_with_output().expect("iperf3");
@@ -656,6 +657,22 @@ fn upgrade_gap_under_iperf() {
             }
         })
         .collect();
+    // The stream's 100 ms intervals around each upgrade (from 0.2 s before to 1.5 s after),
+    // in Gbit/s; the intervals' times are counted from when iperf3 was started.
+    if std::env::var_os("UPGRADE_GAP_DETAIL").is_some() {
+        for w in &windows {
+            let around: Vec<String> = bps
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| {
+                    let t = t0 + *i as f64 * 0.1;
+                    t >= w - 0.2 && t <= w + 1.5
+                })
+                .map(|(_, b)| format!("{:.1}", b / 1e9))
+                .collect();
+            eprintln!("upgrade at +{:.1} s: {}", w - t0, around.join(" "));
+        }
+    }
     let in_window = |at: f64| windows.iter().any(|w| at >= *w && at <= *w + 1.5);
     let per_upgrade: Vec<f64> = windows
         .iter()

@@ -737,9 +737,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long an upgraded process reads its detached TAP queues before it closes them.
-const QUEUE_DRAIN: Duration = Duration::from_millis(50);
-
 /// Saves the table's established flows in `dir` (`forward::saved_flows`).
 fn save_flows(dir: &Path, flows: &ConnTable) {
     let established = flows.established();
@@ -772,12 +769,6 @@ async fn finish_handover(
         Err(e) => Err(e),
     };
     let started = std::time::Instant::now();
-    if let (Ok(true), Some(d)) = (&up, &kept) {
-        // Frames go only to the successor's queues from now on; what sits in ours is
-        // forwarded before they close.
-        d.detach_queues();
-        tokio::time::sleep(QUEUE_DRAIN).await;
-    }
     drop(kept);
     match up {
         Ok(true) => {

@@ -99,6 +99,11 @@ pub fn take_inherited(key: &str) -> Option<OwnedFd> {
     INHERITED.lock().ok()?.remove(key)
 }
 
+/// Whether a predecessor handed over a socket for the published port `key`.
+pub fn has_inherited(key: &str) -> bool {
+    INHERITED.lock().is_ok_and(|l| l.contains_key(key))
+}
+
 /// Closes the handed-over sockets no port of this process took (unpublished meanwhile).
 pub fn drop_unclaimed() {
     if let Ok(mut l) = INHERITED.lock() {

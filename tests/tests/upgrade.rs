@@ -76,7 +76,7 @@ while True:
                 print("error: echo %r for %r" % (got, line), flush=True)
                 sys.exit(1)
     except OSError as e:
-        print("error:", e, flush=True)
+        print("error:", e, "at %.3f" % time.time(), flush=True)
         sys.exit(1)
     now = time.monotonic()
     print("ok %d %d" % (seq, (now - last) * 1000), flush=True)
@@ -205,7 +205,7 @@ while not os.path.exists(stop):
         print("refused", flush=True)
     except OSError as e:
         failed += 1
-        print("error:", e, flush=True)
+        print("error:", e, "at %.3f" % time.time(), flush=True)
     time.sleep(0.02)
 print("ok", ok, "refused", refused, "failed", failed, flush=True)
 "#;

@@ -86,8 +86,6 @@ enum Command {
     Inject(PortId, Vec<u8>),
     /// Start reading the underlay socket (a datapath started holding it).
     ReadUnderlay,
-    /// Detach the worker's TAP queues (no more frames come) and read what they hold.
-    DetachQueues,
     Stop,
 }
 
@@ -172,15 +170,6 @@ impl Datapath {
     pub fn read_underlay(&self) {
         for w in &self.workers {
             w.send(Command::ReadUnderlay);
-        }
-    }
-
-    /// Detaches every TAP queue of the workers from its device, so that the kernel steers
-    /// frames only to other processes' queues; the workers go on reading what the queues
-    /// hold (an upgraded process, before it stops: nothing is left in a queue it closes).
-    pub fn detach_queues(&self) {
-        for w in &self.workers {
-            w.send(Command::DetachQueues);
         }
     }
 
@@ -583,29 +572,6 @@ impl Worker {
                             && !self.ready.contains(&UNDERLAY)
                         {
                             self.ready.push_back(UNDERLAY);
-                        }
-                    }
-                }
-                Command::DetachQueues => {
-                    // A detached queue takes no writes either: what the underlay brings
-                    // for a task is the successor's to read from now on.
-                    if let Some(u) = &self.underlay {
-                        let raw = u.socket().as_raw_fd();
-                        let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
-                        self.ready.retain(|t| *t != UNDERLAY);
-                    }
-                    let ports: Vec<PortId> = self.ports.fds.keys().copied().collect();
-                    for port in ports {
-                        use std::os::fd::AsFd;
-                        // Ports with one fd (the ingress link) are no TAP: an error, ignored.
-                        let Some(fd) = self.ports.reader(port) else {
-                            continue;
-                        };
-                        if crate::sys::tap::detach_queue(fd.as_fd()).is_ok() {
-                            let token = Token(port.0 as usize);
-                            if !self.ready.contains(&token) {
-                                self.ready.push_back(token);
-                            }
                         }
                     }
                 }

@@ -64,25 +64,6 @@ nix::ioctl_write_ptr_bad!(tunsetiff, 0x4004_54ca, IfReq);
 nix::ioctl_write_int_bad!(tunsetoffload, 0x4004_54d0);
 // TUNSETPERSIST = _IOW('T', 203, int); the flag is passed by value.
 nix::ioctl_write_int_bad!(tunsetpersist, 0x4004_54cb);
-// TUNSETQUEUE = _IOW('T', 217, int); the kernel reads a `struct ifreq`'s flags.
-nix::ioctl_write_ptr_bad!(tunsetqueue, 0x4004_54d9, IfReq);
-const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
-
-/// Detaches a multi-queue TAP's queue `fd` from its device: the kernel steers no more frames
-/// to it, and what it holds can still be read (an upgraded process's queues, drained before
-/// they close). An error for anything but a TAP queue.
-pub fn detach_queue(fd: std::os::fd::BorrowedFd) -> io::Result<()> {
-    let req = IfReq {
-        name: [0; IFNAMSIZ],
-        flags: IFF_DETACH_QUEUE,
-        _pad: [0; 22],
-    };
-    // SAFETY: `req` is a properly sized, initialised `struct ifreq` that outlives the call;
-    // on an fd that is not a TAP queue the kernel answers an error.
-    unsafe { tunsetqueue(std::os::fd::AsRawFd::as_raw_fd(&fd), &req) }
-        .map(|_| ())
-        .map_err(io::Error::from)
-}
 
 /// Creates TAP device `name` with `queues` queues in the calling thread's network namespace
 /// (or attaches to it again, if it exists with the same flags: a persistent one) and returns

@@ -72,8 +72,15 @@ impl Proxy {
             return;
         };
         let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, key.1));
-        // A predecessor's socket for the port (an upgrade): its backlog is served here.
+        // A predecessor's socket for the port (an upgrade): its backlog is served here, once
+        // the view names the port's backends (right after the start the statuses may not
+        // be in yet, and a connection accepted with no backend is reset); until then the
+        // connections wait in the backlog (the successor closes an unclaimed socket after
+        // a while).
         let name = handover_key(key);
+        if l.view.backends.is_empty() && crate::upgrade::has_inherited(&name) {
+            return;
+        }
         let inherited = crate::upgrade::take_inherited(&name);
         let opened = match key.0 {
             PortProtocol::Tcp => match inherited {

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  old overlayd                                  new overlayd (its child, OVERLAYD_UPGRADE_FROM=sock)
-//!  bind STATE/upgrade.sock, spawn ───────────►   connect; pidfd(old) from SO_PEERCRED
+//!  bind STATE/upgrade.sock, spawn ───────────►   connect; the old pid from SO_PEERCRED
 //!  accept, the peer is the child? ◄── "ready PID"
 //!  stop the control plane, API, mesh, agent
 //!  (tasks left running), keep the datapath
@@ -420,4 +420,63 @@ pub fn take_over(sock: &Path) -> anyhow::Result<Handover> {
         stream,
         old,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// The handover's messages over a real Unix socket: "ready", then "released" with the
+    /// underlay sockets and a published port's listening socket, then "up" and "flows".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hands_over_sockets_and_ports() {
+        let dir = std::env::temp_dir().join(format!("overlay-upgrade-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let sock = dir.join("upgrade.sock");
+        let listener = UnixListener::bind(&sock).expect("bind");
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let udp_port = udp.local_addr().expect("addr").port();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("tcp");
+        let tcp_port = tcp.local_addr().expect("addr").port();
+        note_listener(&format!("tcp {tcp_port}"), tcp.as_fd());
+        drop(tcp); // the copy keeps it listening
+        let new_side = {
+            let sock = sock.clone();
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let h = take_over(&sock).expect("take over");
+                assert_eq!(h.underlay.len(), 1);
+                let got = std::net::UdpSocket::from(h.underlay.into_iter().next().unwrap());
+                assert_eq!(got.local_addr().expect("addr").port(), udp_port);
+                let h = Handover {
+                    underlay: vec![],
+                    ..h
+                };
+                assert!(has_inherited(&format!("tcp {tcp_port}")));
+                let port = take_inherited(&format!("tcp {tcp_port}")).expect("inherited");
+                let port = std::net::TcpListener::from(port);
+                assert_eq!(port.local_addr().expect("addr").port(), tcp_port);
+                h.up(&dir)
+            })
+        };
+        let (stream, _) = listener.accept().await.expect("accept");
+        let mut lines = BufReader::new(stream);
+        let mut line = String::new();
+        lines.read_line(&mut line).await.expect("read");
+        assert_eq!(line, format!("ready {}\n", std::process::id()));
+        let mut old = Successor {
+            pid: std::process::id(),
+            binary: PathBuf::from("/bin/true"),
+            stream: lines.into_inner(),
+        };
+        old.release(&[OwnedFd::from(udp)]).expect("release");
+        assert!(old.wait_up().await.expect("up"));
+        old.flows_saved().await;
+        let flows = tokio::task::spawn_blocking(move || new_side.join().expect("new side"))
+            .await
+            .expect("join");
+        assert!(flows.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -20,6 +20,34 @@ impl Client {
         Client { socket }
     }
 
+    /// Waits until the process serving the socket is `pid` (a new overlayd after an upgrade
+    /// in place) and it answers `GET /info`.
+    pub async fn wait_served_by(
+        &self,
+        pid: u32,
+        within: std::time::Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(s) = UnixStream::connect(&self.socket).await {
+                let peer = s.peer_cred().ok().and_then(|c| c.pid());
+                drop(s);
+                if peer == Some(pid as i32)
+                    && self.call_status(Method::GET, "/info", None).await.is_ok()
+                {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "the new overlayd (pid {pid}) does not serve {} after {within:?}",
+                    self.socket.display()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Calls the API; returns the status and body as they came.
     pub async fn call_status(
         &self,

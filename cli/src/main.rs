@@ -165,6 +165,10 @@ enum NodeCmd {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Upgrade this node's overlayd in place: it starts the binary now on disk (the file it
+    /// was started from, replaced or not) with the same arguments and hands the node over
+    /// to it; its tasks keep running. Waits until the new process serves the API.
+    Upgrade,
     /// Remove nodes from the cluster: their certificates are refused from then on. A node
     /// that is not down is refused unless --force.
     #[command(alias = "remove")]
@@ -814,6 +818,16 @@ async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<()> {
                 c.delete(&format!("/nodes/{}{q}", seg(&n))).await?;
                 println!("{n}");
             }
+        }
+        NodeCmd::Upgrade => {
+            let v: serde_json::Value = c.post("/node/upgrade", json!({})).await?;
+            let pid = v["pid"].as_u64().unwrap_or_default() as u32;
+            c.wait_served_by(pid, std::time::Duration::from_secs(60))
+                .await?;
+            println!(
+                "overlayd upgraded in place: pid {pid} ({})",
+                v["binary"].as_str().unwrap_or_default()
+            );
         }
         NodeCmd::Update { availability, name } => {
             let body = json!({ "availability": availability });

@@ -43,7 +43,14 @@ pub struct ApiState {
     pub state_dir: PathBuf,
     /// The node's Docker Engine, for image tasks' logs (with `--docker-plugin`).
     pub docker_host: Option<PathBuf>,
+    /// Asks the daemon to upgrade in place (`POST /node/upgrade`, [`crate::upgrade`]); the
+    /// answer is the new process's pid and binary, or why it did not take over.
+    pub upgrade: Option<tokio::sync::mpsc::Sender<UpgradeRequest>>,
 }
+
+/// A request to upgrade in place, answered once the new process is ready (and this one
+/// stops) or has failed (and this one goes on serving).
+pub type UpgradeRequest = tokio::sync::oneshot::Sender<Result<(u32, String), String>>;
 
 /// An [`OpError`] as the API answers it: its status, and the message as an
 /// [`ErrorBody`](protocol::api::ErrorBody).
@@ -90,6 +97,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/tasks", get(task_list))
         .route("/tasks/{name}", get(task_inspect))
         .route("/nodes", get(node_list))
+        .route("/node/upgrade", post(node_upgrade))
         .route(
             "/nodes/{name}",
             get(node_inspect).delete(membership::node_rm),
@@ -778,6 +786,24 @@ async fn node_update(
         })
         .await?;
     node_inspect(State(st), Path(name)).await
+}
+
+/// `POST /node/upgrade`: this node's overlayd starts the binary on disk and hands over to it
+/// ([`crate::upgrade`]). Answers `{"pid", "binary"}` of the new process once it has taken the
+/// handover (this one then stops), or an error while this one goes on serving.
+async fn node_upgrade(State(st): State<ApiState>) -> ApiResult<serde_json::Value> {
+    let Some(tx) = st.upgrade.as_ref() else {
+        return Err(OpError::unavailable("this overlayd cannot upgrade in place").into());
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if tx.try_send(reply).is_err() {
+        return Err(OpError::unavailable("an upgrade is already under way").into());
+    }
+    match answer.await {
+        Ok(Ok((pid, binary))) => Ok(Json(serde_json::json!({ "pid": pid, "binary": binary }))),
+        Ok(Err(e)) => Err(OpError::internal(format!("upgrade failed: {e}")).into()),
+        Err(_) => Err(OpError::unavailable("overlayd is shutting down").into()),
+    }
 }
 
 async fn stats(State(st): State<ApiState>) -> ApiResult<api::DatapathStats> {

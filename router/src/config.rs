@@ -21,6 +21,11 @@ pub const CONTROL_PORT: u16 = 2377;
                   on a Unix socket for overlayctl. Needs root (namespaces, TAP devices)."
 )]
 pub struct Config {
+    /// The socket of the overlayd this one takes over from (`upgrade`): from the
+    /// environment (`OVERLAYD_UPGRADE_FROM`), never a flag.
+    #[arg(skip)]
+    pub upgrade_from: Option<PathBuf>,
+
     /// This node's name, unique in the cluster (letters, digits, '-' and '_').
     #[arg(long, value_parser = parse_node)]
     pub node: NodeName,

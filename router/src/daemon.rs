@@ -274,7 +274,8 @@ fn control_endpoint(ca: &Ca, listen: SocketAddr) -> anyhow::Result<quinn::Endpoi
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC TLS config")?;
     let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server_cfg.transport_config(wire::transport());
-    quinn::Endpoint::server(server_cfg, listen)
+    // An upgrade's predecessor may hold it a moment longer.
+    crate::upgrade::patiently(|| quinn::Endpoint::server(server_cfg.clone(), listen))
         .with_context(|| format!("binding the control port {listen} (UDP)"))
 }
 
@@ -382,6 +383,16 @@ async fn start_candidate(
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     warn_if_private_mount_ns();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Started by an overlayd being upgraded: it releases the node once we said ready (and
+    // forwards until we are up); everything below then starts as on any start, with its
+    // underlay sockets, and adopts its tasks.
+    let handover = match &cfg.upgrade_from {
+        Some(sock) => Some(
+            tokio::task::block_in_place(|| crate::upgrade::take_over(sock))
+                .context("taking over from the running overlayd")?,
+        ),
+        None => None,
+    };
     let state_dir = cfg.state_dir();
     let socket = cfg.socket();
     let store = match cfg.store {
@@ -410,15 +421,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Task namespaces are named after the node (ov-NODE-TASK), and a starting node adopts or
     // removes its leftovers: two live daemons with one node name would destroy each other's tasks.
     let node_lock_path = naming::node_lock(&cfg.node);
-    let _node_lock = crate::store::NameLock::acquire(&node_lock_path)
-        .with_context(|| format!("locking {}", node_lock_path.display()))?
-        .with_context(|| {
-            format!(
-                "node name {} is in use by another overlayd on this machine",
-                cfg.node
-            )
-        })?;
-    let listener = bind_socket(&socket, socket_group(cfg.socket_group.as_deref())?)?;
+    let node_lock = crate::upgrade::patiently(|| {
+        crate::store::NameLock::acquire(&node_lock_path)
+            .with_context(|| format!("locking {}", node_lock_path.display()))?
+            .with_context(|| {
+                format!(
+                    "node name {} is in use by another overlayd on this machine",
+                    cfg.node
+                )
+            })
+    })?;
+    let group = socket_group(cfg.socket_group.as_deref())?;
+    let listener = crate::upgrade::patiently(|| bind_socket(&socket, group))?;
     let log_dir = naming::logs_dir(&state_dir);
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     let upstreams = if cfg.dns_upstreams.is_empty() {
@@ -450,13 +464,34 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             state_dir.display()
         );
     }
+    let (mut handover, handed_underlay) = match handover {
+        Some(mut h) => {
+            let fds = std::mem::take(&mut h.underlay);
+            (Some(h), fds)
+        }
+        None => (None, vec![]),
+    };
     let underlay = match cfg.advertise_addr {
+        Some(a) if !handed_underlay.is_empty() => Some(
+            Sockets::adopt(a, handed_underlay)
+                .context("taking the handed-over underlay sockets")?,
+        ),
         Some(a) => Some(
             Sockets::bind(a, cfg.data_path_port, cfg.workers())
                 .with_context(|| format!("binding the VXLAN port {a}:{}", cfg.data_path_port))?,
         ),
         None if is_worker || is_manager => bail!("--advertise-addr is needed to run in a cluster"),
         None => None,
+    };
+    // Copies of the underlay's receiving sockets, for a successor (`upgrade`).
+    let underlay_rx: Vec<std::os::fd::OwnedFd> = match &underlay {
+        Some(u) => {
+            u.rx.iter()
+                .map(|s| s.try_clone().map(std::os::fd::OwnedFd::from))
+                .collect::<std::io::Result<_>>()
+                .context("copying the underlay sockets")?
+        }
+        None => vec![],
     };
     let shutdown = CancellationToken::new();
     let cluster = match cfg.advertise_addr {
@@ -510,7 +545,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             )
         })
         .ok();
-    let datapath = Datapath::start(
+    // An upgrade's successor reads the underlay once its tables are up (the agent says).
+    let start = if handover.is_some() {
+        Datapath::start_holding_underlay
+    } else {
+        Datapath::start
+    };
+    let datapath = start(
         counters.clone(),
         underlay,
         flows.clone(),
@@ -527,6 +568,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.ingress_max_connections as usize,
     )
     .context("starting the ingress proxy")?;
+    let kept: crate::agent::KeptDatapath = Default::default();
     let agent = Agent::new(
         cfg.node.clone(),
         planes,
@@ -541,7 +583,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.docker_plugin
             .as_ref()
             .map(|_| cfg.docker_host.as_path()),
-    );
+    )
+    .keep_datapath(kept.clone());
+    let agent = match handover.take() {
+        Some(h) => {
+            // Once the tasks are adopted and the tables published, the predecessor stops
+            // forwarding and sends the flows it made meanwhile.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let (dir, table) = (state_dir.clone(), flows.clone());
+            tokio::spawn(async move {
+                if rx.await.is_ok() {
+                    if let Ok(f) = tokio::task::spawn_blocking(move || h.up(&dir)).await {
+                        info!(flows = f.len(), "took the old overlayd's final flows");
+                        table.offer_resumable(f);
+                    }
+                    // The mesh opened the ports it publishes by now; the rest are no one's.
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    crate::upgrade::drop_unclaimed();
+                }
+            });
+            agent.on_settled(tx)
+        }
+        None => agent,
+    };
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
 
     let cluster_for_plugin = cluster.clone();
@@ -567,7 +631,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let final_flows = flows.clone();
+    let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::channel::<api::UpgradeRequest>(1);
     let app = api::router(ApiState {
+        upgrade: Some(upgrade_tx),
         cluster,
         counters,
         flows,
@@ -578,9 +645,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     let plugin = match &cfg.docker_plugin {
         Some(path) => {
-            let listener = bind_socket(path, None)?;
+            let listener = crate::upgrade::patiently(|| bind_socket(path, None))?;
             let plugin = crate::docker::Plugin::new(
-                cluster_for_plugin.clone(),
+                cluster_for_plugin,
                 cfg.node.clone(),
                 cfg.docker_host.clone(),
                 &state_dir,
@@ -596,7 +663,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     .await
             }))
         }
-        None => None,
+        None => {
+            drop(cluster_for_plugin);
+            None
+        }
     };
     let api_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
@@ -608,9 +678,35 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing SIGUSR2 handler")?;
+    let successor = loop {
+        let reply = tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break None }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break None }
+            _ = usr2.recv() => { info!("SIGUSR2: upgrading in place"); None }
+            Some(reply) = upgrade_rx.recv() => { info!("upgrading in place (API)"); Some(reply) }
+        };
+        match crate::upgrade::start_successor(&state_dir).await {
+            Ok(next) => {
+                info!(pid = next.pid, binary = %next.binary.display(), "the new overlayd is ready: handing over");
+                if let Some(r) = reply {
+                    let _ = r.send(Ok((next.pid, next.binary.display().to_string())));
+                }
+                break Some(next);
+            }
+            Err(e) => {
+                error!("upgrade failed, this overlayd goes on serving: {e:#}");
+                if let Some(r) = reply {
+                    let _ = r.send(Err(format!("{e:#}")));
+                }
+            }
+        }
+    };
+    if successor.is_some() {
+        // The datapath forwards on until the successor's is up.
+        if let Ok(mut k) = kept.lock() {
+            k.0 = true;
+        }
     }
     shutdown.cancel();
     let _ = agent_task.await;
@@ -623,8 +719,87 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = p.await;
         let _ = std::fs::remove_file(path);
     }
+    drop(node_lock);
+    let kept = kept.lock().ok().and_then(|mut k| k.1.take());
+    if successor.is_some() {
+        // The store is locked while anything of the control plane holds it: let its last
+        // tasks end before the successor opens it.
+        let lock = crate::naming::state_lock(&state_dir);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while crate::store::lock_exclusive(&lock).ok().flatten().is_none() {
+            if tokio::time::Instant::now() >= deadline {
+                warn!("the store is still locked by this process; the successor waits for it");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    if let Some(mut next) = successor {
+        return finish_handover(&mut next, underlay_rx, kept, &final_flows, &state_dir).await;
+    }
+    // The datapath has stopped: the flows made since the sweeper's last save are saved
+    // too, for the next run to resume.
+    save_flows(&state_dir, &final_flows);
     info!("overlayd stopped");
     Ok(())
+}
+
+/// Saves the table's established flows in `dir` (`forward::saved_flows`).
+fn save_flows(dir: &Path, flows: &ConnTable) {
+    let established = flows.established();
+    if established.is_empty() {
+        return;
+    }
+    let saved = std::fs::create_dir_all(dir)
+        .and_then(|()| crate::forward::saved_flows::save(dir, &established));
+    if let Err(e) = saved {
+        warn!(error = %e, "cannot save the established flows");
+    }
+}
+
+/// The end of an upgrade, once this process stopped all but its datapath (`kept`) and let
+/// go of its locks and sockets: hands the underlay sockets over, forwards until the
+/// successor is up, then stops, saves the flows it made meanwhile for it, and returns (the
+/// process exits). If the successor fails before it is up, this process starts afresh from
+/// its own binary, as a restart would.
+async fn finish_handover(
+    next: &mut crate::upgrade::Successor,
+    underlay_rx: Vec<std::os::fd::OwnedFd>,
+    kept: Option<Datapath>,
+    flows: &ConnTable,
+    state_dir: &Path,
+) -> anyhow::Result<()> {
+    let handed = next.release(&underlay_rx);
+    drop(underlay_rx);
+    let up = match handed {
+        Ok(()) => next.wait_up().await,
+        Err(e) => Err(e),
+    };
+    let started = std::time::Instant::now();
+    drop(kept);
+    match up {
+        Ok(true) => {
+            save_flows(&crate::upgrade::final_flows_dir(state_dir), flows);
+            next.flows_saved().await;
+            info!(stopped_in = ?started.elapsed(), "handed over to the new overlayd: overlayd stopped");
+            Ok(())
+        }
+        Ok(false) => {
+            save_flows(state_dir, flows);
+            warn!(
+                pid = next.pid,
+                "the new overlayd runs but is not up yet (no state from its manager): it keeps \
+                 the node; overlayd stopped"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            error!("upgrade failed after this overlayd let go of the node: {e:#}; starting again from this binary");
+            save_flows(state_dir, flows);
+            let e = crate::upgrade::restart_self();
+            bail!("starting again: {e}")
+        }
+    }
 }
 
 /// The manager's settings from the command line.

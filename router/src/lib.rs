@@ -44,3 +44,4 @@ pub mod sys;
 pub mod task;
 pub mod task_log;
 pub mod task_shim;
+pub mod upgrade;

@@ -123,6 +123,11 @@ pub fn saved_flows(state_dir: &Path) -> PathBuf {
     state_dir.join("flows")
 }
 
+/// Where an overlayd being upgraded waits for its successor (`upgrade`).
+pub fn upgrade_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("upgrade.sock")
+}
+
 /// What the Docker plugin knows of this host's Docker networks.
 pub fn docker_networks_file(state_dir: &Path) -> PathBuf {
     state_dir.join("docker-networks.json")

@@ -140,7 +140,11 @@ pub struct Node {
     /// Namespace the daemon runs in (None: the test's own).
     pub netns: Option<PathBuf>,
     pub extra_args: Vec<String>,
+    /// The overlayd binary it starts (`bin("overlayd")` unless a test set another path).
+    pub exe: PathBuf,
     child: Option<Child>,
+    /// A daemon of this node that is not our child: the one an upgrade in place started.
+    successor: Option<u32>,
 }
 
 impl Node {
@@ -159,7 +163,9 @@ impl Node {
             dir,
             netns,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            exe: bin("overlayd"),
             child: None,
+            successor: None,
         };
         node.launch();
         node
@@ -171,7 +177,7 @@ impl Node {
             .append(true)
             .open(self.dir.join("overlayd.log"))
             .expect("log file");
-        let mut cmd = Command::new(bin("overlayd"));
+        let mut cmd = Command::new(&self.exe);
         cmd.arg("--node")
             .arg(&self.name)
             .arg("--state-dir")
@@ -221,11 +227,43 @@ impl Node {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.successor.or(self.child.as_ref().map(|c| c.id()))
+    }
+
+    /// After an upgrade in place to `pid`: waits (15 s at most) for the old daemon, our
+    /// child, to exit; from then on `pid` is this node's daemon. Returns whether the old
+    /// one exited.
+    pub fn upgraded_to(&mut self, pid: u32) -> bool {
+        let exited = match (self.child.as_mut(), self.successor) {
+            (Some(child), _) => wait_for(Duration::from_secs(15), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            }),
+            (None, Some(old)) => wait_for(Duration::from_secs(15), || !process_alive(old)),
+            (None, None) => false,
+        };
+        if exited {
+            self.child = None;
+            self.successor = Some(pid);
+        }
+        exited
     }
 
     /// SIGTERM and wait for a clean exit; returns whether it exited within the timeout.
     pub fn stop(&mut self) -> bool {
+        if let Some(pid) = self.successor.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::SIGTERM,
+            );
+            let exited = wait_for(Duration::from_secs(15), || !process_alive(pid));
+            if !exited {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+            return exited;
+        }
         let Some(mut child) = self.child.take() else {
             return true;
         };
@@ -245,6 +283,13 @@ impl Node {
 
     /// Kills the daemon without letting it clean up (a crash).
     pub fn kill(&mut self) {
+        if let Some(pid) = self.successor.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::SIGKILL,
+            );
+            wait_for(Duration::from_secs(5), || !process_alive(pid));
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -254,7 +299,11 @@ impl Node {
     /// Starts the daemon again (after [`Node::stop`] or [`Node::kill`]) on the same state
     /// directory and socket, with the current arguments.
     pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "{} still runs", self.name);
+        assert!(
+            self.child.is_none() && self.successor.is_none(),
+            "{} still runs",
+            self.name
+        );
         self.launch();
     }
 
@@ -392,6 +441,16 @@ impl Drop for Node {
         } else {
             eprintln!("overlayd {} log kept in {}", self.name, self.dir.display());
         }
+    }
+}
+
+/// Whether process `pid` runs (not gone, not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_none_or(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
     }
 }
 

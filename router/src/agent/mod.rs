@@ -125,7 +125,16 @@ pub struct Agent {
     stop_tasks: bool,
     /// The node's Docker Engine and its events, for image tasks (with `--docker-plugin`).
     engine: Option<(crate::engine::Engine, crate::engine::Events)>,
+    /// Told once the leftovers were adopted and the tables published (an upgrade's
+    /// successor then lets its predecessor stop forwarding).
+    on_settled: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Where shutting down leaves the datapath running instead of stopping it, when set
+    /// (an upgrade: it forwards until the successor's datapath is up).
+    keep_datapath: Option<KeptDatapath>,
 }
+
+/// A datapath an agent left running when it shut down, for its daemon to stop later.
+pub type KeptDatapath = Arc<std::sync::Mutex<(bool, Option<Datapath>)>>;
 
 impl Agent {
     pub fn new(
@@ -158,6 +167,8 @@ impl Agent {
             leftovers_settled: false,
             stop_tasks: false,
             engine: None,
+            on_settled: None,
+            keep_datapath: None,
         }
     }
 
@@ -165,6 +176,20 @@ impl Agent {
     /// makes overlayd that engine's network plugin, which they need).
     pub fn with_engine(mut self, docker_host: Option<&std::path::Path>) -> Agent {
         self.engine = docker_host.map(|h| images::engine_of(h, self.node.as_str()));
+        self
+    }
+
+    /// Tells `tx` once the first real state was realised: leftovers adopted, tables
+    /// published.
+    pub fn on_settled(mut self, tx: tokio::sync::oneshot::Sender<()>) -> Agent {
+        self.on_settled = Some(tx);
+        self
+    }
+
+    /// If `keep`'s flag is set when the agent shuts down, it leaves its datapath running
+    /// in `keep` instead of stopping it.
+    pub fn keep_datapath(mut self, keep: KeptDatapath) -> Agent {
+        self.keep_datapath = Some(keep);
         self
     }
 
@@ -185,6 +210,13 @@ impl Agent {
         loop {
             let state = rx.borrow_and_update().clone();
             self.reconcile(&state).await;
+            if self.leftovers_settled {
+                if let Some(tx) = self.on_settled.take() {
+                    // An upgrade's successor: its tables are up, it reads the underlay now.
+                    self.datapath.read_underlay();
+                    let _ = tx.send(());
+                }
+            }
             loop {
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() { return self.shut_down().await } else { break },
@@ -206,6 +238,14 @@ impl Agent {
     async fn shut_down(mut self) {
         self.ingress.stop();
         self.stop_all().await;
+        if let Some(keep) = self.keep_datapath.take() {
+            if let Ok(mut k) = keep.lock() {
+                if k.0 {
+                    k.1 = Some(self.datapath);
+                    return;
+                }
+            }
+        }
         self.datapath.stop();
     }
 

@@ -12,7 +12,13 @@ fn main() -> std::process::ExitCode {
         return router::task_shim::main(args.collect());
     }
     router::sys::malloc::map_large_blocks();
-    let cfg = Config::parse();
+    router::upgrade::remember_binary();
+    // Started by an overlayd being upgraded (`router::upgrade`). Removed while this process
+    // has one thread, so that no task inherits it.
+    let upgrade_from = std::env::var_os(router::upgrade::ENV).map(std::path::PathBuf::from);
+    std::env::remove_var(router::upgrade::ENV);
+    let mut cfg = Config::parse();
+    cfg.upgrade_from = upgrade_from;
     let filter = match EnvFilter::try_new(&cfg.log_level) {
         Ok(f) => f,
         Err(e) => {

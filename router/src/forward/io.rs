@@ -84,6 +84,8 @@ enum Command {
     RemovePort(PortId),
     /// A frame the router made (a reset for a client whose backend left), for a port.
     Inject(PortId, Vec<u8>),
+    /// Start reading the underlay socket (a datapath started holding it).
+    ReadUnderlay,
     Stop,
 }
 
@@ -140,6 +142,49 @@ impl Datapath {
         esp_epoch: Option<u32>,
         save_flows: Option<PathBuf>,
     ) -> io::Result<Datapath> {
+        Datapath::start_with(
+            counters, underlay, flows, dns, workers, esp_epoch, save_flows, true,
+        )
+    }
+
+    /// As [`Datapath::start`], but the workers leave the underlay unread until
+    /// [`Datapath::read_underlay`]: an upgrade's successor, whose predecessor reads the same
+    /// sockets, reads them once its tables are published (until then it would drop what it
+    /// read).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_holding_underlay(
+        counters: Arc<Counters>,
+        underlay: Option<Sockets>,
+        flows: Arc<ConnTable>,
+        dns: Arc<dns::server::Shared>,
+        workers: usize,
+        esp_epoch: Option<u32>,
+        save_flows: Option<PathBuf>,
+    ) -> io::Result<Datapath> {
+        Datapath::start_with(
+            counters, underlay, flows, dns, workers, esp_epoch, save_flows, false,
+        )
+    }
+
+    /// Makes the workers read the underlay (after [`Datapath::start_holding_underlay`]; a
+    /// no-op otherwise).
+    pub fn read_underlay(&self) {
+        for w in &self.workers {
+            w.send(Command::ReadUnderlay);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_with(
+        counters: Arc<Counters>,
+        underlay: Option<Sockets>,
+        flows: Arc<ConnTable>,
+        dns: Arc<dns::server::Shared>,
+        workers: usize,
+        esp_epoch: Option<u32>,
+        save_flows: Option<PathBuf>,
+        read_underlay: bool,
+    ) -> io::Result<Datapath> {
         let workers = workers.clamp(1, MAX_WORKERS);
         if let Some(u) = &underlay {
             if u.rx.len() != workers {
@@ -167,7 +212,7 @@ impl Datapath {
                 (Some(s), Some(p)) => Some(Underlay::new(s, p.clone())?),
                 _ => None,
             };
-            if let Some(u) = &underlay {
+            if let Some(u) = underlay.as_ref().filter(|_| read_underlay) {
                 let raw = u.socket().as_raw_fd();
                 poll.registry()
                     .register(&mut SourceFd(&raw), UNDERLAY, Interest::READABLE)?;
@@ -527,6 +572,21 @@ impl Worker {
                 Command::Inject(port, frame) => {
                     let n = write_port(&self.ports, &self.counters, port, &PLAIN, &frame);
                     Counters::add(&self.counters.replies, n);
+                }
+                Command::ReadUnderlay => {
+                    if let Some(u) = &self.underlay {
+                        let raw = u.socket().as_raw_fd();
+                        // Already registered (a datapath that read it from the start): EEXIST.
+                        if self
+                            .poll
+                            .registry()
+                            .register(&mut SourceFd(&raw), UNDERLAY, Interest::READABLE)
+                            .is_ok()
+                            && !self.ready.contains(&UNDERLAY)
+                        {
+                            self.ready.push_back(UNDERLAY);
+                        }
+                    }
                 }
                 Command::Stop => return false,
             }

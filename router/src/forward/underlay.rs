@@ -174,6 +174,30 @@ impl Sockets {
     }
 }
 
+impl Sockets {
+    /// The underlay of an upgrade's successor: the predecessor's receiving sockets (`rx`,
+    /// its `SO_REUSEPORT` group with its steering program, handed over by fd) and a sending
+    /// pool of its own on `addr`.
+    pub fn adopt(addr: Ipv4Addr, rx: Vec<std::os::fd::OwnedFd>) -> io::Result<Sockets> {
+        if rx.is_empty() {
+            return Err(io::Error::other("no underlay sockets were handed over"));
+        }
+        let rx: Vec<UdpSocket> = rx.into_iter().map(UdpSocket::from).collect();
+        for s in &rx {
+            if !matches!(s.local_addr()?, std::net::SocketAddr::V4(a) if *a.ip() == addr) {
+                return Err(io::Error::other(
+                    "the handed-over underlay sockets are not bound to --advertise-addr",
+                ));
+            }
+        }
+        let tx = SendPool::new(send_ports(addr)?)?;
+        Ok(Sockets {
+            rx,
+            tx: Arc::new(tx),
+        })
+    }
+}
+
 /// [`SEND_PORTS`] sockets on consecutive ports of `addr`, a block aligned to its size in the
 /// dynamic range (so that a receiver's `port % workers` spreads them evenly); ephemeral ports
 /// if no free block is found after a few tries.

@@ -165,9 +165,12 @@ enum Backend {
 fn lock_dir(dir: &Path) -> Result<Flock<File>, StoreError> {
     fs::create_dir_all(dir).map_err(|e| StoreError::Dir(dir.to_path_buf(), e))?;
     let lock_path = crate::naming::state_lock(dir);
-    lock_exclusive(&lock_path)
-        .map_err(|e| StoreError::Dir(lock_path.clone(), e))?
-        .ok_or_else(|| StoreError::Locked(dir.to_path_buf()))
+    // An upgrade's predecessor may hold it a moment longer.
+    crate::upgrade::patiently(|| {
+        lock_exclusive(&lock_path)
+            .map_err(|e| StoreError::Dir(lock_path.clone(), e))?
+            .ok_or_else(|| StoreError::Locked(dir.to_path_buf()))
+    })
 }
 
 impl Store {

@@ -72,14 +72,38 @@ impl Proxy {
             return;
         };
         let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, key.1));
+        // A predecessor's socket for the port (an upgrade): its backlog is served here, once
+        // the view names the port's backends (right after the start the statuses may not
+        // be in yet, and a connection accepted with no backend is reset); until then the
+        // connections wait in the backlog (the successor closes an unclaimed socket after
+        // a while).
+        let name = handover_key(key);
+        if l.view.backends.is_empty() && crate::upgrade::has_inherited(&name) {
+            return;
+        }
+        let inherited = crate::upgrade::take_inherited(&name);
         let opened = match key.0 {
-            PortProtocol::Tcp => TcpListener::bind(addr).and_then(|mut s| {
+            PortProtocol::Tcp => match inherited {
+                Some(fd) => {
+                    let s = std::net::TcpListener::from(fd);
+                    s.set_nonblocking(true).map(|()| TcpListener::from_std(s))
+                }
+                None => TcpListener::bind(addr),
+            }
+            .and_then(|mut s| {
                 self.poll
                     .registry()
                     .register(&mut s, l.token, Interest::READABLE)?;
                 Ok(Socket::Tcp(s))
             }),
-            PortProtocol::Udp => UdpSocket::bind(addr).and_then(|mut s| {
+            PortProtocol::Udp => match inherited {
+                Some(fd) => {
+                    let s = std::net::UdpSocket::from(fd);
+                    s.set_nonblocking(true).map(|()| UdpSocket::from_std(s))
+                }
+                None => UdpSocket::bind(addr),
+            }
+            .and_then(|mut s| {
                 self.poll
                     .registry()
                     .register(&mut s, l.token, Interest::READABLE)?;
@@ -88,6 +112,11 @@ impl Proxy {
         };
         match opened {
             Ok(s) => {
+                use std::os::fd::AsFd;
+                match &s {
+                    Socket::Tcp(t) => crate::upgrade::note_listener(&name, t.as_fd()),
+                    Socket::Udp(u) => crate::upgrade::note_listener(&name, u.as_fd()),
+                }
                 info!(port = %l.view.key(), service = %l.view.service, "published port open");
                 l.socket = Some(s);
                 l.counters.set_listening(Ok(()));
@@ -104,6 +133,14 @@ impl Proxy {
     }
 
     pub(super) fn close_listener(&mut self, key: ListenerKey) {
+        crate::upgrade::forget_listener(&handover_key(key));
+        self.close_listener_keeping_copy(key);
+    }
+
+    /// Closes a listener, its connections and mappings; the copy of its socket kept for an
+    /// upgrade's successor (`crate::upgrade::note_listener`) stays, so a shutdown of the
+    /// proxy does not close the port itself (the process's exit does).
+    pub(super) fn close_listener_keeping_copy(&mut self, key: ListenerKey) {
         if let Some(l) = self.listeners.remove(&key) {
             self.tokens.remove(&l.token);
             match l.socket {
@@ -134,5 +171,13 @@ impl Proxy {
             Some(Some(Socket::Udp(_))) => self.receive_udp(key),
             _ => {}
         }
+    }
+}
+
+/// A published port's name in an upgrade's handover (`crate::upgrade`): "tcp 8080".
+fn handover_key(key: ListenerKey) -> String {
+    match key.0 {
+        PortProtocol::Tcp => format!("tcp {}", key.1),
+        PortProtocol::Udp => format!("udp {}", key.1),
     }
 }

@@ -385,7 +385,7 @@ impl Proxy {
         self.draining = view.draining;
         let endpoint_changed = self.iface.as_ref().map(|(_, e)| *e) != view.endpoint;
         if endpoint_changed {
-            self.close_all();
+            self.close_all(false);
             let now = self.now();
             self.iface = view.endpoint.map(|e| {
                 self.link.clear();
@@ -473,16 +473,22 @@ impl Proxy {
         self.link.flush();
     }
 
-    fn close_all(&mut self) {
+    /// Closes every listener; `keep_copies` (shutting down) leaves the copies of their
+    /// sockets kept for an upgrade's successor.
+    fn close_all(&mut self, keep_copies: bool) {
         let keys: Vec<ListenerKey> = self.listeners.keys().copied().collect();
         for k in keys {
-            self.close_listener(k);
+            if keep_copies {
+                self.close_listener_keeping_copy(k);
+            } else {
+                self.close_listener(k);
+            }
         }
         self.settle();
     }
 
     fn shut_down(&mut self) {
-        self.close_all();
+        self.close_all(true);
     }
 
     /// Returns the buffer pages of connections that moved nothing since the last sweep and

@@ -48,6 +48,23 @@ impl Client {
         }
     }
 
+    /// An HTTP/1 connection to overlayd's socket.
+    async fn connect(
+        &self,
+    ) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+        let stream = UnixStream::connect(&self.socket).await.with_context(|| {
+            format!(
+                "cannot reach overlayd at {} (is it running?)",
+                self.socket.display()
+            )
+        })?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP handshake with overlayd")?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
     /// Calls the API; returns the status and body as they came.
     pub async fn call_status(
         &self,
@@ -55,16 +72,7 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
-        let stream = UnixStream::connect(&self.socket).await.with_context(|| {
-            format!(
-                "cannot reach overlayd at {} (is it running?)",
-                self.socket.display()
-            )
-        })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .context("HTTP handshake with overlayd")?;
-        tokio::spawn(conn);
+        let mut sender = self.connect().await?;
         let body = match body {
             Some(v) => Full::new(Bytes::from(serde_json::to_vec(&v)?)),
             None => Full::new(Bytes::new()),
@@ -123,16 +131,7 @@ impl Client {
     /// GETs `path` and writes its body to stdout as it arrives (a followed log).
     pub async fn stream_to_stdout(&self, path: &str) -> anyhow::Result<()> {
         use std::io::Write;
-        let stream = UnixStream::connect(&self.socket).await.with_context(|| {
-            format!(
-                "cannot reach overlayd at {} (is it running?)",
-                self.socket.display()
-            )
-        })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .context("HTTP handshake with overlayd")?;
-        tokio::spawn(conn);
+        let mut sender = self.connect().await?;
         let req = Request::builder()
             .method(Method::GET)
             .uri(format!("http://overlayd{path}"))

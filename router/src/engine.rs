@@ -38,6 +38,26 @@ pub enum EngineError {
     },
     #[error("{what}: {why}")]
     Broken { what: String, why: String },
+    /// No answer within the call's time limit (a hung engine must not hang the agent).
+    #[error("{what}: the Docker Engine did not answer within {} s", after.as_secs())]
+    TimedOut { what: String, after: Duration },
+}
+
+/// How long a call may take, unless it says otherwise: the engine answers them at once, or
+/// is stuck.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a pull may take (the engine downloads the image meanwhile).
+const PULL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// `image` with the tag `latest` if it names neither a tag nor a digest: the Engine API
+/// pulls every tag of a repository given without one.
+pub fn with_tag(image: &str) -> String {
+    let name = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || name.contains(':') {
+        image.to_string()
+    } else {
+        format!("{image}:latest")
+    }
 }
 
 impl EngineError {
@@ -79,8 +99,23 @@ impl Engine {
         &self.sock
     }
 
-    /// Sends one request; the response's body is left to the caller (streams).
+    /// Sends one request; the response's body is left to the caller (streams). The
+    /// connection and the response's head must come within [`CALL_TIMEOUT`].
     async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Response<Incoming>, EngineError> {
+        tokio::time::timeout(CALL_TIMEOUT, self.send_now(method, path, body))
+            .await
+            .map_err(|_| EngineError::TimedOut {
+                what: format!("calling {path}"),
+                after: CALL_TIMEOUT,
+            })?
+    }
+
+    async fn send_now(
         &self,
         method: Method,
         path: &str,
@@ -115,8 +150,8 @@ impl Engine {
             .map_err(|e| unreachable(e.to_string()))
     }
 
-    /// One call whose whole answer is read: its status and body, an error status turned
-    /// into [`EngineError::Refused`] with the engine's `message`.
+    /// One call whose whole answer is read within [`CALL_TIMEOUT`]: its status and body,
+    /// an error status turned into [`EngineError::Refused`] with the engine's `message`.
     async fn call(
         &self,
         what: &str,
@@ -124,7 +159,35 @@ impl Engine {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Bytes, EngineError> {
-        let resp = self.send(method, path, body).await?;
+        self.call_within(CALL_TIMEOUT, what, method, path, body)
+            .await
+    }
+
+    /// [`Engine::call`] with its own time limit.
+    async fn call_within(
+        &self,
+        limit: Duration,
+        what: &str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Bytes, EngineError> {
+        tokio::time::timeout(limit, self.call_now(what, method, path, body))
+            .await
+            .map_err(|_| EngineError::TimedOut {
+                what: what.to_string(),
+                after: limit,
+            })?
+    }
+
+    async fn call_now(
+        &self,
+        what: &str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Bytes, EngineError> {
+        let resp = self.send_now(method, path, body).await?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -171,12 +234,14 @@ impl Engine {
         }
     }
 
-    /// Pulls `image`; the engine reports a failure inside its progress stream, as a line
-    /// with `error`, which becomes the error.
+    /// Pulls `image` (its `latest` tag if it names none); the engine reports a failure
+    /// inside its progress stream, as a line with `error`, which becomes the error.
     pub async fn pull(&self, image: &str) -> Result<(), EngineError> {
         let what = format!("pulling {image}");
-        let path = format!("/images/create?fromImage={}", encode(image));
-        let bytes = self.call(&what, Method::POST, &path, None).await?;
+        let path = format!("/images/create?fromImage={}", encode(&with_tag(image)));
+        let bytes = self
+            .call_within(PULL_TIMEOUT, &what, Method::POST, &path, None)
+            .await?;
         for line in bytes.split(|b| *b == b'\n') {
             let Ok(v) = serde_json::from_slice::<Value>(line) else {
                 continue;
@@ -273,8 +338,15 @@ impl Engine {
     /// `docker stop -t GRACE`: SIGTERM (or the image's stop signal), SIGKILL after `grace`.
     pub async fn stop(&self, id: &str, grace: Duration) -> Result<(), EngineError> {
         let path = format!("/containers/{}/stop?t={}", encode(id), grace.as_secs());
+        // The engine answers once the container stopped: up to `grace` and the kill.
         match self
-            .call("stopping the container", Method::POST, &path, None)
+            .call_within(
+                grace + CALL_TIMEOUT,
+                "stopping the container",
+                Method::POST,
+                &path,
+                None,
+            )
             .await
         {
             // 304: it was stopped already.
@@ -496,6 +568,21 @@ async fn follow(engine: Engine, node: String, tx: broadcast::Sender<EngineEvent>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_without_a_tag_or_digest_is_pulled_at_latest() {
+        assert_eq!(with_tag("nginx"), "nginx:latest");
+        assert_eq!(with_tag("nginx:1.27"), "nginx:1.27");
+        assert_eq!(
+            with_tag("registry:5000/team/app"),
+            "registry:5000/team/app:latest"
+        );
+        assert_eq!(
+            with_tag("registry:5000/team/app:v2"),
+            "registry:5000/team/app:v2"
+        );
+        assert_eq!(with_tag("app@sha256:abcd"), "app@sha256:abcd");
+    }
 
     #[test]
     fn query_values_are_encoded() {

@@ -702,6 +702,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     };
+    // Upgrade requests that came meanwhile are answered now: nothing reads them any more,
+    // and their handlers would hold the API server open.
+    upgrade_rx.close();
+    while let Ok(r) = upgrade_rx.try_recv() {
+        let _ = r.send(Err("this overlayd is already stopping or handing over".into()));
+    }
     if successor.is_some() {
         // The datapath forwards on until the successor's is up.
         if let Ok(mut k) = kept.lock() {
@@ -710,13 +716,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     shutdown.cancel();
     let _ = agent_task.await;
-    let _ = server.await;
+    // A server lets its open answers finish, and some never do by themselves (a followed
+    // log): each gets a moment, then is ended.
+    wind_down(server, "the API").await;
     if let Some(m) = metrics {
-        let _ = m.await;
+        wind_down(m, "the metrics server").await;
     }
     let _ = std::fs::remove_file(&socket);
     if let (Some(p), Some(path)) = (plugin, &cfg.docker_plugin) {
-        let _ = p.await;
+        wind_down(p, "the Docker plugin").await;
         let _ = std::fs::remove_file(path);
     }
     drop(node_lock);
@@ -742,6 +750,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     save_flows(&state_dir, &final_flows);
     info!("overlayd stopped");
     Ok(())
+}
+
+/// How long a server may take to finish its open answers once shutdown began.
+const WIND_DOWN: Duration = Duration::from_secs(2);
+
+/// Waits for a server's task to end on its own for [`WIND_DOWN`], then ends it.
+async fn wind_down<T>(mut task: tokio::task::JoinHandle<T>, what: &str) {
+    if tokio::time::timeout(WIND_DOWN, &mut task).await.is_err() {
+        info!("{what} still had answers open (a followed log?): ending them");
+        task.abort();
+        let _ = task.await;
+    }
 }
 
 /// Saves the table's established flows in `dir` (`forward::saved_flows`).

@@ -383,6 +383,7 @@ async fn start_candidate(
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     warn_if_private_mount_ns();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::upgrade::note_restart();
     // Started by an overlayd being upgraded: it releases the node once we said ready (and
     // forwards until we are up); everything below then starts as on any start, with its
     // underlay sockets, and adopts its tasks.

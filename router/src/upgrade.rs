@@ -222,12 +222,26 @@ pub fn final_flows_dir(state_dir: &Path) -> PathBuf {
 /// Starts this process again from its own binary (`/proc/self/exe`, the old inode) with the
 /// same arguments and pid: after a successor failed once this one had let go of the node.
 /// Returns only on an error.
+/// The failed successor may not have let go of the node's locks and ports yet (it may be
+/// ending still): the restarted process is patient with them ([`patiently`]).
 pub fn restart_self() -> std::io::Error {
     use std::os::unix::process::CommandExt;
     std::process::Command::new("/proc/self/exe")
         .args(std::env::args_os().skip(1))
         .env_remove(ENV)
+        .env(RESTARTED_ENV, "1")
         .exec()
+}
+
+/// Set by [`restart_self`] for the process it starts.
+const RESTARTED_ENV: &str = "OVERLAYD_RESTARTED_AFTER_UPGRADE";
+
+/// At start: a process that [`restart_self`] started waits for what its failed successor
+/// may still hold, as a successor waits for its predecessor's.
+pub fn note_restart() {
+    if std::env::var_os(RESTARTED_ENV).is_some() {
+        TAKING_OVER.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Old side: starts the binary on disk with this process's arguments and waits (at most

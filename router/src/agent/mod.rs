@@ -232,7 +232,7 @@ impl Agent {
     async fn reconcile(&mut self, state: &ClusterState) {
         if !self.leftovers_settled && state.revision > 0 {
             self.settle_leftovers(state).await;
-            self.remove_leftover_containers(state).await;
+            self.settle_leftover_containers(state).await;
             self.leftovers_settled = true;
         }
         let node = self.node.clone();

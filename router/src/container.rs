@@ -6,7 +6,9 @@
 //! task's TAP instead of taking another address), connected, started; its end read from the
 //! engine's events stream (exit code, OOM kill, `docker kill`, the engine going away), then
 //! removed and made again with back-off. A task that leaves the desired state drains as a
-//! process task does (`agent::drain`), then `docker stop -t GRACE` and removal.
+//! process task does (`agent::drain`), then `docker stop -t GRACE` and removal. After an
+//! overlayd restart the supervision starts on the running container the previous run left
+//! ([`Adopted`]: same id and pid) instead of a new one.
 //!
 //! Every failure is reported on the status board with the engine's reason (`service ps`).
 

@@ -6,13 +6,16 @@
 //! Checked: two replicas of `bb:1` running busybox httpd, published on 8080, answer on both
 //! nodes' 8080 and through the VIP from a process task; `docker ps` on each node shows its
 //! container named `web.SLOT.TASKID`, labelled with service and task; `nslookup` of another
-//! service inside a container answers its VIP; a container killed with `docker kill` is
-//! replaced; `service logs` (and `-f`) shows each node's task output with Docker's prefix;
-//! `service update --image bb:2` rolls both tasks with no failed request through
-//! the mesh meanwhile; a missing image fails its task with the engine's message in
-//! `service ps`; `--restart-condition on-failure --restart-max-attempts 1` replaces a failed
-//! container once, then leaves it failed; `service rm` removes the containers; a node whose engine stops reports its
-//! image task failed with that reason, while process tasks run on.
+//! service inside a container answers its VIP; an overlayd restart of a node (SIGTERM and
+//! start, then kill -9 and start) adopts its container (same id and pid), which serves
+//! through both nodes' 8080 and the VIP again while a process task's TCP connection to it
+//! holds; the adopted container killed with `docker kill` is replaced; `service logs` (and
+//! `-f`) shows each node's task output with Docker's prefix; `service update --image bb:2`
+//! rolls both tasks with no failed request through the mesh meanwhile; a missing image
+//! fails its task with the engine's message in `service ps`; `--restart-condition
+//! on-failure --restart-max-attempts 1` replaces a failed container once, then leaves it
+//! failed; `service rm` removes the containers and their TAPs; a node whose engine stops
+//! reports its image task failed with that reason, while process tasks run on.
 
 use overlay_e2e::dockerd::{busybox_rootfs, Dockerd};
 use overlay_e2e::{require_root, unique, wait_for, write_script, Node, Underlay, WHOAMI_PY};
@@ -259,15 +262,23 @@ fn services_run_from_images() {
             n2.log()
         );
         let adopted = started.elapsed();
+        let mut mesh = [None, None];
         assert!(
-            wait_for(Duration::from_secs(20), || serves_both(1) && serves_both(2)),
+            wait_for(Duration::from_secs(20), || {
+                for (i, at) in mesh.iter_mut().enumerate() {
+                    if at.is_none() && serves_both(i + 1) {
+                        *at = Some(started.elapsed());
+                    }
+                }
+                mesh.iter().all(Option::is_some)
+            }),
             "after {how}: both tasks through both nodes' 8080:\n{}",
             n2.log()
         );
         eprintln!(
-            "{how}: container adopted {adopted:?} and serving through both nodes' 8080 {:?} \
-             after the start",
-            started.elapsed()
+            "{how}: container adopted {adopted:?}, serving through node 1's and node 2's 8080 \
+             {:?} after the start",
+            mesh
         );
         assert_eq!(
             identity(),

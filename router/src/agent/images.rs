@@ -7,6 +7,12 @@
 //! moves them into the container, names them eth0, eth1, ... and sets their addresses
 //! before the container's process starts. The container's resolver is Docker's, forwarding
 //! to the first network's gateway, where the router answers the cluster's names.
+//!
+//! The TAPs are persistent, so a container keeps its interfaces while no router runs; the
+//! next run adopts the containers it finds running for tasks still desired here (their
+//! TAPs attached again inside them, found by MAC) and removes the rest with their TAPs
+//! ([`Agent::settle_leftover_containers`]). A torn-down task's TAPs are made non-persistent,
+//! so they go with their last fd.
 
 use super::tasks::{bindings_of, LocalTask};
 use super::Agent;

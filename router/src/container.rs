@@ -6,7 +6,9 @@
 //! task's TAP instead of taking another address), connected, started; its end read from the
 //! engine's events stream (exit code, OOM kill, `docker kill`, the engine going away), then
 //! removed and made again with back-off. A task that leaves the desired state drains as a
-//! process task does (`agent::drain`), then `docker stop -t GRACE` and removal.
+//! process task does (`agent::drain`), then `docker stop -t GRACE` and removal. After an
+//! overlayd restart the supervision starts on the running container the previous run left
+//! ([`Adopted`]: same id and pid) instead of a new one.
 //!
 //! Every failure is reported on the status board with the engine's reason (`service ps`).
 
@@ -282,13 +284,29 @@ async fn drain_and_stop(
     }
 }
 
-/// Runs and supervises the task's container until `stop` says otherwise.
+/// A running container a previous run of this node left, adopted by this one.
+#[derive(Debug, Clone)]
+pub struct Adopted {
+    pub id: String,
+    pub pid: u32,
+}
+
+/// The pid of container `id`'s main process, if it runs.
+pub async fn running_pid(e: &Engine, id: &str) -> Result<Option<u32>, EngineError> {
+    let v = e.inspect(id).await?;
+    let pid = v["State"]["Pid"].as_u64().unwrap_or(0) as u32;
+    Ok((v["State"]["Running"].as_bool() == Some(true) && pid > 0).then_some(pid))
+}
+
+/// Runs and supervises the task's container until `stop` says otherwise; with `adopted`,
+/// first the container a previous run left (same id and pid), as if it had just started it.
 pub async fn supervise(
     c: ContainerTask,
     e: Engine,
     events: Events,
     board: StatusBoard,
     stop: Stop,
+    mut adopted: Option<Adopted>,
 ) {
     let mut rep = Reporter {
         board,
@@ -298,12 +316,30 @@ pub async fn supervise(
     };
     let mut backoff = task::BACKOFF_MIN;
     loop {
-        rep.set(TaskState::Starting, None, None, None);
-        // Subscribed before the start, so that its end cannot be missed.
+        // Subscribed before the start (or the adopted container's look), so that its end
+        // cannot be missed.
         let mut rx = events.subscribe();
+        let attempt = match adopted.take() {
+            Some(a) => match running_pid(&e, &a.id).await {
+                Ok(Some(pid)) => {
+                    info!(task = %c.name, container = %c.container_name(), pid, "container adopted");
+                    Ok((a.id, pid))
+                }
+                // It ended between the agent's look and this one: replaced as any that ends.
+                Ok(None) | Err(_) => {
+                    let _ = e.remove(&a.id).await;
+                    rep.set(TaskState::Starting, None, None, None);
+                    launch(&e, &c).await
+                }
+            },
+            None => {
+                rep.set(TaskState::Starting, None, None, None);
+                launch(&e, &c).await
+            }
+        };
         // How the attempt ended: why, and whether with a zero exit.
         let ended: (String, bool);
-        match launch(&e, &c).await {
+        match attempt {
             Err(err) => {
                 warn!(task = %c.name, error = %err, "container failed to start");
                 rep.set(TaskState::Failed, Some(err.to_string()), None, None);

@@ -571,6 +571,12 @@ async fn delete_endpoint(State(p): State<Plugin>, body: Bytes) -> Reply {
     if task_endpoints(&p).remove(&endpoint).is_some() {
         return Ok(Json(json!({})));
     }
+    // Not recorded: an image task's endpoint joined before this run (its container was
+    // adopted), which the state never held either.
+    let key = Endpoint::key(&endpoint, "eth0");
+    if !p.cluster.snapshot().state.endpoints.contains_key(&key) {
+        return Ok(Json(json!({})));
+    }
     p.cluster
         .apply(Op::RemoveEndpoint {
             container: endpoint,

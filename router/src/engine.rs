@@ -69,6 +69,28 @@ impl EngineError {
     }
 }
 
+/// One of this node's containers as the engine lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Labelled {
+    pub id: String,
+    pub name: String,
+    /// Its task's id (Swarm's label), if it has one.
+    pub task_id: Option<String>,
+    pub running: bool,
+}
+
+impl Labelled {
+    /// One entry of `GET /containers/json`.
+    fn of(c: &Value) -> Option<Labelled> {
+        Some(Labelled {
+            id: c["Id"].as_str()?.to_string(),
+            name: c["Names"][0].as_str()?.trim_start_matches('/').to_string(),
+            task_id: c["Labels"][TASK_ID_LABEL].as_str().map(str::to_string),
+            running: c["State"].as_str() == Some("running"),
+        })
+    }
+}
+
 /// A client of one engine.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -367,8 +389,8 @@ impl Engine {
         }
     }
 
-    /// Names of the containers labelled with this node (running or not).
-    pub async fn labelled(&self, node: &str) -> Result<Vec<String>, EngineError> {
+    /// The containers labelled with this node (running or not).
+    pub async fn labelled(&self, node: &str) -> Result<Vec<Labelled>, EngineError> {
         let filters = json!({ "label": [format!("{NODE_LABEL}={node}")] }).to_string();
         let path = format!("/containers/json?all=true&filters={}", encode(&filters));
         let v = self
@@ -377,8 +399,7 @@ impl Engine {
         Ok(v.as_array()
             .into_iter()
             .flatten()
-            .filter_map(|c| c["Names"][0].as_str())
-            .map(|n| n.trim_start_matches('/').to_string())
+            .filter_map(Labelled::of)
             .collect())
     }
 
@@ -618,5 +639,27 @@ mod tests {
         assert_eq!(t, Some(1_000_000_001));
         assert!(parse_event(br#"{"Type":"network","Action":"connect"}"#).is_none());
         assert!(parse_event(b"garbage").is_none());
+    }
+
+    #[test]
+    fn a_listed_container_gives_its_id_name_task_and_state() {
+        let c: Value = serde_json::from_str(
+            r#"{"Id":"c0","Names":["/web.1.abc"],"State":"running",
+                "Labels":{"com.docker.swarm.task.id":"abc","com.overlay.node":"n1"}}"#,
+        )
+        .unwrap();
+        let l = Labelled::of(&c).unwrap();
+        assert_eq!(
+            l,
+            Labelled {
+                id: "c0".into(),
+                name: "web.1.abc".into(),
+                task_id: Some("abc".into()),
+                running: true,
+            }
+        );
+        let exited = json!({"Id":"c1","Names":["/x"],"State":"exited","Labels":{}});
+        let l = Labelled::of(&exited).unwrap();
+        assert_eq!((l.task_id, l.running), (None, false));
     }
 }

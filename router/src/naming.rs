@@ -58,12 +58,17 @@ pub fn docker_tap_name(endpoint: &str) -> String {
 /// namespace until Docker moves it into the task's container (`docker.rs` names it to
 /// Docker on the endpoint's join): `ovi` + ten characters of the task id + the index.
 pub fn image_tap_name(task_id: &str, index: usize) -> String {
+    format!("{}{index}", image_tap_prefix(task_id))
+}
+
+/// What the names of an image task's TAPs start with ([`image_tap_name`]).
+pub fn image_tap_prefix(task_id: &str) -> String {
     let id: String = task_id
         .chars()
         .filter(char::is_ascii_alphanumeric)
         .take(10)
         .collect();
-    format!("ovi{id}{index}")
+    format!("ovi{id}")
 }
 
 /// The desired state (`store.rs`).

@@ -6,13 +6,16 @@
 //! Checked: two replicas of `bb:1` running busybox httpd, published on 8080, answer on both
 //! nodes' 8080 and through the VIP from a process task; `docker ps` on each node shows its
 //! container named `web.SLOT.TASKID`, labelled with service and task; `nslookup` of another
-//! service inside a container answers its VIP; a container killed with `docker kill` is
-//! replaced; `service logs` (and `-f`) shows each node's task output with Docker's prefix;
-//! `service update --image bb:2` rolls both tasks with no failed request through
-//! the mesh meanwhile; a missing image fails its task with the engine's message in
-//! `service ps`; `--restart-condition on-failure --restart-max-attempts 1` replaces a failed
-//! container once, then leaves it failed; `service rm` removes the containers; a node whose engine stops reports its
-//! image task failed with that reason, while process tasks run on.
+//! service inside a container answers its VIP; an overlayd restart of a node (SIGTERM and
+//! start, then kill -9 and start) adopts its container (same id and pid), which serves
+//! through both nodes' 8080 and the VIP again while a process task's TCP connection to it
+//! holds; the adopted container killed with `docker kill` is replaced; `service logs` (and
+//! `-f`) shows each node's task output with Docker's prefix; `service update --image bb:2`
+//! rolls both tasks with no failed request through the mesh meanwhile; a missing image
+//! fails its task with the engine's message in `service ps`; `--restart-condition
+//! on-failure --restart-max-attempts 1` replaces a failed container once, then leaves it
+//! failed; `service rm` removes the containers and their TAPs; a node whose engine stops
+//! reports its image task failed with that reason, while process tasks run on.
 
 use overlay_e2e::dockerd::{busybox_rootfs, Dockerd};
 use overlay_e2e::{require_root, unique, wait_for, write_script, Node, Underlay, WHOAMI_PY};
@@ -21,6 +24,56 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Holds one TCP connection to `IP`:7000 (an echo server) and every 100 ms sends a line and
+/// waits for its echo, until the file STOP exists (or 120 s passed); creates READY after the
+/// first echo. Prints `ok ROUNDS LONGEST_GAP_MS`; a broken connection raises (exit 1).
+const HOLD_PY: &str = r#"
+import os, socket, sys, time
+ip, stop, ready = sys.argv[1:4]
+deadline = time.monotonic() + 20
+while True:
+    try:
+        c = socket.create_connection((ip, 7000), timeout=2)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.2)
+c.settimeout(30)
+r = c.makefile("rb")
+seq, worst, last = 0, 0.0, time.monotonic()
+end = time.monotonic() + 120
+while not os.path.exists(stop) and time.monotonic() < end:
+    seq += 1
+    line = b"%d\n" % seq
+    c.sendall(line)
+    got = r.readline()
+    if got != line:
+        print("error: echo %r for %r" % (got, line), flush=True)
+        sys.exit(1)
+    now = time.monotonic()
+    worst, last = max(worst, now - last), now
+    if seq == 1:
+        open(ready, "w").close()
+    time.sleep(0.1)
+print("ok %d %d" % (seq, worst * 1000), flush=True)
+"#;
+
+/// The names of the image tasks' TAPs (`ovi...`) in the network namespace `netns`.
+fn image_taps(netns: &std::path::Path) -> Vec<String> {
+    let o = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["ip", "-o", "link"])
+        .output()
+        .expect("nsenter");
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n.starts_with("ovi"))
+        .collect()
+}
 
 /// `curl` of `url` from the network namespace `netns`: the body, or "" on failure.
 fn fetch_from(netns: &std::path::Path, url: &str) -> String {
@@ -54,6 +107,7 @@ fn services_run_from_images() {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).expect("work dir");
     let whoami = write_script(&work, "whoami.py", WHOAMI_PY);
+    let hold = write_script(&work, "hold.py", HOLD_PY);
     let rootfs = work.join("rootfs");
     busybox_rootfs(&rootfs);
 
@@ -73,7 +127,7 @@ fn services_run_from_images() {
     let f1: Vec<&str> = f1.iter().map(String::as_str).collect();
     let f2: Vec<&str> = f2.iter().map(String::as_str).collect();
     let n1 = Node::manager_with(&format!("{tag}a"), &u, 1, &f1);
-    let n2 = Node::worker_with(&format!("{tag}b"), &u, 2, &n1, &f2);
+    let mut n2 = Node::worker_with(&format!("{tag}b"), &u, 2, &n1, &f2);
     n1.wait_ready(&[&n2]);
     let d1 = Dockerd::start(&docks[0], &u.host(1).path(), &plugins[0]);
     let d2 = Dockerd::start(&docks[1], &u.host(2).path(), &plugins[1]);
@@ -161,6 +215,113 @@ fn services_run_from_images() {
     let ns = dockerd_of(&node1).ok(&["exec", &c1, "nslookup", "whoami"]);
     assert!(ns.contains(&n1.vip_of("whoami")), "{ns}");
 
+    // An overlayd restart (SIGTERM, then kill -9; each followed by a start) adopts the
+    // image task's container: same container, same pid, serving again through both nodes'
+    // published port and the VIP; a process task's TCP connection to it held across both.
+    let t2 = if node1 == n2.name { "web.1" } else { "web.2" };
+    let id2 = n1.task_view(t2)["id"].as_str().expect("id").to_string();
+    let c2 = format!("{t2}.{id2}");
+    let identity = || d2.ok(&["inspect", "-f", "{{.Id}} {{.State.Pid}}", &c2]);
+    let before = identity();
+    let ip2 = n1.task_ip(t2);
+    d2.ok(&[
+        "exec", "-d", &c2, "busybox", "nc", "-ll", "-p", "7000", "-e", "/bin/cat",
+    ]);
+    let (ready, stop_held) = (work.join("held.ready"), work.join("held.stop"));
+    let stop_arg = stop_held.display().to_string();
+    let held = n1.exec_ready("whoami.1", &["python3", &hold, &ip2, &stop_arg], &ready);
+    let serves_both = |i: usize| {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..6 {
+            seen.insert(fetch_from(
+                &u.host(1).path(),
+                &format!("http://{}:8080/", u.addr(i)),
+            ));
+        }
+        seen.into_iter().collect::<Vec<_>>() == ["web.1", "web.2"]
+    };
+    for how in ["SIGTERM", "kill -9"] {
+        if how == "SIGTERM" {
+            assert!(n2.stop(), "{} stops on SIGTERM", n2.name);
+        } else {
+            n2.kill();
+        }
+        let adoptions = n2
+            .log()
+            .matches("adopted the container a previous run left")
+            .count();
+        let started = std::time::Instant::now();
+        n2.start_again();
+        assert!(
+            wait_for(Duration::from_secs(20), || n2
+                .log()
+                .matches("adopted the container a previous run left")
+                .count()
+                > adoptions),
+            "after {how}: the container adopted:\n{}",
+            n2.log()
+        );
+        let adopted = started.elapsed();
+        let mut mesh = [None, None];
+        assert!(
+            wait_for(Duration::from_secs(20), || {
+                for (i, at) in mesh.iter_mut().enumerate() {
+                    if at.is_none() && serves_both(i + 1) {
+                        *at = Some(started.elapsed());
+                    }
+                }
+                mesh.iter().all(Option::is_some)
+            }),
+            "after {how}: both tasks through both nodes' 8080:\n{}",
+            n2.log()
+        );
+        eprintln!(
+            "{how}: container adopted {adopted:?}, serving through node 1's and node 2's 8080 \
+             {:?} after the start",
+            mesh
+        );
+        assert_eq!(
+            identity(),
+            before,
+            "after {how}: the same container and pid"
+        );
+        assert_eq!(containers(&d2, "web"), std::slice::from_ref(&c2));
+        let pid: u64 = before
+            .split(' ')
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .expect("pid");
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                let v = n1.task_view(t2);
+                v["status"]["state"] == "running" && v["status"]["pid"] == pid
+            }),
+            "after {how}: {t2} running with pid {pid}: {}",
+            n1.task_view(t2)
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                let o = n1.exec(
+                    "whoami.1",
+                    &["curl", "-s", "-m", "3", &format!("http://{vip}/")],
+                );
+                seen.insert(String::from_utf8_lossy(&o.stdout).trim().to_string());
+                seen.contains("web.1") && seen.contains("web.2")
+            }),
+            "after {how}: both tasks through the VIP: {seen:?}"
+        );
+    }
+    std::fs::write(&stop_held, "").expect("stop file");
+    let held = held.wait_with_output().expect("held connection");
+    let said = String::from_utf8_lossy(&held.stdout).to_string();
+    assert!(
+        held.status.success() && said.starts_with("ok "),
+        "the connection held across both restarts: {said}{}",
+        String::from_utf8_lossy(&held.stderr)
+    );
+    eprintln!("held connection across both restarts (rounds, longest gap ms): {said}");
+
     // service logs: each node shows its task's output with Docker's prefix; -f follows.
     for n in [&n1, &n2] {
         let task = if n1.node_of("web.1") == n.name {
@@ -198,19 +359,19 @@ fn services_run_from_images() {
     let _ = follow.kill();
     let _ = follow.wait();
 
-    // docker kill: the task fails and its container is replaced.
-    dockerd_of(&node1).ok(&["kill", &c1]);
+    // docker kill: the task fails and its container is replaced (the adopted one: its
+    // supervision resumed with the restart).
+    d2.ok(&["kill", &c2]);
     assert!(
         wait_for(Duration::from_secs(30), || {
-            let v = n1.task_view("web.1");
+            let v = n1.task_view(t2);
             v["status"]["state"] == "running" && v["status"]["restarts"].as_u64() >= Some(1)
         }),
-        "web.1 replaced after docker kill:\n{}",
+        "{t2} replaced after docker kill:\n{}",
         n1.ctl_ok(&["service", "ps", "web"])
     );
-    assert_eq!(
-        fetch_from(&u.host(1).path(), &format!("http://{}:8080/", u.addr(1))).len(),
-        5,
+    assert!(
+        wait_for(Duration::from_secs(10), || serves_both(2)),
         "serving again"
     );
 
@@ -285,6 +446,16 @@ fn services_run_from_images() {
             .is_empty()
             && containers(&d2, "web").is_empty()),
         "containers removed"
+    );
+    // Their persistent TAPs went with them (whether in a container or back in the node's
+    // namespace when its container ended).
+    assert!(
+        wait_for(Duration::from_secs(10), || image_taps(&u.host(1).path())
+            .is_empty()
+            && image_taps(&u.host(2).path()).is_empty()),
+        "TAPs left: {:?} {:?}",
+        image_taps(&u.host(1).path()),
+        image_taps(&u.host(2).path())
     );
     // An engine that goes away: that node's image tasks fail with the reason; process tasks
     // are not affected.

@@ -123,6 +123,7 @@ impl Agent {
             mntns: mnt_path,
             files: naming::task_files(&self.state_dir, &task.name),
             ports,
+            taps: Vec::new(),
             resolver: resolver_stop,
             stop,
             supervisor,

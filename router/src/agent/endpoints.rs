@@ -163,7 +163,7 @@ impl Agent {
         e: &protocol::state::Endpoint,
     ) -> Result<LocalEndpoint, String> {
         let (vni, spec) = endpoint_iface(state, e, naming::docker_tap_name(&e.container), false)?;
-        let fds = iface::create_detached(&spec, self.datapath.workers())
+        let fds = iface::create_detached(&spec, self.datapath.workers(), iface::Lifetime::WithFds)
             .await
             .map_err(|err| format!("making {}: {err}", spec.name))?;
         Ok(self.adopt_endpoint(vni, e, vec![fds], CancellationToken::new(), false, false))

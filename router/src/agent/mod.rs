@@ -17,8 +17,8 @@
 //! the agent keeps its namespace and interfaces, and is torn down once its process stopped.
 //!
 //! The work is split by what it realises: [`tasks`] (a task's namespaces, TAPs, resolver and
-//! supervised process), [`images`] (image tasks: their TAPs, handed to Docker, and their
-//! supervised container), [`adopt`] (the tasks a previous run left), [`endpoints`] (other
+//! supervised process), [`images`] (image tasks: their TAPs, handed to Docker, their
+//! supervised container, and the containers a previous run left), [`adopt`] (the tasks a previous run left), [`endpoints`] (other
 //! runtimes' containers: CNI and Docker), and [`tables`] (the datapath's tables, encrypted
 //! networks' keys in them, and the views the resolvers and the routing mesh's proxy read); [`health`] and [`drain`] hold the rules of
 //! health checks and of the stop sequence, without I/O. This file holds the agent itself and
@@ -272,7 +272,7 @@ impl Agent {
     async fn reconcile(&mut self, state: &ClusterState) {
         if !self.leftovers_settled && state.revision > 0 {
             self.settle_leftovers(state).await;
-            self.remove_leftover_containers(state).await;
+            self.settle_leftover_containers(state).await;
             self.leftovers_settled = true;
         }
         let node = self.node.clone();

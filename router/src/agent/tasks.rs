@@ -34,6 +34,10 @@ pub(super) struct LocalTask {
     /// The task's resolv.conf and hosts.
     pub(super) files: PathBuf,
     pub(super) ports: Vec<(PortId, PortBinding)>,
+    /// An image task's hold on each of its persistent TAPs (a queue fd's duplicate), to make
+    /// them non-persistent once the task is torn down: they live in its container, not in a
+    /// namespace of ours that would take them along. Empty for a process task.
+    pub(super) taps: Vec<std::os::fd::OwnedFd>,
     /// Ends its resolver, once the task is torn down.
     pub(super) resolver: CancellationToken,
     /// Ends its process: drained ([`Agent::begin_leave`]) or at once.
@@ -212,6 +216,7 @@ impl Agent {
             mntns: mnt_path,
             files,
             ports,
+            taps: Vec::new(),
             resolver: resolver_stop,
             stop,
             supervisor,
@@ -287,6 +292,12 @@ impl Agent {
             self.datapath.remove_port(*port);
         }
         if lt.container {
+            // The last of its queues' fds closes with the port: then the TAP goes too.
+            for fd in &lt.taps {
+                if let Err(e) = tap::unpersist(fd) {
+                    warn!(task = %name, error = %e, "cannot release the task's TAP");
+                }
+            }
             info!(task = %name, "task removed");
             self.forget_status(name, &lt.id);
             return;

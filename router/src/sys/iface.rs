@@ -26,8 +26,9 @@ pub struct IfaceSpec {
 /// How long a TAP lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifetime {
-    /// As long as its namespace ([`tap::persist`]): a task's, which outlives overlayd and is
-    /// attached to again by the next run.
+    /// As long as its namespace ([`tap::persist`]), or until made non-persistent again: a
+    /// task's (process or image task), which outlives overlayd and is attached to again by
+    /// the next run.
     Persistent,
     /// As long as overlayd holds one of its fds: a container endpoint's, made again by the
     /// next run.
@@ -100,11 +101,85 @@ fn exists(name: &str) -> bool {
     unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
+/// Attaches again to the persistent TAPs a previous overlayd made for an image task, which
+/// Docker moved into the container whose network namespace is at `ns` and renamed (eth0,
+/// eth1, ...): each is found by its MAC (`macs`, in the task's attachment order), with
+/// `queues` queues each. Returns each TAP's queue fds in `macs` order.
+pub fn reopen_by_mac(
+    ns: &Path,
+    macs: Vec<MacAddr>,
+    queues: usize,
+) -> io::Result<Vec<Vec<OwnedFd>>> {
+    netns::run_in(ns, move || {
+        // getifaddrs(3) asks over a netlink socket made in this thread's namespace.
+        let links: Vec<(String, [u8; 6])> = nix::ifaddrs::getifaddrs()
+            .map_err(|e| io::Error::other(format!("listing interfaces: {e}")))?
+            .filter_map(|a| {
+                let mac = a.address?.as_link_addr()?.addr()?;
+                Some((a.interface_name, mac))
+            })
+            .collect();
+        macs.iter()
+            .map(|mac| {
+                let (name, _) = links.iter().find(|(_, m)| *m == mac.0).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("no interface with MAC {mac}"),
+                    )
+                })?;
+                // TUNSETIFF refuses a device that is not a TAP of the same flags.
+                tap::create(name, queues).map_err(|e| io::Error::other(format!("{name}: {e}")))
+            })
+            .collect()
+    })
+}
+
+/// Deletes the interfaces of the calling process's own namespace whose names start with one
+/// of `prefixes` (the persistent TAPs of image tasks a previous run left and this one does
+/// not adopt); returns their names.
+pub async fn delete_own(prefixes: &[String]) -> io::Result<Vec<String>> {
+    let names: Vec<String> = nix::net::if_::if_nameindex()
+        .map_err(|e| io::Error::other(format!("listing interfaces: {e}")))?
+        .iter()
+        .filter_map(|i| i.name().to_str().ok().map(str::to_string))
+        .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
+        .collect();
+    if names.is_empty() {
+        return Ok(names);
+    }
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    let driver = tokio::spawn(conn);
+    let result = async {
+        for name in &names {
+            let idx = link_index(&handle, name).await?;
+            handle
+                .link()
+                .del(idx)
+                .execute()
+                .await
+                .map_err(nl("deleting interface"))?;
+        }
+        Ok(())
+    }
+    .await;
+    driver.abort();
+    result.map(|()| names)
+}
+
 /// Creates a TAP in the calling process's own namespace, with the MTU and MAC of `spec` but
 /// no address, for a runtime to move into its container (Docker's join: libnetwork moves it,
-/// renames it and configures the address and routes). Returns its queue fds.
-pub async fn create_detached(spec: &IfaceSpec, queues: usize) -> io::Result<Vec<OwnedFd>> {
+/// renames it and configures the address and routes), with the given lifetime (an image
+/// task's is persistent, so its container keeps it while no router runs). Returns its
+/// queue fds.
+pub async fn create_detached(
+    spec: &IfaceSpec,
+    queues: usize,
+    lifetime: Lifetime,
+) -> io::Result<Vec<OwnedFd>> {
     let fds = tap::create(&spec.name, queues)?;
+    if let (Lifetime::Persistent, Some(first)) = (lifetime, fds.first()) {
+        tap::persist(first).map_err(|e| io::Error::other(format!("{}: {e}", spec.name)))?;
+    }
     let (conn, handle, _) = rtnetlink::new_connection()?;
     let driver = tokio::spawn(conn);
     let result = set_link(&handle, spec, false).await;

@@ -87,8 +87,18 @@ pub fn create(name: &str, queues: usize) -> io::Result<Vec<OwnedFd>> {
 
 /// Makes the TAP behind `fd` outlive every fd of it (`TUNSETPERSIST`).
 pub fn persist(fd: &OwnedFd) -> io::Result<()> {
+    set_persist(fd, true)
+}
+
+/// Undoes [`persist`]: the TAP behind `fd` goes once its last fd is closed, wherever it is
+/// (an image task's TAP may be inside its container's namespace or back in overlayd's).
+pub fn unpersist(fd: &OwnedFd) -> io::Result<()> {
+    set_persist(fd, false)
+}
+
+fn set_persist(fd: &OwnedFd, on: bool) -> io::Result<()> {
     // SAFETY: TUNSETPERSIST takes its flag by value; the fd is an attached TAP queue.
-    unsafe { tunsetpersist(fd.as_raw_fd(), 1) }
+    unsafe { tunsetpersist(fd.as_raw_fd(), libc::c_int::from(on)) }
         .map(drop)
         .map_err(|e| io::Error::other(format!("TUNSETPERSIST: {e}")))
 }

@@ -366,12 +366,17 @@ fn upgrade_in_place() {
     // Both daemons run from a copy of the binary that the test replaces, as an operator would.
     let dir = script_dir(&tag);
     let built = a.exe.clone();
-    for n in [&mut a, &mut b] {
+    // Node 2's old processes drain their mesh connections for 2 s at most.
+    for (n, drain) in [(&mut a, None), (&mut b, Some("2s"))] {
         let exe = dir.join(format!("overlayd-{}", n.name));
         std::fs::copy(&built, &exe).expect("copy overlayd");
         assert!(n.stop());
         n.remove_flag("--token", true);
         n.remove_flag("--join", true);
+        if let Some(t) = drain {
+            n.extra_args
+                .extend(["--upgrade-drain-timeout".to_string(), t.to_string()]);
+        }
         n.exe = exe;
         n.start_again();
     }
@@ -482,12 +487,12 @@ fn upgrade_in_place() {
     // A connection through node 1's mesh held across an upgrade: it drains on the old
     // process, which exits once it ended.
     let mesh_hold = write_script(&dir, "mesh_hold.py", MESH_HOLD_PY);
-    let hold = |name: &str| {
+    let hold = |name: &str, node: &str, secs: &str| {
         let out = dir.join(name);
         let child = u
             .host(outside)
             .cmd("python3")
-            .args([&mesh_hold, &node1, "7000", "4", &out.to_string_lossy()])
+            .args([&mesh_hold, node, "7000", secs, &out.to_string_lossy()])
             .spawn()
             .expect("mesh hold");
         assert!(
@@ -498,11 +503,15 @@ fn upgrade_in_place() {
         );
         (child, out)
     };
-    let held = |(mut child, out): (std::process::Child, std::path::PathBuf)| {
+    let ended = |(mut child, out): (std::process::Child, std::path::PathBuf)| {
         let _ = child.wait();
         let text = std::fs::read_to_string(&out).unwrap_or_default();
         let last = text.lines().last().unwrap_or_default().to_string();
         eprintln!("mesh, a connection held across the upgrade: {last}");
+        last
+    };
+    let held = |h| {
+        let last = ended(h);
         let f: Vec<&str> = last.split_whitespace().collect();
         assert_eq!(f.first(), Some(&"held"), "{last}");
         let rounds: u64 = f[1].parse().expect("rounds");
@@ -512,20 +521,31 @@ fn upgrade_in_place() {
 
     // (2) node 1 (the manager), by `overlayctl node upgrade`, from a replaced binary.
     replace_binary(&built, &exe);
-    let h = hold("hold-1");
+    let h = hold("hold-1", &node1, "4");
     let gap_a = upgrade(&mut a, &[&b], pids, false);
     held(h);
     assert!(a.log().contains("mesh connections drained"), "{}", a.log());
-    // (3) node 2 (a worker), by SIGUSR2, from a replaced binary.
+    // (3) node 2 (a worker), by SIGUSR2, from a replaced binary; it drains for 2 s at
+    // most: a connection through its mesh held longer is reset then, and the old process
+    // exits.
+    let node2 = u.addr(2);
     replace_binary(&built, &b.exe.clone());
+    let h = hold("hold-b", &node2, "8");
     let gap_b = upgrade(&mut b, &[&a], |_| pids(&a), true);
+    let last = ended(h);
+    assert!(last.starts_with("error"), "{last}");
+    assert!(
+        b.log().contains("still open at the drain timeout"),
+        "{}",
+        b.log()
+    );
     assert!(
         gap_a <= 1_000 && gap_b <= 1_000,
         "stalls {gap_a} ms, {gap_b} ms"
     );
     // And once more on node 1, the upgraded process upgrading again.
     replace_binary(&built, &exe);
-    let h = hold("hold-2");
+    let h = hold("hold-2", &node1, "4");
     let gap = upgrade(&mut a, &[&b], pids, true);
     held(h);
     assert!(gap <= 1_000, "stall {gap} ms");

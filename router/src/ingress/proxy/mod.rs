@@ -704,6 +704,13 @@ impl Proxy {
     }
 
     fn shut_down(&mut self) {
+        if self.leaving {
+            // The drain timeout: what remains is reset both ways.
+            for (t, c) in self.conns.iter_mut() {
+                reset(c);
+                self.schedule.mark(*t);
+            }
+        }
         self.close_all(true);
     }
 

@@ -7,15 +7,20 @@
 //!  old overlayd                                  new overlayd (its child, OVERLAYD_UPGRADE_FROM=sock)
 //!  bind STATE/upgrade.sock, spawn ───────────►   connect; the old pid from SO_PEERCRED
 //!  accept, the peer is the child? ◄── "ready PID"
-//!  stop the control plane, API, mesh, agent
-//!  (tasks left running), keep the datapath
+//!  stop the control plane, API, agent (tasks
+//!  left running); the mesh accepts no more,
+//!  keeps its connections; keep the datapath
 //!  forwarding; release lock and sockets
-//!  "released" + SCM_RIGHTS(underlay fds) ────►   start as any start does, but with the
-//!                                                underlay sockets received (same SO_REUSEPORT
+//!  "released" + SCM_RIGHTS(underlay fds,  ───►   start as any start does, but with the
+//!   listening sockets, the drain link)           underlay sockets received (same SO_REUSEPORT
 //!                                                group); adopt the tasks (queues of its own on
-//!                                                their TAPs), publish the tables
-//!  stop the datapath (close its queues)  ◄─── "up"
-//!  save its final flows, "flows", exit  ─────►   offer them to its table
+//!                                                their TAPs), publish the tables; the mesh
+//!                                                passes the old half's segments on
+//!  the mesh moves to the drain link, stop ◄─ "up"
+//!  the datapath (close its queues)
+//!  save its final flows, "flows"  ───────────►   offer them to its table
+//!  last mesh connection ends (or the drain
+//!  timeout): exit
 //! ```
 //!
 //! Until "released" is sent nothing has changed: a binary that is missing, exits, or does not
@@ -492,6 +497,12 @@ mod tests {
                     ..h
                 };
                 assert!(has_inherited(&format!("tcp {tcp_port}")));
+                // The drain link is not a port: the predecessor had the even half, this
+                // process takes the odd one.
+                assert!(!has_inherited("mesh-drain 0"));
+                let (half, _link) = take_predecessor().expect("drain link");
+                assert_eq!((half, mesh_half()), (0, 1));
+                MESH_HALF.store(0, Ordering::Relaxed);
                 let port = take_inherited(&format!("tcp {tcp_port}")).expect("inherited");
                 let port = std::net::TcpListener::from(port);
                 assert_eq!(port.local_addr().expect("addr").port(), tcp_port);
@@ -508,7 +519,9 @@ mod tests {
             binary: PathBuf::from("/bin/true"),
             stream: lines.into_inner(),
         };
-        old.release(&[OwnedFd::from(udp)], None).expect("release");
+        let (_mine, theirs) = crate::ingress::link::pair().expect("drain link");
+        old.release(&[OwnedFd::from(udp)], Some(&theirs))
+            .expect("release");
         assert!(old.wait_up().await.expect("up"));
         old.flows_saved().await;
         let flows = tokio::task::spawn_blocking(move || new_side.join().expect("new side"))

@@ -27,7 +27,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 /// One message: header and the largest (super-)frame.
-pub const BUF: usize = vnet::HDR_LEN + MAX_SUPER_FRAME;
+const BUF: usize = vnet::HDR_LEN + MAX_SUPER_FRAME;
 /// Frames read ahead for the stack, and frames waiting for the socket.
 const RX_QUEUE: usize = 256;
 const TX_QUEUE: usize = 256;

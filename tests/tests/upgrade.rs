@@ -257,6 +257,16 @@ c.sendall(b"x\n")
 assert c.recv(16) == b"x\n"
 "#;
 
+/// Removes the test's script directory (with its copies of overlayd, some 800 MB in a debug
+/// build) when the test ends, panicking or not.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Puts a copy of `from` at `to` as an upgrade does: written beside it, renamed over it (the
 /// running process keeps the old inode).
 fn replace_binary(from: &Path, to: &Path) {
@@ -365,6 +375,7 @@ fn upgrade_in_place() {
     let (mut a, mut b) = Node::pair(&tag, &u);
     // Both daemons run from a copy of the binary that the test replaces, as an operator would.
     let dir = script_dir(&tag);
+    let _cleanup = RemoveOnDrop(dir.clone());
     let built = a.exe.clone();
     // Node 2's old processes drain their mesh connections for 2 s at most.
     for (n, drain) in [(&mut a, None), (&mut b, Some("2s"))] {
@@ -625,6 +636,7 @@ fn upgrade_gap_under_iperf() {
     let u = Underlay::new(&tag, 2, 25);
     let (mut a, b) = Node::pair(&tag, &u);
     let dir = script_dir(&tag);
+    let _cleanup = RemoveOnDrop(dir.clone());
     let built = a.exe.clone();
     let exe = dir.join("overlayd-node1");
     std::fs::copy(&built, &exe).expect("copy overlayd");

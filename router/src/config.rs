@@ -168,6 +168,12 @@ pub struct Config {
     #[arg(long, default_value = "/overlay")]
     pub etcd_prefix: String,
 
+    /// After an upgrade in place, how long the old process goes on carrying the routing
+    /// mesh connections it had established (the new one takes every new one) before it
+    /// resets what remains and exits, e.g. 30s, 2m [default: 30s].
+    #[arg(long, default_value = "30s", value_parser = parse_grace)]
+    pub upgrade_drain_timeout: std::time::Duration,
+
     /// On this shutdown (SIGTERM, SIGINT), stop every task on this node as well. Without it
     /// the tasks keep running (processes, namespaces, interfaces) and the next start of
     /// this node adopts them.

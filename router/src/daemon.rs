@@ -729,7 +729,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(path);
     }
     drop(node_lock);
-    let kept = kept.lock().ok().and_then(|mut k| k.1.take());
+    let (kept, kept_ingress) = kept
+        .lock()
+        .ok()
+        .map(|mut k| (k.1.take(), k.2.take()))
+        .unwrap_or_default();
     if successor.is_some() {
         // The store is locked while anything of the control plane holds it: let its last
         // tasks end before the successor opens it.
@@ -744,7 +748,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     if let Some(mut next) = successor {
-        return finish_handover(&mut next, underlay_rx, kept, &final_flows, &state_dir).await;
+        let drain = (kept_ingress, cfg.upgrade_drain_timeout);
+        return finish_handover(
+            &mut next,
+            underlay_rx,
+            kept,
+            drain,
+            &final_flows,
+            &state_dir,
+        )
+        .await;
     }
     // The datapath has stopped: the flows made since the sweeper's last save are saved
     // too, for the next run to resume.
@@ -787,22 +800,54 @@ async fn finish_handover(
     next: &mut crate::upgrade::Successor,
     underlay_rx: Vec<std::os::fd::OwnedFd>,
     kept: Option<Datapath>,
+    (mut ingress, drain_timeout): (Option<crate::ingress::Ingress>, Duration),
     flows: &ConnTable,
     state_dir: &Path,
 ) -> anyhow::Result<()> {
-    let handed = next.release(&underlay_rx);
+    // The link over which the successor's proxy passes this one's connections' segments
+    // (and sends its frames) while they drain.
+    let drain = match (&ingress, crate::ingress::link::pair()) {
+        (Some(_), Ok(pair)) => Some(pair),
+        (Some(_), Err(e)) => {
+            warn!(error = %e, "no drain link: the mesh's established connections end here");
+            None
+        }
+        (None, _) => None,
+    };
+    let handed = next.release(&underlay_rx, drain.as_ref().map(|(_, theirs)| theirs));
     drop(underlay_rx);
+    let mine = drain.map(|(mine, _theirs)| mine);
     let up = match handed {
         Ok(()) => next.wait_up().await,
         Err(e) => Err(e),
     };
     let started = std::time::Instant::now();
+    match (&up, &ingress, mine) {
+        (Ok(true), Some(i), Some(mine)) => i.relink(mine),
+        _ => {
+            if let Some(mut i) = ingress.take() {
+                i.stop();
+            }
+        }
+    }
     drop(kept);
     match up {
         Ok(true) => {
             save_flows(&crate::upgrade::final_flows_dir(state_dir), flows);
             next.flows_saved().await;
-            info!(stopped_in = ?started.elapsed(), "handed over to the new overlayd: overlayd stopped");
+            info!(stopped_in = ?started.elapsed(), "handed over to the new overlayd");
+            if let Some(mut i) = ingress {
+                let drained =
+                    tokio::task::spawn_blocking(move || i.wait_drained(drain_timeout)).await;
+                match drained {
+                    Ok(true) => info!(after = ?started.elapsed(), "mesh connections drained"),
+                    _ => warn!(
+                        timeout = ?drain_timeout,
+                        "mesh connections still open at the drain timeout: reset"
+                    ),
+                }
+            }
+            info!("overlayd stopped");
             Ok(())
         }
         Ok(false) => {

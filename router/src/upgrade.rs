@@ -7,15 +7,20 @@
 //!  old overlayd                                  new overlayd (its child, OVERLAYD_UPGRADE_FROM=sock)
 //!  bind STATE/upgrade.sock, spawn ───────────►   connect; the old pid from SO_PEERCRED
 //!  accept, the peer is the child? ◄── "ready PID"
-//!  stop the control plane, API, mesh, agent
-//!  (tasks left running), keep the datapath
+//!  stop the control plane, API, agent (tasks
+//!  left running); the mesh accepts no more,
+//!  keeps its connections; keep the datapath
 //!  forwarding; release lock and sockets
-//!  "released" + SCM_RIGHTS(underlay fds) ────►   start as any start does, but with the
-//!                                                underlay sockets received (same SO_REUSEPORT
+//!  "released" + SCM_RIGHTS(underlay fds,  ───►   start as any start does, but with the
+//!   listening sockets, the drain link)           underlay sockets received (same SO_REUSEPORT
 //!                                                group); adopt the tasks (queues of its own on
-//!                                                their TAPs), publish the tables
-//!  stop the datapath (close its queues)  ◄─── "up"
-//!  save its final flows, "flows", exit  ─────►   offer them to its table
+//!                                                their TAPs), publish the tables; the mesh
+//!                                                passes the old half's segments on
+//!  the mesh moves to the drain link, stop ◄─ "up"
+//!  the datapath (close its queues)
+//!  save its final flows, "flows"  ───────────►   offer them to its table
+//!  last mesh connection ends (or the drain
+//!  timeout): exit
 //! ```
 //!
 //! Until "released" is sent nothing has changed: a binary that is missing, exits, or does not
@@ -114,6 +119,26 @@ pub fn drop_unclaimed() {
     }
 }
 
+/// This process's half of the mesh endpoint's local ports (0: even, 1: odd): the other one
+/// than its predecessor's, so that each one's connections are known by their local port.
+static MESH_HALF: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+/// The predecessor's end of the drain link (`ingress::link::pair`) and its half: segments
+/// for its ports go to it while it drains its established mesh connections.
+static PREDECESSOR: std::sync::Mutex<Option<(u16, OwnedFd)>> = std::sync::Mutex::new(None);
+/// The line that names the drain link in the handover ("mesh-drain HALF", its fd last).
+const DRAIN_LINE: &str = "mesh-drain ";
+
+/// This process's half of the mesh endpoint's local ports.
+pub fn mesh_half() -> u16 {
+    MESH_HALF.load(Ordering::Relaxed)
+}
+
+/// The link to the predecessor still draining its mesh connections, and its half (taken
+/// once, by the proxy).
+pub fn take_predecessor() -> Option<(u16, OwnedFd)> {
+    PREDECESSOR.lock().ok()?.take()
+}
+
 /// The binary this process was started from, as its path read at start ([`remember_binary`]).
 static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
@@ -154,8 +179,9 @@ pub struct Successor {
 impl Successor {
     /// Hands the node over: this process has stopped everything but its datapath and let go
     /// of its locks and sockets; `underlay` are its underlay receiving sockets, for the
-    /// successor's datapath.
-    pub fn release(&self, underlay: &[OwnedFd]) -> anyhow::Result<()> {
+    /// successor's datapath; `drain` the successor's end of the link over which it passes
+    /// this process's mesh connections' segments while they drain.
+    pub fn release(&self, underlay: &[OwnedFd], drain: Option<&OwnedFd>) -> anyhow::Result<()> {
         let mut fds: Vec<RawFd> = underlay.iter().map(|f| f.as_raw_fd()).collect();
         let mut text = format!("released {}\n", underlay.len());
         // The mesh's listening sockets, copies this process holds while its proxy is gone.
@@ -171,6 +197,12 @@ impl Successor {
             fds.push(fd.as_raw_fd());
             text.push_str(key);
             text.push('\n');
+        }
+        // Last: a predecessor that does not know this line takes it for a port nobody
+        // publishes, and closes it (its connections are then reset as before).
+        if let Some(d) = drain {
+            fds.push(d.as_raw_fd());
+            text.push_str(&format!("{DRAIN_LINE}{}\n", mesh_half()));
         }
         let msg = text.as_bytes();
         let iov = [std::io::IoSlice::new(msg)];
@@ -420,7 +452,18 @@ pub fn take_over(sock: &Path) -> anyhow::Result<Handover> {
     if let Ok(mut inherited) = INHERITED.lock() {
         for key in lines {
             let Some(fd) = listeners.next() else { break };
-            inherited.insert(key.to_string(), fd);
+            match key.strip_prefix(DRAIN_LINE).map(str::parse::<u16>) {
+                Some(Ok(half)) => {
+                    MESH_HALF.store((half + 1) & 1, Ordering::Relaxed);
+                    if let Ok(mut p) = PREDECESSOR.lock() {
+                        *p = Some((half & 1, fd));
+                    }
+                }
+                Some(Err(_)) => {}
+                None => {
+                    inherited.insert(key.to_string(), fd);
+                }
+            }
         }
     }
     TAKING_OVER.store(true, Ordering::Relaxed);
@@ -468,6 +511,12 @@ mod tests {
                     ..h
                 };
                 assert!(has_inherited(&format!("tcp {tcp_port}")));
+                // The drain link is not a port: the predecessor had the even half, this
+                // process takes the odd one.
+                assert!(!has_inherited("mesh-drain 0"));
+                let (half, _link) = take_predecessor().expect("drain link");
+                assert_eq!((half, mesh_half()), (0, 1));
+                MESH_HALF.store(0, Ordering::Relaxed);
                 let port = take_inherited(&format!("tcp {tcp_port}")).expect("inherited");
                 let port = std::net::TcpListener::from(port);
                 assert_eq!(port.local_addr().expect("addr").port(), tcp_port);
@@ -484,7 +533,9 @@ mod tests {
             binary: PathBuf::from("/bin/true"),
             stream: lines.into_inner(),
         };
-        old.release(&[OwnedFd::from(udp)]).expect("release");
+        let (_mine, theirs) = crate::ingress::link::pair().expect("drain link");
+        old.release(&[OwnedFd::from(udp)], Some(&theirs))
+            .expect("release");
         assert!(old.wait_up().await.expect("up"));
         old.flows_saved().await;
         let flows = tokio::task::spawn_blocking(move || new_side.join().expect("new side"))

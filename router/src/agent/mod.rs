@@ -133,8 +133,9 @@ pub struct Agent {
     keep_datapath: Option<KeptDatapath>,
 }
 
-/// A datapath an agent left running when it shut down, for its daemon to stop later.
-pub type KeptDatapath = Arc<std::sync::Mutex<(bool, Option<Datapath>)>>;
+/// A datapath (and the mesh's proxy, leaving: its established connections drain) an agent
+/// left running when it shut down, for its daemon to stop later.
+pub type KeptDatapath = Arc<std::sync::Mutex<(bool, Option<Datapath>, Option<Ingress>)>>;
 
 impl Agent {
     pub fn new(
@@ -236,12 +237,22 @@ impl Agent {
     }
 
     async fn shut_down(mut self) {
-        self.ingress.stop();
+        let keeping = self
+            .keep_datapath
+            .as_ref()
+            .is_some_and(|k| k.lock().is_ok_and(|k| k.0));
+        if keeping {
+            // An upgrade: the mesh's established connections drain on this process.
+            self.ingress.leave();
+        } else {
+            self.ingress.stop();
+        }
         self.stop_all().await;
         if let Some(keep) = self.keep_datapath.take() {
             if let Ok(mut k) = keep.lock() {
                 if k.0 {
                     k.1 = Some(self.datapath);
+                    k.2 = Some(self.ingress);
                     return;
                 }
             }

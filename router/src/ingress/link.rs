@@ -167,6 +167,48 @@ impl Link {
         }
     }
 
+    /// Puts `fd` in place of the socket, queues kept (an upgrade's predecessor, draining:
+    /// its datapath stops, its frames go through the successor's from now on). Returns the
+    /// socket it replaced.
+    pub fn swap_fd(&mut self, fd: OwnedFd) -> OwnedFd {
+        self.readable = true;
+        self.writable = true;
+        std::mem::replace(&mut self.fd, fd)
+    }
+
+    /// Takes the next frame for the stack as it came (virtio-net header and frame), for
+    /// another process's endpoint; `done` gives the buffer back.
+    pub fn pop_rx_raw(&mut self) -> Option<(Vec<u8>, usize)> {
+        self.rx.pop_front()
+    }
+
+    /// The next frame for the stack as it came (virtio-net header and frame).
+    pub fn peek_rx_raw(&self) -> Option<&[u8]> {
+        self.rx.front().map(|(b, len)| &b[..*len])
+    }
+
+    /// Counts a frame the endpoint dropped.
+    pub fn count_drop(&self, reason: DropReason) {
+        self.counters.count_drop(reason);
+    }
+
+    /// Gives back a buffer of [`Link::pop_rx_raw`].
+    pub fn done(&self, b: Vec<u8>) {
+        Link::recycle(&self.pool, b);
+    }
+
+    /// Queues a message as it came from another process's endpoint (virtio-net header and
+    /// frame) for the datapath; false if the queue is full.
+    pub fn push_tx_raw(&mut self, msg: &[u8]) -> bool {
+        if self.tx.len() >= TX_QUEUE {
+            return false;
+        }
+        let mut b = Link::buffer(&self.pool, msg.len());
+        b[..msg.len()].copy_from_slice(msg);
+        self.tx.push_back((b, msg.len()));
+        true
+    }
+
     /// Drops every queued frame (the endpoint is being rebuilt).
     pub fn clear(&mut self) {
         self.rx.clear();

@@ -46,6 +46,7 @@ use super::link::Link;
 use super::stats::Registry;
 use super::{EndpointAddr, IngressView, ListenerView};
 use datapath::stats::Counters;
+use datapath::vocab::DropReason;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketSet};
@@ -54,7 +55,7 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -62,12 +63,34 @@ use tracing::{debug, info, warn};
 
 const LINK: Token = Token(0);
 const WAKE: Token = Token(1);
+/// The link to an upgrade's predecessor draining its connections (tokens handed out start
+/// above it).
+const PREDECESSOR: Token = Token(2);
 /// Longest wait of the loop: UDP mappings and connects are checked at least this often.
 const TICK: Duration = Duration::from_millis(500);
 
 enum Msg {
     View(IngressView),
+    /// An upgrade's old process: accept no more, keep the established connections.
+    Leave,
+    /// An upgrade's old process, its datapath about to stop: frames go over this link (to
+    /// the successor's proxy, which sends them through its datapath) from now on.
+    Relink(OwnedFd),
     Stop,
+}
+
+/// Sends one message (virtio-net header and frame) over a drain link; false if it could not.
+fn send_frame(fd: &OwnedFd, msg: &[u8]) -> bool {
+    loop {
+        match nix::sys::socket::send(
+            fd.as_raw_fd(),
+            msg,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => return r.is_ok(),
+        }
+    }
 }
 
 /// Handle to the proxy thread.
@@ -95,6 +118,21 @@ impl Ingress {
             Interest::READABLE | Interest::WRITABLE,
         )?;
         let (tx, rx) = mpsc::channel();
+        let half = crate::upgrade::mesh_half();
+        let predecessor = crate::upgrade::take_predecessor().and_then(|(h, fd)| {
+            poll.registry()
+                .register(
+                    &mut SourceFd(&fd.as_raw_fd()),
+                    PREDECESSOR,
+                    Interest::READABLE,
+                )
+                .ok()?;
+            info!(
+                half = h,
+                "passing the old overlayd's mesh connections on to it while they drain"
+            );
+            Some((h, fd))
+        });
         let mut proxy = Proxy {
             poll,
             rx,
@@ -106,7 +144,10 @@ impl Ingress {
             tokens: HashMap::new(),
             conns: HashMap::new(),
             udp: HashMap::new(),
-            local_ports: PortAlloc::default(),
+            local_ports: PortAlloc::of_half(half),
+            half,
+            predecessor,
+            leaving: false,
             idle_tcp: Vec::new(),
             warm: Vec::new(),
             by_port: HashMap::new(),
@@ -125,6 +166,40 @@ impl Ingress {
             waker,
             thread: Some(thread),
         })
+    }
+
+    /// An upgrade's old process: closes the listeners (their sockets' copies go to the
+    /// successor) and keeps the established connections until they end.
+    pub fn leave(&self) {
+        if self.tx.send(Msg::Leave).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// An upgrade's old process, leaving: its frames go over `link` (the drain link to
+    /// the successor) from now on, since its own datapath stops.
+    pub fn relink(&self, link: OwnedFd) {
+        if self.tx.send(Msg::Relink(link)).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// Waits until a leaving proxy's last connection ended (true), or `timeout` (false: it
+    /// is stopped, what remains is reset).
+    pub fn wait_drained(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let drained = loop {
+            match &self.thread {
+                Some(t) if !t.is_finished() => {}
+                _ => break true,
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        self.stop();
+        drained
     }
 
     /// Hands the thread a new view (listeners, backends, the endpoint's address).
@@ -169,6 +244,13 @@ struct Proxy {
     /// Each published UDP port's mappings, by client address (none: no mapping yet).
     udp: HashMap<ListenerKey, Mappings<UdpMap>>,
     local_ports: PortAlloc,
+    /// This process's half of the local ports (`crate::upgrade::mesh_half`).
+    half: u16,
+    /// An upgrade's predecessor still draining: its half and its end of the drain link.
+    predecessor: Option<(u16, OwnedFd)>,
+    /// An upgrade's old process: no listeners, established connections only; the thread
+    /// ends with the last one.
+    leaving: bool,
     /// Closed TCP sockets (buffers and settings kept) ready for the next connection.
     idle_tcp: Vec<TcpSlot>,
     /// Connections whose buffers may hold pages: the sweep trims those idle since the last
@@ -231,7 +313,7 @@ impl Proxy {
                         self.link.readable |= ev.is_readable();
                         self.link.writable |= ev.is_writable();
                     }
-                    WAKE => {}
+                    WAKE | PREDECESSOR => {}
                     t => match self.tokens.get(&t) {
                         Some(Owner::Listener(key)) => {
                             let key = *key;
@@ -251,7 +333,10 @@ impl Proxy {
             }
             loop {
                 match self.rx.try_recv() {
-                    Ok(Msg::View(v)) => self.apply(v),
+                    Ok(Msg::View(v)) if !self.leaving => self.apply(v),
+                    Ok(Msg::View(_)) => {}
+                    Ok(Msg::Leave) => self.leave(),
+                    Ok(Msg::Relink(fd)) => self.relink(fd),
                     Ok(Msg::Stop) | Err(mpsc::TryRecvError::Disconnected) => {
                         self.shut_down();
                         return;
@@ -270,11 +355,107 @@ impl Proxy {
                 self.sweep();
             }
             self.turn();
+            if self.leaving && self.conns.is_empty() {
+                self.link.flush();
+                info!("the last mesh connection of this overlayd ended");
+                return;
+            }
+        }
+    }
+
+    /// Accepts no more (the listeners' sockets stay open in their copies for the
+    /// successor) and drops the UDP mappings; TCP connections go on until they end.
+    fn leave(&mut self) {
+        self.leaving = true;
+        let keys: Vec<ListenerKey> = self.listeners.keys().copied().collect();
+        for key in keys {
+            if let Some(l) = self.listeners.remove(&key) {
+                self.tokens.remove(&l.token);
+                match l.socket {
+                    Some(listener::Socket::Tcp(mut s)) => {
+                        let _ = self.poll.registry().deregister(&mut s);
+                    }
+                    Some(listener::Socket::Udp(mut s)) => {
+                        let _ = self.poll.registry().deregister(&mut s);
+                    }
+                    None => {}
+                }
+            }
+            self.drop_mappings(key, |_| true);
+        }
+        info!(
+            connections = self.conns.len(),
+            "leaving: accepting no more, established mesh connections drain"
+        );
+    }
+
+    /// Sends and receives over `fd` instead of the link to the datapath (which stops).
+    fn relink(&mut self, fd: OwnedFd) {
+        // What the datapath handed over already goes to the stack first.
+        self.turn();
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&self.link.raw_fd()));
+        let old = self.link.swap_fd(fd);
+        drop(old);
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&self.link.raw_fd()),
+            LINK,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!(error = %e, "cannot poll the drain link");
+        }
+    }
+
+    /// Writes frames of the predecessor's connections to it, and those it sends to the
+    /// datapath (as if from this endpoint). Its end closing (it exited) ends the passing.
+    fn pass_from_predecessor(&mut self) {
+        let Some((_, fd)) = &self.predecessor else {
+            return;
+        };
+        let mut gone = false;
+        // Until the socket is empty (edge-triggered), what does not fit counted.
+        loop {
+            match nix::sys::socket::recv(
+                fd.as_raw_fd(),
+                &mut self.buf,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(0) => {
+                    gone = true;
+                    break;
+                }
+                Ok(n) => {
+                    if !self.link.push_tx_raw(&self.buf[..n]) {
+                        self.link.flush();
+                        if !self.link.push_tx_raw(&self.buf[..n]) {
+                            self.link.count_drop(DropReason::WriteFailed);
+                        }
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(_) => {
+                    gone = true;
+                    break;
+                }
+            }
+        }
+        if gone {
+            if let Some((_, fd)) = self.predecessor.take() {
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&fd.as_raw_fd()));
+            }
+            info!("the old overlayd's mesh connections have drained");
         }
     }
 
     /// Frames in, the stack, bytes between the sockets, frames out.
     fn turn(&mut self) {
+        self.pass_from_predecessor();
         self.link.read_frames();
         self.ingress();
         self.pump_udp();
@@ -291,6 +472,41 @@ impl Proxy {
         };
         while let Some(frame) = self.link.peek_rx() {
             let dest = classify(frame);
+            // An upgrade's predecessor's connections are its own; one leaving takes only
+            // its own connections' segments, and ARP.
+            let theirs = match &dest {
+                Dest::Tcp(seg) => {
+                    !ports::in_half(seg.port, self.half)
+                        && self
+                            .predecessor
+                            .as_ref()
+                            .is_some_and(|(h, _)| ports::in_half(seg.port, *h))
+                }
+                Dest::Arp(_) => self.predecessor.is_some(),
+                Dest::Other => false,
+            };
+            let mine = match &dest {
+                Dest::Tcp(seg) => !self.leaving || self.by_port.contains_key(&seg.port),
+                Dest::Arp(_) => true,
+                Dest::Other => !self.leaving,
+            };
+            if theirs {
+                let sent = self.predecessor.as_ref().is_some_and(|(_, fd)| {
+                    send_frame(fd, self.link.peek_rx_raw().unwrap_or_default())
+                });
+                if !sent {
+                    self.link.count_drop(DropReason::WriteFailed);
+                }
+            }
+            if (theirs && !matches!(dest, Dest::Arp(_))) || !mine {
+                if !theirs {
+                    self.link.count_drop(DropReason::UnknownPort);
+                }
+                if let Some((b, _)) = self.link.pop_rx_raw() {
+                    self.link.done(b);
+                }
+                continue;
+            }
             let conn = match &dest {
                 Dest::Tcp(seg) => self.by_port.get(&seg.port).copied(),
                 Dest::Arp(sender) => {
@@ -488,6 +704,13 @@ impl Proxy {
     }
 
     fn shut_down(&mut self) {
+        if self.leaving {
+            // The drain timeout: what remains is reset both ways.
+            for (t, c) in self.conns.iter_mut() {
+                reset(c);
+                self.schedule.mark(*t);
+            }
+        }
         self.close_all(true);
     }
 

@@ -298,6 +298,24 @@ pub async fn running_pid(e: &Engine, id: &str) -> Result<Option<u32>, EngineErro
     Ok((v["State"]["Running"].as_bool() == Some(true) && pid > 0).then_some(pid))
 }
 
+/// How a launch ended: done (started or failed), or cut short by a stop (`true`: the
+/// task goes, so its container must too; `false`: the daemon detaches).
+enum Launch {
+    Done(Result<(String, u32), EngineError>),
+    Stopped(bool),
+}
+
+/// [`launch`], unless the task is stopped first: a pull may take minutes, and leaving the
+/// desired state, a shutdown or an upgrade must not wait for it.
+async fn launch_unless_stopped(e: &Engine, c: &ContainerTask, stop: &Stop) -> Launch {
+    tokio::select! {
+        r = launch(e, c) => Launch::Done(r),
+        _ = stop.leave.cancelled() => Launch::Stopped(true),
+        _ = stop.now.cancelled() => Launch::Stopped(true),
+        _ = stop.detach.cancelled() => Launch::Stopped(false),
+    }
+}
+
 /// Runs and supervises the task's container until `stop` says otherwise; with `adopted`,
 /// first the container a previous run left (same id and pid), as if it had just started it.
 pub async fn supervise(
@@ -323,18 +341,29 @@ pub async fn supervise(
             Some(a) => match running_pid(&e, &a.id).await {
                 Ok(Some(pid)) => {
                     info!(task = %c.name, container = %c.container_name(), pid, "container adopted");
-                    Ok((a.id, pid))
+                    Launch::Done(Ok((a.id, pid)))
                 }
                 // It ended between the agent's look and this one: replaced as any that ends.
                 Ok(None) | Err(_) => {
                     let _ = e.remove(&a.id).await;
                     rep.set(TaskState::Starting, None, None, None);
-                    launch(&e, &c).await
+                    launch_unless_stopped(&e, &c, &stop).await
                 }
             },
             None => {
                 rep.set(TaskState::Starting, None, None, None);
-                launch(&e, &c).await
+                launch_unless_stopped(&e, &c, &stop).await
+            }
+        };
+        let attempt = match attempt {
+            Launch::Done(r) => r,
+            Launch::Stopped(leaves) => {
+                if leaves {
+                    // A container made before the stop came is removed by its name.
+                    let _ = e.remove(&c.container_name()).await;
+                    rep.set(TaskState::Shutdown, None, None, None);
+                }
+                return;
             }
         };
         // How the attempt ended: why, and whether with a zero exit.

@@ -7,6 +7,7 @@
 
 pub mod dockerd;
 pub mod etcd;
+pub mod rounds;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

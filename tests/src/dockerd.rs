@@ -4,7 +4,7 @@
 //! /run/docker/plugins is that node's plugin directory; and a busybox image imported from
 //! Debian's busybox-static. Dropping a `Dockerd` removes its containers and stops it.
 
-use crate::{run, wait_for};
+use crate::{run, wait_for, Node, Underlay};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -158,5 +158,65 @@ pub fn busybox_rootfs(dir: &Path) {
         "sh", "sleep", "ping", "httpd", "wget", "nslookup", "ip", "echo", "cat", "hostname", "env",
     ] {
         let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+    }
+}
+
+/// The rig of the Docker tests: two nodes on a bridged underlay (manager `n1`, worker
+/// `n2`), each with its own dockerd (`d1`, `d2`) whose network plugin is that node's
+/// overlayd, and a busybox root filesystem (`rootfs`) to import; `work` holds their files.
+/// Fields drop in order: the dockerds, then the nodes, then the underlay.
+pub struct DockerPair {
+    pub d2: Dockerd,
+    pub d1: Dockerd,
+    pub n2: Node,
+    pub n1: Node,
+    pub u: Underlay,
+    pub rootfs: PathBuf,
+    /// The nodes' plugin directories (`overlayd.sock` in each).
+    pub plugins: Vec<PathBuf>,
+    pub work: PathBuf,
+}
+
+impl DockerPair {
+    /// Starts it, named after `tag`, its files in a temporary directory named after `what`,
+    /// its underlay 198.18.`net`.0/24.
+    pub fn start(tag: &str, what: &str, net: u8) -> DockerPair {
+        if Command::new("dockerd").arg("--version").output().is_err() {
+            panic!("dockerd is not installed (scripts/install-deps.sh installs docker.io)");
+        }
+        let work = std::env::temp_dir().join(format!("overlay-e2e-{tag}-{what}"));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).expect("work dir");
+        let rootfs = work.join("rootfs");
+        busybox_rootfs(&rootfs);
+        let u = Underlay::new(tag, 2, net);
+        let plugins: Vec<PathBuf> = (1..=2).map(|i| work.join(format!("plugins{i}"))).collect();
+        let docks: Vec<PathBuf> = (1..=2).map(|i| work.join(format!("dockerd{i}"))).collect();
+        let flags = |i: usize| {
+            vec![
+                "--docker-plugin".to_string(),
+                plugins[i].join("overlayd.sock").display().to_string(),
+                "--docker-host".to_string(),
+                docks[i].join("docker.sock").display().to_string(),
+            ]
+        };
+        let (f1, f2) = (flags(0), flags(1));
+        let f1: Vec<&str> = f1.iter().map(String::as_str).collect();
+        let f2: Vec<&str> = f2.iter().map(String::as_str).collect();
+        let n1 = Node::manager_with(&format!("{tag}a"), &u, 1, &f1);
+        let n2 = Node::worker_with(&format!("{tag}b"), &u, 2, &n1, &f2);
+        n1.wait_ready(&[&n2]);
+        let d1 = Dockerd::start(&docks[0], &u.host(1).path(), &plugins[0]);
+        let d2 = Dockerd::start(&docks[1], &u.host(2).path(), &plugins[1]);
+        DockerPair {
+            d2,
+            d1,
+            n2,
+            n1,
+            u,
+            rootfs,
+            plugins,
+            work,
+        }
     }
 }

@@ -14,11 +14,10 @@
 //! `docker rm` remove its endpoint everywhere; `docker network rm` on the last host releases the cluster network once no
 //! endpoint remains; the plugin refuses a malformed call in Docker's error shape.
 
-use overlay_e2e::dockerd::{busybox_rootfs, Dockerd};
-use overlay_e2e::{require_root, unique, wait_for, write_script, Node, Underlay, WHOAMI_PY};
+use overlay_e2e::dockerd::{DockerPair, Dockerd};
+use overlay_e2e::{require_root, unique, wait_for, write_script, Node, WHOAMI_PY};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 fn plugin_call(sock: &Path, call: &str, body: &str) -> (u16, serde_json::Value) {
@@ -54,37 +53,19 @@ fn docker_containers_join_cluster_networks() {
     if !require_root("docker_containers_join_cluster_networks") {
         return;
     }
-    if Command::new("dockerd").arg("--version").output().is_err() {
-        panic!("dockerd is not installed (scripts/install-deps.sh installs docker.io)");
-    }
     let tag = unique("dk");
-    let work = std::env::temp_dir().join(format!("overlay-e2e-{tag}-docker"));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).expect("work dir");
+    // `_u` keeps the underlay (its namespaces) until the end.
+    let DockerPair {
+        work,
+        rootfs,
+        plugins,
+        u: _u,
+        n1,
+        mut n2,
+        d1,
+        d2,
+    } = DockerPair::start(&tag, "docker", 12);
     let whoami = write_script(&work, "whoami.py", WHOAMI_PY);
-    let rootfs = work.join("rootfs");
-    busybox_rootfs(&rootfs);
-
-    let u = Underlay::new(&tag, 2, 12);
-    let plugins: Vec<PathBuf> = (1..=2).map(|i| work.join(format!("plugins{i}"))).collect();
-    let docks: Vec<PathBuf> = (1..=2).map(|i| work.join(format!("dockerd{i}"))).collect();
-    let flags = |i: usize| {
-        vec![
-            "--docker-plugin".to_string(),
-            plugins[i].join("overlayd.sock").display().to_string(),
-            "--docker-host".to_string(),
-            docks[i].join("docker.sock").display().to_string(),
-        ]
-    };
-    let f1 = flags(0);
-    let f2 = flags(1);
-    let f1: Vec<&str> = f1.iter().map(String::as_str).collect();
-    let f2: Vec<&str> = f2.iter().map(String::as_str).collect();
-    let n1 = Node::manager_with(&format!("{tag}a"), &u, 1, &f1);
-    let mut n2 = Node::worker_with(&format!("{tag}b"), &u, 2, &n1, &f2);
-    n1.wait_ready(&[&n2]);
-    let d1 = Dockerd::start(&docks[0], &u.host(1).path(), &plugins[0]);
-    let d2 = Dockerd::start(&docks[1], &u.host(2).path(), &plugins[1]);
     d1.import_busybox(&rootfs, "bb:latest");
     d2.import_busybox(&rootfs, "bb:latest");
 

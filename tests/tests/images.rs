@@ -17,9 +17,8 @@
 //! failed; `service rm` removes the containers and their TAPs; a node whose engine stops
 //! reports its image task failed with that reason, while process tasks run on.
 
-use overlay_e2e::dockerd::{busybox_rootfs, Dockerd};
-use overlay_e2e::{require_root, unique, wait_for, write_script, Node, Underlay, WHOAMI_PY};
-use std::path::PathBuf;
+use overlay_e2e::dockerd::{DockerPair, Dockerd};
+use overlay_e2e::{require_root, unique, wait_for, write_script, WHOAMI_PY};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -99,38 +98,19 @@ fn services_run_from_images() {
     if !require_root("services_run_from_images") {
         return;
     }
-    if Command::new("dockerd").arg("--version").output().is_err() {
-        panic!("dockerd is not installed (scripts/install-deps.sh installs docker.io)");
-    }
     let tag = unique("im");
-    let work = std::env::temp_dir().join(format!("overlay-e2e-{tag}-images"));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).expect("work dir");
+    let DockerPair {
+        work,
+        rootfs,
+        u,
+        n1,
+        mut n2,
+        d1,
+        d2,
+        ..
+    } = DockerPair::start(&tag, "images", 13);
     let whoami = write_script(&work, "whoami.py", WHOAMI_PY);
     let hold = write_script(&work, "hold.py", HOLD_PY);
-    let rootfs = work.join("rootfs");
-    busybox_rootfs(&rootfs);
-
-    let u = Underlay::new(&tag, 2, 13);
-    let plugins: Vec<PathBuf> = (1..=2).map(|i| work.join(format!("plugins{i}"))).collect();
-    let docks: Vec<PathBuf> = (1..=2).map(|i| work.join(format!("dockerd{i}"))).collect();
-    let flags = |i: usize| {
-        vec![
-            "--docker-plugin".to_string(),
-            plugins[i].join("overlayd.sock").display().to_string(),
-            "--docker-host".to_string(),
-            docks[i].join("docker.sock").display().to_string(),
-        ]
-    };
-    let f1 = flags(0);
-    let f2 = flags(1);
-    let f1: Vec<&str> = f1.iter().map(String::as_str).collect();
-    let f2: Vec<&str> = f2.iter().map(String::as_str).collect();
-    let n1 = Node::manager_with(&format!("{tag}a"), &u, 1, &f1);
-    let mut n2 = Node::worker_with(&format!("{tag}b"), &u, 2, &n1, &f2);
-    n1.wait_ready(&[&n2]);
-    let d1 = Dockerd::start(&docks[0], &u.host(1).path(), &plugins[0]);
-    let d2 = Dockerd::start(&docks[1], &u.host(2).path(), &plugins[1]);
     for d in [&d1, &d2] {
         d.import_busybox(&rootfs, "bb:1");
         d.import_busybox(&rootfs, "bb:2");

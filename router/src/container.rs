@@ -433,18 +433,8 @@ pub async fn supervise(
             rep.set(state, Some(error), None, None);
             Duration::MAX
         };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.leave.cancelled() => {
-                rep.leave(&c.name);
-                rep.set(TaskState::Shutdown, None, None, None);
-                return;
-            }
-            _ = stop.now.cancelled() => {
-                rep.set(TaskState::Shutdown, None, None, None);
-                return;
-            }
-            _ = stop.detach.cancelled() => return,
+        if !task::wait_unless_stopped(wait, &stop, &mut rep, &c.name).await {
+            return;
         }
         rep.restarts += 1;
         backoff = (backoff * 2).min(task::BACKOFF_MAX);

@@ -83,6 +83,29 @@ pub fn leaving_key(name: &str, id: &str) -> String {
     format!("{name}@{id}")
 }
 
+/// Waits `wait` before a task's next start, unless it is stopped first: then reports it
+/// shut down (under its leaving key if it left the desired state) and returns false.
+pub(crate) async fn wait_unless_stopped(
+    wait: Duration,
+    stop: &Stop,
+    rep: &mut Reporter,
+    name: &str,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = stop.leave.cancelled() => {
+            rep.leave(name);
+            rep.set(TaskState::Shutdown, None, None, None);
+            false
+        }
+        _ = stop.now.cancelled() => {
+            rep.set(TaskState::Shutdown, None, None, None);
+            false
+        }
+        _ = stop.detach.cancelled() => false,
+    }
+}
+
 pub(crate) struct Reporter {
     pub(crate) board: StatusBoard,
     /// Where its status goes: its name, or its [`leaving_key`] once it left.
@@ -430,18 +453,8 @@ pub async fn supervise(p: TaskProcess, board: StatusBoard, stop: Stop, adopted: 
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.leave.cancelled() => {
-                rep.leave(&p.name);
-                rep.set(TaskState::Shutdown, None, None, None);
-                return;
-            }
-            _ = stop.now.cancelled() => {
-                rep.set(TaskState::Shutdown, None, None, None);
-                return;
-            }
-            _ = stop.detach.cancelled() => return,
+        if !wait_unless_stopped(backoff, &stop, &mut rep, &p.name).await {
+            return;
         }
         rep.restarts += 1;
         backoff = (backoff * 2).min(BACKOFF_MAX);

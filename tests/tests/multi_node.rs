@@ -121,6 +121,11 @@ fn service_logs_from_both_nodes(n1: &Node, n2: &Node) {
         "followed on {}: {seen:?}",
         n2.name
     );
+    // Bad input: a clear error.
+    let err = n2.ctl_err(&["service", "logs", "--tail", "1000000", "talk"]);
+    assert!(err.contains("--tail may be at most 100000"), "{err}");
+    let err = n2.ctl_err(&["service", "logs", "nosuch"]);
+    assert!(err.contains("no such service: nosuch"), "{err}");
     n1.ctl_ok(&["service", "rm", "talk"]);
 }
 
@@ -240,6 +245,18 @@ fn three_node_overlay() {
         "{}",
         n1.ctl_ok(&["node", "ls"])
     );
+    // Its tasks' logs are said to be unavailable, at once, on the manager and on a worker.
+    for n in [&n1, &n2] {
+        let asked = std::time::Instant::now();
+        let logs = n.ctl_ok(&["service", "logs", "web"]);
+        let want = format!("@{} | (logs unavailable: node {} ", n3.name, n3.name);
+        assert!(logs.contains(&want), "service logs on {}: {logs}", n.name);
+        assert!(
+            asked.elapsed() < Duration::from_secs(7),
+            "{:?}",
+            asked.elapsed()
+        );
+    }
     n3.remove_flag("--token", true);
     n3.remove_flag("--join", true);
     n3.restart();

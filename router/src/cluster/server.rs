@@ -36,6 +36,9 @@ use tracing::{info, warn};
 const REFUSAL_LINGER: Duration = Duration::from_millis(200);
 /// Forwarded changes waiting to be applied, per session (the reader waits beyond that).
 const APPLY_QUEUE: usize = 64;
+/// A member's logs questions the leader works on at once (each for up to 5 s); more are
+/// answered with an error at once.
+const LOGS_IN_FLIGHT: usize = 64;
 
 pub struct ServerCtx {
     pub manager: Arc<Manager>,
@@ -369,6 +372,7 @@ async fn handle(
     let hub = ctx.manager.logs().clone();
     let (outbox_tx, mut outbox) = mpsc::channel::<ToNode>(16);
     let mut detach = Detach(hub.clone(), None, outbox_tx.clone());
+    let logs_in_flight = Arc::new(tokio::sync::Semaphore::new(LOGS_IN_FLIGHT));
     let mut changes = None;
     let roster = ManagerRoster(&ctx);
     // The member, once its session is up (for the log line when it ends).
@@ -485,9 +489,17 @@ async fn handle(
                 }
                 Action::Logs { id, query } => {
                     let (hub, manager, out) = (hub.clone(), ctx.manager.clone(), outbox_tx.clone());
+                    let Ok(permit) = logs_in_flight.clone().try_acquire_owned() else {
+                        let answer = Err(format!(
+                            "more than {LOGS_IN_FLIGHT} logs questions of this node under way"
+                        ));
+                        let _ = out.try_send(ToNode::LogsLines { id, answer });
+                        continue;
+                    };
                     tokio::spawn(async move {
                         let answer = hub.fetch_as_leader(&manager.snapshot(), query).await;
                         let _ = out.send(ToNode::LogsLines { id, answer }).await;
+                        drop(permit);
                     });
                     continue;
                 }

@@ -252,7 +252,7 @@ fn three_node_overlay() {
         let want = format!("@{} | (logs unavailable: node {} ", n3.name, n3.name);
         assert!(logs.contains(&want), "service logs on {}: {logs}", n.name);
         assert!(
-            asked.elapsed() < Duration::from_secs(7),
+            asked.elapsed() < Duration::from_secs(3),
             "{:?}",
             asked.elapsed()
         );

@@ -9,6 +9,7 @@
 //! is down or silent is reported, never waited for.
 
 use crate::engine::{self, Engine};
+use crate::manager::Manager;
 use crate::naming;
 use http_body_util::BodyExt;
 use protocol::control::{LogsAnswer, LogsQuery, TaskLines, ToNode, MAX_LOGS_ANSWER, MAX_LOGS_TAIL};
@@ -126,12 +127,16 @@ impl LogsHub {
         }
     }
 
-    /// The leader answers `q`: from its own tasks, or by asking `q.node` over its session.
-    pub async fn fetch_as_leader(&self, state: &ClusterState, q: LogsQuery) -> LogsResult {
+    /// The leader answers `q`: from its own tasks, or by asking `q.node` over its session
+    /// (at once "down" when it does not heartbeat: its session may not have ended yet).
+    pub async fn fetch_as_leader(&self, manager: &Manager, q: LogsQuery) -> LogsResult {
         if self.node() == Some(&q.node) {
-            return self.local_answer(state, &q).await;
+            return self.local_answer(&manager.snapshot(), &q).await;
         }
         let node = q.node.clone();
+        if !manager.health().is_ready(&node) {
+            return Err(format!("node {node} is down"));
+        }
         let Some(tx) = lock(&self.sessions).get(&node).cloned() else {
             return Err(format!("node {node} is not connected to the manager"));
         };

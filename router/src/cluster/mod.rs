@@ -133,7 +133,7 @@ impl Cluster {
     pub async fn fetch_logs(&self, q: protocol::control::LogsQuery) -> logs::LogsResult {
         let hub = self.0.view.logs.clone();
         match self.mode() {
-            Mode::Manager { manager, .. } => hub.fetch_as_leader(&manager.snapshot(), q).await,
+            Mode::Manager { manager, .. } => hub.fetch_as_leader(&manager, q).await,
             Mode::Worker(link) if q.node == link.node => {
                 hub.local_answer(&link.snapshot().state, &q).await
             }

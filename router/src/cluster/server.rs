@@ -497,7 +497,7 @@ async fn handle(
                         continue;
                     };
                     tokio::spawn(async move {
-                        let answer = hub.fetch_as_leader(&manager.snapshot(), query).await;
+                        let answer = hub.fetch_as_leader(&manager, query).await;
                         let _ = out.send(ToNode::LogsLines { id, answer }).await;
                         drop(permit);
                     });

@@ -1,12 +1,13 @@
 //! `GET /services/{name}/logs` (`overlayctl service logs NAME [-f] [--tail N] [-t]`): the
-//! output of the service's tasks that run on this node, each line prefixed as Docker does
-//! (`web.1.TASKID@NODE | `): image tasks' from their engine (the container logs API, its
+//! output of every task of the service, each line prefixed as Docker does
+//! (`web.1.TASKID@NODE | `). This node's: image tasks' from their engine (the container logs API, its
 //! multiplexed stream split by `engine::demux`), process tasks' from their log files
 //! (`task_log`; followed by looking at the file's size four times a second, a rotation seen
 //! as the file getting shorter). A plain-text stream; with `follow` it lasts until the client
 //! goes. Tasks on other nodes: asked for over the control plane, one question per node
 //! (through the leader, [`crate::cluster::logs`]), each answer up to 512 KiB of whole lines
-//! and the offset to ask from next; followed by asking again every [`FOLLOW_REMOTE_EVERY`].
+//! and where to ask from next (a file offset, or an image task's newest line's time);
+//! followed by asking again every [`FOLLOW_REMOTE_EVERY`].
 //! A node that does not answer has its tasks shown as `(logs unavailable: why)`.
 
 use super::ApiState;

@@ -1,7 +1,7 @@
 //! `service logs` across nodes: this node's side of the control plane's logs messages.
 //!
 //! A node answers for its own tasks ([`LocalLogs`]: process tasks' log files read from an
-//! offset, image tasks' lines from the engine), bounded by [`MAX_LOGS_ANSWER`] bytes per
+//! offset, image tasks' lines from the engine since a time), bounded by [`MAX_LOGS_ANSWER`] bytes per
 //! answer. The [`LogsHub`] (one per node, in its [`View`](super::View)) holds the questions in
 //! flight: on a worker, those it sent the leader (`ToManager::Logs`); on the leader, those
 //! it sent a member (`ToNode::LogsFetch`), answered by the member's `ToManager::LogsLines`
@@ -203,8 +203,10 @@ impl LocalLogs {
         Ok(LogsAnswer { tasks })
     }
 
-    /// An image task's lines from the engine: all (or the tail) on the first question; a
-    /// followed image task on another node shows no new lines yet (`from` set: nothing).
+    /// An image task's lines from the engine: all (or the tail) on the first question, then
+    /// those after the newest line's timestamp (`from`, Unix nanoseconds: the engine's logs
+    /// are read by time, not by offset). Asked with timestamps, which are taken off again
+    /// unless `-t`.
     async fn container_chunk(
         &self,
         task: &str,
@@ -213,29 +215,33 @@ impl LocalLogs {
         q: &LogsQuery,
         budget: usize,
     ) -> TaskLines {
+        let asked_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
         let mut lines = TaskLines {
             task: task.to_string(),
             data: Vec::new(),
-            next: 1,
+            next: from.unwrap_or(asked_at),
             more: false,
             error: None,
         };
-        if from.is_some() {
-            return lines;
-        }
         let Some(host) = &self.docker_host else {
             lines.error = Some("this node has no Docker Engine configured".into());
             return lines;
         };
         let e = Engine::new(host);
-        let mut body = match e.logs(container, false, q.tail, q.timestamps).await {
+        let body = match from {
+            Some(ns) => e.logs_since(container, ns + 1).await,
+            None => e.logs(container, false, q.tail, true).await,
+        };
+        let mut body = match body {
             Ok(b) => b,
             Err(err) => {
                 lines.error = Some(err.to_string());
                 return lines;
             }
         };
-        let mut raw = Vec::new();
+        let (mut raw, mut stamped) = (Vec::new(), Vec::new());
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { break };
             if let Some(d) = frame.data_ref() {
@@ -243,9 +249,28 @@ impl LocalLogs {
             }
             let (payloads, used) = engine::demux(&raw);
             for p in payloads {
-                lines.data.extend_from_slice(p);
+                stamped.extend_from_slice(p);
             }
             raw.drain(..used);
+        }
+        let mut newest = None;
+        for line in stamped.split_inclusive(|b| *b == b'\n') {
+            if !line.ends_with(b"\n") {
+                break;
+            }
+            let (stamp, rest) = match line.iter().position(|b| *b == b' ') {
+                Some(sp) => (&line[..sp], &line[sp + 1..]),
+                None => (&line[..0], line),
+            };
+            if let Some(ns) = std::str::from_utf8(stamp).ok().and_then(rfc3339_ns) {
+                newest = Some(ns);
+            }
+            lines
+                .data
+                .extend_from_slice(if q.timestamps { line } else { rest });
+        }
+        if let Some(ns) = newest {
+            lines.next = ns;
         }
         // The newest lines when there are too many.
         if lines.data.len() > budget {
@@ -258,6 +283,35 @@ impl LocalLogs {
         }
         lines
     }
+}
+
+/// Unix nanoseconds of an RFC 3339 UTC time as the engine writes it
+/// (`2026-12-08T00:35:12.123456789Z`, the fraction of any length or none).
+fn rfc3339_ns(s: &str) -> Option<u64> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<u64>().ok());
+    let (h, min, sec) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&m) || frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    let nanos = if frac.is_empty() {
+        0
+    } else {
+        frac.parse::<u64>().ok()? * 10u64.pow(9 - frac.len() as u32)
+    };
+    Some(((days * 86_400 + h * 3600 + min * 60 + sec) * 1_000_000_000) + nanos)
 }
 
 /// The last `tail` lines of `text` (all without `tail`).
@@ -334,6 +388,21 @@ mod tests {
         assert_eq!(last_lines(t, Some(2)), b"b\nc\n");
         assert_eq!(last_lines(t, Some(5)), t);
         assert_eq!(last_lines(t, Some(0)), b"");
+    }
+
+    #[test]
+    fn engine_timestamps_read_as_unix_nanoseconds() {
+        assert_eq!(rfc3339_ns("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            rfc3339_ns("2024-02-29T12:34:56.123456789Z"),
+            Some(1_709_210_096_123_456_789)
+        );
+        assert_eq!(
+            rfc3339_ns("2024-02-29T12:34:56.5Z"),
+            Some(1_709_210_096_500_000_000)
+        );
+        assert_eq!(rfc3339_ns("2024-13-01T00:00:00Z"), None);
+        assert_eq!(rfc3339_ns("hello"), None);
     }
 
     #[test]

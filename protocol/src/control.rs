@@ -44,8 +44,11 @@ use std::sync::Arc;
 /// session starts with a full `Snapshot` and then receives what changed (`Delta`, see
 /// [`crate::delta`]), each push numbered; a node that cannot apply one asks for a full
 /// snapshot with `Resync`. Version 9 added services from container images: `image` in a
-/// service, its spec and its tasks' specs (`state::ContainerImage`).
-pub const VERSION: u32 = 9;
+/// service, its spec and its tasks' specs (`state::ContainerImage`). Version 10 carries
+/// `service logs` between nodes: `ToManager::Logs` (a member asks the leader for the lines of
+/// a service's tasks on one node), `ToNode::LogsFetch` (the leader asks that node),
+/// `ToManager::LogsLines` (its answer) and `ToNode::LogsLines` (the answer relayed back).
+pub const VERSION: u32 = 10;
 /// Largest frame either end accepts (a snapshot of a large cluster fits many times over).
 pub const MAX_FRAME: usize = 16 << 20;
 /// The name every manager certificate carries, and that nodes verify.
@@ -82,6 +85,55 @@ pub enum ToManager {
     Renew { csr_pem: String },
     /// A `Delta` did not apply to what the node holds: send the whole snapshot next.
     Resync,
+    /// `service logs` on a member: the lines of `query.service`'s tasks on `query.node`,
+    /// answered with `ToNode::LogsLines` of the same `id`.
+    Logs { id: u64, query: LogsQuery },
+    /// The answer to `ToNode::LogsFetch` `id`: this node's lines, or why there are none.
+    LogsLines {
+        id: u64,
+        answer: Result<LogsAnswer, String>,
+    },
+}
+
+/// Largest `tail` a logs query may ask for (per task).
+pub const MAX_LOGS_TAIL: u64 = 100_000;
+/// Most bytes of lines in one logs answer (all its tasks together); the asker asks again
+/// from where the answer stopped (`TaskLines::more`).
+pub const MAX_LOGS_ANSWER: usize = 512 << 10;
+
+/// What `service logs` asks a node for: the lines of the service's tasks there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsQuery {
+    pub service: String,
+    /// The node whose tasks are asked for.
+    pub node: NodeName,
+    /// Only the last `tail` lines of each task (on a task's first answer).
+    pub tail: Option<u64>,
+    pub timestamps: bool,
+    /// Task id → where the next lines start (what the previous answer's `next` said); a
+    /// task not listed starts from its tail (or its start).
+    pub from: BTreeMap<String, u64>,
+}
+
+/// A node's lines for a [`LogsQuery`], one entry per task of the service it runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsAnswer {
+    pub tasks: Vec<TaskLines>,
+}
+
+/// One task's whole lines from one answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskLines {
+    /// The task's id.
+    pub task: String,
+    /// Whole lines (each ending in `\n`), unprefixed.
+    pub data: Vec<u8>,
+    /// Where the lines after these start: the `from` of the next query.
+    pub next: u64,
+    /// Lines were left out to keep the answer small: ask again from `next` at once.
+    pub more: bool,
+    /// Why this task's lines cannot be read, if they cannot.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +183,16 @@ pub enum ToNode {
         base: u64,
         push: u64,
         delta: Box<crate::delta::SnapshotDelta>,
+    },
+    /// The leader asks this node for its lines (answered with `ToManager::LogsLines`).
+    LogsFetch {
+        id: u64,
+        query: LogsQuery,
+    },
+    /// The answer to `ToManager::Logs` `id`.
+    LogsLines {
+        id: u64,
+        answer: Result<LogsAnswer, String>,
     },
 }
 
@@ -309,6 +371,35 @@ mod tests {
             advertise_addr: Ipv4Addr::new(198, 18, 0, 3),
             data_port: 4789,
             control_addr: Some("198.18.0.3:2377".parse().unwrap()),
+        });
+        let query = LogsQuery {
+            service: "web".into(),
+            node: NodeName::new("n2").unwrap(),
+            tail: Some(3),
+            timestamps: false,
+            from: [("abc".to_string(), 120u64)].into_iter().collect(),
+        };
+        roundtrip(&ToManager::Logs {
+            id: 4,
+            query: query.clone(),
+        });
+        roundtrip(&ToNode::LogsFetch { id: 5, query });
+        let answer = LogsAnswer {
+            tasks: vec![TaskLines {
+                task: "abc".into(),
+                data: b"hello\n".to_vec(),
+                next: 126,
+                more: false,
+                error: None,
+            }],
+        };
+        roundtrip(&ToManager::LogsLines {
+            id: 5,
+            answer: Ok(answer.clone()),
+        });
+        roundtrip(&ToNode::LogsLines {
+            id: 4,
+            answer: Err("node n2 is down".into()),
         });
         roundtrip(&ToManager::Report {
             statuses: vec![TaskReport {

@@ -634,6 +634,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let final_flows = flows.clone();
     let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::channel::<api::UpgradeRequest>(1);
+    cluster
+        .view()
+        .logs
+        .set_local(crate::cluster::logs::LocalLogs {
+            node: cfg.node.clone(),
+            state_dir: state_dir.clone(),
+            docker_host: cfg.docker_plugin.as_ref().map(|_| cfg.docker_host.clone()),
+        });
     let app = api::router(ApiState {
         upgrade: Some(upgrade_tx),
         cluster,

@@ -417,7 +417,23 @@ impl Engine {
             "/containers/{}/logs?stdout=true&stderr=true&follow={follow}&tail={tail}&timestamps={timestamps}",
             encode(id)
         );
-        let resp = self.send(Method::GET, &path, None).await?;
+        self.logs_at(&path).await
+    }
+
+    /// The container's lines (with their timestamps) from `since_ns` (Unix nanoseconds) on,
+    /// not followed: what a node answers when another node follows the task.
+    pub async fn logs_since(&self, id: &str, since_ns: u64) -> Result<Incoming, EngineError> {
+        let path = format!(
+            "/containers/{}/logs?stdout=true&stderr=true&timestamps=true&since={}.{:09}",
+            encode(id),
+            since_ns / 1_000_000_000,
+            since_ns % 1_000_000_000
+        );
+        self.logs_at(&path).await
+    }
+
+    async fn logs_at(&self, path: &str) -> Result<Incoming, EngineError> {
+        let resp = self.send(Method::GET, path, None).await?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp.into_body());

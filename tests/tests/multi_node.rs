@@ -3,6 +3,8 @@
 //! UDP 4789 between the daemons, with the control plane over QUIC + mutual TLS. Needs root.
 //!
 //! - tasks on different nodes reach each other (ping, iperf3 TCP);
+//! - `service logs` on either node shows both nodes' tasks (`--tail`, `-f` from the other
+//!   node's task);
 //! - state changes may be issued on a worker (forwarded to the manager);
 //! - a node that joins late gets the state and takes tasks;
 //! - a killed worker is marked down; it rejoins on restart with its certificate;
@@ -30,6 +32,101 @@ fn running_on(node: &Node, service: &str) -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+/// `service logs` asked on either node shows the lines of the tasks on both, with Docker's
+/// `NAME.SLOT.ID@NODE | ` prefix; `--tail 1` one line per task; `-f` a line the other
+/// node's task prints after it started.
+fn service_logs_from_both_nodes(n1: &Node, n2: &Node) {
+    let go = n1.dir.join("talk-go");
+    let script = format!(
+        "echo one; echo two; while [ ! -e {} ]; do sleep 0.1; done; echo late; exec sleep 600",
+        go.display()
+    );
+    n1.ctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "talk",
+        "--network",
+        "span",
+        "--replicas",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    n1.wait_running("talk", 2);
+    let prefix = |task: &str| {
+        let v = n1.task_view(task);
+        format!(
+            "{task}.{}@{} | ",
+            v["id"].as_str().expect("id"),
+            v["node"].as_str().expect("node")
+        )
+    };
+    let (p1, p2) = (prefix("talk.1"), prefix("talk.2"));
+    let nodes = [n1.node_of("talk.1"), n1.node_of("talk.2")];
+    assert!(
+        nodes.contains(&n1.name) && nodes.contains(&n2.name),
+        "{nodes:?}"
+    );
+    for n in [n1, n2] {
+        let mut all = String::new();
+        let both = wait_for(Duration::from_secs(10), || {
+            all = n.ctl_ok(&["service", "logs", "talk"]);
+            [&p1, &p2]
+                .iter()
+                .all(|p| all.contains(&format!("{p}one\n")) && all.contains(&format!("{p}two\n")))
+        });
+        assert!(both, "service logs on {}: {all}", n.name);
+        let tail = n.ctl_ok(&["service", "logs", "--tail", "1", "talk"]);
+        let mut got: Vec<&str> = tail.lines().collect();
+        got.sort();
+        let mut want = vec![format!("{p1}two"), format!("{p2}two")];
+        want.sort();
+        assert_eq!(got, want, "--tail 1 on {}", n.name);
+    }
+    // Follow on the worker; the manager's task prints a line after it started.
+    let other = if nodes[0] == n1.name { &p1 } else { &p2 };
+    let mut follow = n2
+        .ctl_cmd(&["service", "logs", "-f", "--tail", "1", "talk"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("service logs -f");
+    // Bounded: a follow that shows nothing more is killed after 20 s (reads then end).
+    let pid = nix::unistd::Pid::from_raw(follow.id() as i32);
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(20));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
+    });
+    let mut out = std::io::BufReader::new(follow.stdout.take().expect("stdout"));
+    let (mut seen, mut line) = (Vec::new(), String::new());
+    // Both tasks' last line first, then (once the file exists) the late one.
+    while seen.len() < 2 && std::io::BufRead::read_line(&mut out, &mut line).unwrap_or(0) > 0 {
+        seen.push(std::mem::take(&mut line));
+    }
+    std::fs::write(&go, b"").expect("go file");
+    let want = format!("{other}late");
+    while !seen.iter().any(|l| l.trim_end() == want)
+        && std::io::BufRead::read_line(&mut out, &mut line).unwrap_or(0) > 0
+    {
+        seen.push(std::mem::take(&mut line));
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        seen.iter().any(|l| l.trim_end() == want),
+        "followed on {}: {seen:?}",
+        n2.name
+    );
+    // Bad input: a clear error.
+    let err = n2.ctl_err(&["service", "logs", "--tail", "1000000", "talk"]);
+    assert!(err.contains("--tail may be at most 100000"), "{err}");
+    let err = n2.ctl_err(&["service", "logs", "nosuch"]);
+    assert!(err.contains("no such service: nosuch"), "{err}");
+    n1.ctl_ok(&["service", "rm", "talk"]);
 }
 
 #[test]
@@ -65,6 +162,7 @@ fn three_node_overlay() {
     ]);
     n1.wait_running("web", 2);
     assert_eq!(n1.json(&["network", "inspect", "span"])[0]["VNI"], 4097);
+    service_logs_from_both_nodes(&n1, &n2);
 
     // A third node joins late: it gets the state and takes the next task.
     let h3 = u.add_host(&format!("{tag}-h3"));
@@ -147,6 +245,18 @@ fn three_node_overlay() {
         "{}",
         n1.ctl_ok(&["node", "ls"])
     );
+    // Its tasks' logs are said to be unavailable, at once, on the manager and on a worker.
+    for n in [&n1, &n2] {
+        let asked = std::time::Instant::now();
+        let logs = n.ctl_ok(&["service", "logs", "web"]);
+        let want = format!("@{} | (logs unavailable: node {} ", n3.name, n3.name);
+        assert!(logs.contains(&want), "service logs on {}: {logs}", n.name);
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            asked.elapsed()
+        );
+    }
     n3.remove_flag("--token", true);
     n3.remove_flag("--join", true);
     n3.restart();

@@ -1,12 +1,18 @@
 //! `GET /services/{name}/logs` (`overlayctl service logs NAME [-f] [--tail N] [-t]`): the
-//! output of the service's tasks that run on this node, each line prefixed as Docker does
-//! (`web.1.TASKID@NODE | `): image tasks' from their engine (the container logs API, its
+//! output of every task of the service, each line prefixed as Docker does
+//! (`web.1.TASKID@NODE | `). This node's: image tasks' from their engine (the container logs API, its
 //! multiplexed stream split by `engine::demux`), process tasks' from their log files
 //! (`task_log`; followed by looking at the file's size four times a second, a rotation seen
 //! as the file getting shorter). A plain-text stream; with `follow` it lasts until the client
-//! goes. Tasks on other nodes are not shown yet: logs do not travel over the control plane.
+//! goes. Tasks on other nodes: asked for over the control plane, one question per node
+//! (through the leader, [`crate::cluster::logs`]), each answer up to 512 KiB of whole lines
+//! and where to ask from next (a file offset, or an image task's newest line's time);
+//! followed by asking again every [`FOLLOW_REMOTE_EVERY`].
+//! A node that does not answer has its tasks shown as `(logs unavailable: why)`.
 
 use super::ApiState;
+use crate::cluster::logs::last_lines;
+use crate::cluster::Cluster;
 use crate::engine::{self, Engine};
 use crate::naming;
 use axum::body::{Body, Bytes};
@@ -14,8 +20,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
+use protocol::control::{LogsQuery as NodeQuery, MAX_LOGS_TAIL};
 use protocol::state::Task;
+use protocol::types::NodeName;
 use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -32,6 +41,8 @@ pub(super) struct LogsQuery {
 
 /// How often a followed log file is looked at.
 const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+/// How often another node is asked for a followed log's new lines.
+const FOLLOW_REMOTE_EVERY: Duration = Duration::from_millis(500);
 
 pub(super) async fn service_logs(
     State(s): State<ApiState>,
@@ -42,16 +53,40 @@ pub(super) async fn service_logs(
     if !snap.state.services.contains_key(name.as_str()) {
         return (StatusCode::NOT_FOUND, format!("no such service: {name}\n")).into_response();
     }
-    let tasks: Vec<Task> = snap
+    if q.tail.is_some_and(|n| n > MAX_LOGS_TAIL) {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("--tail may be at most {MAX_LOGS_TAIL}\n"),
+        )
+            .into_response();
+    }
+    let (tasks, others): (Vec<Task>, Vec<Task>) = snap
         .state
         .tasks
         .values()
-        .filter(|t| t.service.as_str() == name && t.node == s.node)
+        .filter(|t| t.service.as_str() == name)
         .cloned()
-        .collect();
+        .partition(|t| t.node == s.node);
     let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let mut by_node: BTreeMap<NodeName, HashMap<String, String>> = BTreeMap::new();
+    for t in others {
+        by_node
+            .entry(t.node.clone())
+            .or_default()
+            .insert(t.id.clone(), prefix_of(&t));
+    }
+    for (node, prefixes) in by_node {
+        tokio::spawn(remote_lines(
+            s.cluster.clone(),
+            name.clone(),
+            node,
+            prefixes,
+            q,
+            tx.clone(),
+        ));
+    }
     for t in tasks {
-        let prefix = format!("{}.{}.{}@{} | ", t.service, t.slot, t.id, t.node);
+        let prefix = prefix_of(&t);
         let tx = tx.clone();
         if t.spec.image.is_some() {
             let Some(host) = s.docker_host.clone() else {
@@ -80,6 +115,88 @@ pub(super) async fn service_logs(
         .header("content-type", "text/plain; charset=utf-8")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// How Docker prefixes a task's lines: `web.1.TASKID@NODE | `.
+fn prefix_of(t: &Task) -> String {
+    format!("{}.{}.{}@{} | ", t.service, t.slot, t.id, t.node)
+}
+
+/// The lines of `service`'s tasks on `node` (their prefixes by task id), asked for over the
+/// control plane until all are sent, and again every [`FOLLOW_REMOTE_EVERY`] when followed.
+async fn remote_lines(
+    cluster: Cluster,
+    service: String,
+    node: NodeName,
+    prefixes: HashMap<String, String>,
+    q: LogsQuery,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let mut from: BTreeMap<String, u64> = BTreeMap::new();
+    // Whether the last question failed (said once, until it answers again).
+    let mut failing = false;
+    let mut told_errors = std::collections::HashSet::new();
+    loop {
+        let query = NodeQuery {
+            service: service.clone(),
+            node: node.clone(),
+            tail: q.tail,
+            timestamps: q.timestamps,
+            from: from.clone(),
+        };
+        let mut more = false;
+        match cluster.fetch_logs(query).await {
+            Ok(answer) => {
+                failing = false;
+                for lines in answer.tasks {
+                    let prefix = prefixes
+                        .get(&lines.task)
+                        .cloned()
+                        .unwrap_or_else(|| format!("{service}.{}@{node} | ", lines.task));
+                    if let Some(e) = &lines.error {
+                        if told_errors.insert(lines.task.clone())
+                            && tx
+                                .send(Bytes::from(format!("{prefix}({e})\n")))
+                                .await
+                                .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    let mut data = lines.data;
+                    if send_lines(&mut data, &prefix, &tx).await.is_err() {
+                        return;
+                    }
+                    more |= lines.more;
+                    from.insert(lines.task, lines.next);
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    failing = true;
+                    for prefix in prefixes.values() {
+                        let line = format!("{prefix}(logs unavailable: {e})\n");
+                        if tx.send(Bytes::from(line)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                if !q.follow {
+                    return;
+                }
+            }
+        }
+        if more {
+            continue;
+        }
+        if !q.follow {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(FOLLOW_REMOTE_EVERY) => {}
+            _ = tx.closed() => return,
+        }
+    }
 }
 
 /// Prefixes every whole line of `pending` (keeping an unfinished one) and sends them.
@@ -125,26 +242,6 @@ async fn container_lines(
     Ok(())
 }
 
-/// The last `tail` lines of `text` (all without `tail`).
-fn last_lines(text: &[u8], tail: Option<u64>) -> &[u8] {
-    let Some(n) = tail else { return text };
-    let body = text.strip_suffix(b"\n").unwrap_or(text);
-    let mut seen = 0;
-    for (i, b) in body.iter().enumerate().rev() {
-        if *b == b'\n' {
-            seen += 1;
-            if seen == n {
-                return &text[i + 1..];
-            }
-        }
-    }
-    if n == 0 {
-        &text[text.len()..]
-    } else {
-        text
-    }
-}
-
 async fn file_lines(
     file: std::path::PathBuf,
     follow: bool,
@@ -182,19 +279,5 @@ async fn file_lines(
                 return;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tail_keeps_the_last_lines() {
-        let t = b"a\nb\nc\n";
-        assert_eq!(last_lines(t, None), t);
-        assert_eq!(last_lines(t, Some(2)), b"b\nc\n");
-        assert_eq!(last_lines(t, Some(5)), t);
-        assert_eq!(last_lines(t, Some(0)), b"");
     }
 }

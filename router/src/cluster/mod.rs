@@ -6,6 +6,7 @@
 
 pub mod candidate;
 pub mod feed;
+pub mod logs;
 pub mod pki;
 pub mod server;
 pub mod session;
@@ -39,6 +40,8 @@ pub struct View {
     /// Task statuses: this node's own (written by the agent) and, while this node leads,
     /// every other node's as reported.
     pub board: StatusBoard,
+    /// `service logs` questions in flight, and where this node's own lines are.
+    pub logs: Arc<logs::LogsHub>,
 }
 
 impl View {
@@ -47,6 +50,7 @@ impl View {
         View {
             state: watch::channel(Arc::new(state)).0,
             board: StatusBoard::default(),
+            logs: Arc::default(),
         }
     }
 }
@@ -121,6 +125,19 @@ impl Cluster {
                 }
                 Arc::new(s)
             }
+        }
+    }
+
+    /// `service logs`: the lines of `q.service`'s tasks on `q.node`, from here or over the
+    /// control plane (through the leader).
+    pub async fn fetch_logs(&self, q: protocol::control::LogsQuery) -> logs::LogsResult {
+        let hub = self.0.view.logs.clone();
+        match self.mode() {
+            Mode::Manager { manager, .. } => hub.fetch_as_leader(&manager, q).await,
+            Mode::Worker(link) if q.node == link.node => {
+                hub.local_answer(&link.snapshot().state, &q).await
+            }
+            Mode::Worker(link) => link.fetch_logs(q).await,
         }
     }
 

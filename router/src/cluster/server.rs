@@ -36,6 +36,9 @@ use tracing::{info, warn};
 const REFUSAL_LINGER: Duration = Duration::from_millis(200);
 /// Forwarded changes waiting to be applied, per session (the reader waits beyond that).
 const APPLY_QUEUE: usize = 64;
+/// A member's logs questions the leader works on at once (each for up to 5 s); more are
+/// answered with an error at once.
+const LOGS_IN_FLIGHT: usize = 64;
 
 pub struct ServerCtx {
     pub manager: Arc<Manager>,
@@ -364,6 +367,12 @@ async fn handle(
         }
     }));
     let mut applier = Applier::spawn(ctx.manager.clone());
+    // What else this session writes to its node: logs questions the leader relays to it,
+    // and answers to its own (registered with the hub once the session is up).
+    let hub = ctx.manager.logs().clone();
+    let (outbox_tx, mut outbox) = mpsc::channel::<ToNode>(16);
+    let mut detach = Detach(hub.clone(), None, outbox_tx.clone());
+    let logs_in_flight = Arc::new(tokio::sync::Semaphore::new(LOGS_IN_FLIGHT));
     let mut changes = None;
     let roster = ManagerRoster(&ctx);
     // The member, once its session is up (for the log line when it ends).
@@ -445,6 +454,8 @@ async fn handle(
                 Action::Up { node } => {
                     info!(%remote, %node, "node session up");
                     ctx.manager.health().beat(&node);
+                    hub.attach(node.clone(), outbox_tx.clone());
+                    detach.1 = Some(node.clone());
                     up = Some(node);
                     continue;
                 }
@@ -474,6 +485,26 @@ async fn handle(
                     if applier.ops.send((id, op)).await.is_err() {
                         return ended(remote, up);
                     }
+                    continue;
+                }
+                Action::Logs { id, query } => {
+                    let (hub, manager, out) = (hub.clone(), ctx.manager.clone(), outbox_tx.clone());
+                    let Ok(permit) = logs_in_flight.clone().try_acquire_owned() else {
+                        let answer = Err(format!(
+                            "more than {LOGS_IN_FLIGHT} logs questions of this node under way"
+                        ));
+                        let _ = out.try_send(ToNode::LogsLines { id, answer });
+                        continue;
+                    };
+                    tokio::spawn(async move {
+                        let answer = hub.fetch_as_leader(&manager, query).await;
+                        let _ = out.send(ToNode::LogsLines { id, answer }).await;
+                        drop(permit);
+                    });
+                    continue;
+                }
+                Action::LogsLines { node, id, answer } => {
+                    hub.complete(id, Some(&node), answer);
                     continue;
                 }
                 Action::Ignored { what } => {
@@ -511,6 +542,12 @@ async fn handle(
             r = applier.results.recv() => if let Some((id, result)) = r {
                 session.applied(id, result);
             },
+            Some(msg) = outbox.recv() => {
+                if let Err(e) = wire::send(&mut send, &msg).await {
+                    warn!(%remote, node = ?session.node(), error = %e, "control session write failed");
+                    return ended(remote, up);
+                }
+            }
             c = changed(&mut changes) => {
                 if !c {
                     break;
@@ -532,6 +569,21 @@ async fn handle(
         }
     }
     ended(remote, up)
+}
+
+/// Takes a session's outbox out of the logs hub when the session ends, however it ends.
+struct Detach(
+    Arc<super::logs::LogsHub>,
+    Option<NodeName>,
+    mpsc::Sender<ToNode>,
+);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        if let Some(node) = &self.1 {
+            self.0.detach(node, &self.2);
+        }
+    }
 }
 
 fn ended(remote: SocketAddr, up: Option<NodeName>) {

@@ -22,6 +22,7 @@
 //! hands snapshots to the agent and answers to the operators who forwarded changes, keeps
 //! the managers' list, and sleeps until the session's next timeout.
 
+use super::logs::{LogsResult, LOGS_TIMEOUT};
 use super::pki::{self, Identity, Token};
 use super::session::candidates::candidates;
 use super::session::node::{Event, NodeSession, RequestError, REQUEST_TIMEOUT};
@@ -32,7 +33,7 @@ use crate::store::Store;
 use crate::{durable, naming};
 use protocol::api::OpError;
 use protocol::control::{
-    Op, Snapshot, TaskReport, ToManager, ToNode, MANAGER_SERVER_NAME, VERSION,
+    LogsQuery, Op, Snapshot, TaskReport, ToManager, ToNode, MANAGER_SERVER_NAME, VERSION,
 };
 use protocol::types::NodeName;
 use std::collections::HashMap;
@@ -362,6 +363,10 @@ pub struct Link {
     view: View,
     requests: mpsc::Sender<(Op, Reply)>,
     requests_rx: Mutex<Option<mpsc::Receiver<(Op, Reply)>>>,
+    /// Logs questions and answers for the leader (written as they come, when a session is
+    /// up).
+    logs: mpsc::Sender<ToManager>,
+    logs_rx: Mutex<Option<mpsc::Receiver<ToManager>>>,
     connected: AtomicBool,
     /// When the last push from a manager arrived (none yet: `None`).
     last_push: Mutex<Option<std::time::Instant>>,
@@ -373,6 +378,7 @@ impl Link {
     /// node saved, or followed).
     pub fn new(managers: Vec<SocketAddr>, node: NodeName, view: View) -> Link {
         let (requests, rx) = mpsc::channel(64);
+        let (logs, logs_rx) = mpsc::channel(16);
         let last = view.state.borrow().clone();
         let first = candidates(&managers, &last, None).first().copied();
         let snap = Snapshot {
@@ -390,6 +396,8 @@ impl Link {
             view,
             requests,
             requests_rx: Mutex::new(Some(rx)),
+            logs,
+            logs_rx: Mutex::new(Some(logs_rx)),
             connected: AtomicBool::new(false),
             last_push: Mutex::new(None),
         }
@@ -477,6 +485,28 @@ impl Link {
         Ok(rev)
     }
 
+    /// `service logs`: asks the leader for `q.node`'s lines (it asks that node).
+    pub async fn fetch_logs(&self, q: LogsQuery) -> LogsResult {
+        let manager = match self.manager() {
+            Some(a) => format!("the manager at {a}"),
+            None => "a manager (none is known)".into(),
+        };
+        if !self.is_connected() {
+            return Err(format!("cannot reach {manager}"));
+        }
+        let hub = self.view.logs.clone();
+        let (id, rx) = hub.wait(None);
+        if self
+            .logs
+            .try_send(ToManager::Logs { id, query: q })
+            .is_err()
+        {
+            return Err("too many logs questions under way; try again".into());
+        }
+        hub.answer_of(id, rx, LOGS_TIMEOUT + DRIVER_GRACE, &manager)
+            .await
+    }
+
     fn local_reports(&self) -> Vec<TaskReport> {
         self.view
             .board
@@ -542,6 +572,10 @@ impl Link {
         let Some(mut requests) = self.requests_rx.lock().ok().and_then(|mut r| r.take()) else {
             return;
         };
+        let Some(mut logs) = self.logs_rx.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
+        let hub = self.view.logs.clone();
         let mut session = NodeSession::new(Instant::now(), hello, self.seeds.clone());
         session.learn_managers(&self.view.state.borrow());
         let managers_file = naming::manager_addr_file(store.dir());
@@ -651,6 +685,19 @@ impl Link {
                         }
                         continue;
                     }
+                    Event::LogsFetch { id, query } => {
+                        let (hub, link) = (hub.clone(), self.clone());
+                        tokio::spawn(async move {
+                            let state = link.snapshot().state.clone();
+                            let answer = hub.local_answer(&state, &query).await;
+                            let _ = link.logs.send(ToManager::LogsLines { id, answer }).await;
+                        });
+                        continue;
+                    }
+                    Event::LogsLines { id, answer } => {
+                        hub.complete(id, None, answer);
+                        continue;
+                    }
                     Event::Down { error } => {
                         self.connected.store(false, Ordering::Relaxed);
                         conn = None;
@@ -702,6 +749,10 @@ impl Link {
                         }
                         session.retarget(Instant::now(), l);
                     }
+                }
+                Some(msg) = logs.recv() => {
+                    // Without a session the asker times out (or the leader does).
+                    session.send(msg);
                 }
                 r = requests.recv() => {
                     let Some((op, tx)) = r else { break };

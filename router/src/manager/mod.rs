@@ -66,6 +66,8 @@ pub struct Manager {
     pool: Pool,
     published: watch::Sender<Arc<ClusterState>>,
     statuses: StatusBoard,
+    /// The node's `service logs` hub (its view's): what the leader relays between members.
+    logs: Arc<crate::cluster::logs::LogsHub>,
     /// `--reschedule-after`, in seconds ([`healing`]).
     reschedule_after_s: AtomicU64,
     /// The task ids each other node last reported ([`healing`]).
@@ -117,6 +119,7 @@ impl Manager {
             pool,
             published,
             statuses: view.board.clone(),
+            logs: view.logs.clone(),
             keys: Mutex::new(KeyRing::new(DEFAULT_KEY_ROTATION)),
             reschedule_after_s: AtomicU64::new(protocol::state::DEFAULT_RESCHEDULE_AFTER_S),
             reported: Mutex::default(),
@@ -180,6 +183,11 @@ impl Manager {
     /// Which nodes are heartbeating; placement only uses those.
     pub fn health(&self) -> &Arc<Health> {
         &self.health
+    }
+
+    /// `service logs` questions this manager relays while it leads.
+    pub fn logs(&self) -> &Arc<crate::cluster::logs::LogsHub> {
+        &self.logs
     }
 
     pub fn statuses(&self) -> &StatusBoard {

@@ -129,6 +129,18 @@ pub enum Action {
     },
     /// Apply a forwarded change, then call [`MemberSession::applied`] with its result.
     Apply { id: u64, op: Op },
+    /// The member asks for `query.node`'s lines of a service: answer with
+    /// `ToNode::LogsLines` of the same `id`.
+    Logs {
+        id: u64,
+        query: protocol::control::LogsQuery,
+    },
+    /// The member answered the leader's `LogsFetch` `id`.
+    LogsLines {
+        node: NodeName,
+        id: u64,
+        answer: Result<protocol::control::LogsAnswer, String>,
+    },
     /// Sign `csr_pem` for `node` with its role in the desired state, record the
     /// certificate, then call [`MemberSession::renewed`] (or nothing if that fails: the
     /// node asks again later).
@@ -184,6 +196,8 @@ fn kind(msg: &ToManager) -> &'static str {
         ToManager::Request { .. } => "Request",
         ToManager::Renew { .. } => "Renew",
         ToManager::Resync => "Resync",
+        ToManager::Logs { .. } => "Logs",
+        ToManager::LogsLines { .. } => "LogsLines",
     }
 }
 
@@ -305,6 +319,13 @@ impl MemberSession {
                         self.actions.push_back(Action::Renew { node, csr_pem })
                     }
                     ToManager::Resync => self.actions.push_back(Action::Resync),
+                    // Any member may read logs: its own API serves `service logs` too.
+                    ToManager::Logs { id, query } => {
+                        self.actions.push_back(Action::Logs { id, query })
+                    }
+                    ToManager::LogsLines { id, answer } => self
+                        .actions
+                        .push_back(Action::LogsLines { node, id, answer }),
                     other => self
                         .actions
                         .push_back(Action::Ignored { what: kind(&other) }),

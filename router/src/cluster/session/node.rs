@@ -72,6 +72,17 @@ pub enum Event {
         id: u64,
         result: Result<u64, RequestError>,
     },
+    /// The leader asks for this node's lines: answer with `ToManager::LogsLines` `id`
+    /// ([`NodeSession::send`]).
+    LogsFetch {
+        id: u64,
+        query: protocol::control::LogsQuery,
+    },
+    /// The leader's answer to this node's `ToManager::Logs` `id`.
+    LogsLines {
+        id: u64,
+        answer: Result<protocol::control::LogsAnswer, String>,
+    },
     /// The session is over (`error` says why): drop the connection. A new one is asked for
     /// with [`Event::Connect`] after the back-off.
     Down { error: String },
@@ -448,6 +459,12 @@ impl NodeSession {
                     result: result.map_err(RequestError::Refused),
                 });
             }
+            (Phase::Open { .. }, ToNode::LogsFetch { id, query }) => {
+                self.events.push_back(Event::LogsFetch { id, query });
+            }
+            (Phase::Open { .. }, ToNode::LogsLines { id, answer }) => {
+                self.events.push_back(Event::LogsLines { id, answer });
+            }
             // `Joined`/`Welcome` in a session, or anything without one: nothing to do.
             _ => {}
         }
@@ -461,6 +478,15 @@ impl NodeSession {
             let list = self.candidates.list().to_vec();
             self.events.push_back(Event::Managers(list));
         }
+    }
+
+    /// Sends `msg` (a logs question or answer) if a session is open; `false` if none is.
+    pub fn send(&mut self, msg: ToManager) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        self.events.push_back(Event::Send(msg));
+        true
     }
 
     /// Forwards a change. Its outcome comes as an [`Event::Answer`] with the returned id,

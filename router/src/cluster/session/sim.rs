@@ -9,7 +9,7 @@ use super::node::{
     self, Event, NodeSession, RequestError, RECONNECT_MAX, RECONNECT_MIN, REQUEST_TIMEOUT,
     STALL_AFTER,
 };
-use protocol::control::{Op, OpError, Snapshot, ToManager, ToNode, VERSION};
+use protocol::control::{LogsAnswer, LogsQuery, Op, OpError, Snapshot, ToManager, ToNode, VERSION};
 use protocol::state::{Availability, ClusterState, Node, Role};
 use protocol::types::NodeName;
 use std::collections::{BTreeMap, BTreeSet};
@@ -147,6 +147,10 @@ enum Seen {
     Down(String),
     Report,
     Answer(u64, Result<u64, RequestError>),
+    /// The node received the answer to its logs question `id`.
+    LogsAnswer(u64),
+    /// The manager received node `.0`'s answer to its logs question `.1`.
+    LogsRelayed(String, u64),
 }
 
 struct Flight<T> {
@@ -417,6 +421,11 @@ impl Sim {
                 self.node.send_renewal(now, "csr".into());
             }
             Event::Renewed { cert_pem } => self.see(Seen::Renewed(cert_pem)),
+            Event::LogsFetch { id, .. } => self.send_up(ToManager::LogsLines {
+                id,
+                answer: Ok(LogsAnswer::default()),
+            }),
+            Event::LogsLines { id, .. } => self.see(Seen::LogsAnswer(id)),
             Event::Down { error } => {
                 self.see(Seen::Down(error));
                 // The connection is dropped (or its attempt): the manager's side goes, and
@@ -451,6 +460,11 @@ impl Sim {
             Action::Close { .. } => self.member = None,
             Action::Up { .. } | Action::Heartbeat { .. } | Action::Ignored { .. } => {}
             Action::Renew { node, .. } => m.renewed(format!("renewed cert of {node}")),
+            Action::Logs { id, .. } => self.send_down(ToNode::LogsLines {
+                id,
+                answer: Ok(LogsAnswer::default()),
+            }),
+            Action::LogsLines { node, id, .. } => self.see(Seen::LogsRelayed(node.to_string(), id)),
         }
     }
 
@@ -592,6 +606,45 @@ fn an_unanswered_renewal_is_tried_again() {
     sim.run_until(ms(20000));
     let renewed = sim.seen(|s| matches!(s, Seen::Renewed(_)));
     assert_eq!(renewed, vec![ms(1100 + 10_000 + 5_000 + 20)]);
+    assert_eq!(sim.downs(), vec![]);
+}
+
+#[test]
+fn logs_questions_and_answers_travel_in_a_session_and_only_in_one() {
+    let mut sim = Sim::new();
+    let query = LogsQuery {
+        service: "web".into(),
+        node: NodeName::new("n1").unwrap(),
+        tail: None,
+        timestamps: false,
+        from: BTreeMap::new(),
+    };
+    // Before the session is up nothing is sent: the asker is told at once.
+    assert!(!sim.node.send(ToManager::Logs {
+        id: 0,
+        query: query.clone()
+    }));
+    sim.run_until(ms(1000));
+    // The node asks; the leader answers (10 ms each way).
+    assert!(sim.node.send(ToManager::Logs { id: 7, query }));
+    sim.run_until(ms(1100));
+    assert_eq!(sim.seen(|s| *s == Seen::LogsAnswer(7)), vec![ms(1020)]);
+    // The leader asks the node; the node's answer names it.
+    sim.send_down(ToNode::LogsFetch {
+        id: 3,
+        query: LogsQuery {
+            service: "web".into(),
+            node: NodeName::new("n2").unwrap(),
+            tail: Some(1),
+            timestamps: false,
+            from: BTreeMap::new(),
+        },
+    });
+    sim.run_until(ms(1200));
+    assert_eq!(
+        sim.seen(|s| *s == Seen::LogsRelayed("n2".into(), 3)),
+        vec![ms(1120)]
+    );
     assert_eq!(sim.downs(), vec![]);
 }
 

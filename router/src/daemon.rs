@@ -715,7 +715,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // and their handlers would hold the API server open.
     upgrade_rx.close();
     while let Ok(r) = upgrade_rx.try_recv() {
-        let _ = r.send(Err("this overlayd is already stopping or handing over".into()));
+        let _ = r.send(Err(
+            "this overlayd is already stopping or handing over".into()
+        ));
     }
     if successor.is_some() {
         // The datapath forwards on until the successor's is up.

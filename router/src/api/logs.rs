@@ -199,7 +199,12 @@ async fn remote_lines(
     }
 }
 
-/// Prefixes every whole line of `pending` (keeping an unfinished one) and sends them.
+/// The longest line kept whole: a task that writes more without a newline has it sent as
+/// a line of its own (its memory here stays bounded).
+const MAX_LINE: usize = 64 * 1024;
+
+/// Prefixes every whole line of `pending` (keeping an unfinished one, up to [`MAX_LINE`])
+/// and sends them.
 async fn send_lines(
     pending: &mut Vec<u8>,
     prefix: &str,
@@ -209,6 +214,11 @@ async fn send_lines(
     while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
         out.extend_from_slice(prefix.as_bytes());
         out.extend(pending.drain(..=nl));
+    }
+    if pending.len() > MAX_LINE {
+        out.extend_from_slice(prefix.as_bytes());
+        out.append(pending);
+        out.push(b'\n');
     }
     if out.is_empty() {
         return Ok(());
@@ -225,8 +235,13 @@ async fn container_lines(
 ) -> Result<(), engine::EngineError> {
     let mut body = e.logs(container, q.follow, q.tail, q.timestamps).await?;
     let (mut raw, mut pending) = (Vec::new(), Vec::new());
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { break };
+    loop {
+        // A client that went away ends this even while the container is quiet.
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            _ = tx.closed() => return Ok(()),
+        };
+        let Some(Ok(frame)) = frame else { break };
         if let Some(d) = frame.data_ref() {
             raw.extend_from_slice(d);
         }
@@ -279,5 +294,24 @@ async fn file_lines(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_line_without_end_is_sent_once_it_is_too_long() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut pending = b"one\ntw".to_vec();
+        send_lines(&mut pending, "t | ", &tx).await.unwrap();
+        assert_eq!(&rx.recv().await.unwrap()[..], b"t | one\n");
+        assert_eq!(pending, b"tw");
+        pending.extend(std::iter::repeat_n(b'x', MAX_LINE));
+        send_lines(&mut pending, "t | ", &tx).await.unwrap();
+        let got = rx.recv().await.unwrap();
+        assert!(got.starts_with(b"t | twx") && got.ends_with(b"x\n"));
+        assert!(pending.is_empty());
     }
 }

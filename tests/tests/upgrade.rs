@@ -457,7 +457,7 @@ while time.time() < end:
 /// (the upgrade's start to 1.5 s after) and outside any (the machine's own jitter), and the
 /// stream's throughput per 100 ms interval.
 #[test]
-#[ignore]
+#[ignore = "a benchmark: benches/upgrade-gap.sh runs it on a release build"]
 fn upgrade_gap_under_iperf() {
     if !require_root("upgrade_gap_under_iperf") {
         return;

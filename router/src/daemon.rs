@@ -547,12 +547,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         })
         .ok();
     // An upgrade's successor reads the underlay once its tables are up (the agent says).
-    let start = if handover.is_some() {
-        Datapath::start_holding_underlay
-    } else {
-        Datapath::start
-    };
-    let datapath = start(
+    let datapath = Datapath::start(
         counters.clone(),
         underlay,
         flows.clone(),
@@ -560,6 +555,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.workers(),
         esp_epoch,
         Some(state_dir.clone()),
+        handover.is_none(),
     )
     .context("starting the datapath thread")?;
     let planes = Planes::new(

@@ -133,49 +133,12 @@ impl Datapath {
     /// `esp_epoch` this run's epoch for encrypted networks, None if it could not be kept on
     /// disk (then nothing is sealed: a repeated epoch would reuse nonces); `save_flows` the
     /// state directory the sweeper saves the established flows in (`saved_flows`), if any.
-    pub fn start(
-        counters: Arc<Counters>,
-        underlay: Option<Sockets>,
-        flows: Arc<ConnTable>,
-        dns: Arc<dns::server::Shared>,
-        workers: usize,
-        esp_epoch: Option<u32>,
-        save_flows: Option<PathBuf>,
-    ) -> io::Result<Datapath> {
-        Datapath::start_with(
-            counters, underlay, flows, dns, workers, esp_epoch, save_flows, true,
-        )
-    }
-
-    /// As [`Datapath::start`], but the workers leave the underlay unread until
+    /// Without `read_underlay` the workers leave the underlay unread until
     /// [`Datapath::read_underlay`]: an upgrade's successor, whose predecessor reads the same
     /// sockets, reads them once its tables are published (until then it would drop what it
     /// read).
     #[allow(clippy::too_many_arguments)]
-    pub fn start_holding_underlay(
-        counters: Arc<Counters>,
-        underlay: Option<Sockets>,
-        flows: Arc<ConnTable>,
-        dns: Arc<dns::server::Shared>,
-        workers: usize,
-        esp_epoch: Option<u32>,
-        save_flows: Option<PathBuf>,
-    ) -> io::Result<Datapath> {
-        Datapath::start_with(
-            counters, underlay, flows, dns, workers, esp_epoch, save_flows, false,
-        )
-    }
-
-    /// Makes the workers read the underlay (after [`Datapath::start_holding_underlay`]; a
-    /// no-op otherwise).
-    pub fn read_underlay(&self) {
-        for w in &self.workers {
-            w.send(Command::ReadUnderlay);
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn start_with(
+    pub fn start(
         counters: Arc<Counters>,
         underlay: Option<Sockets>,
         flows: Arc<ConnTable>,
@@ -281,6 +244,14 @@ impl Datapath {
             stopping,
             counters,
         })
+    }
+
+    /// Makes the workers read the underlay (after a [`Datapath::start`] without
+    /// `read_underlay`; a no-op otherwise).
+    pub fn read_underlay(&self) {
+        for w in &self.workers {
+            w.send(Command::ReadUnderlay);
+        }
     }
 
     /// How many workers run: how many queues a TAP should have.

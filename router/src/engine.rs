@@ -49,6 +49,20 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a pull may take (the engine downloads the image meanwhile).
 const PULL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
+/// `call` if it ends within `limit`; [`EngineError::TimedOut`] otherwise.
+async fn limited<T>(
+    limit: Duration,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, EngineError>>,
+) -> Result<T, EngineError> {
+    tokio::time::timeout(limit, call)
+        .await
+        .map_err(|_| EngineError::TimedOut {
+            what: what.to_string(),
+            after: limit,
+        })?
+}
+
 /// `image` with the tag `latest` if it names neither a tag nor a digest: the Engine API
 /// pulls every tag of a repository given without one.
 pub fn with_tag(image: &str) -> String {
@@ -129,12 +143,8 @@ impl Engine {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Response<Incoming>, EngineError> {
-        tokio::time::timeout(CALL_TIMEOUT, self.send_now(method, path, body))
-            .await
-            .map_err(|_| EngineError::TimedOut {
-                what: format!("calling {path}"),
-                after: CALL_TIMEOUT,
-            })?
+        let what = format!("calling {path}");
+        limited(CALL_TIMEOUT, &what, self.send_now(method, path, body)).await
     }
 
     async fn send_now(
@@ -194,12 +204,7 @@ impl Engine {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Bytes, EngineError> {
-        tokio::time::timeout(limit, self.call_now(what, method, path, body))
-            .await
-            .map_err(|_| EngineError::TimedOut {
-                what: what.to_string(),
-                after: limit,
-            })?
+        limited(limit, what, self.call_now(what, method, path, body)).await
     }
 
     async fn call_now(

@@ -176,3 +176,26 @@ pub fn gaps_and_errors(nodes: &[&Node], before: &[u64]) -> (u64, Vec<String>) {
     }
     (gap, errors)
 }
+
+/// Creates the rig's services on network `net` through `manager`: `echo` (the [`ECHO_PY`]
+/// script, with `echo_flags` added to its `service create`) and `client` ([`CLIENT_PY`]),
+/// two tasks each.
+pub fn create_services(manager: &Node, echo: &str, client: &str, echo_flags: &[&str]) {
+    let create = |name: &str, flags: &[&str], script: &str| {
+        let mut args = vec![
+            "service",
+            "create",
+            "--name",
+            name,
+            "--network",
+            "net",
+            "--replicas",
+            "2",
+        ];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--", "/usr/bin/python3", "-u", script]);
+        manager.ctl_ok(&args);
+    };
+    create("echo", echo_flags, echo);
+    create("client", &[], client);
+}

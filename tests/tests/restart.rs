@@ -11,7 +11,8 @@
 //! since the previous one into its log, which its shim writes while overlayd is away.
 
 use overlay_e2e::rounds::{
-    all_running, gaps_and_errors, last_seqs, pids, wait_rounds, CLIENT_PY, ECHO_PY, TASKS,
+    all_running, create_services, gaps_and_errors, last_seqs, pids, wait_rounds, CLIENT_PY,
+    ECHO_PY, TASKS,
 };
 use overlay_e2e::{require_root, script_dir, unique, wait_for, write_script, Node, Underlay};
 use std::time::{Duration, Instant};
@@ -37,38 +38,12 @@ fn tasks_outlive_the_router() {
     let checks = dir.join("checks");
     std::fs::create_dir_all(&checks).expect("checks dir");
     let check = format!("echo x >> {}/$OVERLAY_TASK_NAME", checks.display());
-    a.ctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        "echo",
-        "--network",
-        "net",
-        "--replicas",
-        "2",
-        "--health-cmd",
-        &check,
-        "--health-interval",
-        "1s",
-        "--",
-        "/usr/bin/python3",
-        "-u",
+    create_services(
+        &a,
         &echo,
-    ]);
-    a.ctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        "client",
-        "--network",
-        "net",
-        "--replicas",
-        "2",
-        "--",
-        "/usr/bin/python3",
-        "-u",
         &client,
-    ]);
+        &["--health-cmd", &check, "--health-interval", "1s"],
+    );
     let checks_of =
         |task: &str| std::fs::read_to_string(checks.join(task)).map_or(0, |s| s.lines().count());
     assert!(

@@ -8,7 +8,8 @@
 //! underlay (198.18.24.0/24). Needs root.
 
 use overlay_e2e::rounds::{
-    all_running, gaps_and_errors, last_seqs, pids, wait_rounds, CLIENT_PY, ECHO_PY, TASKS,
+    all_running, create_services, gaps_and_errors, last_seqs, pids, wait_rounds, CLIENT_PY,
+    ECHO_PY, TASKS,
 };
 use overlay_e2e::{
     process_alive, require_root, script_dir, unique, wait_for, write_script, Node, Underlay,
@@ -230,36 +231,12 @@ fn upgrade_in_place() {
     let client = write_script(&dir, "client.py", CLIENT_PY);
     a.ctl_ok(&["network", "create", "--subnet", "10.0.34.0/24", "net"]);
     // The echo service is published on 7000 too (the routing mesh).
-    a.ctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        "echo",
-        "--network",
-        "net",
-        "--replicas",
-        "2",
-        "--publish",
-        "published=7000,target=7000",
-        "--",
-        "/usr/bin/python3",
-        "-u",
+    create_services(
+        &a,
         &echo,
-    ]);
-    a.ctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        "client",
-        "--network",
-        "net",
-        "--replicas",
-        "2",
-        "--",
-        "/usr/bin/python3",
-        "-u",
         &client,
-    ]);
+        &["--publish", "published=7000,target=7000"],
+    );
     assert!(
         wait_for(Duration::from_secs(20), || all_running(&a)),
         "{}",
